@@ -1,0 +1,291 @@
+//! The lowered build file: plain data that the engine expands into a graph.
+//!
+//! This is the contract between `graphbuild-lang` and `graphbuild-engine`. Every value that a
+//! user wrote carries a [`Loc`] (file + byte span) so the engine can point its own diagnostics
+//! at the source, but locations never take part in equality of *meaning*: the engine derives
+//! cache keys from substituted values only, so formatting and comments never change a key.
+//!
+//! Strings that may contain `$VAR` references are kept raw as [`Text`]; the engine substitutes
+//! them per (image, matrix values, platform) with [`crate::subst`], recording which variables
+//! each step reads.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use miette::{NamedSource, SourceSpan};
+
+use crate::platform::Platform;
+
+/// Index into [`Sources`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId(pub u32);
+
+/// A location in a loaded source file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Loc {
+    pub file: FileId,
+    pub span: SourceSpan,
+}
+
+/// One loaded source file: the root build file, a local import or an embedded `std:` module.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// The name shown in diagnostics: the path as the user wrote it, or `std:NAME`.
+    pub name: String,
+    /// The path on disk, `None` for embedded stdlib modules.
+    pub path: Option<PathBuf>,
+    pub text: Arc<String>,
+}
+
+/// Every file the project was loaded from.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    pub files: Vec<Source>,
+}
+
+impl Sources {
+    pub fn get(&self, id: FileId) -> &Source {
+        &self.files[id.0 as usize]
+    }
+
+    /// A miette source for the file, to attach to a diagnostic.
+    pub fn named_source(&self, id: FileId) -> NamedSource<Arc<String>> {
+        let source = self.get(id);
+        NamedSource::new(source.name.clone(), source.text.clone()).with_language("kdl")
+    }
+
+    /// `file:line:col` (1-based) of a location, for plain-text messages.
+    pub fn describe(&self, loc: Loc) -> String {
+        let source = self.get(loc.file);
+        let offset = loc.span.offset().min(source.text.len());
+        let before = &source.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+        format!("{}:{line}:{col}", source.name)
+    }
+}
+
+/// A string as written, before `$VAR` substitution.
+#[derive(Clone, Debug)]
+pub struct Text {
+    pub raw: String,
+    pub at: Loc,
+}
+
+/// A whole, validated build file with its imports resolved and templates instantiated.
+#[derive(Clone, Debug)]
+pub struct Project {
+    pub sources: Sources,
+    /// The root file's directory: the default build context and base for relative paths.
+    pub root_dir: PathBuf,
+    /// Top-level `platforms`: the default platform matrix. Empty means the host platform.
+    pub platforms: Vec<PlatformSpec>,
+    /// Top-level `arg NAME=default` declarations, in order (imports' args included).
+    pub args: Vec<ArgDecl>,
+    /// Every stage, including template instances, with unique names, in source order.
+    pub stages: Vec<Stage>,
+    /// Template instances; [`Stage::scope`] points here.
+    pub scopes: Vec<Scope>,
+    pub images: Vec<Image>,
+    /// Warnings found while loading (for example an undefined variable). Errors never reach
+    /// a `Project`: loading returns them instead.
+    pub warnings: Vec<crate::Diagnostic>,
+}
+
+/// A platform as written: either a literal (already parsed and validated) or a string with
+/// `$VAR`s (for example `"$BUILDPLATFORM"`) that the engine parses after substitution.
+#[derive(Clone, Debug)]
+pub enum PlatformSpec {
+    Literal(Platform, Loc),
+    Dynamic(Text),
+}
+
+#[derive(Clone, Debug)]
+pub struct ArgDecl {
+    pub name: String,
+    pub default: Option<Text>,
+    pub at: Loc,
+}
+
+#[derive(Clone, Debug)]
+pub struct Stage {
+    /// Unique name. Template instances are named `INSTANCE/STAGE` (see [`Scope::name`]).
+    pub name: String,
+    pub at: Loc,
+    pub from: From,
+    /// `platform "…"`: where the stage's steps run. `None`: the target platform.
+    pub platform: Option<PlatformSpec>,
+    pub steps: Vec<Step>,
+    /// The template instance this stage belongs to, for its param bindings.
+    pub scope: Option<ScopeId>,
+}
+
+#[derive(Clone, Debug)]
+pub struct From {
+    pub source: FromSource,
+    pub at: Loc,
+}
+
+#[derive(Clone, Debug)]
+pub enum FromSource {
+    /// `from "scratch"`: an empty filesystem.
+    Scratch,
+    /// Another stage, by its unique name (already checked to exist).
+    Stage(String),
+    /// `"oci:PATH[:TAG]"` or a registry reference, possibly with `$VAR`s. After substitution
+    /// the engine treats a value equal to a stage name as that stage, like Docker does.
+    Image(Text),
+}
+
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub kind: StepKind,
+    pub at: Loc,
+    /// Set for steps inside `when platform="…" { … }`: the step applies only when the target
+    /// platform equals this one.
+    pub when: Option<Platform>,
+}
+
+#[derive(Clone, Debug)]
+pub enum StepKind {
+    Run(Run),
+    Copy(Copy),
+    /// `env K=V …`: later steps and the image see these.
+    Env(Vec<(String, Text)>),
+    /// `arg NAME[=default]` inside a stage: NAME is in scope from here on and enters the
+    /// environment of later `run` steps.
+    Arg(ArgDecl),
+    Workdir(Text),
+    User(Text),
+    Label(Vec<(String, Text)>),
+    /// `expose "8080" "53/udp"`.
+    Expose(Vec<Text>),
+    Entrypoint(Command),
+    Cmd(Command),
+    Volume(Vec<Text>),
+    /// `shell "/bin/bash" "-c"`: the shell for later shell-form commands.
+    Shell(Vec<Text>),
+    StopSignal(Text),
+    Healthcheck(Healthcheck),
+}
+
+/// A command in shell form (one string, run through the stage's `shell`) or exec form (argv).
+#[derive(Clone, Debug)]
+pub enum Command {
+    Shell(Text),
+    Exec(Vec<Text>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub command: Command,
+    pub cache_mounts: Vec<CacheMount>,
+    pub secrets: Vec<Secret>,
+    pub network: Network,
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheMount {
+    /// Where the directory appears inside the rootfs.
+    pub target: Text,
+    /// `id="…"`: defaults to the target path. Mounts with one id and platform share a directory.
+    pub id: Option<Text>,
+    pub at: Loc,
+}
+
+#[derive(Clone, Debug)]
+pub struct Secret {
+    /// The secret's id, supplied at run time with `--secret id=…,src=…|env=…`.
+    pub id: String,
+    /// `target="/run/secrets/ID"` by default: a file mounted only for this step.
+    pub target: Option<Text>,
+    /// `env="NAME"`: expose the secret as this environment variable instead of a file.
+    pub env: Option<String>,
+    /// `required=#false` lets the step run without the secret.
+    pub required: bool,
+    pub at: Loc,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Network {
+    /// The host's network (the default, like BuildKit's).
+    #[default]
+    Host,
+    /// No network at all: a fresh network namespace with only loopback.
+    None,
+}
+
+#[derive(Clone, Debug)]
+pub struct Copy {
+    /// Sources: paths or globs in the build context, or in the `from=` stage's filesystem.
+    pub sources: Vec<Text>,
+    pub dest: Text,
+    /// `from=STAGE`: copy from that stage's filesystem instead of the build context.
+    pub from: Option<CopyFrom>,
+    /// `chown="user:group"` (numeric or names from the stage's /etc/passwd and /etc/group).
+    pub chown: Option<Text>,
+    /// `chmod="0755"` (octal).
+    pub chmod: Option<Text>,
+}
+
+#[derive(Clone, Debug)]
+pub enum CopyFrom {
+    Stage(String, Loc),
+    /// `from="oci:…"` or a registry reference: copy out of an image.
+    Image(Text),
+}
+
+#[derive(Clone, Debug)]
+pub struct Healthcheck {
+    /// `None` disables a healthcheck inherited from the base image (`healthcheck none=#true`).
+    pub test: Option<Command>,
+    pub interval: Option<Text>,
+    pub timeout: Option<Text>,
+    pub start_period: Option<Text>,
+    pub retries: Option<u32>,
+}
+
+/// One instantiation of a template by `use`.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    /// The instance name that prefixes its stages' names (unique per project).
+    pub name: String,
+    /// The template's name as written at the use site, e.g. `py.app`.
+    pub template: String,
+    /// Every param of the template, bound to the use site's value or the param's default.
+    /// Values are evaluated in the using image's context (matrix values, global args).
+    pub bindings: Vec<(String, Text)>,
+    pub at: Loc,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ScopeId(pub u32);
+
+#[derive(Clone, Debug)]
+pub struct Image {
+    /// The image's name, possibly with matrix `$VAR`s (`"py-${PY}"`).
+    pub name: Text,
+    pub at: Loc,
+    /// The stage whose result is the image: named by `stage`, or the last stage of the
+    /// template instance created by `use`.
+    pub stage: String,
+    pub stage_at: Loc,
+    pub tags: Vec<Text>,
+    /// `platforms …` on the image: overrides the top-level matrix. `None`: the default.
+    pub platforms: Option<Vec<PlatformSpec>>,
+    /// `matrix { KEY "v1" "v2"; … }`: one image per combination (cartesian, in key order).
+    pub matrix: Vec<MatrixAxis>,
+    pub annotations: Vec<(String, Text)>,
+    pub labels: Vec<(String, Text)>,
+    /// `output "PATH"`: where the OCI layout goes (default: `<--output>/<image name>`).
+    pub output: Option<Text>,
+    /// `push=#true`: push every tag after building (as `--push` does for all images).
+    pub push: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct MatrixAxis {
+    pub key: String,
+    pub values: Vec<Text>,
+    pub at: Loc,
+}
