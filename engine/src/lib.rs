@@ -1,1 +1,24 @@
+//! graphbuild's engine: expands a [`graphbuild_lang::ir::Project`] into a graph of
+//! (stage × platform) nodes, runs it, and writes OCI image layouts.
+//!
+//! No terminal, no CLI: progress leaves through [`events`], errors are miette diagnostics.
 
+pub mod binfmt;
+pub mod build;
+pub mod context;
+pub mod copy;
+pub mod digest;
+pub mod dockerignore;
+pub mod events;
+pub mod fsutil;
+pub mod key;
+pub mod layer;
+pub mod oci;
+pub mod plan;
+pub mod remote;
+pub mod resolve;
+pub mod sandbox;
+pub mod scheduler;
+pub mod state;
+pub mod store;
+pub mod unpack;

@@ -1,0 +1,95 @@
+//! Progress events: the engine reports, the CLI renders (tty, plain, json).
+//!
+//! Events are plain data with a stable JSON form (`--progress json` prints one per line), so
+//! the renderer is never part of the engine and tests can assert on what happened.
+
+use serde::Serialize;
+
+/// What happened to a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Executed,
+    Cached,
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The plan is ready: how much work there is.
+    Plan { nodes: usize, steps: usize },
+    /// A node starts (its cached prefix already checked).
+    NodeStarted { node: usize, stage: String, platform: String },
+    /// A filesystem step starts executing.
+    StepStarted { node: usize, stage: String, platform: String, step: String },
+    /// A line of a running step's output.
+    Output { node: usize, line: String },
+    Step {
+        node: usize,
+        stage: String,
+        platform: String,
+        step: String,
+        status: StepStatus,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
+    },
+    NodeFinished { node: usize, stage: String, platform: String, ok: bool },
+    /// An image layout was written.
+    Image(ImageSummary),
+    /// A warning worth showing (for example the remote cache being unreachable).
+    Warning { message: String },
+    Summary(Summary),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageSummary {
+    pub name: String,
+    pub index_digest: String,
+    pub output: String,
+    pub tags: Vec<String>,
+    pub platforms: Vec<PlatformSummary>,
+    pub executed: usize,
+    pub cached: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PlatformSummary {
+    pub platform: String,
+    pub manifest_digest: String,
+    /// Compressed size of the layers.
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub executed: usize,
+    pub cached: usize,
+    pub failed: usize,
+    pub duration_ms: u64,
+    pub images: Vec<ImageSummary>,
+}
+
+/// Where events go. Called from many threads.
+pub trait EventSink: Send + Sync {
+    fn emit(&self, event: Event);
+}
+
+/// Discards everything.
+pub struct NoEvents;
+
+impl EventSink for NoEvents {
+    fn emit(&self, _: Event) {}
+}
+
+/// Collects events, for tests.
+#[derive(Default)]
+pub struct Recorder(pub std::sync::Mutex<Vec<Event>>);
+
+impl EventSink for Recorder {
+    fn emit(&self, event: Event) {
+        if let Ok(mut events) = self.0.lock() {
+            events.push(event);
+        }
+    }
+}
