@@ -1,1 +1,198 @@
-fn main() {}
+//! The `graphbuild` command: parse arguments, call the engine, render progress and diagnostics.
+//!
+//! Exit codes: 0 success, 1 build failure, 2 invalid input or usage, 3 environment problem.
+
+mod commands;
+mod progress;
+mod render;
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit codes, documented in docs/cli.md.
+pub mod exit {
+    pub const SUCCESS: u8 = 0;
+    pub const BUILD_FAILED: u8 = 1;
+    pub const INVALID_INPUT: u8 = 2;
+    pub const ENVIRONMENT: u8 = 3;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "graphbuild",
+    version,
+    about = "Build multi-platform OCI images from a declarative KDL build graph",
+    long_about = "graphbuild expands the stages, images and platform matrix of a KDL build file into a \
+content-addressed graph of (stage × platform) nodes, runs it in parallel with every step cached by \
+content, and writes one OCI image index per image.",
+    after_help = "Examples:\n  graphbuild run images.kdl\n  graphbuild plan images.kdl --format json\n  graphbuild run images.kdl app --platform linux/arm64"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build images: run the graph and write one OCI layout per image
+    #[command(after_help = "Examples:\n  graphbuild run images.kdl\n  graphbuild run images.kdl app --platform linux/amd64 --output out/\n  graphbuild run images.kdl --arg APP_VERSION=2.0 --progress plain")]
+    Run(RunArgs),
+    /// Show the graph: nodes, keys, what is cached, and each image's platforms; runs nothing
+    #[command(after_help = "Examples:\n  graphbuild plan images.kdl\n  graphbuild plan images.kdl --format json\n  graphbuild plan images.kdl --format dot | dot -Tsvg > graph.svg")]
+    Plan(PlanArgs),
+    /// Inspect or manage the local cache, or serve a team cache
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// Print shell completions
+    #[command(after_help = "Example:\n  graphbuild completions bash > /etc/bash_completion.d/graphbuild")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct SelectArgs {
+    /// The build file
+    pub file: PathBuf,
+    /// Images to build (default: all)
+    pub images: Vec<String>,
+    /// Build only these platforms (repeatable), replacing each image's list
+    #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]")]
+    pub platforms: Vec<String>,
+    /// Override an arg (repeatable)
+    #[arg(long = "arg", value_name = "KEY=VALUE")]
+    pub args: Vec<String>,
+    /// The build context (default: the build file's directory)
+    #[arg(long, value_name = "DIR")]
+    pub context: Option<PathBuf>,
+    /// The local store (default: $XDG_CACHE_HOME/graphbuild)
+    #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: PlanFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Json,
+    Dot,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Where image layouts are written, one directory per image
+    #[arg(long, short, value_name = "DIR", default_value = "graphbuild-out")]
+    pub output: PathBuf,
+    /// Ignore cached results (results are still recorded)
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Nodes to run at once (default: the number of cores)
+    #[arg(long, short)]
+    pub jobs: Option<usize>,
+    /// Layer compression
+    #[arg(long, value_enum, default_value = "gzip")]
+    pub compression: CompressionArg,
+    /// How progress is shown (default: tty on a terminal, plain otherwise)
+    #[arg(long, value_enum)]
+    pub progress: Option<ProgressMode>,
+    /// Print only errors and the final digests
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// A secret for `secret` in run steps: id=ID,src=PATH or id=ID,env=VAR (repeatable)
+    #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
+    pub secrets: Vec<String>,
+    /// Clamp file times and set `created` to this Unix time
+    #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
+    pub source_date_epoch: i64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum CompressionArg {
+    Gzip,
+    Zstd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    Tty,
+    Plain,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Show how much space the local store uses
+    Du {
+        #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Remove least recently used entries until the store fits
+    Prune {
+        #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Keep at most this many bytes (suffixes K, M, G allowed); 0 empties the store
+        #[arg(long, value_name = "BYTES", default_value = "0")]
+        keep_bytes: String,
+    },
+    /// Serve a team cache over HTTP (bazel-remote compatible)
+    #[command(after_help = "Example:\n  graphbuild cache serve --listen 0.0.0.0:7070 --dir /var/cache/graphbuild --max-size 50G --tokens tokens.txt")]
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Evict least recently used entries above this size (suffixes K, M, G allowed)
+        #[arg(long, value_name = "BYTES")]
+        max_size: Option<String>,
+        /// Bearer tokens, one per line: TOKEN ro|rw [INSTANCE]
+        #[arg(long, value_name = "FILE")]
+        tokens: Option<PathBuf>,
+        /// Let reads through without a token
+        #[arg(long)]
+        allow_anonymous_read: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    // The sandbox child: must run before anything starts a thread.
+    if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(graphbuild_engine::sandbox::SANDBOX_ARG)) {
+        graphbuild_engine::sandbox::child_main_with(graphbuild_engine::build::copy_in_sandbox);
+    }
+    render::install_hook();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() { exit::INVALID_INPUT } else { exit::SUCCESS };
+            let _ = error.print();
+            return ExitCode::from(code);
+        }
+    };
+    let code = match cli.command {
+        Command::Run(args) => commands::run(args),
+        Command::Plan(args) => commands::plan(args),
+        Command::Cache(CacheCommand::Du { cache_dir }) => commands::cache_du(cache_dir),
+        Command::Cache(CacheCommand::Prune { cache_dir, keep_bytes }) => commands::cache_prune(cache_dir, &keep_bytes),
+        Command::Cache(CacheCommand::Serve { listen, dir, max_size, tokens, allow_anonymous_read }) => {
+            commands::cache_serve(&listen, dir, max_size.as_deref(), tokens, allow_anonymous_read)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "graphbuild", &mut std::io::stdout());
+            exit::SUCCESS
+        }
+    };
+    ExitCode::from(code)
+}

@@ -1,0 +1,486 @@
+//! The commands: thin glue between arguments, the language, the engine and the renderers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use graphbuild_engine::build::{self, BuildOptions, SecretValue};
+use graphbuild_engine::layer::{Compression, LayerOptions};
+use graphbuild_engine::plan::{self, Base, Op, Plan, PlanOptions};
+use graphbuild_engine::resolve::LayoutResolver;
+use graphbuild_engine::scheduler::CancelToken;
+use graphbuild_engine::store::Store;
+use graphbuild_lang::ir::Project;
+use graphbuild_lang::platform::Platform;
+use serde_json::json;
+
+use crate::exit;
+use crate::progress::Progress;
+use crate::render;
+use crate::{CompressionArg, PlanArgs, PlanFormat, ProgressMode, RunArgs, SelectArgs};
+
+/// A loaded and expanded build file.
+struct Loaded {
+    project: Project,
+    plan: Plan,
+}
+
+fn load(select: &SelectArgs, store: Option<&Store>, resolver: &LayoutResolver) -> Result<Loaded, u8> {
+    let project = match graphbuild_lang::load(&select.file) {
+        Ok(project) => project,
+        Err(diagnostics) => {
+            render::diagnostic(&diagnostics);
+            return Err(exit::INVALID_INPUT);
+        }
+    };
+    for warning in &project.warnings {
+        render::diagnostic(warning);
+    }
+    let mut args = BTreeMap::new();
+    for arg in &select.args {
+        match arg.split_once('=') {
+            Some((key, value)) if !key.is_empty() => {
+                args.insert(key.to_string(), value.to_string());
+            }
+            _ => {
+                render::error(&format!("`--arg {arg}` is not KEY=VALUE"), &["write --arg NAME=value"]);
+                return Err(exit::INVALID_INPUT);
+            }
+        }
+    }
+    let mut platforms = Vec::new();
+    for platform in &select.platforms {
+        match Platform::parse(platform) {
+            Ok(platform) => platforms.push(platform),
+            Err(error) => {
+                render::error(
+                    &format!("`--platform {platform}` is not a valid platform: {error}"),
+                    &["write a platform as OS/ARCH[/VARIANT], for example linux/arm64 or linux/arm/v7"],
+                );
+                return Err(exit::INVALID_INPUT);
+            }
+        }
+    }
+    let options = PlanOptions {
+        images: select.images.clone(),
+        platforms,
+        args,
+        host: Platform::host(),
+        context_dir: select.context.clone(),
+        resolver,
+        store,
+    };
+    match plan::expand(&project, &options) {
+        Ok(plan) => Ok(Loaded { project, plan }),
+        Err(diagnostics) => {
+            render::diagnostic(&diagnostics);
+            Err(exit::INVALID_INPUT)
+        }
+    }
+}
+
+fn project_dir(select: &SelectArgs) -> PathBuf {
+    select
+        .file
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn open_store(cache_dir: Option<PathBuf>) -> Result<Store, u8> {
+    let root = cache_dir.unwrap_or_else(Store::default_root);
+    Store::open(&root).map_err(|error| {
+        render::error(
+            &format!("cannot open the store at {}: {error}", root.display()),
+            &["choose another directory with --cache-dir DIR"],
+        );
+        exit::ENVIRONMENT
+    })
+}
+
+/// Whether a node's result is in the store: its last filesystem step has a record.
+fn node_cached(plan: &Plan, node: usize, store: Option<&Store>) -> Option<bool> {
+    let store = store?;
+    let node = &plan.nodes[node];
+    let last = node.steps.iter().rev().find(|step| step.op.touches_filesystem());
+    Some(match last {
+        Some(step) => store.get_action(&step.key).is_some(),
+        None => true,
+    })
+}
+
+pub fn plan(args: PlanArgs) -> u8 {
+    let resolver = LayoutResolver::new(&project_dir(&args.select));
+    let root = args.select.cache_dir.clone().unwrap_or_else(Store::default_root);
+    let store = if root.exists() { Store::open(&root).ok() } else { None };
+    let loaded = match load(&args.select, store.as_ref(), &resolver) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let plan = &loaded.plan;
+    match args.format {
+        PlanFormat::Json => {
+            let value = plan_json(plan, &loaded.project, store.as_ref());
+            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        }
+        PlanFormat::Dot => print!("{}", plan_dot(plan)),
+        PlanFormat::Text => print!("{}", plan_text(plan, store.as_ref())),
+    }
+    exit::SUCCESS
+}
+
+fn node_id(id: usize) -> String {
+    format!("n{id}")
+}
+
+fn base_json(base: &Base) -> serde_json::Value {
+    match base {
+        Base::Scratch => json!({"kind": "scratch"}),
+        Base::Stage(id) => json!({"kind": "node", "node": node_id(*id)}),
+        Base::Image(image) => json!({
+            "kind": "image",
+            "reference": image.reference,
+            "digest": image.manifest_digest.to_string(),
+        }),
+    }
+}
+
+/// The documented JSON shape of `graphbuild plan --format json` (docs/cli.md).
+pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde_json::Value {
+    let nodes: Vec<_> = plan
+        .nodes
+        .iter()
+        .map(|node| {
+            let steps: Vec<_> = node
+                .steps
+                .iter()
+                .map(|step| {
+                    json!({
+                        "kind": match step.op { Op::Run(_) => "run", Op::Copy(_) => "copy", Op::Config => "config" },
+                        "description": step.description,
+                        "key": step.key.to_string(),
+                        "location": project.sources.describe(step.at),
+                    })
+                })
+                .collect();
+            json!({
+                "id": node_id(node.id),
+                "stage": node.stage,
+                "platform": node.platform.to_string(),
+                "targets": node.targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "key": node.key.to_string(),
+                "deps": node.deps.iter().map(|dep| node_id(*dep)).collect::<Vec<_>>(),
+                "base": base_json(&node.base),
+                "steps": steps,
+                "cached": node_cached(plan, node.id, store),
+            })
+        })
+        .collect();
+    let images: Vec<_> = plan
+        .images
+        .iter()
+        .map(|image| {
+            json!({
+                "name": image.name,
+                "platforms": image.platforms.iter().map(|(platform, _)| platform.to_string()).collect::<Vec<_>>(),
+                "tags": image.tags,
+                "nodes": image.platforms.iter()
+                    .map(|(platform, node)| (platform.to_string(), json!(node_id(*node))))
+                    .collect::<serde_json::Map<_, _>>(),
+            })
+        })
+        .collect();
+    json!({ "version": 1, "nodes": nodes, "images": images })
+}
+
+fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{} nodes", plan.nodes.len());
+    for id in plan.topological_order() {
+        let node = &plan.nodes[id];
+        let targets = if node.targets.len() > 1 || node.targets[0] != node.platform {
+            format!(" (for {})", node.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+        } else {
+            String::new()
+        };
+        let status = match node_cached(plan, id, store) {
+            Some(true) => "  cached",
+            Some(false) | None => "",
+        };
+        let _ = writeln!(out, "  {:<4} {} · {}{}  {}{}", node_id(id), node.stage, node.platform, targets, node.key.short(), status);
+        match &node.base {
+            Base::Scratch => {}
+            Base::Stage(base) => {
+                let _ = writeln!(out, "         from {}", node_id(*base));
+            }
+            Base::Image(image) => {
+                let _ = writeln!(out, "         from {} ({})", image.reference, image.manifest_digest);
+            }
+        }
+        for step in &node.steps {
+            if step.op.touches_filesystem() {
+                let _ = writeln!(out, "         {}", truncate(&step.description, 100));
+            }
+        }
+        let copies: Vec<String> = node.deps.iter().filter(|dep| !matches!(node.base, Base::Stage(base) if base == **dep)).map(|dep| node_id(*dep)).collect();
+        if !copies.is_empty() {
+            let _ = writeln!(out, "         copies from {}", copies.join(", "));
+        }
+    }
+    let _ = writeln!(out, "{} images", plan.images.len());
+    for image in &plan.images {
+        let _ = writeln!(out, "  {}", image.name);
+        for (platform, node) in &image.platforms {
+            let _ = writeln!(out, "    {:<16} {}", platform.to_string(), node_id(*node));
+        }
+        if !image.tags.is_empty() {
+            let _ = writeln!(out, "    tags: {}", image.tags.join(", "));
+        }
+    }
+    out
+}
+
+fn truncate(text: &str, width: usize) -> String {
+    let single_line = text.replace('\n', " ");
+    if single_line.chars().count() <= width {
+        single_line
+    } else {
+        let cut: String = single_line.chars().take(width.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+fn plan_dot(plan: &Plan) -> String {
+    use std::fmt::Write;
+    let mut out = String::from("digraph graphbuild {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n");
+    for node in &plan.nodes {
+        let label = format!("{}\\n{}", node.stage, node.platform).replace('"', "\\\"");
+        let _ = writeln!(out, "  {} [label=\"{}\"];", node_id(node.id), label);
+        for dep in &node.deps {
+            let _ = writeln!(out, "  {} -> {};", node_id(*dep), node_id(node.id));
+        }
+    }
+    for (index, image) in plan.images.iter().enumerate() {
+        let _ = writeln!(out, "  image{index} [shape=folder, label=\"{}\"];", image.name.replace('"', "\\\""));
+        for (_, node) in &image.platforms {
+            let _ = writeln!(out, "  {} -> image{index};", node_id(*node));
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn parse_secrets(specs: &[String]) -> Result<HashMap<String, SecretValue>, String> {
+    let mut secrets = HashMap::new();
+    for spec in specs {
+        let mut id = None;
+        let mut value = None;
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("src" | "source", v)) => value = Some(SecretValue::File(PathBuf::from(v))),
+                Some(("env", v)) => {
+                    let content = std::env::var(v).map_err(|_| format!("--secret: the environment variable `{v}` is not set"))?;
+                    value = Some(SecretValue::Bytes(content.into_bytes()));
+                }
+                _ => return Err(format!("--secret: cannot read `{part}`; write id=ID,src=PATH or id=ID,env=VAR")),
+            }
+        }
+        match (id, value) {
+            (Some(id), Some(value)) => {
+                secrets.insert(id, value);
+            }
+            _ => return Err("--secret needs id=ID and src=PATH or env=VAR".into()),
+        }
+    }
+    Ok(secrets)
+}
+
+pub fn run(args: RunArgs) -> u8 {
+    let store = match open_store(args.select.cache_dir.clone()) {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    let resolver = LayoutResolver::new(&project_dir(&args.select));
+    let loaded = match load(&args.select, Some(&store), &resolver) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let secrets = match parse_secrets(&args.secrets) {
+        Ok(secrets) => secrets,
+        Err(message) => {
+            render::error(&message, &[]);
+            return exit::INVALID_INPUT;
+        }
+    };
+
+    // Foreign platforms need an emulator before anything runs.
+    let host = Platform::host();
+    let mut missing = Vec::new();
+    for node in &loaded.plan.nodes {
+        let runs = node.steps.iter().any(|step| matches!(step.op, Op::Run(_)));
+        if runs && !missing.iter().any(|(platform, _): &(Platform, String)| *platform == node.platform) {
+            if let Err(error) = graphbuild_engine::binfmt::check_emulation(&node.platform, &host) {
+                missing.push((node.platform.clone(), error.to_string()));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        for (platform, message) in &missing {
+            render::error(&format!("cannot run steps for {platform}: {message}"), &[]);
+        }
+        eprintln!(
+            "hint: install the emulators with `apt-get install qemu-user-static binfmt-support` and `update-binfmts --enable`, or build only native platforms with --platform {host}"
+        );
+        return exit::ENVIRONMENT;
+    }
+
+    let cancel = CancelToken::new();
+    {
+        let cancel = cancel.clone();
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            let _ = signal_hook::flag::register(signal, flag.clone());
+        }
+        std::thread::spawn(move || {
+            loop {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    cancel.cancel();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+    }
+
+    let mode = args.progress.unwrap_or_else(|| {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressMode::Tty } else { ProgressMode::Plain }
+    });
+    let progress = Progress::new(mode, args.quiet);
+    let options = BuildOptions {
+        jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        output_dir: args.output.clone(),
+        no_cache: args.no_cache,
+        layer: LayerOptions {
+            source_date_epoch: args.source_date_epoch,
+            compression: match args.compression {
+                CompressionArg::Gzip => Compression::Gzip,
+                CompressionArg::Zstd => Compression::Zstd,
+            },
+        },
+        sandbox_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+        secrets,
+        cancel: cancel.clone(),
+    };
+    let report = build::build(&loaded.plan, &loaded.project.sources, &store, &resolver, &options, &progress);
+    progress.finish();
+    if !report.failures.is_empty() {
+        for failure in &report.failures {
+            eprintln!("error: {failure}");
+        }
+        eprintln!(
+            "error: {} of the build failed",
+            if report.failures.len() == 1 { "1 node".to_string() } else { format!("{} nodes", report.failures.len()) }
+        );
+        return exit::BUILD_FAILED;
+    }
+    if report.cancelled {
+        render::error("the build was cancelled", &[]);
+        return 130;
+    }
+    exit::SUCCESS
+}
+
+pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {
+    let store = match open_store(cache_dir) {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    match store.usage() {
+        Ok(usage) => {
+            println!("{}", store.root().display());
+            println!("  blobs          {:>10}  ({} entries)", render::bytes(usage.blobs.bytes), usage.blobs.count);
+            println!("  actions        {:>10}  ({} entries)", render::bytes(usage.actions.bytes), usage.actions.count);
+            println!("  snapshots      {:>10}  ({} entries)", render::bytes(usage.snapshots.bytes), usage.snapshots.count);
+            println!("  cache mounts   {:>10}  ({} entries)", render::bytes(usage.cache_mounts.bytes), usage.cache_mounts.count);
+            println!("  total          {:>10}", render::bytes(usage.total));
+            exit::SUCCESS
+        }
+        Err(error) => {
+            render::error(&format!("cannot measure the store: {error}"), &[]);
+            exit::ENVIRONMENT
+        }
+    }
+}
+
+pub fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> u8 {
+    let Some(keep) = render::parse_size(keep_bytes) else {
+        render::error(&format!("`--keep-bytes {keep_bytes}` is not a size"), &["write a number of bytes, or with K, M, G: 10G"]);
+        return exit::INVALID_INPUT;
+    };
+    let store = match open_store(cache_dir) {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    match store.prune(keep) {
+        Ok(report) => {
+            println!(
+                "removed {} entries ({}); the store now holds {}",
+                report.removed_entries,
+                render::bytes(report.removed_bytes),
+                render::bytes(report.remaining_bytes)
+            );
+            exit::SUCCESS
+        }
+        Err(error) => {
+            render::error(&format!("cannot prune the store: {error}"), &[]);
+            exit::ENVIRONMENT
+        }
+    }
+}
+
+pub fn cache_serve(
+    listen: &str,
+    dir: PathBuf,
+    max_size: Option<&str>,
+    tokens: Option<PathBuf>,
+    allow_anonymous_read: bool,
+) -> u8 {
+    let Ok(listen) = listen.parse() else {
+        render::error(&format!("`--listen {listen}` is not an address"), &["write HOST:PORT, for example 127.0.0.1:7070"]);
+        return exit::INVALID_INPUT;
+    };
+    let max_size = match max_size.map(render::parse_size) {
+        Some(None) => {
+            render::error("`--max-size` is not a size", &["write a number of bytes, or with K, M, G: 50G"]);
+            return exit::INVALID_INPUT;
+        }
+        Some(Some(size)) => Some(size),
+        None => None,
+    };
+    let config = graphbuild_cache_server::ServerConfig { listen, dir, max_size, tokens_file: tokens, allow_anonymous_read };
+    let runtime = match tokio_runtime() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            render::error(&format!("cannot start the server runtime: {error}"), &[]);
+            return exit::ENVIRONMENT;
+        }
+    };
+    match runtime.block_on(graphbuild_cache_server::serve(config, shutdown_signal())) {
+        Ok(()) => exit::SUCCESS,
+        Err(error) => {
+            render::error(&format!("the cache server stopped: {error}"), &[]);
+            exit::ENVIRONMENT
+        }
+    }
+}
+
+fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

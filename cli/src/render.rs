@@ -1,0 +1,96 @@
+//! Rendering diagnostics and messages for people: miette's graphical reports, without color
+//! when `NO_COLOR` is set or stderr is not a terminal.
+
+use std::io::IsTerminal;
+
+pub fn color_enabled() -> bool {
+    std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty()) && std::io::stderr().is_terminal()
+}
+
+pub fn install_hook() {
+    let color = color_enabled();
+    let _ = miette::set_hook(Box::new(move |_| {
+        let width = terminal_width().unwrap_or(100).clamp(60, 160);
+        Box::new(
+            miette::MietteHandlerOpts::new()
+                .color(color)
+                .unicode(color)
+                .terminal_links(false)
+                .width(width)
+                .build(),
+        )
+    }));
+}
+
+/// The terminal's width from `COLUMNS` or the tty.
+pub fn terminal_width() -> Option<usize> {
+    if let Some(columns) = std::env::var("COLUMNS").ok().and_then(|value| value.parse().ok()) {
+        return Some(columns);
+    }
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes a winsize into the struct we pass.
+    let ok = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    (ok && size.ws_col > 0).then_some(size.ws_col as usize)
+}
+
+/// Print a diagnostic (error or warning) to stderr.
+pub fn diagnostic(diagnostic: &dyn miette::Diagnostic) {
+    let mut out = String::new();
+    let handler = miette::GraphicalReportHandler::new_themed(if color_enabled() {
+        miette::GraphicalTheme::unicode()
+    } else {
+        miette::GraphicalTheme::unicode_nocolor()
+    })
+    .with_width(terminal_width().unwrap_or(100).clamp(60, 160));
+    if handler.render_report(&mut out, diagnostic).is_ok() {
+        eprint!("{out}");
+    }
+}
+
+/// `error: message` with optional `hint:` lines, for problems that have no source location.
+pub fn error(message: &str, hints: &[&str]) {
+    eprintln!("error: {message}");
+    for hint in hints {
+        eprintln!("hint: {hint}");
+    }
+}
+
+pub fn warning(message: &str) {
+    eprintln!("warning: {message}");
+}
+
+/// `12.3 MiB`.
+pub fn bytes(size: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = size as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{size} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// `1.2s`, `350ms`, `2m05s`.
+pub fn duration(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+/// Parse `10G`, `512M`, `1024`.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (number, factor) = match text.char_indices().last()? {
+        (index, 'k' | 'K') => (&text[..index], 1u64 << 10),
+        (index, 'm' | 'M') => (&text[..index], 1 << 20),
+        (index, 'g' | 'G') => (&text[..index], 1 << 30),
+        (index, 't' | 'T') => (&text[..index], 1 << 40),
+        _ => (text, 1),
+    };
+    number.trim().parse::<u64>().ok()?.checked_mul(factor)
+}

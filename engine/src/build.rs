@@ -1,0 +1,749 @@
+//! Executing a plan: nodes in parallel, steps cached by key, images assembled into layouts.
+//!
+//! # A node, start to finish
+//!
+//! 1. Its base: nothing (`scratch`), a finished dependency's layers, or a base image whose
+//!    layer blobs are copied into the store.
+//! 2. The cache: walking back from the node's last filesystem step, the first step whose key
+//!    has a record in the action cache (with every blob it names still present) ends the
+//!    search. Everything up to it is a hit; execution resumes after it. A warm build therefore
+//!    reads one small record per node and executes nothing.
+//! 3. Each remaining `run` or `copy` executes in the sandbox on an overlay of the current
+//!    layers' snapshots; the overlay's upper directory becomes the step's layer (or no layer
+//!    when nothing changed), and the new state is recorded under the step's key.
+//!
+//! # Images
+//!
+//! Once every node an image needs is done, each platform's config (settings from the plan,
+//! layers and history from the node), manifest, the image index and the layout's `index.json`
+//! are serialized canonically and written, so equal inputs give byte-identical layouts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use graphbuild_lang::ir::Sources;
+use graphbuild_lang::platform::Platform;
+
+use crate::copy::{self, CopyItem};
+use crate::digest::{Digest, Key};
+use crate::events::{Event, EventSink, ImageSummary, PlatformSummary, StepStatus, Summary};
+use crate::layer::{self, LayerOptions};
+use crate::oci;
+use crate::plan::{Base, CopySource, ImagePlan, Node, Op, Plan, RunOp};
+use crate::resolve::Resolver;
+use crate::sandbox::{self, NetworkMode, RunTask, SandboxSpec, Task};
+use crate::scheduler::{self, CancelToken};
+use crate::state::{HistoryEntry, ImageSettings, LayerDesc, StepRecord};
+use crate::store::Store;
+use crate::unpack;
+
+pub struct BuildOptions {
+    pub jobs: usize,
+    /// Where image layouts go: `<output_dir>/<image name>` unless the image says otherwise.
+    pub output_dir: PathBuf,
+    pub no_cache: bool,
+    pub layer: LayerOptions,
+    /// The graphbuild binary, re-executed for each sandbox.
+    pub sandbox_exe: PathBuf,
+    /// `--secret id=…` values, by id. They reach a sandbox as a file or env var, never a key.
+    pub secrets: HashMap<String, SecretValue>,
+    pub cancel: CancelToken,
+}
+
+/// A secret's content, from a file or an environment variable of graphbuild's own.
+#[derive(Clone)]
+pub enum SecretValue {
+    File(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretValue(…)")
+    }
+}
+
+/// What a node produced.
+#[derive(Clone, Debug)]
+pub struct NodeOutput {
+    pub layers: Vec<LayerDesc>,
+    pub history: Vec<HistoryEntry>,
+    pub executed: usize,
+    pub cached: usize,
+}
+
+/// Why a node failed, with everything a person needs to find the problem.
+#[derive(Debug, Clone)]
+pub struct NodeFailure {
+    pub stage: String,
+    pub platform: String,
+    /// `file:line:col` of the failing step, when a step failed.
+    pub location: Option<String>,
+    pub step: Option<String>,
+    pub message: String,
+    /// The last lines of the step's output.
+    pub tail: Vec<String>,
+}
+
+impl std::fmt::Display for NodeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stage `{}` for {}", self.stage, self.platform)?;
+        if let Some(step) = &self.step {
+            write!(f, ", step `{step}`")?;
+        }
+        if let Some(location) = &self.location {
+            write!(f, " ({location})")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if !self.tail.is_empty() {
+            write!(f, "\n  last output:")?;
+            for line in &self.tail {
+                write!(f, "\n  │ {line}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct BuildReport {
+    pub images: Vec<ImageSummary>,
+    pub executed: usize,
+    pub cached: usize,
+    pub failures: Vec<NodeFailure>,
+    pub cancelled: bool,
+}
+
+struct Executor<'a> {
+    plan: &'a Plan,
+    sources: &'a Sources,
+    store: &'a Store,
+    resolver: &'a dyn Resolver,
+    options: &'a BuildOptions,
+    events: &'a dyn EventSink,
+    outputs: Mutex<HashMap<usize, Arc<NodeOutput>>>,
+}
+
+/// Run every node of the plan and write every image.
+pub fn build(
+    plan: &Plan,
+    sources: &Sources,
+    store: &Store,
+    resolver: &dyn Resolver,
+    options: &BuildOptions,
+    events: &dyn EventSink,
+) -> BuildReport {
+    let started = Instant::now();
+    let executor =
+        Executor { plan, sources, store, resolver, options, events, outputs: Mutex::new(HashMap::new()) };
+    events.emit(Event::Plan {
+        nodes: plan.nodes.len(),
+        steps: plan.nodes.iter().map(|node| node.steps.iter().filter(|step| step.op.touches_filesystem()).count()).sum(),
+    });
+
+    let mut graph = scheduler::Graph::new();
+    let mut ids = Vec::with_capacity(plan.nodes.len());
+    for node in &plan.nodes {
+        let deps: Vec<_> = node.deps.iter().map(|dep| ids[*dep]).collect();
+        let cost = 1 + node.steps.iter().filter(|step| matches!(step.op, Op::Run(_))).count() as u64 * 10;
+        ids.push(graph.add(node.id, cost, &deps));
+    }
+    let report = scheduler::run(graph, options.jobs.max(1), &options.cancel, |node_id: &usize, _deps: &[&()]| {
+        executor.run_node(&plan.nodes[*node_id]).map(|_| ())
+    });
+
+    let mut failures = Vec::new();
+    let mut cancelled = false;
+    for outcome in report.outcomes() {
+        match outcome {
+            scheduler::Outcome::Failed(failure) => failures.push(failure.clone()),
+            scheduler::Outcome::Cancelled => cancelled = true,
+            _ => {}
+        }
+    }
+    let outputs = executor.outputs.lock().map(|outputs| outputs.clone()).unwrap_or_default();
+    let executed = outputs.values().map(|output| output.executed).sum();
+    let cached = outputs.values().map(|output| output.cached).sum();
+
+    let mut images = Vec::new();
+    if failures.is_empty() && !cancelled {
+        for image in &plan.images {
+            match executor.write_image(image, &outputs) {
+                Ok(summary) => {
+                    events.emit(Event::Image(summary.clone()));
+                    images.push(summary);
+                }
+                Err(message) => failures.push(NodeFailure {
+                    stage: image.name.clone(),
+                    platform: "all".into(),
+                    location: Some(sources.describe(image.at)),
+                    step: None,
+                    message,
+                    tail: Vec::new(),
+                }),
+            }
+        }
+    }
+    events.emit(Event::Summary(Summary {
+        executed,
+        cached,
+        failed: failures.len(),
+        duration_ms: started.elapsed().as_millis() as u64,
+        images: images.clone(),
+    }));
+    BuildReport { images, executed, cached, failures, cancelled }
+}
+
+/// The JSON a sandbox copy task carries.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct CopyTask {
+    /// Where sources are read from: the context directory, or an overlay of a stage's layers.
+    pub source: CopyTaskSource,
+    /// Patterns, resolved in the child for stage sources.
+    pub sources: Vec<String>,
+    /// Pre-selected context items.
+    pub items: Vec<CopyItem>,
+    pub dest: String,
+    pub workdir: String,
+    pub chown: Option<String>,
+    pub chmod: Option<u32>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub enum CopyTaskSource {
+    Context(PathBuf),
+    /// Snapshot directories, top-most first.
+    Layers(Vec<PathBuf>),
+}
+
+/// Runs inside the sandbox child, in its private mount namespace, with the step's root mounted
+/// at `root`.
+pub fn copy_in_sandbox(root: &Path, task: &serde_json::Value) -> Result<(), String> {
+    let task: CopyTask = serde_json::from_value(task.clone()).map_err(|error| format!("invalid copy task: {error}"))?;
+    let chown = match &task.chown {
+        Some(spec) => Some(copy::parse_chown(spec, root).map_err(|error| error.to_string())?),
+        None => None,
+    };
+    let copy_options = copy::CopyOptions { chown, chmod: task.chmod };
+    match &task.source {
+        CopyTaskSource::Context(dir) => {
+            copy::perform_copy(&task.items, dir, root, &task.dest, &task.workdir, &copy_options)
+                .map_err(|error| error.to_string())
+        }
+        CopyTaskSource::Layers(lowerdirs) => {
+            let source_root = mount_readonly_layers(root, lowerdirs)?;
+            let items = crate::context::select_in_tree(&source_root, &task.sources).map_err(|error| error.to_string())?;
+            copy::perform_copy(&items, &source_root, root, &task.dest, &task.workdir, &copy_options)
+                .map_err(|error| error.to_string())
+        }
+    }
+}
+
+/// Mount a read-only view of some layers next to the step's root (inside the child's private
+/// mount namespace, so it disappears with the child).
+fn mount_readonly_layers(root: &Path, lowerdirs: &[PathBuf]) -> Result<PathBuf, String> {
+    use nix::mount::{MsFlags, mount};
+    let parent = root.parent().ok_or("the sandbox root has no parent")?;
+    let target = parent.join("copy-source");
+    std::fs::create_dir_all(&target).map_err(|error| format!("cannot create {}: {error}", target.display()))?;
+    if lowerdirs.is_empty() {
+        return Ok(target);
+    }
+    if lowerdirs.len() == 1 {
+        mount(Some(&lowerdirs[0]), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+            .map_err(|error| format!("cannot bind-mount the copy source: {error}"))?;
+        return Ok(target);
+    }
+    let lower = lowerdirs.iter().map(|dir| dir.display().to_string()).collect::<Vec<_>>().join(":");
+    mount(Some("overlay"), &target, Some("overlay"), MsFlags::MS_RDONLY, Some(format!("lowerdir={lower}").as_str()))
+        .map_err(|error| format!("cannot mount the copy source: {error}"))?;
+    Ok(target)
+}
+
+impl Executor<'_> {
+    fn output_of(&self, node: usize) -> Result<Arc<NodeOutput>, String> {
+        self.outputs
+            .lock()
+            .ok()
+            .and_then(|outputs| outputs.get(&node).cloned())
+            .ok_or_else(|| format!("internal error: node {node} has no output"))
+    }
+
+    fn failure(&self, node: &Node, step: Option<&crate::plan::StepPlan>, message: String, tail: Vec<String>) -> NodeFailure {
+        NodeFailure {
+            stage: node.stage.clone(),
+            platform: node.platform.to_string(),
+            location: step.map(|step| self.sources.describe(step.at)),
+            step: step.map(|step| step.description.clone()),
+            message,
+            tail,
+        }
+    }
+
+    fn cached_record(&self, key: &Key) -> Option<StepRecord> {
+        if self.options.no_cache {
+            return None;
+        }
+        let bytes = self.store.get_action(key)?;
+        let record: StepRecord = serde_json::from_slice(&bytes).ok()?;
+        record.layers.iter().all(|layer| self.store.has_blob(&layer.digest)).then_some(record)
+    }
+
+    fn run_node(&self, node: &Node) -> Result<(), NodeFailure> {
+        let platform = node.platform.to_string();
+        self.events.emit(Event::NodeStarted { node: node.id, stage: node.stage.clone(), platform: platform.clone() });
+        let result = self.run_node_steps(node);
+        self.events.emit(Event::NodeFinished {
+            node: node.id,
+            stage: node.stage.clone(),
+            platform,
+            ok: result.is_ok(),
+        });
+        let output = result?;
+        if let Ok(mut outputs) = self.outputs.lock() {
+            outputs.insert(node.id, Arc::new(output));
+        }
+        Ok(())
+    }
+
+    fn run_node_steps(&self, node: &Node) -> Result<NodeOutput, NodeFailure> {
+        let platform = node.platform.to_string();
+        let (mut layers, mut history) = match &node.base {
+            Base::Scratch => (Vec::new(), Vec::new()),
+            Base::Stage(id) => {
+                let base = self.output_of(*id).map_err(|message| self.failure(node, None, message, Vec::new()))?;
+                (base.layers.clone(), base.history.clone())
+            }
+            Base::Image(base) => {
+                self.resolver
+                    .fetch_layers(base, self.store)
+                    .map_err(|error| self.failure(node, None, error.to_string(), Vec::new()))?;
+                (base.layers.clone(), base.history.clone())
+            }
+        };
+        let mut executed = 0;
+        let mut cached = 0;
+
+        // Find the last cached filesystem step; everything before it is covered by its record.
+        let mut resume_at = 0;
+        for (index, step) in node.steps.iter().enumerate().rev() {
+            if !step.op.touches_filesystem() {
+                continue;
+            }
+            if let Some(record) = self.cached_record(&step.key) {
+                layers = record.layers;
+                history = record.history;
+                resume_at = index + 1;
+                break;
+            }
+        }
+        for step in &node.steps[..resume_at] {
+            if step.op.touches_filesystem() {
+                cached += 1;
+                self.events.emit(Event::Step {
+                    node: node.id,
+                    stage: node.stage.clone(),
+                    platform: platform.clone(),
+                    step: step.description.clone(),
+                    status: StepStatus::Cached,
+                    duration_ms: None,
+                });
+            }
+        }
+
+        for step in &node.steps[resume_at..] {
+            if self.options.cancel.is_cancelled() {
+                return Err(self.failure(node, Some(step), "cancelled".into(), Vec::new()));
+            }
+            if !step.op.touches_filesystem() {
+                history.push(HistoryEntry { created_by: step.description.clone(), empty_layer: true });
+                continue;
+            }
+            // Another run may have built it meanwhile.
+            if let Some(record) = self.cached_record(&step.key) {
+                layers = record.layers;
+                history = record.history;
+                cached += 1;
+                self.events.emit(Event::Step {
+                    node: node.id,
+                    stage: node.stage.clone(),
+                    platform: platform.clone(),
+                    step: step.description.clone(),
+                    status: StepStatus::Cached,
+                    duration_ms: None,
+                });
+                continue;
+            }
+            self.events.emit(Event::StepStarted {
+                node: node.id,
+                stage: node.stage.clone(),
+                platform: platform.clone(),
+                step: step.description.clone(),
+            });
+            let started = Instant::now();
+            let result = self.execute_step(node, step, &layers);
+            let status = if result.is_ok() { StepStatus::Executed } else { StepStatus::Failed };
+            self.events.emit(Event::Step {
+                node: node.id,
+                stage: node.stage.clone(),
+                platform: platform.clone(),
+                step: step.description.clone(),
+                status,
+                duration_ms: Some(started.elapsed().as_millis() as u64),
+            });
+            let new_layer = result?;
+            executed += 1;
+            match new_layer {
+                Some(layer) => {
+                    layers.push(layer);
+                    history.push(HistoryEntry { created_by: step.description.clone(), empty_layer: false });
+                }
+                None => history.push(HistoryEntry { created_by: step.description.clone(), empty_layer: true }),
+            }
+            let record = StepRecord { layers: layers.clone(), history: history.clone() };
+            let bytes = serde_json::to_vec(&record).unwrap_or_default();
+            self.store
+                .put_action(&step.key, &bytes)
+                .map_err(|error| self.failure(node, Some(step), format!("cannot record the step in the store: {error}"), Vec::new()))?;
+        }
+        Ok(NodeOutput { layers, history, executed, cached })
+    }
+
+    /// Snapshot directories for a layer list, top-most first.
+    fn snapshots(&self, layers: &[LayerDesc]) -> Result<Vec<PathBuf>, String> {
+        let mut dirs = Vec::with_capacity(layers.len());
+        for layer in layers.iter().rev() {
+            let blob = self.store.blob_path(&layer.digest);
+            let dir = self
+                .store
+                .ensure_snapshot(&layer.diff_id, |dir: &Path| {
+                    let file = std::fs::File::open(&blob).map_err(|error| format!("cannot open {}: {error}", layer.digest))?;
+                    unpack::unpack_layer(std::io::BufReader::new(file), dir)
+                        .map(|_| ())
+                        .map_err(|error| format!("cannot unpack layer {}: {error}", layer.digest))
+                })
+                .map_err(|error| error.to_string())?;
+            dirs.push(dir);
+        }
+        Ok(dirs)
+    }
+
+    fn execute_step(&self, node: &Node, step: &crate::plan::StepPlan, layers: &[LayerDesc]) -> Result<Option<LayerDesc>, NodeFailure> {
+        let fail = |message: String| self.failure(node, Some(step), message, Vec::new());
+        let lowerdirs = self.snapshots(layers).map_err(fail)?;
+        let temp = self.store.temp_dir().map_err(|error| fail(format!("cannot create a temporary directory: {error}")))?;
+        let upperdir = temp.path().join("upper");
+        let overlay_workdir = temp.path().join("work");
+        for dir in [&upperdir, &overlay_workdir] {
+            std::fs::create_dir_all(dir).map_err(|error| fail(format!("cannot create {}: {error}", dir.display())))?;
+        }
+        let mut guards: Vec<Box<dyn std::any::Any>> = Vec::new();
+        let task = match &step.op {
+            Op::Run(run) => Task::Run(self.run_task(node, run, &mut guards).map_err(fail)?),
+            Op::Copy(copy) => {
+                let (source, items) = match &copy.from {
+                    CopySource::Context { items } => (CopyTaskSource::Context(self.plan.context_dir.clone()), items.clone()),
+                    CopySource::Node { node: source } => {
+                        let output = self.output_of(*source).map_err(fail)?;
+                        (CopyTaskSource::Layers(self.snapshots(&output.layers).map_err(fail)?), Vec::new())
+                    }
+                };
+                let task = CopyTask {
+                    source,
+                    sources: copy.sources.clone(),
+                    items,
+                    dest: copy.dest.clone(),
+                    workdir: copy.workdir.clone(),
+                    chown: copy.chown.clone(),
+                    chmod: copy.chmod,
+                };
+                Task::Copy(serde_json::to_value(&task).map_err(|error| fail(error.to_string()))?)
+            }
+            Op::Config => return Ok(None),
+        };
+        let spec = SandboxSpec { lowerdirs, upperdir: upperdir.clone(), overlay_workdir, task };
+        let node_id = node.id;
+        let outcome = sandbox::run_sandbox(&self.options.sandbox_exe, &spec, &mut |line: &str| {
+            self.events.emit(Event::Output { node: node_id, line: line.to_string() });
+        })
+        .map_err(|error| fail(error.to_string()))?;
+        drop(guards);
+        if let Some(message) = outcome.failure_message() {
+            return Err(self.failure(node, Some(step), message, outcome.tail.clone()));
+        }
+        let blob = layer::write_layer_from_upper(&upperdir, temp.path(), &self.options.layer)
+            .map_err(|error| fail(format!("cannot write the layer: {error}")))?;
+        let Some(blob) = blob else { return Ok(None) };
+        self.store
+            .put_blob_file(&blob.path, Some(blob.digest))
+            .map_err(|error| fail(format!("cannot store the layer: {error}")))?;
+        Ok(Some(LayerDesc { digest: blob.digest, diff_id: blob.diff_id, size: blob.size, media_type: blob.media_type.to_string() }))
+    }
+
+    /// The sandbox task for a `run`; `guards` keeps cache-mount locks and secret files alive
+    /// until the step ends (secret files are deleted when their guard drops).
+    fn run_task(&self, node: &Node, run: &RunOp, guards: &mut Vec<Box<dyn std::any::Any>>) -> Result<RunTask, String> {
+        let mut cache_mounts = Vec::new();
+        for mount in &run.cache_mounts {
+            let guard = self
+                .store
+                .cache_mount(&mount.id, &node.platform.to_string())
+                .map_err(|error| format!("cannot open cache mount `{}`: {error}", mount.id))?;
+            cache_mounts.push((guard.path().to_path_buf(), mount.target.clone()));
+            guards.push(Box::new(guard));
+        }
+        let mut env = run.env.clone();
+        let mut secret_files = Vec::new();
+        for secret in &run.secrets {
+            match self.options.secrets.get(&secret.id) {
+                None if secret.required => {
+                    return Err(format!(
+                        "the step needs the secret `{}`; pass it with --secret id={},src=PATH or --secret id={},env=VAR",
+                        secret.id, secret.id, secret.id
+                    ));
+                }
+                None => {}
+                Some(value) => {
+                    let bytes = match value {
+                        SecretValue::File(path) => {
+                            std::fs::read(path).map_err(|error| format!("cannot read secret `{}`: {error}", secret.id))?
+                        }
+                        SecretValue::Bytes(bytes) => bytes.clone(),
+                    };
+                    if let Some(name) = &secret.env {
+                        env.push((name.clone(), String::from_utf8_lossy(&bytes).into_owned()));
+                    } else {
+                        let dir = self.store.temp_dir().map_err(|error| error.to_string())?;
+                        let path = dir.path().join("secret");
+                        std::fs::write(&path, &bytes).map_err(|error| error.to_string())?;
+                        let target = secret.target.clone().unwrap_or_else(|| format!("/run/secrets/{}", secret.id));
+                        secret_files.push((path, target));
+                        guards.push(Box::new(dir));
+                    }
+                }
+            }
+        }
+        Ok(RunTask {
+            argv: run.argv.clone(),
+            env,
+            cwd: run.workdir.clone(),
+            user: run.user.clone(),
+            cache_mounts,
+            secret_files,
+            network: if run.network_none { NetworkMode::None } else { NetworkMode::Host },
+            hostname: "graphbuild".into(),
+        })
+    }
+
+    fn write_image(&self, image: &ImagePlan, outputs: &HashMap<usize, Arc<NodeOutput>>) -> Result<ImageSummary, String> {
+        let created = epoch_rfc3339(self.options.layer.source_date_epoch);
+        let mut manifests = Vec::new();
+        let mut platforms = Vec::new();
+        let mut blobs: Vec<Digest> = Vec::new();
+        let mut executed = 0;
+        let mut cached = 0;
+        for (platform, node_id) in &image.platforms {
+            let node = &self.plan.nodes[*node_id];
+            let output = outputs.get(node_id).ok_or_else(|| format!("node {} has no output", node.stage))?;
+            executed += output.executed;
+            cached += output.cached;
+            let mut settings = node.settings.clone();
+            settings.labels.extend(image.labels.clone());
+            let config = config_file(&settings, platform, &output.layers, &output.history, &created);
+            let config_bytes = oci::canonical_json(&config);
+            let config_digest = self.store.put_blob_bytes(&config_bytes).map_err(|error| error.to_string())?;
+            let manifest = oci::ImageManifest {
+                schema_version: 2,
+                media_type: Some(oci::media::OCI_MANIFEST.to_string()),
+                config: oci::Descriptor {
+                    media_type: oci::media::OCI_CONFIG.to_string(),
+                    digest: config_digest,
+                    size: config_bytes.len() as u64,
+                    platform: None,
+                    annotations: BTreeMap::new(),
+                },
+                layers: output
+                    .layers
+                    .iter()
+                    .map(|layer| oci::Descriptor {
+                        media_type: layer.media_type.clone(),
+                        digest: layer.digest,
+                        size: layer.size,
+                        platform: None,
+                        annotations: BTreeMap::new(),
+                    })
+                    .collect(),
+                annotations: image.annotations.clone(),
+            };
+            let manifest_bytes = oci::canonical_json(&manifest);
+            let manifest_digest = self.store.put_blob_bytes(&manifest_bytes).map_err(|error| error.to_string())?;
+            blobs.push(config_digest);
+            blobs.push(manifest_digest);
+            blobs.extend(output.layers.iter().map(|layer| layer.digest));
+            manifests.push(oci::Descriptor {
+                media_type: oci::media::OCI_MANIFEST.to_string(),
+                digest: manifest_digest,
+                size: manifest_bytes.len() as u64,
+                platform: Some(oci::OciPlatform {
+                    architecture: platform.architecture.clone(),
+                    os: platform.os.clone(),
+                    variant: platform.variant.clone(),
+                }),
+                annotations: BTreeMap::new(),
+            });
+            platforms.push(PlatformSummary {
+                platform: platform.to_string(),
+                manifest_digest: manifest_digest.to_string(),
+                size: output.layers.iter().map(|layer| layer.size).sum(),
+            });
+        }
+        let index = oci::ImageIndex {
+            schema_version: 2,
+            media_type: Some(oci::media::OCI_INDEX.to_string()),
+            manifests,
+            annotations: image.annotations.clone(),
+        };
+        let index_bytes = oci::canonical_json(&index);
+        let index_digest = self.store.put_blob_bytes(&index_bytes).map_err(|error| error.to_string())?;
+        blobs.push(index_digest);
+        let index_descriptor = |reference: Option<&str>| oci::Descriptor {
+            media_type: oci::media::OCI_INDEX.to_string(),
+            digest: index_digest,
+            size: index_bytes.len() as u64,
+            platform: None,
+            annotations: reference
+                .map(|reference| BTreeMap::from([("org.opencontainers.image.ref.name".to_string(), reference.to_string())]))
+                .unwrap_or_default(),
+        };
+        let mut references: Vec<String> = image.tags.iter().map(|tag| tag_of(tag)).collect();
+        references.dedup();
+        if references.is_empty() {
+            references.push("latest".into());
+        }
+        let top = oci::ImageIndex {
+            schema_version: 2,
+            media_type: Some(oci::media::OCI_INDEX.to_string()),
+            manifests: references.iter().map(|reference| index_descriptor(Some(reference))).collect(),
+            annotations: BTreeMap::new(),
+        };
+        let output_dir = image.output.clone().unwrap_or_else(|| self.options.output_dir.join(sanitize(&image.name)));
+        blobs.sort();
+        blobs.dedup();
+        let blob_paths: Vec<(Digest, PathBuf)> = blobs.iter().map(|digest| (*digest, self.store.blob_path(digest))).collect();
+        oci::write_layout(&output_dir, &top, blob_paths.into_iter()).map_err(|error| {
+            format!("cannot write the image layout {}: {error}", output_dir.display())
+        })?;
+        Ok(ImageSummary {
+            name: image.name.clone(),
+            index_digest: index_digest.to_string(),
+            output: output_dir.display().to_string(),
+            tags: image.tags.clone(),
+            platforms,
+            executed,
+            cached,
+        })
+    }
+}
+
+/// The tag part of a reference (`registry/app:1.0` → `1.0`), or the whole string.
+fn tag_of(reference: &str) -> String {
+    let name_end = reference.rfind('/').map_or(0, |slash| slash + 1);
+    match reference[name_end..].rsplit_once(':') {
+        Some((_, tag)) => tag.to_string(),
+        None => "latest".to_string(),
+    }
+}
+
+/// A directory name for an image name.
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect()
+}
+
+fn epoch_rfc3339(epoch: i64) -> String {
+    let days = epoch.div_euclid(86_400);
+    let seconds = epoch.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let day_of_year = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        seconds / 3600,
+        (seconds % 3600) / 60,
+        seconds % 60
+    )
+}
+
+fn config_file(
+    settings: &ImageSettings,
+    platform: &Platform,
+    layers: &[LayerDesc],
+    history: &[HistoryEntry],
+    created: &str,
+) -> oci::ImageConfigFile {
+    let non_empty = |set: &std::collections::BTreeSet<String>| {
+        (!set.is_empty()).then(|| set.iter().map(|key| (key.clone(), serde_json::json!({}))).collect())
+    };
+    oci::ImageConfigFile {
+        created: Some(created.to_string()),
+        architecture: platform.architecture.clone(),
+        os: platform.os.clone(),
+        variant: platform.variant.clone(),
+        config: oci::ContainerConfig {
+            user: (!settings.user.is_empty()).then(|| settings.user.clone()),
+            exposed_ports: non_empty(&settings.exposed_ports),
+            env: (!settings.env.is_empty())
+                .then(|| settings.env.iter().map(|(key, value)| format!("{key}={value}")).collect()),
+            entrypoint: settings.entrypoint.clone(),
+            cmd: settings.cmd.clone(),
+            volumes: non_empty(&settings.volumes),
+            working_dir: (!settings.workdir.is_empty()).then(|| settings.workdir.clone()),
+            labels: (!settings.labels.is_empty()).then(|| settings.labels.clone()),
+            stop_signal: settings.stop_signal.clone(),
+            healthcheck: settings.healthcheck.as_ref().map(|check| oci::HealthcheckConfig {
+                test: Some(check.test.clone()),
+                interval: check.interval_ns,
+                timeout: check.timeout_ns,
+                start_period: check.start_period_ns,
+                retries: check.retries,
+            }),
+            shell: (!settings.shell.is_empty()).then(|| settings.shell.clone()),
+        },
+        rootfs: oci::RootFs { kind: "layers".into(), diff_ids: layers.iter().map(|layer| layer.diff_id).collect() },
+        history: history
+            .iter()
+            .map(|entry| oci::History {
+                created: Some(created.to_string()),
+                created_by: Some(entry.created_by.clone()),
+                empty_layer: entry.empty_layer.then_some(true),
+                comment: None,
+                author: None,
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_format_as_rfc3339() {
+        assert_eq!(epoch_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(epoch_rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn tags_are_taken_from_references() {
+        assert_eq!(tag_of("registry.example.com:5000/app:1.0"), "1.0");
+        assert_eq!(tag_of("registry.example.com:5000/app"), "latest");
+        assert_eq!(tag_of("app"), "latest");
+    }
+}

@@ -1,0 +1,197 @@
+//! Shared helpers for end-to-end tests: they run the real `graphbuild` binary on real build
+//! files and check its results with independent tools (skopeo, umoci).
+
+#![allow(dead_code, reason = "each test file uses a different subset")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("cli/ has a parent").to_path_buf()
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_graphbuild"))
+}
+
+/// A scratch directory laid out like the repository: `examples/…` and `tests/fixtures/busybox`
+/// are copied in so relative paths in build files work, and a private store.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        let dir = tempfile::Builder::new().prefix("graphbuild-e2e-").tempdir().expect("temp dir");
+        copy_tree(&repo_root().join("tests/fixtures/busybox"), &dir.path().join("tests/fixtures/busybox"));
+        Sandbox { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Copy `examples/NAME` into the sandbox; returns its path.
+    pub fn example(&self, name: &str) -> PathBuf {
+        let target = self.path().join("examples").join(name);
+        copy_tree(&repo_root().join("examples").join(name), &target);
+        target
+    }
+
+    pub fn write(&self, relative: &str, contents: &str) -> PathBuf {
+        let path = self.path().join(relative);
+        std::fs::create_dir_all(path.parent().expect("has parent")).expect("mkdir");
+        std::fs::write(&path, contents).expect("write");
+        path
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path().join("store")
+    }
+
+    /// Run graphbuild in the sandbox with its private store.
+    pub fn graphbuild(&self, args: &[&str]) -> Output {
+        self.graphbuild_with_store(&self.store(), args)
+    }
+
+    pub fn graphbuild_with_store(&self, store: &Path, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .current_dir(self.path())
+            .env("GRAPHBUILD_CACHE_DIR", store)
+            .env("NO_COLOR", "1")
+            .env_remove("SOURCE_DATE_EPOCH")
+            .output()
+            .expect("graphbuild runs")
+    }
+}
+
+pub fn copy_tree(from: &Path, to: &Path) {
+    let status = Command::new("cp").arg("-a").arg(from).arg(to.parent().map(|p| {
+        std::fs::create_dir_all(p).expect("mkdir");
+        p
+    }).expect("parent")).status().expect("cp runs");
+    assert!(status.success(), "cp -a {} failed", from.display());
+    let copied = to.parent().expect("parent").join(from.file_name().expect("name"));
+    if copied != to {
+        std::fs::rename(&copied, to).expect("rename");
+    }
+    // Fixtures are read-only under CI: make the copy writable.
+    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(to).status();
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[track_caller]
+pub fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "graphbuild failed with {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// The JSON events of a `--progress json` run.
+pub fn events(output: &Output) -> Vec<serde_json::Value> {
+    stdout(output).lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
+}
+
+pub fn summary(output: &Output) -> serde_json::Value {
+    events(output)
+        .into_iter()
+        .rev()
+        .find(|event| event["event"] == "summary")
+        .unwrap_or_else(|| panic!("no summary event\n{}\n{}", stdout(output), stderr(output)))
+}
+
+/// Steps with a status, as (stage, platform, status).
+pub fn steps(output: &Output) -> Vec<(String, String, String, String)> {
+    events(output)
+        .into_iter()
+        .filter(|event| event["event"] == "step")
+        .map(|event| {
+            (
+                event["stage"].as_str().unwrap_or_default().to_string(),
+                event["platform"].as_str().unwrap_or_default().to_string(),
+                event["step"].as_str().unwrap_or_default().to_string(),
+                event["status"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().map(|o| o.status.success());
+    assert!(
+        found.unwrap_or(false),
+        "the end-to-end tests need `{name}`: run the test command from README.md, which installs it"
+    );
+}
+
+/// `skopeo inspect --raw` of a layout reference.
+pub fn skopeo_raw(reference: &str) -> serde_json::Value {
+    require_tool("skopeo");
+    let output = Command::new("skopeo").args(["inspect", "--raw", reference]).output().expect("skopeo runs");
+    assert!(output.status.success(), "skopeo inspect {reference}: {}", stderr(&output));
+    serde_json::from_slice(&output.stdout).expect("skopeo prints JSON")
+}
+
+/// Unpack one platform of a layout with skopeo (select the platform) and umoci (unpack the
+/// filesystem); returns the rootfs directory.
+pub fn unpack_platform(layout: &Path, tag: &str, platform: &str, into: &Path) -> PathBuf {
+    require_tool("skopeo");
+    require_tool("umoci");
+    let mut parts = platform.split('/');
+    let os = parts.next().unwrap_or("linux");
+    let arch = parts.next().unwrap_or("amd64");
+    let variant = parts.next();
+    let single = into.join("single");
+    let mut skopeo = Command::new("skopeo");
+    skopeo.args(["--override-os", os, "--override-arch", arch]);
+    if let Some(variant) = variant {
+        skopeo.args(["--override-variant", variant]);
+    }
+    let output = skopeo
+        .args(["copy", "--quiet"])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("oci:{}:{tag}", single.display()))
+        .output()
+        .expect("skopeo runs");
+    assert!(output.status.success(), "skopeo copy {platform}: {}", stderr(&output));
+    let bundle = into.join("bundle");
+    let output = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{tag}", single.display()))
+        .arg(&bundle)
+        .output()
+        .expect("umoci runs");
+    assert!(output.status.success(), "umoci unpack {platform}: {}", stderr(&output));
+    bundle.join("rootfs")
+}
+
+/// Every file of a directory tree with its bytes, for byte-for-byte comparisons.
+pub fn tree_bytes(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let relative = path.strip_prefix(root).expect("under root").display().to_string();
+                files.push((relative, std::fs::read(&path).expect("read")));
+            }
+        }
+    }
+    files.sort();
+    files
+}
