@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use graphbuild_engine::build::{self, BuildOptions, SecretValue};
+use graphbuild_engine::explain;
 use graphbuild_engine::layer::{Compression, LayerOptions};
 use graphbuild_engine::plan::{self, Base, Op, Plan, PlanOptions};
 use graphbuild_engine::resolve::LayoutResolver;
@@ -119,6 +120,29 @@ pub fn plan(args: PlanArgs) -> u8 {
         Err(code) => return code,
     };
     let plan = &loaded.plan;
+    if args.explain {
+        let describe = |loc| loaded.project.sources.describe(loc);
+        let explanations: Vec<_> = plan
+            .nodes
+            .iter()
+            .map(|node| match &store {
+                Some(store) => explain::explain(store, plan, node, &describe),
+                None => explain::Explanation::NeverBuilt,
+            })
+            .collect();
+        if let PlanFormat::Json = args.format {
+            let mut value = plan_json(plan, &loaded.project, store.as_ref());
+            if let Some(nodes) = value["nodes"].as_array_mut() {
+                for (node, explanation) in nodes.iter_mut().zip(&explanations) {
+                    node["explain"] = serde_json::to_value(explanation).unwrap_or_default();
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        } else {
+            print!("{}", explain_text(plan, &explanations));
+        }
+        return exit::SUCCESS;
+    }
     match args.format {
         PlanFormat::Json => {
             let value = plan_json(plan, &loaded.project, store.as_ref());
@@ -237,6 +261,33 @@ fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
         }
         if !image.tags.is_empty() {
             let _ = writeln!(out, "    tags: {}", image.tags.join(", "));
+        }
+    }
+    out
+}
+
+fn explain_text(plan: &Plan, explanations: &[explain::Explanation]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for id in plan.topological_order() {
+        let node = &plan.nodes[id];
+        let _ = write!(out, "{} · {}: ", node.stage, node.platform);
+        match &explanations[id] {
+            explain::Explanation::Cached => {
+                let _ = writeln!(out, "cached");
+            }
+            explain::Explanation::NeverBuilt => {
+                let _ = writeln!(out, "will run: never built");
+            }
+            explain::Explanation::Evicted => {
+                let _ = writeln!(out, "will run: the inputs are unchanged but the result is no longer in the store");
+            }
+            explain::Explanation::Changed { step, location, reasons } => {
+                let _ = writeln!(out, "will run from `{}`{}", truncate(step, 80), location.as_ref().map(|l| format!(" ({l})")).unwrap_or_default());
+                for reason in reasons {
+                    let _ = writeln!(out, "    {reason}");
+                }
+            }
         }
     }
     out
@@ -376,6 +427,9 @@ pub fn run(args: RunArgs) -> u8 {
     };
     let report = build::build(&loaded.plan, &loaded.project.sources, &store, &resolver, &options, &progress);
     progress.finish();
+    if report.failures.is_empty() && !report.cancelled {
+        explain::record(&store, &loaded.plan);
+    }
     if !report.failures.is_empty() {
         for failure in &report.failures {
             eprintln!("error: {failure}");

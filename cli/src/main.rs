@@ -41,7 +41,7 @@ enum Command {
     #[command(after_help = "Examples:\n  graphbuild run images.kdl\n  graphbuild run images.kdl app --platform linux/amd64 --output out/\n  graphbuild run images.kdl --arg APP_VERSION=2.0 --progress plain")]
     Run(RunArgs),
     /// Show the graph: nodes, keys, what is cached, and each image's platforms; runs nothing
-    #[command(after_help = "Examples:\n  graphbuild plan images.kdl\n  graphbuild plan images.kdl --format json\n  graphbuild plan images.kdl --format dot | dot -Tsvg > graph.svg")]
+    #[command(after_help = "Examples:\n  graphbuild plan images.kdl\n  graphbuild plan images.kdl --explain\n  graphbuild plan images.kdl --format json\n  graphbuild plan images.kdl --format dot | dot -Tsvg > graph.svg")]
     Plan(PlanArgs),
     /// Inspect or manage the local cache, or serve a team cache
     #[command(subcommand)]
@@ -80,6 +80,9 @@ pub struct PlanArgs {
     pub select: SelectArgs,
     #[arg(long, value_enum, default_value = "text")]
     pub format: PlanFormat,
+    /// For each node: cached or not, and for a miss, which input changed since its last build
+    #[arg(long)]
+    pub explain: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -10,6 +10,7 @@ pub mod copy;
 pub mod digest;
 pub mod dockerignore;
 pub mod events;
+pub mod explain;
 pub mod fsutil;
 pub mod key;
 pub mod layer;

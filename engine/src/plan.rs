@@ -108,6 +108,19 @@ pub struct StepPlan {
     /// Human description, also the image history's `created_by`.
     pub description: String,
     pub at: Loc,
+    /// What went into the key, in readable form, for `plan --explain`.
+    pub inputs: StepInputs,
+}
+
+/// The inputs of a step's key that a person can recognize.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct StepInputs {
+    /// Variables the step's strings read, with their values.
+    pub vars: BTreeMap<String, String>,
+    /// Context files a copy selects (path → content digest and mode), or the stage it copies from.
+    pub files: BTreeMap<String, String>,
+    /// The node's base: an image reference and digest, a stage, or scratch.
+    pub base: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -234,6 +247,8 @@ struct Expander<'a> {
 
 /// Variables visible while expanding one stage for one target.
 struct Vars {
+    /// Names read (and their values) since the last [`Vars::take_reads`], for `plan --explain`.
+    reads: std::cell::RefCell<BTreeMap<String, String>>,
     /// Declared in the stage so far, with values.
     stage_args: Vec<(String, String)>,
     params: Vec<(String, String)>,
@@ -243,10 +258,22 @@ struct Vars {
 }
 
 impl Vars {
+    fn new(matrix: Vec<(String, String)>, globals: Vec<(String, String)>, automatic: Vec<(String, String)>) -> Vars {
+        Vars { reads: Default::default(), stage_args: Vec::new(), params: Vec::new(), matrix, globals, automatic }
+    }
+
     fn lookup(&self, name: &str) -> Option<String> {
-        [&self.stage_args, &self.params, &self.matrix, &self.globals, &self.automatic]
+        let value = [&self.stage_args, &self.params, &self.matrix, &self.globals, &self.automatic]
             .into_iter()
-            .find_map(|list| list.iter().rev().find(|(key, _)| key == name).map(|(_, value)| value.clone()))
+            .find_map(|list| list.iter().rev().find(|(key, _)| key == name).map(|(_, value)| value.clone()));
+        if let Some(value) = &value {
+            self.reads.borrow_mut().insert(name.to_string(), value.clone());
+        }
+        value
+    }
+
+    fn take_reads(&self) -> BTreeMap<String, String> {
+        std::mem::take(&mut *self.reads.borrow_mut())
     }
 }
 
@@ -282,13 +309,7 @@ impl<'a> Expander<'a> {
 
     /// Global args for one target and matrix combination, in declaration order.
     fn globals(&mut self, target: &Platform, matrix: &[(String, String)]) -> Vec<(String, String)> {
-        let mut vars = Vars {
-            stage_args: Vec::new(),
-            params: Vec::new(),
-            matrix: matrix.to_vec(),
-            globals: Vec::new(),
-            automatic: automatic_args(target, &self.options.host),
-        };
+        let mut vars = Vars::new(matrix.to_vec(), Vec::new(), automatic_args(target, &self.options.host));
         for arg in &self.project.args {
             let value = match (self.options.args.get(&arg.name), &arg.default) {
                 (Some(value), _) => value.clone(),
@@ -330,13 +351,7 @@ impl<'a> Expander<'a> {
         for image in &project.images {
             for matrix in matrix_combinations(&image.matrix, self) {
                 let globals = self.globals(&host, &matrix);
-                let vars = Vars {
-                    stage_args: Vec::new(),
-                    params: Vec::new(),
-                    matrix: matrix.clone(),
-                    globals,
-                    automatic: host.automatic_args("BUILD").into_iter().collect(),
-                };
+                let vars = Vars::new(matrix.clone(), globals, host.automatic_args("BUILD").into_iter().collect());
                 let name = self.substitute(&image.name, Mode::Strict, &vars, None);
                 if !self.options.images.is_empty() {
                     let mut selected = false;
@@ -467,13 +482,7 @@ impl<'a> Expander<'a> {
     ) -> Option<usize> {
         let host = self.options.host.clone();
         let globals = self.globals(target, matrix);
-        let mut vars = Vars {
-            stage_args: Vec::new(),
-            params: Vec::new(),
-            matrix: matrix.to_vec(),
-            globals,
-            automatic: automatic_args(target, &host),
-        };
+        let mut vars = Vars::new(matrix.to_vec(), globals, automatic_args(target, &host));
         if let Some(scope) = stage.scope {
             let bindings = self.project.scopes[scope.0 as usize].bindings.clone();
             for (name, value) in &bindings {
@@ -522,7 +531,13 @@ impl<'a> Expander<'a> {
             }
         };
 
+        let base_description = match &base {
+            Base::Scratch => "scratch".to_string(),
+            Base::Stage(id) => format!("stage {} ({})", self.nodes[*id].stage, self.nodes[*id].key.short()),
+            Base::Image(image) => format!("{} ({})", image.reference, image.manifest_digest),
+        };
         let mut steps = Vec::new();
+        vars.take_reads();
         for step in &stage.steps {
             if let Some(when) = &step.when {
                 if when != target {
@@ -567,7 +582,26 @@ impl<'a> Expander<'a> {
                 }
             }
             key = builder.finish();
-            steps.push(StepPlan { key, op, description, at: step.at });
+            let files = match &op {
+                Op::Copy(CopyOp { from: CopySource::Context { items }, .. }) => items
+                    .iter()
+                    .filter_map(|item| match &item.kind {
+                        context::ItemKind::File { digest, mode, .. } => {
+                            Some((item.rel_src.display().to_string(), format!("{}:{mode:o}", hex::encode(digest))))
+                        }
+                        context::ItemKind::Symlink { target } => {
+                            Some((item.rel_src.display().to_string(), format!("-> {}", target.display())))
+                        }
+                        context::ItemKind::Dir { .. } => None,
+                    })
+                    .collect(),
+                Op::Copy(CopyOp { from: CopySource::Node { node }, .. }) => {
+                    BTreeMap::from([(format!("stage {}", self.nodes[*node].stage), self.nodes[*node].key.to_string())])
+                }
+                _ => BTreeMap::new(),
+            };
+            let inputs = StepInputs { vars: vars.take_reads(), files, base: base_description.clone() };
+            steps.push(StepPlan { key, op, description, at: step.at, inputs });
         }
 
         if let Some(&existing) = self.by_key.get(&key) {
@@ -913,7 +947,7 @@ fn matrix_combinations(axes: &[ir::MatrixAxis], expander: &mut Expander<'_>) -> 
     let mut combinations = vec![Vec::new()];
     for axis in axes {
         let globals = expander.globals(&host, &[]);
-        let vars = Vars { stage_args: Vec::new(), params: Vec::new(), matrix: Vec::new(), globals, automatic: Vec::new() };
+        let vars = Vars::new(Vec::new(), globals, Vec::new());
         let values: Vec<String> =
             axis.values.iter().map(|value| expander.substitute(value, Mode::Strict, &vars, None)).collect();
         combinations = combinations

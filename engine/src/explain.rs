@@ -1,0 +1,134 @@
+//! `plan --explain`: why a node is not cached.
+//!
+//! After a build, each node's step keys and their readable inputs ([`StepInputs`]) are recorded
+//! in the store under the node's *identity* (stage, platform, first target), which survives
+//! changes to its inputs. Explaining compares the current plan with that record: the first
+//! step whose key differs is where the cache was lost, and the difference in its inputs says
+//! why — a context file by path, an arg and its old and new values, a base image digest, the
+//! step's own definition, or only its parent.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Key;
+use crate::key::KeyBuilder;
+use crate::plan::{Node, Plan, StepInputs};
+use crate::store::Store;
+
+#[derive(Serialize, Deserialize)]
+struct NodeRecord {
+    steps: Vec<StepRecordEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StepRecordEntry {
+    description: String,
+    key: Key,
+    inputs: StepInputs,
+}
+
+fn identity(node: &Node) -> Key {
+    let target = node.targets.first().map(ToString::to_string).unwrap_or_default();
+    KeyBuilder::new("explain-identity").str(&node.stage).str(&node.platform.to_string()).str(&target).finish()
+}
+
+/// Remember what each node of a built plan was made from.
+pub fn record(store: &Store, plan: &Plan) {
+    for node in &plan.nodes {
+        let record = NodeRecord {
+            steps: node
+                .steps
+                .iter()
+                .map(|step| StepRecordEntry { description: step.description.clone(), key: step.key, inputs: step.inputs.clone() })
+                .collect(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&record) {
+            let _ = store.put_action(&identity(node), &bytes);
+        }
+    }
+}
+
+/// Why a node will run.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Explanation {
+    Cached,
+    NeverBuilt,
+    Changed { step: String, location: Option<String>, reasons: Vec<String> },
+    /// The inputs are the same as last time but the result is gone (pruned).
+    Evicted,
+}
+
+fn is_cached(store: &Store, node: &Node) -> bool {
+    match node.steps.iter().rev().find(|step| step.op.touches_filesystem()) {
+        Some(step) => store.get_action(&step.key).is_some(),
+        None => true,
+    }
+}
+
+fn diff_maps(kind: &str, old: &BTreeMap<String, String>, new: &BTreeMap<String, String>, reasons: &mut Vec<String>) {
+    for (name, value) in new {
+        match old.get(name) {
+            None => reasons.push(format!("{kind} {name} is new")),
+            Some(previous) if previous != value => {
+                if kind == "arg" {
+                    reasons.push(format!("arg {name} changed: \"{previous}\" → \"{value}\""));
+                } else {
+                    reasons.push(format!("{kind} {name} changed"));
+                }
+            }
+            _ => {}
+        }
+    }
+    for name in old.keys() {
+        if !new.contains_key(name) {
+            reasons.push(format!("{kind} {name} is gone"));
+        }
+    }
+}
+
+/// Explain one node against the store.
+pub fn explain(store: &Store, plan: &Plan, node: &Node, describe: &dyn Fn(graphbuild_lang::ir::Loc) -> String) -> Explanation {
+    if is_cached(store, node) {
+        return Explanation::Cached;
+    }
+    let Some(record) = store.get_action(&identity(node)).and_then(|bytes| serde_json::from_slice::<NodeRecord>(&bytes).ok())
+    else {
+        return Explanation::NeverBuilt;
+    };
+    for (index, step) in node.steps.iter().enumerate() {
+        let Some(old) = record.steps.get(index) else {
+            return Explanation::Changed {
+                step: step.description.clone(),
+                location: Some(describe(step.at)),
+                reasons: vec!["this step is new".into()],
+            };
+        };
+        if old.key == step.key {
+            continue;
+        }
+        let mut reasons = Vec::new();
+        if index == 0 && old.inputs.base != step.inputs.base {
+            reasons.push(format!("the base changed: {} → {}", old.inputs.base, step.inputs.base));
+        }
+        if old.description != step.description {
+            reasons.push(format!("the step changed: was `{}`", old.description));
+        }
+        diff_maps("arg", &old.inputs.vars, &step.inputs.vars, &mut reasons);
+        diff_maps("file", &old.inputs.files, &step.inputs.files, &mut reasons);
+        if reasons.is_empty() {
+            reasons.push(if index == 0 {
+                format!("the base changed: {}", step.inputs.base)
+            } else {
+                "an earlier step changed".to_string()
+            });
+        }
+        return Explanation::Changed { step: step.description.clone(), location: Some(describe(step.at)), reasons };
+    }
+    if record.steps.len() != node.steps.len() {
+        return Explanation::Changed { step: "(end of stage)".into(), location: None, reasons: vec!["steps were removed".into()] };
+    }
+    let _ = plan;
+    Explanation::Evicted
+}
