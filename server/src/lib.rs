@@ -1,1 +1,204 @@
-pub fn placeholder() {}
+//! graphbuild's team cache server: an HTTP cache compatible with bazel-remote's protocol.
+//!
+//! # Overview
+//!
+//! Two stores behind one HTTP server: the CAS (content-addressed blobs, named by their
+//! sha256: layers, step records) and the action cache (small values named by a client-chosen
+//! key: graphbuild stores an REAPI `ActionResult` there that points into the CAS). Builds on
+//! different machines share results through it; see `docs/cache-server.md`.
+//!
+//! - [`http`]: routes, auth decisions, streaming uploads and downloads.
+//! - [`store`]: the directory layout, crash-safe commits, the LRU index and eviction.
+//! - [`auth`]: the tokens file and bearer-token decisions.
+//! - [`metrics`]: counters for `/metrics`.
+//!
+//! # Embedding
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), graphbuild_cache_server::ServerError> {
+//! use graphbuild_cache_server::{ServerConfig, bind};
+//! let server = bind(ServerConfig::new("/var/cache/graphbuild")).await?;
+//! println!("listening on http://{}", server.local_addr());
+//! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+//!
+//! The library needs a multi-threaded tokio runtime and never parses command lines.
+
+mod auth;
+mod http;
+mod metrics;
+mod store;
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::serve::ListenerExt as _;
+
+pub use auth::{Access, Tokens};
+pub use http::{AC_MAX_SIZE, BODY_IDLE_TIMEOUT};
+
+/// Where `graphbuild cache serve` listens unless told otherwise.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7070);
+
+/// How to run the server; the fields mirror the command-line flags.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// `--listen`: address and port (port 0 picks a free one, see [`BoundServer::local_addr`]).
+    pub listen: SocketAddr,
+    /// `--dir`: the store directory, created if missing.
+    pub dir: PathBuf,
+    /// `--max-size`: total bytes kept before least recently used entries are evicted.
+    pub max_size: Option<u64>,
+    /// `--tokens`: the tokens file (format in `docs/cache-server.md`); `None` = open server.
+    pub tokens_file: Option<PathBuf>,
+    /// `--allow-anonymous-read`: GET and HEAD need no token.
+    pub allow_anonymous_read: bool,
+}
+
+impl ServerConfig {
+    /// Defaults: [`DEFAULT_LISTEN`], no size limit, no tokens.
+    pub fn new(dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            listen: DEFAULT_LISTEN,
+            dir: dir.into(),
+            max_size: None,
+            tokens_file: None,
+            allow_anonymous_read: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}")]
+    #[diagnostic(
+        code(graphbuild::cache_server::bind),
+        help("is another server already listening there? pick another address with --listen")
+    )]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cannot open the cache directory {}", path.display())]
+    #[diagnostic(
+        code(graphbuild::cache_server::store),
+        help("check that --dir exists or can be created, and that this user can write to it")
+    )]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cannot read the tokens file {}", path.display())]
+    #[diagnostic(code(graphbuild::cache_server::tokens), help("check the --tokens path and its permissions"))]
+    TokensRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{}:{line}: {message}", path.display())]
+    #[diagnostic(
+        code(graphbuild::cache_server::tokens_syntax),
+        help("each line is `TOKEN ro|rw [INSTANCE]`; `#` starts a comment")
+    )]
+    TokensSyntax { path: PathBuf, line: usize, message: String },
+
+    #[error("--max-size must be at least 1 byte")]
+    #[diagnostic(code(graphbuild::cache_server::max_size), help("leave --max-size out for no limit"))]
+    ZeroMaxSize,
+
+    #[error("the cache server stopped with an I/O error")]
+    #[diagnostic(code(graphbuild::cache_server::serve))]
+    Serve(#[source] std::io::Error),
+}
+
+/// A server that is listening but not yet serving: learn its address, then [`run`](Self::run).
+pub struct BoundServer {
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    app: Arc<http::App>,
+}
+
+impl BoundServer {
+    /// The actual address, with the port the OS chose when `listen` had port 0.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serve until `shutdown` completes, then finish in-flight requests and return.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+        let store = self.app.store.clone();
+        let evictor = tokio::spawn(async move {
+            loop {
+                store.eviction_needed.notified().await;
+                let store = store.clone();
+                // A panic in eviction must not stop the loop; the next notification retries.
+                let _ = tokio::task::spawn_blocking(move || store.evict_to_target()).await;
+            }
+        });
+        let listener = self.listener.tap_io(|stream| {
+            let _ = stream.set_nodelay(true);
+        });
+        let result = axum::serve(listener, http::router(self.app))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServerError::Serve);
+        evictor.abort();
+        result
+    }
+}
+
+/// Open the store (deleting leftover uploads, rebuilding the index), read the tokens file and
+/// bind the listening socket.
+pub async fn bind(config: ServerConfig) -> Result<BoundServer, ServerError> {
+    if config.max_size == Some(0) {
+        return Err(ServerError::ZeroMaxSize);
+    }
+    let tokens = config.tokens_file.as_deref().map(Tokens::load).transpose()?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let dir = config.dir.clone();
+    let max_size = config.max_size;
+    let store_metrics = metrics.clone();
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&dir, max_size, store_metrics))
+        .await
+        .map_err(|join_error| ServerError::Store {
+            path: config.dir.clone(),
+            source: std::io::Error::other(join_error.to_string()),
+        })?
+        .map_err(|source| ServerError::Store {
+            path: config.dir.clone(),
+            source,
+        })?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    Ok(BoundServer {
+        listener,
+        local_addr,
+        app: Arc::new(http::App {
+            store: Arc::new(store),
+            metrics,
+            tokens,
+            allow_anonymous_read: config.allow_anonymous_read,
+        }),
+    })
+}
+
+/// [`bind`] then [`BoundServer::run`].
+pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    bind(config).await?.run(shutdown).await
+}
