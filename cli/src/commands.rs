@@ -20,6 +20,7 @@ use crate::progress::Progress;
 use crate::render;
 use crate::{CompressionArg, PlanArgs, PlanFormat, ProgressMode, RunArgs, SelectArgs};
 
+
 /// A loaded and expanded build file.
 struct Loaded {
     project: Project,
@@ -349,6 +350,103 @@ fn parse_secrets(specs: &[String]) -> Result<HashMap<String, SecretValue>, Strin
     Ok(secrets)
 }
 
+/// Stop before building anything when a foreign platform with `run` steps has no emulator.
+fn check_emulators(plan: &Plan) -> Result<(), u8> {
+    let host = Platform::host();
+    let mut missing: Vec<(Platform, String)> = Vec::new();
+    for node in &plan.nodes {
+        let runs = node.steps.iter().any(|step| matches!(step.op, Op::Run(_)));
+        if runs && !missing.iter().any(|(platform, _)| *platform == node.platform) {
+            if let Err(error) = graphbuild_engine::binfmt::check_emulation(&crate::doctor::binfmt_dir(), &node.platform, &host) {
+                missing.push((node.platform.clone(), error.to_string()));
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (platform, message) in &missing {
+        render::error(&format!("cannot run steps for {platform}: {message}"), &[]);
+    }
+    eprintln!(
+        "hint: install the emulators with `apt-get install qemu-user-static binfmt-support` and `update-binfmts --enable` (or `graphbuild doctor --fix`), or build only native platforms with --platform {host}"
+    );
+    Err(exit::ENVIRONMENT)
+}
+
+/// Cancel the build on SIGINT/SIGTERM: running steps finish or are stopped, nothing is left.
+fn cancel_on_signals() -> CancelToken {
+    let cancel = CancelToken::new();
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(signal, flag.clone());
+    }
+    let token = cancel.clone();
+    std::thread::spawn(move || {
+        loop {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                token.cancel();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    cancel
+}
+
+struct BuildSettings {
+    output: PathBuf,
+    no_cache: bool,
+    jobs: Option<usize>,
+    compression: Compression,
+    secrets: HashMap<String, SecretValue>,
+    source_date_epoch: i64,
+}
+
+/// Build a loaded plan into `settings.output`; returns the report or an exit code.
+fn execute(
+    loaded: &Loaded,
+    store: &Store,
+    resolver: &LayoutResolver,
+    settings: BuildSettings,
+    cancel: &CancelToken,
+    progress: &Progress,
+) -> build::BuildReport {
+    let options = BuildOptions {
+        jobs: settings.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        output_dir: settings.output,
+        no_cache: settings.no_cache,
+        layer: LayerOptions { source_date_epoch: settings.source_date_epoch, compression: settings.compression },
+        sandbox_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+        secrets: settings.secrets,
+        cancel: cancel.clone(),
+    };
+    let report = build::build(&loaded.plan, &loaded.project.sources, store, resolver, &options, progress);
+    progress.finish();
+    if report.failures.is_empty() && !report.cancelled {
+        explain::record(store, &loaded.plan);
+    }
+    report
+}
+
+fn report_failures(report: &build::BuildReport) -> u8 {
+    if !report.failures.is_empty() {
+        for failure in &report.failures {
+            eprintln!("error: {failure}");
+        }
+        eprintln!(
+            "error: {} of the build failed",
+            if report.failures.len() == 1 { "1 node".to_string() } else { format!("{} nodes", report.failures.len()) }
+        );
+        return exit::BUILD_FAILED;
+    }
+    if report.cancelled {
+        render::error("the build was cancelled", &[]);
+        return 130;
+    }
+    exit::SUCCESS
+}
+
 pub fn run(args: RunArgs) -> u8 {
     let store = match open_store(args.select.cache_dir.clone()) {
         Ok(store) => store,
@@ -366,85 +464,96 @@ pub fn run(args: RunArgs) -> u8 {
             return exit::INVALID_INPUT;
         }
     };
-
-    // Foreign platforms need an emulator before anything runs.
-    let host = Platform::host();
-    let mut missing = Vec::new();
-    for node in &loaded.plan.nodes {
-        let runs = node.steps.iter().any(|step| matches!(step.op, Op::Run(_)));
-        if runs && !missing.iter().any(|(platform, _): &(Platform, String)| *platform == node.platform) {
-            if let Err(error) = graphbuild_engine::binfmt::check_emulation(&node.platform, &host) {
-                missing.push((node.platform.clone(), error.to_string()));
-            }
-        }
+    if let Err(code) = check_emulators(&loaded.plan) {
+        return code;
     }
-    if !missing.is_empty() {
-        for (platform, message) in &missing {
-            render::error(&format!("cannot run steps for {platform}: {message}"), &[]);
-        }
-        eprintln!(
-            "hint: install the emulators with `apt-get install qemu-user-static binfmt-support` and `update-binfmts --enable`, or build only native platforms with --platform {host}"
-        );
-        return exit::ENVIRONMENT;
-    }
-
-    let cancel = CancelToken::new();
-    {
-        let cancel = cancel.clone();
-        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            let _ = signal_hook::flag::register(signal, flag.clone());
-        }
-        std::thread::spawn(move || {
-            loop {
-                if flag.load(std::sync::atomic::Ordering::Relaxed) {
-                    cancel.cancel();
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        });
-    }
-
+    let cancel = cancel_on_signals();
     let mode = args.progress.unwrap_or_else(|| {
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressMode::Tty } else { ProgressMode::Plain }
     });
     let progress = Progress::new(mode, args.quiet);
-    let options = BuildOptions {
-        jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-        output_dir: args.output.clone(),
+    let settings = BuildSettings {
+        output: args.output.clone(),
         no_cache: args.no_cache,
-        layer: LayerOptions {
-            source_date_epoch: args.source_date_epoch,
-            compression: match args.compression {
-                CompressionArg::Gzip => Compression::Gzip,
-                CompressionArg::Zstd => Compression::Zstd,
-            },
+        jobs: args.jobs,
+        compression: match args.compression {
+            CompressionArg::Gzip => Compression::Gzip,
+            CompressionArg::Zstd => Compression::Zstd,
         },
-        sandbox_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
         secrets,
-        cancel: cancel.clone(),
+        source_date_epoch: args.source_date_epoch,
     };
-    let report = build::build(&loaded.plan, &loaded.project.sources, &store, &resolver, &options, &progress);
-    progress.finish();
-    if report.failures.is_empty() && !report.cancelled {
-        explain::record(&store, &loaded.plan);
-    }
-    if !report.failures.is_empty() {
-        for failure in &report.failures {
-            eprintln!("error: {failure}");
+    let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
+    report_failures(&report)
+}
+
+/// `graphbuild verify`: two clean builds, compared.
+pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
+    let scratch = match tempfile::Builder::new().prefix("graphbuild-verify-").tempdir() {
+        Ok(dir) => dir,
+        Err(error) => {
+            render::error(&format!("cannot create a temporary directory: {error}"), &[]);
+            return exit::ENVIRONMENT;
         }
-        eprintln!(
-            "error: {} of the build failed",
-            if report.failures.len() == 1 { "1 node".to_string() } else { format!("{} nodes", report.failures.len()) }
-        );
-        return exit::BUILD_FAILED;
+    };
+    let cancel = cancel_on_signals();
+    let mut outputs = Vec::new();
+    for round in ["first", "second"] {
+        let store = match open_store(Some(scratch.path().join(format!("store-{round}")))) {
+            Ok(store) => store,
+            Err(code) => return code,
+        };
+        let resolver = LayoutResolver::new(&project_dir(&select));
+        let loaded = match load(&select, Some(&store), &resolver) {
+            Ok(loaded) => loaded,
+            Err(code) => return code,
+        };
+        if round == "first" {
+            if let Err(code) = check_emulators(&loaded.plan) {
+                return code;
+            }
+        }
+        eprintln!("verify: {round} build from scratch…");
+        let output = scratch.path().join(format!("out-{round}"));
+        let settings = BuildSettings {
+            output: output.clone(),
+            no_cache: true,
+            jobs,
+            compression: Compression::Gzip,
+            secrets: HashMap::new(),
+            source_date_epoch: 0,
+        };
+        let progress = Progress::new(ProgressMode::Plain, true);
+        let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
+        let code = report_failures(&report);
+        if code != exit::SUCCESS {
+            return code;
+        }
+        outputs.push(report.images);
+        // Different wall-clock times for the two builds.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
     }
-    if report.cancelled {
-        render::error("the build was cancelled", &[]);
-        return 130;
+    let mut reproducible = true;
+    for (first, second) in outputs[0].iter().zip(&outputs[1]) {
+        if first.index_digest == second.index_digest {
+            println!("✓ {}: reproducible ({})", first.name, first.index_digest);
+            continue;
+        }
+        reproducible = false;
+        println!("✗ {}: the two builds differ ({} vs {})", first.name, first.index_digest, second.index_digest);
+        match graphbuild_engine::verify::compare_layouts(std::path::Path::new(&first.output), std::path::Path::new(&second.output)) {
+            Ok(differences) => {
+                for difference in differences {
+                    println!("  {} · {}", difference.platform, difference.part);
+                    for entry in difference.entries.iter().take(50) {
+                        println!("    {entry}");
+                    }
+                }
+            }
+            Err(error) => println!("  cannot compare the layouts: {error}"),
+        }
     }
-    exit::SUCCESS
+    if reproducible { exit::SUCCESS } else { exit::BUILD_FAILED }
 }
 
 pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {

@@ -3,6 +3,8 @@
 //! Exit codes: 0 success, 1 build failure, 2 invalid input or usage, 3 environment problem.
 
 mod commands;
+mod doctor;
+mod inspect;
 mod progress;
 mod render;
 
@@ -43,6 +45,34 @@ enum Command {
     /// Show the graph: nodes, keys, what is cached, and each image's platforms; runs nothing
     #[command(after_help = "Examples:\n  graphbuild plan images.kdl\n  graphbuild plan images.kdl --explain\n  graphbuild plan images.kdl --format json\n  graphbuild plan images.kdl --format dot | dot -Tsvg > graph.svg")]
     Plan(PlanArgs),
+    /// Build twice from scratch in separate stores and compare: exit 0 only when bit-for-bit equal
+    #[command(after_help = "Example:\n  graphbuild verify images.kdl app")]
+    Verify {
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Nodes to run at once
+        #[arg(long, short)]
+        jobs: Option<usize>,
+    },
+    /// Check that this machine can build: namespaces, overlayfs, emulators, store, credentials
+    #[command(after_help = "Examples:\n  graphbuild doctor\n  graphbuild doctor images.kdl --fix")]
+    Doctor {
+        /// Check the emulators for the platforms this build file names
+        file: Option<PathBuf>,
+        /// Mount binfmt_misc and register qemu-user handlers (as root)
+        #[arg(long)]
+        fix: bool,
+        #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Show an OCI layout: tags, index digest, per-platform manifests, sizes and config
+    #[command(after_help = "Examples:\n  graphbuild inspect graphbuild-out/app\n  graphbuild inspect graphbuild-out/app:1.0 --format json")]
+    Inspect {
+        /// PATH or PATH:TAG of an OCI layout
+        target: String,
+        #[arg(long, value_enum, default_value = "text")]
+        format: InspectFormat,
+    },
     /// Inspect or manage the local cache, or serve a team cache
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -122,6 +152,12 @@ pub struct RunArgs {
     pub source_date_epoch: i64,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InspectFormat {
+    Text,
+    Json,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum CompressionArg {
     Gzip,
@@ -174,6 +210,9 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(graphbuild_engine::sandbox::SANDBOX_ARG)) {
         graphbuild_engine::sandbox::child_main_with(graphbuild_engine::build::copy_in_sandbox);
     }
+    if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(doctor::PROBE_ARG)) {
+        doctor::probe_namespaces();
+    }
     render::install_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -186,6 +225,9 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => commands::run(args),
         Command::Plan(args) => commands::plan(args),
+        Command::Verify { select, jobs } => commands::verify(select, jobs),
+        Command::Doctor { file, fix, cache_dir } => doctor::doctor(file, fix, cache_dir),
+        Command::Inspect { target, format } => inspect::inspect(&target, format == InspectFormat::Json),
         Command::Cache(CacheCommand::Du { cache_dir }) => commands::cache_du(cache_dir),
         Command::Cache(CacheCommand::Prune { cache_dir, keep_bytes }) => commands::cache_prune(cache_dir, &keep_bytes),
         Command::Cache(CacheCommand::Serve { listen, dir, max_size, tokens, allow_anonymous_read }) => {

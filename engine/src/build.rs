@@ -630,7 +630,8 @@ impl Executor<'_> {
         let output_dir = image.output.clone().unwrap_or_else(|| self.options.output_dir.join(sanitize(&image.name)));
         blobs.sort();
         blobs.dedup();
-        let blob_paths: Vec<(Digest, PathBuf)> = blobs.iter().map(|digest| (*digest, self.store.blob_path(digest))).collect();
+        let blob_paths: Vec<(Digest, oci::BlobSource)> =
+            blobs.iter().map(|digest| (*digest, oci::BlobSource::Path(self.store.blob_path(digest)))).collect();
         oci::write_layout(&output_dir, &top, blob_paths.into_iter()).map_err(|error| {
             format!("cannot write the image layout {}: {error}", output_dir.display())
         })?;
@@ -688,9 +689,6 @@ fn config_file(
     history: &[HistoryEntry],
     created: &str,
 ) -> oci::ImageConfigFile {
-    let non_empty = |set: &std::collections::BTreeSet<String>| {
-        (!set.is_empty()).then(|| set.iter().map(|key| (key.clone(), serde_json::json!({}))).collect())
-    };
     oci::ImageConfigFile {
         created: Some(created.to_string()),
         architecture: platform.architecture.clone(),
@@ -698,23 +696,21 @@ fn config_file(
         variant: platform.variant.clone(),
         config: oci::ContainerConfig {
             user: (!settings.user.is_empty()).then(|| settings.user.clone()),
-            exposed_ports: non_empty(&settings.exposed_ports),
-            env: (!settings.env.is_empty())
-                .then(|| settings.env.iter().map(|(key, value)| format!("{key}={value}")).collect()),
-            entrypoint: settings.entrypoint.clone(),
-            cmd: settings.cmd.clone(),
-            volumes: non_empty(&settings.volumes),
+            exposed_ports: settings.exposed_ports.clone(),
+            env: settings.env.iter().map(|(key, value)| format!("{key}={value}")).collect(),
+            entrypoint: settings.entrypoint.clone().unwrap_or_default(),
+            cmd: settings.cmd.clone().unwrap_or_default(),
+            volumes: settings.volumes.clone(),
             working_dir: (!settings.workdir.is_empty()).then(|| settings.workdir.clone()),
-            labels: (!settings.labels.is_empty()).then(|| settings.labels.clone()),
+            labels: settings.labels.clone(),
             stop_signal: settings.stop_signal.clone(),
-            healthcheck: settings.healthcheck.as_ref().map(|check| oci::HealthcheckConfig {
-                test: Some(check.test.clone()),
-                interval: check.interval_ns,
-                timeout: check.timeout_ns,
-                start_period: check.start_period_ns,
-                retries: check.retries,
+            healthcheck: settings.healthcheck.as_ref().map(|check| oci::Healthcheck {
+                test: check.test.clone(),
+                interval: check.interval_ns.unwrap_or(0),
+                timeout: check.timeout_ns.unwrap_or(0),
+                start_period: check.start_period_ns.unwrap_or(0),
+                retries: u64::from(check.retries.unwrap_or(0)),
             }),
-            shell: (!settings.shell.is_empty()).then(|| settings.shell.clone()),
         },
         rootfs: oci::RootFs { kind: "layers".into(), diff_ids: layers.iter().map(|layer| layer.diff_id).collect() },
         history: history
@@ -722,7 +718,7 @@ fn config_file(
             .map(|entry| oci::History {
                 created: Some(created.to_string()),
                 created_by: Some(entry.created_by.clone()),
-                empty_layer: entry.empty_layer.then_some(true),
+                empty_layer: entry.empty_layer,
                 comment: None,
                 author: None,
             })

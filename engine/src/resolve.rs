@@ -105,10 +105,15 @@ impl Resolver for LayoutResolver {
         let layout = OciLayout::open(&dir).map_err(|error| layout_error(error.to_string()))?;
         let top = layout.resolve(tag).map_err(|error| layout_error(error.to_string()))?;
         let (manifest, manifest_descriptor) = layout.select_platform(&top, platform).map_err(|error| match error {
-            oci::OciError::PlatformNotFound { available, .. } => ResolveError::NoPlatform {
+            oci::OciError::NoMatchingPlatform { available, .. } => ResolveError::NoPlatform {
                 reference: reference.to_string(),
                 platform: platform.to_string(),
-                available: if available.is_empty() { String::new() } else { format!(" (it has {})", available.join(", ")) },
+                available: if available.is_empty() {
+                    String::new()
+                } else {
+                    let names: Vec<String> = available.iter().map(ToString::to_string).collect();
+                    format!(" (it has {})", names.join(", "))
+                },
             },
             other => layout_error(other.to_string()),
         })?;
@@ -138,7 +143,7 @@ impl Resolver for LayoutResolver {
             .iter()
             .map(|entry| HistoryEntry {
                 created_by: entry.created_by.clone().unwrap_or_default(),
-                empty_layer: entry.empty_layer.unwrap_or(false),
+                empty_layer: entry.empty_layer,
             })
             .collect();
         let resolved = Arc::new(ResolvedBase {
@@ -179,11 +184,11 @@ impl Resolver for LayoutResolver {
 
 /// Image settings from an image config's `config` section.
 pub fn settings_from_config(config: &oci::ContainerConfig) -> ImageSettings {
+    let non_zero = |value: u64| (value != 0).then_some(value);
     ImageSettings {
         env: config
             .env
             .iter()
-            .flatten()
             .map(|entry| match entry.split_once('=') {
                 Some((key, value)) => (key.to_string(), value.to_string()),
                 None => (entry.clone(), String::new()),
@@ -191,19 +196,19 @@ pub fn settings_from_config(config: &oci::ContainerConfig) -> ImageSettings {
             .collect(),
         workdir: config.working_dir.clone().unwrap_or_default(),
         user: config.user.clone().unwrap_or_default(),
-        labels: config.labels.clone().unwrap_or_default(),
-        exposed_ports: config.exposed_ports.as_ref().map(|ports| ports.keys().cloned().collect()).unwrap_or_default(),
-        entrypoint: config.entrypoint.clone(),
-        cmd: config.cmd.clone(),
-        volumes: config.volumes.as_ref().map(|volumes| volumes.keys().cloned().collect()).unwrap_or_default(),
-        shell: config.shell.clone().unwrap_or_default(),
+        labels: config.labels.clone(),
+        exposed_ports: config.exposed_ports.clone(),
+        entrypoint: (!config.entrypoint.is_empty()).then(|| config.entrypoint.clone()),
+        cmd: (!config.cmd.is_empty()).then(|| config.cmd.clone()),
+        volumes: config.volumes.clone(),
+        shell: Vec::new(),
         stop_signal: config.stop_signal.clone(),
         healthcheck: config.healthcheck.as_ref().map(|check| HealthcheckSettings {
-            test: check.test.clone().unwrap_or_default(),
-            interval_ns: check.interval,
-            timeout_ns: check.timeout,
-            start_period_ns: check.start_period,
-            retries: check.retries,
+            test: check.test.clone(),
+            interval_ns: non_zero(check.interval),
+            timeout_ns: non_zero(check.timeout),
+            start_period_ns: non_zero(check.start_period),
+            retries: u32::try_from(check.retries).ok().filter(|retries| *retries != 0),
         }),
     }
 }
