@@ -54,13 +54,10 @@ pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> io::Result
             Ok(metadata) if metadata.file_type().is_symlink() && (!is_last || follow_last) => {
                 links += 1;
                 if links > MAX_SYMLINKS {
-                    return Err(io::Error::new(
-                        io::ErrorKind::Other,
-                        format!(
-                            "too many levels of symbolic links resolving `{path}` in {}",
-                            root.display()
-                        ),
-                    ));
+                    return Err(io::Error::other(format!(
+                        "too many levels of symbolic links resolving `{path}` in {}",
+                        root.display()
+                    )));
                 }
                 let target = std::fs::read_link(&candidate)?;
                 if target.is_absolute() {
