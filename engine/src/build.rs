@@ -469,8 +469,14 @@ impl Executor<'_> {
         })
         .map_err(|error| fail(error.to_string()))?;
         drop(guards);
-        if let Some(message) = outcome.failure_message() {
-            return Err(self.failure(node, Some(step), message, outcome.tail.clone()));
+        match outcome.status {
+            sandbox::ExitStatusKind::Exited(0) => {}
+            sandbox::ExitStatusKind::Exited(code) => {
+                return Err(self.failure(node, Some(step), format!("the command failed with exit code {code}"), outcome.tail));
+            }
+            sandbox::ExitStatusKind::Signaled(signal) => {
+                return Err(self.failure(node, Some(step), format!("the command was killed by signal {signal}"), outcome.tail));
+            }
         }
         let blob = layer::write_layer_from_upper(&upperdir, temp.path(), &self.options.layer)
             .map_err(|error| fail(format!("cannot write the layer: {error}")))?;
