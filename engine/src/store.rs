@@ -524,6 +524,32 @@ impl Store {
         Ok(CacheMountGuard { path, _lock: lock })
     }
 
+    /// Every cache-mount directory with its (id, platform), e.g. to upload them to a remote
+    /// cache. Take [`Store::cache_mount`] before reading one, to see a consistent state.
+    pub fn list_cache_mounts(&self) -> Result<Vec<(String, String, PathBuf)>, StoreError> {
+        let mut mounts = Vec::new();
+        for path in list_dir(&self.root.join("cache-mounts"))? {
+            if path.extension().is_none_or(|extension| extension != "json") {
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok(meta) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                continue;
+            };
+            if let (Some(id), Some(platform)) = (meta["id"].as_str(), meta["platform"].as_str()) {
+                mounts.push((
+                    id.to_string(),
+                    platform.to_string(),
+                    path.with_extension(""),
+                ));
+            }
+        }
+        mounts.sort();
+        Ok(mounts)
+    }
+
     // ---- context stat caches --------------------------------------------------------------
 
     fn context_cache_path(&self, id: &[u8; 32]) -> PathBuf {
@@ -1105,6 +1131,13 @@ mod tests {
         std::fs::write(guard.path().join("state"), b"1").unwrap();
         let other = store.cache_mount("go-build", "linux/amd64").unwrap();
         assert_ne!(other.path(), guard.path());
+        let listed = store.list_cache_mounts().unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(
+            (listed[1].0.as_str(), listed[1].1.as_str()),
+            ("go-build", "linux/arm64")
+        );
+        assert_eq!(listed[1].2, guard.path());
         let (sender, receiver) = std::sync::mpsc::channel();
         let thread_store = store.clone();
         let waiter = std::thread::spawn(move || {
