@@ -1,0 +1,715 @@
+//! Extracting one layer into a fresh snapshot directory that will be an overlayfs lower
+//! directory.
+//!
+//! # What a layer becomes
+//!
+//! [`unpack_layer`] recognizes the compression by its magic bytes (gzip `1f 8b`, zstd
+//! `28 b5 2f fd`, anything else is read as a plain tar) and turns OCI's deletion markers into
+//! overlayfs's, so that stacking the snapshots as lower directories gives the image's
+//! filesystem without ever merging layers by hand:
+//!
+//! | layer | snapshot |
+//! |---|---|
+//! | `dir/.wh.NAME` | character device 0/0 `dir/NAME` (an overlay whiteout) |
+//! | `dir/.wh..wh..opq` | xattr `trusted.overlay.opaque=y` on `dir` (`user.overlay.opaque` when not root, for `userxattr` mounts) |
+//!
+//! Modes, numeric owners (when root), modification times, symlinks, hard links, extended
+//! attributes (except overlay's own, which a layer has no business setting) are kept; device
+//! nodes and fifos are created only when running as root, and counted as skipped otherwise.
+//! Directory modes and times are applied last, since creating their children changes them.
+//!
+//! # Safety
+//!
+//! A layer comes from someone else and may be crafted to write outside the snapshot. Nothing
+//! it contains can make this module write outside `dest`:
+//!
+//! - a path with a `..` component is refused, a leading `/` is dropped;
+//! - every parent directory of an entry is checked with `lstat` as it is walked from `dest`
+//!   down: a parent that is a symlink is refused (an earlier entry may have planted
+//!   `dir -> /etc` or `dir -> ../../..`), a missing one is created as a real directory;
+//! - the entry itself is created with calls that never follow a final symlink (`O_CREAT|O_EXCL
+//!   |O_NOFOLLOW`, `mkdir`, `symlink`, `mknod`, `lchown`, `lsetxattr`, `utimensat` with
+//!   `AT_SYMLINK_NOFOLLOW`); whatever was at that path before is removed first, and removing a
+//!   symlink removes the link, not its target;
+//! - symlinks are created with whatever target they carry (they are resolved later, inside the
+//!   container, where `/` is the image's root) and are never followed here;
+//! - a hard link must point at an entry extracted earlier from this same layer, reached through
+//!   real directories only;
+//! - deferred directory metadata is re-checked the same way before it is applied.
+//!
+//! Every refusal is an [`UnpackError::Unsafe`] naming the entry.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+
+use crate::layer::{OPAQUE_MARKER, WHITEOUT_PREFIX, is_overlay_xattr, set_xattr};
+
+/// What an extraction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnpackStats {
+    /// Tar entries read (including the ones skipped).
+    pub entries: u64,
+    pub files: u64,
+    pub directories: u64,
+    pub symlinks: u64,
+    pub hardlinks: u64,
+    /// `.wh.NAME` entries turned into overlay whiteouts.
+    pub whiteouts: u64,
+    /// `.wh..wh..opq` entries turned into opaque directories.
+    pub opaque_directories: u64,
+    /// Device nodes and fifos created.
+    pub devices: u64,
+    /// Device nodes and fifos skipped because this process is not root.
+    pub skipped_devices: u64,
+    /// Extended attributes this filesystem or user could not set.
+    pub skipped_xattrs: u64,
+    /// Bytes of file content written.
+    pub bytes: u64,
+}
+
+/// Why a layer could not be extracted.
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum UnpackError {
+    #[error("layer entry `{entry}` {reason}: the layer is malicious or corrupt")]
+    #[diagnostic(
+        code(graphbuild::unpack::unsafe_entry),
+        help(
+            "graphbuild never writes outside the snapshot it extracts into; rebuild or re-pull the base image from a source you trust"
+        )
+    )]
+    Unsafe { entry: String, reason: String },
+
+    #[error("cannot read the layer{}: the layer is malicious or corrupt", entry.as_ref().map(|entry| format!(" at entry `{entry}`")).unwrap_or_default())]
+    #[diagnostic(
+        code(graphbuild::unpack::corrupt),
+        help("the blob is not a valid (gzip- or zstd-compressed) tar; pull the image again")
+    )]
+    Corrupt {
+        entry: Option<String>,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("cannot {action} `{}` for layer entry `{entry}`", path.display())]
+    #[diagnostic(code(graphbuild::unpack::io))]
+    Io {
+        entry: String,
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("layer entry `{entry}` is a whiteout, and creating overlay whiteouts needs root")]
+    #[diagnostic(
+        code(graphbuild::unpack::needs_root),
+        help(
+            "run graphbuild as root (or in a user namespace where it is root) to use base images"
+        )
+    )]
+    NeedsRoot { entry: String },
+}
+
+fn corrupt(source: io::Error) -> UnpackError {
+    UnpackError::Corrupt {
+        entry: None,
+        source,
+    }
+}
+
+/// Where an unsafe path ends up: a readable name for errors.
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn unsafe_entry(entry: &[u8], reason: impl Into<String>) -> UnpackError {
+    UnpackError::Unsafe {
+        entry: lossy(entry),
+        reason: reason.into(),
+    }
+}
+
+fn io_error<'a>(
+    entry: &'a [u8],
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> UnpackError + 'a {
+    move |source| UnpackError::Io {
+        entry: lossy(entry),
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Splits an archive path into its normal components: drops a leading `/`, empty and `.`
+/// components; refuses `..`.
+fn components<'a>(entry: &[u8], path: &'a [u8], what: &str) -> Result<Vec<&'a [u8]>, UnpackError> {
+    let mut parts = Vec::new();
+    for part in path.split(|byte| *byte == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                return Err(unsafe_entry(
+                    entry,
+                    format!("has a `..` component in its {what}"),
+                ));
+            }
+            normal => parts.push(normal),
+        }
+    }
+    Ok(parts)
+}
+
+fn join(parts: &[&[u8]]) -> Vec<u8> {
+    parts.join(&b'/')
+}
+
+fn path_under(dest: &Path, parts: &[&[u8]]) -> PathBuf {
+    let mut path = dest.to_path_buf();
+    for part in parts {
+        path.push(OsStr::from_bytes(part));
+    }
+    path
+}
+
+/// Walks `parts` from `dest` with `lstat`: every component must be a real directory (or be
+/// missing, when `create` is set, and is then created). Returns the full path.
+fn walk_directories(
+    dest: &Path,
+    entry: &[u8],
+    parts: &[&[u8]],
+    create: bool,
+) -> Result<PathBuf, UnpackError> {
+    let mut path = dest.to_path_buf();
+    for (depth, part) in parts.iter().enumerate() {
+        path.push(OsStr::from_bytes(part));
+        match fs::symlink_metadata(&path) {
+            Ok(metadata) if metadata.is_dir() => {}
+            Ok(metadata) if metadata.file_type().is_symlink() => {
+                return Err(unsafe_entry(
+                    entry,
+                    format!(
+                        "goes through `{}`, which is a symlink",
+                        lossy(&join(&parts[..=depth]))
+                    ),
+                ));
+            }
+            Ok(_) => {
+                return Err(unsafe_entry(
+                    entry,
+                    format!(
+                        "goes through `{}`, which is not a directory",
+                        lossy(&join(&parts[..=depth]))
+                    ),
+                ));
+            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound && create => {
+                fs::create_dir(&path).map_err(io_error(entry, "create directory", &path))?;
+            }
+            Err(error) => return Err(io_error(entry, "inspect", &path)(error)),
+        }
+    }
+    Ok(path)
+}
+
+/// Removes whatever is at `path` (never following a symlink), unless it is a directory and
+/// `keep_directory` is set. Returns whether a directory was kept.
+fn clear(path: &Path, entry: &[u8], keep_directory: bool) -> Result<bool, UnpackError> {
+    match fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.is_dir() => {
+            if keep_directory {
+                return Ok(true);
+            }
+            fs::remove_dir_all(path).map_err(io_error(entry, "remove", path))?;
+            Ok(false)
+        }
+        Ok(_) => {
+            fs::remove_file(path).map_err(io_error(entry, "remove", path))?;
+            Ok(false)
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(io_error(entry, "inspect", path)(error)),
+    }
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn set_times(path: &Path, mtime: &TimeSpec) -> io::Result<()> {
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        mtime,
+        mtime,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(io::Error::from)
+}
+
+/// A zstd stream of one or more frames (skippable frames are skipped).
+struct ZstdFrames<R: BufRead> {
+    source: R,
+    decoder: ruzstd::decoding::FrameDecoder,
+    active: bool,
+}
+
+impl<R: BufRead> Read for ZstdFrames<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
+        if buffer.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.active {
+                while self.decoder.can_collect() < buffer.len() && !self.decoder.is_finished() {
+                    let wanted = buffer.len() - self.decoder.can_collect();
+                    self.decoder
+                        .decode_blocks(
+                            &mut self.source,
+                            ruzstd::decoding::BlockDecodingStrategy::UptoBytes(wanted),
+                        )
+                        .map_err(io::Error::other)?;
+                }
+                let read = self.decoder.read(buffer)?;
+                if read > 0 {
+                    return Ok(read);
+                }
+                if self.decoder.is_finished() && self.decoder.can_collect() == 0 {
+                    self.active = false;
+                } else {
+                    continue;
+                }
+            }
+            if self.source.fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            match self.decoder.reset(&mut self.source) {
+                Ok(()) => self.active = true,
+                Err(FrameDecoderError::ReadFrameHeaderError(ReadFrameHeaderError::SkipFrame {
+                    length,
+                    ..
+                })) => {
+                    let skipped = io::copy(
+                        &mut (&mut self.source).take(u64::from(length)),
+                        &mut io::sink(),
+                    )?;
+                    if skipped != u64::from(length) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "truncated skippable zstd frame",
+                        ));
+                    }
+                }
+                Err(error) => return Err(io::Error::other(error)),
+            }
+        }
+    }
+}
+
+/// Picks the decompressor from the first bytes.
+fn decompressed<'a>(blob: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+    let mut reader = BufReader::with_capacity(256 * 1024, blob);
+    let mut head = Vec::with_capacity(4);
+    // `fill_buf` may return fewer than 4 bytes from a pipe; peek without consuming by reading
+    // into `head` and chaining it back in front.
+    while head.len() < 4 {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            break;
+        }
+        let take = available.len().min(4 - head.len());
+        head.extend_from_slice(&available[..take]);
+        reader.consume(take);
+    }
+    let stream = BufReader::new(io::Cursor::new(head.clone()).chain(reader));
+    Ok(match head.as_slice() {
+        [0x1f, 0x8b, ..] => Box::new(flate2::bufread::MultiGzDecoder::new(stream)),
+        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(ZstdFrames {
+            source: stream,
+            decoder: ruzstd::decoding::FrameDecoder::new(),
+            active: false,
+        }),
+        _ => Box::new(stream),
+    })
+}
+
+/// Metadata from an entry's header and PAX records.
+struct EntryMetadata {
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: TimeSpec,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+fn read_metadata<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<EntryMetadata> {
+    let header = entry.header();
+    let mode = header.mode()? & 0o7777;
+    // Some writers leave these fields blank; blank means 0, as GNU tar reads it.
+    let mut uid = header.uid().unwrap_or(0);
+    let mut gid = header.gid().unwrap_or(0);
+    let mut mtime_seconds = header
+        .mtime()
+        .ok()
+        .and_then(|mtime| i64::try_from(mtime).ok())
+        .unwrap_or(0);
+    let mut mtime_nanos = 0i64;
+    let mut xattrs = Vec::new();
+    if let Some(extensions) = entry.pax_extensions()? {
+        for extension in extensions {
+            let extension = extension?;
+            let key = extension.key_bytes();
+            let value = extension.value_bytes();
+            let number = || {
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|text| text.parse::<u64>().ok())
+            };
+            match key {
+                b"uid" => uid = number().unwrap_or(uid),
+                b"gid" => gid = number().unwrap_or(gid),
+                b"mtime" => {
+                    if let Ok(text) = std::str::from_utf8(value) {
+                        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+                        if let Ok(seconds) = whole.parse::<i64>() {
+                            mtime_seconds = seconds;
+                            let digits: String = fraction.chars().take(9).collect();
+                            mtime_nanos = format!("{digits:0<9}").parse::<i64>().unwrap_or(0);
+                        }
+                    }
+                }
+                _ => {
+                    if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                        xattrs.push((name.to_vec(), value.to_vec()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(EntryMetadata {
+        mode,
+        uid,
+        gid,
+        mtime: TimeSpec::new(mtime_seconds, mtime_nanos),
+        xattrs,
+    })
+}
+
+/// Extracts one layer (gzip, zstd or plain tar, detected) into `dest`, a fresh snapshot
+/// directory, turning `.wh.` entries into overlay whiteouts. See the module docs for what is
+/// refused.
+pub fn unpack_layer(blob: impl Read, dest: &Path) -> Result<UnpackStats, UnpackError> {
+    let root = is_root();
+    fs::create_dir_all(dest).map_err(io_error(b"", "create directory", dest))?;
+    let stream = decompressed(blob).map_err(corrupt)?;
+    let mut archive = tar::Archive::new(stream);
+    let mut stats = UnpackStats::default();
+    let mut extracted: HashSet<Vec<u8>> = HashSet::new();
+    // Directory metadata, applied at the end: (parts, mode, uid, gid, mtime).
+    let mut directories: Vec<(Vec<u8>, EntryMetadata)> = Vec::new();
+
+    for item in archive.entries().map_err(corrupt)? {
+        let mut item = item.map_err(corrupt)?;
+        stats.entries += 1;
+        let raw_path = item.path_bytes().into_owned();
+        let entry_name = raw_path.as_slice();
+        let entry_type = item.header().entry_type();
+        if matches!(
+            entry_type,
+            tar::EntryType::XGlobalHeader
+                | tar::EntryType::XHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink
+        ) {
+            continue;
+        }
+        let parts = components(entry_name, entry_name, "path")?;
+        let Some((name, parents)) = parts.split_last() else {
+            // The layer's root (`./`): the snapshot directory already exists.
+            continue;
+        };
+        let parent_path = walk_directories(dest, entry_name, parents, true)?;
+        let full_path = parent_path.join(OsStr::from_bytes(name));
+
+        // Whiteouts.
+        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+            if *name == OPAQUE_MARKER.as_bytes() {
+                let attribute: &[u8] = if root {
+                    b"trusted.overlay.opaque"
+                } else {
+                    b"user.overlay.opaque"
+                };
+                set_xattr(&parent_path, attribute, b"y").map_err(io_error(
+                    entry_name,
+                    "mark opaque",
+                    &parent_path,
+                ))?;
+                stats.opaque_directories += 1;
+                continue;
+            }
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err(unsafe_entry(
+                    entry_name,
+                    "is a whiteout without a valid name",
+                ));
+            }
+            let hidden_path = parent_path.join(OsStr::from_bytes(hidden));
+            clear(&hidden_path, entry_name, false)?;
+            match nix::sys::stat::mknod(
+                &hidden_path,
+                SFlag::S_IFCHR,
+                Mode::empty(),
+                nix::sys::stat::makedev(0, 0),
+            ) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::EPERM) => {
+                    return Err(UnpackError::NeedsRoot {
+                        entry: lossy(entry_name),
+                    });
+                }
+                Err(errno) => {
+                    return Err(io_error(entry_name, "create whiteout", &hidden_path)(
+                        errno.into(),
+                    ));
+                }
+            }
+            stats.whiteouts += 1;
+            continue;
+        }
+
+        let metadata = read_metadata(&mut item).map_err(|source| UnpackError::Corrupt {
+            entry: Some(lossy(entry_name)),
+            source,
+        })?;
+        let mut apply_metadata = true;
+        match entry_type {
+            tar::EntryType::Directory => {
+                if !clear(&full_path, entry_name, true)? {
+                    fs::create_dir(&full_path).map_err(io_error(
+                        entry_name,
+                        "create directory",
+                        &full_path,
+                    ))?;
+                }
+                stats.directories += 1;
+                extracted.insert(join(&parts));
+                set_xattrs(&full_path, entry_name, &metadata.xattrs, &mut stats)?;
+                directories.push((join(&parts), metadata));
+                continue;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                clear(&full_path, entry_name, false)?;
+                let mut file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&full_path)
+                    .map_err(io_error(entry_name, "create", &full_path))?;
+                let copied = copy_data(&mut item, &mut file).map_err(|error| match error {
+                    CopyError::Read(source) => UnpackError::Corrupt {
+                        entry: Some(lossy(entry_name)),
+                        source,
+                    },
+                    CopyError::Write(source) => io_error(entry_name, "write", &full_path)(source),
+                })?;
+                stats.bytes += copied;
+                stats.files += 1;
+            }
+            tar::EntryType::Symlink => {
+                let target = item
+                    .link_name_bytes()
+                    .ok_or_else(|| unsafe_entry(entry_name, "is a symlink without a target"))?
+                    .into_owned();
+                clear(&full_path, entry_name, false)?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &full_path)
+                    .map_err(io_error(entry_name, "create symlink", &full_path))?;
+                stats.symlinks += 1;
+            }
+            tar::EntryType::Link => {
+                let target = item
+                    .link_name_bytes()
+                    .ok_or_else(|| unsafe_entry(entry_name, "is a hard link without a target"))?
+                    .into_owned();
+                let target_parts = components(entry_name, &target, "hard link target")?;
+                let Some((_, target_parents)) = target_parts.split_last() else {
+                    return Err(unsafe_entry(
+                        entry_name,
+                        "is a hard link to the layer's root",
+                    ));
+                };
+                if !extracted.contains(&join(&target_parts)) {
+                    return Err(unsafe_entry(
+                        entry_name,
+                        format!(
+                            "is a hard link to `{}`, which is not an earlier entry of this layer",
+                            lossy(&target)
+                        ),
+                    ));
+                }
+                walk_directories(dest, entry_name, target_parents, false)?;
+                let target_path = path_under(dest, &target_parts);
+                match fs::symlink_metadata(&target_path) {
+                    Ok(found) if found.is_dir() => {
+                        return Err(unsafe_entry(
+                            entry_name,
+                            format!("is a hard link to the directory `{}`", lossy(&target)),
+                        ));
+                    }
+                    Ok(_) => {}
+                    Err(error) => return Err(io_error(entry_name, "inspect", &target_path)(error)),
+                }
+                if target_path == full_path {
+                    continue;
+                }
+                clear(&full_path, entry_name, false)?;
+                fs::hard_link(&target_path, &full_path).map_err(io_error(
+                    entry_name,
+                    "create hard link",
+                    &full_path,
+                ))?;
+                stats.hardlinks += 1;
+                // The inode's metadata is the target's.
+                apply_metadata = false;
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                if !root {
+                    stats.skipped_devices += 1;
+                    continue;
+                }
+                let kind = match entry_type {
+                    tar::EntryType::Char => SFlag::S_IFCHR,
+                    tar::EntryType::Block => SFlag::S_IFBLK,
+                    _ => SFlag::S_IFIFO,
+                };
+                let header = item.header();
+                let major = header.device_major().ok().flatten().unwrap_or(0);
+                let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                clear(&full_path, entry_name, false)?;
+                nix::sys::stat::mknod(
+                    &full_path,
+                    kind,
+                    Mode::from_bits_truncate(0o600),
+                    nix::sys::stat::makedev(u64::from(major), u64::from(minor)),
+                )
+                .map_err(|errno| {
+                    io_error(entry_name, "create device node", &full_path)(errno.into())
+                })?;
+                stats.devices += 1;
+            }
+            // Anything else (GNU volume labels, Solaris ACLs…) has no place in a root filesystem.
+            _ => continue,
+        }
+        extracted.insert(join(&parts));
+        if apply_metadata {
+            let is_symlink = entry_type == tar::EntryType::Symlink;
+            if root {
+                lchown(&full_path, metadata.uid, metadata.gid).map_err(io_error(
+                    entry_name,
+                    "change the owner of",
+                    &full_path,
+                ))?;
+            }
+            if !is_symlink {
+                fs::set_permissions(&full_path, fs::Permissions::from_mode(metadata.mode))
+                    .map_err(io_error(entry_name, "set the mode of", &full_path))?;
+            }
+            set_xattrs(&full_path, entry_name, &metadata.xattrs, &mut stats)?;
+            set_times(&full_path, &metadata.mtime).map_err(io_error(
+                entry_name,
+                "set the times of",
+                &full_path,
+            ))?;
+        }
+    }
+
+    // Directories last: creating their children changed their times. Deepest first, and
+    // re-checked: a later entry may have replaced a directory or one of its parents.
+    directories.sort_by_key(|(path, _)| {
+        std::cmp::Reverse(path.iter().filter(|byte| **byte == b'/').count())
+    });
+    for (joined, metadata) in directories {
+        let parts: Vec<&[u8]> = joined.split(|byte| *byte == b'/').collect();
+        let Ok(path) = walk_directories(dest, &joined, &parts, false) else {
+            // Replaced by a later entry (a file, a symlink) or removed: nothing to apply.
+            continue;
+        };
+        if root {
+            lchown(&path, metadata.uid, metadata.gid).map_err(io_error(
+                &joined,
+                "change the owner of",
+                &path,
+            ))?;
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(metadata.mode)).map_err(io_error(
+            &joined,
+            "set the mode of",
+            &path,
+        ))?;
+        set_times(&path, &metadata.mtime).map_err(io_error(&joined, "set the times of", &path))?;
+    }
+    Ok(stats)
+}
+
+fn lchown(path: &Path, uid: u64, gid: u64) -> io::Result<()> {
+    let uid = u32::try_from(uid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "uid out of range"))?;
+    let gid = u32::try_from(gid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "gid out of range"))?;
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+}
+
+fn set_xattrs(
+    path: &Path,
+    entry: &[u8],
+    xattrs: &[(Vec<u8>, Vec<u8>)],
+    stats: &mut UnpackStats,
+) -> Result<(), UnpackError> {
+    for (name, value) in xattrs {
+        if is_overlay_xattr(name) {
+            // A layer must not steer overlayfs (opaque, redirect, metacopy…).
+            stats.skipped_xattrs += 1;
+            continue;
+        }
+        match set_xattr(path, name, value) {
+            Ok(()) => {}
+            Err(error) if matches!(error.raw_os_error(), Some(libc::ENOTSUP | libc::EPERM)) => {
+                stats.skipped_xattrs += 1
+            }
+            Err(error) => return Err(io_error(entry, "set an extended attribute on", path)(error)),
+        }
+    }
+    Ok(())
+}
+
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+fn copy_data(reader: &mut impl Read, writer: &mut impl Write) -> Result<u64, CopyError> {
+    let mut buffer = vec![0u8; 128 * 1024];
+    let mut total = 0u64;
+    loop {
+        let read = match reader.read(&mut buffer) {
+            Ok(0) => return Ok(total),
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(CopyError::Read(error)),
+        };
+        writer
+            .write_all(&buffer[..read])
+            .map_err(CopyError::Write)?;
+        total += read as u64;
+    }
+}
