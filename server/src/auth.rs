@@ -96,27 +96,50 @@ impl Tokens {
                 [] => continue,
                 [token, access] => (*token, *access, None),
                 [token, access, instance] => (*token, *access, Some(*instance)),
-                [_] => return Err((number, "missing the access field: expected `TOKEN ro|rw [INSTANCE]`".into())),
-                _ => return Err((number, "too many fields: expected `TOKEN ro|rw [INSTANCE]`".into())),
+                [_] => {
+                    return Err((
+                        number,
+                        "missing the access field: expected `TOKEN ro|rw [INSTANCE]`".into(),
+                    ));
+                }
+                _ => {
+                    return Err((
+                        number,
+                        "too many fields: expected `TOKEN ro|rw [INSTANCE]`".into(),
+                    ));
+                }
             };
             let access = match access {
                 "ro" => Access::ReadOnly,
                 "rw" => Access::ReadWrite,
-                other => return Err((number, format!("access must be `ro` or `rw`, found `{other}`"))),
+                other => {
+                    return Err((
+                        number,
+                        format!("access must be `ro` or `rw`, found `{other}`"),
+                    ));
+                }
             };
             if let Some(instance) = instance
                 && !is_valid_instance(instance)
             {
                 return Err((
                     number,
-                    format!("invalid instance name `{instance}`: use letters, digits, `.`, `_`, `-`, starting with a letter or digit"),
+                    format!(
+                        "invalid instance name `{instance}`: use letters, digits, `.`, `_`, `-`, starting with a letter or digit"
+                    ),
                 ));
             }
             if token.bytes().any(|b| !b.is_ascii_graphic()) {
                 return Err((number, "the token must be visible ASCII characters".into()));
             }
-            if let Some((first, _)) = entries.iter().find(|(_, entry)| entry.token == token.as_bytes()) {
-                return Err((number, format!("this token is already defined on line {first}")));
+            if let Some((first, _)) = entries
+                .iter()
+                .find(|(_, entry)| entry.token == token.as_bytes())
+            {
+                return Err((
+                    number,
+                    format!("this token is already defined on line {first}"),
+                ));
             }
             entries.push((
                 number,
@@ -150,7 +173,9 @@ impl Tokens {
         if allow_anonymous_read && !operation.write {
             return Ok(());
         }
-        let token = authorization.and_then(bearer_token).ok_or(Denied::Unauthenticated)?;
+        let token = authorization
+            .and_then(bearer_token)
+            .ok_or(Denied::Unauthenticated)?;
         // Compare against every entry so timing reveals nothing about which prefix matched.
         let mut found: Option<&TokenEntry> = None;
         for entry in &self.entries {
@@ -165,7 +190,9 @@ impl Tokens {
         if let Some(limited_to) = &entry.instance
             && operation.instance != Some(limited_to.as_str())
         {
-            return Err(Denied::Forbidden("this token is limited to another instance"));
+            return Err(Denied::Forbidden(
+                "this token is limited to another instance",
+            ));
         }
         Ok(())
     }
@@ -175,7 +202,9 @@ impl Tokens {
 fn bearer_token(header: &[u8]) -> Option<&[u8]> {
     let header = header.trim_ascii();
     let (scheme, rest) = header.split_at_checked(6)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer") || !rest.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+    if !scheme.eq_ignore_ascii_case(b"bearer")
+        || !rest.first().is_some_and(|b| *b == b' ' || *b == b'\t')
+    {
         return None;
     }
     let token = rest.trim_ascii();
@@ -186,34 +215,90 @@ fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
     if left.len() != right.len() {
         return false;
     }
-    left.iter().zip(right).fold(0u8, |difference, (a, b)| difference | (a ^ b)) == 0
+    left.iter()
+        .zip(right)
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+        == 0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const FILE: &str = "# comment\n\nadmin-token rw\nreader ro   # trailing comment\nteam-a-writer rw team-a\n";
+    const FILE: &str =
+        "# comment\n\nadmin-token rw\nreader ro   # trailing comment\nteam-a-writer rw team-a\n";
 
-    fn check(tokens: &Tokens, header: Option<&str>, write: bool, instance: Option<&str>, anonymous: bool) -> Result<(), Denied> {
-        tokens.check(header.map(str::as_bytes), &Operation { write, instance }, anonymous)
+    fn check(
+        tokens: &Tokens,
+        header: Option<&str>,
+        write: bool,
+        instance: Option<&str>,
+        anonymous: bool,
+    ) -> Result<(), Denied> {
+        tokens.check(
+            header.map(str::as_bytes),
+            &Operation { write, instance },
+            anonymous,
+        )
     }
 
     #[test]
     fn decisions_follow_access_and_instance() {
         let tokens = Tokens::parse(FILE).unwrap();
         assert_eq!(tokens.len(), 3);
-        assert_eq!(check(&tokens, None, false, None, false), Err(Denied::Unauthenticated));
-        assert_eq!(check(&tokens, Some("Bearer nope"), false, None, false), Err(Denied::Unauthenticated));
-        assert_eq!(check(&tokens, Some("Basic admin-token"), false, None, false), Err(Denied::Unauthenticated));
-        assert_eq!(check(&tokens, Some("bearer admin-token"), true, Some("x"), false), Ok(()));
-        assert_eq!(check(&tokens, Some("Bearer reader"), false, Some("x"), false), Ok(()));
-        assert!(matches!(check(&tokens, Some("Bearer reader"), true, None, false), Err(Denied::Forbidden(_))));
-        assert_eq!(check(&tokens, Some("Bearer team-a-writer"), true, Some("team-a"), false), Ok(()));
-        assert!(matches!(check(&tokens, Some("Bearer team-a-writer"), true, Some("team-b"), false), Err(Denied::Forbidden(_))));
-        assert!(matches!(check(&tokens, Some("Bearer team-a-writer"), false, None, false), Err(Denied::Forbidden(_))));
+        assert_eq!(
+            check(&tokens, None, false, None, false),
+            Err(Denied::Unauthenticated)
+        );
+        assert_eq!(
+            check(&tokens, Some("Bearer nope"), false, None, false),
+            Err(Denied::Unauthenticated)
+        );
+        assert_eq!(
+            check(&tokens, Some("Basic admin-token"), false, None, false),
+            Err(Denied::Unauthenticated)
+        );
+        assert_eq!(
+            check(&tokens, Some("bearer admin-token"), true, Some("x"), false),
+            Ok(())
+        );
+        assert_eq!(
+            check(&tokens, Some("Bearer reader"), false, Some("x"), false),
+            Ok(())
+        );
+        assert!(matches!(
+            check(&tokens, Some("Bearer reader"), true, None, false),
+            Err(Denied::Forbidden(_))
+        ));
+        assert_eq!(
+            check(
+                &tokens,
+                Some("Bearer team-a-writer"),
+                true,
+                Some("team-a"),
+                false
+            ),
+            Ok(())
+        );
+        assert!(matches!(
+            check(
+                &tokens,
+                Some("Bearer team-a-writer"),
+                true,
+                Some("team-b"),
+                false
+            ),
+            Err(Denied::Forbidden(_))
+        ));
+        assert!(matches!(
+            check(&tokens, Some("Bearer team-a-writer"), false, None, false),
+            Err(Denied::Forbidden(_))
+        ));
         assert_eq!(check(&tokens, None, false, Some("team-b"), true), Ok(()));
-        assert_eq!(check(&tokens, None, true, None, true), Err(Denied::Unauthenticated));
+        assert_eq!(
+            check(&tokens, None, true, None, true),
+            Err(Denied::Unauthenticated)
+        );
     }
 
     #[test]
@@ -223,7 +308,10 @@ mod tests {
         assert!(!error.1.contains("secret-value"), "{}", error.1);
         assert_eq!(Tokens::parse("secret-value\n").unwrap_err().0, 1);
         let duplicate = Tokens::parse("secret-value rw\nsecret-value ro\n").unwrap_err();
-        assert_eq!(duplicate, (2, "this token is already defined on line 1".to_string()));
+        assert_eq!(
+            duplicate,
+            (2, "this token is already defined on line 1".to_string())
+        );
         assert!(Tokens::parse("t rw ../x\n").is_err());
     }
 }

@@ -79,37 +79,46 @@ struct Route {
 fn text(status: StatusCode, message: impl Into<String>) -> Response {
     let mut message = message.into();
     message.push('\n');
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], message).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        message,
+    )
+        .into_response()
 }
 
-fn parse_route(path: &str) -> Result<Route, Response> {
-    let not_found = || {
-        text(
-            StatusCode::NOT_FOUND,
-            "no such resource: expected /cas/<sha256>, /ac/<64 hex key>, optionally under /<instance>/",
-        )
-    };
+/// A refusal before any work: the status and a message for the client.
+type Refusal = (StatusCode, &'static str);
+
+fn parse_route(path: &str) -> Result<Route, Refusal> {
+    const NOT_FOUND: Refusal = (
+        StatusCode::NOT_FOUND,
+        "no such resource: expected /cas/<sha256>, /ac/<64 hex key>, optionally under /<instance>/",
+    );
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     let (instance, kind, hash) = match segments.as_slice() {
         [kind, hash] => (None, *kind, *hash),
         [instance, kind, hash] => (Some(*instance), *kind, *hash),
-        _ => return Err(not_found()),
+        _ => return Err(NOT_FOUND),
     };
     let kind = match kind {
         "cas" => Kind::Cas,
         "ac" => Kind::Ac,
-        _ => return Err(not_found()),
+        _ => return Err(NOT_FOUND),
     };
     if let Some(instance) = instance
         && !is_valid_instance(instance)
     {
-        return Err(text(
+        return Err((
             StatusCode::BAD_REQUEST,
             "invalid instance name: use 1-128 letters, digits, `.`, `_`, `-`, starting with a letter or digit",
         ));
     }
     let Some(hash) = parse_hash(hash) else {
-        return Err(text(StatusCode::BAD_REQUEST, "invalid hash: expected 64 lowercase hex digits"));
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "invalid hash: expected 64 lowercase hex digits",
+        ));
     };
     Ok(Route {
         instance: instance.map(str::to_string),
@@ -122,14 +131,16 @@ async fn entry(State(app): State<Arc<App>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let route = match parse_route(parts.uri.path()) {
         Ok(route) => route,
-        Err(response) => return response,
+        Err((status, message)) => return text(status, message),
     };
     let write = match parts.method {
         Method::GET | Method::HEAD => false,
         Method::PUT => true,
         _ => {
             let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "use GET, HEAD or PUT");
-            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, PUT"));
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, PUT"));
             return response;
         }
     };
@@ -138,7 +149,10 @@ async fn entry(State(app): State<Arc<App>>, request: Request) -> Response {
             write,
             instance: route.instance.as_deref(),
         };
-        let authorization = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+        let authorization = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
         match tokens.check(authorization, &operation, app.allow_anonymous_read) {
             Ok(()) => {}
             Err(Denied::Unauthenticated) => {
@@ -147,9 +161,10 @@ async fn entry(State(app): State<Arc<App>>, request: Request) -> Response {
                     StatusCode::UNAUTHORIZED,
                     "a valid token is required: send `Authorization: Bearer TOKEN`",
                 );
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"graphbuild-cache\""));
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"graphbuild-cache\""),
+                );
                 return response;
             }
             Err(Denied::Forbidden(reason)) => {
@@ -196,7 +211,12 @@ async fn read(app: &App, id: EntryId, head_only: bool) -> Response {
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, size)
         .body(body)
-        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "could not build the response"))
+        .unwrap_or_else(|_| {
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not build the response",
+            )
+        })
 }
 
 fn internal_error(context: &str, error: &io::Error) -> Response {
@@ -214,7 +234,9 @@ struct UploadOutcome<'a> {
 impl Drop for UploadOutcome<'_> {
     fn drop(&mut self) {
         if !self.decided {
-            self.metrics.rejected_incomplete.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .rejected_incomplete
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -230,10 +252,15 @@ async fn put(app: &App, id: EntryId, headers: &HeaderMap, mut body: Body) -> Res
     };
     let too_large = |outcome: &mut UploadOutcome<'_>| {
         outcome.decided = true;
-        app.metrics.rejected_too_large.fetch_add(1, Ordering::Relaxed);
+        app.metrics
+            .rejected_too_large
+            .fetch_add(1, Ordering::Relaxed);
         text(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body exceeds the limit of {limit} bytes for /{}/", id.kind.label()),
+            format!(
+                "the body exceeds the limit of {limit} bytes for /{}/",
+                id.kind.label()
+            ),
         )
     };
     let declared = headers
@@ -258,9 +285,13 @@ async fn put(app: &App, id: EntryId, headers: &HeaderMap, mut body: Body) -> Res
             Ok(Some(Err(_))) => return text(StatusCode::BAD_REQUEST, "the upload was cut off"),
             Ok(Some(Ok(frame))) => frame,
         };
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         received += data.len() as u64;
-        app.metrics.bytes_received.fetch_add(data.len() as u64, Ordering::Relaxed);
+        app.metrics
+            .bytes_received
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         if received > limit {
             return too_large(&mut outcome);
         }
@@ -278,7 +309,9 @@ async fn put(app: &App, id: EntryId, headers: &HeaderMap, mut body: Body) -> Res
         let actual: [u8; 32] = hasher.finalize().into();
         if actual != id.hash {
             outcome.decided = true;
-            app.metrics.rejected_digest_mismatch.fetch_add(1, Ordering::Relaxed);
+            app.metrics
+                .rejected_digest_mismatch
+                .fetch_add(1, Ordering::Relaxed);
             return text(
                 StatusCode::BAD_REQUEST,
                 format!(

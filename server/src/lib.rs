@@ -41,7 +41,8 @@ pub use auth::{Access, Tokens};
 pub use http::{AC_MAX_SIZE, BODY_IDLE_TIMEOUT};
 
 /// Where `graphbuild cache serve` listens unless told otherwise.
-pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7070);
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7070);
 
 /// How to run the server; the fields mirror the command-line flags.
 #[derive(Clone, Debug)]
@@ -96,7 +97,10 @@ pub enum ServerError {
     },
 
     #[error("cannot read the tokens file {}", path.display())]
-    #[diagnostic(code(graphbuild::cache_server::tokens), help("check the --tokens path and its permissions"))]
+    #[diagnostic(
+        code(graphbuild::cache_server::tokens),
+        help("check the --tokens path and its permissions")
+    )]
     TokensRead {
         path: PathBuf,
         #[source]
@@ -108,10 +112,17 @@ pub enum ServerError {
         code(graphbuild::cache_server::tokens_syntax),
         help("each line is `TOKEN ro|rw [INSTANCE]`; `#` starts a comment")
     )]
-    TokensSyntax { path: PathBuf, line: usize, message: String },
+    TokensSyntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
 
     #[error("--max-size must be at least 1 byte")]
-    #[diagnostic(code(graphbuild::cache_server::max_size), help("leave --max-size out for no limit"))]
+    #[diagnostic(
+        code(graphbuild::cache_server::max_size),
+        help("leave --max-size out for no limit")
+    )]
     ZeroMaxSize,
 
     #[error("the cache server stopped with an I/O error")]
@@ -133,7 +144,10 @@ impl BoundServer {
     }
 
     /// Serve until `shutdown` completes, then finish in-flight requests and return.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let store = self.app.store.clone();
         let evictor = tokio::spawn(async move {
             loop {
@@ -161,21 +175,26 @@ pub async fn bind(config: ServerConfig) -> Result<BoundServer, ServerError> {
     if config.max_size == Some(0) {
         return Err(ServerError::ZeroMaxSize);
     }
-    let tokens = config.tokens_file.as_deref().map(Tokens::load).transpose()?;
+    let tokens = config
+        .tokens_file
+        .as_deref()
+        .map(Tokens::load)
+        .transpose()?;
     let metrics = Arc::new(metrics::Metrics::default());
     let dir = config.dir.clone();
     let max_size = config.max_size;
     let store_metrics = metrics.clone();
-    let store = tokio::task::spawn_blocking(move || store::Store::open(&dir, max_size, store_metrics))
-        .await
-        .map_err(|join_error| ServerError::Store {
-            path: config.dir.clone(),
-            source: std::io::Error::other(join_error.to_string()),
-        })?
-        .map_err(|source| ServerError::Store {
-            path: config.dir.clone(),
-            source,
-        })?;
+    let store =
+        tokio::task::spawn_blocking(move || store::Store::open(&dir, max_size, store_metrics))
+            .await
+            .map_err(|join_error| ServerError::Store {
+                path: config.dir.clone(),
+                source: std::io::Error::other(join_error.to_string()),
+            })?
+            .map_err(|source| ServerError::Store {
+                path: config.dir.clone(),
+                source,
+            })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -199,6 +218,9 @@ pub async fn bind(config: ServerConfig) -> Result<BoundServer, ServerError> {
 }
 
 /// [`bind`] then [`BoundServer::run`].
-pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+pub async fn serve(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     bind(config).await?.run(shutdown).await
 }

@@ -13,16 +13,24 @@ fn parse_args() -> Result<ServerConfig, String> {
     let mut dir = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value\n{USAGE}"));
+        let mut value = |name: &str| {
+            args.next()
+                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
+        };
         match flag.as_str() {
             "--dir" => dir = Some(PathBuf::from(value("--dir")?)),
             "--listen" => {
                 let text = value("--listen")?;
-                config.listen = text.parse().map_err(|_| format!("--listen: `{text}` is not an address like 127.0.0.1:7070"))?;
+                config.listen = text.parse().map_err(|_| {
+                    format!("--listen: `{text}` is not an address like 127.0.0.1:7070")
+                })?;
             }
             "--max-size" => {
                 let text = value("--max-size")?;
-                config.max_size = Some(text.parse().map_err(|_| format!("--max-size: `{text}` is not a number of bytes"))?);
+                config.max_size = Some(
+                    text.parse()
+                        .map_err(|_| format!("--max-size: `{text}` is not a number of bytes"))?,
+                );
             }
             "--tokens" => config.tokens_file = Some(PathBuf::from(value("--tokens")?)),
             "--allow-anonymous-read" => config.allow_anonymous_read = true,
@@ -42,7 +50,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

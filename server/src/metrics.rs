@@ -66,26 +66,38 @@ impl Metrics {
             "graphbuild_cache_hits_total",
             "counter",
             "GET and HEAD requests that found the entry",
-            &[(r#"{kind="cas"}"#, get(&self.cas_hits)), (r#"{kind="ac"}"#, get(&self.ac_hits))],
+            &[
+                (r#"{kind="cas"}"#, get(&self.cas_hits)),
+                (r#"{kind="ac"}"#, get(&self.ac_hits)),
+            ],
         );
         family(
             "graphbuild_cache_misses_total",
             "counter",
             "GET and HEAD requests that did not find the entry",
-            &[(r#"{kind="cas"}"#, get(&self.cas_misses)), (r#"{kind="ac"}"#, get(&self.ac_misses))],
+            &[
+                (r#"{kind="cas"}"#, get(&self.cas_misses)),
+                (r#"{kind="ac"}"#, get(&self.ac_misses)),
+            ],
         );
         family(
             "graphbuild_cache_uploads_total",
             "counter",
             "PUT requests stored",
-            &[(r#"{kind="cas"}"#, get(&self.cas_uploads)), (r#"{kind="ac"}"#, get(&self.ac_uploads))],
+            &[
+                (r#"{kind="cas"}"#, get(&self.cas_uploads)),
+                (r#"{kind="ac"}"#, get(&self.ac_uploads)),
+            ],
         );
         family(
             "graphbuild_cache_uploads_rejected_total",
             "counter",
             "PUT requests refused or abandoned; nothing was stored",
             &[
-                (r#"{reason="digest_mismatch"}"#, get(&self.rejected_digest_mismatch)),
+                (
+                    r#"{reason="digest_mismatch"}"#,
+                    get(&self.rejected_digest_mismatch),
+                ),
                 (r#"{reason="too_large"}"#, get(&self.rejected_too_large)),
                 (r#"{reason="incomplete"}"#, get(&self.rejected_incomplete)),
             ],
@@ -118,13 +130,19 @@ impl Metrics {
             "graphbuild_cache_auth_denied_total",
             "counter",
             "requests refused by authentication (401) or authorization (403)",
-            &[(r#"{status="401"}"#, get(&self.unauthorized)), (r#"{status="403"}"#, get(&self.forbidden))],
+            &[
+                (r#"{status="401"}"#, get(&self.unauthorized)),
+                (r#"{status="403"}"#, get(&self.forbidden)),
+            ],
         );
         family(
             "graphbuild_cache_entries",
             "gauge",
             "entries currently stored",
-            &[(r#"{kind="cas"}"#, stats.cas_entries), (r#"{kind="ac"}"#, stats.ac_entries)],
+            &[
+                (r#"{kind="cas"}"#, stats.cas_entries),
+                (r#"{kind="ac"}"#, stats.ac_entries),
+            ],
         );
         family(
             "graphbuild_cache_disk_used_bytes",

@@ -83,7 +83,11 @@ impl EntryId {
             Kind::Cas => None,
             Kind::Ac => instance.map(Arc::from),
         };
-        EntryId { kind, instance, hash }
+        EntryId {
+            kind,
+            instance,
+            hash,
+        }
     }
 }
 
@@ -162,7 +166,11 @@ pub(crate) struct Store {
 impl Store {
     /// Open (creating if needed) the store at `root`: delete leftover uploads, rebuild the
     /// index by scanning. Blocking; call it before serving.
-    pub(crate) fn open(root: &Path, max_size: Option<u64>, metrics: Arc<Metrics>) -> io::Result<Store> {
+    pub(crate) fn open(
+        root: &Path,
+        max_size: Option<u64>,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<Store> {
         let tmp = root.join("tmp");
         fs::create_dir_all(root)?;
         if tmp.exists() {
@@ -217,14 +225,19 @@ impl Store {
     fn lock(&self) -> MutexGuard<'_, Index> {
         // A panic while holding the lock cannot leave the index half-updated in a way that
         // matters more than refusing service would, so recover the guard.
-        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub(crate) fn path_of(&self, id: &EntryId) -> PathBuf {
         let hex = hex::encode(id.hash);
         let base = match id.kind {
             Kind::Cas => self.root.join("cas"),
-            Kind::Ac => self.root.join("ac").join(id.instance.as_deref().unwrap_or(DEFAULT_INSTANCE_DIR)),
+            Kind::Ac => self
+                .root
+                .join("ac")
+                .join(id.instance.as_deref().unwrap_or(DEFAULT_INSTANCE_DIR)),
         };
         base.join(&hex[..2]).join(hex)
     }
@@ -245,7 +258,9 @@ impl Store {
 
     /// A fresh temp file in `tmp/`; dropping the `TempPath` deletes it.
     pub(crate) fn begin_upload(&self) -> io::Result<(fs::File, TempPath)> {
-        let file = tempfile::Builder::new().prefix("upload-").tempfile_in(&self.tmp)?;
+        let file = tempfile::Builder::new()
+            .prefix("upload-")
+            .tempfile_in(&self.tmp)?;
         Ok(file.into_parts())
     }
 
@@ -271,7 +286,8 @@ impl Store {
     }
 
     fn over_limit(&self) -> bool {
-        self.max_size.is_some_and(|max| self.lock().total_size > max)
+        self.max_size
+            .is_some_and(|max| self.lock().total_size > max)
     }
 
     /// Remove least recently used entries until the total is under 95 % of `max_size`.
@@ -284,21 +300,30 @@ impl Store {
             if index.total_size <= target {
                 return;
             }
-            let Some((_, id)) = index.by_tick.pop_first() else { return };
+            let Some((_, id)) = index.by_tick.pop_first() else {
+                return;
+            };
             // by_tick no longer holds the tick; remove() tolerates that.
-            let Some(slot) = index.remove(&id) else { continue };
+            let Some(slot) = index.remove(&id) else {
+                continue;
+            };
             match fs::remove_file(self.path_of(&id)) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::NotFound => {}
                 Err(error) => {
                     // Keep serving; the entry is out of the index, the file stays as litter
                     // that the next startup scan picks up again.
-                    eprintln!("graphbuild-cache-server: could not evict {}: {error}", self.path_of(&id).display());
+                    eprintln!(
+                        "graphbuild-cache-server: could not evict {}: {error}",
+                        self.path_of(&id).display()
+                    );
                 }
             }
             drop(index);
             self.metrics.evictions.fetch_add(1, Ordering::Relaxed);
-            self.metrics.evicted_bytes.fetch_add(slot.size, Ordering::Relaxed);
+            self.metrics
+                .evicted_bytes
+                .fetch_add(slot.size, Ordering::Relaxed);
         }
     }
 
@@ -326,7 +351,9 @@ fn scan_sharded(dir: &Path, visit: &mut dyn FnMut([u8; 32], u64, SystemTime)) ->
                 continue;
             }
             let name = file.file_name();
-            let Some(hash) = name.to_str().and_then(parse_hash) else { continue };
+            let Some(hash) = name.to_str().and_then(parse_hash) else {
+                continue;
+            };
             let modified = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
             let accessed = metadata.accessed().unwrap_or(modified);
             visit(hash, metadata.len(), modified.max(accessed));
@@ -337,7 +364,11 @@ fn scan_sharded(dir: &Path, visit: &mut dyn FnMut([u8; 32], u64, SystemTime)) ->
 
 /// 64 lowercase hex digits, as bazel-remote requires.
 pub(crate) fn parse_hash(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if text.len() != 64
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     let mut hash = [0u8; 32];
@@ -350,7 +381,9 @@ pub(crate) fn is_valid_instance(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[cfg(test)]
@@ -387,9 +420,19 @@ mod tests {
         drop(store);
         let reopened = Store::open(dir.path(), Some(1000), metrics).unwrap();
         let stats = reopened.stats();
-        assert_eq!((stats.total_size, stats.cas_entries, stats.ac_entries), (800, 1, 1));
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-        assert!(reopened.path_of(&c).ends_with(format!("ac/team/03/{}", hex::encode([3u8; 32]))));
+        assert_eq!(
+            (stats.total_size, stats.cas_entries, stats.ac_entries),
+            (800, 1, 1)
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        assert!(
+            reopened
+                .path_of(&c)
+                .ends_with(format!("ac/team/03/{}", hex::encode([3u8; 32])))
+        );
     }
 
     #[test]
