@@ -1,0 +1,507 @@
+//! The sandbox: runs one `run` step (or a copy) in a root filesystem made of overlay layers.
+//!
+//! # Processes
+//!
+//! ```text
+//! engine (threads: rayon, tokio)
+//!   └─ graphbuild __graphbuild-sandbox        the supervisor: single-threaded, PDEATHSIG=KILL
+//!        │  unshare(mount, pid, uts, ipc[, net]); overlay mounted on a private tmpfs
+//!        └─ PID 1 of the new pid namespace   own mount namespace: /proc, /dev, cache mounts,
+//!             └─ the command …               secrets; pivot_root; setuid; exec
+//! ```
+//!
+//! Namespaces are created in a separate process, a re-exec of the graphbuild binary
+//! ([`SANDBOX_ARG`]), because `unshare` of a mount namespace fails (EINVAL) in a
+//! multi-threaded process and `fork` in one is only safe for async-signal-safe code. The
+//! engine calls [`run_sandbox`]; the binary's `main` hands control to [`child_main`] first
+//! thing when its first argument is [`SANDBOX_ARG`].
+//!
+//! The spec travels as JSON on the child's stdin. The command's stdout and stderr are merged
+//! into the child's stdout, which [`run_sandbox`] splits into lines for the caller. The
+//! child's stderr carries its reports: one JSON [`ChildReport`] per line, the last of which
+//! says how the command ended or which setup step failed.
+//!
+//! # Nothing but the command's changes reaches the upper directory
+//!
+//! The sandbox needs mount points the image may lack: `/proc`, `/dev`, cache-mount and
+//! secret targets. Creating them in the merged root would write them (and copied-up parent
+//! directories) into the upper directory, i.e. into the step's layer. Instead the supervisor
+//! first mounts the lower layers read-only to resolve each target inside the image
+//! (following its symlinks, confined to its root), then builds a small *synthetic* layer on a
+//! tmpfs holding only the missing entries and copies of their existing parents (same mode,
+//! owner and times), and mounts it as the top-most lower layer. Mounts then cover entries
+//! that already exist in a lower layer, so the upper directory receives only what the
+//! command itself writes. Cache-mount and secret contents live in bind mounts and never
+//! touch it either.
+//!
+//! # Lifetime
+//!
+//! The supervisor dies with the engine (`PR_SET_PDEATHSIG(SIGKILL)`, set before exec), PID 1
+//! dies with the supervisor (the same, set after `setuid`, which clears it), and the kernel
+//! kills every process of a pid namespace when its PID 1 exits. So the command's background
+//! processes end with the command, and an engine killed by Ctrl-C leaves nothing behind.
+//! SIGTERM, SIGINT and SIGHUP sent to the supervisor are forwarded to PID 1, followed by
+//! SIGKILL five seconds later (or on a second signal): PID 1 ignores signals it has no
+//! handler for.
+
+mod child;
+mod user;
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+pub use child::{CopyHandler, child_main, child_main_with};
+
+/// The first argument that turns the graphbuild binary into a sandbox child.
+pub const SANDBOX_ARG: &str = "__graphbuild-sandbox";
+
+/// How many of the command's last output lines [`SandboxOutcome::tail`] keeps.
+pub const TAIL_LINES: usize = 20;
+
+/// The `PATH` used to find the command when the spec's environment has none (Docker's).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// One sandboxed task on one root filesystem.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SandboxSpec {
+    /// Read-only layers, top-most first. Empty for `scratch`.
+    pub lowerdirs: Vec<PathBuf>,
+    /// Receives the task's changes (overlayfs upper directory, whiteouts included).
+    pub upperdir: PathBuf,
+    /// overlayfs work directory: empty, on the same filesystem as `upperdir`.
+    pub overlay_workdir: PathBuf,
+    pub task: Task,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub enum Task {
+    /// Run a command.
+    Run(RunTask),
+    /// Call the binary's [`CopyHandler`] with the merged root and this value.
+    Copy(serde_json::Value),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RunTask {
+    /// The command; `argv[0]` is searched on the environment's `PATH` inside the root.
+    pub argv: Vec<String>,
+    /// The whole environment (nothing is inherited). `PATH` defaults to [`DEFAULT_PATH`] and
+    /// `HOME` to the user's home directory when absent.
+    pub env: Vec<(String, String)>,
+    /// Absolute working directory, created when missing (as Docker's `WORKDIR`).
+    pub cwd: String,
+    /// `uid`, `uid:gid`, `name` or `name:group`, resolved against the root's `/etc/passwd`
+    /// and `/etc/group`; empty means root.
+    pub user: String,
+    /// (host directory, absolute target): persistent read-write directories.
+    pub cache_mounts: Vec<(PathBuf, String)>,
+    /// (host file, absolute target): bind-mounted read-only, leaving no trace in the layer.
+    pub secret_files: Vec<(PathBuf, String)>,
+    pub network: NetworkMode,
+    /// The sandbox's hostname; empty means `graphbuild`.
+    pub hostname: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// The host's network (and its `/etc/resolv.conf`, bind-mounted read-only).
+    #[default]
+    Host,
+    /// A new network namespace with only the loopback interface, up.
+    None,
+}
+
+/// How a command ended.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatusKind {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl ExitStatusKind {
+    pub fn success(&self) -> bool {
+        *self == ExitStatusKind::Exited(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatusKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatusKind::Exited(code) => write!(f, "exit code {code}"),
+            ExitStatusKind::Signaled(signal) => match nix::sys::signal::Signal::try_from(*signal) {
+                Ok(name) => write!(f, "killed by signal {signal} ({name})"),
+                Err(_) => write!(f, "killed by signal {signal}"),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxOutcome {
+    pub status: ExitStatusKind,
+    /// The last [`TAIL_LINES`] lines of merged stdout and stderr.
+    pub tail: Vec<String>,
+}
+
+/// Why a sandboxed task could not run (a command that ran and failed is not an error: see
+/// [`SandboxOutcome::status`]).
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum SandboxError {
+    #[error("invalid sandbox spec: {message}")]
+    #[diagnostic(code(graphbuild::sandbox::invalid_spec))]
+    InvalidSpec { message: String },
+
+    #[error("could not start the sandbox process {}", exe.display())]
+    #[diagnostic(
+        code(graphbuild::sandbox::spawn),
+        help("the sandbox re-executes the graphbuild binary; check that it still exists")
+    )]
+    Spawn {
+        exe: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("could not {action}")]
+    #[diagnostic(code(graphbuild::sandbox::io))]
+    Io {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("sandbox setup failed: {step}: {message}")]
+    #[diagnostic(
+        code(graphbuild::sandbox::setup),
+        help(
+            "the sandbox needs root (CAP_SYS_ADMIN), mount and pid namespaces and overlayfs; \
+             `graphbuild doctor` checks them"
+        )
+    )]
+    Setup { step: String, message: String },
+
+    #[error("exec: \"{program}\": not found in PATH {path}")]
+    #[diagnostic(
+        code(graphbuild::sandbox::exec_not_found),
+        help(
+            "install the program in an earlier step, use its absolute path, or set PATH with `env`"
+        )
+    )]
+    ExecNotFound { program: String, path: String },
+
+    #[error("copy failed: {message}")]
+    #[diagnostic(code(graphbuild::sandbox::copy))]
+    CopyFailed { message: String },
+
+    #[error(
+        "the sandbox process ended without a result ({status}){}",
+        detail_suffix(detail)
+    )]
+    #[diagnostic(code(graphbuild::sandbox::child_died))]
+    ChildDied { status: String, detail: String },
+}
+
+fn detail_suffix(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {detail}")
+    }
+}
+
+/// What the engine sends the child on its stdin.
+#[derive(Serialize, Deserialize, Debug)]
+struct ChildRequest {
+    spec: SandboxSpec,
+    /// An empty directory the child mounts its private tmpfs on (removed by the engine).
+    scratch_dir: PathBuf,
+}
+
+/// What the child reports on its stderr, one JSON value per line.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+enum ChildReport {
+    Finished(ExitStatusKind),
+    CopyDone,
+    CopyFailed { message: String },
+    SetupFailed { step: String, message: String },
+    ExecNotFound { program: String, path: String },
+}
+
+/// Runs `spec` in a sandbox child started as `exe __graphbuild-sandbox`, streaming the
+/// command's merged output to `on_line` one line at a time (a line rewritten with `\r` is
+/// given as it would finally show on a terminal). Blocks until the task and every process
+/// it started have ended.
+pub fn run_sandbox(
+    exe: &Path,
+    spec: &SandboxSpec,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<SandboxOutcome, SandboxError> {
+    validate(spec)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("graphbuild-sandbox-")
+        .tempdir()
+        .map_err(|source| SandboxError::Io {
+            action: "create the sandbox's scratch directory",
+            source,
+        })?;
+    let request = ChildRequest {
+        spec: spec.clone(),
+        scratch_dir: scratch.path().to_path_buf(),
+    };
+    let request = serde_json::to_vec(&request).map_err(|error| SandboxError::InvalidSpec {
+        message: error.to_string(),
+    })?;
+
+    let engine_pid = std::process::id();
+    let mut command = Command::new(exe);
+    command
+        .arg(SANDBOX_ARG)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(move || {
+            // Die with the engine; if it is already gone, don't start at all.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != engine_pid {
+                return Err(std::io::Error::other("the engine process exited"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| SandboxError::Spawn {
+        exe: exe.to_path_buf(),
+        source,
+    })?;
+
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(SandboxError::Io {
+            action: "open pipes to the sandbox process",
+            source: std::io::Error::other("missing pipe"),
+        });
+    };
+    // The child reads the whole request before writing anything, so this cannot deadlock.
+    // A failed write means the child died early; its reports say why.
+    let _ = stdin.write_all(&request);
+    drop(stdin);
+
+    let mut tail = VecDeque::with_capacity(TAIL_LINES);
+    let read_result = split_lines(stdout, &mut |line| {
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_string());
+        on_line(line);
+    });
+
+    let mut reports = Vec::new();
+    let stderr_result = stderr.take(1 << 20).read_to_end(&mut reports);
+    let status = child.wait().map_err(|source| SandboxError::Io {
+        action: "wait for the sandbox process",
+        source,
+    })?;
+    drop(scratch);
+    read_result.map_err(|source| SandboxError::Io {
+        action: "read the sandboxed command's output",
+        source,
+    })?;
+    stderr_result.map_err(|source| SandboxError::Io {
+        action: "read the sandbox process's reports",
+        source,
+    })?;
+
+    let reports = String::from_utf8_lossy(&reports);
+    let mut last_report = None;
+    let mut other_text = Vec::new();
+    for line in reports.lines() {
+        match serde_json::from_str::<ChildReport>(line) {
+            Ok(report) => last_report = Some(report),
+            Err(_) if !line.trim().is_empty() => other_text.push(line.trim().to_string()),
+            Err(_) => {}
+        }
+    }
+    let tail: Vec<String> = tail.into();
+    match last_report {
+        Some(ChildReport::Finished(status)) => Ok(SandboxOutcome { status, tail }),
+        Some(ChildReport::CopyDone) => Ok(SandboxOutcome {
+            status: ExitStatusKind::Exited(0),
+            tail,
+        }),
+        Some(ChildReport::CopyFailed { message }) => Err(SandboxError::CopyFailed { message }),
+        Some(ChildReport::SetupFailed { step, message }) => {
+            Err(SandboxError::Setup { step, message })
+        }
+        Some(ChildReport::ExecNotFound { program, path }) => {
+            Err(SandboxError::ExecNotFound { program, path })
+        }
+        None => Err(SandboxError::ChildDied {
+            status: match (status.code(), status.signal()) {
+                (Some(code), _) => format!("exit code {code}"),
+                (None, Some(signal)) => ExitStatusKind::Signaled(signal).to_string(),
+                (None, None) => "unknown status".to_string(),
+            },
+            detail: other_text.join("; "),
+        }),
+    }
+}
+
+/// Checks what the child cannot report well once it is running.
+fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
+    let invalid = |message: String| Err(SandboxError::InvalidSpec { message });
+    for (name, path) in [
+        ("upperdir", &spec.upperdir),
+        ("overlay_workdir", &spec.overlay_workdir),
+    ] {
+        if !path.is_absolute() {
+            return invalid(format!("{name} {} is not absolute", path.display()));
+        }
+    }
+    if let Task::Run(run) = &spec.task {
+        if run.argv.is_empty() {
+            return invalid("the command is empty".to_string());
+        }
+        let targets = run
+            .cache_mounts
+            .iter()
+            .map(|(_, target)| ("cache mount", target))
+            .chain(
+                run.secret_files
+                    .iter()
+                    .map(|(_, target)| ("secret", target)),
+            );
+        for (kind, target) in targets {
+            if !target.starts_with('/') {
+                return invalid(format!("{kind} target `{target}` is not an absolute path"));
+            }
+        }
+        let strings = run
+            .argv
+            .iter()
+            .chain(run.env.iter().flat_map(|(key, value)| [key, value]))
+            .chain([&run.cwd, &run.user, &run.hostname]);
+        for text in strings {
+            if text.contains('\0') {
+                return invalid(format!("`{}` contains a NUL byte", text.escape_debug()));
+            }
+        }
+        if let Some((key, _)) = run
+            .env
+            .iter()
+            .find(|(key, _)| key.is_empty() || key.contains('='))
+        {
+            return invalid(format!(
+                "environment variable name `{key}` is empty or contains `=`"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads `reader` to the end, calling `on_line` per `\n`-terminated line (and for the last,
+/// unterminated one). Over-long lines are cut into pieces so memory stays bounded.
+fn split_lines(mut reader: impl Read, on_line: &mut dyn FnMut(&str)) -> std::io::Result<()> {
+    const MAX_LINE: usize = 64 * 1024;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buffer = [0u8; 16 * 1024];
+    let emit = |bytes: &[u8], on_line: &mut dyn FnMut(&str)| {
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        // What a terminal finally shows for `progress\rprogress\rdone`.
+        let shown = match bytes.iter().rposition(|&byte| byte == b'\r') {
+            Some(position) => &bytes[position + 1..],
+            None => bytes,
+        };
+        on_line(&String::from_utf8_lossy(shown));
+    };
+    loop {
+        let count = match reader.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(count) => count,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        pending.extend_from_slice(&buffer[..count]);
+        let mut start = 0;
+        while let Some(offset) = pending[start..].iter().position(|&byte| byte == b'\n') {
+            emit(&pending[start..start + offset], on_line);
+            start += offset + 1;
+        }
+        pending.drain(..start);
+        if pending.len() > MAX_LINE {
+            emit(&pending, on_line);
+            pending.clear();
+        }
+    }
+    if !pending.is_empty() {
+        emit(&pending, on_line);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(input: &[u8]) -> Vec<String> {
+        let mut lines = Vec::new();
+        split_lines(input, &mut |line| lines.push(line.to_string())).expect("read");
+        lines
+    }
+
+    #[test]
+    fn output_is_split_into_lines_as_a_terminal_shows_them() {
+        assert_eq!(
+            lines_of(b"one\r\ntwo\n10%\r50%\rdone\nlast"),
+            ["one", "two", "done", "last"]
+        );
+        assert_eq!(lines_of(b"\n\n"), ["", ""]);
+        assert_eq!(lines_of(b""), Vec::<String>::new());
+    }
+
+    #[test]
+    fn invalid_specs_are_rejected_before_spawning() {
+        let spec = SandboxSpec {
+            lowerdirs: vec![],
+            upperdir: PathBuf::from("/tmp/upper"),
+            overlay_workdir: PathBuf::from("/tmp/work"),
+            task: Task::Run(RunTask {
+                argv: vec![],
+                env: vec![],
+                cwd: "/".to_string(),
+                user: String::new(),
+                cache_mounts: vec![],
+                secret_files: vec![],
+                network: NetworkMode::Host,
+                hostname: String::new(),
+            }),
+        };
+        let error = run_sandbox(Path::new("/nonexistent"), &spec, &mut |_| {});
+        assert!(
+            matches!(error, Err(SandboxError::InvalidSpec { .. })),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn reports_round_trip_as_single_json_lines() {
+        let report = ChildReport::ExecNotFound {
+            program: "foo".to_string(),
+            path: "/usr/bin:/bin".to_string(),
+        };
+        let line = serde_json::to_string(&report).expect("serialize");
+        assert!(!line.contains('\n'));
+        assert_eq!(
+            serde_json::from_str::<ChildReport>(&line).expect("parse"),
+            report
+        );
+    }
+}
