@@ -79,7 +79,8 @@ const LONG_DIRECTORY: &str =
 /// An upper directory as overlayfs leaves it after a `run` step. `reverse` creates the entries
 /// in the opposite order (so directory order on disk differs), `mtime` is stamped everywhere.
 fn make_upper(root: &Path, reverse: bool, mtime: i64) {
-    let mut steps: Vec<Box<dyn Fn(&Path)>> = vec![
+    type Step = Box<dyn Fn(&Path)>;
+    let mut steps: Vec<Step> = vec![
         Box::new(|root| {
             fs::create_dir_all(root.join("etc")).unwrap();
             fs::write(root.join("etc/config"), b"key = value\n").unwrap();
