@@ -22,8 +22,8 @@
 //! through its dependents to the end of the graph. Starting that chain first is the classic
 //! critical-path heuristic for list scheduling: the build cannot end before its longest chain
 //! does, so the chain must not wait behind short independent work. Ties go to the job added
-//! first, which keeps the order deterministic for a given graph and worker count. With one
-//! worker the run is fully deterministic; with more, only the choice among ready jobs is.
+//! first. With one worker the start order is therefore a function of the graph alone; with more,
+//! which jobs are ready at a given moment depends on timing, but the choice among them does not.
 //!
 //! # Failure propagation
 //!
@@ -43,7 +43,8 @@
 //! [`CancelToken::is_cancelled`] at convenient points (between steps, while waiting for a
 //! child process), clean up (kill and reap their sandbox) and return, and [`run`] returns once
 //! the last of them has. What such a job returns is recorded as is, so an executor should return
-//! an error that says it was interrupted.
+//! an error that says it was interrupted; its dependents become `Cancelled`, not `Skipped`,
+//! because the token is checked before a finished job's result is recorded.
 //!
 //! A panic inside a job is a bug, not a failure: the scheduler stops starting jobs, as for a
 //! cancellation, waits for the running ones, and then resumes the panic on the calling thread.
