@@ -19,8 +19,12 @@
 //! ```
 
 pub mod ir;
+pub mod load;
 pub mod platform;
+pub mod stdlib;
 pub mod subst;
+
+pub use load::{load, load_source};
 
 use std::fmt;
 use std::sync::Arc;
@@ -266,7 +270,11 @@ impl std::error::Error for Diagnostics {}
 
 impl miette::Diagnostic for Diagnostics {
     fn code<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        Some(Box::new("graphbuild::invalid_build_file"))
+        Some(Box::new(if self.has_errors() {
+            "graphbuild::invalid_build_file"
+        } else {
+            "graphbuild::warnings"
+        }))
     }
 
     fn severity(&self) -> Option<miette::Severity> {

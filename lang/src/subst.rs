@@ -51,7 +51,7 @@ pub struct Substituted {
 #[diagnostic(
     code(graphbuild::substitution),
     help(
-        "supported forms: $VAR, ${{VAR}}, ${{VAR:-default}}, ${{VAR:+alternative}}; write \\$ for a literal $"
+        "supported forms: $VAR, ${{VAR}}, ${{VAR:-default}}, ${{VAR:+alternative}}; a literal $ is written \\$"
     )
 )]
 pub struct SubstError {
