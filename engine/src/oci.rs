@@ -1023,24 +1023,29 @@ pub fn write_layout(
     fs::set_permissions(staging, fs::Permissions::from_mode(0o755))
         .map_err(io_error("set permissions on", staging))?;
 
-    if existing {
+    // Put it in place: swap with an existing layout, or rename into a free name. Another run
+    // may create or replace the directory meanwhile; then the other operation applies.
+    let rename = |flags: nix::fcntl::RenameFlags| {
         nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
             staging,
             nix::fcntl::AT_FDCWD,
             dir,
-            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+            flags,
         )
-        .map_err(|errno| io_error("replace", dir)(io::Error::from(errno)))?;
-        // `temporary` now holds the old layout and is removed when dropped.
-        drop(temporary);
-    } else {
-        let staging = temporary.keep();
-        if let Err(source) = fs::rename(&staging, dir) {
-            let _ = fs::remove_dir_all(&staging);
-            return Err(io_error("rename into place", dir)(source));
+    };
+    let exchange = nix::fcntl::RenameFlags::RENAME_EXCHANGE;
+    let no_replace = nix::fcntl::RenameFlags::RENAME_NOREPLACE;
+    let placed = match rename(if existing { exchange } else { no_replace }) {
+        Err(nix::errno::Errno::EEXIST | nix::errno::Errno::ENOTEMPTY) if !existing => {
+            rename(exchange)
         }
-    }
+        Err(nix::errno::Errno::ENOENT) if existing => rename(no_replace),
+        other => other,
+    };
+    placed.map_err(|errno| io_error("put in place", dir)(io::Error::from(errno)))?;
+    // `temporary` now holds the old layout, if there was one, and is removed when dropped.
+    drop(temporary);
     Ok(())
 }
 
@@ -1149,5 +1154,68 @@ fn remove_stale_temporaries(parent: &Path, prefix: &str) {
         if !alive {
             let _ = fs::remove_dir_all(entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> OciPlatform {
+        let mut parts = text.split('/');
+        let os = parts.next().unwrap_or_default();
+        let architecture = parts.next().unwrap_or_default();
+        OciPlatform::new(os, architecture, parts.next())
+    }
+
+    #[test]
+    fn platform_preference_follows_containerd() {
+        let cases: &[(&str, &str, Option<usize>)] = &[
+            ("linux/amd64", "linux/amd64", Some(0)),
+            ("linux/amd64", "linux/x86_64", Some(0)),
+            ("linux/amd64", "linux/amd64/v1", Some(0)),
+            ("linux/amd64", "linux/amd64/v2", None),
+            ("linux/amd64/v3", "linux/amd64/v2", Some(1)),
+            ("linux/amd64/v3", "linux/amd64", Some(2)),
+            ("linux/amd64", "linux/386", None),
+            ("linux/arm64", "linux/arm64/v8", Some(0)),
+            ("linux/arm64/v8", "linux/arm64", Some(0)),
+            ("linux/arm64", "linux/aarch64", Some(0)),
+            ("linux/arm64", "linux/arm/v7", None),
+            ("linux/arm/v7", "linux/arm/v7", Some(0)),
+            ("linux/arm/v7", "linux/arm", Some(0)),
+            ("linux/arm/v7", "linux/arm/v6", Some(1)),
+            ("linux/arm/v7", "linux/arm/v5", Some(2)),
+            ("linux/arm/v6", "linux/arm/v7", None),
+            ("linux/arm/v5", "linux/arm/v6", None),
+            ("linux/arm/v8", "linux/arm/v7", Some(1)),
+            ("linux/amd64", "windows/amd64", None),
+            ("linux/ppc64le", "linux/ppc64le", Some(0)),
+        ];
+        for (requested, candidate, expected) in cases {
+            assert_eq!(
+                platform_preference(&parse(requested), &parse(candidate)),
+                *expected,
+                "{requested} served by {candidate}"
+            );
+        }
+    }
+
+    #[test]
+    fn canonical_json_sorts_nested_keys_and_is_compact() {
+        let value = serde_json::json!({"b": {"z": 1, "a": [true, null, "x\"y"]}, "a": 2.5});
+        assert_eq!(
+            canonical_json(&value),
+            br#"{"a":2.5,"b":{"a":[true,null,"x\"y"],"z":1}}"#
+        );
+    }
+
+    #[test]
+    fn descriptors_skip_empty_fields() {
+        let descriptor = Descriptor::of_bytes(media::OCI_CONFIG, b"{}");
+        assert_eq!(
+            String::from_utf8(canonical_json(&descriptor)).unwrap_or_default(),
+            r#"{"digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","mediaType":"application/vnd.oci.image.config.v1+json","size":2}"#
+        );
     }
 }

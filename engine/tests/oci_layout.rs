@@ -608,3 +608,44 @@ fn umoci_unpacks_images_made_of_our_layers() {
         assert!(!rootfs.join("remove-me").exists(), "whiteout deletes");
     }
 }
+
+#[test]
+fn concurrent_writers_leave_one_complete_layout() {
+    let (temporary, source) = busybox_copy();
+    let top = OciLayout::open(&source)
+        .unwrap()
+        .resolve(Some("1.35.0"))
+        .unwrap();
+    let out = temporary.path().join("out");
+    std::thread::scope(|scope| {
+        for writer in 0..4 {
+            let (out, top, source) = (&out, &top, &source);
+            scope.spawn(move || {
+                for round in 0..3 {
+                    let tag = format!("w{writer}r{round}");
+                    write_layout(
+                        out,
+                        &ImageIndex::new(vec![tagged(top, &tag)]),
+                        fixture_blobs(source),
+                    )
+                    .unwrap();
+                }
+            });
+        }
+    });
+    let layout = OciLayout::open(&out).unwrap();
+    assert_eq!(layout.tags().len(), 1);
+    let top = layout.resolve(None).unwrap();
+    for requested in ["linux/amd64", "linux/arm64", "linux/arm/v7"] {
+        let (manifest, _) = layout.select_platform(&top, &platform(requested)).unwrap();
+        layout.read_blob(&manifest.layers[0].digest).unwrap();
+    }
+    let siblings: Vec<_> = fs::read_dir(temporary.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        siblings.iter().all(|name| !name.contains("graphbuild-tmp")),
+        "{siblings:?}"
+    );
+}
