@@ -1135,6 +1135,11 @@ impl Loader {
 
     /// A node with exactly one string argument and nothing else.
     fn single_string(&mut self, node: &KdlNode, file: FileId, kind: &str, what: &str) -> Option<Text> {
+        self.single_value(node, file, kind, what, false)
+    }
+
+    /// Like [`Self::single_string`], also accepting an integer (`user 1000`, `stopsignal 15`).
+    fn single_value(&mut self, node: &KdlNode, file: FileId, kind: &str, what: &str, integers: bool) -> Option<Text> {
         self.check_no_children(node, file, kind);
         self.check_no_properties(node, file, kind);
         let arguments = positional(node);
@@ -1157,7 +1162,11 @@ impl Loader {
             );
             return None;
         };
-        self.string_or_integer(first, file, &format!("`{kind}`"))
+        if integers {
+            self.string_or_integer(first, file, &format!("`{kind}`"))
+        } else {
+            self.string(first, file, &format!("`{kind}`"))
+        }
     }
 
     fn lower_when(&mut self, node: &KdlNode, file: FileId, resolver: &Resolver<'_>, steps: &mut Vec<Step>) {
@@ -1253,8 +1262,8 @@ impl Loader {
                 declarations.drain(..).next().map(StepKind::Arg)
             }
             "workdir" => self.single_string(node, file, name, "a directory").map(StepKind::Workdir),
-            "user" => self.single_string(node, file, name, "a user").map(StepKind::User),
-            "stopsignal" => self.single_string(node, file, name, "a signal").map(StepKind::StopSignal),
+            "user" => self.single_value(node, file, name, "a user", true).map(StepKind::User),
+            "stopsignal" => self.single_value(node, file, name, "a signal", true).map(StepKind::StopSignal),
             "expose" | "volume" | "shell" => {
                 self.check_no_children(node, file, name);
                 self.check_no_properties(node, file, name);
