@@ -49,7 +49,9 @@ pub fn load(path: &Path) -> Result<Project, Diagnostics> {
                 "graphbuild::load::read",
                 format!("cannot read build file `{name}`: {error}"),
             )
-            .with_help("pass the path of a .kdl build file, for example `graphbuild plan images.kdl`")
+            .with_help(
+                "pass the path of a .kdl build file, for example `graphbuild plan images.kdl`",
+            )
             .into());
         }
     };
@@ -161,7 +163,10 @@ struct Loader {
     template_stages: Vec<(Stage, usize)>,
 }
 
-fn did_you_mean<'a>(written: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+fn did_you_mean<'a>(
+    written: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|candidate| (strsim::jaro_winkler(written, candidate), candidate))
@@ -181,7 +186,10 @@ fn value_kind(value: &KdlValue) -> &'static str {
 }
 
 fn positional(node: &KdlNode) -> Vec<&KdlEntry> {
-    node.entries().iter().filter(|entry| entry.name().is_none()).collect()
+    node.entries()
+        .iter()
+        .filter(|entry| entry.name().is_none())
+        .collect()
 }
 
 fn properties(node: &KdlNode) -> Vec<(&str, &KdlEntry)> {
@@ -267,8 +275,19 @@ impl Loader {
         Loc { file, span }
     }
 
-    fn error(&mut self, code: &str, message: impl Into<String>, at: Loc, label: impl Into<String>, help: Option<String>) {
-        let mut diagnostic = Diagnostic::error(format!("graphbuild::{code}"), message).with_label(&self.sources, at, label);
+    fn error(
+        &mut self,
+        code: &str,
+        message: impl Into<String>,
+        at: Loc,
+        label: impl Into<String>,
+        help: Option<String>,
+    ) {
+        let mut diagnostic = Diagnostic::error(format!("graphbuild::{code}"), message).with_label(
+            &self.sources,
+            at,
+            label,
+        );
         if let Some(help) = help {
             diagnostic = diagnostic.with_help(help);
         }
@@ -344,7 +363,14 @@ impl Loader {
         });
     }
 
-    fn read_import(&mut self, node: &KdlNode, file: FileId, directory: &Path, prefix: &str, from_std: bool) {
+    fn read_import(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        directory: &Path,
+        prefix: &str,
+        from_std: bool,
+    ) {
         let node_at = Self::loc(file, node.name().span());
         self.check_no_children(node, file, "import");
         let arguments = positional(node);
@@ -405,7 +431,10 @@ impl Loader {
             let Some(text) = crate::stdlib::module(std_name) else {
                 let names = crate::stdlib::module_names();
                 let help = match did_you_mean(std_name, names.iter().copied()) {
-                    Some(close) => format!("did you mean `std:{close}`? available modules: {}", names.join(", ")),
+                    Some(close) => format!(
+                        "did you mean `std:{close}`? available modules: {}",
+                        names.join(", ")
+                    ),
                     None => format!("available modules: {}", names.join(", ")),
                 };
                 self.error(
@@ -417,7 +446,12 @@ impl Loader {
                 );
                 return;
             };
-            (module.raw.clone(), module.raw.clone(), None, text.to_string())
+            (
+                module.raw.clone(),
+                module.raw.clone(),
+                None,
+                text.to_string(),
+            )
         } else {
             if from_std {
                 self.error(
@@ -464,7 +498,11 @@ impl Loader {
                 .to_string();
             (identity, name, Some(path), text)
         };
-        if let Some(position) = self.import_stack.iter().position(|(open, _)| *open == identity) {
+        if let Some(position) = self
+            .import_stack
+            .iter()
+            .position(|(open, _)| *open == identity)
+        {
             let mut chain: Vec<String> = self.import_stack[position..]
                 .iter()
                 .map(|(_, name)| name.clone())
@@ -479,7 +517,10 @@ impl Loader {
             );
             return;
         }
-        if !self.imported.insert((identity.clone(), child_prefix.clone())) {
+        if !self
+            .imported
+            .insert((identity.clone(), child_prefix.clone()))
+        {
             return;
         }
         self.read_file(identity, name, path, text, child_prefix, false);
@@ -507,7 +548,9 @@ impl Loader {
                                 "an imported module cannot set the default platforms",
                                 node_at,
                                 "in an imported module",
-                                Some("set `platforms` in the root build file or on an image".into()),
+                                Some(
+                                    "set `platforms` in the root build file or on an image".into(),
+                                ),
                             );
                             continue;
                         }
@@ -545,7 +588,10 @@ impl Loader {
                                 self.diagnostics.push(diagnostic);
                                 continue;
                             }
-                            arg_names.insert(declaration.name.clone(), (declaration.at, loaded.identity.clone()));
+                            arg_names.insert(
+                                declaration.name.clone(),
+                                (declaration.at, loaded.identity.clone()),
+                            );
                             project.args.push(declaration);
                         }
                     }
@@ -584,7 +630,9 @@ impl Loader {
                             )
                             .with_label(&self.sources, name.at, "defined again here")
                             .with_label(&self.sources, *first, "first defined here")
-                            .with_help("rename one of the templates, or import a module with as=\"ALIAS\"");
+                            .with_help(
+                                "rename one of the templates, or import a module with as=\"ALIAS\"",
+                            );
                             self.diagnostics.push(diagnostic);
                             continue;
                         }
@@ -603,7 +651,9 @@ impl Loader {
                         }
                         // Lowered in phase 3.
                     }
-                    other => self.unknown_node(node, file, other, TOP_LEVEL_NODES, "at the top level"),
+                    other => {
+                        self.unknown_node(node, file, other, TOP_LEVEL_NODES, "at the top level")
+                    }
                 }
             }
         }
@@ -611,7 +661,14 @@ impl Loader {
         stages
     }
 
-    fn declare_template(&mut self, node: &KdlNode, file: FileId, file_index: usize, full_name: String, at: Loc) {
+    fn declare_template(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        file_index: usize,
+        full_name: String,
+        at: Loc,
+    ) {
         self.check_no_properties(node, file, "template");
         let mut params: Vec<(String, Option<Text>, Loc)> = Vec::new();
         let mut stages = Vec::new();
@@ -627,14 +684,24 @@ impl Loader {
                         let mut default = None;
                         for (key, entry) in properties(child) {
                             match key {
-                                "default" => default = self.string_or_integer(entry, file, "a param default"),
+                                "default" => {
+                                    default = self.string_or_integer(entry, file, "a param default")
+                                }
                                 "description" => {
                                     self.string(entry, file, "a param description");
                                 }
-                                other => self.unknown_property(other, entry, file, "param", &["default", "description"]),
+                                other => self.unknown_property(
+                                    other,
+                                    entry,
+                                    file,
+                                    "param",
+                                    &["default", "description"],
+                                ),
                             }
                         }
-                        if let Some((_, _, first)) = params.iter().find(|(existing, _, _)| *existing == name.raw) {
+                        if let Some((_, _, first)) =
+                            params.iter().find(|(existing, _, _)| *existing == name.raw)
+                        {
                             let diagnostic = Diagnostic::error(
                                 "graphbuild::duplicate::param",
                                 format!("param `{}` is declared twice", name.raw),
@@ -654,7 +721,10 @@ impl Loader {
                         if let Some(first) = stage_names.get(&name.raw) {
                             let diagnostic = Diagnostic::error(
                                 "graphbuild::duplicate::stage",
-                                format!("stage `{}` is defined twice in template `{full_name}`", name.raw),
+                                format!(
+                                    "stage `{}` is defined twice in template `{full_name}`",
+                                    name.raw
+                                ),
                             )
                             .with_label(&self.sources, name.at, "defined again here")
                             .with_label(&self.sources, *first, "first defined here")
@@ -690,9 +760,19 @@ impl Loader {
     // ----------------------------------------------------------------------------------------
     // Small readers with diagnostics
 
-    fn unknown_node(&mut self, node: &KdlNode, file: FileId, name: &str, allowed: &[&str], place: &str) {
+    fn unknown_node(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        name: &str,
+        allowed: &[&str],
+        place: &str,
+    ) {
         let help = match did_you_mean(name, allowed.iter().copied()) {
-            Some(close) => format!("did you mean `{close}`? allowed {place}: {}", allowed.join(", ")),
+            Some(close) => format!(
+                "did you mean `{close}`? allowed {place}: {}",
+                allowed.join(", ")
+            ),
             None => format!("allowed {place}: {}", allowed.join(", ")),
         };
         self.error(
@@ -704,12 +784,22 @@ impl Loader {
         );
     }
 
-    fn unknown_property(&mut self, key: &str, entry: &KdlEntry, file: FileId, node: &str, allowed: &[&str]) {
+    fn unknown_property(
+        &mut self,
+        key: &str,
+        entry: &KdlEntry,
+        file: FileId,
+        node: &str,
+        allowed: &[&str],
+    ) {
         let help = if allowed.is_empty() {
             format!("`{node}` takes no properties")
         } else {
             match did_you_mean(key, allowed.iter().copied()) {
-                Some(close) => format!("did you mean `{close}`? `{node}` accepts: {}", allowed.join(", ")),
+                Some(close) => format!(
+                    "did you mean `{close}`? `{node}` accepts: {}",
+                    allowed.join(", ")
+                ),
                 None => format!("`{node}` accepts: {}", allowed.join(", ")),
             }
         };
@@ -766,7 +856,7 @@ impl Loader {
                     "type::expected_string",
                     format!("expected a string for {what}, found {kind}"),
                     at,
-                    format!("{kind}"),
+                    kind,
                     Some("quote the value: paths, platforms, references and versions are strings in KDL v2".into()),
                 );
                 None
@@ -845,7 +935,13 @@ impl Loader {
     }
 
     /// Every positional argument as a string (strings or integers when `integers`).
-    fn string_arguments(&mut self, node: &KdlNode, file: FileId, what: &str, integers: bool) -> Vec<Text> {
+    fn string_arguments(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        what: &str,
+        integers: bool,
+    ) -> Vec<Text> {
         positional(node)
             .into_iter()
             .filter_map(|entry| {
@@ -921,7 +1017,10 @@ impl Loader {
                 Some("for example `platforms \"linux/amd64\" \"linux/arm64\"`".into()),
             );
         }
-        texts.into_iter().filter_map(|text| self.platform_spec(text)).collect()
+        texts
+            .into_iter()
+            .filter_map(|text| self.platform_spec(text))
+            .collect()
     }
 
     /// `arg NAME`, `arg NAME="default"`, several per node.
@@ -930,7 +1029,10 @@ impl Loader {
         for entry in node.entries() {
             let at = Self::loc(file, entry.span());
             let (name, default) = match entry.name() {
-                Some(name) => (name.value().to_string(), self.string_or_integer(entry, file, "an arg default")),
+                Some(name) => (
+                    name.value().to_string(),
+                    self.string_or_integer(entry, file, "an arg default"),
+                ),
                 None => match entry.value() {
                     KdlValue::String(name) => (name.clone(), None),
                     other => {
@@ -946,7 +1048,10 @@ impl Loader {
                     }
                 },
             };
-            let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            let valid = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 self.error(
@@ -954,7 +1059,10 @@ impl Loader {
                     format!("invalid arg name `{name}`"),
                     at,
                     "not a variable name",
-                    Some("an arg name starts with a letter or `_` and has letters, digits and `_`".into()),
+                    Some(
+                        "an arg name starts with a letter or `_` and has letters, digits and `_`"
+                            .into(),
+                    ),
                 );
                 continue;
             }
@@ -1010,7 +1118,13 @@ impl Loader {
         candidates
     }
 
-    fn unknown_stage(&mut self, name: &str, at: Loc, resolver: &Resolver<'_>, image_ref_allowed: bool) {
+    fn unknown_stage(
+        &mut self,
+        name: &str,
+        at: Loc,
+        resolver: &Resolver<'_>,
+        image_ref_allowed: bool,
+    ) {
         let candidates = self.stage_candidates(resolver);
         let mut help = match did_you_mean(name, candidates.iter().map(String::as_str)) {
             Some(close) => format!("did you mean `{close}`?"),
@@ -1067,30 +1181,41 @@ impl Loader {
         let mut platform: Option<PlatformSpec> = None;
         let mut platform_seen: Option<Loc> = None;
         let mut steps = Vec::new();
-        let children: Vec<KdlNode> = node.children().map(|children| children.nodes().to_vec()).unwrap_or_default();
+        let children: Vec<KdlNode> = node
+            .children()
+            .map(|children| children.nodes().to_vec())
+            .unwrap_or_default();
         for child in &children {
             let child_at = Self::loc(file, child.name().span());
             match child.name().value() {
                 "from" => {
                     if let Some(first) = from_seen {
-                        let diagnostic = Diagnostic::error("graphbuild::duplicate::from", "a stage has one `from`")
-                            .with_label(&self.sources, child_at, "second `from`")
-                            .with_label(&self.sources, first, "first `from`")
-                            .with_help("use another stage to combine images: `copy … from=OTHER`");
+                        let diagnostic = Diagnostic::error(
+                            "graphbuild::duplicate::from",
+                            "a stage has one `from`",
+                        )
+                        .with_label(&self.sources, child_at, "second `from`")
+                        .with_label(&self.sources, first, "first `from`")
+                        .with_help("use another stage to combine images: `copy … from=OTHER`");
                         self.diagnostics.push(diagnostic);
                         continue;
                     }
                     from_seen = Some(child_at);
-                    if let Some(text) = self.single_string(child, file, "from", "an image, a stage or \"scratch\"") {
+                    if let Some(text) =
+                        self.single_string(child, file, "from", "an image, a stage or \"scratch\"")
+                    {
                         from = self.lower_from(text, resolver);
                     }
                 }
                 "platform" => {
                     if let Some(first) = platform_seen {
-                        let diagnostic = Diagnostic::error("graphbuild::duplicate::platform", "a stage has one `platform`")
-                            .with_label(&self.sources, child_at, "second `platform`")
-                            .with_label(&self.sources, first, "first `platform`")
-                            .with_help("use `when platform=\"…\" { … }` for per-platform steps");
+                        let diagnostic = Diagnostic::error(
+                            "graphbuild::duplicate::platform",
+                            "a stage has one `platform`",
+                        )
+                        .with_label(&self.sources, child_at, "second `platform`")
+                        .with_label(&self.sources, first, "first `platform`")
+                        .with_help("use `when platform=\"…\" { … }` for per-platform steps");
                         self.diagnostics.push(diagnostic);
                         continue;
                     }
@@ -1101,7 +1226,9 @@ impl Loader {
                 }
                 "when" => self.lower_when(child, file, resolver, &mut steps),
                 other => {
-                    if let Some(kind) = self.lower_step(child, file, resolver, other, STAGE_NODES, "in a stage") {
+                    if let Some(kind) =
+                        self.lower_step(child, file, resolver, other, STAGE_NODES, "in a stage")
+                    {
                         steps.push(Step {
                             kind,
                             at: child_at,
@@ -1134,12 +1261,25 @@ impl Loader {
     }
 
     /// A node with exactly one string argument and nothing else.
-    fn single_string(&mut self, node: &KdlNode, file: FileId, kind: &str, what: &str) -> Option<Text> {
+    fn single_string(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        kind: &str,
+        what: &str,
+    ) -> Option<Text> {
         self.single_value(node, file, kind, what, false)
     }
 
     /// Like [`Self::single_string`], also accepting an integer (`user 1000`, `stopsignal 15`).
-    fn single_value(&mut self, node: &KdlNode, file: FileId, kind: &str, what: &str, integers: bool) -> Option<Text> {
+    fn single_value(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        kind: &str,
+        what: &str,
+        integers: bool,
+    ) -> Option<Text> {
         self.check_no_children(node, file, kind);
         self.check_no_properties(node, file, kind);
         let arguments = positional(node);
@@ -1169,7 +1309,13 @@ impl Loader {
         }
     }
 
-    fn lower_when(&mut self, node: &KdlNode, file: FileId, resolver: &Resolver<'_>, steps: &mut Vec<Step>) {
+    fn lower_when(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        resolver: &Resolver<'_>,
+        steps: &mut Vec<Step>,
+    ) {
         let node_at = Self::loc(file, node.name().span());
         self.check_no_arguments(node, file, "when");
         let mut platform = None;
@@ -1187,7 +1333,9 @@ impl Loader {
                                 "contains a variable",
                                 Some("write the platform it applies to, for example when platform=\"linux/arm/v7\"".into()),
                             );
-                        } else if let Some(PlatformSpec::Literal(parsed, _)) = self.platform_spec(text) {
+                        } else if let Some(PlatformSpec::Literal(parsed, _)) =
+                            self.platform_spec(text)
+                        {
                             platform = Some(parsed);
                         }
                     }
@@ -1204,11 +1352,15 @@ impl Loader {
                 Some("write `when platform=\"linux/arm64\" { … }`".into()),
             );
         }
-        let children: Vec<KdlNode> = node.children().map(|children| children.nodes().to_vec()).unwrap_or_default();
+        let children: Vec<KdlNode> = node
+            .children()
+            .map(|children| children.nodes().to_vec())
+            .unwrap_or_default();
         for child in &children {
             let child_at = Self::loc(file, child.name().span());
             let name = child.name().value();
-            if let Some(kind) = self.lower_step(child, file, resolver, name, WHEN_NODES, "in `when`")
+            if let Some(kind) =
+                self.lower_step(child, file, resolver, name, WHEN_NODES, "in `when`")
                 && let Some(platform) = &platform
             {
                 steps.push(Step {
@@ -1261,13 +1413,20 @@ impl Loader {
                 }
                 declarations.drain(..).next().map(StepKind::Arg)
             }
-            "workdir" => self.single_string(node, file, name, "a directory").map(StepKind::Workdir),
-            "user" => self.single_value(node, file, name, "a user", true).map(StepKind::User),
-            "stopsignal" => self.single_value(node, file, name, "a signal", true).map(StepKind::StopSignal),
+            "workdir" => self
+                .single_string(node, file, name, "a directory")
+                .map(StepKind::Workdir),
+            "user" => self
+                .single_value(node, file, name, "a user", true)
+                .map(StepKind::User),
+            "stopsignal" => self
+                .single_value(node, file, name, "a signal", true)
+                .map(StepKind::StopSignal),
             "expose" | "volume" | "shell" => {
                 self.check_no_children(node, file, name);
                 self.check_no_properties(node, file, name);
-                let values = self.string_arguments(node, file, &format!("`{name}`"), name == "expose");
+                let values =
+                    self.string_arguments(node, file, &format!("`{name}`"), name == "expose");
                 if values.is_empty() {
                     if positional(node).is_empty() {
                         self.error(
@@ -1295,7 +1454,9 @@ impl Loader {
                     StepKind::Cmd(command)
                 })
             }
-            "healthcheck" => self.lower_healthcheck(node, file).map(StepKind::Healthcheck),
+            "healthcheck" => self
+                .lower_healthcheck(node, file)
+                .map(StepKind::Healthcheck),
             _ => None,
         }
     }
@@ -1317,7 +1478,9 @@ impl Loader {
                     format!("`{name}` needs a command"),
                     Self::loc(file, node.name().span()),
                     "command missing",
-                    Some(format!("write `{name} \"/app\" \"--flag\"` (argv), or `{name} \"…\" shell=#true`")),
+                    Some(format!(
+                        "write `{name} \"/app\" \"--flag\"` (argv), or `{name} \"…\" shell=#true`"
+                    )),
                 );
             }
             return None;
@@ -1348,7 +1511,9 @@ impl Loader {
                     format!("`{name}` needs a command"),
                     Self::loc(file, node.name().span()),
                     "command missing",
-                    Some(format!("write `{name} \"make all\"` (shell) or `{name} \"make\" \"all\"` (argv)")),
+                    Some(format!(
+                        "write `{name} \"make all\"` (shell) or `{name} \"make\" \"all\"` (argv)"
+                    )),
                 );
             }
             return None;
@@ -1366,7 +1531,10 @@ impl Loader {
         let mut secrets = Vec::new();
         let mut network = Network::default();
         let mut network_seen = false;
-        let children: Vec<KdlNode> = node.children().map(|children| children.nodes().to_vec()).unwrap_or_default();
+        let children: Vec<KdlNode> = node
+            .children()
+            .map(|children| children.nodes().to_vec())
+            .unwrap_or_default();
         for child in &children {
             let child_at = Self::loc(file, child.name().span());
             match child.name().value() {
@@ -1376,7 +1544,9 @@ impl Loader {
                     for (key, entry) in properties(child) {
                         match key {
                             "id" => id = self.string(entry, file, "`id`"),
-                            other => self.unknown_property(other, entry, file, "cache-mount", &["id"]),
+                            other => {
+                                self.unknown_property(other, entry, file, "cache-mount", &["id"])
+                            }
                         }
                     }
                     let targets = self.string_arguments(child, file, "a cache mount path", false);
@@ -1409,8 +1579,16 @@ impl Loader {
                         match key {
                             "target" => target = self.string(entry, file, "`target`"),
                             "env" => env = self.string(entry, file, "`env`").map(|text| text.raw),
-                            "required" => required = self.boolean(entry, file, "`required`").unwrap_or(true),
-                            other => self.unknown_property(other, entry, file, "secret", &["target", "env", "required"]),
+                            "required" => {
+                                required = self.boolean(entry, file, "`required`").unwrap_or(true)
+                            }
+                            other => self.unknown_property(
+                                other,
+                                entry,
+                                file,
+                                "secret",
+                                &["target", "env", "required"],
+                            ),
                         }
                     }
                     let ids = self.string_arguments(child, file, "a secret id", false);
@@ -1448,13 +1626,17 @@ impl Loader {
                         continue;
                     }
                     network_seen = true;
-                    if let Some(text) = self.single_string(child, file, "network", "\"none\" or \"host\"") {
+                    if let Some(text) =
+                        self.single_string(child, file, "network", "\"none\" or \"host\"")
+                    {
                         match text.raw.as_str() {
                             "none" => network = Network::None,
                             "host" => network = Network::Host,
                             other => {
                                 let help = match did_you_mean(other, ["none", "host"]) {
-                                    Some(close) => format!("did you mean \"{close}\"? the network is \"none\" or \"host\""),
+                                    Some(close) => format!(
+                                        "did you mean \"{close}\"? the network is \"none\" or \"host\""
+                                    ),
                                     None => "the network is \"none\" or \"host\"".to_string(),
                                 };
                                 self.error(
@@ -1479,7 +1661,12 @@ impl Loader {
         })
     }
 
-    fn lower_copy(&mut self, node: &KdlNode, file: FileId, resolver: &Resolver<'_>) -> Option<Copy> {
+    fn lower_copy(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        resolver: &Resolver<'_>,
+    ) -> Option<Copy> {
         self.check_no_children(node, file, "copy");
         let mut from = None;
         let mut chown = None;
@@ -1521,7 +1708,9 @@ impl Loader {
                         failed = true;
                     }
                 }
-                other => self.unknown_property(other, entry, file, "copy", &["from", "chown", "chmod"]),
+                other => {
+                    self.unknown_property(other, entry, file, "copy", &["from", "chown", "chmod"])
+                }
             }
         }
         let mut paths = self.string_arguments(node, file, "a copy path", false);
@@ -1531,7 +1720,10 @@ impl Loader {
                 "`copy` needs at least a source and a destination",
                 Self::loc(file, node.name().span()),
                 "sources and destination expected",
-                Some("write `copy \"src/\" \"/app/\"`; several sources may precede the destination".into()),
+                Some(
+                    "write `copy \"src/\" \"/app/\"`; several sources may precede the destination"
+                        .into(),
+                ),
             );
             return None;
         }
@@ -1588,7 +1780,9 @@ impl Loader {
             match key {
                 "interval" => healthcheck.interval = self.string(entry, file, "`interval`"),
                 "timeout" => healthcheck.timeout = self.string(entry, file, "`timeout`"),
-                "start-period" => healthcheck.start_period = self.string(entry, file, "`start-period`"),
+                "start-period" => {
+                    healthcheck.start_period = self.string(entry, file, "`start-period`")
+                }
                 "retries" => match entry.value() {
                     KdlValue::Integer(number) if (0..=i128::from(u32::MAX)).contains(number) => {
                         healthcheck.retries = Some(*number as u32);
@@ -1639,10 +1833,12 @@ impl Loader {
         let nodes = self.templates[index].stages.clone();
         let sibling_names: Vec<String> = nodes
             .iter()
-            .filter_map(|node| match positional(node).first().map(|entry| entry.value()) {
-                Some(KdlValue::String(name)) => Some(name.clone()),
-                _ => None,
-            })
+            .filter_map(
+                |node| match positional(node).first().map(|entry| entry.value()) {
+                    Some(KdlValue::String(name)) => Some(name.clone()),
+                    _ => None,
+                },
+            )
             .collect();
         let resolver = Resolver {
             prefix: &prefix,
@@ -1650,7 +1846,9 @@ impl Loader {
         };
         let mut stages = Vec::new();
         for (node, name) in nodes.iter().zip(&sibling_names) {
-            if let Some(stage) = self.lower_stage(node, file, format!("{instance}/{name}"), &resolver, scope) {
+            if let Some(stage) =
+                self.lower_stage(node, file, format!("{instance}/{name}"), &resolver, scope)
+            {
                 stages.push(stage);
             }
         }
@@ -1663,7 +1861,11 @@ impl Loader {
         self.templates
             .iter()
             .position(|template| template.full_name == prefixed)
-            .or_else(|| self.templates.iter().position(|template| template.full_name == name))
+            .or_else(|| {
+                self.templates
+                    .iter()
+                    .position(|template| template.full_name == name)
+            })
     }
 
     // ----------------------------------------------------------------------------------------
@@ -1684,7 +1886,9 @@ impl Loader {
                 .cloned()
                 .collect();
             for node in &nodes {
-                if let Some(image) = self.lower_image(node, file, file_index, project, &mut image_names) {
+                if let Some(image) =
+                    self.lower_image(node, file, file_index, project, &mut image_names)
+                {
                     project.images.push(image);
                 }
             }
@@ -1712,7 +1916,13 @@ impl Loader {
             return None;
         };
         for extra in arguments.iter().skip(1) {
-            self.error("node::extra_argument", "`image` takes one name", Self::loc(file, extra.span()), "extra argument", None);
+            self.error(
+                "node::extra_argument",
+                "`image` takes one name",
+                Self::loc(file, extra.span()),
+                "extra argument",
+                None,
+            );
         }
         let name = self.string(first, file, "the image name")?;
         if let Some(previous) = image_names.get(&name.raw) {
@@ -1743,7 +1953,10 @@ impl Loader {
         let mut labels = Vec::new();
         let mut output = None;
         let mut uses: Vec<KdlNode> = Vec::new();
-        let children: Vec<KdlNode> = node.children().map(|children| children.nodes().to_vec()).unwrap_or_default();
+        let children: Vec<KdlNode> = node
+            .children()
+            .map(|children| children.nodes().to_vec())
+            .unwrap_or_default();
         let root_resolver = Resolver {
             prefix: "",
             siblings: None,
@@ -1754,10 +1967,13 @@ impl Loader {
             match kind {
                 "stage" | "use" if stage_seen.is_some() => {
                     let first = stage_seen.unwrap_or(child_at);
-                    let diagnostic = Diagnostic::error("graphbuild::image::two_stages", "an image has one `stage` or one `use`")
-                        .with_label(&self.sources, child_at, "second one")
-                        .with_label(&self.sources, first, "first one")
-                        .with_help("make another image for the other stage");
+                    let diagnostic = Diagnostic::error(
+                        "graphbuild::image::two_stages",
+                        "an image has one `stage` or one `use`",
+                    )
+                    .with_label(&self.sources, child_at, "second one")
+                    .with_label(&self.sources, first, "first one")
+                    .with_help("make another image for the other stage");
                     self.diagnostics.push(diagnostic);
                 }
                 "stage" => {
@@ -1782,7 +1998,13 @@ impl Loader {
                     self.check_no_children(child, file, kind);
                     self.check_no_properties(child, file, kind);
                     if platforms.is_some() {
-                        self.error("duplicate::platforms", "`platforms` is set twice on this image", child_at, "set again", Some("list every platform in one `platforms` node".into()));
+                        self.error(
+                            "duplicate::platforms",
+                            "`platforms` is set twice on this image",
+                            child_at,
+                            "set again",
+                            Some("list every platform in one `platforms` node".into()),
+                        );
                         continue;
                     }
                     platforms = Some(self.platform_list(child, file));
@@ -1790,33 +2012,70 @@ impl Loader {
                 "matrix" => {
                     self.check_no_arguments(child, file, kind);
                     self.check_no_properties(child, file, kind);
-                    let axes: Vec<KdlNode> = child.children().map(|children| children.nodes().to_vec()).unwrap_or_default();
+                    let axes: Vec<KdlNode> = child
+                        .children()
+                        .map(|children| children.nodes().to_vec())
+                        .unwrap_or_default();
                     if axes.is_empty() {
-                        self.error("matrix::empty", "`matrix` needs at least one KEY \"value\" …", child_at, "empty matrix", Some("write `matrix { PY \"3.11\" \"3.12\"; }`".into()));
+                        self.error(
+                            "matrix::empty",
+                            "`matrix` needs at least one KEY \"value\" …",
+                            child_at,
+                            "empty matrix",
+                            Some("write `matrix { PY \"3.11\" \"3.12\"; }`".into()),
+                        );
                     }
                     for axis in &axes {
                         let key = axis.name().value().to_string();
                         let axis_at = Self::loc(file, axis.name().span());
                         self.check_no_children(axis, file, &key);
                         self.check_no_properties(axis, file, &key);
-                        let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        let valid = key
+                            .chars()
+                            .next()
+                            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                         if !valid {
-                            self.error("matrix::key", format!("invalid matrix key `{key}`"), axis_at, "not a variable name", Some("a matrix key is a variable name: letters, digits and `_`".into()));
+                            self.error(
+                                "matrix::key",
+                                format!("invalid matrix key `{key}`"),
+                                axis_at,
+                                "not a variable name",
+                                Some(
+                                    "a matrix key is a variable name: letters, digits and `_`"
+                                        .into(),
+                                ),
+                            );
                             continue;
                         }
                         if matrix.iter().any(|existing| existing.key == key) {
-                            self.error("duplicate::matrix_key", format!("matrix key `{key}` is listed twice"), axis_at, "listed again", Some("put every value of a key on one line".into()));
+                            self.error(
+                                "duplicate::matrix_key",
+                                format!("matrix key `{key}` is listed twice"),
+                                axis_at,
+                                "listed again",
+                                Some("put every value of a key on one line".into()),
+                            );
                             continue;
                         }
                         let values = self.string_arguments(axis, file, "a matrix value", true);
                         if values.is_empty() {
                             if positional(axis).is_empty() {
-                                self.error("matrix::no_values", format!("matrix key `{key}` has no values"), axis_at, "no values", Some(format!("write `{key} \"a\" \"b\"`")));
+                                self.error(
+                                    "matrix::no_values",
+                                    format!("matrix key `{key}` has no values"),
+                                    axis_at,
+                                    "no values",
+                                    Some(format!("write `{key} \"a\" \"b\"`")),
+                                );
                             }
                             continue;
                         }
-                        matrix.push(MatrixAxis { key, values, at: axis_at });
+                        matrix.push(MatrixAxis {
+                            key,
+                            values,
+                            at: axis_at,
+                        });
                     }
                 }
                 "annotation" => {
@@ -1829,7 +2088,13 @@ impl Loader {
                 }
                 "output" => {
                     if output.is_some() {
-                        self.error("duplicate::output", "`output` is set twice", child_at, "set again", None);
+                        self.error(
+                            "duplicate::output",
+                            "`output` is set twice",
+                            child_at,
+                            "set again",
+                            None,
+                        );
                         continue;
                     }
                     output = self.single_string(child, file, kind, "a path");
@@ -1839,7 +2104,13 @@ impl Loader {
                     self.check_no_properties(child, file, kind);
                     match positional(child).as_slice() {
                         [entry] => push = self.boolean(entry, file, "`push`").unwrap_or(false),
-                        _ => self.error("node::missing_value", "`push` takes #true or #false", child_at, "one boolean expected", Some("write `push #true`".into())),
+                        _ => self.error(
+                            "node::missing_value",
+                            "`push` takes #true or #false",
+                            child_at,
+                            "one boolean expected",
+                            Some("write `push #true`".into()),
+                        ),
                     }
                 }
                 other => self.unknown_node(child, file, other, IMAGE_NODES, "in an image"),
@@ -1889,21 +2160,46 @@ impl Loader {
         let arguments = positional(node);
         let node_at = Self::loc(file, node.name().span());
         let Some(first) = arguments.first() else {
-            self.error("node::missing_value", "`use` needs a template name", node_at, "template missing", Some("write `use \"py.app\" base=\"…\"`".into()));
+            self.error(
+                "node::missing_value",
+                "`use` needs a template name",
+                node_at,
+                "template missing",
+                Some("write `use \"py.app\" base=\"…\"`".into()),
+            );
             return None;
         };
         for extra in arguments.iter().skip(1) {
-            self.error("node::extra_argument", "`use` takes one template", Self::loc(file, extra.span()), "extra argument", Some("pass params as key=\"value\"".into()));
+            self.error(
+                "node::extra_argument",
+                "`use` takes one template",
+                Self::loc(file, extra.span()),
+                "extra argument",
+                Some("pass params as key=\"value\"".into()),
+            );
         }
         let template_name = self.string(first, file, "the template name")?;
         let Some(index) = self.find_template(&template_name.raw, file_index) else {
-            let names: Vec<String> = self.templates.iter().map(|template| template.full_name.clone()).collect();
+            let names: Vec<String> = self
+                .templates
+                .iter()
+                .map(|template| template.full_name.clone())
+                .collect();
             let help = match did_you_mean(&template_name.raw, names.iter().map(String::as_str)) {
                 Some(close) => format!("did you mean `{close}`?"),
-                None if names.is_empty() => "no template is defined; import one with `import \"std:python\" as=\"py\"`".to_string(),
+                None if names.is_empty() => {
+                    "no template is defined; import one with `import \"std:python\" as=\"py\"`"
+                        .to_string()
+                }
                 None => format!("defined templates: {}", names.join(", ")),
             };
-            self.error("unknown::template", format!("unknown template `{}`", template_name.raw), template_name.at, "no such template", Some(help));
+            self.error(
+                "unknown::template",
+                format!("unknown template `{}`", template_name.raw),
+                template_name.at,
+                "no such template",
+                Some(help),
+            );
             return None;
         };
         let params: Vec<(String, Option<Text>, Loc)> = self.templates[index].params.clone();
@@ -1914,11 +2210,20 @@ impl Loader {
             if !params.iter().any(|(param, _, _)| param == key) {
                 let names: Vec<&str> = params.iter().map(|(param, _, _)| param.as_str()).collect();
                 let help = match did_you_mean(key, names.iter().copied()) {
-                    Some(close) => format!("did you mean `{close}`? params of `{template_full_name}`: {}", names.join(", ")),
+                    Some(close) => format!(
+                        "did you mean `{close}`? params of `{template_full_name}`: {}",
+                        names.join(", ")
+                    ),
                     None if names.is_empty() => format!("`{template_full_name}` has no params"),
                     None => format!("params of `{template_full_name}`: {}", names.join(", ")),
                 };
-                self.error("template::unknown_param", format!("unknown param `{key}` for template `{template_full_name}`"), Self::loc(file, entry.span()), "unknown param", Some(help));
+                self.error(
+                    "template::unknown_param",
+                    format!("unknown param `{key}` for template `{template_full_name}`"),
+                    Self::loc(file, entry.span()),
+                    "unknown param",
+                    Some(help),
+                );
                 failed = true;
                 continue;
             }
@@ -1939,9 +2244,16 @@ impl Loader {
                     "graphbuild::template::missing_param",
                     format!("missing param `{param}` for template `{template_full_name}`"),
                 )
-                .with_label(&self.sources, template_name.at, format!("needs {param}=\"…\""))
+                .with_label(
+                    &self.sources,
+                    template_name.at,
+                    format!("needs {param}=\"…\""),
+                )
                 .with_label(&self.sources, template_at, "template defined here")
-                .with_help(format!("pass it: `use \"{}\" {param}=\"…\"`", template_name.raw));
+                .with_help(format!(
+                    "pass it: `use \"{}\" {param}=\"…\"`",
+                    template_name.raw
+                ));
                 self.diagnostics.push(diagnostic);
                 failed = true;
             }
@@ -1952,7 +2264,10 @@ impl Loader {
         let mut instance = image_name.raw.clone();
         let mut counter = 1;
         while project.scopes.iter().any(|scope| scope.name == instance)
-            || self.stage_names.keys().any(|stage| stage.starts_with(&format!("{instance}/")))
+            || self
+                .stage_names
+                .keys()
+                .any(|stage| stage.starts_with(&format!("{instance}/")))
         {
             counter += 1;
             instance = format!("{}-{counter}", image_name.raw);
@@ -2034,8 +2349,12 @@ impl Loader {
                             path_edges.push(at);
                         }
                         1 => {
-                            let position = path.iter().position(|(open, _)| *open == target).unwrap_or(0);
-                            let members: Vec<usize> = path[position..].iter().map(|(member, _)| *member).collect();
+                            let position = path
+                                .iter()
+                                .position(|(open, _)| *open == target)
+                                .unwrap_or(0);
+                            let members: Vec<usize> =
+                                path[position..].iter().map(|(member, _)| *member).collect();
                             let key: BTreeSet<usize> = members.iter().copied().collect();
                             if reported.insert(key) {
                                 let mut cycle_edges: Vec<Loc> = path_edges[position..].to_vec();
@@ -2055,7 +2374,10 @@ impl Loader {
     }
 
     fn report_cycle(&mut self, project: &Project, members: &[usize], edges: &[Loc]) {
-        let mut names: Vec<&str> = members.iter().map(|member| project.stages[*member].name.as_str()).collect();
+        let mut names: Vec<&str> = members
+            .iter()
+            .map(|member| project.stages[*member].name.as_str())
+            .collect();
         if let Some(first) = names.first().copied() {
             names.push(first);
         }
@@ -2066,13 +2388,15 @@ impl Loader {
         for (position, at) in edges.iter().enumerate() {
             let from = names.get(position).copied().unwrap_or_default();
             let to = names.get(position + 1).copied().unwrap_or_default();
-            diagnostic = diagnostic.with_label(&self.sources, *at, format!("`{from}` needs `{to}`"));
+            diagnostic =
+                diagnostic.with_label(&self.sources, *at, format!("`{from}` needs `{to}`"));
         }
         self.diagnostics.push(diagnostic.with_help("a stage cannot depend on itself; break the cycle by moving the shared steps into a new stage"));
     }
 
     fn check_variables(&mut self, project: &Project) {
-        let mut global: HashSet<String> = AUTOMATIC_ARGS.iter().map(|name| name.to_string()).collect();
+        let mut global: HashSet<String> =
+            AUTOMATIC_ARGS.iter().map(|name| name.to_string()).collect();
         global.extend(project.args.iter().map(|arg| arg.name.clone()));
         let all_matrix_keys: HashSet<String> = project
             .images
@@ -2089,29 +2413,33 @@ impl Loader {
                 self.check_text(text, &global, Mode::Strict);
             }
         }
-        let stage_known = |stage: &Stage, params: Vec<String>, stages: &[&Stage]| -> HashSet<String> {
-            let mut known = global.clone();
-            known.extend(all_matrix_keys.iter().cloned());
-            known.extend(params);
-            // Env keys of this stage and its ancestors through `from`.
-            let mut current = Some(stage);
-            let mut seen = HashSet::new();
-            while let Some(stage) = current {
-                if !seen.insert(stage.name.clone()) {
-                    break;
-                }
-                for step in &stage.steps {
-                    if let StepKind::Env(pairs) = &step.kind {
-                        known.extend(pairs.iter().map(|(key, _)| key.clone()));
+        let stage_known =
+            |stage: &Stage, params: Vec<String>, stages: &[&Stage]| -> HashSet<String> {
+                let mut known = global.clone();
+                known.extend(all_matrix_keys.iter().cloned());
+                known.extend(params);
+                // Env keys of this stage and its ancestors through `from`.
+                let mut current = Some(stage);
+                let mut seen = HashSet::new();
+                while let Some(stage) = current {
+                    if !seen.insert(stage.name.clone()) {
+                        break;
                     }
+                    for step in &stage.steps {
+                        if let StepKind::Env(pairs) = &step.kind {
+                            known.extend(pairs.iter().map(|(key, _)| key.clone()));
+                        }
+                    }
+                    current = match &stage.from.source {
+                        FromSource::Stage(parent) => stages
+                            .iter()
+                            .copied()
+                            .find(|candidate| candidate.name == *parent),
+                        _ => None,
+                    };
                 }
-                current = match &stage.from.source {
-                    FromSource::Stage(parent) => stages.iter().copied().find(|candidate| candidate.name == *parent),
-                    _ => None,
-                };
-            }
-            known
-        };
+                known
+            };
         let mut all: Vec<&Stage> = project.stages.iter().collect();
         let template_stages = std::mem::take(&mut self.template_stages);
         all.extend(template_stages.iter().map(|(stage, _)| stage));
@@ -2120,15 +2448,28 @@ impl Loader {
             self.check_stage(stage, known);
         }
         for (stage, template) in &template_stages {
-            let params: Vec<String> = self.templates[*template].params.iter().map(|(name, _, _)| name.clone()).collect();
+            let params: Vec<String> = self.templates[*template]
+                .params
+                .iter()
+                .map(|(name, _, _)| name.clone())
+                .collect();
             let known = stage_known(stage, params.clone(), &all);
             self.check_stage(stage, known);
         }
         for template in 0..self.templates.len() {
             let mut known = global.clone();
             known.extend(all_matrix_keys.iter().cloned());
-            known.extend(self.templates[template].params.iter().map(|(name, _, _)| name.clone()));
-            let defaults: Vec<Text> = self.templates[template].params.iter().filter_map(|(_, default, _)| default.clone()).collect();
+            known.extend(
+                self.templates[template]
+                    .params
+                    .iter()
+                    .map(|(name, _, _)| name.clone()),
+            );
+            let defaults: Vec<Text> = self.templates[template]
+                .params
+                .iter()
+                .filter_map(|(_, default, _)| default.clone())
+                .collect();
             for default in &defaults {
                 self.check_text(default, &known, Mode::Strict);
             }
@@ -2141,10 +2482,16 @@ impl Loader {
             texts.extend(image.annotations.iter().map(|(_, value)| value));
             texts.extend(image.labels.iter().map(|(_, value)| value));
             texts.extend(image.output.iter());
-            texts.extend(image.platforms.iter().flatten().filter_map(|spec| match spec {
-                PlatformSpec::Dynamic(text) => Some(text),
-                PlatformSpec::Literal(..) => None,
-            }));
+            texts.extend(
+                image
+                    .platforms
+                    .iter()
+                    .flatten()
+                    .filter_map(|spec| match spec {
+                        PlatformSpec::Dynamic(text) => Some(text),
+                        PlatformSpec::Literal(..) => None,
+                    }),
+            );
             for axis in &image.matrix {
                 texts.extend(axis.values.iter());
             }
@@ -2153,7 +2500,11 @@ impl Loader {
             }
         }
         for scope in &project.scopes {
-            let Some(image) = project.images.iter().find(|image| image.stage.starts_with(&format!("{}/", scope.name))) else {
+            let Some(image) = project
+                .images
+                .iter()
+                .find(|image| image.stage.starts_with(&format!("{}/", scope.name)))
+            else {
                 continue;
             };
             let mut known = global.clone();
@@ -2181,7 +2532,9 @@ impl Loader {
                 StepKind::Run(run) => {
                     match &run.command {
                         Command::Shell(text) => texts.push((text, Mode::Shell)),
-                        Command::Exec(argv) => texts.extend(argv.iter().map(|text| (text, Mode::Shell))),
+                        Command::Exec(argv) => {
+                            texts.extend(argv.iter().map(|text| (text, Mode::Shell)))
+                        }
                     }
                     for mount in &run.cache_mounts {
                         texts.push((&mount.target, Mode::Strict));
@@ -2200,14 +2553,23 @@ impl Loader {
                         texts.push((text, Mode::Strict));
                     }
                 }
-                StepKind::Env(pairs) | StepKind::Label(pairs) => texts.extend(pairs.iter().map(|(_, text)| (text, Mode::Strict))),
+                StepKind::Env(pairs) | StepKind::Label(pairs) => {
+                    texts.extend(pairs.iter().map(|(_, text)| (text, Mode::Strict)))
+                }
                 StepKind::Arg(declaration) => {
                     texts.extend(declaration.default.iter().map(|text| (text, Mode::Strict)));
                 }
-                StepKind::Workdir(text) | StepKind::User(text) | StepKind::StopSignal(text) => texts.push((text, Mode::Strict)),
-                StepKind::Expose(values) | StepKind::Volume(values) => texts.extend(values.iter().map(|text| (text, Mode::Strict))),
+                StepKind::Workdir(text) | StepKind::User(text) | StepKind::StopSignal(text) => {
+                    texts.push((text, Mode::Strict))
+                }
+                StepKind::Expose(values) | StepKind::Volume(values) => {
+                    texts.extend(values.iter().map(|text| (text, Mode::Strict)))
+                }
                 // Runtime commands: not substituted at build time, like Docker.
-                StepKind::Entrypoint(_) | StepKind::Cmd(_) | StepKind::Shell(_) | StepKind::Healthcheck(_) => {}
+                StepKind::Entrypoint(_)
+                | StepKind::Cmd(_)
+                | StepKind::Shell(_)
+                | StepKind::Healthcheck(_) => {}
             }
             for (text, mode) in texts {
                 self.check_text(text, &known, mode);
@@ -2233,16 +2595,25 @@ impl Loader {
             }
             Ok(result) => {
                 for name in result.undefined {
-                    let close = did_you_mean(&name, known.iter().map(String::as_str)).map(str::to_string);
+                    let close =
+                        did_you_mean(&name, known.iter().map(String::as_str)).map(str::to_string);
                     let help = match close {
-                        Some(close) => format!("did you mean `{close}`? otherwise declare it with `arg {name}=\"…\"`; for a literal dollar sign write \"\\\\${name}\" or #\"\\${name}\"#"),
-                        None => format!("declare it with `arg {name}=\"…\"` (top level or in the stage); for a literal dollar sign write \"\\\\${name}\" or #\"\\${name}\"#"),
+                        Some(close) => format!(
+                            "did you mean `{close}`? otherwise declare it with `arg {name}=\"…\"`; for a literal dollar sign write \"\\\\${name}\" or #\"\\${name}\"#"
+                        ),
+                        None => format!(
+                            "declare it with `arg {name}=\"…\"` (top level or in the stage); for a literal dollar sign write \"\\\\${name}\" or #\"\\${name}\"#"
+                        ),
                     };
                     let diagnostic = Diagnostic::warning(
                         "graphbuild::variable::undefined",
                         format!("undefined variable `{name}`"),
                     )
-                    .with_label(&self.sources, text.at, format!("`{name}` is not defined here and becomes empty"))
+                    .with_label(
+                        &self.sources,
+                        text.at,
+                        format!("`{name}` is not defined here and becomes empty"),
+                    )
                     .with_help(help);
                     self.diagnostics.push(diagnostic);
                 }

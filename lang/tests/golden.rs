@@ -27,7 +27,11 @@ pub fn render_diagnostics(diagnostics: &dyn miette::Diagnostic) -> String {
         return format!("<render failed: {error}>");
     }
     // Trailing spaces vary with label layout; they carry no meaning.
-    out.lines().map(str::trim_end).collect::<Vec<_>>().join("\n") + "\n"
+    out.lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
 }
 
 fn text(text: &Text) -> String {
@@ -68,7 +72,11 @@ fn at(sources: &Sources, loc: graphbuild_lang::ir::Loc) -> String {
 pub fn render_project(project: &Project) -> String {
     let sources = &project.sources;
     let mut out = String::new();
-    let names: Vec<&str> = sources.files.iter().map(|source| source.name.as_str()).collect();
+    let names: Vec<&str> = sources
+        .files
+        .iter()
+        .map(|source| source.name.as_str())
+        .collect();
     let _ = writeln!(out, "sources: {}", names.join(", "));
     if !project.platforms.is_empty() {
         let list: Vec<String> = project.platforms.iter().map(platform).collect();
@@ -77,7 +85,13 @@ pub fn render_project(project: &Project) -> String {
     for arg in &project.args {
         match &arg.default {
             Some(default) => {
-                let _ = writeln!(out, "arg {} = {}  @{}", arg.name, text(default), at(sources, arg.at));
+                let _ = writeln!(
+                    out,
+                    "arg {} = {}  @{}",
+                    arg.name,
+                    text(default),
+                    at(sources, arg.at)
+                );
             }
             None => {
                 let _ = writeln!(out, "arg {}  @{}", arg.name, at(sources, arg.at));
@@ -89,7 +103,12 @@ pub fn render_project(project: &Project) -> String {
             .scope
             .map(|scope| format!(" (scope {})", project.scopes[scope.0 as usize].name))
             .unwrap_or_default();
-        let _ = writeln!(out, "stage {}{scope}  @{}", stage.name, at(sources, stage.at));
+        let _ = writeln!(
+            out,
+            "stage {}{scope}  @{}",
+            stage.name,
+            at(sources, stage.at)
+        );
         let from = match &stage.from.source {
             FromSource::Scratch => "scratch".to_string(),
             FromSource::Stage(name) => format!("stage {name}"),
@@ -112,7 +131,11 @@ pub fn render_project(project: &Project) -> String {
                         line.push_str(" network=none");
                     }
                     for mount in &run.cache_mounts {
-                        let id = mount.id.as_ref().map(|id| format!(" id={}", text(id))).unwrap_or_default();
+                        let id = mount
+                            .id
+                            .as_ref()
+                            .map(|id| format!(" id={}", text(id)))
+                            .unwrap_or_default();
                         let _ = write!(line, "\n    cache-mount {}{id}", text(&mount.target));
                     }
                     for secret in &run.secrets {
@@ -130,7 +153,8 @@ pub fn render_project(project: &Project) -> String {
                     line
                 }
                 StepKind::Copy(copy) => {
-                    let mut line = format!("copy [{}] -> {}", texts(&copy.sources), text(&copy.dest));
+                    let mut line =
+                        format!("copy [{}] -> {}", texts(&copy.sources), text(&copy.dest));
                     match &copy.from {
                         Some(CopyFrom::Stage(name, _)) => {
                             let _ = write!(line, " from stage {name}");
@@ -186,13 +210,30 @@ pub fn render_project(project: &Project) -> String {
         }
     }
     for scope in &project.scopes {
-        let _ = writeln!(out, "scope {} = template {}  @{}", scope.name, scope.template, at(sources, scope.at));
+        let _ = writeln!(
+            out,
+            "scope {} = template {}  @{}",
+            scope.name,
+            scope.template,
+            at(sources, scope.at)
+        );
         for (name, value) in &scope.bindings {
-            let _ = writeln!(out, "  {name} = {}  @{}", text(value), at(sources, value.at));
+            let _ = writeln!(
+                out,
+                "  {name} = {}  @{}",
+                text(value),
+                at(sources, value.at)
+            );
         }
     }
     for image in &project.images {
-        let _ = writeln!(out, "image {} -> stage {}  @{}", text(&image.name), image.stage, at(sources, image.at));
+        let _ = writeln!(
+            out,
+            "image {} -> stage {}  @{}",
+            text(&image.name),
+            image.stage,
+            at(sources, image.at)
+        );
         if !image.tags.is_empty() {
             let _ = writeln!(out, "  tags {}", texts(&image.tags));
         }
@@ -241,10 +282,17 @@ fn golden_cases() {
         .filter(|path| path.extension().is_some_and(|extension| extension == "kdl"))
         .collect();
     inputs.sort();
-    assert!(inputs.len() >= 20, "expected the golden cases, found {}", inputs.len());
+    assert!(
+        inputs.len() >= 20,
+        "expected the golden cases, found {}",
+        inputs.len()
+    );
     let mut failures = Vec::new();
     for input in &inputs {
-        let stem = input.file_stem().and_then(|stem| stem.to_str()).expect("utf-8 name");
+        let stem = input
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .expect("utf-8 name");
         let source = std::fs::read_to_string(input).expect("read input");
         let actual = outcome(&format!("{stem}.kdl"), &source, &input_dir);
         let expected_path = expected_dir.join(format!("{stem}.txt"));
@@ -262,7 +310,12 @@ fn golden_cases() {
             ));
         }
     }
-    assert!(failures.is_empty(), "{} golden case(s) differ (BLESS=1 to update):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} golden case(s) differ (BLESS=1 to update):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// The error cases really are errors and the others really load: the file name says which.
@@ -271,15 +324,25 @@ fn error_cases_fail_and_others_load() {
     let input_dir = cases_dir().join("input");
     for entry in std::fs::read_dir(&input_dir).expect("cases/input exists") {
         let path = entry.expect("entry").path();
-        let Some(stem) = path.file_stem().and_then(|stem| stem.to_str()) else { continue };
+        let Some(stem) = path.file_stem().and_then(|stem| stem.to_str()) else {
+            continue;
+        };
         let source = std::fs::read_to_string(&path).expect("read input");
         let result = load_source(&format!("{stem}.kdl"), &source, &input_dir);
         if stem.starts_with("error_") {
             let diagnostics = result.err().unwrap_or_else(|| panic!("{stem} should fail"));
             assert!(diagnostics.has_errors(), "{stem}");
             for diagnostic in &diagnostics.0 {
-                assert!(diagnostic.help.is_some(), "{stem}: `{}` has no help line", diagnostic.message);
-                assert!(diagnostic.location.is_some(), "{stem}: `{}` has no location", diagnostic.message);
+                assert!(
+                    diagnostic.help.is_some(),
+                    "{stem}: `{}` has no help line",
+                    diagnostic.message
+                );
+                assert!(
+                    diagnostic.location.is_some(),
+                    "{stem}: `{}` has no location",
+                    diagnostic.message
+                );
             }
         } else if let Err(diagnostics) = result {
             panic!("{stem} should load:\n{}", render_diagnostics(&diagnostics));
@@ -291,9 +354,15 @@ fn error_cases_fail_and_others_load() {
 fn every_stdlib_module_loads_cleanly() {
     for (name, _) in graphbuild_lang::stdlib::MODULES {
         let source = format!("import \"std:{name}\" as=\"m\"\n");
-        let project = load_source("check.kdl", &source, &cases_dir())
-            .unwrap_or_else(|diagnostics| panic!("std:{name}:\n{}", render_diagnostics(&diagnostics)));
-        assert!(project.warnings.is_empty(), "std:{name}:\n{}", render_diagnostics(&Diagnostics(project.warnings)));
+        let project =
+            load_source("check.kdl", &source, &cases_dir()).unwrap_or_else(|diagnostics| {
+                panic!("std:{name}:\n{}", render_diagnostics(&diagnostics))
+            });
+        assert!(
+            project.warnings.is_empty(),
+            "std:{name}:\n{}",
+            render_diagnostics(&Diagnostics(project.warnings))
+        );
     }
 }
 
@@ -318,7 +387,11 @@ fn language_doc_examples_load() {
             None => {}
         }
     }
-    assert!(blocks.len() >= 10, "expected examples in docs/language.md, found {}", blocks.len());
+    assert!(
+        blocks.len() >= 10,
+        "expected examples in docs/language.md, found {}",
+        blocks.len()
+    );
     for (line, block) in blocks {
         let name = format!("language.md:{line}");
         match load_source(&name, &block, &cases_dir().join("input")) {
@@ -330,4 +403,30 @@ fn language_doc_examples_load() {
             Err(diagnostics) => panic!("{name}:\n{}", render_diagnostics(&diagnostics)),
         }
     }
+}
+
+#[test]
+fn load_reads_a_file_and_names_it_as_given() {
+    let path = cases_dir().join("input/template_use.kdl");
+    let project = graphbuild_lang::load(&path).expect("loads");
+    assert_eq!(project.sources.files[0].name, path.display().to_string());
+    assert_eq!(project.root_dir, cases_dir().join("input"));
+    assert_eq!(project.images[1].stage, "two/runtime");
+    let scope = &project.scopes[1];
+    assert_eq!(scope.name, "two");
+    let port = scope
+        .bindings
+        .iter()
+        .find(|(name, _)| name == "port")
+        .expect("port bound");
+    assert_eq!(port.1.raw, "80");
+
+    let missing =
+        graphbuild_lang::load(&cases_dir().join("input/no-such-file.kdl")).expect_err("missing");
+    assert!(missing.has_errors());
+    assert!(
+        missing.0[0].message.contains("cannot read build file"),
+        "{}",
+        missing.0[0].message
+    );
 }
