@@ -454,10 +454,20 @@ mod tests {
 
     const HEX: &str = "d4c00c7b6456a7ba455a2a26521cc97eba8c841bc9e0c0553d8159928c55ec88";
 
+    /// Input, registry, repository, tag, whether it has a digest, normalized display.
+    type NormalizationCase = (
+        String,
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        bool,
+        String,
+    );
+
     #[test]
     fn normalizes_like_docker() {
         let digest = format!("sha256:{HEX}");
-        let cases: Vec<(String, &str, &str, Option<&str>, bool, String)> = vec![
+        let cases: Vec<NormalizationCase> = vec![
             // input, registry, repository, tag, has digest, display
             (
                 "busybox".into(),

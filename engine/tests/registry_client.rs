@@ -494,6 +494,7 @@ struct FakeRequest {
     method: String,
     target: String,
     headers: BTreeMap<String, String>,
+    body: String,
 }
 
 struct FakeResponse {
@@ -622,6 +623,7 @@ fn serve_connection(
         method: method.to_string(),
         target: target.to_string(),
         headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
     };
     requests.lock().expect("requests").push(request.clone());
     let response = handler(&request);
@@ -676,6 +678,24 @@ fn token_registry(required_basic: Option<String>) -> FakeRegistry {
             let challenge =
                 format!(r#"Bearer realm="http://127.0.0.1:{port}/token",service="fake-registry""#);
             let path = request.target.split('?').next().unwrap_or("");
+            if path == "/token" && request.method == "POST" {
+                // OAuth2 refresh-token grant (an `identitytoken` in config.json).
+                let fields: Vec<&str> = request.body.split('&').collect();
+                if !fields.contains(&"grant_type=refresh_token")
+                    || !fields.contains(&"refresh_token=good-refresh-token")
+                    || !fields.contains(&"scope=repository%3Ateam%2Fapp%3Apull")
+                {
+                    return FakeResponse::new(
+                        401,
+                        r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad refresh token"}]}"#,
+                    );
+                }
+                let number = issued.fetch_add(1, Ordering::SeqCst);
+                return FakeResponse::new(
+                    200,
+                    format!(r#"{{"access_token":"token-{number}","expires_in":300}}"#),
+                );
+            }
             if path == "/token" {
                 if let Some(required) = &required_basic
                     && request.headers.get("authorization") != Some(required)
@@ -949,4 +969,44 @@ fn retries_429_and_5xx_then_fails_clearly() {
             registry.host()
         )
     );
+}
+
+#[test]
+fn bearer_token_flow_with_an_identity_token() {
+    let registry = token_registry(Some("Basic never-used".into()));
+    let host = registry.host();
+    let reference = Reference::parse(&format!("{host}/team/app:v1")).expect("reference");
+    let config_dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        config_dir.path().join("config.json"),
+        format!(r#"{{"auths": {{"{host}": {{"identitytoken": "good-refresh-token"}}}}}}"#),
+    )
+    .expect("config.json");
+    let client = client_with(config_dir.path(), |_| {});
+    assert_eq!(
+        client.resolve(&reference).expect("resolve").digest,
+        Digest::of(MANIFEST)
+    );
+    let posts = registry
+        .requests()
+        .into_iter()
+        .filter(|request| request.method == "POST")
+        .count();
+    assert_eq!(posts, 1);
+
+    let wrong_dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        wrong_dir.path().join("config.json"),
+        format!(r#"{{"auths": {{"{host}": {{"identitytoken": "stale-refresh-token"}}}}}}"#),
+    )
+    .expect("config.json");
+    let error = client_with(wrong_dir.path(), |_| {})
+        .resolve(&reference)
+        .expect_err("stale token");
+    let shown = format!("{error} {error:?}");
+    assert!(
+        matches!(error, RegistryError::Unauthorized { .. }),
+        "{shown}"
+    );
+    assert!(!shown.contains("stale-refresh-token"), "{shown}");
 }

@@ -547,6 +547,31 @@ mod tests {
         assert!(error.to_string().contains("invalid JSON"), "{error}");
     }
 
+    #[test]
+    fn config_names_the_helper_to_run() {
+        let dir = tempfile::tempdir().unwrap();
+        write_config(
+            dir.path(),
+            r#"{"credsStore": "graphbuild-test-absent-store",
+                "credHelpers": {"r.example.com": "graphbuild-test-absent-helper"},
+                "auths": {"other.example.com": {}}}"#,
+        );
+        let error = lookup_credentials(dir.path(), "r.example.com").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("`docker-credential-graphbuild-test-absent-helper`"),
+            "{error}"
+        );
+        let error = lookup_credentials(dir.path(), "other.example.com").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("`docker-credential-graphbuild-test-absent-store`"),
+            "{error}"
+        );
+    }
+
     fn write_helper(dir: &Path, name: &str, script: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         let path = dir.join(name);
