@@ -491,13 +491,21 @@ impl Executor<'_> {
     /// until the step ends (secret files are deleted when their guard drops).
     fn run_task(&self, node: &Node, run: &RunOp, guards: &mut Vec<Box<dyn std::any::Any>>) -> Result<RunTask, String> {
         let mut cache_mounts = Vec::new();
-        for mount in &run.cache_mounts {
-            let guard = self
-                .store
-                .cache_mount(&mount.id, &node.platform.to_string())
-                .map_err(|error| format!("cannot open cache mount `{}`: {error}", mount.id))?;
-            cache_mounts.push((guard.path().to_path_buf(), mount.target.clone()));
-            guards.push(Box::new(guard));
+        // Locks are taken in id order so two steps sharing mounts can never deadlock; one id
+        // mounted at two targets is one directory, locked once.
+        let mut mounts: Vec<_> = run.cache_mounts.iter().collect();
+        mounts.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut paths: HashMap<&str, PathBuf> = HashMap::new();
+        for mount in mounts {
+            if !paths.contains_key(mount.id.as_str()) {
+                let guard = self
+                    .store
+                    .cache_mount(&mount.id, &node.platform.to_string())
+                    .map_err(|error| format!("cannot open cache mount `{}`: {error}", mount.id))?;
+                paths.insert(&mount.id, guard.path().to_path_buf());
+                guards.push(Box::new(guard));
+            }
+            cache_mounts.push((paths[mount.id.as_str()].clone(), mount.target.clone()));
         }
         let mut env = run.env.clone();
         let mut secret_files = Vec::new();

@@ -203,6 +203,8 @@ pub struct ImagePlan {
 /// Expand a project. Every problem found is returned at once.
 pub fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Plan, Diagnostics> {
     let context_dir = options.context_dir.clone().unwrap_or_else(|| project.root_dir.clone());
+    // Absolute, so sandboxes (which change directory) and records see one stable path.
+    let context_dir = std::fs::canonicalize(&context_dir).unwrap_or(context_dir);
     let mut expander = Expander {
         project,
         options,
@@ -895,7 +897,7 @@ impl<'a> Expander<'a> {
                         .chain(args.iter().map(|arg| self.substitute(arg, Mode::Strict, vars, Some(settings))))
                         .collect(),
                 };
-                let mut duration = |text: &Option<Text>, expander: &mut Self| -> Option<u64> {
+                let duration = |text: &Option<Text>, expander: &mut Self| -> Option<u64> {
                     let text = text.as_ref()?;
                     let value = expander.substitute(text, Mode::Strict, vars, Some(settings));
                     match parse_duration(&value) {
@@ -996,10 +998,28 @@ pub fn parse_duration(text: &str) -> Option<u64> {
 
 impl Plan {
     /// Nodes in an order where every node comes after its dependencies.
+    /// Ties are broken by node id, so the order is stable and reads top-down.
     pub fn topological_order(&self) -> Vec<usize> {
-        petgraph::algo::toposort(&self.graph, None)
-            .map(|order| order.into_iter().map(|index| self.graph[index]).collect())
-            .unwrap_or_else(|_| (0..self.nodes.len()).collect())
+        let mut remaining: Vec<usize> = self.nodes.iter().map(|node| node.deps.len()).collect();
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); self.nodes.len()];
+        for node in &self.nodes {
+            for dep in &node.deps {
+                dependents[*dep].push(node.id);
+            }
+        }
+        let mut ready: std::collections::BTreeSet<usize> =
+            (0..self.nodes.len()).filter(|id| remaining[*id] == 0).collect();
+        let mut order = Vec::with_capacity(self.nodes.len());
+        while let Some(id) = ready.pop_first() {
+            order.push(id);
+            for dependent in &dependents[id] {
+                remaining[*dependent] -= 1;
+                if remaining[*dependent] == 0 {
+                    ready.insert(*dependent);
+                }
+            }
+        }
+        order
     }
 
     /// Nodes reachable from the selected images.
