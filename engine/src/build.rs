@@ -557,11 +557,21 @@ impl Executor<'_> {
         let mut blobs: Vec<Digest> = Vec::new();
         let mut executed = 0;
         let mut cached = 0;
+        // Steps of every node the image needs, each node counted once.
+        let mut needed: Vec<usize> = image.platforms.iter().map(|(_, node)| *node).collect();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(id) = needed.pop() {
+            if seen.insert(id) {
+                if let Some(output) = outputs.get(&id) {
+                    executed += output.executed;
+                    cached += output.cached;
+                }
+                needed.extend(self.plan.nodes[id].deps.iter().copied());
+            }
+        }
         for (platform, node_id) in &image.platforms {
             let node = &self.plan.nodes[*node_id];
             let output = outputs.get(node_id).ok_or_else(|| format!("node {} has no output", node.stage))?;
-            executed += output.executed;
-            cached += output.cached;
             let mut settings = node.settings.clone();
             settings.labels.extend(image.labels.clone());
             let config = config_file(&settings, platform, &output.layers, &output.history, &created);

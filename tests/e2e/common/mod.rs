@@ -153,6 +153,7 @@ pub fn unpack_platform(layout: &Path, tag: &str, platform: &str, into: &Path) ->
     let os = parts.next().unwrap_or("linux");
     let arch = parts.next().unwrap_or("amd64");
     let variant = parts.next();
+    std::fs::create_dir_all(into).expect("mkdir");
     let single = into.join("single");
     let mut skopeo = Command::new("skopeo");
     skopeo.args(["--override-os", os, "--override-arch", arch]);
