@@ -52,7 +52,7 @@ use ureq::http;
 
 use crate::digest::{Digest, DigestWriter};
 use crate::oci::{Descriptor, ImageIndex, OciPlatform, media, platform_preference};
-use crate::reference::{DOCKER_HUB, Reference};
+use crate::reference::Reference;
 use auth::{Challenge, Credential, Secret, percent_encode};
 
 /// The manifest media types a pull accepts, in the `Accept` header.
@@ -1761,15 +1761,6 @@ pub fn select_platform(index: &[u8], platform: &Platform) -> Result<Descriptor, 
             platform: platform.to_string(),
             available,
         }),
-    }
-}
-
-/// The registry name to use in messages: Docker Hub is `docker.io`, as users write it.
-pub fn display_registry(reference: &Reference) -> &str {
-    if reference.registry == DOCKER_HUB {
-        DOCKER_HUB
-    } else {
-        &reference.registry
     }
 }
 
