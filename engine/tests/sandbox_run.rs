@@ -444,3 +444,153 @@ fn copy_tasks_run_the_registered_handler_on_the_merged_root() {
         "{result:?}"
     );
 }
+
+/// Pids of processes running exactly `argv`.
+fn processes_running(argv: &[&str]) -> Vec<u32> {
+    let expected: Vec<u8> = argv
+        .iter()
+        .flat_map(|arg| [arg.as_bytes(), b"\0"].concat())
+        .collect();
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse().ok())
+        else {
+            continue;
+        };
+        if fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| cmdline == expected) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Children of `parent`, from /proc/*/stat.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …; comm may contain spaces, so split after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Starts `sandbox-child --run-spec` (a stand-in engine) running `script`, and waits until
+/// the script printed `started`.
+fn start_engine(
+    script: &str,
+    rootfs: &Path,
+    scratch: &Scratch,
+) -> (
+    Engine,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    use std::io::BufRead;
+    let spec = scratch.spec(vec![rootfs.to_path_buf()], shell(script));
+    let spec_path = scratch.dir.path().join("spec.json");
+    fs::write(&spec_path, serde_json::to_vec(&spec).expect("spec json")).expect("write spec");
+    let mut engine = std::process::Command::new(sandbox_exe())
+        .arg("--run-spec")
+        .arg(&spec_path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the engine stand-in");
+    let stdout = engine.stdout.take().expect("stdout");
+    let engine = Engine(engine);
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let first = lines.next().expect("a first line").expect("read");
+    assert_eq!(first, "started");
+    (engine, lines)
+}
+
+/// The engine stand-in, killed when a test ends early so no process is left behind.
+struct Engine(std::process::Child);
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn killing_the_engine_leaves_no_sandbox_process() {
+    if !is_root() {
+        return;
+    }
+    let rootfs = busybox_rootfs("amd64", None);
+    let scratch = Scratch::new();
+    let (mut engine, _lines) =
+        start_engine("sleep 987651 & echo started; wait", rootfs.path(), &scratch);
+    let supervisors = children_of(engine.0.id());
+    assert_eq!(supervisors.len(), 1, "one supervisor process");
+    assert_eq!(
+        processes_running(&["sleep", "987651"]).len(),
+        1,
+        "the sandboxed sleep runs"
+    );
+
+    engine.0.kill().expect("SIGKILL the engine");
+    engine.0.wait().expect("reap the engine");
+    wait_until("the sandboxed processes are gone", || {
+        processes_running(&["sleep", "987651"]).is_empty()
+            && !Path::new(&format!("/proc/{}", supervisors[0])).exists()
+    });
+}
+
+#[test]
+fn sigterm_to_the_supervisor_reaches_the_command() {
+    if !is_root() {
+        return;
+    }
+    let rootfs = busybox_rootfs("amd64", None);
+    let scratch = Scratch::new();
+    let (mut engine, lines) = start_engine(
+        "trap 'echo got TERM; exit 143' TERM; echo started; sleep 987652 & wait",
+        rootfs.path(),
+        &scratch,
+    );
+    let supervisors = children_of(engine.0.id());
+    assert_eq!(supervisors.len(), 1, "one supervisor process");
+    // SAFETY: kill(2) on the supervisor we just found.
+    unsafe { libc::kill(supervisors[0] as i32, libc::SIGTERM) };
+    let rest: Vec<String> = lines.map(|line| line.expect("read")).collect();
+    engine.0.wait().expect("reap the engine");
+    assert_eq!(
+        rest.first().map(String::as_str),
+        Some("got TERM"),
+        "{rest:?}"
+    );
+    let outcome = rest.last().expect("an outcome line");
+    assert!(outcome.contains("status: Exited(143)"), "{outcome}");
+    assert!(
+        processes_running(&["sleep", "987652"]).is_empty(),
+        "the background sleep died with PID 1"
+    );
+}

@@ -202,10 +202,9 @@ fn unmount_root(root: &Path) {
     }
 }
 
-/// Directories on the private tmpfs.
+/// Directories on the private tmpfs, which is also the working directory while mounting,
+/// so overlay options can use short relative paths.
 struct ScratchLayout {
-    /// `scratch/`, the process's working directory while mounting (short relative options).
-    scratch: PathBuf,
     /// `scratch/synthetic`: the top-most lower layer with the sandbox's mount points.
     synthetic: PathBuf,
     /// `scratch/empty`: an empty layer.
@@ -219,7 +218,6 @@ struct ScratchLayout {
 impl ScratchLayout {
     fn create(scratch: &Path, spec: &SandboxSpec) -> Result<ScratchLayout, Failure> {
         let layout = ScratchLayout {
-            scratch: scratch.to_path_buf(),
             synthetic: scratch.join("synthetic"),
             empty: scratch.join("empty"),
             probe: scratch.join("probe"),
@@ -368,7 +366,7 @@ impl ScratchLayout {
         }
         // Deepest first, after every child exists, so the times stick.
         for (synthetic_dir, source) in copied_dirs.iter().rev() {
-            copy_attributes(&source, synthetic_dir)
+            copy_attributes(source, synthetic_dir)
                 .map_err(step(format!("copy the attributes of {}", source.display())))?;
         }
         Ok(resolved_targets)
@@ -400,7 +398,6 @@ impl ScratchLayout {
                 ),
             )
         })?;
-        debug_assert!(self.scratch.is_dir());
         Ok(())
     }
 }

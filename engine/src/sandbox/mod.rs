@@ -366,7 +366,19 @@ fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
             return invalid(format!("{name} {} is not absolute", path.display()));
         }
     }
+    for lowerdir in &spec.lowerdirs {
+        if !lowerdir.is_absolute() {
+            return invalid(format!(
+                "lower directory {} is not absolute",
+                lowerdir.display()
+            ));
+        }
+    }
     if let Task::Run(run) = &spec.task {
+        let host_paths = run.cache_mounts.iter().chain(&run.secret_files);
+        if let Some((host_path, _)) = host_paths.into_iter().find(|(path, _)| !path.is_absolute()) {
+            return invalid(format!("host path {} is not absolute", host_path.display()));
+        }
         if run.argv.is_empty() {
             return invalid("the command is empty".to_string());
         }
