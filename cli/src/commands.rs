@@ -8,7 +8,8 @@ use graphbuild_engine::build::{self, BuildOptions, SecretValue};
 use graphbuild_engine::explain;
 use graphbuild_engine::layer::{Compression, LayerOptions};
 use graphbuild_engine::plan::{self, Base, Op, Plan, PlanOptions};
-use graphbuild_engine::resolve::LayoutResolver;
+use graphbuild_engine::resolve::{DefaultResolver, LockFile, LockMode};
+use graphbuild_engine::registry::{ClientOptions, RegistryClient};
 use graphbuild_engine::scheduler::CancelToken;
 use graphbuild_engine::store::Store;
 use graphbuild_lang::ir::Project;
@@ -27,7 +28,7 @@ struct Loaded {
     plan: Plan,
 }
 
-fn load(select: &SelectArgs, store: Option<&Store>, resolver: &LayoutResolver) -> Result<Loaded, u8> {
+fn load(select: &SelectArgs, store: Option<&Store>, resolver: &DefaultResolver) -> Result<Loaded, u8> {
     let project = match graphbuild_lang::load(&select.file) {
         Ok(project) => project,
         Err(diagnostics) => {
@@ -81,6 +82,62 @@ fn load(select: &SelectArgs, store: Option<&Store>, resolver: &LayoutResolver) -
     }
 }
 
+fn lock_path(select: &SelectArgs) -> PathBuf {
+    project_dir(select).join("graphbuild.lock")
+}
+
+fn registry_client(select: &SelectArgs) -> RegistryClient {
+    RegistryClient::new(ClientOptions { insecure_registries: select.insecure_registries.clone(), ..Default::default() })
+}
+
+/// The resolver for a command: OCI layouts and registries, pinned by graphbuild.lock unless
+/// `refresh` (or `--pull`).
+fn resolver(select: &SelectArgs, refresh: bool) -> Result<DefaultResolver, u8> {
+    let mode = if refresh || select.pull {
+        LockMode::Refresh
+    } else {
+        match LockFile::read(&lock_path(select)) {
+            Ok(lock) => LockMode::UseLock(lock.unwrap_or_default()),
+            Err(message) => {
+                render::error(&message, &["delete it and run `graphbuild lock FILE` to write a new one"]);
+                return Err(exit::INVALID_INPUT);
+            }
+        }
+    };
+    DefaultResolver::new(&project_dir(select), registry_client(select), mode).map_err(|error| {
+        render::error(&format!("cannot create a temporary directory: {error}"), &[]);
+        exit::ENVIRONMENT
+    })
+}
+
+fn write_lock(select: &SelectArgs, resolver: &DefaultResolver) -> Result<PathBuf, u8> {
+    let path = lock_path(select);
+    resolver.lock_file().write(&path).map(|()| path.clone()).map_err(|error| {
+        render::error(&format!("cannot write {}: {error}", path.display()), &[]);
+        exit::ENVIRONMENT
+    })
+}
+
+pub fn lock(select: SelectArgs) -> u8 {
+    let resolver = match resolver(&select, true) {
+        Ok(resolver) => resolver,
+        Err(code) => return code,
+    };
+    let loaded = match load(&select, None, &resolver) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    drop(loaded);
+    match write_lock(&select, &resolver) {
+        Ok(path) => {
+            let lock = resolver.lock_file();
+            println!("wrote {} ({} bases)", path.display(), lock.bases.len());
+            exit::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
 fn project_dir(select: &SelectArgs) -> PathBuf {
     select
         .file
@@ -113,7 +170,10 @@ fn node_cached(plan: &Plan, node: usize, store: Option<&Store>) -> Option<bool> 
 }
 
 pub fn plan(args: PlanArgs) -> u8 {
-    let resolver = LayoutResolver::new(&project_dir(&args.select));
+    let resolver = match resolver(&args.select, false) {
+        Ok(resolver) => resolver,
+        Err(code) => return code,
+    };
     let root = args.select.cache_dir.clone().unwrap_or_else(Store::default_root);
     let store = if root.exists() { Store::open(&root).ok() } else { None };
     let loaded = match load(&args.select, store.as_ref(), &resolver) {
@@ -395,6 +455,8 @@ fn cancel_on_signals() -> CancelToken {
 }
 
 struct BuildSettings {
+    format: build::ManifestFormat,
+    remote: build::RemoteOptions,
     output: PathBuf,
     no_cache: bool,
     jobs: Option<usize>,
@@ -407,7 +469,7 @@ struct BuildSettings {
 fn execute(
     loaded: &Loaded,
     store: &Store,
-    resolver: &LayoutResolver,
+    resolver: &DefaultResolver,
     settings: BuildSettings,
     cancel: &CancelToken,
     progress: &Progress,
@@ -420,6 +482,8 @@ fn execute(
         sandbox_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
         secrets: settings.secrets,
         cancel: cancel.clone(),
+        remote: settings.remote,
+        format: settings.format,
     };
     let report = build::build(&loaded.plan, &loaded.project.sources, store, resolver, &options, progress);
     progress.finish();
@@ -447,12 +511,27 @@ fn report_failures(report: &build::BuildReport) -> u8 {
     exit::SUCCESS
 }
 
+fn remote_options(args: &crate::RemoteCacheArgs) -> Result<build::RemoteOptions, u8> {
+    let open = |url: &str| {
+        graphbuild_engine::remote::RemoteCache::new(url, args.cache_token.clone()).map_err(|error| {
+            render::error(&error.to_string(), &["write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE"]);
+            exit::INVALID_INPUT
+        })
+    };
+    let from = args.cache_from.as_deref().or(args.cache.as_deref()).map(open).transpose()?;
+    let to = args.cache_to.as_deref().or(args.cache.as_deref()).map(open).transpose()?;
+    Ok(build::RemoteOptions { from, to, required: args.cache_required })
+}
+
 pub fn run(args: RunArgs) -> u8 {
     let store = match open_store(args.select.cache_dir.clone()) {
         Ok(store) => store,
         Err(code) => return code,
     };
-    let resolver = LayoutResolver::new(&project_dir(&args.select));
+    let resolver = match resolver(&args.select, false) {
+        Ok(resolver) => resolver,
+        Err(code) => return code,
+    };
     let loaded = match load(&args.select, Some(&store), &resolver) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -472,7 +551,16 @@ pub fn run(args: RunArgs) -> u8 {
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressMode::Tty } else { ProgressMode::Plain }
     });
     let progress = Progress::new(mode, args.quiet);
+    let remote = match remote_options(&args.cache) {
+        Ok(remote) => remote,
+        Err(code) => return code,
+    };
     let settings = BuildSettings {
+        format: match args.format {
+            crate::FormatArg::Oci => build::ManifestFormat::Oci,
+            crate::FormatArg::Docker => build::ManifestFormat::Docker,
+        },
+        remote,
         output: args.output.clone(),
         no_cache: args.no_cache,
         jobs: args.jobs,
@@ -484,7 +572,40 @@ pub fn run(args: RunArgs) -> u8 {
         source_date_epoch: args.source_date_epoch,
     };
     let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
-    report_failures(&report)
+    let code = report_failures(&report);
+    if code != exit::SUCCESS {
+        return code;
+    }
+    if args.select.pull {
+        if let Err(code) = write_lock(&args.select, &resolver) {
+            return code;
+        }
+    }
+    // Push the images that ask for it, or all with --push.
+    for (plan, summary) in loaded.plan.images.iter().zip(&report.images) {
+        if !(args.push || plan.push) {
+            continue;
+        }
+        if plan.tags.is_empty() {
+            render::error(
+                &format!("cannot push `{}`: it has no tags", plan.name),
+                &["give the image `tags \"registry.example.com/NAME:TAG\"`"],
+            );
+            return exit::INVALID_INPUT;
+        }
+        match graphbuild_engine::push::push_layout(resolver.registry(), std::path::Path::new(&summary.output), &plan.tags) {
+            Ok(pushed) => {
+                for tag in &pushed.tags {
+                    eprintln!("pushed {tag} ({})", summary.index_digest);
+                }
+            }
+            Err(message) => {
+                render::error(&format!("pushing `{}` failed: {message}", plan.name), &[]);
+                return exit::ENVIRONMENT;
+            }
+        }
+    }
+    exit::SUCCESS
 }
 
 /// `graphbuild verify`: two clean builds, compared.
@@ -503,7 +624,10 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
             Ok(store) => store,
             Err(code) => return code,
         };
-        let resolver = LayoutResolver::new(&project_dir(&select));
+        let resolver = match resolver(&select, false) {
+            Ok(resolver) => resolver,
+            Err(code) => return code,
+        };
         let loaded = match load(&select, Some(&store), &resolver) {
             Ok(loaded) => loaded,
             Err(code) => return code,
@@ -516,6 +640,8 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
         eprintln!("verify: {round} build from scratch…");
         let output = scratch.path().join(format!("out-{round}"));
         let settings = BuildSettings {
+            format: build::ManifestFormat::Oci,
+            remote: build::RemoteOptions::default(),
             output: output.clone(),
             no_cache: true,
             jobs,

@@ -45,6 +45,12 @@ enum Command {
     /// Show the graph: nodes, keys, what is cached, and each image's platforms; runs nothing
     #[command(after_help = "Examples:\n  graphbuild plan images.kdl\n  graphbuild plan images.kdl --explain\n  graphbuild plan images.kdl --format json\n  graphbuild plan images.kdl --format dot | dot -Tsvg > graph.svg")]
     Plan(PlanArgs),
+    /// Resolve every registry base to a digest per platform and write graphbuild.lock beside FILE
+    #[command(after_help = "Example:\n  graphbuild lock images.kdl && git add graphbuild.lock")]
+    Lock {
+        #[command(flatten)]
+        select: SelectArgs,
+    },
     /// Build twice from scratch in separate stores and compare: exit 0 only when bit-for-bit equal
     #[command(after_help = "Example:\n  graphbuild verify images.kdl app")]
     Verify {
@@ -102,6 +108,12 @@ pub struct SelectArgs {
     /// The local store (default: $XDG_CACHE_HOME/graphbuild)
     #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Allow plain HTTP to this registry (HOST[:PORT]; localhost and 127.0.0.0/8 always are)
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+    /// Resolve registry tags afresh instead of using graphbuild.lock, and refresh the lock file
+    #[arg(long)]
+    pub pull: bool,
 }
 
 #[derive(Args)]
@@ -150,6 +162,39 @@ pub struct RunArgs {
     /// Clamp file times and set `created` to this Unix time
     #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
     pub source_date_epoch: i64,
+    #[command(flatten)]
+    pub cache: RemoteCacheArgs,
+    /// Push every image's tags after building (images with push=#true are always pushed)
+    #[arg(long)]
+    pub push: bool,
+    /// Manifest media types: OCI (default) or Docker's manifest list and schema 2
+    #[arg(long, value_enum, default_value = "oci")]
+    pub format: FormatArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    Oci,
+    Docker,
+}
+
+#[derive(Args, Clone)]
+pub struct RemoteCacheArgs {
+    /// Read results missing locally from this cache (http://HOST:PORT[/INSTANCE])
+    #[arg(long, value_name = "URL")]
+    pub cache_from: Option<String>,
+    /// Upload new results to this cache
+    #[arg(long, value_name = "URL")]
+    pub cache_to: Option<String>,
+    /// Both --cache-from and --cache-to, unless those are given
+    #[arg(long = "cache", value_name = "URL", env = "GRAPHBUILD_CACHE", hide_env_values = true)]
+    pub cache: Option<String>,
+    /// Bearer token for the cache server
+    #[arg(long, value_name = "TOKEN", env = "GRAPHBUILD_CACHE_TOKEN", hide_env_values = true)]
+    pub cache_token: Option<String>,
+    /// Fail when the cache server is unreachable or failing, instead of warning and building locally
+    #[arg(long)]
+    pub cache_required: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -226,6 +271,7 @@ fn main() -> ExitCode {
         Command::Run(args) => commands::run(args),
         Command::Plan(args) => commands::plan(args),
         Command::Verify { select, jobs } => commands::verify(select, jobs),
+        Command::Lock { select } => commands::lock(select),
         Command::Doctor { file, fix, cache_dir } => doctor::doctor(file, fix, cache_dir),
         Command::Inspect { target, format } => inspect::inspect(&target, format == InspectFormat::Json),
         Command::Cache(CacheCommand::Du { cache_dir }) => commands::cache_du(cache_dir),

@@ -32,6 +32,8 @@ use crate::events::{Event, EventSink, ImageSummary, PlatformSummary, StepStatus,
 use crate::layer::{self, LayerOptions};
 use crate::oci;
 use crate::plan::{Base, CopySource, ImagePlan, Node, Op, Plan, RunOp};
+use crate::remote::{ActionResult, OutputFile, RemoteCache};
+use crate::key::KeyBuilder;
 use crate::resolve::Resolver;
 use crate::sandbox::{self, NetworkMode, RunTask, SandboxSpec, Task};
 use crate::scheduler::{self, CancelToken};
@@ -50,6 +52,60 @@ pub struct BuildOptions {
     /// `--secret id=…` values, by id. They reach a sandbox as a file or env var, never a key.
     pub secrets: HashMap<String, SecretValue>,
     pub cancel: CancelToken,
+    /// A shared cache to read missing results from and to write new results to.
+    pub remote: RemoteOptions,
+    /// Media types of the manifests written.
+    pub format: ManifestFormat,
+}
+
+/// `--format oci|docker`: which media types image manifests use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ManifestFormat {
+    #[default]
+    Oci,
+    /// Docker's manifest list and schema 2 manifest, for old registries and tools.
+    Docker,
+}
+
+impl ManifestFormat {
+    fn index(self) -> &'static str {
+        match self {
+            ManifestFormat::Oci => oci::media::OCI_INDEX,
+            ManifestFormat::Docker => oci::media::DOCKER_MANIFEST_LIST,
+        }
+    }
+    fn manifest(self) -> &'static str {
+        match self {
+            ManifestFormat::Oci => oci::media::OCI_MANIFEST,
+            ManifestFormat::Docker => oci::media::DOCKER_MANIFEST,
+        }
+    }
+    fn config(self) -> &'static str {
+        match self {
+            ManifestFormat::Oci => oci::media::OCI_CONFIG,
+            ManifestFormat::Docker => oci::media::DOCKER_CONFIG,
+        }
+    }
+    fn layer(self, media_type: &str) -> Result<String, String> {
+        match (self, media_type) {
+            (ManifestFormat::Oci, _) => Ok(media_type.to_string()),
+            (ManifestFormat::Docker, oci::media::OCI_LAYER_GZIP | oci::media::DOCKER_LAYER_GZIP) => {
+                Ok(oci::media::DOCKER_LAYER_GZIP.to_string())
+            }
+            (ManifestFormat::Docker, other) => Err(format!(
+                "a layer of media type {other} cannot be described in Docker's manifest format; use --format oci or --compression gzip"
+            )),
+        }
+    }
+}
+
+/// `--cache-from`, `--cache-to`, `--cache-required`.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteOptions {
+    pub from: Option<RemoteCache>,
+    pub to: Option<RemoteCache>,
+    /// Fail the build when the cache cannot be used, instead of warning once and going on.
+    pub required: bool,
 }
 
 /// A secret's content, from a file or an environment variable of graphbuild's own.
@@ -123,6 +179,12 @@ struct Executor<'a> {
     options: &'a BuildOptions,
     events: &'a dyn EventSink,
     outputs: Mutex<HashMap<usize, Arc<NodeOutput>>>,
+    /// Set once the remote cache failed: it is warned about once and not asked again.
+    remote_failed: std::sync::atomic::AtomicBool,
+    /// Cache mounts used by this build, (id, platform) → directory, saved to the remote at the end.
+    cache_mounts_used: Mutex<BTreeMap<(String, String), PathBuf>>,
+    /// Cache mounts already restored from the remote in this build.
+    cache_mounts_restored: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// Run every node of the plan and write every image.
@@ -135,8 +197,18 @@ pub fn build(
     events: &dyn EventSink,
 ) -> BuildReport {
     let started = Instant::now();
-    let executor =
-        Executor { plan, sources, store, resolver, options, events, outputs: Mutex::new(HashMap::new()) };
+    let executor = Executor {
+        plan,
+        sources,
+        store,
+        resolver,
+        options,
+        events,
+        outputs: Mutex::new(HashMap::new()),
+        remote_failed: std::sync::atomic::AtomicBool::new(false),
+        cache_mounts_used: Mutex::new(BTreeMap::new()),
+        cache_mounts_restored: Mutex::new(std::collections::HashSet::new()),
+    };
     events.emit(Event::Plan {
         nodes: plan.nodes.len(),
         steps: plan.nodes.iter().map(|node| node.steps.iter().filter(|step| step.op.touches_filesystem()).count()).sum(),
@@ -160,6 +232,18 @@ pub fn build(
             scheduler::Outcome::Failed(failure) => failures.push(failure.clone()),
             scheduler::Outcome::Cancelled => cancelled = true,
             _ => {}
+        }
+    }
+    if failures.is_empty() && !cancelled {
+        if let Err(message) = executor.save_cache_mounts() {
+            failures.push(NodeFailure {
+                stage: "cache mounts".into(),
+                platform: "all".into(),
+                location: None,
+                step: None,
+                message,
+                tail: Vec::new(),
+            });
         }
     }
     let outputs = executor.outputs.lock().map(|outputs| outputs.clone()).unwrap_or_default();
@@ -281,13 +365,177 @@ impl Executor<'_> {
         }
     }
 
-    fn cached_record(&self, key: &Key) -> Option<StepRecord> {
+    /// A step's recorded result: from the local store, else from the remote cache (whose
+    /// blobs are then fetched into the local store). `Err` only when the remote cache is
+    /// required and failed.
+    fn cached_record(&self, key: &Key) -> Result<Option<StepRecord>, String> {
         if self.options.no_cache {
-            return None;
+            return Ok(None);
         }
+        if let Some(record) = self.local_record(key) {
+            return Ok(Some(record));
+        }
+        let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else { return Ok(None) };
+        match self.fetch_remote_record(remote, key) {
+            Ok(record) => Ok(record),
+            Err(message) => self.remote_trouble(remote, message).map(|()| None),
+        }
+    }
+
+    fn local_record(&self, key: &Key) -> Option<StepRecord> {
         let bytes = self.store.get_action(key)?;
         let record: StepRecord = serde_json::from_slice(&bytes).ok()?;
         record.layers.iter().all(|layer| self.store.has_blob(&layer.digest)).then_some(record)
+    }
+
+    fn usable_remote<'r>(&self, remote: Option<&'r RemoteCache>) -> Option<&'r RemoteCache> {
+        remote.filter(|_| !self.remote_failed.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// A remote cache failed: warn once and go on locally, or fail when it is required.
+    fn remote_trouble(&self, remote: &RemoteCache, message: String) -> Result<(), String> {
+        if self.options.remote.required {
+            return Err(format!("the cache {} failed: {message}", remote.url()));
+        }
+        if !self.remote_failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            self.events.emit(Event::Warning {
+                message: format!("the cache {} is not usable, building without it: {message}", remote.url()),
+            });
+        }
+        Ok(())
+    }
+
+    fn fetch_remote_record(&self, remote: &RemoteCache, key: &Key) -> Result<Option<StepRecord>, String> {
+        let Some(action) = remote.get_action(&key.hex()).map_err(|error| error.to_string())? else {
+            return Ok(None);
+        };
+        let Some((record_digest, _)) = action.step_record() else { return Ok(None) };
+        let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
+        let record_path = temp.path().join("record");
+        if !remote.get_blob_to(&record_digest, &record_path).map_err(|error| error.to_string())? {
+            // The entry outlived its blobs: a miss.
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&record_path).map_err(|error| error.to_string())?;
+        let Ok(record) = serde_json::from_slice::<StepRecord>(&bytes) else { return Ok(None) };
+        // Fetch the layers the store lacks, a few at a time.
+        let missing: Vec<&LayerDesc> = record.layers.iter().filter(|layer| !self.store.has_blob(&layer.digest)).collect();
+        let results: Vec<Result<bool, String>> = std::thread::scope(|scope| {
+            let chunks: Vec<_> = missing.chunks(missing.len().div_ceil(4).max(1)).collect();
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|chunk| {
+                    let temp = temp.path();
+                    scope.spawn(move || -> Result<bool, String> {
+                        for layer in chunk {
+                            let path = temp.join(layer.digest.hex());
+                            if !remote.get_blob_to(&layer.digest, &path).map_err(|error| error.to_string())? {
+                                return Ok(false);
+                            }
+                            self.store.put_blob_file(&path, Some(layer.digest)).map_err(|error| error.to_string())?;
+                        }
+                        Ok(true)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|handle| handle.join().unwrap_or_else(|_| Err("a download thread panicked".into()))).collect()
+        });
+        for result in results {
+            if !result? {
+                return Ok(None);
+            }
+        }
+        self.store.put_action(key, &bytes).map_err(|error| error.to_string())?;
+        Ok(Some(record))
+    }
+
+    /// Make the remote cache hold a step's result: blobs first, then the action entry.
+    fn publish(&self, key: &Key, record: &StepRecord) -> Result<(), String> {
+        let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else { return Ok(()) };
+        let result = (|| -> Result<(), String> {
+            if remote.get_action(&key.hex()).map_err(|error| error.to_string())?.is_some() {
+                return Ok(());
+            }
+            for layer in &record.layers {
+                remote.put_blob_from(&layer.digest, &self.store.blob_path(&layer.digest)).map_err(|error| error.to_string())?;
+            }
+            let bytes = serde_json::to_vec(record).map_err(|error| error.to_string())?;
+            let digest = remote.put_blob_bytes(&bytes).map_err(|error| error.to_string())?;
+            remote
+                .put_action(&key.hex(), &ActionResult::for_step_record(digest, bytes.len() as u64))
+                .map_err(|error| error.to_string())
+        })();
+        match result {
+            Ok(()) => Ok(()),
+            Err(message) => self.remote_trouble(remote, message),
+        }
+    }
+
+    fn cache_mount_key(id: &str, platform: &str) -> Key {
+        KeyBuilder::new("cache-mount").str(id).str(platform).finish()
+    }
+
+    /// Fill an empty cache-mount directory from the remote cache, once per build.
+    fn restore_cache_mount(&self, id: &str, platform: &str, dir: &Path) -> Result<(), String> {
+        if let Ok(mut used) = self.cache_mounts_used.lock() {
+            used.insert((id.to_string(), platform.to_string()), dir.to_path_buf());
+        }
+        let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else { return Ok(()) };
+        let first = self.cache_mounts_restored.lock().map(|mut restored| restored.insert((id.to_string(), platform.to_string()))).unwrap_or(false);
+        let empty = std::fs::read_dir(dir).map(|mut entries| entries.next().is_none()).unwrap_or(false);
+        if !first || !empty {
+            return Ok(());
+        }
+        let result = (|| -> Result<(), String> {
+            let key = Self::cache_mount_key(id, platform);
+            let Some(action) = remote.get_action(&key.hex()).map_err(|error| error.to_string())? else { return Ok(()) };
+            let Some(file) = action.output_files.first() else { return Ok(()) };
+            let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
+            let path = temp.path().join("mount.tar");
+            if !remote.get_blob_to(&file.digest, &path).map_err(|error| error.to_string())? {
+                return Ok(());
+            }
+            let archive = std::fs::File::open(&path).map_err(|error| error.to_string())?;
+            unpack::unpack_layer(std::io::BufReader::new(archive), dir).map(|_| ()).map_err(|error| error.to_string())
+        })();
+        match result {
+            Ok(()) => Ok(()),
+            Err(message) => self.remote_trouble(remote, message),
+        }
+    }
+
+    /// Save every cache mount this build used to the remote cache, content-addressed, under a
+    /// key of (mount id, platform), so another machine's build starts with it.
+    fn save_cache_mounts(&self) -> Result<(), String> {
+        let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else { return Ok(()) };
+        let used = self.cache_mounts_used.lock().map(|used| used.clone()).unwrap_or_default();
+        for ((id, platform), dir) in used {
+            let guard = self.store.cache_mount(&id, &platform).map_err(|error| error.to_string())?;
+            let result = (|| -> Result<(), String> {
+                let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
+                let options = LayerOptions { source_date_epoch: 0, compression: layer::Compression::Gzip };
+                let Some(blob) = layer::write_layer_from_upper(&dir, temp.path(), &options).map_err(|error| error.to_string())?
+                else {
+                    return Ok(());
+                };
+                remote.put_blob_from(&blob.digest, &blob.path).map_err(|error| error.to_string())?;
+                let action = ActionResult {
+                    output_files: vec![OutputFile {
+                        path: "graphbuild/cache-mount.tar.gz".into(),
+                        digest: blob.digest,
+                        size_bytes: blob.size,
+                        is_executable: false,
+                    }],
+                    exit_code: 0,
+                };
+                remote.put_action(&Self::cache_mount_key(&id, &platform).hex(), &action).map_err(|error| error.to_string())
+            })();
+            drop(guard);
+            if let Err(message) = result {
+                return self.remote_trouble(remote, message);
+            }
+        }
+        Ok(())
     }
 
     fn run_node(&self, node: &Node) -> Result<(), NodeFailure> {
@@ -331,7 +579,12 @@ impl Executor<'_> {
             if !step.op.touches_filesystem() {
                 continue;
             }
-            if let Some(record) = self.cached_record(&step.key) {
+            let found = self.cached_record(&step.key).map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
+            if let Some(record) = found {
+                // A local hit the remote lacks is published, so a merge elsewhere finds it.
+                if self.options.remote.to.is_some() {
+                    self.publish(&step.key, &record).map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
+                }
                 layers = record.layers;
                 history = record.history;
                 resume_at = index + 1;
@@ -361,7 +614,7 @@ impl Executor<'_> {
                 continue;
             }
             // Another run may have built it meanwhile.
-            if let Some(record) = self.cached_record(&step.key) {
+            if let Some(record) = self.local_record(&step.key) {
                 layers = record.layers;
                 history = record.history;
                 cached += 1;
@@ -406,6 +659,7 @@ impl Executor<'_> {
             self.store
                 .put_action(&step.key, &bytes)
                 .map_err(|error| self.failure(node, Some(step), format!("cannot record the step in the store: {error}"), Vec::new()))?;
+            self.publish(&step.key, &record).map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
         }
         Ok(NodeOutput { layers, history, executed, cached })
     }
@@ -502,6 +756,7 @@ impl Executor<'_> {
                     .store
                     .cache_mount(&mount.id, &node.platform.to_string())
                     .map_err(|error| format!("cannot open cache mount `{}`: {error}", mount.id))?;
+                self.restore_cache_mount(&mount.id, &node.platform.to_string(), guard.path())?;
                 paths.insert(&mount.id, guard.path().to_path_buf());
                 guards.push(Box::new(guard));
             }
@@ -577,28 +832,29 @@ impl Executor<'_> {
             let config = config_file(&settings, platform, &output.layers, &output.history, &created);
             let config_bytes = oci::canonical_json(&config);
             let config_digest = self.store.put_blob_bytes(&config_bytes).map_err(|error| error.to_string())?;
+            let format = self.options.format;
+            let mut layer_descriptors = Vec::with_capacity(output.layers.len());
+            for layer in &output.layers {
+                layer_descriptors.push(oci::Descriptor {
+                    media_type: format.layer(&layer.media_type)?,
+                    digest: layer.digest,
+                    size: layer.size,
+                    platform: None,
+                    annotations: BTreeMap::new(),
+                });
+            }
             let manifest = oci::ImageManifest {
                 schema_version: 2,
-                media_type: Some(oci::media::OCI_MANIFEST.to_string()),
+                media_type: Some(format.manifest().to_string()),
                 config: oci::Descriptor {
-                    media_type: oci::media::OCI_CONFIG.to_string(),
+                    media_type: format.config().to_string(),
                     digest: config_digest,
                     size: config_bytes.len() as u64,
                     platform: None,
                     annotations: BTreeMap::new(),
                 },
-                layers: output
-                    .layers
-                    .iter()
-                    .map(|layer| oci::Descriptor {
-                        media_type: layer.media_type.clone(),
-                        digest: layer.digest,
-                        size: layer.size,
-                        platform: None,
-                        annotations: BTreeMap::new(),
-                    })
-                    .collect(),
-                annotations: image.annotations.clone(),
+                layers: layer_descriptors,
+                annotations: if format == ManifestFormat::Docker { BTreeMap::new() } else { image.annotations.clone() },
             };
             let manifest_bytes = oci::canonical_json(&manifest);
             let manifest_digest = self.store.put_blob_bytes(&manifest_bytes).map_err(|error| error.to_string())?;
@@ -606,7 +862,7 @@ impl Executor<'_> {
             blobs.push(manifest_digest);
             blobs.extend(output.layers.iter().map(|layer| layer.digest));
             manifests.push(oci::Descriptor {
-                media_type: oci::media::OCI_MANIFEST.to_string(),
+                media_type: self.options.format.manifest().to_string(),
                 digest: manifest_digest,
                 size: manifest_bytes.len() as u64,
                 platform: Some(oci::OciPlatform {
@@ -622,17 +878,18 @@ impl Executor<'_> {
                 size: output.layers.iter().map(|layer| layer.size).sum(),
             });
         }
+        let docker = self.options.format == ManifestFormat::Docker;
         let index = oci::ImageIndex {
             schema_version: 2,
-            media_type: Some(oci::media::OCI_INDEX.to_string()),
+            media_type: Some(self.options.format.index().to_string()),
             manifests,
-            annotations: image.annotations.clone(),
+            annotations: if docker { BTreeMap::new() } else { image.annotations.clone() },
         };
         let index_bytes = oci::canonical_json(&index);
         let index_digest = self.store.put_blob_bytes(&index_bytes).map_err(|error| error.to_string())?;
         blobs.push(index_digest);
         let index_descriptor = |reference: Option<&str>| oci::Descriptor {
-            media_type: oci::media::OCI_INDEX.to_string(),
+            media_type: self.options.format.index().to_string(),
             digest: index_digest,
             size: index_bytes.len() as u64,
             platform: None,
@@ -656,7 +913,7 @@ impl Executor<'_> {
         blobs.dedup();
         let blob_paths: Vec<(Digest, oci::BlobSource)> =
             blobs.iter().map(|digest| (*digest, oci::BlobSource::Path(self.store.blob_path(digest)))).collect();
-        oci::write_layout(&output_dir, &top, blob_paths.into_iter()).map_err(|error| {
+        oci::write_layout(&output_dir, &top, blob_paths).map_err(|error| {
             format!("cannot write the image layout {}: {error}", output_dir.display())
         })?;
         Ok(ImageSummary {

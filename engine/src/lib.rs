@@ -16,6 +16,7 @@ pub mod key;
 pub mod layer;
 pub mod oci;
 pub mod plan;
+pub mod push;
 pub mod reference;
 pub mod registry;
 pub mod remote;

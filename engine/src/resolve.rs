@@ -13,6 +13,8 @@ use graphbuild_lang::platform::Platform;
 
 use crate::digest::Digest;
 use crate::oci::{self, OciLayout};
+use crate::reference::Reference;
+use crate::registry::{BlobFetch, RegistryClient};
 use crate::state::{HealthcheckSettings, HistoryEntry, ImageSettings, LayerDesc};
 use crate::store::Store;
 
@@ -32,14 +34,19 @@ pub struct ResolvedBase {
 #[derive(Clone, Debug)]
 pub enum BaseSource {
     OciLayout { dir: PathBuf },
+    /// A registry image, pinned to the manifest digest it resolved to.
+    Registry { reference: Reference },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error("cannot read the OCI layout `{dir}`: {message}")]
     Layout { dir: String, message: String },
-    #[error("`{reference}` is a registry reference; pulling from registries is not supported yet")]
-    RegistryUnsupported { reference: String },
+    #[error("`{reference}` is not a valid image reference: {message}")]
+    InvalidReference { reference: String, message: String, help: String },
+    #[error("cannot pull `{reference}`: {message}")]
+    Registry { reference: String, message: String, help: String },
+
     #[error("the base image `{reference}` has no manifest for {platform}{available}")]
     NoPlatform { reference: String, platform: String, available: String },
     #[error("cannot copy layer {digest} of `{reference}` into the store: {message}")]
@@ -52,9 +59,8 @@ impl ResolveError {
             ResolveError::Layout { .. } => {
                 "an OCI layout is a directory with `oci-layout`, `index.json` and `blobs/`; write `oci:PATH:TAG` with PATH relative to the build file".into()
             }
-            ResolveError::RegistryUnsupported { .. } => {
-                "copy the image into an OCI layout (`skopeo copy --all docker://REF oci:DIR:TAG`) and use `from \"oci:DIR:TAG\"`".into()
-            }
+            ResolveError::InvalidReference { help, .. } | ResolveError::Registry { help, .. } => help.clone(),
+
             ResolveError::NoPlatform { .. } => {
                 "build this image only for the platforms its base provides (`platforms …` on the image, or `--platform`)".into()
             }
@@ -98,7 +104,11 @@ impl Resolver for LayoutResolver {
             return Ok(hit);
         }
         let Some((path, tag)) = parse_oci_reference(reference) else {
-            return Err(ResolveError::RegistryUnsupported { reference: reference.to_string() });
+            return Err(ResolveError::InvalidReference {
+                reference: reference.to_string(),
+                message: "not an `oci:PATH[:TAG]` layout".into(),
+                help: "this resolver reads OCI layouts only".into(),
+            });
         };
         let dir = self.root_dir.join(path);
         let layout_error = |message: String| ResolveError::Layout { dir: path.to_string(), message };
@@ -120,41 +130,17 @@ impl Resolver for LayoutResolver {
         let config_bytes = layout.read_blob(&manifest.config.digest).map_err(|error| layout_error(error.to_string()))?;
         let config: oci::ImageConfigFile =
             serde_json::from_slice(&config_bytes).map_err(|error| layout_error(format!("invalid image config: {error}")))?;
-        if config.rootfs.diff_ids.len() != manifest.layers.len() {
-            return Err(layout_error(format!(
-                "the manifest lists {} layers but the config {} diff ids",
-                manifest.layers.len(),
-                config.rootfs.diff_ids.len()
-            )));
-        }
-        let layers = manifest
-            .layers
-            .iter()
-            .zip(&config.rootfs.diff_ids)
-            .map(|(layer, diff_id)| LayerDesc {
-                digest: layer.digest,
-                diff_id: *diff_id,
-                size: layer.size,
-                media_type: layer.media_type.clone(),
-            })
-            .collect();
-        let history = config
-            .history
-            .iter()
-            .map(|entry| HistoryEntry {
-                created_by: entry.created_by.clone().unwrap_or_default(),
-                empty_layer: entry.empty_layer,
-            })
-            .collect();
-        let resolved = Arc::new(ResolvedBase {
-            reference: reference.to_string(),
-            manifest_digest: manifest_descriptor.digest,
-            platform: platform.clone(),
-            layers,
-            history,
-            settings: settings_from_config(&config.config),
-            source: BaseSource::OciLayout { dir },
-        });
+        let resolved = Arc::new(
+            base_from_parts(
+                reference,
+                manifest_descriptor.digest,
+                platform,
+                &manifest,
+                &config,
+                BaseSource::OciLayout { dir },
+            )
+            .map_err(layout_error)?,
+        );
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(cache_key, resolved.clone());
         }
@@ -162,7 +148,13 @@ impl Resolver for LayoutResolver {
     }
 
     fn fetch_layers(&self, base: &ResolvedBase, store: &Store) -> Result<(), ResolveError> {
-        let BaseSource::OciLayout { dir } = &base.source;
+        let BaseSource::OciLayout { dir } = &base.source else {
+            return Err(ResolveError::Fetch {
+                reference: base.reference.clone(),
+                digest: base.manifest_digest,
+                message: "not an OCI layout base".into(),
+            });
+        };
         for layer in &base.layers {
             if store.has_blob(&layer.digest) {
                 continue;
@@ -180,6 +172,242 @@ impl Resolver for LayoutResolver {
         }
         Ok(())
     }
+}
+
+/// What `graphbuild.lock` records: the manifest digest each registry base resolved to, per
+/// platform. Sorted, so the file is stable under version control.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LockFile {
+    pub version: u32,
+    pub bases: Vec<LockedBase>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct LockedBase {
+    /// The reference as written in the build file (after substitution).
+    pub reference: String,
+    pub platform: String,
+    /// The platform's image manifest.
+    pub digest: Digest,
+}
+
+impl LockFile {
+    pub fn read(path: &Path) -> Result<Option<LockFile>, String> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|error| format!("{} is not a valid lock file: {error}", path.display())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(format!("cannot read {}: {error}", path.display())),
+        }
+    }
+
+    /// Write atomically (temp file + rename).
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let mut sorted = self.clone();
+        sorted.version = 1;
+        sorted.bases.sort();
+        sorted.bases.dedup();
+        let mut bytes = serde_json::to_vec_pretty(&sorted).map_err(std::io::Error::other)?;
+        bytes.push(b'\n');
+        let temp = path.with_extension("lock.tmp");
+        std::fs::write(&temp, bytes)?;
+        std::fs::rename(&temp, path)
+    }
+
+    fn find(&self, reference: &str, platform: &Platform) -> Option<Digest> {
+        let platform = platform.to_string();
+        self.bases.iter().find(|base| base.reference == reference && base.platform == platform).map(|base| base.digest)
+    }
+}
+
+/// How registry bases are pinned.
+#[derive(Clone, Debug)]
+pub enum LockMode {
+    /// Resolve tags; use the lock file's digests for references it has.
+    UseLock(LockFile),
+    /// Resolve every tag afresh (`--pull`, `graphbuild lock`).
+    Refresh,
+}
+
+/// Resolves OCI layouts and registry references, with a lock file.
+pub struct DefaultResolver {
+    layouts: LayoutResolver,
+    registry: RegistryClient,
+    lock: LockMode,
+    cache: Mutex<HashMap<(String, Platform), Arc<ResolvedBase>>>,
+    /// Every registry base resolved, for writing the lock file.
+    resolved: Mutex<Vec<LockedBase>>,
+    scratch: tempfile::TempDir,
+}
+
+impl DefaultResolver {
+    pub fn new(root_dir: &Path, registry: RegistryClient, lock: LockMode) -> std::io::Result<Self> {
+        Ok(DefaultResolver {
+            layouts: LayoutResolver::new(root_dir),
+            registry,
+            lock,
+            cache: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(Vec::new()),
+            scratch: tempfile::Builder::new().prefix("graphbuild-resolve-").tempdir()?,
+        })
+    }
+
+    pub fn registry(&self) -> &RegistryClient {
+        &self.registry
+    }
+
+    /// The registry bases resolved so far, as a lock file.
+    pub fn lock_file(&self) -> LockFile {
+        let bases = self.resolved.lock().map(|resolved| resolved.clone()).unwrap_or_default();
+        LockFile { version: 1, bases }
+    }
+
+    fn resolve_registry(&self, written: &str, platform: &Platform) -> Result<Arc<ResolvedBase>, ResolveError> {
+        let reference = Reference::parse(written).map_err(|error| ResolveError::InvalidReference {
+            reference: written.to_string(),
+            message: error.to_string(),
+            help: miette::Diagnostic::help(&error).map(|help| help.to_string()).unwrap_or_default(),
+        })?;
+        let registry_error = |error: crate::registry::RegistryError| ResolveError::Registry {
+            reference: written.to_string(),
+            help: miette::Diagnostic::help(&error).map(|help| help.to_string()).unwrap_or_default(),
+            message: error.to_string(),
+        };
+        // A digest in the reference or in the lock file pins the manifest.
+        let pinned = match (&reference.digest, &self.lock) {
+            (Some(_), _) => None,
+            (None, LockMode::UseLock(lock)) => lock.find(written, platform),
+            (None, LockMode::Refresh) => None,
+        };
+        let (manifest_digest, manifest_bytes) = match pinned {
+            Some(digest) => {
+                let manifest = self.registry.resolve(&reference.with_digest(digest)).map_err(registry_error)?;
+                (manifest.digest, manifest.bytes)
+            }
+            None => {
+                let found = self.registry.resolve_platform(&reference, platform).map_err(registry_error)?;
+                (found.manifest.digest, found.manifest.bytes)
+            }
+        };
+        let layout_error = |message: String| ResolveError::Registry {
+            reference: written.to_string(),
+            message,
+            help: "the registry returned something that is not an image manifest".into(),
+        };
+        let manifest: oci::ImageManifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|error| layout_error(format!("invalid manifest: {error}")))?;
+        let config_path = self.scratch.path().join(manifest.config.digest.hex());
+        if !config_path.exists() {
+            self.registry
+                .fetch_blob(&reference, &manifest.config.digest, manifest.config.size, &config_path)
+                .map_err(registry_error)?;
+        }
+        let config_bytes = std::fs::read(&config_path).map_err(|error| layout_error(error.to_string()))?;
+        let config: oci::ImageConfigFile =
+            serde_json::from_slice(&config_bytes).map_err(|error| layout_error(format!("invalid image config: {error}")))?;
+        let image_platform = config.platform();
+        if image_platform.os != platform.os || image_platform.architecture != platform.architecture {
+            return Err(ResolveError::NoPlatform {
+                reference: written.to_string(),
+                platform: platform.to_string(),
+                available: format!(" (it is a single image for {image_platform})"),
+            });
+        }
+        let resolved = base_from_parts(
+            written,
+            manifest_digest,
+            platform,
+            &manifest,
+            &config,
+            BaseSource::Registry { reference: reference.with_digest(manifest_digest) },
+        )
+        .map_err(layout_error)?;
+        if let Ok(mut list) = self.resolved.lock() {
+            list.push(LockedBase { reference: written.to_string(), platform: platform.to_string(), digest: manifest_digest });
+        }
+        Ok(Arc::new(resolved))
+    }
+}
+
+impl Resolver for DefaultResolver {
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<Arc<ResolvedBase>, ResolveError> {
+        if parse_oci_reference(reference).is_some() {
+            return self.layouts.resolve(reference, platform);
+        }
+        let cache_key = (reference.to_string(), platform.clone());
+        if let Some(hit) = self.cache.lock().ok().and_then(|cache| cache.get(&cache_key).cloned()) {
+            return Ok(hit);
+        }
+        let resolved = self.resolve_registry(reference, platform)?;
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert(cache_key, resolved.clone());
+        }
+        Ok(resolved)
+    }
+
+    fn fetch_layers(&self, base: &ResolvedBase, store: &Store) -> Result<(), ResolveError> {
+        let BaseSource::Registry { reference } = &base.source else {
+            return self.layouts.fetch_layers(base, store);
+        };
+        let fetch_error = |digest: Digest, message: String| ResolveError::Fetch { reference: base.reference.clone(), digest, message };
+        let temp = store.temp_dir().map_err(|error| fetch_error(base.manifest_digest, error.to_string()))?;
+        let missing: Vec<BlobFetch> = base
+            .layers
+            .iter()
+            .filter(|layer| !store.has_blob(&layer.digest))
+            .map(|layer| BlobFetch { digest: layer.digest, size: layer.size, dest: temp.path().join(layer.digest.hex()) })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.registry.fetch_blobs(reference, &missing).map_err(|error| fetch_error(base.manifest_digest, error.to_string()))?;
+        for blob in &missing {
+            store.put_blob_file(&blob.dest, Some(blob.digest)).map_err(|error| fetch_error(blob.digest, error.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// A [`ResolvedBase`] from a manifest and its config.
+fn base_from_parts(
+    reference: &str,
+    manifest_digest: Digest,
+    platform: &Platform,
+    manifest: &oci::ImageManifest,
+    config: &oci::ImageConfigFile,
+    source: BaseSource,
+) -> Result<ResolvedBase, String> {
+    if config.rootfs.diff_ids.len() != manifest.layers.len() {
+        return Err(format!(
+            "the manifest lists {} layers but the config {} diff ids",
+            manifest.layers.len(),
+            config.rootfs.diff_ids.len()
+        ));
+    }
+    Ok(ResolvedBase {
+        reference: reference.to_string(),
+        manifest_digest,
+        platform: platform.clone(),
+        layers: manifest
+            .layers
+            .iter()
+            .zip(&config.rootfs.diff_ids)
+            .map(|(layer, diff_id)| LayerDesc {
+                digest: layer.digest,
+                diff_id: *diff_id,
+                size: layer.size,
+                media_type: layer.media_type.clone(),
+            })
+            .collect(),
+        history: config
+            .history
+            .iter()
+            .map(|entry| HistoryEntry { created_by: entry.created_by.clone().unwrap_or_default(), empty_layer: entry.empty_layer })
+            .collect(),
+        settings: settings_from_config(&config.config),
+        source,
+    })
 }
 
 /// Image settings from an image config's `config` section.
