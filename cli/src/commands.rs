@@ -8,8 +8,8 @@ use graphbuild_engine::build::{self, BuildOptions, SecretValue};
 use graphbuild_engine::explain;
 use graphbuild_engine::layer::{Compression, LayerOptions};
 use graphbuild_engine::plan::{self, Base, Op, Plan, PlanOptions};
-use graphbuild_engine::resolve::{DefaultResolver, LockFile, LockMode};
 use graphbuild_engine::registry::{ClientOptions, RegistryClient};
+use graphbuild_engine::resolve::{DefaultResolver, LockFile, LockMode};
 use graphbuild_engine::scheduler::CancelToken;
 use graphbuild_engine::store::Store;
 use graphbuild_lang::ir::Project;
@@ -21,14 +21,17 @@ use crate::progress::Progress;
 use crate::render;
 use crate::{CompressionArg, PlanArgs, PlanFormat, ProgressMode, RunArgs, SelectArgs};
 
-
 /// A loaded and expanded build file.
 struct Loaded {
     project: Project,
     plan: Plan,
 }
 
-fn load(select: &SelectArgs, store: Option<&Store>, resolver: &DefaultResolver) -> Result<Loaded, u8> {
+fn load(
+    select: &SelectArgs,
+    store: Option<&Store>,
+    resolver: &DefaultResolver,
+) -> Result<Loaded, u8> {
     let project = match graphbuild_lang::load(&select.file) {
         Ok(project) => project,
         Err(diagnostics) => {
@@ -46,7 +49,10 @@ fn load(select: &SelectArgs, store: Option<&Store>, resolver: &DefaultResolver) 
                 args.insert(key.to_string(), value.to_string());
             }
             _ => {
-                render::error(&format!("`--arg {arg}` is not KEY=VALUE"), &["write --arg NAME=value"]);
+                render::error(
+                    &format!("`--arg {arg}` is not KEY=VALUE"),
+                    &["write --arg NAME=value"],
+                );
                 return Err(exit::INVALID_INPUT);
             }
         }
@@ -58,7 +64,9 @@ fn load(select: &SelectArgs, store: Option<&Store>, resolver: &DefaultResolver) 
             Err(error) => {
                 render::error(
                     &format!("`--platform {platform}` is not a valid platform: {error}"),
-                    &["write a platform as OS/ARCH[/VARIANT], for example linux/arm64 or linux/arm/v7"],
+                    &[
+                        "write a platform as OS/ARCH[/VARIANT], for example linux/arm64 or linux/arm/v7",
+                    ],
                 );
                 return Err(exit::INVALID_INPUT);
             }
@@ -87,7 +95,10 @@ fn lock_path(select: &SelectArgs) -> PathBuf {
 }
 
 fn registry_client(select: &SelectArgs) -> RegistryClient {
-    RegistryClient::new(ClientOptions { insecure_registries: select.insecure_registries.clone(), ..Default::default() })
+    RegistryClient::new(ClientOptions {
+        insecure_registries: select.insecure_registries.clone(),
+        ..Default::default()
+    })
 }
 
 /// The resolver for a command: OCI layouts and registries, pinned by graphbuild.lock unless
@@ -99,23 +110,33 @@ fn resolver(select: &SelectArgs, refresh: bool) -> Result<DefaultResolver, u8> {
         match LockFile::read(&lock_path(select)) {
             Ok(lock) => LockMode::UseLock(lock.unwrap_or_default()),
             Err(message) => {
-                render::error(&message, &["delete it and run `graphbuild lock FILE` to write a new one"]);
+                render::error(
+                    &message,
+                    &["delete it and run `graphbuild lock FILE` to write a new one"],
+                );
                 return Err(exit::INVALID_INPUT);
             }
         }
     };
     DefaultResolver::new(&project_dir(select), registry_client(select), mode).map_err(|error| {
-        render::error(&format!("cannot create a temporary directory: {error}"), &[]);
+        render::error(
+            &format!("cannot create a temporary directory: {error}"),
+            &[],
+        );
         exit::ENVIRONMENT
     })
 }
 
 fn write_lock(select: &SelectArgs, resolver: &DefaultResolver) -> Result<PathBuf, u8> {
     let path = lock_path(select);
-    resolver.lock_file().write(&path).map(|()| path.clone()).map_err(|error| {
-        render::error(&format!("cannot write {}: {error}", path.display()), &[]);
-        exit::ENVIRONMENT
-    })
+    resolver
+        .lock_file()
+        .write(&path)
+        .map(|()| path.clone())
+        .map_err(|error| {
+            render::error(&format!("cannot write {}: {error}", path.display()), &[]);
+            exit::ENVIRONMENT
+        })
 }
 
 pub fn lock(select: SelectArgs) -> u8 {
@@ -162,7 +183,11 @@ fn open_store(cache_dir: Option<PathBuf>) -> Result<Store, u8> {
 fn node_cached(plan: &Plan, node: usize, store: Option<&Store>) -> Option<bool> {
     let store = store?;
     let node = &plan.nodes[node];
-    let last = node.steps.iter().rev().find(|step| step.op.touches_filesystem());
+    let last = node
+        .steps
+        .iter()
+        .rev()
+        .find(|step| step.op.touches_filesystem());
     Some(match last {
         Some(step) => store.get_action(&step.key).is_some(),
         None => true,
@@ -174,8 +199,16 @@ pub fn plan(args: PlanArgs) -> u8 {
         Ok(resolver) => resolver,
         Err(code) => return code,
     };
-    let root = args.select.cache_dir.clone().unwrap_or_else(Store::default_root);
-    let store = if root.exists() { Store::open(&root).ok() } else { None };
+    let root = args
+        .select
+        .cache_dir
+        .clone()
+        .unwrap_or_else(Store::default_root);
+    let store = if root.exists() {
+        Store::open(&root).ok()
+    } else {
+        None
+    };
     let loaded = match load(&args.select, store.as_ref(), &resolver) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -198,7 +231,10 @@ pub fn plan(args: PlanArgs) -> u8 {
                     node["explain"] = serde_json::to_value(explanation).unwrap_or_default();
                 }
             }
-            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
         } else {
             print!("{}", explain_text(plan, &explanations));
         }
@@ -207,7 +243,10 @@ pub fn plan(args: PlanArgs) -> u8 {
     match args.format {
         PlanFormat::Json => {
             let value = plan_json(plan, &loaded.project, store.as_ref());
-            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
         }
         PlanFormat::Dot => print!("{}", plan_dot(plan)),
         PlanFormat::Text => print!("{}", plan_text(plan, store.as_ref())),
@@ -286,7 +325,14 @@ fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
     for id in plan.topological_order() {
         let node = &plan.nodes[id];
         let targets = if node.targets.len() > 1 || node.targets[0] != node.platform {
-            format!(" (for {})", node.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+            format!(
+                " (for {})",
+                node.targets
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         } else {
             String::new()
         };
@@ -294,14 +340,27 @@ fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
             Some(true) => "  cached",
             Some(false) | None => "",
         };
-        let _ = writeln!(out, "  {:<4} {} · {}{}  {}{}", node_id(id), node.stage, node.platform, targets, node.key.short(), status);
+        let _ = writeln!(
+            out,
+            "  {:<4} {} · {}{}  {}{}",
+            node_id(id),
+            node.stage,
+            node.platform,
+            targets,
+            node.key.short(),
+            status
+        );
         match &node.base {
             Base::Scratch => {}
             Base::Stage(base) => {
                 let _ = writeln!(out, "         from {}", node_id(*base));
             }
             Base::Image(image) => {
-                let _ = writeln!(out, "         from {} ({})", image.reference, image.manifest_digest);
+                let _ = writeln!(
+                    out,
+                    "         from {} ({})",
+                    image.reference, image.manifest_digest
+                );
             }
         }
         for step in &node.steps {
@@ -309,7 +368,12 @@ fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
                 let _ = writeln!(out, "         {}", truncate(&step.description, 100));
             }
         }
-        let copies: Vec<String> = node.deps.iter().filter(|dep| !matches!(node.base, Base::Stage(base) if base == **dep)).map(|dep| node_id(*dep)).collect();
+        let copies: Vec<String> = node
+            .deps
+            .iter()
+            .filter(|dep| !matches!(node.base, Base::Stage(base) if base == **dep))
+            .map(|dep| node_id(*dep))
+            .collect();
         if !copies.is_empty() {
             let _ = writeln!(out, "         copies from {}", copies.join(", "));
         }
@@ -341,10 +405,25 @@ fn explain_text(plan: &Plan, explanations: &[explain::Explanation]) -> String {
                 let _ = writeln!(out, "will run: never built");
             }
             explain::Explanation::Evicted => {
-                let _ = writeln!(out, "will run: the inputs are unchanged but the result is no longer in the store");
+                let _ = writeln!(
+                    out,
+                    "will run: the inputs are unchanged but the result is no longer in the store"
+                );
             }
-            explain::Explanation::Changed { step, location, reasons } => {
-                let _ = writeln!(out, "will run from `{}`{}", truncate(step, 80), location.as_ref().map(|l| format!(" ({l})")).unwrap_or_default());
+            explain::Explanation::Changed {
+                step,
+                location,
+                reasons,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "will run from `{}`{}",
+                    truncate(step, 80),
+                    location
+                        .as_ref()
+                        .map(|l| format!(" ({l})"))
+                        .unwrap_or_default()
+                );
                 for reason in reasons {
                     let _ = writeln!(out, "    {reason}");
                 }
@@ -366,7 +445,9 @@ fn truncate(text: &str, width: usize) -> String {
 
 fn plan_dot(plan: &Plan) -> String {
     use std::fmt::Write;
-    let mut out = String::from("digraph graphbuild {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n");
+    let mut out = String::from(
+        "digraph graphbuild {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n",
+    );
     for node in &plan.nodes {
         let label = format!("{}\\n{}", node.stage, node.platform).replace('"', "\\\"");
         let _ = writeln!(out, "  {} [label=\"{}\"];", node_id(node.id), label);
@@ -375,7 +456,11 @@ fn plan_dot(plan: &Plan) -> String {
         }
     }
     for (index, image) in plan.images.iter().enumerate() {
-        let _ = writeln!(out, "  image{index} [shape=folder, label=\"{}\"];", image.name.replace('"', "\\\""));
+        let _ = writeln!(
+            out,
+            "  image{index} [shape=folder, label=\"{}\"];",
+            image.name.replace('"', "\\\"")
+        );
         for (_, node) in &image.platforms {
             let _ = writeln!(out, "  {} -> image{index};", node_id(*node));
         }
@@ -394,10 +479,16 @@ fn parse_secrets(specs: &[String]) -> Result<HashMap<String, SecretValue>, Strin
                 Some(("id", v)) => id = Some(v.to_string()),
                 Some(("src" | "source", v)) => value = Some(SecretValue::File(PathBuf::from(v))),
                 Some(("env", v)) => {
-                    let content = std::env::var(v).map_err(|_| format!("--secret: the environment variable `{v}` is not set"))?;
+                    let content = std::env::var(v).map_err(|_| {
+                        format!("--secret: the environment variable `{v}` is not set")
+                    })?;
                     value = Some(SecretValue::Bytes(content.into_bytes()));
                 }
-                _ => return Err(format!("--secret: cannot read `{part}`; write id=ID,src=PATH or id=ID,env=VAR")),
+                _ => {
+                    return Err(format!(
+                        "--secret: cannot read `{part}`; write id=ID,src=PATH or id=ID,env=VAR"
+                    ));
+                }
             }
         }
         match (id, value) {
@@ -416,8 +507,16 @@ fn check_emulators(plan: &Plan) -> Result<(), u8> {
     let mut missing: Vec<(Platform, String)> = Vec::new();
     for node in &plan.nodes {
         let runs = node.steps.iter().any(|step| matches!(step.op, Op::Run(_)));
-        if runs && !missing.iter().any(|(platform, _)| *platform == node.platform) {
-            if let Err(error) = graphbuild_engine::binfmt::check_emulation(&crate::doctor::binfmt_dir(), &node.platform, &host) {
+        if runs
+            && !missing
+                .iter()
+                .any(|(platform, _)| *platform == node.platform)
+        {
+            if let Err(error) = graphbuild_engine::binfmt::check_emulation(
+                &crate::doctor::binfmt_dir(),
+                &node.platform,
+                &host,
+            ) {
                 missing.push((node.platform.clone(), error.to_string()));
             }
         }
@@ -475,17 +574,29 @@ fn execute(
     progress: &Progress,
 ) -> build::BuildReport {
     let options = BuildOptions {
-        jobs: settings.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        jobs: settings
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         output_dir: settings.output,
         no_cache: settings.no_cache,
-        layer: LayerOptions { source_date_epoch: settings.source_date_epoch, compression: settings.compression },
+        layer: LayerOptions {
+            source_date_epoch: settings.source_date_epoch,
+            compression: settings.compression,
+        },
         sandbox_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
         secrets: settings.secrets,
         cancel: cancel.clone(),
         remote: settings.remote,
         format: settings.format,
     };
-    let report = build::build(&loaded.plan, &loaded.project.sources, store, resolver, &options, progress);
+    let report = build::build(
+        &loaded.plan,
+        &loaded.project.sources,
+        store,
+        resolver,
+        &options,
+        progress,
+    );
     progress.finish();
     if report.failures.is_empty() && !report.cancelled {
         explain::record(store, &loaded.plan);
@@ -500,7 +611,11 @@ fn report_failures(report: &build::BuildReport) -> u8 {
         }
         eprintln!(
             "error: {} of the build failed",
-            if report.failures.len() == 1 { "1 node".to_string() } else { format!("{} nodes", report.failures.len()) }
+            if report.failures.len() == 1 {
+                "1 node".to_string()
+            } else {
+                format!("{} nodes", report.failures.len())
+            }
         );
         return exit::BUILD_FAILED;
     }
@@ -513,14 +628,33 @@ fn report_failures(report: &build::BuildReport) -> u8 {
 
 fn remote_options(args: &crate::RemoteCacheArgs) -> Result<build::RemoteOptions, u8> {
     let open = |url: &str| {
-        graphbuild_engine::remote::RemoteCache::new(url, args.cache_token.clone()).map_err(|error| {
-            render::error(&error.to_string(), &["write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE"]);
-            exit::INVALID_INPUT
-        })
+        graphbuild_engine::remote::RemoteCache::new(url, args.cache_token.clone()).map_err(
+            |error| {
+                render::error(
+                    &error.to_string(),
+                    &["write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE"],
+                );
+                exit::INVALID_INPUT
+            },
+        )
     };
-    let from = args.cache_from.as_deref().or(args.cache.as_deref()).map(open).transpose()?;
-    let to = args.cache_to.as_deref().or(args.cache.as_deref()).map(open).transpose()?;
-    Ok(build::RemoteOptions { from, to, required: args.cache_required })
+    let from = args
+        .cache_from
+        .as_deref()
+        .or(args.cache.as_deref())
+        .map(open)
+        .transpose()?;
+    let to = args
+        .cache_to
+        .as_deref()
+        .or(args.cache.as_deref())
+        .map(open)
+        .transpose()?;
+    Ok(build::RemoteOptions {
+        from,
+        to,
+        required: args.cache_required,
+    })
 }
 
 pub fn run(args: RunArgs) -> u8 {
@@ -548,7 +682,11 @@ pub fn run(args: RunArgs) -> u8 {
     }
     let cancel = cancel_on_signals();
     let mode = args.progress.unwrap_or_else(|| {
-        if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ProgressMode::Tty } else { ProgressMode::Plain }
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ProgressMode::Tty
+        } else {
+            ProgressMode::Plain
+        }
     });
     let progress = Progress::new(mode, args.quiet);
     let remote = match remote_options(&args.cache) {
@@ -593,7 +731,11 @@ pub fn run(args: RunArgs) -> u8 {
             );
             return exit::INVALID_INPUT;
         }
-        match graphbuild_engine::push::push_layout(resolver.registry(), std::path::Path::new(&summary.output), &plan.tags) {
+        match graphbuild_engine::push::push_layout(
+            resolver.registry(),
+            std::path::Path::new(&summary.output),
+            &plan.tags,
+        ) {
             Ok(pushed) => {
                 for tag in &pushed.tags {
                     eprintln!("pushed {tag} ({})", summary.index_digest);
@@ -610,10 +752,16 @@ pub fn run(args: RunArgs) -> u8 {
 
 /// `graphbuild verify`: two clean builds, compared.
 pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
-    let scratch = match tempfile::Builder::new().prefix("graphbuild-verify-").tempdir() {
+    let scratch = match tempfile::Builder::new()
+        .prefix("graphbuild-verify-")
+        .tempdir()
+    {
         Ok(dir) => dir,
         Err(error) => {
-            render::error(&format!("cannot create a temporary directory: {error}"), &[]);
+            render::error(
+                &format!("cannot create a temporary directory: {error}"),
+                &[],
+            );
             return exit::ENVIRONMENT;
         }
     };
@@ -666,8 +814,14 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
             continue;
         }
         reproducible = false;
-        println!("✗ {}: the two builds differ ({} vs {})", first.name, first.index_digest, second.index_digest);
-        match graphbuild_engine::verify::compare_layouts(std::path::Path::new(&first.output), std::path::Path::new(&second.output)) {
+        println!(
+            "✗ {}: the two builds differ ({} vs {})",
+            first.name, first.index_digest, second.index_digest
+        );
+        match graphbuild_engine::verify::compare_layouts(
+            std::path::Path::new(&first.output),
+            std::path::Path::new(&second.output),
+        ) {
             Ok(differences) => {
                 for difference in differences {
                     println!("  {} · {}", difference.platform, difference.part);
@@ -679,7 +833,11 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
             Err(error) => println!("  cannot compare the layouts: {error}"),
         }
     }
-    if reproducible { exit::SUCCESS } else { exit::BUILD_FAILED }
+    if reproducible {
+        exit::SUCCESS
+    } else {
+        exit::BUILD_FAILED
+    }
 }
 
 pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {
@@ -690,10 +848,26 @@ pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {
     match store.usage() {
         Ok(usage) => {
             println!("{}", store.root().display());
-            println!("  blobs          {:>10}  ({} entries)", render::bytes(usage.blobs.bytes), usage.blobs.count);
-            println!("  actions        {:>10}  ({} entries)", render::bytes(usage.actions.bytes), usage.actions.count);
-            println!("  snapshots      {:>10}  ({} entries)", render::bytes(usage.snapshots.bytes), usage.snapshots.count);
-            println!("  cache mounts   {:>10}  ({} entries)", render::bytes(usage.cache_mounts.bytes), usage.cache_mounts.count);
+            println!(
+                "  blobs          {:>10}  ({} entries)",
+                render::bytes(usage.blobs.bytes),
+                usage.blobs.count
+            );
+            println!(
+                "  actions        {:>10}  ({} entries)",
+                render::bytes(usage.actions.bytes),
+                usage.actions.count
+            );
+            println!(
+                "  snapshots      {:>10}  ({} entries)",
+                render::bytes(usage.snapshots.bytes),
+                usage.snapshots.count
+            );
+            println!(
+                "  cache mounts   {:>10}  ({} entries)",
+                render::bytes(usage.cache_mounts.bytes),
+                usage.cache_mounts.count
+            );
             println!("  total          {:>10}", render::bytes(usage.total));
             exit::SUCCESS
         }
@@ -706,7 +880,10 @@ pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {
 
 pub fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> u8 {
     let Some(keep) = render::parse_size(keep_bytes) else {
-        render::error(&format!("`--keep-bytes {keep_bytes}` is not a size"), &["write a number of bytes, or with K, M, G: 10G"]);
+        render::error(
+            &format!("`--keep-bytes {keep_bytes}` is not a size"),
+            &["write a number of bytes, or with K, M, G: 10G"],
+        );
         return exit::INVALID_INPUT;
     };
     let store = match open_store(cache_dir) {
@@ -738,18 +915,30 @@ pub fn cache_serve(
     allow_anonymous_read: bool,
 ) -> u8 {
     let Ok(listen) = listen.parse() else {
-        render::error(&format!("`--listen {listen}` is not an address"), &["write HOST:PORT, for example 127.0.0.1:7070"]);
+        render::error(
+            &format!("`--listen {listen}` is not an address"),
+            &["write HOST:PORT, for example 127.0.0.1:7070"],
+        );
         return exit::INVALID_INPUT;
     };
     let max_size = match max_size.map(render::parse_size) {
         Some(None) => {
-            render::error("`--max-size` is not a size", &["write a number of bytes, or with K, M, G: 50G"]);
+            render::error(
+                "`--max-size` is not a size",
+                &["write a number of bytes, or with K, M, G: 50G"],
+            );
             return exit::INVALID_INPUT;
         }
         Some(Some(size)) => Some(size),
         None => None,
     };
-    let config = graphbuild_cache_server::ServerConfig { listen, dir, max_size, tokens_file: tokens, allow_anonymous_read };
+    let config = graphbuild_cache_server::ServerConfig {
+        listen,
+        dir,
+        max_size,
+        tokens_file: tokens,
+        allow_anonymous_read,
+    };
     let runtime = match tokio_runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -767,7 +956,9 @@ pub fn cache_serve(
 }
 
 fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 async fn shutdown_signal() {

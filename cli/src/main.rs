@@ -40,10 +40,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Build images: run the graph and write one OCI layout per image
-    #[command(after_help = "Examples:\n  graphbuild run images.kdl\n  graphbuild run images.kdl app --platform linux/amd64 --output out/\n  graphbuild run images.kdl --arg APP_VERSION=2.0 --progress plain")]
+    #[command(
+        after_help = "Examples:\n  graphbuild run images.kdl\n  graphbuild run images.kdl app --platform linux/amd64 --output out/\n  graphbuild run images.kdl --arg APP_VERSION=2.0 --progress plain"
+    )]
     Run(RunArgs),
     /// Show the graph: nodes, keys, what is cached, and each image's platforms; runs nothing
-    #[command(after_help = "Examples:\n  graphbuild plan images.kdl\n  graphbuild plan images.kdl --explain\n  graphbuild plan images.kdl --format json\n  graphbuild plan images.kdl --format dot | dot -Tsvg > graph.svg")]
+    #[command(
+        after_help = "Examples:\n  graphbuild plan images.kdl\n  graphbuild plan images.kdl --explain\n  graphbuild plan images.kdl --format json\n  graphbuild plan images.kdl --format dot | dot -Tsvg > graph.svg"
+    )]
     Plan(PlanArgs),
     /// Resolve every registry base to a digest per platform and write graphbuild.lock beside FILE
     #[command(after_help = "Example:\n  graphbuild lock images.kdl && git add graphbuild.lock")]
@@ -72,7 +76,9 @@ enum Command {
         cache_dir: Option<PathBuf>,
     },
     /// Show an OCI layout: tags, index digest, per-platform manifests, sizes and config
-    #[command(after_help = "Examples:\n  graphbuild inspect graphbuild-out/app\n  graphbuild inspect graphbuild-out/app:1.0 --format json")]
+    #[command(
+        after_help = "Examples:\n  graphbuild inspect graphbuild-out/app\n  graphbuild inspect graphbuild-out/app:1.0 --format json"
+    )]
     Inspect {
         /// PATH or PATH:TAG of an OCI layout
         target: String,
@@ -83,7 +89,9 @@ enum Command {
     #[command(subcommand)]
     Cache(CacheCommand),
     /// Print shell completions
-    #[command(after_help = "Example:\n  graphbuild completions bash > /etc/bash_completion.d/graphbuild")]
+    #[command(
+        after_help = "Example:\n  graphbuild completions bash > /etc/bash_completion.d/graphbuild"
+    )]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
@@ -187,10 +195,20 @@ pub struct RemoteCacheArgs {
     #[arg(long, value_name = "URL")]
     pub cache_to: Option<String>,
     /// Both --cache-from and --cache-to, unless those are given
-    #[arg(long = "cache", value_name = "URL", env = "GRAPHBUILD_CACHE", hide_env_values = true)]
+    #[arg(
+        long = "cache",
+        value_name = "URL",
+        env = "GRAPHBUILD_CACHE",
+        hide_env_values = true
+    )]
     pub cache: Option<String>,
     /// Bearer token for the cache server
-    #[arg(long, value_name = "TOKEN", env = "GRAPHBUILD_CACHE_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "GRAPHBUILD_CACHE_TOKEN",
+        hide_env_values = true
+    )]
     pub cache_token: Option<String>,
     /// Fail when the cache server is unreachable or failing, instead of warning and building locally
     #[arg(long)]
@@ -232,7 +250,9 @@ enum CacheCommand {
         keep_bytes: String,
     },
     /// Serve a team cache over HTTP (bazel-remote compatible)
-    #[command(after_help = "Example:\n  graphbuild cache serve --listen 0.0.0.0:7070 --dir /var/cache/graphbuild --max-size 50G --tokens tokens.txt")]
+    #[command(
+        after_help = "Example:\n  graphbuild cache serve --listen 0.0.0.0:7070 --dir /var/cache/graphbuild --max-size 50G --tokens tokens.txt"
+    )]
     Serve {
         #[arg(long, default_value = "127.0.0.1:7070")]
         listen: String,
@@ -252,7 +272,9 @@ enum CacheCommand {
 
 fn main() -> ExitCode {
     // The sandbox child: must run before anything starts a thread.
-    if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(graphbuild_engine::sandbox::SANDBOX_ARG)) {
+    if std::env::args_os().nth(1).as_deref()
+        == Some(OsStr::new(graphbuild_engine::sandbox::SANDBOX_ARG))
+    {
         graphbuild_engine::sandbox::child_main_with(graphbuild_engine::build::copy_in_sandbox);
     }
     if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(doctor::PROBE_ARG)) {
@@ -262,7 +284,11 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
-            let code = if error.use_stderr() { exit::INVALID_INPUT } else { exit::SUCCESS };
+            let code = if error.use_stderr() {
+                exit::INVALID_INPUT
+            } else {
+                exit::SUCCESS
+            };
             let _ = error.print();
             return ExitCode::from(code);
         }
@@ -272,16 +298,40 @@ fn main() -> ExitCode {
         Command::Plan(args) => commands::plan(args),
         Command::Verify { select, jobs } => commands::verify(select, jobs),
         Command::Lock { select } => commands::lock(select),
-        Command::Doctor { file, fix, cache_dir } => doctor::doctor(file, fix, cache_dir),
-        Command::Inspect { target, format } => inspect::inspect(&target, format == InspectFormat::Json),
-        Command::Cache(CacheCommand::Du { cache_dir }) => commands::cache_du(cache_dir),
-        Command::Cache(CacheCommand::Prune { cache_dir, keep_bytes }) => commands::cache_prune(cache_dir, &keep_bytes),
-        Command::Cache(CacheCommand::Serve { listen, dir, max_size, tokens, allow_anonymous_read }) => {
-            commands::cache_serve(&listen, dir, max_size.as_deref(), tokens, allow_anonymous_read)
+        Command::Doctor {
+            file,
+            fix,
+            cache_dir,
+        } => doctor::doctor(file, fix, cache_dir),
+        Command::Inspect { target, format } => {
+            inspect::inspect(&target, format == InspectFormat::Json)
         }
+        Command::Cache(CacheCommand::Du { cache_dir }) => commands::cache_du(cache_dir),
+        Command::Cache(CacheCommand::Prune {
+            cache_dir,
+            keep_bytes,
+        }) => commands::cache_prune(cache_dir, &keep_bytes),
+        Command::Cache(CacheCommand::Serve {
+            listen,
+            dir,
+            max_size,
+            tokens,
+            allow_anonymous_read,
+        }) => commands::cache_serve(
+            &listen,
+            dir,
+            max_size.as_deref(),
+            tokens,
+            allow_anonymous_read,
+        ),
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "graphbuild", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "graphbuild",
+                &mut std::io::stdout(),
+            );
             exit::SUCCESS
         }
     };

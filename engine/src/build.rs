@@ -29,11 +29,11 @@ use graphbuild_lang::platform::Platform;
 use crate::copy::{self, CopyItem};
 use crate::digest::{Digest, Key};
 use crate::events::{Event, EventSink, ImageSummary, PlatformSummary, StepStatus, Summary};
+use crate::key::KeyBuilder;
 use crate::layer::{self, LayerOptions};
 use crate::oci;
 use crate::plan::{Base, CopySource, ImagePlan, Node, Op, Plan, RunOp};
 use crate::remote::{ActionResult, OutputFile, RemoteCache};
-use crate::key::KeyBuilder;
 use crate::resolve::Resolver;
 use crate::sandbox::{self, NetworkMode, RunTask, SandboxSpec, Task};
 use crate::scheduler::{self, CancelToken};
@@ -89,9 +89,10 @@ impl ManifestFormat {
     fn layer(self, media_type: &str) -> Result<String, String> {
         match (self, media_type) {
             (ManifestFormat::Oci, _) => Ok(media_type.to_string()),
-            (ManifestFormat::Docker, oci::media::OCI_LAYER_GZIP | oci::media::DOCKER_LAYER_GZIP) => {
-                Ok(oci::media::DOCKER_LAYER_GZIP.to_string())
-            }
+            (
+                ManifestFormat::Docker,
+                oci::media::OCI_LAYER_GZIP | oci::media::DOCKER_LAYER_GZIP,
+            ) => Ok(oci::media::DOCKER_LAYER_GZIP.to_string()),
             (ManifestFormat::Docker, other) => Err(format!(
                 "a layer of media type {other} cannot be described in Docker's manifest format; use --format oci or --compression gzip"
             )),
@@ -211,19 +212,36 @@ pub fn build(
     };
     events.emit(Event::Plan {
         nodes: plan.nodes.len(),
-        steps: plan.nodes.iter().map(|node| node.steps.iter().filter(|step| step.op.touches_filesystem()).count()).sum(),
+        steps: plan
+            .nodes
+            .iter()
+            .map(|node| {
+                node.steps
+                    .iter()
+                    .filter(|step| step.op.touches_filesystem())
+                    .count()
+            })
+            .sum(),
     });
 
     let mut graph = scheduler::Graph::new();
     let mut ids = Vec::with_capacity(plan.nodes.len());
     for node in &plan.nodes {
         let deps: Vec<_> = node.deps.iter().map(|dep| ids[*dep]).collect();
-        let cost = 1 + node.steps.iter().filter(|step| matches!(step.op, Op::Run(_))).count() as u64 * 10;
+        let cost = 1 + node
+            .steps
+            .iter()
+            .filter(|step| matches!(step.op, Op::Run(_)))
+            .count() as u64
+            * 10;
         ids.push(graph.add(node.id, cost, &deps));
     }
-    let report = scheduler::run(graph, options.jobs.max(1), &options.cancel, |node_id: &usize, _deps: &[&()]| {
-        executor.run_node(&plan.nodes[*node_id]).map(|_| ())
-    });
+    let report = scheduler::run(
+        graph,
+        options.jobs.max(1),
+        &options.cancel,
+        |node_id: &usize, _deps: &[&()]| executor.run_node(&plan.nodes[*node_id]).map(|_| ()),
+    );
 
     let mut failures = Vec::new();
     let mut cancelled = false;
@@ -246,7 +264,11 @@ pub fn build(
             });
         }
     }
-    let outputs = executor.outputs.lock().map(|outputs| outputs.clone()).unwrap_or_default();
+    let outputs = executor
+        .outputs
+        .lock()
+        .map(|outputs| outputs.clone())
+        .unwrap_or_default();
     let executed = outputs.values().map(|output| output.executed).sum();
     let cached = outputs.values().map(|output| output.cached).sum();
 
@@ -276,7 +298,13 @@ pub fn build(
         duration_ms: started.elapsed().as_millis() as u64,
         images: images.clone(),
     }));
-    BuildReport { images, executed, cached, failures, cancelled }
+    BuildReport {
+        images,
+        executed,
+        cached,
+        failures,
+        cancelled,
+    }
 }
 
 /// The JSON a sandbox copy task carries.
@@ -304,22 +332,39 @@ pub enum CopyTaskSource {
 /// Runs inside the sandbox child, in its private mount namespace, with the step's root mounted
 /// at `root`.
 pub fn copy_in_sandbox(root: &Path, task: &serde_json::Value) -> Result<(), String> {
-    let task: CopyTask = serde_json::from_value(task.clone()).map_err(|error| format!("invalid copy task: {error}"))?;
+    let task: CopyTask = serde_json::from_value(task.clone())
+        .map_err(|error| format!("invalid copy task: {error}"))?;
     let chown = match &task.chown {
         Some(spec) => Some(copy::parse_chown(spec, root).map_err(|error| error.to_string())?),
         None => None,
     };
-    let copy_options = copy::CopyOptions { chown, chmod: task.chmod };
+    let copy_options = copy::CopyOptions {
+        chown,
+        chmod: task.chmod,
+    };
     match &task.source {
-        CopyTaskSource::Context(dir) => {
-            copy::perform_copy(&task.items, dir, root, &task.dest, &task.workdir, &copy_options)
-                .map_err(|error| error.to_string())
-        }
+        CopyTaskSource::Context(dir) => copy::perform_copy(
+            &task.items,
+            dir,
+            root,
+            &task.dest,
+            &task.workdir,
+            &copy_options,
+        )
+        .map_err(|error| error.to_string()),
         CopyTaskSource::Layers(lowerdirs) => {
             let source_root = mount_readonly_layers(root, lowerdirs)?;
-            let items = crate::context::select_in_tree(&source_root, &task.sources).map_err(|error| error.to_string())?;
-            copy::perform_copy(&items, &source_root, root, &task.dest, &task.workdir, &copy_options)
-                .map_err(|error| error.to_string())
+            let items = crate::context::select_in_tree(&source_root, &task.sources)
+                .map_err(|error| error.to_string())?;
+            copy::perform_copy(
+                &items,
+                &source_root,
+                root,
+                &task.dest,
+                &task.workdir,
+                &copy_options,
+            )
+            .map_err(|error| error.to_string())
         }
     }
 }
@@ -330,18 +375,35 @@ fn mount_readonly_layers(root: &Path, lowerdirs: &[PathBuf]) -> Result<PathBuf, 
     use nix::mount::{MsFlags, mount};
     let parent = root.parent().ok_or("the sandbox root has no parent")?;
     let target = parent.join("copy-source");
-    std::fs::create_dir_all(&target).map_err(|error| format!("cannot create {}: {error}", target.display()))?;
+    std::fs::create_dir_all(&target)
+        .map_err(|error| format!("cannot create {}: {error}", target.display()))?;
     if lowerdirs.is_empty() {
         return Ok(target);
     }
     if lowerdirs.len() == 1 {
-        mount(Some(&lowerdirs[0]), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .map_err(|error| format!("cannot bind-mount the copy source: {error}"))?;
+        mount(
+            Some(&lowerdirs[0]),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|error| format!("cannot bind-mount the copy source: {error}"))?;
         return Ok(target);
     }
-    let lower = lowerdirs.iter().map(|dir| dir.display().to_string()).collect::<Vec<_>>().join(":");
-    mount(Some("overlay"), &target, Some("overlay"), MsFlags::MS_RDONLY, Some(format!("lowerdir={lower}").as_str()))
-        .map_err(|error| format!("cannot mount the copy source: {error}"))?;
+    let lower = lowerdirs
+        .iter()
+        .map(|dir| dir.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    mount(
+        Some("overlay"),
+        &target,
+        Some("overlay"),
+        MsFlags::MS_RDONLY,
+        Some(format!("lowerdir={lower}").as_str()),
+    )
+    .map_err(|error| format!("cannot mount the copy source: {error}"))?;
     Ok(target)
 }
 
@@ -354,7 +416,13 @@ impl Executor<'_> {
             .ok_or_else(|| format!("internal error: node {node} has no output"))
     }
 
-    fn failure(&self, node: &Node, step: Option<&crate::plan::StepPlan>, message: String, tail: Vec<String>) -> NodeFailure {
+    fn failure(
+        &self,
+        node: &Node,
+        step: Option<&crate::plan::StepPlan>,
+        message: String,
+        tail: Vec<String>,
+    ) -> NodeFailure {
         NodeFailure {
             stage: node.stage.clone(),
             platform: node.platform.to_string(),
@@ -375,7 +443,9 @@ impl Executor<'_> {
         if let Some(record) = self.local_record(key) {
             return Ok(Some(record));
         }
-        let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else { return Ok(None) };
+        let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else {
+            return Ok(None);
+        };
         match self.fetch_remote_record(remote, key) {
             Ok(record) => Ok(record),
             Err(message) => self.remote_trouble(remote, message).map(|()| None),
@@ -385,11 +455,19 @@ impl Executor<'_> {
     fn local_record(&self, key: &Key) -> Option<StepRecord> {
         let bytes = self.store.get_action(key)?;
         let record: StepRecord = serde_json::from_slice(&bytes).ok()?;
-        record.layers.iter().all(|layer| self.store.has_blob(&layer.digest)).then_some(record)
+        record
+            .layers
+            .iter()
+            .all(|layer| self.store.has_blob(&layer.digest))
+            .then_some(record)
     }
 
     fn usable_remote<'r>(&self, remote: Option<&'r RemoteCache>) -> Option<&'r RemoteCache> {
-        remote.filter(|_| !self.remote_failed.load(std::sync::atomic::Ordering::Relaxed))
+        remote.filter(|_| {
+            !self
+                .remote_failed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
     }
 
     /// A remote cache failed: warn once and go on locally, or fail when it is required.
@@ -397,29 +475,53 @@ impl Executor<'_> {
         if self.options.remote.required {
             return Err(format!("the cache {} failed: {message}", remote.url()));
         }
-        if !self.remote_failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        if !self
+            .remote_failed
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
             self.events.emit(Event::Warning {
-                message: format!("the cache {} is not usable, building without it: {message}", remote.url()),
+                message: format!(
+                    "the cache {} is not usable, building without it: {message}",
+                    remote.url()
+                ),
             });
         }
         Ok(())
     }
 
-    fn fetch_remote_record(&self, remote: &RemoteCache, key: &Key) -> Result<Option<StepRecord>, String> {
-        let Some(action) = remote.get_action(&key.hex()).map_err(|error| error.to_string())? else {
+    fn fetch_remote_record(
+        &self,
+        remote: &RemoteCache,
+        key: &Key,
+    ) -> Result<Option<StepRecord>, String> {
+        let Some(action) = remote
+            .get_action(&key.hex())
+            .map_err(|error| error.to_string())?
+        else {
             return Ok(None);
         };
-        let Some((record_digest, _)) = action.step_record() else { return Ok(None) };
+        let Some((record_digest, _)) = action.step_record() else {
+            return Ok(None);
+        };
         let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
         let record_path = temp.path().join("record");
-        if !remote.get_blob_to(&record_digest, &record_path).map_err(|error| error.to_string())? {
+        if !remote
+            .get_blob_to(&record_digest, &record_path)
+            .map_err(|error| error.to_string())?
+        {
             // The entry outlived its blobs: a miss.
             return Ok(None);
         }
         let bytes = std::fs::read(&record_path).map_err(|error| error.to_string())?;
-        let Ok(record) = serde_json::from_slice::<StepRecord>(&bytes) else { return Ok(None) };
+        let Ok(record) = serde_json::from_slice::<StepRecord>(&bytes) else {
+            return Ok(None);
+        };
         // Fetch the layers the store lacks, a few at a time.
-        let missing: Vec<&LayerDesc> = record.layers.iter().filter(|layer| !self.store.has_blob(&layer.digest)).collect();
+        let missing: Vec<&LayerDesc> = record
+            .layers
+            .iter()
+            .filter(|layer| !self.store.has_blob(&layer.digest))
+            .collect();
         let results: Vec<Result<bool, String>> = std::thread::scope(|scope| {
             let chunks: Vec<_> = missing.chunks(missing.len().div_ceil(4).max(1)).collect();
             let handles: Vec<_> = chunks
@@ -429,40 +531,67 @@ impl Executor<'_> {
                     scope.spawn(move || -> Result<bool, String> {
                         for layer in chunk {
                             let path = temp.join(layer.digest.hex());
-                            if !remote.get_blob_to(&layer.digest, &path).map_err(|error| error.to_string())? {
+                            if !remote
+                                .get_blob_to(&layer.digest, &path)
+                                .map_err(|error| error.to_string())?
+                            {
                                 return Ok(false);
                             }
-                            self.store.put_blob_file(&path, Some(layer.digest)).map_err(|error| error.to_string())?;
+                            self.store
+                                .put_blob_file(&path, Some(layer.digest))
+                                .map_err(|error| error.to_string())?;
                         }
                         Ok(true)
                     })
                 })
                 .collect();
-            handles.into_iter().map(|handle| handle.join().unwrap_or_else(|_| Err("a download thread panicked".into()))).collect()
+            handles
+                .into_iter()
+                .map(|handle| {
+                    handle
+                        .join()
+                        .unwrap_or_else(|_| Err("a download thread panicked".into()))
+                })
+                .collect()
         });
         for result in results {
             if !result? {
                 return Ok(None);
             }
         }
-        self.store.put_action(key, &bytes).map_err(|error| error.to_string())?;
+        self.store
+            .put_action(key, &bytes)
+            .map_err(|error| error.to_string())?;
         Ok(Some(record))
     }
 
     /// Make the remote cache hold a step's result: blobs first, then the action entry.
     fn publish(&self, key: &Key, record: &StepRecord) -> Result<(), String> {
-        let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else { return Ok(()) };
+        let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else {
+            return Ok(());
+        };
         let result = (|| -> Result<(), String> {
-            if remote.get_action(&key.hex()).map_err(|error| error.to_string())?.is_some() {
+            if remote
+                .get_action(&key.hex())
+                .map_err(|error| error.to_string())?
+                .is_some()
+            {
                 return Ok(());
             }
             for layer in &record.layers {
-                remote.put_blob_from(&layer.digest, &self.store.blob_path(&layer.digest)).map_err(|error| error.to_string())?;
+                remote
+                    .put_blob_from(&layer.digest, &self.store.blob_path(&layer.digest))
+                    .map_err(|error| error.to_string())?;
             }
             let bytes = serde_json::to_vec(record).map_err(|error| error.to_string())?;
-            let digest = remote.put_blob_bytes(&bytes).map_err(|error| error.to_string())?;
+            let digest = remote
+                .put_blob_bytes(&bytes)
+                .map_err(|error| error.to_string())?;
             remote
-                .put_action(&key.hex(), &ActionResult::for_step_record(digest, bytes.len() as u64))
+                .put_action(
+                    &key.hex(),
+                    &ActionResult::for_step_record(digest, bytes.len() as u64),
+                )
                 .map_err(|error| error.to_string())
         })();
         match result {
@@ -472,7 +601,10 @@ impl Executor<'_> {
     }
 
     fn cache_mount_key(id: &str, platform: &str) -> Key {
-        KeyBuilder::new("cache-mount").str(id).str(platform).finish()
+        KeyBuilder::new("cache-mount")
+            .str(id)
+            .str(platform)
+            .finish()
     }
 
     /// Fill an empty cache-mount directory from the remote cache, once per build.
@@ -480,23 +612,43 @@ impl Executor<'_> {
         if let Ok(mut used) = self.cache_mounts_used.lock() {
             used.insert((id.to_string(), platform.to_string()), dir.to_path_buf());
         }
-        let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else { return Ok(()) };
-        let first = self.cache_mounts_restored.lock().map(|mut restored| restored.insert((id.to_string(), platform.to_string()))).unwrap_or(false);
-        let empty = std::fs::read_dir(dir).map(|mut entries| entries.next().is_none()).unwrap_or(false);
+        let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else {
+            return Ok(());
+        };
+        let first = self
+            .cache_mounts_restored
+            .lock()
+            .map(|mut restored| restored.insert((id.to_string(), platform.to_string())))
+            .unwrap_or(false);
+        let empty = std::fs::read_dir(dir)
+            .map(|mut entries| entries.next().is_none())
+            .unwrap_or(false);
         if !first || !empty {
             return Ok(());
         }
         let result = (|| -> Result<(), String> {
             let key = Self::cache_mount_key(id, platform);
-            let Some(action) = remote.get_action(&key.hex()).map_err(|error| error.to_string())? else { return Ok(()) };
-            let Some(file) = action.output_files.first() else { return Ok(()) };
+            let Some(action) = remote
+                .get_action(&key.hex())
+                .map_err(|error| error.to_string())?
+            else {
+                return Ok(());
+            };
+            let Some(file) = action.output_files.first() else {
+                return Ok(());
+            };
             let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
             let path = temp.path().join("mount.tar");
-            if !remote.get_blob_to(&file.digest, &path).map_err(|error| error.to_string())? {
+            if !remote
+                .get_blob_to(&file.digest, &path)
+                .map_err(|error| error.to_string())?
+            {
                 return Ok(());
             }
             let archive = std::fs::File::open(&path).map_err(|error| error.to_string())?;
-            unpack::unpack_layer(std::io::BufReader::new(archive), dir).map(|_| ()).map_err(|error| error.to_string())
+            unpack::unpack_layer(std::io::BufReader::new(archive), dir)
+                .map(|_| ())
+                .map_err(|error| error.to_string())
         })();
         match result {
             Ok(()) => Ok(()),
@@ -507,18 +659,33 @@ impl Executor<'_> {
     /// Save every cache mount this build used to the remote cache, content-addressed, under a
     /// key of (mount id, platform), so another machine's build starts with it.
     fn save_cache_mounts(&self) -> Result<(), String> {
-        let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else { return Ok(()) };
-        let used = self.cache_mounts_used.lock().map(|used| used.clone()).unwrap_or_default();
+        let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else {
+            return Ok(());
+        };
+        let used = self
+            .cache_mounts_used
+            .lock()
+            .map(|used| used.clone())
+            .unwrap_or_default();
         for ((id, platform), dir) in used {
-            let guard = self.store.cache_mount(&id, &platform).map_err(|error| error.to_string())?;
+            let guard = self
+                .store
+                .cache_mount(&id, &platform)
+                .map_err(|error| error.to_string())?;
             let result = (|| -> Result<(), String> {
                 let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
-                let options = LayerOptions { source_date_epoch: 0, compression: layer::Compression::Gzip };
-                let Some(blob) = layer::write_layer_from_upper(&dir, temp.path(), &options).map_err(|error| error.to_string())?
+                let options = LayerOptions {
+                    source_date_epoch: 0,
+                    compression: layer::Compression::Gzip,
+                };
+                let Some(blob) = layer::write_layer_from_upper(&dir, temp.path(), &options)
+                    .map_err(|error| error.to_string())?
                 else {
                     return Ok(());
                 };
-                remote.put_blob_from(&blob.digest, &blob.path).map_err(|error| error.to_string())?;
+                remote
+                    .put_blob_from(&blob.digest, &blob.path)
+                    .map_err(|error| error.to_string())?;
                 let action = ActionResult {
                     output_files: vec![OutputFile {
                         path: "graphbuild/cache-mount.tar.gz".into(),
@@ -528,7 +695,9 @@ impl Executor<'_> {
                     }],
                     exit_code: 0,
                 };
-                remote.put_action(&Self::cache_mount_key(&id, &platform).hex(), &action).map_err(|error| error.to_string())
+                remote
+                    .put_action(&Self::cache_mount_key(&id, &platform).hex(), &action)
+                    .map_err(|error| error.to_string())
             })();
             drop(guard);
             if let Err(message) = result {
@@ -540,7 +709,11 @@ impl Executor<'_> {
 
     fn run_node(&self, node: &Node) -> Result<(), NodeFailure> {
         let platform = node.platform.to_string();
-        self.events.emit(Event::NodeStarted { node: node.id, stage: node.stage.clone(), platform: platform.clone() });
+        self.events.emit(Event::NodeStarted {
+            node: node.id,
+            stage: node.stage.clone(),
+            platform: platform.clone(),
+        });
         let result = self.run_node_steps(node);
         self.events.emit(Event::NodeFinished {
             node: node.id,
@@ -560,7 +733,9 @@ impl Executor<'_> {
         let (mut layers, mut history) = match &node.base {
             Base::Scratch => (Vec::new(), Vec::new()),
             Base::Stage(id) => {
-                let base = self.output_of(*id).map_err(|message| self.failure(node, None, message, Vec::new()))?;
+                let base = self
+                    .output_of(*id)
+                    .map_err(|message| self.failure(node, None, message, Vec::new()))?;
                 (base.layers.clone(), base.history.clone())
             }
             Base::Image(base) => {
@@ -579,11 +754,14 @@ impl Executor<'_> {
             if !step.op.touches_filesystem() {
                 continue;
             }
-            let found = self.cached_record(&step.key).map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
+            let found = self
+                .cached_record(&step.key)
+                .map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
             if let Some(record) = found {
                 // A local hit the remote lacks is published, so a merge elsewhere finds it.
                 if self.options.remote.to.is_some() {
-                    self.publish(&step.key, &record).map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
+                    self.publish(&step.key, &record)
+                        .map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
                 }
                 layers = record.layers;
                 history = record.history;
@@ -610,7 +788,10 @@ impl Executor<'_> {
                 return Err(self.failure(node, Some(step), "cancelled".into(), Vec::new()));
             }
             if !step.op.touches_filesystem() {
-                history.push(HistoryEntry { created_by: step.description.clone(), empty_layer: true });
+                history.push(HistoryEntry {
+                    created_by: step.description.clone(),
+                    empty_layer: true,
+                });
                 continue;
             }
             // Another run may have built it meanwhile.
@@ -636,7 +817,11 @@ impl Executor<'_> {
             });
             let started = Instant::now();
             let result = self.execute_step(node, step, &layers);
-            let status = if result.is_ok() { StepStatus::Executed } else { StepStatus::Failed };
+            let status = if result.is_ok() {
+                StepStatus::Executed
+            } else {
+                StepStatus::Failed
+            };
             self.events.emit(Event::Step {
                 node: node.id,
                 stage: node.stage.clone(),
@@ -650,18 +835,38 @@ impl Executor<'_> {
             match new_layer {
                 Some(layer) => {
                     layers.push(layer);
-                    history.push(HistoryEntry { created_by: step.description.clone(), empty_layer: false });
+                    history.push(HistoryEntry {
+                        created_by: step.description.clone(),
+                        empty_layer: false,
+                    });
                 }
-                None => history.push(HistoryEntry { created_by: step.description.clone(), empty_layer: true }),
+                None => history.push(HistoryEntry {
+                    created_by: step.description.clone(),
+                    empty_layer: true,
+                }),
             }
-            let record = StepRecord { layers: layers.clone(), history: history.clone() };
+            let record = StepRecord {
+                layers: layers.clone(),
+                history: history.clone(),
+            };
             let bytes = serde_json::to_vec(&record).unwrap_or_default();
-            self.store
-                .put_action(&step.key, &bytes)
-                .map_err(|error| self.failure(node, Some(step), format!("cannot record the step in the store: {error}"), Vec::new()))?;
-            self.publish(&step.key, &record).map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
+            self.store.put_action(&step.key, &bytes).map_err(|error| {
+                self.failure(
+                    node,
+                    Some(step),
+                    format!("cannot record the step in the store: {error}"),
+                    Vec::new(),
+                )
+            })?;
+            self.publish(&step.key, &record)
+                .map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
         }
-        Ok(NodeOutput { layers, history, executed, cached })
+        Ok(NodeOutput {
+            layers,
+            history,
+            executed,
+            cached,
+        })
     }
 
     /// Snapshot directories for a layer list, top-most first.
@@ -672,7 +877,8 @@ impl Executor<'_> {
             let dir = self
                 .store
                 .ensure_snapshot(&layer.diff_id, |dir: &Path| {
-                    let file = std::fs::File::open(&blob).map_err(|error| format!("cannot open {}: {error}", layer.digest))?;
+                    let file = std::fs::File::open(&blob)
+                        .map_err(|error| format!("cannot open {}: {error}", layer.digest))?;
                     unpack::unpack_layer(std::io::BufReader::new(file), dir)
                         .map(|_| ())
                         .map_err(|error| format!("cannot unpack layer {}: {error}", layer.digest))
@@ -683,24 +889,39 @@ impl Executor<'_> {
         Ok(dirs)
     }
 
-    fn execute_step(&self, node: &Node, step: &crate::plan::StepPlan, layers: &[LayerDesc]) -> Result<Option<LayerDesc>, NodeFailure> {
+    fn execute_step(
+        &self,
+        node: &Node,
+        step: &crate::plan::StepPlan,
+        layers: &[LayerDesc],
+    ) -> Result<Option<LayerDesc>, NodeFailure> {
         let fail = |message: String| self.failure(node, Some(step), message, Vec::new());
         let lowerdirs = self.snapshots(layers).map_err(fail)?;
-        let temp = self.store.temp_dir().map_err(|error| fail(format!("cannot create a temporary directory: {error}")))?;
+        let temp = self
+            .store
+            .temp_dir()
+            .map_err(|error| fail(format!("cannot create a temporary directory: {error}")))?;
         let upperdir = temp.path().join("upper");
         let overlay_workdir = temp.path().join("work");
         for dir in [&upperdir, &overlay_workdir] {
-            std::fs::create_dir_all(dir).map_err(|error| fail(format!("cannot create {}: {error}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|error| fail(format!("cannot create {}: {error}", dir.display())))?;
         }
         let mut guards: Vec<Box<dyn std::any::Any>> = Vec::new();
         let task = match &step.op {
             Op::Run(run) => Task::Run(self.run_task(node, run, &mut guards).map_err(fail)?),
             Op::Copy(copy) => {
                 let (source, items) = match &copy.from {
-                    CopySource::Context { items } => (CopyTaskSource::Context(self.plan.context_dir.clone()), items.clone()),
+                    CopySource::Context { items } => (
+                        CopyTaskSource::Context(self.plan.context_dir.clone()),
+                        items.clone(),
+                    ),
                     CopySource::Node { node: source } => {
                         let output = self.output_of(*source).map_err(fail)?;
-                        (CopyTaskSource::Layers(self.snapshots(&output.layers).map_err(fail)?), Vec::new())
+                        (
+                            CopyTaskSource::Layers(self.snapshots(&output.layers).map_err(fail)?),
+                            Vec::new(),
+                        )
                     }
                 };
                 let task = CopyTask {
@@ -716,20 +937,38 @@ impl Executor<'_> {
             }
             Op::Config => return Ok(None),
         };
-        let spec = SandboxSpec { lowerdirs, upperdir: upperdir.clone(), overlay_workdir, task };
+        let spec = SandboxSpec {
+            lowerdirs,
+            upperdir: upperdir.clone(),
+            overlay_workdir,
+            task,
+        };
         let node_id = node.id;
         let outcome = sandbox::run_sandbox(&self.options.sandbox_exe, &spec, &mut |line: &str| {
-            self.events.emit(Event::Output { node: node_id, line: line.to_string() });
+            self.events.emit(Event::Output {
+                node: node_id,
+                line: line.to_string(),
+            });
         })
         .map_err(|error| fail(error.to_string()))?;
         drop(guards);
         match outcome.status {
             sandbox::ExitStatusKind::Exited(0) => {}
             sandbox::ExitStatusKind::Exited(code) => {
-                return Err(self.failure(node, Some(step), format!("the command failed with exit code {code}"), outcome.tail));
+                return Err(self.failure(
+                    node,
+                    Some(step),
+                    format!("the command failed with exit code {code}"),
+                    outcome.tail,
+                ));
             }
             sandbox::ExitStatusKind::Signaled(signal) => {
-                return Err(self.failure(node, Some(step), format!("the command was killed by signal {signal}"), outcome.tail));
+                return Err(self.failure(
+                    node,
+                    Some(step),
+                    format!("the command was killed by signal {signal}"),
+                    outcome.tail,
+                ));
             }
         }
         let blob = layer::write_layer_from_upper(&upperdir, temp.path(), &self.options.layer)
@@ -738,12 +977,22 @@ impl Executor<'_> {
         self.store
             .put_blob_file(&blob.path, Some(blob.digest))
             .map_err(|error| fail(format!("cannot store the layer: {error}")))?;
-        Ok(Some(LayerDesc { digest: blob.digest, diff_id: blob.diff_id, size: blob.size, media_type: blob.media_type.to_string() }))
+        Ok(Some(LayerDesc {
+            digest: blob.digest,
+            diff_id: blob.diff_id,
+            size: blob.size,
+            media_type: blob.media_type.to_string(),
+        }))
     }
 
     /// The sandbox task for a `run`; `guards` keeps cache-mount locks and secret files alive
     /// until the step ends (secret files are deleted when their guard drops).
-    fn run_task(&self, node: &Node, run: &RunOp, guards: &mut Vec<Box<dyn std::any::Any>>) -> Result<RunTask, String> {
+    fn run_task(
+        &self,
+        node: &Node,
+        run: &RunOp,
+        guards: &mut Vec<Box<dyn std::any::Any>>,
+    ) -> Result<RunTask, String> {
         let mut cache_mounts = Vec::new();
         // Locks are taken in id order so two steps sharing mounts can never deadlock; one id
         // mounted at two targets is one directory, locked once.
@@ -775,9 +1024,9 @@ impl Executor<'_> {
                 None => {}
                 Some(value) => {
                     let bytes = match value {
-                        SecretValue::File(path) => {
-                            std::fs::read(path).map_err(|error| format!("cannot read secret `{}`: {error}", secret.id))?
-                        }
+                        SecretValue::File(path) => std::fs::read(path).map_err(|error| {
+                            format!("cannot read secret `{}`: {error}", secret.id)
+                        })?,
                         SecretValue::Bytes(bytes) => bytes.clone(),
                     };
                     if let Some(name) = &secret.env {
@@ -786,7 +1035,10 @@ impl Executor<'_> {
                         let dir = self.store.temp_dir().map_err(|error| error.to_string())?;
                         let path = dir.path().join("secret");
                         std::fs::write(&path, &bytes).map_err(|error| error.to_string())?;
-                        let target = secret.target.clone().unwrap_or_else(|| format!("/run/secrets/{}", secret.id));
+                        let target = secret
+                            .target
+                            .clone()
+                            .unwrap_or_else(|| format!("/run/secrets/{}", secret.id));
                         secret_files.push((path, target));
                         guards.push(Box::new(dir));
                     }
@@ -800,12 +1052,20 @@ impl Executor<'_> {
             user: run.user.clone(),
             cache_mounts,
             secret_files,
-            network: if run.network_none { NetworkMode::None } else { NetworkMode::Host },
+            network: if run.network_none {
+                NetworkMode::None
+            } else {
+                NetworkMode::Host
+            },
             hostname: "graphbuild".into(),
         })
     }
 
-    fn write_image(&self, image: &ImagePlan, outputs: &HashMap<usize, Arc<NodeOutput>>) -> Result<ImageSummary, String> {
+    fn write_image(
+        &self,
+        image: &ImagePlan,
+        outputs: &HashMap<usize, Arc<NodeOutput>>,
+    ) -> Result<ImageSummary, String> {
         let created = epoch_rfc3339(self.options.layer.source_date_epoch);
         let mut manifests = Vec::new();
         let mut platforms = Vec::new();
@@ -826,12 +1086,23 @@ impl Executor<'_> {
         }
         for (platform, node_id) in &image.platforms {
             let node = &self.plan.nodes[*node_id];
-            let output = outputs.get(node_id).ok_or_else(|| format!("node {} has no output", node.stage))?;
+            let output = outputs
+                .get(node_id)
+                .ok_or_else(|| format!("node {} has no output", node.stage))?;
             let mut settings = node.settings.clone();
             settings.labels.extend(image.labels.clone());
-            let config = config_file(&settings, platform, &output.layers, &output.history, &created);
+            let config = config_file(
+                &settings,
+                platform,
+                &output.layers,
+                &output.history,
+                &created,
+            );
             let config_bytes = oci::canonical_json(&config);
-            let config_digest = self.store.put_blob_bytes(&config_bytes).map_err(|error| error.to_string())?;
+            let config_digest = self
+                .store
+                .put_blob_bytes(&config_bytes)
+                .map_err(|error| error.to_string())?;
             let format = self.options.format;
             let mut layer_descriptors = Vec::with_capacity(output.layers.len());
             for layer in &output.layers {
@@ -854,10 +1125,17 @@ impl Executor<'_> {
                     annotations: BTreeMap::new(),
                 },
                 layers: layer_descriptors,
-                annotations: if format == ManifestFormat::Docker { BTreeMap::new() } else { image.annotations.clone() },
+                annotations: if format == ManifestFormat::Docker {
+                    BTreeMap::new()
+                } else {
+                    image.annotations.clone()
+                },
             };
             let manifest_bytes = oci::canonical_json(&manifest);
-            let manifest_digest = self.store.put_blob_bytes(&manifest_bytes).map_err(|error| error.to_string())?;
+            let manifest_digest = self
+                .store
+                .put_blob_bytes(&manifest_bytes)
+                .map_err(|error| error.to_string())?;
             blobs.push(config_digest);
             blobs.push(manifest_digest);
             blobs.extend(output.layers.iter().map(|layer| layer.digest));
@@ -883,10 +1161,17 @@ impl Executor<'_> {
             schema_version: 2,
             media_type: Some(self.options.format.index().to_string()),
             manifests,
-            annotations: if docker { BTreeMap::new() } else { image.annotations.clone() },
+            annotations: if docker {
+                BTreeMap::new()
+            } else {
+                image.annotations.clone()
+            },
         };
         let index_bytes = oci::canonical_json(&index);
-        let index_digest = self.store.put_blob_bytes(&index_bytes).map_err(|error| error.to_string())?;
+        let index_digest = self
+            .store
+            .put_blob_bytes(&index_bytes)
+            .map_err(|error| error.to_string())?;
         blobs.push(index_digest);
         let index_descriptor = |reference: Option<&str>| oci::Descriptor {
             media_type: self.options.format.index().to_string(),
@@ -894,7 +1179,12 @@ impl Executor<'_> {
             size: index_bytes.len() as u64,
             platform: None,
             annotations: reference
-                .map(|reference| BTreeMap::from([("org.opencontainers.image.ref.name".to_string(), reference.to_string())]))
+                .map(|reference| {
+                    BTreeMap::from([(
+                        "org.opencontainers.image.ref.name".to_string(),
+                        reference.to_string(),
+                    )])
+                })
                 .unwrap_or_default(),
         };
         let mut references: Vec<String> = image.tags.iter().map(|tag| tag_of(tag)).collect();
@@ -905,16 +1195,27 @@ impl Executor<'_> {
         let top = oci::ImageIndex {
             schema_version: 2,
             media_type: Some(oci::media::OCI_INDEX.to_string()),
-            manifests: references.iter().map(|reference| index_descriptor(Some(reference))).collect(),
+            manifests: references
+                .iter()
+                .map(|reference| index_descriptor(Some(reference)))
+                .collect(),
             annotations: BTreeMap::new(),
         };
-        let output_dir = image.output.clone().unwrap_or_else(|| self.options.output_dir.join(sanitize(&image.name)));
+        let output_dir = image
+            .output
+            .clone()
+            .unwrap_or_else(|| self.options.output_dir.join(sanitize(&image.name)));
         blobs.sort();
         blobs.dedup();
-        let blob_paths: Vec<(Digest, oci::BlobSource)> =
-            blobs.iter().map(|digest| (*digest, oci::BlobSource::Path(self.store.blob_path(digest)))).collect();
+        let blob_paths: Vec<(Digest, oci::BlobSource)> = blobs
+            .iter()
+            .map(|digest| (*digest, oci::BlobSource::Path(self.store.blob_path(digest))))
+            .collect();
         oci::write_layout(&output_dir, &top, blob_paths).map_err(|error| {
-            format!("cannot write the image layout {}: {error}", output_dir.display())
+            format!(
+                "cannot write the image layout {}: {error}",
+                output_dir.display()
+            )
         })?;
         Ok(ImageSummary {
             name: image.name.clone(),
@@ -939,7 +1240,15 @@ fn tag_of(reference: &str) -> String {
 
 /// A directory name for an image name.
 fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn epoch_rfc3339(epoch: i64) -> String {
@@ -978,7 +1287,11 @@ fn config_file(
         config: oci::ContainerConfig {
             user: (!settings.user.is_empty()).then(|| settings.user.clone()),
             exposed_ports: settings.exposed_ports.clone(),
-            env: settings.env.iter().map(|(key, value)| format!("{key}={value}")).collect(),
+            env: settings
+                .env
+                .iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect(),
             entrypoint: settings.entrypoint.clone().unwrap_or_default(),
             cmd: settings.cmd.clone().unwrap_or_default(),
             volumes: settings.volumes.clone(),
@@ -993,7 +1306,10 @@ fn config_file(
                 retries: u64::from(check.retries.unwrap_or(0)),
             }),
         },
-        rootfs: oci::RootFs { kind: "layers".into(), diff_ids: layers.iter().map(|layer| layer.diff_id).collect() },
+        rootfs: oci::RootFs {
+            kind: "layers".into(),
+            diff_ids: layers.iter().map(|layer| layer.diff_id).collect(),
+        },
         history: history
             .iter()
             .map(|entry| oci::History {

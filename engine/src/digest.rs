@@ -76,7 +76,11 @@ impl FromStr for Digest {
     type Err = DigestParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         s.strip_prefix("sha256:")
-            .filter(|hex_part| hex_part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            .filter(|hex_part| {
+                hex_part
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            })
             .and_then(Digest::from_hex)
             .ok_or_else(|| DigestParseError(s.to_string()))
     }
@@ -153,7 +157,15 @@ mod tests {
         );
         assert_eq!(digest.to_string().parse::<Digest>().unwrap(), digest);
         assert!("sha256:zz".parse::<Digest>().is_err());
-        assert!("sha512:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824".parse::<Digest>().is_err());
-        assert!("sha256:2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824".parse::<Digest>().is_err());
+        assert!(
+            "sha512:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+                .parse::<Digest>()
+                .is_err()
+        );
+        assert!(
+            "sha256:2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824"
+                .parse::<Digest>()
+                .is_err()
+        );
     }
 }

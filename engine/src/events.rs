@@ -18,13 +18,28 @@ pub enum StepStatus {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The plan is ready: how much work there is.
-    Plan { nodes: usize, steps: usize },
+    Plan {
+        nodes: usize,
+        steps: usize,
+    },
     /// A node starts (its cached prefix already checked).
-    NodeStarted { node: usize, stage: String, platform: String },
+    NodeStarted {
+        node: usize,
+        stage: String,
+        platform: String,
+    },
     /// A filesystem step starts executing.
-    StepStarted { node: usize, stage: String, platform: String, step: String },
+    StepStarted {
+        node: usize,
+        stage: String,
+        platform: String,
+        step: String,
+    },
     /// A line of a running step's output.
-    Output { node: usize, line: String },
+    Output {
+        node: usize,
+        line: String,
+    },
     Step {
         node: usize,
         stage: String,
@@ -34,11 +49,18 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         duration_ms: Option<u64>,
     },
-    NodeFinished { node: usize, stage: String, platform: String, ok: bool },
+    NodeFinished {
+        node: usize,
+        stage: String,
+        platform: String,
+        ok: bool,
+    },
     /// An image layout was written.
     Image(ImageSummary),
     /// A warning worth showing (for example the remote cache being unreachable).
-    Warning { message: String },
+    Warning {
+        message: String,
+    },
     Summary(Summary),
 }
 

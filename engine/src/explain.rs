@@ -29,8 +29,16 @@ struct StepRecordEntry {
 }
 
 fn identity(node: &Node) -> Key {
-    let target = node.targets.first().map(ToString::to_string).unwrap_or_default();
-    KeyBuilder::new("explain-identity").str(&node.stage).str(&node.platform.to_string()).str(&target).finish()
+    let target = node
+        .targets
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    KeyBuilder::new("explain-identity")
+        .str(&node.stage)
+        .str(&node.platform.to_string())
+        .str(&target)
+        .finish()
 }
 
 /// Remember what each node of a built plan was made from.
@@ -40,7 +48,11 @@ pub fn record(store: &Store, plan: &Plan) {
             steps: node
                 .steps
                 .iter()
-                .map(|step| StepRecordEntry { description: step.description.clone(), key: step.key, inputs: step.inputs.clone() })
+                .map(|step| StepRecordEntry {
+                    description: step.description.clone(),
+                    key: step.key,
+                    inputs: step.inputs.clone(),
+                })
                 .collect(),
         };
         if let Ok(bytes) = serde_json::to_vec(&record) {
@@ -55,19 +67,33 @@ pub fn record(store: &Store, plan: &Plan) {
 pub enum Explanation {
     Cached,
     NeverBuilt,
-    Changed { step: String, location: Option<String>, reasons: Vec<String> },
+    Changed {
+        step: String,
+        location: Option<String>,
+        reasons: Vec<String>,
+    },
     /// The inputs are the same as last time but the result is gone (pruned).
     Evicted,
 }
 
 fn is_cached(store: &Store, node: &Node) -> bool {
-    match node.steps.iter().rev().find(|step| step.op.touches_filesystem()) {
+    match node
+        .steps
+        .iter()
+        .rev()
+        .find(|step| step.op.touches_filesystem())
+    {
         Some(step) => store.get_action(&step.key).is_some(),
         None => true,
     }
 }
 
-fn diff_maps(kind: &str, old: &BTreeMap<String, String>, new: &BTreeMap<String, String>, reasons: &mut Vec<String>) {
+fn diff_maps(
+    kind: &str,
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+    reasons: &mut Vec<String>,
+) {
     for (name, value) in new {
         match old.get(name) {
             None => reasons.push(format!("{kind} {name} is new")),
@@ -89,11 +115,18 @@ fn diff_maps(kind: &str, old: &BTreeMap<String, String>, new: &BTreeMap<String, 
 }
 
 /// Explain one node against the store.
-pub fn explain(store: &Store, plan: &Plan, node: &Node, describe: &dyn Fn(graphbuild_lang::ir::Loc) -> String) -> Explanation {
+pub fn explain(
+    store: &Store,
+    plan: &Plan,
+    node: &Node,
+    describe: &dyn Fn(graphbuild_lang::ir::Loc) -> String,
+) -> Explanation {
     if is_cached(store, node) {
         return Explanation::Cached;
     }
-    let Some(record) = store.get_action(&identity(node)).and_then(|bytes| serde_json::from_slice::<NodeRecord>(&bytes).ok())
+    let Some(record) = store
+        .get_action(&identity(node))
+        .and_then(|bytes| serde_json::from_slice::<NodeRecord>(&bytes).ok())
     else {
         return Explanation::NeverBuilt;
     };
@@ -110,7 +143,10 @@ pub fn explain(store: &Store, plan: &Plan, node: &Node, describe: &dyn Fn(graphb
         }
         let mut reasons = Vec::new();
         if index == 0 && old.inputs.base != step.inputs.base {
-            reasons.push(format!("the base changed: {} → {}", old.inputs.base, step.inputs.base));
+            reasons.push(format!(
+                "the base changed: {} → {}",
+                old.inputs.base, step.inputs.base
+            ));
         }
         if old.description != step.description {
             reasons.push(format!("the step changed: was `{}`", old.description));
@@ -124,10 +160,18 @@ pub fn explain(store: &Store, plan: &Plan, node: &Node, describe: &dyn Fn(graphb
                 "an earlier step changed".to_string()
             });
         }
-        return Explanation::Changed { step: step.description.clone(), location: Some(describe(step.at)), reasons };
+        return Explanation::Changed {
+            step: step.description.clone(),
+            location: Some(describe(step.at)),
+            reasons,
+        };
     }
     if record.steps.len() != node.steps.len() {
-        return Explanation::Changed { step: "(end of stage)".into(), location: None, reasons: vec!["steps were removed".into()] };
+        return Explanation::Changed {
+            step: "(end of stage)".into(),
+            location: None,
+            reasons: vec!["steps were removed".into()],
+        };
     }
     let _ = plan;
     Explanation::Evicted

@@ -33,7 +33,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use graphbuild_lang::ir::{self, Command, FromSource, Loc, PlatformSpec, Project, Stage, StepKind, Text};
+use graphbuild_lang::ir::{
+    self, Command, FromSource, Loc, PlatformSpec, Project, Stage, StepKind, Text,
+};
 use graphbuild_lang::platform::Platform;
 use graphbuild_lang::subst::{self, Mode};
 use graphbuild_lang::{Diagnostic, Diagnostics};
@@ -44,7 +46,7 @@ use crate::context::{self, Context, CopyItem};
 use crate::digest::Key;
 use crate::key::KeyBuilder;
 use crate::resolve::{ResolvedBase, Resolver};
-use crate::state::{HealthcheckSettings, ImageSettings, DEFAULT_PATH};
+use crate::state::{DEFAULT_PATH, HealthcheckSettings, ImageSettings};
 use crate::store::Store;
 
 /// What to expand.
@@ -202,7 +204,10 @@ pub struct ImagePlan {
 
 /// Expand a project. Every problem found is returned at once.
 pub fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Plan, Diagnostics> {
-    let context_dir = options.context_dir.clone().unwrap_or_else(|| project.root_dir.clone());
+    let context_dir = options
+        .context_dir
+        .clone()
+        .unwrap_or_else(|| project.root_dir.clone());
     // Absolute, so sandboxes (which change directory) and records see one stable path.
     let context_dir = std::fs::canonicalize(&context_dir).unwrap_or(context_dir);
     let mut expander = Expander {
@@ -210,7 +215,11 @@ pub fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Plan, Diag
         options,
         context_dir: context_dir.clone(),
         context: None,
-        stages: project.stages.iter().map(|stage| (stage.name.as_str(), stage)).collect(),
+        stages: project
+            .stages
+            .iter()
+            .map(|stage| (stage.name.as_str(), stage))
+            .collect(),
         nodes: Vec::new(),
         by_key: HashMap::new(),
         memo: HashMap::new(),
@@ -222,13 +231,23 @@ pub fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Plan, Diag
         return Err(Diagnostics(expander.errors));
     }
     let mut graph = DiGraph::new();
-    let indices: Vec<_> = expander.nodes.iter().map(|node| graph.add_node(node.id)).collect();
+    let indices: Vec<_> = expander
+        .nodes
+        .iter()
+        .map(|node| graph.add_node(node.id))
+        .collect();
     for node in &expander.nodes {
         for dep in &node.deps {
             graph.add_edge(indices[*dep], indices[node.id], ());
         }
     }
-    Ok(Plan { nodes: expander.nodes, images, graph, context_dir, warnings: Vec::new() })
+    Ok(Plan {
+        nodes: expander.nodes,
+        images,
+        graph,
+        context_dir,
+        warnings: Vec::new(),
+    })
 }
 
 struct Expander<'a> {
@@ -260,16 +279,40 @@ struct Vars {
 }
 
 impl Vars {
-    fn new(matrix: Vec<(String, String)>, globals: Vec<(String, String)>, automatic: Vec<(String, String)>) -> Vars {
-        Vars { reads: Default::default(), stage_args: Vec::new(), params: Vec::new(), matrix, globals, automatic }
+    fn new(
+        matrix: Vec<(String, String)>,
+        globals: Vec<(String, String)>,
+        automatic: Vec<(String, String)>,
+    ) -> Vars {
+        Vars {
+            reads: Default::default(),
+            stage_args: Vec::new(),
+            params: Vec::new(),
+            matrix,
+            globals,
+            automatic,
+        }
     }
 
     fn lookup(&self, name: &str) -> Option<String> {
-        let value = [&self.stage_args, &self.params, &self.matrix, &self.globals, &self.automatic]
-            .into_iter()
-            .find_map(|list| list.iter().rev().find(|(key, _)| key == name).map(|(_, value)| value.clone()));
+        let value = [
+            &self.stage_args,
+            &self.params,
+            &self.matrix,
+            &self.globals,
+            &self.automatic,
+        ]
+        .into_iter()
+        .find_map(|list| {
+            list.iter()
+                .rev()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+        });
         if let Some(value) = &value {
-            self.reads.borrow_mut().insert(name.to_string(), value.clone());
+            self.reads
+                .borrow_mut()
+                .insert(name.to_string(), value.clone());
         }
         value
     }
@@ -280,7 +323,11 @@ impl Vars {
 }
 
 fn automatic_args(target: &Platform, host: &Platform) -> Vec<(String, String)> {
-    target.automatic_args("TARGET").into_iter().chain(host.automatic_args("BUILD")).collect()
+    target
+        .automatic_args("TARGET")
+        .into_iter()
+        .chain(host.automatic_args("BUILD"))
+        .collect()
 }
 
 impl<'a> Expander<'a> {
@@ -289,21 +336,35 @@ impl<'a> Expander<'a> {
         if !self.reported.insert(id) {
             return;
         }
-        let mut diagnostic = Diagnostic::error(code, message).with_label(&self.project.sources, at, label);
+        let mut diagnostic =
+            Diagnostic::error(code, message).with_label(&self.project.sources, at, label);
         if let Some(help) = help {
             diagnostic = diagnostic.with_help(help);
         }
         self.errors.push(diagnostic);
     }
 
-    fn substitute(&mut self, text: &Text, mode: Mode, vars: &Vars, env: Option<&ImageSettings>) -> String {
+    fn substitute(
+        &mut self,
+        text: &Text,
+        mode: Mode,
+        vars: &Vars,
+        env: Option<&ImageSettings>,
+    ) -> String {
         let mut lookup = |name: &str| {
-            vars.lookup(name).or_else(|| env.and_then(|settings| settings.env_value(name).map(str::to_string)))
+            vars.lookup(name)
+                .or_else(|| env.and_then(|settings| settings.env_value(name).map(str::to_string)))
         };
         match subst::substitute(&text.raw, mode, &mut lookup) {
             Ok(substituted) => substituted.value,
             Err(error) => {
-                self.error(text.at, "graphbuild::substitution", error.to_string(), "here", None);
+                self.error(
+                    text.at,
+                    "graphbuild::substitution",
+                    error.to_string(),
+                    "here",
+                    None,
+                );
                 text.raw.clone()
             }
         }
@@ -311,7 +372,11 @@ impl<'a> Expander<'a> {
 
     /// Global args for one target and matrix combination, in declaration order.
     fn globals(&mut self, target: &Platform, matrix: &[(String, String)]) -> Vec<(String, String)> {
-        let mut vars = Vars::new(matrix.to_vec(), Vec::new(), automatic_args(target, &self.options.host));
+        let mut vars = Vars::new(
+            matrix.to_vec(),
+            Vec::new(),
+            automatic_args(target, &self.options.host),
+        );
         for arg in &self.project.args {
             let value = match (self.options.args.get(&arg.name), &arg.default) {
                 (Some(value), _) => value.clone(),
@@ -353,7 +418,11 @@ impl<'a> Expander<'a> {
         for image in &project.images {
             for matrix in matrix_combinations(&image.matrix, self) {
                 let globals = self.globals(&host, &matrix);
-                let vars = Vars::new(matrix.clone(), globals, host.automatic_args("BUILD").into_iter().collect());
+                let vars = Vars::new(
+                    matrix.clone(),
+                    globals,
+                    host.automatic_args("BUILD").into_iter().collect(),
+                );
                 let name = self.substitute(&image.name, Mode::Strict, &vars, None);
                 if !self.options.images.is_empty() {
                     let mut selected = false;
@@ -374,27 +443,45 @@ impl<'a> Expander<'a> {
                     if specs.is_empty() {
                         vec![host.clone()]
                     } else {
-                        specs.iter().filter_map(|spec| self.parse_platform(spec, &vars)).collect()
+                        specs
+                            .iter()
+                            .filter_map(|spec| self.parse_platform(spec, &vars))
+                            .collect()
                     }
                 };
                 let mut plan = ImagePlan {
                     name,
-                    tags: image.tags.iter().map(|tag| self.substitute(tag, Mode::Strict, &vars, None)).collect(),
+                    tags: image
+                        .tags
+                        .iter()
+                        .map(|tag| self.substitute(tag, Mode::Strict, &vars, None))
+                        .collect(),
                     platforms: Vec::new(),
                     annotations: image
                         .annotations
                         .iter()
-                        .map(|(key, value)| (key.clone(), self.substitute(value, Mode::Strict, &vars, None)))
+                        .map(|(key, value)| {
+                            (
+                                key.clone(),
+                                self.substitute(value, Mode::Strict, &vars, None),
+                            )
+                        })
                         .collect(),
                     labels: image
                         .labels
                         .iter()
-                        .map(|(key, value)| (key.clone(), self.substitute(value, Mode::Strict, &vars, None)))
+                        .map(|(key, value)| {
+                            (
+                                key.clone(),
+                                self.substitute(value, Mode::Strict, &vars, None),
+                            )
+                        })
                         .collect(),
-                    output: image
-                        .output
-                        .as_ref()
-                        .map(|output| project.root_dir.join(self.substitute(output, Mode::Strict, &vars, None))),
+                    output: image.output.as_ref().map(|output| {
+                        project
+                            .root_dir
+                            .join(self.substitute(output, Mode::Strict, &vars, None))
+                    }),
                     push: image.push,
                     at: image.at,
                 };
@@ -409,7 +496,11 @@ impl<'a> Expander<'a> {
                     continue;
                 };
                 for platform in platforms {
-                    if plan.platforms.iter().any(|(existing, _)| *existing == platform) {
+                    if plan
+                        .platforms
+                        .iter()
+                        .any(|(existing, _)| *existing == platform)
+                    {
                         continue;
                     }
                     let mut stack = Vec::new();
@@ -422,10 +513,24 @@ impl<'a> Expander<'a> {
         }
         for (index, wanted) in self.options.images.iter().enumerate() {
             if !matched[index] {
-                let names: Vec<&str> = project.images.iter().map(|image| image.name.raw.as_str()).collect();
+                let names: Vec<&str> = project
+                    .images
+                    .iter()
+                    .map(|image| image.name.raw.as_str())
+                    .collect();
                 self.errors.push(
-                    Diagnostic::error("graphbuild::unknown-image", format!("no image named `{wanted}` in the build file"))
-                        .with_help(format!("the images are: {}", if names.is_empty() { "(none)".to_string() } else { names.join(", ") })),
+                    Diagnostic::error(
+                        "graphbuild::unknown-image",
+                        format!("no image named `{wanted}` in the build file"),
+                    )
+                    .with_help(format!(
+                        "the images are: {}",
+                        if names.is_empty() {
+                            "(none)".to_string()
+                        } else {
+                            names.join(", ")
+                        }
+                    )),
                 );
             }
         }
@@ -434,7 +539,8 @@ impl<'a> Expander<'a> {
 
     fn context(&mut self) -> Result<&Context, String> {
         if self.context.is_none() {
-            let scanned = Context::scan(&self.context_dir, self.options.store).map_err(|error| error.to_string());
+            let scanned = Context::scan(&self.context_dir, self.options.store)
+                .map_err(|error| error.to_string());
             self.context = Some(scanned);
         }
         match self.context.as_ref() {
@@ -462,9 +568,15 @@ impl<'a> Expander<'a> {
             self.error(
                 stage.at,
                 "graphbuild::cycle",
-                format!("stages depend on each other in a cycle: {}", cycle.join(" → ")),
+                format!(
+                    "stages depend on each other in a cycle: {}",
+                    cycle.join(" → ")
+                ),
                 "this stage is part of the cycle",
-                Some("a stage cannot build on or copy from itself, directly or through other stages".into()),
+                Some(
+                    "a stage cannot build on or copy from itself, directly or through other stages"
+                        .into(),
+                ),
             );
             return None;
         }
@@ -501,7 +613,11 @@ impl<'a> Expander<'a> {
         // The base: another node, an image, or nothing.
         let mut deps = Vec::new();
         let (base, mut settings, mut key) = match &stage.from.source {
-            FromSource::Scratch => (Base::Scratch, ImageSettings::default(), root_key("scratch", &platform, None)),
+            FromSource::Scratch => (
+                Base::Scratch,
+                ImageSettings::default(),
+                root_key("scratch", &platform, None),
+            ),
             FromSource::Stage(name) => {
                 let base_stage = self.stages.get(name.as_str()).copied()?;
                 let id = self.node_for(base_stage, &platform, matrix, stack)?;
@@ -512,7 +628,11 @@ impl<'a> Expander<'a> {
             FromSource::Image(text) => {
                 let reference = self.substitute(text, Mode::Strict, &vars, None);
                 if reference == "scratch" {
-                    (Base::Scratch, ImageSettings::default(), root_key("scratch", &platform, None))
+                    (
+                        Base::Scratch,
+                        ImageSettings::default(),
+                        root_key("scratch", &platform, None),
+                    )
                 } else if let Some(base_stage) = self.stages.get(reference.as_str()).copied() {
                     let id = self.node_for(base_stage, &platform, matrix, stack)?;
                     deps.push(id);
@@ -523,19 +643,33 @@ impl<'a> Expander<'a> {
                         Ok(resolved) => resolved,
                         Err(error) => {
                             let help = error.help();
-                            self.error(text.at, "graphbuild::base-image", error.to_string(), "this base image", Some(help));
+                            self.error(
+                                text.at,
+                                "graphbuild::base-image",
+                                error.to_string(),
+                                "this base image",
+                                Some(help),
+                            );
                             return None;
                         }
                     };
                     let key = root_key("image", &platform, Some(&resolved.manifest_digest.0));
-                    (Base::Image(resolved.clone()), resolved.settings.clone(), key)
+                    (
+                        Base::Image(resolved.clone()),
+                        resolved.settings.clone(),
+                        key,
+                    )
                 }
             }
         };
 
         let base_description = match &base {
             Base::Scratch => "scratch".to_string(),
-            Base::Stage(id) => format!("stage {} ({})", self.nodes[*id].stage, self.nodes[*id].key.short()),
+            Base::Stage(id) => format!(
+                "stage {} ({})",
+                self.nodes[*id].stage,
+                self.nodes[*id].key.short()
+            ),
             Base::Image(image) => format!("{} ({})", image.reference, image.manifest_digest),
         };
         let mut steps = Vec::new();
@@ -548,12 +682,16 @@ impl<'a> Expander<'a> {
             }
             let (op, description) = match &step.kind {
                 StepKind::Run(run) => {
-                    let Some(op) = self.run_op(run, &vars, &settings, pinned) else { continue };
+                    let Some(op) = self.run_op(run, &vars, &settings, pinned) else {
+                        continue;
+                    };
                     let description = format!("RUN {}", op.argv.join(" "));
                     (Op::Run(op), description)
                 }
                 StepKind::Copy(copy) => {
-                    let Some((op, dep)) = self.copy_op(copy, step.at, &vars, &settings, target, matrix, stack) else {
+                    let Some((op, dep)) =
+                        self.copy_op(copy, step.at, &vars, &settings, target, matrix, stack)
+                    else {
                         continue;
                     };
                     if let Some(dep) = dep {
@@ -565,7 +703,9 @@ impl<'a> Expander<'a> {
                     (Op::Copy(op), description)
                 }
                 kind => {
-                    let Some(description) = self.apply_config(kind, step.at, &mut vars, &mut settings) else {
+                    let Some(description) =
+                        self.apply_config(kind, step.at, &mut vars, &mut settings)
+                    else {
                         continue;
                     };
                     (Op::Config, description)
@@ -585,25 +725,44 @@ impl<'a> Expander<'a> {
             }
             key = builder.finish();
             let files = match &op {
-                Op::Copy(CopyOp { from: CopySource::Context { items }, .. }) => items
+                Op::Copy(CopyOp {
+                    from: CopySource::Context { items },
+                    ..
+                }) => items
                     .iter()
                     .filter_map(|item| match &item.kind {
-                        context::ItemKind::File { digest, mode, .. } => {
-                            Some((item.rel_src.display().to_string(), format!("{}:{mode:o}", hex::encode(digest))))
-                        }
-                        context::ItemKind::Symlink { target } => {
-                            Some((item.rel_src.display().to_string(), format!("-> {}", target.display())))
-                        }
+                        context::ItemKind::File { digest, mode, .. } => Some((
+                            item.rel_src.display().to_string(),
+                            format!("{}:{mode:o}", hex::encode(digest)),
+                        )),
+                        context::ItemKind::Symlink { target } => Some((
+                            item.rel_src.display().to_string(),
+                            format!("-> {}", target.display()),
+                        )),
                         context::ItemKind::Dir { .. } => None,
                     })
                     .collect(),
-                Op::Copy(CopyOp { from: CopySource::Node { node }, .. }) => {
-                    BTreeMap::from([(format!("stage {}", self.nodes[*node].stage), self.nodes[*node].key.to_string())])
-                }
+                Op::Copy(CopyOp {
+                    from: CopySource::Node { node },
+                    ..
+                }) => BTreeMap::from([(
+                    format!("stage {}", self.nodes[*node].stage),
+                    self.nodes[*node].key.to_string(),
+                )]),
                 _ => BTreeMap::new(),
             };
-            let inputs = StepInputs { vars: vars.take_reads(), files, base: base_description.clone() };
-            steps.push(StepPlan { key, op, description, at: step.at, inputs });
+            let inputs = StepInputs {
+                vars: vars.take_reads(),
+                files,
+                base: base_description.clone(),
+            };
+            steps.push(StepPlan {
+                key,
+                op,
+                description,
+                at: step.at,
+                inputs,
+            });
         }
 
         if let Some(&existing) = self.by_key.get(&key) {
@@ -630,18 +789,33 @@ impl<'a> Expander<'a> {
         Some(id)
     }
 
-    fn command(&mut self, command: &Command, mode: Mode, vars: &Vars, settings: &ImageSettings) -> Vec<String> {
+    fn command(
+        &mut self,
+        command: &Command,
+        mode: Mode,
+        vars: &Vars,
+        settings: &ImageSettings,
+    ) -> Vec<String> {
         match command {
             Command::Shell(text) => {
                 let mut argv = settings.shell();
                 argv.push(self.substitute(text, mode, vars, None));
                 argv
             }
-            Command::Exec(args) => args.iter().map(|arg| self.substitute(arg, mode, vars, None)).collect(),
+            Command::Exec(args) => args
+                .iter()
+                .map(|arg| self.substitute(arg, mode, vars, None))
+                .collect(),
         }
     }
 
-    fn run_op(&mut self, run: &ir::Run, vars: &Vars, settings: &ImageSettings, pinned: bool) -> Option<RunOp> {
+    fn run_op(
+        &mut self,
+        run: &ir::Run,
+        vars: &Vars,
+        settings: &ImageSettings,
+        pinned: bool,
+    ) -> Option<RunOp> {
         let argv = self.command(&run.command, Mode::Shell, vars, settings);
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in &vars.automatic {
@@ -655,7 +829,8 @@ impl<'a> Expander<'a> {
         for (name, value) in &settings.env {
             env.insert(name.clone(), value.clone());
         }
-        env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
+        env.entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.into());
         let cache_mounts = run
             .cache_mounts
             .iter()
@@ -673,7 +848,10 @@ impl<'a> Expander<'a> {
             .iter()
             .map(|secret| SecretOp {
                 id: secret.id.clone(),
-                target: secret.target.as_ref().map(|target| self.substitute(target, Mode::Strict, vars, Some(settings))),
+                target: secret
+                    .target
+                    .as_ref()
+                    .map(|target| self.substitute(target, Mode::Strict, vars, Some(settings))),
                 env: secret.env.clone(),
                 required: secret.required,
             })
@@ -689,7 +867,10 @@ impl<'a> Expander<'a> {
         })
     }
 
-    #[expect(clippy::too_many_arguments, reason = "the expansion context of one step")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the expansion context of one step"
+    )]
     fn copy_op(
         &mut self,
         copy: &ir::Copy,
@@ -700,10 +881,16 @@ impl<'a> Expander<'a> {
         matrix: &[(String, String)],
         stack: &mut Vec<String>,
     ) -> Option<(CopyOp, Option<usize>)> {
-        let sources: Vec<String> =
-            copy.sources.iter().map(|source| self.substitute(source, Mode::Strict, vars, Some(settings))).collect();
+        let sources: Vec<String> = copy
+            .sources
+            .iter()
+            .map(|source| self.substitute(source, Mode::Strict, vars, Some(settings)))
+            .collect();
         let dest = self.substitute(&copy.dest, Mode::Strict, vars, Some(settings));
-        let chown = copy.chown.as_ref().map(|chown| self.substitute(chown, Mode::Strict, vars, Some(settings)));
+        let chown = copy
+            .chown
+            .as_ref()
+            .map(|chown| self.substitute(chown, Mode::Strict, vars, Some(settings)));
         let chmod = match &copy.chmod {
             None => None,
             Some(text) => {
@@ -737,7 +924,10 @@ impl<'a> Expander<'a> {
                             "graphbuild::copy",
                             error,
                             "this copy",
-                            Some(format!("sources are relative to the build context `{}`", self.context_dir.display())),
+                            Some(format!(
+                                "sources are relative to the build context `{}`",
+                                self.context_dir.display()
+                            )),
                         );
                         return None;
                     }
@@ -754,7 +944,17 @@ impl<'a> Expander<'a> {
                 (CopySource::Node { node: id }, Some(id))
             }
         };
-        Some((CopyOp { sources, dest, workdir: settings.workdir().to_string(), chown, chmod, from }, dep))
+        Some((
+            CopyOp {
+                sources,
+                dest,
+                workdir: settings.workdir().to_string(),
+                chown,
+                chmod,
+                from,
+            },
+            dep,
+        ))
     }
 
     /// A node that is just an image, for `copy from="oci:…"`.
@@ -766,7 +966,13 @@ impl<'a> Expander<'a> {
             Ok(resolved) => resolved,
             Err(error) => {
                 let help = error.help();
-                self.error(at, "graphbuild::base-image", error.to_string(), "this image", Some(help));
+                self.error(
+                    at,
+                    "graphbuild::base-image",
+                    error.to_string(),
+                    "this image",
+                    Some(help),
+                );
                 return None;
             }
         };
@@ -792,7 +998,13 @@ impl<'a> Expander<'a> {
     }
 
     /// Apply a metadata step to the settings; returns its history description.
-    fn apply_config(&mut self, kind: &StepKind, at: Loc, vars: &mut Vars, settings: &mut ImageSettings) -> Option<String> {
+    fn apply_config(
+        &mut self,
+        kind: &StepKind,
+        at: Loc,
+        vars: &mut Vars,
+        settings: &mut ImageSettings,
+    ) -> Option<String> {
         let description = match kind {
             StepKind::Env(pairs) => {
                 let mut parts = Vec::new();
@@ -806,12 +1018,17 @@ impl<'a> Expander<'a> {
             StepKind::Arg(arg) => {
                 let value = if let Some(value) = self.options.args.get(&arg.name) {
                     Some(value.clone())
-                } else if let Some((_, value)) = vars.globals.iter().find(|(name, _)| *name == arg.name) {
+                } else if let Some((_, value)) =
+                    vars.globals.iter().find(|(name, _)| *name == arg.name)
+                {
                     Some(value.clone())
                 } else if let Some(default) = &arg.default {
                     Some(self.substitute(default, Mode::Strict, vars, Some(settings)))
                 } else {
-                    vars.automatic.iter().find(|(name, _)| *name == arg.name).map(|(_, value)| value.clone())
+                    vars.automatic
+                        .iter()
+                        .find(|(name, _)| *name == arg.name)
+                        .map(|(_, value)| value.clone())
                 };
                 match value {
                     Some(value) => {
@@ -848,7 +1065,11 @@ impl<'a> Expander<'a> {
                 let mut parts = Vec::new();
                 for port in ports {
                     let value = self.substitute(port, Mode::Strict, vars, Some(settings));
-                    let value = if value.contains('/') { value } else { format!("{value}/tcp") };
+                    let value = if value.contains('/') {
+                        value
+                    } else {
+                        format!("{value}/tcp")
+                    };
                     parts.push(value.clone());
                     settings.exposed_ports.insert(value);
                 }
@@ -878,7 +1099,10 @@ impl<'a> Expander<'a> {
                 format!("VOLUME {}", parts.join(" "))
             }
             StepKind::Shell(args) => {
-                settings.shell = args.iter().map(|arg| self.substitute(arg, Mode::Strict, vars, Some(settings))).collect();
+                settings.shell = args
+                    .iter()
+                    .map(|arg| self.substitute(arg, Mode::Strict, vars, Some(settings)))
+                    .collect();
                 format!("SHELL {:?}", settings.shell)
             }
             StepKind::StopSignal(text) => {
@@ -888,15 +1112,21 @@ impl<'a> Expander<'a> {
                 description
             }
             StepKind::Healthcheck(check) => {
-                let test = match &check.test {
-                    None => vec!["NONE".to_string()],
-                    Some(Command::Shell(text)) => {
-                        vec!["CMD-SHELL".to_string(), self.substitute(text, Mode::Strict, vars, Some(settings))]
-                    }
-                    Some(Command::Exec(args)) => std::iter::once("CMD".to_string())
-                        .chain(args.iter().map(|arg| self.substitute(arg, Mode::Strict, vars, Some(settings))))
-                        .collect(),
-                };
+                let test =
+                    match &check.test {
+                        None => vec!["NONE".to_string()],
+                        Some(Command::Shell(text)) => {
+                            vec![
+                                "CMD-SHELL".to_string(),
+                                self.substitute(text, Mode::Strict, vars, Some(settings)),
+                            ]
+                        }
+                        Some(Command::Exec(args)) => std::iter::once("CMD".to_string())
+                            .chain(args.iter().map(|arg| {
+                                self.substitute(arg, Mode::Strict, vars, Some(settings))
+                            }))
+                            .collect(),
+                    };
                 let duration = |text: &Option<Text>, expander: &mut Self| -> Option<u64> {
                     let text = text.as_ref()?;
                     let value = expander.substitute(text, Mode::Strict, vars, Some(settings));
@@ -926,7 +1156,13 @@ impl<'a> Expander<'a> {
                 description
             }
             StepKind::Run(_) | StepKind::Copy(_) => {
-                self.error(at, "graphbuild::internal", "a filesystem step reached the metadata path".into(), "here", None);
+                self.error(
+                    at,
+                    "graphbuild::internal",
+                    "a filesystem step reached the metadata path".into(),
+                    "here",
+                    None,
+                );
                 return None;
             }
         };
@@ -944,14 +1180,20 @@ fn root_key(kind: &str, platform: &Platform, parent: Option<&[u8; 32]>) -> Key {
 }
 
 /// Every combination of matrix values (cartesian, first axis outermost).
-fn matrix_combinations(axes: &[ir::MatrixAxis], expander: &mut Expander<'_>) -> Vec<Vec<(String, String)>> {
+fn matrix_combinations(
+    axes: &[ir::MatrixAxis],
+    expander: &mut Expander<'_>,
+) -> Vec<Vec<(String, String)>> {
     let host = expander.options.host.clone();
     let mut combinations = vec![Vec::new()];
     for axis in axes {
         let globals = expander.globals(&host, &[]);
         let vars = Vars::new(Vec::new(), globals, Vec::new());
-        let values: Vec<String> =
-            axis.values.iter().map(|value| expander.substitute(value, Mode::Strict, &vars, None)).collect();
+        let values: Vec<String> = axis
+            .values
+            .iter()
+            .map(|value| expander.substitute(value, Mode::Strict, &vars, None))
+            .collect();
         combinations = combinations
             .into_iter()
             .flat_map(|prefix: Vec<(String, String)>| {
@@ -980,7 +1222,9 @@ pub fn parse_duration(text: &str) -> Option<u64> {
         let number_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
         let number: f64 = rest[..number_end].parse().ok()?;
         rest = &rest[number_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let factor = match &rest[..unit_end] {
             "ns" => 1.0,
             "us" | "µs" => 1e3,
@@ -1007,8 +1251,9 @@ impl Plan {
                 dependents[*dep].push(node.id);
             }
         }
-        let mut ready: std::collections::BTreeSet<usize> =
-            (0..self.nodes.len()).filter(|id| remaining[*id] == 0).collect();
+        let mut ready: std::collections::BTreeSet<usize> = (0..self.nodes.len())
+            .filter(|id| remaining[*id] == 0)
+            .collect();
         let mut order = Vec::with_capacity(self.nodes.len());
         while let Some(id) = ready.pop_first() {
             order.push(id);

@@ -28,7 +28,11 @@ fn error_text(error: &crate::registry::RegistryError) -> String {
 }
 
 /// Push the image of `layout` (its first index) under every tag in `tags`.
-pub fn push_layout(client: &RegistryClient, layout_dir: &Path, tags: &[String]) -> Result<PushReport, String> {
+pub fn push_layout(
+    client: &RegistryClient,
+    layout_dir: &Path,
+    tags: &[String],
+) -> Result<PushReport, String> {
     let layout = OciLayout::open(layout_dir).map_err(|error| error.to_string())?;
     let top = layout
         .index()
@@ -36,25 +40,41 @@ pub fn push_layout(client: &RegistryClient, layout_dir: &Path, tags: &[String]) 
         .first()
         .cloned()
         .ok_or_else(|| format!("the layout {} holds no image", layout_dir.display()))?;
-    let index_bytes = layout.read_blob(&top.digest).map_err(|error| error.to_string())?;
-    let index: ImageIndex = serde_json::from_slice(&index_bytes).map_err(|error| error.to_string())?;
+    let index_bytes = layout
+        .read_blob(&top.digest)
+        .map_err(|error| error.to_string())?;
+    let index: ImageIndex =
+        serde_json::from_slice(&index_bytes).map_err(|error| error.to_string())?;
     let mut report = PushReport::default();
     let mut pushed_repositories: Vec<Reference> = Vec::new();
     for tag in tags {
-        let reference = Reference::parse(tag).map_err(|error| format!("cannot push to `{tag}`: {error}"))?;
+        let reference =
+            Reference::parse(tag).map_err(|error| format!("cannot push to `{tag}`: {error}"))?;
         if reference.tag.is_none() && reference.digest.is_none() {
             return Err(format!("cannot push to `{tag}`: it has no tag"));
         }
         // Blobs already pushed to another repository on this registry can be mounted.
         let mount_from = pushed_repositories
             .iter()
-            .find(|other| other.registry == reference.registry && other.repository != reference.repository)
+            .find(|other| {
+                other.registry == reference.registry && other.repository != reference.repository
+            })
             .map(|other| other.repository.clone());
         for descriptor in &index.manifests {
-            let manifest_bytes = layout.read_blob(&descriptor.digest).map_err(|error| error.to_string())?;
-            let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes).map_err(|error| error.to_string())?;
+            let manifest_bytes = layout
+                .read_blob(&descriptor.digest)
+                .map_err(|error| error.to_string())?;
+            let manifest: ImageManifest =
+                serde_json::from_slice(&manifest_bytes).map_err(|error| error.to_string())?;
             for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
-                let outcome = push_blob(client, &layout, &reference, &blob.digest, blob.size, mount_from.as_deref())?;
+                let outcome = push_blob(
+                    client,
+                    &layout,
+                    &reference,
+                    &blob.digest,
+                    blob.size,
+                    mount_from.as_deref(),
+                )?;
                 match outcome {
                     BlobPush::AlreadyPresent => report.skipped += 1,
                     BlobPush::Mounted => report.mounted += 1,
@@ -62,12 +82,24 @@ pub fn push_layout(client: &RegistryClient, layout_dir: &Path, tags: &[String]) 
                 }
             }
             client
-                .push_manifest(&reference.with_digest(descriptor.digest), &descriptor.media_type, &manifest_bytes)
+                .push_manifest(
+                    &reference.with_digest(descriptor.digest),
+                    &descriptor.media_type,
+                    &manifest_bytes,
+                )
                 .map_err(|error| error_text(&error))?;
         }
-        let media_type = index.media_type.clone().unwrap_or_else(|| oci::media::OCI_INDEX.to_string());
-        let without_digest = Reference { digest: None, ..reference.clone() };
-        client.push_manifest(&without_digest, &media_type, &index_bytes).map_err(|error| error_text(&error))?;
+        let media_type = index
+            .media_type
+            .clone()
+            .unwrap_or_else(|| oci::media::OCI_INDEX.to_string());
+        let without_digest = Reference {
+            digest: None,
+            ..reference.clone()
+        };
+        client
+            .push_manifest(&without_digest, &media_type, &index_bytes)
+            .map_err(|error| error_text(&error))?;
         report.tags.push(reference.to_string());
         pushed_repositories.push(reference);
     }
@@ -83,6 +115,12 @@ fn push_blob(
     mount_from: Option<&str>,
 ) -> Result<BlobPush, String> {
     client
-        .push_blob(reference, digest, size, &layout.blob_path(digest), mount_from)
+        .push_blob(
+            reference,
+            digest,
+            size,
+            &layout.blob_path(digest),
+            mount_from,
+        )
         .map_err(|error| error_text(&error))
 }

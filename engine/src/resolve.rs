@@ -33,9 +33,13 @@ pub struct ResolvedBase {
 
 #[derive(Clone, Debug)]
 pub enum BaseSource {
-    OciLayout { dir: PathBuf },
+    OciLayout {
+        dir: PathBuf,
+    },
     /// A registry image, pinned to the manifest digest it resolved to.
-    Registry { reference: Reference },
+    Registry {
+        reference: Reference,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +47,30 @@ pub enum ResolveError {
     #[error("cannot read the OCI layout `{dir}`: {message}")]
     Layout { dir: String, message: String },
     #[error("`{reference}` is not a valid image reference: {message}")]
-    InvalidReference { reference: String, message: String, help: String },
+    InvalidReference {
+        reference: String,
+        message: String,
+        help: String,
+    },
     #[error("cannot pull `{reference}`: {message}")]
-    Registry { reference: String, message: String, help: String },
+    Registry {
+        reference: String,
+        message: String,
+        help: String,
+    },
 
     #[error("the base image `{reference}` has no manifest for {platform}{available}")]
-    NoPlatform { reference: String, platform: String, available: String },
+    NoPlatform {
+        reference: String,
+        platform: String,
+        available: String,
+    },
     #[error("cannot copy layer {digest} of `{reference}` into the store: {message}")]
-    Fetch { reference: String, digest: Digest, message: String },
+    Fetch {
+        reference: String,
+        digest: Digest,
+        message: String,
+    },
 }
 
 impl ResolveError {
@@ -71,7 +91,11 @@ impl ResolveError {
 
 /// Resolves base references. Implementations cache: one resolution per run.
 pub trait Resolver: Send + Sync {
-    fn resolve(&self, reference: &str, platform: &Platform) -> Result<Arc<ResolvedBase>, ResolveError>;
+    fn resolve(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<Arc<ResolvedBase>, ResolveError>;
     /// Make every layer blob of `base` present in `store`.
     fn fetch_layers(&self, base: &ResolvedBase, store: &Store) -> Result<(), ResolveError>;
 }
@@ -84,7 +108,10 @@ pub struct LayoutResolver {
 
 impl LayoutResolver {
     pub fn new(root_dir: &Path) -> Self {
-        LayoutResolver { root_dir: root_dir.to_path_buf(), cache: Mutex::new(HashMap::new()) }
+        LayoutResolver {
+            root_dir: root_dir.to_path_buf(),
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -98,9 +125,18 @@ pub fn parse_oci_reference(reference: &str) -> Option<(&str, Option<&str>)> {
 }
 
 impl Resolver for LayoutResolver {
-    fn resolve(&self, reference: &str, platform: &Platform) -> Result<Arc<ResolvedBase>, ResolveError> {
+    fn resolve(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<Arc<ResolvedBase>, ResolveError> {
         let cache_key = (reference.to_string(), platform.clone());
-        if let Some(hit) = self.cache.lock().ok().and_then(|cache| cache.get(&cache_key).cloned()) {
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(&cache_key).cloned())
+        {
             return Ok(hit);
         }
         let Some((path, tag)) = parse_oci_reference(reference) else {
@@ -111,25 +147,38 @@ impl Resolver for LayoutResolver {
             });
         };
         let dir = self.root_dir.join(path);
-        let layout_error = |message: String| ResolveError::Layout { dir: path.to_string(), message };
+        let layout_error = |message: String| ResolveError::Layout {
+            dir: path.to_string(),
+            message,
+        };
         let layout = OciLayout::open(&dir).map_err(|error| layout_error(error.to_string()))?;
-        let top = layout.resolve(tag).map_err(|error| layout_error(error.to_string()))?;
-        let (manifest, manifest_descriptor) = layout.select_platform(&top, platform).map_err(|error| match error {
-            oci::OciError::NoMatchingPlatform { available, .. } => ResolveError::NoPlatform {
-                reference: reference.to_string(),
-                platform: platform.to_string(),
-                available: if available.is_empty() {
-                    String::new()
-                } else {
-                    let names: Vec<String> = available.iter().map(ToString::to_string).collect();
-                    format!(" (it has {})", names.join(", "))
-                },
-            },
-            other => layout_error(other.to_string()),
-        })?;
-        let config_bytes = layout.read_blob(&manifest.config.digest).map_err(|error| layout_error(error.to_string()))?;
-        let config: oci::ImageConfigFile =
-            serde_json::from_slice(&config_bytes).map_err(|error| layout_error(format!("invalid image config: {error}")))?;
+        let top = layout
+            .resolve(tag)
+            .map_err(|error| layout_error(error.to_string()))?;
+        let (manifest, manifest_descriptor) =
+            layout
+                .select_platform(&top, platform)
+                .map_err(|error| match error {
+                    oci::OciError::NoMatchingPlatform { available, .. } => {
+                        ResolveError::NoPlatform {
+                            reference: reference.to_string(),
+                            platform: platform.to_string(),
+                            available: if available.is_empty() {
+                                String::new()
+                            } else {
+                                let names: Vec<String> =
+                                    available.iter().map(ToString::to_string).collect();
+                                format!(" (it has {})", names.join(", "))
+                            },
+                        }
+                    }
+                    other => layout_error(other.to_string()),
+                })?;
+        let config_bytes = layout
+            .read_blob(&manifest.config.digest)
+            .map_err(|error| layout_error(error.to_string()))?;
+        let config: oci::ImageConfigFile = serde_json::from_slice(&config_bytes)
+            .map_err(|error| layout_error(format!("invalid image config: {error}")))?;
         let resolved = Arc::new(
             base_from_parts(
                 reference,
@@ -165,10 +214,14 @@ impl Resolver for LayoutResolver {
                 message,
             };
             let source = dir.join("blobs/sha256").join(layer.digest.hex());
-            let temp = store.temp_dir().map_err(|error| fetch_error(error.to_string()))?;
+            let temp = store
+                .temp_dir()
+                .map_err(|error| fetch_error(error.to_string()))?;
             let copy = temp.path().join("blob");
             std::fs::copy(&source, &copy).map_err(|error| fetch_error(error.to_string()))?;
-            store.put_blob_file(&copy, Some(layer.digest)).map_err(|error| fetch_error(error.to_string()))?;
+            store
+                .put_blob_file(&copy, Some(layer.digest))
+                .map_err(|error| fetch_error(error.to_string()))?;
         }
         Ok(())
     }
@@ -217,7 +270,10 @@ impl LockFile {
 
     fn find(&self, reference: &str, platform: &Platform) -> Option<Digest> {
         let platform = platform.to_string();
-        self.bases.iter().find(|base| base.reference == reference && base.platform == platform).map(|base| base.digest)
+        self.bases
+            .iter()
+            .find(|base| base.reference == reference && base.platform == platform)
+            .map(|base| base.digest)
     }
 }
 
@@ -249,7 +305,9 @@ impl DefaultResolver {
             lock,
             cache: Mutex::new(HashMap::new()),
             resolved: Mutex::new(Vec::new()),
-            scratch: tempfile::Builder::new().prefix("graphbuild-resolve-").tempdir()?,
+            scratch: tempfile::Builder::new()
+                .prefix("graphbuild-resolve-")
+                .tempdir()?,
         })
     }
 
@@ -259,19 +317,32 @@ impl DefaultResolver {
 
     /// The registry bases resolved so far, as a lock file.
     pub fn lock_file(&self) -> LockFile {
-        let bases = self.resolved.lock().map(|resolved| resolved.clone()).unwrap_or_default();
+        let bases = self
+            .resolved
+            .lock()
+            .map(|resolved| resolved.clone())
+            .unwrap_or_default();
         LockFile { version: 1, bases }
     }
 
-    fn resolve_registry(&self, written: &str, platform: &Platform) -> Result<Arc<ResolvedBase>, ResolveError> {
-        let reference = Reference::parse(written).map_err(|error| ResolveError::InvalidReference {
-            reference: written.to_string(),
-            message: error.to_string(),
-            help: miette::Diagnostic::help(&error).map(|help| help.to_string()).unwrap_or_default(),
-        })?;
+    fn resolve_registry(
+        &self,
+        written: &str,
+        platform: &Platform,
+    ) -> Result<Arc<ResolvedBase>, ResolveError> {
+        let reference =
+            Reference::parse(written).map_err(|error| ResolveError::InvalidReference {
+                reference: written.to_string(),
+                message: error.to_string(),
+                help: miette::Diagnostic::help(&error)
+                    .map(|help| help.to_string())
+                    .unwrap_or_default(),
+            })?;
         let registry_error = |error: crate::registry::RegistryError| ResolveError::Registry {
             reference: written.to_string(),
-            help: miette::Diagnostic::help(&error).map(|help| help.to_string()).unwrap_or_default(),
+            help: miette::Diagnostic::help(&error)
+                .map(|help| help.to_string())
+                .unwrap_or_default(),
             message: error.to_string(),
         };
         // A digest in the reference or in the lock file pins the manifest.
@@ -282,11 +353,17 @@ impl DefaultResolver {
         };
         let (manifest_digest, manifest_bytes) = match pinned {
             Some(digest) => {
-                let manifest = self.registry.resolve(&reference.with_digest(digest)).map_err(registry_error)?;
+                let manifest = self
+                    .registry
+                    .resolve(&reference.with_digest(digest))
+                    .map_err(registry_error)?;
                 (manifest.digest, manifest.bytes)
             }
             None => {
-                let found = self.registry.resolve_platform(&reference, platform).map_err(registry_error)?;
+                let found = self
+                    .registry
+                    .resolve_platform(&reference, platform)
+                    .map_err(registry_error)?;
                 (found.manifest.digest, found.manifest.bytes)
             }
         };
@@ -295,19 +372,26 @@ impl DefaultResolver {
             message,
             help: "the registry returned something that is not an image manifest".into(),
         };
-        let manifest: oci::ImageManifest =
-            serde_json::from_slice(&manifest_bytes).map_err(|error| layout_error(format!("invalid manifest: {error}")))?;
+        let manifest: oci::ImageManifest = serde_json::from_slice(&manifest_bytes)
+            .map_err(|error| layout_error(format!("invalid manifest: {error}")))?;
         let config_path = self.scratch.path().join(manifest.config.digest.hex());
         if !config_path.exists() {
             self.registry
-                .fetch_blob(&reference, &manifest.config.digest, manifest.config.size, &config_path)
+                .fetch_blob(
+                    &reference,
+                    &manifest.config.digest,
+                    manifest.config.size,
+                    &config_path,
+                )
                 .map_err(registry_error)?;
         }
-        let config_bytes = std::fs::read(&config_path).map_err(|error| layout_error(error.to_string()))?;
-        let config: oci::ImageConfigFile =
-            serde_json::from_slice(&config_bytes).map_err(|error| layout_error(format!("invalid image config: {error}")))?;
+        let config_bytes =
+            std::fs::read(&config_path).map_err(|error| layout_error(error.to_string()))?;
+        let config: oci::ImageConfigFile = serde_json::from_slice(&config_bytes)
+            .map_err(|error| layout_error(format!("invalid image config: {error}")))?;
         let image_platform = config.platform();
-        if image_platform.os != platform.os || image_platform.architecture != platform.architecture {
+        if image_platform.os != platform.os || image_platform.architecture != platform.architecture
+        {
             return Err(ResolveError::NoPlatform {
                 reference: written.to_string(),
                 platform: platform.to_string(),
@@ -320,23 +404,38 @@ impl DefaultResolver {
             platform,
             &manifest,
             &config,
-            BaseSource::Registry { reference: reference.with_digest(manifest_digest) },
+            BaseSource::Registry {
+                reference: reference.with_digest(manifest_digest),
+            },
         )
         .map_err(layout_error)?;
         if let Ok(mut list) = self.resolved.lock() {
-            list.push(LockedBase { reference: written.to_string(), platform: platform.to_string(), digest: manifest_digest });
+            list.push(LockedBase {
+                reference: written.to_string(),
+                platform: platform.to_string(),
+                digest: manifest_digest,
+            });
         }
         Ok(Arc::new(resolved))
     }
 }
 
 impl Resolver for DefaultResolver {
-    fn resolve(&self, reference: &str, platform: &Platform) -> Result<Arc<ResolvedBase>, ResolveError> {
+    fn resolve(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<Arc<ResolvedBase>, ResolveError> {
         if parse_oci_reference(reference).is_some() {
             return self.layouts.resolve(reference, platform);
         }
         let cache_key = (reference.to_string(), platform.clone());
-        if let Some(hit) = self.cache.lock().ok().and_then(|cache| cache.get(&cache_key).cloned()) {
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(&cache_key).cloned())
+        {
             return Ok(hit);
         }
         let resolved = self.resolve_registry(reference, platform)?;
@@ -350,20 +449,34 @@ impl Resolver for DefaultResolver {
         let BaseSource::Registry { reference } = &base.source else {
             return self.layouts.fetch_layers(base, store);
         };
-        let fetch_error = |digest: Digest, message: String| ResolveError::Fetch { reference: base.reference.clone(), digest, message };
-        let temp = store.temp_dir().map_err(|error| fetch_error(base.manifest_digest, error.to_string()))?;
+        let fetch_error = |digest: Digest, message: String| ResolveError::Fetch {
+            reference: base.reference.clone(),
+            digest,
+            message,
+        };
+        let temp = store
+            .temp_dir()
+            .map_err(|error| fetch_error(base.manifest_digest, error.to_string()))?;
         let missing: Vec<BlobFetch> = base
             .layers
             .iter()
             .filter(|layer| !store.has_blob(&layer.digest))
-            .map(|layer| BlobFetch { digest: layer.digest, size: layer.size, dest: temp.path().join(layer.digest.hex()) })
+            .map(|layer| BlobFetch {
+                digest: layer.digest,
+                size: layer.size,
+                dest: temp.path().join(layer.digest.hex()),
+            })
             .collect();
         if missing.is_empty() {
             return Ok(());
         }
-        self.registry.fetch_blobs(reference, &missing).map_err(|error| fetch_error(base.manifest_digest, error.to_string()))?;
+        self.registry
+            .fetch_blobs(reference, &missing)
+            .map_err(|error| fetch_error(base.manifest_digest, error.to_string()))?;
         for blob in &missing {
-            store.put_blob_file(&blob.dest, Some(blob.digest)).map_err(|error| fetch_error(blob.digest, error.to_string()))?;
+            store
+                .put_blob_file(&blob.dest, Some(blob.digest))
+                .map_err(|error| fetch_error(blob.digest, error.to_string()))?;
         }
         Ok(())
     }
@@ -403,7 +516,10 @@ fn base_from_parts(
         history: config
             .history
             .iter()
-            .map(|entry| HistoryEntry { created_by: entry.created_by.clone().unwrap_or_default(), empty_layer: entry.empty_layer })
+            .map(|entry| HistoryEntry {
+                created_by: entry.created_by.clone().unwrap_or_default(),
+                empty_layer: entry.empty_layer,
+            })
             .collect(),
         settings: settings_from_config(&config.config),
         source,
@@ -431,12 +547,17 @@ pub fn settings_from_config(config: &oci::ContainerConfig) -> ImageSettings {
         volumes: config.volumes.clone(),
         shell: Vec::new(),
         stop_signal: config.stop_signal.clone(),
-        healthcheck: config.healthcheck.as_ref().map(|check| HealthcheckSettings {
-            test: check.test.clone(),
-            interval_ns: non_zero(check.interval),
-            timeout_ns: non_zero(check.timeout),
-            start_period_ns: non_zero(check.start_period),
-            retries: u32::try_from(check.retries).ok().filter(|retries| *retries != 0),
-        }),
+        healthcheck: config
+            .healthcheck
+            .as_ref()
+            .map(|check| HealthcheckSettings {
+                test: check.test.clone(),
+                interval_ns: non_zero(check.interval),
+                timeout_ns: non_zero(check.timeout),
+                start_period_ns: non_zero(check.start_period),
+                retries: u32::try_from(check.retries)
+                    .ok()
+                    .filter(|retries| *retries != 0),
+            }),
     }
 }

@@ -74,7 +74,10 @@ impl ImageSettings {
     }
 
     pub fn env_value(&self, key: &str) -> Option<&str> {
-        self.env.iter().find(|(existing, _)| existing == key).map(|(_, value)| value.as_str())
+        self.env
+            .iter()
+            .find(|(existing, _)| existing == key)
+            .map(|(_, value)| value.as_str())
     }
 
     pub fn shell(&self) -> Vec<String> {
@@ -87,7 +90,11 @@ impl ImageSettings {
 
     /// The working directory, `/` when unset.
     pub fn workdir(&self) -> &str {
-        if self.workdir.is_empty() { "/" } else { &self.workdir }
+        if self.workdir.is_empty() {
+            "/"
+        } else {
+            &self.workdir
+        }
     }
 }
 

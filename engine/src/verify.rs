@@ -42,9 +42,18 @@ pub enum VerifyError {
     Layer { digest: Digest, message: String },
 }
 
-fn manifests(layout: &OciLayout) -> Result<BTreeMap<String, (Digest, ImageManifest)>, oci::OciError> {
+fn manifests(
+    layout: &OciLayout,
+) -> Result<BTreeMap<String, (Digest, ImageManifest)>, oci::OciError> {
     let top = layout.resolve(None).or_else(|_| {
-        layout.index().manifests.first().cloned().ok_or(oci::OciError::EmptyLayout { dir: layout.root().to_path_buf() })
+        layout
+            .index()
+            .manifests
+            .first()
+            .cloned()
+            .ok_or(oci::OciError::EmptyLayout {
+                dir: layout.root().to_path_buf(),
+            })
     })?;
     let mut found = BTreeMap::new();
     let index: ImageIndex = if oci::media::is_index(&top.media_type) {
@@ -54,18 +63,27 @@ fn manifests(layout: &OciLayout) -> Result<BTreeMap<String, (Digest, ImageManife
     };
     for descriptor in &index.manifests {
         let manifest: ImageManifest = layout.read_json(descriptor, "image manifest")?;
-        let platform = descriptor.platform.as_ref().map(ToString::to_string).unwrap_or_else(|| "unknown".into());
+        let platform = descriptor
+            .platform
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "unknown".into());
         found.insert(platform, (descriptor.digest, manifest));
     }
     Ok(found)
 }
 
 fn read_layer(layout: &OciLayout, digest: &Digest) -> Result<BTreeMap<String, Entry>, VerifyError> {
-    let layer_error = |message: String| VerifyError::Layer { digest: *digest, message };
+    let layer_error = |message: String| VerifyError::Layer {
+        digest: *digest,
+        message,
+    };
     let bytes = layout.read_blob(digest)?;
     let mut raw = Vec::new();
     if bytes.starts_with(&[0x1f, 0x8b]) {
-        flate2::read::GzDecoder::new(&bytes[..]).read_to_end(&mut raw).map_err(|e| layer_error(e.to_string()))?;
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut raw)
+            .map_err(|e| layer_error(e.to_string()))?;
     } else if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         ruzstd::decoding::StreamingDecoder::new(&bytes[..])
             .map_err(|e| layer_error(e.to_string()))?
@@ -78,12 +96,22 @@ fn read_layer(layout: &OciLayout, digest: &Digest) -> Result<BTreeMap<String, En
     let mut entries = BTreeMap::new();
     for entry in archive.entries().map_err(|e| layer_error(e.to_string()))? {
         let mut entry = entry.map_err(|e| layer_error(e.to_string()))?;
-        let path = entry.path().map_err(|e| layer_error(e.to_string()))?.display().to_string();
+        let path = entry
+            .path()
+            .map_err(|e| layer_error(e.to_string()))?
+            .display()
+            .to_string();
         let header = entry.header().clone();
-        let link = entry.link_name().ok().flatten().map(|link| link.display().to_string());
+        let link = entry
+            .link_name()
+            .ok()
+            .flatten()
+            .map(|link| link.display().to_string());
         let mut hasher = blake3::Hasher::new();
         let mut buffer = Vec::new();
-        entry.read_to_end(&mut buffer).map_err(|e| layer_error(e.to_string()))?;
+        entry
+            .read_to_end(&mut buffer)
+            .map_err(|e| layer_error(e.to_string()))?;
         hasher.update(&buffer);
         entries.insert(
             path,
@@ -133,27 +161,44 @@ pub fn compare_layouts(first: &Path, second: &Path) -> Result<Vec<Difference>, V
     let mut differences = Vec::new();
     for (platform, (digest_a, manifest_a)) in &a {
         let Some((digest_b, manifest_b)) = b.get(platform) else {
-            differences.push(Difference { platform: platform.clone(), part: "missing from the second build".into(), entries: Vec::new() });
+            differences.push(Difference {
+                platform: platform.clone(),
+                part: "missing from the second build".into(),
+                entries: Vec::new(),
+            });
             continue;
         };
         if digest_a == digest_b {
             continue;
         }
         if manifest_a.config.digest != manifest_b.config.digest {
-            let config_a: serde_json::Value = serde_json::from_slice(&first.read_blob(&manifest_a.config.digest)?).unwrap_or_default();
-            let config_b: serde_json::Value = serde_json::from_slice(&second.read_blob(&manifest_b.config.digest)?).unwrap_or_default();
+            let config_a: serde_json::Value =
+                serde_json::from_slice(&first.read_blob(&manifest_a.config.digest)?)
+                    .unwrap_or_default();
+            let config_b: serde_json::Value =
+                serde_json::from_slice(&second.read_blob(&manifest_b.config.digest)?)
+                    .unwrap_or_default();
             let mut entries = Vec::new();
             if let (Some(map_a), Some(map_b)) = (config_a.as_object(), config_b.as_object()) {
                 for (key, value) in map_a {
                     if key != "rootfs" && map_b.get(key) != Some(value) {
-                        entries.push(format!("{key}: {value} vs {}", map_b.get(key).cloned().unwrap_or_default()));
+                        entries.push(format!(
+                            "{key}: {value} vs {}",
+                            map_b.get(key).cloned().unwrap_or_default()
+                        ));
                     }
                 }
             }
-            differences.push(Difference { platform: platform.clone(), part: "config".into(), entries });
+            differences.push(Difference {
+                platform: platform.clone(),
+                part: "config".into(),
+                entries,
+            });
         }
         for (index, layer_a) in manifest_a.layers.iter().enumerate() {
-            let Some(layer_b) = manifest_b.layers.get(index) else { break };
+            let Some(layer_b) = manifest_b.layers.get(index) else {
+                break;
+            };
             if layer_a.digest == layer_b.digest {
                 continue;
             }
@@ -181,21 +226,34 @@ pub fn compare_layouts(first: &Path, second: &Path) -> Result<Vec<Difference>, V
             }
             differences.push(Difference {
                 platform: platform.clone(),
-                part: format!("layer {} ({} vs {})", index + 1, layer_a.digest, layer_b.digest),
+                part: format!(
+                    "layer {} ({} vs {})",
+                    index + 1,
+                    layer_a.digest,
+                    layer_b.digest
+                ),
                 entries,
             });
         }
         if manifest_a.layers.len() != manifest_b.layers.len() {
             differences.push(Difference {
                 platform: platform.clone(),
-                part: format!("layer count ({} vs {})", manifest_a.layers.len(), manifest_b.layers.len()),
+                part: format!(
+                    "layer count ({} vs {})",
+                    manifest_a.layers.len(),
+                    manifest_b.layers.len()
+                ),
                 entries: Vec::new(),
             });
         }
     }
     for platform in b.keys() {
         if !a.contains_key(platform) {
-            differences.push(Difference { platform: platform.clone(), part: "missing from the first build".into(), entries: Vec::new() });
+            differences.push(Difference {
+                platform: platform.clone(),
+                part: "missing from the first build".into(),
+                entries: Vec::new(),
+            });
         }
     }
     Ok(differences)

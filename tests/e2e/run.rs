@@ -5,8 +5,11 @@ mod common;
 
 use common::*;
 
-const PLATFORMS: [(&str, &str, &str); 3] =
-    [("linux/amd64", "x86_64", "amd64"), ("linux/arm64", "aarch64", "arm64"), ("linux/arm/v7", "armv7l", "arm/v7")];
+const PLATFORMS: [(&str, &str, &str); 3] = [
+    ("linux/amd64", "x86_64", "amd64"),
+    ("linux/arm64", "aarch64", "arm64"),
+    ("linux/arm/v7", "armv7l", "arm/v7"),
+];
 
 fn executed_steps(output: &std::process::Output) -> Vec<(String, String, String)> {
     steps(output)
@@ -22,7 +25,14 @@ fn basic_example_builds_three_platforms_caches_and_reruns_only_what_changed() {
     sandbox.example("basic");
     sandbox.write("examples/basic/src/draft.tmp", "excluded by .dockerignore");
     let run = |sandbox: &Sandbox| {
-        sandbox.graphbuild(&["run", "examples/basic/images.kdl", "--output", "out", "--progress", "json"])
+        sandbox.graphbuild(&[
+            "run",
+            "examples/basic/images.kdl",
+            "--output",
+            "out",
+            "--progress",
+            "json",
+        ])
     };
 
     // Cold: everything executes.
@@ -30,11 +40,20 @@ fn basic_example_builds_three_platforms_caches_and_reruns_only_what_changed() {
     assert_success(&cold);
     let cold_summary = summary(&cold);
     assert_eq!(cold_summary["cached"], 0, "{cold_summary}");
-    assert!(cold_summary["executed"].as_u64().unwrap_or(0) >= 12, "{cold_summary}");
+    assert!(
+        cold_summary["executed"].as_u64().unwrap_or(0) >= 12,
+        "{cold_summary}"
+    );
 
     // The index lists the three platforms, as Docker spells them.
-    let index = skopeo_raw(&format!("oci:{}:1.0", sandbox.path().join("out/basic").display()));
-    assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
+    let index = skopeo_raw(&format!(
+        "oci:{}:1.0",
+        sandbox.path().join("out/basic").display()
+    ));
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
     let platforms: Vec<String> = index["manifests"]
         .as_array()
         .expect("manifests")
@@ -42,32 +61,61 @@ fn basic_example_builds_three_platforms_caches_and_reruns_only_what_changed() {
         .map(|manifest| {
             let platform = &manifest["platform"];
             match platform["variant"].as_str() {
-                Some(variant) => format!("{}/{}/{variant}", platform["os"].as_str().unwrap(), platform["architecture"].as_str().unwrap()),
-                None => format!("{}/{}", platform["os"].as_str().unwrap(), platform["architecture"].as_str().unwrap()),
+                Some(variant) => format!(
+                    "{}/{}/{variant}",
+                    platform["os"].as_str().unwrap(),
+                    platform["architecture"].as_str().unwrap()
+                ),
+                None => format!(
+                    "{}/{}",
+                    platform["os"].as_str().unwrap(),
+                    platform["architecture"].as_str().unwrap()
+                ),
             }
         })
         .collect();
     assert_eq!(platforms, ["linux/amd64", "linux/arm64", "linux/arm/v7"]);
     // Both tags point at the same index.
-    let latest = skopeo_raw(&format!("oci:{}:latest", sandbox.path().join("out/basic").display()));
+    let latest = skopeo_raw(&format!(
+        "oci:{}:latest",
+        sandbox.path().join("out/basic").display()
+    ));
     assert_eq!(latest, index);
 
     // Each platform's filesystem holds what its steps wrote, on its own CPU.
     for (platform, uname, target) in PLATFORMS {
-        let unpacked = sandbox.path().join(format!("unpacked-{}", platform.replace('/', "-")));
-        let rootfs = unpack_platform(&sandbox.path().join("out/basic"), "1.0", platform, &unpacked);
-        let read = |path: &str| std::fs::read_to_string(rootfs.join(path)).unwrap_or_else(|e| panic!("{platform} {path}: {e}"));
+        let unpacked = sandbox
+            .path()
+            .join(format!("unpacked-{}", platform.replace('/', "-")));
+        let rootfs = unpack_platform(
+            &sandbox.path().join("out/basic"),
+            "1.0",
+            platform,
+            &unpacked,
+        );
+        let read = |path: &str| {
+            std::fs::read_to_string(rootfs.join(path))
+                .unwrap_or_else(|e| panic!("{platform} {path}: {e}"))
+        };
         assert_eq!(read("app/arch.txt").trim(), uname, "{platform}");
         assert_eq!(read("app/targetarch.txt").trim(), target, "{platform}");
-        assert_eq!(read("app/combined.txt"), "graphbuild example\nhello from graphbuild\n", "{platform}");
+        assert_eq!(
+            read("app/combined.txt"),
+            "graphbuild example\nhello from graphbuild\n",
+            "{platform}"
+        );
         assert_eq!(read("app/etc/greeting"), "hello from graphbuild\n");
         assert!(rootfs.join("app/src/message.txt").exists());
-        assert!(!rootfs.join("app/src/draft.tmp").exists(), ".dockerignore'd files must not be copied");
+        assert!(
+            !rootfs.join("app/src/draft.tmp").exists(),
+            ".dockerignore'd files must not be copied"
+        );
         // The base image is still there underneath.
         assert!(rootfs.join("bin/busybox").exists());
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(unpacked.join("bundle/config.json")).expect("runtime config"))
-                .expect("json");
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(unpacked.join("bundle/config.json")).expect("runtime config"),
+        )
+        .expect("json");
         assert_eq!(config["process"]["cwd"], "/app");
     }
 
@@ -76,7 +124,10 @@ fn basic_example_builds_three_platforms_caches_and_reruns_only_what_changed() {
     assert_success(&warm);
     let warm_summary = summary(&warm);
     assert_eq!(warm_summary["executed"], 0, "{warm_summary}");
-    assert_eq!(warm_summary["images"][0]["index_digest"], cold_summary["images"][0]["index_digest"]);
+    assert_eq!(
+        warm_summary["images"][0]["index_digest"],
+        cold_summary["images"][0]["index_digest"]
+    );
 
     // An ignored file changes nothing.
     sandbox.write("examples/basic/src/notes.tmp", "ignored");
@@ -91,14 +142,29 @@ fn basic_example_builds_three_platforms_caches_and_reruns_only_what_changed() {
     let executed = executed_steps(&changed);
     assert!(!executed.is_empty());
     assert!(
-        executed.iter().all(|(stage, _, _)| stage == "build" || stage == "runtime"),
+        executed
+            .iter()
+            .all(|(stage, _, _)| stage == "build" || stage == "runtime"),
         "only build and runtime depend on src/: {executed:?}"
     );
-    assert!(executed.iter().all(|(_, _, step)| !step.contains("mkdir -p /app/etc")), "{executed:?}");
+    assert!(
+        executed
+            .iter()
+            .all(|(_, _, step)| !step.contains("mkdir -p /app/etc")),
+        "{executed:?}"
+    );
     // build: copy + 2 runs, runtime: the copy from build; per platform.
     assert_eq!(executed.len(), 4 * 3, "{executed:?}");
-    let rootfs = unpack_platform(&sandbox.path().join("out/basic"), "1.0", "linux/arm64", &sandbox.path().join("after-change"));
-    assert_eq!(std::fs::read_to_string(rootfs.join("app/combined.txt")).unwrap(), "changed\nhello from graphbuild\n");
+    let rootfs = unpack_platform(
+        &sandbox.path().join("out/basic"),
+        "1.0",
+        "linux/arm64",
+        &sandbox.path().join("after-change"),
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("app/combined.txt")).unwrap(),
+        "changed\nhello from graphbuild\n"
+    );
 }
 
 #[test]
@@ -109,14 +175,28 @@ fn two_clean_builds_in_different_places_are_byte_identical() {
     second.example("basic");
     // Different mtimes on the second context.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    std::process::Command::new("touch").arg(second.path().join("examples/basic/src/message.txt")).status().unwrap();
-    let args = ["run", "examples/basic/images.kdl", "--output", "out", "--progress", "plain"];
+    std::process::Command::new("touch")
+        .arg(second.path().join("examples/basic/src/message.txt"))
+        .status()
+        .unwrap();
+    let args = [
+        "run",
+        "examples/basic/images.kdl",
+        "--output",
+        "out",
+        "--progress",
+        "plain",
+    ];
     assert_success(&first.graphbuild(&args));
     assert_success(&second.graphbuild(&args));
     let a = tree_bytes(&first.path().join("out/basic"));
     let b = tree_bytes(&second.path().join("out/basic"));
     assert!(!a.is_empty());
-    let names = |tree: &[(String, Vec<u8>)]| tree.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>();
+    let names = |tree: &[(String, Vec<u8>)]| {
+        tree.iter()
+            .map(|(name, _)| name.clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(names(&a), names(&b));
     assert!(a == b, "layouts differ");
 }
@@ -134,15 +214,28 @@ stage broken {
 image broken { stage broken; }
 "#,
     );
-    let output = sandbox.graphbuild(&["run", "fail/images.kdl", "--output", "out", "--progress", "plain"]);
+    let output = sandbox.graphbuild(&[
+        "run",
+        "fail/images.kdl",
+        "--output",
+        "out",
+        "--progress",
+        "plain",
+    ]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let err = stderr(&output);
-    assert!(err.contains("exit code 7") || err.contains("exited with 7") || err.contains("status 7"), "{err}");
+    assert!(
+        err.contains("exit code 7") || err.contains("exited with 7") || err.contains("status 7"),
+        "{err}"
+    );
     assert!(err.contains("`broken`"), "{err}");
     assert!(err.contains("linux/amd64"), "{err}");
     assert!(err.contains("images.kdl:4:"), "{err}");
     assert!(err.contains("about to fail"), "{err}");
-    assert!(!sandbox.path().join("out/broken").exists(), "no half-written output");
+    assert!(
+        !sandbox.path().join("out/broken").exists(),
+        "no half-written output"
+    );
 }
 
 #[test]
@@ -151,7 +244,18 @@ fn two_concurrent_runs_share_one_store() {
     sandbox.example("basic");
     let spawn = |out: &str| {
         std::process::Command::new(bin())
-            .args(["run", "examples/basic/images.kdl", "--output", out, "--progress", "json", "--platform", "linux/amd64", "--platform", "linux/arm64"])
+            .args([
+                "run",
+                "examples/basic/images.kdl",
+                "--output",
+                out,
+                "--progress",
+                "json",
+                "--platform",
+                "linux/amd64",
+                "--platform",
+                "linux/arm64",
+            ])
             .current_dir(sandbox.path())
             .env("GRAPHBUILD_CACHE_DIR", sandbox.store())
             .stdout(std::process::Stdio::piped())
@@ -165,9 +269,23 @@ fn two_concurrent_runs_share_one_store() {
     let b = b.wait_with_output().expect("wait");
     assert_success(&a);
     assert_success(&b);
-    assert_eq!(summary(&a)["images"][0]["index_digest"], summary(&b)["images"][0]["index_digest"]);
+    assert_eq!(
+        summary(&a)["images"][0]["index_digest"],
+        summary(&b)["images"][0]["index_digest"]
+    );
     // The store is sound afterwards: a third run executes nothing.
-    let third = sandbox.graphbuild(&["run", "examples/basic/images.kdl", "--output", "out-c", "--progress", "json", "--platform", "linux/amd64", "--platform", "linux/arm64"]);
+    let third = sandbox.graphbuild(&[
+        "run",
+        "examples/basic/images.kdl",
+        "--output",
+        "out-c",
+        "--progress",
+        "json",
+        "--platform",
+        "linux/amd64",
+        "--platform",
+        "linux/arm64",
+    ]);
     assert_success(&third);
     assert_eq!(summary(&third)["executed"], 0);
 }

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("cli/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("cli/ has a parent")
+        .to_path_buf()
 }
 
 pub fn bin() -> PathBuf {
@@ -22,8 +25,14 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new() -> Sandbox {
-        let dir = tempfile::Builder::new().prefix("graphbuild-e2e-").tempdir().expect("temp dir");
-        copy_tree(&repo_root().join("tests/fixtures/busybox"), &dir.path().join("tests/fixtures/busybox"));
+        let dir = tempfile::Builder::new()
+            .prefix("graphbuild-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        copy_tree(
+            &repo_root().join("tests/fixtures/busybox"),
+            &dir.path().join("tests/fixtures/busybox"),
+        );
         Sandbox { dir }
     }
 
@@ -67,12 +76,24 @@ impl Sandbox {
 }
 
 pub fn copy_tree(from: &Path, to: &Path) {
-    let status = Command::new("cp").arg("-a").arg(from).arg(to.parent().map(|p| {
-        std::fs::create_dir_all(p).expect("mkdir");
-        p
-    }).expect("parent")).status().expect("cp runs");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(
+            to.parent()
+                .map(|p| {
+                    std::fs::create_dir_all(p).expect("mkdir");
+                    p
+                })
+                .expect("parent"),
+        )
+        .status()
+        .expect("cp runs");
     assert!(status.success(), "cp -a {} failed", from.display());
-    let copied = to.parent().expect("parent").join(from.file_name().expect("name"));
+    let copied = to
+        .parent()
+        .expect("parent")
+        .join(from.file_name().expect("name"));
     if copied != to {
         std::fs::rename(&copied, to).expect("rename");
     }
@@ -101,7 +122,10 @@ pub fn assert_success(output: &Output) {
 
 /// The JSON events of a `--progress json` run.
 pub fn events(output: &Output) -> Vec<serde_json::Value> {
-    stdout(output).lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
+    stdout(output)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
 }
 
 pub fn summary(output: &Output) -> serde_json::Value {
@@ -129,7 +153,11 @@ pub fn steps(output: &Output) -> Vec<(String, String, String, String)> {
 }
 
 pub fn require_tool(name: &str) {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().map(|o| o.status.success());
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success());
     assert!(
         found.unwrap_or(false),
         "the end-to-end tests need `{name}`: run the test command from README.md, which installs it"
@@ -139,8 +167,15 @@ pub fn require_tool(name: &str) {
 /// `skopeo inspect --raw` of a layout reference.
 pub fn skopeo_raw(reference: &str) -> serde_json::Value {
     require_tool("skopeo");
-    let output = Command::new("skopeo").args(["inspect", "--raw", reference]).output().expect("skopeo runs");
-    assert!(output.status.success(), "skopeo inspect {reference}: {}", stderr(&output));
+    let output = Command::new("skopeo")
+        .args(["inspect", "--raw", reference])
+        .output()
+        .expect("skopeo runs");
+    assert!(
+        output.status.success(),
+        "skopeo inspect {reference}: {}",
+        stderr(&output)
+    );
     serde_json::from_slice(&output.stdout).expect("skopeo prints JSON")
 }
 
@@ -166,7 +201,11 @@ pub fn unpack_platform(layout: &Path, tag: &str, platform: &str, into: &Path) ->
         .arg(format!("oci:{}:{tag}", single.display()))
         .output()
         .expect("skopeo runs");
-    assert!(output.status.success(), "skopeo copy {platform}: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "skopeo copy {platform}: {}",
+        stderr(&output)
+    );
     let bundle = into.join("bundle");
     let output = Command::new("umoci")
         .args(["unpack", "--image"])
@@ -174,7 +213,11 @@ pub fn unpack_platform(layout: &Path, tag: &str, platform: &str, into: &Path) ->
         .arg(&bundle)
         .output()
         .expect("umoci runs");
-    assert!(output.status.success(), "umoci unpack {platform}: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "umoci unpack {platform}: {}",
+        stderr(&output)
+    );
     bundle.join("rootfs")
 }
 
@@ -188,7 +231,11 @@ pub fn tree_bytes(root: &Path) -> Vec<(String, Vec<u8>)> {
             if path.is_dir() {
                 stack.push(path);
             } else {
-                let relative = path.strip_prefix(root).expect("under root").display().to_string();
+                let relative = path
+                    .strip_prefix(root)
+                    .expect("under root")
+                    .display()
+                    .to_string();
                 files.push((relative, std::fs::read(&path).expect("read")));
             }
         }
