@@ -594,3 +594,38 @@ fn sigterm_to_the_supervisor_reaches_the_command() {
         "the background sleep died with PID 1"
     );
 }
+
+#[test]
+fn mount_point_parents_keep_the_image_attributes() {
+    if !is_root() {
+        return;
+    }
+    let rootfs = busybox_rootfs("amd64", None);
+    let top = tempfile::tempdir().expect("tempdir");
+    let data = top.path().join("data");
+    fs::create_dir(&data).expect("mkdir");
+    fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+        .expect("chmod");
+    std::os::unix::fs::chown(&data, Some(7), Some(8)).expect("chown");
+    let times = fs::FileTimes::new()
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(12345))
+        .set_accessed(std::time::UNIX_EPOCH + Duration::from_secs(12345));
+    fs::File::open(&data)
+        .expect("open")
+        .set_times(times)
+        .expect("set times");
+
+    let host = tempfile::tempdir().expect("tempdir");
+    fs::write(host.path().join("secret"), "x").expect("write");
+    let scratch = Scratch::new();
+    let mut task = shell("stat -c '%a %u %g %Y' /data; ls -a /data | tr '\\n' ' '");
+    task.cache_mounts = vec![(host.path().join("cache"), "/data/cache".to_string())];
+    task.secret_files = vec![(host.path().join("secret"), "/data/deep/secret".to_string())];
+    let lines = run_ok(&scratch.spec(
+        vec![top.path().to_path_buf(), rootfs.path().to_path_buf()],
+        task,
+    ));
+    assert_eq!(lines[0], "1777 7 8 12345", "{lines:?}");
+    assert_eq!(lines[1].trim(), ". .. cache deep", "{lines:?}");
+    assert_eq!(upper_entries(&scratch.upper()), Vec::<String>::new());
+}
