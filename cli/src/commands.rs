@@ -511,14 +511,13 @@ fn check_emulators(plan: &Plan) -> Result<(), u8> {
             && !missing
                 .iter()
                 .any(|(platform, _)| *platform == node.platform)
-        {
-            if let Err(error) = graphbuild_engine::binfmt::check_emulation(
+            && let Err(error) = graphbuild_engine::binfmt::check_emulation(
                 &crate::doctor::binfmt_dir(),
                 &node.platform,
                 &host,
-            ) {
-                missing.push((node.platform.clone(), error.to_string()));
-            }
+            )
+        {
+            missing.push((node.platform.clone(), error.to_string()));
         }
     }
     if missing.is_empty() {
@@ -545,6 +544,7 @@ fn cancel_on_signals() -> CancelToken {
         loop {
             if flag.load(std::sync::atomic::Ordering::Relaxed) {
                 token.cancel();
+                graphbuild_engine::sandbox::terminate_all();
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -714,10 +714,10 @@ pub fn run(args: RunArgs) -> u8 {
     if code != exit::SUCCESS {
         return code;
     }
-    if args.select.pull {
-        if let Err(code) = write_lock(&args.select, &resolver) {
-            return code;
-        }
+    if args.select.pull
+        && let Err(code) = write_lock(&args.select, &resolver)
+    {
+        return code;
     }
     // Push the images that ask for it, or all with --push.
     for (plan, summary) in loaded.plan.images.iter().zip(&report.images) {
@@ -780,10 +780,10 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
             Ok(loaded) => loaded,
             Err(code) => return code,
         };
-        if round == "first" {
-            if let Err(code) = check_emulators(&loaded.plan) {
-                return code;
-            }
+        if round == "first"
+            && let Err(code) = check_emulators(&loaded.plan)
+        {
+            return code;
         }
         eprintln!("verify: {round} build from scratch…");
         let output = scratch.path().join(format!("out-{round}"));

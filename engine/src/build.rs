@@ -247,13 +247,16 @@ pub fn build(
     let mut cancelled = false;
     for outcome in report.outcomes() {
         match outcome {
-            scheduler::Outcome::Failed(failure) => failures.push(failure.clone()),
+            scheduler::Outcome::Failed(failure) => failures.push((**failure).clone()),
             scheduler::Outcome::Cancelled => cancelled = true,
             _ => {}
         }
     }
-    if failures.is_empty() && !cancelled {
-        if let Err(message) = executor.save_cache_mounts() {
+    if failures.is_empty()
+        && !cancelled
+        && let Err(message) = executor.save_cache_mounts()
+    {
+        {
             failures.push(NodeFailure {
                 stage: "cache mounts".into(),
                 platform: "all".into(),
@@ -422,15 +425,15 @@ impl Executor<'_> {
         step: Option<&crate::plan::StepPlan>,
         message: String,
         tail: Vec<String>,
-    ) -> NodeFailure {
-        NodeFailure {
+    ) -> Box<NodeFailure> {
+        Box::new(NodeFailure {
             stage: node.stage.clone(),
             platform: node.platform.to_string(),
             location: step.map(|step| self.sources.describe(step.at)),
             step: step.map(|step| step.description.clone()),
             message,
             tail,
-        }
+        })
     }
 
     /// A step's recorded result: from the local store, else from the remote cache (whose
@@ -707,7 +710,7 @@ impl Executor<'_> {
         Ok(())
     }
 
-    fn run_node(&self, node: &Node) -> Result<(), NodeFailure> {
+    fn run_node(&self, node: &Node) -> Result<(), Box<NodeFailure>> {
         let platform = node.platform.to_string();
         self.events.emit(Event::NodeStarted {
             node: node.id,
@@ -728,7 +731,7 @@ impl Executor<'_> {
         Ok(())
     }
 
-    fn run_node_steps(&self, node: &Node) -> Result<NodeOutput, NodeFailure> {
+    fn run_node_steps(&self, node: &Node) -> Result<NodeOutput, Box<NodeFailure>> {
         let platform = node.platform.to_string();
         let (mut layers, mut history) = match &node.base {
             Base::Scratch => (Vec::new(), Vec::new()),
@@ -894,7 +897,7 @@ impl Executor<'_> {
         node: &Node,
         step: &crate::plan::StepPlan,
         layers: &[LayerDesc],
-    ) -> Result<Option<LayerDesc>, NodeFailure> {
+    ) -> Result<Option<LayerDesc>, Box<NodeFailure>> {
         let fail = |message: String| self.failure(node, Some(step), message, Vec::new());
         let lowerdirs = self.snapshots(layers).map_err(fail)?;
         let temp = self

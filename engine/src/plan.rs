@@ -259,12 +259,15 @@ struct Expander<'a> {
     nodes: Vec<Node>,
     by_key: HashMap<Key, usize>,
     /// (stage, target, matrix) → node, so shared stages are expanded once.
-    memo: HashMap<(String, Platform, Vec<(String, String)>), Option<usize>>,
+    memo: HashMap<MemoKey, Option<usize>>,
     errors: Vec<Diagnostic>,
     /// (location, message) pairs already reported, so a problem in a stage shared by several
     /// platforms is reported once.
     reported: std::collections::HashSet<(u32, usize, String)>,
 }
+
+/// A stage expanded for a target platform and matrix values.
+type MemoKey = (String, Platform, Vec<(String, String)>);
 
 /// Variables visible while expanding one stage for one target.
 struct Vars {
@@ -675,10 +678,8 @@ impl<'a> Expander<'a> {
         let mut steps = Vec::new();
         vars.take_reads();
         for step in &stage.steps {
-            if let Some(when) = &step.when {
-                if when != target {
-                    continue;
-                }
+            if step.when.as_ref().is_some_and(|when| when != target) {
+                continue;
             }
             let (op, description) = match &step.kind {
                 StepKind::Run(run) => {
@@ -694,10 +695,10 @@ impl<'a> Expander<'a> {
                     else {
                         continue;
                     };
-                    if let Some(dep) = dep {
-                        if !deps.contains(&dep) {
-                            deps.push(dep);
-                        }
+                    if let Some(dep) = dep
+                        && !deps.contains(&dep)
+                    {
+                        deps.push(dep);
                     }
                     let description = format!("COPY {} {}", op.sources.join(" "), op.dest);
                     (Op::Copy(op), description)

@@ -281,6 +281,7 @@ pub fn run_sandbox(
         exe: exe.to_path_buf(),
         source,
     })?;
+    let _running = RunningGuard::register(child.id());
 
     let (Some(mut stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -352,6 +353,44 @@ pub fn run_sandbox(
             },
             detail: other_text.join("; "),
         }),
+    }
+}
+
+/// Supervisors of sandboxes running now, so a cancelled build can stop them.
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers a supervisor while it runs.
+struct RunningGuard(u32);
+
+impl RunningGuard {
+    fn register(pid: u32) -> RunningGuard {
+        if let Ok(mut running) = RUNNING.lock() {
+            running.push(pid);
+        }
+        RunningGuard(pid)
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        if let Ok(mut running) = RUNNING.lock() {
+            running.retain(|pid| *pid != self.0);
+        }
+    }
+}
+
+/// Ask every running sandbox to stop: their supervisors forward SIGTERM to the command and
+/// kill it 5 seconds later. Used when a build is cancelled (Ctrl-C).
+pub fn terminate_all() {
+    let Ok(running) = RUNNING.lock() else { return };
+    for pid in running.iter() {
+        if let Ok(pid) = i32::try_from(*pid) {
+            // SAFETY: kill(2) with a pid we spawned and have not reaped yet (the guard is
+            // dropped only after wait() returns).
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
     }
 }
 

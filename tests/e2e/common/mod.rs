@@ -81,9 +81,8 @@ pub fn copy_tree(from: &Path, to: &Path) {
         .arg(from)
         .arg(
             to.parent()
-                .map(|p| {
+                .inspect(|p| {
                     std::fs::create_dir_all(p).expect("mkdir");
-                    p
                 })
                 .expect("parent"),
         )
