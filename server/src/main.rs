@@ -42,6 +42,22 @@ fn parse_args() -> Result<ServerConfig, String> {
     Ok(config)
 }
 
+/// Ctrl-C (SIGINT) or SIGTERM: stop accepting, finish in-flight requests, exit.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
 fn main() -> ExitCode {
     let config = match parse_args() {
         Ok(config) => config,
@@ -64,11 +80,7 @@ fn main() -> ExitCode {
         let server = bind(config).await?;
         // Tests and scripts read this line to learn the port when listening on port 0.
         println!("listening on http://{}", server.local_addr());
-        server
-            .run(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
+        server.run(shutdown_signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
