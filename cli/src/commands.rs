@@ -946,7 +946,15 @@ pub fn cache_serve(
             return exit::ENVIRONMENT;
         }
     };
-    match runtime.block_on(graphbuild_cache_server::serve(config, shutdown_signal())) {
+    let result = runtime.block_on(async {
+        let server = graphbuild_cache_server::bind(config).await?;
+        // The address goes to stdout first thing, so scripts can start the server on port 0.
+        println!("listening on http://{}", server.local_addr());
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        server.run(shutdown_signal()).await
+    });
+    match result {
         Ok(()) => exit::SUCCESS,
         Err(error) => {
             render::error(&format!("the cache server stopped: {error}"), &[]);
@@ -962,5 +970,16 @@ fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 async fn shutdown_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

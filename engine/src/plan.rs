@@ -185,8 +185,12 @@ pub enum CopySource {
         #[serde(skip)]
         items: Vec<CopyItem>,
     },
-    /// Another node's filesystem.
-    Node { node: usize },
+    /// Another node's filesystem. The node's *key* enters the step key; its index in this
+    /// plan must not, since indexes differ between plans of the same inputs.
+    Node {
+        #[serde(skip)]
+        node: usize,
+    },
 }
 
 #[derive(Debug)]
