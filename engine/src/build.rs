@@ -224,17 +224,47 @@ pub fn build(
             .sum(),
     });
 
+    // Only nodes whose results are needed run: an image's nodes, and the dependencies of nodes
+    // that are not already cached (locally, or in the remote cache, whose blobs are fetched
+    // now). A warm build, or a merge from the team cache, never touches intermediate stages.
+    let mut needed = vec![false; plan.nodes.len()];
+    let mut pending: Vec<usize> = plan.images.iter().flat_map(|image| image.platforms.iter().map(|(_, node)| *node)).collect();
+    let mut failures = Vec::new();
+    while let Some(id) = pending.pop() {
+        if std::mem::replace(&mut needed[id], true) {
+            continue;
+        }
+        let node = &plan.nodes[id];
+        let last = node.steps.iter().rev().find(|step| step.op.touches_filesystem());
+        let cached = match last {
+            Some(step) => match executor.cached_record(&step.key) {
+                Ok(record) => record.is_some(),
+                Err(message) => {
+                    failures.push(*executor.failure(node, Some(step), message, Vec::new()));
+                    true
+                }
+            },
+            None => false,
+        };
+        if !cached {
+            pending.extend(node.deps.iter().copied());
+        }
+    }
+    if !failures.is_empty() {
+        return BuildReport { images: Vec::new(), executed: 0, cached: 0, failures, cancelled: false };
+    }
+
     let mut graph = scheduler::Graph::new();
-    let mut ids = Vec::with_capacity(plan.nodes.len());
-    for node in &plan.nodes {
-        let deps: Vec<_> = node.deps.iter().map(|dep| ids[*dep]).collect();
+    let mut ids = vec![None; plan.nodes.len()];
+    for node in plan.nodes.iter().filter(|node| needed[node.id]) {
+        let deps: Vec<_> = node.deps.iter().filter_map(|dep| ids[*dep]).collect();
         let cost = 1 + node
             .steps
             .iter()
             .filter(|step| matches!(step.op, Op::Run(_)))
             .count() as u64
             * 10;
-        ids.push(graph.add(node.id, cost, &deps));
+        ids[node.id] = Some(graph.add(node.id, cost, &deps));
     }
     let report = scheduler::run(
         graph,
@@ -243,7 +273,6 @@ pub fn build(
         |node_id: &usize, _deps: &[&()]| executor.run_node(&plan.nodes[*node_id]).map(|_| ()),
     );
 
-    let mut failures = Vec::new();
     let mut cancelled = false;
     for outcome in report.outcomes() {
         match outcome {
@@ -733,26 +762,13 @@ impl Executor<'_> {
 
     fn run_node_steps(&self, node: &Node) -> Result<NodeOutput, Box<NodeFailure>> {
         let platform = node.platform.to_string();
-        let (mut layers, mut history) = match &node.base {
-            Base::Scratch => (Vec::new(), Vec::new()),
-            Base::Stage(id) => {
-                let base = self
-                    .output_of(*id)
-                    .map_err(|message| self.failure(node, None, message, Vec::new()))?;
-                (base.layers.clone(), base.history.clone())
-            }
-            Base::Image(base) => {
-                self.resolver
-                    .fetch_layers(base, self.store)
-                    .map_err(|error| self.failure(node, None, error.to_string(), Vec::new()))?;
-                (base.layers.clone(), base.history.clone())
-            }
-        };
         let mut executed = 0;
         let mut cached = 0;
 
-        // Find the last cached filesystem step; everything before it is covered by its record.
+        // Find the last cached filesystem step; everything before it is covered by its record,
+        // base layers included, so the base is needed only when nothing is cached.
         let mut resume_at = 0;
+        let mut state: Option<(Vec<LayerDesc>, Vec<HistoryEntry>)> = None;
         for (index, step) in node.steps.iter().enumerate().rev() {
             if !step.op.touches_filesystem() {
                 continue;
@@ -766,12 +782,29 @@ impl Executor<'_> {
                     self.publish(&step.key, &record)
                         .map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
                 }
-                layers = record.layers;
-                history = record.history;
+                state = Some((record.layers, record.history));
                 resume_at = index + 1;
                 break;
             }
         }
+        let (mut layers, mut history) = match state {
+            Some(state) => state,
+            None => match &node.base {
+                Base::Scratch => (Vec::new(), Vec::new()),
+                Base::Stage(id) => {
+                    let base = self
+                        .output_of(*id)
+                        .map_err(|message| self.failure(node, None, message, Vec::new()))?;
+                    (base.layers.clone(), base.history.clone())
+                }
+                Base::Image(base) => {
+                    self.resolver
+                        .fetch_layers(base, self.store)
+                        .map_err(|error| self.failure(node, None, error.to_string(), Vec::new()))?;
+                    (base.layers.clone(), base.history.clone())
+                }
+            },
+        };
         for step in &node.steps[..resume_at] {
             if step.op.touches_filesystem() {
                 cached += 1;
