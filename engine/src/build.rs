@@ -186,6 +186,9 @@ struct Executor<'a> {
     cache_mounts_used: Mutex<BTreeMap<(String, String), PathBuf>>,
     /// Cache mounts already restored from the remote in this build.
     cache_mounts_restored: Mutex<std::collections::HashSet<(String, String)>>,
+    /// One lock per step key being executed: nodes that share a step (a `$BUILDPLATFORM`
+    /// prefix common to every target) wait for the one executing it, then reuse its result.
+    in_flight: Mutex<HashMap<Key, Arc<Mutex<()>>>>,
 }
 
 /// Run every node of the plan and write every image.
@@ -209,6 +212,7 @@ pub fn build(
         remote_failed: std::sync::atomic::AtomicBool::new(false),
         cache_mounts_used: Mutex::new(BTreeMap::new()),
         cache_mounts_restored: Mutex::new(std::collections::HashSet::new()),
+        in_flight: Mutex::new(HashMap::new()),
     };
     events.emit(Event::Plan {
         nodes: plan.nodes.len(),
@@ -228,14 +232,22 @@ pub fn build(
     // that are not already cached (locally, or in the remote cache, whose blobs are fetched
     // now). A warm build, or a merge from the team cache, never touches intermediate stages.
     let mut needed = vec![false; plan.nodes.len()];
-    let mut pending: Vec<usize> = plan.images.iter().flat_map(|image| image.platforms.iter().map(|(_, node)| *node)).collect();
+    let mut pending: Vec<usize> = plan
+        .images
+        .iter()
+        .flat_map(|image| image.platforms.iter().map(|(_, node)| *node))
+        .collect();
     let mut failures = Vec::new();
     while let Some(id) = pending.pop() {
         if std::mem::replace(&mut needed[id], true) {
             continue;
         }
         let node = &plan.nodes[id];
-        let last = node.steps.iter().rev().find(|step| step.op.touches_filesystem());
+        let last = node
+            .steps
+            .iter()
+            .rev()
+            .find(|step| step.op.touches_filesystem());
         let cached = match last {
             Some(step) => match executor.cached_record(&step.key) {
                 Ok(record) => record.is_some(),
@@ -251,7 +263,13 @@ pub fn build(
         }
     }
     if !failures.is_empty() {
-        return BuildReport { images: Vec::new(), executed: 0, cached: 0, failures, cancelled: false };
+        return BuildReport {
+            images: Vec::new(),
+            executed: 0,
+            cached: 0,
+            failures,
+            cancelled: false,
+        };
     }
 
     let mut graph = scheduler::Graph::new();
@@ -830,7 +848,14 @@ impl Executor<'_> {
                 });
                 continue;
             }
-            // Another run may have built it meanwhile.
+            // Another node of this build, or another run on this store, may be executing the
+            // same step: wait for it, then take its result.
+            let step_lock = self
+                .in_flight
+                .lock()
+                .map(|mut in_flight| in_flight.entry(step.key).or_default().clone())
+                .unwrap_or_default();
+            let _executing = step_lock.lock();
             if let Some(record) = self.local_record(&step.key) {
                 layers = record.layers;
                 history = record.history;

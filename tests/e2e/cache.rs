@@ -24,8 +24,14 @@ impl Server {
             .spawn()
             .expect("cache serve starts");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("reads the address");
-        let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reads the address");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
         Server { child, url }
     }
 }
@@ -38,7 +44,14 @@ impl Drop for Server {
 }
 
 fn run_in(sandbox: &Sandbox, store: &str, output: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["run", "examples/basic/images.kdl", "--output", output, "--progress", "json"];
+    let mut args = vec![
+        "run",
+        "examples/basic/images.kdl",
+        "--output",
+        output,
+        "--progress",
+        "json",
+    ];
     args.extend_from_slice(extra);
     sandbox.graphbuild_with_store(&sandbox.path().join(store), &args)
 }
@@ -55,7 +68,11 @@ fn platforms_built_on_three_machines_merge_on_a_fourth_with_no_step_executed() {
     let local_digest = summary(&local)["images"][0]["index_digest"].clone();
 
     // Each "machine" builds its own platform and uploads.
-    for (machine, platform) in [("amd64", "linux/amd64"), ("arm64", "linux/arm64"), ("armv7", "linux/arm/v7")] {
+    for (machine, platform) in [
+        ("amd64", "linux/amd64"),
+        ("arm64", "linux/arm64"),
+        ("armv7", "linux/arm/v7"),
+    ] {
         let output = run_in(
             &sandbox,
             &format!("store-{machine}"),
@@ -64,22 +81,38 @@ fn platforms_built_on_three_machines_merge_on_a_fourth_with_no_step_executed() {
         );
         assert_success(&output);
         assert!(summary(&output)["executed"].as_u64().unwrap() > 0);
-        assert_eq!(summary(&output)["images"][0]["platforms"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            summary(&output)["images"][0]["platforms"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     // A fresh machine assembles the whole index from the cache: no step executes.
-    let merge = run_in(&sandbox, "store-merge", "out-merge", &["--cache-from", &server.url]);
+    let merge = run_in(
+        &sandbox,
+        "store-merge",
+        "out-merge",
+        &["--cache-from", &server.url],
+    );
     assert_success(&merge);
     let merged = summary(&merge);
     assert_eq!(merged["executed"], 0, "{merged}");
     assert!(merged["cached"].as_u64().unwrap() > 0);
-    assert_eq!(merged["images"][0]["index_digest"], local_digest, "the merged index is byte-identical to a local build");
+    assert_eq!(
+        merged["images"][0]["index_digest"], local_digest,
+        "the merged index is byte-identical to a local build"
+    );
     let local_tree = tree_bytes(&sandbox.path().join("out-local/basic"));
     let merged_tree = tree_bytes(&sandbox.path().join("out-merge/basic"));
     assert!(local_tree == merged_tree, "layouts differ");
 
     // The server counted hits.
-    let metrics = Command::new("curl").args(["-sf", &format!("{}/metrics", server.url)]).output();
+    let metrics = Command::new("curl")
+        .args(["-sf", &format!("{}/metrics", server.url)])
+        .output();
     if let Ok(metrics) = metrics {
         let text = String::from_utf8_lossy(&metrics.stdout);
         assert!(text.is_empty() || text.contains("hits"), "{text}");
@@ -91,23 +124,57 @@ fn an_unreachable_cache_warns_once_and_the_build_goes_on_unless_required() {
     let sandbox = Sandbox::new();
     sandbox.example("basic");
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("http://127.0.0.1:{port}");
 
-    let output = run_in(&sandbox, "store", "out", &["--platform", "linux/amd64", "--cache-from", &url, "--cache-to", &url]);
+    let output = run_in(
+        &sandbox,
+        "store",
+        "out",
+        &[
+            "--platform",
+            "linux/amd64",
+            "--cache-from",
+            &url,
+            "--cache-to",
+            &url,
+        ],
+    );
     assert_success(&output);
-    let warnings: Vec<_> = events(&output).into_iter().filter(|event| event["event"] == "warning").collect();
+    let warnings: Vec<_> = events(&output)
+        .into_iter()
+        .filter(|event| event["event"] == "warning")
+        .collect();
     assert_eq!(warnings.len(), 1, "one warning: {warnings:?}");
-    assert!(warnings[0]["message"].as_str().unwrap().contains(&format!("127.0.0.1:{port}")));
+    assert!(
+        warnings[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("127.0.0.1:{port}"))
+    );
 
     let required = run_in(
         &sandbox,
         "store-required",
         "out-required",
-        &["--platform", "linux/amd64", "--cache-from", &url, "--cache-required"],
+        &[
+            "--platform",
+            "linux/amd64",
+            "--cache-from",
+            &url,
+            "--cache-required",
+        ],
     );
     assert_eq!(required.status.code(), Some(1), "{}", stderr(&required));
-    assert!(stderr(&required).contains(&format!("127.0.0.1:{port}")), "{}", stderr(&required));
+    assert!(
+        stderr(&required).contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        stderr(&required)
+    );
 }
 
 #[test]
@@ -128,7 +195,15 @@ image app { stage app; }
     );
     let server = Server::start(&sandbox.path().join("server"), &[]);
     let build = |store: &str, n: &str, flags: &[&str]| {
-        let mut args = vec!["run", "mounts/images.kdl", "--output", "out", "--progress", "json", "--arg"];
+        let mut args = vec![
+            "run",
+            "mounts/images.kdl",
+            "--output",
+            "out",
+            "--progress",
+            "json",
+            "--arg",
+        ];
         let arg = format!("N={n}");
         args.push(&arg);
         args.extend_from_slice(flags);
@@ -139,7 +214,18 @@ image app { stage app; }
     build("machine-a", "1", &["--cache-to", &server.url]);
     // Another machine, a changed arg so the step runs: it starts from machine A's mount.
     build("machine-b", "2", &["--cache-from", &server.url]);
-    let rootfs = unpack_platform(&sandbox.path().join("out/app"), "latest", "linux/amd64", &sandbox.path().join("unpacked"));
-    assert_eq!(std::fs::read_to_string(rootfs.join("seen")).unwrap(), "1\n2\n");
-    assert!(!rootfs.join("cache/seen").exists(), "cache-mount contents never reach a layer");
+    let rootfs = unpack_platform(
+        &sandbox.path().join("out/app"),
+        "latest",
+        "linux/amd64",
+        &sandbox.path().join("unpacked"),
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("seen")).unwrap(),
+        "1\n2\n"
+    );
+    assert!(
+        !rootfs.join("cache/seen").exists(),
+        "cache-mount contents never reach a layer"
+    );
 }

@@ -242,3 +242,75 @@ pub fn tree_bytes(root: &Path) -> Vec<(String, Vec<u8>)> {
     files.sort();
     files
 }
+
+/// Debian's `docker-registry` (the CNCF distribution registry) on 127.0.0.1, a free port and a
+/// temp directory; stopped on drop.
+pub struct Registry {
+    child: std::process::Child,
+    pub address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        require_tool("docker-registry");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let address = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry starts");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&address).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Registry {
+            child,
+            address,
+            _dir: dir,
+        }
+    }
+
+    /// Copy an OCI layout reference (`oci:DIR:TAG`) into the registry as `REPO:TAG`.
+    pub fn push_layout(&self, layout: &str, name: &str) {
+        require_tool("skopeo");
+        let output = Command::new("skopeo")
+            .args([
+                "copy",
+                "--all",
+                "--quiet",
+                "--dest-tls-verify=false",
+                layout,
+            ])
+            .arg(format!("docker://{}/{name}", self.address))
+            .output()
+            .expect("skopeo runs");
+        assert!(output.status.success(), "skopeo copy: {}", stderr(&output));
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
