@@ -520,6 +520,17 @@ fn check_emulators(plan: &Plan) -> Result<(), u8> {
             missing.push((node.platform.clone(), error.to_string()));
         }
     }
+    let executes = plan
+        .nodes
+        .iter()
+        .any(|node| node.steps.iter().any(|step| step.op.touches_filesystem()));
+    if executes && !nix::unistd::geteuid().is_root() {
+        render::error(
+            "graphbuild runs build steps in Linux namespaces on overlayfs, which needs root",
+            &["run it as root (for example with sudo -E); rootless builds are not supported yet"],
+        );
+        return Err(exit::ENVIRONMENT);
+    }
     if missing.is_empty() {
         return Ok(());
     }

@@ -289,3 +289,95 @@ fn two_concurrent_runs_share_one_store() {
     assert_success(&third);
     assert_eq!(summary(&third)["executed"], 0);
 }
+
+#[test]
+fn a_run_killed_with_sigkill_leaves_a_store_the_next_run_uses_correctly() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "slow/images.kdl",
+        r#"platforms "linux/amd64" "linux/arm64"
+stage app {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    run "echo one > /one"
+    run "sleep 2; echo two > /two"
+}
+image app { stage app; }
+"#,
+    );
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "run",
+            "slow/images.kdl",
+            "--output",
+            "out",
+            "--progress",
+            "json",
+        ])
+        .current_dir(sandbox.path())
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.store())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Kill it in the middle of the slow step.
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        if line.contains("\"step_started\"") && line.contains("sleep 2") {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    assert!(
+        !sandbox.path().join("out/app").exists(),
+        "no half-written layout"
+    );
+
+    let output = sandbox.graphbuild(&[
+        "run",
+        "slow/images.kdl",
+        "--output",
+        "out",
+        "--progress",
+        "json",
+    ]);
+    assert_success(&output);
+    let rootfs = unpack_platform(
+        &sandbox.path().join("out/app"),
+        "latest",
+        "linux/arm64",
+        &sandbox.path().join("unpacked"),
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("one")).unwrap(),
+        "one\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("two")).unwrap(),
+        "two\n"
+    );
+    // Nothing of the killed run is left in the store's work area: the next run removed it.
+    let leftovers: Vec<_> = std::fs::read_dir(sandbox.store().join("tmp"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // And a third run executes nothing.
+    let warm = sandbox.graphbuild(&[
+        "run",
+        "slow/images.kdl",
+        "--output",
+        "out",
+        "--progress",
+        "json",
+    ]);
+    assert_success(&warm);
+    assert_eq!(summary(&warm)["executed"], 0);
+}
