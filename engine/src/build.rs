@@ -1268,11 +1268,18 @@ impl Executor<'_> {
             .unwrap_or_else(|| self.options.output_dir.join(sanitize(&image.name)));
         blobs.sort();
         blobs.dedup();
+        let up_to_date =
+            layout_is_current(&output_dir, &oci::canonical_json(&top), &blobs, self.store);
         let blob_paths: Vec<(Digest, oci::BlobSource)> = blobs
             .iter()
             .map(|digest| (*digest, oci::BlobSource::Path(self.store.blob_path(digest))))
             .collect();
-        oci::write_layout(&output_dir, &top, blob_paths).map_err(|error| {
+        let written = if up_to_date {
+            Ok(())
+        } else {
+            oci::write_layout(&output_dir, &top, blob_paths)
+        };
+        written.map_err(|error| {
             format!(
                 "cannot write the image layout {}: {error}",
                 output_dir.display()
@@ -1288,6 +1295,21 @@ impl Executor<'_> {
             cached,
         })
     }
+}
+
+/// Whether `dir` already holds exactly this layout: the same `index.json` bytes and every blob
+/// present with its size (blobs are named by digest and were verified when written). A warm
+/// build then rewrites nothing.
+fn layout_is_current(dir: &Path, index_json: &[u8], blobs: &[Digest], store: &Store) -> bool {
+    let same_index =
+        std::fs::read(dir.join("index.json")).is_ok_and(|existing| existing == index_json);
+    same_index
+        && dir.join("oci-layout").is_file()
+        && blobs.iter().all(|digest| {
+            let in_layout = std::fs::metadata(dir.join("blobs/sha256").join(digest.hex()));
+            let in_store = std::fs::metadata(store.blob_path(digest));
+            matches!((in_layout, in_store), (Ok(a), Ok(b)) if a.len() == b.len())
+        })
 }
 
 /// The tag part of a reference (`registry/app:1.0` → `1.0`), or the whole string.
