@@ -49,6 +49,7 @@ fn free_port() -> u16 {
 /// in a file so tests can see which requests graphbuild made.
 struct LocalRegistry {
     child: Child,
+    address: String,
     port: u16,
     dir: tempfile::TempDir,
     with_auth: bool,
@@ -56,13 +57,18 @@ struct LocalRegistry {
 
 impl LocalRegistry {
     fn start(with_auth: bool) -> LocalRegistry {
+        LocalRegistry::start_on("127.0.0.1", with_auth)
+    }
+
+    /// Start listening on `address` (an IPv4 address of this machine).
+    fn start_on(address: &str, with_auth: bool) -> LocalRegistry {
         require_tool("docker-registry");
         let dir = tempfile::Builder::new().prefix("graphbuild-registry-").tempdir().expect("temp dir");
         let port = free_port();
         let storage = dir.path().join("storage");
         std::fs::create_dir(&storage).expect("storage dir");
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {address}:{port}\n",
             storage.display()
         );
         if with_auth {
@@ -81,9 +87,9 @@ impl LocalRegistry {
             .stderr(errors)
             .spawn()
             .expect("docker-registry starts");
-        let mut registry = LocalRegistry { child, port, dir, with_auth };
+        let mut registry = LocalRegistry { child, address: address.to_string(), port, dir, with_auth };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect((address, port)).is_err() {
             if let Ok(Some(status)) = registry.child.try_wait() {
                 let log = std::fs::read_to_string(registry.dir.path().join("registry.log")).unwrap_or_default();
                 panic!("docker-registry exited with {status}: {log}");
@@ -95,7 +101,7 @@ impl LocalRegistry {
     }
 
     fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.address, self.port)
     }
 
     fn creds(&self) -> Option<String> {
@@ -153,9 +159,16 @@ fn graphbuild(sandbox: &Sandbox, store: &Path, docker_config: &Path, args: &[&st
         .env("GRAPHBUILD_CACHE_DIR", store)
         .env("DOCKER_CONFIG", docker_config)
         .env("NO_COLOR", "1")
+        // Wide diagnostics, so that messages wrap as little as possible.
+        .env("COLUMNS", "160")
         .env_remove("SOURCE_DATE_EPOCH")
         .output()
         .expect("graphbuild runs")
+}
+
+/// A diagnostic's text on one line: miette's wrapping and gutter (`│`, `·`) removed.
+fn flat(text: &str) -> String {
+    text.split_whitespace().filter(|word| !matches!(*word, "│" | "·")).collect::<Vec<_>>().join(" ")
 }
 
 /// A directory holding a Docker `config.json` with `user:password` for `host`.
@@ -279,9 +292,28 @@ fn index_digest_of(output: &Output) -> String {
     summary(output)["images"][0]["index_digest"].as_str().expect("index digest").to_string()
 }
 
-/// Whether `needle` occurs anywhere under `root` (file contents).
+/// Whether `needle` occurs in any regular file under `root` (symlinks are not followed: the
+/// store's snapshots hold root filesystems with absolute links).
 fn tree_contains(root: &Path, needle: &str) -> bool {
-    tree_bytes(root).iter().any(|(_, bytes)| bytes.windows(needle.len()).any(|window| window == needle.as_bytes()))
+    let mut stack = vec![root.to_path_buf()];
+    let mut files = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.expect("entry").path();
+            let metadata = std::fs::symlink_metadata(&path).expect("metadata");
+            if metadata.is_dir() {
+                stack.push(path);
+            } else if metadata.is_file() {
+                files += 1;
+                let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                if bytes.windows(needle.len()).any(|window| window == needle.as_bytes()) {
+                    return true;
+                }
+            }
+        }
+    }
+    assert!(files > 0, "{} holds no file", root.display());
+    false
 }
 
 #[test]
@@ -384,7 +416,7 @@ fn basic_auth_registry_needs_docker_login_and_never_shows_the_password() {
     let empty = sandbox.path().join("docker-empty");
     std::fs::create_dir_all(&empty).expect("mkdir");
     let anonymous = graphbuild(&sandbox, &sandbox.store(), &empty, &args);
-    let message = stderr(&anonymous);
+    let message = flat(&stderr(&anonymous));
     assert_eq!(anonymous.status.code(), Some(3), "{message}");
     assert!(message.contains(&host), "names the registry: {message}");
     assert!(message.contains(&format!("docker login {host}")), "says how to log in: {message}");
@@ -393,7 +425,7 @@ fn basic_auth_registry_needs_docker_login_and_never_shows_the_password() {
     // Wrong credentials: refused the same way, and the wrong password is not echoed either.
     let wrong = docker_config_with(&sandbox.path().join("docker-wrong"), &host, USERNAME, WRONG_PASSWORD);
     let refused = graphbuild(&sandbox, &sandbox.store(), &wrong, &args);
-    let message = stderr(&refused);
+    let message = flat(&stderr(&refused));
     assert_eq!(refused.status.code(), Some(3), "{message}");
     assert!(message.contains(&host) && message.contains("docker login"), "{message}");
     assert_no_secret(&refused, "wrong password");
@@ -549,7 +581,7 @@ fn failing_run(sandbox: &Sandbox, file: &str, contents: &str, extra: &[&str]) ->
     args.extend_from_slice(extra);
     let output = graphbuild(sandbox, &sandbox.store(), &no_login, &args);
     assert!(!sandbox.path().join("out/app").exists(), "{file}: nothing is written");
-    (output.status.code(), stderr(&output))
+    (output.status.code(), flat(&stderr(&output)))
 }
 
 #[test]
@@ -587,7 +619,8 @@ fn registry_errors_name_the_problem() {
     );
     assert_eq!(code, Some(2), "{message}");
     assert!(message.contains("linux/s390x"), "{message}");
-    assert!(message.contains("linux/amd64, linux/arm/v7, linux/arm64"), "lists the platforms it has: {message}");
+    let unwrapped: String = message.chars().filter(|c| !c.is_whitespace()).collect();
+    assert!(unwrapped.contains("ithaslinux/amd64,linux/arm/v7,linux/arm64"), "lists the platforms it has: {message}");
 
     // A malformed reference is a diagnostic on its span.
     let (code, message) =
@@ -595,4 +628,43 @@ fn registry_errors_name_the_problem() {
     assert_eq!(code, Some(2), "{message}");
     assert!(message.contains("malformed/images.kdl:4:10"), "{message}");
     assert!(message.contains("lowercase"), "{message}");
+}
+
+/// This machine's first IPv4 address outside 127.0.0.0/8.
+fn non_loopback_address() -> String {
+    let output = Command::new("hostname").arg("-I").output().expect("hostname runs");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .find(|address| address.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| !ip.is_loopback()))
+        .map(str::to_string)
+        .expect("the --insecure-registry test needs a non-loopback IPv4 address on this machine (`hostname -I` shows none)")
+}
+
+#[test]
+fn plain_http_beyond_loopback_needs_insecure_registry() {
+    let address = non_loopback_address();
+    let registry = LocalRegistry::start_on(&address, false);
+    registry.seed_busybox();
+    let host = registry.host();
+    let sandbox = Sandbox::new();
+    let no_login = sandbox.path().join("docker-empty");
+    std::fs::create_dir_all(&no_login).expect("mkdir");
+    let tag = format!("{host}/insecure/app:1.0");
+    sandbox.write("app/images.kdl", &build_file(&format!("{host}/busybox:1.35.0"), &["linux/amd64"], std::slice::from_ref(&tag)));
+    let args = ["run", "app/images.kdl", "--output", "out", "--progress", "json", "--push"];
+
+    // Without the flag, graphbuild insists on verified HTTPS and says how to allow plain HTTP.
+    let refused = graphbuild(&sandbox, &sandbox.store(), &no_login, &args);
+    let message = flat(&stderr(&refused));
+    assert_ne!(refused.status.code(), Some(0), "{message}");
+    assert!(message.contains(&host), "{message}");
+    assert!(message.contains(&format!("--insecure-registry {host}")), "{message}");
+    assert!(registry.graphbuild_requests().is_empty(), "no plain HTTP request was made: {:#?}", registry.graphbuild_requests());
+
+    // With it, the same build pulls and pushes over plain HTTP.
+    let mut allowed_args = args.to_vec();
+    allowed_args.extend(["--insecure-registry", &host]);
+    let allowed = graphbuild(&sandbox, &sandbox.store(), &no_login, &allowed_args);
+    assert_success(&allowed);
+    assert_eq!(sha256(&remote_raw(&tag, None)), index_digest_of(&allowed));
 }
