@@ -668,3 +668,32 @@ fn plain_http_beyond_loopback_needs_insecure_registry() {
     assert_success(&allowed);
     assert_eq!(sha256(&remote_raw(&tag, None)), index_digest_of(&allowed));
 }
+
+#[test]
+fn pull_for_some_platforms_keeps_the_other_platforms_pins() {
+    let registry = LocalRegistry::start(false);
+    registry.seed_busybox();
+    let host = registry.host();
+    let sandbox = Sandbox::new();
+    let no_login = sandbox.path().join("docker-empty");
+    std::fs::create_dir_all(&no_login).expect("mkdir");
+    let base = format!("{host}/busybox:1.35.0");
+    sandbox.write("app/images.kdl", &build_file(&base, &["linux/amd64", "linux/arm64"], &[]));
+    assert_success(&graphbuild(&sandbox, &sandbox.store(), &no_login, &["lock", "app/images.kdl"]));
+    let lock_path = sandbox.path().join("app/graphbuild.lock");
+    let platforms_locked = || -> Vec<String> {
+        let lock = json(&std::fs::read(&lock_path).expect("graphbuild.lock"));
+        sorted(lock["bases"].as_array().expect("bases").iter().map(|b| b["platform"].as_str().expect("platform").to_string()).collect())
+    };
+    assert_eq!(platforms_locked(), ["linux/amd64", "linux/arm64"]);
+
+    // Refreshing one platform must not forget the other platform's pin.
+    let pulled = graphbuild(
+        &sandbox,
+        &sandbox.store(),
+        &no_login,
+        &["run", "app/images.kdl", "--output", "out", "--progress", "json", "--pull", "--platform", "linux/amd64"],
+    );
+    assert_success(&pulled);
+    assert_eq!(platforms_locked(), ["linux/amd64", "linux/arm64"], "run --pull --platform dropped a pin");
+}
