@@ -42,7 +42,10 @@ fn machine(platform: &str) -> &'static str {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a free port").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// A `docker-registry` process on 127.0.0.1, killed on drop. Its access log (stdout) is kept
@@ -63,7 +66,10 @@ impl LocalRegistry {
     /// Start listening on `address` (an IPv4 address of this machine).
     fn start_on(address: &str, with_auth: bool) -> LocalRegistry {
         require_tool("docker-registry");
-        let dir = tempfile::Builder::new().prefix("graphbuild-registry-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("graphbuild-registry-")
+            .tempdir()
+            .expect("temp dir");
         let port = free_port();
         let storage = dir.path().join("storage");
         std::fs::create_dir(&storage).expect("storage dir");
@@ -74,7 +80,10 @@ impl LocalRegistry {
         if with_auth {
             let htpasswd = dir.path().join("htpasswd");
             std::fs::write(&htpasswd, format!("{USERNAME}:{PASSWORD_BCRYPT}\n")).expect("htpasswd");
-            config.push_str(&format!("auth:\n  htpasswd:\n    realm: basic-realm\n    path: {}\n", htpasswd.display()));
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: basic-realm\n    path: {}\n",
+                htpasswd.display()
+            ));
         }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).expect("registry config");
@@ -87,14 +96,24 @@ impl LocalRegistry {
             .stderr(errors)
             .spawn()
             .expect("docker-registry starts");
-        let mut registry = LocalRegistry { child, address: address.to_string(), port, dir, with_auth };
+        let mut registry = LocalRegistry {
+            child,
+            address: address.to_string(),
+            port,
+            dir,
+            with_auth,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect((address, port)).is_err() {
             if let Ok(Some(status)) = registry.child.try_wait() {
-                let log = std::fs::read_to_string(registry.dir.path().join("registry.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(registry.dir.path().join("registry.log"))
+                    .unwrap_or_default();
                 panic!("docker-registry exited with {status}: {log}");
             }
-            assert!(Instant::now() < deadline, "docker-registry did not listen on port {port} within 20 s");
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not listen on port {port} within 20 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         registry
@@ -111,20 +130,37 @@ impl LocalRegistry {
     /// Copy the three-platform busybox fixture to `busybox:1.35.0` with skopeo.
     fn seed_busybox(&self) {
         let fixture = repo_root().join("tests/fixtures/busybox");
-        self.skopeo_copy_to(&format!("oci:{}:1.35.0", fixture.display()), "busybox:1.35.0");
+        self.skopeo_copy_to(
+            &format!("oci:{}:1.35.0", fixture.display()),
+            "busybox:1.35.0",
+        );
     }
 
     /// `skopeo copy --all SOURCE docker://HOST/DESTINATION`.
     fn skopeo_copy_to(&self, source: &str, destination: &str) {
         require_tool("skopeo");
         let mut command = Command::new("skopeo");
-        command.args(["copy", "--all", "--quiet", "--preserve-digests", "--dest-tls-verify=false"]);
+        command.args([
+            "copy",
+            "--all",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ]);
         match self.creds() {
             Some(creds) => command.args(["--dest-creds", &creds]),
             None => command.arg("--dest-no-creds"),
         };
-        let output = command.arg(source).arg(format!("docker://{}/{destination}", self.host())).output().expect("skopeo runs");
-        assert!(output.status.success(), "skopeo copy {source} → {destination}: {}", stderr(&output));
+        let output = command
+            .arg(source)
+            .arg(format!("docker://{}/{destination}", self.host()))
+            .output()
+            .expect("skopeo runs");
+        assert!(
+            output.status.success(),
+            "skopeo copy {source} → {destination}: {}",
+            stderr(&output)
+        );
     }
 
     /// The access log's lines for requests graphbuild made (its User-Agent).
@@ -139,7 +175,10 @@ impl LocalRegistry {
 
     /// How many blob uploads (and mounts) graphbuild started.
     fn graphbuild_uploads(&self) -> usize {
-        self.graphbuild_requests().iter().filter(|line| line.contains("POST /v2/") && line.contains("/blobs/uploads/")).count()
+        self.graphbuild_requests()
+            .iter()
+            .filter(|line| line.contains("POST /v2/") && line.contains("/blobs/uploads/"))
+            .count()
     }
 }
 
@@ -168,7 +207,10 @@ fn graphbuild(sandbox: &Sandbox, store: &Path, docker_config: &Path, args: &[&st
 
 /// A diagnostic's text on one line: miette's wrapping and gutter (`│`, `·`) removed.
 fn flat(text: &str) -> String {
-    text.split_whitespace().filter(|word| !matches!(*word, "│" | "·")).collect::<Vec<_>>().join(" ")
+    text.split_whitespace()
+        .filter(|word| !matches!(*word, "│" | "·"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A directory holding a Docker `config.json` with `user:password` for `host`.
@@ -176,7 +218,11 @@ fn docker_config_with(dir: &Path, host: &str, user: &str, password: &str) -> Pat
     std::fs::create_dir_all(dir).expect("mkdir");
     let auth = base64(format!("{user}:{password}").as_bytes());
     let config = serde_json::json!({ "auths": { host: { "auth": auth } } });
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).expect("json")).expect("config.json");
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).expect("json"),
+    )
+    .expect("config.json");
     dir.to_path_buf()
 }
 
@@ -189,7 +235,9 @@ fn base64(bytes: &[u8]) -> String {
             | u32::from(chunk.get(2).copied().unwrap_or(0));
         for position in 0..4 {
             if position <= chunk.len() {
-                text.push(char::from(ALPHABET[(value >> (18 - 6 * position)) as usize & 63]));
+                text.push(char::from(
+                    ALPHABET[(value >> (18 - 6 * position)) as usize & 63],
+                ));
             } else {
                 text.push('=');
             }
@@ -200,10 +248,23 @@ fn base64(bytes: &[u8]) -> String {
 
 /// The sha256 of bytes, with an independent tool.
 fn sha256(bytes: &[u8]) -> String {
-    let mut child = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("sha256sum");
-    child.stdin.take().expect("stdin").write_all(bytes).expect("write");
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(bytes)
+        .expect("write");
     let output = child.wait_with_output().expect("sha256sum runs");
-    let hex = String::from_utf8_lossy(&output.stdout).split_whitespace().next().expect("a hash").to_string();
+    let hex = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a hash")
+        .to_string();
     format!("sha256:{hex}")
 }
 
@@ -216,8 +277,15 @@ fn remote_raw(reference: &str, creds: Option<&str>) -> Vec<u8> {
         Some(creds) => command.args(["--creds", creds]),
         None => command.arg("--no-creds"),
     };
-    let output = command.arg(format!("docker://{reference}")).output().expect("skopeo runs");
-    assert!(output.status.success(), "skopeo inspect {reference}: {}", stderr(&output));
+    let output = command
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("skopeo runs");
+    assert!(
+        output.status.success(),
+        "skopeo inspect {reference}: {}",
+        stderr(&output)
+    );
     output.stdout
 }
 
@@ -271,16 +339,26 @@ fn layout_index_digest(layout: &Path, tag: &str) -> String {
 
 fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
     let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
-    std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap_or_else(|e| panic!("blob {digest}: {e}"))
+    std::fs::read(layout.join("blobs/sha256").join(hex))
+        .unwrap_or_else(|e| panic!("blob {digest}: {e}"))
 }
 
 /// A build file: one stage on `base` recording the CPU its step ran on, one image with `tags`.
 fn build_file(base: &str, platforms: &[&str], tags: &[String]) -> String {
-    let quoted = |items: Vec<&str>| items.iter().map(|item| format!("\"{item}\"")).collect::<Vec<_>>().join(" ");
+    let quoted = |items: Vec<&str>| {
+        items
+            .iter()
+            .map(|item| format!("\"{item}\""))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let tags = if tags.is_empty() {
         String::new()
     } else {
-        format!("    tags {}\n", quoted(tags.iter().map(String::as_str).collect()))
+        format!(
+            "    tags {}\n",
+            quoted(tags.iter().map(String::as_str).collect())
+        )
     };
     format!(
         "platforms {}\n\nstage app {{\n    from \"{base}\"\n    run \"uname -m > /arch.txt\"\n}}\n\nimage app {{\n    stage app\n{tags}}}\n",
@@ -289,7 +367,10 @@ fn build_file(base: &str, platforms: &[&str], tags: &[String]) -> String {
 }
 
 fn index_digest_of(output: &Output) -> String {
-    summary(output)["images"][0]["index_digest"].as_str().expect("index digest").to_string()
+    summary(output)["images"][0]["index_digest"]
+        .as_str()
+        .expect("index digest")
+        .to_string()
 }
 
 /// Whether `needle` occurs in any regular file under `root` (symlinks are not followed: the
@@ -305,8 +386,12 @@ fn tree_contains(root: &Path, needle: &str) -> bool {
                 stack.push(path);
             } else if metadata.is_file() {
                 files += 1;
-                let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                if bytes.windows(needle.len()).any(|window| window == needle.as_bytes()) {
+                let bytes =
+                    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                if bytes
+                    .windows(needle.len())
+                    .any(|window| window == needle.as_bytes())
+                {
                     return true;
                 }
             }
@@ -324,15 +409,34 @@ fn pushes_a_three_platform_index_that_pulls_back_with_the_same_digests() {
     let sandbox = Sandbox::new();
     let no_login = sandbox.path().join("docker-empty");
     std::fs::create_dir_all(&no_login).expect("mkdir");
-    let tags = [format!("{host}/team/app:1.0"), format!("{host}/team/app:latest"), format!("{host}/mirror/app:1.0")];
-    sandbox.write("app/images.kdl", &build_file(&format!("{host}/busybox:1.35.0"), &THREE_PLATFORMS, &tags));
-    let args = ["run", "app/images.kdl", "--output", "out", "--progress", "json", "--push"];
+    let tags = [
+        format!("{host}/team/app:1.0"),
+        format!("{host}/team/app:latest"),
+        format!("{host}/mirror/app:1.0"),
+    ];
+    sandbox.write(
+        "app/images.kdl",
+        &build_file(&format!("{host}/busybox:1.35.0"), &THREE_PLATFORMS, &tags),
+    );
+    let args = [
+        "run",
+        "app/images.kdl",
+        "--output",
+        "out",
+        "--progress",
+        "json",
+        "--push",
+    ];
 
     let first = graphbuild(&sandbox, &sandbox.store(), &no_login, &args);
     assert_success(&first);
     let index_digest = index_digest_of(&first);
     for tag in &tags {
-        assert!(stderr(&first).contains(&format!("pushed {tag}")), "{tag}: {}", stderr(&first));
+        assert!(
+            stderr(&first).contains(&format!("pushed {tag}")),
+            "{tag}: {}",
+            stderr(&first)
+        );
     }
     let layout = sandbox.path().join("out/app");
     assert_eq!(layout_index_digest(&layout, "1.0"), index_digest);
@@ -344,13 +448,31 @@ fn pushes_a_three_platform_index_that_pulls_back_with_the_same_digests() {
         assert_eq!(sha256(&raw), index_digest, "{tag}");
         let index = json(&raw);
         assert_eq!(index["mediaType"], OCI_INDEX, "{tag}");
-        assert_eq!(sorted(platforms_of(&index)), sorted(THREE_PLATFORMS.map(String::from).to_vec()), "{tag}");
-        assert!(index["manifests"].as_array().expect("manifests").iter().all(|m| m["mediaType"] == OCI_MANIFEST));
-        assert_eq!(manifest_digests(&index), manifest_digests(&local_index), "{tag}");
+        assert_eq!(
+            sorted(platforms_of(&index)),
+            sorted(THREE_PLATFORMS.map(String::from).to_vec()),
+            "{tag}"
+        );
+        assert!(
+            index["manifests"]
+                .as_array()
+                .expect("manifests")
+                .iter()
+                .all(|m| m["mediaType"] == OCI_MANIFEST)
+        );
+        assert_eq!(
+            manifest_digests(&index),
+            manifest_digests(&local_index),
+            "{tag}"
+        );
     }
     // The second repository got its blobs by cross-repository mounts, not uploads.
     assert!(
-        registry.graphbuild_requests().iter().any(|line| line.contains("POST /v2/mirror/app/blobs/uploads/?") && line.contains("mount=")),
+        registry
+            .graphbuild_requests()
+            .iter()
+            .any(|line| line.contains("POST /v2/mirror/app/blobs/uploads/?")
+                && line.contains("mount=")),
         "no mount into mirror/app: {:#?}",
         registry.graphbuild_requests()
     );
@@ -359,37 +481,81 @@ fn pushes_a_three_platform_index_that_pulls_back_with_the_same_digests() {
     // filesystem shows its step ran on its own CPU.
     let pulled = sandbox.path().join("pulled");
     let output = Command::new("skopeo")
-        .args(["copy", "--all", "--quiet", "--preserve-digests", "--src-tls-verify=false", "--src-no-creds"])
+        .args([
+            "copy",
+            "--all",
+            "--quiet",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--src-no-creds",
+        ])
         .arg(format!("docker://{}", tags[0]))
         .arg(format!("oci:{}:1.0", pulled.display()))
         .output()
         .expect("skopeo runs");
-    assert!(output.status.success(), "skopeo copy back: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "skopeo copy back: {}",
+        stderr(&output)
+    );
     assert_eq!(layout_index_digest(&pulled, "1.0"), index_digest);
     let pulled_index = json(&layout_blob(&pulled, &index_digest));
-    assert_eq!(manifest_digests(&pulled_index), manifest_digests(&local_index));
+    assert_eq!(
+        manifest_digests(&pulled_index),
+        manifest_digests(&local_index)
+    );
     for digest in manifest_digests(&pulled_index) {
         assert_eq!(sha256(&layout_blob(&pulled, &digest)), digest);
         assert_eq!(layout_blob(&pulled, &digest), layout_blob(&layout, &digest));
     }
     for platform in THREE_PLATFORMS {
-        let rootfs = unpack_platform(&pulled, "1.0", platform, &sandbox.path().join(format!("unpacked-{}", platform.replace('/', "-"))));
-        let arch = std::fs::read_to_string(rootfs.join("arch.txt")).unwrap_or_else(|e| panic!("{platform}: {e}"));
+        let rootfs = unpack_platform(
+            &pulled,
+            "1.0",
+            platform,
+            &sandbox
+                .path()
+                .join(format!("unpacked-{}", platform.replace('/', "-"))),
+        );
+        let arch = std::fs::read_to_string(rootfs.join("arch.txt"))
+            .unwrap_or_else(|e| panic!("{platform}: {e}"));
         assert_eq!(arch.trim(), machine(platform), "{platform}");
-        assert!(rootfs.join("bin/busybox").exists(), "{platform}: the base is underneath");
+        assert!(
+            rootfs.join("bin/busybox").exists(),
+            "{platform}: the base is underneath"
+        );
     }
 
     // A second push uploads nothing: every blob is found with HEAD; the tags are unchanged.
     let uploads_before = registry.graphbuild_uploads();
     assert!(uploads_before > 0);
-    let heads_before = registry.graphbuild_requests().iter().filter(|line| line.contains("\"HEAD /v2/")).count();
+    let heads_before = registry
+        .graphbuild_requests()
+        .iter()
+        .filter(|line| line.contains("\"HEAD /v2/"))
+        .count();
     let second = graphbuild(&sandbox, &sandbox.store(), &no_login, &args);
     assert_success(&second);
-    assert_eq!(summary(&second)["executed"], 0, "the build itself is cached");
+    assert_eq!(
+        summary(&second)["executed"],
+        0,
+        "the build itself is cached"
+    );
     assert_eq!(index_digest_of(&second), index_digest);
-    assert_eq!(registry.graphbuild_uploads(), uploads_before, "the second push started uploads");
-    let heads_after = registry.graphbuild_requests().iter().filter(|line| line.contains("\"HEAD /v2/")).count();
-    assert!(heads_after > heads_before, "blobs are checked with HEAD before they are skipped");
+    assert_eq!(
+        registry.graphbuild_uploads(),
+        uploads_before,
+        "the second push started uploads"
+    );
+    let heads_after = registry
+        .graphbuild_requests()
+        .iter()
+        .filter(|line| line.contains("\"HEAD /v2/"))
+        .count();
+    assert!(
+        heads_after > heads_before,
+        "blobs are checked with HEAD before they are skipped"
+    );
     for tag in &tags {
         assert_eq!(sha256(&remote_raw(tag, None)), index_digest, "{tag}");
     }
@@ -402,13 +568,36 @@ fn basic_auth_registry_needs_docker_login_and_never_shows_the_password() {
     let host = registry.host();
     let sandbox = Sandbox::new();
     let tag = format!("{host}/secure/app:1.0");
-    sandbox.write("app/images.kdl", &build_file(&format!("{host}/busybox:1.35.0"), &THREE_PLATFORMS, std::slice::from_ref(&tag)));
-    let args = ["run", "app/images.kdl", "--output", "out", "--progress", "plain", "--push"];
-    let secrets = [PASSWORD.to_string(), base64(format!("{USERNAME}:{PASSWORD}").as_bytes()), WRONG_PASSWORD.to_string(), base64(format!("{USERNAME}:{WRONG_PASSWORD}").as_bytes())];
+    sandbox.write(
+        "app/images.kdl",
+        &build_file(
+            &format!("{host}/busybox:1.35.0"),
+            &THREE_PLATFORMS,
+            std::slice::from_ref(&tag),
+        ),
+    );
+    let args = [
+        "run",
+        "app/images.kdl",
+        "--output",
+        "out",
+        "--progress",
+        "plain",
+        "--push",
+    ];
+    let secrets = [
+        PASSWORD.to_string(),
+        base64(format!("{USERNAME}:{PASSWORD}").as_bytes()),
+        WRONG_PASSWORD.to_string(),
+        base64(format!("{USERNAME}:{WRONG_PASSWORD}").as_bytes()),
+    ];
     let assert_no_secret = |output: &Output, what: &str| {
         let text = format!("{}{}", stdout(output), stderr(output));
         for secret in &secrets {
-            assert!(!text.contains(secret.as_str()), "{what}: a credential appears in the output:\n{text}");
+            assert!(
+                !text.contains(secret.as_str()),
+                "{what}: a credential appears in the output:\n{text}"
+            );
         }
     };
 
@@ -419,19 +608,35 @@ fn basic_auth_registry_needs_docker_login_and_never_shows_the_password() {
     let message = flat(&stderr(&anonymous));
     assert_eq!(anonymous.status.code(), Some(3), "{message}");
     assert!(message.contains(&host), "names the registry: {message}");
-    assert!(message.contains(&format!("docker login {host}")), "says how to log in: {message}");
+    assert!(
+        message.contains(&format!("docker login {host}")),
+        "says how to log in: {message}"
+    );
     assert_no_secret(&anonymous, "anonymous");
 
     // Wrong credentials: refused the same way, and the wrong password is not echoed either.
-    let wrong = docker_config_with(&sandbox.path().join("docker-wrong"), &host, USERNAME, WRONG_PASSWORD);
+    let wrong = docker_config_with(
+        &sandbox.path().join("docker-wrong"),
+        &host,
+        USERNAME,
+        WRONG_PASSWORD,
+    );
     let refused = graphbuild(&sandbox, &sandbox.store(), &wrong, &args);
     let message = flat(&stderr(&refused));
     assert_eq!(refused.status.code(), Some(3), "{message}");
-    assert!(message.contains(&host) && message.contains("docker login"), "{message}");
+    assert!(
+        message.contains(&host) && message.contains("docker login"),
+        "{message}"
+    );
     assert_no_secret(&refused, "wrong password");
 
     // Logged in: builds from the authenticated base and pushes.
-    let login = docker_config_with(&sandbox.path().join("docker-login"), &host, USERNAME, PASSWORD);
+    let login = docker_config_with(
+        &sandbox.path().join("docker-login"),
+        &host,
+        USERNAME,
+        PASSWORD,
+    );
     let pushed = graphbuild(&sandbox, &sandbox.store(), &login, &args);
     assert_success(&pushed);
     assert_no_secret(&pushed, "logged in");
@@ -441,7 +646,10 @@ fn basic_auth_registry_needs_docker_login_and_never_shows_the_password() {
     assert_eq!(sha256(&raw), index_digest);
     let index = json(&raw);
     assert_eq!(index["mediaType"], OCI_INDEX);
-    assert_eq!(sorted(platforms_of(&index)), sorted(THREE_PLATFORMS.map(String::from).to_vec()));
+    assert_eq!(
+        sorted(platforms_of(&index)),
+        sorted(THREE_PLATFORMS.map(String::from).to_vec())
+    );
     // Anonymous readers are still refused: the push really went through authentication.
     let anonymous_read = Command::new("skopeo")
         .args(["inspect", "--raw", "--tls-verify=false", "--no-creds"])
@@ -451,8 +659,14 @@ fn basic_auth_registry_needs_docker_login_and_never_shows_the_password() {
     assert!(!anonymous_read.status.success());
     // No credential in the store or the output layout.
     for secret in &secrets[..2] {
-        assert!(!tree_contains(&sandbox.store(), secret), "the store holds a credential");
-        assert!(!tree_contains(&layout, secret), "the layout holds a credential");
+        assert!(
+            !tree_contains(&sandbox.store(), secret),
+            "the store holds a credential"
+        );
+        assert!(
+            !tree_contains(&layout, secret),
+            "the layout holds a credential"
+        );
     }
 }
 
@@ -466,7 +680,10 @@ fn lock_file_pins_base_digests_until_pull() {
     std::fs::create_dir_all(&no_login).expect("mkdir");
     let base = format!("{host}/busybox:1.35.0");
     let platforms = ["linux/amd64", "linux/arm64"];
-    sandbox.write("app/images.kdl", &build_file(&base, &platforms, &[format!("{host}/locked/app:1.0")]));
+    sandbox.write(
+        "app/images.kdl",
+        &build_file(&base, &platforms, &[format!("{host}/locked/app:1.0")]),
+    );
     let lock_path = sandbox.path().join("app/graphbuild.lock");
     let read_lock = || json(&std::fs::read(&lock_path).expect("graphbuild.lock"));
     let locked_digests = |lock: &serde_json::Value| -> Vec<(String, String)> {
@@ -476,57 +693,129 @@ fn lock_file_pins_base_digests_until_pull() {
             .iter()
             .map(|entry| {
                 assert_eq!(entry["reference"], base.as_str(), "{lock}");
-                (entry["platform"].as_str().expect("platform").to_string(), entry["digest"].as_str().expect("digest").to_string())
+                (
+                    entry["platform"].as_str().expect("platform").to_string(),
+                    entry["digest"].as_str().expect("digest").to_string(),
+                )
             })
             .collect()
     };
 
     // `graphbuild lock` records the fixture's manifest per platform.
-    let lock = graphbuild(&sandbox, &sandbox.store(), &no_login, &["lock", "app/images.kdl"]);
+    let lock = graphbuild(
+        &sandbox,
+        &sandbox.store(),
+        &no_login,
+        &["lock", "app/images.kdl"],
+    );
     assert_success(&lock);
     let fixture_index = remote_raw(&base, None);
     let fixture_index = json(&fixture_index);
     let fixture_manifest = |platform: &str| {
-        let position = platforms_of(&fixture_index).iter().position(|p| p == platform).expect("fixture platform");
+        let position = platforms_of(&fixture_index)
+            .iter()
+            .position(|p| p == platform)
+            .expect("fixture platform");
         manifest_digests(&fixture_index)[position].clone()
     };
     let first_lock = read_lock();
     assert_eq!(first_lock["version"], 1);
-    let expected: Vec<(String, String)> =
-        platforms.iter().map(|platform| (platform.to_string(), fixture_manifest(platform))).collect();
-    assert_eq!(sorted_pairs(locked_digests(&first_lock)), sorted_pairs(expected));
+    let expected: Vec<(String, String)> = platforms
+        .iter()
+        .map(|platform| (platform.to_string(), fixture_manifest(platform)))
+        .collect();
+    assert_eq!(
+        sorted_pairs(locked_digests(&first_lock)),
+        sorted_pairs(expected)
+    );
     let lock_bytes = std::fs::read(&lock_path).expect("lock");
 
-    let args = ["run", "app/images.kdl", "--output", "out", "--progress", "json"];
+    let args = [
+        "run",
+        "app/images.kdl",
+        "--output",
+        "out",
+        "--progress",
+        "json",
+    ];
     let built = graphbuild(&sandbox, &sandbox.store(), &no_login, &args);
     assert_success(&built);
     let pinned_digest = index_digest_of(&built);
 
     // Move the tag: our built image (another image, with an extra layer) becomes busybox:1.35.0.
-    registry.skopeo_copy_to(&format!("oci:{}:1.0", sandbox.path().join("out/app").display()), "busybox:1.35.0");
+    registry.skopeo_copy_to(
+        &format!("oci:{}:1.0", sandbox.path().join("out/app").display()),
+        "busybox:1.35.0",
+    );
     let moved = json(&remote_raw(&base, None));
-    let moved_manifests: Vec<(String, String)> =
-        platforms_of(&moved).into_iter().zip(manifest_digests(&moved)).collect();
-    assert_ne!(sorted_pairs(moved_manifests.clone()), sorted_pairs(locked_digests(&first_lock)));
+    let moved_manifests: Vec<(String, String)> = platforms_of(&moved)
+        .into_iter()
+        .zip(manifest_digests(&moved))
+        .collect();
+    assert_ne!(
+        sorted_pairs(moved_manifests.clone()),
+        sorted_pairs(locked_digests(&first_lock))
+    );
 
     // With the lock, a fresh store still builds from the locked digests: same image.
     let fresh_store = sandbox.path().join("store-fresh");
     let locked = graphbuild(&sandbox, &fresh_store, &no_login, &args);
     assert_success(&locked);
-    assert!(summary(&locked)["executed"].as_u64().unwrap_or(0) > 0, "a fresh store builds");
-    assert_eq!(index_digest_of(&locked), pinned_digest, "the lock pins the base");
-    assert_eq!(std::fs::read(&lock_path).expect("lock"), lock_bytes, "run without --pull leaves the lock alone");
+    assert!(
+        summary(&locked)["executed"].as_u64().unwrap_or(0) > 0,
+        "a fresh store builds"
+    );
+    assert_eq!(
+        index_digest_of(&locked),
+        pinned_digest,
+        "the lock pins the base"
+    );
+    assert_eq!(
+        std::fs::read(&lock_path).expect("lock"),
+        lock_bytes,
+        "run without --pull leaves the lock alone"
+    );
 
     // --pull resolves the tag afresh, builds on the new base and rewrites the lock.
-    let pulled = graphbuild(&sandbox, &fresh_store, &no_login, &["run", "app/images.kdl", "--output", "out", "--progress", "json", "--pull"]);
+    let pulled = graphbuild(
+        &sandbox,
+        &fresh_store,
+        &no_login,
+        &[
+            "run",
+            "app/images.kdl",
+            "--output",
+            "out",
+            "--progress",
+            "json",
+            "--pull",
+        ],
+    );
     assert_success(&pulled);
-    assert_ne!(index_digest_of(&pulled), pinned_digest, "--pull uses the moved tag");
+    assert_ne!(
+        index_digest_of(&pulled),
+        pinned_digest,
+        "--pull uses the moved tag"
+    );
     let new_lock = read_lock();
     assert_eq!(new_lock["version"], 1);
-    assert_eq!(sorted_pairs(locked_digests(&new_lock)), sorted_pairs(moved_manifests));
+    assert_eq!(
+        sorted_pairs(locked_digests(&new_lock)),
+        sorted_pairs(moved_manifests)
+    );
     // The new base is really underneath: its /arch.txt layer came from the moved tag.
-    let rootfs = unpack_platform(&sandbox.path().join("out/app"), "1.0", "linux/arm64", &sandbox.path().join("unpacked"));
-    assert_eq!(std::fs::read_to_string(rootfs.join("arch.txt")).expect("arch.txt").trim(), "aarch64");
+    let rootfs = unpack_platform(
+        &sandbox.path().join("out/app"),
+        "1.0",
+        "linux/arm64",
+        &sandbox.path().join("unpacked"),
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("arch.txt"))
+            .expect("arch.txt")
+            .trim(),
+        "aarch64"
+    );
 }
 
 fn sorted_pairs(mut pairs: Vec<(String, String)>) -> Vec<(String, String)> {
@@ -544,12 +833,29 @@ fn docker_format_pushes_a_manifest_list() {
     std::fs::create_dir_all(&no_login).expect("mkdir");
     let tag = format!("{host}/docker/app:1.0");
     let platforms = ["linux/amd64", "linux/arm64"];
-    sandbox.write("app/images.kdl", &build_file(&format!("{host}/busybox:1.35.0"), &platforms, std::slice::from_ref(&tag)));
+    sandbox.write(
+        "app/images.kdl",
+        &build_file(
+            &format!("{host}/busybox:1.35.0"),
+            &platforms,
+            std::slice::from_ref(&tag),
+        ),
+    );
     let output = graphbuild(
         &sandbox,
         &sandbox.store(),
         &no_login,
-        &["run", "app/images.kdl", "--output", "out", "--progress", "json", "--format", "docker", "--push"],
+        &[
+            "run",
+            "app/images.kdl",
+            "--output",
+            "out",
+            "--progress",
+            "json",
+            "--format",
+            "docker",
+            "--push",
+        ],
     );
     assert_success(&output);
     let index_digest = index_digest_of(&output);
@@ -557,7 +863,10 @@ fn docker_format_pushes_a_manifest_list() {
     assert_eq!(sha256(&raw), index_digest);
     let list = json(&raw);
     assert_eq!(list["mediaType"], DOCKER_LIST);
-    assert_eq!(sorted(platforms_of(&list)), sorted(platforms.map(String::from).to_vec()));
+    assert_eq!(
+        sorted(platforms_of(&list)),
+        sorted(platforms.map(String::from).to_vec())
+    );
     for entry in list["manifests"].as_array().expect("manifests") {
         assert_eq!(entry["mediaType"], DOCKER_MANIFEST);
         let digest = entry["digest"].as_str().expect("digest");
@@ -565,22 +874,36 @@ fn docker_format_pushes_a_manifest_list() {
         assert_eq!(sha256(&manifest_raw), digest);
         let manifest = json(&manifest_raw);
         assert_eq!(manifest["mediaType"], DOCKER_MANIFEST);
-        assert_eq!(manifest["config"]["mediaType"], "application/vnd.docker.container.image.v1+json");
+        assert_eq!(
+            manifest["config"]["mediaType"],
+            "application/vnd.docker.container.image.v1+json"
+        );
         for layer in manifest["layers"].as_array().expect("layers") {
-            assert_eq!(layer["mediaType"], "application/vnd.docker.image.rootfs.diff.tar.gzip", "{manifest}");
+            assert_eq!(
+                layer["mediaType"], "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                "{manifest}"
+            );
         }
     }
 }
 
 /// A run that fails before building: its exit code and stderr.
-fn failing_run(sandbox: &Sandbox, file: &str, contents: &str, extra: &[&str]) -> (Option<i32>, String) {
+fn failing_run(
+    sandbox: &Sandbox,
+    file: &str,
+    contents: &str,
+    extra: &[&str],
+) -> (Option<i32>, String) {
     sandbox.write(file, contents);
     let no_login = sandbox.path().join("docker-empty");
     std::fs::create_dir_all(&no_login).expect("mkdir");
     let mut args = vec!["run", file, "--output", "out", "--progress", "plain"];
     args.extend_from_slice(extra);
     let output = graphbuild(sandbox, &sandbox.store(), &no_login, &args);
-    assert!(!sandbox.path().join("out/app").exists(), "{file}: nothing is written");
+    assert!(
+        !sandbox.path().join("out/app").exists(),
+        "{file}: nothing is written"
+    );
     (output.status.code(), flat(&stderr(&output)))
 }
 
@@ -600,12 +923,19 @@ fn registry_errors_name_the_problem() {
         &[],
     );
     assert_eq!(code, Some(3), "{message}");
-    assert!(message.contains(&format!("cannot reach the registry {closed}")), "{message}");
+    assert!(
+        message.contains(&format!("cannot reach the registry {closed}")),
+        "{message}"
+    );
 
     // An unknown tag names the reference, at its place in the build file.
     let unknown = format!("{host}/busybox:no-such-tag");
-    let (code, message) =
-        failing_run(&sandbox, "unknown/images.kdl", &build_file(&unknown, &["linux/amd64"], &[]), &[]);
+    let (code, message) = failing_run(
+        &sandbox,
+        "unknown/images.kdl",
+        &build_file(&unknown, &["linux/amd64"], &[]),
+        &[],
+    );
     assert_eq!(code, Some(2), "{message}");
     assert!(message.contains(&format!("`{unknown}`")), "{message}");
     assert!(message.contains("unknown/images.kdl:4:10"), "{message}");
@@ -620,11 +950,18 @@ fn registry_errors_name_the_problem() {
     assert_eq!(code, Some(2), "{message}");
     assert!(message.contains("linux/s390x"), "{message}");
     let unwrapped: String = message.chars().filter(|c| !c.is_whitespace()).collect();
-    assert!(unwrapped.contains("ithaslinux/amd64,linux/arm/v7,linux/arm64"), "lists the platforms it has: {message}");
+    assert!(
+        unwrapped.contains("ithaslinux/amd64,linux/arm/v7,linux/arm64"),
+        "lists the platforms it has: {message}"
+    );
 
     // A malformed reference is a diagnostic on its span.
-    let (code, message) =
-        failing_run(&sandbox, "malformed/images.kdl", &build_file("127.0.0.1:5055/UPPER/x:1", &["linux/amd64"], &[]), &[]);
+    let (code, message) = failing_run(
+        &sandbox,
+        "malformed/images.kdl",
+        &build_file("127.0.0.1:5055/UPPER/x:1", &["linux/amd64"], &[]),
+        &[],
+    );
     assert_eq!(code, Some(2), "{message}");
     assert!(message.contains("malformed/images.kdl:4:10"), "{message}");
     assert!(message.contains("lowercase"), "{message}");
@@ -632,7 +969,10 @@ fn registry_errors_name_the_problem() {
 
 /// This machine's first IPv4 address outside 127.0.0.0/8.
 fn non_loopback_address() -> String {
-    let output = Command::new("hostname").arg("-I").output().expect("hostname runs");
+    let output = Command::new("hostname")
+        .arg("-I")
+        .output()
+        .expect("hostname runs");
     String::from_utf8_lossy(&output.stdout)
         .split_whitespace()
         .find(|address| address.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| !ip.is_loopback()))
@@ -650,16 +990,38 @@ fn plain_http_beyond_loopback_needs_insecure_registry() {
     let no_login = sandbox.path().join("docker-empty");
     std::fs::create_dir_all(&no_login).expect("mkdir");
     let tag = format!("{host}/insecure/app:1.0");
-    sandbox.write("app/images.kdl", &build_file(&format!("{host}/busybox:1.35.0"), &["linux/amd64"], std::slice::from_ref(&tag)));
-    let args = ["run", "app/images.kdl", "--output", "out", "--progress", "json", "--push"];
+    sandbox.write(
+        "app/images.kdl",
+        &build_file(
+            &format!("{host}/busybox:1.35.0"),
+            &["linux/amd64"],
+            std::slice::from_ref(&tag),
+        ),
+    );
+    let args = [
+        "run",
+        "app/images.kdl",
+        "--output",
+        "out",
+        "--progress",
+        "json",
+        "--push",
+    ];
 
     // Without the flag, graphbuild insists on verified HTTPS and says how to allow plain HTTP.
     let refused = graphbuild(&sandbox, &sandbox.store(), &no_login, &args);
     let message = flat(&stderr(&refused));
     assert_ne!(refused.status.code(), Some(0), "{message}");
     assert!(message.contains(&host), "{message}");
-    assert!(message.contains(&format!("--insecure-registry {host}")), "{message}");
-    assert!(registry.graphbuild_requests().is_empty(), "no plain HTTP request was made: {:#?}", registry.graphbuild_requests());
+    assert!(
+        message.contains(&format!("--insecure-registry {host}")),
+        "{message}"
+    );
+    assert!(
+        registry.graphbuild_requests().is_empty(),
+        "no plain HTTP request was made: {:#?}",
+        registry.graphbuild_requests()
+    );
 
     // With it, the same build pulls and pushes over plain HTTP.
     let mut allowed_args = args.to_vec();
@@ -678,12 +1040,27 @@ fn pull_for_some_platforms_keeps_the_other_platforms_pins() {
     let no_login = sandbox.path().join("docker-empty");
     std::fs::create_dir_all(&no_login).expect("mkdir");
     let base = format!("{host}/busybox:1.35.0");
-    sandbox.write("app/images.kdl", &build_file(&base, &["linux/amd64", "linux/arm64"], &[]));
-    assert_success(&graphbuild(&sandbox, &sandbox.store(), &no_login, &["lock", "app/images.kdl"]));
+    sandbox.write(
+        "app/images.kdl",
+        &build_file(&base, &["linux/amd64", "linux/arm64"], &[]),
+    );
+    assert_success(&graphbuild(
+        &sandbox,
+        &sandbox.store(),
+        &no_login,
+        &["lock", "app/images.kdl"],
+    ));
     let lock_path = sandbox.path().join("app/graphbuild.lock");
     let platforms_locked = || -> Vec<String> {
         let lock = json(&std::fs::read(&lock_path).expect("graphbuild.lock"));
-        sorted(lock["bases"].as_array().expect("bases").iter().map(|b| b["platform"].as_str().expect("platform").to_string()).collect())
+        sorted(
+            lock["bases"]
+                .as_array()
+                .expect("bases")
+                .iter()
+                .map(|b| b["platform"].as_str().expect("platform").to_string())
+                .collect(),
+        )
     };
     assert_eq!(platforms_locked(), ["linux/amd64", "linux/arm64"]);
 
@@ -692,8 +1069,22 @@ fn pull_for_some_platforms_keeps_the_other_platforms_pins() {
         &sandbox,
         &sandbox.store(),
         &no_login,
-        &["run", "app/images.kdl", "--output", "out", "--progress", "json", "--pull", "--platform", "linux/amd64"],
+        &[
+            "run",
+            "app/images.kdl",
+            "--output",
+            "out",
+            "--progress",
+            "json",
+            "--pull",
+            "--platform",
+            "linux/amd64",
+        ],
     );
     assert_success(&pulled);
-    assert_eq!(platforms_locked(), ["linux/amd64", "linux/arm64"], "run --pull --platform dropped a pin");
+    assert_eq!(
+        platforms_locked(),
+        ["linux/amd64", "linux/arm64"],
+        "run --pull --platform dropped a pin"
+    );
 }
