@@ -20,7 +20,11 @@ use std::path::Path;
 const PLATFORMS: [&str; 3] = ["linux/amd64", "linux/arm64", "linux/arm/v7"];
 
 /// (module, build file, context files)
-fn cases() -> Vec<(&'static str, &'static str, Vec<(&'static str, &'static str)>)> {
+fn cases() -> Vec<(
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+)> {
     vec![
         (
             "busybox",
@@ -38,7 +42,10 @@ platforms "linux/amd64" "linux/arm64" "linux/arm/v7"
 arg BASE="oci:../../tests/fixtures/busybox:1.35.0"
 image api { use "py.app" base="$BASE" src="app/" command="python -m app"; tags "localhost/api:1"; }
 "#,
-            vec![("requirements.txt", "idna==3.10\n"), ("app/__main__.py", "print('hi')\n")],
+            vec![
+                ("requirements.txt", "idna==3.10\n"),
+                ("app/__main__.py", "print('hi')\n"),
+            ],
         ),
         (
             "go",
@@ -47,7 +54,10 @@ platforms "linux/amd64" "linux/arm64" "linux/arm/v7"
 arg BASE="oci:../../tests/fixtures/busybox:1.35.0"
 image hello { use "go.app" builder="$BASE" package="./cmd/hello" binary="hello"; tags "localhost/hello:1"; }
 "#,
-            vec![("go.mod", "module example.com/hello\n\ngo 1.23\n"), ("cmd/hello/main.go", "package main\n\nfunc main() {}\n")],
+            vec![
+                ("go.mod", "module example.com/hello\n\ngo 1.23\n"),
+                ("cmd/hello/main.go", "package main\n\nfunc main() {}\n"),
+            ],
         ),
         (
             "rust",
@@ -56,7 +66,13 @@ platforms "linux/amd64" "linux/arm64" "linux/arm/v7"
 arg BASE="oci:../../tests/fixtures/busybox:1.35.0"
 image tool { use "rust.app" builder="$BASE" binary="tool"; tags "localhost/tool:1"; }
 "#,
-            vec![("Cargo.toml", "[package]\nname = \"tool\"\nversion = \"0.1.0\"\n"), ("src/main.rs", "fn main() {}\n")],
+            vec![
+                (
+                    "Cargo.toml",
+                    "[package]\nname = \"tool\"\nversion = \"0.1.0\"\n",
+                ),
+                ("src/main.rs", "fn main() {}\n"),
+            ],
         ),
         (
             "static",
@@ -84,7 +100,15 @@ fn write_case(sandbox: &Sandbox, module: &str, file: &str, context: &[(&str, &st
 }
 
 fn strings(value: &serde_json::Value) -> Vec<String> {
-    value.as_array().map(|items| items.iter().filter_map(|item| item.as_str().map(str::to_string)).collect()).unwrap_or_default()
+    value
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|item| item.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The plan as stable text (see the module docs).
@@ -94,7 +118,13 @@ fn render(plan: &serde_json::Value) -> String {
         nodes
             .iter()
             .find(|node| node["id"] == id)
-            .map(|node| format!("{} ({})", node["stage"].as_str().unwrap_or("?"), strings(&node["targets"]).join(" ")))
+            .map(|node| {
+                format!(
+                    "{} ({})",
+                    node["stage"].as_str().unwrap_or("?"),
+                    strings(&node["targets"]).join(" ")
+                )
+            })
             .unwrap_or_else(|| format!("unknown node {id}"))
     };
     let mut text = String::new();
@@ -108,12 +138,22 @@ fn render(plan: &serde_json::Value) -> String {
         let base = &node["base"];
         let base = match base["kind"].as_str() {
             Some("scratch") => "scratch".to_string(),
-            Some("node") => format!("stage {}", stage_of(base["node"].as_str().unwrap_or_default())),
-            Some("image") => format!("{} {}", base["reference"].as_str().unwrap_or("?"), base["digest"].as_str().unwrap_or("?")),
+            Some("node") => format!(
+                "stage {}",
+                stage_of(base["node"].as_str().unwrap_or_default())
+            ),
+            Some("image") => format!(
+                "{} {}",
+                base["reference"].as_str().unwrap_or("?"),
+                base["digest"].as_str().unwrap_or("?")
+            ),
             other => format!("unexpected base kind {other:?}"),
         };
         text.push_str(&format!("  from {base}\n"));
-        let mut deps: Vec<String> = strings(&node["deps"]).iter().map(|id| stage_of(id)).collect();
+        let mut deps: Vec<String> = strings(&node["deps"])
+            .iter()
+            .map(|id| stage_of(id))
+            .collect();
         deps.sort();
         if !deps.is_empty() {
             text.push_str(&format!("  needs {}\n", deps.join(", ")));
@@ -122,7 +162,10 @@ fn render(plan: &serde_json::Value) -> String {
             text.push_str(&format!(
                 "  {:<6} {}\n",
                 step["kind"].as_str().unwrap_or("?"),
-                step["description"].as_str().unwrap_or("?").replace('\n', "\n         ")
+                step["description"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .replace('\n', "\n         ")
             ));
         }
     }
@@ -151,7 +194,11 @@ fn every_module_plans_for_three_platforms_as_the_golden_files_say() {
         let path = write_case(&sandbox, module, file, &context);
         let output = sandbox.graphbuild(&["plan", &path, "--format", "json"]);
         assert_success(&output);
-        assert!(!stderr(&output).contains("warning"), "std:{module}: {}", stderr(&output));
+        assert!(
+            !stderr(&output).contains("warning"),
+            "std:{module}: {}",
+            stderr(&output)
+        );
         let plan: serde_json::Value = serde_json::from_slice(&output.stdout).expect("plan JSON");
         let actual = render(&plan);
         let golden = golden_dir.join(format!("stdlib-{module}.txt"));
@@ -162,10 +209,17 @@ fn every_module_plans_for_three_platforms_as_the_golden_files_say() {
         }
         let expected = std::fs::read_to_string(&golden).unwrap_or_default();
         if expected != actual {
-            failures.push(format!("std:{module} differs from {}:\n{actual}", golden.display()));
+            failures.push(format!(
+                "std:{module} differs from {}:\n{actual}",
+                golden.display()
+            ));
         }
     }
-    assert!(failures.is_empty(), "{}\n(BLESS=1 rewrites the golden files)", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{}\n(BLESS=1 rewrites the golden files)",
+        failures.join("\n")
+    );
 }
 
 /// What the goldens show, asserted directly so a careless re-bless cannot hide it.
@@ -173,7 +227,10 @@ fn every_module_plans_for_three_platforms_as_the_golden_files_say() {
 fn cross_compiling_modules_run_on_the_build_platform_and_derive_the_target() {
     let sandbox = Sandbox::new();
     let host = host_platform();
-    for (module, file, context) in cases().into_iter().filter(|(module, _, _)| *module == "go" || *module == "rust") {
+    for (module, file, context) in cases()
+        .into_iter()
+        .filter(|(module, _, _)| *module == "go" || *module == "rust")
+    {
         let path = write_case(&sandbox, module, file, &context);
         let output = sandbox.graphbuild(&["plan", &path, "--format", "json"]);
         assert_success(&output);
@@ -187,25 +244,56 @@ fn cross_compiling_modules_run_on_the_build_platform_and_derive_the_target() {
             let build = nodes
                 .iter()
                 .find(|node| {
-                    node["stage"].as_str().is_some_and(|stage| stage.ends_with("/build"))
+                    node["stage"]
+                        .as_str()
+                        .is_some_and(|stage| stage.ends_with("/build"))
                         && strings(&node["targets"]) == [target]
                 })
                 .unwrap_or_else(|| panic!("std:{module}: no build node for {target}"));
-            assert_eq!(build["platform"], host.as_str(), "std:{module} builds natively for {target}");
-            let steps: Vec<String> =
-                build["steps"].as_array().expect("steps").iter().map(|step| step["description"].as_str().unwrap_or_default().to_string()).collect();
-            let last_env = |name: &str| steps.iter().rev().find(|step| step.starts_with(&format!("ENV {name}="))).cloned();
+            assert_eq!(
+                build["platform"],
+                host.as_str(),
+                "std:{module} builds natively for {target}"
+            );
+            let steps: Vec<String> = build["steps"]
+                .as_array()
+                .expect("steps")
+                .iter()
+                .map(|step| step["description"].as_str().unwrap_or_default().to_string())
+                .collect();
+            let last_env = |name: &str| {
+                steps
+                    .iter()
+                    .rev()
+                    .find(|step| step.starts_with(&format!("ENV {name}=")))
+                    .cloned()
+            };
             if module == "go" {
-                assert!(steps.iter().any(|step| step.contains(&format!("GOOS=linux GOARCH={goarch} "))), "{target}: {steps:?}");
-                assert_eq!(last_env("GOARM"), Some(format!("ENV GOARM={goarm}")), "{target}");
+                assert!(
+                    steps
+                        .iter()
+                        .any(|step| step.contains(&format!("GOOS=linux GOARCH={goarch} "))),
+                    "{target}: {steps:?}"
+                );
+                assert_eq!(
+                    last_env("GOARM"),
+                    Some(format!("ENV GOARM={goarm}")),
+                    "{target}"
+                );
             } else {
-                assert_eq!(last_env("RUST_TARGET"), Some(format!("ENV RUST_TARGET={triple}")), "{target}");
+                assert_eq!(
+                    last_env("RUST_TARGET"),
+                    Some(format!("ENV RUST_TARGET={triple}")),
+                    "{target}"
+                );
             }
             // The runtime is the target's own.
             let runtime = nodes
                 .iter()
                 .find(|node| {
-                    node["stage"].as_str().is_some_and(|stage| stage.ends_with("/runtime"))
+                    node["stage"]
+                        .as_str()
+                        .is_some_and(|stage| stage.ends_with("/runtime"))
                         && strings(&node["targets"]) == [target]
                 })
                 .expect("runtime node");
@@ -216,7 +304,10 @@ fn cross_compiling_modules_run_on_the_build_platform_and_derive_the_target() {
 }
 
 fn host_platform() -> String {
-    let output = std::process::Command::new("uname").arg("-m").output().expect("uname");
+    let output = std::process::Command::new("uname")
+        .arg("-m")
+        .output()
+        .expect("uname");
     match String::from_utf8_lossy(&output.stdout).trim() {
         "x86_64" => "linux/amd64".to_string(),
         "aarch64" => "linux/arm64".to_string(),
@@ -227,13 +318,19 @@ fn host_platform() -> String {
 
 fn read_blob(layout: &Path, digest: &str) -> serde_json::Value {
     let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
-    serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).expect("blob")).expect("JSON blob")
+    serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).expect("blob"))
+        .expect("JSON blob")
 }
 
 /// The config of one platform's image in a layout (index.json → index → manifest → config).
 fn config(layout: &Path, platform: &str) -> serde_json::Value {
-    let top: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json")).expect("JSON");
-    let index = read_blob(layout, top["manifests"][0]["digest"].as_str().expect("digest"));
+    let top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json"))
+            .expect("JSON");
+    let index = read_blob(
+        layout,
+        top["manifests"][0]["digest"].as_str().expect("digest"),
+    );
     let manifest = index["manifests"]
         .as_array()
         .expect("manifests")
@@ -241,14 +338,27 @@ fn config(layout: &Path, platform: &str) -> serde_json::Value {
         .find(|manifest| {
             let p = &manifest["platform"];
             let name = match p["variant"].as_str() {
-                Some(variant) => format!("{}/{}/{variant}", p["os"].as_str().unwrap_or_default(), p["architecture"].as_str().unwrap_or_default()),
-                None => format!("{}/{}", p["os"].as_str().unwrap_or_default(), p["architecture"].as_str().unwrap_or_default()),
+                Some(variant) => format!(
+                    "{}/{}/{variant}",
+                    p["os"].as_str().unwrap_or_default(),
+                    p["architecture"].as_str().unwrap_or_default()
+                ),
+                None => format!(
+                    "{}/{}",
+                    p["os"].as_str().unwrap_or_default(),
+                    p["architecture"].as_str().unwrap_or_default()
+                ),
             };
             name == platform
         })
         .unwrap_or_else(|| panic!("no {platform} in {index}"));
     let manifest = read_blob(layout, manifest["digest"].as_str().expect("digest"));
-    read_blob(layout, manifest["config"]["digest"].as_str().expect("config digest"))
+    read_blob(
+        layout,
+        manifest["config"]["digest"]
+            .as_str()
+            .expect("config digest"),
+    )
 }
 
 #[test]
@@ -256,8 +366,14 @@ fn busybox_and_static_modules_build_from_the_fixture_for_three_platforms() {
     use std::os::unix::fs::MetadataExt;
     let sandbox = Sandbox::new();
     let all = cases();
-    let (_, busybox_file, busybox_context) = all.iter().find(|(module, _, _)| *module == "busybox").expect("busybox case");
-    let (_, static_file, _) = all.iter().find(|(module, _, _)| *module == "static").expect("static case");
+    let (_, busybox_file, busybox_context) = all
+        .iter()
+        .find(|(module, _, _)| *module == "busybox")
+        .expect("busybox case");
+    let (_, static_file, _) = all
+        .iter()
+        .find(|(module, _, _)| *module == "static")
+        .expect("static case");
     let busybox = write_case(&sandbox, "busybox", busybox_file, busybox_context);
     let server = write_case(&sandbox, "static", static_file, &[]);
 
@@ -269,34 +385,75 @@ fn busybox_and_static_modules_build_from_the_fixture_for_three_platforms() {
 
     for platform in PLATFORMS {
         let slug = platform.replace('/', "-");
-        let fixture = unpack_platform(&sandbox.path().join("tests/fixtures/busybox"), "1.35.0", platform, &sandbox.path().join(format!("fixture-{slug}")));
+        let fixture = unpack_platform(
+            &sandbox.path().join("tests/fixtures/busybox"),
+            "1.35.0",
+            platform,
+            &sandbox.path().join(format!("fixture-{slug}")),
+        );
 
         // std:busybox: the scripts in /app, the command through sh -c, busybox underneath.
         let layout = sandbox.path().join("out/shell");
-        let rootfs = unpack_platform(&layout, "1", platform, &sandbox.path().join(format!("shell-{slug}")));
-        assert_eq!(std::fs::read_to_string(rootfs.join("app/hello.sh")).expect("/app/hello.sh"), "echo hello from $(uname -m)\n");
-        assert_eq!(std::fs::read(rootfs.join("bin/busybox")).expect("busybox"), std::fs::read(fixture.join("bin/busybox")).expect("fixture busybox"));
+        let rootfs = unpack_platform(
+            &layout,
+            "1",
+            platform,
+            &sandbox.path().join(format!("shell-{slug}")),
+        );
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("app/hello.sh")).expect("/app/hello.sh"),
+            "echo hello from $(uname -m)\n"
+        );
+        assert_eq!(
+            std::fs::read(rootfs.join("bin/busybox")).expect("busybox"),
+            std::fs::read(fixture.join("bin/busybox")).expect("fixture busybox")
+        );
         let shell = config(&layout, platform);
-        assert_eq!(strings(&shell["config"]["Cmd"]), ["/bin/sh", "-c", "exec sh /app/hello.sh"]);
+        assert_eq!(
+            strings(&shell["config"]["Cmd"]),
+            ["/bin/sh", "-c", "exec sh /app/hello.sh"]
+        );
         assert_eq!(shell["config"]["WorkingDir"], "/app");
 
         // std:static: scratch + users + the binary, non-root.
         let layout = sandbox.path().join("out/server");
-        let rootfs = unpack_platform(&layout, "1", platform, &sandbox.path().join(format!("server-{slug}")));
+        let rootfs = unpack_platform(
+            &layout,
+            "1",
+            platform,
+            &sandbox.path().join(format!("server-{slug}")),
+        );
         let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).expect("passwd");
-        assert!(passwd.lines().any(|line| line.starts_with("nonroot:x:65532:65532:")), "{passwd}");
+        assert!(
+            passwd
+                .lines()
+                .any(|line| line.starts_with("nonroot:x:65532:65532:")),
+            "{passwd}"
+        );
         let group = std::fs::read_to_string(rootfs.join("etc/group")).expect("group");
-        assert!(group.lines().any(|line| line == "nonroot:x:65532:"), "{group}");
+        assert!(
+            group.lines().any(|line| line == "nonroot:x:65532:"),
+            "{group}"
+        );
         let tmp = std::fs::metadata(rootfs.join("tmp")).expect("/tmp");
         assert_eq!(tmp.mode() & 0o7777, 0o1777);
         let home = std::fs::metadata(rootfs.join("home/nonroot")).expect("home");
         assert_eq!((home.uid(), home.gid()), (65532, 65532));
-        assert_eq!(std::fs::read(rootfs.join("app")).expect("/app"), std::fs::read(fixture.join("bin/busybox")).expect("fixture busybox"));
-        assert!(!rootfs.join("bin").exists(), "nothing of the builder but the files it made");
+        assert_eq!(
+            std::fs::read(rootfs.join("app")).expect("/app"),
+            std::fs::read(fixture.join("bin/busybox")).expect("fixture busybox")
+        );
+        assert!(
+            !rootfs.join("bin").exists(),
+            "nothing of the builder but the files it made"
+        );
         let server = config(&layout, platform);
         assert_eq!(server["config"]["User"], "65532:65532");
         assert_eq!(strings(&server["config"]["Entrypoint"]), ["/app"]);
         assert_eq!(server["config"]["WorkingDir"], "/home/nonroot");
-        assert!(strings(&server["config"]["Env"]).contains(&"SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt".to_string()));
+        assert!(
+            strings(&server["config"]["Env"])
+                .contains(&"SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt".to_string())
+        );
     }
 }
