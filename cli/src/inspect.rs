@@ -22,7 +22,11 @@ fn uncompressed_size(layout: &OciLayout, descriptor: &oci::Descriptor) -> Option
     if magic.starts_with(&[0x1f, 0x8b]) {
         std::io::copy(&mut flate2::read::GzDecoder::new(chained), &mut sink).ok()
     } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        std::io::copy(&mut ruzstd::decoding::StreamingDecoder::new(chained).ok()?, &mut sink).ok()
+        std::io::copy(
+            &mut ruzstd::decoding::StreamingDecoder::new(chained).ok()?,
+            &mut sink,
+        )
+        .ok()
     } else {
         Some(descriptor.size)
     }
@@ -44,13 +48,20 @@ fn describe(layout: &OciLayout, tag: Option<&str>) -> Result<serde_json::Value, 
         let manifest: ImageManifest = layout.read_json(descriptor, "image manifest")?;
         let config = layout.read_config(&manifest)?;
         let compressed: u64 = manifest.layers.iter().map(|layer| layer.size).sum();
-        let uncompressed: Option<u64> =
-            manifest.layers.iter().map(|layer| uncompressed_size(layout, layer)).sum::<Option<u64>>();
-        let platform = descriptor.platform.clone().unwrap_or_else(|| config.platform());
+        let uncompressed: Option<u64> = manifest
+            .layers
+            .iter()
+            .map(|layer| uncompressed_size(layout, layer))
+            .sum::<Option<u64>>();
+        let platform = descriptor
+            .platform
+            .clone()
+            .unwrap_or_else(|| config.platform());
         platforms.push(json!({
             "platform": platform.to_string(),
             "manifest_digest": descriptor.digest.to_string(),
             "layers": manifest.layers.len(),
+            "layer_media_types": manifest.layers.iter().map(|layer| layer.media_type.clone()).collect::<Vec<_>>(),
             "compressed_size": compressed,
             "uncompressed_size": uncompressed,
             "config": {
@@ -83,7 +94,9 @@ pub fn inspect(target: &str, json_format: bool) -> u8 {
             if !Path::new(path).exists() && (target.contains('/') || target.contains(':')) {
                 render::error(
                     &format!("`{target}` is not an OCI layout on disk"),
-                    &["inspect an OCI layout directory (PATH or PATH:TAG); registry references need `skopeo inspect docker://REF` for now"],
+                    &[
+                        "inspect an OCI layout directory (PATH or PATH:TAG); registry references need `skopeo inspect docker://REF` for now",
+                    ],
                 );
             } else {
                 render::diagnostic(&error);
@@ -116,48 +129,140 @@ pub fn inspect(target: &str, json_format: bool) -> u8 {
     }
     if json_format {
         let value = json!({ "layout": path, "tags": layout.tags(), "images": images });
-        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
         return exit::SUCCESS;
     }
-    println!("{path}");
-    println!("  tags: {}", if layout.tags().is_empty() { "(none)".to_string() } else { layout.tags().join(", ") });
-    let mut seen = std::collections::HashSet::new();
-    for image in &images {
-        let digest = image["digest"].as_str().unwrap_or_default();
-        if !seen.insert(digest.to_string()) {
-            continue;
+    print!("{}", text(path, &layout.tags(), &images));
+    exit::SUCCESS
+}
+
+/// `gzip`, `zstd` or `uncompressed` from a layer media type.
+fn compression(media_type: &str) -> &'static str {
+    if media_type.ends_with("+zstd") {
+        "zstd"
+    } else if media_type.ends_with("+gzip")
+        || media_type.ends_with(".tar.gzip")
+        || media_type.ends_with("rootfs.diff.tar.gzip")
+    {
+        "gzip"
+    } else {
+        "uncompressed"
+    }
+}
+
+fn plural(count: u64, one: &str, many: &str) -> String {
+    format!("{count} {}", if count == 1 { one } else { many })
+}
+
+/// The text form: the layout, then per distinct image (tags pointing at the same digest are
+/// listed together) a line per platform and its config summary.
+fn text(path: &str, all_tags: &[String], images: &[serde_json::Value]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{path}");
+    let _ = writeln!(
+        out,
+        "  tags: {}",
+        if all_tags.is_empty() {
+            "(none)".to_string()
+        } else {
+            all_tags.join(", ")
         }
-        println!("  {}  {digest}", image["tag"].as_str().unwrap_or("(untagged)"));
+    );
+    // Distinct digests in first-seen order, with every tag that names them.
+    let mut groups: Vec<(&str, Vec<&str>, &serde_json::Value)> = Vec::new();
+    for image in images {
+        let digest = image["digest"].as_str().unwrap_or_default();
+        let tag = image["tag"].as_str();
+        match groups.iter_mut().find(|(seen, _, _)| *seen == digest) {
+            Some((_, tags, _)) => tags.extend(tag),
+            None => groups.push((digest, tag.into_iter().collect(), image)),
+        }
+    }
+    for (digest, tags, image) in groups {
+        let names = if tags.is_empty() {
+            "(untagged)".to_string()
+        } else {
+            tags.join(", ")
+        };
+        let kind = if image["media_type"]
+            .as_str()
+            .is_some_and(|media| media.contains("index"))
+        {
+            "index"
+        } else {
+            "manifest"
+        };
+        let _ = writeln!(out, "\n  {names}");
+        let _ = writeln!(out, "    {kind} {digest}");
         for platform in image["platforms"].as_array().into_iter().flatten() {
-            let uncompressed = platform["uncompressed_size"].as_u64().map(render::bytes).unwrap_or_else(|| "?".into());
-            println!(
-                "    {:<16} {}  {} layers  {} compressed, {} uncompressed",
-                platform["platform"].as_str().unwrap_or_default(),
-                platform["manifest_digest"].as_str().unwrap_or_default(),
-                platform["layers"],
+            let uncompressed = platform["uncompressed_size"]
+                .as_u64()
+                .map(render::bytes)
+                .unwrap_or_else(|| "?".into());
+            let mut compressions: Vec<&str> = platform["layer_media_types"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|media| media.as_str())
+                .map(compression)
+                .collect();
+            compressions.dedup();
+            let _ = writeln!(
+                out,
+                "\n    {}",
+                platform["platform"].as_str().unwrap_or_default()
+            );
+            let _ = writeln!(
+                out,
+                "      manifest   {}",
+                platform["manifest_digest"].as_str().unwrap_or_default()
+            );
+            let _ = writeln!(
+                out,
+                "      layers     {} ({}), {} compressed, {} uncompressed",
+                plural(platform["layers"].as_u64().unwrap_or(0), "layer", "layers"),
+                compressions.join(", "),
                 render::bytes(platform["compressed_size"].as_u64().unwrap_or(0)),
                 uncompressed,
             );
             let config = &platform["config"];
             let list = |value: &serde_json::Value| {
-                value.as_array().filter(|items| !items.is_empty()).map(|items| serde_json::to_string(items).unwrap_or_default())
+                value
+                    .as_array()
+                    .filter(|items| !items.is_empty())
+                    .map(|items| serde_json::to_string(items).unwrap_or_default())
             };
             if let Some(entrypoint) = list(&config["entrypoint"]) {
-                println!("      entrypoint {entrypoint}");
+                let _ = writeln!(out, "      entrypoint {entrypoint}");
             }
             if let Some(cmd) = list(&config["cmd"]) {
-                println!("      cmd        {cmd}");
+                let _ = writeln!(out, "      cmd        {cmd}");
             }
-            if let Some(user) = config["user"].as_str() {
-                println!("      user       {user}");
-            }
-            if let Some(workdir) = config["workdir"].as_str() {
-                println!("      workdir    {workdir}");
+            let user = config["user"]
+                .as_str()
+                .filter(|user| !user.is_empty())
+                .unwrap_or("(root)");
+            let _ = writeln!(out, "      user       {user}");
+            if let Some(workdir) = config["workdir"].as_str().filter(|dir| !dir.is_empty()) {
+                let _ = writeln!(out, "      workdir    {workdir}");
             }
             for env in config["env"].as_array().into_iter().flatten() {
-                println!("      env        {}", env.as_str().unwrap_or_default());
+                let _ = writeln!(out, "      env        {}", env.as_str().unwrap_or_default());
+            }
+            if let Some(labels) = config["labels"].as_object() {
+                for (key, value) in labels {
+                    let _ = writeln!(
+                        out,
+                        "      label      {key}={}",
+                        value.as_str().unwrap_or_default()
+                    );
+                }
             }
         }
     }
-    exit::SUCCESS
+    out
 }
