@@ -85,7 +85,16 @@ fn load(
         Ok(plan) => Ok(Loaded { project, plan }),
         Err(diagnostics) => {
             render::diagnostic(&diagnostics);
-            Err(exit::INVALID_INPUT)
+            // A registry that cannot be reached or refuses us is the environment, not the file.
+            let environment = diagnostics
+                .0
+                .iter()
+                .any(|diagnostic| diagnostic.code == graphbuild_engine::resolve::ENVIRONMENT_CODE);
+            Err(if environment {
+                exit::ENVIRONMENT
+            } else {
+                exit::INVALID_INPUT
+            })
         }
     }
 }
@@ -127,16 +136,23 @@ fn resolver(select: &SelectArgs, refresh: bool) -> Result<DefaultResolver, u8> {
     })
 }
 
+/// Write graphbuild.lock: the bases resolved now replace their (reference, platform) entries;
+/// entries for platforms or images not built this time are kept.
 fn write_lock(select: &SelectArgs, resolver: &DefaultResolver) -> Result<PathBuf, u8> {
     let path = lock_path(select);
-    resolver
-        .lock_file()
-        .write(&path)
-        .map(|()| path.clone())
-        .map_err(|error| {
-            render::error(&format!("cannot write {}: {error}", path.display()), &[]);
-            exit::ENVIRONMENT
-        })
+    let fresh = resolver.lock_file();
+    let mut merged = LockFile::read(&path).ok().flatten().unwrap_or_default();
+    merged.bases.retain(|old| {
+        !fresh
+            .bases
+            .iter()
+            .any(|new| new.reference == old.reference && new.platform == old.platform)
+    });
+    merged.bases.extend(fresh.bases);
+    merged.write(&path).map(|()| path.clone()).map_err(|error| {
+        render::error(&format!("cannot write {}: {error}", path.display()), &[]);
+        exit::ENVIRONMENT
+    })
 }
 
 pub fn lock(select: SelectArgs) -> u8 {
@@ -151,7 +167,7 @@ pub fn lock(select: SelectArgs) -> u8 {
     drop(loaded);
     match write_lock(&select, &resolver) {
         Ok(path) => {
-            let lock = resolver.lock_file();
+            let lock = LockFile::read(&path).ok().flatten().unwrap_or_default();
             println!("wrote {} ({} bases)", path.display(), lock.bases.len());
             exit::SUCCESS
         }

@@ -1249,7 +1249,8 @@ impl Executor<'_> {
                 .unwrap_or_default(),
         };
         let mut references: Vec<String> = image.tags.iter().map(|tag| tag_of(tag)).collect();
-        references.dedup();
+        let mut seen = std::collections::HashSet::new();
+        references.retain(|reference| seen.insert(reference.clone()));
         if references.is_empty() {
             references.push("latest".into());
         }

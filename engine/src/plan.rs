@@ -652,7 +652,7 @@ impl<'a> Expander<'a> {
                             let help = error.help();
                             self.error(
                                 text.at,
-                                "graphbuild::base-image",
+                                error.code(),
                                 error.to_string(),
                                 "this base image",
                                 Some(help),
@@ -973,7 +973,7 @@ impl<'a> Expander<'a> {
                 let help = error.help();
                 self.error(
                     at,
-                    "graphbuild::base-image",
+                    error.code(),
                     error.to_string(),
                     "this image",
                     Some(help),

@@ -57,6 +57,8 @@ pub enum ResolveError {
         reference: String,
         message: String,
         help: String,
+        /// The network or credentials failed, not the build file.
+        environment: bool,
     },
 
     #[error("the base image `{reference}` has no manifest for {platform}{available}")]
@@ -74,6 +76,17 @@ pub enum ResolveError {
 }
 
 impl ResolveError {
+    /// The diagnostic code: environment problems (network, credentials) get their own, so the
+    /// CLI can exit with code 3 instead of 2.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ResolveError::Registry {
+                environment: true, ..
+            } => ENVIRONMENT_CODE,
+            _ => "graphbuild::base-image",
+        }
+    }
+
     pub fn help(&self) -> String {
         match self {
             ResolveError::Layout { .. } => {
@@ -88,6 +101,9 @@ impl ResolveError {
         }
     }
 }
+
+/// The diagnostic code of a base image that cannot be had because of the environment.
+pub const ENVIRONMENT_CODE: &str = "graphbuild::base-image::unavailable";
 
 /// Resolves base references. Implementations cache: one resolution per run.
 pub trait Resolver: Send + Sync {
@@ -344,6 +360,7 @@ impl DefaultResolver {
                 .map(|help| help.to_string())
                 .unwrap_or_default(),
             message: error.to_string(),
+            environment: error.is_environment(),
         };
         // A digest in the reference or in the lock file pins the manifest.
         let pinned = match (&reference.digest, &self.lock) {
@@ -371,6 +388,7 @@ impl DefaultResolver {
             reference: written.to_string(),
             message,
             help: "the registry returned something that is not an image manifest".into(),
+            environment: false,
         };
         let manifest: oci::ImageManifest = serde_json::from_slice(&manifest_bytes)
             .map_err(|error| layout_error(format!("invalid manifest: {error}")))?;

@@ -129,6 +129,32 @@ impl Default for ClientOptions {
     }
 }
 
+/// Loopback registries may always use plain HTTP; others need `--insecure-registry`.
+fn insecure_hint(registry: &str) -> String {
+    let host = registry.rsplit_once(':').map_or(registry, |(host, _)| host);
+    let loopback =
+        host == "localhost" || host.starts_with("127.") || host == "[::1]" || host == "::1";
+    if loopback {
+        String::new()
+    } else {
+        format!("; a registry without TLS must be named with `--insecure-registry {registry}`")
+    }
+}
+
+impl RegistryError {
+    /// Whether the problem is the environment (network, credentials) rather than the input.
+    pub fn is_environment(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Unreachable { .. }
+                | RegistryError::Unauthorized { .. }
+                | RegistryError::Unavailable { .. }
+                | RegistryError::DockerConfig { .. }
+                | RegistryError::CredentialHelper { .. }
+        )
+    }
+}
+
 /// Everything that can go wrong talking to a registry. No variant ever holds a credential or
 /// a token.
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
@@ -137,7 +163,8 @@ pub enum RegistryError {
     #[diagnostic(
         code(graphbuild::registry::unreachable),
         help(
-            "check the registry name and the network; a registry without TLS must be named with `--insecure-registry {registry}`"
+            "check the registry name and the network, and that the registry is running{}",
+            insecure_hint(registry)
         )
     )]
     Unreachable { registry: String, reason: String },
