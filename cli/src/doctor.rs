@@ -15,7 +15,10 @@ pub const PROBE_ARG: &str = "__graphbuild-probe-namespaces";
 /// Runs in a fresh single-threaded child: can we create the namespaces a sandbox needs?
 pub fn probe_namespaces() -> ! {
     use nix::sched::{CloneFlags, unshare};
-    let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
+    let flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC;
     match unshare(flags) {
         Ok(()) => std::process::exit(0),
         Err(error) => {
@@ -26,7 +29,9 @@ pub fn probe_namespaces() -> ! {
 }
 
 pub fn binfmt_dir() -> PathBuf {
-    std::env::var_os("GRAPHBUILD_BINFMT_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(binfmt::BINFMT_MISC_DIR))
+    std::env::var_os("GRAPHBUILD_BINFMT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(binfmt::BINFMT_MISC_DIR))
 }
 
 struct Check {
@@ -38,16 +43,34 @@ struct Check {
 }
 
 fn check(ok: bool, required: bool, what: impl Into<String>, fix: Option<String>) -> Check {
-    Check { ok, required, what: what.into(), fix }
+    Check {
+        ok,
+        required,
+        what: what.into(),
+        fix,
+    }
 }
 
 /// qemu's binfmt registration strings (magic and mask, from qemu's `qemu-binfmt-conf.sh`).
 fn registration(architecture: &str) -> Option<(&'static str, &'static str, &'static str)> {
-    const MASK: &str = r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff";
+    const MASK: &str =
+        r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff";
     match architecture {
-        "arm64" => Some(("aarch64", r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00", MASK)),
-        "arm" => Some(("arm", r"\x7fELF\x01\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x28\x00", MASK)),
-        "riscv64" => Some(("riscv64", r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xf3\x00", MASK)),
+        "arm64" => Some((
+            "aarch64",
+            r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00",
+            MASK,
+        )),
+        "arm" => Some((
+            "arm",
+            r"\x7fELF\x01\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x28\x00",
+            MASK,
+        )),
+        "riscv64" => Some((
+            "riscv64",
+            r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xf3\x00",
+            MASK,
+        )),
         "ppc64le" => Some((
             "ppc64le",
             r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x15\x00",
@@ -67,13 +90,26 @@ fn registration(architecture: &str) -> Option<(&'static str, &'static str, &'sta
 fn fix_emulation(dir: &Path, platforms: &[Platform]) -> Vec<String> {
     let mut done = Vec::new();
     if !binfmt::binfmt_mounted(dir) {
-        match nix::mount::mount(Some("binfmt_misc"), dir, Some("binfmt_misc"), nix::mount::MsFlags::empty(), None::<&str>) {
+        match nix::mount::mount(
+            Some("binfmt_misc"),
+            dir,
+            Some("binfmt_misc"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        ) {
             Ok(()) => done.push(format!("mounted binfmt_misc at {}", dir.display())),
-            Err(error) => done.push(format!("could not mount binfmt_misc at {}: {error}", dir.display())),
+            Err(error) => done.push(format!(
+                "could not mount binfmt_misc at {}: {error}",
+                dir.display()
+            )),
         }
     }
     // Debian's way first: it registers every installed qemu-user-static handler with F.
-    if std::process::Command::new("update-binfmts").arg("--enable").output().is_ok_and(|output| output.status.success()) {
+    if std::process::Command::new("update-binfmts")
+        .arg("--enable")
+        .output()
+        .is_ok_and(|output| output.status.success())
+    {
         done.push("enabled the registered handlers (update-binfmts --enable)".into());
     }
     let host = Platform::host();
@@ -81,20 +117,27 @@ fn fix_emulation(dir: &Path, platforms: &[Platform]) -> Vec<String> {
         if binfmt::check_emulation(dir, platform, &host).is_ok() {
             continue;
         }
-        let Some((name, magic, mask)) = registration(&platform.architecture) else { continue };
+        let Some((name, magic, mask)) = registration(&platform.architecture) else {
+            continue;
+        };
         let interpreter = ["/usr/bin", "/usr/local/bin", "/usr/libexec/qemu-binfmt"]
             .iter()
             .map(|prefix| PathBuf::from(format!("{prefix}/qemu-{name}-static")))
             .find(|path| path.exists());
         let Some(interpreter) = interpreter else {
-            done.push(format!("no qemu-{name}-static found: install qemu-user-static"));
+            done.push(format!(
+                "no qemu-{name}-static found: install qemu-user-static"
+            ));
             continue;
         };
         let handler = format!("qemu-{name}");
         let _ = std::fs::write(dir.join(&handler), "-1");
         let line = format!(":{handler}:M::{magic}:{mask}:{}:F", interpreter.display());
         match std::fs::write(dir.join("register"), line) {
-            Ok(()) => done.push(format!("registered {handler} → {} with the F flag", interpreter.display())),
+            Ok(()) => done.push(format!(
+                "registered {handler} → {} with the F flag",
+                interpreter.display()
+            )),
             Err(error) => done.push(format!("could not register {handler}: {error}")),
         }
     }
@@ -110,12 +153,17 @@ fn platforms_of(file: &Path) -> Result<Vec<Platform>, u8> {
         }
     };
     let mut platforms: Vec<Platform> = Vec::new();
-    let specs = project.platforms.iter().chain(project.images.iter().flat_map(|image| image.platforms.iter().flatten()));
+    let specs = project.platforms.iter().chain(
+        project
+            .images
+            .iter()
+            .flat_map(|image| image.platforms.iter().flatten()),
+    );
     for spec in specs {
-        if let PlatformSpec::Literal(platform, _) = spec {
-            if !platforms.contains(platform) {
-                platforms.push(platform.clone());
-            }
+        if let PlatformSpec::Literal(platform, _) = spec
+            && !platforms.contains(platform)
+        {
+            platforms.push(platform.clone());
         }
     }
     Ok(platforms)
@@ -132,7 +180,10 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u
         None => Vec::new(),
     };
     if platforms.is_empty() {
-        platforms = ["linux/amd64", "linux/arm64", "linux/arm/v7"].iter().filter_map(|p| Platform::parse(p).ok()).collect();
+        platforms = ["linux/amd64", "linux/arm64", "linux/arm/v7"]
+            .iter()
+            .filter_map(|p| Platform::parse(p).ok())
+            .collect();
     }
     if fix {
         if nix::unistd::geteuid().is_root() {
@@ -154,26 +205,54 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u
         true,
         "kernel namespaces (mount, pid, uts, ipc) can be created",
         (!namespaces).then(|| {
-            let reason = probe.map(|output| String::from_utf8_lossy(&output.stderr).trim().to_string()).unwrap_or_default();
-            format!("run graphbuild as root (builds need CAP_SYS_ADMIN){}", if reason.is_empty() { String::new() } else { format!("; the kernel said: {reason}") })
+            let reason = probe
+                .map(|output| String::from_utf8_lossy(&output.stderr).trim().to_string())
+                .unwrap_or_default();
+            format!(
+                "run graphbuild as root (builds need CAP_SYS_ADMIN){}",
+                if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("; the kernel said: {reason}")
+                }
+            )
         }),
     ));
-    let overlay = std::fs::read_to_string("/proc/filesystems").is_ok_and(|filesystems| filesystems.contains("overlay"));
-    checks.push(check(overlay, true, "overlayfs is available", (!overlay).then(|| "load it with `modprobe overlay`".to_string())));
+    let overlay = std::fs::read_to_string("/proc/filesystems")
+        .is_ok_and(|filesystems| filesystems.contains("overlay"));
+    checks.push(check(
+        overlay,
+        true,
+        "overlayfs is available",
+        (!overlay).then(|| "load it with `modprobe overlay`".to_string()),
+    ));
     let mounted = binfmt::binfmt_mounted(&dir);
     checks.push(check(
         mounted,
         true,
         format!("binfmt_misc is mounted at {}", dir.display()),
-        (!mounted).then(|| format!("`mount -t binfmt_misc binfmt_misc {}`, or `graphbuild doctor --fix`", dir.display())),
+        (!mounted).then(|| {
+            format!(
+                "`mount -t binfmt_misc binfmt_misc {}`, or `graphbuild doctor --fix`",
+                dir.display()
+            )
+        }),
     ));
     for platform in &platforms {
         match binfmt::check_emulation(&dir, platform, &host) {
-            Ok(Emulation::Native) => checks.push(check(true, true, format!("{platform} runs natively"), None)),
-            Ok(Emulation::Emulated { handler, interpreter }) => checks.push(check(
+            Ok(Emulation::Native) => {
+                checks.push(check(true, true, format!("{platform} runs natively"), None))
+            }
+            Ok(Emulation::Emulated {
+                handler,
+                interpreter,
+            }) => checks.push(check(
                 true,
                 true,
-                format!("{platform} runs through {handler} ({}, F flag)", interpreter.display()),
+                format!(
+                    "{platform} runs through {handler} ({}, F flag)",
+                    interpreter.display()
+                ),
                 None,
             )),
             Err(error) => {
@@ -188,7 +267,9 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u
         store.is_ok(),
         true,
         format!("the store {} is writable", root.display()),
-        store.as_ref().err().map(|error| format!("{error}; choose another with --cache-dir or GRAPHBUILD_CACHE_DIR")),
+        store.as_ref().err().map(|error| {
+            format!("{error}; choose another with --cache-dir or GRAPHBUILD_CACHE_DIR")
+        }),
     ));
     let docker_config = std::env::var_os("DOCKER_CONFIG")
         .map(PathBuf::from)
@@ -196,25 +277,41 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u
         .map(|dir| dir.join("config.json"));
     match docker_config {
         Some(path) if path.exists() => {
-            let readable = std::fs::read(&path).ok().and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok()).is_some();
+            let readable = std::fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .is_some();
             checks.push(check(
                 readable,
                 false,
                 format!("registry credentials file {} is readable", path.display()),
-                (!readable).then(|| "fix its permissions or JSON; `docker login` rewrites it".to_string()),
+                (!readable)
+                    .then(|| "fix its permissions or JSON; `docker login` rewrites it".to_string()),
             ));
         }
-        Some(path) => checks.push(check(true, false, format!("no registry credentials file ({}): anonymous pulls only", path.display()), None)),
+        Some(path) => checks.push(check(
+            true,
+            false,
+            format!(
+                "no registry credentials file ({}): anonymous pulls only",
+                path.display()
+            ),
+            None,
+        )),
         None => {}
     }
     if let Ok(url) = std::env::var("GRAPHBUILD_CACHE") {
         let health = format!("{}/healthz", url.trim_end_matches('/'));
-        let reachable = ureq::get(&health).call().is_ok_and(|response| response.status().is_success());
+        let reachable = ureq::get(&health)
+            .call()
+            .is_ok_and(|response| response.status().is_success());
         checks.push(check(
             reachable,
             true,
             format!("the cache server {url} is reachable"),
-            (!reachable).then(|| "start it with `graphbuild cache serve`, or unset GRAPHBUILD_CACHE".to_string()),
+            (!reachable).then(|| {
+                "start it with `graphbuild cache serve`, or unset GRAPHBUILD_CACHE".to_string()
+            }),
         ));
     }
 
@@ -233,5 +330,9 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u
         }
         failed |= !check.ok && check.required;
     }
-    if failed { exit::ENVIRONMENT } else { exit::SUCCESS }
+    if failed {
+        exit::ENVIRONMENT
+    } else {
+        exit::SUCCESS
+    }
 }

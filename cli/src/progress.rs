@@ -424,10 +424,10 @@ impl EventSink for Progress {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{line}");
             }
-            if let Event::Summary(summary) = event {
-                if let Ok(mut state) = self.state.lock() {
-                    state.summary = Some(summary);
-                }
+            if let Event::Summary(summary) = event
+                && let Ok(mut state) = self.state.lock()
+            {
+                state.summary = Some(summary);
             }
             return;
         }
@@ -458,10 +458,11 @@ impl EventSink for Progress {
                 );
             }
             Event::Output { node, line } => {
-                if plain && !self.quiet {
-                    if let Some(running) = state.running.get(&node) {
-                        eprintln!("[{} {}] │ {line}", running.stage, running.platform);
-                    }
+                if plain
+                    && !self.quiet
+                    && let Some(running) = state.running.get(&node)
+                {
+                    eprintln!("[{} {}] │ {line}", running.stage, running.platform);
                 }
                 if let Some(running) = state.running.get_mut(&node) {
                     running.last_line = line;

@@ -4,7 +4,8 @@
 use std::io::IsTerminal;
 
 pub fn color_enabled() -> bool {
-    std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty()) && std::io::stderr().is_terminal()
+    std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
+        && std::io::stderr().is_terminal()
 }
 
 pub fn install_hook() {
@@ -24,7 +25,10 @@ pub fn install_hook() {
 
 /// The terminal's width from `COLUMNS` or the tty.
 pub fn terminal_width() -> Option<usize> {
-    if let Some(columns) = std::env::var("COLUMNS").ok().and_then(|value| value.parse().ok()) {
+    if let Some(columns) = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+    {
         return Some(columns);
     }
     let mut size: libc::winsize = unsafe { std::mem::zeroed() };
@@ -68,7 +72,11 @@ pub fn bytes(size: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{size} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{size} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// `1.2s`, `350ms`, `2m05s`.

@@ -26,7 +26,11 @@ fn raw_header(path: &str, kind: tar::EntryType, size: u64, link: Option<&str>) -
     let mut header = tar::Header::new_ustar();
     header.set_entry_type(kind);
     header.set_size(size);
-    header.set_mode(if kind == tar::EntryType::Symlink { 0o777 } else { 0o644 });
+    header.set_mode(if kind == tar::EntryType::Symlink {
+        0o777
+    } else {
+        0o644
+    });
     header.set_mtime(0);
     header.set_uid(0);
     header.set_gid(0);
@@ -49,7 +53,9 @@ fn crafted_tar(entries: &[Crafted]) -> Vec<u8> {
         match entry {
             Crafted::File { path, contents } => {
                 let header = raw_header(path, tar::EntryType::Regular, contents.len() as u64, None);
-                builder.append(&header, contents.as_bytes()).expect("append");
+                builder
+                    .append(&header, contents.as_bytes())
+                    .expect("append");
             }
             Crafted::Symlink { path, target } => {
                 let header = raw_header(path, tar::EntryType::Symlink, 0, Some(target));
@@ -66,22 +72,36 @@ fn sha256(bytes: &[u8]) -> String {
 
 fn put_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
     let digest = sha256(bytes);
-    std::fs::write(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:")), bytes).expect("blob");
+    std::fs::write(
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+        bytes,
+    )
+    .expect("blob");
     (digest, bytes.len())
 }
 
 fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    serde_json::from_str(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// An OCI layout at `layout`, tag `evil`, linux/amd64: busybox's layer (so a shell exists)
 /// then one gzip layer holding `entries`; the index points straight at the manifest.
 fn malicious_layout(sandbox: &Sandbox, layout: &Path, entries: &[Crafted]) {
     let fixture = sandbox.path().join("tests/fixtures/busybox");
-    let fixture_blob = |digest: &str| fixture.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let fixture_blob = |digest: &str| {
+        fixture
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
     let top = read_json(&fixture.join("index.json"));
-    let nested = read_json(&fixture_blob(top["manifests"][0]["digest"].as_str().expect("digest")));
+    let nested = read_json(&fixture_blob(
+        top["manifests"][0]["digest"].as_str().expect("digest"),
+    ));
     let amd64 = nested["manifests"]
         .as_array()
         .expect("manifests")
@@ -89,29 +109,48 @@ fn malicious_layout(sandbox: &Sandbox, layout: &Path, entries: &[Crafted]) {
         .find(|descriptor| descriptor["platform"]["architecture"] == "amd64")
         .expect("amd64 manifest");
     let mut manifest = read_json(&fixture_blob(amd64["digest"].as_str().expect("digest")));
-    let mut config = read_json(&fixture_blob(manifest["config"]["digest"].as_str().expect("config")));
+    let mut config = read_json(&fixture_blob(
+        manifest["config"]["digest"].as_str().expect("config"),
+    ));
 
     std::fs::create_dir_all(layout.join("blobs/sha256")).expect("mkdir");
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("oci-layout");
     for layer in manifest["layers"].as_array().expect("layers") {
         let digest = layer["digest"].as_str().expect("digest");
-        std::fs::copy(fixture_blob(digest), layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:")))
-            .expect("copy base layer");
+        std::fs::copy(
+            fixture_blob(digest),
+            layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .expect("copy base layer");
     }
     let tar = crafted_tar(entries);
     let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gzip.write_all(&tar).expect("gzip");
     let (layer_digest, layer_size) = put_blob(layout, &gzip.finish().expect("gzip"));
-    config["rootfs"]["diff_ids"].as_array_mut().expect("diff_ids").push(sha256(&tar).into());
-    let (config_digest, config_size) = put_blob(layout, &serde_json::to_vec(&config).expect("json"));
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .expect("diff_ids")
+        .push(sha256(&tar).into());
+    let (config_digest, config_size) =
+        put_blob(layout, &serde_json::to_vec(&config).expect("json"));
     manifest["config"]["digest"] = config_digest.into();
     manifest["config"]["size"] = config_size.into();
-    manifest["layers"].as_array_mut().expect("layers").push(serde_json::json!({
-        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-        "digest": layer_digest,
-        "size": layer_size,
-    }));
-    let (manifest_digest, manifest_size) = put_blob(layout, &serde_json::to_vec(&manifest).expect("json"));
+    manifest["layers"]
+        .as_array_mut()
+        .expect("layers")
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": layer_digest,
+            "size": layer_size,
+        }));
+    let (manifest_digest, manifest_size) =
+        put_blob(layout, &serde_json::to_vec(&manifest).expect("json"));
     let index = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
@@ -123,7 +162,11 @@ fn malicious_layout(sandbox: &Sandbox, layout: &Path, entries: &[Crafted]) {
             "annotations": {"org.opencontainers.image.ref.name": "evil"},
         }],
     });
-    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).expect("json")).expect("index.json");
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).expect("json"),
+    )
+    .expect("index.json");
 }
 
 /// A build file whose only stage runs `command` on the crafted base at `evil/`.
@@ -136,12 +179,22 @@ fn build_on(sandbox: &Sandbox, name: &str, entries: &[Crafted], command: &str) -
             "platforms \"linux/amd64\"\nstage victim {{\n    from \"oci:evil:evil\"\n    run \"{command}\"\n}}\nimage victim {{ stage victim; }}\n"
         ),
     );
-    sandbox.graphbuild(&["run", &format!("{name}/images.kdl"), "--output", &format!("{name}/out"), "--progress", "plain"])
+    sandbox.graphbuild(&[
+        "run",
+        &format!("{name}/images.kdl"),
+        "--output",
+        &format!("{name}/out"),
+        "--progress",
+        "plain",
+    ])
 }
 
 /// A name no other test or run uses.
 fn unique(label: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     format!("graphbuild-{label}-{}-{nanos}", std::process::id())
 }
 
@@ -150,10 +203,15 @@ fn find_named(root: &Path, needle: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
-            if path.file_name().is_some_and(|name| name.to_string_lossy().contains(needle)) {
+            if path
+                .file_name()
+                .is_some_and(|name| name.to_string_lossy().contains(needle))
+            {
                 found.push(path.clone());
             }
             if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
@@ -166,9 +224,18 @@ fn find_named(root: &Path, needle: &str) -> Vec<PathBuf> {
 
 #[track_caller]
 fn assert_refused(output: &Output, entry: &str) {
-    assert_eq!(output.status.code(), Some(1), "the build must fail\n{}\n{}", stdout(output), stderr(output));
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "the build must fail\n{}\n{}",
+        stdout(output),
+        stderr(output)
+    );
     let err = stderr(output);
-    assert!(err.contains(entry), "the error names the entry `{entry}`:\n{err}");
+    assert!(
+        err.contains(entry),
+        "the error names the entry `{entry}`:\n{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -181,11 +248,24 @@ fn a_dot_dot_entry_is_refused_and_writes_nothing_outside() {
     let output = build_on(
         &sandbox,
         "dotdot",
-        &[Crafted::File { path: &shallow, contents: "escaped" }, Crafted::File { path: &deep, contents: "escaped" }],
+        &[
+            Crafted::File {
+                path: &shallow,
+                contents: "escaped",
+            },
+            Crafted::File {
+                path: &deep,
+                contents: "escaped",
+            },
+        ],
         "echo ran > /ran.txt",
     );
     assert_refused(&output, &shallow);
-    assert!(find_named(sandbox.path(), &name).is_empty(), "{:?}", find_named(sandbox.path(), &name));
+    assert!(
+        find_named(sandbox.path(), &name).is_empty(),
+        "{:?}",
+        find_named(sandbox.path(), &name)
+    );
     assert!(!Path::new("/tmp").join(format!("{name}-deep")).exists());
     assert!(!Path::new("/tmp").join(format!("{name}-shallow")).exists());
     assert!(!sandbox.path().join("dotdot/out/victim").exists());
@@ -201,14 +281,25 @@ fn an_absolute_entry_lands_inside_the_image_not_on_the_host() {
     let output = build_on(
         &sandbox,
         "absolute",
-        &[Crafted::File { path: &absolute, contents: "inside" }],
+        &[Crafted::File {
+            path: &absolute,
+            contents: "inside",
+        }],
         &format!("test \\\"$(cat /tmp/{name})\\\" = inside && echo ok > /checked.txt"),
     );
     assert_success(&output);
-    assert!(!Path::new(&absolute).exists(), "{absolute} written on the host");
-    let outside: Vec<PathBuf> =
-        find_named(sandbox.path(), &name).into_iter().filter(|path| !path.starts_with(sandbox.store().join("snapshots"))).collect();
-    assert!(outside.is_empty(), "only the snapshot holds it: {outside:?}");
+    assert!(
+        !Path::new(&absolute).exists(),
+        "{absolute} written on the host"
+    );
+    let outside: Vec<PathBuf> = find_named(sandbox.path(), &name)
+        .into_iter()
+        .filter(|path| !path.starts_with(sandbox.store().join("snapshots")))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "only the snapshot holds it: {outside:?}"
+    );
 }
 
 #[test]
@@ -227,12 +318,27 @@ fn an_entry_through_an_absolute_symlink_is_refused() {
     let output = build_on(
         &sandbox,
         "abslink",
-        &[Crafted::Symlink { path: "link", target: &link_target }, Crafted::File { path: "link/evil", contents: "escaped" }],
+        &[
+            Crafted::Symlink {
+                path: "link",
+                target: &link_target,
+            },
+            Crafted::File {
+                path: "link/evil",
+                contents: "escaped",
+            },
+        ],
         "echo ran > /ran.txt",
     );
     assert_refused(&output, "link/evil");
     assert!(!target.join("evil").exists(), "written through the symlink");
-    assert_eq!(std::fs::read_dir(&target).map(|entries| entries.count()).unwrap_or(1), 0, "the target stays empty");
+    assert_eq!(
+        std::fs::read_dir(&target)
+            .map(|entries| entries.count())
+            .unwrap_or(1),
+        0,
+        "the target stays empty"
+    );
 }
 
 #[test]
@@ -245,19 +351,41 @@ fn an_entry_through_a_relative_symlink_pointing_up_is_refused() {
     for (case, entries, entry) in [
         (
             "uplink",
-            vec![Crafted::Symlink { path: "up", target: "../../.." }, Crafted::File { path: &through_shallow, contents: "escaped" }],
+            vec![
+                Crafted::Symlink {
+                    path: "up",
+                    target: "../../..",
+                },
+                Crafted::File {
+                    path: &through_shallow,
+                    contents: "escaped",
+                },
+            ],
             through_shallow.as_str(),
         ),
         (
             "rootlink",
-            vec![Crafted::Symlink { path: "root", target: root.trim_end_matches('/') }, Crafted::File { path: &through_deep, contents: "escaped" }],
+            vec![
+                Crafted::Symlink {
+                    path: "root",
+                    target: root.trim_end_matches('/'),
+                },
+                Crafted::File {
+                    path: &through_deep,
+                    contents: "escaped",
+                },
+            ],
             through_deep.as_str(),
         ),
     ] {
         let output = build_on(&sandbox, case, &entries, "echo ran > /ran.txt");
         assert_refused(&output, entry);
     }
-    assert!(find_named(sandbox.path(), &name).is_empty(), "{:?}", find_named(sandbox.path(), &name));
+    assert!(
+        find_named(sandbox.path(), &name).is_empty(),
+        "{:?}",
+        find_named(sandbox.path(), &name)
+    );
     assert!(!Path::new("/tmp").join(format!("{name}-deep")).exists());
     assert!(!Path::new("/tmp").join(format!("{name}-shallow")).exists());
 }
@@ -266,8 +394,15 @@ fn an_entry_through_a_relative_symlink_pointing_up_is_refused() {
 // Ctrl-C
 
 fn processes_matching(pattern: &str) -> Vec<String> {
-    let output = Command::new("pgrep").args(["-a", "-f", pattern]).output().expect("pgrep runs");
-    String::from_utf8_lossy(&output.stdout).lines().map(String::from).filter(|line| !line.contains("pgrep")).collect()
+    let output = Command::new("pgrep")
+        .args(["-a", "-f", pattern])
+        .output()
+        .expect("pgrep runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(String::from)
+        .filter(|line| !line.contains("pgrep"))
+        .collect()
 }
 
 /// What happened after Ctrl-C.
@@ -298,7 +433,14 @@ fn build_then_ctrl_c() -> Cancelled {
     let mut child = {
         use std::os::unix::process::CommandExt;
         Command::new(bin())
-            .args(["run", "slow/images.kdl", "--output", "out", "--progress", "json"])
+            .args([
+                "run",
+                "slow/images.kdl",
+                "--output",
+                "out",
+                "--progress",
+                "json",
+            ])
             .current_dir(sandbox.path())
             .env("GRAPHBUILD_CACHE_DIR", sandbox.store())
             .env("NO_COLOR", "1")
@@ -319,13 +461,20 @@ fn build_then_ctrl_c() -> Cancelled {
             break;
         }
     }
-    assert!(seen.last().is_some_and(|line| line.contains("step_started")), "{seen:?}");
+    assert!(
+        seen.last()
+            .is_some_and(|line| line.contains("step_started")),
+        "{seen:?}"
+    );
     // Wait until the sandboxed command is really running.
     let deadline = Instant::now() + Duration::from_secs(20);
     while processes_matching(&marker).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!processes_matching(&marker).is_empty(), "the step's `{marker}` never started");
+    assert!(
+        !processes_matching(&marker).is_empty(),
+        "the step's `{marker}` never started"
+    );
 
     let sent = Instant::now();
     nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
@@ -351,28 +500,55 @@ fn build_then_ctrl_c() -> Cancelled {
     }
     for line in &leftovers {
         if let Some(Ok(leftover)) = line.split_whitespace().next().map(str::parse::<i32>) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(leftover), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(leftover),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
     let status = status.unwrap_or_else(|| panic!("still running 15s after Ctrl-C\n{stderr}"));
-    Cancelled { status, took, leftovers, stderr, sandbox }
+    Cancelled {
+        status,
+        took,
+        leftovers,
+        stderr,
+        sandbox,
+    }
 }
 
 #[test]
 fn ctrl_c_stops_the_build_and_leaves_no_sandbox_process() {
     let cancelled = build_then_ctrl_c();
-    assert!(cancelled.leftovers.is_empty(), "processes left behind: {:?}", cancelled.leftovers);
+    assert!(
+        cancelled.leftovers.is_empty(),
+        "processes left behind: {:?}",
+        cancelled.leftovers
+    );
     assert!(!cancelled.status.success(), "{}", cancelled.stderr);
-    assert!(cancelled.took < Duration::from_secs(10), "took {:?} to stop", cancelled.took);
+    assert!(
+        cancelled.took < Duration::from_secs(10),
+        "took {:?} to stop",
+        cancelled.took
+    );
     let sandbox = &cancelled.sandbox;
-    assert!(!sandbox.path().join("out/slow").exists(), "no image from a cancelled build");
+    assert!(
+        !sandbox.path().join("out/slow").exists(),
+        "no image from a cancelled build"
+    );
 
     // The store is usable after a cancel: a quick build on it works.
     sandbox.write(
         "quick/images.kdl",
         "platforms \"linux/amd64\"\nstage quick {\n    from \"oci:../tests/fixtures/busybox:1.35.0\"\n    run \"echo quick > /quick.txt\"\n}\nimage quick { stage quick; }\n",
     );
-    assert_success(&sandbox.graphbuild(&["run", "quick/images.kdl", "--output", "out", "--progress", "plain"]));
+    assert_success(&sandbox.graphbuild(&[
+        "run",
+        "quick/images.kdl",
+        "--output",
+        "out",
+        "--progress",
+        "plain",
+    ]));
 }
 
 /// What docs/cli.md promises: 130, said to be a cancel, promptly.
@@ -380,10 +556,27 @@ fn ctrl_c_stops_the_build_and_leaves_no_sandbox_process() {
 #[ignore = "engine: a step killed by the cancel is reported as a failure (exit 1), and sh as the namespace's PID 1 ignores SIGTERM so the stop waits the 5 s grace; see the knowwhy report"]
 fn ctrl_c_exits_130_within_a_few_seconds() {
     let cancelled = build_then_ctrl_c();
-    assert_eq!(cancelled.status.code(), Some(130), "exit code after Ctrl-C\n{}", cancelled.stderr);
-    assert!(cancelled.stderr.contains("cancelled"), "{}", cancelled.stderr);
-    assert!(!cancelled.stderr.contains("failed"), "a cancel is not a failure: {}", cancelled.stderr);
-    assert!(cancelled.took < Duration::from_secs(3), "took {:?} to stop", cancelled.took);
+    assert_eq!(
+        cancelled.status.code(),
+        Some(130),
+        "exit code after Ctrl-C\n{}",
+        cancelled.stderr
+    );
+    assert!(
+        cancelled.stderr.contains("cancelled"),
+        "{}",
+        cancelled.stderr
+    );
+    assert!(
+        !cancelled.stderr.contains("failed"),
+        "a cancel is not a failure: {}",
+        cancelled.stderr
+    );
+    assert!(
+        cancelled.took < Duration::from_secs(3),
+        "took {:?} to stop",
+        cancelled.took
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -411,39 +604,97 @@ fn zstd_layers_have_the_zstd_media_type_and_skopeo_and_umoci_read_them() {
     let layout = sandbox.path().join("out/basic");
     let index = skopeo_raw(&format!("oci:{}:1.0", layout.display()));
     for descriptor in index["manifests"].as_array().expect("manifests") {
-        let manifest = read_json(&layout.join("blobs/sha256").join(descriptor["digest"].as_str().expect("digest").trim_start_matches("sha256:")));
+        let manifest = read_json(
+            &layout.join("blobs/sha256").join(
+                descriptor["digest"]
+                    .as_str()
+                    .expect("digest")
+                    .trim_start_matches("sha256:"),
+            ),
+        );
         let layers = manifest["layers"].as_array().expect("layers");
         assert_eq!(layers.len(), 2, "{manifest}");
         // The last layer is graphbuild's own (the base's is reused as it was published).
         let ours = &layers[1];
-        assert_eq!(ours["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd", "{manifest}");
-        let blob = std::fs::read(layout.join("blobs/sha256").join(ours["digest"].as_str().expect("digest").trim_start_matches("sha256:")))
-            .expect("layer blob");
+        assert_eq!(
+            ours["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd",
+            "{manifest}"
+        );
+        let blob = std::fs::read(
+            layout.join("blobs/sha256").join(
+                ours["digest"]
+                    .as_str()
+                    .expect("digest")
+                    .trim_start_matches("sha256:"),
+            ),
+        )
+        .expect("layer blob");
         assert_eq!(&blob[..4], &[0x28, 0xb5, 0x2f, 0xfd], "zstd magic");
         // An independent decoder gives a tar whose sha256 is the config's diff_id.
         let mut tar = Vec::new();
-        std::io::Read::read_to_end(&mut ruzstd::decoding::StreamingDecoder::new(&blob[..]).expect("zstd frame"), &mut tar)
-            .expect("zstd decodes");
-        let config = read_json(&layout.join("blobs/sha256").join(manifest["config"]["digest"].as_str().expect("config").trim_start_matches("sha256:")));
-        assert_eq!(config["rootfs"]["diff_ids"][1], sha256(&tar), "diff_id of the zstd layer");
+        std::io::Read::read_to_end(
+            &mut ruzstd::decoding::StreamingDecoder::new(&blob[..]).expect("zstd frame"),
+            &mut tar,
+        )
+        .expect("zstd decodes");
+        let config = read_json(
+            &layout.join("blobs/sha256").join(
+                manifest["config"]["digest"]
+                    .as_str()
+                    .expect("config")
+                    .trim_start_matches("sha256:"),
+            ),
+        );
+        assert_eq!(
+            config["rootfs"]["diff_ids"][1],
+            sha256(&tar),
+            "diff_id of the zstd layer"
+        );
         let names: Vec<String> = tar::Archive::new(&tar[..])
             .entries()
             .expect("tar")
-            .map(|entry| entry.expect("entry").path().expect("path").display().to_string())
+            .map(|entry| {
+                entry
+                    .expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string()
+            })
             .collect();
-        assert!(names.iter().any(|name| name.trim_start_matches("./") == "app/arch.txt"), "{names:?}");
+        assert!(
+            names
+                .iter()
+                .any(|name| name.trim_start_matches("./") == "app/arch.txt"),
+            "{names:?}"
+        );
     }
-    for (platform, arch, uname) in [("linux/amd64", "amd64", "x86_64"), ("linux/arm64", "arm64", "aarch64")] {
+    for (platform, arch, uname) in [
+        ("linux/amd64", "amd64", "x86_64"),
+        ("linux/arm64", "arm64", "aarch64"),
+    ] {
         // skopeo reads the zstd layers (and verifies them) while copying one platform out,
         // recompressed as gzip since this umoci predates zstd; umoci unpacks the copy.
         let single = sandbox.path().join(format!("single-{arch}"));
         let copied = Command::new("skopeo")
-            .args(["--override-arch", arch, "copy", "--quiet", "--dest-compress", "--dest-compress-format", "gzip"])
+            .args([
+                "--override-arch",
+                arch,
+                "copy",
+                "--quiet",
+                "--dest-compress",
+                "--dest-compress-format",
+                "gzip",
+            ])
             .arg(format!("oci:{}:1.0", layout.display()))
             .arg(format!("oci:{}:1.0", single.display()))
             .output()
             .expect("skopeo runs");
-        assert!(copied.status.success(), "skopeo copy {platform}: {}", stderr(&copied));
+        assert!(
+            copied.status.success(),
+            "skopeo copy {platform}: {}",
+            stderr(&copied)
+        );
         let bundle = sandbox.path().join(format!("bundle-{arch}"));
         let unpacked = Command::new("umoci")
             .args(["unpack", "--image"])
@@ -451,9 +702,18 @@ fn zstd_layers_have_the_zstd_media_type_and_skopeo_and_umoci_read_them() {
             .arg(&bundle)
             .output()
             .expect("umoci runs");
-        assert!(unpacked.status.success(), "umoci unpack {platform}: {}", stderr(&unpacked));
+        assert!(
+            unpacked.status.success(),
+            "umoci unpack {platform}: {}",
+            stderr(&unpacked)
+        );
         let rootfs = bundle.join("rootfs");
-        assert_eq!(std::fs::read_to_string(rootfs.join("app/arch.txt")).expect("arch.txt").trim(), uname);
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("app/arch.txt"))
+                .expect("arch.txt")
+                .trim(),
+            uname
+        );
         assert!(rootfs.join("bin/busybox").exists());
     }
 }
@@ -467,14 +727,32 @@ fn a_gzip_build_after_a_zstd_build_on_one_store_has_gzip_layers() {
     sandbox.example("basic");
     for (compression, output) in [("zstd", "out-zstd"), ("gzip", "out-gzip")] {
         assert_success(&sandbox.graphbuild(&[
-            "run", "examples/basic/images.kdl", "--output", output, "--progress", "json", "--platform", "linux/amd64",
-            "--compression", compression,
+            "run",
+            "examples/basic/images.kdl",
+            "--output",
+            output,
+            "--progress",
+            "json",
+            "--platform",
+            "linux/amd64",
+            "--compression",
+            compression,
         ]));
     }
     let layout = sandbox.path().join("out-gzip/basic");
     let index = skopeo_raw(&format!("oci:{}:1.0", layout.display()));
-    let manifest = read_json(&layout.join("blobs/sha256").join(index["manifests"][0]["digest"].as_str().expect("digest").trim_start_matches("sha256:")));
-    assert_eq!(manifest["layers"][1]["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip", "{manifest}");
+    let manifest = read_json(
+        &layout.join("blobs/sha256").join(
+            index["manifests"][0]["digest"]
+                .as_str()
+                .expect("digest")
+                .trim_start_matches("sha256:"),
+        ),
+    );
+    assert_eq!(
+        manifest["layers"][1]["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip",
+        "{manifest}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -486,7 +764,11 @@ fn du_total(sandbox: &Sandbox) -> String {
     assert_success(&output);
     stdout(&output)
         .lines()
-        .find_map(|line| line.trim().strip_prefix("total").map(|rest| rest.trim().to_string()))
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix("total")
+                .map(|rest| rest.trim().to_string())
+        })
         .unwrap_or_else(|| panic!("no total: {}", stdout(&output)))
 }
 
@@ -497,31 +779,54 @@ fn cache_du_and_prune_account_for_the_store() {
     assert_success(&sandbox.graphbuild(&["cache", "prune"]));
     assert_eq!(du_total(&sandbox), "0 B", "an empty store");
     let build = |sandbox: &Sandbox| {
-        sandbox.graphbuild(&["run", "examples/basic/images.kdl", "--output", "out", "--progress", "json", "--platform", "linux/amd64"])
+        sandbox.graphbuild(&[
+            "run",
+            "examples/basic/images.kdl",
+            "--output",
+            "out",
+            "--progress",
+            "json",
+            "--platform",
+            "linux/amd64",
+        ])
     };
     assert_success(&build(&sandbox));
     let full = du_total(&sandbox);
     assert_ne!(full, "0 B");
-    assert!(full.ends_with("MiB"), "busybox alone is about 1 MiB: {full}");
+    assert!(
+        full.ends_with("MiB"),
+        "busybox alone is about 1 MiB: {full}"
+    );
 
     let pruned = sandbox.graphbuild(&["cache", "prune", "--keep-bytes", "0"]);
     assert_success(&pruned);
     let text = stdout(&pruned);
     assert!(text.starts_with("removed "), "{text}");
     assert!(!text.starts_with("removed 0 entries"), "{text}");
-    assert!(text.trim_end().ends_with("the store now holds 0 B"), "{text}");
+    assert!(
+        text.trim_end().ends_with("the store now holds 0 B"),
+        "{text}"
+    );
     assert_eq!(du_total(&sandbox), "0 B");
 
     // Everything runs again, and the store fills up again.
     let again = build(&sandbox);
     assert_success(&again);
     assert_eq!(summary(&again)["cached"], 0);
-    assert_eq!(du_total(&sandbox), full, "the same build takes the same space");
+    assert_eq!(
+        du_total(&sandbox),
+        full,
+        "the same build takes the same space"
+    );
 
     // A keep-bytes above the size removes nothing.
     let kept = sandbox.graphbuild(&["cache", "prune", "--keep-bytes", "10G"]);
     assert_success(&kept);
-    assert!(stdout(&kept).starts_with("removed 0 entries"), "{}", stdout(&kept));
+    assert!(
+        stdout(&kept).starts_with("removed 0 entries"),
+        "{}",
+        stdout(&kept)
+    );
     assert_eq!(du_total(&sandbox), full);
 
     let bad = sandbox.graphbuild(&["cache", "prune", "--keep-bytes", "lots"]);
