@@ -753,10 +753,7 @@ fn toolchain_examples_plan_for_three_platforms() {
                         "{target}: {steps}"
                     );
                     // The last GOARM the build sees is the platform's.
-                    let last_goarm = steps
-                        .lines()
-                        .filter(|step| step.starts_with("ENV GOARM="))
-                        .next_back();
+                    let last_goarm = steps.lines().rfind(|step| step.starts_with("ENV GOARM="));
                     assert_eq!(
                         last_goarm,
                         Some(format!("ENV GOARM={goarm}").as_str()),
@@ -773,8 +770,7 @@ fn toolchain_examples_plan_for_three_platforms() {
                     let steps = runs_for("/build", target);
                     let last_target = steps
                         .lines()
-                        .filter(|step| step.starts_with("ENV RUST_TARGET="))
-                        .next_back();
+                        .rfind(|step| step.starts_with("ENV RUST_TARGET="));
                     assert_eq!(
                         last_target,
                         Some(format!("ENV RUST_TARGET={triple}").as_str()),

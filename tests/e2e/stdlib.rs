@@ -19,12 +19,14 @@ use std::path::Path;
 
 const PLATFORMS: [&str; 3] = ["linux/amd64", "linux/arm64", "linux/arm/v7"];
 
-/// (module, build file, context files)
-fn cases() -> Vec<(
+/// A module, a build file that uses it, and the context files the build file needs.
+type Case = (
     &'static str,
     &'static str,
     Vec<(&'static str, &'static str)>,
-)> {
+);
+
+fn cases() -> Vec<Case> {
     vec![
         (
             "busybox",
