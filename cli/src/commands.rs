@@ -186,6 +186,8 @@ fn project_dir(select: &SelectArgs) -> PathBuf {
 
 fn open_store(cache_dir: Option<PathBuf>) -> Result<Store, u8> {
     let root = cache_dir.unwrap_or_else(Store::default_root);
+    // Absolute: sandboxes run elsewhere and get store paths as overlay layers.
+    let root = std::path::absolute(&root).unwrap_or(root);
     Store::open(&root).map_err(|error| {
         render::error(
             &format!("cannot open the store at {}: {error}", root.display()),
@@ -337,7 +339,12 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
 fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "{} nodes", plan.nodes.len());
+    let _ = writeln!(
+        out,
+        "{} node{}",
+        plan.nodes.len(),
+        if plan.nodes.len() == 1 { "" } else { "s" }
+    );
     for id in plan.topological_order() {
         let node = &plan.nodes[id];
         let targets = if node.targets.len() > 1 || node.targets[0] != node.platform {
@@ -394,7 +401,12 @@ fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
             let _ = writeln!(out, "         copies from {}", copies.join(", "));
         }
     }
-    let _ = writeln!(out, "{} images", plan.images.len());
+    let _ = writeln!(
+        out,
+        "{} image{}",
+        plan.images.len(),
+        if plan.images.len() == 1 { "" } else { "s" }
+    );
     for image in &plan.images {
         let _ = writeln!(out, "  {}", image.name);
         for (platform, node) in &image.platforms {
@@ -517,11 +529,18 @@ fn parse_secrets(specs: &[String]) -> Result<HashMap<String, SecretValue>, Strin
     Ok(secrets)
 }
 
-/// Stop before building anything when a foreign platform with `run` steps has no emulator.
-fn check_emulators(plan: &Plan) -> Result<(), u8> {
+/// The check made once the cache is consulted and before anything executes: the nodes that
+/// will run need root (namespaces, overlayfs) and, for foreign platforms with `run` steps, a
+/// qemu-user handler. A fully cached build needs neither. The message is printed as is.
+fn preflight(nodes: &[&graphbuild_engine::plan::Node]) -> Result<(), String> {
     let host = Platform::host();
+    if !nodes.is_empty() && !nix::unistd::geteuid().is_root() {
+        return Err("error: graphbuild runs build steps in Linux namespaces on overlayfs, which needs root\n\
+             hint: run it as root (for example with sudo -E); rootless builds are not supported yet"
+            .to_string());
+    }
     let mut missing: Vec<(Platform, String)> = Vec::new();
-    for node in &plan.nodes {
+    for node in nodes {
         let runs = node.steps.iter().any(|step| matches!(step.op, Op::Run(_)));
         if runs
             && !missing
@@ -536,27 +555,19 @@ fn check_emulators(plan: &Plan) -> Result<(), u8> {
             missing.push((node.platform.clone(), error.to_string()));
         }
     }
-    let executes = plan
-        .nodes
-        .iter()
-        .any(|node| node.steps.iter().any(|step| step.op.touches_filesystem()));
-    if executes && !nix::unistd::geteuid().is_root() {
-        render::error(
-            "graphbuild runs build steps in Linux namespaces on overlayfs, which needs root",
-            &["run it as root (for example with sudo -E); rootless builds are not supported yet"],
-        );
-        return Err(exit::ENVIRONMENT);
-    }
     if missing.is_empty() {
         return Ok(());
     }
-    for (platform, message) in &missing {
-        render::error(&format!("cannot run steps for {platform}: {message}"), &[]);
+    let mut message = String::new();
+    for (platform, error) in &missing {
+        message.push_str(&format!(
+            "error: cannot run steps for {platform}: {error}\n"
+        ));
     }
-    eprintln!(
+    message.push_str(&format!(
         "hint: install the emulators with `apt-get install qemu-user-static binfmt-support` and `update-binfmts --enable` (or `graphbuild doctor --fix`), or build only native platforms with --platform {host}"
-    );
-    Err(exit::ENVIRONMENT)
+    ));
+    Err(message)
 }
 
 /// Cancel the build on SIGINT/SIGTERM: running steps finish or are stopped, nothing is left.
@@ -615,6 +626,7 @@ fn execute(
         cancel: cancel.clone(),
         remote: settings.remote,
         format: settings.format,
+        preflight: Some(Box::new(preflight)),
     };
     let report = build::build(
         &loaded.plan,
@@ -625,13 +637,22 @@ fn execute(
         progress,
     );
     progress.finish();
-    if report.failures.is_empty() && !report.cancelled {
+    if report.failures.is_empty() && !report.cancelled && report.environment_error.is_none() {
         explain::record(store, &loaded.plan);
     }
     report
 }
 
 fn report_failures(report: &build::BuildReport) -> u8 {
+    if let Some(message) = &report.environment_error {
+        eprintln!("{message}");
+        return exit::ENVIRONMENT;
+    }
+    if report.cancelled {
+        // Steps stopped by the cancel are not failures worth listing.
+        render::error("the build was cancelled", &[]);
+        return 130;
+    }
     if !report.failures.is_empty() {
         for failure in &report.failures {
             eprintln!("error: {failure}");
@@ -704,9 +725,6 @@ pub fn run(args: RunArgs) -> u8 {
             return exit::INVALID_INPUT;
         }
     };
-    if let Err(code) = check_emulators(&loaded.plan) {
-        return code;
-    }
     let cancel = cancel_on_signals();
     let mode = args.progress.unwrap_or_else(|| {
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -807,11 +825,6 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
             Ok(loaded) => loaded,
             Err(code) => return code,
         };
-        if round == "first"
-            && let Err(code) = check_emulators(&loaded.plan)
-        {
-            return code;
-        }
         eprintln!("verify: {round} build from scratch…");
         let output = scratch.path().join(format!("out-{round}"));
         let settings = BuildSettings {
@@ -824,7 +837,7 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
             secrets: HashMap::new(),
             source_date_epoch: 0,
         };
-        let progress = Progress::new(ProgressMode::Plain, true);
+        let progress = Progress::silent();
         let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
         let code = report_failures(&report);
         if code != exit::SUCCESS {

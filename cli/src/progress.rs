@@ -51,6 +51,8 @@ struct State {
 
 /// Renders the engine's events; see the module docs.
 pub struct Progress {
+    /// Shows nothing at all (`verify` builds quietly and reports on its own).
+    silent: bool,
     mode: ProgressMode,
     quiet: bool,
     /// ANSI styles (tty mode, `NO_COLOR` unset, stderr a terminal).
@@ -77,6 +79,7 @@ impl Progress {
         }));
         let color = mode == ProgressMode::Tty && render::color_enabled();
         let progress = Progress {
+            silent: false,
             mode,
             quiet,
             color,
@@ -102,6 +105,13 @@ impl Progress {
         progress
     }
 
+    /// A progress that shows nothing.
+    pub fn silent() -> Self {
+        let mut progress = Progress::new(ProgressMode::Plain, true);
+        progress.silent = true;
+        progress
+    }
+
     /// Stop the live view and print the final table.
     pub fn finish(&self) {
         let summary = {
@@ -115,7 +125,7 @@ impl Progress {
         if let Some(handle) = self.ticker.lock().ok().and_then(|mut ticker| ticker.take()) {
             let _ = handle.join();
         }
-        if self.mode == ProgressMode::Json {
+        if self.mode == ProgressMode::Json || self.silent {
             return;
         }
         if let Some(summary) = summary {
@@ -416,6 +426,9 @@ fn summary_table(summary: &Summary, quiet: bool, width: Option<usize>) -> String
 
 impl EventSink for Progress {
     fn emit(&self, event: Event) {
+        if self.silent {
+            return;
+        }
         if self.mode == ProgressMode::Json {
             if matches!(event, Event::Output { .. }) && self.quiet {
                 return;

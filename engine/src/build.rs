@@ -56,7 +56,14 @@ pub struct BuildOptions {
     pub remote: RemoteOptions,
     /// Media types of the manifests written.
     pub format: ManifestFormat,
+    /// Checks the machine can execute the nodes that will run (emulators, privileges), after
+    /// the cache has been consulted and before anything executes: a fully cached build needs
+    /// neither QEMU nor root.
+    pub preflight: Option<Preflight>,
 }
+
+/// See [`BuildOptions::preflight`]. An `Err` stops the build with that message.
+pub type Preflight = Box<dyn Fn(&[&Node]) -> Result<(), String> + Send + Sync>;
 
 /// `--format oci|docker`: which media types image manifests use.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -165,6 +172,8 @@ impl std::fmt::Display for NodeFailure {
 }
 
 pub struct BuildReport {
+    /// The preflight check refused to run the nodes that needed executing.
+    pub environment_error: Option<String>,
     pub images: Vec<ImageSummary>,
     pub executed: usize,
     pub cached: usize,
@@ -189,6 +198,8 @@ struct Executor<'a> {
     /// One lock per step key being executed: nodes that share a step (a `$BUILDPLATFORM`
     /// prefix common to every target) wait for the one executing it, then reuse its result.
     in_flight: Mutex<HashMap<Key, Arc<Mutex<()>>>>,
+    /// Steps executed by this build: reused by other nodes even with `--no-cache`.
+    executed_here: Mutex<std::collections::HashSet<Key>>,
 }
 
 /// Run every node of the plan and write every image.
@@ -213,6 +224,7 @@ pub fn build(
         cache_mounts_used: Mutex::new(BTreeMap::new()),
         cache_mounts_restored: Mutex::new(std::collections::HashSet::new()),
         in_flight: Mutex::new(HashMap::new()),
+        executed_here: Mutex::new(std::collections::HashSet::new()),
     };
     events.emit(Event::Plan {
         nodes: plan.nodes.len(),
@@ -232,6 +244,7 @@ pub fn build(
     // that are not already cached (locally, or in the remote cache, whose blobs are fetched
     // now). A warm build, or a merge from the team cache, never touches intermediate stages.
     let mut needed = vec![false; plan.nodes.len()];
+    let mut cached_nodes = vec![false; plan.nodes.len()];
     let mut pending: Vec<usize> = plan
         .images
         .iter()
@@ -258,12 +271,14 @@ pub fn build(
             },
             None => false,
         };
+        cached_nodes[id] = cached;
         if !cached {
             pending.extend(node.deps.iter().copied());
         }
     }
     if !failures.is_empty() {
         return BuildReport {
+            environment_error: None,
             images: Vec::new(),
             executed: 0,
             cached: 0,
@@ -271,7 +286,23 @@ pub fn build(
             cancelled: false,
         };
     }
-
+    if let Some(preflight) = &options.preflight {
+        let executing: Vec<&Node> = plan
+            .nodes
+            .iter()
+            .filter(|node| needed[node.id] && !cached_nodes[node.id])
+            .collect();
+        if let Err(message) = preflight(&executing) {
+            return BuildReport {
+                environment_error: Some(message),
+                images: Vec::new(),
+                executed: 0,
+                cached: 0,
+                failures: Vec::new(),
+                cancelled: false,
+            };
+        }
+    }
     let mut graph = scheduler::Graph::new();
     let mut ids = vec![None; plan.nodes.len()];
     for node in plan.nodes.iter().filter(|node| needed[node.id]) {
@@ -291,7 +322,8 @@ pub fn build(
         |node_id: &usize, _deps: &[&()]| executor.run_node(&plan.nodes[*node_id]).map(|_| ()),
     );
 
-    let mut cancelled = false;
+    // A step stopped by the cancel fails, but the build was cancelled, not broken.
+    let mut cancelled = options.cancel.is_cancelled();
     for outcome in report.outcomes() {
         match outcome {
             scheduler::Outcome::Failed(failure) => failures.push((**failure).clone()),
@@ -349,6 +381,7 @@ pub fn build(
         images: images.clone(),
     }));
     BuildReport {
+        environment_error: None,
         images,
         executed,
         cached,
@@ -502,8 +535,22 @@ impl Executor<'_> {
         }
     }
 
+    /// Where a step's result is recorded: its key, combined with the layer compression when it
+    /// is not the default, since the record names compressed blobs.
+    fn action_key(&self, key: &Key) -> Key {
+        match self.options.layer.compression {
+            layer::Compression::Gzip => *key,
+            layer::Compression::Zstd => {
+                KeyBuilder::new("compression").key(key).str("zstd").finish()
+            }
+            layer::Compression::None => {
+                KeyBuilder::new("compression").key(key).str("none").finish()
+            }
+        }
+    }
+
     fn local_record(&self, key: &Key) -> Option<StepRecord> {
-        let bytes = self.store.get_action(key)?;
+        let bytes = self.store.get_action(&self.action_key(key))?;
         let record: StepRecord = serde_json::from_slice(&bytes).ok()?;
         record
             .layers
@@ -545,7 +592,7 @@ impl Executor<'_> {
         key: &Key,
     ) -> Result<Option<StepRecord>, String> {
         let Some(action) = remote
-            .get_action(&key.hex())
+            .get_action(&self.action_key(key).hex())
             .map_err(|error| error.to_string())?
         else {
             return Ok(None);
@@ -610,7 +657,7 @@ impl Executor<'_> {
             }
         }
         self.store
-            .put_action(key, &bytes)
+            .put_action(&self.action_key(key), &bytes)
             .map_err(|error| error.to_string())?;
         Ok(Some(record))
     }
@@ -621,8 +668,9 @@ impl Executor<'_> {
             return Ok(());
         };
         let result = (|| -> Result<(), String> {
+            let action_key = self.action_key(key).hex();
             if remote
-                .get_action(&key.hex())
+                .get_action(&action_key)
                 .map_err(|error| error.to_string())?
                 .is_some()
             {
@@ -639,7 +687,7 @@ impl Executor<'_> {
                 .map_err(|error| error.to_string())?;
             remote
                 .put_action(
-                    &key.hex(),
+                    &action_key,
                     &ActionResult::for_step_record(digest, bytes.len() as u64),
                 )
                 .map_err(|error| error.to_string())
@@ -856,7 +904,12 @@ impl Executor<'_> {
                 .map(|mut in_flight| in_flight.entry(step.key).or_default().clone())
                 .unwrap_or_default();
             let _executing = step_lock.lock();
-            if let Some(record) = self.local_record(&step.key) {
+            let reusable = !self.options.no_cache
+                || self
+                    .executed_here
+                    .lock()
+                    .is_ok_and(|executed| executed.contains(&step.key));
+            if let Some(record) = self.local_record(&step.key).filter(|_| reusable) {
                 layers = record.layers;
                 history = record.history;
                 cached += 1;
@@ -893,6 +946,9 @@ impl Executor<'_> {
             });
             let new_layer = result?;
             executed += 1;
+            if let Ok(mut executed_here) = self.executed_here.lock() {
+                executed_here.insert(step.key);
+            }
             match new_layer {
                 Some(layer) => {
                     layers.push(layer);
@@ -911,14 +967,16 @@ impl Executor<'_> {
                 history: history.clone(),
             };
             let bytes = serde_json::to_vec(&record).unwrap_or_default();
-            self.store.put_action(&step.key, &bytes).map_err(|error| {
-                self.failure(
-                    node,
-                    Some(step),
-                    format!("cannot record the step in the store: {error}"),
-                    Vec::new(),
-                )
-            })?;
+            self.store
+                .put_action(&self.action_key(&step.key), &bytes)
+                .map_err(|error| {
+                    self.failure(
+                        node,
+                        Some(step),
+                        format!("cannot record the step in the store: {error}"),
+                        Vec::new(),
+                    )
+                })?;
             self.publish(&step.key, &record)
                 .map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
         }

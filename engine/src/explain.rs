@@ -98,7 +98,9 @@ fn diff_maps(
         match old.get(name) {
             None => reasons.push(format!("{kind} {name} is new")),
             Some(previous) if previous != value => {
-                if kind == "arg" {
+                if let Some(stage) = name.strip_prefix("stage ") {
+                    reasons.push(format!("the stage it copies from, {stage}, changed"));
+                } else if kind == "arg" {
                     reasons.push(format!("arg {name} changed: \"{previous}\" → \"{value}\""));
                 } else {
                     reasons.push(format!("{kind} {name} changed"));

@@ -1081,7 +1081,9 @@ impl<'a> Expander<'a> {
                 format!("EXPOSE {}", parts.join(" "))
             }
             StepKind::Entrypoint(command) => {
-                let argv = self.command(command, Mode::Strict, vars, settings);
+                // Runtime commands: build args are substituted, anything else (`$HOME`, env
+                // values) is left for the container's shell, as Docker does.
+                let argv = self.command(command, Mode::Shell, vars, settings);
                 let description = format!("ENTRYPOINT {argv:?}");
                 settings.entrypoint = Some(argv);
                 // Docker: setting an entrypoint resets a cmd inherited from the base image.
@@ -1089,7 +1091,9 @@ impl<'a> Expander<'a> {
                 description
             }
             StepKind::Cmd(command) => {
-                let argv = self.command(command, Mode::Strict, vars, settings);
+                // Runtime commands: build args are substituted, anything else (`$HOME`, env
+                // values) is left for the container's shell, as Docker does.
+                let argv = self.command(command, Mode::Shell, vars, settings);
                 let description = format!("CMD {argv:?}");
                 settings.cmd = Some(argv);
                 description
@@ -1123,13 +1127,14 @@ impl<'a> Expander<'a> {
                         Some(Command::Shell(text)) => {
                             vec![
                                 "CMD-SHELL".to_string(),
-                                self.substitute(text, Mode::Strict, vars, Some(settings)),
+                                self.substitute(text, Mode::Shell, vars, None),
                             ]
                         }
                         Some(Command::Exec(args)) => std::iter::once("CMD".to_string())
-                            .chain(args.iter().map(|arg| {
-                                self.substitute(arg, Mode::Strict, vars, Some(settings))
-                            }))
+                            .chain(
+                                args.iter()
+                                    .map(|arg| self.substitute(arg, Mode::Shell, vars, None)),
+                            )
                             .collect(),
                     };
                 let duration = |text: &Option<Text>, expander: &mut Self| -> Option<u64> {

@@ -189,11 +189,14 @@ pub fn compare_layouts(first: &Path, second: &Path) -> Result<Vec<Difference>, V
                     }
                 }
             }
-            differences.push(Difference {
-                platform: platform.clone(),
-                part: "config".into(),
-                entries,
-            });
+            // Only the diff ids differing is explained by the layers below.
+            if !entries.is_empty() {
+                differences.push(Difference {
+                    platform: platform.clone(),
+                    part: "config".into(),
+                    entries,
+                });
+            }
         }
         for (index, layer_a) in manifest_a.layers.iter().enumerate() {
             let Some(layer_b) = manifest_b.layers.get(index) else {

@@ -874,7 +874,7 @@ fn the_ci_example_splits_by_platform_and_merges_through_one_store() {
 
 /// The merge machine of the CI recipe has no emulators: every step is cached, so none is needed.
 #[test]
-#[ignore = "graphbuild run checks emulators for every node with run steps, cached or not (reported to the lead)"]
+
 fn a_cached_merge_needs_no_emulators() {
     let sandbox = Sandbox::new();
     sandbox.example("ci-github-actions");

@@ -553,7 +553,7 @@ fn ctrl_c_stops_the_build_and_leaves_no_sandbox_process() {
 
 /// What docs/cli.md promises: 130, said to be a cancel, promptly.
 #[test]
-#[ignore = "engine: a step killed by the cancel is reported as a failure (exit 1), and sh as the namespace's PID 1 ignores SIGTERM so the stop waits the 5 s grace; see the knowwhy report"]
+
 fn ctrl_c_exits_130_within_a_few_seconds() {
     let cancelled = build_then_ctrl_c();
     assert_eq!(
@@ -721,7 +721,7 @@ fn zstd_layers_have_the_zstd_media_type_and_skopeo_and_umoci_read_them() {
 /// The compression a user asks for is the compression they get, whatever an earlier run on the
 /// same store used.
 #[test]
-#[ignore = "engine: step records keep the compressed blob and compression is not in the key, so a gzip run after a zstd run on one store writes zstd layers; see the knowwhy report"]
+
 fn a_gzip_build_after_a_zstd_build_on_one_store_has_gzip_layers() {
     let sandbox = Sandbox::new();
     sandbox.example("basic");

@@ -382,13 +382,23 @@ impl Drop for RunningGuard {
 /// Ask every running sandbox to stop: their supervisors forward SIGTERM to the command and
 /// kill it 5 seconds later. Used when a build is cancelled (Ctrl-C).
 pub fn terminate_all() {
+    signal_running(libc::SIGTERM);
+    // A command may ignore SIGTERM (a shell as PID 1 of its namespace does): a second signal
+    // makes the supervisors kill it at once, so a cancel never waits out the grace period.
+    std::thread::spawn(|| {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        signal_running(libc::SIGTERM);
+    });
+}
+
+fn signal_running(signal: libc::c_int) {
     let Ok(running) = RUNNING.lock() else { return };
     for pid in running.iter() {
         if let Ok(pid) = i32::try_from(*pid) {
             // SAFETY: kill(2) with a pid we spawned and have not reaped yet (the guard is
-            // dropped only after wait() returns).
+            // dropped only after wait() returns, and it holds this lock to unregister).
             unsafe {
-                libc::kill(pid, libc::SIGTERM);
+                libc::kill(pid, signal);
             }
         }
     }
