@@ -86,7 +86,10 @@ enum Command {
         format: InspectFormat,
     },
     /// Inspect or manage the local cache, or serve a team cache
-    #[command(subcommand, after_help = "Examples:\n  graphbuild cache du\n  graphbuild cache prune --keep-bytes 10G\n  graphbuild cache serve --listen 0.0.0.0:7070 --dir /var/cache/graphbuild")]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  graphbuild cache du\n  graphbuild cache prune --keep-bytes 10G\n  graphbuild cache serve --listen 0.0.0.0:7070 --dir /var/cache/graphbuild"
+    )]
     Cache(CacheCommand),
     /// Print shell completions
     #[command(
@@ -243,7 +246,9 @@ enum CacheCommand {
         cache_dir: Option<PathBuf>,
     },
     /// Remove least recently used entries until the store fits
-    #[command(after_help = "Examples:\n  graphbuild cache prune --keep-bytes 10G\n  graphbuild cache prune              # empty the store")]
+    #[command(
+        after_help = "Examples:\n  graphbuild cache prune --keep-bytes 10G\n  graphbuild cache prune              # empty the store"
+    )]
     Prune {
         #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
         cache_dir: Option<PathBuf>,

@@ -1121,22 +1121,21 @@ impl<'a> Expander<'a> {
                 description
             }
             StepKind::Healthcheck(check) => {
-                let test =
-                    match &check.test {
-                        None => vec!["NONE".to_string()],
-                        Some(Command::Shell(text)) => {
-                            vec![
-                                "CMD-SHELL".to_string(),
-                                self.substitute(text, Mode::Shell, vars, None),
-                            ]
-                        }
-                        Some(Command::Exec(args)) => std::iter::once("CMD".to_string())
-                            .chain(
-                                args.iter()
-                                    .map(|arg| self.substitute(arg, Mode::Shell, vars, None)),
-                            )
-                            .collect(),
-                    };
+                let test = match &check.test {
+                    None => vec!["NONE".to_string()],
+                    Some(Command::Shell(text)) => {
+                        vec![
+                            "CMD-SHELL".to_string(),
+                            self.substitute(text, Mode::Shell, vars, None),
+                        ]
+                    }
+                    Some(Command::Exec(args)) => std::iter::once("CMD".to_string())
+                        .chain(
+                            args.iter()
+                                .map(|arg| self.substitute(arg, Mode::Shell, vars, None)),
+                        )
+                        .collect(),
+                };
                 let duration = |text: &Option<Text>, expander: &mut Self| -> Option<u64> {
                     let text = text.as_ref()?;
                     let value = expander.substitute(text, Mode::Strict, vars, Some(settings));

@@ -5,7 +5,10 @@
 //! two halves of the protocol are tested together without a dependency edge.
 
 #[path = "../../engine/src/digest.rs"]
-#[allow(dead_code, reason = "cache keys are not used here; `expect` would be unfulfilled when `Key` gets used")]
+#[allow(
+    dead_code,
+    reason = "cache keys are not used here; `expect` would be unfulfilled when `Key` gets used"
+)]
 mod digest;
 #[path = "../../engine/src/remote.rs"]
 mod remote;
