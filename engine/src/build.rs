@@ -1180,11 +1180,26 @@ impl Executor<'_> {
         })
     }
 
+    /// Serialize canonically and store; returns the bytes and their digest.
+    fn store_json<T: serde::Serialize>(&self, value: &T) -> Result<(Vec<u8>, Digest), String> {
+        let bytes = oci::canonical_json(value);
+        let digest = self
+            .store
+            .put_blob_bytes(&bytes)
+            .map_err(|error| error.to_string())?;
+        Ok((bytes, digest))
+    }
+
     fn write_image(
         &self,
         image: &ImagePlan,
         outputs: &HashMap<usize, Arc<NodeOutput>>,
     ) -> Result<ImageSummary, String> {
+        // Docker's manifest formats have no annotations.
+        let annotations = match self.options.format {
+            ManifestFormat::Oci => image.annotations.clone(),
+            ManifestFormat::Docker => BTreeMap::new(),
+        };
         let created = epoch_rfc3339(self.options.layer.source_date_epoch);
         let mut manifests = Vec::new();
         let mut platforms = Vec::new();
@@ -1217,11 +1232,7 @@ impl Executor<'_> {
                 &output.history,
                 &created,
             );
-            let config_bytes = oci::canonical_json(&config);
-            let config_digest = self
-                .store
-                .put_blob_bytes(&config_bytes)
-                .map_err(|error| error.to_string())?;
+            let (config_bytes, config_digest) = self.store_json(&config)?;
             let format = self.options.format;
             let mut layer_descriptors = Vec::with_capacity(output.layers.len());
             for layer in &output.layers {
@@ -1244,17 +1255,9 @@ impl Executor<'_> {
                     annotations: BTreeMap::new(),
                 },
                 layers: layer_descriptors,
-                annotations: if format == ManifestFormat::Docker {
-                    BTreeMap::new()
-                } else {
-                    image.annotations.clone()
-                },
+                annotations: annotations.clone(),
             };
-            let manifest_bytes = oci::canonical_json(&manifest);
-            let manifest_digest = self
-                .store
-                .put_blob_bytes(&manifest_bytes)
-                .map_err(|error| error.to_string())?;
+            let (manifest_bytes, manifest_digest) = self.store_json(&manifest)?;
             blobs.push(config_digest);
             blobs.push(manifest_digest);
             blobs.extend(output.layers.iter().map(|layer| layer.digest));
@@ -1275,22 +1278,13 @@ impl Executor<'_> {
                 size: output.layers.iter().map(|layer| layer.size).sum(),
             });
         }
-        let docker = self.options.format == ManifestFormat::Docker;
         let index = oci::ImageIndex {
             schema_version: 2,
             media_type: Some(self.options.format.index().to_string()),
             manifests,
-            annotations: if docker {
-                BTreeMap::new()
-            } else {
-                image.annotations.clone()
-            },
+            annotations,
         };
-        let index_bytes = oci::canonical_json(&index);
-        let index_digest = self
-            .store
-            .put_blob_bytes(&index_bytes)
-            .map_err(|error| error.to_string())?;
+        let (index_bytes, index_digest) = self.store_json(&index)?;
         blobs.push(index_digest);
         let index_descriptor = |reference: Option<&str>| oci::Descriptor {
             media_type: self.options.format.index().to_string(),

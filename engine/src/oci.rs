@@ -609,37 +609,16 @@ pub fn normalize_platform(platform: &OciPlatform) -> OciPlatform {
         "macos" => "darwin".to_string(),
         other => other.to_string(),
     };
-    let architecture = platform.architecture.to_ascii_lowercase();
-    let variant_lower = platform
+    let variant = platform
         .variant
         .as_ref()
         .map(|variant| variant.to_ascii_lowercase());
-    let variant = variant_lower
-        .as_deref()
-        .filter(|variant| !variant.is_empty());
-    let (architecture, variant): (&str, Option<String>) = match architecture.as_str() {
-        "i386" | "i486" | "i586" | "i686" | "x86" => ("386", None),
-        "x86_64" | "x86-64" | "amd64" => match variant {
-            None | Some("v1") => ("amd64", None),
-            Some(other) => ("amd64", Some(other.to_string())),
-        },
-        "aarch64" | "arm64" => match variant {
-            None | Some("8") | Some("v8") | Some("v8.0") => ("arm64", None),
-            Some(other) => ("arm64", Some(other.to_string())),
-        },
-        "armhf" => ("arm", Some("v7".to_string())),
-        "armel" => ("arm", Some("v6".to_string())),
-        "armv7" | "armv7l" => ("arm", Some("v7".to_string())),
-        "armv6" | "armv6l" => ("arm", Some("v6".to_string())),
-        "arm" => match variant {
-            None | Some("7") => ("arm", Some("v7".to_string())),
-            Some(number @ ("5" | "6" | "8")) => ("arm", Some(format!("v{number}"))),
-            Some(other) => ("arm", Some(other.to_string())),
-        },
-        other => (other, variant.map(str::to_string)),
-    };
+    let (architecture, variant) = graphbuild_lang::platform::normalize_architecture(
+        &platform.architecture.to_ascii_lowercase(),
+        variant.as_deref(),
+    );
     OciPlatform {
-        architecture: architecture.to_string(),
+        architecture,
         os,
         variant,
     }

@@ -377,6 +377,23 @@ impl<'a> Expander<'a> {
         }
     }
 
+    /// `KEY=value` pairs of an image (labels, annotations), substituted.
+    fn substitute_pairs(
+        &mut self,
+        pairs: &[(String, Text)],
+        vars: &Vars,
+    ) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(key, value)| {
+                (
+                    key.clone(),
+                    self.substitute(value, Mode::Strict, vars, None),
+                )
+            })
+            .collect()
+    }
+
     /// Global args for one target and matrix combination, in declaration order.
     fn globals(&mut self, target: &Platform, matrix: &[(String, String)]) -> Vec<(String, String)> {
         let mut vars = Vars::new(
@@ -464,26 +481,8 @@ impl<'a> Expander<'a> {
                         .map(|tag| self.substitute(tag, Mode::Strict, &vars, None))
                         .collect(),
                     platforms: Vec::new(),
-                    annotations: image
-                        .annotations
-                        .iter()
-                        .map(|(key, value)| {
-                            (
-                                key.clone(),
-                                self.substitute(value, Mode::Strict, &vars, None),
-                            )
-                        })
-                        .collect(),
-                    labels: image
-                        .labels
-                        .iter()
-                        .map(|(key, value)| {
-                            (
-                                key.clone(),
-                                self.substitute(value, Mode::Strict, &vars, None),
-                            )
-                        })
-                        .collect(),
+                    annotations: self.substitute_pairs(&image.annotations, &vars),
+                    labels: self.substitute_pairs(&image.labels, &vars),
                     output: image.output.as_ref().map(|output| {
                         project
                             .root_dir

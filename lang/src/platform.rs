@@ -283,11 +283,15 @@ fn is_known_architecture(architecture: &str) -> bool {
     KNOWN_ARCHITECTURES.contains(&architecture)
 }
 
-/// containerd's `normalizeArch`, plus `i686` and `armv7l`-style spellings.
-fn normalize_architecture(architecture: &str, variant: Option<&str>) -> (String, Option<String>) {
+/// containerd's `normalizeArch`, plus `i686` and `armv7l`-style spellings: lenient, for
+/// platforms read from image indexes as well as written ones (expects lowercase input).
+pub fn normalize_architecture(
+    architecture: &str,
+    variant: Option<&str>,
+) -> (String, Option<String>) {
     let variant = variant.filter(|variant| !variant.is_empty());
     let (architecture, variant): (&str, Option<String>) = match architecture {
-        "i386" | "i686" | "x86" => ("386", None),
+        "i386" | "i486" | "i586" | "i686" | "x86" => ("386", None),
         "x86_64" | "x86-64" | "amd64" => match variant {
             None | Some("v1") => ("amd64", None),
             Some(other) => ("amd64", Some(other.to_string())),
