@@ -1,9 +1,11 @@
-//! `graphbuild inspect`: what an image layout holds, per platform.
+//! `graphbuild inspect`: what an image layout or a registry image holds, per platform.
 
 use std::io::Read;
 use std::path::Path;
 
 use graphbuild_engine::oci::{self, ImageIndex, ImageManifest, OciLayout};
+use graphbuild_engine::reference::Reference;
+use graphbuild_engine::registry::{ClientOptions, RegistryClient};
 use serde_json::json;
 
 use crate::exit;
@@ -11,7 +13,12 @@ use crate::render;
 
 /// Uncompressed size of a layer blob (gzip, zstd or plain tar).
 fn uncompressed_size(layout: &OciLayout, descriptor: &oci::Descriptor) -> Option<u64> {
-    let file = std::fs::File::open(layout.blob_path(&descriptor.digest)).ok()?;
+    uncompressed_size_of(&layout.blob_path(&descriptor.digest), descriptor.size)
+}
+
+/// Uncompressed size of the layer blob in `path`; `size` is its own size (for plain tars).
+fn uncompressed_size_of(path: &Path, size: u64) -> Option<u64> {
+    let file = std::fs::File::open(path).ok()?;
     let mut reader = std::io::BufReader::new(file);
     let mut magic = [0u8; 4];
     let mut head = Vec::new();
@@ -28,7 +35,7 @@ fn uncompressed_size(layout: &OciLayout, descriptor: &oci::Descriptor) -> Option
         )
         .ok()
     } else {
-        Some(descriptor.size)
+        Some(size)
     }
 }
 
@@ -82,23 +89,155 @@ fn describe(layout: &OciLayout, tag: Option<&str>) -> Result<serde_json::Value, 
     }))
 }
 
-pub fn inspect(target: &str, json_format: bool) -> u8 {
+/// A registry image: the same description as for a layout, fetched over the distribution API.
+/// Layers are downloaded to a temporary directory to measure their uncompressed size.
+fn describe_registry(
+    client: &RegistryClient,
+    reference: &Reference,
+) -> Result<serde_json::Value, String> {
+    let text = |error: graphbuild_engine::registry::RegistryError| match miette::Diagnostic::help(
+        &error,
+    ) {
+        Some(help) => format!("{error}\nhint: {help}"),
+        None => error.to_string(),
+    };
+    let top = client.resolve(reference).map_err(text)?;
+    let descriptors: Vec<oci::Descriptor> = if top.is_index() {
+        let index: ImageIndex =
+            serde_json::from_slice(&top.bytes).map_err(|error| error.to_string())?;
+        index
+            .manifests
+            .into_iter()
+            .filter(|descriptor| !oci::media::is_index(&descriptor.media_type))
+            .collect()
+    } else {
+        vec![top.descriptor()]
+    };
+    let scratch = tempfile::tempdir().map_err(|error| error.to_string())?;
+    let mut platforms = Vec::new();
+    for descriptor in descriptors {
+        if descriptor
+            .platform
+            .as_ref()
+            .is_some_and(|platform| platform.os == "unknown")
+        {
+            continue; // attestation manifests
+        }
+        let manifest_bytes = if descriptor.digest == top.digest {
+            top.bytes.clone()
+        } else {
+            client
+                .resolve(&reference.with_digest(descriptor.digest))
+                .map_err(text)?
+                .bytes
+        };
+        let manifest: ImageManifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|error| error.to_string())?;
+        let config_path = scratch.path().join(manifest.config.digest.hex());
+        client
+            .fetch_blob(
+                reference,
+                &manifest.config.digest,
+                manifest.config.size,
+                &config_path,
+            )
+            .map_err(text)?;
+        let config: oci::ImageConfigFile = serde_json::from_slice(
+            &std::fs::read(&config_path).map_err(|error| error.to_string())?,
+        )
+        .map_err(|error| error.to_string())?;
+        let mut uncompressed = Some(0u64);
+        for layer in &manifest.layers {
+            let path = scratch.path().join(layer.digest.hex());
+            client
+                .fetch_blob(reference, &layer.digest, layer.size, &path)
+                .map_err(text)?;
+            uncompressed = uncompressed
+                .zip(uncompressed_size_of(&path, layer.size))
+                .map(|(a, b)| a + b);
+            let _ = std::fs::remove_file(&path);
+        }
+        let platform = descriptor
+            .platform
+            .clone()
+            .unwrap_or_else(|| config.platform());
+        platforms.push(json!({
+            "platform": platform.to_string(),
+            "manifest_digest": descriptor.digest.to_string(),
+            "layers": manifest.layers.len(),
+            "layer_media_types": manifest.layers.iter().map(|layer| layer.media_type.clone()).collect::<Vec<_>>(),
+            "compressed_size": manifest.layers.iter().map(|layer| layer.size).sum::<u64>(),
+            "uncompressed_size": uncompressed,
+            "config": {
+                "entrypoint": config.config.entrypoint,
+                "cmd": config.config.cmd,
+                "user": config.config.user,
+                "workdir": config.config.working_dir,
+                "env": config.config.env,
+                "labels": config.config.labels,
+            },
+        }));
+    }
+    Ok(json!({
+        "tag": reference.tag,
+        "digest": top.digest.to_string(),
+        "media_type": top.media_type,
+        "platforms": platforms,
+    }))
+}
+
+fn inspect_registry(target: &str, json_format: bool, insecure_registries: &[String]) -> u8 {
+    let reference = match Reference::parse(target) {
+        Ok(reference) => reference,
+        Err(error) => {
+            render::error(
+                &format!(
+                    "`{target}` is neither an OCI layout on disk nor an image reference: {error}"
+                ),
+                &[
+                    "give a layout directory (PATH or PATH:TAG) or a reference like registry.example.com/app:1.0",
+                ],
+            );
+            return exit::INVALID_INPUT;
+        }
+    };
+    let client = RegistryClient::new(ClientOptions {
+        insecure_registries: insecure_registries.to_vec(),
+        ..Default::default()
+    });
+    let image = match describe_registry(&client, &reference) {
+        Ok(image) => image,
+        Err(message) => {
+            render::error(&format!("cannot inspect `{reference}`: {message}"), &[]);
+            return exit::ENVIRONMENT;
+        }
+    };
+    if json_format {
+        let value = json!({ "reference": reference.to_string(), "tags": [reference.tag], "images": [image] });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return exit::SUCCESS;
+    }
+    let tags: Vec<String> = reference.tag.iter().cloned().collect();
+    print!("{}", text(&reference.to_string(), &tags, &[image]));
+    exit::SUCCESS
+}
+
+pub fn inspect(target: &str, json_format: bool, insecure_registries: &[String]) -> u8 {
     // PATH or PATH:TAG (a tag never contains '/').
     let (path, tag) = match target.rsplit_once(':') {
         Some((path, tag)) if !tag.contains('/') && Path::new(path).is_dir() => (path, Some(tag)),
         _ => (target, None),
     };
+    if !Path::new(path).exists() {
+        return inspect_registry(target, json_format, insecure_registries);
+    }
     let layout = match OciLayout::open(Path::new(path)) {
         Ok(layout) => layout,
         Err(error) => {
-            if !Path::new(path).exists() && (target.contains('/') || target.contains(':')) {
-                render::error(
-                    &format!("`{target}` is not an OCI layout on disk"),
-                    &[
-                        "inspect an OCI layout directory (PATH or PATH:TAG); registry references need `skopeo inspect docker://REF` for now",
-                    ],
-                );
-            } else {
+            {
                 render::diagnostic(&error);
             }
             return exit::INVALID_INPUT;

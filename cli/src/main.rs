@@ -77,13 +77,16 @@ enum Command {
     },
     /// Show an OCI layout: tags, index digest, per-platform manifests, sizes and config
     #[command(
-        after_help = "Examples:\n  graphbuild inspect graphbuild-out/app\n  graphbuild inspect graphbuild-out/app:1.0 --format json"
+        after_help = "Examples:\n  graphbuild inspect graphbuild-out/app\n  graphbuild inspect graphbuild-out/app:1.0 --format json\n  graphbuild inspect registry.example.com/app:1.0"
     )]
     Inspect {
-        /// PATH or PATH:TAG of an OCI layout
+        /// PATH or PATH:TAG of an OCI layout, or a registry reference (REGISTRY/REPO:TAG)
         target: String,
         #[arg(long, value_enum, default_value = "text")]
         format: InspectFormat,
+        /// Allow plain HTTP to this registry (localhost and 127.0.0.0/8 always are)
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure_registries: Vec<String>,
     },
     /// Inspect or manage the local cache, or serve a team cache
     #[command(
@@ -310,9 +313,11 @@ fn main() -> ExitCode {
             fix,
             cache_dir,
         } => doctor::doctor(file, fix, cache_dir),
-        Command::Inspect { target, format } => {
-            inspect::inspect(&target, format == InspectFormat::Json)
-        }
+        Command::Inspect {
+            target,
+            format,
+            insecure_registries,
+        } => inspect::inspect(&target, format == InspectFormat::Json, &insecure_registries),
         Command::Cache(CacheCommand::Du { cache_dir }) => commands::cache_du(cache_dir),
         Command::Cache(CacheCommand::Prune {
             cache_dir,

@@ -1013,3 +1013,43 @@ image slow {{ stage slow; }}
         "{joined}"
     );
 }
+
+#[test]
+fn inspect_reads_a_registry_image_like_a_layout() {
+    let registry = Registry::start();
+    let sandbox = Sandbox::new();
+    let fixture = sandbox.path().join("tests/fixtures/busybox");
+    registry.push_layout(
+        &format!("oci:{}:1.35.0", fixture.display()),
+        "library/busybox:1.35.0",
+    );
+    let remote = sandbox.graphbuild(&[
+        "inspect",
+        &format!("{}/library/busybox:1.35.0", registry.address),
+        "--format",
+        "json",
+    ]);
+    assert_success(&remote);
+    let local = sandbox.graphbuild(&[
+        "inspect",
+        &format!("{}:1.35.0", fixture.display()),
+        "--format",
+        "json",
+    ]);
+    assert_success(&local);
+    let remote: serde_json::Value = serde_json::from_slice(&remote.stdout).unwrap();
+    let local: serde_json::Value = serde_json::from_slice(&local.stdout).unwrap();
+    let remote_image = &remote["images"][0];
+    let local_image = &local["images"][0];
+    assert_eq!(remote_image["digest"], local_image["digest"]);
+    assert_eq!(remote_image["platforms"].as_array().unwrap().len(), 3);
+    // Same manifests, sizes (compressed and uncompressed) and config summaries.
+    assert_eq!(remote_image["platforms"], local_image["platforms"]);
+
+    let missing = sandbox.graphbuild(&[
+        "inspect",
+        &format!("{}/library/nothing:1", registry.address),
+    ]);
+    assert_eq!(missing.status.code(), Some(3), "{}", stderr(&missing));
+    assert!(stderr(&missing).contains("nothing"), "{}", stderr(&missing));
+}
