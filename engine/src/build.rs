@@ -200,6 +200,8 @@ struct Executor<'a> {
     in_flight: Mutex<HashMap<Key, Arc<Mutex<()>>>>,
     /// Steps executed by this build: reused by other nodes even with `--no-cache`.
     executed_here: Mutex<std::collections::HashSet<Key>>,
+    /// One lock per layer being unpacked into a snapshot.
+    in_flight_snapshots: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
 }
 
 /// Run every node of the plan and write every image.
@@ -225,6 +227,7 @@ pub fn build(
         cache_mounts_restored: Mutex::new(std::collections::HashSet::new()),
         in_flight: Mutex::new(HashMap::new()),
         executed_here: Mutex::new(std::collections::HashSet::new()),
+        in_flight_snapshots: Mutex::new(HashMap::new()),
     };
     events.emit(Event::Plan {
         nodes: plan.nodes.len(),
@@ -993,6 +996,13 @@ impl Executor<'_> {
         let mut dirs = Vec::with_capacity(layers.len());
         for layer in layers.iter().rev() {
             let blob = self.store.blob_path(&layer.digest);
+            // Nodes that need the same layer at once wait for one extraction.
+            let extracting = self
+                .in_flight_snapshots
+                .lock()
+                .map(|mut in_flight| in_flight.entry(layer.diff_id).or_default().clone())
+                .unwrap_or_default();
+            let _extracting = extracting.lock();
             let dir = self
                 .store
                 .ensure_snapshot(&layer.diff_id, |dir: &Path| {
@@ -1090,18 +1100,65 @@ impl Executor<'_> {
                 ));
             }
         }
+        // A change already stored as a layer (the same files copied on another platform) is
+        // that layer: hash the tar first, compress only what is new.
+        let Some(diff_id) = layer::diff_id_of_upper(&upperdir, &self.options.layer)
+            .map_err(|error| fail(format!("cannot write the layer: {error}")))?
+        else {
+            return Ok(None);
+        };
+        let compressing = self
+            .in_flight
+            .lock()
+            .map(|mut in_flight| {
+                in_flight
+                    .entry(self.layer_key(&diff_id))
+                    .or_default()
+                    .clone()
+            })
+            .unwrap_or_default();
+        let _compressing = compressing.lock();
+        if let Some(known) = self.known_layer(&diff_id) {
+            return Ok(Some(known));
+        }
         let blob = layer::write_layer_from_upper(&upperdir, temp.path(), &self.options.layer)
             .map_err(|error| fail(format!("cannot write the layer: {error}")))?;
         let Some(blob) = blob else { return Ok(None) };
         self.store
             .put_blob_file(&blob.path, Some(blob.digest))
             .map_err(|error| fail(format!("cannot store the layer: {error}")))?;
-        Ok(Some(LayerDesc {
+        let layer = LayerDesc {
             digest: blob.digest,
             diff_id: blob.diff_id,
             size: blob.size,
             media_type: blob.media_type.to_string(),
-        }))
+        };
+        if let Ok(bytes) = serde_json::to_vec(&layer) {
+            let _ = self
+                .store
+                .put_action(&self.layer_key(&layer.diff_id), &bytes);
+        }
+        Ok(Some(layer))
+    }
+
+    /// Where the compressed blob of a diff id is recorded, per compression.
+    fn layer_key(&self, diff_id: &Digest) -> Key {
+        let compression = match self.options.layer.compression {
+            layer::Compression::Gzip => "gzip",
+            layer::Compression::Zstd => "zstd",
+            layer::Compression::None => "none",
+        };
+        KeyBuilder::new("layer-blob")
+            .bytes(&diff_id.0)
+            .str(compression)
+            .finish()
+    }
+
+    /// A stored layer with this diff id, if its blob is still in the store.
+    fn known_layer(&self, diff_id: &Digest) -> Option<LayerDesc> {
+        let bytes = self.store.get_action(&self.layer_key(diff_id))?;
+        let layer: LayerDesc = serde_json::from_slice(&bytes).ok()?;
+        (layer.diff_id == *diff_id && self.store.has_blob(&layer.digest)).then_some(layer)
     }
 
     /// The sandbox task for a `run`; `guards` keeps cache-mount locks and secret files alive

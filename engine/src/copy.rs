@@ -256,12 +256,23 @@ fn write_item(
     }
 }
 
-/// Copy all of `input` to `output`, returning the blake3 of what was copied.
+/// Copy all of `input` to `output`, returning the blake3 of what was copied. One buffer per
+/// thread, reused: a copy step may copy thousands of files.
 fn copy_hashing(input: &mut File, output: &mut File) -> io::Result<[u8; 32]> {
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+    }
+    BUFFER.with_borrow_mut(|buffer| copy_hashing_with(input, output, buffer))
+}
+
+fn copy_hashing_with(
+    input: &mut File,
+    output: &mut File,
+    buffer: &mut [u8],
+) -> io::Result<[u8; 32]> {
     let mut hasher = blake3::Hasher::new();
-    let mut buffer = vec![0u8; 256 * 1024];
     loop {
-        let read = match input.read(&mut buffer) {
+        let read = match input.read(buffer) {
             Ok(0) => break,
             Ok(read) => read,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,

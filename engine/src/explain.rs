@@ -55,8 +55,12 @@ pub fn record(store: &Store, plan: &Plan) {
                 })
                 .collect(),
         };
+        // Advisory and usually unchanged: write only what differs (each write is fsynced).
         if let Ok(bytes) = serde_json::to_vec(&record) {
-            let _ = store.put_action(&identity(node), &bytes);
+            let identity = identity(node);
+            if store.get_action(&identity).as_deref() != Some(bytes.as_slice()) {
+                let _ = store.put_action(&identity, &bytes);
+            }
         }
     }
 }

@@ -919,3 +919,19 @@ pub fn write_layer_from_upper(
         path,
     }))
 }
+
+/// The diff id (sha256 of the uncompressed tar) the layer of `upper` would have, without
+/// compressing or writing anything; `None` when `upper` is empty. Lets a caller that already
+/// holds a compressed blob for that diff id skip compressing it again (the same change on
+/// several platforms, like a copied build context, is one layer).
+pub fn diff_id_of_upper(upper: &Path, opts: &LayerOptions) -> Result<Option<Digest>, LayerError> {
+    let entries = scan(upper, opts.source_date_epoch)?;
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    let mut builder = tar::Builder::new(HashingWriter::new(io::sink()));
+    write_entries(&entries, &mut builder)?;
+    let output = builder.into_inner().map_err(io_error("hash", upper))?;
+    let (_, diff_id, _) = output.finish();
+    Ok(Some(diff_id))
+}
