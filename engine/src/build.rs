@@ -1119,6 +1119,7 @@ impl Executor<'_> {
             .unwrap_or_default();
         let _compressing = compressing.lock();
         if let Some(known) = self.known_layer(&diff_id) {
+            self.adopt_snapshot(&diff_id, &upperdir);
             return Ok(Some(known));
         }
         let blob = layer::write_layer_from_upper(&upperdir, temp.path(), &self.options.layer)
@@ -1138,7 +1139,32 @@ impl Executor<'_> {
                 .store
                 .put_action(&self.layer_key(&layer.diff_id), &bytes);
         }
+        self.adopt_snapshot(&layer.diff_id, &upperdir);
         Ok(Some(layer))
+    }
+
+    /// Keep a step's upper directory as the snapshot of its layer, instead of deleting it and
+    /// unpacking the layer again for the next step: an overlay upper directory already is a
+    /// valid lower directory (whiteouts are 0/0 devices, opaque directories carry the xattr).
+    /// Times are clamped first, so it is the same tree unpacking the layer would give.
+    fn adopt_snapshot(&self, diff_id: &Digest, upperdir: &Path) {
+        if self.store.snapshot_path(diff_id).is_some() {
+            return;
+        }
+        let extracting = self
+            .in_flight_snapshots
+            .lock()
+            .map(|mut in_flight| in_flight.entry(*diff_id).or_default().clone())
+            .unwrap_or_default();
+        let _extracting = extracting.lock();
+        let epoch = self.options.layer.source_date_epoch;
+        let _ = self
+            .store
+            .ensure_snapshot(diff_id, |dir: &Path| -> Result<(), String> {
+                clamp_times(upperdir, epoch)?;
+                std::fs::remove_dir(dir).map_err(|error| error.to_string())?;
+                std::fs::rename(upperdir, dir).map_err(|error| error.to_string())
+            });
     }
 
     /// Where the compressed blob of a diff id is recorded, per compression.
@@ -1405,6 +1431,44 @@ impl Executor<'_> {
             cached,
         })
     }
+}
+
+/// Set every entry's access and modification times under `root` to `min(mtime, epoch)`,
+/// without following symlinks, as the layer writer records them.
+fn clamp_times(root: &Path, epoch: i64) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    for entry in walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .contents_first(true)
+    {
+        let entry = entry.map_err(|error| error.to_string())?;
+        let metadata = entry.metadata().map_err(|error| error.to_string())?;
+        let mtime = std::os::unix::fs::MetadataExt::mtime(&metadata).min(epoch);
+        let time = libc::timespec {
+            tv_sec: mtime as libc::time_t,
+            tv_nsec: 0,
+        };
+        let times = [time, time];
+        let path = std::ffi::CString::new(entry.path().as_os_str().as_bytes())
+            .map_err(|error| error.to_string())?;
+        // SAFETY: a valid NUL-terminated path and two timespecs, as utimensat(2) expects.
+        let result = unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if result != 0 {
+            return Err(format!(
+                "cannot set the times of {}: {}",
+                entry.path().display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `dir` already holds exactly this layout: the same `index.json` bytes and every blob
