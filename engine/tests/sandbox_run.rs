@@ -550,11 +550,10 @@ fn killing_the_engine_leaves_no_sandbox_process() {
         start_engine("sleep 987651 & echo started; wait", rootfs.path(), &scratch);
     let supervisors = children_of(engine.0.id());
     assert_eq!(supervisors.len(), 1, "one supervisor process");
-    assert_eq!(
-        processes_running(&["sleep", "987651"]).len(),
-        1,
-        "the sandboxed sleep runs"
-    );
+    // `echo started` may run before the background shell has exec'd `sleep`.
+    wait_until("the sandboxed sleep runs", || {
+        processes_running(&["sleep", "987651"]).len() == 1
+    });
 
     engine.0.kill().expect("SIGKILL the engine");
     engine.0.wait().expect("reap the engine");

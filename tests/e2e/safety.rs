@@ -422,7 +422,10 @@ fn build_then_ctrl_c() -> Cancelled {
     require_tool("pgrep");
     let sandbox = Sandbox::new();
     // A sleep of a unique length: its command line is our marker.
-    let seconds = 600_000 + (std::process::id() % 100_000);
+    // Unique per test, not only per process: the tests of this file run in parallel.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nonce = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seconds = 600_000 + (std::process::id() % 50_000) * 4 + nonce;
     let marker = format!("sleep {seconds}");
     sandbox.write(
         "slow/images.kdl",
@@ -471,10 +474,14 @@ fn build_then_ctrl_c() -> Cancelled {
     while processes_matching(&marker).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(
-        !processes_matching(&marker).is_empty(),
-        "the step's `{marker}` never started"
-    );
+    if processes_matching(&marker).is_empty() {
+        let _ = child.kill();
+        let output = child.wait_with_output().expect("wait");
+        panic!(
+            "the step's `{marker}` never started; events: {seen:?}; stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 
     let sent = Instant::now();
     nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
