@@ -982,6 +982,7 @@ fn every_kdl_snippet_in_docs_plans() {
         })
         .collect();
     docs.sort();
+    docs.push(repo_root().join("README.md"));
     let mut checked = 0;
     for doc in &docs {
         let markdown = std::fs::read_to_string(doc).expect("read doc");
