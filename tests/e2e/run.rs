@@ -381,3 +381,63 @@ image app { stage app; }
     assert_success(&warm);
     assert_eq!(summary(&warm)["executed"], 0);
 }
+
+#[test]
+fn podman_reads_every_platform_of_the_layout() {
+    require_tool("podman");
+    let sandbox = Sandbox::new();
+    sandbox.example("basic");
+    let output = sandbox.graphbuild(&[
+        "run",
+        "examples/basic/images.kdl",
+        "--output",
+        "out",
+        "--progress",
+        "plain",
+    ]);
+    assert_success(&output);
+    // podman names the image after the layout's path, which must be lowercase.
+    let lowercase = std::env::temp_dir().join(format!("graphbuild-podman-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&lowercase);
+    copy_tree(&sandbox.path().join("out/basic"), &lowercase.join("basic"));
+    let storage = sandbox.path().join("podman");
+    for (platform, _, arch) in PLATFORMS {
+        let arch = arch.split('/').next().unwrap();
+        let podman = |args: &[&str]| {
+            std::process::Command::new("podman")
+                .arg("--root")
+                .arg(storage.join("root"))
+                .arg("--runroot")
+                .arg(storage.join("run"))
+                .args(args)
+                .output()
+                .expect("podman runs")
+        };
+        let layout = format!("oci:{}:1.0", lowercase.join("basic").display());
+        let mut pull = vec!["pull", "--quiet", "--arch", arch];
+        if platform.ends_with("/v7") {
+            pull.extend(["--variant", "v7"]);
+        }
+        pull.push(&layout);
+        let pulled = podman(&pull);
+        assert!(
+            pulled.status.success(),
+            "podman pull {platform}: {}",
+            stderr(&pulled)
+        );
+        let id = stdout(&pulled).trim().to_string();
+        let inspected = podman(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{.Architecture}} {{.Os}} {{.Config.WorkingDir}}",
+            &id,
+        ]);
+        assert!(inspected.status.success(), "{}", stderr(&inspected));
+        assert_eq!(
+            stdout(&inspected).trim(),
+            format!("{arch} linux /app"),
+            "{platform}"
+        );
+    }
+}
