@@ -935,6 +935,26 @@ impl Loader {
     }
 
     /// Every positional argument as a string (strings or integers when `integers`).
+    /// Exactly one string argument (`cache-mount "/path"`, `secret "id"`); anything else is
+    /// reported once (`string_arguments` already reports arguments of the wrong type).
+    fn single_string_argument(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        at: Loc,
+        (code, what, message, label): (&str, &str, &str, &str),
+        help: &str,
+    ) -> Option<Text> {
+        let mut values = self.string_arguments(node, file, what, false);
+        if values.len() != 1 {
+            if positional(node).len() != 1 {
+                self.error(code, message, at, label, Some(help.to_string()));
+            }
+            return None;
+        }
+        values.pop()
+    }
+
     fn string_arguments(
         &mut self,
         node: &KdlNode,
@@ -1549,26 +1569,25 @@ impl Loader {
                             }
                         }
                     }
-                    let targets = self.string_arguments(child, file, "a cache mount path", false);
-                    if targets.len() != 1 {
-                        if positional(child).len() != 1 {
-                            self.error(
-                                "run::cache_mount",
-                                "`cache-mount` takes one path",
-                                child_at,
-                                "one path expected",
-                                Some("write `cache-mount \"/root/.cache\" id=\"pip\"`".into()),
-                            );
-                        }
+                    let Some(target) = self.single_string_argument(
+                        child,
+                        file,
+                        child_at,
+                        (
+                            "run::cache_mount",
+                            "a cache mount path",
+                            "`cache-mount` takes one path",
+                            "one path expected",
+                        ),
+                        "write `cache-mount \"/root/.cache\" id=\"pip\"`",
+                    ) else {
                         continue;
-                    }
-                    if let Some(target) = targets.into_iter().next() {
-                        cache_mounts.push(CacheMount {
-                            target,
-                            id,
-                            at: child_at,
-                        });
-                    }
+                    };
+                    cache_mounts.push(CacheMount {
+                        target,
+                        id,
+                        at: child_at,
+                    });
                 }
                 "secret" => {
                     self.check_no_children(child, file, "secret");
@@ -1591,28 +1610,22 @@ impl Loader {
                             ),
                         }
                     }
-                    let ids = self.string_arguments(child, file, "a secret id", false);
-                    if ids.len() != 1 {
-                        if positional(child).len() != 1 {
-                            self.error(
-                                "run::secret",
-                                "`secret` takes one id",
-                                child_at,
-                                "one id expected",
-                                Some("write `secret \"npmrc\" target=\"/root/.npmrc\"` and pass `--secret id=npmrc,src=FILE`".into()),
-                            );
-                        }
+                    let Some(id) = self.single_string_argument(
+                        child,
+                        file,
+                        child_at,
+                        ("run::secret", "a secret id", "`secret` takes one id", "one id expected"),
+                        "write `secret \"npmrc\" target=\"/root/.npmrc\"` and pass `--secret id=npmrc,src=FILE`",
+                    ) else {
                         continue;
-                    }
-                    if let Some(id) = ids.into_iter().next() {
-                        secrets.push(Secret {
-                            id: id.raw,
-                            target,
-                            env,
-                            required,
-                            at: child_at,
-                        });
-                    }
+                    };
+                    secrets.push(Secret {
+                        id: id.raw,
+                        target,
+                        env,
+                        required,
+                        at: child_at,
+                    });
                 }
                 "network" => {
                     if network_seen {
