@@ -19,6 +19,7 @@
 //! ```
 
 pub mod ir;
+pub mod limits;
 pub mod load;
 pub mod platform;
 pub mod stdlib;

@@ -32,7 +32,7 @@ use crate::ir::{
 };
 use crate::platform::{AUTOMATIC_ARGS, Platform};
 use crate::subst::{self, Mode};
-use crate::{Diagnostic, Diagnostics};
+use crate::{Diagnostic, Diagnostics, limits};
 
 /// Loads the build file at `path` with everything it imports.
 pub fn load(path: &Path) -> Result<Project, Diagnostics> {
@@ -199,6 +199,13 @@ fn properties(node: &KdlNode) -> Vec<(&str, &KdlEntry)> {
         .collect()
 }
 
+/// How many images a matrix expands to: the product of its axes' lengths (saturating).
+fn matrix_combinations(matrix: &[MatrixAxis]) -> u128 {
+    matrix.iter().fold(1u128, |product, axis| {
+        product.saturating_mul(axis.values.len() as u128)
+    })
+}
+
 fn is_image_reference(value: &str) -> bool {
     value.contains(['/', ':', '.', '@'])
 }
@@ -237,6 +244,17 @@ impl Loader {
             warnings: Vec::new(),
         };
         let stages = self.declare(&mut project);
+        if let Some(declaration) = stages.get(limits::MAX_STAGES) {
+            let file = self.files[declaration.file_index].file;
+            self.error(
+                "limits::stages",
+                format!("the build file has more than {} stages", limits::MAX_STAGES),
+                Self::loc(file, declaration.node.name().span()),
+                "one stage too many",
+                Some("split the build file into several".into()),
+            );
+            return Err(Diagnostics(std::mem::take(&mut self.diagnostics)));
+        }
         for declaration in &stages {
             let prefix = self.files[declaration.file_index].prefix.clone();
             let file = self.files[declaration.file_index].file;
@@ -313,6 +331,42 @@ impl Loader {
             path: path.clone(),
             text: text.clone(),
         });
+        if let Err(too_deep) = limits::check_nesting(&text) {
+            let (offset, message, label, help) = match too_deep {
+                limits::TooDeep::Braces(offset) => (
+                    offset,
+                    format!(
+                        "nodes are nested more than {} levels deep",
+                        limits::MAX_NESTING
+                    ),
+                    "one level too deep",
+                    "a build file needs a few levels of `{ … }`; flatten the nesting",
+                ),
+                limits::TooDeep::Comments(offset) => (
+                    offset,
+                    format!(
+                        "`/* … */` comments are nested more than {} deep",
+                        limits::MAX_NESTING
+                    ),
+                    "one comment too deep",
+                    "close the nested comments, or use `//` line comments",
+                ),
+                limits::TooDeep::LongComment(offset) => (
+                    offset,
+                    "this `/* … */` comment is too long".to_string(),
+                    "this comment",
+                    "split it, or use `//` line comments",
+                ),
+            };
+            self.error(
+                "limits::nesting",
+                message,
+                Self::loc(file, SourceSpan::new(offset.into(), 1)),
+                label,
+                Some(help.to_string()),
+            );
+            return;
+        }
         let document = match KdlDocument::parse(&text) {
             Ok(document) => document,
             Err(error) => {
@@ -427,6 +481,27 @@ impl Loader {
             None => prefix.to_string(),
         };
         let module_at = module.at;
+        if self.import_stack.len() >= limits::MAX_IMPORT_DEPTH {
+            let chain: Vec<&str> = self
+                .import_stack
+                .iter()
+                .map(|(_, name)| name.as_str())
+                .collect();
+            self.error(
+                "limits::import_depth",
+                format!(
+                    "imports are chained more than {} files deep",
+                    limits::MAX_IMPORT_DEPTH
+                ),
+                module_at,
+                "one import too deep",
+                Some(format!(
+                    "import the modules from one file instead of through a chain: {} → …",
+                    chain[..3.min(chain.len())].join(" → ")
+                )),
+            );
+            return;
+        }
         let (identity, name, path, text) = if let Some(std_name) = module.raw.strip_prefix("std:") {
             let Some(text) = crate::stdlib::module(std_name) else {
                 let names = crate::stdlib::module_names();
@@ -1886,6 +1961,7 @@ impl Loader {
 
     fn lower_images(&mut self, project: &mut Project) {
         let mut image_names: HashMap<String, Loc> = HashMap::new();
+        let mut expanded: u128 = 0;
         for file_index in 0..self.files.len() {
             if !self.files[file_index].is_root {
                 continue;
@@ -1902,7 +1978,34 @@ impl Loader {
                 if let Some(image) =
                     self.lower_image(node, file, file_index, project, &mut image_names)
                 {
+                    expanded = expanded.saturating_add(matrix_combinations(&image.matrix));
+                    if expanded > limits::MAX_IMAGES as u128 {
+                        self.error(
+                            "limits::images",
+                            format!(
+                                "the build file expands to more than {} images",
+                                limits::MAX_IMAGES
+                            ),
+                            image.at,
+                            "one image too many (counting matrix combinations)",
+                            Some("split the build file, or shrink the matrices".into()),
+                        );
+                        return;
+                    }
                     project.images.push(image);
+                }
+                if project.stages.len() > limits::MAX_STAGES {
+                    self.error(
+                        "limits::stages",
+                        format!(
+                            "the build file has more than {} stages (counting template instances)",
+                            limits::MAX_STAGES
+                        ),
+                        Self::loc(file, node.name().span()),
+                        "one template instance too many",
+                        Some("split the build file into several".into()),
+                    );
+                    return;
                 }
             }
         }
@@ -2089,6 +2192,24 @@ impl Loader {
                             values,
                             at: axis_at,
                         });
+                    }
+                    let combinations = matrix_combinations(&matrix);
+                    if combinations > limits::MAX_MATRIX_COMBINATIONS {
+                        let sizes: Vec<String> = matrix
+                            .iter()
+                            .map(|axis| axis.values.len().to_string())
+                            .collect();
+                        self.error(
+                            "limits::matrix",
+                            format!(
+                                "this matrix has {combinations} combinations, more than the {} an image may have",
+                                limits::MAX_MATRIX_COMBINATIONS
+                            ),
+                            child_at,
+                            format!("{} combinations", sizes.join(" × ")),
+                            Some("split the image into several images with smaller matrices, or drop values".into()),
+                        );
+                        matrix.clear();
                     }
                 }
                 "annotation" => {
