@@ -19,7 +19,9 @@ use serde_json::json;
 use crate::exit;
 use crate::progress::Progress;
 use crate::render;
-use crate::{CompressionArg, PlanArgs, PlanFormat, ProgressMode, RunArgs, SelectArgs};
+use crate::{
+    BuildInputArgs, CompressionArg, PlanArgs, PlanFormat, ProgressMode, RunArgs, SelectArgs,
+};
 
 /// A loaded and expanded build file.
 struct Loaded {
@@ -614,7 +616,7 @@ fn execute(
     let options = BuildOptions {
         jobs: settings
             .jobs
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            .unwrap_or_else(graphbuild_engine::scheduler::default_jobs),
         output_dir: settings.output,
         no_cache: settings.no_cache,
         layer: LayerOptions {
@@ -705,25 +707,51 @@ fn remote_options(args: &crate::RemoteCacheArgs) -> Result<build::RemoteOptions,
     })
 }
 
-pub fn run(args: RunArgs) -> u8 {
-    let store = match open_store(args.select.cache_dir.clone()) {
-        Ok(store) => store,
-        Err(code) => return code,
-    };
-    let resolver = match resolver(&args.select, false) {
-        Ok(resolver) => resolver,
-        Err(code) => return code,
-    };
-    let loaded = match load(&args.select, Some(&store), &resolver) {
-        Ok(loaded) => loaded,
-        Err(code) => return code,
-    };
-    let secrets = match parse_secrets(&args.secrets) {
+/// The settings for one build from the shared build inputs; an exit code for a bad `--secret`.
+fn build_settings(
+    inputs: &BuildInputArgs,
+    output: PathBuf,
+    no_cache: bool,
+    remote: build::RemoteOptions,
+) -> Result<BuildSettings, u8> {
+    let secrets = match parse_secrets(&inputs.secrets) {
         Ok(secrets) => secrets,
         Err(message) => {
             render::error(&message, &[]);
-            return exit::INVALID_INPUT;
+            return Err(exit::INVALID_INPUT);
         }
+    };
+    Ok(BuildSettings {
+        format: match inputs.format {
+            crate::FormatArg::Oci => build::ManifestFormat::Oci,
+            crate::FormatArg::Docker => build::ManifestFormat::Docker,
+        },
+        remote,
+        output,
+        no_cache,
+        jobs: inputs.jobs,
+        compression: match inputs.compression {
+            CompressionArg::Gzip => Compression::Gzip,
+            CompressionArg::Zstd => Compression::Zstd,
+        },
+        secrets,
+        source_date_epoch: inputs.source_date_epoch,
+    })
+}
+
+pub fn run(args: RunArgs) -> u8 {
+    let select = &args.inputs.select;
+    let store = match open_store(select.cache_dir.clone()) {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    let resolver = match resolver(select, false) {
+        Ok(resolver) => resolver,
+        Err(code) => return code,
+    };
+    let loaded = match load(select, Some(&store), &resolver) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     let cancel = cancel_on_signals();
     let mode = args.progress.unwrap_or_else(|| {
@@ -733,34 +761,22 @@ pub fn run(args: RunArgs) -> u8 {
             ProgressMode::Plain
         }
     });
-    let progress = Progress::new(mode, args.quiet);
     let remote = match remote_options(&args.cache) {
         Ok(remote) => remote,
         Err(code) => return code,
     };
-    let settings = BuildSettings {
-        format: match args.format {
-            crate::FormatArg::Oci => build::ManifestFormat::Oci,
-            crate::FormatArg::Docker => build::ManifestFormat::Docker,
-        },
-        remote,
-        output: args.output.clone(),
-        no_cache: args.no_cache,
-        jobs: args.jobs,
-        compression: match args.compression {
-            CompressionArg::Gzip => Compression::Gzip,
-            CompressionArg::Zstd => Compression::Zstd,
-        },
-        secrets,
-        source_date_epoch: args.source_date_epoch,
+    let settings = match build_settings(&args.inputs, args.output.clone(), args.no_cache, remote) {
+        Ok(settings) => settings,
+        Err(code) => return code,
     };
+    let progress = Progress::new(mode, args.quiet);
     let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
     let code = report_failures(&report);
     if code != exit::SUCCESS {
         return code;
     }
-    if args.select.pull
-        && let Err(code) = write_lock(&args.select, &resolver)
+    if select.pull
+        && let Err(code) = write_lock(select, &resolver)
     {
         return code;
     }
@@ -796,7 +812,8 @@ pub fn run(args: RunArgs) -> u8 {
 }
 
 /// `graphbuild verify`: two clean builds, compared.
-pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
+pub fn verify(inputs: BuildInputArgs) -> u8 {
+    let select = &inputs.select;
     let scratch = match tempfile::Builder::new()
         .prefix("graphbuild-verify-")
         .tempdir()
@@ -817,25 +834,20 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
             Ok(store) => store,
             Err(code) => return code,
         };
-        let resolver = match resolver(&select, false) {
+        let resolver = match resolver(select, false) {
             Ok(resolver) => resolver,
             Err(code) => return code,
         };
-        let loaded = match load(&select, Some(&store), &resolver) {
+        let loaded = match load(select, Some(&store), &resolver) {
             Ok(loaded) => loaded,
             Err(code) => return code,
         };
         eprintln!("verify: {round} build from scratch…");
         let output = scratch.path().join(format!("out-{round}"));
-        let settings = BuildSettings {
-            format: build::ManifestFormat::Oci,
-            remote: build::RemoteOptions::default(),
-            output: output.clone(),
-            no_cache: true,
-            jobs,
-            compression: Compression::Gzip,
-            secrets: HashMap::new(),
-            source_date_epoch: 0,
+        let settings = match build_settings(&inputs, output, true, build::RemoteOptions::default())
+        {
+            Ok(settings) => settings,
+            Err(code) => return code,
         };
         let progress = Progress::silent();
         let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
