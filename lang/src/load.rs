@@ -199,6 +199,28 @@ fn properties(node: &KdlNode) -> Vec<(&str, &KdlEntry)> {
         .collect()
 }
 
+/// Syntax errors reported per file: a file that is not KDL at all has one per line.
+const MAX_SYNTAX_ERRORS: usize = 10;
+
+/// Where a KDL syntax error is shown. kdl-rs spans some errors from the start of the construct
+/// it was parsing (often the start of the file) to where it gave up; a label over many lines
+/// would show the file's first lines, so such a span becomes the point where parsing stopped.
+fn syntax_error_span(text: &str, span: SourceSpan) -> SourceSpan {
+    let start = span.offset().min(text.len());
+    let end = (start + span.len()).min(text.len());
+    let Some(covered) = text.get(start..end) else {
+        return span;
+    };
+    if !covered.trim_end().contains('\n') {
+        return span;
+    }
+    let stop = start + covered.trim_end().len();
+    match text[..stop].char_indices().next_back() {
+        Some((at, character)) => SourceSpan::new(at.into(), character.len_utf8()),
+        None => span,
+    }
+}
+
 /// How many images a matrix expands to: the product of its axes' lengths (saturating).
 fn matrix_combinations(matrix: &[MatrixAxis]) -> u128 {
     matrix.iter().fold(1u128, |product, axis| {
@@ -232,7 +254,7 @@ impl Loader {
         path: Option<PathBuf>,
         text: String,
     ) -> Result<Project, Diagnostics> {
-        self.read_file(identity, name, path, text, String::new(), true);
+        self.read_file(identity, name, path, text, String::new(), None);
         let mut project = Project {
             sources: Sources::default(),
             root_dir: self.root_dir.clone(),
@@ -322,8 +344,9 @@ impl Loader {
         path: Option<PathBuf>,
         text: String,
         prefix: String,
-        is_root: bool,
+        imported_at: Option<Loc>,
     ) {
+        let is_root = imported_at.is_none();
         let file = FileId(self.sources.files.len() as u32);
         let text = Arc::new(text);
         self.sources.files.push(Source {
@@ -370,7 +393,19 @@ impl Loader {
         let document = match KdlDocument::parse(&text) {
             Ok(document) => document,
             Err(error) => {
-                for problem in &error.diagnostics {
+                for (index, problem) in error.diagnostics.iter().enumerate() {
+                    if index == MAX_SYNTAX_ERRORS {
+                        let more = error.diagnostics.len() - index;
+                        let mut diagnostic = Diagnostic::error(
+                            "graphbuild::kdl::syntax",
+                            format!("{more} more KDL syntax errors in `{name}`"),
+                        )
+                        .with_help("is this a KDL build file? fix the errors above first");
+                        diagnostic.location =
+                            Some(Self::loc(file, SourceSpan::new(text.len().into(), 0)));
+                        self.diagnostics.push(diagnostic);
+                        break;
+                    }
                     let message = problem
                         .message
                         .clone()
@@ -378,13 +413,26 @@ impl Loader {
                     let help = problem.help.clone().unwrap_or_else(|| {
                         "see the KDL v2 syntax: quoted strings, `#true`/`#false`, `{ … }` for children".to_string()
                     });
-                    self.error(
-                        "kdl::syntax",
+                    let mut diagnostic = Diagnostic::error(
+                        "graphbuild::kdl::syntax",
                         format!("KDL syntax error: {message}"),
-                        Self::loc(file, problem.span),
+                    )
+                    .with_label(
+                        &self.sources,
+                        Self::loc(file, syntax_error_span(&text, problem.span)),
                         problem.label.clone().unwrap_or_else(|| "here".to_string()),
-                        Some(help),
-                    );
+                    )
+                    .with_help(help);
+                    if let Some(imported_at) = imported_at
+                        && index == 0
+                    {
+                        diagnostic = diagnostic.with_label(
+                            &self.sources,
+                            imported_at,
+                            format!("`{name}` is imported here"),
+                        );
+                    }
+                    self.diagnostics.push(diagnostic);
                 }
                 return;
             }
@@ -598,7 +646,7 @@ impl Loader {
         {
             return;
         }
-        self.read_file(identity, name, path, text, child_prefix, false);
+        self.read_file(identity, name, path, text, child_prefix, Some(module_at));
     }
 
     // ----------------------------------------------------------------------------------------
