@@ -444,6 +444,47 @@ fn verify_passes_a_reproducible_build() {
     snapshot!("verify_reproducible", text);
 }
 
+#[test]
+fn verify_takes_the_secrets_run_takes() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "secret/images.kdl",
+        r#"platforms "linux/amd64"
+stage app {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    run "test \"$(cat /run/secrets/token)\" = s3cret && echo ok > /ok.txt" {
+        secret "token"
+    }
+}
+image app { stage app; }
+"#,
+    );
+    sandbox.write("secret/token.txt", "s3cret");
+    let without = graphbuild(&sandbox, &["verify", "secret/images.kdl"]);
+    assert_ne!(without.status.code(), Some(0), "{}", stderr(&without));
+    assert!(
+        stderr(&without).contains("--secret"),
+        "{}",
+        stderr(&without)
+    );
+    let token = sandbox.path().join("secret/token.txt");
+    let with = graphbuild(
+        &sandbox,
+        &[
+            "verify",
+            "secret/images.kdl",
+            "--secret",
+            &format!("id=token,src={}", token.display()),
+        ],
+    );
+    assert_success(&with);
+    assert!(
+        stdout(&with).contains("✓ app: reproducible (sha256:"),
+        "{}",
+        stdout(&with)
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // doctor and the emulator pre-check
 
