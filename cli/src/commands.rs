@@ -657,7 +657,10 @@ fn report_failures(report: &build::BuildReport) -> u8 {
     }
     if !report.failures.is_empty() {
         for failure in &report.failures {
-            eprintln!("error: {failure}");
+            // A failure carries the tail of the step's output: made safe like progress lines.
+            let text = failure.to_string();
+            let lines: Vec<String> = text.lines().map(crate::progress::sanitize).collect();
+            eprintln!("error: {}", lines.join("\n"));
         }
         eprintln!(
             "error: {} of the build failed",
