@@ -3,6 +3,17 @@
 //! reported as an ordinary diagnostic (exit code 2) pointing at the file and line that
 //! crosses it. They are documented in docs/language.md ("Limits").
 
+/// Largest build file or imported file, in bytes.
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+
+/// Stack for parsing a file of `length` bytes. kdl-rs's parser restarts itself recursively
+/// after every place it gives up (a stray `}`, a bad token), up to once per byte of input, at
+/// about 700 bytes of stack each in measurements; so the parse runs on its own thread with
+/// 1 KiB of stack per input byte on top of a fixed 16 MiB. [`MAX_FILE_BYTES`] bounds it.
+pub fn parser_stack_size(length: usize) -> usize {
+    (16 << 20) + length.min(MAX_FILE_BYTES) * 1024
+}
+
 /// Deepest `{ … }` nesting of a build file, and deepest nesting of `/* … */` comments.
 /// The KDL parser recurses once per level, so this is checked on the raw text first.
 pub const MAX_NESTING: usize = 64;
@@ -35,6 +46,9 @@ pub enum TooDeep {
     Comments(usize),
     /// The comment that starts at this byte offset is longer than [`MAX_COMMENT_STEPS`].
     LongComment(usize),
+    /// More than [`MAX_NESTING`] `/-` in a row (the parser nests once per `/-`); the offset of
+    /// the one too many.
+    Slashdashes(usize),
 }
 
 /// KDL v2 newlines (CR, LF, NEL, VT, FF, LS, PS; CRLF is a CR then an LF).
@@ -53,8 +67,28 @@ fn is_newline(character: char) -> bool {
 pub fn check_nesting(text: &str) -> Result<(), TooDeep> {
     let bytes = text.as_bytes();
     let mut depth = 0usize;
+    // `/-` seen in a row, with only whitespace and comments between them.
+    let mut slashdashes = 0usize;
     let mut at = 0usize;
     while at < bytes.len() {
+        match bytes[at] {
+            b'/' if bytes.get(at + 1) == Some(&b'-') => {
+                slashdashes += 1;
+                if slashdashes > MAX_NESTING {
+                    return Err(TooDeep::Slashdashes(at));
+                }
+                at += 2;
+                continue;
+            }
+            b' ' | b'\t' | b'\n' | b'\r' | b'\\' => {
+                at += 1;
+                continue;
+            }
+            _ => {}
+        }
+        if !(bytes[at] == b'/' && matches!(bytes.get(at + 1), Some(b'/' | b'*'))) {
+            slashdashes = 0;
+        }
         match bytes[at] {
             b'{' => {
                 depth += 1;
@@ -210,5 +244,22 @@ mod tests {
         assert_eq!(check_nesting(&long), Err(TooDeep::LongComment(0)));
         let banner = format!("/*{}*/\na 1", "*".repeat(200));
         assert_eq!(check_nesting(&banner), Ok(()));
+    }
+
+    #[test]
+    fn long_slashdash_chains_are_caught() {
+        let chain = |count: usize| format!("{}a 1 /-2 /-{{ }}\n", "/- ".repeat(count));
+        assert_eq!(check_nesting(&chain(MAX_NESTING)), Ok(()));
+        assert_eq!(
+            check_nesting(&chain(100_000)),
+            Err(TooDeep::Slashdashes(3 * MAX_NESTING))
+        );
+        let apart = "/- a 1\n".repeat(1_000);
+        assert_eq!(check_nesting(&apart), Ok(()));
+        let commented = "/- /* x */ // y\n".repeat(MAX_NESTING + 1);
+        assert!(matches!(
+            check_nesting(&commented),
+            Err(TooDeep::Slashdashes(_))
+        ));
     }
 }

@@ -199,26 +199,49 @@ fn properties(node: &KdlNode) -> Vec<(&str, &KdlEntry)> {
         .collect()
 }
 
+/// Parses KDL on a thread with a stack sized for the text (see
+/// [`limits::parser_stack_size`]): kdl-rs recurses once per place it gives up, so a crafted
+/// file could otherwise overflow the caller's stack. `Err` when the thread cannot start or
+/// the parser panics.
+fn parse_kdl(text: &str) -> Result<Result<KdlDocument, kdl::KdlError>, String> {
+    std::thread::scope(|scope| {
+        let parser = std::thread::Builder::new()
+            .name("kdl-parser".into())
+            .stack_size(limits::parser_stack_size(text.len()))
+            .spawn_scoped(scope, || KdlDocument::parse(text))
+            .map_err(|error| format!("cannot start the parser: {error}"))?;
+        parser
+            .join()
+            .map_err(|_| "the KDL parser failed on this file".to_string())
+    })
+}
+
 /// Syntax errors reported per file: a file that is not KDL at all has one per line.
 const MAX_SYNTAX_ERRORS: usize = 10;
 
-/// Where a KDL syntax error is shown. kdl-rs spans some errors from the start of the construct
-/// it was parsing (often the start of the file) to where it gave up; a label over many lines
-/// would show the file's first lines, so such a span becomes the point where parsing stopped.
-fn syntax_error_span(text: &str, span: SourceSpan) -> SourceSpan {
+/// Where a KDL syntax error is shown, if anywhere. kdl-rs gives errors it has no position for
+/// the span 0..0, which would show the file's first line as if the error were there: those
+/// get no label (the message still names the file). It spans some others from the start of
+/// the construct it was parsing (often the start of the file) to where it gave up; a label
+/// over many lines would show the file's first lines too, so such a span becomes the point
+/// where parsing stopped.
+fn syntax_error_span(text: &str, span: SourceSpan) -> Option<SourceSpan> {
+    if span.offset() == 0 && span.is_empty() && !text.is_empty() {
+        return None;
+    }
     let start = span.offset().min(text.len());
     let end = (start + span.len()).min(text.len());
     let Some(covered) = text.get(start..end) else {
-        return span;
+        return Some(span);
     };
     if !covered.trim_end().contains('\n') {
-        return span;
+        return Some(span);
     }
     let stop = start + covered.trim_end().len();
-    match text[..stop].char_indices().next_back() {
+    Some(match text[..stop].char_indices().next_back() {
         Some((at, character)) => SourceSpan::new(at.into(), character.len_utf8()),
         None => span,
-    }
+    })
 }
 
 /// How many images a matrix expands to: the product of its axes' lengths (saturating).
@@ -354,6 +377,23 @@ impl Loader {
             path: path.clone(),
             text: text.clone(),
         });
+        if text.len() > limits::MAX_FILE_BYTES {
+            let mut diagnostic = Diagnostic::error(
+                "graphbuild::limits::file_size",
+                format!(
+                    "`{name}` is {} bytes; a build file may have at most {} bytes",
+                    text.len(),
+                    limits::MAX_FILE_BYTES
+                ),
+            )
+            .with_help("is this the right file? split a very large build file with `import`");
+            match imported_at {
+                Some(at) => diagnostic = diagnostic.with_label(&self.sources, at, "imported here"),
+                None => diagnostic.location = Some(Self::loc(file, SourceSpan::new(0.into(), 0))),
+            }
+            self.diagnostics.push(diagnostic);
+            return;
+        }
         if let Err(too_deep) = limits::check_nesting(&text) {
             let (offset, message, label, help) = match too_deep {
                 limits::TooDeep::Braces(offset) => (
@@ -374,6 +414,12 @@ impl Loader {
                     "one comment too deep",
                     "close the nested comments, or use `//` line comments",
                 ),
+                limits::TooDeep::Slashdashes(offset) => (
+                    offset,
+                    format!("more than {} `/-` in a row", limits::MAX_NESTING),
+                    "one `/-` too many",
+                    "one `/-` comments out the node, argument or block after it",
+                ),
                 limits::TooDeep::LongComment(offset) => (
                     offset,
                     "this `/* … */` comment is too long".to_string(),
@@ -390,7 +436,19 @@ impl Loader {
             );
             return;
         }
-        let document = match KdlDocument::parse(&text) {
+        let parsed = match parse_kdl(&text) {
+            Ok(parsed) => parsed,
+            Err(message) => {
+                let mut diagnostic = Diagnostic::error(
+                    "graphbuild::kdl::parser",
+                    format!("cannot parse `{name}`: {message}"),
+                );
+                diagnostic.location = Some(Self::loc(file, SourceSpan::new(0.into(), 0)));
+                self.diagnostics.push(diagnostic);
+                return;
+            }
+        };
+        let document = match parsed {
             Ok(document) => document,
             Err(error) => {
                 for (index, problem) in error.diagnostics.iter().enumerate() {
@@ -417,12 +475,20 @@ impl Loader {
                         "graphbuild::kdl::syntax",
                         format!("KDL syntax error: {message}"),
                     )
-                    .with_label(
-                        &self.sources,
-                        Self::loc(file, syntax_error_span(&text, problem.span)),
-                        problem.label.clone().unwrap_or_else(|| "here".to_string()),
-                    )
                     .with_help(help);
+                    match syntax_error_span(&text, problem.span) {
+                        Some(span) => {
+                            diagnostic = diagnostic.with_label(
+                                &self.sources,
+                                Self::loc(file, span),
+                                problem.label.clone().unwrap_or_else(|| "here".to_string()),
+                            );
+                        }
+                        None => {
+                            diagnostic.message = format!("KDL syntax error in `{name}`: {message}");
+                            diagnostic.location = Some(Self::loc(file, problem.span));
+                        }
+                    }
                     if let Some(imported_at) = imported_at
                         && index == 0
                     {
