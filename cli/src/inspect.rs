@@ -197,7 +197,7 @@ fn inspect_registry(target: &str, json_format: bool, insecure_registries: &[Stri
         return exit::SUCCESS;
     }
     let tags: Vec<String> = reference.tag.iter().cloned().collect();
-    print!("{}", text(&reference.to_string(), &tags, &[image]));
+    print!("{}", safe(&text(&reference.to_string(), &tags, &[image])));
     exit::SUCCESS
 }
 
@@ -250,7 +250,7 @@ pub fn inspect(target: &str, json_format: bool, insecure_registries: &[String]) 
         );
         return exit::SUCCESS;
     }
-    print!("{}", text(path, &layout.tags(), &images));
+    print!("{}", safe(&text(path, &layout.tags(), &images)));
     exit::SUCCESS
 }
 
@@ -274,6 +274,14 @@ fn plural(count: u64, one: &str, many: &str) -> String {
 
 /// The text form: the layout, then per distinct image (tags pointing at the same digest are
 /// listed together) a line per platform and its config summary.
+/// The text report with control characters escaped line by line: labels, env and commands
+/// come from the image, which may be anyone's.
+fn safe(text: &str) -> String {
+    text.lines()
+        .map(|line| crate::progress::sanitize(line) + "\n")
+        .collect()
+}
+
 fn text(path: &str, all_tags: &[String], images: &[serde_json::Value]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
