@@ -299,7 +299,7 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
                 .iter()
                 .map(|step| {
                     json!({
-                        "kind": match step.op { Op::Run(_) => "run", Op::Copy(_) => "copy", Op::Config => "config" },
+                        "kind": match step.op { Op::Run(_) => "run", Op::Copy(_) => "copy", Op::Config(_) => "config" },
                         "description": step.description,
                         "key": step.key.to_string(),
                         "location": project.sources.describe(step.at),

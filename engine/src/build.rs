@@ -1041,11 +1041,11 @@ impl Executor<'_> {
             Op::Run(run) => Task::Run(self.run_task(node, run, &mut guards).map_err(fail)?),
             Op::Copy(copy) => {
                 let (source, items) = match &copy.from {
-                    CopySource::Context { items } => (
+                    CopySource::Context { items, .. } => (
                         CopyTaskSource::Context(self.plan.context_dir.clone()),
                         items.clone(),
                     ),
-                    CopySource::Node { node: source } => {
+                    CopySource::Node { node: source, .. } => {
                         let output = self.output_of(*source).map_err(fail)?;
                         (
                             CopyTaskSource::Layers(self.snapshots(&output.layers).map_err(fail)?),
@@ -1064,7 +1064,7 @@ impl Executor<'_> {
                 };
                 Task::Copy(serde_json::to_value(&task).map_err(|error| fail(error.to_string()))?)
             }
-            Op::Config => return Ok(None),
+            Op::Config(_) => return Ok(None),
         };
         let spec = SandboxSpec {
             lowerdirs,
