@@ -624,7 +624,12 @@ fn execute(
         sandbox_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
         secrets: settings.secrets,
         cancel: cancel.clone(),
-        remote: settings.remote,
+        // Ctrl-C/SIGTERM also stops transfers waiting on the cache.
+        remote: build::RemoteOptions {
+            from: (settings.remote.from).map(|cache| cache.with_cancel(cancel.flag().clone())),
+            to: (settings.remote.to).map(|cache| cache.with_cancel(cancel.flag().clone())),
+            required: settings.remote.required,
+        },
         format: settings.format,
         preflight: Some(Box::new(preflight)),
     };
