@@ -983,6 +983,7 @@ pub fn cache_serve(
         max_size,
         tokens_file: tokens,
         allow_anonymous_read,
+        timeouts: graphbuild_cache_server::Timeouts::default(),
     };
     let runtime = match tokio_runtime() {
         Ok(runtime) => runtime,
