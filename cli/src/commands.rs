@@ -1003,7 +1003,11 @@ pub fn cache_serve(
     match result {
         Ok(()) => exit::SUCCESS,
         Err(error) => {
-            render::error(&format!("the cache server stopped: {error}"), &[]);
+            let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
+            render::error(
+                &format!("the cache server stopped: {error}"),
+                &help.as_deref().into_iter().collect::<Vec<_>>(),
+            );
             exit::ENVIRONMENT
         }
     }

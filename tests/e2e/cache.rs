@@ -546,3 +546,46 @@ fn sigterm_while_waiting_on_a_stalled_cache_exits_within_two_seconds() {
     );
     assert_eq!(exit.code(), Some(130), "{exit}");
 }
+
+#[test]
+fn cache_serve_refuses_a_directory_it_did_not_create_and_deletes_nothing() {
+    let sandbox = Sandbox::new();
+    let dir = sandbox.path().join("home");
+    sandbox.write("home/tmp/notes.txt", "keep me");
+    sandbox.write("home/.profile", "export A=1");
+    let mut child = Command::new(bin())
+        .args(["cache", "serve", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cache serve starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("cache serve started on a foreign directory");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut error = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut error).unwrap();
+    assert_eq!(status.code(), Some(3), "{error}");
+    assert!(error.contains("not a cache server directory"), "{error}");
+    assert!(error.contains("hint:"), "{error}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("tmp/notes.txt")).unwrap(),
+        "keep me"
+    );
+    assert!(!dir.join("cas").exists());
+
+    // A new directory is created and marked, and serves.
+    let fresh = sandbox.path().join("fresh");
+    let server = Server::start(&fresh, &[]);
+    assert!(fresh.join(".graphbuild-cache-server").is_file());
+    drop(server);
+}
