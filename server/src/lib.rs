@@ -34,9 +34,11 @@
 //! [`Timeouts::body_idle`], and an average below [`Timeouts::min_body_rate`] bytes per second
 //! once [`Timeouts::body_grace`] has passed; either answers 408 and closes the connection. A
 //! client trickling one byte at a time therefore holds a connection for at most about
-//! `body_grace` plus one idle timeout.
+//! `body_grace` plus one idle timeout. On the way out, a write that makes no progress for
+//! [`Timeouts::body_idle`] (a client that stopped reading a download) closes the connection.
 
 mod auth;
+mod conn;
 mod http;
 mod metrics;
 mod store;
@@ -61,7 +63,8 @@ pub struct Timeouts {
     /// A request's headers must be complete this long after the server starts waiting for them
     /// (on a new connection, or after the previous response on a kept-alive one).
     pub header_read: Duration,
-    /// An upload whose body sends nothing for this long is abandoned.
+    /// An upload whose body sends nothing for this long is abandoned; a connection whose
+    /// client reads nothing of a response for this long is closed.
     pub body_idle: Duration,
     /// Once `body_grace` has passed, an upload must have averaged at least this many bytes per
     /// second since its start.
@@ -244,6 +247,7 @@ impl BoundServer {
                 () = signal_sender.closed() => break,
             };
             let _ = stream.set_nodelay(true);
+            let stream = conn::WriteStallTimeout::new(stream, self.app.timeouts.body_idle);
             let service = TowerToHyperService::new(router.clone());
             let builder = builder.clone();
             let signal_sender = signal_sender.clone();

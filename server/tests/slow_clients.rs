@@ -107,3 +107,40 @@ fn a_stalled_upload_is_cut_off() {
     assert!(closed < Duration::from_secs(5), "{closed:?}");
     assert!(list_files(&server.dir.join("tmp")).is_empty());
 }
+
+#[test]
+fn a_client_that_stops_reading_a_download_is_disconnected() {
+    let server = server();
+    let bytes = common::blob(7, 48 * 1024 * 1024);
+    let hash = common::sha256_hex(&bytes);
+    let reply = common::request(
+        "PUT",
+        &format!("{}/cas/{hash}", server.url),
+        None,
+        Some(&bytes),
+    );
+    assert_eq!(reply.status, 200);
+
+    let mut stream = TcpStream::connect(server.address()).unwrap();
+    write!(stream, "GET /cas/{hash} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // Read nothing for longer than the 2 s limit: the socket buffers fill, the server's
+    // writes stall, and it gives up on the connection.
+    std::thread::sleep(Duration::from_secs(5));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut total = 0usize;
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(count) => total += count,
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(error) => panic!("the server kept the connection open: {error}"),
+        }
+    }
+    assert!(
+        total < bytes.len(),
+        "the whole download arrived ({total} bytes): the server waited"
+    );
+}
