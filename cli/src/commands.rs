@@ -683,9 +683,12 @@ fn remote_options(args: &crate::RemoteCacheArgs) -> Result<build::RemoteOptions,
     let open = |url: &str| {
         graphbuild_engine::remote::RemoteCache::new(url, args.cache_token.clone()).map_err(
             |error| {
+                let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
                 render::error(
                     &error.to_string(),
-                    &["write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE"],
+                    &[help.as_deref().unwrap_or(
+                        "write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE",
+                    )],
                 );
                 exit::INVALID_INPUT
             },

@@ -589,3 +589,23 @@ fn cache_serve_refuses_a_directory_it_did_not_create_and_deletes_nothing() {
     assert!(fresh.join(".graphbuild-cache-server").is_file());
     drop(server);
 }
+
+#[test]
+fn an_invalid_cache_timeout_is_refused_with_a_hint() {
+    let sandbox = Sandbox::new();
+    sandbox.example("basic");
+    let output = run_with_env(
+        &sandbox,
+        "store",
+        "out",
+        &["--cache-from", "http://127.0.0.1:9"],
+        "soon",
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("GRAPHBUILD_CACHE_TIMEOUT=soon")
+            && stderr(&output).contains("hint: write a positive number of seconds"),
+        "{}",
+        stderr(&output)
+    );
+}
