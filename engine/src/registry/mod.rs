@@ -154,6 +154,7 @@ impl RegistryError {
             RegistryError::Unreachable { .. }
                 | RegistryError::Stalled { .. }
                 | RegistryError::InsecureRealm { .. }
+                | RegistryError::Io { .. }
                 | RegistryError::Unauthorized { .. }
                 | RegistryError::Unavailable { .. }
                 | RegistryError::DockerConfig { .. }
@@ -350,7 +351,10 @@ pub enum RegistryError {
     },
 
     #[error("cannot {action} {}: {source}", path.display())]
-    #[diagnostic(code(graphbuild::registry::io))]
+    #[diagnostic(
+        code(graphbuild::registry::io),
+        help("check the free space and the permissions of that directory")
+    )]
     Io {
         action: &'static str,
         path: PathBuf,
