@@ -400,8 +400,12 @@ fn a_stalling_cache_times_out_warns_once_and_the_build_goes_on_unless_required()
     assert_eq!(warnings.len(), 1, "one warning: {warnings:?}");
     assert!(warnings[0].contains(&cache.url), "{warnings:?}");
     assert!(summary(&output)["executed"].as_u64().unwrap() > 0);
-    // One stalled request (1 s), then the cache is not asked again.
-    assert_eq!(cache.requests().len(), 1, "{:?}", cache.requests());
+    // A stalled request (1 s) or two started together, then the cache is not asked again.
+    assert!(
+        (1..=2).contains(&cache.requests().len()),
+        "{:?}",
+        cache.requests()
+    );
     assert!(
         started.elapsed() < std::time::Duration::from_secs(60),
         "{:?}",
