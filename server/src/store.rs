@@ -90,7 +90,7 @@ pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
 /// an empty directory, adopt an earlier version's layout, or refuse.
 fn claim(root: &Path) -> Result<(), OpenError> {
     let marker = root.join(MARKER);
-    match fs::symlink_metadata(root) {
+    match fs::metadata(root) {
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
             fs::create_dir_all(root)?;
         }
@@ -109,8 +109,7 @@ fn claim(root: &Path) -> Result<(), OpenError> {
             let earlier_layout = names.iter().any(|name| name == "cas")
                 && names.iter().all(|name| {
                     ["cas", "ac", "tmp"].iter().any(|ours| name == ours)
-                        && fs::symlink_metadata(root.join(name))
-                            .is_ok_and(|metadata| metadata.is_dir())
+                        && fs::metadata(root.join(name)).is_ok_and(|metadata| metadata.is_dir())
                 });
             if !names.is_empty() && !earlier_layout {
                 return Err(OpenError::NotAStore);
@@ -266,7 +265,7 @@ impl Store {
         claim(root)?;
         let tmp = root.join("tmp");
         for dir in [&tmp, &root.join("cas"), &root.join("ac")] {
-            match fs::symlink_metadata(dir) {
+            match fs::metadata(dir) {
                 Ok(metadata) if metadata.is_dir() => {}
                 Ok(_) => {
                     return Err(io::Error::new(
@@ -585,6 +584,11 @@ mod tests {
         Store::open(&fresh, None, metrics.clone()).unwrap();
         assert!(!fresh.join("tmp/upload-stale").exists());
         assert!(fresh.join("tmp/keep.txt").exists());
+
+        // A symlink to a store is the store.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        Store::open(&link, None, metrics.clone()).unwrap();
 
         // An earlier version's store (cas/, ac/, tmp/, no marker) is adopted.
         let earlier = tempfile::tempdir().unwrap();
