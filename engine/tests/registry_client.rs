@@ -1147,6 +1147,18 @@ fn a_registry_that_stalls_mid_manifest_is_an_environment_error_with_help() {
                     media::OCI_MANIFEST,
                     MANIFEST.len()
                 );
+                if request_line.contains("/trickle/") {
+                    // One byte every 300 ms: never silent for the 1 s timeout.
+                    std::thread::spawn(move || {
+                        for byte in MANIFEST.iter().skip(4) {
+                            if stream.write_all(&[*byte]).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(300));
+                        }
+                    });
+                    continue;
+                }
                 held.push(stream);
             } else {
                 let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
@@ -1171,5 +1183,16 @@ fn a_registry_that_stalls_mid_manifest_is_an_environment_error_with_help() {
         .map(|help| help.to_string())
         .unwrap_or_default();
     assert!(!help.trim().is_empty(), "a real help line");
+
+    // A registry that trickles the manifest a byte at a time hits the whole-call deadline.
+    let trickle = Reference::parse(&format!("{host}/trickle/app:v1")).expect("reference");
+    let started = Instant::now();
+    let error = client.resolve(&trickle).expect_err("a trickled manifest");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(error, RegistryError::Stalled { .. }), "{error:?}");
     drop(server);
 }

@@ -478,6 +478,10 @@ impl Access {
     }
 }
 
+/// A request other than a blob transfer must finish within this many
+/// [`ClientOptions::timeout`]s.
+const SMALL_CALL_TIMEOUTS: u32 = 3;
+
 /// What `/v2/` told about a registry.
 #[derive(Debug)]
 struct Endpoint {
@@ -1593,6 +1597,27 @@ impl RegistryClient {
         retry_after.unwrap_or(exponential)
     }
 
+    /// Small requests (the `/v2/` probe, tokens, manifests) get a whole-call deadline of
+    /// [`SMALL_CALL_TIMEOUTS`] times [`ClientOptions::timeout`] on top of the per-read timeout,
+    /// so a registry trickling a byte at a time cannot hold a build. Blob transfers, whose size
+    /// makes a fixed deadline wrong, are bounded by the per-read timeout only.
+    fn with_deadline<S: ureq::AsSendBody>(
+        &self,
+        agent: &ureq::Agent,
+        request: http::Request<S>,
+        url: &str,
+    ) -> http::Request<S> {
+        if url.contains("/blobs/") {
+            return request;
+        }
+        agent
+            .configure_request(request)
+            .timeout_per_call(Some(
+                self.options.timeout.saturating_mul(SMALL_CALL_TIMEOUTS),
+            ))
+            .build()
+    }
+
     fn send_once(
         &self,
         agent: &ureq::Agent,
@@ -1618,11 +1643,11 @@ impl RegistryClient {
             RequestBody::Empty => builder
                 .body(())
                 .map_err(|error| invalid(format!("cannot build a request: {error}")))
-                .map(|request| agent.run(request))?,
+                .map(|request| agent.run(self.with_deadline(agent, request, &call.url)))?,
             RequestBody::Bytes(bytes) => builder
                 .body(bytes)
                 .map_err(|error| invalid(format!("cannot build a request: {error}")))
-                .map(|request| agent.run(request))?,
+                .map(|request| agent.run(self.with_deadline(agent, request, &call.url)))?,
             RequestBody::FileRange {
                 path,
                 offset,
