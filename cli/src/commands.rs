@@ -624,7 +624,12 @@ fn execute(
         sandbox_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
         secrets: settings.secrets,
         cancel: cancel.clone(),
-        remote: settings.remote,
+        // Ctrl-C/SIGTERM also stops transfers waiting on the cache.
+        remote: build::RemoteOptions {
+            from: (settings.remote.from).map(|cache| cache.with_cancel(cancel.flag().clone())),
+            to: (settings.remote.to).map(|cache| cache.with_cancel(cancel.flag().clone())),
+            required: settings.remote.required,
+        },
         format: settings.format,
         preflight: Some(Box::new(preflight)),
     };
@@ -678,9 +683,12 @@ fn remote_options(args: &crate::RemoteCacheArgs) -> Result<build::RemoteOptions,
     let open = |url: &str| {
         graphbuild_engine::remote::RemoteCache::new(url, args.cache_token.clone()).map_err(
             |error| {
+                let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
                 render::error(
                     &error.to_string(),
-                    &["write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE"],
+                    &[help.as_deref().unwrap_or(
+                        "write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE",
+                    )],
                 );
                 exit::INVALID_INPUT
             },
@@ -978,6 +986,7 @@ pub fn cache_serve(
         max_size,
         tokens_file: tokens,
         allow_anonymous_read,
+        timeouts: graphbuild_cache_server::Timeouts::default(),
     };
     let runtime = match tokio_runtime() {
         Ok(runtime) => runtime,
@@ -997,7 +1006,11 @@ pub fn cache_serve(
     match result {
         Ok(()) => exit::SUCCESS,
         Err(error) => {
-            render::error(&format!("the cache server stopped: {error}"), &[]);
+            let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
+            render::error(
+                &format!("the cache server stopped: {error}"),
+                &help.as_deref().into_iter().collect::<Vec<_>>(),
+            );
             exit::ENVIRONMENT
         }
     }

@@ -191,6 +191,8 @@ struct Executor<'a> {
     outputs: Mutex<HashMap<usize, Arc<NodeOutput>>>,
     /// Set once the remote cache failed: it is warned about once and not asked again.
     remote_failed: std::sync::atomic::AtomicBool,
+    /// Set once a bad remote entry (a miss, not a failure) was warned about.
+    remote_bad_entry_warned: std::sync::atomic::AtomicBool,
     /// Cache mounts used by this build, (id, platform) → directory, saved to the remote at the end.
     cache_mounts_used: Mutex<BTreeMap<(String, String), PathBuf>>,
     /// Cache mounts already restored from the remote in this build.
@@ -223,6 +225,7 @@ pub fn build(
         events,
         outputs: Mutex::new(HashMap::new()),
         remote_failed: std::sync::atomic::AtomicBool::new(false),
+        remote_bad_entry_warned: std::sync::atomic::AtomicBool::new(false),
         cache_mounts_used: Mutex::new(BTreeMap::new()),
         cache_mounts_restored: Mutex::new(std::collections::HashSet::new()),
         in_flight: Mutex::new(HashMap::new()),
@@ -572,6 +575,10 @@ impl Executor<'_> {
 
     /// A remote cache failed: warn once and go on locally, or fail when it is required.
     fn remote_trouble(&self, remote: &RemoteCache, message: String) -> Result<(), String> {
+        if self.options.cancel.is_cancelled() {
+            // The transfer was abandoned for the cancel; the build stops anyway.
+            return Ok(());
+        }
         if self.options.remote.required {
             return Err(format!("the cache {} failed: {message}", remote.url()));
         }
@@ -589,32 +596,55 @@ impl Executor<'_> {
         Ok(())
     }
 
+    /// A remote call's result, with a bad entry (garbage, wrong size or content) turned into
+    /// `miss` and warned about once per build: one bad entry never disables the cache.
+    fn remote_entry<T>(
+        &self,
+        remote: &RemoteCache,
+        result: Result<T, crate::remote::RemoteError>,
+        miss: T,
+    ) -> Result<T, String> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(error) if error.is_bad_entry() => {
+                self.warn_bad_remote_entry(remote, &error.to_string());
+                Ok(miss)
+            }
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    fn warn_bad_remote_entry(&self, remote: &RemoteCache, message: &str) {
+        if !self
+            .remote_bad_entry_warned
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.events.emit(Event::Warning {
+                message: format!(
+                    "the cache {} holds an unusable entry, counted as a miss (further ones are not reported): {message}",
+                    remote.url()
+                ),
+            });
+        }
+    }
+
     fn fetch_remote_record(
         &self,
         remote: &RemoteCache,
         key: &Key,
     ) -> Result<Option<StepRecord>, String> {
-        let Some(action) = remote
-            .get_action(&self.action_key(key).hex())
-            .map_err(|error| error.to_string())?
-        else {
-            return Ok(None);
-        };
-        let Some((record_digest, _)) = action.step_record() else {
-            return Ok(None);
-        };
         let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
-        let record_path = temp.path().join("record");
-        if !remote
-            .get_blob_to(&record_digest, &record_path)
-            .map_err(|error| error.to_string())?
-        {
-            // The entry outlived its blobs: a miss.
+        // The entry and the record it names, size-capped and verified; None: a miss.
+        let fetched = remote.get_step_record(&self.action_key(key).hex(), temp.path());
+        let Some(bytes) = self.remote_entry(remote, fetched, None)? else {
             return Ok(None);
-        }
-        let bytes = std::fs::read(&record_path).map_err(|error| error.to_string())?;
-        let Ok(record) = serde_json::from_slice::<StepRecord>(&bytes) else {
-            return Ok(None);
+        };
+        let record = match serde_json::from_slice::<StepRecord>(&bytes) {
+            Ok(record) => record,
+            Err(error) => {
+                self.warn_bad_remote_entry(remote, &format!("a step record is not valid: {error}"));
+                return Ok(None);
+            }
         };
         // Fetch the layers the store lacks, a few at a time.
         let missing: Vec<&LayerDesc> = record
@@ -631,10 +661,8 @@ impl Executor<'_> {
                     scope.spawn(move || -> Result<bool, String> {
                         for layer in chunk {
                             let path = temp.join(layer.digest.hex());
-                            if !remote
-                                .get_blob_to(&layer.digest, &path)
-                                .map_err(|error| error.to_string())?
-                            {
+                            let fetched = remote.get_blob_to(&layer.digest, layer.size, &path);
+                            if !self.remote_entry(remote, fetched, false)? {
                                 return Ok(false);
                             }
                             self.store
@@ -672,9 +700,9 @@ impl Executor<'_> {
         };
         let result = (|| -> Result<(), String> {
             let action_key = self.action_key(key).hex();
-            if remote
-                .get_action(&action_key)
-                .map_err(|error| error.to_string())?
+            // A bad entry under our key is replaced.
+            if self
+                .remote_entry(remote, remote.get_action(&action_key), None)?
                 .is_some()
             {
                 return Ok(());
@@ -729,9 +757,7 @@ impl Executor<'_> {
         }
         let result = (|| -> Result<(), String> {
             let key = Self::cache_mount_key(id, platform);
-            let Some(action) = remote
-                .get_action(&key.hex())
-                .map_err(|error| error.to_string())?
+            let Some(action) = self.remote_entry(remote, remote.get_action(&key.hex()), None)?
             else {
                 return Ok(());
             };
@@ -740,10 +766,8 @@ impl Executor<'_> {
             };
             let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
             let path = temp.path().join("mount.tar");
-            if !remote
-                .get_blob_to(&file.digest, &path)
-                .map_err(|error| error.to_string())?
-            {
+            let fetched = remote.get_blob_to(&file.digest, file.size_bytes, &path);
+            if !self.remote_entry(remote, fetched, false)? {
                 return Ok(());
             }
             let archive = std::fs::File::open(&path).map_err(|error| error.to_string())?;
