@@ -8,7 +8,7 @@
 //!   lock                       flock: shared by every open Store, exclusive for prune
 //!   blobs/sha256/<hex>         CAS: the file's sha256 is its name (layers, configs, manifests)
 //!   actions/<2 hex>/<key hex>  action cache: a step key (blake3) → a small record
-//!   snapshots/<diff_id hex>/   an unpacked layer, used as an overlay lowerdir
+//!   snapshots/sha256-<hex>/    a verified unpacked layer (named by diff_id), an overlay lowerdir
 //!   cache-mounts/<hash>/       a persistent `cache-mount` directory per (mount id, platform)
 //!   cache-mounts/<hash>.lock   its flock, held exclusively while a step uses it
 //!   cache-mounts/<hash>.json   which (id, platform) the hash stands for
@@ -39,6 +39,31 @@
 //! dominate a build). They are derived data: a run killed by SIGKILL leaves nothing
 //! half-visible, but after a power cut a snapshot may hold zero-length files. `graphbuild
 //! cache prune --keep-bytes 0` clears them; blobs and the action cache are durable.
+//!
+//! # Integrity
+//!
+//! Nothing enters the store unverified, and nothing found corrupt is kept:
+//!
+//! - a blob is hashed before it is published; a blob already present is only reused when its
+//!   size matches (a cheap check on every `put`, [`Store::check_blob`]), and a blob whose
+//!   content turns out not to match its name when it is read ([`Store::read_blob`], an unpack,
+//!   a layout write) is removed ([`Store::remove_blob`]), which turns every action naming it
+//!   into a miss;
+//! - a snapshot is published under a diff_id only by a caller that verified it: an unpack that
+//!   hashed the decompressed stream to that diff_id (and the blob to its digest), or a step's
+//!   own upper directory whose tar it hashed. Which blob was verified to have which diff_id is
+//!   recorded ([`Store::record_verified_layer`]), so a snapshot found by diff_id is only reused
+//!   for a blob known to have that diff_id. Directories in the old `snapshots/<hex>` naming,
+//!   written before diff_ids were verified, are never used (prune or `cache verify --repair`
+//!   removes them);
+//! - [`Store::verify`] checks every blob, snapshot name and action record, and can remove
+//!   what is bad.
+//!
+//! # Permissions
+//!
+//! The root, `tmp/` and each run directory are `0700` (an existing root is tightened on
+//! open): snapshots hold setuid binaries, file capabilities and device nodes of the images
+//! built, and run directories hold secrets (`0600`), none of which other local users may reach.
 //!
 //! # Locking
 //!
@@ -85,6 +110,7 @@ use std::time::SystemTime;
 
 use crate::digest::{Digest, DigestWriter, Key};
 use crate::fsutil;
+use crate::state::LayerDesc;
 
 /// Errors of the local store.
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
@@ -126,6 +152,51 @@ pub enum StoreError {
     #[error("cannot unpack snapshot {diff_id}: {message}")]
     #[diagnostic(code(graphbuild::store::snapshot))]
     Fill { diff_id: Digest, message: String },
+}
+
+/// What [`Store::check_blob`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobState {
+    /// Present with the expected size.
+    Present,
+    Missing,
+    /// Present with another size: it was removed.
+    Corrupt,
+}
+
+/// One problem [`Store::verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: PathBuf,
+    pub what: String,
+    /// Whether `--repair` removed it.
+    pub removed: bool,
+}
+
+/// What [`Store::verify`] checked and found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub blobs: u64,
+    pub snapshots: u64,
+    pub actions: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// Whether a snapshot directory name is the current, verified naming (`sha256-<hex>`).
+fn snapshot_name_digest(name: &str) -> Option<Digest> {
+    Digest::from_hex(name.strip_prefix("sha256-")?)
+}
+
+/// The mode of the root, `tmp/` and run directories.
+const PRIVATE_DIR: u32 = 0o700;
+
+fn make_private(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = std::fs::metadata(path)?;
+    if metadata.permissions().mode() & 0o777 != PRIVATE_DIR {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_DIR))?;
+    }
+    Ok(())
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
@@ -219,10 +290,21 @@ impl Store {
     /// Open (creating if needed) the store at `root`: take the shared lock, delete what dead
     /// runs left in `tmp/`, and create this run's scratch directory.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(PRIVATE_DIR)
+                .create(root)
+                .map_err(io_error("create", root))?;
+        }
+        make_private(root).map_err(io_error("restrict the permissions of", root))?;
         for area in AREAS {
             let dir = root.join(area);
             std::fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
         }
+        let tmp_dir = root.join("tmp");
+        make_private(&tmp_dir).map_err(io_error("restrict the permissions of", &tmp_dir))?;
         let lock_path = root.join("lock");
         let lock = OpenOptions::new()
             .read(true)
@@ -288,10 +370,38 @@ impl Store {
         present
     }
 
+    /// Whether the blob is present with `size` bytes (a use for pruning). A blob of another
+    /// size is corrupt: it is removed, and [`BlobState::Corrupt`] says so.
+    pub fn check_blob(&self, digest: &Digest, size: u64) -> BlobState {
+        let path = self.blob_path(digest);
+        match std::fs::symlink_metadata(&path) {
+            Ok(metadata) if metadata.is_file() && metadata.len() == size => {
+                touch(&path);
+                BlobState::Present
+            }
+            Ok(_) => {
+                let _ = self.remove_blob(digest);
+                BlobState::Corrupt
+            }
+            Err(_) => BlobState::Missing,
+        }
+    }
+
+    /// Remove a blob (found corrupt): every action naming it becomes a miss.
+    pub fn remove_blob(&self, digest: &Digest) -> Result<(), StoreError> {
+        let path = self.blob_path(digest);
+        match std::fs::remove_file(&path) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                Err(io_error("remove", &path)(error))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Store `bytes` as a blob and return its digest.
     pub fn put_blob_bytes(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
         let digest = Digest::of(bytes);
-        if self.has_blob(&digest) {
+        if self.check_blob(&digest, bytes.len() as u64) == BlobState::Present {
             return Ok(digest);
         }
         let mut temp = self.temp_file()?;
@@ -314,7 +424,7 @@ impl Store {
     ) -> Result<Digest, StoreError> {
         let mut file = File::open(tmp).map_err(io_error("open", tmp))?;
         let mut hasher = DigestWriter::new();
-        io::copy(&mut file, &mut hasher).map_err(io_error("read", tmp))?;
+        let size = io::copy(&mut file, &mut hasher).map_err(io_error("read", tmp))?;
         let actual = hasher.finish();
         if let Some(expected) = expected
             && expected != actual
@@ -322,7 +432,7 @@ impl Store {
             let _ = std::fs::remove_file(tmp);
             return Err(StoreError::DigestMismatch { expected, actual });
         }
-        if self.has_blob(&actual) {
+        if self.check_blob(&actual, size) == BlobState::Present {
             let _ = std::fs::remove_file(tmp);
             return Ok(actual);
         }
@@ -429,10 +539,53 @@ impl Store {
         self.publish(temp.into_temp_path().as_ref(), &path)
     }
 
+    /// Forget the record of a step key (found to name a layer that fails verification).
+    pub fn remove_action(&self, key: &Key) -> Result<(), StoreError> {
+        let path = self.action_path(key);
+        match std::fs::remove_file(&path) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                Err(io_error("remove", &path)(error))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn verified_layer_key(digest: &Digest) -> Key {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"graphbuild verified-layer v1\0");
+        hasher.update(&digest.0);
+        Key(*hasher.finalize().as_bytes())
+    }
+
+    /// Record that the blob `layer.digest` was read through and its uncompressed stream hashes
+    /// to `layer.diff_id` (an action record, so prune and `cache verify` treat it as one).
+    pub fn record_verified_layer(&self, layer: &LayerDesc) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(layer).map_err(|error| StoreError::Io {
+            action: "serialize",
+            path: self.root.clone(),
+            source: io::Error::other(error),
+        })?;
+        self.put_action(&Self::verified_layer_key(&layer.digest), &bytes)
+    }
+
+    /// The diff_id the blob `digest` was verified to have, if it was.
+    pub fn verified_diff_id(&self, digest: &Digest) -> Option<Digest> {
+        let bytes = self.get_action(&Self::verified_layer_key(digest))?;
+        let layer: LayerDesc = serde_json::from_slice(&bytes).ok()?;
+        (layer.digest == *digest).then_some(layer.diff_id)
+    }
+
     // ---- snapshots ------------------------------------------------------------------------
 
     fn snapshot_dir(&self, diff_id: &Digest) -> PathBuf {
-        self.root.join("snapshots").join(diff_id.hex())
+        self.root
+            .join("snapshots")
+            .join(format!("sha256-{}", diff_id.hex()))
+    }
+
+    /// Remove the snapshot of `diff_id`, if any.
+    pub fn remove_snapshot(&self, diff_id: &Digest) -> Result<(), StoreError> {
+        self.remove_dir_entry(&self.snapshot_dir(diff_id))
     }
 
     /// The unpacked layer for `diff_id`, if complete (counts as a use).
@@ -595,6 +748,159 @@ impl Store {
             usage.total += entry.bytes;
         }
         Ok(usage)
+    }
+
+    /// Check every blob's content against its name, every snapshot directory's name, and that
+    /// every blob an action record names is present with its size; with `repair`, remove each
+    /// bad entry (a removed action or blob is a miss: the next build executes or fetches it
+    /// again). Like prune, repairing needs the store to itself ([`StoreError::Busy`]).
+    pub fn verify(&self, repair: bool) -> Result<VerifyReport, StoreError> {
+        let lock_path = self.root.join("lock");
+        if repair {
+            match try_flock(&self.lock, libc::LOCK_EX | libc::LOCK_NB) {
+                Ok(true) => {}
+                Ok(false) => {
+                    flock(&self.lock, libc::LOCK_SH).map_err(io_error("lock", &lock_path))?;
+                    return Err(StoreError::Busy {
+                        root: self.root.clone(),
+                    });
+                }
+                Err(error) => {
+                    let _ = flock(&self.lock, libc::LOCK_SH);
+                    return Err(io_error("lock", &lock_path)(error));
+                }
+            }
+        }
+        let result = self.verify_locked(repair);
+        if repair {
+            flock(&self.lock, libc::LOCK_SH).map_err(io_error("lock", &lock_path))?;
+        }
+        result
+    }
+
+    fn verify_locked(&self, repair: bool) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let problem = |report: &mut VerifyReport, path: PathBuf, what: String| {
+            let removed = repair && {
+                let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+                if is_dir {
+                    self.remove_dir_entry(&path).is_ok()
+                } else {
+                    std::fs::remove_file(&path).is_ok()
+                }
+            };
+            report.problems.push(Problem {
+                path,
+                what,
+                removed,
+            });
+        };
+        let mut sizes = std::collections::HashMap::new();
+        let mut blobs = list_dir(&self.root.join("blobs/sha256"))?;
+        blobs.sort();
+        for path in blobs {
+            report.blobs += 1;
+            let name = path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned());
+            let Some(digest) = name.as_deref().and_then(Digest::from_hex) else {
+                problem(&mut report, path, "not a blob name (64 hex digits)".into());
+                continue;
+            };
+            let metadata = std::fs::symlink_metadata(&path).map_err(io_error("inspect", &path))?;
+            if !metadata.is_file() {
+                problem(&mut report, path, "not a regular file".into());
+                continue;
+            }
+            let mut hasher = DigestWriter::new();
+            let hashed = File::open(&path).and_then(|mut file| io::copy(&mut file, &mut hasher));
+            match hashed {
+                Ok(size) => {
+                    let actual = hasher.finish();
+                    if actual == digest {
+                        sizes.insert(digest, size);
+                    } else {
+                        problem(
+                            &mut report,
+                            path,
+                            format!("corrupt blob: its content hashes to {actual}"),
+                        );
+                    }
+                }
+                Err(error) => problem(&mut report, path, format!("unreadable blob: {error}")),
+            }
+        }
+        let mut snapshots = list_dir(&self.root.join("snapshots"))?;
+        snapshots.sort();
+        for path in snapshots {
+            report.snapshots += 1;
+            let name = path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            if is_dir && snapshot_name_digest(&name).is_some() {
+                continue;
+            }
+            let what = if is_dir && Digest::from_hex(&name).is_some() {
+                "snapshot written before diff_ids were verified (its content was never checked)"
+            } else {
+                "not a snapshot"
+            };
+            problem(&mut report, path, what.into());
+        }
+        let mut actions = Vec::new();
+        for shard in list_dir(&self.root.join("actions"))? {
+            if shard.is_dir() {
+                actions.extend(list_dir(&shard)?);
+            }
+        }
+        actions.sort();
+        for path in actions {
+            report.actions += 1;
+            let value = std::fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+            let Some(value) = value else {
+                problem(&mut report, path, "unreadable action record".into());
+                continue;
+            };
+            let mut named: Vec<&serde_json::Value> = Vec::new();
+            if let Some(layers) = value.get("layers").and_then(|layers| layers.as_array()) {
+                named.extend(layers);
+            } else if value.get("diff_id").is_some() {
+                named.push(&value);
+            }
+            let mut missing = None;
+            for layer in named {
+                let digest = layer
+                    .get("digest")
+                    .and_then(|digest| digest.as_str())
+                    .and_then(|digest| digest.parse::<Digest>().ok());
+                let size = layer.get("size").and_then(|size| size.as_u64());
+                let (Some(digest), Some(size)) = (digest, size) else {
+                    missing = Some("names a layer without a valid digest or size".to_string());
+                    break;
+                };
+                match sizes.get(&digest) {
+                    Some(found) if *found == size => {}
+                    Some(found) => {
+                        missing = Some(format!(
+                            "names blob {digest} of {size} bytes, which has {found}"
+                        ));
+                        break;
+                    }
+                    None => {
+                        missing = Some(format!("names blob {digest}, which is missing or corrupt"));
+                        break;
+                    }
+                }
+            }
+            if let Some(what) = missing {
+                problem(&mut report, path, what);
+            }
+        }
+        Ok(report)
     }
 
     /// Remove least recently used entries until the store holds at most `keep_bytes`. Fails
@@ -766,7 +1072,7 @@ impl BlobWriter<'_> {
         {
             return Err(StoreError::DigestMismatch { expected, actual });
         }
-        if self.store.has_blob(&actual) {
+        if self.store.check_blob(&actual, self.size) == BlobState::Present {
             return Ok((actual, self.size));
         }
         self.temp
@@ -938,7 +1244,13 @@ fn create_run_dir(tmp: &Path) -> io::Result<(PathBuf, PathBuf, File)> {
             continue;
         }
         let run_dir = tmp.join(&name);
-        std::fs::create_dir(&run_dir)?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(PRIVATE_DIR)
+                .create(&run_dir)?;
+        }
+        make_private(&run_dir)?;
         return Ok((run_dir, lock_path, lock));
     }
 }
@@ -1114,7 +1426,12 @@ mod tests {
                 std::fs::write(dir.join("file"), b"content")
             })
             .unwrap();
-        assert_eq!(path, dir.path().join("snapshots").join(diff_id.hex()));
+        assert_eq!(
+            path,
+            dir.path()
+                .join("snapshots")
+                .join(format!("sha256-{}", diff_id.hex()))
+        );
         assert_eq!(std::fs::read(path.join("file")).unwrap(), b"content");
         // Present now: fill is not called again.
         let again = store
