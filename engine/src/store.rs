@@ -1390,6 +1390,131 @@ mod tests {
     }
 
     #[test]
+    fn the_store_is_private_and_an_existing_root_is_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        for path in [&root, &root.join("tmp")] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let store = Store::open(&root).unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("tmp")), 0o700);
+        assert_eq!(mode(&store.run_dir), 0o700);
+        let fresh = dir.path().join("fresh/store");
+        let _other = Store::open(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+    }
+
+    #[test]
+    fn a_blob_of_the_wrong_size_is_replaced_on_put_and_missed_on_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = store.put_blob_bytes(b"good content").unwrap();
+        std::fs::write(store.blob_path(&digest), b"bad").unwrap();
+        assert_eq!(store.check_blob(&digest, 12), BlobState::Corrupt);
+        assert_eq!(store.check_blob(&digest, 12), BlobState::Missing);
+        std::fs::write(store.blob_path(&digest), b"bad").unwrap();
+        assert_eq!(store.put_blob_bytes(b"good content").unwrap(), digest);
+        assert_eq!(store.read_blob(&digest).unwrap(), b"good content");
+        std::fs::write(store.blob_path(&digest), b"bad").unwrap();
+        let mut writer = store.blob_writer().unwrap();
+        writer.write_all(b"good content").unwrap();
+        writer.finish(Some(digest)).unwrap();
+        assert_eq!(store.read_blob(&digest).unwrap(), b"good content");
+    }
+
+    #[test]
+    fn verify_finds_and_repairs_bad_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let good = store.put_blob_bytes(b"good").unwrap();
+        let bad = store.put_blob_bytes(b"will be corrupted").unwrap();
+        let layer = |digest: Digest, size: u64| LayerDesc {
+            digest,
+            diff_id: Digest::of(b"diff"),
+            size,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        };
+        let record = |layers: Vec<LayerDesc>| {
+            serde_json::to_vec(&crate::state::StepRecord {
+                layers,
+                history: Vec::new(),
+            })
+            .unwrap()
+        };
+        store
+            .put_action(&key(1), &record(vec![layer(good, 4)]))
+            .unwrap();
+        store
+            .put_action(&key(2), &record(vec![layer(good, 4), layer(bad, 17)]))
+            .unwrap();
+        store
+            .put_action(&key(3), &record(vec![layer(Digest::of(b"gone"), 4)]))
+            .unwrap();
+        store.record_verified_layer(&layer(good, 4)).unwrap();
+        assert_eq!(store.verified_diff_id(&good), Some(Digest::of(b"diff")));
+        store
+            .ensure_snapshot(&Digest::of(b"diff"), |dir: &Path| {
+                std::fs::write(dir.join("f"), b"x")
+            })
+            .unwrap();
+        let clean = store.verify(false).unwrap();
+        assert_eq!(
+            clean.problems.len(),
+            1,
+            "only the missing blob: {:?}",
+            clean.problems
+        );
+        store.put_action(&key(3), b"{}").unwrap();
+
+        std::fs::write(store.blob_path(&bad), b"corrupted content").unwrap();
+        let legacy = dir.path().join("snapshots").join(Digest::of(b"old").hex());
+        std::fs::create_dir(&legacy).unwrap();
+        store.put_action(&key(4), b"not json").unwrap();
+
+        let report = store.verify(false).unwrap();
+        assert_eq!(report.blobs, 2);
+        assert_eq!(report.snapshots, 2);
+        assert_eq!(report.actions, 5);
+        let what: Vec<&str> = report
+            .problems
+            .iter()
+            .map(|problem| problem.what.as_str())
+            .collect();
+        assert_eq!(report.problems.len(), 4, "{what:?}");
+        assert!(
+            what.iter().any(|what| what.contains("corrupt blob")),
+            "{what:?}"
+        );
+        assert!(
+            what.iter().any(|what| what.contains("never checked")),
+            "{what:?}"
+        );
+        assert!(
+            what.iter().any(|what| what.contains("unreadable")),
+            "{what:?}"
+        );
+        assert!(
+            what.iter().any(|what| what.contains(&bad.to_string())),
+            "{what:?}"
+        );
+        assert!(report.problems.iter().all(|problem| !problem.removed));
+        assert!(store.blob_path(&bad).exists());
+
+        let repaired = store.verify(true).unwrap();
+        assert_eq!(repaired.problems.len(), 4);
+        assert!(repaired.problems.iter().all(|problem| problem.removed));
+        assert!(!store.blob_path(&bad).exists());
+        assert!(!legacy.exists());
+        assert!(store.get_action(&key(1)).is_some());
+        assert!(store.get_action(&key(2)).is_none());
+        assert!(store.verify(false).unwrap().problems.is_empty());
+    }
+
+    #[test]
     fn actions_round_trip_and_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
