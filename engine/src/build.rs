@@ -1512,6 +1512,11 @@ impl Executor<'_> {
             let output = outputs
                 .get(node_id)
                 .ok_or_else(|| format!("node {} has no output", node.stage))?;
+            // Every layer an image ships was verified against its diff_id (usually when its
+            // snapshot was made; a base image no step ran on is read through here, once).
+            for layer in &output.layers {
+                self.verify_layer_blob(layer)?;
+            }
             let mut settings = node.settings.clone();
             settings.labels.extend(image.labels.clone());
             let config = config_file(

@@ -284,6 +284,48 @@ fn a_layer_claiming_busybox_diff_id_is_refused_and_never_poisons_busybox() {
     let output = run(&sandbox, &real, "real/out2");
     assert_success(&output);
     assert_eq!(summary(&output)["executed"], 0);
+
+    // `copy from=` a stage on the forged base, and the forged base re-tagged with no step:
+    // refused as well.
+    sandbox.write(
+        "forged/copy.kdl",
+        &format!(
+            "platforms \"linux/amd64\"\nstage evil {{\n    from \"oci:evil:evil\"\n}}\nstage main {{\n    from \"{BUSYBOX}\"\n    copy \"/POISONED\" \"/copied\" from=evil\n}}\nimage main {{ stage main; }}\nimage evil {{ stage evil; }}\n"
+        ),
+    );
+    let output = run(&sandbox, "forged/copy.kdl", "forged/out-copy");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let all = format!("{}{}", stdout(&output), stderr(&output));
+    assert!(all.contains(&forged) && all.contains("diff_id"), "{all}");
+    assert!(!sandbox.path().join("forged/out-copy/main").exists());
+    assert!(!sandbox.path().join("forged/out-copy/evil").exists());
+    sandbox.write(
+        "forged/retag.kdl",
+        "platforms \"linux/amd64\"\nstage evil {\n    from \"oci:evil:evil\"\n}\nimage evil { stage evil; }\n",
+    );
+    let output = run(&sandbox, "forged/retag.kdl", "forged/out-retag");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let all = format!("{}{}", stdout(&output), stderr(&output));
+    assert!(
+        all.contains(&forged) && all.contains("oci:evil:evil"),
+        "{all}"
+    );
+    // Busybox is still clean.
+    let output = run(&sandbox, &real, "real/out3");
+    assert_success(&output);
+    assert!(snapshot.is_dir());
 }
 
 /// The digest of an output layout's image index (its first manifest).
