@@ -1515,7 +1515,18 @@ impl Executor<'_> {
             // Every layer an image ships was verified against its diff_id (usually when its
             // snapshot was made; a base image no step ran on is read through here, once).
             for layer in &output.layers {
-                self.verify_layer_blob(layer)?;
+                if let Err(message) = self.verify_layer_blob(layer) {
+                    // The node's record names a forged layer (from an older store, say): forget
+                    // it, so the next build does not find it again.
+                    let mut last = node
+                        .steps
+                        .iter()
+                        .rev()
+                        .find(|step| step.op.touches_filesystem())
+                        .map(|step| step.key);
+                    self.forget_forged(&output.layers, &mut last);
+                    return Err(message);
+                }
             }
             let mut settings = node.settings.clone();
             settings.labels.extend(image.labels.clone());
