@@ -718,3 +718,147 @@ fn a_context_file_with_a_non_utf8_name_does_not_break_builds() {
     }
     assert!(found, "data/caf\\xe9.txt is in the image");
 }
+
+/// `graphbuild cache serve` on 127.0.0.1, stopped on drop.
+struct CacheServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl CacheServer {
+    fn start(dir: &Path) -> CacheServer {
+        use std::io::BufRead;
+        let mut child = Command::new(bin())
+            .args(["cache", "serve", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("cache serve starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reads the address");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        CacheServer { child, url }
+    }
+}
+
+impl Drop for CacheServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_team_cache_record_naming_a_forged_layer_is_not_used() {
+    use graphbuild_engine::remote::{ActionResult, RemoteCache};
+    if !root_or_skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let server = CacheServer::start(&sandbox.path().join("server"));
+    let file = build_file(&sandbox, "team", BUSYBOX, "echo hi > /hi");
+    let store_a = sandbox.path().join("store-a");
+    let a = sandbox.graphbuild_with_store(
+        &store_a,
+        &[
+            "run",
+            &file,
+            "--output",
+            "team/out-a",
+            "--progress",
+            "json",
+            "--cache-to",
+            &server.url,
+        ],
+    );
+    assert_success(&a);
+    let digest = index_digest(&sandbox.path().join("team/out-a/main"));
+
+    // Replace the step's record in the team cache: same diff_id, forged content.
+    let plan = sandbox.graphbuild_with_store(&store_a, &["plan", &file, "--format", "json"]);
+    assert_success(&plan);
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).expect("plan json");
+    let key = plan["nodes"][0]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .rev()
+        .find(|step| step["kind"] == "run")
+        .expect("the run step")["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let cache = RemoteCache::new(&server.url, None).expect("cache");
+    let action = cache.get_action(&key).expect("get").expect("uploaded");
+    let (record_digest, _) = action.step_record().expect("a step record");
+    let temp = tempfile::tempdir().expect("temp");
+    assert!(
+        cache
+            .get_blob_to(&record_digest, &temp.path().join("record"))
+            .expect("get")
+    );
+    let mut record = read_json(&temp.path().join("record"));
+    let forged_tar = {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, contents) in [("POISONED", &b"owned\n"[..]), ("hi", &b"hi\n"[..])] {
+            builder
+                .append(&file_header(name, contents.len() as u64), contents)
+                .expect("append");
+        }
+        builder.into_inner().expect("tar")
+    };
+    let forged = gzip(&forged_tar);
+    let forged_digest = cache.put_blob_bytes(&forged).expect("put");
+    let last = record["layers"].as_array().expect("layers").len() - 1;
+    record["layers"][last]["digest"] = forged_digest.to_string().into();
+    record["layers"][last]["size"] = forged.len().into();
+    let bytes = serde_json::to_vec(&record).expect("json");
+    let lying = cache.put_blob_bytes(&bytes).expect("put");
+    cache
+        .put_action(
+            &key,
+            &ActionResult::for_step_record(lying, bytes.len() as u64),
+        )
+        .expect("put action");
+
+    // Another machine reads the cache: the record is refused, the step runs, nothing forged.
+    let b = sandbox.graphbuild_with_store(
+        &sandbox.path().join("store-b"),
+        &[
+            "run",
+            &file,
+            "--output",
+            "team/out-b",
+            "--progress",
+            "json",
+            "--cache-from",
+            &server.url,
+        ],
+    );
+    assert_success(&b);
+    let warned = warnings(&b);
+    assert!(
+        warned
+            .iter()
+            .any(|message| message.contains(&forged_digest.to_string())
+                && message.contains("diff_id")),
+        "{warned:?}"
+    );
+    assert_eq!(summary(&b)["executed"], 1);
+    assert_eq!(
+        index_digest(&sandbox.path().join("team/out-b/main")),
+        digest
+    );
+    let entries = layer_entries(&sandbox.path().join("team/out-b/main"));
+    assert!(
+        !entries.iter().any(|name| name.contains("POISONED")),
+        "{entries:?}"
+    );
+}
