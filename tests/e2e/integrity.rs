@@ -413,6 +413,16 @@ fn a_corrupt_blob_heals_on_the_next_build_and_cache_verify_finds_and_repairs() {
     assert_eq!(index_digest(&sandbox.path().join("heal/out3/main")), digest);
     assert!(!warnings(&third).is_empty());
 
+    // The base image's layer truncated: copied again from the layout.
+    std::fs::write(blob(&base), b"short").expect("truncate");
+    let output = run(&sandbox, &file, "heal/out3b");
+    assert_success(&output);
+    assert_eq!(
+        index_digest(&sandbox.path().join("heal/out3b/main")),
+        digest
+    );
+    assert_eq!(sha256(&std::fs::read(blob(&base)).expect("healed")), base);
+
     // --no-cache too.
     corrupt(&blob(&own));
     let output = sandbox.graphbuild(&[
