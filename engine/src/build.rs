@@ -903,9 +903,13 @@ impl Executor<'_> {
                 return Ok(());
             }
             let archive = std::fs::File::open(&path).map_err(|error| error.to_string())?;
-            unpack::unpack_layer(std::io::BufReader::new(archive), dir)
-                .map(|_| ())
-                .map_err(|error| error.to_string())
+            // Unpacked aside and moved in whole: a bad or oversized archive leaves the mount
+            // empty, not half-filled.
+            let staging = temp.path().join("mount");
+            unpack::unpack_layer(std::io::BufReader::new(archive), &staging)
+                .map_err(|error| error.to_string())?;
+            std::fs::remove_dir(dir).map_err(|error| error.to_string())?;
+            std::fs::rename(&staging, dir).map_err(|error| error.to_string())
         })();
         match result {
             Ok(()) => Ok(()),

@@ -565,7 +565,12 @@ impl Store {
             path: self.root.clone(),
             source: io::Error::other(error),
         })?;
-        self.put_action(&Self::verified_layer_key(&layer.digest), &bytes)
+        let key = Self::verified_layer_key(&layer.digest);
+        // Usually already recorded: skip the write (and its fsync).
+        if self.get_action(&key).as_deref() == Some(bytes.as_slice()) {
+            return Ok(());
+        }
+        self.put_action(&key, &bytes)
     }
 
     /// The diff_id the blob `digest` was verified to have, if it was.
