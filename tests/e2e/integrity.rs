@@ -872,3 +872,93 @@ fn a_team_cache_record_naming_a_forged_layer_is_not_used() {
         "{entries:?}"
     );
 }
+
+fn octal(field: &mut [u8; 12], value: u64) {
+    let text = format!("{value:011o}");
+    field[..11].copy_from_slice(text.as_bytes());
+    field[11] = 0;
+}
+
+/// A tar with one GNU sparse entry `name` of `real_size` bytes: a hole, then 512 bytes of `x`.
+fn sparse_tar(name: &str, real_size: u64) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::GNUSparse);
+    header.set_path(name).expect("path");
+    header.set_size(512);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_uid(0);
+    header.set_gid(0);
+    {
+        let gnu = header.as_gnu_mut().expect("gnu header");
+        octal(&mut gnu.sparse[0].offset, real_size - 512);
+        octal(&mut gnu.sparse[0].numbytes, 512);
+        octal(&mut gnu.realsize, real_size);
+    }
+    header.set_cksum();
+    let mut tar_bytes = header.as_bytes().to_vec();
+    tar_bytes.extend_from_slice(&[b'x'; 512]);
+    tar_bytes.extend_from_slice(&[0u8; 1024]);
+    tar_bytes
+}
+
+#[test]
+fn a_sparse_bomb_hits_the_cap_and_a_sparse_file_is_stored_as_holes() {
+    use std::os::unix::fs::MetadataExt;
+    if !root_or_skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let real_size = 1u64 << 30;
+    let tar_bytes = sparse_tar("sparse", real_size);
+    let layer = gzip(&tar_bytes);
+    assert!(layer.len() < 32 * 1024);
+    let diff_id = sha256(&tar_bytes);
+    layout_with_layer(
+        &sandbox,
+        &sandbox.path().join("sparse/evil"),
+        &layer,
+        &diff_id,
+    );
+    let file = build_file(&sandbox, "sparse", "oci:evil:evil", "test -s /sparse");
+
+    let started = std::time::Instant::now();
+    let output = graphbuild_env(
+        &sandbox,
+        &[
+            "run",
+            &file,
+            "--output",
+            "sparse/out",
+            "--progress",
+            "plain",
+        ],
+        &[("GRAPHBUILD_MAX_LAYER_SIZE", "512M")],
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let all = format!("{}{}", stdout(&output), stderr(&output));
+    assert!(all.contains("limit per layer"), "{all}");
+    assert!(started.elapsed().as_secs() < 10, "{:?}", started.elapsed());
+    let snapshot = sandbox
+        .store()
+        .join("snapshots")
+        .join(format!("sha256-{}", hex_of(&diff_id)));
+    assert!(!snapshot.exists());
+
+    // Under the default cap it is a legitimate sparse file: stored as holes.
+    let output = run(&sandbox, &file, "sparse/out");
+    assert_success(&output);
+    let metadata = std::fs::metadata(snapshot.join("sparse")).expect("the unpacked file");
+    assert_eq!(metadata.len(), real_size);
+    assert!(
+        metadata.blocks() * 512 < 1 << 20,
+        "{} bytes allocated",
+        metadata.blocks() * 512
+    );
+}
