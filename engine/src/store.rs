@@ -182,6 +182,28 @@ pub struct VerifyReport {
     pub problems: Vec<Problem>,
 }
 
+/// The blobs (digest, size) an action record names: the layers of a step record, or the layer
+/// of a layer record; `None` when a layer lacks a valid digest or size.
+fn named_blobs(value: &serde_json::Value) -> Option<Vec<(Digest, u64)>> {
+    let mut layers: Vec<&serde_json::Value> = Vec::new();
+    if let Some(list) = value.get("layers").and_then(|layers| layers.as_array()) {
+        layers.extend(list);
+    } else if value.get("diff_id").is_some() {
+        layers.push(value);
+    }
+    layers
+        .into_iter()
+        .map(|layer| {
+            let digest = layer
+                .get("digest")
+                .and_then(|digest| digest.as_str())
+                .and_then(|digest| digest.parse::<Digest>().ok())?;
+            let size = layer.get("size").and_then(|size| size.as_u64())?;
+            Some((digest, size))
+        })
+        .collect()
+}
+
 /// Whether a snapshot directory name is the current, verified naming (`sha256-<hex>`).
 fn snapshot_name_digest(name: &str) -> Option<Digest> {
     Digest::from_hex(name.strip_prefix("sha256-")?)
@@ -870,23 +892,16 @@ impl Store {
                 problem(&mut report, path, "unreadable action record".into());
                 continue;
             };
-            let mut named: Vec<&serde_json::Value> = Vec::new();
-            if let Some(layers) = value.get("layers").and_then(|layers| layers.as_array()) {
-                named.extend(layers);
-            } else if value.get("diff_id").is_some() {
-                named.push(&value);
-            }
+            let Some(named) = named_blobs(&value) else {
+                problem(
+                    &mut report,
+                    path,
+                    "names a layer without a valid digest or size".into(),
+                );
+                continue;
+            };
             let mut missing = None;
-            for layer in named {
-                let digest = layer
-                    .get("digest")
-                    .and_then(|digest| digest.as_str())
-                    .and_then(|digest| digest.parse::<Digest>().ok());
-                let size = layer.get("size").and_then(|size| size.as_u64());
-                let (Some(digest), Some(size)) = (digest, size) else {
-                    missing = Some("names a layer without a valid digest or size".to_string());
-                    break;
-                };
+            for (digest, size) in named {
                 match sizes.get(&digest) {
                     Some(found) if *found == size => {}
                     Some(found) => {
@@ -944,14 +959,36 @@ impl Store {
         });
         let mut total: u64 = entries.iter().map(|entry| entry.bytes).sum();
         let mut report = PruneReport::default();
+        let mut removed_blobs = false;
+        let mut kept = Vec::new();
         for entry in entries {
-            if total <= keep_bytes {
-                break;
-            }
-            if self.remove_entry(&entry)? {
+            if total > keep_bytes && self.remove_entry(&entry)? {
                 total = total.saturating_sub(entry.bytes);
                 report.removed_entries += 1;
                 report.removed_bytes += entry.bytes;
+                removed_blobs |= entry.area == Area::Blob;
+            } else {
+                kept.push(entry);
+            }
+        }
+        // An action naming a removed blob is a miss from now on: remove it too, so the store
+        // holds no stale record (`cache verify` stays clean after a prune).
+        if removed_blobs {
+            for entry in kept.iter().filter(|entry| entry.area == Area::Action) {
+                let stale = std::fs::read(&entry.path)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                    .and_then(|value| named_blobs(&value))
+                    .is_some_and(|named| {
+                        named
+                            .iter()
+                            .any(|(digest, _)| !self.blob_path(digest).is_file())
+                    });
+                if stale && self.remove_entry(entry)? {
+                    total = total.saturating_sub(entry.bytes);
+                    report.removed_entries += 1;
+                    report.removed_bytes += entry.bytes;
+                }
             }
         }
         report.remaining_bytes = total;
@@ -1516,6 +1553,42 @@ mod tests {
         assert!(!legacy.exists());
         assert!(store.get_action(&key(1)).is_some());
         assert!(store.get_action(&key(2)).is_none());
+        assert!(store.verify(false).unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn prune_removes_the_actions_naming_the_blobs_it_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.put_blob_bytes(&[1u8; 1000]).unwrap();
+        let new = store.put_blob_bytes(&[2u8; 1000]).unwrap();
+        let record = |digest: Digest| {
+            serde_json::to_vec(&crate::state::StepRecord {
+                layers: vec![LayerDesc {
+                    digest,
+                    diff_id: digest,
+                    size: 1000,
+                    media_type: String::new(),
+                }],
+                history: Vec::new(),
+            })
+            .unwrap()
+        };
+        store.put_action(&key(1), &record(old)).unwrap();
+        store.put_action(&key(2), &record(new)).unwrap();
+        let c_path = std::ffi::CString::new(store.blob_path(&old).as_os_str().as_bytes()).unwrap();
+        let long_ago = [libc::timespec {
+            tv_sec: 1_000_000,
+            tv_nsec: 0,
+        }; 2];
+        // SAFETY: a valid path and two timespecs.
+        unsafe { libc::utimensat(libc::AT_FDCWD, c_path.as_ptr(), long_ago.as_ptr(), 0) };
+        let total = store.usage().unwrap().total;
+        let report = store.prune(total - 1000).unwrap();
+        assert_eq!(report.removed_entries, 2, "{report:?}");
+        assert!(!store.has_blob(&old));
+        assert!(store.get_action(&key(1)).is_none());
+        assert!(store.get_action(&key(2)).is_some());
         assert!(store.verify(false).unwrap().problems.is_empty());
     }
 
