@@ -93,8 +93,9 @@
 //! [`Store::snapshot_path`], [`Store::cache_mount`], …) sets its access time explicitly
 //! (`utimensat`, so `noatime`/`relatime` mounts do not matter); an entry's last use is the later
 //! of its atime and mtime. [`Store::prune`] lists every entry with its size, and removes the
-//! least recently used until the total is at most `keep_bytes`. An action whose blobs were pruned
-//! is a cache miss for the builder (it checks [`Store::has_blob`]), and a pruned snapshot is
+//! least recently used until the total is at most `keep_bytes`, then the actions that name a
+//! blob it removed (such an action would be a cache miss anyway: the builder checks
+//! [`Store::check_blob`]), and a pruned snapshot is
 //! unpacked again from its blob, so pruning never makes a build wrong, only slower. Snapshot
 //! and cache-mount directories hold root-owned files, read-only directories and overlay
 //! whiteouts (character devices); they are removed with [`fsutil::remove_dir_all_force`].
