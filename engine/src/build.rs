@@ -215,6 +215,8 @@ struct Executor<'a> {
     in_flight_snapshots: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
     /// Where a base image's layer comes from, by blob digest, for error messages.
     layer_origins: Mutex<HashMap<Digest, String>>,
+    /// Layers verified (or recorded as verified) during this build.
+    verified_layers: Mutex<std::collections::HashSet<(Digest, Digest)>>,
     /// Layers whose content does not match the diff_id their descriptor claims.
     forged_layers: Mutex<std::collections::HashSet<Digest>>,
     /// Set when a corrupt blob was found and removed from the store: a failed build is worth
@@ -299,6 +301,7 @@ fn build_once(
         executed_here: Mutex::new(std::collections::HashSet::new()),
         in_flight_snapshots: Mutex::new(HashMap::new()),
         layer_origins: Mutex::new(HashMap::new()),
+        verified_layers: Mutex::new(std::collections::HashSet::new()),
         forged_layers: Mutex::new(std::collections::HashSet::new()),
         healed: std::sync::atomic::AtomicBool::new(false),
     };
@@ -671,7 +674,20 @@ impl Executor<'_> {
     /// Make sure the blob of `layer` has the diff_id it claims, reading it through unless the
     /// store already recorded that pair.
     fn verify_layer_blob(&self, layer: &LayerDesc) -> Result<(), String> {
+        let pair = (layer.digest, layer.diff_id);
+        let seen =
+            |verified: &std::collections::HashSet<(Digest, Digest)>| verified.contains(&pair);
+        if self
+            .verified_layers
+            .lock()
+            .is_ok_and(|verified| seen(&verified))
+        {
+            return Ok(());
+        }
         if self.store.verified_diff_id(&layer.digest) == Some(layer.diff_id) {
+            if let Ok(mut verified) = self.verified_layers.lock() {
+                verified.insert(pair);
+            }
             return Ok(());
         }
         let file = std::fs::File::open(self.store.blob_path(&layer.digest))
@@ -680,6 +696,9 @@ impl Executor<'_> {
         match unpack::verify_layer(std::io::BufReader::new(file), &check) {
             Ok(_) => {
                 let _ = self.store.record_verified_layer(layer);
+                if let Ok(mut verified) = self.verified_layers.lock() {
+                    verified.insert(pair);
+                }
                 Ok(())
             }
             Err(error) => Err(self.layer_error(layer, error)),
