@@ -314,12 +314,20 @@ impl Store {
     /// runs left in `tmp/`, and create this run's scratch directory.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         {
+            // Parents with the usual mode, the root itself private.
             use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(PRIVATE_DIR)
-                .create(root)
-                .map_err(io_error("create", root))?;
+            if let Some(parent) = root
+                .parent()
+                .filter(|parent| !parent.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(parent).map_err(io_error("create", parent))?;
+            }
+            match std::fs::DirBuilder::new().mode(PRIVATE_DIR).create(root) {
+                Err(error) if error.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(io_error("create", root)(error));
+                }
+                _ => {}
+            }
         }
         make_private(root).map_err(io_error("restrict the permissions of", root))?;
         for area in AREAS {
