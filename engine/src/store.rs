@@ -213,13 +213,18 @@ fn snapshot_name_digest(name: &str) -> Option<Digest> {
 /// The mode of the root, `tmp/` and run directories.
 const PRIVATE_DIR: u32 = 0o700;
 
+/// Set a directory of ours to [`PRIVATE_DIR`]. One owned by another user (a store shared on
+/// purpose) is left as its owner set it.
 fn make_private(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let metadata = std::fs::metadata(path)?;
-    if metadata.permissions().mode() & 0o777 != PRIVATE_DIR {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_DIR))?;
+    if metadata.permissions().mode() & 0o777 == PRIVATE_DIR {
+        return Ok(());
     }
-    Ok(())
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_DIR)) {
+        Err(error) if error.kind() == io::ErrorKind::PermissionDenied => Ok(()),
+        other => other,
+    }
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
