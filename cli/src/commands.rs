@@ -889,6 +889,15 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
 }
 
 pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {
+    // Measuring creates nothing: a missing store is reported, not made.
+    let root = cache_dir.clone().unwrap_or_else(Store::default_root);
+    let root = std::path::absolute(&root).unwrap_or(root);
+    if !root.exists() {
+        println!("{}", root.display());
+        println!("  no store here yet (nothing cached)");
+        println!("  total          {:>10}", render::bytes(0));
+        return exit::SUCCESS;
+    }
     let store = match open_store(cache_dir) {
         Ok(store) => store,
         Err(code) => return code,
@@ -923,6 +932,59 @@ pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {
             render::error(&format!("cannot measure the store: {error}"), &[]);
             exit::ENVIRONMENT
         }
+    }
+}
+
+pub fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> u8 {
+    let root = cache_dir.clone().unwrap_or_else(Store::default_root);
+    let root = std::path::absolute(&root).unwrap_or(root);
+    if !root.exists() {
+        println!("{}: no store here yet, nothing to verify", root.display());
+        return exit::SUCCESS;
+    }
+    let store = match open_store(cache_dir) {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    let report = match store.verify(repair) {
+        Ok(report) => report,
+        Err(error) => {
+            render::error(&format!("cannot verify the store: {error}"), &[]);
+            return exit::ENVIRONMENT;
+        }
+    };
+    for problem in &report.problems {
+        println!(
+            "{}: {}{}",
+            problem.path.display(),
+            problem.what,
+            if problem.removed { " (removed)" } else { "" }
+        );
+    }
+    let unrepaired = report
+        .problems
+        .iter()
+        .filter(|problem| !problem.removed)
+        .count();
+    println!(
+        "checked {} blobs, {} snapshots, {} action records: {} problems{}",
+        report.blobs,
+        report.snapshots,
+        report.actions,
+        report.problems.len(),
+        if repair {
+            format!(", {} removed", report.problems.len() - unrepaired)
+        } else {
+            String::new()
+        }
+    );
+    if unrepaired == 0 {
+        exit::SUCCESS
+    } else {
+        if !repair {
+            eprintln!("run `graphbuild cache verify --repair` to remove them");
+        }
+        exit::BUILD_FAILED
     }
 }
 

@@ -259,6 +259,17 @@ enum CacheCommand {
         #[arg(long, value_name = "BYTES", default_value = "0")]
         keep_bytes: String,
     },
+    /// Check every blob's digest, every snapshot and every action record of the local store
+    #[command(
+        after_help = "Exits 1 when it finds a problem (unless --repair removed them all).\n\nExamples:\n  graphbuild cache verify\n  graphbuild cache verify --repair   # remove what is bad; the next build fetches or rebuilds it"
+    )]
+    Verify {
+        #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Remove every bad entry (needs the store to itself, like prune)
+        #[arg(long)]
+        repair: bool,
+    },
     /// Serve a team cache over HTTP (bazel-remote compatible)
     #[command(
         after_help = "Example:\n  graphbuild cache serve --listen 0.0.0.0:7070 --dir /var/cache/graphbuild --max-size 50G --tokens tokens.txt"
@@ -323,6 +334,9 @@ fn main() -> ExitCode {
             cache_dir,
             keep_bytes,
         }) => commands::cache_prune(cache_dir, &keep_bytes),
+        Command::Cache(CacheCommand::Verify { cache_dir, repair }) => {
+            commands::cache_verify(cache_dir, repair)
+        }
         Command::Cache(CacheCommand::Serve {
             listen,
             dir,

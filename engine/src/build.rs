@@ -12,6 +12,17 @@
 //!    layers' snapshots; the overlay's upper directory becomes the step's layer (or no layer
 //!    when nothing changed), and the new state is recorded under the step's key.
 //!
+//! # Integrity
+//!
+//! Every layer is verified before a snapshot of it is used: unpacked with its blob digest and
+//! diff_id checked (see [`unpack::unpack_layer_checked`]), or, when a snapshot of its diff_id
+//! already exists, read through once unless the store recorded this blob as verified to have
+//! that diff_id. A layer whose content does not match the diff_id its config claims fails the
+//! step, naming the image, platform and layer; its partial snapshot is deleted and an action
+//! record that named it is removed. A blob found corrupt (wrong size on lookup, wrong digest on
+//! read) is removed from the store with a warning; when that made the build fail, the build
+//! runs again once, and the removed blob is then refetched or its step executed again.
+//!
 //! # Images
 //!
 //! Once every node an image needs is done, each platform's config (settings from the plan,
@@ -38,7 +49,7 @@ use crate::resolve::Resolver;
 use crate::sandbox::{self, NetworkMode, RunTask, SandboxSpec, Task};
 use crate::scheduler::{self, CancelToken};
 use crate::state::{HistoryEntry, ImageSettings, LayerDesc, StepRecord};
-use crate::store::Store;
+use crate::store::{BlobState, Store};
 use crate::unpack;
 
 pub struct BuildOptions {
@@ -204,9 +215,23 @@ struct Executor<'a> {
     executed_here: Mutex<std::collections::HashSet<Key>>,
     /// One lock per layer being unpacked into a snapshot.
     in_flight_snapshots: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
+    /// Where a base image's layer comes from, by blob digest, for error messages.
+    layer_origins: Mutex<HashMap<Digest, String>>,
+    /// Layers verified (or recorded as verified) during this build.
+    verified_layers: Mutex<std::collections::HashSet<(Digest, Digest)>>,
+    /// Layers whose content does not match the diff_id their descriptor claims.
+    forged_layers: Mutex<std::collections::HashSet<Digest>>,
+    /// Set when a corrupt blob was found and removed from the store: a failed build is worth
+    /// running again.
+    healed: std::sync::atomic::AtomicBool,
 }
 
-/// Run every node of the plan and write every image.
+/// How many times a build runs again after it removed corrupt blobs from the store.
+const HEAL_ATTEMPTS: usize = 2;
+
+/// Run every node of the plan and write every image. A build that failed after removing
+/// corrupt blobs from the store runs again (at most [`HEAL_ATTEMPTS`] times): what it removed
+/// is fetched or rebuilt.
 pub fn build(
     plan: &Plan,
     sources: &Sources,
@@ -216,6 +241,53 @@ pub fn build(
     events: &dyn EventSink,
 ) -> BuildReport {
     let started = Instant::now();
+    events.emit(Event::Plan {
+        nodes: plan.nodes.len(),
+        steps: plan
+            .nodes
+            .iter()
+            .map(|node| {
+                node.steps
+                    .iter()
+                    .filter(|step| step.op.touches_filesystem())
+                    .count()
+            })
+            .sum(),
+    });
+    let mut attempt = 0;
+    let (report, summarize) = loop {
+        let (report, healed, summarize) =
+            build_once(plan, sources, store, resolver, options, events);
+        if report.failures.is_empty() || report.cancelled || !healed || attempt >= HEAL_ATTEMPTS {
+            break (report, summarize);
+        }
+        attempt += 1;
+        events.emit(Event::Warning {
+            message:
+                "corrupt blobs were removed from the store; building again to fetch or rebuild them"
+                    .into(),
+        });
+    };
+    if summarize {
+        events.emit(Event::Summary(Summary {
+            executed: report.executed,
+            cached: report.cached,
+            failed: report.failures.len(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            images: report.images.clone(),
+        }));
+    }
+    report
+}
+
+fn build_once(
+    plan: &Plan,
+    sources: &Sources,
+    store: &Store,
+    resolver: &dyn Resolver,
+    options: &BuildOptions,
+    events: &dyn EventSink,
+) -> (BuildReport, bool, bool) {
     let executor = Executor {
         plan,
         sources,
@@ -231,20 +303,12 @@ pub fn build(
         in_flight: Mutex::new(HashMap::new()),
         executed_here: Mutex::new(std::collections::HashSet::new()),
         in_flight_snapshots: Mutex::new(HashMap::new()),
+        layer_origins: Mutex::new(HashMap::new()),
+        verified_layers: Mutex::new(std::collections::HashSet::new()),
+        forged_layers: Mutex::new(std::collections::HashSet::new()),
+        healed: std::sync::atomic::AtomicBool::new(false),
     };
-    events.emit(Event::Plan {
-        nodes: plan.nodes.len(),
-        steps: plan
-            .nodes
-            .iter()
-            .map(|node| {
-                node.steps
-                    .iter()
-                    .filter(|step| step.op.touches_filesystem())
-                    .count()
-            })
-            .sum(),
-    });
+    let healed = || executor.healed.load(std::sync::atomic::Ordering::Relaxed);
 
     // Only nodes whose results are needed run: an image's nodes, and the dependencies of nodes
     // that are not already cached (locally, or in the remote cache, whose blobs are fetched
@@ -283,7 +347,7 @@ pub fn build(
         }
     }
     if !failures.is_empty() {
-        return BuildReport {
+        let report = BuildReport {
             environment_error: None,
             images: Vec::new(),
             executed: 0,
@@ -291,6 +355,7 @@ pub fn build(
             failures,
             cancelled: false,
         };
+        return (report, healed(), false);
     }
     if let Some(preflight) = &options.preflight {
         let executing: Vec<&Node> = plan
@@ -299,7 +364,7 @@ pub fn build(
             .filter(|node| needed[node.id] && !cached_nodes[node.id])
             .collect();
         if let Err(message) = preflight(&executing) {
-            return BuildReport {
+            let report = BuildReport {
                 environment_error: Some(message),
                 images: Vec::new(),
                 executed: 0,
@@ -307,6 +372,7 @@ pub fn build(
                 failures: Vec::new(),
                 cancelled: false,
             };
+            return (report, healed(), false);
         }
     }
     let mut graph = scheduler::Graph::new();
@@ -379,21 +445,15 @@ pub fn build(
             }
         }
     }
-    events.emit(Event::Summary(Summary {
-        executed,
-        cached,
-        failed: failures.len(),
-        duration_ms: started.elapsed().as_millis() as u64,
-        images: images.clone(),
-    }));
-    BuildReport {
+    let report = BuildReport {
         environment_error: None,
         images,
         executed,
         cached,
         failures,
         cancelled,
-    }
+    };
+    (report, healed(), true)
 }
 
 /// The JSON a sandbox copy task carries.
@@ -561,8 +621,111 @@ impl Executor<'_> {
         record
             .layers
             .iter()
-            .all(|layer| self.store.has_blob(&layer.digest))
+            .all(|layer| self.blob_present(&layer.digest, layer.size))
             .then_some(record)
+    }
+
+    /// Whether a blob is in the store with its size; one of another size is removed, with a
+    /// warning.
+    fn blob_present(&self, digest: &Digest, size: u64) -> bool {
+        match self.store.check_blob(digest, size) {
+            BlobState::Present => true,
+            BlobState::Missing => false,
+            BlobState::Corrupt => {
+                self.corrupt_blob(digest, "it has the wrong size");
+                false
+            }
+        }
+    }
+
+    /// A blob was found corrupt: remove it and say so. The actions naming it are misses from
+    /// now on (their blob is missing), so their steps execute again.
+    fn corrupt_blob(&self, digest: &Digest, why: &str) {
+        let _ = self.store.remove_blob(digest);
+        self.healed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.events.emit(Event::Warning {
+            message: format!(
+                "blob {digest} in the store is corrupt ({why}); it was removed and will be fetched or rebuilt"
+            ),
+        });
+    }
+
+    /// Where a layer comes from, for error messages: ` of base image `REF` for PLATFORM`.
+    fn origin(&self, digest: &Digest) -> String {
+        self.layer_origins
+            .lock()
+            .ok()
+            .and_then(|origins| origins.get(digest).cloned())
+            .unwrap_or_default()
+    }
+
+    /// A layer whose content does not match its diff_id: remember it (an action naming it is
+    /// removed by the node that resumed from it) and describe it.
+    fn forged_layer(&self, layer: &LayerDesc, actual: &Digest) -> String {
+        if let Ok(mut forged) = self.forged_layers.lock() {
+            forged.insert(layer.digest);
+        }
+        format!(
+            "layer {}{} is refused: its uncompressed content hashes to {actual}, but the image config claims the diff_id {}; the image is malformed or forged, and nothing of it was stored",
+            layer.digest,
+            self.origin(&layer.digest),
+            layer.diff_id
+        )
+    }
+
+    /// Make sure the blob of `layer` has the diff_id it claims, reading it through unless the
+    /// store already recorded that pair.
+    fn verify_layer_blob(&self, layer: &LayerDesc) -> Result<(), String> {
+        let pair = (layer.digest, layer.diff_id);
+        let seen =
+            |verified: &std::collections::HashSet<(Digest, Digest)>| verified.contains(&pair);
+        if self
+            .verified_layers
+            .lock()
+            .is_ok_and(|verified| seen(&verified))
+        {
+            return Ok(());
+        }
+        if self.store.verified_diff_id(&layer.digest) == Some(layer.diff_id) {
+            if let Ok(mut verified) = self.verified_layers.lock() {
+                verified.insert(pair);
+            }
+            return Ok(());
+        }
+        let file = std::fs::File::open(self.store.blob_path(&layer.digest))
+            .map_err(|error| format!("cannot open layer {}: {error}", layer.digest))?;
+        let check = unpack::LayerCheck::layer(layer.digest, layer.diff_id, layer.size);
+        match unpack::verify_layer(std::io::BufReader::new(file), &check) {
+            Ok(_) => {
+                let _ = self.store.record_verified_layer(layer);
+                if let Ok(mut verified) = self.verified_layers.lock() {
+                    verified.insert(pair);
+                }
+                Ok(())
+            }
+            Err(error) => Err(self.layer_error(layer, error)),
+        }
+    }
+
+    /// The message for a layer that failed to unpack or verify; a corrupt blob is removed.
+    fn layer_error(&self, layer: &LayerDesc, error: unpack::UnpackError) -> String {
+        match error {
+            unpack::UnpackError::DiffIdMismatch { actual, .. } => self.forged_layer(layer, &actual),
+            unpack::UnpackError::DigestMismatch { actual, .. } => {
+                self.corrupt_blob(&layer.digest, &format!("its content hashes to {actual}"));
+                format!(
+                    "layer {}{} is corrupt in the store (its content hashes to {actual}); it was removed",
+                    layer.digest,
+                    self.origin(&layer.digest)
+                )
+            }
+            other => format!(
+                "cannot unpack layer {}{}: {other}",
+                layer.digest,
+                self.origin(&layer.digest)
+            ),
+        }
     }
 
     fn usable_remote<'r>(&self, remote: Option<&'r RemoteCache>) -> Option<&'r RemoteCache> {
@@ -687,6 +850,18 @@ impl Executor<'_> {
                 return Ok(None);
             }
         }
+        // A record is only as good as its layers: each must have the diff_id it claims.
+        for layer in &record.layers {
+            if let Err(message) = self.verify_layer_blob(layer) {
+                self.events.emit(Event::Warning {
+                    message: format!(
+                        "the cache {} has a record naming a bad layer, building without it: {message}",
+                        remote.url()
+                    ),
+                });
+                return Ok(None);
+            }
+        }
         self.store
             .put_action(&self.action_key(key), &bytes)
             .map_err(|error| error.to_string())?;
@@ -771,9 +946,13 @@ impl Executor<'_> {
                 return Ok(());
             }
             let archive = std::fs::File::open(&path).map_err(|error| error.to_string())?;
-            unpack::unpack_layer(std::io::BufReader::new(archive), dir)
-                .map(|_| ())
-                .map_err(|error| error.to_string())
+            // Unpacked aside and moved in whole: a bad or oversized archive leaves the mount
+            // empty, not half-filled.
+            let staging = temp.path().join("mount");
+            unpack::unpack_layer(std::io::BufReader::new(archive), &staging)
+                .map_err(|error| error.to_string())?;
+            std::fs::remove_dir(dir).map_err(|error| error.to_string())?;
+            std::fs::rename(&staging, dir).map_err(|error| error.to_string())
         })();
         match result {
             Ok(()) => Ok(()),
@@ -861,6 +1040,7 @@ impl Executor<'_> {
         // Find the last cached filesystem step; everything before it is covered by its record,
         // base layers included, so the base is needed only when nothing is cached.
         let mut resume_at = 0;
+        let mut resumed_from: Option<Key> = None;
         let mut state: Option<(Vec<LayerDesc>, Vec<HistoryEntry>)> = None;
         for (index, step) in node.steps.iter().enumerate().rev() {
             if !step.op.touches_filesystem() {
@@ -876,6 +1056,7 @@ impl Executor<'_> {
                         .map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
                 }
                 state = Some((record.layers, record.history));
+                resumed_from = Some(step.key);
                 resume_at = index + 1;
                 break;
             }
@@ -891,6 +1072,13 @@ impl Executor<'_> {
                     (base.layers.clone(), base.history.clone())
                 }
                 Base::Image(base) => {
+                    if let Ok(mut origins) = self.layer_origins.lock() {
+                        for layer in &base.layers {
+                            origins.entry(layer.digest).or_insert_with(|| {
+                                format!(" of base image `{}` for {}", base.reference, base.platform)
+                            });
+                        }
+                    }
                     self.resolver
                         .fetch_layers(base, self.store)
                         .map_err(|error| self.failure(node, None, error.to_string(), Vec::new()))?;
@@ -958,6 +1146,9 @@ impl Executor<'_> {
             });
             let started = Instant::now();
             let result = self.execute_step(node, step, &layers);
+            if result.is_err() {
+                self.forget_forged(&layers, &mut resumed_from);
+            }
             let status = if result.is_ok() {
                 StepStatus::Executed
             } else {
@@ -1015,6 +1206,19 @@ impl Executor<'_> {
         })
     }
 
+    /// A step failed: if a layer it started from was found forged, the action record the node
+    /// resumed from names it, and must not be found again.
+    fn forget_forged(&self, layers: &[LayerDesc], resumed_from: &mut Option<Key>) {
+        let forged = self
+            .forged_layers
+            .lock()
+            .map(|forged| layers.iter().any(|layer| forged.contains(&layer.digest)))
+            .unwrap_or(false);
+        if forged && let Some(key) = resumed_from.take() {
+            let _ = self.store.remove_action(&self.action_key(&key));
+        }
+    }
+
     /// Snapshot directories for a layer list, top-most first.
     fn snapshots(&self, layers: &[LayerDesc]) -> Result<Vec<PathBuf>, String> {
         let mut dirs = Vec::with_capacity(layers.len());
@@ -1027,16 +1231,38 @@ impl Executor<'_> {
                 .map(|mut in_flight| in_flight.entry(layer.diff_id).or_default().clone())
                 .unwrap_or_default();
             let _extracting = extracting.lock();
-            let dir = self
-                .store
-                .ensure_snapshot(&layer.diff_id, |dir: &Path| {
-                    let file = std::fs::File::open(&blob)
-                        .map_err(|error| format!("cannot open {}: {error}", layer.digest))?;
-                    unpack::unpack_layer(std::io::BufReader::new(file), dir)
-                        .map(|_| ())
-                        .map_err(|error| format!("cannot unpack layer {}: {error}", layer.digest))
-                })
-                .map_err(|error| error.to_string())?;
+            // A snapshot of this diff_id exists: it was verified when it was made, but is this
+            // blob that layer? (Another image may claim the diff_id for other content.)
+            if let Some(dir) = self.store.snapshot_path(&layer.diff_id) {
+                self.verify_layer_blob(layer)?;
+                dirs.push(dir);
+                continue;
+            }
+            let mut failure = None;
+            let made = self.store.ensure_snapshot(&layer.diff_id, |dir: &Path| {
+                let file = match std::fs::File::open(&blob) {
+                    Ok(file) => file,
+                    Err(error) => {
+                        let message = format!("cannot open layer {}: {error}", layer.digest);
+                        failure = Some(message.clone());
+                        return Err(message);
+                    }
+                };
+                let check = unpack::LayerCheck::layer(layer.digest, layer.diff_id, layer.size);
+                match unpack::unpack_layer_checked(std::io::BufReader::new(file), dir, &check) {
+                    Ok(_) => Ok(()),
+                    Err(error) => {
+                        let message = self.layer_error(layer, error);
+                        failure = Some(message.clone());
+                        Err(message)
+                    }
+                }
+            });
+            let dir = match made {
+                Ok(dir) => dir,
+                Err(error) => return Err(failure.unwrap_or_else(|| error.to_string())),
+            };
+            let _ = self.store.record_verified_layer(layer);
             dirs.push(dir);
         }
         Ok(dirs)
@@ -1144,6 +1370,7 @@ impl Executor<'_> {
         let _compressing = compressing.lock();
         if let Some(known) = self.known_layer(&diff_id) {
             self.adopt_snapshot(&diff_id, &upperdir);
+            let _ = self.store.record_verified_layer(&known);
             return Ok(Some(known));
         }
         let blob = layer::write_layer_from_upper(&upperdir, temp.path(), &self.options.layer)
@@ -1164,6 +1391,8 @@ impl Executor<'_> {
                 .put_action(&self.layer_key(&layer.diff_id), &bytes);
         }
         self.adopt_snapshot(&layer.diff_id, &upperdir);
+        // Both digests were computed here, from the tar written: a verified pair.
+        let _ = self.store.record_verified_layer(&layer);
         Ok(Some(layer))
     }
 
@@ -1208,7 +1437,7 @@ impl Executor<'_> {
     fn known_layer(&self, diff_id: &Digest) -> Option<LayerDesc> {
         let bytes = self.store.get_action(&self.layer_key(diff_id))?;
         let layer: LayerDesc = serde_json::from_slice(&bytes).ok()?;
-        (layer.diff_id == *diff_id && self.store.has_blob(&layer.digest)).then_some(layer)
+        (layer.diff_id == *diff_id && self.blob_present(&layer.digest, layer.size)).then_some(layer)
     }
 
     /// The sandbox task for a `run`; `guards` keeps cache-mount locks and secret files alive
@@ -1260,7 +1489,7 @@ impl Executor<'_> {
                     } else {
                         let dir = self.store.temp_dir().map_err(|error| error.to_string())?;
                         let path = dir.path().join("secret");
-                        std::fs::write(&path, &bytes).map_err(|error| error.to_string())?;
+                        write_private(&path, &bytes).map_err(|error| error.to_string())?;
                         let target = secret
                             .target
                             .clone()
@@ -1330,6 +1559,22 @@ impl Executor<'_> {
             let output = outputs
                 .get(node_id)
                 .ok_or_else(|| format!("node {} has no output", node.stage))?;
+            // Every layer an image ships was verified against its diff_id (usually when its
+            // snapshot was made; a base image no step ran on is read through here, once).
+            for layer in &output.layers {
+                if let Err(message) = self.verify_layer_blob(layer) {
+                    // The node's record names a forged layer (from an older store, say): forget
+                    // it, so the next build does not find it again.
+                    let mut last = node
+                        .steps
+                        .iter()
+                        .rev()
+                        .find(|step| step.op.touches_filesystem())
+                        .map(|step| step.key);
+                    self.forget_forged(&output.layers, &mut last);
+                    return Err(message);
+                }
+            }
             let mut settings = node.settings.clone();
             settings.labels.extend(image.labels.clone());
             let config = config_file(
@@ -1439,6 +1684,13 @@ impl Executor<'_> {
         } else {
             oci::write_layout(&output_dir, &top, blob_paths)
         };
+        if let Err(oci::OciError::DigestMismatch {
+            expected, actual, ..
+        }) = &written
+            && blobs.contains(expected)
+        {
+            self.corrupt_blob(expected, &format!("its content hashes to {actual}"));
+        }
         written.map_err(|error| {
             format!(
                 "cannot write the image layout {}: {error}",
@@ -1455,6 +1707,18 @@ impl Executor<'_> {
             cached,
         })
     }
+}
+
+/// Write a file only its owner can read (`0600`, whatever the umask).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
 }
 
 /// Set every entry's access and modification times under `root` to `min(mtime, epoch)`,

@@ -16,7 +16,7 @@ use crate::oci::{self, OciLayout};
 use crate::reference::Reference;
 use crate::registry::{BlobFetch, RegistryClient};
 use crate::state::{HealthcheckSettings, HistoryEntry, ImageSettings, LayerDesc};
-use crate::store::Store;
+use crate::store::{BlobState, Store};
 
 /// A base image, resolved for one platform.
 #[derive(Clone, Debug)]
@@ -221,7 +221,8 @@ impl Resolver for LayoutResolver {
             });
         };
         for layer in &base.layers {
-            if store.has_blob(&layer.digest) {
+            // A blob of the wrong size is corrupt: `check_blob` removes it, and it is copied again.
+            if store.check_blob(&layer.digest, layer.size) == BlobState::Present {
                 continue;
             }
             let fetch_error = |message: String| ResolveError::Fetch {
@@ -478,7 +479,7 @@ impl Resolver for DefaultResolver {
         let missing: Vec<BlobFetch> = base
             .layers
             .iter()
-            .filter(|layer| !store.has_blob(&layer.digest))
+            .filter(|layer| store.check_blob(&layer.digest, layer.size) != BlobState::Present)
             .map(|layer| BlobFetch {
                 digest: layer.digest,
                 size: layer.size,
