@@ -807,11 +807,11 @@ fn a_team_cache_record_naming_a_forged_layer_is_not_used() {
         .to_string();
     let cache = RemoteCache::new(&server.url, None).expect("cache");
     let action = cache.get_action(&key).expect("get").expect("uploaded");
-    let (record_digest, _) = action.step_record().expect("a step record");
+    let (record_digest, record_size) = action.step_record().expect("a step record");
     let temp = tempfile::tempdir().expect("temp");
     assert!(
         cache
-            .get_blob_to(&record_digest, &temp.path().join("record"))
+            .get_blob_to(&record_digest, record_size, &temp.path().join("record"))
             .expect("get")
     );
     let mut record = read_json(&temp.path().join("record"));
