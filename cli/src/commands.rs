@@ -600,6 +600,7 @@ struct BuildSettings {
     compression: Compression,
     secrets: HashMap<String, SecretValue>,
     source_date_epoch: i64,
+    step_timeout_ms: Option<u64>,
 }
 
 /// Build a loaded plan into `settings.output`; returns the report or an exit code.
@@ -627,6 +628,7 @@ fn execute(
         remote: settings.remote,
         format: settings.format,
         preflight: Some(Box::new(preflight)),
+        step_timeout_ms: settings.step_timeout_ms,
     };
     let report = build::build(
         &loaded.plan,
@@ -753,6 +755,7 @@ pub fn run(args: RunArgs) -> u8 {
         },
         secrets,
         source_date_epoch: args.source_date_epoch,
+        step_timeout_ms: args.step_timeout,
     };
     let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
     let code = report_failures(&report);
@@ -836,6 +839,7 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
             compression: Compression::Gzip,
             secrets: HashMap::new(),
             source_date_epoch: 0,
+            step_timeout_ms: None,
         };
         let progress = Progress::silent();
         let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);

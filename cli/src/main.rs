@@ -184,6 +184,19 @@ pub struct RunArgs {
     /// Manifest media types: OCI (default) or Docker's manifest list and schema 2
     #[arg(long, value_enum, default_value = "oci")]
     pub format: FormatArg,
+    /// Kill and fail a run step after this long (e.g. 30m), unless it sets its own `timeout`
+    #[arg(long, value_name = "DURATION", value_parser = parse_step_timeout)]
+    pub step_timeout: Option<u64>,
+}
+
+/// `--step-timeout`: a Go-style duration, in milliseconds.
+fn parse_step_timeout(text: &str) -> Result<u64, String> {
+    match graphbuild_engine::plan::parse_duration(text) {
+        Some(ns) if ns >= 1_000_000 => Ok(ns / 1_000_000),
+        _ => Err(format!(
+            "`{text}` is not a duration: write it like \"30m\", \"1h30m\" or \"90s\""
+        )),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

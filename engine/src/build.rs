@@ -60,6 +60,8 @@ pub struct BuildOptions {
     /// the cache has been consulted and before anything executes: a fully cached build needs
     /// neither QEMU nor root.
     pub preflight: Option<Preflight>,
+    /// `--step-timeout`: the timeout of `run` steps without a `timeout` of their own.
+    pub step_timeout_ms: Option<u64>,
 }
 
 /// See [`BuildOptions::preflight`]. An `Err` stops the build with that message.
@@ -1092,10 +1094,39 @@ impl Executor<'_> {
                 ));
             }
             sandbox::ExitStatusKind::Signaled(signal) => {
+                let hint = if signal == libc::SIGSYS {
+                    " (SIGSYS: a system call the sandbox's seccomp filter refuses; 32-bit x86 \
+                     programs cannot run under it, see docs/security.md)"
+                } else {
+                    ""
+                };
                 return Err(self.failure(
                     node,
                     Some(step),
-                    format!("the command was killed by signal {signal}"),
+                    format!("the command was killed by signal {signal}{hint}"),
+                    outcome.tail,
+                ));
+            }
+            sandbox::ExitStatusKind::TimedOut { millis } => {
+                return Err(self.failure(
+                    node,
+                    Some(step),
+                    format!(
+                        "the step ran past its timeout of {} and was killed (set with \
+                         `timeout=` on `run` or `--step-timeout`)",
+                        sandbox::format_duration(millis)
+                    ),
+                    outcome.tail,
+                ));
+            }
+            sandbox::ExitStatusKind::ProcessLimit { max } => {
+                return Err(self.failure(
+                    node,
+                    Some(step),
+                    format!(
+                        "the step reached its process limit of {max} processes (pids cgroup) \
+                         and was killed"
+                    ),
                     outcome.tail,
                 ));
             }
@@ -1195,6 +1226,15 @@ impl Executor<'_> {
         run: &RunOp,
         guards: &mut Vec<Box<dyn std::any::Any>>,
     ) -> Result<RunTask, String> {
+        if node.platform.architecture == "386" && !run.insecure {
+            return Err(
+                "linux/386 steps cannot run in the sandbox: its seccomp filter only allows x86_64 \
+                 system calls and would kill 32-bit programs; build linux/386 images from \
+                 `copy` steps, or mark the step `insecure=#true` (no seccomp filter, every \
+                 capability) if you trust it (docs/security.md)"
+                    .to_string(),
+            );
+        }
         let mut cache_mounts = Vec::new();
         // Locks are taken in id order so two steps sharing mounts can never deadlock; one id
         // mounted at two targets is one directory, locked once.
@@ -1260,6 +1300,9 @@ impl Executor<'_> {
                 NetworkMode::Host
             },
             hostname: "graphbuild".into(),
+            timeout_ms: run.timeout_ms.or(self.options.step_timeout_ms),
+            max_processes: Some(sandbox::DEFAULT_MAX_PROCESSES),
+            insecure: run.insecure,
         })
     }
 

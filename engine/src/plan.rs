@@ -150,6 +150,13 @@ pub struct RunOp {
     pub cache_mounts: Vec<CacheMountOp>,
     pub secrets: Vec<SecretOp>,
     pub network_none: bool,
+    /// `insecure=#true`: every capability, no seccomp filter. In the key only when set, so
+    /// the keys of ordinary steps do not change.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+    /// `timeout="…"` in milliseconds. Not in the key: it does not change what a step makes.
+    #[serde(skip)]
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -868,6 +875,23 @@ impl<'a> Expander<'a> {
             cache_mounts,
             secrets,
             network_none: run.network == ir::Network::None,
+            insecure: run.insecure,
+            timeout_ms: run.timeout.as_ref().and_then(|text| {
+                let value = self.substitute(text, Mode::Strict, vars, Some(settings));
+                match parse_duration(&value) {
+                    Some(ns) if ns >= 1_000_000 => Some(ns / 1_000_000),
+                    _ => {
+                        self.error(
+                            text.at,
+                            "graphbuild::duration",
+                            format!("`{value}` is not a step timeout"),
+                            "this duration",
+                            Some("write durations like \"10m\", \"1h30m\" or \"30s\"".into()),
+                        );
+                        None
+                    }
+                }
+            }),
         })
     }
 

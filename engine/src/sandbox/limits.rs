@@ -1,0 +1,270 @@
+//! The process limit of a `run` step: a cgroup of the pids controller per step.
+//!
+//! `RLIMIT_NPROC` cannot do this job: it counts every process of the step's real user across
+//! the host, and the kernel does not apply it to root at all. A pids cgroup counts only the
+//! step's processes, whoever runs them. cgroup v2 is used when its pids controller is
+//! available to graphbuild's cgroup; otherwise the cgroup v1 pids hierarchy (hybrid hosts).
+//! Without either the step runs without a process limit, and a notice says so.
+//!
+//! The supervisor creates `graphbuild-sandbox-PID` next to its own cgroup, PID 1 moves itself
+//! into it before anything else (so every process of the step is counted), the supervisor
+//! watches `pids.events` to kill the step when it hits the limit, and removes the cgroup
+//! when PID 1 is gone (and with it the whole pid namespace). Cgroups left by a supervisor
+//! that was killed are removed by the next one.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const PREFIX: &str = "graphbuild-sandbox-";
+
+/// Which cgroup hierarchy enforces the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The directory the step's cgroups are created in.
+    pub parent: PathBuf,
+    /// `cgroup v2` or `cgroup v1`.
+    pub version: &'static str,
+}
+
+/// Finds where step cgroups can be made, or says why not.
+pub fn locate() -> Result<Location, String> {
+    let own = fs::read_to_string("/proc/self/cgroup")
+        .map_err(|error| format!("cannot read /proc/self/cgroup: {error}"))?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|error| format!("cannot read /proc/self/mountinfo: {error}"))?;
+    let mut reasons = Vec::new();
+    match locate_v2(&own, &mountinfo) {
+        Ok(location) => return Ok(location),
+        Err(reason) => reasons.push(reason),
+    }
+    match locate_v1(&own, &mountinfo) {
+        Ok(location) => return Ok(location),
+        Err(reason) => reasons.push(reason),
+    }
+    Err(reasons.join("; "))
+}
+
+/// (mount point, root inside the hierarchy, filesystem type, super options) per cgroup mount.
+fn cgroup_mounts(mountinfo: &str) -> Vec<(PathBuf, String, String, String)> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let fields: Vec<&str> = before.split(' ').collect();
+            let after: Vec<&str> = after.split(' ').collect();
+            let fstype = *after.first()?;
+            if fstype != "cgroup" && fstype != "cgroup2" {
+                return None;
+            }
+            Some((
+                PathBuf::from(unescape(fields.get(4)?)),
+                unescape(fields.get(3)?),
+                fstype.to_string(),
+                after.get(2).copied().unwrap_or_default().to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// mountinfo escapes spaces and the like as `\040`.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'\\'
+            && index + 3 < bytes.len()
+            && let Ok(value) = u8::from_str_radix(&field[index + 1..index + 4], 8)
+        {
+            out.push(value);
+            index += 4;
+            continue;
+        }
+        out.push(bytes[index]);
+        index += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `mount point / (own path relative to the mount's root)`.
+fn join_inside(mount_point: &Path, mount_root: &str, own: &str) -> PathBuf {
+    let relative = own
+        .strip_prefix(mount_root)
+        .unwrap_or(own)
+        .trim_start_matches('/');
+    mount_point.join(relative)
+}
+
+fn locate_v2(own: &str, mountinfo: &str) -> Result<Location, String> {
+    let path = own
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .ok_or("not in a cgroup v2 hierarchy")?;
+    let (mount_point, root, _, _) = cgroup_mounts(mountinfo)
+        .into_iter()
+        .find(|(_, _, fstype, _)| fstype == "cgroup2")
+        .ok_or("no cgroup v2 mount")?;
+    let parent = join_inside(&mount_point, &root, path);
+    let controllers = fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
+    if !controllers.split_whitespace().any(|name| name == "pids") {
+        return Err(format!(
+            "the cgroup v2 pids controller is not available in {}",
+            parent.display()
+        ));
+    }
+    let subtree = fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+    if !subtree.split_whitespace().any(|name| name == "pids") {
+        fs::write(parent.join("cgroup.subtree_control"), "+pids").map_err(|error| {
+            format!(
+                "cannot enable the pids controller for {}'s children: {error}",
+                parent.display()
+            )
+        })?;
+    }
+    Ok(Location {
+        parent,
+        version: "cgroup v2",
+    })
+}
+
+fn locate_v1(own: &str, mountinfo: &str) -> Result<Location, String> {
+    let path = own
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let _id = fields.next()?;
+            let controllers = fields.next()?;
+            let path = fields.next()?;
+            controllers
+                .split(',')
+                .any(|name| name == "pids")
+                .then_some(path)
+        })
+        .ok_or("no cgroup v1 pids hierarchy")?;
+    let (mount_point, root, _, _) = cgroup_mounts(mountinfo)
+        .into_iter()
+        .find(|(_, _, fstype, options)| {
+            fstype == "cgroup" && options.split(',').any(|option| option == "pids")
+        })
+        .ok_or("the cgroup v1 pids hierarchy is not mounted")?;
+    let parent = join_inside(&mount_point, &root, path);
+    if !parent.is_dir() {
+        return Err(format!("{} does not exist", parent.display()));
+    }
+    Ok(Location {
+        parent,
+        version: "cgroup v1",
+    })
+}
+
+/// One step's cgroup; removed on drop.
+pub struct StepCgroup {
+    dir: PathBuf,
+    pub max: u32,
+}
+
+impl StepCgroup {
+    /// Creates this supervisor's cgroup limited to `max` processes, first removing those
+    /// of supervisors that are gone.
+    pub fn create(location: &Location, max: u32) -> Result<StepCgroup, String> {
+        sweep_stale(&location.parent);
+        let dir = location
+            .parent
+            .join(format!("{PREFIX}{}", std::process::id()));
+        if let Err(error) = fs::create_dir(&dir)
+            && error.kind() != std::io::ErrorKind::AlreadyExists
+        {
+            return Err(format!("cannot create {}: {error}", dir.display()));
+        }
+        let cgroup = StepCgroup { dir, max };
+        fs::write(cgroup.dir.join("pids.max"), max.to_string())
+            .map_err(|error| format!("cannot set {}/pids.max: {error}", cgroup.dir.display()))?;
+        Ok(cgroup)
+    }
+
+    /// Moves the calling process into the cgroup.
+    pub fn join(&self) -> std::io::Result<()> {
+        fs::write(self.dir.join("cgroup.procs"), "0")
+    }
+
+    /// Whether a fork was refused because of the limit.
+    pub fn limit_reached(&self) -> bool {
+        fs::read_to_string(self.dir.join("pids.events"))
+            .ok()
+            .and_then(|events| {
+                events.lines().find_map(|line| {
+                    let count = line.strip_prefix("max ")?;
+                    count.trim().parse::<u64>().ok()
+                })
+            })
+            .is_some_and(|count| count > 0)
+    }
+}
+
+impl Drop for StepCgroup {
+    fn drop(&mut self) {
+        // The last processes may take a moment to leave the cgroup after PID 1 was reaped.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while fs::remove_dir(&self.dir).is_err() && self.dir.exists() {
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Removes (empty) step cgroups whose supervisor process no longer exists.
+fn sweep_stale(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(PREFIX))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_dir(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID_MOUNTINFO: &str = "\
+30 24 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:4 - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:5 - cgroup2 cgroup2 rw
+40 30 0:36 / /sys/fs/cgroup/pids rw,nosuid,nodev,noexec,relatime shared:17 - cgroup cgroup rw,pids
+";
+
+    #[test]
+    fn the_v1_pids_hierarchy_is_found_on_hybrid_hosts() {
+        let own = "8:pids:/user.slice\n1:name=systemd:/user.slice\n0::/user.slice\n";
+        let location = locate_v1(own, HYBRID_MOUNTINFO).err();
+        // /sys/fs/cgroup/pids/user.slice does not exist on the test machine necessarily: the
+        // path computation is what matters here.
+        let mounts = cgroup_mounts(HYBRID_MOUNTINFO);
+        assert_eq!(mounts.len(), 2, "{mounts:?}");
+        assert_eq!(
+            join_inside(&mounts[1].0, &mounts[1].1, "/user.slice"),
+            Path::new("/sys/fs/cgroup/pids/user.slice")
+        );
+        if let Some(reason) = location {
+            assert!(reason.contains("does not exist"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape(r"/a\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+}
