@@ -298,12 +298,18 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
                 .steps
                 .iter()
                 .map(|step| {
-                    json!({
+                    let mut value = json!({
                         "kind": match step.op { Op::Run(_) => "run", Op::Copy(_) => "copy", Op::Config => "config" },
                         "description": step.description,
                         "key": step.key.to_string(),
                         "location": project.sources.describe(step.at),
-                    })
+                    });
+                    if let Op::Run(run) = &step.op
+                        && run.insecure
+                    {
+                        value["insecure"] = json!(true);
+                    }
+                    value
                 })
                 .collect();
             json!({
@@ -335,6 +341,9 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
         .collect();
     json!({ "version": 1, "nodes": nodes, "images": images })
 }
+
+/// Shown for each `insecure=#true` step by `plan` and when it runs.
+const INSECURE_WARNING: &str = graphbuild_engine::build::INSECURE_WARNING;
 
 fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
     use std::fmt::Write;
@@ -389,6 +398,11 @@ fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
         for step in &node.steps {
             if step.op.touches_filesystem() {
                 let _ = writeln!(out, "         {}", truncate(&step.description, 100));
+            }
+            if let Op::Run(run) = &step.op
+                && run.insecure
+            {
+                let _ = writeln!(out, "         warning: {INSECURE_WARNING}");
             }
         }
         let copies: Vec<String> = node

@@ -64,6 +64,10 @@ pub struct BuildOptions {
     pub step_timeout_ms: Option<u64>,
 }
 
+/// Shown for each `insecure=#true` step, by `graphbuild plan` and in the step's output.
+pub const INSECURE_WARNING: &str = "insecure=#true: this step runs with every capability and \
+     no seccomp filter; it can take over the host (docs/security.md)";
+
 /// See [`BuildOptions::preflight`]. An `Err` stops the build with that message.
 pub type Preflight = Box<dyn Fn(&[&Node]) -> Result<(), String> + Send + Sync>;
 
@@ -1075,6 +1079,12 @@ impl Executor<'_> {
             task,
         };
         let node_id = node.id;
+        if matches!(&step.op, Op::Run(run) if run.insecure) {
+            self.events.emit(Event::Output {
+                node: node_id,
+                line: format!("[graphbuild] warning: {INSECURE_WARNING}"),
+            });
+        }
         let outcome = sandbox::run_sandbox(&self.options.sandbox_exe, &spec, &mut |line: &str| {
             self.events.emit(Event::Output {
                 node: node_id,

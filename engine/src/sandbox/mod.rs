@@ -451,7 +451,7 @@ fn sweep_stale_scratch_dirs() {
             let Some(pid) = name
                 .to_str()
                 .and_then(|name| name.strip_prefix(SCRATCH_PREFIX))
-                .and_then(|rest| rest.split('-').next())
+                .and_then(|rest| rest.split_once('-').map(|(pid, _)| pid))
                 .and_then(|pid| pid.parse::<u32>().ok())
             else {
                 continue;
