@@ -149,7 +149,7 @@ fn kernel_memory_keys_and_timers_are_masked() {
 }
 
 #[test]
-fn open_by_handle_at_is_refused() {
+fn file_handles_are_refused_and_clone3_and_x32_are_missing() {
     if !root() {
         return;
     }
@@ -171,7 +171,14 @@ fn open_by_handle_at_is_refused() {
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 int main(void) {
+    /* clone3 and every x32 system call (getpid is 39 | 0x40000000) answer ENOSYS. */
+    long result = syscall(435, NULL, 0);
+    printf("clone3: %s\n", result < 0 ? strerror(errno) : "allowed");
+    result = syscall(39 | 0x40000000);
+    printf("x32 getpid: %s\n", result < 0 ? strerror(errno) : "allowed");
     struct { struct file_handle h; unsigned char bytes[8]; } handle;
     handle.h.handle_bytes = 8;
     int mount_id;
@@ -219,6 +226,8 @@ int main(void) {
         &[
             "name_to_handle_at: Operation not permitted",
             "open_by_handle_at: Operation not permitted",
+            "clone3: Function not implemented",
+            "x32 getpid: Function not implemented",
         ],
     );
 }

@@ -105,27 +105,44 @@ fn locate_v2(own: &str, mountinfo: &str) -> Result<Location, String> {
         .into_iter()
         .find(|(_, _, fstype, _)| fstype == "cgroup2")
         .ok_or("no cgroup v2 mount")?;
-    let parent = join_inside(&mount_point, &root, path);
-    let controllers = fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
-    if !controllers.split_whitespace().any(|name| name == "pids") {
-        return Err(format!(
-            "the cgroup v2 pids controller is not available in {}",
-            parent.display()
-        ));
-    }
-    let subtree = fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
-    if !subtree.split_whitespace().any(|name| name == "pids") {
-        fs::write(parent.join("cgroup.subtree_control"), "+pids").map_err(|error| {
-            format!(
-                "cannot enable the pids controller for {}'s children: {error}",
-                parent.display()
-            )
-        })?;
-    }
-    Ok(Location {
+    let own_dir = join_inside(&mount_point, &root, path);
+    let has = |file: &str, dir: &Path| {
+        fs::read_to_string(dir.join(file))
+            .unwrap_or_default()
+            .split_whitespace()
+            .any(|name| name == "pids")
+    };
+    let location = |parent: PathBuf| Location {
         parent,
         version: "cgroup v2",
-    })
+    };
+    // Children of graphbuild's own cgroup get the controller.
+    if has("cgroup.subtree_control", &own_dir) {
+        return Ok(location(own_dir));
+    }
+    // Graphbuild's cgroup is limited itself (its parent enables pids, which a cgroup holding
+    // processes cannot do for its children): make the step's cgroup a sibling.
+    if own_dir.join("pids.max").exists()
+        && let Some(parent) = own_dir.parent()
+        && has("cgroup.subtree_control", parent)
+        && fs::metadata(parent.join("cgroup.procs")).is_ok()
+    {
+        return Ok(location(parent.to_path_buf()));
+    }
+    if !has("cgroup.controllers", &own_dir) {
+        return Err(format!(
+            "the cgroup v2 pids controller is not available in {}",
+            own_dir.display()
+        ));
+    }
+    // Works where the cgroup holds no process itself (the root cgroup, a delegated subtree).
+    fs::write(own_dir.join("cgroup.subtree_control"), "+pids").map_err(|error| {
+        format!(
+            "cannot enable the cgroup v2 pids controller for {}'s children: {error}",
+            own_dir.display()
+        )
+    })?;
+    Ok(location(own_dir))
 }
 
 fn locate_v1(own: &str, mountinfo: &str) -> Result<Location, String> {
