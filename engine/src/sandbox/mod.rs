@@ -6,8 +6,10 @@
 //! engine (threads: rayon, tokio)
 //!   └─ graphbuild __graphbuild-sandbox        the supervisor: single-threaded, PDEATHSIG=KILL
 //!        │  unshare(mount, pid, uts, ipc[, net]); overlay mounted on a private tmpfs
-//!        └─ PID 1 of the new pid namespace   own mount namespace: /proc, /dev, cache mounts,
-//!             └─ the command …               secrets; pivot_root; setuid; exec
+//!        └─ PID 1 of the new pid namespace   joins the step's pids cgroup; own mount namespace:
+//!             └─ the command …               /proc (masked), /dev, cache mounts, secrets;
+//!                                            pivot_root; bounding set, seccomp; setuid;
+//!                                            capabilities; exec
 //! ```
 //!
 //! Namespaces are created in a separate process, a re-exec of the graphbuild binary
@@ -34,6 +36,17 @@
 //! command itself writes. Cache-mount and secret contents live in bind mounts and never
 //! touch it either.
 //!
+//! # Containment
+//!
+//! What a `run` step may do is documented for users in docs/security.md. In short: the root
+//! overlay and `/dev` are `nodev` (image device nodes are data), `/proc` has runc's read-only
+//! and masked paths, `/sys` is absent, cache mounts are `nosuid,nodev`; [`confine`] keeps
+//! Docker's default capabilities and installs the seccomp filters (PID 1 installs them while
+//! it still holds `CAP_SYS_ADMIN`, because setuid programs rule out `no_new_privs`); [`limits`]
+//! gives each step a pids cgroup, and the supervisor kills PID 1 (and so the namespace) when
+//! the step reaches its process limit or its timeout ([`ExitStatusKind::ProcessLimit`],
+//! [`ExitStatusKind::TimedOut`]). [`RunTask::insecure`] skips the capabilities and filters.
+//!
 //! # Lifetime
 //!
 //! The supervisor dies with the engine (`PR_SET_PDEATHSIG(SIGKILL)`, set before exec), PID 1
@@ -42,7 +55,8 @@
 //! processes end with the command, and an engine killed by Ctrl-C leaves nothing behind.
 //! SIGTERM, SIGINT and SIGHUP sent to the supervisor are forwarded to PID 1, followed by
 //! SIGKILL five seconds later (or on a second signal): PID 1 ignores signals it has no
-//! handler for.
+//! handler for. Scratch directories are named after the engine's pid, so the next engine
+//! removes those of an engine killed with SIGKILL.
 
 mod child;
 pub mod confine;
