@@ -266,6 +266,48 @@ fn new_namespaces_and_mounts_are_refused() {
 }
 
 #[test]
+fn the_users_terminal_is_out_of_reach() {
+    if !root() {
+        return;
+    }
+    if !prerequisite(
+        Command::new("script")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "util-linux `script` gives graphbuild a terminal",
+    ) {
+        return;
+    }
+    // graphbuild runs on a terminal; a step that could open it (/dev/tty, its controlling
+    // terminal) could type commands into the user's shell with TIOCSTI.
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "b.kdl",
+        &build_file(
+            "    run \"if echo hi > /dev/tty; then echo OPENED-$((40+2)); exit 1; fi; echo no-terminal\"",
+        ),
+    );
+    let output = Command::new("script")
+        .arg("-qec")
+        .arg(format!(
+            "{} run b.kdl --progress plain --output out",
+            bin().display()
+        ))
+        .arg("/dev/null")
+        .current_dir(sandbox.path())
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.store())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script runs");
+    let text = all_output(&output);
+    assert!(!text.contains("OPENED-42"), "{text}");
+    assert!(text.contains("no-terminal"), "{text}");
+    assert_success(&output);
+}
+
+#[test]
 fn capabilities_are_dockers_default_set() {
     if !root() {
         return;

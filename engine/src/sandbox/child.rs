@@ -724,6 +724,9 @@ fn pid1(
     if let Some(cgroup) = cgroup {
         cgroup.join().map_err(step("join the step's pids cgroup"))?;
     }
+    // A session of its own: no controlling terminal, so the step cannot open the user's
+    // terminal through /dev/tty and push keystrokes into it (TIOCSTI).
+    nix::unistd::setsid().map_err(step("start a new session"))?;
     // Compiled while the host's files are still reachable, installed just before exec.
     let filters = if run.insecure {
         None
