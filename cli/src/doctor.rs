@@ -195,10 +195,9 @@ fn containment_checks(checks: &mut Vec<Check>, platforms: &[Platform]) {
             true,
             false,
             format!(
-                "run steps are limited to {DEFAULT_MAX_PROCESSES} processes ({} pids \
-                 controller under {})",
-                location.version,
-                location.parent.display()
+                "run steps are limited to {DEFAULT_MAX_PROCESSES} processes each ({} pids \
+                 controller)",
+                location.version
             ),
             None,
         )),
