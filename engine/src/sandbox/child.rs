@@ -631,6 +631,9 @@ fn supervise_pid1(pid1: Pid, limits: &Limits) -> Result<ExitStatusKind, Failure>
     let kill = || {
         // SAFETY: kill(2) on our child.
         unsafe { libc::kill(pid1.as_raw(), libc::SIGKILL) };
+        if let Some(cgroup) = limits.cgroup {
+            cgroup.kill_all();
+        }
     };
     loop {
         let ended = match waitpid(pid1, Some(WaitPidFlag::WNOHANG)) {
