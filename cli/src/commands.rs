@@ -615,6 +615,7 @@ struct BuildSettings {
     secrets: HashMap<String, SecretValue>,
     source_date_epoch: i64,
     step_timeout_ms: Option<u64>,
+    step_max_processes: Option<u32>,
 }
 
 /// Build a loaded plan into `settings.output`; returns the report or an exit code.
@@ -643,6 +644,7 @@ fn execute(
         format: settings.format,
         preflight: Some(Box::new(preflight)),
         step_timeout_ms: settings.step_timeout_ms,
+        step_max_processes: settings.step_max_processes,
     };
     let report = build::build(
         &loaded.plan,
@@ -770,6 +772,7 @@ pub fn run(args: RunArgs) -> u8 {
         secrets,
         source_date_epoch: args.source_date_epoch,
         step_timeout_ms: args.step_timeout,
+        step_max_processes: (args.step_max_processes > 0).then_some(args.step_max_processes),
     };
     let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
     let code = report_failures(&report);
@@ -854,6 +857,7 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
             secrets: HashMap::new(),
             source_date_epoch: 0,
             step_timeout_ms: None,
+            step_max_processes: Some(graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES),
         };
         let progress = Progress::silent();
         let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);

@@ -195,8 +195,8 @@ fn containment_checks(checks: &mut Vec<Check>, platforms: &[Platform]) {
             true,
             false,
             format!(
-                "run steps are limited to {DEFAULT_MAX_PROCESSES} processes each ({} pids \
-                 controller)",
+                "run steps are limited to {DEFAULT_MAX_PROCESSES} processes each by default \
+                 ({} pids controller)",
                 location.version
             ),
             None,

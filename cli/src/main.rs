@@ -187,6 +187,9 @@ pub struct RunArgs {
     /// Kill and fail a run step after this long (e.g. 30m), unless it sets its own `timeout`
     #[arg(long, value_name = "DURATION", value_parser = parse_step_timeout)]
     pub step_timeout: Option<u64>,
+    /// The most processes (and threads) a run step may have at once; 0: no limit
+    #[arg(long, value_name = "N", default_value_t = graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES)]
+    pub step_max_processes: u32,
 }
 
 /// `--step-timeout`: a Go-style duration, in milliseconds.

@@ -62,6 +62,8 @@ pub struct BuildOptions {
     pub preflight: Option<Preflight>,
     /// `--step-timeout`: the timeout of `run` steps without a `timeout` of their own.
     pub step_timeout_ms: Option<u64>,
+    /// `--step-max-processes`: the process limit of each `run` step; `None`: no limit.
+    pub step_max_processes: Option<u32>,
 }
 
 /// Shown for each `insecure=#true` step, by `graphbuild plan` and in the step's output.
@@ -1311,7 +1313,7 @@ impl Executor<'_> {
             },
             hostname: "graphbuild".into(),
             timeout_ms: run.timeout_ms.or(self.options.step_timeout_ms),
-            max_processes: Some(sandbox::DEFAULT_MAX_PROCESSES),
+            max_processes: self.options.step_max_processes,
             insecure: run.insecure,
         })
     }

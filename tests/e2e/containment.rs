@@ -351,6 +351,28 @@ fn a_fork_bomb_is_stopped_at_the_process_limit() {
     let elapsed = started.elapsed();
     assert_step_failed(&output, &["process limit of 4096 processes"]);
     assert!(elapsed < Duration::from_secs(40), "took {elapsed:?}");
+
+    // --step-max-processes sets the limit; a step under it is not disturbed.
+    sandbox.write(
+        "b.kdl",
+        &build_file(
+            "    run \"for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 5 & done; wait\"\n    run \"sleep 1 & sleep 1 & wait\"",
+        ),
+    );
+    let limited = |max: &str| {
+        sandbox.graphbuild(&[
+            "run",
+            "b.kdl",
+            "--progress",
+            "plain",
+            "--output",
+            "out",
+            "--step-max-processes",
+            max,
+        ])
+    };
+    assert_step_failed(&limited("8"), &["process limit of 8 processes"]);
+    assert_success(&limited("20"));
 }
 
 #[test]
