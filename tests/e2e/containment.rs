@@ -183,6 +183,18 @@ int main(void) {
     printf("clone3: %s\n", result < 0 ? strerror(errno) : "allowed");
     result = syscall(39 | 0x40000000);
     printf("x32 getpid: %s\n", result < 0 ? strerror(errno) : "allowed");
+    /* Refused whatever the arguments (these are harmless ones, should a call get through). */
+    struct { const char *name; long number; } refused[] = {
+        {"ptrace", SYS_ptrace}, {"keyctl", SYS_keyctl}, {"bpf", SYS_bpf},
+        {"perf_event_open", SYS_perf_event_open}, {"setns", SYS_setns},
+        {"kexec_load", SYS_kexec_load}, {"userfaultfd", SYS_userfaultfd},
+        {"io_uring_setup", SYS_io_uring_setup}, {"pivot_root", SYS_pivot_root},
+    };
+    for (unsigned i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        errno = 0;
+        result = syscall(refused[i].number, -1L, 0L, 0L, 0L, 0L, 0L);
+        printf("%s: %s\n", refused[i].name, result < 0 ? strerror(errno) : "allowed");
+    }
     struct { struct file_handle h; unsigned char bytes[8]; } handle;
     handle.h.handle_bytes = 8;
     int mount_id;
@@ -234,6 +246,20 @@ int main(void) {
             "x32 getpid: Function not implemented",
         ],
     );
+    for name in [
+        "ptrace",
+        "keyctl",
+        "bpf",
+        "perf_event_open",
+        "setns",
+        "kexec_load",
+        "userfaultfd",
+        "io_uring_setup",
+        "pivot_root",
+    ] {
+        let line = format!("{name}: Operation not permitted");
+        assert!(text.contains(&line), "`{line}` missing from:\n{text}");
+    }
 }
 
 #[test]

@@ -678,6 +678,20 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_shown_as_written() {
+        assert_eq!(format_duration(2_000), "2s");
+        assert_eq!(format_duration(600_000), "10m");
+        assert_eq!(format_duration(5_400_000), "1h30m");
+        assert_eq!(format_duration(90_000), "1m30s");
+        assert_eq!(format_duration(1_500), "1500ms");
+        assert_eq!(
+            ExitStatusKind::TimedOut { millis: 2_000 }.to_string(),
+            "killed after its timeout of 2s"
+        );
+        assert!(!ExitStatusKind::ProcessLimit { max: 8 }.success());
+    }
+
+    #[test]
     fn reports_round_trip_as_single_json_lines() {
         let report = ChildReport::ExecNotFound {
             program: "foo".to_string(),
