@@ -266,27 +266,63 @@ fn sweep_stale(parent: &Path) {
 mod tests {
     use super::*;
 
-    const HYBRID_MOUNTINFO: &str = "\
-30 24 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:4 - tmpfs tmpfs ro,mode=755
-31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:5 - cgroup2 cgroup2 rw
-40 30 0:36 / /sys/fs/cgroup/pids rw,nosuid,nodev,noexec,relatime shared:17 - cgroup cgroup rw,pids
-";
+    fn mountinfo(lines: &[(&Path, &str, &str)]) -> String {
+        lines
+            .iter()
+            .enumerate()
+            .map(|(index, (point, fstype, options))| {
+                format!(
+                    "{index} 1 0:{index} / {} rw,relatime shared:1 - {fstype} {fstype} {options}\n",
+                    point.display()
+                )
+            })
+            .collect()
+    }
 
     #[test]
-    fn the_v1_pids_hierarchy_is_found_on_hybrid_hosts() {
+    fn the_v1_pids_hierarchy_serves_hybrid_hosts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (unified, pids) = (dir.path().join("unified"), dir.path().join("pids"));
+        fs::create_dir_all(pids.join("user.slice")).expect("mkdir");
+        fs::create_dir_all(&unified).expect("mkdir");
+        // The v2 hierarchy has no controller: pids is bound to v1.
+        fs::write(unified.join("cgroup.controllers"), "").expect("write");
+        let info = mountinfo(&[(&unified, "cgroup2", "rw"), (&pids, "cgroup", "rw,pids")]);
         let own = "8:pids:/user.slice\n1:name=systemd:/user.slice\n0::/user.slice\n";
-        let location = locate_v1(own, HYBRID_MOUNTINFO).err();
-        // /sys/fs/cgroup/pids/user.slice does not exist on the test machine necessarily: the
-        // path computation is what matters here.
-        let mounts = cgroup_mounts(HYBRID_MOUNTINFO);
-        assert_eq!(mounts.len(), 2, "{mounts:?}");
+        let reason = locate_v2(own, &info).expect_err("no v2 pids");
+        assert!(reason.contains("not available"), "{reason}");
         assert_eq!(
-            join_inside(&mounts[1].0, &mounts[1].1, "/user.slice"),
-            Path::new("/sys/fs/cgroup/pids/user.slice")
+            locate_v1(own, &info),
+            Ok(Location {
+                parent: pids.join("user.slice"),
+                version: "cgroup v1",
+            })
         );
-        if let Some(reason) = location {
-            assert!(reason.contains("does not exist"), "{reason}");
-        }
+    }
+
+    #[test]
+    fn cgroup_v2_uses_the_own_cgroup_or_a_sibling() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("cgroup");
+        let own_dir = root.join("build.slice/graphbuild.scope");
+        fs::create_dir_all(&own_dir).expect("mkdir");
+        let info = mountinfo(&[(&root, "cgroup2", "rw")]);
+        let own = "0::/build.slice/graphbuild.scope\n";
+        // graphbuild's cgroup is limited by its parent: steps go next to it.
+        fs::write(root.join("build.slice/cgroup.subtree_control"), "cpu pids").expect("write");
+        fs::write(root.join("build.slice/cgroup.procs"), "").expect("write");
+        fs::write(own_dir.join("pids.max"), "max").expect("write");
+        fs::write(own_dir.join("cgroup.controllers"), "cpu pids").expect("write");
+        assert_eq!(
+            locate_v2(own, &info).map(|location| location.parent),
+            Ok(root.join("build.slice"))
+        );
+        // Delegated to graphbuild: its children get the controller.
+        fs::write(own_dir.join("cgroup.subtree_control"), "pids").expect("write");
+        assert_eq!(
+            locate_v2(own, &info).map(|location| location.parent),
+            Ok(own_dir.clone())
+        );
     }
 
     #[test]
