@@ -571,11 +571,22 @@ fn run_pid1(
 ) -> Result<ChildReport, Failure> {
     let (error_read, error_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step("create a pipe"))?;
+    // PID 1 waits for a byte on this pipe: the supervisor first moves it into the step's
+    // cgroup, before it can start any other process.
+    let (go_read, go_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step("create a pipe"))?;
     // SAFETY: this process is single-threaded (checked in `supervise`).
     match unsafe { fork() }.map_err(step("fork the sandbox's first process"))? {
         ForkResult::Child => {
             drop(error_read);
-            let failure = match pid1(root, run, targets, cgroup) {
+            drop(go_write);
+            let mut go = [0u8; 1];
+            if !matches!(fs::File::from(go_read).read(&mut go), Ok(1)) {
+                // The supervisor is gone.
+                // SAFETY: leave without running the supervisor's exit handlers.
+                unsafe { libc::_exit(127) }
+            }
+            let failure = match pid1(root, run, targets) {
                 Err(failure) => failure,
                 Ok(never) => match never {},
             };
@@ -588,6 +599,18 @@ fn run_pid1(
         }
         ForkResult::Parent { child } => {
             drop(error_write);
+            drop(go_read);
+            let cgroup = cgroup.and_then(|cgroup| match cgroup.add(child.as_raw()) {
+                Ok(()) => Some(cgroup),
+                Err(error) => {
+                    notice(format!(
+                        "steps run without a process limit (cannot join the pids cgroup: {error})"
+                    ));
+                    None
+                }
+            });
+            // If this fails, PID 1 reads EOF and exits: the reports below say so.
+            let _ = fs::File::from(go_write).write_all(b"g");
             // The supervisor must not keep the output pipe open: the engine reads it to EOF.
             redirect_to_dev_null(1).map_err(step("redirect stdout"))?;
             let mut setup_error = Vec::new();
@@ -721,12 +744,7 @@ fn pid1(
     root: &Path,
     run: &RunTask,
     targets: &[PathBuf],
-    cgroup: Option<&StepCgroup>,
 ) -> Result<std::convert::Infallible, Failure> {
-    // First, before any other process of the step exists: every one of them is counted.
-    if let Some(cgroup) = cgroup {
-        cgroup.join().map_err(step("join the step's pids cgroup"))?;
-    }
     // A session of its own: no controlling terminal, so the step cannot open the user's
     // terminal through /dev/tty and push keystrokes into it (TIOCSTI).
     nix::unistd::setsid().map_err(step("start a new session"))?;

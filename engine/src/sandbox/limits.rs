@@ -6,9 +6,9 @@
 //! available to graphbuild's cgroup; otherwise the cgroup v1 pids hierarchy (hybrid hosts).
 //! Without either the step runs without a process limit, and a notice says so.
 //!
-//! The supervisor creates `graphbuild-sandbox-PID` next to its own cgroup, PID 1 moves itself
-//! into it before anything else (so every process of the step is counted), the supervisor
-//! watches `pids.events` to kill the step when it hits the limit, and removes the cgroup
+//! The supervisor creates `graphbuild-sandbox-PID` next to its own cgroup, moves PID 1 into it
+//! before PID 1 starts anything (so every process of the step is counted), watches
+//! `pids.events` to kill the step when it hits the limit, and removes the cgroup
 //! when PID 1 is gone (and with it the whole pid namespace). Cgroups left by a supervisor
 //! that was killed are removed by the next one.
 
@@ -200,9 +200,9 @@ impl StepCgroup {
         Ok(cgroup)
     }
 
-    /// Moves the calling process into the cgroup.
-    pub fn join(&self) -> std::io::Result<()> {
-        fs::write(self.dir.join("cgroup.procs"), "0")
+    /// Moves process `pid` into the cgroup.
+    pub fn add(&self, pid: i32) -> std::io::Result<()> {
+        fs::write(self.dir.join("cgroup.procs"), pid.to_string())
     }
 
     /// Kills every process of the cgroup at once where the kernel can (`cgroup.kill`, cgroup

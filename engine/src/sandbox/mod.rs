@@ -6,10 +6,10 @@
 //! engine (threads: rayon, tokio)
 //!   └─ graphbuild __graphbuild-sandbox        the supervisor: single-threaded, PDEATHSIG=KILL
 //!        │  unshare(mount, pid, uts, ipc[, net]); overlay mounted on a private tmpfs
-//!        └─ PID 1 of the new pid namespace   joins the step's pids cgroup; own mount namespace:
-//!             └─ the command …               /proc (masked), /dev, cache mounts, secrets;
-//!                                            pivot_root; bounding set, seccomp; setuid;
-//!                                            capabilities; exec
+//!        └─ PID 1 of the new pid namespace   (moved into the step's pids cgroup first) own
+//!             └─ the command …               session and mount namespace: /proc (masked),
+//!                                            /dev, cache mounts, secrets; pivot_root;
+//!                                            bounding set, seccomp; setuid; capabilities; exec
 //! ```
 //!
 //! Namespaces are created in a separate process, a re-exec of the graphbuild binary
