@@ -406,6 +406,51 @@ fn a_fork_bomb_is_stopped_at_the_process_limit() {
 }
 
 #[test]
+fn without_a_pids_cgroup_steps_run_with_a_notice_and_doctor_says_so() {
+    if !root() {
+        return;
+    }
+    if !prerequisite(
+        Command::new("unshare")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "util-linux `unshare` hides the cgroup mounts",
+    ) {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.write("b.kdl", &build_file("    run \"true\""));
+    // graphbuild in a mount namespace of its own where no cgroup hierarchy is mounted.
+    let hidden = |args: &str| {
+        Command::new("unshare")
+            .args(["-m", "sh", "-c"])
+            .arg(format!(
+                "mount --make-rprivate / && {{ umount -l /sys/fs/cgroup 2>/dev/null; exec {} {args}; }}",
+                bin().display()
+            ))
+            .current_dir(sandbox.path())
+            .env("GRAPHBUILD_CACHE_DIR", sandbox.store())
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("unshare runs")
+    };
+    let output = hidden("run b.kdl --progress plain --output out");
+    assert_success(&output);
+    let text = all_output(&output);
+    assert!(
+        text.contains("notice: steps run without a process limit (no usable pids cgroup"),
+        "{text}"
+    );
+    let doctor = hidden("doctor");
+    assert!(
+        stdout(&doctor).contains("✗ run steps have no process limit"),
+        "{}",
+        stdout(&doctor)
+    );
+}
+
+#[test]
 fn a_step_past_its_timeout_is_killed() {
     if !root() {
         return;
