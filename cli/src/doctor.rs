@@ -204,7 +204,10 @@ fn containment_checks(checks: &mut Vec<Check>, platforms: &[Platform]) {
         Err(reason) => checks.push(check(
             false,
             false,
-            format!("run steps have no process limit (a fork bomb is not contained): {reason}"),
+            format!(
+                "run steps have only an approximate process limit (counted every 100ms; no \
+                 pids cgroup: {reason})"
+            ),
             Some(
                 "enable the pids controller (cgroup v2) or mount the cgroup v1 pids hierarchy"
                     .to_string(),

@@ -1136,8 +1136,8 @@ impl Executor<'_> {
                     node,
                     Some(step),
                     format!(
-                        "the step reached its process limit of {max} processes (pids cgroup) \
-                         and was killed"
+                        "the step reached its process limit of {max} processes and was killed \
+                         (raise it with --step-max-processes)"
                     ),
                     outcome.tail,
                 ));

@@ -439,12 +439,25 @@ fn without_a_pids_cgroup_steps_run_with_a_notice_and_doctor_says_so() {
     assert_success(&output);
     let text = all_output(&output);
     assert!(
-        text.contains("notice: steps run without a process limit (no usable pids cgroup"),
+        text.contains("notice: the process limit of steps is only approximate"),
         "{text}"
+    );
+    // The limit still holds, counted by the supervisor.
+    sandbox.write(
+        "many.kdl",
+        &build_file("    run \"for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 5 & done; wait\""),
+    );
+    let started = Instant::now();
+    let output = hidden("run many.kdl --progress plain --output out --step-max-processes 8");
+    assert_step_failed(&output, &["process limit of 8 processes"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
     );
     let doctor = hidden("doctor");
     assert!(
-        stdout(&doctor).contains("✗ run steps have no process limit"),
+        stdout(&doctor).contains("✗ run steps have only an approximate process limit"),
         "{}",
         stdout(&doctor)
     );

@@ -199,7 +199,8 @@ fn supervise(copy_handler: CopyHandler) -> Result<ChildReport, Failure> {
                     Ok(cgroup) => Some(cgroup),
                     Err(reason) => {
                         notice(format!(
-                            "steps run without a process limit (no usable pids cgroup: {reason})"
+                            "the process limit of steps is only approximate, checked every 100ms (no \
+                             usable pids cgroup: {reason})"
                         ));
                         None
                     }
@@ -604,7 +605,8 @@ fn run_pid1(
                 Ok(()) => Some(cgroup),
                 Err(error) => {
                     notice(format!(
-                        "steps run without a process limit (cannot join the pids cgroup: {error})"
+                        "the process limit of steps is only approximate, checked every 100ms \
+                         (cannot join the pids cgroup: {error})"
                     ));
                     None
                 }
@@ -629,6 +631,7 @@ fn run_pid1(
                 deadline: run
                     .timeout_ms
                     .map(|millis| (Instant::now() + Duration::from_millis(millis), millis)),
+                counted_max: run.max_processes.filter(|_| cgroup.is_none()),
                 cgroup,
             };
             supervise_pid1(child, &limits).map(ChildReport::Finished)
@@ -641,6 +644,26 @@ struct Limits<'a> {
     /// When the step times out, and its timeout in milliseconds.
     deadline: Option<(Instant, u64)>,
     cgroup: Option<&'a StepCgroup>,
+    /// Without a cgroup: the process limit, checked by counting the step's processes.
+    counted_max: Option<u32>,
+}
+
+/// How many processes the pid namespace of `pid1` holds, from the `/proc` mounted in its root
+/// (the supervisor is outside that namespace).
+fn count_processes(pid1: Pid) -> usize {
+    fs::read_dir(format!("/proc/{}/root/proc", pid1.as_raw()))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|entry| {
+                    entry
+                        .file_name()
+                        .to_str()
+                        .is_some_and(|name| name.bytes().all(|byte| byte.is_ascii_digit()))
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// How often the process limit is checked.
@@ -688,6 +711,11 @@ fn supervise_pid1(pid1: Pid, limits: &Limits) -> Result<ExitStatusKind, Failure>
             {
                 killed_for = Some(ExitStatusKind::ProcessLimit { max: cgroup.max });
                 kill();
+            } else if let Some(max) = limits.counted_max
+                && count_processes(pid1) > max as usize
+            {
+                killed_for = Some(ExitStatusKind::ProcessLimit { max });
+                kill();
             }
         }
         let mut timeout = match kill_deadline {
@@ -697,7 +725,7 @@ fn supervise_pid1(pid1: Pid, limits: &Limits) -> Result<ExitStatusKind, Failure>
         if let Some((deadline, _)) = limits.deadline {
             timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
         }
-        if limits.cgroup.is_some() || killed_for.is_some() {
+        if limits.cgroup.is_some() || limits.counted_max.is_some() || killed_for.is_some() {
             timeout = timeout.min(LIMIT_POLL);
         }
         match wait_for_signal(timeout) {

@@ -4,7 +4,9 @@
 //! the host, and the kernel does not apply it to root at all. A pids cgroup counts only the
 //! step's processes, whoever runs them. cgroup v2 is used when its pids controller is
 //! available to graphbuild's cgroup; otherwise the cgroup v1 pids hierarchy (hybrid hosts).
-//! Without either the step runs without a process limit, and a notice says so.
+//! Without either, the supervisor counts the step's processes in its `/proc` every 100ms
+//! instead (an approximate limit: a fork bomb overshoots before it is killed), and a notice
+//! says so.
 //!
 //! The supervisor creates `graphbuild-sandbox-PID` next to its own cgroup, moves PID 1 into it
 //! before PID 1 starts anything (so every process of the step is counted), watches
