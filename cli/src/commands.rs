@@ -298,12 +298,18 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
                 .steps
                 .iter()
                 .map(|step| {
-                    json!({
+                    let mut value = json!({
                         "kind": match step.op { Op::Run(_) => "run", Op::Copy(_) => "copy", Op::Config(_) => "config" },
                         "description": step.description,
                         "key": step.key.to_string(),
                         "location": project.sources.describe(step.at),
-                    })
+                    });
+                    if let Op::Run(run) = &step.op
+                        && run.insecure
+                    {
+                        value["insecure"] = json!(true);
+                    }
+                    value
                 })
                 .collect();
             json!({
@@ -335,6 +341,9 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
         .collect();
     json!({ "version": 1, "nodes": nodes, "images": images })
 }
+
+/// Shown for each `insecure=#true` step by `plan` and when it runs.
+const INSECURE_WARNING: &str = graphbuild_engine::build::INSECURE_WARNING;
 
 fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
     use std::fmt::Write;
@@ -389,6 +398,11 @@ fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
         for step in &node.steps {
             if step.op.touches_filesystem() {
                 let _ = writeln!(out, "         {}", truncate(&step.description, 100));
+            }
+            if let Op::Run(run) = &step.op
+                && run.insecure
+            {
+                let _ = writeln!(out, "         warning: {INSECURE_WARNING}");
             }
         }
         let copies: Vec<String> = node
@@ -600,6 +614,8 @@ struct BuildSettings {
     compression: Compression,
     secrets: HashMap<String, SecretValue>,
     source_date_epoch: i64,
+    step_timeout_ms: Option<u64>,
+    step_max_processes: Option<u32>,
 }
 
 /// Build a loaded plan into `settings.output`; returns the report or an exit code.
@@ -632,6 +648,8 @@ fn execute(
         },
         format: settings.format,
         preflight: Some(Box::new(preflight)),
+        step_timeout_ms: settings.step_timeout_ms,
+        step_max_processes: settings.step_max_processes,
     };
     let report = build::build(
         &loaded.plan,
@@ -761,6 +779,8 @@ pub fn run(args: RunArgs) -> u8 {
         },
         secrets,
         source_date_epoch: args.source_date_epoch,
+        step_timeout_ms: args.step_timeout,
+        step_max_processes: (args.step_max_processes > 0).then_some(args.step_max_processes),
     };
     let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
     let code = report_failures(&report);
@@ -844,6 +864,8 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
             compression: Compression::Gzip,
             secrets: HashMap::new(),
             source_date_epoch: 0,
+            step_timeout_ms: None,
+            step_max_processes: Some(graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES),
         };
         let progress = Progress::silent();
         let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);

@@ -184,6 +184,22 @@ pub struct RunArgs {
     /// Manifest media types: OCI (default) or Docker's manifest list and schema 2
     #[arg(long, value_enum, default_value = "oci")]
     pub format: FormatArg,
+    /// Kill and fail a run step after this long (e.g. 30m), unless it sets its own `timeout`
+    #[arg(long, value_name = "DURATION", value_parser = parse_step_timeout)]
+    pub step_timeout: Option<u64>,
+    /// The most processes (and threads) a run step may have at once; 0: no limit
+    #[arg(long, value_name = "N", default_value_t = graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES)]
+    pub step_max_processes: u32,
+}
+
+/// `--step-timeout`: a Go-style duration, in milliseconds.
+fn parse_step_timeout(text: &str) -> Result<u64, String> {
+    match graphbuild_engine::plan::parse_duration(text) {
+        Some(ns) if ns >= 1_000_000 => Ok(ns / 1_000_000),
+        _ => Err(format!(
+            "`{text}` is not a duration: write it like \"30m\", \"1h30m\" or \"90s\""
+        )),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1545,7 +1545,15 @@ impl Loader {
     }
 
     fn lower_run(&mut self, node: &KdlNode, file: FileId) -> Option<Run> {
-        self.check_no_properties(node, file, "run");
+        let mut timeout = None;
+        let mut insecure = false;
+        for (key, entry) in properties(node) {
+            match key {
+                "timeout" => timeout = self.string(entry, file, "`timeout`"),
+                "insecure" => insecure = self.boolean(entry, file, "`insecure`").unwrap_or(false),
+                other => self.unknown_property(other, entry, file, "run", &["timeout", "insecure"]),
+            }
+        }
         let command = self.run_command(node, file, "run");
         let mut cache_mounts = Vec::new();
         let mut secrets = Vec::new();
@@ -1671,6 +1679,8 @@ impl Loader {
             cache_mounts,
             secrets,
             network,
+            timeout,
+            insecure,
         })
     }
 

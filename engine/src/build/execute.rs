@@ -16,7 +16,7 @@ use crate::sandbox::{self, NetworkMode, RunTask, SandboxSpec, Task};
 use crate::state::{HistoryEntry, LayerDesc, StepRecord};
 use crate::unpack;
 
-use super::{Executor, NodeFailure, NodeOutput, SecretValue};
+use super::{Executor, INSECURE_WARNING, NodeFailure, NodeOutput, SecretValue};
 
 /// The JSON a sandbox copy task carries.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -410,6 +410,12 @@ impl Executor<'_> {
             task,
         };
         let node_id = node.id;
+        if matches!(&step.op, Op::Run(run) if run.insecure) {
+            self.events.emit(Event::Output {
+                node: node_id,
+                line: format!("[graphbuild] warning: {INSECURE_WARNING}"),
+            });
+        }
         let outcome = sandbox::run_sandbox(&self.options.sandbox_exe, &spec, &mut |line: &str| {
             self.events.emit(Event::Output {
                 node: node_id,
@@ -429,10 +435,39 @@ impl Executor<'_> {
                 ));
             }
             sandbox::ExitStatusKind::Signaled(signal) => {
+                let hint = if signal == libc::SIGSYS {
+                    " (SIGSYS: a system call the sandbox's seccomp filter refuses; 32-bit x86 \
+                     programs cannot run under it, see docs/security.md)"
+                } else {
+                    ""
+                };
                 return Err(self.failure(
                     node,
                     Some(step),
-                    format!("the command was killed by signal {signal}"),
+                    format!("the command was killed by signal {signal}{hint}"),
+                    outcome.tail,
+                ));
+            }
+            sandbox::ExitStatusKind::TimedOut { millis } => {
+                return Err(self.failure(
+                    node,
+                    Some(step),
+                    format!(
+                        "the step ran past its timeout of {} and was killed (set with \
+                         `timeout=` on `run` or `--step-timeout`)",
+                        sandbox::format_duration(millis)
+                    ),
+                    outcome.tail,
+                ));
+            }
+            sandbox::ExitStatusKind::ProcessLimit { max } => {
+                return Err(self.failure(
+                    node,
+                    Some(step),
+                    format!(
+                        "the step reached its process limit of {max} processes (pids cgroup) \
+                         and was killed"
+                    ),
                     outcome.tail,
                 ));
             }
@@ -535,6 +570,15 @@ impl Executor<'_> {
         run: &RunOp,
         guards: &mut Vec<Box<dyn std::any::Any>>,
     ) -> Result<RunTask, String> {
+        if node.platform.architecture == "386" && !run.insecure {
+            return Err(
+                "linux/386 steps cannot run in the sandbox: its seccomp filter only allows x86_64 \
+                 system calls and would kill 32-bit programs; build linux/386 images from \
+                 `copy` steps, or mark the step `insecure=#true` (no seccomp filter, every \
+                 capability) if you trust it (docs/security.md)"
+                    .to_string(),
+            );
+        }
         let mut cache_mounts = Vec::new();
         // Locks are taken in id order so two steps sharing mounts can never deadlock; one id
         // mounted at two targets is one directory, locked once.
@@ -600,6 +644,9 @@ impl Executor<'_> {
                 NetworkMode::Host
             },
             hostname: "graphbuild".into(),
+            timeout_ms: run.timeout_ms.or(self.options.step_timeout_ms),
+            max_processes: self.options.step_max_processes,
+            insecure: run.insecure,
         })
     }
 }

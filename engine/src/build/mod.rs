@@ -72,7 +72,15 @@ pub struct BuildOptions {
     /// the cache has been consulted and before anything executes: a fully cached build needs
     /// neither QEMU nor root.
     pub preflight: Option<Preflight>,
+    /// `--step-timeout`: the timeout of `run` steps without a `timeout` of their own.
+    pub step_timeout_ms: Option<u64>,
+    /// `--step-max-processes`: the process limit of each `run` step; `None`: no limit.
+    pub step_max_processes: Option<u32>,
 }
+
+/// Shown for each `insecure=#true` step, by `graphbuild plan` and in the step's output.
+pub const INSECURE_WARNING: &str = "insecure=#true: this step runs with every capability and \
+     no seccomp filter; it can take over the host (docs/security.md)";
 
 /// See [`BuildOptions::preflight`]. An `Err` stops the build with that message.
 pub type Preflight = Box<dyn Fn(&[&Node]) -> Result<(), String> + Send + Sync>;

@@ -764,6 +764,23 @@ impl<'a> Expander<'a> {
             cache_mounts,
             secrets,
             network_none: run.network == ir::Network::None,
+            insecure: run.insecure,
+            timeout_ms: run.timeout.as_ref().and_then(|text| {
+                let value = self.substitute(text, Mode::Strict, vars, Some(settings));
+                match parse_duration(&value) {
+                    Some(ns) if ns >= 1_000_000 => Some(ns / 1_000_000),
+                    _ => {
+                        self.error(
+                            text.at,
+                            "graphbuild::duration",
+                            format!("`{value}` is not a step timeout"),
+                            "this duration",
+                            Some("write durations like \"10m\", \"1h30m\" or \"30s\"".into()),
+                        );
+                        None
+                    }
+                }
+            }),
         };
         (op, display)
     }

@@ -79,6 +79,14 @@ pub struct RunOp {
     pub cache_mounts: Vec<CacheMountOp>,
     pub secrets: Vec<SecretOp>,
     pub network_none: bool,
+    /// `insecure=#true`: every capability, no seccomp filter. In the key only when set, so
+    /// the keys of ordinary steps do not change.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+    /// `timeout="…"` in milliseconds. Not in the key: it does not change what a step makes,
+    /// only how long it may take to make it.
+    #[serde(skip)]
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
