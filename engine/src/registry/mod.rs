@@ -34,9 +34,11 @@
 //!
 //! # Reliability
 //!
-//! A request that fails to connect or is answered `429` or `5xx` is retried with exponential
-//! backoff ([`RetryPolicy`]), honouring `Retry-After`; when the attempts run out the error says
-//! what the registry answered and how often. Every manifest and blob read is checked against
+//! A request that times out, breaks off, or is answered `429` or `5xx` is retried with
+//! exponential backoff ([`RetryPolicy`]), honouring `Retry-After`; when the attempts run out the
+//! error says what the registry answered and how often. A registry that cannot be reached at
+//! all (its name does not resolve, the connection is refused, no route) is
+//! [`RegistryError::Unreachable`] at once: retrying would only make an offline machine wait. Every manifest and blob read is checked against
 //! its digest (and blobs against their size) before anything is kept.
 
 pub mod auth;
@@ -1670,10 +1672,11 @@ impl RegistryClient {
             }
         };
         result.map_err(|error| {
-            let retryable = matches!(
-                error,
-                ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed
-            );
+            let retryable = !no_route_to(&error)
+                && matches!(
+                    error,
+                    ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed
+                );
             SendError::Transport { error, retryable }
         })
     }
@@ -1688,10 +1691,42 @@ enum SendError {
     },
 }
 
+/// Whether the registry cannot be reached at all from here: its name does not resolve, the
+/// connection is refused, or there is no route to it. Retrying would only delay the answer by
+/// the backoff (~8 s per request), so these fail at once; a timeout, a reset or a broken
+/// transfer may pass and keeps its retries.
+fn no_route_to(error: &ureq::Error) -> bool {
+    match error {
+        ureq::Error::HostNotFound => true,
+        ureq::Error::Io(io_error) => {
+            matches!(
+                io_error.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+                    | io::ErrorKind::NetworkDown
+                    | io::ErrorKind::AddrNotAvailable
+            ) || is_name_resolution_failure(io_error)
+        }
+        _ => false,
+    }
+}
+
+/// `getaddrinfo` failures: the standard library reports them as an uncategorized error whose
+/// message starts with this text.
+fn is_name_resolution_failure(error: &io::Error) -> bool {
+    error
+        .to_string()
+        .starts_with("failed to lookup address information")
+}
+
 fn describe_transport_error(error: &ureq::Error) -> String {
     match error {
         ureq::Error::ConnectionFailed => "the connection failed".into(),
         ureq::Error::HostNotFound => "the host name does not resolve".into(),
+        ureq::Error::Io(io_error) if is_name_resolution_failure(io_error) => {
+            format!("the host name does not resolve ({io_error})")
+        }
         ureq::Error::Io(io_error) => io_error.to_string(),
         other => other.to_string(),
     }
