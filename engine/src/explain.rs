@@ -80,6 +80,10 @@ pub enum Explanation {
     },
     /// The inputs are the same as last time but the result is gone (pruned).
     Evicted,
+    /// The key waits for these unresolved base images (`REFERENCE (PLATFORM)`).
+    Pending {
+        bases: Vec<String>,
+    },
 }
 
 fn is_cached(store: &Store, node: &Node) -> bool {
@@ -193,6 +197,15 @@ pub fn explain(
     node: &Node,
     describe: &dyn Fn(graphbuild_lang::ir::Loc) -> String,
 ) -> Explanation {
+    if node.pending {
+        return Explanation::Pending {
+            bases: plan
+                .unresolved_under(node.id)
+                .into_iter()
+                .map(|base| format!("{} ({})", base.reference, base.platform))
+                .collect(),
+        };
+    }
     if is_cached(store, node) {
         return Explanation::Cached;
     }
@@ -245,6 +258,5 @@ pub fn explain(
             reasons: vec!["steps were removed".into()],
         };
     }
-    let _ = plan;
     Explanation::Evicted
 }
