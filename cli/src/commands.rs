@@ -360,7 +360,7 @@ pub fn plan(args: PlanArgs) -> u8 {
             .iter()
             .map(|node| match &store {
                 Some(store) => explain::explain(store, plan, node, &describe),
-                None => explain::Explanation::NeverBuilt,
+                None => explain::pending(plan, node).unwrap_or(explain::Explanation::NeverBuilt),
             })
             .collect();
         if let PlanFormat::Json = args.format {

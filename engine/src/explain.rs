@@ -190,6 +190,17 @@ fn diff_op(
     }
 }
 
+/// [`Explanation::Pending`] for a node whose key waits for unresolved bases.
+pub fn pending(plan: &Plan, node: &Node) -> Option<Explanation> {
+    node.pending.then(|| Explanation::Pending {
+        bases: plan
+            .unresolved_under(node.id)
+            .into_iter()
+            .map(|base| format!("{} ({})", base.reference, base.platform))
+            .collect(),
+    })
+}
+
 /// Explain one node against the store.
 pub fn explain(
     store: &Store,
@@ -197,14 +208,8 @@ pub fn explain(
     node: &Node,
     describe: &dyn Fn(graphbuild_lang::ir::Loc) -> String,
 ) -> Explanation {
-    if node.pending {
-        return Explanation::Pending {
-            bases: plan
-                .unresolved_under(node.id)
-                .into_iter()
-                .map(|base| format!("{} ({})", base.reference, base.platform))
-                .collect(),
-        };
+    if let Some(pending) = pending(plan, node) {
+        return pending;
     }
     if is_cached(store, node) {
         return Explanation::Cached;
