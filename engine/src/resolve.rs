@@ -478,10 +478,14 @@ impl DefaultResolver {
                 reason,
             }))
         };
-        // A registry that cannot be reached makes the base unresolved (its keys pending);
-        // every other registry error is an error.
+        // A registry that nothing can be connected to (no network, a name that does not
+        // resolve, a refused connection) makes the base unresolved, its keys pending; every
+        // other registry error (TLS, timeouts, 401, 5xx…) is an error.
         let registry_error = |error: crate::registry::RegistryError| {
-            if matches!(error, crate::registry::RegistryError::Unreachable { .. }) {
+            if matches!(
+                error,
+                crate::registry::RegistryError::Unreachable { no_route: true, .. }
+            ) {
                 return unresolved(error.to_string());
             }
             ResolveError::Registry {

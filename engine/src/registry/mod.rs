@@ -177,7 +177,14 @@ pub enum RegistryError {
             insecure_hint(registry)
         )
     )]
-    Unreachable { registry: String, reason: String },
+    Unreachable {
+        registry: String,
+        reason: String,
+        /// Nothing could be connected to at all: the name does not resolve, the connection was
+        /// refused, or there is no route (no network). Not retried; a base that fails so is
+        /// unresolved rather than an error.
+        no_route: bool,
+    },
 
     #[error("the registry {registry} refused access ({status}){detail}")]
     #[diagnostic(
@@ -816,6 +823,7 @@ impl RegistryClient {
                 return Err(RegistryError::Unreachable {
                     registry: registry.to_string(),
                     reason: format!("the download of {what} broke off: {error}"),
+                    no_route: false,
                 });
             }
             if received != size {
@@ -1266,6 +1274,7 @@ impl RegistryClient {
         Err(last_error.unwrap_or_else(|| RegistryError::Unreachable {
             registry: registry.to_string(),
             reason: "no way to connect".into(),
+            no_route: false,
         }))
     }
 
@@ -1581,6 +1590,7 @@ impl RegistryClient {
                         return Err(RegistryError::Unreachable {
                             registry: registry.to_string(),
                             reason: describe_transport_error(&error),
+                            no_route: no_route_to(&error),
                         });
                     }
                     std::thread::sleep(self.backoff(attempt, None));
