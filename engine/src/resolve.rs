@@ -68,7 +68,8 @@ pub enum ResolveError {
         available: String,
     },
     /// The base cannot be had without the network: `--offline` without a lock entry (or
-    /// without its manifest in the store), or a registry that cannot be reached. The planner
+    /// without its manifest in the store), or a registry nothing can be connected to (no
+    /// network, a name that does not resolve, a refused connection). The planner
     /// makes its keys *pending* instead of failing; `run` refuses to build them.
     #[error("cannot resolve `{}` for {}: {}", .0.reference, .0.platform, .0.reason)]
     Unresolved(Box<Unresolved>),
