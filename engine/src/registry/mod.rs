@@ -2060,6 +2060,28 @@ mod tests {
     }
 
     #[test]
+    fn only_a_registry_nothing_can_connect_to_fails_without_retries() {
+        let io = |kind: io::ErrorKind| ureq::Error::Io(io::Error::from(kind));
+        for kind in [
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::HostUnreachable,
+            io::ErrorKind::NetworkUnreachable,
+        ] {
+            assert!(no_route_to(&io(kind)), "{kind:?}");
+        }
+        assert!(no_route_to(&ureq::Error::HostNotFound));
+        let dns = io::Error::other(
+            "failed to lookup address information: Temporary failure in name resolution",
+        );
+        assert!(no_route_to(&ureq::Error::Io(dns)));
+        // A reset, a broken pipe or a timeout may pass: they keep their retries.
+        assert!(!no_route_to(&io(io::ErrorKind::ConnectionReset)));
+        assert!(!no_route_to(&io(io::ErrorKind::BrokenPipe)));
+        assert!(!no_route_to(&io(io::ErrorKind::TimedOut)));
+        assert!(!no_route_to(&ureq::Error::Timeout(ureq::Timeout::Connect)));
+    }
+
+    #[test]
     fn scopes_name_every_repository_involved() {
         assert_eq!(
             Access::pull("library/busybox").scopes(),
