@@ -128,6 +128,9 @@ pub struct SelectArgs {
     /// Resolve registry tags afresh instead of using graphbuild.lock, and refresh the lock file
     #[arg(long)]
     pub pull: bool,
+    /// Never use the network: registry bases come from graphbuild.lock and the local store only
+    #[arg(long, conflicts_with = "pull")]
+    pub offline: bool,
 }
 
 #[derive(Args)]
@@ -179,7 +182,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub cache: RemoteCacheArgs,
     /// Push every image's tags after building (images with push=#true are always pushed)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "offline")]
     pub push: bool,
     /// Manifest media types: OCI (default) or Docker's manifest list and schema 2
     #[arg(long, value_enum, default_value = "oci")]
