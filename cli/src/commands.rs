@@ -112,9 +112,32 @@ fn registry_client(select: &SelectArgs) -> RegistryClient {
     })
 }
 
+/// The store the resolver keeps manifests and configs in (and, offline, reads them from): the
+/// command's store, opened again; `None` when it does not exist and `create` is false.
+fn manifest_store(select: &SelectArgs, create: bool) -> Option<Store> {
+    let root = select.cache_dir.clone().unwrap_or_else(Store::default_root);
+    let root = std::path::absolute(&root).unwrap_or(root);
+    if !create && !root.exists() {
+        return None;
+    }
+    Store::open(&root).ok()
+}
+
 /// The resolver for a command: OCI layouts and registries, pinned by graphbuild.lock unless
-/// `refresh` (or `--pull`).
-fn resolver(select: &SelectArgs, refresh: bool) -> Result<DefaultResolver, u8> {
+/// `refresh` (or `--pull`), offline with `--offline`, keeping manifests in `store`.
+fn resolver(
+    select: &SelectArgs,
+    refresh: bool,
+    store: Option<Store>,
+) -> Result<DefaultResolver, u8> {
+    let resolver = base_resolver(select, refresh)?.offline(select.offline);
+    Ok(match store {
+        Some(store) => resolver.with_store(store),
+        None => resolver,
+    })
+}
+
+fn base_resolver(select: &SelectArgs, refresh: bool) -> Result<DefaultResolver, u8> {
     let mode = if refresh || select.pull {
         LockMode::Refresh
     } else {
@@ -157,8 +180,99 @@ fn write_lock(select: &SelectArgs, resolver: &DefaultResolver) -> Result<PathBuf
     })
 }
 
+/// The unresolved bases, one line per reference: its platforms and why.
+fn unresolved_lines(plan: &Plan) -> (Vec<String>, Vec<String>) {
+    let mut grouped: Vec<(&str, Vec<String>, &str)> = Vec::new();
+    let mut helps: Vec<String> = Vec::new();
+    for base in plan.unresolved() {
+        let help = base.help();
+        if !helps.contains(&help) {
+            helps.push(help);
+        }
+        match grouped
+            .iter_mut()
+            .find(|(reference, _, _)| *reference == base.reference)
+        {
+            Some((_, platforms, _)) => platforms.push(base.platform.to_string()),
+            None => grouped.push((
+                &base.reference,
+                vec![base.platform.to_string()],
+                &base.reason,
+            )),
+        }
+    }
+    let lines = grouped
+        .into_iter()
+        .map(|(reference, platforms, reason)| {
+            format!("  {reference} ({}): {reason}", platforms.join(", "))
+        })
+        .collect();
+    (lines, helps)
+}
+
+fn count(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+/// `run`, `verify` and `lock` need every base: unresolved ones stop them with exit code 3.
+fn refuse_unresolved(plan: &Plan, select: &SelectArgs) -> Result<(), u8> {
+    let (lines, helps) = unresolved_lines(plan);
+    if lines.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "error: cannot build: {} unresolved",
+        count(lines.len(), "base image is", "base images are")
+    );
+    for line in &lines {
+        eprintln!("{line}");
+    }
+    for help in helps {
+        eprintln!(
+            "hint: {}",
+            help.replace("FILE", &select.file.display().to_string())
+        );
+    }
+    Err(exit::ENVIRONMENT)
+}
+
+/// `plan` shows unresolved bases and pending keys, with one warning.
+fn warn_unresolved(plan: &Plan, select: &SelectArgs) {
+    let (lines, helps) = unresolved_lines(plan);
+    if lines.is_empty() {
+        return;
+    }
+    let mut message = format!(
+        "{} unresolved, so the keys that depend on {} are pending:",
+        count(lines.len(), "base image is", "base images are"),
+        if lines.len() == 1 { "it" } else { "them" }
+    );
+    for line in &lines {
+        message.push('\n');
+        message.push_str(line);
+    }
+    render::warning(&message);
+    for help in helps {
+        eprintln!(
+            "hint: {}",
+            help.replace("FILE", &select.file.display().to_string())
+        );
+    }
+}
+
 pub fn lock(select: SelectArgs) -> u8 {
-    let resolver = match resolver(&select, true) {
+    if select.offline {
+        render::error(
+            "`graphbuild lock` asks the registries for digests: it cannot run --offline",
+            &["run it where the registries are reachable, and commit graphbuild.lock"],
+        );
+        return exit::INVALID_INPUT;
+    }
+    let resolver = match resolver(&select, true, manifest_store(&select, true)) {
         Ok(resolver) => resolver,
         Err(code) => return code,
     };
@@ -166,6 +280,9 @@ pub fn lock(select: SelectArgs) -> u8 {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    if let Err(code) = refuse_unresolved(&loaded.plan, &select) {
+        return code;
+    }
     drop(loaded);
     match write_lock(&select, &resolver) {
         Ok(path) => {
@@ -203,6 +320,9 @@ fn open_store(cache_dir: Option<PathBuf>) -> Result<Store, u8> {
 fn node_cached(plan: &Plan, node: usize, store: Option<&Store>) -> Option<bool> {
     let store = store?;
     let node = &plan.nodes[node];
+    if node.pending {
+        return None;
+    }
     let last = node
         .steps
         .iter()
@@ -215,7 +335,7 @@ fn node_cached(plan: &Plan, node: usize, store: Option<&Store>) -> Option<bool> 
 }
 
 pub fn plan(args: PlanArgs) -> u8 {
-    let resolver = match resolver(&args.select, false) {
+    let resolver = match resolver(&args.select, false, manifest_store(&args.select, false)) {
         Ok(resolver) => resolver,
         Err(code) => return code,
     };
@@ -234,6 +354,7 @@ pub fn plan(args: PlanArgs) -> u8 {
         Err(code) => return code,
     };
     let plan = &loaded.plan;
+    warn_unresolved(plan, &args.select);
     if args.explain {
         let describe = |loc| loaded.project.sources.describe(loc);
         let explanations: Vec<_> = plan
@@ -241,7 +362,7 @@ pub fn plan(args: PlanArgs) -> u8 {
             .iter()
             .map(|node| match &store {
                 Some(store) => explain::explain(store, plan, node, &describe),
-                None => explain::Explanation::NeverBuilt,
+                None => explain::pending(plan, node).unwrap_or(explain::Explanation::NeverBuilt),
             })
             .collect();
         if let PlanFormat::Json = args.format {
@@ -287,6 +408,12 @@ fn base_json(base: &Base) -> serde_json::Value {
             "reference": image.reference,
             "digest": image.manifest_digest.to_string(),
         }),
+        Base::Unresolved(base) => json!({
+            "kind": "unresolved",
+            "reference": base.reference,
+            "digest": base.locked.map(|digest| digest.to_string()),
+            "reason": base.reason,
+        }),
     }
 }
 
@@ -300,12 +427,19 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
                 .steps
                 .iter()
                 .map(|step| {
-                    json!({
-                        "kind": match step.op { Op::Run(_) => "run", Op::Copy(_) => "copy", Op::Config => "config" },
+                    let mut value = json!({
+                        "kind": match step.op { Op::Run(_) => "run", Op::Copy(_) => "copy", Op::Config(_) => "config" },
                         "description": step.description,
-                        "key": step.key.to_string(),
+                        "key": (!step.pending).then(|| step.key.to_string()),
+                        "pending": step.pending,
                         "location": project.sources.describe(step.at),
-                    })
+                    });
+                    if let Op::Run(run) = &step.op
+                        && run.insecure
+                    {
+                        value["insecure"] = json!(true);
+                    }
+                    value
                 })
                 .collect();
             json!({
@@ -313,7 +447,8 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
                 "stage": node.stage,
                 "platform": node.platform.to_string(),
                 "targets": node.targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "key": node.key.to_string(),
+                "key": (!node.pending).then(|| node.key.to_string()),
+                "pending": node.pending,
                 "deps": node.deps.iter().map(|dep| node_id(*dep)).collect::<Vec<_>>(),
                 "base": base_json(&node.base),
                 "steps": steps,
@@ -335,8 +470,23 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
             })
         })
         .collect();
-    json!({ "version": 1, "nodes": nodes, "images": images })
+    let unresolved: Vec<_> = plan
+        .unresolved()
+        .into_iter()
+        .map(|base| {
+            json!({
+                "reference": base.reference,
+                "platform": base.platform.to_string(),
+                "digest": base.locked.map(|digest| digest.to_string()),
+                "reason": base.reason,
+            })
+        })
+        .collect();
+    json!({ "version": 1, "nodes": nodes, "images": images, "unresolved": unresolved })
 }
+
+/// Shown for each `insecure=#true` step by `plan` and when it runs.
+const INSECURE_WARNING: &str = graphbuild_engine::build::INSECURE_WARNING;
 
 fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
     use std::fmt::Write;
@@ -372,7 +522,11 @@ fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
             node.stage,
             node.platform,
             targets,
-            node.key.short(),
+            if node.pending {
+                "pending".to_string()
+            } else {
+                node.key.short()
+            },
             status
         );
         match &node.base {
@@ -387,10 +541,25 @@ fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
                     image.reference, image.manifest_digest
                 );
             }
+            Base::Unresolved(base) => {
+                let _ = match base.locked {
+                    Some(digest) => writeln!(
+                        out,
+                        "         from {} ({digest}, unresolved)",
+                        base.reference
+                    ),
+                    None => writeln!(out, "         from {} (unresolved)", base.reference),
+                };
+            }
         }
         for step in &node.steps {
             if step.op.touches_filesystem() {
                 let _ = writeln!(out, "         {}", truncate(&step.description, 100));
+            }
+            if let Op::Run(run) = &step.op
+                && run.insecure
+            {
+                let _ = writeln!(out, "         warning: {INSECURE_WARNING}");
             }
         }
         let copies: Vec<String> = node
@@ -440,6 +609,13 @@ fn explain_text(plan: &Plan, explanations: &[explain::Explanation]) -> String {
                     "will run: the inputs are unchanged but the result is no longer in the store"
                 );
             }
+            explain::Explanation::Pending { bases } => {
+                let _ = writeln!(
+                    out,
+                    "pending: the key waits for the unresolved base {}",
+                    bases.join(", ")
+                );
+            }
             explain::Explanation::Changed {
                 step,
                 location,
@@ -479,8 +655,16 @@ fn plan_dot(plan: &Plan) -> String {
         "digraph graphbuild {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n",
     );
     for node in &plan.nodes {
-        let label = format!("{}\\n{}", node.stage, node.platform).replace('"', "\\\"");
-        let _ = writeln!(out, "  {} [label=\"{}\"];", node_id(node.id), label);
+        let mut label = format!("{}\\n{}", node.stage, node.platform);
+        if let Base::Unresolved(base) = &node.base {
+            label.push_str(&format!("\\nfrom {} (unresolved)", base.reference));
+        }
+        if node.pending {
+            label.push_str("\\nkey pending");
+        }
+        let label = label.replace('"', "\\\"");
+        let style = if node.pending { ", style=dashed" } else { "" };
+        let _ = writeln!(out, "  {} [label=\"{}\"{style}];", node_id(node.id), label);
         for dep in &node.deps {
             let _ = writeln!(out, "  {} -> {};", node_id(*dep), node_id(node.id));
         }
@@ -602,6 +786,8 @@ struct BuildSettings {
     compression: Compression,
     secrets: HashMap<String, SecretValue>,
     source_date_epoch: i64,
+    step_timeout_ms: Option<u64>,
+    step_max_processes: Option<u32>,
 }
 
 /// Build a loaded plan into `settings.output`; returns the report or an exit code.
@@ -626,9 +812,16 @@ fn execute(
         sandbox_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
         secrets: settings.secrets,
         cancel: cancel.clone(),
-        remote: settings.remote,
+        // Ctrl-C/SIGTERM also stops transfers waiting on the cache.
+        remote: build::RemoteOptions {
+            from: (settings.remote.from).map(|cache| cache.with_cancel(cancel.flag().clone())),
+            to: (settings.remote.to).map(|cache| cache.with_cancel(cancel.flag().clone())),
+            required: settings.remote.required,
+        },
         format: settings.format,
         preflight: Some(Box::new(preflight)),
+        step_timeout_ms: settings.step_timeout_ms,
+        step_max_processes: settings.step_max_processes,
     };
     let report = build::build(
         &loaded.plan,
@@ -643,6 +836,29 @@ fn execute(
         explain::record(store, &loaded.plan);
     }
     report
+}
+
+/// Base layers that could not be downloaded for lack of network (or because of `--offline`):
+/// an environment problem, exit code 3.
+fn refuse_unavailable_layers(resolver: &DefaultResolver, select: &SelectArgs) -> Result<(), u8> {
+    let unavailable = resolver.unavailable();
+    if unavailable.is_empty() {
+        return Ok(());
+    }
+    for message in &unavailable {
+        eprintln!("error: cannot get the layers of {message}");
+    }
+    let file = select.file.display();
+    if resolver.is_offline() {
+        eprintln!(
+            "hint: run `graphbuild run {file}` once with network access to download them into the local store, or drop --offline"
+        );
+    } else {
+        eprintln!(
+            "hint: check the network and that the registry is running; once the layers are in the local store, `graphbuild run {file} --offline` needs no network"
+        );
+    }
+    Err(exit::ENVIRONMENT)
 }
 
 fn report_failures(report: &build::BuildReport) -> u8 {
@@ -683,9 +899,12 @@ fn remote_options(args: &crate::RemoteCacheArgs) -> Result<build::RemoteOptions,
     let open = |url: &str| {
         graphbuild_engine::remote::RemoteCache::new(url, args.cache_token.clone()).map_err(
             |error| {
+                let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
                 render::error(
                     &error.to_string(),
-                    &["write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE"],
+                    &[help.as_deref().unwrap_or(
+                        "write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE",
+                    )],
                 );
                 exit::INVALID_INPUT
             },
@@ -739,6 +958,8 @@ fn build_settings(
         },
         secrets,
         source_date_epoch: inputs.source_date_epoch,
+        step_timeout_ms: inputs.step_timeout,
+        step_max_processes: (inputs.step_max_processes > 0).then_some(inputs.step_max_processes),
     })
 }
 
@@ -748,7 +969,7 @@ pub fn run(args: RunArgs) -> u8 {
         Ok(store) => store,
         Err(code) => return code,
     };
-    let resolver = match resolver(select, false) {
+    let resolver = match resolver(select, false, manifest_store(select, true)) {
         Ok(resolver) => resolver,
         Err(code) => return code,
     };
@@ -756,6 +977,9 @@ pub fn run(args: RunArgs) -> u8 {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    if let Err(code) = refuse_unresolved(&loaded.plan, select) {
+        return code;
+    }
     let cancel = cancel_on_signals();
     let mode = args.progress.unwrap_or_else(|| {
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -764,16 +988,23 @@ pub fn run(args: RunArgs) -> u8 {
             ProgressMode::Plain
         }
     });
-    let remote = match remote_options(&args.cache) {
+    let mut remote = match remote_options(&args.cache) {
         Ok(remote) => remote,
         Err(code) => return code,
     };
+    if select.offline && (remote.from.is_some() || remote.to.is_some()) {
+        render::warning("--offline: the team cache is not used");
+        remote = build::RemoteOptions::default();
+    }
     let settings = match build_settings(&args.inputs, args.output.clone(), args.no_cache, remote) {
         Ok(settings) => settings,
         Err(code) => return code,
     };
     let progress = Progress::new(mode, args.quiet);
     let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
+    if let Err(code) = refuse_unavailable_layers(&resolver, select) {
+        return code;
+    }
     let code = report_failures(&report);
     if code != exit::SUCCESS {
         return code;
@@ -786,6 +1017,10 @@ pub fn run(args: RunArgs) -> u8 {
     // Push the images that ask for it, or all with --push.
     for (plan, summary) in loaded.plan.images.iter().zip(&report.images) {
         if !(args.push || plan.push) {
+            continue;
+        }
+        if select.offline {
+            render::warning(&format!("--offline: `{}` is not pushed", plan.name));
             continue;
         }
         if plan.tags.is_empty() {
@@ -837,7 +1072,7 @@ pub fn verify(inputs: BuildInputArgs) -> u8 {
             Ok(store) => store,
             Err(code) => return code,
         };
-        let resolver = match resolver(select, false) {
+        let resolver = match resolver(select, false, manifest_store(select, false)) {
             Ok(resolver) => resolver,
             Err(code) => return code,
         };
@@ -845,6 +1080,9 @@ pub fn verify(inputs: BuildInputArgs) -> u8 {
             Ok(loaded) => loaded,
             Err(code) => return code,
         };
+        if let Err(code) = refuse_unresolved(&loaded.plan, select) {
+            return code;
+        }
         eprintln!("verify: {round} build from scratch…");
         let output = scratch.path().join(format!("out-{round}"));
         let settings = match build_settings(&inputs, output, true, build::RemoteOptions::default())
@@ -854,6 +1092,9 @@ pub fn verify(inputs: BuildInputArgs) -> u8 {
         };
         let progress = Progress::silent();
         let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
+        if let Err(code) = refuse_unavailable_layers(&resolver, &select) {
+            return code;
+        }
         let code = report_failures(&report);
         if code != exit::SUCCESS {
             return code;
@@ -896,6 +1137,15 @@ pub fn verify(inputs: BuildInputArgs) -> u8 {
 }
 
 pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {
+    // Measuring creates nothing: a missing store is reported, not made.
+    let root = cache_dir.clone().unwrap_or_else(Store::default_root);
+    let root = std::path::absolute(&root).unwrap_or(root);
+    if !root.exists() {
+        println!("{}", root.display());
+        println!("  no store here yet (nothing cached)");
+        println!("  total          {:>10}", render::bytes(0));
+        return exit::SUCCESS;
+    }
     let store = match open_store(cache_dir) {
         Ok(store) => store,
         Err(code) => return code,
@@ -930,6 +1180,59 @@ pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {
             render::error(&format!("cannot measure the store: {error}"), &[]);
             exit::ENVIRONMENT
         }
+    }
+}
+
+pub fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> u8 {
+    let root = cache_dir.clone().unwrap_or_else(Store::default_root);
+    let root = std::path::absolute(&root).unwrap_or(root);
+    if !root.exists() {
+        println!("{}: no store here yet, nothing to verify", root.display());
+        return exit::SUCCESS;
+    }
+    let store = match open_store(cache_dir) {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    let report = match store.verify(repair) {
+        Ok(report) => report,
+        Err(error) => {
+            render::error(&format!("cannot verify the store: {error}"), &[]);
+            return exit::ENVIRONMENT;
+        }
+    };
+    for problem in &report.problems {
+        println!(
+            "{}: {}{}",
+            problem.path.display(),
+            problem.what,
+            if problem.removed { " (removed)" } else { "" }
+        );
+    }
+    let unrepaired = report
+        .problems
+        .iter()
+        .filter(|problem| !problem.removed)
+        .count();
+    println!(
+        "checked {} blobs, {} snapshots, {} action records: {} problems{}",
+        report.blobs,
+        report.snapshots,
+        report.actions,
+        report.problems.len(),
+        if repair {
+            format!(", {} removed", report.problems.len() - unrepaired)
+        } else {
+            String::new()
+        }
+    );
+    if unrepaired == 0 {
+        exit::SUCCESS
+    } else {
+        if !repair {
+            eprintln!("run `graphbuild cache verify --repair` to remove them");
+        }
+        exit::BUILD_FAILED
     }
 }
 
@@ -993,6 +1296,7 @@ pub fn cache_serve(
         max_size,
         tokens_file: tokens,
         allow_anonymous_read,
+        timeouts: graphbuild_cache_server::Timeouts::default(),
     };
     let runtime = match tokio_runtime() {
         Ok(runtime) => runtime,
@@ -1012,7 +1316,11 @@ pub fn cache_serve(
     match result {
         Ok(()) => exit::SUCCESS,
         Err(error) => {
-            render::error(&format!("the cache server stopped: {error}"), &[]);
+            let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
+            render::error(
+                &format!("the cache server stopped: {error}"),
+                &help.as_deref().into_iter().collect::<Vec<_>>(),
+            );
             exit::ENVIRONMENT
         }
     }

@@ -145,6 +145,79 @@ fn platforms_of(file: &Path) -> Result<Vec<Platform>, u8> {
     Ok(platforms)
 }
 
+/// What confines a `run` step here, and what does not (docs/security.md).
+fn containment_checks(checks: &mut Vec<Check>, platforms: &[Platform]) {
+    use graphbuild_engine::sandbox::{DEFAULT_MAX_PROCESSES, confine, limits};
+    let seccomp_kernel = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|status| status.lines().any(|line| line.starts_with("Seccomp:")));
+    let filter = confine::compile();
+    let seccomp = seccomp_kernel && filter.is_ok();
+    checks.push(check(
+        seccomp,
+        true,
+        format!(
+            "run steps get a seccomp filter ({} system calls refused, clone3 and x32 ENOSYS) \
+             and Docker's default capabilities (CapEff {:016x} as root)",
+            confine::DENIED_SYSCALLS.len() + 2,
+            confine::KEPT_CAPABILITY_MASK
+        ),
+        (!seccomp).then(|| match filter {
+            Err(error) => error,
+            Ok(_) => "the kernel lacks seccomp filters (CONFIG_SECCOMP_FILTER)".to_string(),
+        }),
+    ));
+    match limits::locate() {
+        Ok(location) => checks.push(check(
+            true,
+            false,
+            format!(
+                "run steps are limited to {DEFAULT_MAX_PROCESSES} processes each by default \
+                 ({} pids controller)",
+                location.version
+            ),
+            None,
+        )),
+        Err(reason) => checks.push(check(
+            false,
+            false,
+            format!(
+                "run steps have only an approximate process limit (counted every 100ms; no \
+                 pids cgroup: {reason})"
+            ),
+            Some(
+                "enable the pids controller (cgroup v2) or mount the cgroup v1 pids hierarchy"
+                    .to_string(),
+            ),
+        )),
+    }
+    checks.push(check(
+        true,
+        false,
+        "step timeouts (`timeout=` on run, --step-timeout) kill the step's whole pid namespace",
+        None,
+    ));
+    checks.push(check(
+        true,
+        false,
+        "run steps share the host's network unless they say `network \"none\"`",
+        None,
+    ));
+    if platforms
+        .iter()
+        .any(|platform| platform.architecture == "386")
+    {
+        checks.push(check(
+            false,
+            false,
+            "linux/386 run steps cannot run under the x86_64-only seccomp filter",
+            Some(
+                "build linux/386 images from copy steps, or mark trusted steps insecure=#true"
+                    .to_string(),
+            ),
+        ));
+    }
+}
+
 pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u8 {
     let dir = binfmt_dir();
     let host = Platform::host();
@@ -202,6 +275,7 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u
         "overlayfs is available",
         (!overlay).then(|| "load it with `modprobe overlay`".to_string()),
     ));
+    containment_checks(&mut checks, &platforms);
     let mounted = binfmt::binfmt_mounted(&dir);
     checks.push(check(
         mounted,

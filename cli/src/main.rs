@@ -125,6 +125,9 @@ pub struct SelectArgs {
     /// Resolve registry tags afresh instead of using graphbuild.lock, and refresh the lock file
     #[arg(long)]
     pub pull: bool,
+    /// Never use the network: registry bases come from graphbuild.lock and the local store only
+    #[arg(long, conflicts_with = "pull")]
+    pub offline: bool,
 }
 
 #[derive(Args)]
@@ -166,6 +169,12 @@ pub struct BuildInputArgs {
     /// Manifest media types: OCI (default) or Docker's manifest list and schema 2
     #[arg(long, value_enum, default_value = "oci")]
     pub format: FormatArg,
+    /// Kill and fail a run step after this long (e.g. 30m), unless it sets its own `timeout`
+    #[arg(long, value_name = "DURATION", value_parser = parse_step_timeout)]
+    pub step_timeout: Option<u64>,
+    /// The most processes (and threads) a run step may have at once; 0: no limit
+    #[arg(long, value_name = "N", default_value_t = graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES)]
+    pub step_max_processes: u32,
 }
 
 #[derive(Args)]
@@ -187,8 +196,18 @@ pub struct RunArgs {
     #[command(flatten)]
     pub cache: RemoteCacheArgs,
     /// Push every image's tags after building (images with push=#true are always pushed)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "offline")]
     pub push: bool,
+}
+
+/// `--step-timeout`: a Go-style duration, in milliseconds.
+fn parse_step_timeout(text: &str) -> Result<u64, String> {
+    match graphbuild_engine::plan::parse_duration(text) {
+        Some(ns) if ns >= 1_000_000 => Ok(ns / 1_000_000),
+        _ => Err(format!(
+            "`{text}` is not a duration: write it like \"30m\", \"1h30m\" or \"90s\""
+        )),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -264,6 +283,17 @@ enum CacheCommand {
         #[arg(long, value_name = "BYTES", default_value = "0")]
         keep_bytes: String,
     },
+    /// Check every blob's digest, every snapshot and every action record of the local store
+    #[command(
+        after_help = "Exits 1 when it finds a problem (unless --repair removed them all).\n\nExamples:\n  graphbuild cache verify\n  graphbuild cache verify --repair   # remove what is bad; the next build fetches or rebuilds it"
+    )]
+    Verify {
+        #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Remove every bad entry (needs the store to itself, like prune)
+        #[arg(long)]
+        repair: bool,
+    },
     /// Serve a team cache over HTTP (bazel-remote compatible)
     #[command(
         after_help = "Example:\n  graphbuild cache serve --listen 0.0.0.0:7070 --dir /var/cache/graphbuild --max-size 50G --tokens tokens.txt"
@@ -328,6 +358,9 @@ fn main() -> ExitCode {
             cache_dir,
             keep_bytes,
         }) => commands::cache_prune(cache_dir, &keep_bytes),
+        Command::Cache(CacheCommand::Verify { cache_dir, repair }) => {
+            commands::cache_verify(cache_dir, repair)
+        }
         Command::Cache(CacheCommand::Serve {
             listen,
             dir,

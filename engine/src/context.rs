@@ -34,6 +34,13 @@
 //! [`fsutil::resolve_in_root`] so the stage's symlinks cannot point the copy outside it.
 //!
 //! [`items_digest`] hashes a selection canonically for cache keys.
+//!
+//! # File names that are not UTF-8
+//!
+//! Paths are matched as text (their lossy UTF-8 form), but every entry whose name is not
+//! UTF-8 keeps its real bytes: it is hashed, selected and copied under its byte name, and
+//! [`CopyItem`]s carry such paths as a byte array in JSON. (Two names that differ only in
+//! their invalid bytes look the same to patterns; the later one in the walk wins.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -53,8 +60,10 @@ use crate::store::Store;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyItem {
     /// Relative to the source root (the context, or the stage's root filesystem).
+    #[serde(with = "byte_path")]
     pub rel_src: PathBuf,
     /// Relative to the destination; empty for the directory a directory source stands for.
+    #[serde(with = "byte_path")]
     pub rel_dest: PathBuf,
     pub kind: ItemKind,
 }
@@ -71,8 +80,39 @@ pub enum ItemKind {
         mode: u32,
     },
     Symlink {
+        #[serde(with = "byte_path")]
         target: PathBuf,
     },
+}
+
+/// A path in JSON: a string when it is UTF-8, else an array of its bytes.
+mod byte_path {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::path::{Path, PathBuf};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(path: &Path, serializer: S) -> Result<S::Ok, S::Error> {
+        match path.to_str() {
+            Some(text) => serializer.serialize_str(text),
+            None => serializer.collect_seq(path.as_os_str().as_bytes()),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Bytes(Vec<u8>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
+        Ok(match Repr::deserialize(deserializer)? {
+            Repr::Text(text) => PathBuf::from(text),
+            Repr::Bytes(bytes) => PathBuf::from(OsString::from_vec(bytes)),
+        })
+    }
 }
 
 /// Errors scanning a context.
@@ -114,6 +154,8 @@ pub struct Context {
     root_mode: u32,
     /// Visible entries by `/`-separated relative path (the root itself is not in it).
     entries: BTreeMap<String, ItemKind>,
+    /// The real relative path of the entries whose path is not UTF-8, by their key.
+    raw_paths: HashMap<String, PathBuf>,
     stats: ScanStats,
 }
 
@@ -192,6 +234,7 @@ impl Context {
         // Excluded directories walked only because an exception may re-include inside them.
         let mut excluded_dirs: BTreeMap<String, u32> = BTreeMap::new();
         let mut files: Vec<(String, Stat)> = Vec::new();
+        let mut raw_paths: HashMap<String, PathBuf> = HashMap::new();
         let walker = walkdir::WalkDir::new(&root)
             .follow_links(false)
             .min_depth(1)
@@ -215,6 +258,11 @@ impl Context {
             let rel = relative(&root, entry.path());
             if rel == ".dockerignore" {
                 continue;
+            }
+            if let Ok(real) = entry.path().strip_prefix(&root)
+                && real.to_str().is_none()
+            {
+                raw_paths.insert(rel.clone(), real.to_path_buf());
             }
             let metadata = entry.metadata().map_err(|error| ContextError::Io {
                 action: "stat",
@@ -278,7 +326,10 @@ impl Context {
                         return Ok((rel, stat, digest, false));
                     }
                 }
-                let path = root.join(&rel);
+                let path = match raw_paths.get(&rel) {
+                    Some(real) => root.join(real),
+                    None => root.join(&rel),
+                };
                 let file = std::fs::File::open(&path).map_err(io_error("open", &path))?;
                 let mut hasher = blake3::Hasher::new();
                 hasher
@@ -333,6 +384,7 @@ impl Context {
             root,
             root_mode: root_metadata.permissions().mode() & 0o7777,
             entries,
+            raw_paths,
             stats,
         })
     }
@@ -413,24 +465,51 @@ impl Context {
                 } else {
                     format!("{path}/")
                 };
+                let real_parent = self.real(path);
                 for (child, kind) in self.entries.range(prefix.clone()..) {
                     let Some(rest) = child.strip_prefix(&prefix) else {
                         break;
                     };
+                    let rel_src = self.real(child);
+                    let rel_dest = match self.raw_paths.get(child) {
+                        Some(real) => real
+                            .strip_prefix(&real_parent)
+                            .map(Path::to_path_buf)
+                            .unwrap_or_else(|_| PathBuf::from(rest)),
+                        None => PathBuf::from(rest),
+                    };
                     items.push(CopyItem {
-                        rel_src: PathBuf::from(child),
-                        rel_dest: PathBuf::from(rest),
+                        rel_src,
+                        rel_dest,
                         kind: kind.clone(),
                     });
                 }
             }
-            Some(kind) => items.push(CopyItem {
-                rel_src: PathBuf::from(path),
-                rel_dest: PathBuf::from(name),
-                kind,
-            }),
+            Some(kind) => {
+                let rel_src = self.real(path);
+                // A name taken from the entry itself (a glob match) keeps its real bytes.
+                let rel_dest = match self.raw_paths.get(path).and_then(|real| real.file_name()) {
+                    Some(real_name) if real_name.to_string_lossy() == name => {
+                        PathBuf::from(real_name)
+                    }
+                    _ => PathBuf::from(name),
+                };
+                items.push(CopyItem {
+                    rel_src,
+                    rel_dest,
+                    kind,
+                })
+            }
             None => {}
         }
+    }
+
+    /// The real relative path of an entry (its key, unless its name is not UTF-8).
+    fn real(&self, key: &str) -> PathBuf {
+        self.raw_paths
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(key))
     }
 
     /// Resolve a relative path through the context's symlinks, as if the context were `/`.

@@ -122,6 +122,11 @@ pub fn perform_copy(
             &dest_root.join(path.trim_start_matches('/')),
         ))
     };
+    // The same for a path that need not be UTF-8 (a context file's byte name).
+    let resolve_path = |path: &Path, follow_last: bool| {
+        fsutil::resolve_path_in_root(dest_root, path, follow_last)
+            .map_err(io_error("resolve", &dest_root.join(path)))
+    };
     let explicit_dir = dest.ends_with('/') || dest.ends_with("/.") || dest == ".";
     let existing_dir = resolve(&dest_abs, true)?.is_dir();
     let has_dir = items
@@ -154,8 +159,8 @@ pub fn perform_copy(
             }
             dest_dir.clone()
         } else {
-            let path = format!("{base}/{}", item.rel_dest.display());
-            let target = resolve(&path, matches!(item.kind, ItemKind::Dir { .. }))?;
+            let path = Path::new(base).join(&item.rel_dest);
+            let target = resolve_path(&path, matches!(item.kind, ItemKind::Dir { .. }))?;
             create_parents(dest_root, &target)?;
             target
         };
@@ -212,7 +217,7 @@ fn write_item(
             if existing.is_some() {
                 std::fs::remove_file(target).map_err(io_error("replace", target))?;
             }
-            let source = fsutil::resolve_in_root(src_root, &item.rel_src.to_string_lossy(), false)
+            let source = fsutil::resolve_path_in_root(src_root, &item.rel_src, false)
                 .map_err(io_error("resolve", &src_root.join(&item.rel_src)))?;
             let mut input = OpenOptions::new()
                 .read(true)

@@ -5,7 +5,9 @@
 //! changes to its inputs. Explaining compares the current plan with that record: the first
 //! step whose key differs is where the cache was lost, and the difference in its inputs says
 //! why — a context file by path, an arg and its old and new values, a base image digest, the
-//! step's own definition, or only its parent.
+//! step's own definition, or only its parent. The step's definition is compared through the
+//! canonical encoding of its op, the very bytes its key is computed from
+//! ([`crate::plan::op`]), so an explanation cannot disagree with the cache's decision.
 
 use std::collections::BTreeMap;
 
@@ -78,6 +80,10 @@ pub enum Explanation {
     },
     /// The inputs are the same as last time but the result is gone (pruned).
     Evicted,
+    /// The key waits for these unresolved base images (`REFERENCE (PLATFORM)`).
+    Pending {
+        bases: Vec<String>,
+    },
 }
 
 fn is_cached(store: &Store, node: &Node) -> bool {
@@ -120,6 +126,81 @@ fn diff_maps(
     }
 }
 
+/// The differences between a step's recorded op and its current one, field by field. Fields
+/// that only reflect an input already reported (an arg in the environment, the digest of the
+/// selected files) add nothing.
+fn diff_op(
+    old: &StepRecordEntry,
+    new: &crate::plan::StepPlan,
+    inputs_explained: bool,
+    reasons: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    let definition_changed = format!("the step changed: was `{}`", old.description);
+    let (Value::Object(before), Value::Object(after)) = (&old.inputs.op, &new.inputs.op) else {
+        // A record from before ops were recorded: compare what it has.
+        if old.description != new.description {
+            reasons.push(definition_changed);
+        }
+        return;
+    };
+    if before.get("kind") != after.get("kind") {
+        reasons.push(definition_changed);
+        return;
+    }
+    let mut fields: Vec<&String> = before.keys().chain(after.keys()).collect();
+    fields.sort();
+    fields.dedup();
+    for field in fields {
+        let (was, now) = (before.get(field), after.get(field));
+        if was == now {
+            continue;
+        }
+        match field.as_str() {
+            "env" => {
+                let pairs = |value: Option<&Value>| -> BTreeMap<String, String> {
+                    serde_json::from_value(value.cloned().unwrap_or(Value::Null))
+                        .map(|pairs: Vec<(String, String)>| pairs.into_iter().collect())
+                        .unwrap_or_default()
+                };
+                let (was, now) = (pairs(was), pairs(now));
+                let mut env = Vec::new();
+                diff_maps("env", &was, &now, &mut env);
+                let by_arg = |reason: &String| {
+                    new.inputs
+                        .vars
+                        .keys()
+                        .chain(old.inputs.vars.keys())
+                        .any(|name| reason.starts_with(&format!("env {name} ")))
+                };
+                reasons.extend(env.into_iter().filter(|reason| !by_arg(reason)));
+            }
+            "from" | "value" if inputs_explained => {}
+            "argv" | "sources" | "dest" | "value" | "config" => {
+                if !reasons.contains(&definition_changed) {
+                    reasons.push(definition_changed.clone());
+                }
+            }
+            _ => reasons.push(format!(
+                "{field} changed: {} → {}",
+                was.map_or("(none)".to_string(), Value::to_string),
+                now.map_or("(none)".to_string(), Value::to_string)
+            )),
+        }
+    }
+}
+
+/// [`Explanation::Pending`] for a node whose key waits for unresolved bases.
+pub fn pending(plan: &Plan, node: &Node) -> Option<Explanation> {
+    node.pending.then(|| Explanation::Pending {
+        bases: plan
+            .unresolved_under(node.id)
+            .into_iter()
+            .map(|base| format!("{} ({})", base.reference, base.platform))
+            .collect(),
+    })
+}
+
 /// Explain one node against the store.
 pub fn explain(
     store: &Store,
@@ -127,6 +208,9 @@ pub fn explain(
     node: &Node,
     describe: &dyn Fn(graphbuild_lang::ir::Loc) -> String,
 ) -> Explanation {
+    if let Some(pending) = pending(plan, node) {
+        return pending;
+    }
     if is_cached(store, node) {
         return Explanation::Cached;
     }
@@ -154,11 +238,11 @@ pub fn explain(
                 old.inputs.base, step.inputs.base
             ));
         }
-        if old.description != step.description {
-            reasons.push(format!("the step changed: was `{}`", old.description));
-        }
+        let files_before = reasons.len();
         diff_maps("arg", &old.inputs.vars, &step.inputs.vars, &mut reasons);
         diff_maps("file", &old.inputs.files, &step.inputs.files, &mut reasons);
+        let inputs_explained = reasons.len() > files_before;
+        diff_op(old, step, inputs_explained, &mut reasons);
         if reasons.is_empty() {
             reasons.push(if index == 0 {
                 format!("the base changed: {}", step.inputs.base)
@@ -179,6 +263,5 @@ pub fn explain(
             reasons: vec!["steps were removed".into()],
         };
     }
-    let _ = plan;
     Explanation::Evicted
 }

@@ -30,9 +30,14 @@ pub const MAX_SYMLINKS: usize = 40;
 ///
 /// `follow_last` decides whether a symlink in the last component is followed.
 pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> io::Result<PathBuf> {
+    resolve_path_in_root(root, Path::new(path), follow_last)
+}
+
+/// [`resolve_in_root`] for a path that need not be UTF-8.
+pub fn resolve_path_in_root(root: &Path, path: &Path, follow_last: bool) -> io::Result<PathBuf> {
     // Components still to walk, in reverse order so the next one is at the end.
     let mut pending: Vec<OsString> = Vec::new();
-    push_components(&mut pending, Path::new(path));
+    push_components(&mut pending, path);
     let mut resolved: Vec<OsString> = Vec::new();
     let mut links = 0usize;
     // Once a component is missing, the rest cannot be symlinks: resolve lexically.
@@ -55,7 +60,8 @@ pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> io::Result
                 links += 1;
                 if links > MAX_SYMLINKS {
                     return Err(io::Error::other(format!(
-                        "too many levels of symbolic links resolving `{path}` in {}",
+                        "too many levels of symbolic links resolving `{}` in {}",
+                        path.display(),
                         root.display()
                     )));
                 }

@@ -31,7 +31,7 @@ use serde::Serialize;
 use crate::digest::Key;
 
 /// Bump when the meaning of a step or the layer format changes.
-pub const FORMAT_VERSION: &str = "graphbuild-step-v1";
+pub const FORMAT_VERSION: &str = "graphbuild-step-v2";
 
 /// Incremental key builder. Each part is length-prefixed so concatenations can't collide.
 pub struct KeyBuilder(blake3::Hasher);

@@ -25,13 +25,40 @@
 //! Every call either succeeds or returns a [`RemoteError`] that names the URL path and the
 //! status; the caller decides whether a failing cache is fatal. The bearer token is sent only
 //! in the `Authorization` header and never appears in an error, in `Debug` output, or in a
-//! URL (URLs with `user:password@` are refused for that reason). Downloads are streamed to a
-//! temp file next to the destination, verified against their sha256, and renamed into place
-//! only when they match; nothing is ever buffered whole except action entries (≤ 1 MiB).
+//! URL (URLs with `user:password@` are refused for that reason).
+//!
+//! # Hostile or broken servers
+//!
+//! The cache is not trusted with anything but availability:
+//!
+//! - **Bounded time.** Connecting gives up after [`CONNECT_TIMEOUT`]; waiting for response
+//!   headers, and any silence while a body is sent or received, after the client's timeout
+//!   ([`STALL_TIMEOUT`] by default, [`TIMEOUT_ENV`] or [`RemoteCache::with_timeout`] to
+//!   change it). Each call also has a whole-call deadline: twice the timeout for small
+//!   requests, plus one second per [`MIN_TRANSFER_RATE`] bytes for blob transfers, so a
+//!   server trickling one byte at a time cannot hold a build either.
+//! - **Cancellation.** With [`RemoteCache::with_cancel`], every call returns
+//!   [`RemoteError::Cancelled`] within [`CANCEL_POLL`] of the flag being set (Ctrl-C or
+//!   SIGTERM), whatever the network does: the transfer runs on a helper thread that is left
+//!   to time out on its own.
+//! - **Bounded size.** A blob is downloaded knowing its size (from the step record or the
+//!   action entry that names it): a `Content-Length` that disagrees is refused before reading,
+//!   and at most `size + 1` bytes are ever read. Action entries are read up to
+//!   [`MAX_ACTION_RESULT_SIZE`], step records up to [`MAX_STEP_RECORD_SIZE`].
+//! - **Nothing unverified lands.** Downloads stream to a temp file next to the destination
+//!   and are renamed into place only once their size and sha256 match; anything else deletes
+//!   the temp file.
+//! - **A bad entry is a miss.** [`RemoteError::is_bad_entry`] tells errors about one entry
+//!   (an undecodable action value, an entry that is not ours, a blob of the wrong size or
+//!   content) from errors about the cache as a whole (unreachable, refused, timed out): the
+//!   builder counts the former as a miss and keeps using the cache.
 
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use crate::digest::{Digest, DigestWriter};
@@ -42,9 +69,17 @@ pub const STEP_RECORD_PATH: &str = "graphbuild/step.json";
 pub const MAX_ACTION_RESULT_SIZE: u64 = 1024 * 1024;
 /// Connecting to the cache gives up after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Waiting for response headers gives up after this long (uploads are synced before the
-/// server answers, so this allows for a slow disk).
-pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The default timeout: waiting for response headers (uploads are synced before the server
+/// answers, so this allows for a slow disk) and the longest silence inside a body.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The slowest blob transfer accepted, in bytes per second, averaged over the whole transfer.
+pub const MIN_TRANSFER_RATE: u64 = 256 * 1024;
+/// Largest step record (the JSON blob an action entry names) the client fetches.
+pub const MAX_STEP_RECORD_SIZE: u64 = 16 * 1024 * 1024;
+/// How often a call waiting on the network checks for cancellation.
+pub const CANCEL_POLL: Duration = Duration::from_millis(100);
+/// Environment variable overriding [`STALL_TIMEOUT`], in seconds (decimals allowed).
+pub const TIMEOUT_ENV: &str = "GRAPHBUILD_CACHE_TIMEOUT";
 
 // ---------------------------------------------------------------------------------------------
 // ActionResult codec
@@ -223,6 +258,8 @@ pub enum DecodeError {
     NegativeSize,
     #[error("an output file has no digest")]
     MissingDigest,
+    #[error("the value is larger than {MAX_ACTION_RESULT_SIZE} bytes")]
+    TooLarge,
 }
 
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -385,6 +422,39 @@ pub enum RemoteError {
     )]
     DigestMismatch { expected: Digest, actual: Digest },
 
+    #[error(
+        "the remote blob {digest} has the wrong size: {expected} bytes expected, {actual}; it was discarded"
+    )]
+    #[diagnostic(
+        code(graphbuild::remote::size_mismatch),
+        help(
+            "the cache server's copy is corrupt, or the entry naming it is; it is treated as a miss"
+        )
+    )]
+    SizeMismatch {
+        digest: Digest,
+        expected: u64,
+        actual: String,
+    },
+
+    #[error("the remote action entry {key} is not usable: {reason}")]
+    #[diagnostic(
+        code(graphbuild::remote::invalid_entry),
+        help("another tool may have written this key; it is treated as a miss")
+    )]
+    InvalidEntry { key: String, reason: String },
+
+    #[error("`{TIMEOUT_ENV}={value}` is not a number of seconds")]
+    #[diagnostic(
+        code(graphbuild::remote::timeout),
+        help("write a positive number of seconds, for example {TIMEOUT_ENV}=30, or unset it")
+    )]
+    InvalidTimeout { value: String },
+
+    #[error("the transfer was cancelled")]
+    #[diagnostic(code(graphbuild::remote::cancelled))]
+    Cancelled,
+
     #[error("the remote action entry {key} is not a valid ActionResult")]
     #[diagnostic(
         code(graphbuild::remote::decode),
@@ -406,6 +476,26 @@ pub enum RemoteError {
     },
 }
 
+impl RemoteError {
+    /// Whether the error is about one entry rather than the cache: a value that does not
+    /// decode, an entry that is not ours, a blob of the wrong size or content. Such an entry
+    /// is a miss; the cache stays usable.
+    pub fn is_bad_entry(&self) -> bool {
+        matches!(
+            self,
+            RemoteError::Decode { .. }
+                | RemoteError::InvalidEntry { .. }
+                | RemoteError::SizeMismatch { .. }
+                | RemoteError::DigestMismatch { .. }
+        )
+    }
+
+    /// Whether the call gave up because the build is being cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, RemoteError::Cancelled)
+    }
+}
+
 /// A remote cache at one base URL, with an optional bearer token. Cheap to clone; share it
 /// between threads for parallel transfers (connections are pooled).
 #[derive(Clone)]
@@ -413,6 +503,10 @@ pub struct RemoteCache {
     agent: ureq::Agent,
     base: String,
     authorization: Option<String>,
+    /// Longest wait for response headers and longest silence inside a body.
+    timeout: Duration,
+    /// Set by a signal handler: a call waiting on the network returns [`RemoteError::Cancelled`].
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for RemoteCache {
@@ -420,12 +514,44 @@ impl std::fmt::Debug for RemoteCache {
         f.debug_struct("RemoteCache")
             .field("base", &self.base)
             .field("token", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
 
+/// `GRAPHBUILD_CACHE_TIMEOUT`: seconds (a decimal number, > 0), or the default when unset.
+fn timeout_from_env() -> Result<Duration, RemoteError> {
+    match std::env::var(TIMEOUT_ENV) {
+        Err(_) => Ok(STALL_TIMEOUT),
+        Ok(text) => text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|seconds| seconds.is_finite() && *seconds > 0.0 && *seconds <= 86_400.0)
+            .map(Duration::from_secs_f64)
+            .ok_or(RemoteError::InvalidTimeout { value: text }),
+    }
+}
+
+fn build_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
+        .timeout_recv_response(Some(timeout))
+        // A silent peer: no byte for `timeout` while reading or writing a body.
+        .timeout_per_read(Some(timeout))
+        .timeout_per_write(Some(timeout))
+        // Small requests (HEAD, action entries) as a whole; blob transfers set their own.
+        .timeout_per_call(Some(timeout * 2))
+        .max_redirects(0)
+        .user_agent(concat!("graphbuild/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
 impl RemoteCache {
     /// `url` is `http(s)://host[:port][/instance]`; `token` is sent as `Authorization: Bearer`.
+    /// The timeout is [`STALL_TIMEOUT`] unless [`TIMEOUT_ENV`] says otherwise.
     pub fn new(url: &str, token: Option<String>) -> Result<RemoteCache, RemoteError> {
         let invalid = |reason| RemoteError::InvalidUrl {
             url: redact_userinfo(url),
@@ -451,18 +577,29 @@ impl RemoteCache {
         {
             return Err(invalid("the token must be non-empty visible ASCII"));
         }
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_recv_response(Some(RESPONSE_TIMEOUT))
-            .max_redirects(0)
-            .user_agent(concat!("graphbuild/", env!("CARGO_PKG_VERSION")))
-            .build();
+        let timeout = timeout_from_env()?;
         Ok(RemoteCache {
-            agent: config.into(),
+            agent: build_agent(timeout),
             base: url.trim_end_matches('/').to_string(),
             authorization: token.map(|token| format!("Bearer {token}")),
+            timeout,
+            cancel: None,
         })
+    }
+
+    /// The same cache with another timeout: the longest wait for an answer and the longest
+    /// silence inside a body (see the module documentation).
+    pub fn with_timeout(mut self, timeout: Duration) -> RemoteCache {
+        self.timeout = timeout.max(Duration::from_millis(1));
+        self.agent = build_agent(self.timeout);
+        self
+    }
+
+    /// The same cache, giving up on any call within [`CANCEL_POLL`] of `flag` being set
+    /// (a [`crate::scheduler::CancelToken`]'s flag, set by the Ctrl-C/SIGTERM handler).
+    pub fn with_cancel(mut self, flag: Arc<AtomicBool>) -> RemoteCache {
+        self.cancel = Some(flag);
+        self
     }
 
     /// The base URL (never contains the token).
@@ -485,10 +622,60 @@ impl RemoteCache {
         Ok(format!("{}/ac/{key_hex}", self.base))
     }
 
+    /// The whole-call deadline of a transfer of `size` bytes.
+    fn transfer_deadline(&self, size: u64) -> Duration {
+        self.timeout * 2 + Duration::from_secs(size / MIN_TRANSFER_RATE)
+    }
+
     fn authorize<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
         match &self.authorization {
             Some(value) => request.header("Authorization", value),
             None => request,
+        }
+    }
+
+    /// Run `work` so that a cancellation is honoured within [`CANCEL_POLL`]: with a cancel
+    /// flag, `work` runs on a helper thread while this one polls the flag. A cancelled call
+    /// returns at once; its thread ends by itself within the call's timeouts and never stores
+    /// anything unverified (downloads land only after their size and digest matched).
+    fn interruptible<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(RemoteCache) -> Result<T, RemoteError> + Send + 'static,
+    ) -> Result<T, RemoteError> {
+        let Some(cancel) = self.cancel.clone() else {
+            return work(self.clone());
+        };
+        if cancel.load(Ordering::Relaxed) {
+            return Err(RemoteError::Cancelled);
+        }
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        let this = self.clone();
+        std::thread::Builder::new()
+            .name("graphbuild-remote".into())
+            .spawn(move || {
+                let _ = sender.send(work(this));
+            })
+            .map_err(|error| RemoteError::Unreachable {
+                method: "CALL",
+                url: self.base.clone(),
+                message: format!("cannot start a transfer thread: {error}"),
+            })?;
+        loop {
+            match receiver.recv_timeout(CANCEL_POLL) {
+                Ok(result) => return result,
+                Err(RecvTimeoutError::Timeout) => {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(RemoteError::Cancelled);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(RemoteError::Unreachable {
+                        method: "CALL",
+                        url: self.base.clone(),
+                        message: "the transfer thread panicked".into(),
+                    });
+                }
+            }
         }
     }
 
@@ -535,24 +722,41 @@ impl RemoteCache {
         }
     }
 
-    /// The action entry under `key_hex`, `None` if the cache has none.
+    /// The action entry under `key_hex`, `None` if the cache has none. A value that is not a
+    /// valid `ActionResult` is [`RemoteError::Decode`], a bad entry (see
+    /// [`RemoteError::is_bad_entry`]).
     pub fn get_action(&self, key_hex: &str) -> Result<Option<ActionResult>, RemoteError> {
         let url = self.action_url(key_hex)?;
+        let key_hex = key_hex.to_string();
+        self.interruptible(move |this| this.get_action_now(&url, &key_hex))
+    }
+
+    fn get_action_now(
+        &self,
+        url: &str,
+        key_hex: &str,
+    ) -> Result<Option<ActionResult>, RemoteError> {
         let mut response = self
-            .authorize(self.agent.get(&url))
+            .authorize(self.agent.get(url))
             .call()
-            .map_err(|error| Self::unreachable("GET", &url, error))?;
+            .map_err(|error| Self::unreachable("GET", url, error))?;
         match response.status().as_u16() {
             200 => {}
             404 => return Ok(None),
-            _ => return Err(Self::status_error("GET", &url, response)),
+            _ => return Err(Self::status_error("GET", url, response)),
         }
         let bytes = response
             .body_mut()
             .with_config()
             .limit(MAX_ACTION_RESULT_SIZE)
             .read_to_vec()
-            .map_err(|error| Self::unreachable("GET", &url, error))?;
+            .map_err(|error| match error {
+                ureq::Error::BodyExceedsLimit(_) => RemoteError::Decode {
+                    key: key_hex.to_string(),
+                    source: DecodeError::TooLarge,
+                },
+                error => Self::unreachable("GET", url, error),
+            })?;
         ActionResult::decode(&bytes)
             .map(Some)
             .map_err(|source| RemoteError::Decode {
@@ -561,39 +765,111 @@ impl RemoteCache {
             })
     }
 
+    /// The step record that the action entry under `key_hex` names, downloaded into `dir`
+    /// (size-capped at [`MAX_STEP_RECORD_SIZE`], digest-verified) and returned as bytes.
+    /// `None` when the entry or its record is missing. An entry that is garbage, is not one of
+    /// ours, or names a record of the wrong size or content is a bad entry
+    /// ([`RemoteError::is_bad_entry`]).
+    pub fn get_step_record(
+        &self,
+        key_hex: &str,
+        dir: &Path,
+    ) -> Result<Option<Vec<u8>>, RemoteError> {
+        let Some(action) = self.get_action(key_hex)? else {
+            return Ok(None);
+        };
+        let Some((digest, size)) = action.step_record() else {
+            return Err(RemoteError::InvalidEntry {
+                key: key_hex.to_string(),
+                reason: format!("it names no {STEP_RECORD_PATH}"),
+            });
+        };
+        if size == 0 || size > MAX_STEP_RECORD_SIZE {
+            return Err(RemoteError::InvalidEntry {
+                key: key_hex.to_string(),
+                reason: format!(
+                    "its step record has a size of {size} bytes (at most {MAX_STEP_RECORD_SIZE})"
+                ),
+            });
+        }
+        let path = dir.join(format!("record-{}", digest.hex()));
+        if !self.get_blob_to(&digest, size, &path)? {
+            return Ok(None);
+        }
+        fs::read(&path).map(Some).map_err(|source| RemoteError::Io {
+            action: "cannot read",
+            path,
+            source,
+        })
+    }
+
     /// Store `result` under `key_hex`. Upload the blobs it references first.
     pub fn put_action(&self, key_hex: &str, result: &ActionResult) -> Result<(), RemoteError> {
         let url = self.action_url(key_hex)?;
-        self.put(&url, &result.encode()[..])
+        let bytes = result.encode();
+        self.interruptible(move |this| this.put_now(&url, &bytes[..], None))
     }
 
     /// Whether the cache holds the blob.
     pub fn has_blob(&self, digest: &Digest) -> Result<bool, RemoteError> {
         let url = self.blob_url(digest);
+        self.interruptible(move |this| this.has_blob_now(&url))
+    }
+
+    fn has_blob_now(&self, url: &str) -> Result<bool, RemoteError> {
         let response = self
-            .authorize(self.agent.head(&url))
+            .authorize(self.agent.head(url))
             .call()
-            .map_err(|error| Self::unreachable("HEAD", &url, error))?;
+            .map_err(|error| Self::unreachable("HEAD", url, error))?;
         match response.status().as_u16() {
             200 => Ok(true),
             404 => Ok(false),
-            _ => Err(Self::status_error("HEAD", &url, response)),
+            _ => Err(Self::status_error("HEAD", url, response)),
         }
     }
 
-    /// Download the blob to `dest` (through a temp file in the same directory, renamed into
-    /// place once its sha256 matches). `Ok(false)` if the cache does not have it; on a
-    /// mismatch nothing is left and [`RemoteError::DigestMismatch`] is returned.
-    pub fn get_blob_to(&self, digest: &Digest, dest: &Path) -> Result<bool, RemoteError> {
+    /// Download the blob of `size` bytes to `dest` (through a temp file in the same directory,
+    /// renamed into place once its size and sha256 match). At most `size + 1` bytes are read,
+    /// whatever the server sends. `Ok(false)` if the cache does not have it; on a mismatch
+    /// nothing is left and [`RemoteError::SizeMismatch`] or [`RemoteError::DigestMismatch`] is
+    /// returned.
+    pub fn get_blob_to(
+        &self,
+        digest: &Digest,
+        size: u64,
+        dest: &Path,
+    ) -> Result<bool, RemoteError> {
+        let digest = *digest;
+        let dest = dest.to_path_buf();
+        self.interruptible(move |this| this.get_blob_now(&digest, size, &dest))
+    }
+
+    fn get_blob_now(&self, digest: &Digest, size: u64, dest: &Path) -> Result<bool, RemoteError> {
         let url = self.blob_url(digest);
         let mut response = self
             .authorize(self.agent.get(&url))
+            .config()
+            .timeout_per_call(Some(self.transfer_deadline(size)))
+            .build()
             .call()
             .map_err(|error| Self::unreachable("GET", &url, error))?;
         match response.status().as_u16() {
             200 => {}
             404 => return Ok(false),
             _ => return Err(Self::status_error("GET", &url, response)),
+        }
+        if let Some(declared) = response
+            .headers()
+            .get("content-length")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            && declared != size
+        {
+            return Err(RemoteError::SizeMismatch {
+                digest: *digest,
+                expected: size,
+                actual: format!("{declared} bytes announced"),
+            });
         }
         let directory = match dest.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent,
@@ -612,8 +888,10 @@ impl RemoteCache {
             .tempfile_in(directory)
             .map_err(io_error("cannot create a download file in", directory))?;
         let mut hasher = DigestWriter::new();
-        let mut reader = response.body_mut().as_reader();
+        // One byte more than declared tells an overlong body from an exact one.
+        let mut reader = response.body_mut().as_reader().take(size.saturating_add(1));
         let mut buffer = vec![0u8; 256 * 1024];
+        let mut received: u64 = 0;
         loop {
             let count = match reader.read(&mut buffer) {
                 Ok(0) => break,
@@ -627,13 +905,28 @@ impl RemoteCache {
                     });
                 }
             };
+            received += count as u64;
+            if received > size {
+                // Dropping `temp` deletes it.
+                return Err(RemoteError::SizeMismatch {
+                    digest: *digest,
+                    expected: size,
+                    actual: "more bytes".into(),
+                });
+            }
             hasher.update(&buffer[..count]);
             temp.write_all(&buffer[..count])
                 .map_err(io_error("cannot write", temp.path()))?;
         }
+        if received != size {
+            return Err(RemoteError::SizeMismatch {
+                digest: *digest,
+                expected: size,
+                actual: format!("{received} bytes"),
+            });
+        }
         let actual = hasher.finish();
         if actual != *digest {
-            // Dropping `temp` deletes it.
             return Err(RemoteError::DigestMismatch {
                 expected: *digest,
                 actual,
@@ -653,29 +946,49 @@ impl RemoteCache {
     /// Upload a file as the blob `digest`, streaming it; skipped when the cache already has
     /// it. The server checks the content against the digest and refuses a mismatch.
     pub fn put_blob_from(&self, digest: &Digest, path: &Path) -> Result<(), RemoteError> {
-        if self.has_blob(digest)? {
-            return Ok(());
-        }
-        let file = fs::File::open(path).map_err(|source| RemoteError::Io {
-            action: "cannot open",
-            path: path.to_path_buf(),
-            source,
-        })?;
-        // `&File` is sent with its length as Content-Length, read as it goes.
-        self.put(&self.blob_url(digest), &file)
+        let url = self.blob_url(digest);
+        let path = path.to_path_buf();
+        self.interruptible(move |this| {
+            if this.has_blob_now(&url)? {
+                return Ok(());
+            }
+            let file = fs::File::open(&path).map_err(|source| RemoteError::Io {
+                action: "cannot open",
+                path: path.clone(),
+                source,
+            })?;
+            let size = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
+            // `&File` is sent with its length as Content-Length, read as it goes.
+            this.put_now(&url, &file, Some(size))
+        })
     }
 
     /// Upload bytes as a blob; returns their digest.
     pub fn put_blob_bytes(&self, bytes: &[u8]) -> Result<Digest, RemoteError> {
         let digest = Digest::of(bytes);
-        self.put(&self.blob_url(&digest), bytes)?;
+        let url = self.blob_url(&digest);
+        let bytes = bytes.to_vec();
+        let size = bytes.len() as u64;
+        self.interruptible(move |this| this.put_now(&url, &bytes[..], Some(size)))?;
         Ok(digest)
     }
 
-    fn put(&self, url: &str, body: impl ureq::AsSendBody) -> Result<(), RemoteError> {
-        let response = self
+    fn put_now(
+        &self,
+        url: &str,
+        body: impl ureq::AsSendBody,
+        size: Option<u64>,
+    ) -> Result<(), RemoteError> {
+        let mut request = self
             .authorize(self.agent.put(url))
-            .header("Content-Type", "application/octet-stream")
+            .header("Content-Type", "application/octet-stream");
+        if let Some(size) = size {
+            request = request
+                .config()
+                .timeout_per_call(Some(self.transfer_deadline(size)))
+                .build();
+        }
+        let response = request
             .send(body)
             .map_err(|error| Self::unreachable("PUT", url, error))?;
         if response.status().is_success() {
@@ -862,7 +1175,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("blob");
         let error = cache
-            .get_blob_to(&Digest::of(b"expected"), &dest)
+            .get_blob_to(&Digest::of(b"expected"), 22, &dest)
             .unwrap_err();
         assert!(
             matches!(error, RemoteError::DigestMismatch { .. }),
@@ -890,7 +1203,11 @@ mod tests {
         let cache = RemoteCache::new(&url, None).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("blob");
-        assert!(cache.get_blob_to(&Digest::of(b"payload"), &dest).unwrap());
+        assert!(
+            cache
+                .get_blob_to(&Digest::of(b"payload"), 7, &dest)
+                .unwrap()
+        );
         assert_eq!(fs::read(&dest).unwrap(), b"payload");
         server.join().unwrap();
 
@@ -898,7 +1215,7 @@ mod tests {
         let cache = RemoteCache::new(&url, None).unwrap();
         assert!(
             !cache
-                .get_blob_to(&Digest::of(b"other"), &dir.path().join("other"))
+                .get_blob_to(&Digest::of(b"other"), 5, &dir.path().join("other"))
                 .unwrap()
         );
         assert!(!dir.path().join("other").exists());
@@ -931,5 +1248,160 @@ mod tests {
         let error = cache.has_blob(&Digest::of(b"x")).unwrap_err();
         assert!(matches!(error, RemoteError::Unreachable { .. }), "{error}");
         assert!(!format!("{error} {error:?}").contains("s3cret-token"));
+    }
+
+    /// A one-connection server on 127.0.0.1: reads the request head, then hands the stream to
+    /// `respond`.
+    fn raw_server(
+        respond: impl FnOnce(std::net::TcpStream) + Send + 'static,
+    ) -> (String, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut reader = io::BufReader::new(stream.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            respond(stream);
+        });
+        (url, handle)
+    }
+
+    fn empty(dir: &Path) -> bool {
+        fs::read_dir(dir).unwrap().next().is_none()
+    }
+
+    #[test]
+    fn a_stalled_body_times_out_and_leaves_nothing() {
+        let (url, server) = raw_server(|mut stream| {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
+            let _ = stream.flush();
+            std::thread::sleep(Duration::from_secs(4));
+        });
+        let cache = RemoteCache::new(&url, None)
+            .unwrap()
+            .with_timeout(Duration::from_millis(500));
+        let dir = tempfile::tempdir().unwrap();
+        let started = std::time::Instant::now();
+        let error = cache
+            .get_blob_to(&Digest::of(&[0; 100]), 100, &dir.path().join("blob"))
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(error, RemoteError::Unreachable { .. }), "{error}");
+        assert!(!error.is_bad_entry());
+        assert!(empty(dir.path()), "nothing may be left behind");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn an_endless_body_stops_at_the_declared_size() {
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = written.clone();
+        // No Content-Length: the body runs until the connection closes, which it never does.
+        let (url, server) = raw_server(move |mut stream| {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+            let chunk = [b'x'; 64 * 1024];
+            while stream.write_all(&chunk).is_ok() {
+                if counter.fetch_add(chunk.len() as u64, Ordering::Relaxed) > 1 << 30 {
+                    break;
+                }
+            }
+        });
+        let cache = RemoteCache::new(&url, None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let error = cache
+            .get_blob_to(&Digest::of(b"small"), 1000, &dir.path().join("blob"))
+            .unwrap_err();
+        assert!(matches!(error, RemoteError::SizeMismatch { .. }), "{error}");
+        assert!(error.is_bad_entry());
+        assert!(empty(dir.path()), "nothing may be left behind");
+        server.join().unwrap();
+        // The client stopped reading and closed: the server could only fill socket buffers.
+        assert!(written.load(Ordering::Relaxed) < 64 << 20);
+
+        // A Content-Length that disagrees with the record is refused before reading.
+        let (url, server) = raw_server(|mut stream| {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n");
+        });
+        let cache = RemoteCache::new(&url, None).unwrap();
+        let error = cache
+            .get_blob_to(&Digest::of(b"small"), 5, &dir.path().join("blob"))
+            .unwrap_err();
+        assert!(matches!(error, RemoteError::SizeMismatch { .. }), "{error}");
+        assert!(empty(dir.path()));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_cancelled_call_returns_at_once() {
+        let (url, server) = raw_server(|mut stream| {
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n");
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        let flag = Arc::new(AtomicBool::new(false));
+        let cache = RemoteCache::new(&url, None)
+            .unwrap()
+            .with_timeout(Duration::from_secs(30))
+            .with_cancel(flag.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let setter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.store(true, Ordering::Relaxed);
+        });
+        let started = std::time::Instant::now();
+        let error = cache
+            .get_blob_to(&Digest::of(&[0; 100]), 100, &dir.path().join("blob"))
+            .unwrap_err();
+        assert!(error.is_cancelled(), "{error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        setter.join().unwrap();
+        server.join().unwrap();
+        assert!(!dir.path().join("blob").exists());
+    }
+
+    #[test]
+    fn garbage_action_values_are_bad_entries() {
+        let key = "ab".repeat(32);
+        let (url, server) = fake_server("200 OK", b"\xff\xff\xff garbage".to_vec());
+        let cache = RemoteCache::new(&url, None).unwrap();
+        let error = cache.get_action(&key).unwrap_err();
+        assert!(matches!(error, RemoteError::Decode { .. }), "{error}");
+        assert!(error.is_bad_entry());
+        server.join().unwrap();
+
+        // An entry that decodes but names no step record.
+        let other = ActionResult {
+            output_files: vec![],
+            exit_code: 0,
+        };
+        let (url, server) = fake_server("200 OK", other.encode());
+        let cache = RemoteCache::new(&url, None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let error = cache.get_step_record(&key, dir.path()).unwrap_err();
+        assert!(matches!(error, RemoteError::InvalidEntry { .. }), "{error}");
+        server.join().unwrap();
+
+        // A record of an absurd size is refused without downloading it.
+        let huge = ActionResult::for_step_record(Digest::of(b"x"), MAX_STEP_RECORD_SIZE + 1);
+        let (url, server) = fake_server("200 OK", huge.encode());
+        let cache = RemoteCache::new(&url, None).unwrap();
+        let error = cache.get_step_record(&key, dir.path()).unwrap_err();
+        assert!(error.is_bad_entry(), "{error}");
+        server.join().unwrap();
+        assert!(empty(dir.path()));
     }
 }

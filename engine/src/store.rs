@@ -8,7 +8,7 @@
 //!   lock                       flock: shared by every open Store, exclusive for prune
 //!   blobs/sha256/<hex>         CAS: the file's sha256 is its name (layers, configs, manifests)
 //!   actions/<2 hex>/<key hex>  action cache: a step key (blake3) → a small record
-//!   snapshots/<diff_id hex>/   an unpacked layer, used as an overlay lowerdir
+//!   snapshots/sha256-<hex>/    a verified unpacked layer (named by diff_id), an overlay lowerdir
 //!   cache-mounts/<hash>/       a persistent `cache-mount` directory per (mount id, platform)
 //!   cache-mounts/<hash>.lock   its flock, held exclusively while a step uses it
 //!   cache-mounts/<hash>.json   which (id, platform) the hash stands for
@@ -40,6 +40,31 @@
 //! half-visible, but after a power cut a snapshot may hold zero-length files. `graphbuild
 //! cache prune --keep-bytes 0` clears them; blobs and the action cache are durable.
 //!
+//! # Integrity
+//!
+//! Nothing enters the store unverified, and nothing found corrupt is kept:
+//!
+//! - a blob is hashed before it is published; a blob already present is only reused when its
+//!   size matches (a cheap check on every `put`, [`Store::check_blob`]), and a blob whose
+//!   content turns out not to match its name when it is read ([`Store::read_blob`], an unpack,
+//!   a layout write) is removed ([`Store::remove_blob`]), which turns every action naming it
+//!   into a miss;
+//! - a snapshot is published under a diff_id only by a caller that verified it: an unpack that
+//!   hashed the decompressed stream to that diff_id (and the blob to its digest), or a step's
+//!   own upper directory whose tar it hashed. Which blob was verified to have which diff_id is
+//!   recorded ([`Store::record_verified_layer`]), so a snapshot found by diff_id is only reused
+//!   for a blob known to have that diff_id. Directories in the old `snapshots/<hex>` naming,
+//!   written before diff_ids were verified, are never used (prune or `cache verify --repair`
+//!   removes them);
+//! - [`Store::verify`] checks every blob, snapshot name and action record, and can remove
+//!   what is bad.
+//!
+//! # Permissions
+//!
+//! The root, `tmp/` and each run directory are `0700` (an existing root is tightened on
+//! open): snapshots hold setuid binaries, file capabilities and device nodes of the images
+//! built, and run directories hold secrets (`0600`), none of which other local users may reach.
+//!
 //! # Locking
 //!
 //! - `lock` is taken *shared* by [`Store::open`] and held until the `Store` drops, so any number
@@ -68,8 +93,9 @@
 //! [`Store::snapshot_path`], [`Store::cache_mount`], …) sets its access time explicitly
 //! (`utimensat`, so `noatime`/`relatime` mounts do not matter); an entry's last use is the later
 //! of its atime and mtime. [`Store::prune`] lists every entry with its size, and removes the
-//! least recently used until the total is at most `keep_bytes`. An action whose blobs were pruned
-//! is a cache miss for the builder (it checks [`Store::has_blob`]), and a pruned snapshot is
+//! least recently used until the total is at most `keep_bytes`, then the actions that name a
+//! blob it removed (such an action would be a cache miss anyway: the builder checks
+//! [`Store::check_blob`]), and a pruned snapshot is
 //! unpacked again from its blob, so pruning never makes a build wrong, only slower. Snapshot
 //! and cache-mount directories hold root-owned files, read-only directories and overlay
 //! whiteouts (character devices); they are removed with [`fsutil::remove_dir_all_force`].
@@ -85,6 +111,7 @@ use std::time::SystemTime;
 
 use crate::digest::{Digest, DigestWriter, Key};
 use crate::fsutil;
+use crate::state::LayerDesc;
 
 /// Errors of the local store.
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
@@ -126,6 +153,78 @@ pub enum StoreError {
     #[error("cannot unpack snapshot {diff_id}: {message}")]
     #[diagnostic(code(graphbuild::store::snapshot))]
     Fill { diff_id: Digest, message: String },
+}
+
+/// What [`Store::check_blob`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobState {
+    /// Present with the expected size.
+    Present,
+    Missing,
+    /// Present with another size: it was removed.
+    Corrupt,
+}
+
+/// One problem [`Store::verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: PathBuf,
+    pub what: String,
+    /// Whether `--repair` removed it.
+    pub removed: bool,
+}
+
+/// What [`Store::verify`] checked and found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub blobs: u64,
+    pub snapshots: u64,
+    pub actions: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// The blobs (digest, size) an action record names: the layers of a step record, or the layer
+/// of a layer record; `None` when a layer lacks a valid digest or size.
+fn named_blobs(value: &serde_json::Value) -> Option<Vec<(Digest, u64)>> {
+    let mut layers: Vec<&serde_json::Value> = Vec::new();
+    if let Some(list) = value.get("layers").and_then(|layers| layers.as_array()) {
+        layers.extend(list);
+    } else if value.get("diff_id").is_some() {
+        layers.push(value);
+    }
+    layers
+        .into_iter()
+        .map(|layer| {
+            let digest = layer
+                .get("digest")
+                .and_then(|digest| digest.as_str())
+                .and_then(|digest| digest.parse::<Digest>().ok())?;
+            let size = layer.get("size").and_then(|size| size.as_u64())?;
+            Some((digest, size))
+        })
+        .collect()
+}
+
+/// Whether a snapshot directory name is the current, verified naming (`sha256-<hex>`).
+fn snapshot_name_digest(name: &str) -> Option<Digest> {
+    Digest::from_hex(name.strip_prefix("sha256-")?)
+}
+
+/// The mode of the root, `tmp/` and run directories.
+const PRIVATE_DIR: u32 = 0o700;
+
+/// Set a directory of ours to [`PRIVATE_DIR`]. One owned by another user (a store shared on
+/// purpose) is left as its owner set it.
+fn make_private(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = std::fs::metadata(path)?;
+    if metadata.permissions().mode() & 0o777 == PRIVATE_DIR {
+        return Ok(());
+    }
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_DIR)) {
+        Err(error) if error.kind() == io::ErrorKind::PermissionDenied => Ok(()),
+        other => other,
+    }
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
@@ -219,10 +318,29 @@ impl Store {
     /// Open (creating if needed) the store at `root`: take the shared lock, delete what dead
     /// runs left in `tmp/`, and create this run's scratch directory.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        {
+            // Parents with the usual mode, the root itself private.
+            use std::os::unix::fs::DirBuilderExt;
+            if let Some(parent) = root
+                .parent()
+                .filter(|parent| !parent.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(parent).map_err(io_error("create", parent))?;
+            }
+            match std::fs::DirBuilder::new().mode(PRIVATE_DIR).create(root) {
+                Err(error) if error.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(io_error("create", root)(error));
+                }
+                _ => {}
+            }
+        }
+        make_private(root).map_err(io_error("restrict the permissions of", root))?;
         for area in AREAS {
             let dir = root.join(area);
             std::fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
         }
+        let tmp_dir = root.join("tmp");
+        make_private(&tmp_dir).map_err(io_error("restrict the permissions of", &tmp_dir))?;
         let lock_path = root.join("lock");
         let lock = OpenOptions::new()
             .read(true)
@@ -288,10 +406,38 @@ impl Store {
         present
     }
 
+    /// Whether the blob is present with `size` bytes (a use for pruning). A blob of another
+    /// size is corrupt: it is removed, and [`BlobState::Corrupt`] says so.
+    pub fn check_blob(&self, digest: &Digest, size: u64) -> BlobState {
+        let path = self.blob_path(digest);
+        match std::fs::symlink_metadata(&path) {
+            Ok(metadata) if metadata.is_file() && metadata.len() == size => {
+                touch(&path);
+                BlobState::Present
+            }
+            Ok(_) => {
+                let _ = self.remove_blob(digest);
+                BlobState::Corrupt
+            }
+            Err(_) => BlobState::Missing,
+        }
+    }
+
+    /// Remove a blob (found corrupt): every action naming it becomes a miss.
+    pub fn remove_blob(&self, digest: &Digest) -> Result<(), StoreError> {
+        let path = self.blob_path(digest);
+        match std::fs::remove_file(&path) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                Err(io_error("remove", &path)(error))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Store `bytes` as a blob and return its digest.
     pub fn put_blob_bytes(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
         let digest = Digest::of(bytes);
-        if self.has_blob(&digest) {
+        if self.check_blob(&digest, bytes.len() as u64) == BlobState::Present {
             return Ok(digest);
         }
         let mut temp = self.temp_file()?;
@@ -314,7 +460,7 @@ impl Store {
     ) -> Result<Digest, StoreError> {
         let mut file = File::open(tmp).map_err(io_error("open", tmp))?;
         let mut hasher = DigestWriter::new();
-        io::copy(&mut file, &mut hasher).map_err(io_error("read", tmp))?;
+        let size = io::copy(&mut file, &mut hasher).map_err(io_error("read", tmp))?;
         let actual = hasher.finish();
         if let Some(expected) = expected
             && expected != actual
@@ -322,7 +468,7 @@ impl Store {
             let _ = std::fs::remove_file(tmp);
             return Err(StoreError::DigestMismatch { expected, actual });
         }
-        if self.has_blob(&actual) {
+        if self.check_blob(&actual, size) == BlobState::Present {
             let _ = std::fs::remove_file(tmp);
             return Ok(actual);
         }
@@ -429,10 +575,58 @@ impl Store {
         self.publish(temp.into_temp_path().as_ref(), &path)
     }
 
+    /// Forget the record of a step key (found to name a layer that fails verification).
+    pub fn remove_action(&self, key: &Key) -> Result<(), StoreError> {
+        let path = self.action_path(key);
+        match std::fs::remove_file(&path) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                Err(io_error("remove", &path)(error))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn verified_layer_key(digest: &Digest) -> Key {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"graphbuild verified-layer v1\0");
+        hasher.update(&digest.0);
+        Key(*hasher.finalize().as_bytes())
+    }
+
+    /// Record that the blob `layer.digest` was read through and its uncompressed stream hashes
+    /// to `layer.diff_id` (an action record, so prune and `cache verify` treat it as one).
+    pub fn record_verified_layer(&self, layer: &LayerDesc) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(layer).map_err(|error| StoreError::Io {
+            action: "serialize",
+            path: self.root.clone(),
+            source: io::Error::other(error),
+        })?;
+        let key = Self::verified_layer_key(&layer.digest);
+        // Usually already recorded: skip the write (and its fsync).
+        if self.get_action(&key).as_deref() == Some(bytes.as_slice()) {
+            return Ok(());
+        }
+        self.put_action(&key, &bytes)
+    }
+
+    /// The diff_id the blob `digest` was verified to have, if it was.
+    pub fn verified_diff_id(&self, digest: &Digest) -> Option<Digest> {
+        let bytes = self.get_action(&Self::verified_layer_key(digest))?;
+        let layer: LayerDesc = serde_json::from_slice(&bytes).ok()?;
+        (layer.digest == *digest).then_some(layer.diff_id)
+    }
+
     // ---- snapshots ------------------------------------------------------------------------
 
     fn snapshot_dir(&self, diff_id: &Digest) -> PathBuf {
-        self.root.join("snapshots").join(diff_id.hex())
+        self.root
+            .join("snapshots")
+            .join(format!("sha256-{}", diff_id.hex()))
+    }
+
+    /// Remove the snapshot of `diff_id`, if any.
+    pub fn remove_snapshot(&self, diff_id: &Digest) -> Result<(), StoreError> {
+        self.remove_dir_entry(&self.snapshot_dir(diff_id))
     }
 
     /// The unpacked layer for `diff_id`, if complete (counts as a use).
@@ -597,6 +791,152 @@ impl Store {
         Ok(usage)
     }
 
+    /// Check every blob's content against its name, every snapshot directory's name, and that
+    /// every blob an action record names is present with its size; with `repair`, remove each
+    /// bad entry (a removed action or blob is a miss: the next build executes or fetches it
+    /// again). Like prune, repairing needs the store to itself ([`StoreError::Busy`]).
+    pub fn verify(&self, repair: bool) -> Result<VerifyReport, StoreError> {
+        let lock_path = self.root.join("lock");
+        if repair {
+            match try_flock(&self.lock, libc::LOCK_EX | libc::LOCK_NB) {
+                Ok(true) => {}
+                Ok(false) => {
+                    flock(&self.lock, libc::LOCK_SH).map_err(io_error("lock", &lock_path))?;
+                    return Err(StoreError::Busy {
+                        root: self.root.clone(),
+                    });
+                }
+                Err(error) => {
+                    let _ = flock(&self.lock, libc::LOCK_SH);
+                    return Err(io_error("lock", &lock_path)(error));
+                }
+            }
+        }
+        let result = self.verify_locked(repair);
+        if repair {
+            flock(&self.lock, libc::LOCK_SH).map_err(io_error("lock", &lock_path))?;
+        }
+        result
+    }
+
+    fn verify_locked(&self, repair: bool) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let problem = |report: &mut VerifyReport, path: PathBuf, what: String| {
+            let removed = repair && {
+                let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+                if is_dir {
+                    self.remove_dir_entry(&path).is_ok()
+                } else {
+                    std::fs::remove_file(&path).is_ok()
+                }
+            };
+            report.problems.push(Problem {
+                path,
+                what,
+                removed,
+            });
+        };
+        let mut sizes = std::collections::HashMap::new();
+        let mut blobs = list_dir(&self.root.join("blobs/sha256"))?;
+        blobs.sort();
+        for path in blobs {
+            report.blobs += 1;
+            let name = path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned());
+            let Some(digest) = name.as_deref().and_then(Digest::from_hex) else {
+                problem(&mut report, path, "not a blob name (64 hex digits)".into());
+                continue;
+            };
+            let metadata = std::fs::symlink_metadata(&path).map_err(io_error("inspect", &path))?;
+            if !metadata.is_file() {
+                problem(&mut report, path, "not a regular file".into());
+                continue;
+            }
+            let mut hasher = DigestWriter::new();
+            let hashed = File::open(&path).and_then(|mut file| io::copy(&mut file, &mut hasher));
+            match hashed {
+                Ok(size) => {
+                    let actual = hasher.finish();
+                    if actual == digest {
+                        sizes.insert(digest, size);
+                    } else {
+                        problem(
+                            &mut report,
+                            path,
+                            format!("corrupt blob: its content hashes to {actual}"),
+                        );
+                    }
+                }
+                Err(error) => problem(&mut report, path, format!("unreadable blob: {error}")),
+            }
+        }
+        let mut snapshots = list_dir(&self.root.join("snapshots"))?;
+        snapshots.sort();
+        for path in snapshots {
+            report.snapshots += 1;
+            let name = path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            if is_dir && snapshot_name_digest(&name).is_some() {
+                continue;
+            }
+            let what = if is_dir && Digest::from_hex(&name).is_some() {
+                "snapshot written before diff_ids were verified (its content was never checked)"
+            } else {
+                "not a snapshot"
+            };
+            problem(&mut report, path, what.into());
+        }
+        let mut actions = Vec::new();
+        for shard in list_dir(&self.root.join("actions"))? {
+            if shard.is_dir() {
+                actions.extend(list_dir(&shard)?);
+            }
+        }
+        actions.sort();
+        for path in actions {
+            report.actions += 1;
+            let value = std::fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+            let Some(value) = value else {
+                problem(&mut report, path, "unreadable action record".into());
+                continue;
+            };
+            let Some(named) = named_blobs(&value) else {
+                problem(
+                    &mut report,
+                    path,
+                    "names a layer without a valid digest or size".into(),
+                );
+                continue;
+            };
+            let mut missing = None;
+            for (digest, size) in named {
+                match sizes.get(&digest) {
+                    Some(found) if *found == size => {}
+                    Some(found) => {
+                        missing = Some(format!(
+                            "names blob {digest} of {size} bytes, which has {found}"
+                        ));
+                        break;
+                    }
+                    None => {
+                        missing = Some(format!("names blob {digest}, which is missing or corrupt"));
+                        break;
+                    }
+                }
+            }
+            if let Some(what) = missing {
+                problem(&mut report, path, what);
+            }
+        }
+        Ok(report)
+    }
+
     /// Remove least recently used entries until the store holds at most `keep_bytes`. Fails
     /// with [`StoreError::Busy`], removing nothing, while another run has the store open.
     pub fn prune(&self, keep_bytes: u64) -> Result<PruneReport, StoreError> {
@@ -633,14 +973,36 @@ impl Store {
         });
         let mut total: u64 = entries.iter().map(|entry| entry.bytes).sum();
         let mut report = PruneReport::default();
+        let mut removed_blobs = false;
+        let mut kept = Vec::new();
         for entry in entries {
-            if total <= keep_bytes {
-                break;
-            }
-            if self.remove_entry(&entry)? {
+            if total > keep_bytes && self.remove_entry(&entry)? {
                 total = total.saturating_sub(entry.bytes);
                 report.removed_entries += 1;
                 report.removed_bytes += entry.bytes;
+                removed_blobs |= entry.area == Area::Blob;
+            } else {
+                kept.push(entry);
+            }
+        }
+        // An action naming a removed blob is a miss from now on: remove it too, so the store
+        // holds no stale record (`cache verify` stays clean after a prune).
+        if removed_blobs {
+            for entry in kept.iter().filter(|entry| entry.area == Area::Action) {
+                let stale = std::fs::read(&entry.path)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                    .and_then(|value| named_blobs(&value))
+                    .is_some_and(|named| {
+                        named
+                            .iter()
+                            .any(|(digest, _)| !self.blob_path(digest).is_file())
+                    });
+                if stale && self.remove_entry(entry)? {
+                    total = total.saturating_sub(entry.bytes);
+                    report.removed_entries += 1;
+                    report.removed_bytes += entry.bytes;
+                }
             }
         }
         report.remaining_bytes = total;
@@ -766,7 +1128,7 @@ impl BlobWriter<'_> {
         {
             return Err(StoreError::DigestMismatch { expected, actual });
         }
-        if self.store.has_blob(&actual) {
+        if self.store.check_blob(&actual, self.size) == BlobState::Present {
             return Ok((actual, self.size));
         }
         self.temp
@@ -938,7 +1300,13 @@ fn create_run_dir(tmp: &Path) -> io::Result<(PathBuf, PathBuf, File)> {
             continue;
         }
         let run_dir = tmp.join(&name);
-        std::fs::create_dir(&run_dir)?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(PRIVATE_DIR)
+                .create(&run_dir)?;
+        }
+        make_private(&run_dir)?;
         return Ok((run_dir, lock_path, lock));
     }
 }
@@ -1078,6 +1446,167 @@ mod tests {
     }
 
     #[test]
+    fn the_store_is_private_and_an_existing_root_is_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        for path in [&root, &root.join("tmp")] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let store = Store::open(&root).unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("tmp")), 0o700);
+        assert_eq!(mode(&store.run_dir), 0o700);
+        let fresh = dir.path().join("fresh/store");
+        let _other = Store::open(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+    }
+
+    #[test]
+    fn a_blob_of_the_wrong_size_is_replaced_on_put_and_missed_on_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = store.put_blob_bytes(b"good content").unwrap();
+        std::fs::write(store.blob_path(&digest), b"bad").unwrap();
+        assert_eq!(store.check_blob(&digest, 12), BlobState::Corrupt);
+        assert_eq!(store.check_blob(&digest, 12), BlobState::Missing);
+        std::fs::write(store.blob_path(&digest), b"bad").unwrap();
+        assert_eq!(store.put_blob_bytes(b"good content").unwrap(), digest);
+        assert_eq!(store.read_blob(&digest).unwrap(), b"good content");
+        std::fs::write(store.blob_path(&digest), b"bad").unwrap();
+        let mut writer = store.blob_writer().unwrap();
+        writer.write_all(b"good content").unwrap();
+        writer.finish(Some(digest)).unwrap();
+        assert_eq!(store.read_blob(&digest).unwrap(), b"good content");
+    }
+
+    #[test]
+    fn verify_finds_and_repairs_bad_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let good = store.put_blob_bytes(b"good").unwrap();
+        let bad = store.put_blob_bytes(b"will be corrupted").unwrap();
+        let layer = |digest: Digest, size: u64| LayerDesc {
+            digest,
+            diff_id: Digest::of(b"diff"),
+            size,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        };
+        let record = |layers: Vec<LayerDesc>| {
+            serde_json::to_vec(&crate::state::StepRecord {
+                layers,
+                history: Vec::new(),
+            })
+            .unwrap()
+        };
+        store
+            .put_action(&key(1), &record(vec![layer(good, 4)]))
+            .unwrap();
+        store
+            .put_action(&key(2), &record(vec![layer(good, 4), layer(bad, 17)]))
+            .unwrap();
+        store
+            .put_action(&key(3), &record(vec![layer(Digest::of(b"gone"), 4)]))
+            .unwrap();
+        store.record_verified_layer(&layer(good, 4)).unwrap();
+        assert_eq!(store.verified_diff_id(&good), Some(Digest::of(b"diff")));
+        store
+            .ensure_snapshot(&Digest::of(b"diff"), |dir: &Path| {
+                std::fs::write(dir.join("f"), b"x")
+            })
+            .unwrap();
+        let clean = store.verify(false).unwrap();
+        assert_eq!(
+            clean.problems.len(),
+            1,
+            "only the missing blob: {:?}",
+            clean.problems
+        );
+        store.put_action(&key(3), b"{}").unwrap();
+
+        std::fs::write(store.blob_path(&bad), b"corrupted content").unwrap();
+        let legacy = dir.path().join("snapshots").join(Digest::of(b"old").hex());
+        std::fs::create_dir(&legacy).unwrap();
+        store.put_action(&key(4), b"not json").unwrap();
+
+        let report = store.verify(false).unwrap();
+        assert_eq!(report.blobs, 2);
+        assert_eq!(report.snapshots, 2);
+        assert_eq!(report.actions, 5);
+        let what: Vec<&str> = report
+            .problems
+            .iter()
+            .map(|problem| problem.what.as_str())
+            .collect();
+        assert_eq!(report.problems.len(), 4, "{what:?}");
+        assert!(
+            what.iter().any(|what| what.contains("corrupt blob")),
+            "{what:?}"
+        );
+        assert!(
+            what.iter().any(|what| what.contains("never checked")),
+            "{what:?}"
+        );
+        assert!(
+            what.iter().any(|what| what.contains("unreadable")),
+            "{what:?}"
+        );
+        assert!(
+            what.iter().any(|what| what.contains(&bad.to_string())),
+            "{what:?}"
+        );
+        assert!(report.problems.iter().all(|problem| !problem.removed));
+        assert!(store.blob_path(&bad).exists());
+
+        let repaired = store.verify(true).unwrap();
+        assert_eq!(repaired.problems.len(), 4);
+        assert!(repaired.problems.iter().all(|problem| problem.removed));
+        assert!(!store.blob_path(&bad).exists());
+        assert!(!legacy.exists());
+        assert!(store.get_action(&key(1)).is_some());
+        assert!(store.get_action(&key(2)).is_none());
+        assert!(store.verify(false).unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn prune_removes_the_actions_naming_the_blobs_it_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.put_blob_bytes(&[1u8; 1000]).unwrap();
+        let new = store.put_blob_bytes(&[2u8; 1000]).unwrap();
+        let record = |digest: Digest| {
+            serde_json::to_vec(&crate::state::StepRecord {
+                layers: vec![LayerDesc {
+                    digest,
+                    diff_id: digest,
+                    size: 1000,
+                    media_type: String::new(),
+                }],
+                history: Vec::new(),
+            })
+            .unwrap()
+        };
+        store.put_action(&key(1), &record(old)).unwrap();
+        store.put_action(&key(2), &record(new)).unwrap();
+        let c_path = std::ffi::CString::new(store.blob_path(&old).as_os_str().as_bytes()).unwrap();
+        let long_ago = [libc::timespec {
+            tv_sec: 1_000_000,
+            tv_nsec: 0,
+        }; 2];
+        // SAFETY: a valid path and two timespecs.
+        unsafe { libc::utimensat(libc::AT_FDCWD, c_path.as_ptr(), long_ago.as_ptr(), 0) };
+        let total = store.usage().unwrap().total;
+        let report = store.prune(total - 1000).unwrap();
+        assert_eq!(report.removed_entries, 2, "{report:?}");
+        assert!(!store.has_blob(&old));
+        assert!(store.get_action(&key(1)).is_none());
+        assert!(store.get_action(&key(2)).is_some());
+        assert!(store.verify(false).unwrap().problems.is_empty());
+    }
+
+    #[test]
     fn actions_round_trip_and_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -1114,7 +1643,12 @@ mod tests {
                 std::fs::write(dir.join("file"), b"content")
             })
             .unwrap();
-        assert_eq!(path, dir.path().join("snapshots").join(diff_id.hex()));
+        assert_eq!(
+            path,
+            dir.path()
+                .join("snapshots")
+                .join(format!("sha256-{}", diff_id.hex()))
+        );
         assert_eq!(std::fs::read(path.join("file")).unwrap(), b"content");
         // Present now: fill is not called again.
         let again = store

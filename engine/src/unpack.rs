@@ -38,6 +38,25 @@
 //! - deferred directory metadata is re-checked the same way before it is applied.
 //!
 //! Every refusal is an [`UnpackError::Unsafe`] naming the entry.
+//!
+//! # Integrity
+//!
+//! [`unpack_layer_checked`] hashes the blob as it is read (its *digest*) and the decompressed
+//! tar stream as it is read (its *diff_id*), and drains both to the end once the archive's
+//! end marker is reached, so trailing data is hashed too. A mismatch with what the manifest
+//! (digest) or the image config (diff_id) claims is an error after the fact: the caller must
+//! throw the directory away, which [`crate::store::Store::ensure_snapshot`] does for any
+//! error. When anything goes wrong and the blob's own digest does not match either, the error
+//! is [`UnpackError::DigestMismatch`]: the blob is corrupt, whatever else the tar reader said.
+//!
+//! # Bounded resources
+//!
+//! A layer may unpack to at most [`LayerCheck::max_bytes`]: the decompressed tar stream and
+//! the sum of its files' sizes (holes included) are both counted, and crossing the limit stops
+//! the extraction at once with [`UnpackError::TooLarge`] ([`max_layer_size`]: 10 GiB or 100
+//! times the compressed size, whichever is larger, unless `GRAPHBUILD_MAX_LAYER_SIZE` says
+//! otherwise). File contents are written sparsely: every run of 4 KiB of zeros, which is what
+//! a GNU sparse entry's holes read as, becomes a hole (`lseek`), not allocated blocks.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -50,7 +69,125 @@ use std::path::{Path, PathBuf};
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 
+use crate::digest::{Digest, DigestWriter};
 use crate::layer::{OPAQUE_MARKER, WHITEOUT_PREFIX, is_overlay_xattr, set_xattr};
+
+/// The environment variable that sets [`max_layer_size`] (bytes, or with a `K`, `M`, `G` or
+/// `T` suffix, powers of 1024).
+pub const MAX_LAYER_SIZE_ENV: &str = "GRAPHBUILD_MAX_LAYER_SIZE";
+
+/// The floor of the default per-layer limit.
+pub const DEFAULT_MAX_LAYER_SIZE: u64 = 10 << 30;
+
+/// How many times its compressed size a layer may grow to by default, above the floor.
+pub const DEFAULT_MAX_LAYER_RATIO: u64 = 100;
+
+/// The most bytes a layer of `compressed_size` bytes may unpack to: `GRAPHBUILD_MAX_LAYER_SIZE`
+/// when set (and valid), else the larger of 10 GiB and 100 times the compressed size.
+pub fn max_layer_size(compressed_size: u64) -> u64 {
+    if let Some(limit) = std::env::var(MAX_LAYER_SIZE_ENV)
+        .ok()
+        .and_then(|text| parse_size(&text))
+    {
+        return limit;
+    }
+    DEFAULT_MAX_LAYER_SIZE.max(compressed_size.saturating_mul(DEFAULT_MAX_LAYER_RATIO))
+}
+
+/// `123`, `10K`, `512M`, `10G`, `1T` (powers of 1024, an optional trailing `B` or `iB`).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let text = text
+        .strip_suffix("iB")
+        .or_else(|| text.strip_suffix('B'))
+        .unwrap_or(text);
+    let (number, shift) = match text.chars().last()? {
+        'k' | 'K' => (&text[..text.len() - 1], 10),
+        'm' | 'M' => (&text[..text.len() - 1], 20),
+        'g' | 'G' => (&text[..text.len() - 1], 30),
+        't' | 'T' => (&text[..text.len() - 1], 40),
+        _ => (text, 0),
+    };
+    number
+        .trim()
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1u64 << shift)
+}
+
+/// What [`unpack_layer_checked`] verifies while it reads a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerCheck {
+    /// The sha256 the blob (as stored, compressed) must have.
+    pub digest: Option<Digest>,
+    /// The sha256 the uncompressed tar stream must have.
+    pub diff_id: Option<Digest>,
+    /// The most bytes the tar stream, and the sum of its files' sizes, may reach.
+    pub max_bytes: u64,
+}
+
+impl LayerCheck {
+    /// Verify both digests of a layer of `size` compressed bytes, with the default limit.
+    pub fn layer(digest: Digest, diff_id: Digest, size: u64) -> LayerCheck {
+        LayerCheck {
+            digest: Some(digest),
+            diff_id: Some(diff_id),
+            max_bytes: max_layer_size(size),
+        }
+    }
+}
+
+impl Default for LayerCheck {
+    fn default() -> LayerCheck {
+        LayerCheck {
+            digest: None,
+            diff_id: None,
+            max_bytes: max_layer_size(0),
+        }
+    }
+}
+
+/// Hashes and counts what is read through it; past `limit`, reads fail and `exceeded` is set.
+struct Hashing<R> {
+    inner: R,
+    hasher: DigestWriter,
+    count: u64,
+    limit: u64,
+    exceeded: bool,
+}
+
+impl<R: Read> Hashing<R> {
+    fn new(inner: R, limit: u64) -> Self {
+        Hashing {
+            inner,
+            hasher: DigestWriter::new(),
+            count: 0,
+            limit,
+            exceeded: false,
+        }
+    }
+
+    /// Read to the end, hashing everything.
+    fn drain(&mut self) -> io::Result<()> {
+        io::copy(self, &mut io::sink()).map(|_| ())
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        if self.exceeded {
+            return Err(io::Error::other("the layer is larger than the limit"));
+        }
+        let read = self.inner.read(buffer)?;
+        self.hasher.update(&buffer[..read]);
+        self.count += read as u64;
+        if self.count > self.limit {
+            self.exceeded = true;
+            return Err(io::Error::other("the layer is larger than the limit"));
+        }
+        Ok(read)
+    }
+}
 
 /// What an extraction did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,8 +208,12 @@ pub struct UnpackStats {
     pub skipped_devices: u64,
     /// Extended attributes this filesystem or user could not set.
     pub skipped_xattrs: u64,
-    /// Bytes of file content written.
+    /// Bytes of file content written (holes included).
     pub bytes: u64,
+    /// The sha256 of the blob as read (set by [`unpack_layer_checked`]).
+    pub digest: Option<Digest>,
+    /// The sha256 of the uncompressed tar stream, trailing data included.
+    pub diff_id: Option<Digest>,
 }
 
 /// Why a layer could not be extracted.
@@ -116,6 +257,33 @@ pub enum UnpackError {
         )
     )]
     NeedsRoot { entry: String },
+
+    #[error("the layer blob hashes to {actual}, not to its digest {expected}: the blob is corrupt")]
+    #[diagnostic(
+        code(graphbuild::unpack::digest_mismatch),
+        help("the blob is removed from the store; the next build fetches or rebuilds it")
+    )]
+    DigestMismatch { expected: Digest, actual: Digest },
+
+    #[error(
+        "the layer's uncompressed content hashes to {actual}, not to the diff_id {expected} its image config claims: the layer is refused"
+    )]
+    #[diagnostic(
+        code(graphbuild::unpack::diff_id_mismatch),
+        help(
+            "the image is malformed or forged (a layer claiming another layer's identity); nothing of it was stored. Use a base image from a source you trust"
+        )
+    )]
+    DiffIdMismatch { expected: Digest, actual: Digest },
+
+    #[error("the layer unpacks to more than {limit} bytes, the limit per layer")]
+    #[diagnostic(
+        code(graphbuild::unpack::too_large),
+        help(
+            "a compression or sparse-file bomb, or a very large layer: if the image is legitimate, raise the limit with GRAPHBUILD_MAX_LAYER_SIZE (for example 64G)"
+        )
+    )]
+    TooLarge { limit: u64 },
 }
 
 fn corrupt(source: io::Error) -> UnpackError {
@@ -406,12 +574,93 @@ fn read_metadata<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<EntryMeta
 }
 
 /// Extracts one layer (gzip, zstd or plain tar, detected) into `dest`, a fresh snapshot
-/// directory, turning `.wh.` entries into overlay whiteouts. See the module docs for what is
-/// refused.
+/// directory, turning `.wh.` entries into overlay whiteouts, with the default size limit and
+/// no digest checks. See the module docs for what is refused.
 pub fn unpack_layer(blob: impl Read, dest: &Path) -> Result<UnpackStats, UnpackError> {
+    unpack_layer_checked(blob, dest, &LayerCheck::default())
+}
+
+/// [`unpack_layer`], verifying the blob's digest and diff_id and bounding its size as `check`
+/// says. On an error `dest` holds a partial extraction that the caller must delete.
+pub fn unpack_layer_checked(
+    blob: impl Read,
+    dest: &Path,
+    check: &LayerCheck,
+) -> Result<UnpackStats, UnpackError> {
+    let mut compressed = Hashing::new(blob, u64::MAX);
+    let result = (|| {
+        let stream = decompressed(&mut compressed).map_err(corrupt)?;
+        let mut tar_stream = Hashing::new(stream, check.max_bytes);
+        let extracted = extract(&mut tar_stream, dest, check.max_bytes).and_then(|stats| {
+            // Whatever follows the end-of-archive marker is part of the layer's content too.
+            tar_stream.drain().map_err(corrupt)?;
+            Ok(stats)
+        });
+        if tar_stream.exceeded {
+            return Err(UnpackError::TooLarge {
+                limit: check.max_bytes,
+            });
+        }
+        let mut stats = extracted?;
+        stats.diff_id = Some(tar_stream.hasher.clone().finish());
+        Ok(stats)
+    })();
+    finish_check(compressed, check, result)
+}
+
+/// The blob's digest and diff_id, by reading it through (nothing is written), within the
+/// limit of `check`, which also says what both must be.
+pub fn verify_layer(blob: impl Read, check: &LayerCheck) -> Result<UnpackStats, UnpackError> {
+    let mut compressed = Hashing::new(blob, u64::MAX);
+    let result = (|| {
+        let stream = decompressed(&mut compressed).map_err(corrupt)?;
+        let mut tar_stream = Hashing::new(stream, check.max_bytes);
+        let drained = tar_stream.drain();
+        if tar_stream.exceeded {
+            return Err(UnpackError::TooLarge {
+                limit: check.max_bytes,
+            });
+        }
+        drained.map_err(corrupt)?;
+        Ok(UnpackStats {
+            diff_id: Some(tar_stream.hasher.clone().finish()),
+            ..UnpackStats::default()
+        })
+    })();
+    finish_check(compressed, check, result)
+}
+
+/// Drain and hash the rest of the blob; a wrong blob digest wins over any other outcome.
+fn finish_check<R: Read>(
+    mut compressed: Hashing<R>,
+    check: &LayerCheck,
+    result: Result<UnpackStats, UnpackError>,
+) -> Result<UnpackStats, UnpackError> {
+    let drained = compressed.drain();
+    let digest = compressed.hasher.finish();
+    if let Some(expected) = check.digest
+        && drained.is_ok()
+        && expected != digest
+    {
+        return Err(UnpackError::DigestMismatch {
+            expected,
+            actual: digest,
+        });
+    }
+    let mut stats = result?;
+    drained.map_err(corrupt)?;
+    if let (Some(expected), Some(actual)) = (check.diff_id, stats.diff_id)
+        && expected != actual
+    {
+        return Err(UnpackError::DiffIdMismatch { expected, actual });
+    }
+    stats.digest = Some(digest);
+    Ok(stats)
+}
+
+fn extract(stream: impl Read, dest: &Path, max_bytes: u64) -> Result<UnpackStats, UnpackError> {
     let root = is_root();
     fs::create_dir_all(dest).map_err(io_error(b"", "create directory", dest))?;
-    let stream = decompressed(blob).map_err(corrupt)?;
     let mut archive = tar::Archive::new(stream);
     let mut stats = UnpackStats::default();
     let mut extracted: HashSet<Vec<u8>> = HashSet::new();
@@ -508,6 +757,10 @@ pub fn unpack_layer(blob: impl Read, dest: &Path) -> Result<UnpackStats, UnpackE
                 continue;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                // The size with holes (a sparse entry's real size), known before reading.
+                if stats.bytes.saturating_add(item.size()) > max_bytes {
+                    return Err(UnpackError::TooLarge { limit: max_bytes });
+                }
                 clear(&full_path, entry_name, false)?;
                 let mut file = fs::OpenOptions::new()
                     .write(true)
@@ -697,19 +950,47 @@ enum CopyError {
     Write(io::Error),
 }
 
-fn copy_data(reader: &mut impl Read, writer: &mut impl Write) -> Result<u64, CopyError> {
+/// The granularity of holes: a run of this many zero bytes is skipped, not written.
+const HOLE: usize = 4096;
+
+/// Copy a file's content, leaving holes where it holds runs of zeros (a sparse entry's holes
+/// read as zeros): `lseek` over them, and set the length at the end.
+fn copy_data(reader: &mut impl Read, file: &mut fs::File) -> Result<u64, CopyError> {
+    use std::io::{Seek, SeekFrom};
     let mut buffer = vec![0u8; 128 * 1024];
     let mut total = 0u64;
+    let mut hole = 0u64;
     loop {
         let read = match reader.read(&mut buffer) {
-            Ok(0) => return Ok(total),
+            Ok(0) => break,
             Ok(read) => read,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => return Err(CopyError::Read(error)),
         };
-        writer
-            .write_all(&buffer[..read])
-            .map_err(CopyError::Write)?;
+        for chunk in buffer[..read].chunks(HOLE) {
+            if chunk.len() == HOLE && is_zero(chunk) {
+                hole += chunk.len() as u64;
+                continue;
+            }
+            if hole > 0 {
+                let offset = i64::try_from(hole)
+                    .map_err(|_| CopyError::Write(io::Error::other("hole too large")))?;
+                file.seek(SeekFrom::Current(offset))
+                    .map_err(CopyError::Write)?;
+                hole = 0;
+            }
+            file.write_all(chunk).map_err(CopyError::Write)?;
+        }
         total += read as u64;
     }
+    if hole > 0 {
+        file.set_len(total).map_err(CopyError::Write)?;
+    }
+    Ok(total)
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    static ZEROS: [u8; HOLE] = [0; HOLE];
+    // A slice comparison is a `memcmp`: fast even in unoptimized builds.
+    bytes.len() <= HOLE && bytes == &ZEROS[..bytes.len()]
 }

@@ -342,3 +342,211 @@ fn garbage_is_reported_as_corrupt() {
     let error = unpack_layer(truncated.as_slice(), &sandbox.dest).unwrap_err();
     assert!(matches!(error, UnpackError::Corrupt { .. }), "{error:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Integrity and bounded resources (issue 11)
+
+use graphbuild_engine::digest::Digest;
+use graphbuild_engine::unpack::{LayerCheck, unpack_layer_checked, verify_layer};
+
+fn check(digest: Option<Digest>, diff_id: Option<Digest>, max_bytes: u64) -> LayerCheck {
+    LayerCheck {
+        digest,
+        diff_id,
+        max_bytes,
+    }
+}
+
+#[test]
+fn a_layer_whose_content_is_not_its_diff_id_is_refused() {
+    let sandbox = sandbox();
+    let tar = craft(&[Crafted::File("POISONED", b"owned")]);
+    let blob = gzip(&tar);
+    let claimed = Digest::of(b"busybox's real layer");
+    let error = unpack_layer_checked(
+        blob.as_slice(),
+        &sandbox.dest,
+        &check(Some(Digest::of(&blob)), Some(claimed), 1 << 30),
+    )
+    .unwrap_err();
+    match &error {
+        UnpackError::DiffIdMismatch { expected, actual } => {
+            assert_eq!(*expected, claimed);
+            assert_eq!(*actual, Digest::of(&tar));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(error.to_string().contains("diff_id"), "{error}");
+    let error = verify_layer(
+        blob.as_slice(),
+        &check(Some(Digest::of(&blob)), Some(claimed), 1 << 30),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(error, UnpackError::DiffIdMismatch { .. }),
+        "{error:?}"
+    );
+
+    // The right claims pass, and the digests are reported.
+    let stats = verify_layer(
+        blob.as_slice(),
+        &check(Some(Digest::of(&blob)), Some(Digest::of(&tar)), 1 << 30),
+    )
+    .unwrap();
+    assert_eq!(stats.diff_id, Some(Digest::of(&tar)));
+    assert_eq!(stats.digest, Some(Digest::of(&blob)));
+}
+
+#[test]
+fn data_after_the_end_of_archive_is_part_of_the_diff_id() {
+    let sandbox = sandbox();
+    let mut tar = craft(&[Crafted::File("file", b"content")]);
+    let clean = Digest::of(&tar);
+    tar.extend_from_slice(b"trailing bytes a reader that stops at the end marker never sees");
+    let blob = gzip(&tar);
+    let error = unpack_layer_checked(
+        blob.as_slice(),
+        &sandbox.dest,
+        &check(None, Some(clean), 1 << 30),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(error, UnpackError::DiffIdMismatch { .. }),
+        "{error:?}"
+    );
+    let stats = unpack_layer_checked(
+        blob.as_slice(),
+        &sandbox.root.join("again"),
+        &check(None, Some(Digest::of(&tar)), 1 << 30),
+    )
+    .unwrap();
+    assert_eq!(stats.diff_id, Some(Digest::of(&tar)));
+}
+
+#[test]
+fn a_corrupt_blob_is_reported_as_such_whatever_the_tar_reader_says() {
+    let sandbox = sandbox();
+    let tar = craft(&[Crafted::File("file", &[7u8; 10_000])]);
+    let blob = gzip(&tar);
+    let mut corrupt = blob.clone();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0xff;
+    let error = unpack_layer_checked(
+        corrupt.as_slice(),
+        &sandbox.dest,
+        &check(Some(Digest::of(&blob)), Some(Digest::of(&tar)), 1 << 30),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(error, UnpackError::DigestMismatch { expected, .. } if expected == Digest::of(&blob)),
+        "{error:?}"
+    );
+}
+
+/// Bytes allocated on disk under `dir`.
+fn allocated(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .map(|entry| entry.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+#[test]
+fn a_gzip_bomb_stops_at_the_layer_cap() {
+    let sandbox = sandbox();
+    let size = 64u64 << 20;
+    let mut header = tar::Header::new_ustar();
+    header.set_path("bomb").unwrap();
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(header.as_bytes()).unwrap();
+    let chunk = vec![b'A'; 1 << 20];
+    for _ in 0..(size >> 20) {
+        encoder.write_all(&chunk).unwrap();
+    }
+    encoder.write_all(&[0u8; 1024]).unwrap();
+    let bomb = encoder.finish().unwrap();
+    assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+    let limit = 8u64 << 20;
+    let error = unpack_layer_checked(bomb.as_slice(), &sandbox.dest, &check(None, None, limit))
+        .unwrap_err();
+    assert!(
+        matches!(error, UnpackError::TooLarge { limit: l } if l == limit),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("limit per layer"), "{error}");
+    assert!(allocated(&sandbox.dest) <= limit + (1 << 20));
+}
+
+fn octal(field: &mut [u8; 12], value: u64) {
+    let text = format!("{value:011o}");
+    field[..11].copy_from_slice(text.as_bytes());
+    field[11] = 0;
+}
+
+/// A GNU sparse entry `name` of `real_size` bytes: a hole, then 512 bytes of `x` at the end.
+fn sparse_layer(name: &str, real_size: u64) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::GNUSparse);
+    header.set_path(name).unwrap();
+    header.set_size(512);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_uid(0);
+    header.set_gid(0);
+    {
+        let gnu = header.as_gnu_mut().unwrap();
+        octal(&mut gnu.sparse[0].offset, real_size - 512);
+        octal(&mut gnu.sparse[0].numbytes, 512);
+        octal(&mut gnu.realsize, real_size);
+    }
+    header.set_cksum();
+    let mut tar = header.as_bytes().to_vec();
+    tar.extend_from_slice(&[b'x'; 512]);
+    tar.extend_from_slice(&[0u8; 1024]);
+    tar
+}
+
+#[test]
+fn a_sparse_bomb_stops_at_the_layer_cap_before_writing() {
+    let sandbox = sandbox();
+    let layer = gzip(&sparse_layer("huge", (1 << 33) - 512));
+    assert!(layer.len() < 1024);
+    let started = std::time::Instant::now();
+    let error = unpack_layer_checked(layer.as_slice(), &sandbox.dest, &check(None, None, 1 << 30))
+        .unwrap_err();
+    assert!(matches!(error, UnpackError::TooLarge { .. }), "{error:?}");
+    assert!(started.elapsed().as_secs() < 5, "{:?}", started.elapsed());
+    assert!(!sandbox.dest.join("huge").exists());
+}
+
+#[test]
+fn a_sparse_file_unpacks_as_holes() {
+    let sandbox = sandbox();
+    let real_size = 256u64 << 20;
+    let tar = sparse_layer("sparse", real_size);
+    let stats = unpack_layer_checked(
+        gzip(&tar).as_slice(),
+        &sandbox.dest,
+        &check(None, Some(Digest::of(&tar)), 1 << 30),
+    )
+    .unwrap();
+    assert_eq!(stats.files, 1);
+    let path = sandbox.dest.join("sparse");
+    let metadata = fs::metadata(&path).unwrap();
+    assert_eq!(metadata.len(), real_size);
+    assert!(
+        metadata.blocks() * 512 < 1 << 20,
+        "{} bytes allocated for a file of 512 data bytes",
+        metadata.blocks() * 512
+    );
+    let mut file = fs::File::open(&path).unwrap();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut tail = Vec::new();
+    file.seek(SeekFrom::Start(real_size - 1024)).unwrap();
+    file.read_to_end(&mut tail).unwrap();
+    assert_eq!(&tail[..512], &[0u8; 512][..]);
+    assert_eq!(&tail[512..], &[b'x'; 512][..]);
+}

@@ -482,7 +482,7 @@ fn unreachable_registry_is_named() {
             .starts_with(&format!("cannot reach the registry 127.0.0.1:{port}")),
         "{error}"
     );
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(2));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -520,6 +520,7 @@ impl FakeResponse {
 type Handler = dyn Fn(&FakeRequest) -> FakeResponse + Send + Sync;
 
 struct FakeRegistry {
+    ip: &'static str,
     port: u16,
     stop: Arc<AtomicBool>,
     requests: Arc<Mutex<Vec<FakeRequest>>>,
@@ -530,7 +531,15 @@ impl FakeRegistry {
     fn start(
         handler: impl Fn(&FakeRequest) -> FakeResponse + Send + Sync + 'static,
     ) -> FakeRegistry {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        FakeRegistry::start_on("127.0.0.1", handler)
+    }
+
+    /// On another loopback address, e.g. `127.0.0.2`: another host as far as URLs go.
+    fn start_on(
+        ip: &'static str,
+        handler: impl Fn(&FakeRequest) -> FakeResponse + Send + Sync + 'static,
+    ) -> FakeRegistry {
+        let listener = TcpListener::bind((ip, 0)).expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("address").port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -552,6 +561,7 @@ impl FakeRegistry {
             })
         };
         FakeRegistry {
+            ip,
             port,
             stop,
             requests,
@@ -560,7 +570,7 @@ impl FakeRegistry {
     }
 
     fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     fn requests(&self) -> Vec<FakeRequest> {
@@ -1009,4 +1019,180 @@ fn bearer_token_flow_with_an_identity_token() {
         "{shown}"
     );
     assert!(!shown.contains("stale-refresh-token"), "{shown}");
+}
+
+/// A registry on 127.0.0.1 whose token realm is plain HTTP on 127.0.0.2, another host. The
+/// realm hands out tokens only to `Authorization: Basic …` when `realm_wants_credentials`.
+fn registry_with_a_foreign_realm(realm_wants_credentials: bool) -> (FakeRegistry, FakeRegistry) {
+    let realm = FakeRegistry::start_on("127.0.0.2", move |request| {
+        if realm_wants_credentials && !request.headers.contains_key("authorization") {
+            return FakeResponse::new(
+                401,
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"credentials required"}]}"#,
+            );
+        }
+        FakeResponse::new(200, r#"{"token":"token-anonymous","expires_in":300}"#)
+    });
+    let challenge = format!(
+        r#"Bearer realm="http://{}/token",service="fake-registry""#,
+        realm.host()
+    );
+    let registry = FakeRegistry::start(move |request| {
+        let authorized = request
+            .headers
+            .get("authorization")
+            .is_some_and(|value| value.starts_with("Bearer token-"));
+        if !authorized {
+            return FakeResponse::new(401, "{}").header("WWW-Authenticate", &challenge);
+        }
+        match request.target.as_str() {
+            "/v2/" => FakeResponse::new(200, "{}"),
+            "/v2/team/app/manifests/v1" => FakeResponse::new(200, MANIFEST)
+                .header("Content-Type", media::OCI_MANIFEST)
+                .header("Docker-Content-Digest", &Digest::of(MANIFEST).to_string()),
+            _ => FakeResponse::new(404, "{}"),
+        }
+    });
+    (registry, realm)
+}
+
+#[test]
+fn a_plain_http_realm_on_another_host_never_receives_credentials() {
+    for realm_wants_credentials in [false, true] {
+        let (registry, realm) = registry_with_a_foreign_realm(realm_wants_credentials);
+        let host = registry.host();
+        let config_dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            config_dir.path().join("config.json"),
+            format!(
+                r#"{{"auths": {{"{host}": {{"username": "{USERNAME}", "password": "{PASSWORD}"}}}}}}"#
+            ),
+        )
+        .expect("config.json");
+        let client = client_with(config_dir.path(), |_| {});
+        let reference = Reference::parse(&format!("{host}/team/app:v1")).expect("reference");
+        let result = client.resolve(&reference);
+
+        let realm_requests = realm.requests();
+        assert!(!realm_requests.is_empty(), "the realm was asked");
+        for request in &realm_requests {
+            assert!(
+                !request.headers.contains_key("authorization"),
+                "credentials leaked to the realm: {request:?}"
+            );
+            assert!(!request.body.contains(PASSWORD));
+        }
+        if realm_wants_credentials {
+            let error = result.expect_err("the realm refuses anonymous requests");
+            assert!(
+                matches!(error, RegistryError::InsecureRealm { .. }),
+                "{error}"
+            );
+            assert!(error.is_environment());
+            let help = miette::Diagnostic::help(&error)
+                .map(|help| help.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.to_string().contains("plain HTTP on another host") && help.contains("HTTPS"),
+                "{error} / {help}"
+            );
+            assert!(!format!("{error} {error:?}").contains(PASSWORD));
+        } else {
+            assert_eq!(
+                result.expect("an anonymous token").digest,
+                Digest::of(MANIFEST)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_registry_that_stalls_mid_manifest_is_an_environment_error_with_help() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let host = format!(
+        "127.0.0.1:{}",
+        listener.local_addr().expect("address").port()
+    );
+    let server = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        listener.set_nonblocking(true).expect("nonblocking");
+        let mut held = Vec::new();
+        while Instant::now() < deadline && held.len() < 8 {
+            let Ok((stream, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            stream.set_nonblocking(false).expect("blocking");
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            if !matches!(
+                reader.fill_buf().map(|bytes| bytes.first() == Some(&0x16)),
+                Ok(false)
+            ) {
+                continue; // the HTTPS probe
+            }
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let mut stream = stream;
+            if request_line.contains("/manifests/") {
+                // Headers, a few bytes, then silence.
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n{{\"sch",
+                    media::OCI_MANIFEST,
+                    MANIFEST.len()
+                );
+                if request_line.contains("/trickle/") {
+                    // One byte every 300 ms: never silent for the 1 s timeout.
+                    std::thread::spawn(move || {
+                        for byte in MANIFEST.iter().skip(4) {
+                            if stream.write_all(&[*byte]).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(300));
+                        }
+                    });
+                    continue;
+                }
+                held.push(stream);
+            } else {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+            }
+        }
+    });
+    let config_dir = tempfile::tempdir().expect("temp dir");
+    let client = client_with(config_dir.path(), |options| {
+        options.timeout = Duration::from_secs(1);
+    });
+    let reference = Reference::parse(&format!("{host}/team/app:v1")).expect("reference");
+    let started = Instant::now();
+    let error = client.resolve(&reference).expect_err("a stalled manifest");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(error, RegistryError::Stalled { .. }), "{error:?}");
+    assert!(error.is_environment(), "exit code 3, not 2");
+    let help = miette::Diagnostic::help(&error)
+        .map(|help| help.to_string())
+        .unwrap_or_default();
+    assert!(!help.trim().is_empty(), "a real help line");
+
+    // A registry that trickles the manifest a byte at a time hits the whole-call deadline.
+    let trickle = Reference::parse(&format!("{host}/trickle/app:v1")).expect("reference");
+    let started = Instant::now();
+    let error = client.resolve(&trickle).expect_err("a trickled manifest");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(error, RegistryError::Stalled { .. }), "{error:?}");
+    drop(server);
 }

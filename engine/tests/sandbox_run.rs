@@ -124,6 +124,9 @@ fn shell(script: &str) -> RunTask {
         secret_files: vec![],
         network: NetworkMode::Host,
         hostname: String::new(),
+        timeout_ms: None,
+        max_processes: None,
+        insecure: false,
     }
 }
 

@@ -199,6 +199,10 @@ pub struct Run {
     pub cache_mounts: Vec<CacheMount>,
     pub secrets: Vec<Secret>,
     pub network: Network,
+    /// `timeout="10m"`: the step is killed and fails after this long.
+    pub timeout: Option<Text>,
+    /// `insecure=#true`: every capability and no seccomp filter for this step.
+    pub insecure: bool,
 }
 
 #[derive(Clone, Debug)]

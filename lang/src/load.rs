@@ -1734,7 +1734,15 @@ impl Loader {
     }
 
     fn lower_run(&mut self, node: &KdlNode, file: FileId) -> Option<Run> {
-        self.check_no_properties(node, file, "run");
+        let mut timeout = None;
+        let mut insecure = false;
+        for (key, entry) in properties(node) {
+            match key {
+                "timeout" => timeout = self.string(entry, file, "`timeout`"),
+                "insecure" => insecure = self.boolean(entry, file, "`insecure`").unwrap_or(false),
+                other => self.unknown_property(other, entry, file, "run", &["timeout", "insecure"]),
+            }
+        }
         let command = self.run_command(node, file, "run");
         let mut cache_mounts = Vec::new();
         let mut secrets = Vec::new();
@@ -1860,6 +1868,8 @@ impl Loader {
             cache_mounts,
             secrets,
             network,
+            timeout,
+            insecure,
         })
     }
 
@@ -2661,47 +2671,30 @@ impl Loader {
                 self.check_text(text, &global, Mode::Strict);
             }
         }
-        let stage_known =
-            |stage: &Stage, params: Vec<String>, stages: &[&Stage]| -> HashSet<String> {
-                let mut known = global.clone();
-                known.extend(all_matrix_keys.iter().cloned());
-                known.extend(params);
-                // Env keys of this stage and its ancestors through `from`.
-                let mut current = Some(stage);
-                let mut seen = HashSet::new();
-                while let Some(stage) = current {
-                    if !seen.insert(stage.name.clone()) {
-                        break;
-                    }
-                    for step in &stage.steps {
-                        if let StepKind::Env(pairs) = &step.kind {
-                            known.extend(pairs.iter().map(|(key, _)| key.clone()));
-                        }
-                    }
-                    current = match &stage.from.source {
-                        FromSource::Stage(parent) => stages
-                            .iter()
-                            .copied()
-                            .find(|candidate| candidate.name == *parent),
-                        _ => None,
-                    };
-                }
-                known
-            };
         let mut all: Vec<&Stage> = project.stages.iter().collect();
         let template_stages = std::mem::take(&mut self.template_stages);
         all.extend(template_stages.iter().map(|(stage, _)| stage));
-        for stage in project.stages.iter().filter(|stage| stage.scope.is_none()) {
-            let known = stage_known(stage, Vec::new(), &all);
-            self.check_stage(stage, known);
+        let inherited = inherited_env_keys(&all);
+        let stage_known = |index: usize, params: Vec<String>| -> HashSet<String> {
+            let mut known = global.clone();
+            known.extend(all_matrix_keys.iter().cloned());
+            known.extend(params);
+            known.extend(inherited[index].iter().cloned());
+            known
+        };
+        for (index, stage) in project.stages.iter().enumerate() {
+            if stage.scope.is_none() {
+                let known = stage_known(index, Vec::new());
+                self.check_stage(stage, known);
+            }
         }
-        for (stage, template) in &template_stages {
+        for (offset, (stage, template)) in template_stages.iter().enumerate() {
             let params: Vec<String> = self.templates[*template]
                 .params
                 .iter()
                 .map(|(name, _, _)| name.clone())
                 .collect();
-            let known = stage_known(stage, params.clone(), &all);
+            let known = stage_known(project.stages.len() + offset, params.clone());
             self.check_stage(stage, known);
         }
         for template in 0..self.templates.len() {
@@ -2868,4 +2861,57 @@ impl Loader {
             }
         }
     }
+}
+
+/// For each stage, the env keys it and its ancestors through `from` set. A stage that sets no
+/// new key shares its parent's set, so a long chain costs linear time; ancestors are found by
+/// name in a map and walked iteratively (a cycle stops the walk; it is reported elsewhere).
+fn inherited_env_keys(stages: &[&Stage]) -> Vec<std::rc::Rc<HashSet<String>>> {
+    use std::rc::Rc;
+    // The first stage of a name, as a search in order would find it.
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    for (index, stage) in stages.iter().enumerate() {
+        by_name.entry(stage.name.as_str()).or_insert(index);
+    }
+    let parent = |index: usize| match &stages[index].from.source {
+        FromSource::Stage(name) => by_name.get(name.as_str()).copied(),
+        _ => None,
+    };
+    let mut memo: Vec<Option<Rc<HashSet<String>>>> = vec![None; stages.len()];
+    for start in 0..stages.len() {
+        // The chain of ancestors not computed yet, nearest first.
+        let mut chain = Vec::new();
+        let mut seen = HashSet::new();
+        let mut current = Some(start);
+        while let Some(index) = current {
+            if memo[index].is_some() || !seen.insert(index) {
+                break;
+            }
+            chain.push(index);
+            current = parent(index);
+        }
+        for &index in chain.iter().rev() {
+            let from_parent = parent(index)
+                .and_then(|parent| memo[parent].clone())
+                .unwrap_or_default();
+            let own: Vec<&String> = stages[index]
+                .steps
+                .iter()
+                .filter_map(|step| match &step.kind {
+                    StepKind::Env(pairs) => Some(pairs.iter().map(|(key, _)| key)),
+                    _ => None,
+                })
+                .flatten()
+                .filter(|key| !from_parent.contains(*key))
+                .collect();
+            memo[index] = Some(if own.is_empty() {
+                from_parent
+            } else {
+                let mut keys = (*from_parent).clone();
+                keys.extend(own.into_iter().cloned());
+                Rc::new(keys)
+            });
+        }
+    }
+    memo.into_iter().map(Option::unwrap_or_default).collect()
 }

@@ -130,6 +130,12 @@ pub fn render_project(project: &Project) -> String {
                     if run.network == Network::None {
                         line.push_str(" network=none");
                     }
+                    if let Some(timeout) = &run.timeout {
+                        let _ = write!(line, " timeout={}", text(timeout));
+                    }
+                    if run.insecure {
+                        line.push_str(" insecure");
+                    }
                     for mount in &run.cache_mounts {
                         let id = mount
                             .id

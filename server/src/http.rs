@@ -20,7 +20,8 @@
 //! A PUT streams frames to a temp file while hashing, never holding more than one frame in
 //! memory; then `fsync`, compare the hash, and hand the temp file to
 //! [`crate::store::Store::commit`]. Every early return — mismatch, too large, client gone,
-//! a body idle for [`BODY_IDLE_TIMEOUT`] — drops the temp file, which deletes it. If the client
+//! a body idle for [`crate::Timeouts::body_idle`] or slower on average than
+//! [`crate::Timeouts::min_body_rate`] — drops the temp file, which deletes it. If the client
 //! disconnects, hyper drops this handler's future mid-await, which drops it too.
 
 use std::io;
@@ -45,7 +46,8 @@ use crate::store::{EntryId, Kind, Store, is_valid_instance, parse_hash};
 
 /// Largest action-cache value accepted (an `ActionResult` is a few hundred bytes).
 pub const AC_MAX_SIZE: u64 = 1024 * 1024;
-/// An upload that sends nothing for this long is abandoned.
+/// An upload that sends nothing for this long is abandoned (the default of
+/// [`crate::Timeouts::body_idle`]).
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Read size for downloads.
 const DOWNLOAD_CHUNK: usize = 256 * 1024;
@@ -55,6 +57,7 @@ pub(crate) struct App {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) tokens: Option<Tokens>,
     pub(crate) allow_anonymous_read: bool,
+    pub(crate) timeouts: crate::Timeouts,
 }
 
 pub(crate) fn router(app: Arc<App>) -> Router {
@@ -219,6 +222,22 @@ async fn read(app: &App, id: EntryId, head_only: bool) -> Response {
         })
 }
 
+/// Whether an upload that received `received` bytes in `elapsed` is below the minimum rate.
+fn too_slow(elapsed: Duration, received: u64, timeouts: &crate::Timeouts) -> bool {
+    let Some(rated) = elapsed.checked_sub(timeouts.body_grace) else {
+        return false;
+    };
+    (received as f64) < rated.as_secs_f64() * timeouts.min_body_rate as f64
+}
+
+/// `response` with `Connection: close`: the rest of the request body is not wanted.
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 fn internal_error(context: &str, error: &io::Error) -> Response {
     eprintln!("graphbuild-cache-server: {context}: {error}");
     text(StatusCode::INTERNAL_SERVER_ERROR, "internal storage error")
@@ -278,9 +297,11 @@ async fn put(app: &App, id: EntryId, headers: &HeaderMap, mut body: Body) -> Res
     let mut file = tokio::fs::File::from_std(file);
     let mut hasher = Sha256::new();
     let mut received: u64 = 0;
+    let started = tokio::time::Instant::now();
+    let timeouts = app.timeouts;
     loop {
-        let frame = match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
-            Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "the upload stalled"),
+        let frame = match tokio::time::timeout(timeouts.body_idle, body.frame()).await {
+            Err(_) => return closing(text(StatusCode::REQUEST_TIMEOUT, "the upload stalled")),
             Ok(None) => break,
             Ok(Some(Err(_))) => return text(StatusCode::BAD_REQUEST, "the upload was cut off"),
             Ok(Some(Ok(frame))) => frame,
@@ -294,6 +315,15 @@ async fn put(app: &App, id: EntryId, headers: &HeaderMap, mut body: Body) -> Res
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         if received > limit {
             return too_large(&mut outcome);
+        }
+        if too_slow(started.elapsed(), received, &timeouts) {
+            return closing(text(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the upload is too slow: under {} bytes per second",
+                    timeouts.min_body_rate
+                ),
+            ));
         }
         hasher.update(&data);
         if let Err(error) = file.write_all(&data).await {
@@ -333,4 +363,25 @@ async fn put(app: &App, id: EntryId, headers: &HeaderMap, mut body: Body) -> Res
     outcome.decided = true;
     app.metrics.upload(kind);
     text(StatusCode::OK, "stored")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_minimum_rate_applies_after_the_grace_period() {
+        let timeouts = crate::Timeouts {
+            header_read: Duration::from_secs(1),
+            body_idle: Duration::from_secs(1),
+            min_body_rate: 1000,
+            body_grace: Duration::from_secs(2),
+        };
+        let seconds = Duration::from_secs;
+        assert!(!too_slow(seconds(1), 0, &timeouts));
+        assert!(!too_slow(seconds(2), 0, &timeouts));
+        assert!(too_slow(seconds(3), 999, &timeouts));
+        assert!(!too_slow(seconds(3), 1000, &timeouts));
+        assert!(too_slow(seconds(12), 9_000, &timeouts));
+    }
 }

@@ -91,6 +91,9 @@ fn main() -> ExitCode {
                 eprintln!("  caused by: {cause}");
                 source = cause.source();
             }
+            if let Some(help) = miette::Diagnostic::help(&error) {
+                eprintln!("hint: {help}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -7,15 +7,27 @@
 //! DIR/ac/<instance>/<first 2 hex>/<64 hex>       action-cache values, one tree per instance
 //! DIR/ac/_default/<first 2 hex>/<64 hex>         the action cache of requests without an instance
 //! DIR/tmp/upload-*                               uploads in flight
+//! DIR/.graphbuild-cache-server                   the marker: this directory is a store
 //! ```
 //!
 //! Instance names start with an ASCII letter or digit, so `_default` cannot collide with one.
+//!
+//! # Whose directory
+//!
+//! The server deletes only what it created. [`Store::open`] writes the marker [`MARKER`] into
+//! a directory it creates or finds empty, and refuses a non-empty directory without the marker
+//! ([`OpenError::NotAStore`]): `--dir $HOME` is an error, not a wiped `~/tmp`. A directory laid
+//! out by an earlier version (only `cas/`, `ac/` and `tmp/`, `cas/` present) is adopted. Even
+//! in its own directory, startup removes only `tmp/upload-*` files, the names it gives uploads.
 //!
 //! # Durability
 //!
 //! Every value reaches its final name by `rename(2)` from `tmp/` after its bytes were written
 //! and `fsync`ed, so a file under `cas/` or `ac/` is always complete: a crash (even SIGKILL)
-//! leaves at most a stray file in `tmp/`, which [`Store::open`] deletes. A CAS blob is renamed
+//! leaves at most a stray file in `tmp/`, which [`Store::open`] deletes. After the rename the
+//! directory holding the new name is `fsync`ed too (and its parent, when the shard directory
+//! was just created), before the upload is answered 200: an acknowledged upload survives a
+//! power loss, not only a process crash. A CAS blob is renamed
 //! into place only once its sha256 matched its name (checked by the HTTP layer while
 //! streaming), so every file under `cas/` hashes to its name. The temp file is owned by a
 //! [`tempfile::TempPath`], whose `Drop` removes it: an upload that fails, is rejected, or whose
@@ -40,7 +52,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -50,6 +62,83 @@ use crate::metrics::Metrics;
 
 /// Directory name of the action cache of requests that name no instance.
 const DEFAULT_INSTANCE_DIR: &str = "_default";
+/// The file that marks a directory as a store, written when the store is created.
+pub(crate) const MARKER: &str = ".graphbuild-cache-server";
+/// Prefix of upload temp files: the only names swept from `tmp/` at startup.
+const UPLOAD_PREFIX: &str = "upload-";
+
+/// Why a store directory cannot be opened.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    /// The directory holds other things and no marker: not ours to manage.
+    NotAStore,
+    Io(io::Error),
+}
+
+impl From<io::Error> for OpenError {
+    fn from(error: io::Error) -> OpenError {
+        OpenError::Io(error)
+    }
+}
+
+/// `fsync` a directory, so the names created or renamed in it are durable.
+pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
+    fs::File::open(path)?.sync_all()
+}
+
+/// Make sure `root` is a store (see the module documentation): create it with its marker, take
+/// an empty directory, adopt an earlier version's layout, or refuse.
+fn claim(root: &Path) -> Result<(), OpenError> {
+    let marker = root.join(MARKER);
+    match fs::metadata(root) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(root)?;
+        }
+        Err(error) => return Err(error.into()),
+        Ok(metadata) if !metadata.is_dir() => {
+            return Err(io::Error::new(io::ErrorKind::NotADirectory, "not a directory").into());
+        }
+        Ok(_) => {
+            if fs::symlink_metadata(&marker).is_ok_and(|metadata| metadata.is_file()) {
+                return Ok(());
+            }
+            let mut names = Vec::new();
+            for entry in fs::read_dir(root)? {
+                names.push(entry?.file_name());
+            }
+            let earlier_layout = names.iter().any(|name| name == "cas")
+                && names.iter().all(|name| {
+                    ["cas", "ac", "tmp"].iter().any(|ours| name == ours)
+                        && fs::metadata(root.join(name)).is_ok_and(|metadata| metadata.is_dir())
+                });
+            if !names.is_empty() && !earlier_layout {
+                return Err(OpenError::NotAStore);
+            }
+        }
+    }
+    fs::write(
+        &marker,
+        "This directory is a graphbuild cache server store; the server may delete files here.\n",
+    )?;
+    fs::File::open(&marker)?.sync_all()?;
+    sync_dir(root)?;
+    Ok(())
+}
+
+/// Delete the upload temp files a crash left in `tmp/`, and nothing else.
+fn sweep_uploads(tmp: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(tmp)? {
+        let entry = entry?;
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(UPLOAD_PREFIX));
+        if ours && entry.file_type()?.is_file() {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
 
 /// The two kinds of entries the protocol knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -161,6 +250,8 @@ pub(crate) struct Store {
     metrics: Arc<Metrics>,
     /// Woken when the total size passes `max_size`.
     pub(crate) eviction_needed: tokio::sync::Notify,
+    /// Directory `fsync`s done by commits (for tests).
+    dir_syncs: AtomicU64,
 }
 
 impl Store {
@@ -170,15 +261,24 @@ impl Store {
         root: &Path,
         max_size: Option<u64>,
         metrics: Arc<Metrics>,
-    ) -> io::Result<Store> {
+    ) -> Result<Store, OpenError> {
+        claim(root)?;
         let tmp = root.join("tmp");
-        fs::create_dir_all(root)?;
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
+        for dir in [&tmp, &root.join("cas"), &root.join("ac")] {
+            match fs::metadata(dir) {
+                Ok(metadata) if metadata.is_dir() => {}
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotADirectory,
+                        format!("{} is not a directory", dir.display()),
+                    )
+                    .into());
+                }
+                Err(error) if error.kind() == io::ErrorKind::NotFound => fs::create_dir(dir)?,
+                Err(error) => return Err(error.into()),
+            }
         }
-        fs::create_dir_all(&tmp)?;
-        fs::create_dir_all(root.join("cas"))?;
-        fs::create_dir_all(root.join("ac"))?;
+        sweep_uploads(&tmp)?;
 
         let mut found: Vec<(SystemTime, EntryId, u64)> = Vec::new();
         scan_sharded(&root.join("cas"), &mut |hash, size, time| {
@@ -215,6 +315,7 @@ impl Store {
             index: Mutex::new(index),
             metrics,
             eviction_needed: tokio::sync::Notify::new(),
+            dir_syncs: AtomicU64::new(0),
         };
         if store.over_limit() {
             store.eviction_needed.notify_one();
@@ -259,25 +360,40 @@ impl Store {
     /// A fresh temp file in `tmp/`; dropping the `TempPath` deletes it.
     pub(crate) fn begin_upload(&self) -> io::Result<(fs::File, TempPath)> {
         let file = tempfile::Builder::new()
-            .prefix("upload-")
+            .prefix(UPLOAD_PREFIX)
             .tempfile_in(&self.tmp)?;
         Ok(file.into_parts())
     }
 
-    /// Move a complete, synced upload into place and index it. Blocking.
+    /// Move a complete, synced upload into place, make the new name durable (`fsync` of the
+    /// directory) and index it. Blocking; returns once the entry survives a power loss.
     pub(crate) fn commit(&self, id: EntryId, temp: TempPath, size: u64) -> io::Result<()> {
         let final_path = self.path_of(&id);
-        if let Some(parent) = final_path.parent() {
-            fs::create_dir_all(parent)?;
+        let parent = final_path.parent().unwrap_or(&self.root).to_path_buf();
+        if !parent.is_dir() {
+            fs::create_dir_all(&parent)?;
+            // The new shard directory's own name lives in its parent.
+            if let Some(grandparent) = parent.parent() {
+                self.sync_dir_counted(grandparent)?;
+            }
         }
         {
             let mut index = self.lock();
             temp.persist(&final_path).map_err(|error| error.error)?;
             index.insert(id, size);
         }
+        // Outside the lock: other commits need not wait for this disk flush. The caller answers
+        // 200 only after it.
+        self.sync_dir_counted(&parent)?;
         if self.over_limit() {
             self.eviction_needed.notify_one();
         }
+        Ok(())
+    }
+
+    fn sync_dir_counted(&self, path: &Path) -> io::Result<()> {
+        sync_dir(path)?;
+        self.dir_syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -433,6 +549,68 @@ mod tests {
                 .path_of(&c)
                 .ends_with(format!("ac/team/03/{}", hex::encode([3u8; 32])))
         );
+    }
+
+    #[test]
+    fn a_foreign_directory_is_refused_and_nothing_in_it_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        std::fs::write(dir.path().join("tmp/notes.txt"), b"mine").unwrap();
+        std::fs::write(dir.path().join("tmp/upload-looks-like-ours"), b"mine too").unwrap();
+        let metrics = Arc::new(Metrics::default());
+        assert!(matches!(
+            Store::open(dir.path(), None, metrics.clone()),
+            Err(OpenError::NotAStore)
+        ));
+        assert_eq!(
+            std::fs::read(dir.path().join("tmp/notes.txt")).unwrap(),
+            b"mine"
+        );
+        assert!(dir.path().join("tmp/upload-looks-like-ours").exists());
+        assert!(!dir.path().join(MARKER).exists());
+        assert!(!dir.path().join("cas").exists());
+
+        // A missing directory and an empty one are claimed with the marker.
+        let fresh = dir.path().join("fresh");
+        Store::open(&fresh, None, metrics.clone()).unwrap();
+        assert!(fresh.join(MARKER).is_file());
+        let empty = tempfile::tempdir().unwrap();
+        Store::open(empty.path(), None, metrics.clone()).unwrap();
+        assert!(empty.path().join(MARKER).is_file());
+
+        // In its own directory, startup sweeps only its upload files from tmp/.
+        std::fs::write(fresh.join("tmp/upload-stale"), b"partial").unwrap();
+        std::fs::write(fresh.join("tmp/keep.txt"), b"not ours").unwrap();
+        Store::open(&fresh, None, metrics.clone()).unwrap();
+        assert!(!fresh.join("tmp/upload-stale").exists());
+        assert!(fresh.join("tmp/keep.txt").exists());
+
+        // A symlink to a store is the store.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        Store::open(&link, None, metrics.clone()).unwrap();
+
+        // An earlier version's store (cas/, ac/, tmp/, no marker) is adopted.
+        let earlier = tempfile::tempdir().unwrap();
+        for sub in ["cas/ab", "ac/_default", "tmp"] {
+            std::fs::create_dir_all(earlier.path().join(sub)).unwrap();
+        }
+        Store::open(earlier.path(), None, metrics).unwrap();
+        assert!(earlier.path().join(MARKER).is_file());
+    }
+
+    #[test]
+    fn commits_sync_the_directory_of_the_new_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None, Arc::new(Metrics::default())).unwrap();
+        // A new shard: its parent (for the shard's name) and the shard (for the entry's name).
+        put(&store, EntryId::new(Kind::Cas, None, [7; 32]), b"one");
+        assert_eq!(store.dir_syncs.load(Ordering::Relaxed), 2);
+        // The same shard again: only the shard.
+        let mut hash = [7; 32];
+        hash[31] = 8;
+        put(&store, EntryId::new(Kind::Cas, None, hash), b"two");
+        assert_eq!(store.dir_syncs.load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -41,11 +41,15 @@ fn blobs_and_actions_round_trip_through_the_server() {
     );
 
     let fetched = work.path().join("fetched");
-    assert!(cache.get_blob_to(&layer_digest, &fetched).unwrap());
+    assert!(
+        cache
+            .get_blob_to(&layer_digest, layer.len() as u64, &fetched)
+            .unwrap()
+    );
     assert_eq!(std::fs::read(&fetched).unwrap(), layer);
     assert!(
         !cache
-            .get_blob_to(&Digest::of(b"absent"), &work.path().join("absent"))
+            .get_blob_to(&Digest::of(b"absent"), 6, &work.path().join("absent"))
             .unwrap()
     );
 
@@ -62,6 +66,11 @@ fn blobs_and_actions_round_trip_through_the_server() {
     assert_eq!(
         read_back.step_record(),
         Some((record_digest, record.len() as u64))
+    );
+    let records = tempfile::tempdir().unwrap();
+    assert_eq!(
+        cache.get_step_record(&key, records.path()).unwrap(),
+        Some(record.to_vec())
     );
 
     // Another instance does not see team-a's action entry, but shares the blobs.
@@ -85,7 +94,18 @@ fn a_corrupted_server_copy_is_detected_and_discarded() {
 
     let work = tempfile::tempdir().unwrap();
     let error = cache
-        .get_blob_to(&digest, &work.path().join("blob"))
+        .get_blob_to(&digest, bytes.len() as u64, &work.path().join("blob"))
+        .unwrap_err();
+    assert!(matches!(error, RemoteError::SizeMismatch { .. }), "{error}");
+    assert!(error.is_bad_entry());
+    assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 0);
+
+    // Rot of the same size: the digest catches it.
+    let mut rotten = bytes.clone();
+    rotten[500] ^= 1;
+    std::fs::write(server.dir.join("cas").join(&hex[..2]).join(&hex), &rotten).unwrap();
+    let error = cache
+        .get_blob_to(&digest, bytes.len() as u64, &work.path().join("blob"))
         .unwrap_err();
     assert!(
         matches!(error, RemoteError::DigestMismatch { .. }),

@@ -19,7 +19,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ("## `graphbuild inspect`", &["inspect"]),
     (
         "## `graphbuild cache du`",
-        &["cache du", "cache prune", "cache serve"],
+        &["cache du", "cache prune", "cache verify", "cache serve"],
     ),
 ];
 
@@ -32,6 +32,7 @@ const COMMANDS: &[&str] = &[
     "inspect",
     "cache du",
     "cache prune",
+    "cache verify",
     "cache serve",
     "completions",
 ];

@@ -24,14 +24,21 @@
 //!
 //! Credentials come from Docker's `config.json` (see [`auth`]); they are looked up only when a
 //! registry asks for them, and they and the tokens are never formatted into an error or a
-//! `Debug` output. Credentials are sent to a token realm only over HTTPS or to a registry that
-//! is itself allowed plain HTTP.
+//! `Debug` output. Credentials are sent to a token realm only over HTTPS, or over plain HTTP
+//! to the registry's own host when the registry itself is allowed plain HTTP (loopback or
+//! `--insecure-registry`); a plain-HTTP realm on another host gets an anonymous token request,
+//! and if it refuses, the error ([`RegistryError::InsecureRealm`]) says why nothing was sent.
+//!
+//! A registry that stops sending a body (a manifest, a token answer) for
+//! [`ClientOptions::timeout`] is [`RegistryError::Stalled`], an environment error.
 //!
 //! # Reliability
 //!
-//! A request that fails to connect or is answered `429` or `5xx` is retried with exponential
-//! backoff ([`RetryPolicy`]), honouring `Retry-After`; when the attempts run out the error says
-//! what the registry answered and how often. Every manifest and blob read is checked against
+//! A request that times out, breaks off, or is answered `429` or `5xx` is retried with
+//! exponential backoff ([`RetryPolicy`]), honouring `Retry-After`; when the attempts run out the
+//! error says what the registry answered and how often. A registry that cannot be reached at
+//! all (its name does not resolve, the connection is refused, no route) is
+//! [`RegistryError::Unreachable`] at once: retrying would only make an offline machine wait. Every manifest and blob read is checked against
 //! its digest (and blobs against their size) before anything is kept.
 
 pub mod auth;
@@ -147,6 +154,9 @@ impl RegistryError {
         matches!(
             self,
             RegistryError::Unreachable { .. }
+                | RegistryError::Stalled { .. }
+                | RegistryError::InsecureRealm { .. }
+                | RegistryError::Io { .. }
                 | RegistryError::Unauthorized { .. }
                 | RegistryError::Unavailable { .. }
                 | RegistryError::DockerConfig { .. }
@@ -167,7 +177,14 @@ pub enum RegistryError {
             insecure_hint(registry)
         )
     )]
-    Unreachable { registry: String, reason: String },
+    Unreachable {
+        registry: String,
+        reason: String,
+        /// Nothing could be connected to at all: the name does not resolve, the connection was
+        /// refused, or there is no route (no network). Not retried; a base that fails so is
+        /// unresolved rather than an error.
+        no_route: bool,
+    },
 
     #[error("the registry {registry} refused access ({status}){detail}")]
     #[diagnostic(
@@ -258,8 +275,41 @@ pub enum RegistryError {
         attempts: u32,
     },
 
+    #[error("the registry {registry} stopped sending {what}: {reason}")]
+    #[diagnostic(
+        code(graphbuild::registry::stalled),
+        help(
+            "the registry (or a proxy in front of it) accepted the request but stopped answering; check that it is healthy, then try again"
+        )
+    )]
+    Stalled {
+        registry: String,
+        what: String,
+        reason: String,
+    },
+
+    #[error(
+        "graphbuild did not send the credentials for {registry} to its token service {realm}: it is plain HTTP on another host"
+    )]
+    #[diagnostic(
+        code(graphbuild::registry::insecure_realm),
+        help(
+            "credentials go to a token service on another host only over HTTPS; configure the registry's token realm with an https:// URL (or on the registry's own host)"
+        )
+    )]
+    InsecureRealm {
+        registry: String,
+        realm: String,
+        status: u16,
+    },
+
     #[error("the registry {registry} answered {status} to {method} {path}{detail}")]
-    #[diagnostic(code(graphbuild::registry::unexpected_status))]
+    #[diagnostic(
+        code(graphbuild::registry::unexpected_status),
+        help(
+            "graphbuild does not expect this answer here; check the registry's logs, or the proxy in front of it"
+        )
+    )]
     UnexpectedStatus {
         registry: String,
         method: String,
@@ -269,7 +319,12 @@ pub enum RegistryError {
     },
 
     #[error("the registry {registry} sent an invalid answer: {message}")]
-    #[diagnostic(code(graphbuild::registry::protocol))]
+    #[diagnostic(
+        code(graphbuild::registry::protocol),
+        help(
+            "the registry does not follow the OCI distribution API here; check the registry name, or the proxy in front of it"
+        )
+    )]
     Protocol { registry: String, message: String },
 
     #[error("`{reference}` is a {media_type}, which graphbuild cannot use")]
@@ -305,7 +360,10 @@ pub enum RegistryError {
     },
 
     #[error("cannot {action} {}: {source}", path.display())]
-    #[diagnostic(code(graphbuild::registry::io))]
+    #[diagnostic(
+        code(graphbuild::registry::io),
+        help("check the free space and the permissions of that directory")
+    )]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -428,6 +486,10 @@ impl Access {
         if self.push { "push to" } else { "pull from" }
     }
 }
+
+/// A request other than a blob transfer must finish within this many
+/// [`ClientOptions::timeout`]s.
+const SMALL_CALL_TIMEOUTS: u32 = 3;
 
 /// What `/v2/` told about a registry.
 #[derive(Debug)]
@@ -584,9 +646,8 @@ impl RegistryClient {
             .with_config()
             .limit(MAX_MANIFEST_SIZE)
             .read_to_vec()
-            .map_err(|error| RegistryError::Protocol {
-                registry: registry.to_string(),
-                message: format!("cannot read the manifest of `{reference}`: {error}"),
+            .map_err(|error| {
+                body_read_error(registry, &format!("the manifest of `{reference}`"), error)
             })?;
         let digest = Digest::of(&bytes);
         if let Some(expected) = reference.digest {
@@ -762,6 +823,7 @@ impl RegistryClient {
                 return Err(RegistryError::Unreachable {
                     registry: registry.to_string(),
                     reason: format!("the download of {what} broke off: {error}"),
+                    no_route: false,
                 });
             }
             if received != size {
@@ -1212,6 +1274,7 @@ impl RegistryClient {
         Err(last_error.unwrap_or_else(|| RegistryError::Unreachable {
             registry: registry.to_string(),
             reason: "no way to connect".into(),
+            no_route: false,
         }))
     }
 
@@ -1310,12 +1373,17 @@ impl RegistryClient {
         service: Option<&str>,
         scopes: &[String],
     ) -> Result<(Secret, Duration), RegistryError> {
+        // Credentials go to a realm over HTTPS, or over plain HTTP only to the registry's own
+        // host when the registry itself may be reached over plain HTTP (loopback or
+        // --insecure-registry): never in clear text to a third host.
         let realm_is_safe = realm.starts_with("https://")
-            || (endpoint.plain_http_allowed && realm.starts_with("http://"));
-        let credential = if realm_is_safe {
-            self.credential(registry, endpoint)?
+            || (endpoint.plain_http_allowed
+                && realm.starts_with("http://")
+                && same_host(realm, &endpoint.base_url));
+        let (credential, withheld) = if realm_is_safe {
+            (self.credential(registry, endpoint)?, false)
         } else {
-            None
+            (None, self.credential(registry, endpoint)?.is_some())
         };
         let mut query = Vec::new();
         if let Some(service) = service {
@@ -1379,6 +1447,13 @@ impl RegistryClient {
         )?;
         match response.status().as_u16() {
             200 => {}
+            status @ (401 | 403) if withheld => {
+                return Err(RegistryError::InsecureRealm {
+                    registry: registry.to_string(),
+                    realm: realm.split('?').next().unwrap_or(realm).to_string(),
+                    status,
+                });
+            }
             status @ (401 | 403) => {
                 return Err(RegistryError::Unauthorized {
                     registry: registry.to_string(),
@@ -1406,14 +1481,14 @@ impl RegistryClient {
             #[serde(default)]
             expires_in: Option<u64>,
         }
-        let parsed: TokenResponse = response
+        let bytes = response
             .body_mut()
             .with_config()
             .limit(MAX_MANIFEST_SIZE)
             .read_to_vec()
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .ok_or_else(|| RegistryError::Protocol {
+            .map_err(|error| body_read_error(registry, "the token realm's answer", error))?;
+        let parsed: TokenResponse =
+            serde_json::from_slice(&bytes).map_err(|_| RegistryError::Protocol {
                 registry: registry.to_string(),
                 message: "the token realm's answer is not the expected JSON".into(),
             })?;
@@ -1515,6 +1590,7 @@ impl RegistryClient {
                         return Err(RegistryError::Unreachable {
                             registry: registry.to_string(),
                             reason: describe_transport_error(&error),
+                            no_route: no_route_to(&error),
                         });
                     }
                     std::thread::sleep(self.backoff(attempt, None));
@@ -1531,6 +1607,27 @@ impl RegistryClient {
             .saturating_mul(1 << (attempt - 1).min(16))
             .min(policy.max_delay);
         retry_after.unwrap_or(exponential)
+    }
+
+    /// Small requests (the `/v2/` probe, tokens, manifests) get a whole-call deadline of
+    /// [`SMALL_CALL_TIMEOUTS`] times [`ClientOptions::timeout`] on top of the per-read timeout,
+    /// so a registry trickling a byte at a time cannot hold a build. Blob transfers, whose size
+    /// makes a fixed deadline wrong, are bounded by the per-read timeout only.
+    fn with_deadline<S: ureq::AsSendBody>(
+        &self,
+        agent: &ureq::Agent,
+        request: http::Request<S>,
+        url: &str,
+    ) -> http::Request<S> {
+        if url.contains("/blobs/") {
+            return request;
+        }
+        agent
+            .configure_request(request)
+            .timeout_per_call(Some(
+                self.options.timeout.saturating_mul(SMALL_CALL_TIMEOUTS),
+            ))
+            .build()
     }
 
     fn send_once(
@@ -1558,11 +1655,11 @@ impl RegistryClient {
             RequestBody::Empty => builder
                 .body(())
                 .map_err(|error| invalid(format!("cannot build a request: {error}")))
-                .map(|request| agent.run(request))?,
+                .map(|request| agent.run(self.with_deadline(agent, request, &call.url)))?,
             RequestBody::Bytes(bytes) => builder
                 .body(bytes)
                 .map_err(|error| invalid(format!("cannot build a request: {error}")))
-                .map(|request| agent.run(request))?,
+                .map(|request| agent.run(self.with_deadline(agent, request, &call.url)))?,
             RequestBody::FileRange {
                 path,
                 offset,
@@ -1585,10 +1682,11 @@ impl RegistryClient {
             }
         };
         result.map_err(|error| {
-            let retryable = matches!(
-                error,
-                ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed
-            );
+            let retryable = !no_route_to(&error)
+                && matches!(
+                    error,
+                    ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed
+                );
             SendError::Transport { error, retryable }
         })
     }
@@ -1603,13 +1701,76 @@ enum SendError {
     },
 }
 
+/// Whether the registry cannot be reached at all from here: its name does not resolve, the
+/// connection is refused, or there is no route to it. Retrying would only delay the answer by
+/// the backoff (~8 s per request), so these fail at once; a timeout, a reset or a broken
+/// transfer may pass and keeps its retries.
+fn no_route_to(error: &ureq::Error) -> bool {
+    match error {
+        ureq::Error::HostNotFound => true,
+        ureq::Error::Io(io_error) => {
+            matches!(
+                io_error.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+                    | io::ErrorKind::NetworkDown
+                    | io::ErrorKind::AddrNotAvailable
+            ) || is_name_resolution_failure(io_error)
+        }
+        _ => false,
+    }
+}
+
+/// `getaddrinfo` failures: the standard library reports them as an uncategorized error whose
+/// message starts with this text.
+fn is_name_resolution_failure(error: &io::Error) -> bool {
+    error
+        .to_string()
+        .starts_with("failed to lookup address information")
+}
+
 fn describe_transport_error(error: &ureq::Error) -> String {
     match error {
         ureq::Error::ConnectionFailed => "the connection failed".into(),
         ureq::Error::HostNotFound => "the host name does not resolve".into(),
+        ureq::Error::Io(io_error) if is_name_resolution_failure(io_error) => {
+            format!("the host name does not resolve ({io_error})")
+        }
         ureq::Error::Io(io_error) => io_error.to_string(),
         other => other.to_string(),
     }
+}
+
+/// A response body that could not be read: too large is the registry's protocol error; a
+/// stall or a reset is the environment (exit code 3), with its own help.
+fn body_read_error(registry: &str, what: &str, error: ureq::Error) -> RegistryError {
+    match error {
+        ureq::Error::BodyExceedsLimit(limit) => RegistryError::Protocol {
+            registry: registry.to_string(),
+            message: format!("{what} is larger than {limit} bytes"),
+        },
+        other => RegistryError::Stalled {
+            registry: registry.to_string(),
+            what: what.to_string(),
+            reason: describe_transport_error(&other),
+        },
+    }
+}
+
+/// The host of an `http(s)://[user@]host[:port]/…` URL, lowercase, without the port.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    Some(host_of(authority).to_ascii_lowercase())
+}
+
+/// Whether two URLs name the same host (any port).
+fn same_host(a: &str, b: &str) -> bool {
+    matches!((url_host(a), url_host(b)), (Some(a), Some(b)) if !a.is_empty() && a == b)
 }
 
 /// `host:port` → `host`; `[::1]:5000` → `[::1]`.
@@ -1807,6 +1968,33 @@ mod tests {
     ]}"#;
 
     #[test]
+    fn realm_hosts_are_compared_without_ports_or_userinfo() {
+        assert!(same_host(
+            "http://127.0.0.1:5001/token",
+            "http://127.0.0.1:5000"
+        ));
+        assert!(same_host(
+            "http://Registry.Local/token?x=1",
+            "https://registry.local:443"
+        ));
+        assert!(same_host("http://[::1]:9/token", "http://[::1]:5000"));
+        assert!(!same_host(
+            "http://127.0.0.2:5000/token",
+            "http://127.0.0.1:5000"
+        ));
+        assert!(!same_host(
+            "http://evil.example@127.0.0.2/token",
+            "http://127.0.0.1"
+        ));
+        assert!(!same_host(
+            "http://127.0.0.1.evil.example/",
+            "http://127.0.0.1:5000"
+        ));
+        assert!(!same_host("not a url", "http://127.0.0.1"));
+        assert!(!same_host("http:///token", "http:///"));
+    }
+
+    #[test]
     fn selects_platforms_with_docker_rules() {
         let size_for = |text: &str| {
             select_platform(INDEX.as_bytes(), &platform(text)).map(|descriptor| descriptor.size)
@@ -1869,6 +2057,28 @@ mod tests {
         assert!(!allowed("busybox"));
         assert!(!allowed("ghcr.io/x"));
         assert!(!allowed("128.0.0.1/x"));
+    }
+
+    #[test]
+    fn only_a_registry_nothing_can_connect_to_fails_without_retries() {
+        let io = |kind: io::ErrorKind| ureq::Error::Io(io::Error::from(kind));
+        for kind in [
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::HostUnreachable,
+            io::ErrorKind::NetworkUnreachable,
+        ] {
+            assert!(no_route_to(&io(kind)), "{kind:?}");
+        }
+        assert!(no_route_to(&ureq::Error::HostNotFound));
+        let dns = io::Error::other(
+            "failed to lookup address information: Temporary failure in name resolution",
+        );
+        assert!(no_route_to(&ureq::Error::Io(dns)));
+        // A reset, a broken pipe or a timeout may pass: they keep their retries.
+        assert!(!no_route_to(&io(io::ErrorKind::ConnectionReset)));
+        assert!(!no_route_to(&io(io::ErrorKind::BrokenPipe)));
+        assert!(!no_route_to(&io(io::ErrorKind::TimedOut)));
+        assert!(!no_route_to(&ureq::Error::Timeout(ureq::Timeout::Connect)));
     }
 
     #[test]

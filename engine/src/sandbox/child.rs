@@ -19,6 +19,8 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 
+use super::confine;
+use super::limits::{self, StepCgroup};
 use super::user::resolve_user;
 use super::{
     ChildReport, ChildRequest, DEFAULT_PATH, ExitStatusKind, NetworkMode, RunTask, SandboxSpec,
@@ -34,6 +36,23 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Host device nodes bind-mounted into the sandbox's `/dev`.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// `/proc` entries made read-only in a step (as runc does).
+const PROC_READ_ONLY: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
+
+/// `/proc` entries hidden in a step: files under `/dev/null`, directories under an empty
+/// read-only tmpfs (as runc does).
+const PROC_MASKED: [&str; 9] = [
+    "kcore",
+    "keys",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "latency_stats",
+    "acpi",
+    "scsi",
+    "asound",
+];
 
 /// The sandbox child's entry point for binaries without a copy handler: call it first thing
 /// in `main` when `argv[1] == SANDBOX_ARG`. Never returns.
@@ -175,10 +194,31 @@ fn supervise(copy_handler: CopyHandler) -> Result<ChildReport, Failure> {
                 &run.hostname
             };
             nix::unistd::sethostname(hostname).map_err(step("set the hostname"))?;
-            let report = run_pid1(&layout.root, run, &resolved)?;
+            let cgroup = run.max_processes.and_then(|max| {
+                match limits::locate().and_then(|location| StepCgroup::create(&location, max)) {
+                    Ok(cgroup) => Some(cgroup),
+                    Err(reason) => {
+                        notice(format!(
+                            "the process limit of steps is only approximate, checked every 100ms (no \
+                             usable pids cgroup: {reason})"
+                        ));
+                        None
+                    }
+                }
+            });
+            let report = run_pid1(&layout.root, run, &resolved, cgroup.as_ref())?;
             unmount_root(&layout.root);
+            drop(cgroup);
             Ok(report)
         }
+    }
+}
+
+/// Reports a notice to the engine now (the final report comes last).
+fn notice(text: String) {
+    if let Ok(mut line) = serde_json::to_string(&ChildReport::Notice(text)) {
+        line.push('\n');
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }
 }
 
@@ -380,11 +420,12 @@ impl ScratchLayout {
             "lowerdir={},upperdir=u,workdir=w,index=off,redirect_dir=off,metacopy=off",
             lowers.join(":")
         );
+        // nodev: device nodes in the image are data, never a way to the host's devices.
         mount(
             Some("overlay"),
             "root",
             Some("overlay"),
-            MsFlags::empty(),
+            MsFlags::MS_NODEV,
             Some(options.as_str()),
         )
         .map_err(|error| {
@@ -523,13 +564,29 @@ fn components(path: &Path) -> std::collections::VecDeque<OsString> {
 }
 
 /// Forks PID 1, waits for it to exec (or to report why it could not), then supervises it.
-fn run_pid1(root: &Path, run: &RunTask, targets: &[PathBuf]) -> Result<ChildReport, Failure> {
+fn run_pid1(
+    root: &Path,
+    run: &RunTask,
+    targets: &[PathBuf],
+    cgroup: Option<&StepCgroup>,
+) -> Result<ChildReport, Failure> {
     let (error_read, error_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step("create a pipe"))?;
+    // PID 1 waits for a byte on this pipe: the supervisor first moves it into the step's
+    // cgroup, before it can start any other process.
+    let (go_read, go_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step("create a pipe"))?;
     // SAFETY: this process is single-threaded (checked in `supervise`).
     match unsafe { fork() }.map_err(step("fork the sandbox's first process"))? {
         ForkResult::Child => {
             drop(error_read);
+            drop(go_write);
+            let mut go = [0u8; 1];
+            if !matches!(fs::File::from(go_read).read(&mut go), Ok(1)) {
+                // The supervisor is gone.
+                // SAFETY: leave without running the supervisor's exit handlers.
+                unsafe { libc::_exit(127) }
+            }
             let failure = match pid1(root, run, targets) {
                 Err(failure) => failure,
                 Ok(never) => match never {},
@@ -543,6 +600,19 @@ fn run_pid1(root: &Path, run: &RunTask, targets: &[PathBuf]) -> Result<ChildRepo
         }
         ForkResult::Parent { child } => {
             drop(error_write);
+            drop(go_read);
+            let cgroup = cgroup.and_then(|cgroup| match cgroup.add(child.as_raw()) {
+                Ok(()) => Some(cgroup),
+                Err(error) => {
+                    notice(format!(
+                        "the process limit of steps is only approximate, checked every 100ms \
+                         (cannot join the pids cgroup: {error})"
+                    ));
+                    None
+                }
+            });
+            // If this fails, PID 1 reads EOF and exits: the reports below say so.
+            let _ = fs::File::from(go_write).write_all(b"g");
             // The supervisor must not keep the output pipe open: the engine reads it to EOF.
             redirect_to_dev_null(1).map_err(step("redirect stdout"))?;
             let mut setup_error = Vec::new();
@@ -557,28 +627,107 @@ fn run_pid1(root: &Path, run: &RunTask, targets: &[PathBuf]) -> Result<ChildRepo
                     )),
                 };
             }
-            supervise_pid1(child).map(ChildReport::Finished)
+            let limits = Limits {
+                deadline: run
+                    .timeout_ms
+                    .map(|millis| (Instant::now() + Duration::from_millis(millis), millis)),
+                counted_max: run.max_processes.filter(|_| cgroup.is_none()),
+                cgroup,
+            };
+            supervise_pid1(child, &limits).map(ChildReport::Finished)
         }
     }
 }
 
-/// Waits for PID 1, forwarding termination signals, escalating to SIGKILL.
-fn supervise_pid1(pid1: Pid) -> Result<ExitStatusKind, Failure> {
+/// The limits the supervisor enforces on a running step.
+struct Limits<'a> {
+    /// When the step times out, and its timeout in milliseconds.
+    deadline: Option<(Instant, u64)>,
+    cgroup: Option<&'a StepCgroup>,
+    /// Without a cgroup: the process limit, checked by counting the step's processes.
+    counted_max: Option<u32>,
+}
+
+/// How many processes the pid namespace of `pid1` holds, from the `/proc` mounted in its root
+/// (the supervisor is outside that namespace).
+fn count_processes(pid1: Pid) -> usize {
+    fs::read_dir(format!("/proc/{}/root/proc", pid1.as_raw()))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|entry| {
+                    entry
+                        .file_name()
+                        .to_str()
+                        .is_some_and(|name| name.bytes().all(|byte| byte.is_ascii_digit()))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// How often the process limit is checked.
+const LIMIT_POLL: Duration = Duration::from_millis(100);
+
+/// Waits for PID 1, forwarding termination signals, escalating to SIGKILL, and kills it (and
+/// with it the whole pid namespace) when it runs past its timeout or its process limit.
+fn supervise_pid1(pid1: Pid, limits: &Limits) -> Result<ExitStatusKind, Failure> {
     let mut kill_deadline: Option<Instant> = None;
+    let mut killed_for: Option<ExitStatusKind> = None;
+    let kill = || {
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(pid1.as_raw(), libc::SIGKILL) };
+        if let Some(cgroup) = limits.cgroup {
+            cgroup.kill_all();
+        }
+    };
     loop {
-        match waitpid(pid1, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatusKind::Exited(code)),
-            Ok(WaitStatus::Signaled(_, signal, _)) => {
-                return Ok(ExitStatusKind::Signaled(signal as i32));
-            }
-            Ok(_) => {}
+        let ended = match waitpid(pid1, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => Some(ExitStatusKind::Exited(code)),
+            Ok(WaitStatus::Signaled(_, signal, _)) => Some(ExitStatusKind::Signaled(signal as i32)),
+            Ok(_) => None,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(error) => return Err(Failure::new("wait for the command", error)),
+        };
+        if let Some(status) = ended {
+            // PID 1 is reaped only after every process of its namespace is gone; a step that
+            // hit its process limit fails even when its first process exited by itself.
+            if let Some(cgroup) = limits.cgroup
+                && killed_for.is_none()
+                && cgroup.limit_reached()
+            {
+                return Ok(ExitStatusKind::ProcessLimit { max: cgroup.max });
+            }
+            return Ok(killed_for.unwrap_or(status));
         }
-        let timeout = match kill_deadline {
+        if killed_for.is_none() {
+            if let Some((deadline, millis)) = limits.deadline
+                && Instant::now() >= deadline
+            {
+                killed_for = Some(ExitStatusKind::TimedOut { millis });
+                kill();
+            } else if let Some(cgroup) = limits.cgroup
+                && cgroup.limit_reached()
+            {
+                killed_for = Some(ExitStatusKind::ProcessLimit { max: cgroup.max });
+                kill();
+            } else if let Some(max) = limits.counted_max
+                && count_processes(pid1) > max as usize
+            {
+                killed_for = Some(ExitStatusKind::ProcessLimit { max });
+                kill();
+            }
+        }
+        let mut timeout = match kill_deadline {
             Some(deadline) => deadline.saturating_duration_since(Instant::now()),
             None => Duration::from_secs(1),
         };
+        if let Some((deadline, _)) = limits.deadline {
+            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        if limits.cgroup.is_some() || limits.counted_max.is_some() || killed_for.is_some() {
+            timeout = timeout.min(LIMIT_POLL);
+        }
         match wait_for_signal(timeout) {
             Some(signal @ (libc::SIGTERM | libc::SIGINT | libc::SIGHUP)) => {
                 if kill_deadline.is_some() {
@@ -624,6 +773,15 @@ fn pid1(
     run: &RunTask,
     targets: &[PathBuf],
 ) -> Result<std::convert::Infallible, Failure> {
+    // A session of its own: no controlling terminal, so the step cannot open the user's
+    // terminal through /dev/tty and push keystrokes into it (TIOCSTI).
+    nix::unistd::setsid().map_err(step("start a new session"))?;
+    // Compiled while the host's files are still reachable, installed just before exec.
+    let filters = if run.insecure {
+        None
+    } else {
+        Some(confine::compile().map_err(step("prepare the seccomp filter"))?)
+    };
     // Own mount namespace: the mounts below and pivot_root must not affect the supervisor.
     unshare(CloneFlags::CLONE_NEWNS).map_err(step("unshare the mount namespace"))?;
 
@@ -643,6 +801,7 @@ fn pid1(
         None::<&str>,
     )
     .map_err(step("mount /proc"))?;
+    restrict_proc(&proc_dir)?;
     let dev_dir = next_target()?;
     mount_dev(&dev_dir)?;
 
@@ -659,6 +818,15 @@ fn pid1(
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None::<&str>,
         )
+        .and_then(|()| {
+            mount(
+                None::<&str>,
+                &target_dir,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                None::<&str>,
+            )
+        })
         .map_err(step(format!("mount the cache on {target}")))?;
     }
     for (host_file, target) in &run.secret_files {
@@ -719,9 +887,18 @@ fn pid1(
         .iter()
         .map(|gid| Gid::from_raw(*gid))
         .collect();
+    if let Some(filters) = &filters {
+        // Without no_new_privs (setuid programs must work), installing a filter needs
+        // CAP_SYS_ADMIN: before the capabilities go.
+        confine::limit_bounding_set().map_err(step("drop capabilities"))?;
+        confine::install(filters).map_err(step("install the seccomp filter"))?;
+    }
     nix::unistd::setgroups(&gids).map_err(step("set supplementary groups"))?;
     nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(step("set the group id"))?;
     nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(step("set the user id"))?;
+    if filters.is_some() {
+        confine::set_process_capabilities(user.uid == 0).map_err(step("drop capabilities"))?;
+    }
     // After setuid, which clears it: die with the supervisor.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
@@ -767,11 +944,13 @@ fn pid1(
 /// A minimal /dev: a tmpfs with the host's harmless device nodes bind-mounted, the usual
 /// symlinks, /dev/shm and a private /dev/pts.
 fn mount_dev(dev: &Path) -> Result<(), Failure> {
+    // nodev: a node made with mknod in /dev cannot be opened; the devices below are bind
+    // mounts of the host's nodes, each its own mount.
     mount(
         Some("tmpfs"),
         dev,
         Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_STRICTATIME,
         Some("mode=755,size=65536k"),
     )
     .map_err(step("mount /dev"))?;
@@ -821,6 +1000,35 @@ fn mount_dev(dev: &Path) -> Result<(), Failure> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=0620"),
     );
+    Ok(())
+}
+
+/// Makes [`PROC_READ_ONLY`] read-only and hides [`PROC_MASKED`] in a fresh `/proc`.
+fn restrict_proc(proc_dir: &Path) -> Result<(), Failure> {
+    for name in PROC_READ_ONLY {
+        let path = proc_dir.join(name);
+        if path.exists() {
+            bind_read_only(&path, &path).map_err(step(format!("make /proc/{name} read-only")))?;
+        }
+    }
+    for name in PROC_MASKED {
+        let path = proc_dir.join(name);
+        let Ok(metadata) = fs::metadata(&path) else {
+            continue;
+        };
+        let result = if metadata.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0,mode=555"),
+            )
+        } else {
+            bind_read_only(Path::new("/dev/null"), &path)
+        };
+        result.map_err(step(format!("mask /proc/{name}")))?;
+    }
     Ok(())
 }
 

@@ -6,8 +6,10 @@
 //! engine (threads: rayon, tokio)
 //!   └─ graphbuild __graphbuild-sandbox        the supervisor: single-threaded, PDEATHSIG=KILL
 //!        │  unshare(mount, pid, uts, ipc[, net]); overlay mounted on a private tmpfs
-//!        └─ PID 1 of the new pid namespace   own mount namespace: /proc, /dev, cache mounts,
-//!             └─ the command …               secrets; pivot_root; setuid; exec
+//!        └─ PID 1 of the new pid namespace   (moved into the step's pids cgroup first) own
+//!             └─ the command …               session and mount namespace: /proc (masked),
+//!                                            /dev, cache mounts, secrets; pivot_root;
+//!                                            bounding set, seccomp; setuid; capabilities; exec
 //! ```
 //!
 //! Namespaces are created in a separate process, a re-exec of the graphbuild binary
@@ -34,6 +36,17 @@
 //! command itself writes. Cache-mount and secret contents live in bind mounts and never
 //! touch it either.
 //!
+//! # Containment
+//!
+//! What a `run` step may do is documented for users in docs/security.md. In short: the root
+//! overlay and `/dev` are `nodev` (image device nodes are data), `/proc` has runc's read-only
+//! and masked paths, `/sys` is absent, cache mounts are `nosuid,nodev`; [`confine`] keeps
+//! Docker's default capabilities and installs the seccomp filters (PID 1 installs them while
+//! it still holds `CAP_SYS_ADMIN`, because setuid programs rule out `no_new_privs`); [`limits`]
+//! gives each step a pids cgroup, and the supervisor kills PID 1 (and so the namespace) when
+//! the step reaches its process limit or its timeout ([`ExitStatusKind::ProcessLimit`],
+//! [`ExitStatusKind::TimedOut`]). [`RunTask::insecure`] skips the capabilities and filters.
+//!
 //! # Lifetime
 //!
 //! The supervisor dies with the engine (`PR_SET_PDEATHSIG(SIGKILL)`, set before exec), PID 1
@@ -42,9 +55,12 @@
 //! processes end with the command, and an engine killed by Ctrl-C leaves nothing behind.
 //! SIGTERM, SIGINT and SIGHUP sent to the supervisor are forwarded to PID 1, followed by
 //! SIGKILL five seconds later (or on a second signal): PID 1 ignores signals it has no
-//! handler for.
+//! handler for. Scratch directories are named after the engine's pid, so the next engine
+//! removes those of an engine killed with SIGKILL.
 
 mod child;
+pub mod confine;
+pub mod limits;
 mod user;
 
 use std::collections::VecDeque;
@@ -105,7 +121,19 @@ pub struct RunTask {
     pub network: NetworkMode,
     /// The sandbox's hostname; empty means `graphbuild`.
     pub hostname: String,
+    /// Kill the whole step (its pid namespace) after this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// The most processes the step may have at once (a pids cgroup; see [`limits`]).
+    #[serde(default)]
+    pub max_processes: Option<u32>,
+    /// `insecure=#true`: every capability and no seccomp filter (see [`confine`]).
+    #[serde(default)]
+    pub insecure: bool,
 }
+
+/// The process limit of a build's `run` steps.
+pub const DEFAULT_MAX_PROCESSES: u32 = 4096;
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NetworkMode {
@@ -121,6 +149,14 @@ pub enum NetworkMode {
 pub enum ExitStatusKind {
     Exited(i32),
     Signaled(i32),
+    /// Killed when it ran past its timeout.
+    TimedOut {
+        millis: u64,
+    },
+    /// Killed when it reached its process limit.
+    ProcessLimit {
+        max: u32,
+    },
 }
 
 impl ExitStatusKind {
@@ -137,8 +173,36 @@ impl std::fmt::Display for ExitStatusKind {
                 Ok(name) => write!(f, "killed by signal {signal} ({name})"),
                 Err(_) => write!(f, "killed by signal {signal}"),
             },
+            ExitStatusKind::TimedOut { millis } => write!(
+                f,
+                "killed after its timeout of {}",
+                format_duration(*millis)
+            ),
+            ExitStatusKind::ProcessLimit { max } => {
+                write!(f, "killed when it reached its limit of {max} processes")
+            }
         }
     }
+}
+
+/// `90000` → `1m30s`, `2000` → `2s`, `1500` → `1500ms`.
+pub fn format_duration(millis: u64) -> String {
+    if millis == 0 || !millis.is_multiple_of(1000) {
+        return format!("{millis}ms");
+    }
+    let seconds = millis / 1000;
+    let (hours, minutes, seconds) = (seconds / 3600, seconds / 60 % 60, seconds % 60);
+    let mut text = String::new();
+    if hours > 0 {
+        text.push_str(&format!("{hours}h"));
+    }
+    if minutes > 0 {
+        text.push_str(&format!("{minutes}m"));
+    }
+    if seconds > 0 {
+        text.push_str(&format!("{seconds}s"));
+    }
+    text
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,9 +291,19 @@ struct ChildRequest {
 enum ChildReport {
     Finished(ExitStatusKind),
     CopyDone,
-    CopyFailed { message: String },
-    SetupFailed { step: String, message: String },
-    ExecNotFound { program: String, path: String },
+    CopyFailed {
+        message: String,
+    },
+    SetupFailed {
+        step: String,
+        message: String,
+    },
+    ExecNotFound {
+        program: String,
+        path: String,
+    },
+    /// Something the user should know that does not stop the task (a limit not enforced).
+    Notice(String),
 }
 
 /// Runs `spec` in a sandbox child started as `exe __graphbuild-sandbox`, streaming the
@@ -242,8 +316,9 @@ pub fn run_sandbox(
     on_line: &mut dyn FnMut(&str),
 ) -> Result<SandboxOutcome, SandboxError> {
     validate(spec)?;
+    sweep_stale_scratch_dirs();
     let scratch = tempfile::Builder::new()
-        .prefix("graphbuild-sandbox-")
+        .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
         .tempdir()
         .map_err(|source| SandboxError::Io {
             action: "create the sandbox's scratch directory",
@@ -326,6 +401,7 @@ pub fn run_sandbox(
     let mut other_text = Vec::new();
     for line in reports.lines() {
         match serde_json::from_str::<ChildReport>(line) {
+            Ok(ChildReport::Notice(notice)) => notice_once(&notice, on_line),
             Ok(report) => last_report = Some(report),
             Err(_) if !line.trim().is_empty() => other_text.push(line.trim().to_string()),
             Err(_) => {}
@@ -345,7 +421,7 @@ pub fn run_sandbox(
         Some(ChildReport::ExecNotFound { program, path }) => {
             Err(SandboxError::ExecNotFound { program, path })
         }
-        None => Err(SandboxError::ChildDied {
+        Some(ChildReport::Notice(_)) | None => Err(SandboxError::ChildDied {
             status: match (status.code(), status.signal()) {
                 (Some(code), _) => format!("exit code {code}"),
                 (None, Some(signal)) => ExitStatusKind::Signaled(signal).to_string(),
@@ -354,6 +430,52 @@ pub fn run_sandbox(
             detail: other_text.join("; "),
         }),
     }
+}
+
+/// Shows a notice once per process, as a line of the task's output.
+fn notice_once(notice: &str, on_line: &mut dyn FnMut(&str)) {
+    static SHOWN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let first = SHOWN
+        .lock()
+        .map(|mut shown| {
+            let first = !shown.iter().any(|seen| seen == notice);
+            if first {
+                shown.push(notice.to_string());
+            }
+            first
+        })
+        .unwrap_or(true);
+    if first {
+        on_line(&format!("[graphbuild] notice: {notice}"));
+    }
+}
+
+/// Scratch directories are named `graphbuild-sandbox-ENGINEPID-…`; those of engines that are
+/// gone (killed with SIGKILL, which runs no destructor) are removed by the next engine.
+const SCRATCH_PREFIX: &str = "graphbuild-sandbox-";
+
+fn sweep_stale_scratch_dirs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|name| name.strip_prefix(SCRATCH_PREFIX))
+                .and_then(|rest| rest.split_once('-').map(|(pid, _)| pid))
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+                // Only ever empty directories: the tmpfs lived in the child's mount namespace.
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    });
 }
 
 /// Supervisors of sandboxes running now, so a cancelled build can stop them.
@@ -543,6 +665,9 @@ mod tests {
                 secret_files: vec![],
                 network: NetworkMode::Host,
                 hostname: String::new(),
+                timeout_ms: None,
+                max_processes: None,
+                insecure: false,
             }),
         };
         let error = run_sandbox(Path::new("/nonexistent"), &spec, &mut |_| {});
@@ -550,6 +675,20 @@ mod tests {
             matches!(error, Err(SandboxError::InvalidSpec { .. })),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn durations_are_shown_as_written() {
+        assert_eq!(format_duration(2_000), "2s");
+        assert_eq!(format_duration(600_000), "10m");
+        assert_eq!(format_duration(5_400_000), "1h30m");
+        assert_eq!(format_duration(90_000), "1m30s");
+        assert_eq!(format_duration(1_500), "1500ms");
+        assert_eq!(
+            ExitStatusKind::TimedOut { millis: 2_000 }.to_string(),
+            "killed after its timeout of 2s"
+        );
+        assert!(!ExitStatusKind::ProcessLimit { max: 8 }.success());
     }
 
     #[test]

@@ -1,37 +1,8 @@
-//! Expansion: images × platforms × matrix values → a graph of (stage × platform) nodes.
-//!
-//! # Overview
-//!
-//! For every selected image, every combination of its matrix values and every platform it is
-//! built for, the expander walks the image's stage and, recursively, the stages it builds on
-//! (`from`) and copies from (`copy from=`). Each visit substitutes the stage's strings with the
-//! variables in scope *for that platform*, tracks the image settings (env, workdir, user…)
-//! statically, and chains a [cache key](crate::key) through the stage's steps.
-//!
-//! A node is identified by its final key. Two visits that produce the same key are the same
-//! node: this is how a stage pinned to `$BUILDPLATFORM` that never reads a `TARGET*` variable
-//! becomes one node shared by every target platform, and how two images that share a stage
-//! share its node. Nothing else decides sharing: it follows from what the steps read.
-//!
-//! # Variables
-//!
-//! Lookup order for `$NAME`: the stage's own `arg`s declared so far, the template instance's
-//! params, the image's matrix values, the global `arg`s (with `--arg` overrides), then the eight
-//! automatic platform args. Strings in `run` commands are substituted in shell mode: a name
-//! graphbuild does not know is left for the shell (`$HOME`, `$i`, `$(…)`). Other strings also
-//! see the `env` values set so far, like Dockerfile instructions do.
-//!
-//! # The run environment
-//!
-//! A `run` sees the image env, the stage's declared args and the automatic args. A stage with an
-//! explicit `platform` (usually `$BUILDPLATFORM`) sees only the `BUILD*` args in its environment
-//! unless it declares a `TARGET*` arg with `arg TARGETARCH`: otherwise every target would see a
-//! different environment and the stage could never be shared between targets. Substituting
-//! `${TARGETARCH}` into a command works everywhere, and makes that step per-target.
+//! The expander: walks images, platforms and matrix values into nodes. See the parent
+//! module's docs for the rules; this file holds the walk.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 
 use graphbuild_lang::ir::{
     self, Command, FromSource, Loc, PlatformSpec, Project, Stage, StepKind, Text,
@@ -39,175 +10,16 @@ use graphbuild_lang::ir::{
 use graphbuild_lang::platform::Platform;
 use graphbuild_lang::subst::{self, Mode};
 use graphbuild_lang::{Diagnostic, Diagnostics};
-use petgraph::graph::DiGraph;
-use serde::Serialize;
 
-use crate::context::{self, Context, CopyItem};
+use super::op::{CacheMountOp, ConfigOp, CopyOp, CopySource, Op, RunOp, SecretOp};
+use super::{Base, ImagePlan, Node, Plan, PlanOptions, StepInputs, StepPlan, parse_duration};
+use crate::context::{self, Context};
 use crate::digest::Key;
 use crate::key::KeyBuilder;
-use crate::resolve::{ResolvedBase, Resolver};
+use crate::resolve::{ResolveError, Unresolved};
 use crate::state::{DEFAULT_PATH, HealthcheckSettings, ImageSettings};
-use crate::store::Store;
 
-/// What to expand.
-pub struct PlanOptions<'a> {
-    /// Image names to build (substituted names, or the name as written to select every matrix
-    /// instance). Empty: all.
-    pub images: Vec<String>,
-    /// Replaces every image's platform list when not empty.
-    pub platforms: Vec<Platform>,
-    /// `--arg K=V` overrides.
-    pub args: BTreeMap<String, String>,
-    /// The platform graphbuild runs on (`BUILDPLATFORM`).
-    pub host: Platform,
-    /// The build context; defaults to the build file's directory.
-    pub context_dir: Option<PathBuf>,
-    pub resolver: &'a dyn Resolver,
-    /// For the context stat cache.
-    pub store: Option<&'a Store>,
-}
-
-/// The expanded graph.
-#[derive(Debug)]
-pub struct Plan {
-    pub nodes: Vec<Node>,
-    pub images: Vec<ImagePlan>,
-    pub graph: DiGraph<usize, ()>,
-    pub context_dir: PathBuf,
-    pub warnings: Vec<Diagnostic>,
-}
-
-#[derive(Debug)]
-pub struct Node {
-    pub id: usize,
-    /// The stage's name.
-    pub stage: String,
-    /// The platform the node's steps run on.
-    pub platform: Platform,
-    /// Target platforms this node is built for (several when shared).
-    pub targets: Vec<Platform>,
-    pub key: Key,
-    /// Nodes this one needs: its base stage and the stages it copies from.
-    pub deps: Vec<usize>,
-    pub base: Base,
-    pub steps: Vec<StepPlan>,
-    /// The image settings after the last step.
-    pub settings: ImageSettings,
-    pub at: Loc,
-}
-
-#[derive(Debug, Clone)]
-pub enum Base {
-    Scratch,
-    Stage(usize),
-    Image(Arc<ResolvedBase>),
-}
-
-#[derive(Debug)]
-pub struct StepPlan {
-    pub key: Key,
-    pub op: Op,
-    /// Human description, also the image history's `created_by`.
-    pub description: String,
-    pub at: Loc,
-    /// What went into the key, in readable form, for `plan --explain`.
-    pub inputs: StepInputs,
-}
-
-/// The inputs of a step's key that a person can recognize.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct StepInputs {
-    /// Variables the step's strings read, with their values.
-    pub vars: BTreeMap<String, String>,
-    /// Context files a copy selects (path → content digest and mode), or the stage it copies from.
-    pub files: BTreeMap<String, String>,
-    /// The node's base: an image reference and digest, a stage, or scratch.
-    pub base: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Op {
-    Run(RunOp),
-    Copy(CopyOp),
-    /// A metadata step: it changes settings, never the filesystem.
-    Config,
-}
-
-impl Op {
-    pub fn touches_filesystem(&self) -> bool {
-        !matches!(self, Op::Config)
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RunOp {
-    pub argv: Vec<String>,
-    /// Sorted by name.
-    pub env: Vec<(String, String)>,
-    pub workdir: String,
-    pub user: String,
-    pub cache_mounts: Vec<CacheMountOp>,
-    pub secrets: Vec<SecretOp>,
-    pub network_none: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CacheMountOp {
-    pub id: String,
-    pub target: String,
-}
-
-/// A secret's id and where it goes; never its value.
-#[derive(Debug, Clone, Serialize)]
-pub struct SecretOp {
-    pub id: String,
-    pub target: Option<String>,
-    pub env: Option<String>,
-    pub required: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CopyOp {
-    pub sources: Vec<String>,
-    pub dest: String,
-    pub workdir: String,
-    pub chown: Option<String>,
-    pub chmod: Option<u32>,
-    pub from: CopySource,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CopySource {
-    /// Files selected from the build context at plan time.
-    Context {
-        #[serde(skip)]
-        items: Vec<CopyItem>,
-    },
-    /// Another node's filesystem. The node's *key* enters the step key; its index in this
-    /// plan must not, since indexes differ between plans of the same inputs.
-    Node {
-        #[serde(skip)]
-        node: usize,
-    },
-}
-
-#[derive(Debug)]
-pub struct ImagePlan {
-    pub name: String,
-    pub tags: Vec<String>,
-    /// Each platform and the node that builds it, in declared order.
-    pub platforms: Vec<(Platform, usize)>,
-    pub annotations: BTreeMap<String, String>,
-    pub labels: BTreeMap<String, String>,
-    pub output: Option<PathBuf>,
-    pub push: bool,
-    pub at: Loc,
-}
-
-/// Expand a project. Every problem found is returned at once.
-pub fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Plan, Diagnostics> {
+pub(super) fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Plan, Diagnostics> {
     let context_dir = options
         .context_dir
         .clone()
@@ -228,29 +40,16 @@ pub fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Plan, Diag
         by_key: HashMap::new(),
         memo: HashMap::new(),
         errors: Vec::new(),
-        reported: std::collections::HashSet::new(),
+        reported: HashSet::new(),
     };
     let images = expander.images();
     if !expander.errors.is_empty() {
         return Err(Diagnostics(expander.errors));
     }
-    let mut graph = DiGraph::new();
-    let indices: Vec<_> = expander
-        .nodes
-        .iter()
-        .map(|node| graph.add_node(node.id))
-        .collect();
-    for node in &expander.nodes {
-        for dep in &node.deps {
-            graph.add_edge(indices[*dep], indices[node.id], ());
-        }
-    }
     Ok(Plan {
         nodes: expander.nodes,
         images,
-        graph,
         context_dir,
-        warnings: Vec::new(),
     })
 }
 
@@ -262,16 +61,34 @@ struct Expander<'a> {
     stages: HashMap<&'a str, &'a Stage>,
     nodes: Vec<Node>,
     by_key: HashMap<Key, usize>,
-    /// (stage, target, matrix) → node, so shared stages are expanded once.
-    memo: HashMap<MemoKey, Option<usize>>,
+    /// Each visit's node (`None` after an error), so shared stages are expanded once.
+    memo: HashMap<Visit, Option<usize>>,
     errors: Vec<Diagnostic>,
     /// (location, message) pairs already reported, so a problem in a stage shared by several
     /// platforms is reported once.
-    reported: std::collections::HashSet<(u32, usize, String)>,
+    reported: HashSet<(u32, usize, String)>,
 }
 
 /// A stage expanded for a target platform and matrix values.
-type MemoKey = (String, Platform, Vec<(String, String)>);
+type Visit = (String, Platform, Vec<(String, String)>);
+
+/// Where a stage's steps start: its base, the state and the variables in scope.
+struct StageStart {
+    platform: Platform,
+    /// The stage has an explicit `platform`; see the module docs on the run environment.
+    pinned: bool,
+    vars: Vars,
+    deps: Vec<usize>,
+    key: Key,
+    settings: ImageSettings,
+    base_description: String,
+    base: Base,
+    /// The base is, or builds on, an unresolved image: every key from here on is pending.
+    pending: bool,
+}
+
+/// A visit that needs another visit's node first: the walk expands that one and comes back.
+struct Pending(Visit);
 
 /// Variables visible while expanding one stage for one target.
 struct Vars {
@@ -509,8 +326,7 @@ impl<'a> Expander<'a> {
                     {
                         continue;
                     }
-                    let mut stack = Vec::new();
-                    if let Some(node) = self.node_for(stage, &platform, &matrix, &mut stack) {
+                    if let Some(node) = self.node_for(stage, &platform, &matrix) {
                         plan.platforms.push((platform, node));
                     }
                 }
@@ -557,40 +373,81 @@ impl<'a> Expander<'a> {
     }
 
     /// The node that builds `stage` for `target`; `None` after reporting an error.
+    ///
+    /// Iterative: a visit that needs a node not expanded yet returns [`Pending`]; the walk
+    /// expands that one first and then visits again. A visit is retried at most once per
+    /// dependency, so the work is linear in the size of the graph, and no chain of stages,
+    /// however long, deepens the call stack.
     fn node_for(
         &mut self,
         stage: &'a Stage,
         target: &Platform,
         matrix: &[(String, String)],
-        stack: &mut Vec<String>,
     ) -> Option<usize> {
-        let memo_key = (stage.name.clone(), target.clone(), matrix.to_vec());
-        if let Some(known) = self.memo.get(&memo_key) {
-            return *known;
+        let root: Visit = (stage.name.clone(), target.clone(), matrix.to_vec());
+        let mut work = vec![root.clone()];
+        // The visits in `work`, to find a cycle in constant time.
+        let mut open: HashSet<Visit> = HashSet::from([root.clone()]);
+        while let Some(visit) = work.last().cloned() {
+            if self.memo.contains_key(&visit) {
+                open.remove(&visit);
+                work.pop();
+                continue;
+            }
+            let stage = self.stages[visit.0.as_str()];
+            match self.expand_stage(stage, &visit.1, &visit.2) {
+                Ok(node) => {
+                    self.memo.insert(visit.clone(), node);
+                    open.remove(&visit);
+                    work.pop();
+                }
+                Err(Pending(needed)) if open.contains(&needed) => {
+                    let position = work.iter().position(|open| *open == needed).unwrap_or(0);
+                    let mut cycle: Vec<String> = work[position..]
+                        .iter()
+                        .map(|visit| visit.0.clone())
+                        .collect();
+                    cycle.push(needed.0.clone());
+                    let at = self.stages[needed.0.as_str()].at;
+                    self.error(
+                        at,
+                        "graphbuild::cycle",
+                        format!(
+                            "stages depend on each other in a cycle: {}",
+                            cycle.join(" → ")
+                        ),
+                        "this stage is part of the cycle",
+                        Some(
+                            "a stage cannot build on or copy from itself, directly or through \
+                             other stages"
+                                .into(),
+                        ),
+                    );
+                    self.memo.insert(visit.clone(), None);
+                    open.remove(&visit);
+                    work.pop();
+                }
+                Err(Pending(needed)) => {
+                    open.insert(needed.clone());
+                    work.push(needed);
+                }
+            }
         }
-        if let Some(position) = stack.iter().position(|name| *name == stage.name) {
-            let mut cycle = stack[position..].to_vec();
-            cycle.push(stage.name.clone());
-            self.error(
-                stage.at,
-                "graphbuild::cycle",
-                format!(
-                    "stages depend on each other in a cycle: {}",
-                    cycle.join(" → ")
-                ),
-                "this stage is part of the cycle",
-                Some(
-                    "a stage cannot build on or copy from itself, directly or through other stages"
-                        .into(),
-                ),
-            );
-            return None;
+        self.memo.get(&root).copied().flatten()
+    }
+
+    /// The node of a visit this one depends on: known, or [`Pending`] until the walk has it.
+    fn dependency(
+        &self,
+        stage: &str,
+        platform: &Platform,
+        matrix: &[(String, String)],
+    ) -> Result<Option<usize>, Pending> {
+        let visit: Visit = (stage.to_string(), platform.clone(), matrix.to_vec());
+        match self.memo.get(&visit) {
+            Some(node) => Ok(*node),
+            None => Err(Pending(visit)),
         }
-        stack.push(stage.name.clone());
-        let node = self.expand_stage(stage, target, matrix, stack);
-        stack.pop();
-        self.memo.insert(memo_key, node);
-        node
     }
 
     fn expand_stage(
@@ -598,8 +455,7 @@ impl<'a> Expander<'a> {
         stage: &'a Stage,
         target: &Platform,
         matrix: &[(String, String)],
-        stack: &mut Vec<String>,
-    ) -> Option<usize> {
+    ) -> Result<Option<usize>, Pending> {
         let host = self.options.host.clone();
         let globals = self.globals(target, matrix);
         let mut vars = Vars::new(matrix.to_vec(), globals, automatic_args(target, &host));
@@ -611,42 +467,44 @@ impl<'a> Expander<'a> {
             }
         }
         let platform = match &stage.platform {
-            Some(spec) => self.parse_platform(spec, &vars)?,
+            Some(spec) => match self.parse_platform(spec, &vars) {
+                Some(platform) => platform,
+                None => return Ok(None),
+            },
             None => target.clone(),
         };
         let pinned = stage.platform.is_some();
 
         // The base: another node, an image, or nothing.
         let mut deps = Vec::new();
-        let (base, mut settings, mut key) = match &stage.from.source {
-            FromSource::Scratch => (
-                Base::Scratch,
-                ImageSettings::default(),
-                root_key("scratch", &platform, None),
-            ),
-            FromSource::Stage(name) => {
-                let base_stage = self.stages.get(name.as_str()).copied()?;
-                let id = self.node_for(base_stage, &platform, matrix, stack)?;
-                deps.push(id);
-                let key = root_key("stage", &platform, Some(&self.nodes[id].key.0));
-                (Base::Stage(id), self.nodes[id].settings.clone(), key)
-            }
+        let base_stage = match &stage.from.source {
+            FromSource::Scratch => None,
+            FromSource::Stage(name) => Some(name.clone()),
             FromSource::Image(text) => {
                 let reference = self.substitute(text, Mode::Strict, &vars, None);
-                if reference == "scratch" {
-                    (
-                        Base::Scratch,
-                        ImageSettings::default(),
-                        root_key("scratch", &platform, None),
-                    )
-                } else if let Some(base_stage) = self.stages.get(reference.as_str()).copied() {
-                    let id = self.node_for(base_stage, &platform, matrix, stack)?;
-                    deps.push(id);
-                    let key = root_key("stage", &platform, Some(&self.nodes[id].key.0));
-                    (Base::Stage(id), self.nodes[id].settings.clone(), key)
+                if reference == "scratch" || self.stages.contains_key(reference.as_str()) {
+                    (reference != "scratch").then_some(reference)
                 } else {
                     let resolved = match self.options.resolver.resolve(&reference, &platform) {
                         Ok(resolved) => resolved,
+                        Err(ResolveError::Unresolved(unresolved)) => {
+                            return self.expand_steps(
+                                stage,
+                                target,
+                                matrix,
+                                StageStart {
+                                    key: unresolved_key(&unresolved),
+                                    platform,
+                                    pinned,
+                                    vars,
+                                    deps,
+                                    settings: ImageSettings::default(),
+                                    base_description: format!("{reference} (unresolved)"),
+                                    base: Base::Unresolved(std::sync::Arc::from(unresolved)),
+                                    pending: true,
+                                },
+                            );
+                        }
                         Err(error) => {
                             let help = error.help();
                             self.error(
@@ -656,28 +514,86 @@ impl<'a> Expander<'a> {
                                 "this base image",
                                 Some(help),
                             );
-                            return None;
+                            return Ok(None);
                         }
                     };
                     let key = root_key("image", &platform, Some(&resolved.manifest_digest.0));
-                    (
-                        Base::Image(resolved.clone()),
-                        resolved.settings.clone(),
-                        key,
-                    )
+                    return self.expand_steps(
+                        stage,
+                        target,
+                        matrix,
+                        StageStart {
+                            key,
+                            platform,
+                            pinned,
+                            vars,
+                            deps,
+                            settings: resolved.settings.clone(),
+                            base_description: format!(
+                                "{} ({})",
+                                resolved.reference, resolved.manifest_digest
+                            ),
+                            base: Base::Image(resolved),
+                            pending: false,
+                        },
+                    );
                 }
             }
         };
-
-        let base_description = match &base {
-            Base::Scratch => "scratch".to_string(),
-            Base::Stage(id) => format!(
-                "stage {} ({})",
-                self.nodes[*id].stage,
-                self.nodes[*id].key.short()
-            ),
-            Base::Image(image) => format!("{} ({})", image.reference, image.manifest_digest),
+        let start = match base_stage {
+            None => StageStart {
+                key: root_key("scratch", &platform, None),
+                platform: platform.clone(),
+                pinned,
+                vars,
+                deps,
+                settings: ImageSettings::default(),
+                base_description: "scratch".to_string(),
+                base: Base::Scratch,
+                pending: false,
+            },
+            Some(name) => {
+                let Some(id) = self.dependency(&name, &platform, matrix)? else {
+                    return Ok(None);
+                };
+                deps.push(id);
+                let base = &self.nodes[id];
+                StageStart {
+                    key: root_key("stage", &platform, Some(&base.key.0)),
+                    settings: base.settings.clone(),
+                    base_description: format!("stage {} ({})", base.stage, base.key.short()),
+                    platform: platform.clone(),
+                    pinned,
+                    vars,
+                    deps,
+                    base: Base::Stage(id),
+                    pending: base.pending,
+                }
+            }
         };
+        self.expand_steps(stage, target, matrix, start)
+    }
+
+    /// The steps of a stage from its base on, then the node (an existing one when the final
+    /// key is already known).
+    fn expand_steps(
+        &mut self,
+        stage: &'a Stage,
+        target: &Platform,
+        matrix: &[(String, String)],
+        start: StageStart,
+    ) -> Result<Option<usize>, Pending> {
+        let StageStart {
+            platform,
+            pinned,
+            mut vars,
+            mut deps,
+            mut key,
+            mut settings,
+            base_description,
+            base,
+            mut pending,
+        } = start;
         let mut steps = Vec::new();
         vars.take_reads();
         for step in &stage.steps {
@@ -686,51 +602,40 @@ impl<'a> Expander<'a> {
             }
             let (op, description) = match &step.kind {
                 StepKind::Run(run) => {
-                    let Some(op) = self.run_op(run, &vars, &settings, pinned) else {
-                        continue;
-                    };
-                    let description = format!("RUN {}", op.argv.join(" "));
-                    (Op::Run(op), description)
+                    let (op, display) = self.run_op(run, &vars, &settings, pinned);
+                    (Op::Run(op), format!("RUN {}", display.join(" ")))
                 }
                 StepKind::Copy(copy) => {
                     let Some((op, dep)) =
-                        self.copy_op(copy, step.at, &vars, &settings, target, matrix, stack)
+                        self.copy_op(copy, step.at, &vars, &settings, target, matrix)?
                     else {
                         continue;
                     };
-                    if let Some(dep) = dep
-                        && !deps.contains(&dep)
-                    {
-                        deps.push(dep);
+                    if let Some(dep) = dep {
+                        // Copying from a pending node makes this step, and what follows, pending.
+                        pending |= self.nodes[dep].pending;
+                        if !deps.contains(&dep) {
+                            deps.push(dep);
+                        }
                     }
-                    let description = format!("COPY {} {}", op.sources.join(" "), op.dest);
-                    (Op::Copy(op), description)
+                    let op = Op::Copy(op);
+                    let description = op.describe();
+                    (op, description)
                 }
                 kind => {
-                    let Some(description) =
-                        self.apply_config(kind, step.at, &mut vars, &mut settings)
-                    else {
+                    let Some(config) = self.config_op(kind, step.at, &mut vars, &settings) else {
                         continue;
                     };
-                    (Op::Config, description)
+                    config.apply(&mut settings);
+                    let op = Op::Config(config);
+                    let description = op.describe();
+                    (op, description)
                 }
             };
-            let mut builder = KeyBuilder::new("step");
-            builder.key(&key).json(&op).str(&description);
-            if let Op::Copy(CopyOp { from, .. }) = &op {
-                match from {
-                    CopySource::Context { items } => {
-                        builder.bytes(&context::items_digest(items));
-                    }
-                    CopySource::Node { node } => {
-                        builder.key(&self.nodes[*node].key);
-                    }
-                }
-            }
-            key = builder.finish();
+            key = op.key(&key);
             let files = match &op {
                 Op::Copy(CopyOp {
-                    from: CopySource::Context { items },
+                    from: CopySource::Context { items, .. },
                     ..
                 }) => items
                     .iter()
@@ -747,21 +652,23 @@ impl<'a> Expander<'a> {
                     })
                     .collect(),
                 Op::Copy(CopyOp {
-                    from: CopySource::Node { node },
+                    from: CopySource::Node { node, key },
                     ..
                 }) => BTreeMap::from([(
                     format!("stage {}", self.nodes[*node].stage),
-                    self.nodes[*node].key.to_string(),
+                    key.to_string(),
                 )]),
                 _ => BTreeMap::new(),
             };
             let inputs = StepInputs {
+                op: serde_json::from_slice(&op.canonical()).unwrap_or_default(),
                 vars: vars.take_reads(),
                 files,
                 base: base_description.clone(),
             };
             steps.push(StepPlan {
                 key,
+                pending,
                 op,
                 description,
                 at: step.at,
@@ -774,7 +681,7 @@ impl<'a> Expander<'a> {
             if !node.targets.contains(target) {
                 node.targets.push(target.clone());
             }
-            return Some(existing);
+            return Ok(Some(existing));
         }
         let id = self.nodes.len();
         self.by_key.insert(key, id);
@@ -784,15 +691,18 @@ impl<'a> Expander<'a> {
             platform,
             targets: vec![target.clone()],
             key,
+            pending,
             deps,
             base,
             steps,
             settings,
             at: stage.at,
         });
-        Some(id)
+        Ok(Some(id))
     }
 
+    /// A command's argv with build variables substituted (shell mode: anything else is left
+    /// for the shell).
     fn command(
         &mut self,
         command: &Command,
@@ -813,23 +723,38 @@ impl<'a> Expander<'a> {
         }
     }
 
+    /// A `run` step, and its command with values shown (for people and the history).
     fn run_op(
         &mut self,
         run: &ir::Run,
         vars: &Vars,
         settings: &ImageSettings,
         pinned: bool,
-    ) -> Option<RunOp> {
-        let argv = self.command(&run.command, Mode::Shell, vars, settings);
+    ) -> (RunOp, Vec<String>) {
+        // Substituting only shows the values and learns which build variables the command
+        // references; what runs is the command as written, with those variables in its
+        // environment.
+        let display = self.command(&run.command, Mode::Shell, vars, settings);
+        let referenced = vars.reads.borrow().clone();
+        let argv = match &run.command {
+            Command::Shell(text) => {
+                let mut argv = settings.shell();
+                argv.push(text.raw.clone());
+                argv
+            }
+            Command::Exec(args) => args.iter().map(|arg| arg.raw.clone()).collect(),
+        };
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in &vars.automatic {
             if !pinned || name.starts_with("BUILD") {
                 env.insert(name.clone(), value.clone());
             }
         }
+        env.extend(referenced);
         for (name, value) in &vars.stage_args {
             env.insert(name.clone(), value.clone());
         }
+        // The image env wins over a build variable of the same name, as `ENV` over `ARG`.
         for (name, value) in &settings.env {
             env.insert(name.clone(), value.clone());
         }
@@ -860,7 +785,7 @@ impl<'a> Expander<'a> {
                 required: secret.required,
             })
             .collect();
-        Some(RunOp {
+        let op = RunOp {
             argv,
             env: env.into_iter().collect(),
             workdir: settings.workdir().to_string(),
@@ -868,13 +793,28 @@ impl<'a> Expander<'a> {
             cache_mounts,
             secrets,
             network_none: run.network == ir::Network::None,
-        })
+            insecure: run.insecure,
+            timeout_ms: run.timeout.as_ref().and_then(|text| {
+                let value = self.substitute(text, Mode::Strict, vars, Some(settings));
+                match parse_duration(&value) {
+                    Some(ns) if ns >= 1_000_000 => Some(ns / 1_000_000),
+                    _ => {
+                        self.error(
+                            text.at,
+                            "graphbuild::duration",
+                            format!("`{value}` is not a step timeout"),
+                            "this duration",
+                            Some("write durations like \"10m\", \"1h30m\" or \"30s\"".into()),
+                        );
+                        None
+                    }
+                }
+            }),
+        };
+        (op, display)
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the expansion context of one step"
-    )]
+    /// A `copy` step and the node it copies from, if any.
     fn copy_op(
         &mut self,
         copy: &ir::Copy,
@@ -883,8 +823,7 @@ impl<'a> Expander<'a> {
         settings: &ImageSettings,
         target: &Platform,
         matrix: &[(String, String)],
-        stack: &mut Vec<String>,
-    ) -> Option<(CopyOp, Option<usize>)> {
+    ) -> Result<Option<(CopyOp, Option<usize>)>, Pending> {
         let sources: Vec<String> = copy
             .sources
             .iter()
@@ -909,7 +848,7 @@ impl<'a> Expander<'a> {
                             "this mode",
                             Some("write the mode in octal, for example chmod=\"0755\"".into()),
                         );
-                        return None;
+                        return Ok(None);
                     }
                 }
             }
@@ -921,7 +860,10 @@ impl<'a> Expander<'a> {
                     Err(error) => Err(error),
                 };
                 match selected {
-                    Ok(items) => (CopySource::Context { items }, None),
+                    Ok(items) => {
+                        let digest = hex::encode(context::items_digest(&items));
+                        (CopySource::Context { items, digest }, None)
+                    }
                     Err(error) => {
                         self.error(
                             at,
@@ -933,22 +875,27 @@ impl<'a> Expander<'a> {
                                 self.context_dir.display()
                             )),
                         );
-                        return None;
+                        return Ok(None);
                     }
                 }
             }
             Some(ir::CopyFrom::Stage(name, _)) => {
-                let source_stage = self.stages.get(name.as_str()).copied()?;
-                let id = self.node_for(source_stage, target, matrix, stack)?;
-                (CopySource::Node { node: id }, Some(id))
+                let Some(id) = self.dependency(name, target, matrix)? else {
+                    return Ok(None);
+                };
+                let key = self.nodes[id].key;
+                (CopySource::Node { node: id, key }, Some(id))
             }
             Some(ir::CopyFrom::Image(text)) => {
                 let reference = self.substitute(text, Mode::Strict, vars, Some(settings));
-                let id = self.image_node(&reference, text.at, target)?;
-                (CopySource::Node { node: id }, Some(id))
+                let Some(id) = self.image_node(&reference, text.at, target)? else {
+                    return Ok(None);
+                };
+                let key = self.nodes[id].key;
+                (CopySource::Node { node: id, key }, Some(id))
             }
         };
-        Some((
+        Ok(Some((
             CopyOp {
                 sources,
                 dest,
@@ -958,16 +905,43 @@ impl<'a> Expander<'a> {
                 from,
             },
             dep,
-        ))
+        )))
     }
 
     /// A node that is just an image, for `copy from="oci:…"`.
-    fn image_node(&mut self, reference: &str, at: Loc, platform: &Platform) -> Option<usize> {
-        if let Some(stage) = self.stages.get(reference).copied() {
-            return self.node_for(stage, platform, &[], &mut Vec::new());
+    fn image_node(
+        &mut self,
+        reference: &str,
+        at: Loc,
+        platform: &Platform,
+    ) -> Result<Option<usize>, Pending> {
+        if self.stages.contains_key(reference) {
+            return self.dependency(reference, platform, &[]);
         }
         let resolved = match self.options.resolver.resolve(reference, platform) {
             Ok(resolved) => resolved,
+            Err(ResolveError::Unresolved(unresolved)) => {
+                let key = unresolved_key(&unresolved);
+                if let Some(&existing) = self.by_key.get(&key) {
+                    return Ok(Some(existing));
+                }
+                let id = self.nodes.len();
+                self.by_key.insert(key, id);
+                self.nodes.push(Node {
+                    id,
+                    stage: reference.to_string(),
+                    platform: platform.clone(),
+                    targets: vec![platform.clone()],
+                    key,
+                    pending: true,
+                    deps: Vec::new(),
+                    settings: ImageSettings::default(),
+                    base: Base::Unresolved(std::sync::Arc::from(unresolved)),
+                    steps: Vec::new(),
+                    at,
+                });
+                return Ok(Some(id));
+            }
             Err(error) => {
                 let help = error.help();
                 self.error(
@@ -977,12 +951,12 @@ impl<'a> Expander<'a> {
                     "this image",
                     Some(help),
                 );
-                return None;
+                return Ok(None);
             }
         };
         let key = root_key("image", platform, Some(&resolved.manifest_digest.0));
         if let Some(&existing) = self.by_key.get(&key) {
-            return Some(existing);
+            return Ok(Some(existing));
         }
         let id = self.nodes.len();
         self.by_key.insert(key, id);
@@ -992,32 +966,38 @@ impl<'a> Expander<'a> {
             platform: platform.clone(),
             targets: vec![platform.clone()],
             key,
+            pending: false,
             deps: Vec::new(),
             settings: resolved.settings.clone(),
             base: Base::Image(resolved),
             steps: Vec::new(),
             at,
         });
-        Some(id)
+        Ok(Some(id))
     }
 
-    /// Apply a metadata step to the settings; returns its history description.
-    fn apply_config(
+    /// A metadata step as a typed op, its values substituted; an `arg` also enters `vars`.
+    fn config_op(
         &mut self,
         kind: &StepKind,
         at: Loc,
         vars: &mut Vars,
-        settings: &mut ImageSettings,
-    ) -> Option<String> {
-        let description = match kind {
+        settings: &ImageSettings,
+    ) -> Option<ConfigOp> {
+        let strict = |expander: &mut Self, text: &Text, vars: &Vars, settings: &ImageSettings| {
+            expander.substitute(text, Mode::Strict, vars, Some(settings))
+        };
+        let config = match kind {
             StepKind::Env(pairs) => {
-                let mut parts = Vec::new();
+                // Each value sees the ones before it in the same `env`, as in a Dockerfile.
+                let mut scratch = settings.clone();
+                let mut values = Vec::new();
                 for (name, value) in pairs {
-                    let value = self.substitute(value, Mode::Strict, vars, Some(settings));
-                    parts.push(format!("{name}={value}"));
-                    settings.set_env(name, value);
+                    let value = strict(self, value, vars, &scratch);
+                    scratch.set_env(name, value.clone());
+                    values.push((name.clone(), value));
                 }
-                format!("ENV {}", parts.join(" "))
+                ConfigOp::Env(values)
             }
             StepKind::Arg(arg) => {
                 let value = if let Some(value) = self.options.args.get(&arg.name) {
@@ -1027,141 +1007,71 @@ impl<'a> Expander<'a> {
                 {
                     Some(value.clone())
                 } else if let Some(default) = &arg.default {
-                    Some(self.substitute(default, Mode::Strict, vars, Some(settings)))
+                    Some(strict(self, default, vars, settings))
                 } else {
                     vars.automatic
                         .iter()
                         .find(|(name, _)| *name == arg.name)
                         .map(|(_, value)| value.clone())
                 };
-                match value {
-                    Some(value) => {
-                        let description = format!("ARG {}={}", arg.name, value);
-                        vars.stage_args.push((arg.name.clone(), value));
-                        description
-                    }
-                    None => format!("ARG {}", arg.name),
+                if let Some(value) = &value {
+                    vars.stage_args.push((arg.name.clone(), value.clone()));
+                }
+                ConfigOp::Arg {
+                    name: arg.name.clone(),
+                    value,
                 }
             }
             StepKind::Workdir(text) => {
-                let value = self.substitute(text, Mode::Strict, vars, Some(settings));
-                settings.workdir = if value.starts_with('/') {
+                let value = strict(self, text, vars, settings);
+                ConfigOp::Workdir(if value.starts_with('/') {
                     value
                 } else {
                     format!("{}/{}", settings.workdir().trim_end_matches('/'), value)
-                };
-                format!("WORKDIR {}", settings.workdir)
+                })
             }
-            StepKind::User(text) => {
-                settings.user = self.substitute(text, Mode::Strict, vars, Some(settings));
-                format!("USER {}", settings.user)
-            }
-            StepKind::Label(pairs) => {
-                let mut parts = Vec::new();
-                for (name, value) in pairs {
-                    let value = self.substitute(value, Mode::Strict, vars, Some(settings));
-                    parts.push(format!("{name}={value}"));
-                    settings.labels.insert(name.clone(), value);
-                }
-                format!("LABEL {}", parts.join(" "))
-            }
-            StepKind::Expose(ports) => {
-                let mut parts = Vec::new();
-                for port in ports {
-                    let value = self.substitute(port, Mode::Strict, vars, Some(settings));
-                    let value = if value.contains('/') {
-                        value
-                    } else {
-                        format!("{value}/tcp")
-                    };
-                    parts.push(value.clone());
-                    settings.exposed_ports.insert(value);
-                }
-                format!("EXPOSE {}", parts.join(" "))
-            }
+            StepKind::User(text) => ConfigOp::User(strict(self, text, vars, settings)),
+            StepKind::Label(pairs) => ConfigOp::Label(
+                pairs
+                    .iter()
+                    .map(|(name, value)| (name.clone(), strict(self, value, vars, settings)))
+                    .collect(),
+            ),
+            StepKind::Expose(ports) => ConfigOp::Expose(
+                ports
+                    .iter()
+                    .map(|port| {
+                        let value = strict(self, port, vars, settings);
+                        if value.contains('/') {
+                            value
+                        } else {
+                            format!("{value}/tcp")
+                        }
+                    })
+                    .collect(),
+            ),
+            // Runtime commands: build variables are substituted, anything else (`$HOME`, env
+            // values) is left for the container's shell, as Docker does.
             StepKind::Entrypoint(command) => {
-                // Runtime commands: build args are substituted, anything else (`$HOME`, env
-                // values) is left for the container's shell, as Docker does.
-                let argv = self.command(command, Mode::Shell, vars, settings);
-                let description = format!("ENTRYPOINT {argv:?}");
-                settings.entrypoint = Some(argv);
-                // Docker: setting an entrypoint resets a cmd inherited from the base image.
-                settings.cmd = None;
-                description
+                ConfigOp::Entrypoint(self.command(command, Mode::Shell, vars, settings))
             }
             StepKind::Cmd(command) => {
-                // Runtime commands: build args are substituted, anything else (`$HOME`, env
-                // values) is left for the container's shell, as Docker does.
-                let argv = self.command(command, Mode::Shell, vars, settings);
-                let description = format!("CMD {argv:?}");
-                settings.cmd = Some(argv);
-                description
+                ConfigOp::Cmd(self.command(command, Mode::Shell, vars, settings))
             }
-            StepKind::Volume(paths) => {
-                let mut parts = Vec::new();
-                for path in paths {
-                    let value = self.substitute(path, Mode::Strict, vars, Some(settings));
-                    parts.push(value.clone());
-                    settings.volumes.insert(value);
-                }
-                format!("VOLUME {}", parts.join(" "))
-            }
-            StepKind::Shell(args) => {
-                settings.shell = args
+            StepKind::Volume(paths) => ConfigOp::Volume(
+                paths
                     .iter()
-                    .map(|arg| self.substitute(arg, Mode::Strict, vars, Some(settings)))
-                    .collect();
-                format!("SHELL {:?}", settings.shell)
-            }
-            StepKind::StopSignal(text) => {
-                let value = self.substitute(text, Mode::Strict, vars, Some(settings));
-                let description = format!("STOPSIGNAL {value}");
-                settings.stop_signal = Some(value);
-                description
-            }
+                    .map(|path| strict(self, path, vars, settings))
+                    .collect(),
+            ),
+            StepKind::Shell(args) => ConfigOp::Shell(
+                args.iter()
+                    .map(|arg| strict(self, arg, vars, settings))
+                    .collect(),
+            ),
+            StepKind::StopSignal(text) => ConfigOp::StopSignal(strict(self, text, vars, settings)),
             StepKind::Healthcheck(check) => {
-                let test = match &check.test {
-                    None => vec!["NONE".to_string()],
-                    Some(Command::Shell(text)) => {
-                        vec![
-                            "CMD-SHELL".to_string(),
-                            self.substitute(text, Mode::Shell, vars, None),
-                        ]
-                    }
-                    Some(Command::Exec(args)) => std::iter::once("CMD".to_string())
-                        .chain(
-                            args.iter()
-                                .map(|arg| self.substitute(arg, Mode::Shell, vars, None)),
-                        )
-                        .collect(),
-                };
-                let duration = |text: &Option<Text>, expander: &mut Self| -> Option<u64> {
-                    let text = text.as_ref()?;
-                    let value = expander.substitute(text, Mode::Strict, vars, Some(settings));
-                    match parse_duration(&value) {
-                        Some(ns) => Some(ns),
-                        None => {
-                            expander.error(
-                                text.at,
-                                "graphbuild::duration",
-                                format!("`{value}` is not a duration"),
-                                "this duration",
-                                Some("write durations like \"30s\", \"1m30s\" or \"500ms\"".into()),
-                            );
-                            None
-                        }
-                    }
-                };
-                let healthcheck = HealthcheckSettings {
-                    interval_ns: duration(&check.interval, self),
-                    timeout_ns: duration(&check.timeout, self),
-                    start_period_ns: duration(&check.start_period, self),
-                    retries: check.retries,
-                    test,
-                };
-                let description = format!("HEALTHCHECK {:?}", healthcheck.test);
-                settings.healthcheck = Some(healthcheck);
-                description
+                ConfigOp::Healthcheck(self.healthcheck(check, vars, settings))
             }
             StepKind::Run(_) | StepKind::Copy(_) => {
                 self.error(
@@ -1174,8 +1084,65 @@ impl<'a> Expander<'a> {
                 return None;
             }
         };
-        Some(description)
+        Some(config)
     }
+
+    fn healthcheck(
+        &mut self,
+        check: &ir::Healthcheck,
+        vars: &Vars,
+        settings: &ImageSettings,
+    ) -> HealthcheckSettings {
+        let test = match &check.test {
+            None => vec!["NONE".to_string()],
+            Some(Command::Shell(text)) => {
+                vec![
+                    "CMD-SHELL".to_string(),
+                    self.substitute(text, Mode::Shell, vars, None),
+                ]
+            }
+            Some(Command::Exec(args)) => std::iter::once("CMD".to_string())
+                .chain(
+                    args.iter()
+                        .map(|arg| self.substitute(arg, Mode::Shell, vars, None)),
+                )
+                .collect(),
+        };
+        let mut duration = |text: &Option<Text>| -> Option<u64> {
+            let text = text.as_ref()?;
+            let value = self.substitute(text, Mode::Strict, vars, Some(settings));
+            match parse_duration(&value) {
+                Some(ns) => Some(ns),
+                None => {
+                    self.error(
+                        text.at,
+                        "graphbuild::duration",
+                        format!("`{value}` is not a duration"),
+                        "this duration",
+                        Some("write durations like \"30s\", \"1m30s\" or \"500ms\"".into()),
+                    );
+                    None
+                }
+            }
+        };
+        HealthcheckSettings {
+            interval_ns: duration(&check.interval),
+            timeout_ns: duration(&check.timeout),
+            start_period_ns: duration(&check.start_period),
+            retries: check.retries,
+            test,
+        }
+    }
+}
+
+/// The placeholder root of a node built on an unresolved base: distinct per reference and
+/// platform (so pending nodes are told apart and shared like real ones), and in a key domain of
+/// its own, so it can never equal a real key or be found in a store.
+fn unresolved_key(unresolved: &Unresolved) -> Key {
+    KeyBuilder::new("unresolved-base")
+        .str(&unresolved.reference)
+        .str(&unresolved.platform.to_string())
+        .finish()
 }
 
 fn root_key(kind: &str, platform: &Platform, parent: Option<&[u8; 32]>) -> Key {
@@ -1214,89 +1181,4 @@ fn matrix_combinations(
             .collect();
     }
     combinations
-}
-
-/// Go-style durations: `1h2m3s`, `500ms`, `1.5s`.
-pub fn parse_duration(text: &str) -> Option<u64> {
-    let mut total: f64 = 0.0;
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    if rest == "0" {
-        return Some(0);
-    }
-    while !rest.is_empty() {
-        let number_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        let number: f64 = rest[..number_end].parse().ok()?;
-        rest = &rest[number_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let factor = match &rest[..unit_end] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return None,
-        };
-        total += number * factor;
-        rest = &rest[unit_end..];
-    }
-    Some(total as u64)
-}
-
-impl Plan {
-    /// Nodes in an order where every node comes after its dependencies.
-    /// Ties are broken by node id, so the order is stable and reads top-down.
-    pub fn topological_order(&self) -> Vec<usize> {
-        let mut remaining: Vec<usize> = self.nodes.iter().map(|node| node.deps.len()).collect();
-        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); self.nodes.len()];
-        for node in &self.nodes {
-            for dep in &node.deps {
-                dependents[*dep].push(node.id);
-            }
-        }
-        let mut ready: std::collections::BTreeSet<usize> = (0..self.nodes.len())
-            .filter(|id| remaining[*id] == 0)
-            .collect();
-        let mut order = Vec::with_capacity(self.nodes.len());
-        while let Some(id) = ready.pop_first() {
-            order.push(id);
-            for dependent in &dependents[id] {
-                remaining[*dependent] -= 1;
-                if remaining[*dependent] == 0 {
-                    ready.insert(*dependent);
-                }
-            }
-        }
-        order
-    }
-
-    /// Nodes reachable from the selected images.
-    pub fn node_count(&self) -> usize {
-        self.nodes.len()
-    }
-
-    /// The directory copies read from.
-    pub fn context_dir(&self) -> &Path {
-        &self.context_dir
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_like_go() {
-        assert_eq!(parse_duration("30s"), Some(30_000_000_000));
-        assert_eq!(parse_duration("1m30s"), Some(90_000_000_000));
-        assert_eq!(parse_duration("500ms"), Some(500_000_000));
-        assert_eq!(parse_duration("1.5s"), Some(1_500_000_000));
-        assert_eq!(parse_duration("soon"), None);
-        assert_eq!(parse_duration("10"), None);
-    }
 }

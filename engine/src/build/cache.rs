@@ -1,0 +1,458 @@
+//! The step cache: the local store's action cache and the team cache, looked up and
+//! published by step key, and every layer they name verified before it is used.
+
+use std::path::Path;
+
+use crate::digest::{Digest, Key};
+use crate::events::Event;
+use crate::key::KeyBuilder;
+use crate::layer::{self, LayerOptions};
+use crate::remote::{ActionResult, OutputFile, RemoteCache};
+use crate::state::{LayerDesc, StepRecord};
+use crate::store::BlobState;
+use crate::unpack;
+
+use super::Executor;
+
+impl Executor<'_> {
+    /// A step's recorded result: from the local store, else from the remote cache (whose
+    /// blobs are then fetched into the local store). `Err` only when the remote cache is
+    /// required and failed.
+    pub(super) fn cached_record(&self, key: &Key) -> Result<Option<StepRecord>, String> {
+        if self.options.no_cache {
+            return Ok(None);
+        }
+        if let Some(record) = self.local_record(key) {
+            return Ok(Some(record));
+        }
+        let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else {
+            return Ok(None);
+        };
+        match self.fetch_remote_record(remote, key) {
+            Ok(record) => Ok(record),
+            Err(message) => self.remote_trouble(remote, message).map(|()| None),
+        }
+    }
+
+    /// Where a step's result is recorded: its key, combined with the layer compression when it
+    /// is not the default, since the record names compressed blobs.
+    pub(super) fn action_key(&self, key: &Key) -> Key {
+        match self.options.layer.compression {
+            layer::Compression::Gzip => *key,
+            layer::Compression::Zstd => {
+                KeyBuilder::new("compression").key(key).str("zstd").finish()
+            }
+            layer::Compression::None => {
+                KeyBuilder::new("compression").key(key).str("none").finish()
+            }
+        }
+    }
+
+    pub(super) fn local_record(&self, key: &Key) -> Option<StepRecord> {
+        let bytes = self.store.get_action(&self.action_key(key))?;
+        let record: StepRecord = serde_json::from_slice(&bytes).ok()?;
+        record
+            .layers
+            .iter()
+            .all(|layer| self.blob_present(&layer.digest, layer.size))
+            .then_some(record)
+    }
+
+    /// Whether a blob is in the store with its size; one of another size is removed, with a
+    /// warning.
+    pub(super) fn blob_present(&self, digest: &Digest, size: u64) -> bool {
+        match self.store.check_blob(digest, size) {
+            BlobState::Present => true,
+            BlobState::Missing => false,
+            BlobState::Corrupt => {
+                self.corrupt_blob(digest, "it has the wrong size");
+                false
+            }
+        }
+    }
+
+    /// A blob was found corrupt: remove it and say so. The actions naming it are misses from
+    /// now on (their blob is missing), so their steps execute again.
+    pub(super) fn corrupt_blob(&self, digest: &Digest, why: &str) {
+        let _ = self.store.remove_blob(digest);
+        self.healed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.events.emit(Event::Warning {
+            message: format!(
+                "blob {digest} in the store is corrupt ({why}); it was removed and will be fetched or rebuilt"
+            ),
+        });
+    }
+
+    /// Where a layer comes from, for error messages: ` of base image `REF` for PLATFORM`.
+    pub(super) fn origin(&self, digest: &Digest) -> String {
+        self.layer_origins
+            .lock()
+            .ok()
+            .and_then(|origins| origins.get(digest).cloned())
+            .unwrap_or_default()
+    }
+
+    /// A layer whose content does not match its diff_id: remember it (an action naming it is
+    /// removed by the node that resumed from it) and describe it.
+    pub(super) fn forged_layer(&self, layer: &LayerDesc, actual: &Digest) -> String {
+        if let Ok(mut forged) = self.forged_layers.lock() {
+            forged.insert(layer.digest);
+        }
+        format!(
+            "layer {}{} is refused: its uncompressed content hashes to {actual}, but the image config claims the diff_id {}; the image is malformed or forged, and nothing of it was stored",
+            layer.digest,
+            self.origin(&layer.digest),
+            layer.diff_id
+        )
+    }
+
+    /// Make sure the blob of `layer` has the diff_id it claims, reading it through unless the
+    /// store already recorded that pair.
+    pub(super) fn verify_layer_blob(&self, layer: &LayerDesc) -> Result<(), String> {
+        let pair = (layer.digest, layer.diff_id);
+        let seen =
+            |verified: &std::collections::HashSet<(Digest, Digest)>| verified.contains(&pair);
+        if self
+            .verified_layers
+            .lock()
+            .is_ok_and(|verified| seen(&verified))
+        {
+            return Ok(());
+        }
+        if self.store.verified_diff_id(&layer.digest) == Some(layer.diff_id) {
+            if let Ok(mut verified) = self.verified_layers.lock() {
+                verified.insert(pair);
+            }
+            return Ok(());
+        }
+        let file = std::fs::File::open(self.store.blob_path(&layer.digest))
+            .map_err(|error| format!("cannot open layer {}: {error}", layer.digest))?;
+        let check = unpack::LayerCheck::layer(layer.digest, layer.diff_id, layer.size);
+        match unpack::verify_layer(std::io::BufReader::new(file), &check) {
+            Ok(_) => {
+                let _ = self.store.record_verified_layer(layer);
+                if let Ok(mut verified) = self.verified_layers.lock() {
+                    verified.insert(pair);
+                }
+                Ok(())
+            }
+            Err(error) => Err(self.layer_error(layer, error)),
+        }
+    }
+
+    /// The message for a layer that failed to unpack or verify; a corrupt blob is removed.
+    pub(super) fn layer_error(&self, layer: &LayerDesc, error: unpack::UnpackError) -> String {
+        match error {
+            unpack::UnpackError::DiffIdMismatch { actual, .. } => self.forged_layer(layer, &actual),
+            unpack::UnpackError::DigestMismatch { actual, .. } => {
+                self.corrupt_blob(&layer.digest, &format!("its content hashes to {actual}"));
+                format!(
+                    "layer {}{} is corrupt in the store (its content hashes to {actual}); it was removed",
+                    layer.digest,
+                    self.origin(&layer.digest)
+                )
+            }
+            other => format!(
+                "cannot unpack layer {}{}: {other}",
+                layer.digest,
+                self.origin(&layer.digest)
+            ),
+        }
+    }
+
+    pub(super) fn usable_remote<'r>(
+        &self,
+        remote: Option<&'r RemoteCache>,
+    ) -> Option<&'r RemoteCache> {
+        remote.filter(|_| {
+            !self
+                .remote_failed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
+    /// A remote cache failed: warn once and go on locally, or fail when it is required.
+    pub(super) fn remote_trouble(
+        &self,
+        remote: &RemoteCache,
+        message: String,
+    ) -> Result<(), String> {
+        if self.options.cancel.is_cancelled() {
+            // The transfer was abandoned for the cancel; the build stops anyway.
+            return Ok(());
+        }
+        if self.options.remote.required {
+            return Err(format!("the cache {} failed: {message}", remote.url()));
+        }
+        if !self
+            .remote_failed
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.events.emit(Event::Warning {
+                message: format!(
+                    "the cache {} is not usable, building without it: {message}",
+                    remote.url()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A remote call's result, with a bad entry (garbage, wrong size or content) turned into
+    /// `miss` and warned about once per build: one bad entry never disables the cache.
+    pub(super) fn remote_entry<T>(
+        &self,
+        remote: &RemoteCache,
+        result: Result<T, crate::remote::RemoteError>,
+        miss: T,
+    ) -> Result<T, String> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(error) if error.is_bad_entry() => {
+                self.warn_bad_remote_entry(remote, &error.to_string());
+                Ok(miss)
+            }
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    pub(super) fn warn_bad_remote_entry(&self, remote: &RemoteCache, message: &str) {
+        if !self
+            .remote_bad_entry_warned
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.events.emit(Event::Warning {
+                message: format!(
+                    "the cache {} holds an unusable entry, counted as a miss (further ones are not reported): {message}",
+                    remote.url()
+                ),
+            });
+        }
+    }
+
+    pub(super) fn fetch_remote_record(
+        &self,
+        remote: &RemoteCache,
+        key: &Key,
+    ) -> Result<Option<StepRecord>, String> {
+        let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
+        // The entry and the record it names, size-capped and verified; None: a miss.
+        let fetched = remote.get_step_record(&self.action_key(key).hex(), temp.path());
+        let Some(bytes) = self.remote_entry(remote, fetched, None)? else {
+            return Ok(None);
+        };
+        let record = match serde_json::from_slice::<StepRecord>(&bytes) {
+            Ok(record) => record,
+            Err(error) => {
+                self.warn_bad_remote_entry(remote, &format!("a step record is not valid: {error}"));
+                return Ok(None);
+            }
+        };
+        // Fetch the layers the store lacks, a few at a time.
+        let missing: Vec<&LayerDesc> = record
+            .layers
+            .iter()
+            .filter(|layer| !self.store.has_blob(&layer.digest))
+            .collect();
+        let results: Vec<Result<bool, String>> = std::thread::scope(|scope| {
+            let chunks: Vec<_> = missing.chunks(missing.len().div_ceil(4).max(1)).collect();
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|chunk| {
+                    let temp = temp.path();
+                    scope.spawn(move || -> Result<bool, String> {
+                        for layer in chunk {
+                            let path = temp.join(layer.digest.hex());
+                            let fetched = remote.get_blob_to(&layer.digest, layer.size, &path);
+                            if !self.remote_entry(remote, fetched, false)? {
+                                return Ok(false);
+                            }
+                            self.store
+                                .put_blob_file(&path, Some(layer.digest))
+                                .map_err(|error| error.to_string())?;
+                        }
+                        Ok(true)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|handle| {
+                    handle
+                        .join()
+                        .unwrap_or_else(|_| Err("a download thread panicked".into()))
+                })
+                .collect()
+        });
+        for result in results {
+            if !result? {
+                return Ok(None);
+            }
+        }
+        // A record is only as good as its layers: each must have the diff_id it claims.
+        for layer in &record.layers {
+            if let Err(message) = self.verify_layer_blob(layer) {
+                self.events.emit(Event::Warning {
+                    message: format!(
+                        "the cache {} has a record naming a bad layer, building without it: {message}",
+                        remote.url()
+                    ),
+                });
+                return Ok(None);
+            }
+        }
+        self.store
+            .put_action(&self.action_key(key), &bytes)
+            .map_err(|error| error.to_string())?;
+        Ok(Some(record))
+    }
+
+    /// Make the remote cache hold a step's result: blobs first, then the action entry.
+    pub(super) fn publish(&self, key: &Key, record: &StepRecord) -> Result<(), String> {
+        let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else {
+            return Ok(());
+        };
+        let result = (|| -> Result<(), String> {
+            let action_key = self.action_key(key).hex();
+            // A bad entry under our key is replaced.
+            if self
+                .remote_entry(remote, remote.get_action(&action_key), None)?
+                .is_some()
+            {
+                return Ok(());
+            }
+            for layer in &record.layers {
+                remote
+                    .put_blob_from(&layer.digest, &self.store.blob_path(&layer.digest))
+                    .map_err(|error| error.to_string())?;
+            }
+            let bytes = serde_json::to_vec(record).map_err(|error| error.to_string())?;
+            let digest = remote
+                .put_blob_bytes(&bytes)
+                .map_err(|error| error.to_string())?;
+            remote
+                .put_action(
+                    &action_key,
+                    &ActionResult::for_step_record(digest, bytes.len() as u64),
+                )
+                .map_err(|error| error.to_string())
+        })();
+        match result {
+            Ok(()) => Ok(()),
+            Err(message) => self.remote_trouble(remote, message),
+        }
+    }
+
+    pub(super) fn cache_mount_key(id: &str, platform: &str) -> Key {
+        KeyBuilder::new("cache-mount")
+            .str(id)
+            .str(platform)
+            .finish()
+    }
+
+    /// Fill an empty cache-mount directory from the remote cache, once per build.
+    pub(super) fn restore_cache_mount(
+        &self,
+        id: &str,
+        platform: &str,
+        dir: &Path,
+    ) -> Result<(), String> {
+        if let Ok(mut used) = self.cache_mounts_used.lock() {
+            used.insert((id.to_string(), platform.to_string()), dir.to_path_buf());
+        }
+        let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else {
+            return Ok(());
+        };
+        let first = self
+            .cache_mounts_restored
+            .lock()
+            .map(|mut restored| restored.insert((id.to_string(), platform.to_string())))
+            .unwrap_or(false);
+        let empty = std::fs::read_dir(dir)
+            .map(|mut entries| entries.next().is_none())
+            .unwrap_or(false);
+        if !first || !empty {
+            return Ok(());
+        }
+        let result = (|| -> Result<(), String> {
+            let key = Self::cache_mount_key(id, platform);
+            let Some(action) = self.remote_entry(remote, remote.get_action(&key.hex()), None)?
+            else {
+                return Ok(());
+            };
+            let Some(file) = action.output_files.first() else {
+                return Ok(());
+            };
+            let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
+            let path = temp.path().join("mount.tar");
+            let fetched = remote.get_blob_to(&file.digest, file.size_bytes, &path);
+            if !self.remote_entry(remote, fetched, false)? {
+                return Ok(());
+            }
+            let archive = std::fs::File::open(&path).map_err(|error| error.to_string())?;
+            // Unpacked aside and moved in whole: a bad or oversized archive leaves the mount
+            // empty, not half-filled.
+            let staging = temp.path().join("mount");
+            unpack::unpack_layer(std::io::BufReader::new(archive), &staging)
+                .map_err(|error| error.to_string())?;
+            std::fs::remove_dir(dir).map_err(|error| error.to_string())?;
+            std::fs::rename(&staging, dir).map_err(|error| error.to_string())
+        })();
+        match result {
+            Ok(()) => Ok(()),
+            Err(message) => self.remote_trouble(remote, message),
+        }
+    }
+
+    /// Save every cache mount this build used to the remote cache, content-addressed, under a
+    /// key of (mount id, platform), so another machine's build starts with it.
+    pub(super) fn save_cache_mounts(&self) -> Result<(), String> {
+        let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else {
+            return Ok(());
+        };
+        let used = self
+            .cache_mounts_used
+            .lock()
+            .map(|used| used.clone())
+            .unwrap_or_default();
+        for ((id, platform), dir) in used {
+            let guard = self
+                .store
+                .cache_mount(&id, &platform)
+                .map_err(|error| error.to_string())?;
+            let result = (|| -> Result<(), String> {
+                let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
+                let options = LayerOptions {
+                    source_date_epoch: 0,
+                    compression: layer::Compression::Gzip,
+                };
+                let Some(blob) = layer::write_layer_from_upper(&dir, temp.path(), &options)
+                    .map_err(|error| error.to_string())?
+                else {
+                    return Ok(());
+                };
+                remote
+                    .put_blob_from(&blob.digest, &blob.path)
+                    .map_err(|error| error.to_string())?;
+                let action = ActionResult {
+                    output_files: vec![OutputFile {
+                        path: "graphbuild/cache-mount.tar.gz".into(),
+                        digest: blob.digest,
+                        size_bytes: blob.size,
+                        is_executable: false,
+                    }],
+                    exit_code: 0,
+                };
+                remote
+                    .put_action(&Self::cache_mount_key(&id, &platform).hex(), &action)
+                    .map_err(|error| error.to_string())
+            })();
+            drop(guard);
+            if let Err(message) = result {
+                return self.remote_trouble(remote, message);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! Operations: the typed definition of one step, and the key it computes from that data alone.
+//!
+//! # One op, one key
+//!
+//! A step's key is blake3 over [`FORMAT_VERSION`](crate::key::FORMAT_VERSION), the key of the
+//! state the step starts from, and the *canonical encoding* of its [`Op`]: serde JSON of typed
+//! values (strings escaped, lists delimited, maps ordered), so two ops encode equally only when
+//! every field is equal. Nothing meant for people (a step's description, a location, a
+//! variable's name as written) takes part. What a step reads from outside its own definition
+//! is inside the op too: a `copy` carries the digest of the context files it selects or the
+//! key of the stage it copies from; a `run` carries its whole environment, which is how build
+//! args reach it (as variables, never spliced into its command).
+//!
+//! This is BuildKit's rule (`solver/types.go`: every op computes its cache digest from its own
+//! marshalled definition) and what makes a collision between two different configs impossible
+//! by construction: the encoding is injective, so only the hash could collide.
+//!
+//! `plan --explain` records the same canonical encoding and compares it field by field, so an
+//! explanation can never disagree with the key.
+
+use serde::Serialize;
+
+use crate::context::CopyItem;
+use crate::digest::Key;
+use crate::key::KeyBuilder;
+use crate::state::{HealthcheckSettings, ImageSettings};
+
+/// One step's operation, with every input that decides its result.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Op {
+    Run(RunOp),
+    Copy(CopyOp),
+    /// A metadata step: it changes settings, never the filesystem.
+    Config(ConfigOp),
+}
+
+impl Op {
+    pub fn touches_filesystem(&self) -> bool {
+        !matches!(self, Op::Config(_))
+    }
+
+    /// The canonical encoding: the bytes a key is computed from.
+    pub fn canonical(&self) -> Vec<u8> {
+        // Serializing these types cannot fail: every map has string keys and there are no
+        // non-finite floats. A failure would be a programming error, never silently "empty".
+        serde_json::to_vec(self).expect("an op always serializes")
+    }
+
+    /// The key of this op applied to the state `parent`.
+    pub fn key(&self, parent: &Key) -> Key {
+        KeyBuilder::new("step")
+            .key(parent)
+            .bytes(&self.canonical())
+            .finish()
+    }
+
+    /// The image history's `created_by` for a non-`run` step (a `run` shows its command with
+    /// values substituted, which the expander computes). A function of the op alone.
+    pub fn describe(&self) -> String {
+        match self {
+            Op::Run(run) => format!("RUN {}", run.argv.join(" ")),
+            Op::Copy(copy) => format!("COPY {} {}", copy.sources.join(" "), copy.dest),
+            Op::Config(config) => config.describe(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RunOp {
+    /// The command as written: build variables are *not* substituted into it. They reach it
+    /// through [`RunOp::env`] and the shell expands them, as Docker passes `ARG`s to `RUN`.
+    pub argv: Vec<String>,
+    /// The whole environment, sorted by name: the image env, the stage's args, the automatic
+    /// platform args the stage may see, and every build variable the command references.
+    pub env: Vec<(String, String)>,
+    pub workdir: String,
+    pub user: String,
+    pub cache_mounts: Vec<CacheMountOp>,
+    pub secrets: Vec<SecretOp>,
+    pub network_none: bool,
+    /// `insecure=#true`: every capability, no seccomp filter. In the key only when set, so
+    /// the keys of ordinary steps do not change.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+    /// `timeout="…"` in milliseconds. Not in the key: it does not change what a step makes,
+    /// only how long it may take to make it.
+    #[serde(skip)]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CacheMountOp {
+    pub id: String,
+    pub target: String,
+}
+
+/// A secret's id and where it goes; never its value.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SecretOp {
+    pub id: String,
+    pub target: Option<String>,
+    pub env: Option<String>,
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CopyOp {
+    pub sources: Vec<String>,
+    pub dest: String,
+    pub workdir: String,
+    pub chown: Option<String>,
+    pub chmod: Option<u32>,
+    pub from: CopySource,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CopySource {
+    /// Files selected from the build context at plan time; `digest` covers every selected
+    /// path, mode, link target and content.
+    Context {
+        #[serde(skip)]
+        items: Vec<CopyItem>,
+        digest: String,
+    },
+    /// Another node's filesystem, by the node's *key*. Its index in this plan is for the
+    /// executor only: indexes differ between plans of the same inputs.
+    Node {
+        #[serde(skip)]
+        node: usize,
+        key: Key,
+    },
+}
+
+/// A metadata step, with its values substituted.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "config", content = "value", rename_all = "snake_case")]
+pub enum ConfigOp {
+    /// `env K=V …`, in the order written.
+    Env(Vec<(String, String)>),
+    /// `arg NAME[=default]` in a stage: `value` is `None` when nothing gives it one.
+    Arg {
+        name: String,
+        value: Option<String>,
+    },
+    /// The resolved absolute working directory.
+    Workdir(String),
+    User(String),
+    Label(Vec<(String, String)>),
+    /// Ports with their protocol (`8080/tcp`).
+    Expose(Vec<String>),
+    Entrypoint(Vec<String>),
+    Cmd(Vec<String>),
+    Volume(Vec<String>),
+    Shell(Vec<String>),
+    StopSignal(String),
+    Healthcheck(HealthcheckSettings),
+}
+
+impl ConfigOp {
+    /// Apply to the image settings (an `arg` changes none: it changes variables).
+    pub fn apply(&self, settings: &mut ImageSettings) {
+        match self {
+            ConfigOp::Env(pairs) => {
+                for (name, value) in pairs {
+                    settings.set_env(name, value.clone());
+                }
+            }
+            ConfigOp::Arg { .. } => {}
+            ConfigOp::Workdir(path) => settings.workdir = path.clone(),
+            ConfigOp::User(user) => settings.user = user.clone(),
+            ConfigOp::Label(pairs) => {
+                for (name, value) in pairs {
+                    settings.labels.insert(name.clone(), value.clone());
+                }
+            }
+            ConfigOp::Expose(ports) => settings.exposed_ports.extend(ports.iter().cloned()),
+            ConfigOp::Entrypoint(argv) => {
+                settings.entrypoint = Some(argv.clone());
+                // Docker: setting an entrypoint resets a cmd inherited from the base image.
+                settings.cmd = None;
+            }
+            ConfigOp::Cmd(argv) => settings.cmd = Some(argv.clone()),
+            ConfigOp::Volume(paths) => settings.volumes.extend(paths.iter().cloned()),
+            ConfigOp::Shell(argv) => settings.shell = argv.clone(),
+            ConfigOp::StopSignal(signal) => settings.stop_signal = Some(signal.clone()),
+            ConfigOp::Healthcheck(check) => settings.healthcheck = Some(check.clone()),
+        }
+    }
+
+    /// The history entry, in Docker's words.
+    pub fn describe(&self) -> String {
+        let pairs = |pairs: &[(String, String)]| {
+            pairs
+                .iter()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        match self {
+            ConfigOp::Env(list) => format!("ENV {}", pairs(list)),
+            ConfigOp::Arg {
+                name,
+                value: Some(value),
+            } => format!("ARG {name}={value}"),
+            ConfigOp::Arg { name, value: None } => format!("ARG {name}"),
+            ConfigOp::Workdir(path) => format!("WORKDIR {path}"),
+            ConfigOp::User(user) => format!("USER {user}"),
+            ConfigOp::Label(list) => format!("LABEL {}", pairs(list)),
+            ConfigOp::Expose(ports) => format!("EXPOSE {}", ports.join(" ")),
+            ConfigOp::Entrypoint(argv) => format!("ENTRYPOINT {argv:?}"),
+            ConfigOp::Cmd(argv) => format!("CMD {argv:?}"),
+            ConfigOp::Volume(paths) => format!("VOLUME {}", paths.join(" ")),
+            ConfigOp::Shell(argv) => format!("SHELL {argv:?}"),
+            ConfigOp::StopSignal(signal) => format!("STOPSIGNAL {signal}"),
+            ConfigOp::Healthcheck(check) => format!("HEALTHCHECK {:?}", check.test),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Op {
+        Op::Config(ConfigOp::Env(
+            pairs
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
+        ))
+    }
+
+    #[test]
+    fn env_pairs_never_collide_with_one_joined_value() {
+        // The collision of the issue: `env A="1 B=2"` and `env A="1" B="2"` describe the same.
+        let joined = env(&[("A", "1 B=2")]);
+        let split = env(&[("A", "1"), ("B", "2")]);
+        assert_eq!(joined.describe(), split.describe());
+        let parent = Key([7; 32]);
+        assert_ne!(joined.key(&parent), split.key(&parent));
+    }
+
+    #[test]
+    fn the_same_op_on_another_parent_is_another_key() {
+        let op = env(&[("A", "1")]);
+        assert_ne!(op.key(&Key([1; 32])), op.key(&Key([2; 32])));
+        assert_eq!(op.key(&Key([1; 32])), op.key(&Key([1; 32])));
+    }
+}
