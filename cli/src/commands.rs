@@ -1092,7 +1092,7 @@ pub fn verify(inputs: BuildInputArgs) -> u8 {
         };
         let progress = Progress::silent();
         let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
-        if let Err(code) = refuse_unavailable_layers(&resolver, &select) {
+        if let Err(code) = refuse_unavailable_layers(&resolver, select) {
             return code;
         }
         let code = report_failures(&report);

@@ -419,13 +419,9 @@ fn binary_rejects_crafted_inputs_cleanly() {
     );
 }
 
-/// 2,000 stages, each `from` the previous one: planning must end cleanly.
-///
-/// Ignored for now: the engine's expansion (engine/src/plan.rs) recurses once per stage and
-/// overflows the stack on this chain (SIGABRT); it is being made iterative. Remove the
-/// `ignore` with that change; run it meanwhile with `-- --ignored`.
+/// 2,000 stages, each `from` the previous one: planning must end cleanly (the engine's
+/// expansion used to recurse once per stage and overflow the stack here).
 #[test]
-#[ignore = "engine/src/plan.rs expansion recurses per stage and overflows on a 2,000-stage chain"]
 fn binary_plans_a_long_stage_chain_without_crashing() {
     let Some(binary) = binary() else { return };
     let mut text = String::from(HEADER);
