@@ -1237,7 +1237,7 @@ pub fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> u8 {
 }
 
 pub fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> u8 {
-    let Some(keep) = render::parse_size(keep_bytes) else {
+    let Some(keep) = graphbuild_engine::unpack::parse_size(keep_bytes) else {
         render::error(
             &format!("`--keep-bytes {keep_bytes}` is not a size"),
             &["write a number of bytes, or with K, M, G: 10G"],
@@ -1279,7 +1279,7 @@ pub fn cache_serve(
         );
         return exit::INVALID_INPUT;
     };
-    let max_size = match max_size.map(render::parse_size) {
+    let max_size = match max_size.map(graphbuild_engine::unpack::parse_size) {
         Some(None) => {
             render::error(
                 "`--max-size` is not a size",
