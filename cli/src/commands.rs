@@ -16,7 +16,7 @@ use graphbuild_lang::ir::Project;
 use graphbuild_lang::platform::Platform;
 use serde_json::json;
 
-use crate::exit;
+use crate::ExitStatus;
 use crate::progress::Progress;
 use crate::render;
 use crate::{
@@ -33,12 +33,12 @@ fn load(
     select: &SelectArgs,
     store: Option<&Store>,
     resolver: &DefaultResolver,
-) -> Result<Loaded, u8> {
+) -> Result<Loaded, ExitStatus> {
     let project = match graphbuild_lang::load(&select.file) {
         Ok(project) => project,
         Err(diagnostics) => {
             render::diagnostic(&diagnostics);
-            return Err(exit::INVALID_INPUT);
+            return Err(ExitStatus::InvalidInput);
         }
     };
     for warning in &project.warnings {
@@ -55,7 +55,7 @@ fn load(
                     &format!("`--arg {arg}` is not KEY=VALUE"),
                     &["write --arg NAME=value"],
                 );
-                return Err(exit::INVALID_INPUT);
+                return Err(ExitStatus::InvalidInput);
             }
         }
     }
@@ -70,7 +70,7 @@ fn load(
                         "write a platform as OS/ARCH[/VARIANT], for example linux/arm64 or linux/arm/v7",
                     ],
                 );
-                return Err(exit::INVALID_INPUT);
+                return Err(ExitStatus::InvalidInput);
             }
         }
     }
@@ -91,11 +91,11 @@ fn load(
             let environment = diagnostics
                 .0
                 .iter()
-                .any(|diagnostic| diagnostic.code == graphbuild_engine::resolve::ENVIRONMENT_CODE);
+                .any(|diagnostic| diagnostic.code.is_environment());
             Err(if environment {
-                exit::ENVIRONMENT
+                ExitStatus::Environment
             } else {
-                exit::INVALID_INPUT
+                ExitStatus::InvalidInput
             })
         }
     }
@@ -129,7 +129,7 @@ fn resolver(
     select: &SelectArgs,
     refresh: bool,
     store: Option<Store>,
-) -> Result<DefaultResolver, u8> {
+) -> Result<DefaultResolver, ExitStatus> {
     let resolver = base_resolver(select, refresh)?.offline(select.offline);
     Ok(match store {
         Some(store) => resolver.with_store(store),
@@ -137,7 +137,7 @@ fn resolver(
     })
 }
 
-fn base_resolver(select: &SelectArgs, refresh: bool) -> Result<DefaultResolver, u8> {
+fn base_resolver(select: &SelectArgs, refresh: bool) -> Result<DefaultResolver, ExitStatus> {
     let mode = if refresh || select.pull {
         LockMode::Refresh
     } else {
@@ -148,7 +148,7 @@ fn base_resolver(select: &SelectArgs, refresh: bool) -> Result<DefaultResolver, 
                     &message,
                     &["delete it and run `graphbuild lock FILE` to write a new one"],
                 );
-                return Err(exit::INVALID_INPUT);
+                return Err(ExitStatus::InvalidInput);
             }
         }
     };
@@ -157,13 +157,13 @@ fn base_resolver(select: &SelectArgs, refresh: bool) -> Result<DefaultResolver, 
             &format!("cannot create a temporary directory: {error}"),
             &[],
         );
-        exit::ENVIRONMENT
+        ExitStatus::Environment
     })
 }
 
 /// Write graphbuild.lock: the bases resolved now replace their (reference, platform) entries;
 /// entries for platforms or images not built this time are kept.
-fn write_lock(select: &SelectArgs, resolver: &DefaultResolver) -> Result<PathBuf, u8> {
+fn write_lock(select: &SelectArgs, resolver: &DefaultResolver) -> Result<PathBuf, ExitStatus> {
     let path = lock_path(select);
     let fresh = resolver.lock_file();
     let mut merged = LockFile::read(&path).ok().flatten().unwrap_or_default();
@@ -176,7 +176,7 @@ fn write_lock(select: &SelectArgs, resolver: &DefaultResolver) -> Result<PathBuf
     merged.bases.extend(fresh.bases);
     merged.write(&path).map(|()| path.clone()).map_err(|error| {
         render::error(&format!("cannot write {}: {error}", path.display()), &[]);
-        exit::ENVIRONMENT
+        ExitStatus::Environment
     })
 }
 
@@ -219,7 +219,7 @@ fn count(n: usize, one: &str, many: &str) -> String {
 }
 
 /// `run`, `verify` and `lock` need every base: unresolved ones stop them with exit code 3.
-fn refuse_unresolved(plan: &Plan, select: &SelectArgs) -> Result<(), u8> {
+fn refuse_unresolved(plan: &Plan, select: &SelectArgs) -> Result<(), ExitStatus> {
     let (lines, helps) = unresolved_lines(plan);
     if lines.is_empty() {
         return Ok(());
@@ -237,7 +237,7 @@ fn refuse_unresolved(plan: &Plan, select: &SelectArgs) -> Result<(), u8> {
             help.replace("FILE", &select.file.display().to_string())
         );
     }
-    Err(exit::ENVIRONMENT)
+    Err(ExitStatus::Environment)
 }
 
 /// `plan` shows unresolved bases and pending keys, with one warning.
@@ -264,13 +264,13 @@ fn warn_unresolved(plan: &Plan, select: &SelectArgs) {
     }
 }
 
-pub fn lock(select: SelectArgs) -> u8 {
+pub fn lock(select: SelectArgs) -> ExitStatus {
     if select.offline {
         render::error(
             "`graphbuild lock` asks the registries for digests: it cannot run --offline",
             &["run it where the registries are reachable, and commit graphbuild.lock"],
         );
-        return exit::INVALID_INPUT;
+        return ExitStatus::InvalidInput;
     }
     let resolver = match resolver(&select, true, manifest_store(&select, true)) {
         Ok(resolver) => resolver,
@@ -288,7 +288,7 @@ pub fn lock(select: SelectArgs) -> u8 {
         Ok(path) => {
             let lock = LockFile::read(&path).ok().flatten().unwrap_or_default();
             println!("wrote {} ({} bases)", path.display(), lock.bases.len());
-            exit::SUCCESS
+            ExitStatus::Success
         }
         Err(code) => code,
     }
@@ -303,7 +303,7 @@ fn project_dir(select: &SelectArgs) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn open_store(cache_dir: Option<PathBuf>) -> Result<Store, u8> {
+fn open_store(cache_dir: Option<PathBuf>) -> Result<Store, ExitStatus> {
     let root = cache_dir.unwrap_or_else(Store::default_root);
     // Absolute: sandboxes run elsewhere and get store paths as overlay layers.
     let root = std::path::absolute(&root).unwrap_or(root);
@@ -312,7 +312,7 @@ fn open_store(cache_dir: Option<PathBuf>) -> Result<Store, u8> {
             &format!("cannot open the store at {}: {error}", root.display()),
             &["choose another directory with --cache-dir DIR"],
         );
-        exit::ENVIRONMENT
+        ExitStatus::Environment
     })
 }
 
@@ -334,7 +334,7 @@ fn node_cached(plan: &Plan, node: usize, store: Option<&Store>) -> Option<bool> 
     })
 }
 
-pub fn plan(args: PlanArgs) -> u8 {
+pub fn plan(args: PlanArgs) -> ExitStatus {
     let resolver = match resolver(&args.select, false, manifest_store(&args.select, false)) {
         Ok(resolver) => resolver,
         Err(code) => return code,
@@ -379,7 +379,7 @@ pub fn plan(args: PlanArgs) -> u8 {
         } else {
             print!("{}", explain_text(plan, &explanations));
         }
-        return exit::SUCCESS;
+        return ExitStatus::Success;
     }
     match args.format {
         PlanFormat::Json => {
@@ -392,7 +392,7 @@ pub fn plan(args: PlanArgs) -> u8 {
         PlanFormat::Dot => print!("{}", plan_dot(plan)),
         PlanFormat::Text => print!("{}", plan_text(plan, store.as_ref())),
     }
-    exit::SUCCESS
+    ExitStatus::Success
 }
 
 fn node_id(id: usize) -> String {
@@ -840,7 +840,10 @@ fn execute(
 
 /// Base layers that could not be downloaded for lack of network (or because of `--offline`):
 /// an environment problem, exit code 3.
-fn refuse_unavailable_layers(resolver: &DefaultResolver, select: &SelectArgs) -> Result<(), u8> {
+fn refuse_unavailable_layers(
+    resolver: &DefaultResolver,
+    select: &SelectArgs,
+) -> Result<(), ExitStatus> {
     let unavailable = resolver.unavailable();
     if unavailable.is_empty() {
         return Ok(());
@@ -858,18 +861,18 @@ fn refuse_unavailable_layers(resolver: &DefaultResolver, select: &SelectArgs) ->
             "hint: check the network and that the registry is running; once the layers are in the local store, `graphbuild run {file} --offline` needs no network"
         );
     }
-    Err(exit::ENVIRONMENT)
+    Err(ExitStatus::Environment)
 }
 
-fn report_failures(report: &build::BuildReport) -> u8 {
+fn report_failures(report: &build::BuildReport) -> ExitStatus {
     if let Some(message) = &report.environment_error {
         eprintln!("{message}");
-        return exit::ENVIRONMENT;
+        return ExitStatus::Environment;
     }
     if report.cancelled {
         // Steps stopped by the cancel are not failures worth listing.
         render::error("the build was cancelled", &[]);
-        return 130;
+        return ExitStatus::Interrupted;
     }
     if !report.failures.is_empty() {
         for failure in &report.failures {
@@ -886,16 +889,12 @@ fn report_failures(report: &build::BuildReport) -> u8 {
                 format!("{} nodes", report.failures.len())
             }
         );
-        return exit::BUILD_FAILED;
+        return ExitStatus::BuildFailed;
     }
-    if report.cancelled {
-        render::error("the build was cancelled", &[]);
-        return 130;
-    }
-    exit::SUCCESS
+    ExitStatus::Success
 }
 
-fn remote_options(args: &crate::RemoteCacheArgs) -> Result<build::RemoteOptions, u8> {
+fn remote_options(args: &crate::RemoteCacheArgs) -> Result<build::RemoteOptions, ExitStatus> {
     let open = |url: &str| {
         graphbuild_engine::remote::RemoteCache::new(url, args.cache_token.clone()).map_err(
             |error| {
@@ -906,7 +905,7 @@ fn remote_options(args: &crate::RemoteCacheArgs) -> Result<build::RemoteOptions,
                         "write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE",
                     )],
                 );
-                exit::INVALID_INPUT
+                ExitStatus::InvalidInput
             },
         )
     };
@@ -935,12 +934,12 @@ fn build_settings(
     output: PathBuf,
     no_cache: bool,
     remote: build::RemoteOptions,
-) -> Result<BuildSettings, u8> {
+) -> Result<BuildSettings, ExitStatus> {
     let secrets = match parse_secrets(&inputs.secrets) {
         Ok(secrets) => secrets,
         Err(message) => {
             render::error(&message, &[]);
-            return Err(exit::INVALID_INPUT);
+            return Err(ExitStatus::InvalidInput);
         }
     };
     Ok(BuildSettings {
@@ -963,7 +962,7 @@ fn build_settings(
     })
 }
 
-pub fn run(args: RunArgs) -> u8 {
+pub fn run(args: RunArgs) -> ExitStatus {
     let select = &args.inputs.select;
     let store = match open_store(select.cache_dir.clone()) {
         Ok(store) => store,
@@ -1006,7 +1005,7 @@ pub fn run(args: RunArgs) -> u8 {
         return code;
     }
     let code = report_failures(&report);
-    if code != exit::SUCCESS {
+    if code != ExitStatus::Success {
         return code;
     }
     if select.pull
@@ -1028,7 +1027,7 @@ pub fn run(args: RunArgs) -> u8 {
                 &format!("cannot push `{}`: it has no tags", plan.name),
                 &["give the image `tags \"registry.example.com/NAME:TAG\"`"],
             );
-            return exit::INVALID_INPUT;
+            return ExitStatus::InvalidInput;
         }
         match graphbuild_engine::push::push_layout(
             resolver.registry(),
@@ -1042,15 +1041,15 @@ pub fn run(args: RunArgs) -> u8 {
             }
             Err(message) => {
                 render::error(&format!("pushing `{}` failed: {message}", plan.name), &[]);
-                return exit::ENVIRONMENT;
+                return ExitStatus::Environment;
             }
         }
     }
-    exit::SUCCESS
+    ExitStatus::Success
 }
 
 /// `graphbuild verify`: two clean builds, compared.
-pub fn verify(inputs: BuildInputArgs) -> u8 {
+pub fn verify(inputs: BuildInputArgs) -> ExitStatus {
     let select = &inputs.select;
     let scratch = match tempfile::Builder::new()
         .prefix("graphbuild-verify-")
@@ -1062,7 +1061,7 @@ pub fn verify(inputs: BuildInputArgs) -> u8 {
                 &format!("cannot create a temporary directory: {error}"),
                 &[],
             );
-            return exit::ENVIRONMENT;
+            return ExitStatus::Environment;
         }
     };
     let cancel = cancel_on_signals();
@@ -1096,7 +1095,7 @@ pub fn verify(inputs: BuildInputArgs) -> u8 {
             return code;
         }
         let code = report_failures(&report);
-        if code != exit::SUCCESS {
+        if code != ExitStatus::Success {
             return code;
         }
         outputs.push(report.images);
@@ -1130,13 +1129,13 @@ pub fn verify(inputs: BuildInputArgs) -> u8 {
         }
     }
     if reproducible {
-        exit::SUCCESS
+        ExitStatus::Success
     } else {
-        exit::BUILD_FAILED
+        ExitStatus::BuildFailed
     }
 }
 
-pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {
+pub fn cache_du(cache_dir: Option<PathBuf>) -> ExitStatus {
     // Measuring creates nothing: a missing store is reported, not made.
     let root = cache_dir.clone().unwrap_or_else(Store::default_root);
     let root = std::path::absolute(&root).unwrap_or(root);
@@ -1144,7 +1143,7 @@ pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {
         println!("{}", root.display());
         println!("  no store here yet (nothing cached)");
         println!("  total          {:>10}", render::bytes(0));
-        return exit::SUCCESS;
+        return ExitStatus::Success;
     }
     let store = match open_store(cache_dir) {
         Ok(store) => store,
@@ -1174,21 +1173,21 @@ pub fn cache_du(cache_dir: Option<PathBuf>) -> u8 {
                 usage.cache_mounts.count
             );
             println!("  total          {:>10}", render::bytes(usage.total));
-            exit::SUCCESS
+            ExitStatus::Success
         }
         Err(error) => {
             render::error(&format!("cannot measure the store: {error}"), &[]);
-            exit::ENVIRONMENT
+            ExitStatus::Environment
         }
     }
 }
 
-pub fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> u8 {
+pub fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> ExitStatus {
     let root = cache_dir.clone().unwrap_or_else(Store::default_root);
     let root = std::path::absolute(&root).unwrap_or(root);
     if !root.exists() {
         println!("{}: no store here yet, nothing to verify", root.display());
-        return exit::SUCCESS;
+        return ExitStatus::Success;
     }
     let store = match open_store(cache_dir) {
         Ok(store) => store,
@@ -1198,7 +1197,7 @@ pub fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> u8 {
         Ok(report) => report,
         Err(error) => {
             render::error(&format!("cannot verify the store: {error}"), &[]);
-            return exit::ENVIRONMENT;
+            return ExitStatus::Environment;
         }
     };
     for problem in &report.problems {
@@ -1227,22 +1226,22 @@ pub fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> u8 {
         }
     );
     if unrepaired == 0 {
-        exit::SUCCESS
+        ExitStatus::Success
     } else {
         if !repair {
             eprintln!("run `graphbuild cache verify --repair` to remove them");
         }
-        exit::BUILD_FAILED
+        ExitStatus::BuildFailed
     }
 }
 
-pub fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> u8 {
+pub fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> ExitStatus {
     let Some(keep) = graphbuild_engine::unpack::parse_size(keep_bytes) else {
         render::error(
             &format!("`--keep-bytes {keep_bytes}` is not a size"),
             &["write a number of bytes, or with K, M, G: 10G"],
         );
-        return exit::INVALID_INPUT;
+        return ExitStatus::InvalidInput;
     };
     let store = match open_store(cache_dir) {
         Ok(store) => store,
@@ -1256,11 +1255,11 @@ pub fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> u8 {
                 render::bytes(report.removed_bytes),
                 render::bytes(report.remaining_bytes)
             );
-            exit::SUCCESS
+            ExitStatus::Success
         }
         Err(error) => {
             render::error(&format!("cannot prune the store: {error}"), &[]);
-            exit::ENVIRONMENT
+            ExitStatus::Environment
         }
     }
 }
@@ -1271,13 +1270,13 @@ pub fn cache_serve(
     max_size: Option<&str>,
     tokens: Option<PathBuf>,
     allow_anonymous_read: bool,
-) -> u8 {
+) -> ExitStatus {
     let Ok(listen) = listen.parse() else {
         render::error(
             &format!("`--listen {listen}` is not an address"),
             &["write HOST:PORT, for example 127.0.0.1:7070"],
         );
-        return exit::INVALID_INPUT;
+        return ExitStatus::InvalidInput;
     };
     let max_size = match max_size.map(graphbuild_engine::unpack::parse_size) {
         Some(None) => {
@@ -1285,7 +1284,7 @@ pub fn cache_serve(
                 "`--max-size` is not a size",
                 &["write a number of bytes, or with K, M, G: 50G"],
             );
-            return exit::INVALID_INPUT;
+            return ExitStatus::InvalidInput;
         }
         Some(Some(size)) => Some(size),
         None => None,
@@ -1302,7 +1301,7 @@ pub fn cache_serve(
         Ok(runtime) => runtime,
         Err(error) => {
             render::error(&format!("cannot start the server runtime: {error}"), &[]);
-            return exit::ENVIRONMENT;
+            return ExitStatus::Environment;
         }
     };
     let result = runtime.block_on(async {
@@ -1314,14 +1313,14 @@ pub fn cache_serve(
         server.run(shutdown_signal()).await
     });
     match result {
-        Ok(()) => exit::SUCCESS,
+        Ok(()) => ExitStatus::Success,
         Err(error) => {
             let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
             render::error(
                 &format!("the cache server stopped: {error}"),
                 &help.as_deref().into_iter().collect::<Vec<_>>(),
             );
-            exit::ENVIRONMENT
+            ExitStatus::Environment
         }
     }
 }

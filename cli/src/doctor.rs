@@ -7,7 +7,7 @@ use graphbuild_engine::store::Store;
 use graphbuild_lang::ir::PlatformSpec;
 use graphbuild_lang::platform::Platform;
 
-use crate::exit;
+use crate::ExitStatus;
 
 /// The hidden argument that makes the binary probe namespaces and exit.
 pub const PROBE_ARG: &str = "__graphbuild-probe-namespaces";
@@ -120,12 +120,12 @@ fn fix_emulation(dir: &Path, platforms: &[Platform]) -> Vec<String> {
     done
 }
 
-fn platforms_of(file: &Path) -> Result<Vec<Platform>, u8> {
+fn platforms_of(file: &Path) -> Result<Vec<Platform>, ExitStatus> {
     let project = match graphbuild_lang::load(file) {
         Ok(project) => project,
         Err(diagnostics) => {
             crate::render::diagnostic(&diagnostics);
-            return Err(exit::INVALID_INPUT);
+            return Err(ExitStatus::InvalidInput);
         }
     };
     let mut platforms: Vec<Platform> = Vec::new();
@@ -218,7 +218,7 @@ fn containment_checks(checks: &mut Vec<Check>, platforms: &[Platform]) {
     }
 }
 
-pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u8 {
+pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> ExitStatus {
     let dir = binfmt_dir();
     let host = Platform::host();
     let mut platforms = match &file {
@@ -381,9 +381,9 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u
         failed |= !check.ok && check.required;
     }
     if failed {
-        exit::ENVIRONMENT
+        ExitStatus::Environment
     } else {
-        exit::SUCCESS
+        ExitStatus::Success
     }
 }
 

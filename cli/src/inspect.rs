@@ -7,7 +7,7 @@ use graphbuild_engine::reference::Reference;
 use graphbuild_engine::registry::{ClientOptions, RegistryClient};
 use serde_json::json;
 
-use crate::exit;
+use crate::ExitStatus;
 use crate::render;
 
 /// Uncompressed size of a layer blob (gzip, zstd or plain tar), read as a build reads it.
@@ -162,7 +162,7 @@ fn describe_registry(
     }))
 }
 
-fn inspect_registry(target: &str, json_format: bool, insecure_registries: &[String]) -> u8 {
+fn inspect_registry(target: &str, json_format: bool, insecure_registries: &[String]) -> ExitStatus {
     let reference = match Reference::parse(target) {
         Ok(reference) => reference,
         Err(error) => {
@@ -174,7 +174,7 @@ fn inspect_registry(target: &str, json_format: bool, insecure_registries: &[Stri
                     "give a layout directory (PATH or PATH:TAG) or a reference like registry.example.com/app:1.0",
                 ],
             );
-            return exit::INVALID_INPUT;
+            return ExitStatus::InvalidInput;
         }
     };
     let client = RegistryClient::new(ClientOptions {
@@ -185,7 +185,7 @@ fn inspect_registry(target: &str, json_format: bool, insecure_registries: &[Stri
         Ok(image) => image,
         Err(message) => {
             render::error(&format!("cannot inspect `{reference}`: {message}"), &[]);
-            return exit::ENVIRONMENT;
+            return ExitStatus::Environment;
         }
     };
     if json_format {
@@ -194,14 +194,14 @@ fn inspect_registry(target: &str, json_format: bool, insecure_registries: &[Stri
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
         );
-        return exit::SUCCESS;
+        return ExitStatus::Success;
     }
     let tags: Vec<String> = reference.tag.iter().cloned().collect();
     print!("{}", safe(&text(&reference.to_string(), &tags, &[image])));
-    exit::SUCCESS
+    ExitStatus::Success
 }
 
-pub fn inspect(target: &str, json_format: bool, insecure_registries: &[String]) -> u8 {
+pub fn inspect(target: &str, json_format: bool, insecure_registries: &[String]) -> ExitStatus {
     // PATH or PATH:TAG (a tag never contains '/').
     let (path, tag) = match target.rsplit_once(':') {
         Some((path, tag)) if !tag.contains('/') && Path::new(path).is_dir() => (path, Some(tag)),
@@ -216,7 +216,7 @@ pub fn inspect(target: &str, json_format: bool, insecure_registries: &[String]) 
             {
                 render::diagnostic(&error);
             }
-            return exit::INVALID_INPUT;
+            return ExitStatus::InvalidInput;
         }
     };
     let tags: Vec<String> = match tag {
@@ -229,7 +229,7 @@ pub fn inspect(target: &str, json_format: bool, insecure_registries: &[String]) 
             Ok(value) => images.push(value),
             Err(error) => {
                 render::diagnostic(&error);
-                return exit::INVALID_INPUT;
+                return ExitStatus::InvalidInput;
             }
         }
     }
@@ -238,7 +238,7 @@ pub fn inspect(target: &str, json_format: bool, insecure_registries: &[String]) 
             Ok(value) => images.push(value),
             Err(error) => {
                 render::diagnostic(&error);
-                return exit::INVALID_INPUT;
+                return ExitStatus::InvalidInput;
             }
         }
     }
@@ -248,10 +248,10 @@ pub fn inspect(target: &str, json_format: bool, insecure_registries: &[String]) 
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
         );
-        return exit::SUCCESS;
+        return ExitStatus::Success;
     }
     print!("{}", safe(&text(path, &layout.tags(), &images)));
-    exit::SUCCESS
+    ExitStatus::Success
 }
 
 /// `gzip`, `zstd` or `uncompressed` from a layer media type.

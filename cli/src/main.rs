@@ -14,12 +14,37 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Exit codes, documented in docs/cli.md.
-pub mod exit {
-    pub const SUCCESS: u8 = 0;
-    pub const BUILD_FAILED: u8 = 1;
-    pub const INVALID_INPUT: u8 = 2;
-    pub const ENVIRONMENT: u8 = 3;
+/// How graphbuild exits: the one place exit codes are defined (documented in docs/cli.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// Everything asked for was done.
+    Success,
+    /// A step or an image failed, or `verify` found a difference.
+    BuildFailed,
+    /// The build file, a flag or an argument is wrong: nothing was attempted.
+    InvalidInput,
+    /// The machine or the network is not ready: root, qemu, a registry, the store.
+    Environment,
+    /// Stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
+    Interrupted,
+}
+
+impl ExitStatus {
+    pub fn code(self) -> u8 {
+        match self {
+            ExitStatus::Success => 0,
+            ExitStatus::BuildFailed => 1,
+            ExitStatus::InvalidInput => 2,
+            ExitStatus::Environment => 3,
+            ExitStatus::Interrupted => 130,
+        }
+    }
+}
+
+impl From<ExitStatus> for ExitCode {
+    fn from(status: ExitStatus) -> ExitCode {
+        ExitCode::from(status.code())
+    }
 }
 
 #[derive(Parser)]
@@ -330,9 +355,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             let code = if error.use_stderr() {
-                exit::INVALID_INPUT
+                ExitStatus::InvalidInput
             } else {
-                exit::SUCCESS
+                ExitStatus::Success
             };
             let _ = error.print();
             return ExitCode::from(code);
@@ -382,7 +407,7 @@ fn main() -> ExitCode {
                 "graphbuild",
                 &mut std::io::stdout(),
             );
-            exit::SUCCESS
+            ExitStatus::Success
         }
     };
     ExitCode::from(code)

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use graphbuild_lang::Code;
 use graphbuild_lang::platform::Platform;
 
 use crate::digest::Digest;
@@ -84,13 +85,13 @@ pub enum ResolveError {
 impl ResolveError {
     /// The diagnostic code: environment problems (network, credentials) get their own, so the
     /// CLI can exit with code 3 instead of 2.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
             ResolveError::Registry {
                 environment: true, ..
             }
-            | ResolveError::Unresolved(_) => ENVIRONMENT_CODE,
-            _ => "graphbuild::base-image",
+            | ResolveError::Unresolved(_) => Code::BaseImageUnavailable,
+            _ => Code::BaseImage,
         }
     }
 
@@ -142,9 +143,6 @@ impl Unresolved {
         }
     }
 }
-
-/// The diagnostic code of a base image that cannot be had because of the environment.
-pub const ENVIRONMENT_CODE: &str = "graphbuild::base-image::unavailable";
 
 /// Resolves base references. Implementations cache: one resolution per run.
 pub trait Resolver: Send + Sync {

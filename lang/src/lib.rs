@@ -12,12 +12,13 @@
 //! # use std::sync::Arc;
 //! # let sources = Sources { files: vec![Source { name: "build.kdl".into(), path: None, text: Arc::new("stage a {}".into()) }] };
 //! # let loc = Loc { file: FileId(0), span: (6, 1).into() };
-//! let diagnostic = Diagnostic::error("graphbuild::engine::base_image", "cannot pull the base image")
+//! let diagnostic = Diagnostic::error(Code::BaseImageUnavailable, "cannot pull the base image")
 //!     .with_label(&sources, loc, "this stage")
 //!     .with_help("check the reference and your registry credentials");
 //! assert_eq!(diagnostic.to_string(), "cannot pull the base image");
 //! ```
 
+pub mod code;
 pub mod ir;
 pub mod limits;
 pub mod load;
@@ -25,6 +26,7 @@ pub mod platform;
 pub mod stdlib;
 pub mod subst;
 
+pub use code::Code;
 pub use load::{load, load_source};
 
 use std::fmt;
@@ -51,8 +53,8 @@ pub struct Label {
 #[derive(Clone)]
 pub struct Diagnostic {
     pub severity: Severity,
-    /// A stable identifier, `graphbuild::area::problem`.
-    pub code: String,
+    /// A stable identifier, `graphbuild::area::problem`: see [`Code`].
+    pub code: Code,
     pub message: String,
     pub help: Option<String>,
     /// Where it happened: the file of the first label.
@@ -65,10 +67,10 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    pub fn new(severity: Severity, code: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(severity: Severity, code: Code, message: impl Into<String>) -> Self {
         Diagnostic {
             severity,
-            code: code.into(),
+            code,
             message: printable(message.into()),
             help: None,
             location: None,
@@ -78,11 +80,11 @@ impl Diagnostic {
         }
     }
 
-    pub fn error(code: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn error(code: Code, message: impl Into<String>) -> Self {
         Diagnostic::new(Severity::Error, code, message)
     }
 
-    pub fn warning(code: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn warning(code: Code, message: impl Into<String>) -> Self {
         Diagnostic::new(Severity::Warning, code, message)
     }
 
@@ -107,7 +109,7 @@ impl Diagnostic {
             }
             Some(location) if location.file == at.file => self.labels.push(Label { span, text }),
             Some(_) => {
-                let note = Diagnostic::new(self.severity, self.code.clone(), text.clone())
+                let note = Diagnostic::new(self.severity, self.code, text.clone())
                     .with_label(sources, at, text);
                 self.related.push(note);
             }
@@ -117,11 +119,6 @@ impl Diagnostic {
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
         self.help = Some(printable(help.into()));
-        self
-    }
-
-    pub fn with_related(mut self, related: Diagnostic) -> Self {
-        self.related.push(related);
         self
     }
 
@@ -348,7 +345,7 @@ mod tests {
     #[test]
     fn renders_file_line_column_label_and_help() {
         let sources = sources();
-        let diagnostic = Diagnostic::error("graphbuild::unknown_stage", "unknown stage `b`")
+        let diagnostic = Diagnostic::error(Code::UnknownStage, "unknown stage `b`")
             .with_label(
                 &sources,
                 Loc {
@@ -362,13 +359,13 @@ mod tests {
         assert!(text.contains("build.kdl:2:8"), "{text}");
         assert!(text.contains("not a stage"), "{text}");
         assert!(text.contains("help: did you mean `a`?"), "{text}");
-        assert!(text.contains("graphbuild::unknown_stage"), "{text}");
+        assert!(text.contains(Code::UnknownStage.as_str()), "{text}");
     }
 
     #[test]
     fn a_label_in_another_file_becomes_a_related_note() {
         let sources = sources();
-        let diagnostic = Diagnostic::error("graphbuild::cycle", "cycle")
+        let diagnostic = Diagnostic::error(Code::Cycle, "cycle")
             .with_label(
                 &sources,
                 Loc {
@@ -394,7 +391,7 @@ mod tests {
     #[test]
     fn out_of_range_spans_are_clamped() {
         let sources = sources();
-        let diagnostic = Diagnostic::warning("graphbuild::x", "x")
+        let diagnostic = Diagnostic::warning(Code::Internal, "x")
             .with_label(
                 &sources,
                 Loc {
@@ -425,7 +422,7 @@ mod tests {
                 text: Arc::new("a \"\x1b[2J\u{9b}31m\" b\n".into()),
             }],
         };
-        let diagnostic = Diagnostic::error("graphbuild::x", "x").with_label(
+        let diagnostic = Diagnostic::error(Code::Internal, "x").with_label(
             &sources,
             Loc {
                 file: FileId(0),
@@ -440,7 +437,7 @@ mod tests {
         );
         assert!(text.contains("a \"?[2J??31m\" b"), "{text}");
         assert!(text.contains("evil.kdl:1:13"), "{text}");
-        let message = Diagnostic::error("graphbuild::x", "bad value `\x1b]0;x\x07`")
+        let message = Diagnostic::error(Code::Internal, "bad value `\x1b]0;x\x07`")
             .with_help("not \u{9b}this");
         assert_eq!(message.message, "bad value `\\u{1b}]0;x\\u{7}`");
         assert_eq!(message.help.as_deref(), Some("not \\u{9b}this"));
@@ -449,9 +446,9 @@ mod tests {
     #[test]
     fn diagnostics_summarize_counts() {
         let many = Diagnostics(vec![
-            Diagnostic::error("a", "a"),
-            Diagnostic::error("b", "b"),
-            Diagnostic::warning("c", "c"),
+            Diagnostic::error(Code::Internal, "a"),
+            Diagnostic::error(Code::Internal, "b"),
+            Diagnostic::warning(Code::Internal, "c"),
         ]);
         assert_eq!(many.to_string(), "2 errors and 1 warning");
         assert!(many.has_errors());

@@ -18,6 +18,7 @@
 //! Every phase keeps going after a problem so one run reports everything; errors never reach a
 //! [`Project`], they come back as [`Diagnostics`] sorted by file and position.
 
+use crate::Code;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,7 +47,7 @@ pub fn load(path: &Path) -> Result<Project, Diagnostics> {
         Ok(text) => text,
         Err(error) => {
             return Err(Diagnostic::error(
-                "graphbuild::load::read",
+                Code::LoadRead,
                 format!("cannot read build file `{name}`: {error}"),
             )
             .with_help(
@@ -292,7 +293,7 @@ impl Loader {
         if let Some(declaration) = stages.get(limits::MAX_STAGES) {
             let file = self.files[declaration.file_index].file;
             self.error(
-                "limits::stages",
+                Code::LimitsStages,
                 format!("the build file has more than {} stages", limits::MAX_STAGES),
                 Self::loc(file, declaration.node.name().span()),
                 "one stage too many",
@@ -340,17 +341,13 @@ impl Loader {
 
     fn error(
         &mut self,
-        code: &str,
+        code: Code,
         message: impl Into<String>,
         at: Loc,
         label: impl Into<String>,
         help: Option<String>,
     ) {
-        let mut diagnostic = Diagnostic::error(format!("graphbuild::{code}"), message).with_label(
-            &self.sources,
-            at,
-            label,
-        );
+        let mut diagnostic = Diagnostic::error(code, message).with_label(&self.sources, at, label);
         if let Some(help) = help {
             diagnostic = diagnostic.with_help(help);
         }
@@ -379,7 +376,7 @@ impl Loader {
         });
         if text.len() > limits::MAX_FILE_BYTES {
             let mut diagnostic = Diagnostic::error(
-                "graphbuild::limits::file_size",
+                Code::LimitsFileSize,
                 format!(
                     "`{name}` is {} bytes; a build file may have at most {} bytes",
                     text.len(),
@@ -428,7 +425,7 @@ impl Loader {
                 ),
             };
             self.error(
-                "limits::nesting",
+                Code::LimitsNesting,
                 message,
                 Self::loc(file, SourceSpan::new(offset.into(), 1)),
                 label,
@@ -439,10 +436,8 @@ impl Loader {
         let parsed = match parse_kdl(&text) {
             Ok(parsed) => parsed,
             Err(message) => {
-                let mut diagnostic = Diagnostic::error(
-                    "graphbuild::kdl::parser",
-                    format!("cannot parse `{name}`: {message}"),
-                );
+                let mut diagnostic =
+                    Diagnostic::error(Code::KdlParser, format!("cannot parse `{name}`: {message}"));
                 diagnostic.location = Some(Self::loc(file, SourceSpan::new(0.into(), 0)));
                 self.diagnostics.push(diagnostic);
                 return;
@@ -455,7 +450,7 @@ impl Loader {
                     if index == MAX_SYNTAX_ERRORS {
                         let more = error.diagnostics.len() - index;
                         let mut diagnostic = Diagnostic::error(
-                            "graphbuild::kdl::syntax",
+                            Code::KdlSyntax,
                             format!("{more} more KDL syntax errors in `{name}`"),
                         )
                         .with_help("is this a KDL build file? fix the errors above first");
@@ -471,11 +466,9 @@ impl Loader {
                     let help = problem.help.clone().unwrap_or_else(|| {
                         "see the KDL v2 syntax: quoted strings, `#true`/`#false`, `{ … }` for children".to_string()
                     });
-                    let mut diagnostic = Diagnostic::error(
-                        "graphbuild::kdl::syntax",
-                        format!("KDL syntax error: {message}"),
-                    )
-                    .with_help(help);
+                    let mut diagnostic =
+                        Diagnostic::error(Code::KdlSyntax, format!("KDL syntax error: {message}"))
+                            .with_help(help);
                     match syntax_error_span(&text, problem.span) {
                         Some(span) => {
                             diagnostic = diagnostic.with_label(
@@ -544,7 +537,7 @@ impl Loader {
         let arguments = positional(node);
         let Some(first) = arguments.first() else {
             self.error(
-                "import::missing",
+                Code::ImportMissing,
                 "`import` needs a module",
                 node_at,
                 "import what?",
@@ -554,7 +547,7 @@ impl Loader {
         };
         for extra in arguments.iter().skip(1) {
             self.error(
-                "node::extra_argument",
+                Code::NodeExtraArgument,
                 "`import` takes one module",
                 Self::loc(file, extra.span()),
                 "extra argument",
@@ -575,7 +568,7 @@ impl Loader {
                             alias = Some(text.raw);
                         } else {
                             self.error(
-                                "import::alias",
+                                Code::ImportAlias,
                                 format!("invalid module alias `{}`", text.raw),
                                 text.at,
                                 "not a plain name",
@@ -602,7 +595,7 @@ impl Loader {
                 .map(|(_, name)| name.as_str())
                 .collect();
             self.error(
-                "limits::import_depth",
+                Code::LimitsImportDepth,
                 format!(
                     "imports are chained more than {} files deep",
                     limits::MAX_IMPORT_DEPTH
@@ -627,7 +620,7 @@ impl Loader {
                     None => format!("available modules: {}", names.join(", ")),
                 };
                 self.error(
-                    "import::unknown_std_module",
+                    Code::ImportUnknownStdModule,
                     format!("unknown standard module `{}`", module.raw),
                     module_at,
                     "no such module",
@@ -644,7 +637,7 @@ impl Loader {
         } else {
             if from_std {
                 self.error(
-                    "import::local_from_std",
+                    Code::ImportLocalFromStd,
                     "a standard module can import only other `std:` modules",
                     module_at,
                     "local import",
@@ -666,7 +659,7 @@ impl Loader {
                 Err(error) => {
                     let available = crate::stdlib::module_names().join(", ");
                     self.error(
-                        "import::missing_file",
+                        Code::ImportMissingFile,
                         format!("cannot read imported file `{}`: {error}", module.raw),
                         module_at,
                         "imported here",
@@ -698,7 +691,7 @@ impl Loader {
                 .collect();
             chain.push(name.clone());
             self.error(
-                "import::cycle",
+                Code::ImportCycle,
                 format!("import cycle: {}", chain.join(" → ")),
                 module_at,
                 "imports a file that is already being imported",
@@ -733,7 +726,7 @@ impl Loader {
                     "platforms" => {
                         if !loaded.is_root {
                             self.error(
-                                "module::platforms",
+                                Code::ModulePlatforms,
                                 "an imported module cannot set the default platforms",
                                 node_at,
                                 "in an imported module",
@@ -745,7 +738,7 @@ impl Loader {
                         }
                         if let Some(first) = platforms_at {
                             let diagnostic = Diagnostic::error(
-                                "graphbuild::duplicate::platforms",
+                                Code::DuplicatePlatforms,
                                 "`platforms` is set twice",
                             )
                             .with_label(&self.sources, node_at, "set again here")
@@ -768,7 +761,7 @@ impl Loader {
                                     continue;
                                 }
                                 let diagnostic = Diagnostic::error(
-                                    "graphbuild::duplicate::arg",
+                                    Code::DuplicateArg,
                                     format!("arg `{}` is declared twice", declaration.name),
                                 )
                                 .with_label(&self.sources, declaration.at, "declared again here")
@@ -791,7 +784,7 @@ impl Loader {
                         let full_name = format!("{}{}", loaded.prefix, name.raw);
                         if let Some(first) = self.stage_names.get(&full_name) {
                             let diagnostic = Diagnostic::error(
-                                "graphbuild::duplicate::stage",
+                                Code::DuplicateStage,
                                 format!("stage `{full_name}` is defined twice"),
                             )
                             .with_label(&self.sources, name.at, "defined again here")
@@ -814,7 +807,7 @@ impl Loader {
                         let full_name = format!("{}{}", loaded.prefix, name.raw);
                         if let Some(first) = template_names.get(&full_name) {
                             let diagnostic = Diagnostic::error(
-                                "graphbuild::duplicate::template",
+                                Code::DuplicateTemplate,
                                 format!("template `{full_name}` is defined twice"),
                             )
                             .with_label(&self.sources, name.at, "defined again here")
@@ -831,7 +824,7 @@ impl Loader {
                     "image" => {
                         if !loaded.is_root {
                             self.error(
-                                "module::image",
+                                Code::ModuleImage,
                                 "an imported module cannot define images",
                                 node_at,
                                 "in an imported module",
@@ -892,7 +885,7 @@ impl Loader {
                             params.iter().find(|(existing, _, _)| *existing == name.raw)
                         {
                             let diagnostic = Diagnostic::error(
-                                "graphbuild::duplicate::param",
+                                Code::DuplicateParam,
                                 format!("param `{}` is declared twice", name.raw),
                             )
                             .with_label(&self.sources, name.at, "declared again here")
@@ -909,7 +902,7 @@ impl Loader {
                         };
                         if let Some(first) = stage_names.get(&name.raw) {
                             let diagnostic = Diagnostic::error(
-                                "graphbuild::duplicate::stage",
+                                Code::DuplicateStage,
                                 format!(
                                     "stage `{}` is defined twice in template `{full_name}`",
                                     name.raw
@@ -930,7 +923,7 @@ impl Loader {
         }
         if stages.is_empty() {
             self.error(
-                "template::no_stage",
+                Code::TemplateNoStage,
                 format!("template `{full_name}` has no stage"),
                 at,
                 "empty template",
@@ -965,7 +958,7 @@ impl Loader {
             None => format!("allowed {place}: {}", allowed.join(", ")),
         };
         self.error(
-            "unknown::node",
+            Code::UnknownNode,
             format!("unknown node `{name}` {place}"),
             Self::loc(file, node.name().span()),
             "unknown node",
@@ -993,7 +986,7 @@ impl Loader {
             }
         };
         self.error(
-            "unknown::property",
+            Code::UnknownProperty,
             format!("unknown property `{key}` on `{node}`"),
             Self::loc(file, entry.span()),
             "unknown property",
@@ -1004,7 +997,7 @@ impl Loader {
     fn check_no_children(&mut self, node: &KdlNode, file: FileId, name: &str) {
         if let Some(children) = node.children() {
             self.error(
-                "node::unexpected_children",
+                Code::NodeUnexpectedChildren,
                 format!("`{name}` takes no children block"),
                 Self::loc(file, children.span()),
                 "unexpected block",
@@ -1022,7 +1015,7 @@ impl Loader {
     fn check_no_arguments(&mut self, node: &KdlNode, file: FileId, name: &str) {
         for entry in positional(node) {
             self.error(
-                "node::extra_argument",
+                Code::NodeExtraArgument,
                 format!("`{name}` takes no arguments"),
                 Self::loc(file, entry.span()),
                 "unexpected argument",
@@ -1042,7 +1035,7 @@ impl Loader {
             other => {
                 let kind = value_kind(other);
                 self.error(
-                    "type::expected_string",
+                    Code::TypeExpectedString,
                     format!("expected a string for {what}, found {kind}"),
                     at,
                     kind,
@@ -1070,7 +1063,7 @@ impl Loader {
             other => {
                 let kind = value_kind(other);
                 self.error(
-                    "type::expected_boolean",
+                    Code::TypeExpectedBoolean,
                     format!("expected a boolean for {what}, found {kind}"),
                     Self::loc(file, entry.span()),
                     kind,
@@ -1086,7 +1079,7 @@ impl Loader {
         let arguments = positional(node);
         let Some(first) = arguments.first() else {
             self.error(
-                "node::missing_name",
+                Code::NodeMissingName,
                 format!("`{kind}` needs a name"),
                 Self::loc(file, node.name().span()),
                 "name missing",
@@ -1096,7 +1089,7 @@ impl Loader {
         };
         for extra in arguments.iter().skip(1) {
             self.error(
-                "node::extra_argument",
+                Code::NodeExtraArgument,
                 format!("`{kind}` takes one name"),
                 Self::loc(file, extra.span()),
                 "extra argument",
@@ -1112,7 +1105,7 @@ impl Loader {
             && !name.raw.starts_with('.');
         if !valid {
             self.error(
-                "node::invalid_name",
+                Code::NodeInvalidName,
                 format!("invalid {kind} name `{}`", name.raw),
                 name.at,
                 "not a plain name",
@@ -1131,7 +1124,7 @@ impl Loader {
         node: &KdlNode,
         file: FileId,
         at: Loc,
-        (code, what, message, label): (&str, &str, &str, &str),
+        (code, what, message, label): (Code, &str, &str, &str),
         help: &str,
     ) -> Option<Text> {
         let mut values = self.string_arguments(node, file, what, false);
@@ -1167,7 +1160,7 @@ impl Loader {
     fn key_values(&mut self, node: &KdlNode, file: FileId, kind: &str) -> Vec<(String, Text)> {
         for entry in positional(node) {
             self.error(
-                "node::expected_property",
+                Code::NodeExpectedProperty,
                 format!("`{kind}` takes KEY=\"value\" pairs"),
                 Self::loc(file, entry.span()),
                 "not a KEY=\"value\" pair",
@@ -1183,7 +1176,7 @@ impl Loader {
             .collect();
         if pairs.is_empty() && node.entries().is_empty() {
             self.error(
-                "node::missing_value",
+                Code::NodeMissingValue,
                 format!("`{kind}` needs at least one KEY=\"value\""),
                 Self::loc(file, node.name().span()),
                 "nothing set",
@@ -1204,7 +1197,7 @@ impl Loader {
                     .map(|help| help.to_string())
                     .unwrap_or_default();
                 self.error(
-                    "platform::invalid",
+                    Code::PlatformInvalid,
                     format!("malformed platform: {error}"),
                     text.at,
                     "malformed platform",
@@ -1219,7 +1212,7 @@ impl Loader {
         let texts = self.string_arguments(node, file, "a platform", false);
         if texts.is_empty() && positional(node).is_empty() {
             self.error(
-                "platform::missing",
+                Code::PlatformMissing,
                 "`platforms` needs at least one platform",
                 Self::loc(file, node.name().span()),
                 "no platform",
@@ -1247,7 +1240,7 @@ impl Loader {
                     other => {
                         let kind = value_kind(other);
                         self.error(
-                            "type::expected_string",
+                            Code::TypeExpectedString,
                             format!("expected an arg name, found {kind}"),
                             at,
                             kind,
@@ -1264,7 +1257,7 @@ impl Loader {
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 self.error(
-                    "arg::invalid_name",
+                    Code::ArgInvalidName,
                     format!("invalid arg name `{name}`"),
                     at,
                     "not a variable name",
@@ -1277,7 +1270,7 @@ impl Loader {
             }
             if AUTOMATIC_ARGS.contains(&name.as_str()) && default.is_some() {
                 self.error(
-                    "arg::automatic",
+                    Code::ArgAutomatic,
                     format!("`{name}` is an automatic arg and cannot have a default"),
                     at,
                     "set per platform by graphbuild",
@@ -1289,7 +1282,7 @@ impl Loader {
         }
         if node.entries().is_empty() {
             self.error(
-                "arg::missing",
+                Code::ArgMissing,
                 "`arg` needs a name",
                 Self::loc(file, node.name().span()),
                 "name missing",
@@ -1346,7 +1339,7 @@ impl Loader {
             ));
         }
         self.error(
-            "unknown::stage",
+            Code::UnknownStage,
             format!("unknown stage `{name}`"),
             at,
             "not a stage",
@@ -1399,13 +1392,13 @@ impl Loader {
             match child.name().value() {
                 "from" => {
                     if let Some(first) = from_seen {
-                        let diagnostic = Diagnostic::error(
-                            "graphbuild::duplicate::from",
-                            "a stage has one `from`",
-                        )
-                        .with_label(&self.sources, child_at, "second `from`")
-                        .with_label(&self.sources, first, "first `from`")
-                        .with_help("use another stage to combine images: `copy … from=OTHER`");
+                        let diagnostic =
+                            Diagnostic::error(Code::DuplicateFrom, "a stage has one `from`")
+                                .with_label(&self.sources, child_at, "second `from`")
+                                .with_label(&self.sources, first, "first `from`")
+                                .with_help(
+                                    "use another stage to combine images: `copy … from=OTHER`",
+                                );
                         self.diagnostics.push(diagnostic);
                         continue;
                     }
@@ -1419,7 +1412,7 @@ impl Loader {
                 "platform" => {
                     if let Some(first) = platform_seen {
                         let diagnostic = Diagnostic::error(
-                            "graphbuild::duplicate::platform",
+                            Code::DuplicatePlatform,
                             "a stage has one `platform`",
                         )
                         .with_label(&self.sources, child_at, "second `platform`")
@@ -1450,7 +1443,7 @@ impl Loader {
         let Some(from) = from else {
             if from_seen.is_none() {
                 self.error(
-                    "stage::missing_from",
+                    Code::StageMissingFrom,
                     format!("stage `{name}` has no `from`"),
                     name_at,
                     "no base",
@@ -1494,7 +1487,7 @@ impl Loader {
         let arguments = positional(node);
         for extra in arguments.iter().skip(1) {
             self.error(
-                "node::extra_argument",
+                Code::NodeExtraArgument,
                 format!("`{kind}` takes one value"),
                 Self::loc(file, extra.span()),
                 "extra argument",
@@ -1503,7 +1496,7 @@ impl Loader {
         }
         let Some(first) = arguments.first() else {
             self.error(
-                "node::missing_value",
+                Code::NodeMissingValue,
                 format!("`{kind}` needs {what}"),
                 Self::loc(file, node.name().span()),
                 "value missing",
@@ -1536,7 +1529,7 @@ impl Loader {
                     if let Some(text) = self.string(entry, file, "`platform`") {
                         if text.raw.contains('$') {
                             self.error(
-                                "when::dynamic_platform",
+                                Code::WhenDynamicPlatform,
                                 "`when platform=` must be a literal platform",
                                 text.at,
                                 "contains a variable",
@@ -1554,7 +1547,7 @@ impl Loader {
         }
         if !platform_seen {
             self.error(
-                "when::missing_platform",
+                Code::WhenMissingPlatform,
                 "`when` needs platform=\"…\"",
                 node_at,
                 "no condition",
@@ -1613,7 +1606,7 @@ impl Loader {
                 let mut declarations = self.arg_declarations(node, file);
                 if declarations.len() > 1 {
                     self.error(
-                        "arg::several_in_stage",
+                        Code::ArgSeveralInStage,
                         "`arg` in a stage declares one arg",
                         node_at,
                         "several args",
@@ -1639,7 +1632,7 @@ impl Loader {
                 if values.is_empty() {
                     if positional(node).is_empty() {
                         self.error(
-                            "node::missing_value",
+                            Code::NodeMissingValue,
                             format!("`{name}` needs at least one value"),
                             node_at,
                             "value missing",
@@ -1683,7 +1676,7 @@ impl Loader {
         if arguments.is_empty() {
             if positional(node).is_empty() {
                 self.error(
-                    "node::missing_value",
+                    Code::NodeMissingValue,
                     format!("`{name}` needs a command"),
                     Self::loc(file, node.name().span()),
                     "command missing",
@@ -1697,7 +1690,7 @@ impl Loader {
         if shell {
             if arguments.len() > 1 {
                 self.error(
-                    "command::shell_form",
+                    Code::CommandShellForm,
                     format!("`{name} … shell=#true` takes one command string"),
                     Self::loc(file, node.name().span()),
                     "several strings",
@@ -1716,7 +1709,7 @@ impl Loader {
         if arguments.is_empty() {
             if positional(node).is_empty() {
                 self.error(
-                    "node::missing_value",
+                    Code::NodeMissingValue,
                     format!("`{name}` needs a command"),
                     Self::loc(file, node.name().span()),
                     "command missing",
@@ -1771,7 +1764,7 @@ impl Loader {
                         file,
                         child_at,
                         (
-                            "run::cache_mount",
+                            Code::RunCacheMount,
                             "a cache mount path",
                             "`cache-mount` takes one path",
                             "one path expected",
@@ -1811,7 +1804,7 @@ impl Loader {
                         child,
                         file,
                         child_at,
-                        ("run::secret", "a secret id", "`secret` takes one id", "one id expected"),
+                        (Code::RunSecret, "a secret id", "`secret` takes one id", "one id expected"),
                         "write `secret \"npmrc\" target=\"/root/.npmrc\"` and pass `--secret id=npmrc,src=FILE`",
                     ) else {
                         continue;
@@ -1827,7 +1820,7 @@ impl Loader {
                 "network" => {
                     if network_seen {
                         self.error(
-                            "duplicate::network",
+                            Code::DuplicateNetwork,
                             "`network` is set twice",
                             child_at,
                             "set again",
@@ -1850,7 +1843,7 @@ impl Loader {
                                     None => "the network is \"none\" or \"host\"".to_string(),
                                 };
                                 self.error(
-                                    "run::network",
+                                    Code::RunNetwork,
                                     format!("unknown network mode `{other}`"),
                                     text.at,
                                     "unknown mode",
@@ -1894,7 +1887,7 @@ impl Loader {
                 "chmod" => {
                     if let KdlValue::Integer(number) = entry.value() {
                         self.error(
-                            "type::expected_string",
+                            Code::TypeExpectedString,
                             "expected a string for `chmod`, found an integer",
                             Self::loc(file, entry.span()),
                             "an integer",
@@ -1911,7 +1904,7 @@ impl Loader {
                             || !text.raw.chars().all(|c| ('0'..='7').contains(&c)))
                     {
                         self.error(
-                            "copy::chmod",
+                            Code::CopyChmod,
                             format!("invalid mode `{}`", text.raw),
                             text.at,
                             "not an octal mode",
@@ -1928,7 +1921,7 @@ impl Loader {
         let mut paths = self.string_arguments(node, file, "a copy path", false);
         if positional(node).len() < 2 {
             self.error(
-                "copy::arguments",
+                Code::CopyArguments,
                 "`copy` needs at least a source and a destination",
                 Self::loc(file, node.name().span()),
                 "sources and destination expected",
@@ -1946,7 +1939,7 @@ impl Loader {
                 let raw = text.raw.as_str();
                 if raw == "scratch" {
                     self.error(
-                        "copy::from_scratch",
+                        Code::CopyFromScratch,
                         "cannot copy from `scratch`: it is empty",
                         text.at,
                         "empty filesystem",
@@ -2002,7 +1995,7 @@ impl Loader {
                     other => {
                         let kind = value_kind(other);
                         self.error(
-                            "type::expected_integer",
+                            Code::TypeExpectedInteger,
                             format!("expected a non-negative integer for `retries`, found {kind}"),
                             Self::loc(file, entry.span()),
                             kind,
@@ -2105,7 +2098,7 @@ impl Loader {
                     expanded = expanded.saturating_add(matrix_combinations(&image.matrix));
                     if expanded > limits::MAX_IMAGES as u128 {
                         self.error(
-                            "limits::images",
+                            Code::LimitsImages,
                             format!(
                                 "the build file expands to more than {} images",
                                 limits::MAX_IMAGES
@@ -2120,7 +2113,7 @@ impl Loader {
                 }
                 if project.stages.len() > limits::MAX_STAGES {
                     self.error(
-                        "limits::stages",
+                        Code::LimitsStages,
                         format!(
                             "the build file has more than {} stages (counting template instances)",
                             limits::MAX_STAGES
@@ -2147,7 +2140,7 @@ impl Loader {
         let arguments = positional(node);
         let Some(first) = arguments.first() else {
             self.error(
-                "node::missing_name",
+                Code::NodeMissingName,
                 "`image` needs a name",
                 node_at,
                 "name missing",
@@ -2157,7 +2150,7 @@ impl Loader {
         };
         for extra in arguments.iter().skip(1) {
             self.error(
-                "node::extra_argument",
+                Code::NodeExtraArgument,
                 "`image` takes one name",
                 Self::loc(file, extra.span()),
                 "extra argument",
@@ -2167,7 +2160,7 @@ impl Loader {
         let name = self.string(first, file, "the image name")?;
         if let Some(previous) = image_names.get(&name.raw) {
             let diagnostic = Diagnostic::error(
-                "graphbuild::duplicate::image",
+                Code::DuplicateImage,
                 format!("image `{}` is defined twice", name.raw),
             )
             .with_label(&self.sources, name.at, "defined again here")
@@ -2208,7 +2201,7 @@ impl Loader {
                 "stage" | "use" if stage_seen.is_some() => {
                     let first = stage_seen.unwrap_or(child_at);
                     let diagnostic = Diagnostic::error(
-                        "graphbuild::image::two_stages",
+                        Code::ImageTwoStages,
                         "an image has one `stage` or one `use`",
                     )
                     .with_label(&self.sources, child_at, "second one")
@@ -2239,7 +2232,7 @@ impl Loader {
                     self.check_no_properties(child, file, kind);
                     if platforms.is_some() {
                         self.error(
-                            "duplicate::platforms",
+                            Code::DuplicatePlatforms,
                             "`platforms` is set twice on this image",
                             child_at,
                             "set again",
@@ -2258,7 +2251,7 @@ impl Loader {
                         .unwrap_or_default();
                     if axes.is_empty() {
                         self.error(
-                            "matrix::empty",
+                            Code::MatrixEmpty,
                             "`matrix` needs at least one KEY \"value\" …",
                             child_at,
                             "empty matrix",
@@ -2277,7 +2270,7 @@ impl Loader {
                             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                         if !valid {
                             self.error(
-                                "matrix::key",
+                                Code::MatrixKey,
                                 format!("invalid matrix key `{key}`"),
                                 axis_at,
                                 "not a variable name",
@@ -2290,7 +2283,7 @@ impl Loader {
                         }
                         if matrix.iter().any(|existing| existing.key == key) {
                             self.error(
-                                "duplicate::matrix_key",
+                                Code::DuplicateMatrixKey,
                                 format!("matrix key `{key}` is listed twice"),
                                 axis_at,
                                 "listed again",
@@ -2302,7 +2295,7 @@ impl Loader {
                         if values.is_empty() {
                             if positional(axis).is_empty() {
                                 self.error(
-                                    "matrix::no_values",
+                                    Code::MatrixNoValues,
                                     format!("matrix key `{key}` has no values"),
                                     axis_at,
                                     "no values",
@@ -2324,7 +2317,7 @@ impl Loader {
                             .map(|axis| axis.values.len().to_string())
                             .collect();
                         self.error(
-                            "limits::matrix",
+                            Code::LimitsMatrix,
                             format!(
                                 "this matrix has {combinations} combinations, more than the {} an image may have",
                                 limits::MAX_MATRIX_COMBINATIONS
@@ -2347,7 +2340,7 @@ impl Loader {
                 "output" => {
                     if output.is_some() {
                         self.error(
-                            "duplicate::output",
+                            Code::DuplicateOutput,
                             "`output` is set twice",
                             child_at,
                             "set again",
@@ -2363,7 +2356,7 @@ impl Loader {
                     match positional(child).as_slice() {
                         [entry] => push = self.boolean(entry, file, "`push`").unwrap_or(false),
                         _ => self.error(
-                            "node::missing_value",
+                            Code::NodeMissingValue,
                             "`push` takes #true or #false",
                             child_at,
                             "one boolean expected",
@@ -2381,7 +2374,7 @@ impl Loader {
         let Some((stage, stage_at)) = stage else {
             if stage_seen.is_none() {
                 self.error(
-                    "image::no_stage",
+                    Code::ImageNoStage,
                     format!("image `{}` has no stage", name.raw),
                     name.at,
                     "which stage is the image?",
@@ -2419,7 +2412,7 @@ impl Loader {
         let node_at = Self::loc(file, node.name().span());
         let Some(first) = arguments.first() else {
             self.error(
-                "node::missing_value",
+                Code::NodeMissingValue,
                 "`use` needs a template name",
                 node_at,
                 "template missing",
@@ -2429,7 +2422,7 @@ impl Loader {
         };
         for extra in arguments.iter().skip(1) {
             self.error(
-                "node::extra_argument",
+                Code::NodeExtraArgument,
                 "`use` takes one template",
                 Self::loc(file, extra.span()),
                 "extra argument",
@@ -2452,7 +2445,7 @@ impl Loader {
                 None => format!("defined templates: {}", names.join(", ")),
             };
             self.error(
-                "unknown::template",
+                Code::UnknownTemplate,
                 format!("unknown template `{}`", template_name.raw),
                 template_name.at,
                 "no such template",
@@ -2476,7 +2469,7 @@ impl Loader {
                     None => format!("params of `{template_full_name}`: {}", names.join(", ")),
                 };
                 self.error(
-                    "template::unknown_param",
+                    Code::TemplateUnknownParam,
                     format!("unknown param `{key}` for template `{template_full_name}`"),
                     Self::loc(file, entry.span()),
                     "unknown param",
@@ -2499,7 +2492,7 @@ impl Loader {
             } else {
                 let template_at = self.templates[index].at;
                 let diagnostic = Diagnostic::error(
-                    "graphbuild::template::missing_param",
+                    Code::TemplateMissingParam,
                     format!("missing param `{param}` for template `{template_full_name}`"),
                 )
                 .with_label(
@@ -2640,7 +2633,7 @@ impl Loader {
             names.push(first);
         }
         let mut diagnostic = Diagnostic::error(
-            "graphbuild::stage::cycle",
+            Code::StageCycle,
             format!("dependency cycle: {}", names.join(" → ")),
         );
         for (position, at) in edges.iter().enumerate() {
@@ -2827,7 +2820,7 @@ impl Loader {
         match subst::substitute(&text.raw, mode, &mut lookup) {
             Err(error) => {
                 self.error(
-                    "substitution::malformed",
+                    Code::SubstitutionMalformed,
                     format!("malformed substitution: {error}"),
                     text.at,
                     "malformed `${…}`",
@@ -2847,7 +2840,7 @@ impl Loader {
                         ),
                     };
                     let diagnostic = Diagnostic::warning(
-                        "graphbuild::variable::undefined",
+                        Code::VariableUndefined,
                         format!("undefined variable `{name}`"),
                     )
                     .with_label(

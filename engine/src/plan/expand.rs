@@ -9,7 +9,7 @@ use graphbuild_lang::ir::{
 };
 use graphbuild_lang::platform::Platform;
 use graphbuild_lang::subst::{self, Mode};
-use graphbuild_lang::{Diagnostic, Diagnostics};
+use graphbuild_lang::{Code, Diagnostic, Diagnostics};
 
 use super::op::{CacheMountOp, ConfigOp, CopyOp, CopySource, Op, RunOp, SecretOp};
 use super::{Base, ImagePlan, Node, Plan, PlanOptions, StepInputs, StepPlan, parse_duration};
@@ -155,7 +155,7 @@ fn automatic_args(target: &Platform, host: &Platform) -> Vec<(String, String)> {
 }
 
 impl<'a> Expander<'a> {
-    fn error(&mut self, at: Loc, code: &str, message: String, label: &str, help: Option<String>) {
+    fn error(&mut self, at: Loc, code: Code, message: String, label: &str, help: Option<String>) {
         let id = (at.file.0, at.span.offset(), message.clone());
         if !self.reported.insert(id) {
             return;
@@ -182,13 +182,7 @@ impl<'a> Expander<'a> {
         match subst::substitute(&text.raw, mode, &mut lookup) {
             Ok(substituted) => substituted.value,
             Err(error) => {
-                self.error(
-                    text.at,
-                    "graphbuild::substitution",
-                    error.to_string(),
-                    "here",
-                    None,
-                );
+                self.error(text.at, Code::Substitution, error.to_string(), "here", None);
                 text.raw.clone()
             }
         }
@@ -239,7 +233,7 @@ impl<'a> Expander<'a> {
                     Err(error) => {
                         self.error(
                             text.at,
-                            "graphbuild::platform",
+                            Code::Platform,
                             format!("`{}` is not a valid platform: {error}", value),
                             "this platform",
                             Some("write a platform as OS/ARCH[/VARIANT], for example \"linux/arm64\" or \"linux/arm/v7\"".into()),
@@ -311,7 +305,7 @@ impl<'a> Expander<'a> {
                 let Some(stage) = self.stages.get(image.stage.as_str()).copied() else {
                     self.error(
                         image.stage_at,
-                        "graphbuild::unknown-stage",
+                        Code::UnknownStage,
                         format!("unknown stage `{}`", image.stage),
                         "not a stage",
                         None,
@@ -342,7 +336,7 @@ impl<'a> Expander<'a> {
                     .collect();
                 self.errors.push(
                     Diagnostic::error(
-                        "graphbuild::unknown-image",
+                        Code::UnknownImage,
                         format!("no image named `{wanted}` in the build file"),
                     )
                     .with_help(format!(
@@ -411,7 +405,7 @@ impl<'a> Expander<'a> {
                     let at = self.stages[needed.0.as_str()].at;
                     self.error(
                         at,
-                        "graphbuild::cycle",
+                        Code::Cycle,
                         format!(
                             "stages depend on each other in a cycle: {}",
                             cycle.join(" → ")
@@ -801,7 +795,7 @@ impl<'a> Expander<'a> {
                     _ => {
                         self.error(
                             text.at,
-                            "graphbuild::duration",
+                            Code::Duration,
                             format!("`{value}` is not a step timeout"),
                             "this duration",
                             Some("write durations like \"10m\", \"1h30m\" or \"30s\"".into()),
@@ -843,7 +837,7 @@ impl<'a> Expander<'a> {
                     _ => {
                         self.error(
                             text.at,
-                            "graphbuild::chmod",
+                            Code::Chmod,
                             format!("`{value}` is not an octal file mode"),
                             "this mode",
                             Some("write the mode in octal, for example chmod=\"0755\"".into()),
@@ -867,7 +861,7 @@ impl<'a> Expander<'a> {
                     Err(error) => {
                         self.error(
                             at,
-                            "graphbuild::copy",
+                            Code::Copy,
                             error,
                             "this copy",
                             Some(format!(
@@ -1076,7 +1070,7 @@ impl<'a> Expander<'a> {
             StepKind::Run(_) | StepKind::Copy(_) => {
                 self.error(
                     at,
-                    "graphbuild::internal",
+                    Code::Internal,
                     "a filesystem step reached the metadata path".into(),
                     "here",
                     None,
@@ -1116,7 +1110,7 @@ impl<'a> Expander<'a> {
                 None => {
                     self.error(
                         text.at,
-                        "graphbuild::duration",
+                        Code::Duration,
                         format!("`{value}` is not a duration"),
                         "this duration",
                         Some("write durations like \"30s\", \"1m30s\" or \"500ms\"".into()),
