@@ -8,7 +8,7 @@
 //! with the same builder, pointing at the [`ir::Loc`]s the IR carries:
 //!
 //! ```
-//! # use graphbuild_lang::{Diagnostic, ir::{Sources, Source, Loc, FileId}};
+//! # use graphbuild_lang::{Code, Diagnostic, ir::{Sources, Source, Loc, FileId}};
 //! # use std::sync::Arc;
 //! # let sources = Sources { files: vec![Source { name: "build.kdl".into(), path: None, text: Arc::new("stage a {}".into()) }] };
 //! # let loc = Loc { file: FileId(0), span: (6, 1).into() };

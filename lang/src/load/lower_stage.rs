@@ -1,0 +1,753 @@
+//! Lowering stages: `from`, steps (`run`, `copy`, metadata), `when` blocks and stage
+//! references resolved in the referring file's namespace.
+
+use crate::Code;
+
+use kdl::{KdlNode, KdlValue};
+
+use crate::Diagnostic;
+use crate::ir::{
+    CacheMount, Command, Copy, CopyFrom, FileId, From, FromSource, Healthcheck, Loc, Network,
+    PlatformSpec, Run, ScopeId, Secret, Stage, Step, StepKind, Text,
+};
+
+use super::*;
+
+impl Loader {
+    pub(super) fn resolve_stage(&self, name: &str, resolver: &Resolver<'_>) -> Option<String> {
+        if let Some((siblings, instance)) = resolver.siblings
+            && siblings.iter().any(|sibling| sibling == name)
+        {
+            return Some(format!("{instance}/{name}"));
+        }
+        let prefixed = format!("{}{name}", resolver.prefix);
+        if self.stage_names.contains_key(&prefixed) {
+            return Some(prefixed);
+        }
+        if self.stage_names.contains_key(name) {
+            return Some(name.to_string());
+        }
+        None
+    }
+
+    pub(super) fn stage_candidates<'a>(&'a self, resolver: &'a Resolver<'_>) -> Vec<String> {
+        let mut candidates: Vec<String> = self.stage_names.keys().cloned().collect();
+        if let Some((siblings, _)) = resolver.siblings {
+            candidates.extend(siblings.iter().cloned());
+        }
+        candidates.sort();
+        candidates
+    }
+
+    pub(super) fn unknown_stage(
+        &mut self,
+        name: &str,
+        at: Loc,
+        resolver: &Resolver<'_>,
+        image_ref_allowed: bool,
+    ) {
+        let candidates = self.stage_candidates(resolver);
+        let mut help = match did_you_mean(name, candidates.iter().map(String::as_str)) {
+            Some(close) => format!("did you mean `{close}`?"),
+            None if candidates.is_empty() => "no stage is defined".to_string(),
+            None => format!("defined stages: {}", candidates.join(", ")),
+        };
+        if image_ref_allowed {
+            help.push_str(&format!(
+                "; an image from Docker Hub must be written `docker.io/library/{name}` or `{name}:TAG`"
+            ));
+        }
+        self.error(
+            Code::UnknownStage,
+            format!("unknown stage `{name}`"),
+            at,
+            "not a stage",
+            Some(help),
+        );
+    }
+
+    pub(super) fn lower_from(&mut self, text: Text, resolver: &Resolver<'_>) -> Option<From> {
+        let at = text.at;
+        let raw = text.raw.as_str();
+        let source = if raw == "scratch" {
+            FromSource::Scratch
+        } else if raw.contains('$') || raw.starts_with("oci:") {
+            FromSource::Image(text)
+        } else if let Some(stage) = self.resolve_stage(raw, resolver) {
+            FromSource::Stage(stage)
+        } else if is_image_reference(raw) {
+            FromSource::Image(text)
+        } else {
+            self.unknown_stage(raw, at, resolver, true);
+            return None;
+        };
+        Some(From { source, at })
+    }
+
+    pub(super) fn lower_stage(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        name: String,
+        resolver: &Resolver<'_>,
+        scope: Option<ScopeId>,
+    ) -> Option<Stage> {
+        let name_at = positional(node)
+            .first()
+            .map(|entry| Self::loc(file, entry.span()))
+            .unwrap_or_else(|| Self::loc(file, node.name().span()));
+        self.check_no_properties(node, file, "stage");
+        let mut from: Option<From> = None;
+        let mut from_seen: Option<Loc> = None;
+        let mut platform: Option<PlatformSpec> = None;
+        let mut platform_seen: Option<Loc> = None;
+        let mut steps = Vec::new();
+        let children: Vec<KdlNode> = node
+            .children()
+            .map(|children| children.nodes().to_vec())
+            .unwrap_or_default();
+        for child in &children {
+            let child_at = Self::loc(file, child.name().span());
+            match child.name().value() {
+                "from" => {
+                    if let Some(first) = from_seen {
+                        let diagnostic =
+                            Diagnostic::error(Code::DuplicateFrom, "a stage has one `from`")
+                                .with_label(&self.sources, child_at, "second `from`")
+                                .with_label(&self.sources, first, "first `from`")
+                                .with_help(
+                                    "use another stage to combine images: `copy … from=OTHER`",
+                                );
+                        self.diagnostics.push(diagnostic);
+                        continue;
+                    }
+                    from_seen = Some(child_at);
+                    if let Some(text) =
+                        self.single_string(child, file, "from", "an image, a stage or \"scratch\"")
+                    {
+                        from = self.lower_from(text, resolver);
+                    }
+                }
+                "platform" => {
+                    if let Some(first) = platform_seen {
+                        let diagnostic = Diagnostic::error(
+                            Code::DuplicatePlatform,
+                            "a stage has one `platform`",
+                        )
+                        .with_label(&self.sources, child_at, "second `platform`")
+                        .with_label(&self.sources, first, "first `platform`")
+                        .with_help("use `when platform=\"…\" { … }` for per-platform steps");
+                        self.diagnostics.push(diagnostic);
+                        continue;
+                    }
+                    platform_seen = Some(child_at);
+                    if let Some(text) = self.single_string(child, file, "platform", "a platform") {
+                        platform = self.platform_spec(text);
+                    }
+                }
+                "when" => self.lower_when(child, file, resolver, &mut steps),
+                other => {
+                    if let Some(kind) =
+                        self.lower_step(child, file, resolver, other, STAGE_NODES, "in a stage")
+                    {
+                        steps.push(Step {
+                            kind,
+                            at: child_at,
+                            when: None,
+                        });
+                    }
+                }
+            }
+        }
+        let Some(from) = from else {
+            if from_seen.is_none() {
+                self.error(
+                    Code::StageMissingFrom,
+                    format!("stage `{name}` has no `from`"),
+                    name_at,
+                    "no base",
+                    Some("start the stage with `from \"scratch\"`, `from OTHER_STAGE` or `from \"docker.io/library/alpine:3.20\"`".into()),
+                );
+            }
+            return None;
+        };
+        Some(Stage {
+            name,
+            at: name_at,
+            from,
+            platform,
+            steps,
+            scope,
+        })
+    }
+
+    /// A node with exactly one string argument and nothing else.
+    pub(super) fn single_string(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        kind: &str,
+        what: &str,
+    ) -> Option<Text> {
+        self.single_value(node, file, kind, what, false)
+    }
+
+    /// Like [`Self::single_string`], also accepting an integer (`user 1000`, `stopsignal 15`).
+    pub(super) fn single_value(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        kind: &str,
+        what: &str,
+        integers: bool,
+    ) -> Option<Text> {
+        self.check_no_children(node, file, kind);
+        self.check_no_properties(node, file, kind);
+        let arguments = positional(node);
+        for extra in arguments.iter().skip(1) {
+            self.error(
+                Code::NodeExtraArgument,
+                format!("`{kind}` takes one value"),
+                Self::loc(file, extra.span()),
+                "extra argument",
+                None,
+            );
+        }
+        let Some(first) = arguments.first() else {
+            self.error(
+                Code::NodeMissingValue,
+                format!("`{kind}` needs {what}"),
+                Self::loc(file, node.name().span()),
+                "value missing",
+                None,
+            );
+            return None;
+        };
+        if integers {
+            self.string_or_integer(first, file, &format!("`{kind}`"))
+        } else {
+            self.string(first, file, &format!("`{kind}`"))
+        }
+    }
+
+    pub(super) fn lower_when(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        resolver: &Resolver<'_>,
+        steps: &mut Vec<Step>,
+    ) {
+        let node_at = Self::loc(file, node.name().span());
+        self.check_no_arguments(node, file, "when");
+        let mut platform = None;
+        let mut platform_seen = false;
+        for (key, entry) in properties(node) {
+            match key {
+                "platform" => {
+                    platform_seen = true;
+                    if let Some(text) = self.string(entry, file, "`platform`") {
+                        if text.raw.contains('$') {
+                            self.error(
+                                Code::WhenDynamicPlatform,
+                                "`when platform=` must be a literal platform",
+                                text.at,
+                                "contains a variable",
+                                Some("write the platform it applies to, for example when platform=\"linux/arm/v7\"".into()),
+                            );
+                        } else if let Some(PlatformSpec::Literal(parsed, _)) =
+                            self.platform_spec(text)
+                        {
+                            platform = Some(parsed);
+                        }
+                    }
+                }
+                other => self.unknown_property(other, entry, file, "when", &["platform"]),
+            }
+        }
+        if !platform_seen {
+            self.error(
+                Code::WhenMissingPlatform,
+                "`when` needs platform=\"…\"",
+                node_at,
+                "no condition",
+                Some("write `when platform=\"linux/arm64\" { … }`".into()),
+            );
+        }
+        let children: Vec<KdlNode> = node
+            .children()
+            .map(|children| children.nodes().to_vec())
+            .unwrap_or_default();
+        for child in &children {
+            let child_at = Self::loc(file, child.name().span());
+            let name = child.name().value();
+            if let Some(kind) =
+                self.lower_step(child, file, resolver, name, WHEN_NODES, "in `when`")
+                && let Some(platform) = &platform
+            {
+                steps.push(Step {
+                    kind,
+                    at: child_at,
+                    when: Some(platform.clone()),
+                });
+            }
+        }
+    }
+
+    pub(super) fn lower_step(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        resolver: &Resolver<'_>,
+        name: &str,
+        allowed: &[&str],
+        place: &str,
+    ) -> Option<StepKind> {
+        if !allowed.contains(&name) {
+            self.unknown_node(node, file, name, allowed, place);
+            return None;
+        }
+        let node_at = Self::loc(file, node.name().span());
+        match name {
+            "run" => self.lower_run(node, file).map(StepKind::Run),
+            "copy" => self.lower_copy(node, file, resolver).map(StepKind::Copy),
+            "env" => {
+                self.check_no_children(node, file, name);
+                let pairs = self.key_values(node, file, name);
+                (!pairs.is_empty()).then_some(StepKind::Env(pairs))
+            }
+            "label" => {
+                self.check_no_children(node, file, name);
+                let pairs = self.key_values(node, file, name);
+                (!pairs.is_empty()).then_some(StepKind::Label(pairs))
+            }
+            "arg" => {
+                self.check_no_children(node, file, name);
+                let mut declarations = self.arg_declarations(node, file);
+                if declarations.len() > 1 {
+                    self.error(
+                        Code::ArgSeveralInStage,
+                        "`arg` in a stage declares one arg",
+                        node_at,
+                        "several args",
+                        Some("write one `arg` node per name".into()),
+                    );
+                }
+                declarations.drain(..).next().map(StepKind::Arg)
+            }
+            "workdir" => self
+                .single_string(node, file, name, "a directory")
+                .map(StepKind::Workdir),
+            "user" => self
+                .single_value(node, file, name, "a user", true)
+                .map(StepKind::User),
+            "stopsignal" => self
+                .single_value(node, file, name, "a signal", true)
+                .map(StepKind::StopSignal),
+            "expose" | "volume" | "shell" => {
+                self.check_no_children(node, file, name);
+                self.check_no_properties(node, file, name);
+                let values =
+                    self.string_arguments(node, file, &format!("`{name}`"), name == "expose");
+                if values.is_empty() {
+                    if positional(node).is_empty() {
+                        self.error(
+                            Code::NodeMissingValue,
+                            format!("`{name}` needs at least one value"),
+                            node_at,
+                            "value missing",
+                            None,
+                        );
+                    }
+                    return None;
+                }
+                Some(match name {
+                    "expose" => StepKind::Expose(values),
+                    "volume" => StepKind::Volume(values),
+                    _ => StepKind::Shell(values),
+                })
+            }
+            "entrypoint" | "cmd" => {
+                self.check_no_children(node, file, name);
+                let command = self.argv_command(node, file, name)?;
+                Some(if name == "entrypoint" {
+                    StepKind::Entrypoint(command)
+                } else {
+                    StepKind::Cmd(command)
+                })
+            }
+            "healthcheck" => self
+                .lower_healthcheck(node, file)
+                .map(StepKind::Healthcheck),
+            _ => None,
+        }
+    }
+
+    /// `entrypoint`/`cmd`: argv unless `shell=#true`.
+    pub(super) fn argv_command(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        name: &str,
+    ) -> Option<Command> {
+        let mut shell = false;
+        for (key, entry) in properties(node) {
+            match key {
+                "shell" => shell = self.boolean(entry, file, "`shell`").unwrap_or(false),
+                other => self.unknown_property(other, entry, file, name, &["shell"]),
+            }
+        }
+        let arguments = self.string_arguments(node, file, &format!("`{name}`"), false);
+        if arguments.is_empty() {
+            if positional(node).is_empty() {
+                self.error(
+                    Code::NodeMissingValue,
+                    format!("`{name}` needs a command"),
+                    Self::loc(file, node.name().span()),
+                    "command missing",
+                    Some(format!(
+                        "write `{name} \"/app\" \"--flag\"` (argv), or `{name} \"…\" shell=#true`"
+                    )),
+                );
+            }
+            return None;
+        }
+        if shell {
+            if arguments.len() > 1 {
+                self.error(
+                    Code::CommandShellForm,
+                    format!("`{name} … shell=#true` takes one command string"),
+                    Self::loc(file, node.name().span()),
+                    "several strings",
+                    Some("join the command into one string, or drop shell=#true for argv".into()),
+                );
+                return None;
+            }
+            return arguments.into_iter().next().map(Command::Shell);
+        }
+        Some(Command::Exec(arguments))
+    }
+
+    /// `run`-style: one string is shell form, several are argv.
+    pub(super) fn run_command(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        name: &str,
+    ) -> Option<Command> {
+        let mut arguments = self.string_arguments(node, file, &format!("`{name}`"), false);
+        if arguments.is_empty() {
+            if positional(node).is_empty() {
+                self.error(
+                    Code::NodeMissingValue,
+                    format!("`{name}` needs a command"),
+                    Self::loc(file, node.name().span()),
+                    "command missing",
+                    Some(format!(
+                        "write `{name} \"make all\"` (shell) or `{name} \"make\" \"all\"` (argv)"
+                    )),
+                );
+            }
+            return None;
+        }
+        if arguments.len() == 1 {
+            return arguments.pop().map(Command::Shell);
+        }
+        Some(Command::Exec(arguments))
+    }
+
+    pub(super) fn lower_run(&mut self, node: &KdlNode, file: FileId) -> Option<Run> {
+        let mut timeout = None;
+        let mut insecure = false;
+        for (key, entry) in properties(node) {
+            match key {
+                "timeout" => timeout = self.string(entry, file, "`timeout`"),
+                "insecure" => insecure = self.boolean(entry, file, "`insecure`").unwrap_or(false),
+                other => self.unknown_property(other, entry, file, "run", &["timeout", "insecure"]),
+            }
+        }
+        let command = self.run_command(node, file, "run");
+        let mut cache_mounts = Vec::new();
+        let mut secrets = Vec::new();
+        let mut network = Network::default();
+        let mut network_seen = false;
+        let children: Vec<KdlNode> = node
+            .children()
+            .map(|children| children.nodes().to_vec())
+            .unwrap_or_default();
+        for child in &children {
+            let child_at = Self::loc(file, child.name().span());
+            match child.name().value() {
+                "cache-mount" => {
+                    self.check_no_children(child, file, "cache-mount");
+                    let mut id = None;
+                    for (key, entry) in properties(child) {
+                        match key {
+                            "id" => id = self.string(entry, file, "`id`"),
+                            other => {
+                                self.unknown_property(other, entry, file, "cache-mount", &["id"])
+                            }
+                        }
+                    }
+                    let Some(target) = self.single_string_argument(
+                        child,
+                        file,
+                        child_at,
+                        (
+                            Code::RunCacheMount,
+                            "a cache mount path",
+                            "`cache-mount` takes one path",
+                            "one path expected",
+                        ),
+                        "write `cache-mount \"/root/.cache\" id=\"pip\"`",
+                    ) else {
+                        continue;
+                    };
+                    cache_mounts.push(CacheMount {
+                        target,
+                        id,
+                        at: child_at,
+                    });
+                }
+                "secret" => {
+                    self.check_no_children(child, file, "secret");
+                    let mut target = None;
+                    let mut env = None;
+                    let mut required = true;
+                    for (key, entry) in properties(child) {
+                        match key {
+                            "target" => target = self.string(entry, file, "`target`"),
+                            "env" => env = self.string(entry, file, "`env`").map(|text| text.raw),
+                            "required" => {
+                                required = self.boolean(entry, file, "`required`").unwrap_or(true)
+                            }
+                            other => self.unknown_property(
+                                other,
+                                entry,
+                                file,
+                                "secret",
+                                &["target", "env", "required"],
+                            ),
+                        }
+                    }
+                    let Some(id) = self.single_string_argument(
+                        child,
+                        file,
+                        child_at,
+                        (Code::RunSecret, "a secret id", "`secret` takes one id", "one id expected"),
+                        "write `secret \"npmrc\" target=\"/root/.npmrc\"` and pass `--secret id=npmrc,src=FILE`",
+                    ) else {
+                        continue;
+                    };
+                    secrets.push(Secret {
+                        id: id.raw,
+                        target,
+                        env,
+                        required,
+                        at: child_at,
+                    });
+                }
+                "network" => {
+                    if network_seen {
+                        self.error(
+                            Code::DuplicateNetwork,
+                            "`network` is set twice",
+                            child_at,
+                            "set again",
+                            None,
+                        );
+                        continue;
+                    }
+                    network_seen = true;
+                    if let Some(text) =
+                        self.single_string(child, file, "network", "\"none\" or \"host\"")
+                    {
+                        match text.raw.as_str() {
+                            "none" => network = Network::None,
+                            "host" => network = Network::Host,
+                            other => {
+                                let help = match did_you_mean(other, ["none", "host"]) {
+                                    Some(close) => format!(
+                                        "did you mean \"{close}\"? the network is \"none\" or \"host\""
+                                    ),
+                                    None => "the network is \"none\" or \"host\"".to_string(),
+                                };
+                                self.error(
+                                    Code::RunNetwork,
+                                    format!("unknown network mode `{other}`"),
+                                    text.at,
+                                    "unknown mode",
+                                    Some(help),
+                                );
+                            }
+                        }
+                    }
+                }
+                other => self.unknown_node(child, file, other, RUN_NODES, "in `run`"),
+            }
+        }
+        Some(Run {
+            command: command?,
+            cache_mounts,
+            secrets,
+            network,
+            timeout,
+            insecure,
+        })
+    }
+
+    pub(super) fn lower_copy(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        resolver: &Resolver<'_>,
+    ) -> Option<Copy> {
+        self.check_no_children(node, file, "copy");
+        let mut from = None;
+        let mut chown = None;
+        let mut chmod = None;
+        let mut failed = false;
+        for (key, entry) in properties(node) {
+            match key {
+                "from" => match self.string(entry, file, "`from`") {
+                    Some(text) => from = Some(text),
+                    None => failed = true,
+                },
+                "chown" => chown = self.string_or_integer(entry, file, "`chown`"),
+                "chmod" => {
+                    if let KdlValue::Integer(number) = entry.value() {
+                        self.error(
+                            Code::TypeExpectedString,
+                            "expected a string for `chmod`, found an integer",
+                            Self::loc(file, entry.span()),
+                            "an integer",
+                            Some(format!("quote the octal mode: chmod=\"0{number}\"")),
+                        );
+                        failed = true;
+                        continue;
+                    }
+                    chmod = self.string(entry, file, "`chmod`");
+                    if let Some(text) = &chmod
+                        && !text.raw.contains('$')
+                        && (text.raw.is_empty()
+                            || text.raw.len() > 4
+                            || !text.raw.chars().all(|c| ('0'..='7').contains(&c)))
+                    {
+                        self.error(
+                            Code::CopyChmod,
+                            format!("invalid mode `{}`", text.raw),
+                            text.at,
+                            "not an octal mode",
+                            Some("write an octal mode such as chmod=\"0755\"".into()),
+                        );
+                        failed = true;
+                    }
+                }
+                other => {
+                    self.unknown_property(other, entry, file, "copy", &["from", "chown", "chmod"])
+                }
+            }
+        }
+        let mut paths = self.string_arguments(node, file, "a copy path", false);
+        if positional(node).len() < 2 {
+            self.error(
+                Code::CopyArguments,
+                "`copy` needs at least a source and a destination",
+                Self::loc(file, node.name().span()),
+                "sources and destination expected",
+                Some(
+                    "write `copy \"src/\" \"/app/\"`; several sources may precede the destination"
+                        .into(),
+                ),
+            );
+            return None;
+        }
+        let dest = paths.pop()?;
+        let from = match from {
+            None => None,
+            Some(text) => {
+                let raw = text.raw.as_str();
+                if raw == "scratch" {
+                    self.error(
+                        Code::CopyFromScratch,
+                        "cannot copy from `scratch`: it is empty",
+                        text.at,
+                        "empty filesystem",
+                        Some("name a stage or an image to copy from".into()),
+                    );
+                    return None;
+                } else if raw.contains('$') || raw.starts_with("oci:") {
+                    Some(CopyFrom::Image(text))
+                } else if let Some(stage) = self.resolve_stage(raw, resolver) {
+                    Some(CopyFrom::Stage(stage, text.at))
+                } else if is_image_reference(raw) {
+                    Some(CopyFrom::Image(text))
+                } else {
+                    self.unknown_stage(raw, text.at, resolver, true);
+                    return None;
+                }
+            }
+        };
+        if failed || paths.is_empty() {
+            return None;
+        }
+        Some(Copy {
+            sources: paths,
+            dest,
+            from,
+            chown,
+            chmod,
+        })
+    }
+
+    pub(super) fn lower_healthcheck(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+    ) -> Option<Healthcheck> {
+        self.check_no_children(node, file, "healthcheck");
+        let mut healthcheck = Healthcheck {
+            test: None,
+            interval: None,
+            timeout: None,
+            start_period: None,
+            retries: None,
+        };
+        let mut none = false;
+        let allowed = ["interval", "timeout", "start-period", "retries", "none"];
+        for (key, entry) in properties(node) {
+            match key {
+                "interval" => healthcheck.interval = self.string(entry, file, "`interval`"),
+                "timeout" => healthcheck.timeout = self.string(entry, file, "`timeout`"),
+                "start-period" => {
+                    healthcheck.start_period = self.string(entry, file, "`start-period`")
+                }
+                "retries" => match entry.value() {
+                    KdlValue::Integer(number) if (0..=i128::from(u32::MAX)).contains(number) => {
+                        healthcheck.retries = Some(*number as u32);
+                    }
+                    other => {
+                        let kind = value_kind(other);
+                        self.error(
+                            Code::TypeExpectedInteger,
+                            format!("expected a non-negative integer for `retries`, found {kind}"),
+                            Self::loc(file, entry.span()),
+                            kind,
+                            Some("write retries=3".into()),
+                        );
+                    }
+                },
+                "none" => none = self.boolean(entry, file, "`none`").unwrap_or(false),
+                other => self.unknown_property(other, entry, file, "healthcheck", &allowed),
+            }
+        }
+        if none {
+            self.check_no_arguments(node, file, "healthcheck none=#true");
+            return Some(healthcheck);
+        }
+        healthcheck.test = Some(self.run_command(node, file, "healthcheck")?);
+        Some(healthcheck)
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Templates
+}
