@@ -1,0 +1,322 @@
+//! The commands: thin glue between arguments, the language, the engine and the renderers.
+
+mod cache;
+mod plan_cmd;
+mod run;
+
+pub use cache::{cache_du, cache_prune, cache_serve, cache_verify};
+pub use plan_cmd::plan;
+pub use run::{run, verify};
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use graphbuild_engine::plan::{self, Plan, PlanOptions};
+use graphbuild_engine::registry::{ClientOptions, RegistryClient};
+use graphbuild_engine::resolve::{DefaultResolver, LockFile, LockMode};
+use graphbuild_engine::store::Store;
+use graphbuild_lang::ir::Project;
+use graphbuild_lang::platform::Platform;
+
+use crate::ExitStatus;
+use crate::SelectArgs;
+use crate::render;
+
+/// A loaded and expanded build file.
+pub(super) struct Loaded {
+    project: Project,
+    plan: Plan,
+}
+
+pub(super) fn load(
+    select: &SelectArgs,
+    store: Option<&Store>,
+    resolver: &DefaultResolver,
+) -> Result<Loaded, ExitStatus> {
+    let project = match graphbuild_lang::load(&select.file) {
+        Ok(project) => project,
+        Err(diagnostics) => {
+            render::diagnostic(&diagnostics);
+            return Err(ExitStatus::InvalidInput);
+        }
+    };
+    for warning in &project.warnings {
+        render::diagnostic(warning);
+    }
+    let mut args = BTreeMap::new();
+    for arg in &select.args {
+        match arg.split_once('=') {
+            Some((key, value)) if !key.is_empty() => {
+                args.insert(key.to_string(), value.to_string());
+            }
+            _ => {
+                render::error(
+                    &format!("`--arg {arg}` is not KEY=VALUE"),
+                    &["write --arg NAME=value"],
+                );
+                return Err(ExitStatus::InvalidInput);
+            }
+        }
+    }
+    let mut platforms = Vec::new();
+    for platform in &select.platforms {
+        match Platform::parse(platform) {
+            Ok(platform) => platforms.push(platform),
+            Err(error) => {
+                render::error(
+                    &format!("`--platform {platform}` is not a valid platform: {error}"),
+                    &[
+                        "write a platform as OS/ARCH[/VARIANT], for example linux/arm64 or linux/arm/v7",
+                    ],
+                );
+                return Err(ExitStatus::InvalidInput);
+            }
+        }
+    }
+    let options = PlanOptions {
+        images: select.images.clone(),
+        platforms,
+        args,
+        host: Platform::host(),
+        context_dir: select.context.clone(),
+        resolver,
+        store,
+    };
+    match plan::expand(&project, &options) {
+        Ok(plan) => Ok(Loaded { project, plan }),
+        Err(diagnostics) => {
+            render::diagnostic(&diagnostics);
+            // A registry that cannot be reached or refuses us is the environment, not the file.
+            let environment = diagnostics
+                .0
+                .iter()
+                .any(|diagnostic| diagnostic.code.is_environment());
+            Err(if environment {
+                ExitStatus::Environment
+            } else {
+                ExitStatus::InvalidInput
+            })
+        }
+    }
+}
+
+pub(super) fn lock_path(select: &SelectArgs) -> PathBuf {
+    project_dir(select).join("graphbuild.lock")
+}
+
+pub(super) fn registry_client(select: &SelectArgs) -> RegistryClient {
+    RegistryClient::new(ClientOptions {
+        insecure_registries: select.insecure_registries.clone(),
+        ..Default::default()
+    })
+}
+
+/// The store the resolver keeps manifests and configs in (and, offline, reads them from): the
+/// command's store, opened again; `None` when it does not exist and `create` is false.
+pub(super) fn manifest_store(select: &SelectArgs, create: bool) -> Option<Store> {
+    let root = select.cache_dir.clone().unwrap_or_else(Store::default_root);
+    let root = std::path::absolute(&root).unwrap_or(root);
+    if !create && !root.exists() {
+        return None;
+    }
+    Store::open(&root).ok()
+}
+
+/// The resolver for a command: OCI layouts and registries, pinned by graphbuild.lock unless
+/// `refresh` (or `--pull`), offline with `--offline`, keeping manifests in `store`.
+pub(super) fn resolver(
+    select: &SelectArgs,
+    refresh: bool,
+    store: Option<Store>,
+) -> Result<DefaultResolver, ExitStatus> {
+    let resolver = base_resolver(select, refresh)?.offline(select.offline);
+    Ok(match store {
+        Some(store) => resolver.with_store(store),
+        None => resolver,
+    })
+}
+
+pub(super) fn base_resolver(
+    select: &SelectArgs,
+    refresh: bool,
+) -> Result<DefaultResolver, ExitStatus> {
+    let mode = if refresh || select.pull {
+        LockMode::Refresh
+    } else {
+        match LockFile::read(&lock_path(select)) {
+            Ok(lock) => LockMode::UseLock(lock.unwrap_or_default()),
+            Err(message) => {
+                render::error(
+                    &message,
+                    &["delete it and run `graphbuild lock FILE` to write a new one"],
+                );
+                return Err(ExitStatus::InvalidInput);
+            }
+        }
+    };
+    DefaultResolver::new(&project_dir(select), registry_client(select), mode).map_err(|error| {
+        render::error(
+            &format!("cannot create a temporary directory: {error}"),
+            &[],
+        );
+        ExitStatus::Environment
+    })
+}
+
+/// Write graphbuild.lock: the bases resolved now replace their (reference, platform) entries;
+/// entries for platforms or images not built this time are kept.
+pub(super) fn write_lock(
+    select: &SelectArgs,
+    resolver: &DefaultResolver,
+) -> Result<PathBuf, ExitStatus> {
+    let path = lock_path(select);
+    let fresh = resolver.lock_file();
+    let mut merged = LockFile::read(&path).ok().flatten().unwrap_or_default();
+    merged.bases.retain(|old| {
+        !fresh
+            .bases
+            .iter()
+            .any(|new| new.reference == old.reference && new.platform == old.platform)
+    });
+    merged.bases.extend(fresh.bases);
+    merged.write(&path).map(|()| path.clone()).map_err(|error| {
+        render::error(&format!("cannot write {}: {error}", path.display()), &[]);
+        ExitStatus::Environment
+    })
+}
+
+/// The unresolved bases, one line per reference: its platforms and why.
+pub(super) fn unresolved_lines(plan: &Plan) -> (Vec<String>, Vec<String>) {
+    let mut grouped: Vec<(&str, Vec<String>, &str)> = Vec::new();
+    let mut helps: Vec<String> = Vec::new();
+    for base in plan.unresolved() {
+        let help = base.help();
+        if !helps.contains(&help) {
+            helps.push(help);
+        }
+        match grouped
+            .iter_mut()
+            .find(|(reference, _, _)| *reference == base.reference)
+        {
+            Some((_, platforms, _)) => platforms.push(base.platform.to_string()),
+            None => grouped.push((
+                &base.reference,
+                vec![base.platform.to_string()],
+                &base.reason,
+            )),
+        }
+    }
+    let lines = grouped
+        .into_iter()
+        .map(|(reference, platforms, reason)| {
+            format!("  {reference} ({}): {reason}", platforms.join(", "))
+        })
+        .collect();
+    (lines, helps)
+}
+
+pub(super) fn count(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+/// `run`, `verify` and `lock` need every base: unresolved ones stop them with exit code 3.
+pub(super) fn refuse_unresolved(plan: &Plan, select: &SelectArgs) -> Result<(), ExitStatus> {
+    let (lines, helps) = unresolved_lines(plan);
+    if lines.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "error: cannot build: {} unresolved",
+        count(lines.len(), "base image is", "base images are")
+    );
+    for line in &lines {
+        eprintln!("{line}");
+    }
+    for help in helps {
+        eprintln!(
+            "hint: {}",
+            help.replace("FILE", &select.file.display().to_string())
+        );
+    }
+    Err(ExitStatus::Environment)
+}
+
+/// `plan` shows unresolved bases and pending keys, with one warning.
+pub(super) fn warn_unresolved(plan: &Plan, select: &SelectArgs) {
+    let (lines, helps) = unresolved_lines(plan);
+    if lines.is_empty() {
+        return;
+    }
+    let mut message = format!(
+        "{} unresolved, so the keys that depend on {} are pending:",
+        count(lines.len(), "base image is", "base images are"),
+        if lines.len() == 1 { "it" } else { "them" }
+    );
+    for line in &lines {
+        message.push('\n');
+        message.push_str(line);
+    }
+    render::warning(&message);
+    for help in helps {
+        eprintln!(
+            "hint: {}",
+            help.replace("FILE", &select.file.display().to_string())
+        );
+    }
+}
+
+pub fn lock(select: SelectArgs) -> ExitStatus {
+    if select.offline {
+        render::error(
+            "`graphbuild lock` asks the registries for digests: it cannot run --offline",
+            &["run it where the registries are reachable, and commit graphbuild.lock"],
+        );
+        return ExitStatus::InvalidInput;
+    }
+    let resolver = match resolver(&select, true, manifest_store(&select, true)) {
+        Ok(resolver) => resolver,
+        Err(code) => return code,
+    };
+    let loaded = match load(&select, None, &resolver) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    if let Err(code) = refuse_unresolved(&loaded.plan, &select) {
+        return code;
+    }
+    drop(loaded);
+    match write_lock(&select, &resolver) {
+        Ok(path) => {
+            let lock = LockFile::read(&path).ok().flatten().unwrap_or_default();
+            println!("wrote {} ({} bases)", path.display(), lock.bases.len());
+            ExitStatus::Success
+        }
+        Err(code) => code,
+    }
+}
+
+pub(super) fn project_dir(select: &SelectArgs) -> PathBuf {
+    select
+        .file
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub(super) fn open_store(cache_dir: Option<PathBuf>) -> Result<Store, ExitStatus> {
+    let root = cache_dir.unwrap_or_else(Store::default_root);
+    // Absolute: sandboxes run elsewhere and get store paths as overlay layers.
+    let root = std::path::absolute(&root).unwrap_or(root);
+    Store::open(&root).map_err(|error| {
+        render::error(
+            &format!("cannot open the store at {}: {error}", root.display()),
+            &["choose another directory with --cache-dir DIR"],
+        );
+        ExitStatus::Environment
+    })
+}

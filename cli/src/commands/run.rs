@@ -1,0 +1,476 @@
+//! `graphbuild run` and `graphbuild verify`: build settings from flags, the preflight checks,
+//! executing the plan and reporting failures.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use graphbuild_engine::build::{self, BuildOptions, SecretValue};
+use graphbuild_engine::explain;
+use graphbuild_engine::layer::{Compression, LayerOptions};
+use graphbuild_engine::plan::Op;
+use graphbuild_engine::resolve::DefaultResolver;
+use graphbuild_engine::scheduler::CancelToken;
+use graphbuild_engine::store::Store;
+use graphbuild_lang::platform::Platform;
+
+use crate::ExitStatus;
+use crate::progress::Progress;
+use crate::render;
+use crate::{BuildInputArgs, CompressionArg, ProgressMode, RunArgs, SelectArgs};
+
+use super::*;
+
+pub(super) fn parse_secrets(specs: &[String]) -> Result<HashMap<String, SecretValue>, String> {
+    let mut secrets = HashMap::new();
+    for spec in specs {
+        let mut id = None;
+        let mut value = None;
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("src" | "source", v)) => value = Some(SecretValue::File(PathBuf::from(v))),
+                Some(("env", v)) => {
+                    let content = std::env::var(v).map_err(|_| {
+                        format!("--secret: the environment variable `{v}` is not set")
+                    })?;
+                    value = Some(SecretValue::Bytes(content.into_bytes()));
+                }
+                _ => {
+                    return Err(format!(
+                        "--secret: cannot read `{part}`; write id=ID,src=PATH or id=ID,env=VAR"
+                    ));
+                }
+            }
+        }
+        match (id, value) {
+            (Some(id), Some(value)) => {
+                secrets.insert(id, value);
+            }
+            _ => return Err("--secret needs id=ID and src=PATH or env=VAR".into()),
+        }
+    }
+    Ok(secrets)
+}
+
+/// The check made once the cache is consulted and before anything executes: the nodes that
+/// will run need root (namespaces, overlayfs) and, for foreign platforms with `run` steps, a
+/// qemu-user handler. A fully cached build needs neither. The message is printed as is.
+pub(super) fn preflight(nodes: &[&graphbuild_engine::plan::Node]) -> Result<(), String> {
+    let host = Platform::host();
+    if !nodes.is_empty() && !nix::unistd::geteuid().is_root() {
+        return Err("error: graphbuild runs build steps in Linux namespaces on overlayfs, which needs root\n\
+             hint: run it as root (for example with sudo -E); rootless builds are not supported yet"
+            .to_string());
+    }
+    let mut missing: Vec<(Platform, String)> = Vec::new();
+    for node in nodes {
+        let runs = node.steps.iter().any(|step| matches!(step.op, Op::Run(_)));
+        if runs
+            && !missing
+                .iter()
+                .any(|(platform, _)| *platform == node.platform)
+            && let Err(error) = graphbuild_engine::binfmt::check_emulation(
+                &crate::doctor::binfmt_dir(),
+                &node.platform,
+                &host,
+            )
+        {
+            missing.push((node.platform.clone(), error.to_string()));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut message = String::new();
+    for (platform, error) in &missing {
+        message.push_str(&format!(
+            "error: cannot run steps for {platform}: {error}\n"
+        ));
+    }
+    message.push_str(&format!(
+        "hint: install the emulators with `apt-get install qemu-user-static binfmt-support` and `update-binfmts --enable` (or `graphbuild doctor --fix`), or build only native platforms with --platform {host}"
+    ));
+    Err(message)
+}
+
+/// Cancel the build on SIGINT/SIGTERM: running steps finish or are stopped, nothing is left.
+pub(super) fn cancel_on_signals() -> CancelToken {
+    let cancel = CancelToken::new();
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(signal, flag.clone());
+    }
+    let token = cancel.clone();
+    std::thread::spawn(move || {
+        loop {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                token.cancel();
+                graphbuild_engine::sandbox::terminate_all();
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    cancel
+}
+
+pub(super) struct BuildSettings {
+    format: build::ManifestFormat,
+    remote: build::RemoteOptions,
+    output: PathBuf,
+    no_cache: bool,
+    jobs: Option<usize>,
+    compression: Compression,
+    secrets: HashMap<String, SecretValue>,
+    source_date_epoch: i64,
+    step_timeout_ms: Option<u64>,
+    step_max_processes: Option<u32>,
+}
+
+/// Build a loaded plan into `settings.output`; returns the report or an exit code.
+pub(super) fn execute(
+    loaded: &Loaded,
+    store: &Store,
+    resolver: &DefaultResolver,
+    settings: BuildSettings,
+    cancel: &CancelToken,
+    progress: &Progress,
+) -> build::BuildReport {
+    let options = BuildOptions {
+        jobs: settings
+            .jobs
+            .unwrap_or_else(graphbuild_engine::scheduler::default_jobs),
+        output_dir: settings.output,
+        no_cache: settings.no_cache,
+        layer: LayerOptions {
+            source_date_epoch: settings.source_date_epoch,
+            compression: settings.compression,
+        },
+        sandbox_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+        secrets: settings.secrets,
+        cancel: cancel.clone(),
+        // Ctrl-C/SIGTERM also stops transfers waiting on the cache.
+        remote: build::RemoteOptions {
+            from: (settings.remote.from).map(|cache| cache.with_cancel(cancel.flag().clone())),
+            to: (settings.remote.to).map(|cache| cache.with_cancel(cancel.flag().clone())),
+            required: settings.remote.required,
+        },
+        format: settings.format,
+        preflight: Some(Box::new(preflight)),
+        step_timeout_ms: settings.step_timeout_ms,
+        step_max_processes: settings.step_max_processes,
+    };
+    let report = build::build(
+        &loaded.plan,
+        &loaded.project.sources,
+        store,
+        resolver,
+        &options,
+        progress,
+    );
+    progress.finish();
+    if report.failures.is_empty() && !report.cancelled && report.environment_error.is_none() {
+        explain::record(store, &loaded.plan);
+    }
+    report
+}
+
+/// Base layers that could not be downloaded for lack of network (or because of `--offline`):
+/// an environment problem, exit code 3.
+pub(super) fn refuse_unavailable_layers(
+    resolver: &DefaultResolver,
+    select: &SelectArgs,
+) -> Result<(), ExitStatus> {
+    let unavailable = resolver.unavailable();
+    if unavailable.is_empty() {
+        return Ok(());
+    }
+    for message in &unavailable {
+        eprintln!("error: cannot get the layers of {message}");
+    }
+    let file = select.file.display();
+    if resolver.is_offline() {
+        eprintln!(
+            "hint: run `graphbuild run {file}` once with network access to download them into the local store, or drop --offline"
+        );
+    } else {
+        eprintln!(
+            "hint: check the network and that the registry is running; once the layers are in the local store, `graphbuild run {file} --offline` needs no network"
+        );
+    }
+    Err(ExitStatus::Environment)
+}
+
+pub(super) fn report_failures(report: &build::BuildReport) -> ExitStatus {
+    if let Some(message) = &report.environment_error {
+        eprintln!("{message}");
+        return ExitStatus::Environment;
+    }
+    if report.cancelled {
+        // Steps stopped by the cancel are not failures worth listing.
+        render::error("the build was cancelled", &[]);
+        return ExitStatus::Interrupted;
+    }
+    if !report.failures.is_empty() {
+        for failure in &report.failures {
+            // A failure carries the tail of the step's output: made safe like progress lines.
+            let text = failure.to_string();
+            let lines: Vec<String> = text.lines().map(crate::progress::sanitize).collect();
+            eprintln!("error: {}", lines.join("\n"));
+        }
+        eprintln!(
+            "error: {} of the build failed",
+            if report.failures.len() == 1 {
+                "1 node".to_string()
+            } else {
+                format!("{} nodes", report.failures.len())
+            }
+        );
+        return ExitStatus::BuildFailed;
+    }
+    ExitStatus::Success
+}
+
+pub(super) fn remote_options(
+    args: &crate::RemoteCacheArgs,
+) -> Result<build::RemoteOptions, ExitStatus> {
+    let open = |url: &str| {
+        graphbuild_engine::remote::RemoteCache::new(url, args.cache_token.clone()).map_err(
+            |error| {
+                let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
+                render::error(
+                    &error.to_string(),
+                    &[help.as_deref().unwrap_or(
+                        "write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE",
+                    )],
+                );
+                ExitStatus::InvalidInput
+            },
+        )
+    };
+    let from = args
+        .cache_from
+        .as_deref()
+        .or(args.cache.as_deref())
+        .map(open)
+        .transpose()?;
+    let to = args
+        .cache_to
+        .as_deref()
+        .or(args.cache.as_deref())
+        .map(open)
+        .transpose()?;
+    Ok(build::RemoteOptions {
+        from,
+        to,
+        required: args.cache_required,
+    })
+}
+
+/// The settings for one build from the shared build inputs; an exit code for a bad `--secret`.
+pub(super) fn build_settings(
+    inputs: &BuildInputArgs,
+    output: PathBuf,
+    no_cache: bool,
+    remote: build::RemoteOptions,
+) -> Result<BuildSettings, ExitStatus> {
+    let secrets = match parse_secrets(&inputs.secrets) {
+        Ok(secrets) => secrets,
+        Err(message) => {
+            render::error(&message, &[]);
+            return Err(ExitStatus::InvalidInput);
+        }
+    };
+    Ok(BuildSettings {
+        format: match inputs.format {
+            crate::FormatArg::Oci => build::ManifestFormat::Oci,
+            crate::FormatArg::Docker => build::ManifestFormat::Docker,
+        },
+        remote,
+        output,
+        no_cache,
+        jobs: inputs.jobs,
+        compression: match inputs.compression {
+            CompressionArg::Gzip => Compression::Gzip,
+            CompressionArg::Zstd => Compression::Zstd,
+        },
+        secrets,
+        source_date_epoch: inputs.source_date_epoch,
+        step_timeout_ms: inputs.step_timeout,
+        step_max_processes: (inputs.step_max_processes > 0).then_some(inputs.step_max_processes),
+    })
+}
+
+pub fn run(args: RunArgs) -> ExitStatus {
+    let select = &args.inputs.select;
+    let store = match open_store(select.cache_dir.clone()) {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    let resolver = match resolver(select, false, manifest_store(select, true)) {
+        Ok(resolver) => resolver,
+        Err(code) => return code,
+    };
+    let loaded = match load(select, Some(&store), &resolver) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    if let Err(code) = refuse_unresolved(&loaded.plan, select) {
+        return code;
+    }
+    let cancel = cancel_on_signals();
+    let mode = args.progress.unwrap_or_else(|| {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ProgressMode::Tty
+        } else {
+            ProgressMode::Plain
+        }
+    });
+    let mut remote = match remote_options(&args.cache) {
+        Ok(remote) => remote,
+        Err(code) => return code,
+    };
+    if select.offline && (remote.from.is_some() || remote.to.is_some()) {
+        render::warning("--offline: the team cache is not used");
+        remote = build::RemoteOptions::default();
+    }
+    let settings = match build_settings(&args.inputs, args.output.clone(), args.no_cache, remote) {
+        Ok(settings) => settings,
+        Err(code) => return code,
+    };
+    let progress = Progress::new(mode, args.quiet);
+    let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
+    if let Err(code) = refuse_unavailable_layers(&resolver, select) {
+        return code;
+    }
+    let code = report_failures(&report);
+    if code != ExitStatus::Success {
+        return code;
+    }
+    if select.pull
+        && let Err(code) = write_lock(select, &resolver)
+    {
+        return code;
+    }
+    // Push the images that ask for it, or all with --push.
+    for (plan, summary) in loaded.plan.images.iter().zip(&report.images) {
+        if !(args.push || plan.push) {
+            continue;
+        }
+        if select.offline {
+            render::warning(&format!("--offline: `{}` is not pushed", plan.name));
+            continue;
+        }
+        if plan.tags.is_empty() {
+            render::error(
+                &format!("cannot push `{}`: it has no tags", plan.name),
+                &["give the image `tags \"registry.example.com/NAME:TAG\"`"],
+            );
+            return ExitStatus::InvalidInput;
+        }
+        match graphbuild_engine::push::push_layout(
+            resolver.registry(),
+            std::path::Path::new(&summary.output),
+            &plan.tags,
+        ) {
+            Ok(pushed) => {
+                for tag in &pushed.tags {
+                    eprintln!("pushed {tag} ({})", summary.index_digest);
+                }
+            }
+            Err(message) => {
+                render::error(&format!("pushing `{}` failed: {message}", plan.name), &[]);
+                return ExitStatus::Environment;
+            }
+        }
+    }
+    ExitStatus::Success
+}
+
+/// `graphbuild verify`: two clean builds, compared.
+pub fn verify(inputs: BuildInputArgs) -> ExitStatus {
+    let select = &inputs.select;
+    let scratch = match tempfile::Builder::new()
+        .prefix("graphbuild-verify-")
+        .tempdir()
+    {
+        Ok(dir) => dir,
+        Err(error) => {
+            render::error(
+                &format!("cannot create a temporary directory: {error}"),
+                &[],
+            );
+            return ExitStatus::Environment;
+        }
+    };
+    let cancel = cancel_on_signals();
+    let mut outputs = Vec::new();
+    for round in ["first", "second"] {
+        let store = match open_store(Some(scratch.path().join(format!("store-{round}")))) {
+            Ok(store) => store,
+            Err(code) => return code,
+        };
+        let resolver = match resolver(select, false, manifest_store(select, false)) {
+            Ok(resolver) => resolver,
+            Err(code) => return code,
+        };
+        let loaded = match load(select, Some(&store), &resolver) {
+            Ok(loaded) => loaded,
+            Err(code) => return code,
+        };
+        if let Err(code) = refuse_unresolved(&loaded.plan, select) {
+            return code;
+        }
+        eprintln!("verify: {round} build from scratch…");
+        let output = scratch.path().join(format!("out-{round}"));
+        let settings = match build_settings(&inputs, output, true, build::RemoteOptions::default())
+        {
+            Ok(settings) => settings,
+            Err(code) => return code,
+        };
+        let progress = Progress::silent();
+        let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
+        if let Err(code) = refuse_unavailable_layers(&resolver, select) {
+            return code;
+        }
+        let code = report_failures(&report);
+        if code != ExitStatus::Success {
+            return code;
+        }
+        outputs.push(report.images);
+        // Different wall-clock times for the two builds.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let mut reproducible = true;
+    for (first, second) in outputs[0].iter().zip(&outputs[1]) {
+        if first.index_digest == second.index_digest {
+            println!("✓ {}: reproducible ({})", first.name, first.index_digest);
+            continue;
+        }
+        reproducible = false;
+        println!(
+            "✗ {}: the two builds differ ({} vs {})",
+            first.name, first.index_digest, second.index_digest
+        );
+        match graphbuild_engine::verify::compare_layouts(
+            std::path::Path::new(&first.output),
+            std::path::Path::new(&second.output),
+        ) {
+            Ok(differences) => {
+                for difference in differences {
+                    println!("  {} · {}", difference.platform, difference.part);
+                    for entry in difference.entries.iter().take(50) {
+                        println!("    {entry}");
+                    }
+                }
+            }
+            Err(error) => println!("  cannot compare the layouts: {error}"),
+        }
+    }
+    if reproducible {
+        ExitStatus::Success
+    } else {
+        ExitStatus::BuildFailed
+    }
+}
