@@ -321,7 +321,7 @@ impl ScratchLayout {
             &self.empty
         } else {
             layers.push("empty".to_string());
-            let options = format!("lowerdir={}", layers.join(":"));
+            let options = format!("lowerdir={}{}", layers.join(":"), userxattr());
             mount(
                 Some("overlay"),
                 "probe",
@@ -416,9 +416,17 @@ impl ScratchLayout {
         let mut lowers = vec!["synthetic".to_string()];
         lowers.extend(Self::lower_links(spec));
         // Layers must stay portable: no index, no redirects, no metadata-only copy-ups.
+        // In a user namespace `redirect_dir=off` (create none, follow) conflicts with
+        // `userxattr`; `nofollow` creates none either.
         let options = format!(
-            "lowerdir={},upperdir=u,workdir=w,index=off,redirect_dir=off,metacopy=off",
-            lowers.join(":")
+            "lowerdir={},upperdir=u,workdir=w,index=off,redirect_dir={},metacopy=off{}",
+            lowers.join(":"),
+            if userxattr().is_empty() {
+                "off"
+            } else {
+                "nofollow"
+            },
+            userxattr()
         );
         // nodev: device nodes in the image are data, never a way to the host's devices.
         mount(
@@ -893,7 +901,15 @@ fn pid1(
         confine::limit_bounding_set().map_err(step("drop capabilities"))?;
         confine::install(filters).map_err(step("install the seccomp filter"))?;
     }
-    nix::unistd::setgroups(&gids).map_err(step("set supplementary groups"))?;
+    if let Err(error) = nix::unistd::setgroups(&gids) {
+        // A rootless build without subordinate ids denies setgroups in its user namespace
+        // (the kernel's rule for a single-id mapping): keep the groups when none are asked.
+        let denied = error == nix::errno::Errno::EPERM
+            && fs::read_to_string("/proc/self/setgroups").is_ok_and(|text| text.trim() == "deny");
+        if !(denied && gids.iter().all(|gid| gid.as_raw() == user.gid)) {
+            return Err(step("set supplementary groups")(error));
+        }
+    }
     nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(step("set the group id"))?;
     nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(step("set the user id"))?;
     if filters.is_some() {
@@ -939,6 +955,16 @@ fn pid1(
         "exec the command",
         format!("exec {}: {}{hint}", program.display(), error.desc()),
     ))
+}
+
+/// In a user namespace (a rootless build) overlayfs keeps its attributes in `user.overlay.*`:
+/// `trusted.*` needs root in the initial namespace (see [`crate::rootless`]).
+fn userxattr() -> &'static str {
+    if crate::rootless::in_user_namespace() {
+        ",userxattr"
+    } else {
+        ""
+    }
 }
 
 /// A minimal /dev: a tmpfs with the host's harmless device nodes bind-mounted, the usual
