@@ -134,8 +134,8 @@ fn rootless_checks(checks: &mut Vec<Check>) {
         (!subid).then(|| {
             format!(
                 "as root: `apt-get install uidmap`, and give `{plan_user}` a range no one else \
-                 has: `echo {plan_user}:100000:65536 >> /etc/subuid; echo \
-                 {plan_user}:100000:65536 >> /etc/subgid`"
+                 has: {}",
+                rootless::add_range_command(&plan_user)
             )
         }),
     ));

@@ -100,17 +100,48 @@ pub fn host_user() -> Option<(u32, u32, bool)> {
 }
 
 /// The help for a layer entry whose owner the namespace does not map (`lchown` → EINVAL).
-pub fn chown_error_help(uid: u64, gid: u64) -> String {
+pub fn chown_error_help() -> String {
     let (user, host_uid) = match host_user() {
         Some((host_uid, _, _)) => (user_name(host_uid), host_uid),
         None => ("USER".to_string(), 0),
     };
     format!(
-        "rootless builds map only the ids of your user namespace: uid {uid} / gid {gid} is not \
-         among them. Give user `{user}` (uid {host_uid}) subordinate ids, as root: \
-         `echo {user}:100000:65536 >> /etc/subuid; echo {user}:100000:65536 >> /etc/subgid` \
-         (a range no other user has), or build as root"
+        "give user `{user}` (uid {host_uid}) subordinate ids, as root: {}; or build as root",
+        add_range_command(&user)
     )
+}
+
+/// `echo USER:START:65536 >> /etc/subuid; echo … >> /etc/subgid`, with a START past every
+/// range the two files already give out.
+pub fn add_range_command(user: &str) -> String {
+    let start = suggest_start(&[Path::new("/etc/subuid"), Path::new("/etc/subgid")]);
+    format!(
+        "`echo {user}:{start}:{MAX_SUBORDINATE} >> /etc/subuid; echo {user}:{start}:{MAX_SUBORDINATE} >> /etc/subgid`"
+    )
+}
+
+/// The first multiple of 65536 from 100000 on, past the end of every range in `files`.
+pub fn suggest_start(files: &[&Path]) -> u64 {
+    let end = files
+        .iter()
+        .filter_map(|file| std::fs::read_to_string(file).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|line| {
+                    let mut fields = line.trim().split(':').skip(1);
+                    let start: u64 = fields.next()?.trim().parse().ok()?;
+                    let count: u64 = fields.next()?.trim().parse().ok()?;
+                    Some(start + count)
+                })
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap_or(0);
+    if end <= 100_000 {
+        100_000
+    } else {
+        end.div_ceil(65536) * 65536
+    }
 }
 
 fn user_name(uid: u32) -> String {
@@ -350,5 +381,14 @@ mod tests {
             }]
         );
         assert!(parse_ranges(text, "bob", 1002).is_empty());
+    }
+
+    #[test]
+    fn suggested_start_is_past_every_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("subuid");
+        assert_eq!(suggest_start(&[&file]), 100_000);
+        std::fs::write(&file, "a:100000:65536\nb:165536:65536\n").unwrap();
+        assert_eq!(suggest_start(&[&file]), 262_144);
     }
 }

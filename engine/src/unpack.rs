@@ -250,9 +250,9 @@ pub enum UnpackError {
     },
 
     #[error(
-        "layer entry `{entry}` is owned by uid {uid} gid {gid}, which this rootless build's user namespace does not map"
+        "layer entry `{entry}` is owned by uid {uid} gid {gid}, which this rootless build's user namespace does not map; {help}"
     )]
-    #[diagnostic(code(graphbuild::unpack::unmapped_owner), help("{help}"))]
+    #[diagnostic(code(graphbuild::unpack::unmapped_owner))]
     UnmappedOwner {
         entry: String,
         uid: u64,
@@ -935,7 +935,7 @@ fn chown_error<'a>(
                 entry: lossy(entry),
                 uid: metadata.uid,
                 gid: metadata.gid,
-                help: crate::rootless::chown_error_help(metadata.uid, metadata.gid),
+                help: crate::rootless::chown_error_help(),
             }
         } else {
             io_error(entry, "change the owner of", path)(source)
