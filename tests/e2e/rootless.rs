@@ -657,3 +657,118 @@ fn doctor_explains_rootless_and_the_default_store_is_in_the_users_cache() {
         assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
     }
 }
+
+/// What the root sandbox guarantees holds inside the user namespace: Docker's capabilities,
+/// the seccomp filter, masked and read-only /proc, no mounts or device nodes; the timeout
+/// kills the step; the process limit degrades to counting, with a notice.
+#[test]
+fn containment_holds_inside_the_user_namespace() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(SUBID_USER);
+    let checks = [
+        "grep -q 'CapEff:.*00000000a80425fb' /proc/self/status",
+        "grep -q 'CapBnd:.*00000000a80425fb' /proc/self/status",
+        "grep -q 'Seccomp:.*2' /proc/self/status",
+        "test ! -s /proc/keys",
+        "! sh -c 'echo x > /proc/sys/kernel/hostname' 2>/dev/null",
+        "! mount -t tmpfs t /mnt 2>/dev/null",
+        "! mknod /tmp/sda b 8 0 2>/dev/null",
+        "! unshare -U true 2>/dev/null",
+        "test ! -e /sys/kernel",
+        "test \"$(hostname)\" = graphbuild",
+        "test \"$(id -u)\" = 0",
+    ];
+    let script = checks
+        .iter()
+        .map(|check| format!("{{ {check} || {{ echo FAILED: {check:?}; exit 1; }}; }}"))
+        .collect::<Vec<_>>()
+        .join(" && ");
+    let file = format!(
+        "platforms \"linux/amd64\"\nstage s {{\n    from \"oci:../tests/fixtures/busybox:1.35.0\"\n    run {}\n}}\nstage slow {{\n    from \"oci:../tests/fixtures/busybox:1.35.0\"\n    run \"sleep 30\" timeout=\"2s\"\n}}\nimage s {{\n    stage s\n    tags \"t:1\"\n}}\nimage slow {{\n    stage slow\n    tags \"t:1\"\n}}\n",
+        serde_json::to_string(&script).expect("string")
+    );
+    scratch.write("contained/images.kdl", &file);
+    let output = scratch.as_user(
+        &[
+            "run",
+            "contained/images.kdl",
+            "s",
+            "--progress",
+            "plain",
+            "--output",
+            "out-rl",
+        ],
+        Some("store-rl"),
+    );
+    assert_ok(&output);
+    let text = all_output(&output);
+    assert!(
+        text.contains("process limit of steps is only approximate"),
+        "without a writable pids cgroup the limit degrades with a notice:\n{text}"
+    );
+
+    let started = std::time::Instant::now();
+    let output = scratch.as_user(
+        &[
+            "run",
+            "contained/images.kdl",
+            "slow",
+            "--progress",
+            "plain",
+            "--output",
+            "out-rl",
+        ],
+        Some("store-rl"),
+    );
+    let text = all_output(&output);
+    assert_eq!(output.status.code(), Some(1), "the step timed out:\n{text}");
+    assert!(text.contains("timeout of 2s"), "{text}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "killed at its timeout"
+    );
+}
+
+/// A missing binfmt handler stays exit 3 with the fix, rootless too.
+#[test]
+fn a_missing_emulator_is_an_environment_error_rootless() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(SUBID_USER);
+    scratch.example("basic");
+    std::fs::create_dir_all(scratch.path().join("no-binfmt")).expect("mkdir");
+    scratch.write("no-binfmt/register", "");
+    let output = Command::new("runuser")
+        .args(["-u", SUBID_USER, "--", "env", "-i"])
+        .arg(format!("HOME={}", home(SUBID_USER).display()))
+        .arg("NO_COLOR=1")
+        .arg(format!(
+            "GRAPHBUILD_CACHE_DIR={}",
+            scratch.path().join("store-rl").display()
+        ))
+        .arg(format!(
+            "GRAPHBUILD_BINFMT_DIR={}",
+            scratch.path().join("no-binfmt").display()
+        ))
+        .arg(scratch.path().join("graphbuild"))
+        .args([
+            "run",
+            "examples/basic/images.kdl",
+            "--platform",
+            "linux/arm64",
+            "--progress",
+            "plain",
+        ])
+        .current_dir(scratch.path())
+        .output()
+        .expect("runuser runs");
+    let text = all_output(&output);
+    assert_eq!(output.status.code(), Some(3), "exit 3:\n{text}");
+    assert!(
+        text.contains("cannot run steps for linux/arm64") && text.contains("update-binfmts"),
+        "{text}"
+    );
+}
