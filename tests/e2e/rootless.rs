@@ -772,3 +772,128 @@ fn a_missing_emulator_is_an_environment_error_rootless() {
         "{text}"
     );
 }
+
+/// `graphbuild cache serve` as root, on 127.0.0.1.
+struct Server {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Server {
+        use std::io::BufRead;
+        let mut child = Command::new(bin())
+            .args(["cache", "serve", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("cache serve starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reads the address");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server { child, url }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The team cache across root and rootless machines: platforms split between a rootless
+/// user and root, uploaded; a fresh rootless store and a fresh root store each assemble the
+/// whole index from cache hits alone, identical to a local root build.
+#[test]
+fn team_cache_split_between_root_and_rootless_merges_either_way() {
+    if !ready() || !emulators() {
+        return;
+    }
+    let scratch = Scratch::new(SUBID_USER);
+    scratch.example("basic");
+    let server = Server::start(&scratch.path().join("server"));
+    let file = "examples/basic/images.kdl";
+    let args = |output: &'static str, extra: &[&'static str]| {
+        let mut args = vec!["run", file, "--output", output, "--progress", "json"];
+        args.extend_from_slice(extra);
+        args
+    };
+    let local = scratch.as_root(&args("out-root", &[]));
+    assert_ok(&local);
+    let local_digest = summary(&local)["images"][0]["index_digest"].clone();
+
+    let url: &'static str = Box::leak(server.url.clone().into_boxed_str());
+    for (rootless, platform, store) in [
+        (true, "linux/amd64", "store-rl-amd64"),
+        (false, "linux/arm64", ""),
+        (true, "linux/arm/v7", "store-rl-armv7"),
+    ] {
+        let extra = ["--platform", platform, "--cache-to", url];
+        let output = if rootless {
+            scratch.as_user(&args("out-rl-split", &extra), Some(store))
+        } else {
+            Command::new(scratch.path().join("graphbuild"))
+                .args(args("out-root-split", &extra))
+                .current_dir(scratch.path())
+                .env(
+                    "GRAPHBUILD_CACHE_DIR",
+                    scratch.path().join("store-root-arm64"),
+                )
+                .env("NO_COLOR", "1")
+                .output()
+                .expect("graphbuild runs")
+        };
+        assert_ok(&output);
+        assert!(
+            summary(&output)["executed"].as_u64().unwrap_or(0) > 0,
+            "{platform} executed its steps"
+        );
+    }
+
+    let merge_rl = scratch.as_user(
+        &args("out-rl-merge", &["--cache-from", url]),
+        Some("store-rl-merge"),
+    );
+    assert_ok(&merge_rl);
+    assert_eq!(
+        summary(&merge_rl)["executed"],
+        0,
+        "{}",
+        all_output(&merge_rl)
+    );
+    assert_eq!(
+        summary(&merge_rl)["images"][0]["index_digest"],
+        local_digest
+    );
+    assert_identical(
+        "team cache: rootless merge of root- and rootless-built platforms",
+        &scratch.path().join("out-root/basic"),
+        &scratch.path().join("out-rl-merge/basic"),
+    );
+
+    let merge_root = Command::new(scratch.path().join("graphbuild"))
+        .args(args("out-root-merge", &["--cache-from", url]))
+        .current_dir(scratch.path())
+        .env(
+            "GRAPHBUILD_CACHE_DIR",
+            scratch.path().join("store-root-merge"),
+        )
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("graphbuild runs");
+    assert_ok(&merge_root);
+    assert_eq!(summary(&merge_root)["executed"], 0);
+    assert_identical(
+        "team cache: root merge of root- and rootless-built platforms",
+        &scratch.path().join("out-root/basic"),
+        &scratch.path().join("out-root-merge/basic"),
+    );
+}
