@@ -100,15 +100,21 @@ pub fn host_user() -> Option<(u32, u32, bool)> {
 }
 
 /// The help for a layer entry whose owner the namespace does not map (`lchown` → EINVAL).
+/// Computed once (from the host's /etc/passwd and /etc/subuid: the sandbox calls it before
+/// `pivot_root`).
 pub fn chown_error_help() -> String {
-    let (user, host_uid) = match host_user() {
-        Some((host_uid, _, _)) => (user_name(host_uid), host_uid),
-        None => ("USER".to_string(), 0),
-    };
-    format!(
-        "give user `{user}` (uid {host_uid}) subordinate ids, as root: {}; or build as root",
-        add_range_command(&user)
-    )
+    static HELP: OnceLock<String> = OnceLock::new();
+    HELP.get_or_init(|| {
+        let (user, host_uid) = match host_user() {
+            Some((host_uid, _, _)) => (user_name(host_uid), host_uid),
+            None => ("USER".to_string(), 0),
+        };
+        format!(
+            "give user `{user}` (uid {host_uid}) subordinate ids, as root: {}; or build as root",
+            add_range_command(&user)
+        )
+    })
+    .clone()
 }
 
 /// `echo USER:START:65536 >> /etc/subuid; echo … >> /etc/subgid`, with a START past every

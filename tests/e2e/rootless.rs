@@ -628,6 +628,32 @@ fn a_single_id_mapping_builds_root_owned_images_and_names_the_owner_it_cannot_ma
             .find(|line| line.contains("does not map"))
             .unwrap_or_default()
     );
+
+    // A step run as uid 1000 cannot start: the error names the id and the fix.
+    scratch.write(
+        "u1000/images.kdl",
+        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:../tests/fixtures/busybox:1.35.0\"\n    user \"1000\"\n    run \"id\"\n}\nimage s {\n    stage s\n    tags \"t:1\"\n}\n",
+    );
+    let failed = scratch.as_user(
+        &[
+            "run",
+            "u1000/images.kdl",
+            "--progress",
+            "plain",
+            "--output",
+            "out-rl",
+        ],
+        Some("store-rl"),
+    );
+    let text = all_output(&failed);
+    assert_eq!(failed.status.code(), Some(1), "a build failure:\n{text}");
+    for needle in [
+        "user id 1000 is not mapped",
+        &format!("give user `{SINGLE_USER}`"),
+        ">> /etc/subuid",
+    ] {
+        assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
+    }
 }
 
 #[test]

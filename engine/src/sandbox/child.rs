@@ -66,6 +66,11 @@ fn no_copy_handler(_: &Path, _: &serde_json::Value) -> Result<(), String> {
 
 /// [`child_main`] with a handler for [`Task::Copy`]. Never returns.
 pub fn child_main_with(copy_handler: CopyHandler) -> ! {
+    // Read the host's /etc/passwd and /etc/subuid for rootless error messages while they are
+    // still the host's (before pivot_root).
+    if crate::rootless::in_user_namespace() {
+        let _ = crate::rootless::chown_error_help();
+    }
     let report = match supervise(copy_handler) {
         Ok(report) => report,
         Err(failure) => failure.into_report(),
@@ -910,8 +915,8 @@ fn pid1(
             return Err(step("set supplementary groups")(error));
         }
     }
-    nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(step("set the group id"))?;
-    nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(step("set the user id"))?;
+    nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(unmapped("group", user.gid))?;
+    nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(unmapped("user", user.uid))?;
     if filters.is_some() {
         confine::set_process_capabilities(user.uid == 0).map_err(step("drop capabilities"))?;
     }
@@ -955,6 +960,24 @@ fn pid1(
         "exec the command",
         format!("exec {}: {}{hint}", program.display(), error.desc()),
     ))
+}
+
+/// setuid/setgid failed: EINVAL in a user namespace means the id is not mapped.
+fn unmapped(what: &'static str, id: u32) -> impl FnOnce(nix::errno::Errno) -> Failure {
+    move |error| {
+        let name = format!("set the {what} id");
+        if error == nix::errno::Errno::EINVAL && crate::rootless::in_user_namespace() {
+            Failure::new(
+                name,
+                format!(
+                    "{what} id {id} is not mapped in this rootless build's user namespace; {}",
+                    crate::rootless::chown_error_help()
+                ),
+            )
+        } else {
+            Failure::new(name, error)
+        }
+    }
 }
 
 /// In a user namespace (a rootless build) overlayfs keeps its attributes in `user.overlay.*`:
