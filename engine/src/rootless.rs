@@ -303,12 +303,11 @@ fn parent(plan: &Plan, subid: bool, child: Pid, ready: OwnedFd, go: OwnedFd) -> 
         return Err(error);
     }
     let _ = std::fs::File::from(go).write_all(b"G");
-    // The terminal sends SIGINT to the whole process group: the child handles it. Signals
-    // sent to this process alone are forwarded.
+    // Signals sent to this process are forwarded (one the terminal sends to the whole
+    // process group reaches the child twice: graphbuild's cancel is a flag, set once).
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
-        for signal in [libc::SIGTERM, libc::SIGHUP] {
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             libc::signal(signal, forward_signal as *const () as libc::sighandler_t);
         }
     }

@@ -923,3 +923,86 @@ fn team_cache_split_between_root_and_rootless_merges_either_way() {
         &scratch.path().join("out-root-merge/basic"),
     );
 }
+
+/// SIGTERM to the outer (host-side) process cancels the build in the namespace: it ends
+/// promptly with "cancelled", leaving no process behind.
+#[test]
+fn sigterm_to_the_outer_process_cancels_the_namespaced_build() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(SUBID_USER);
+    scratch.write(
+        "slow/images.kdl",
+        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:../tests/fixtures/busybox:1.35.0\"\n    run \"echo started; sleep 300 & sleep 301\"\n}\nimage s {\n    stage s\n    tags \"t:1\"\n}\n",
+    );
+    let log = scratch.path().join("slow.log");
+    let mut child = Command::new("runuser")
+        .args(["-u", SUBID_USER, "--", "env", "-i"])
+        .arg(format!("HOME={}", home(SUBID_USER).display()))
+        .arg("NO_COLOR=1")
+        .arg(format!(
+            "GRAPHBUILD_CACHE_DIR={}",
+            scratch.path().join("store-rl").display()
+        ))
+        .arg(scratch.path().join("graphbuild"))
+        .args(["run", "slow/images.kdl", "--progress", "plain"])
+        .current_dir(scratch.path())
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&log)
+                .expect("log"),
+        )
+        .spawn()
+        .expect("runuser starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("started")
+    {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "the step never started:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // runuser's child is graphbuild on the host side, parent of the namespaced one.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        .expect("children of runuser");
+    let outer: i32 = children
+        .split_whitespace()
+        .next()
+        .expect("graphbuild runs under runuser")
+        .parse()
+        .expect("pid");
+    let inner = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
+        .expect("children of graphbuild");
+    assert!(!inner.trim().is_empty(), "the namespaced graphbuild runs");
+    let sent = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(outer),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let status = child.wait().expect("wait");
+    assert!(
+        sent.elapsed() < std::time::Duration::from_secs(10),
+        "cancelled promptly"
+    );
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("FAILED") || text.contains("cancel"), "{text}");
+    let leftover = Command::new("pgrep")
+        .args(["-u", SUBID_USER, "-f", "sleep 30[01]"])
+        .output()
+        .expect("pgrep");
+    assert!(
+        String::from_utf8_lossy(&leftover.stdout).trim().is_empty(),
+        "no step process is left"
+    );
+}
