@@ -34,8 +34,10 @@ pub fn probe_namespaces() -> ! {
     }
 }
 
+/// An overlay mount like a step's, with an opaque directory in its lower layer: on the
+/// store's filesystem when the store exists (its xattr support matters), else on a tmpfs.
 fn probe_overlay() -> Result<(), String> {
-    use nix::mount::{MsFlags, mount, umount2};
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
     mount(
         None::<&str>,
         "/",
@@ -44,24 +46,51 @@ fn probe_overlay() -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|error| format!("make mounts private: {error}"))?;
-    let dir = std::env::temp_dir().join(format!("graphbuild-probe-{}", std::process::id()));
+    let name = format!(".graphbuild-probe-{}", std::process::id());
+    let store = std::env::args_os()
+        .nth(2)
+        .map(std::path::PathBuf::from)
+        .filter(|store| store.is_dir());
+    let on_store = store.is_some();
+    let dir = match store {
+        Some(store) => store.join(name),
+        None => std::env::temp_dir().join(name),
+    };
     std::fs::create_dir_all(&dir).map_err(|error| error.to_string())?;
+    let userns = graphbuild_engine::rootless::in_user_namespace();
     let result = (|| {
-        mount(
-            Some("tmpfs"),
-            &dir,
-            Some("tmpfs"),
-            MsFlags::empty(),
-            Some("size=1m"),
-        )
-        .map_err(|error| format!("mount tmpfs: {error}"))?;
-        for sub in ["l", "u", "w", "m"] {
+        if !on_store {
+            mount(
+                Some("tmpfs"),
+                &dir,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("size=1m"),
+            )
+            .map_err(|error| format!("mount tmpfs: {error}"))?;
+        }
+        for sub in ["l", "l/d", "u", "w", "m"] {
             std::fs::create_dir(dir.join(sub)).map_err(|error| error.to_string())?;
         }
+        let attribute = if userns {
+            "user.overlay.opaque"
+        } else {
+            "trusted.overlay.opaque"
+        };
+        xattr_set(&dir.join("l/d"), attribute).map_err(|error| {
+            format!(
+                "cannot set {attribute} on {}: {error}",
+                if on_store {
+                    "the store's filesystem"
+                } else {
+                    "a tmpfs"
+                }
+            )
+        })?;
         let options = format!(
             "lowerdir={0}/l,upperdir={0}/u,workdir={0}/w,index=off,metacopy=off,{1}",
             dir.display(),
-            if graphbuild_engine::rootless::in_user_namespace() {
+            if userns {
                 "redirect_dir=nofollow,userxattr"
             } else {
                 "redirect_dir=off"
@@ -75,12 +104,30 @@ fn probe_overlay() -> Result<(), String> {
             Some(options.as_str()),
         )
         .map_err(|error| error.to_string())?;
-        let _ = umount2(&dir.join("m"), nix::mount::MntFlags::MNT_DETACH);
-        let _ = umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+        let _ = umount2(&dir.join("m"), MntFlags::MNT_DETACH);
         Ok(())
     })();
-    let _ = std::fs::remove_dir(&dir);
+    if on_store {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        let _ = umount2(&dir, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&dir);
+    }
     result
+}
+
+fn xattr_set(path: &Path, name: &str) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let name = std::ffi::CString::new(name)?;
+    // SAFETY: NUL-terminated strings and a one-byte value that outlive the call.
+    let result =
+        unsafe { libc::lsetxattr(path.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Rootless: who we are on the host and which ids the user namespace maps.
@@ -378,9 +425,14 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u
     }
 
     let mut checks = Vec::new();
-    let probe = std::env::current_exe()
-        .ok()
-        .and_then(|exe| std::process::Command::new(exe).arg(PROBE_ARG).output().ok());
+    let root = cache_dir.unwrap_or_else(Store::default_root);
+    let probe = std::env::current_exe().ok().and_then(|exe| {
+        std::process::Command::new(exe)
+            .arg(PROBE_ARG)
+            .arg(&root)
+            .output()
+            .ok()
+    });
     rootless_checks(&mut checks);
     let code = probe.as_ref().and_then(|output| output.status.code());
     let namespaces = matches!(code, Some(0 | 2));
@@ -424,8 +476,10 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u
                 "load it with `modprobe overlay`".to_string()
             } else if userns {
                 format!(
-                    "the kernel refuses overlayfs in a user namespace ({said}): it needs Linux \
-                     ≥ 5.11; graphbuild has no fuse-overlayfs fallback yet, so build as root"
+                    "the kernel refuses overlayfs in a user namespace here ({said}): it needs \
+                     Linux ≥ 5.11 and user xattrs on the store's filesystem (choose another \
+                     with --cache-dir); graphbuild has no fuse-overlayfs fallback yet, so \
+                     build as root"
                 )
             } else {
                 format!("the kernel refused an overlay mount: {said}")
@@ -468,7 +522,6 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u
             }
         }
     }
-    let root = cache_dir.unwrap_or_else(Store::default_root);
     let store = Store::open(&root);
     checks.push(check(
         store.is_ok(),
