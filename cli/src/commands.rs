@@ -19,7 +19,9 @@ use serde_json::json;
 use crate::exit;
 use crate::progress::Progress;
 use crate::render;
-use crate::{CompressionArg, PlanArgs, PlanFormat, ProgressMode, RunArgs, SelectArgs};
+use crate::{
+    BuildInputArgs, CompressionArg, PlanArgs, PlanFormat, ProgressMode, RunArgs, SelectArgs,
+};
 
 /// A loaded and expanded build file.
 struct Loaded {
@@ -110,9 +112,32 @@ fn registry_client(select: &SelectArgs) -> RegistryClient {
     })
 }
 
+/// The store the resolver keeps manifests and configs in (and, offline, reads them from): the
+/// command's store, opened again; `None` when it does not exist and `create` is false.
+fn manifest_store(select: &SelectArgs, create: bool) -> Option<Store> {
+    let root = select.cache_dir.clone().unwrap_or_else(Store::default_root);
+    let root = std::path::absolute(&root).unwrap_or(root);
+    if !create && !root.exists() {
+        return None;
+    }
+    Store::open(&root).ok()
+}
+
 /// The resolver for a command: OCI layouts and registries, pinned by graphbuild.lock unless
-/// `refresh` (or `--pull`).
-fn resolver(select: &SelectArgs, refresh: bool) -> Result<DefaultResolver, u8> {
+/// `refresh` (or `--pull`), offline with `--offline`, keeping manifests in `store`.
+fn resolver(
+    select: &SelectArgs,
+    refresh: bool,
+    store: Option<Store>,
+) -> Result<DefaultResolver, u8> {
+    let resolver = base_resolver(select, refresh)?.offline(select.offline);
+    Ok(match store {
+        Some(store) => resolver.with_store(store),
+        None => resolver,
+    })
+}
+
+fn base_resolver(select: &SelectArgs, refresh: bool) -> Result<DefaultResolver, u8> {
     let mode = if refresh || select.pull {
         LockMode::Refresh
     } else {
@@ -155,8 +180,99 @@ fn write_lock(select: &SelectArgs, resolver: &DefaultResolver) -> Result<PathBuf
     })
 }
 
+/// The unresolved bases, one line per reference: its platforms and why.
+fn unresolved_lines(plan: &Plan) -> (Vec<String>, Vec<String>) {
+    let mut grouped: Vec<(&str, Vec<String>, &str)> = Vec::new();
+    let mut helps: Vec<String> = Vec::new();
+    for base in plan.unresolved() {
+        let help = base.help();
+        if !helps.contains(&help) {
+            helps.push(help);
+        }
+        match grouped
+            .iter_mut()
+            .find(|(reference, _, _)| *reference == base.reference)
+        {
+            Some((_, platforms, _)) => platforms.push(base.platform.to_string()),
+            None => grouped.push((
+                &base.reference,
+                vec![base.platform.to_string()],
+                &base.reason,
+            )),
+        }
+    }
+    let lines = grouped
+        .into_iter()
+        .map(|(reference, platforms, reason)| {
+            format!("  {reference} ({}): {reason}", platforms.join(", "))
+        })
+        .collect();
+    (lines, helps)
+}
+
+fn count(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+/// `run`, `verify` and `lock` need every base: unresolved ones stop them with exit code 3.
+fn refuse_unresolved(plan: &Plan, select: &SelectArgs) -> Result<(), u8> {
+    let (lines, helps) = unresolved_lines(plan);
+    if lines.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "error: cannot build: {} unresolved",
+        count(lines.len(), "base image is", "base images are")
+    );
+    for line in &lines {
+        eprintln!("{line}");
+    }
+    for help in helps {
+        eprintln!(
+            "hint: {}",
+            help.replace("FILE", &select.file.display().to_string())
+        );
+    }
+    Err(exit::ENVIRONMENT)
+}
+
+/// `plan` shows unresolved bases and pending keys, with one warning.
+fn warn_unresolved(plan: &Plan, select: &SelectArgs) {
+    let (lines, helps) = unresolved_lines(plan);
+    if lines.is_empty() {
+        return;
+    }
+    let mut message = format!(
+        "{} unresolved, so the keys that depend on {} are pending:",
+        count(lines.len(), "base image is", "base images are"),
+        if lines.len() == 1 { "it" } else { "them" }
+    );
+    for line in &lines {
+        message.push('\n');
+        message.push_str(line);
+    }
+    render::warning(&message);
+    for help in helps {
+        eprintln!(
+            "hint: {}",
+            help.replace("FILE", &select.file.display().to_string())
+        );
+    }
+}
+
 pub fn lock(select: SelectArgs) -> u8 {
-    let resolver = match resolver(&select, true) {
+    if select.offline {
+        render::error(
+            "`graphbuild lock` asks the registries for digests: it cannot run --offline",
+            &["run it where the registries are reachable, and commit graphbuild.lock"],
+        );
+        return exit::INVALID_INPUT;
+    }
+    let resolver = match resolver(&select, true, manifest_store(&select, true)) {
         Ok(resolver) => resolver,
         Err(code) => return code,
     };
@@ -164,6 +280,9 @@ pub fn lock(select: SelectArgs) -> u8 {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    if let Err(code) = refuse_unresolved(&loaded.plan, &select) {
+        return code;
+    }
     drop(loaded);
     match write_lock(&select, &resolver) {
         Ok(path) => {
@@ -201,6 +320,9 @@ fn open_store(cache_dir: Option<PathBuf>) -> Result<Store, u8> {
 fn node_cached(plan: &Plan, node: usize, store: Option<&Store>) -> Option<bool> {
     let store = store?;
     let node = &plan.nodes[node];
+    if node.pending {
+        return None;
+    }
     let last = node
         .steps
         .iter()
@@ -213,7 +335,7 @@ fn node_cached(plan: &Plan, node: usize, store: Option<&Store>) -> Option<bool> 
 }
 
 pub fn plan(args: PlanArgs) -> u8 {
-    let resolver = match resolver(&args.select, false) {
+    let resolver = match resolver(&args.select, false, manifest_store(&args.select, false)) {
         Ok(resolver) => resolver,
         Err(code) => return code,
     };
@@ -232,6 +354,7 @@ pub fn plan(args: PlanArgs) -> u8 {
         Err(code) => return code,
     };
     let plan = &loaded.plan;
+    warn_unresolved(plan, &args.select);
     if args.explain {
         let describe = |loc| loaded.project.sources.describe(loc);
         let explanations: Vec<_> = plan
@@ -239,7 +362,7 @@ pub fn plan(args: PlanArgs) -> u8 {
             .iter()
             .map(|node| match &store {
                 Some(store) => explain::explain(store, plan, node, &describe),
-                None => explain::Explanation::NeverBuilt,
+                None => explain::pending(plan, node).unwrap_or(explain::Explanation::NeverBuilt),
             })
             .collect();
         if let PlanFormat::Json = args.format {
@@ -285,6 +408,12 @@ fn base_json(base: &Base) -> serde_json::Value {
             "reference": image.reference,
             "digest": image.manifest_digest.to_string(),
         }),
+        Base::Unresolved(base) => json!({
+            "kind": "unresolved",
+            "reference": base.reference,
+            "digest": base.locked.map(|digest| digest.to_string()),
+            "reason": base.reason,
+        }),
     }
 }
 
@@ -301,7 +430,8 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
                     let mut value = json!({
                         "kind": match step.op { Op::Run(_) => "run", Op::Copy(_) => "copy", Op::Config(_) => "config" },
                         "description": step.description,
-                        "key": step.key.to_string(),
+                        "key": (!step.pending).then(|| step.key.to_string()),
+                        "pending": step.pending,
                         "location": project.sources.describe(step.at),
                     });
                     if let Op::Run(run) = &step.op
@@ -317,7 +447,8 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
                 "stage": node.stage,
                 "platform": node.platform.to_string(),
                 "targets": node.targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "key": node.key.to_string(),
+                "key": (!node.pending).then(|| node.key.to_string()),
+                "pending": node.pending,
                 "deps": node.deps.iter().map(|dep| node_id(*dep)).collect::<Vec<_>>(),
                 "base": base_json(&node.base),
                 "steps": steps,
@@ -339,7 +470,19 @@ pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde
             })
         })
         .collect();
-    json!({ "version": 1, "nodes": nodes, "images": images })
+    let unresolved: Vec<_> = plan
+        .unresolved()
+        .into_iter()
+        .map(|base| {
+            json!({
+                "reference": base.reference,
+                "platform": base.platform.to_string(),
+                "digest": base.locked.map(|digest| digest.to_string()),
+                "reason": base.reason,
+            })
+        })
+        .collect();
+    json!({ "version": 1, "nodes": nodes, "images": images, "unresolved": unresolved })
 }
 
 /// Shown for each `insecure=#true` step by `plan` and when it runs.
@@ -379,7 +522,11 @@ fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
             node.stage,
             node.platform,
             targets,
-            node.key.short(),
+            if node.pending {
+                "pending".to_string()
+            } else {
+                node.key.short()
+            },
             status
         );
         match &node.base {
@@ -393,6 +540,16 @@ fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
                     "         from {} ({})",
                     image.reference, image.manifest_digest
                 );
+            }
+            Base::Unresolved(base) => {
+                let _ = match base.locked {
+                    Some(digest) => writeln!(
+                        out,
+                        "         from {} ({digest}, unresolved)",
+                        base.reference
+                    ),
+                    None => writeln!(out, "         from {} (unresolved)", base.reference),
+                };
             }
         }
         for step in &node.steps {
@@ -452,6 +609,13 @@ fn explain_text(plan: &Plan, explanations: &[explain::Explanation]) -> String {
                     "will run: the inputs are unchanged but the result is no longer in the store"
                 );
             }
+            explain::Explanation::Pending { bases } => {
+                let _ = writeln!(
+                    out,
+                    "pending: the key waits for the unresolved base {}",
+                    bases.join(", ")
+                );
+            }
             explain::Explanation::Changed {
                 step,
                 location,
@@ -491,8 +655,16 @@ fn plan_dot(plan: &Plan) -> String {
         "digraph graphbuild {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n",
     );
     for node in &plan.nodes {
-        let label = format!("{}\\n{}", node.stage, node.platform).replace('"', "\\\"");
-        let _ = writeln!(out, "  {} [label=\"{}\"];", node_id(node.id), label);
+        let mut label = format!("{}\\n{}", node.stage, node.platform);
+        if let Base::Unresolved(base) = &node.base {
+            label.push_str(&format!("\\nfrom {} (unresolved)", base.reference));
+        }
+        if node.pending {
+            label.push_str("\\nkey pending");
+        }
+        let label = label.replace('"', "\\\"");
+        let style = if node.pending { ", style=dashed" } else { "" };
+        let _ = writeln!(out, "  {} [label=\"{}\"{style}];", node_id(node.id), label);
         for dep in &node.deps {
             let _ = writeln!(out, "  {} -> {};", node_id(*dep), node_id(node.id));
         }
@@ -658,7 +830,7 @@ fn execute(
     let options = BuildOptions {
         jobs: settings
             .jobs
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            .unwrap_or_else(graphbuild_engine::scheduler::default_jobs),
         output_dir: settings.output,
         no_cache: settings.no_cache,
         layer: LayerOptions {
@@ -694,6 +866,29 @@ fn execute(
     report
 }
 
+/// Base layers that could not be downloaded for lack of network (or because of `--offline`):
+/// an environment problem, exit code 3.
+fn refuse_unavailable_layers(resolver: &DefaultResolver, select: &SelectArgs) -> Result<(), u8> {
+    let unavailable = resolver.unavailable();
+    if unavailable.is_empty() {
+        return Ok(());
+    }
+    for message in &unavailable {
+        eprintln!("error: cannot get the layers of {message}");
+    }
+    let file = select.file.display();
+    if resolver.is_offline() {
+        eprintln!(
+            "hint: run `graphbuild run {file}` once with network access to download them into the local store, or drop --offline"
+        );
+    } else {
+        eprintln!(
+            "hint: check the network and that the registry is running; once the layers are in the local store, `graphbuild run {file} --offline` needs no network"
+        );
+    }
+    Err(exit::ENVIRONMENT)
+}
+
 fn report_failures(report: &build::BuildReport) -> u8 {
     if let Some(message) = &report.environment_error {
         eprintln!("{message}");
@@ -706,7 +901,10 @@ fn report_failures(report: &build::BuildReport) -> u8 {
     }
     if !report.failures.is_empty() {
         for failure in &report.failures {
-            eprintln!("error: {failure}");
+            // A failure carries the tail of the step's output: made safe like progress lines.
+            let text = failure.to_string();
+            let lines: Vec<String> = text.lines().map(crate::progress::sanitize).collect();
+            eprintln!("error: {}", lines.join("\n"));
         }
         eprintln!(
             "error: {} of the build failed",
@@ -759,26 +957,57 @@ fn remote_options(args: &crate::RemoteCacheArgs) -> Result<build::RemoteOptions,
     })
 }
 
-pub fn run(args: RunArgs) -> u8 {
-    let store = match open_store(args.select.cache_dir.clone()) {
-        Ok(store) => store,
-        Err(code) => return code,
-    };
-    let resolver = match resolver(&args.select, false) {
-        Ok(resolver) => resolver,
-        Err(code) => return code,
-    };
-    let loaded = match load(&args.select, Some(&store), &resolver) {
-        Ok(loaded) => loaded,
-        Err(code) => return code,
-    };
-    let secrets = match parse_secrets(&args.secrets) {
+/// The settings for one build from the shared build inputs; an exit code for a bad `--secret`.
+fn build_settings(
+    inputs: &BuildInputArgs,
+    output: PathBuf,
+    no_cache: bool,
+    remote: build::RemoteOptions,
+) -> Result<BuildSettings, u8> {
+    let secrets = match parse_secrets(&inputs.secrets) {
         Ok(secrets) => secrets,
         Err(message) => {
             render::error(&message, &[]);
-            return exit::INVALID_INPUT;
+            return Err(exit::INVALID_INPUT);
         }
     };
+    Ok(BuildSettings {
+        format: match inputs.format {
+            crate::FormatArg::Oci => build::ManifestFormat::Oci,
+            crate::FormatArg::Docker => build::ManifestFormat::Docker,
+        },
+        remote,
+        output,
+        no_cache,
+        jobs: inputs.jobs,
+        compression: match inputs.compression {
+            CompressionArg::Gzip => Compression::Gzip,
+            CompressionArg::Zstd => Compression::Zstd,
+        },
+        secrets,
+        source_date_epoch: inputs.source_date_epoch,
+        step_timeout_ms: inputs.step_timeout,
+        step_max_processes: (inputs.step_max_processes > 0).then_some(inputs.step_max_processes),
+    })
+}
+
+pub fn run(args: RunArgs) -> u8 {
+    let select = &args.inputs.select;
+    let store = match open_store(select.cache_dir.clone()) {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    let resolver = match resolver(select, false, manifest_store(select, true)) {
+        Ok(resolver) => resolver,
+        Err(code) => return code,
+    };
+    let loaded = match load(select, Some(&store), &resolver) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    if let Err(code) = refuse_unresolved(&loaded.plan, select) {
+        return code;
+    }
     let cancel = cancel_on_signals();
     let mode = args.progress.unwrap_or_else(|| {
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -787,42 +1016,39 @@ pub fn run(args: RunArgs) -> u8 {
             ProgressMode::Plain
         }
     });
-    let progress = Progress::new(mode, args.quiet);
-    let remote = match remote_options(&args.cache) {
+    let mut remote = match remote_options(&args.cache) {
         Ok(remote) => remote,
         Err(code) => return code,
     };
-    let settings = BuildSettings {
-        format: match args.format {
-            crate::FormatArg::Oci => build::ManifestFormat::Oci,
-            crate::FormatArg::Docker => build::ManifestFormat::Docker,
-        },
-        remote,
-        output: args.output.clone(),
-        no_cache: args.no_cache,
-        jobs: args.jobs,
-        compression: match args.compression {
-            CompressionArg::Gzip => Compression::Gzip,
-            CompressionArg::Zstd => Compression::Zstd,
-        },
-        secrets,
-        source_date_epoch: args.source_date_epoch,
-        step_timeout_ms: args.step_timeout,
-        step_max_processes: (args.step_max_processes > 0).then_some(args.step_max_processes),
+    if select.offline && (remote.from.is_some() || remote.to.is_some()) {
+        render::warning("--offline: the team cache is not used");
+        remote = build::RemoteOptions::default();
+    }
+    let settings = match build_settings(&args.inputs, args.output.clone(), args.no_cache, remote) {
+        Ok(settings) => settings,
+        Err(code) => return code,
     };
+    let progress = Progress::new(mode, args.quiet);
     let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
+    if let Err(code) = refuse_unavailable_layers(&resolver, select) {
+        return code;
+    }
     let code = report_failures(&report);
     if code != exit::SUCCESS {
         return code;
     }
-    if args.select.pull
-        && let Err(code) = write_lock(&args.select, &resolver)
+    if select.pull
+        && let Err(code) = write_lock(select, &resolver)
     {
         return code;
     }
     // Push the images that ask for it, or all with --push.
     for (plan, summary) in loaded.plan.images.iter().zip(&report.images) {
         if !(args.push || plan.push) {
+            continue;
+        }
+        if select.offline {
+            render::warning(&format!("--offline: `{}` is not pushed", plan.name));
             continue;
         }
         if plan.tags.is_empty() {
@@ -852,7 +1078,8 @@ pub fn run(args: RunArgs) -> u8 {
 }
 
 /// `graphbuild verify`: two clean builds, compared.
-pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
+pub fn verify(inputs: BuildInputArgs) -> u8 {
+    let select = &inputs.select;
     let scratch = match tempfile::Builder::new()
         .prefix("graphbuild-verify-")
         .tempdir()
@@ -873,30 +1100,29 @@ pub fn verify(select: SelectArgs, jobs: Option<usize>) -> u8 {
             Ok(store) => store,
             Err(code) => return code,
         };
-        let resolver = match resolver(&select, false) {
+        let resolver = match resolver(select, false, manifest_store(select, false)) {
             Ok(resolver) => resolver,
             Err(code) => return code,
         };
-        let loaded = match load(&select, Some(&store), &resolver) {
+        let loaded = match load(select, Some(&store), &resolver) {
             Ok(loaded) => loaded,
             Err(code) => return code,
         };
+        if let Err(code) = refuse_unresolved(&loaded.plan, select) {
+            return code;
+        }
         eprintln!("verify: {round} build from scratch…");
         let output = scratch.path().join(format!("out-{round}"));
-        let settings = BuildSettings {
-            format: build::ManifestFormat::Oci,
-            remote: build::RemoteOptions::default(),
-            output: output.clone(),
-            no_cache: true,
-            jobs,
-            compression: Compression::Gzip,
-            secrets: HashMap::new(),
-            source_date_epoch: 0,
-            step_timeout_ms: None,
-            step_max_processes: Some(graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES),
+        let settings = match build_settings(&inputs, output, true, build::RemoteOptions::default())
+        {
+            Ok(settings) => settings,
+            Err(code) => return code,
         };
         let progress = Progress::silent();
         let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
+        if let Err(code) = refuse_unavailable_layers(&resolver, select) {
+            return code;
+        }
         let code = report_failures(&report);
         if code != exit::SUCCESS {
             return code;
@@ -1039,7 +1265,7 @@ pub fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> u8 {
 }
 
 pub fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> u8 {
-    let Some(keep) = render::parse_size(keep_bytes) else {
+    let Some(keep) = graphbuild_engine::unpack::parse_size(keep_bytes) else {
         render::error(
             &format!("`--keep-bytes {keep_bytes}` is not a size"),
             &["write a number of bytes, or with K, M, G: 10G"],
@@ -1081,7 +1307,7 @@ pub fn cache_serve(
         );
         return exit::INVALID_INPUT;
     };
-    let max_size = match max_size.map(render::parse_size) {
+    let max_size = match max_size.map(graphbuild_engine::unpack::parse_size) {
         Some(None) => {
             render::error(
                 "`--max-size` is not a size",

@@ -204,38 +204,14 @@ fn check(ok: bool, required: bool, what: impl Into<String>, fix: Option<String>)
     }
 }
 
-/// qemu's binfmt registration strings (magic and mask, from qemu's `qemu-binfmt-conf.sh`).
-fn registration(architecture: &str) -> Option<(&'static str, &'static str, &'static str)> {
-    const MASK: &str =
-        r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff";
-    match architecture {
-        "arm64" => Some((
-            "aarch64",
-            r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00",
-            MASK,
-        )),
-        "arm" => Some((
-            "arm",
-            r"\x7fELF\x01\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x28\x00",
-            MASK,
-        )),
-        "riscv64" => Some((
-            "riscv64",
-            r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xf3\x00",
-            MASK,
-        )),
-        "ppc64le" => Some((
-            "ppc64le",
-            r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x15\x00",
-            r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\x00",
-        )),
-        "s390x" => Some((
-            "s390x",
-            r"\x7fELF\x02\x02\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x16",
-            r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff",
-        )),
-        _ => None,
-    }
+/// qemu's name for `architecture` and its binfmt_misc magic and mask as `\xNN` escapes, all
+/// from the engine's ELF tables (the ones `run`'s emulator check matches handlers against).
+fn registration(architecture: &str) -> Option<(&'static str, String, String)> {
+    let name = binfmt::qemu_name(architecture)?;
+    let (magic, mask) = binfmt::registration_magic(architecture)?;
+    let escape =
+        |bytes: &[u8]| -> String { bytes.iter().map(|byte| format!("\\x{byte:02x}")).collect() };
+    Some((name, escape(&magic), escape(&mask)))
 }
 
 /// Mount binfmt_misc and register qemu-user-static handlers with the F flag, as
@@ -594,5 +570,28 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> u
         exit::ENVIRONMENT
     } else {
         exit::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registrations_come_from_the_engine_and_match_qemus() {
+        let (name, magic, mask) = registration("arm64").unwrap();
+        assert_eq!(name, "aarch64");
+        // qemu-binfmt-conf.sh's aarch64 line, byte for byte.
+        assert_eq!(
+            magic,
+            r"\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00"
+        );
+        assert_eq!(
+            mask,
+            r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff"
+        );
+        assert_eq!(registration("arm").unwrap().0, "arm");
+        assert_eq!(registration("amd64").unwrap().0, "x86_64");
+        assert!(registration("mips").is_none());
     }
 }

@@ -1,6 +1,5 @@
 //! `graphbuild inspect`: what an image layout or a registry image holds, per platform.
 
-use std::io::Read;
 use std::path::Path;
 
 use graphbuild_engine::oci::{self, ImageIndex, ImageManifest, OciLayout};
@@ -11,32 +10,9 @@ use serde_json::json;
 use crate::exit;
 use crate::render;
 
-/// Uncompressed size of a layer blob (gzip, zstd or plain tar).
+/// Uncompressed size of a layer blob (gzip, zstd or plain tar), read as a build reads it.
 fn uncompressed_size(layout: &OciLayout, descriptor: &oci::Descriptor) -> Option<u64> {
-    uncompressed_size_of(&layout.blob_path(&descriptor.digest), descriptor.size)
-}
-
-/// Uncompressed size of the layer blob in `path`; `size` is its own size (for plain tars).
-fn uncompressed_size_of(path: &Path, size: u64) -> Option<u64> {
-    let file = std::fs::File::open(path).ok()?;
-    let mut reader = std::io::BufReader::new(file);
-    let mut magic = [0u8; 4];
-    let mut head = Vec::new();
-    let read = (&mut reader).take(4).read_to_end(&mut head).ok()?;
-    magic[..read].copy_from_slice(&head);
-    let chained = std::io::Cursor::new(head).chain(reader);
-    let mut sink = std::io::sink();
-    if magic.starts_with(&[0x1f, 0x8b]) {
-        std::io::copy(&mut flate2::read::GzDecoder::new(chained), &mut sink).ok()
-    } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
-        std::io::copy(
-            &mut ruzstd::decoding::StreamingDecoder::new(chained).ok()?,
-            &mut sink,
-        )
-        .ok()
-    } else {
-        Some(size)
-    }
+    graphbuild_engine::decompress::uncompressed_size(&layout.blob_path(&descriptor.digest)).ok()
 }
 
 fn describe(layout: &OciLayout, tag: Option<&str>) -> Result<serde_json::Value, oci::OciError> {
@@ -153,7 +129,7 @@ fn describe_registry(
                 .fetch_blob(reference, &layer.digest, layer.size, &path)
                 .map_err(text)?;
             uncompressed = uncompressed
-                .zip(uncompressed_size_of(&path, layer.size))
+                .zip(graphbuild_engine::decompress::uncompressed_size(&path).ok())
                 .map(|(a, b)| a + b);
             let _ = std::fs::remove_file(&path);
         }
@@ -221,7 +197,7 @@ fn inspect_registry(target: &str, json_format: bool, insecure_registries: &[Stri
         return exit::SUCCESS;
     }
     let tags: Vec<String> = reference.tag.iter().cloned().collect();
-    print!("{}", text(&reference.to_string(), &tags, &[image]));
+    print!("{}", safe(&text(&reference.to_string(), &tags, &[image])));
     exit::SUCCESS
 }
 
@@ -274,7 +250,7 @@ pub fn inspect(target: &str, json_format: bool, insecure_registries: &[String]) 
         );
         return exit::SUCCESS;
     }
-    print!("{}", text(path, &layout.tags(), &images));
+    print!("{}", safe(&text(path, &layout.tags(), &images)));
     exit::SUCCESS
 }
 
@@ -298,6 +274,14 @@ fn plural(count: u64, one: &str, many: &str) -> String {
 
 /// The text form: the layout, then per distinct image (tags pointing at the same digest are
 /// listed together) a line per platform and its config summary.
+/// The text report with control characters escaped line by line: labels, env and commands
+/// come from the image, which may be anyone's.
+fn safe(text: &str) -> String {
+    text.lines()
+        .map(|line| crate::progress::sanitize(line) + "\n")
+        .collect()
+}
+
 fn text(path: &str, all_tags: &[String], images: &[serde_json::Value]) -> String {
     use std::fmt::Write;
     let mut out = String::new();

@@ -59,10 +59,7 @@ enum Command {
     #[command(after_help = "Example:\n  graphbuild verify images.kdl app")]
     Verify {
         #[command(flatten)]
-        select: SelectArgs,
-        /// Nodes to run at once
-        #[arg(long, short)]
-        jobs: Option<usize>,
+        inputs: BuildInputArgs,
     },
     /// Check that this machine can build: namespaces, overlayfs, emulators, store, credentials
     #[command(after_help = "Examples:\n  graphbuild doctor\n  graphbuild doctor images.kdl --fix")]
@@ -128,6 +125,9 @@ pub struct SelectArgs {
     /// Resolve registry tags afresh instead of using graphbuild.lock, and refresh the lock file
     #[arg(long)]
     pub pull: bool,
+    /// Never use the network: registry bases come from graphbuild.lock and the local store only
+    #[arg(long, conflicts_with = "pull")]
+    pub offline: bool,
 }
 
 #[derive(Args)]
@@ -148,39 +148,24 @@ pub enum PlanFormat {
     Dot,
 }
 
-#[derive(Args)]
-pub struct RunArgs {
+/// Everything that decides what a build produces: shared by `run` and `verify`, so `verify`
+/// can rebuild whatever `run` builds.
+#[derive(Args, Clone)]
+pub struct BuildInputArgs {
     #[command(flatten)]
     pub select: SelectArgs,
-    /// Where image layouts are written, one directory per image
-    #[arg(long, short, value_name = "DIR", default_value = "graphbuild-out")]
-    pub output: PathBuf,
-    /// Ignore cached results (results are still recorded)
-    #[arg(long)]
-    pub no_cache: bool,
     /// Nodes to run at once (default: the number of cores)
     #[arg(long, short)]
     pub jobs: Option<usize>,
     /// Layer compression
     #[arg(long, value_enum, default_value = "gzip")]
     pub compression: CompressionArg,
-    /// How progress is shown (default: tty on a terminal, plain otherwise)
-    #[arg(long, value_enum)]
-    pub progress: Option<ProgressMode>,
-    /// Print only errors and the final digests
-    #[arg(long, short)]
-    pub quiet: bool,
     /// A secret for `secret` in run steps: id=ID,src=PATH or id=ID,env=VAR (repeatable)
     #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
     pub secrets: Vec<String>,
     /// Clamp file times and set `created` to this Unix time
     #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
     pub source_date_epoch: i64,
-    #[command(flatten)]
-    pub cache: RemoteCacheArgs,
-    /// Push every image's tags after building (images with push=#true are always pushed)
-    #[arg(long)]
-    pub push: bool,
     /// Manifest media types: OCI (default) or Docker's manifest list and schema 2
     #[arg(long, value_enum, default_value = "oci")]
     pub format: FormatArg,
@@ -190,6 +175,29 @@ pub struct RunArgs {
     /// The most processes (and threads) a run step may have at once; 0: no limit
     #[arg(long, value_name = "N", default_value_t = graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES)]
     pub step_max_processes: u32,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub inputs: BuildInputArgs,
+    /// Where image layouts are written, one directory per image
+    #[arg(long, short, value_name = "DIR", default_value = "graphbuild-out")]
+    pub output: PathBuf,
+    /// Ignore cached results (results are still recorded)
+    #[arg(long)]
+    pub no_cache: bool,
+    /// How progress is shown (default: tty on a terminal, plain otherwise)
+    #[arg(long, value_enum)]
+    pub progress: Option<ProgressMode>,
+    /// Print only errors and the final digests
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub cache: RemoteCacheArgs,
+    /// Push every image's tags after building (images with push=#true are always pushed)
+    #[arg(long, conflicts_with = "offline")]
+    pub push: bool,
 }
 
 /// `--step-timeout`: a Go-style duration, in milliseconds.
@@ -360,7 +368,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => commands::run(args),
         Command::Plan(args) => commands::plan(args),
-        Command::Verify { select, jobs } => commands::verify(select, jobs),
+        Command::Verify { inputs } => commands::verify(inputs),
         Command::Lock { select } => commands::lock(select),
         Command::Doctor {
             file,

@@ -162,7 +162,7 @@ fn step_line(
 ) -> String {
     let label = format!("[{stage} {platform}]");
     let duration = render::duration(duration_ms.unwrap_or(0));
-    let step = step.replace('\n', " ");
+    let step = sanitize(&step.replace('\n', " "));
     match (mode, status) {
         (ProgressMode::Tty, StepStatus::Executed) => {
             format!(
@@ -456,6 +456,7 @@ impl EventSink for Progress {
                 platform,
                 step,
             } => {
+                let step = sanitize(&step);
                 if plain && !self.quiet {
                     eprintln!("[{stage} {platform}] {step}");
                 }
@@ -471,6 +472,7 @@ impl EventSink for Progress {
                 );
             }
             Event::Output { node, line } => {
+                let line = sanitize(&line);
                 if plain
                     && !self.quiet
                     && let Some(running) = state.running.get(&node)
@@ -534,6 +536,30 @@ impl EventSink for Progress {
             _ => {}
         }
     }
+}
+
+/// A line of step output made safe for a terminal or a log: every control character except
+/// tab is shown escaped (`\x1b`, `\u{9b}`), so a step cannot move the cursor, recolor, retitle
+/// or clear the screen. A carriage return keeps only what a terminal would show: the text after
+/// the last one (a trailing one, as in CRLF, is dropped). Other text, UTF-8 included, is kept.
+pub fn sanitize(line: &str) -> String {
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let line = line.rsplit('\r').next().unwrap_or(line);
+    if !line.chars().any(|c| c.is_control() && c != '\t') {
+        return line.to_string();
+    }
+    let mut out = String::with_capacity(line.len() + 8);
+    for character in line.chars() {
+        match character {
+            '\t' => out.push('\t'),
+            c if (c as u32) < 0x80 && c.is_control() => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -688,6 +714,22 @@ mod tests {
             ),
             "[b linux/amd64] CACHED COPY a b"
         );
+    }
+
+    #[test]
+    fn control_characters_in_step_output_are_escaped() {
+        assert_eq!(
+            sanitize("\x1b[2J\x1b]0;pwned\x07red\x1b[31m"),
+            "\\x1b[2J\\x1b]0;pwned\\x07red\\x1b[31m"
+        );
+        assert_eq!(
+            sanitize("tab\tkept, ünïcödé ✓ kept"),
+            "tab\tkept, ünïcödé ✓ kept"
+        );
+        assert_eq!(sanitize("\u{9b}2J \u{7f}"), "\\u{9b}2J \\x7f");
+        assert_eq!(sanitize("10%\r50%\r100%"), "100%");
+        assert_eq!(sanitize("crlf line\r"), "crlf line");
+        assert_eq!(sanitize("bell\x07\u{0}"), "bell\\x07\\x00");
     }
 
     #[test]

@@ -89,16 +89,3 @@ pub fn duration(ms: u64) -> String {
         format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
     }
 }
-
-/// Parse `10G`, `512M`, `1024`.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let (number, factor) = match text.char_indices().last()? {
-        (index, 'k' | 'K') => (&text[..index], 1u64 << 10),
-        (index, 'm' | 'M') => (&text[..index], 1 << 20),
-        (index, 'g' | 'G') => (&text[..index], 1 << 30),
-        (index, 't' | 'T') => (&text[..index], 1 << 40),
-        _ => (text, 1),
-    };
-    number.trim().parse::<u64>().ok()?.checked_mul(factor)
-}

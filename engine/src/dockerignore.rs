@@ -317,13 +317,6 @@ impl Glob {
         }
         reachable[chars.len()]
     }
-
-    /// Whether the pattern has any wildcard (otherwise it matches one literal string).
-    pub fn is_literal(&self) -> bool {
-        self.tokens
-            .iter()
-            .all(|token| matches!(token, Token::Char(_)))
-    }
 }
 
 /// Parse a class after its `[`, with Go `filepath.Match` validation; returns the token and

@@ -80,6 +80,10 @@ pub enum Explanation {
     },
     /// The inputs are the same as last time but the result is gone (pruned).
     Evicted,
+    /// The key waits for these unresolved base images (`REFERENCE (PLATFORM)`).
+    Pending {
+        bases: Vec<String>,
+    },
 }
 
 fn is_cached(store: &Store, node: &Node) -> bool {
@@ -186,6 +190,17 @@ fn diff_op(
     }
 }
 
+/// [`Explanation::Pending`] for a node whose key waits for unresolved bases.
+pub fn pending(plan: &Plan, node: &Node) -> Option<Explanation> {
+    node.pending.then(|| Explanation::Pending {
+        bases: plan
+            .unresolved_under(node.id)
+            .into_iter()
+            .map(|base| format!("{} ({})", base.reference, base.platform))
+            .collect(),
+    })
+}
+
 /// Explain one node against the store.
 pub fn explain(
     store: &Store,
@@ -193,6 +208,9 @@ pub fn explain(
     node: &Node,
     describe: &dyn Fn(graphbuild_lang::ir::Loc) -> String,
 ) -> Explanation {
+    if let Some(pending) = pending(plan, node) {
+        return pending;
+    }
     if is_cached(store, node) {
         return Explanation::Cached;
     }
@@ -245,6 +263,5 @@ pub fn explain(
             reasons: vec!["steps were removed".into()],
         };
     }
-    let _ = plan;
     Explanation::Evicted
 }

@@ -7,6 +7,7 @@ pub mod binfmt;
 pub mod build;
 pub mod context;
 pub mod copy;
+pub mod decompress;
 pub mod digest;
 pub mod dockerignore;
 pub mod events;

@@ -67,6 +67,12 @@ pub enum ResolveError {
         platform: String,
         available: String,
     },
+    /// The base cannot be had without the network: `--offline` without a lock entry (or
+    /// without its manifest in the store), or a registry nothing can be connected to (no
+    /// network, a name that does not resolve, a refused connection). The planner
+    /// makes its keys *pending* instead of failing; `run` refuses to build them.
+    #[error("cannot resolve `{}` for {}: {}", .0.reference, .0.platform, .0.reason)]
+    Unresolved(Box<Unresolved>),
     #[error("cannot copy layer {digest} of `{reference}` into the store: {message}")]
     Fetch {
         reference: String,
@@ -82,7 +88,8 @@ impl ResolveError {
         match self {
             ResolveError::Registry {
                 environment: true, ..
-            } => ENVIRONMENT_CODE,
+            }
+            | ResolveError::Unresolved(_) => ENVIRONMENT_CODE,
             _ => "graphbuild::base-image",
         }
     }
@@ -98,6 +105,40 @@ impl ResolveError {
                 "build this image only for the platforms its base provides (`platforms …` on the image, or `--platform`)".into()
             }
             ResolveError::Fetch { .. } => "check that the layout is complete and readable".into(),
+            ResolveError::Unresolved(unresolved) => unresolved.help(),
+        }
+    }
+}
+
+/// A registry base that could not be resolved without the network. Its digest (unless the
+/// lock file has it), its layers and its settings are unknown, so every key built on it is
+/// pending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unresolved {
+    /// The reference as written, after substitution.
+    pub reference: String,
+    pub platform: Platform,
+    /// The manifest digest graphbuild.lock pins it to, when it does.
+    pub locked: Option<Digest>,
+    /// Why: `--offline`, or the registry's error.
+    pub reason: String,
+}
+
+impl Unresolved {
+    pub fn help(&self) -> String {
+        match self.locked {
+            Some(_) => concat!(
+                "a base pinned by graphbuild.lock (or by its digest) resolves offline once its ",
+                "manifest is in the local store: run `graphbuild lock FILE` once with network ",
+                "access on this machine"
+            )
+            .into(),
+            None => concat!(
+                "pin registry bases with `graphbuild lock FILE` while the registries are ",
+                "reachable: with graphbuild.lock and the manifests `lock` saves in the local ",
+                "store, `plan` and `run` need no network"
+            )
+            .into(),
         }
     }
 }
@@ -312,6 +353,14 @@ pub struct DefaultResolver {
     /// Every registry base resolved, for writing the lock file.
     resolved: Mutex<Vec<LockedBase>>,
     scratch: tempfile::TempDir,
+    /// Never ask a registry: only the lock file and the store (`--offline`).
+    offline: bool,
+    /// Where resolved manifests and configs are kept, so a locked base resolves without the
+    /// network next time; and where an offline resolution looks for them.
+    store: Option<Store>,
+    /// Layer downloads that failed because of the network or `--offline`: an environment
+    /// problem (exit code 3), not a build failure.
+    unavailable: Mutex<Vec<String>>,
 }
 
 impl DefaultResolver {
@@ -325,7 +374,68 @@ impl DefaultResolver {
             scratch: tempfile::Builder::new()
                 .prefix("graphbuild-resolve-")
                 .tempdir()?,
+            offline: false,
+            store: None,
+            unavailable: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Use only the lock file and the store; a base they do not cover is
+    /// [`ResolveError::Unresolved`] and missing layers are an error, without touching the
+    /// network.
+    pub fn offline(mut self, offline: bool) -> Self {
+        self.offline = offline;
+        self
+    }
+
+    /// Keep resolved manifests and configs in `store`, and resolve locked bases from it.
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    pub fn is_offline(&self) -> bool {
+        self.offline
+    }
+
+    /// Layer downloads that failed for lack of network (or `--offline`), as messages.
+    pub fn unavailable(&self) -> Vec<String> {
+        self.unavailable
+            .lock()
+            .map(|list| list.clone())
+            .unwrap_or_default()
+    }
+
+    /// The platform manifest and config of `digest` (a manifest, or an index to choose the
+    /// platform from) when the store has them.
+    fn stored_manifest(
+        &self,
+        digest: Digest,
+        platform: &Platform,
+    ) -> Option<(Digest, Vec<u8>, Vec<u8>)> {
+        let store = self.store.as_ref()?;
+        let top = store.read_blob(&digest).ok()?;
+        let is_index = serde_json::from_slice::<serde_json::Value>(&top)
+            .ok()?
+            .get("manifests")
+            .is_some_and(serde_json::Value::is_array);
+        let (manifest_digest, manifest_bytes) = if is_index {
+            let descriptor = crate::registry::select_platform(&top, platform).ok()?;
+            (descriptor.digest, store.read_blob(&descriptor.digest).ok()?)
+        } else {
+            (digest, top)
+        };
+        let manifest: oci::ImageManifest = serde_json::from_slice(&manifest_bytes).ok()?;
+        let config = store.read_blob(&manifest.config.digest).ok()?;
+        Some((manifest_digest, manifest_bytes, config))
+    }
+
+    /// Keep what a registry served, for the next resolution without the network. Best effort:
+    /// a full disk costs only that.
+    fn keep(&self, bytes: &[u8]) {
+        if let Some(store) = &self.store {
+            let _ = store.put_blob_bytes(bytes);
+        }
     }
 
     pub fn registry(&self) -> &RegistryClient {
@@ -355,34 +465,38 @@ impl DefaultResolver {
                     .map(|help| help.to_string())
                     .unwrap_or_default(),
             })?;
-        let registry_error = |error: crate::registry::RegistryError| ResolveError::Registry {
-            reference: written.to_string(),
-            help: miette::Diagnostic::help(&error)
-                .map(|help| help.to_string())
-                .unwrap_or_default(),
-            message: error.to_string(),
-            environment: error.is_environment(),
-        };
         // A digest in the reference or in the lock file pins the manifest.
-        let pinned = match (&reference.digest, &self.lock) {
+        let locked = match (&reference.digest, &self.lock) {
             (Some(_), _) => None,
             (None, LockMode::UseLock(lock)) => lock.find(written, platform),
             (None, LockMode::Refresh) => None,
         };
-        let (manifest_digest, manifest_bytes) = match pinned {
-            Some(digest) => {
-                let manifest = self
-                    .registry
-                    .resolve(&reference.with_digest(digest))
-                    .map_err(registry_error)?;
-                (manifest.digest, manifest.bytes)
+        let pinned = reference.digest.or(locked);
+        let unresolved = |reason: String| {
+            ResolveError::Unresolved(Box::new(Unresolved {
+                reference: written.to_string(),
+                platform: platform.clone(),
+                locked: pinned,
+                reason,
+            }))
+        };
+        // A registry that nothing can be connected to (no network, a name that does not
+        // resolve, a refused connection) makes the base unresolved, its keys pending; every
+        // other registry error (TLS, timeouts, 401, 5xx…) is an error.
+        let registry_error = |error: crate::registry::RegistryError| {
+            if matches!(
+                error,
+                crate::registry::RegistryError::Unreachable { no_route: true, .. }
+            ) {
+                return unresolved(error.to_string());
             }
-            None => {
-                let found = self
-                    .registry
-                    .resolve_platform(&reference, platform)
-                    .map_err(registry_error)?;
-                (found.manifest.digest, found.manifest.bytes)
+            ResolveError::Registry {
+                reference: written.to_string(),
+                help: miette::Diagnostic::help(&error)
+                    .map(|help| help.to_string())
+                    .unwrap_or_default(),
+                message: error.to_string(),
+                environment: error.is_environment(),
             }
         };
         let layout_error = |message: String| ResolveError::Registry {
@@ -391,21 +505,64 @@ impl DefaultResolver {
             help: "the registry returned something that is not an image manifest".into(),
             environment: false,
         };
+        // A pinned manifest is immutable: when the store has it (and its config), the network
+        // is not needed.
+        let local = pinned.and_then(|digest| self.stored_manifest(digest, platform));
+        let (manifest_digest, manifest_bytes, config_bytes) = match local {
+            Some(found) => found,
+            None if self.offline => {
+                return Err(unresolved(match pinned {
+                    Some(digest) => format!(
+                        "its manifest ({digest}) is not in the local store, and --offline forbids downloading it"
+                    ),
+                    None => {
+                        "it is not in graphbuild.lock, and --offline forbids asking the registry"
+                            .to_string()
+                    }
+                }));
+            }
+            None => {
+                let (manifest_digest, manifest_bytes) = match locked {
+                    Some(digest) => {
+                        let manifest = self
+                            .registry
+                            .resolve(&reference.with_digest(digest))
+                            .map_err(registry_error)?;
+                        (manifest.digest, manifest.bytes)
+                    }
+                    None => {
+                        let found = self
+                            .registry
+                            .resolve_platform(&reference, platform)
+                            .map_err(registry_error)?;
+                        if let Some(index) = &found.index {
+                            self.keep(&index.bytes);
+                        }
+                        (found.manifest.digest, found.manifest.bytes)
+                    }
+                };
+                let manifest: oci::ImageManifest = serde_json::from_slice(&manifest_bytes)
+                    .map_err(|error| layout_error(format!("invalid manifest: {error}")))?;
+                let config_path = self.scratch.path().join(manifest.config.digest.hex());
+                if !config_path.exists() {
+                    self.registry
+                        .fetch_blob(
+                            &reference,
+                            &manifest.config.digest,
+                            manifest.config.size,
+                            &config_path,
+                        )
+                        .map_err(registry_error)?;
+                }
+                let config_bytes =
+                    std::fs::read(&config_path).map_err(|error| layout_error(error.to_string()))?;
+                self.keep(&manifest_bytes);
+                self.keep(&config_bytes);
+                (manifest_digest, manifest_bytes, config_bytes)
+            }
+        };
         let manifest: oci::ImageManifest = serde_json::from_slice(&manifest_bytes)
             .map_err(|error| layout_error(format!("invalid manifest: {error}")))?;
-        let config_path = self.scratch.path().join(manifest.config.digest.hex());
-        if !config_path.exists() {
-            self.registry
-                .fetch_blob(
-                    &reference,
-                    &manifest.config.digest,
-                    manifest.config.size,
-                    &config_path,
-                )
-                .map_err(registry_error)?;
-        }
-        let config_bytes =
-            std::fs::read(&config_path).map_err(|error| layout_error(error.to_string()))?;
         let config: oci::ImageConfigFile = serde_json::from_slice(&config_bytes)
             .map_err(|error| layout_error(format!("invalid image config: {error}")))?;
         let image_platform = config.platform();
@@ -489,9 +646,29 @@ impl Resolver for DefaultResolver {
         if missing.is_empty() {
             return Ok(());
         }
+        let unavailable = |message: String| {
+            if let Ok(mut list) = self.unavailable.lock() {
+                list.push(format!(
+                    "`{}` ({}): {message}",
+                    base.reference, base.platform
+                ));
+            }
+            fetch_error(base.manifest_digest, message)
+        };
+        if self.offline {
+            return Err(unavailable(format!(
+                "{} of its layers are not in the local store, and --offline forbids downloading them",
+                missing.len()
+            )));
+        }
         self.registry
             .fetch_blobs(reference, &missing)
-            .map_err(|error| fetch_error(base.manifest_digest, error.to_string()))?;
+            .map_err(|error| match error {
+                crate::registry::RegistryError::Unreachable { .. } => {
+                    unavailable(error.to_string())
+                }
+                other => fetch_error(base.manifest_digest, other.to_string()),
+            })?;
         for blob in &missing {
             store
                 .put_blob_file(&blob.dest, Some(blob.digest))

@@ -411,11 +411,6 @@ impl<T, E> RunReport<T, E> {
         &self.outcomes[id.0]
     }
 
-    /// Every outcome, indexed by [`JobId::index`], by value.
-    pub fn into_outcomes(self) -> Vec<Outcome<T, E>> {
-        self.outcomes
-    }
-
     /// Every failed job with its error, in id order.
     pub fn failures(&self) -> impl Iterator<Item = (JobId, &E)> {
         self.outcomes

@@ -1873,10 +1873,20 @@ mod tests {
     const CHILD_ROOT: &str = "GRAPHBUILD_STORE_TEST_ROOT";
     const CHILD_MODE: &str = "GRAPHBUILD_STORE_TEST_MODE";
 
-    /// Not a test on its own: the body of the child processes spawned below.
+    /// The body of the child processes spawned below. Run as a test (without the variables),
+    /// it checks that a child really runs it: the filter matches, and the child's work lands.
     #[test]
     fn child_process_body() {
         let Some(root) = std::env::var_os(CHILD_ROOT) else {
+            let dir = tempfile::tempdir().unwrap();
+            let output = child(dir.path(), "hammer").output().unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(output.status.success(), "the child failed:\n{stdout}");
+            assert!(
+                stdout.contains("1 passed"),
+                "the child ran no test:\n{stdout}"
+            );
+            check_hammered(&Store::open(dir.path()).unwrap());
             return;
         };
         let store = Store::open(Path::new(&root)).unwrap();
@@ -1895,7 +1905,7 @@ mod tests {
                         Ok(())
                     });
             }
-            _ => {}
+            other => panic!("unknown {CHILD_MODE}: {other:?}"),
         }
     }
 

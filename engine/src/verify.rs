@@ -80,18 +80,9 @@ fn read_layer(layout: &OciLayout, digest: &Digest) -> Result<BTreeMap<String, En
     };
     let bytes = layout.read_blob(digest)?;
     let mut raw = Vec::new();
-    if bytes.starts_with(&[0x1f, 0x8b]) {
-        flate2::read::GzDecoder::new(&bytes[..])
-            .read_to_end(&mut raw)
-            .map_err(|e| layer_error(e.to_string()))?;
-    } else if bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        ruzstd::decoding::StreamingDecoder::new(&bytes[..])
-            .map_err(|e| layer_error(e.to_string()))?
-            .read_to_end(&mut raw)
-            .map_err(|e| layer_error(e.to_string()))?;
-    } else {
-        raw = bytes;
-    }
+    crate::decompress::decompressed(&bytes[..])
+        .and_then(|mut reader| reader.read_to_end(&mut raw))
+        .map_err(|e| layer_error(e.to_string()))?;
     let mut archive = tar::Archive::new(&raw[..]);
     let mut entries = BTreeMap::new();
     for entry in archive.entries().map_err(|e| layer_error(e.to_string()))? {

@@ -14,10 +14,8 @@ use graphbuild_engine::digest::Digest;
 use graphbuild_engine::layer::{Compression, LayerOptions, write_layer_from_upper};
 use graphbuild_engine::unpack::unpack_layer;
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+mod common;
+use common::require_root;
 
 fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     let path_c = CString::new(path.as_os_str().as_bytes()).unwrap();
@@ -209,8 +207,7 @@ fn read_tar(bytes: &[u8]) -> Vec<(String, TarEntry)> {
 
 #[test]
 fn same_tree_gives_the_same_digests_whatever_the_mtimes_and_creation_order() {
-    if !is_root() {
-        eprintln!("note: skipped, whiteouts and trusted xattrs need root");
+    if !require_root("whiteouts and trusted xattrs") {
         return;
     }
     for compression in [Compression::Gzip, Compression::Zstd, Compression::None] {
@@ -304,8 +301,7 @@ fn an_empty_upper_directory_gives_no_layer() {
 
 #[test]
 fn the_tar_is_sorted_pax_numeric_and_speaks_oci_whiteouts() {
-    if !is_root() {
-        eprintln!("note: skipped, whiteouts and trusted xattrs need root");
+    if !require_root("whiteouts and trusted xattrs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -385,8 +381,7 @@ fn the_tar_is_sorted_pax_numeric_and_speaks_oci_whiteouts() {
 
 #[test]
 fn whiteouts_and_opaque_directories_survive_the_round_trip() {
-    if !is_root() {
-        eprintln!("note: skipped, whiteouts and trusted xattrs need root");
+    if !require_root("whiteouts and trusted xattrs") {
         return;
     }
     for compression in [Compression::Gzip, Compression::Zstd, Compression::None] {
@@ -464,8 +459,7 @@ fn whiteouts_and_opaque_directories_survive_the_round_trip() {
 
 #[test]
 fn overlay_metacopy_is_refused() {
-    if !is_root() {
-        eprintln!("note: skipped, trusted xattrs need root");
+    if !require_root("trusted xattrs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

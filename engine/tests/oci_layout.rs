@@ -15,6 +15,9 @@ use graphbuild_engine::oci::{
 };
 use graphbuild_lang::platform::Platform;
 
+mod common;
+use common::{prerequisite, require_root};
+
 const NESTED_INDEX: &str =
     "sha256:d4c00c7b6456a7ba455a2a26521cc97eba8c841bc9e0c0553d8159928c55ec88";
 const AMD64_MANIFEST: &str =
@@ -57,10 +60,7 @@ fn tool(name: &str) -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|output| output.status.success());
-    if !found {
-        eprintln!("note: `{name}` is not installed, skipping its check");
-    }
-    found
+    prerequisite(found, format_args!("`{name}` is not installed"))
 }
 
 #[test]
@@ -469,9 +469,7 @@ fn writing_replaces_a_layout_atomically_and_refuses_other_directories() {
 /// delete what they should.
 #[test]
 fn umoci_unpacks_images_made_of_our_layers() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("note: skipped, whiteouts need root");
+    if !require_root("whiteouts") {
         return;
     }
     if !tool("umoci") {

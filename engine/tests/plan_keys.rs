@@ -432,3 +432,124 @@ fn keys_of_fixed_build_files_are_stable() {
         golden.display()
     );
 }
+
+/// Resolves `registry.example/…` as a base that cannot be had without the network, and
+/// everything else from OCI layouts.
+struct NoNetwork(LayoutResolver);
+
+impl graphbuild_engine::resolve::Resolver for NoNetwork {
+    fn resolve(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<
+        std::sync::Arc<graphbuild_engine::resolve::ResolvedBase>,
+        graphbuild_engine::resolve::ResolveError,
+    > {
+        if reference.starts_with("registry.example/") {
+            return Err(graphbuild_engine::resolve::ResolveError::Unresolved(
+                Box::new(graphbuild_engine::resolve::Unresolved {
+                    reference: reference.to_string(),
+                    platform: platform.clone(),
+                    locked: None,
+                    reason: "no network".into(),
+                }),
+            ));
+        }
+        self.0.resolve(reference, platform)
+    }
+
+    fn fetch_layers(
+        &self,
+        base: &graphbuild_engine::resolve::ResolvedBase,
+        store: &graphbuild_engine::store::Store,
+    ) -> Result<(), graphbuild_engine::resolve::ResolveError> {
+        self.0.fetch_layers(base, store)
+    }
+}
+
+#[test]
+fn unresolved_bases_make_exactly_the_keys_that_depend_on_them_pending() {
+    let root = repo();
+    let text = format!(
+        r#"
+        stage base {{ from "registry.example/base:1"; run "echo base"; }}
+        stage tool {{ from "{BASE}"; run "echo tool"; }}
+        stage app {{
+            from tool
+            run "echo before"
+            copy "/x" "/x" from=base
+            run "echo after"
+        }}
+        stage grab {{ from "{BASE}"; copy "/y" "/y" from="registry.example/image:2"; }}
+        image app {{ stage app; }}
+        image tool {{ stage tool; }}
+        image grab {{ stage grab; }}
+        "#
+    );
+    let project = graphbuild_lang::load_source("images.kdl", &text, &root).expect("loads");
+    let resolver = NoNetwork(LayoutResolver::new(&root));
+    let options = PlanOptions {
+        images: Vec::new(),
+        platforms: vec![platform("linux/amd64")],
+        args: BTreeMap::new(),
+        host: platform("linux/amd64"),
+        context_dir: Some(root.join("examples/basic")),
+        resolver: &resolver,
+        store: None,
+    };
+    let planned = plan::expand(&project, &options).expect("an unresolved base is not an error");
+
+    // Nothing that does not depend on the unresolved bases is pending, and its key is the
+    // key it has in a plan without them.
+    let tool = image_node(&planned, "tool");
+    assert!(!tool.pending);
+    let alone = plan(&format!(
+        r#"
+        stage tool {{ from "{BASE}"; run "echo tool"; }}
+        image tool {{ stage tool; }}
+        "#
+    ));
+    assert_eq!(tool.key, image_node(&alone, "tool").key);
+
+    // The unresolved base's own node: pending, every step pending.
+    let base = planned
+        .nodes
+        .iter()
+        .find(|node| node.stage == "base")
+        .expect("base node");
+    assert!(base.pending);
+    assert!(matches!(base.base, plan::Base::Unresolved(_)));
+    assert!(base.steps.iter().all(|step| step.pending));
+
+    // Copying from it makes that step and the ones after it pending, not the ones before.
+    let app = image_node(&planned, "app");
+    assert!(app.pending);
+    let pending: Vec<bool> = app.steps.iter().map(|step| step.pending).collect();
+    assert_eq!(pending, [false, true, true]);
+    assert!(app.deps.contains(&base.id));
+    assert_ne!(app.key, base.key);
+
+    // `copy from="IMAGE"` of an unresolved image.
+    let grab = image_node(&planned, "grab");
+    assert!(grab.pending);
+    assert!(grab.steps.iter().all(|step| step.pending));
+    let image = &planned.nodes[grab.deps[0]];
+    assert!(matches!(image.base, plan::Base::Unresolved(_)));
+
+    let unresolved: Vec<&str> = planned
+        .unresolved()
+        .iter()
+        .map(|base| base.reference.as_str())
+        .collect();
+    assert_eq!(
+        unresolved,
+        ["registry.example/base:1", "registry.example/image:2"]
+    );
+    let under_app: Vec<&str> = planned
+        .unresolved_under(app.id)
+        .iter()
+        .map(|base| base.reference.as_str())
+        .collect();
+    assert_eq!(under_app, ["registry.example/base:1"]);
+}

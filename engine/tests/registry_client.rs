@@ -482,7 +482,7 @@ fn unreachable_registry_is_named() {
             .starts_with(&format!("cannot reach the registry 127.0.0.1:{port}")),
         "{error}"
     );
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(2));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-//! Real sandbox runs on the busybox fixture (needs root; skipped with a message otherwise).
+//! Real sandbox runs on the busybox fixture (needs root, and qemu-user for foreign CPUs:
+//! skipped with a message otherwise, failed under `CI=true`; see `common`).
 //!
 //! The sandbox child is the `sandbox-child` example, which `cargo test` builds next to the
 //! test binaries.
@@ -17,13 +18,11 @@ use graphbuild_lang::platform::Platform;
 
 const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 
+mod common;
+use common::{prerequisite, require_root};
+
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("skipping: the sandbox needs root");
-    }
-    root
+    require_root("the sandbox")
 }
 
 fn sandbox_exe() -> PathBuf {
@@ -201,7 +200,7 @@ fn run_foreign(architecture: &str, variant: Option<&str>, expected_machine: &str
         variant: variant.map(str::to_string),
     };
     if let Err(error) = check_emulation(Path::new(BINFMT_MISC_DIR), &target, &Platform::host()) {
-        eprintln!("skipping {target}: {error}");
+        prerequisite(false, format_args!("{target} needs an emulator: {error}"));
         return;
     }
     let rootfs = busybox_rootfs(architecture, variant);

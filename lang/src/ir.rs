@@ -48,10 +48,27 @@ impl Sources {
         &self.files[id.0 as usize]
     }
 
-    /// A miette source for the file, to attach to a diagnostic.
+    /// A miette source for the file, to attach to a diagnostic. Control characters other
+    /// than newline, carriage return and tab are shown as `?` (one per byte, so every span
+    /// still points at the same text): a build file cannot drive the terminal of whoever
+    /// reads its diagnostics.
     pub fn named_source(&self, id: FileId) -> NamedSource<Arc<String>> {
         let source = self.get(id);
-        NamedSource::new(source.name.clone(), source.text.clone()).with_language("kdl")
+        let shown = |c: char| !c.is_control() || matches!(c, '\n' | '\r' | '\t');
+        let text = if source.text.chars().all(shown) {
+            source.text.clone()
+        } else {
+            let mut safe = String::with_capacity(source.text.len());
+            for c in source.text.chars() {
+                if shown(c) {
+                    safe.push(c);
+                } else {
+                    safe.extend(std::iter::repeat_n('?', c.len_utf8()));
+                }
+            }
+            Arc::new(safe)
+        };
+        NamedSource::new(source.name.clone(), text).with_language("kdl")
     }
 
     /// `file:line:col` (1-based) of a location, for plain-text messages.

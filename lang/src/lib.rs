@@ -19,6 +19,7 @@
 //! ```
 
 pub mod ir;
+pub mod limits;
 pub mod load;
 pub mod platform;
 pub mod stdlib;
@@ -68,7 +69,7 @@ impl Diagnostic {
         Diagnostic {
             severity,
             code: code.into(),
-            message: message.into(),
+            message: printable(message.into()),
             help: None,
             location: None,
             labels: Vec::new(),
@@ -93,7 +94,7 @@ impl Diagnostic {
         at: ir::Loc,
         text: impl Into<String>,
     ) -> Self {
-        let text = text.into();
+        let text = printable(text.into());
         let Some(file) = sources.files.get(at.file.0 as usize) else {
             return self;
         };
@@ -115,7 +116,7 @@ impl Diagnostic {
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
-        self.help = Some(help.into());
+        self.help = Some(printable(help.into()));
         self
     }
 
@@ -127,6 +128,26 @@ impl Diagnostic {
     pub fn is_error(&self) -> bool {
         self.severity == Severity::Error
     }
+}
+
+/// `text` with control characters other than newline and tab escaped (`\u{1b}`): messages
+/// quote values from build files, which may hold any character through KDL escapes.
+fn printable(text: String) -> String {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return text;
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Keeps a span inside its text so rendering never fails on a stale location.
@@ -393,6 +414,36 @@ mod tests {
         assert_eq!(diagnostic.labels[0].span, SourceSpan::new(21.into(), 0));
         let text = render(&diagnostic);
         assert!(text.contains("build.kdl:4:1"), "{text}");
+    }
+
+    #[test]
+    fn control_characters_in_a_source_are_not_rendered() {
+        let sources = Sources {
+            files: vec![Source {
+                name: "evil.kdl".into(),
+                path: None,
+                text: Arc::new("a \"\x1b[2J\u{9b}31m\" b\n".into()),
+            }],
+        };
+        let diagnostic = Diagnostic::error("graphbuild::x", "x").with_label(
+            &sources,
+            Loc {
+                file: FileId(0),
+                span: (12, 1).into(),
+            },
+            "here",
+        );
+        let text = render(&diagnostic);
+        assert!(
+            !text.contains('\x1b') && !text.contains('\u{9b}'),
+            "{text:?}"
+        );
+        assert!(text.contains("a \"?[2J??31m\" b"), "{text}");
+        assert!(text.contains("evil.kdl:1:13"), "{text}");
+        let message = Diagnostic::error("graphbuild::x", "bad value `\x1b]0;x\x07`")
+            .with_help("not \u{9b}this");
+        assert_eq!(message.message, "bad value `\\u{1b}]0;x\\u{7}`");
+        assert_eq!(message.help.as_deref(), Some("not \\u{9b}this"));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::ir::{
 };
 use crate::platform::{AUTOMATIC_ARGS, Platform};
 use crate::subst::{self, Mode};
-use crate::{Diagnostic, Diagnostics};
+use crate::{Diagnostic, Diagnostics, limits};
 
 /// Loads the build file at `path` with everything it imports.
 pub fn load(path: &Path) -> Result<Project, Diagnostics> {
@@ -199,6 +199,58 @@ fn properties(node: &KdlNode) -> Vec<(&str, &KdlEntry)> {
         .collect()
 }
 
+/// Parses KDL on a thread with a stack sized for the text (see
+/// [`limits::parser_stack_size`]): kdl-rs recurses once per place it gives up, so a crafted
+/// file could otherwise overflow the caller's stack. `Err` when the thread cannot start or
+/// the parser panics.
+fn parse_kdl(text: &str) -> Result<Result<KdlDocument, kdl::KdlError>, String> {
+    std::thread::scope(|scope| {
+        let parser = std::thread::Builder::new()
+            .name("kdl-parser".into())
+            .stack_size(limits::parser_stack_size(text.len()))
+            .spawn_scoped(scope, || KdlDocument::parse(text))
+            .map_err(|error| format!("cannot start the parser: {error}"))?;
+        parser
+            .join()
+            .map_err(|_| "the KDL parser failed on this file".to_string())
+    })
+}
+
+/// Syntax errors reported per file: a file that is not KDL at all has one per line.
+const MAX_SYNTAX_ERRORS: usize = 10;
+
+/// Where a KDL syntax error is shown, if anywhere. kdl-rs gives errors it has no position for
+/// the span 0..0, which would show the file's first line as if the error were there: those
+/// get no label (the message still names the file). It spans some others from the start of
+/// the construct it was parsing (often the start of the file) to where it gave up; a label
+/// over many lines would show the file's first lines too, so such a span becomes the point
+/// where parsing stopped.
+fn syntax_error_span(text: &str, span: SourceSpan) -> Option<SourceSpan> {
+    if span.offset() == 0 && span.is_empty() && !text.is_empty() {
+        return None;
+    }
+    let start = span.offset().min(text.len());
+    let end = (start + span.len()).min(text.len());
+    let Some(covered) = text.get(start..end) else {
+        return Some(span);
+    };
+    if !covered.trim_end().contains('\n') {
+        return Some(span);
+    }
+    let stop = start + covered.trim_end().len();
+    Some(match text[..stop].char_indices().next_back() {
+        Some((at, character)) => SourceSpan::new(at.into(), character.len_utf8()),
+        None => span,
+    })
+}
+
+/// How many images a matrix expands to: the product of its axes' lengths (saturating).
+fn matrix_combinations(matrix: &[MatrixAxis]) -> u128 {
+    matrix.iter().fold(1u128, |product, axis| {
+        product.saturating_mul(axis.values.len() as u128)
+    })
+}
+
 fn is_image_reference(value: &str) -> bool {
     value.contains(['/', ':', '.', '@'])
 }
@@ -225,7 +277,7 @@ impl Loader {
         path: Option<PathBuf>,
         text: String,
     ) -> Result<Project, Diagnostics> {
-        self.read_file(identity, name, path, text, String::new(), true);
+        self.read_file(identity, name, path, text, String::new(), None);
         let mut project = Project {
             sources: Sources::default(),
             root_dir: self.root_dir.clone(),
@@ -237,6 +289,17 @@ impl Loader {
             warnings: Vec::new(),
         };
         let stages = self.declare(&mut project);
+        if let Some(declaration) = stages.get(limits::MAX_STAGES) {
+            let file = self.files[declaration.file_index].file;
+            self.error(
+                "limits::stages",
+                format!("the build file has more than {} stages", limits::MAX_STAGES),
+                Self::loc(file, declaration.node.name().span()),
+                "one stage too many",
+                Some("split the build file into several".into()),
+            );
+            return Err(Diagnostics(std::mem::take(&mut self.diagnostics)));
+        }
         for declaration in &stages {
             let prefix = self.files[declaration.file_index].prefix.clone();
             let file = self.files[declaration.file_index].file;
@@ -304,8 +367,9 @@ impl Loader {
         path: Option<PathBuf>,
         text: String,
         prefix: String,
-        is_root: bool,
+        imported_at: Option<Loc>,
     ) {
+        let is_root = imported_at.is_none();
         let file = FileId(self.sources.files.len() as u32);
         let text = Arc::new(text);
         self.sources.files.push(Source {
@@ -313,10 +377,93 @@ impl Loader {
             path: path.clone(),
             text: text.clone(),
         });
-        let document = match KdlDocument::parse(&text) {
+        if text.len() > limits::MAX_FILE_BYTES {
+            let mut diagnostic = Diagnostic::error(
+                "graphbuild::limits::file_size",
+                format!(
+                    "`{name}` is {} bytes; a build file may have at most {} bytes",
+                    text.len(),
+                    limits::MAX_FILE_BYTES
+                ),
+            )
+            .with_help("is this the right file? split a very large build file with `import`");
+            match imported_at {
+                Some(at) => diagnostic = diagnostic.with_label(&self.sources, at, "imported here"),
+                None => diagnostic.location = Some(Self::loc(file, SourceSpan::new(0.into(), 0))),
+            }
+            self.diagnostics.push(diagnostic);
+            return;
+        }
+        if let Err(too_deep) = limits::check_nesting(&text) {
+            let (offset, message, label, help) = match too_deep {
+                limits::TooDeep::Braces(offset) => (
+                    offset,
+                    format!(
+                        "nodes are nested more than {} levels deep",
+                        limits::MAX_NESTING
+                    ),
+                    "one level too deep",
+                    "a build file needs a few levels of `{ … }`; flatten the nesting",
+                ),
+                limits::TooDeep::Comments(offset) => (
+                    offset,
+                    format!(
+                        "`/* … */` comments are nested more than {} deep",
+                        limits::MAX_NESTING
+                    ),
+                    "one comment too deep",
+                    "close the nested comments, or use `//` line comments",
+                ),
+                limits::TooDeep::Slashdashes(offset) => (
+                    offset,
+                    format!("more than {} `/-` in a row", limits::MAX_NESTING),
+                    "one `/-` too many",
+                    "one `/-` comments out the node, argument or block after it",
+                ),
+                limits::TooDeep::LongComment(offset) => (
+                    offset,
+                    "this `/* … */` comment is too long".to_string(),
+                    "this comment",
+                    "split it, or use `//` line comments",
+                ),
+            };
+            self.error(
+                "limits::nesting",
+                message,
+                Self::loc(file, SourceSpan::new(offset.into(), 1)),
+                label,
+                Some(help.to_string()),
+            );
+            return;
+        }
+        let parsed = match parse_kdl(&text) {
+            Ok(parsed) => parsed,
+            Err(message) => {
+                let mut diagnostic = Diagnostic::error(
+                    "graphbuild::kdl::parser",
+                    format!("cannot parse `{name}`: {message}"),
+                );
+                diagnostic.location = Some(Self::loc(file, SourceSpan::new(0.into(), 0)));
+                self.diagnostics.push(diagnostic);
+                return;
+            }
+        };
+        let document = match parsed {
             Ok(document) => document,
             Err(error) => {
-                for problem in &error.diagnostics {
+                for (index, problem) in error.diagnostics.iter().enumerate() {
+                    if index == MAX_SYNTAX_ERRORS {
+                        let more = error.diagnostics.len() - index;
+                        let mut diagnostic = Diagnostic::error(
+                            "graphbuild::kdl::syntax",
+                            format!("{more} more KDL syntax errors in `{name}`"),
+                        )
+                        .with_help("is this a KDL build file? fix the errors above first");
+                        diagnostic.location =
+                            Some(Self::loc(file, SourceSpan::new(text.len().into(), 0)));
+                        self.diagnostics.push(diagnostic);
+                        break;
+                    }
                     let message = problem
                         .message
                         .clone()
@@ -324,13 +471,34 @@ impl Loader {
                     let help = problem.help.clone().unwrap_or_else(|| {
                         "see the KDL v2 syntax: quoted strings, `#true`/`#false`, `{ … }` for children".to_string()
                     });
-                    self.error(
-                        "kdl::syntax",
+                    let mut diagnostic = Diagnostic::error(
+                        "graphbuild::kdl::syntax",
                         format!("KDL syntax error: {message}"),
-                        Self::loc(file, problem.span),
-                        problem.label.clone().unwrap_or_else(|| "here".to_string()),
-                        Some(help),
-                    );
+                    )
+                    .with_help(help);
+                    match syntax_error_span(&text, problem.span) {
+                        Some(span) => {
+                            diagnostic = diagnostic.with_label(
+                                &self.sources,
+                                Self::loc(file, span),
+                                problem.label.clone().unwrap_or_else(|| "here".to_string()),
+                            );
+                        }
+                        None => {
+                            diagnostic.message = format!("KDL syntax error in `{name}`: {message}");
+                            diagnostic.location = Some(Self::loc(file, problem.span));
+                        }
+                    }
+                    if let Some(imported_at) = imported_at
+                        && index == 0
+                    {
+                        diagnostic = diagnostic.with_label(
+                            &self.sources,
+                            imported_at,
+                            format!("`{name}` is imported here"),
+                        );
+                    }
+                    self.diagnostics.push(diagnostic);
                 }
                 return;
             }
@@ -427,6 +595,27 @@ impl Loader {
             None => prefix.to_string(),
         };
         let module_at = module.at;
+        if self.import_stack.len() >= limits::MAX_IMPORT_DEPTH {
+            let chain: Vec<&str> = self
+                .import_stack
+                .iter()
+                .map(|(_, name)| name.as_str())
+                .collect();
+            self.error(
+                "limits::import_depth",
+                format!(
+                    "imports are chained more than {} files deep",
+                    limits::MAX_IMPORT_DEPTH
+                ),
+                module_at,
+                "one import too deep",
+                Some(format!(
+                    "import the modules from one file instead of through a chain: {} → …",
+                    chain[..3.min(chain.len())].join(" → ")
+                )),
+            );
+            return;
+        }
         let (identity, name, path, text) = if let Some(std_name) = module.raw.strip_prefix("std:") {
             let Some(text) = crate::stdlib::module(std_name) else {
                 let names = crate::stdlib::module_names();
@@ -523,7 +712,7 @@ impl Loader {
         {
             return;
         }
-        self.read_file(identity, name, path, text, child_prefix, false);
+        self.read_file(identity, name, path, text, child_prefix, Some(module_at));
     }
 
     // ----------------------------------------------------------------------------------------
@@ -1896,6 +2085,7 @@ impl Loader {
 
     fn lower_images(&mut self, project: &mut Project) {
         let mut image_names: HashMap<String, Loc> = HashMap::new();
+        let mut expanded: u128 = 0;
         for file_index in 0..self.files.len() {
             if !self.files[file_index].is_root {
                 continue;
@@ -1912,7 +2102,34 @@ impl Loader {
                 if let Some(image) =
                     self.lower_image(node, file, file_index, project, &mut image_names)
                 {
+                    expanded = expanded.saturating_add(matrix_combinations(&image.matrix));
+                    if expanded > limits::MAX_IMAGES as u128 {
+                        self.error(
+                            "limits::images",
+                            format!(
+                                "the build file expands to more than {} images",
+                                limits::MAX_IMAGES
+                            ),
+                            image.at,
+                            "one image too many (counting matrix combinations)",
+                            Some("split the build file, or shrink the matrices".into()),
+                        );
+                        return;
+                    }
                     project.images.push(image);
+                }
+                if project.stages.len() > limits::MAX_STAGES {
+                    self.error(
+                        "limits::stages",
+                        format!(
+                            "the build file has more than {} stages (counting template instances)",
+                            limits::MAX_STAGES
+                        ),
+                        Self::loc(file, node.name().span()),
+                        "one template instance too many",
+                        Some("split the build file into several".into()),
+                    );
+                    return;
                 }
             }
         }
@@ -2099,6 +2316,24 @@ impl Loader {
                             values,
                             at: axis_at,
                         });
+                    }
+                    let combinations = matrix_combinations(&matrix);
+                    if combinations > limits::MAX_MATRIX_COMBINATIONS {
+                        let sizes: Vec<String> = matrix
+                            .iter()
+                            .map(|axis| axis.values.len().to_string())
+                            .collect();
+                        self.error(
+                            "limits::matrix",
+                            format!(
+                                "this matrix has {combinations} combinations, more than the {} an image may have",
+                                limits::MAX_MATRIX_COMBINATIONS
+                            ),
+                            child_at,
+                            format!("{} combinations", sizes.join(" × ")),
+                            Some("split the image into several images with smaller matrices, or drop values".into()),
+                        );
+                        matrix.clear();
                     }
                 }
                 "annotation" => {

@@ -68,6 +68,8 @@ pub enum SubstErrorReason {
     BadName,
     /// `${VAR?…}`, `${VAR#…}` and other forms graphbuild does not support.
     UnsupportedModifier(char),
+    /// `${A:-${B:-…}}` nested more than [`crate::limits::MAX_SUBSTITUTION_NESTING`] deep.
+    TooDeep,
 }
 
 impl fmt::Display for SubstErrorReason {
@@ -82,6 +84,11 @@ impl fmt::Display for SubstErrorReason {
             SubstErrorReason::UnsupportedModifier(modifier) => {
                 write!(formatter, "unsupported substitution modifier `{modifier}`")
             }
+            SubstErrorReason::TooDeep => write!(
+                formatter,
+                "`${{…}}` is nested more than {} deep",
+                crate::limits::MAX_SUBSTITUTION_NESTING
+            ),
         }
     }
 }
@@ -99,6 +106,7 @@ pub fn substitute(
         lookup,
         undefined: Vec::new(),
         recording: true,
+        depth: 0,
     };
     let value = substituter.word(false)?;
     Ok(Substituted {
@@ -130,6 +138,8 @@ struct Substituter<'text, 'lookup> {
     /// False while evaluating a `word` that will be discarded: its unknown variables are not
     /// reported as undefined.
     recording: bool,
+    /// How many `${…:-word}` words enclose the current position.
+    depth: usize,
 }
 
 fn is_name_start(character: char) -> bool {
@@ -356,11 +366,22 @@ impl Substituter<'_, '_> {
             '-' => !is_set,
             _ => is_set,
         };
+        if self.depth >= crate::limits::MAX_SUBSTITUTION_NESTING {
+            return Err(SubstError {
+                offset: start,
+                reason: SubstErrorReason::TooDeep,
+            });
+        }
         let was_recording = self.recording;
         self.recording = was_recording && use_word;
+        self.depth += 1;
         let word = self.word(true);
+        self.depth -= 1;
         self.recording = was_recording;
-        let word = word.map_err(|_| unterminated.clone())?;
+        let word = word.map_err(|error| match error.reason {
+            SubstErrorReason::TooDeep => error,
+            _ => unterminated.clone(),
+        })?;
         if self.bump() != Some('}') {
             return Err(unterminated);
         }
@@ -523,6 +544,18 @@ mod tests {
             error.to_string(),
             "unsupported substitution modifier `#` at byte 0"
         );
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let nested = |depth: usize| format!("{}x{}", "${A:-".repeat(depth), "}".repeat(depth));
+        let limit = crate::limits::MAX_SUBSTITUTION_NESTING;
+        assert_eq!(strict(&nested(limit)).value, "x");
+        for mode in [Mode::Strict, Mode::Shell] {
+            let error = substitute(&nested(100_000), mode, &mut variables).unwrap_err();
+            assert_eq!(error.reason, SubstErrorReason::TooDeep);
+            assert_eq!(error.offset, 5 * limit);
+        }
     }
 
     proptest! {

@@ -395,6 +395,77 @@ fn explain_names_a_changed_file_a_changed_arg_and_a_changed_base() {
     assert!(reasons.contains("MESSAGE"), "{reasons}");
 }
 
+/// A layer written as two gzip members (as `pigz` or concatenated streams produce): inspect
+/// reads all of it, like a build unpacking it does.
+#[test]
+fn inspect_counts_every_gzip_member_of_a_layer() {
+    use std::io::Write;
+    let sandbox = Sandbox::new();
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, fill) in [("a.txt", b'a'), ("b.txt", b'b')] {
+        let data = vec![fill; 8192];
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, name, &data[..])
+            .expect("tar entry");
+    }
+    let tar_bytes = builder.into_inner().expect("tar");
+    let gzip = |bytes: &[u8]| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(bytes).expect("gzip");
+        encoder.finish().expect("gzip")
+    };
+    let half = tar_bytes.len() / 2;
+    let mut layer = gzip(&tar_bytes[..half]);
+    layer.extend(gzip(&tar_bytes[half..]));
+    let layout = sandbox.path().join("two-members");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("mkdir");
+    let put = |bytes: &[u8]| {
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).expect("blob");
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&tar_bytes)));
+    let (layer_digest, layer_size) = put(&layer);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    });
+    let (config_digest, config_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer_size}],
+    });
+    let (manifest_digest, manifest_size) = put(manifest.to_string().as_bytes());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest_size,
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {"org.opencontainers.image.ref.name": "1.0"},
+        }],
+    });
+    std::fs::write(layout.join("index.json"), index.to_string()).expect("index");
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("oci-layout");
+    let output = graphbuild(&sandbox, &["inspect", "two-members", "--format", "json"]);
+    assert_success(&output);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let platform = &json["images"][0]["platforms"][0];
+    assert_eq!(platform["compressed_size"], layer_size, "{json}");
+    assert_eq!(platform["uncompressed_size"], tar_bytes.len(), "{json}");
+}
+
 // ---------------------------------------------------------------------------------------
 // verify
 
@@ -442,6 +513,47 @@ fn verify_passes_a_reproducible_build() {
     let text = stdout(&output);
     assert!(text.contains("✓ basic: reproducible (sha256:"), "{text}");
     snapshot!("verify_reproducible", text);
+}
+
+#[test]
+fn verify_takes_the_secrets_run_takes() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "secret/images.kdl",
+        r#"platforms "linux/amd64"
+stage app {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    run "test \"$(cat /run/secrets/token)\" = s3cret && echo ok > /ok.txt" {
+        secret "token"
+    }
+}
+image app { stage app; }
+"#,
+    );
+    sandbox.write("secret/token.txt", "s3cret");
+    let without = graphbuild(&sandbox, &["verify", "secret/images.kdl"]);
+    assert_ne!(without.status.code(), Some(0), "{}", stderr(&without));
+    assert!(
+        stderr(&without).contains("--secret"),
+        "{}",
+        stderr(&without)
+    );
+    let token = sandbox.path().join("secret/token.txt");
+    let with = graphbuild(
+        &sandbox,
+        &[
+            "verify",
+            "secret/images.kdl",
+            "--secret",
+            &format!("id=token,src={}", token.display()),
+        ],
+    );
+    assert_success(&with);
+    assert!(
+        stdout(&with).contains("✓ app: reproducible (sha256:"),
+        "{}",
+        stdout(&with)
+    );
 }
 
 // ---------------------------------------------------------------------------------------

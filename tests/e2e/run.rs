@@ -238,6 +238,39 @@ image broken { stage broken; }
     );
 }
 
+/// A step cannot drive the terminal: escape sequences in its output are shown escaped, in
+/// progress lines and in the failure report.
+#[test]
+fn escape_sequences_in_step_output_reach_the_log_escaped() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "escapes/images.kdl",
+        r#"platforms "linux/amd64"
+stage loud {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    run "printf 'clear\\033[2J\\033]0;title\\007 ünï\\tcode\\n'; printf 'gone\\033[31m\\n' >&2; exit 3"
+}
+image loud { stage loud; }
+"#,
+    );
+    let output = sandbox.graphbuild(&[
+        "run",
+        "escapes/images.kdl",
+        "--output",
+        "out",
+        "--progress",
+        "plain",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(!err.contains('\x1b') && !err.contains('\x07'), "{err:?}");
+    assert!(
+        err.contains("clear\\x1b[2J\\x1b]0;title\\x07 ünï\tcode"),
+        "{err}"
+    );
+    assert!(err.contains("gone\\x1b[31m"), "{err}");
+}
+
 #[test]
 fn two_concurrent_runs_share_one_store() {
     let sandbox = Sandbox::new();

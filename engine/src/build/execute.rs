@@ -171,6 +171,10 @@ impl Executor<'_> {
                         .map_err(|error| self.failure(node, None, error.to_string(), Vec::new()))?;
                     (base.layers.clone(), base.history.clone())
                 }
+                Base::Unresolved(base) => {
+                    let message = format!("the base image `{}` is unresolved", base.reference);
+                    return Err(self.failure(node, None, message, Vec::new()));
+                }
             },
         };
         for step in &node.steps[..resume_at] {

@@ -16,6 +16,7 @@ use super::{Base, ImagePlan, Node, Plan, PlanOptions, StepInputs, StepPlan, pars
 use crate::context::{self, Context};
 use crate::digest::Key;
 use crate::key::KeyBuilder;
+use crate::resolve::{ResolveError, Unresolved};
 use crate::state::{DEFAULT_PATH, HealthcheckSettings, ImageSettings};
 
 pub(super) fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Plan, Diagnostics> {
@@ -82,6 +83,8 @@ struct StageStart {
     settings: ImageSettings,
     base_description: String,
     base: Base,
+    /// The base is, or builds on, an unresolved image: every key from here on is pending.
+    pending: bool,
 }
 
 /// A visit that needs another visit's node first: the walk expands that one and comes back.
@@ -484,6 +487,24 @@ impl<'a> Expander<'a> {
                 } else {
                     let resolved = match self.options.resolver.resolve(&reference, &platform) {
                         Ok(resolved) => resolved,
+                        Err(ResolveError::Unresolved(unresolved)) => {
+                            return self.expand_steps(
+                                stage,
+                                target,
+                                matrix,
+                                StageStart {
+                                    key: unresolved_key(&unresolved),
+                                    platform,
+                                    pinned,
+                                    vars,
+                                    deps,
+                                    settings: ImageSettings::default(),
+                                    base_description: format!("{reference} (unresolved)"),
+                                    base: Base::Unresolved(std::sync::Arc::from(unresolved)),
+                                    pending: true,
+                                },
+                            );
+                        }
                         Err(error) => {
                             let help = error.help();
                             self.error(
@@ -513,6 +534,7 @@ impl<'a> Expander<'a> {
                                 resolved.reference, resolved.manifest_digest
                             ),
                             base: Base::Image(resolved),
+                            pending: false,
                         },
                     );
                 }
@@ -528,6 +550,7 @@ impl<'a> Expander<'a> {
                 settings: ImageSettings::default(),
                 base_description: "scratch".to_string(),
                 base: Base::Scratch,
+                pending: false,
             },
             Some(name) => {
                 let Some(id) = self.dependency(&name, &platform, matrix)? else {
@@ -544,6 +567,7 @@ impl<'a> Expander<'a> {
                     vars,
                     deps,
                     base: Base::Stage(id),
+                    pending: base.pending,
                 }
             }
         };
@@ -568,6 +592,7 @@ impl<'a> Expander<'a> {
             mut settings,
             base_description,
             base,
+            mut pending,
         } = start;
         let mut steps = Vec::new();
         vars.take_reads();
@@ -586,10 +611,12 @@ impl<'a> Expander<'a> {
                     else {
                         continue;
                     };
-                    if let Some(dep) = dep
-                        && !deps.contains(&dep)
-                    {
-                        deps.push(dep);
+                    if let Some(dep) = dep {
+                        // Copying from a pending node makes this step, and what follows, pending.
+                        pending |= self.nodes[dep].pending;
+                        if !deps.contains(&dep) {
+                            deps.push(dep);
+                        }
                     }
                     let op = Op::Copy(op);
                     let description = op.describe();
@@ -641,6 +668,7 @@ impl<'a> Expander<'a> {
             };
             steps.push(StepPlan {
                 key,
+                pending,
                 op,
                 description,
                 at: step.at,
@@ -663,6 +691,7 @@ impl<'a> Expander<'a> {
             platform,
             targets: vec![target.clone()],
             key,
+            pending,
             deps,
             base,
             steps,
@@ -891,6 +920,28 @@ impl<'a> Expander<'a> {
         }
         let resolved = match self.options.resolver.resolve(reference, platform) {
             Ok(resolved) => resolved,
+            Err(ResolveError::Unresolved(unresolved)) => {
+                let key = unresolved_key(&unresolved);
+                if let Some(&existing) = self.by_key.get(&key) {
+                    return Ok(Some(existing));
+                }
+                let id = self.nodes.len();
+                self.by_key.insert(key, id);
+                self.nodes.push(Node {
+                    id,
+                    stage: reference.to_string(),
+                    platform: platform.clone(),
+                    targets: vec![platform.clone()],
+                    key,
+                    pending: true,
+                    deps: Vec::new(),
+                    settings: ImageSettings::default(),
+                    base: Base::Unresolved(std::sync::Arc::from(unresolved)),
+                    steps: Vec::new(),
+                    at,
+                });
+                return Ok(Some(id));
+            }
             Err(error) => {
                 let help = error.help();
                 self.error(
@@ -915,6 +966,7 @@ impl<'a> Expander<'a> {
             platform: platform.clone(),
             targets: vec![platform.clone()],
             key,
+            pending: false,
             deps: Vec::new(),
             settings: resolved.settings.clone(),
             base: Base::Image(resolved),
@@ -1081,6 +1133,16 @@ impl<'a> Expander<'a> {
             test,
         }
     }
+}
+
+/// The placeholder root of a node built on an unresolved base: distinct per reference and
+/// platform (so pending nodes are told apart and shared like real ones), and in a key domain of
+/// its own, so it can never equal a real key or be found in a store.
+fn unresolved_key(unresolved: &Unresolved) -> Key {
+    KeyBuilder::new("unresolved-base")
+        .str(&unresolved.reference)
+        .str(&unresolved.platform.to_string())
+        .finish()
 }
 
 fn root_key(kind: &str, platform: &Platform, parent: Option<&[u8; 32]>) -> Key {

@@ -54,7 +54,7 @@ use serde::Serialize;
 pub use op::{CacheMountOp, ConfigOp, CopyOp, CopySource, Op, RunOp, SecretOp};
 
 use crate::digest::Key;
-use crate::resolve::{ResolvedBase, Resolver};
+use crate::resolve::{ResolvedBase, Resolver, Unresolved};
 use crate::state::ImageSettings;
 use crate::store::Store;
 
@@ -93,7 +93,13 @@ pub struct Node {
     pub platform: Platform,
     /// Target platforms this node is built for (several when shared).
     pub targets: Vec<Platform>,
+    /// When [`Node::pending`], a placeholder that only tells pending nodes apart: never a
+    /// cache key.
     pub key: Key,
+    /// The key depends on an unresolved base image ([`Base::Unresolved`], here or in a node
+    /// this one builds on or copies from): it is unknown until the base is resolved, and the
+    /// node cannot be built.
+    pub pending: bool,
     /// Nodes this one needs: its base stage and the stages it copies from.
     pub deps: Vec<usize>,
     pub base: Base,
@@ -108,12 +114,17 @@ pub enum Base {
     Scratch,
     Stage(usize),
     Image(Arc<ResolvedBase>),
+    /// A registry image that could not be resolved without the network: the node is pending.
+    Unresolved(Arc<Unresolved>),
 }
 
 #[derive(Debug)]
 pub struct StepPlan {
-    /// `op.key(parent)`: see [`op`].
+    /// `op.key(parent)`: see [`op`]. A placeholder when [`StepPlan::pending`].
     pub key: Key,
+    /// The key depends on an unresolved base image: the step's base, an earlier step or a
+    /// stage it copies from is pending.
+    pub pending: bool,
     pub op: Op,
     /// For people and the image history's `created_by`: derived from the op (for a `run`,
     /// its command with the values of its variables shown). Never part of a key.
@@ -217,6 +228,44 @@ impl Plan {
     /// The directory copies read from.
     pub fn context_dir(&self) -> &Path {
         &self.context_dir
+    }
+
+    /// Every unresolved base image of the plan, once per (reference, platform), in node order.
+    pub fn unresolved(&self) -> Vec<&Unresolved> {
+        let mut found: Vec<&Unresolved> = Vec::new();
+        for node in &self.nodes {
+            if let Base::Unresolved(base) = &node.base
+                && !found
+                    .iter()
+                    .any(|seen| seen.reference == base.reference && seen.platform == base.platform)
+            {
+                found.push(base);
+            }
+        }
+        found
+    }
+
+    /// The unresolved bases a node's key waits for: its own, and those of the nodes it builds
+    /// on or copies from, transitively.
+    pub fn unresolved_under(&self, id: usize) -> Vec<&Unresolved> {
+        let mut found: Vec<&Unresolved> = Vec::new();
+        let mut seen = vec![false; self.nodes.len()];
+        let mut stack = vec![id];
+        while let Some(id) = stack.pop() {
+            if std::mem::replace(&mut seen[id], true) || !self.nodes[id].pending {
+                continue;
+            }
+            let node = &self.nodes[id];
+            if let Base::Unresolved(base) = &node.base
+                && !found.iter().any(|known| {
+                    known.reference == base.reference && known.platform == base.platform
+                })
+            {
+                found.push(base);
+            }
+            stack.extend(node.deps.iter().copied());
+        }
+        found
     }
 }
 

@@ -34,9 +34,11 @@
 //!
 //! # Reliability
 //!
-//! A request that fails to connect or is answered `429` or `5xx` is retried with exponential
-//! backoff ([`RetryPolicy`]), honouring `Retry-After`; when the attempts run out the error says
-//! what the registry answered and how often. Every manifest and blob read is checked against
+//! A request that times out, breaks off, or is answered `429` or `5xx` is retried with
+//! exponential backoff ([`RetryPolicy`]), honouring `Retry-After`; when the attempts run out the
+//! error says what the registry answered and how often. A registry that cannot be reached at
+//! all (its name does not resolve, the connection is refused, no route) is
+//! [`RegistryError::Unreachable`] at once: retrying would only make an offline machine wait. Every manifest and blob read is checked against
 //! its digest (and blobs against their size) before anything is kept.
 
 pub mod auth;
@@ -175,7 +177,14 @@ pub enum RegistryError {
             insecure_hint(registry)
         )
     )]
-    Unreachable { registry: String, reason: String },
+    Unreachable {
+        registry: String,
+        reason: String,
+        /// Nothing could be connected to at all: the name does not resolve, the connection was
+        /// refused, or there is no route (no network). Not retried; a base that fails so is
+        /// unresolved rather than an error.
+        no_route: bool,
+    },
 
     #[error("the registry {registry} refused access ({status}){detail}")]
     #[diagnostic(
@@ -814,6 +823,7 @@ impl RegistryClient {
                 return Err(RegistryError::Unreachable {
                     registry: registry.to_string(),
                     reason: format!("the download of {what} broke off: {error}"),
+                    no_route: false,
                 });
             }
             if received != size {
@@ -1264,6 +1274,7 @@ impl RegistryClient {
         Err(last_error.unwrap_or_else(|| RegistryError::Unreachable {
             registry: registry.to_string(),
             reason: "no way to connect".into(),
+            no_route: false,
         }))
     }
 
@@ -1579,6 +1590,7 @@ impl RegistryClient {
                         return Err(RegistryError::Unreachable {
                             registry: registry.to_string(),
                             reason: describe_transport_error(&error),
+                            no_route: no_route_to(&error),
                         });
                     }
                     std::thread::sleep(self.backoff(attempt, None));
@@ -1670,10 +1682,11 @@ impl RegistryClient {
             }
         };
         result.map_err(|error| {
-            let retryable = matches!(
-                error,
-                ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed
-            );
+            let retryable = !no_route_to(&error)
+                && matches!(
+                    error,
+                    ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed
+                );
             SendError::Transport { error, retryable }
         })
     }
@@ -1688,10 +1701,42 @@ enum SendError {
     },
 }
 
+/// Whether the registry cannot be reached at all from here: its name does not resolve, the
+/// connection is refused, or there is no route to it. Retrying would only delay the answer by
+/// the backoff (~8 s per request), so these fail at once; a timeout, a reset or a broken
+/// transfer may pass and keeps its retries.
+fn no_route_to(error: &ureq::Error) -> bool {
+    match error {
+        ureq::Error::HostNotFound => true,
+        ureq::Error::Io(io_error) => {
+            matches!(
+                io_error.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+                    | io::ErrorKind::NetworkDown
+                    | io::ErrorKind::AddrNotAvailable
+            ) || is_name_resolution_failure(io_error)
+        }
+        _ => false,
+    }
+}
+
+/// `getaddrinfo` failures: the standard library reports them as an uncategorized error whose
+/// message starts with this text.
+fn is_name_resolution_failure(error: &io::Error) -> bool {
+    error
+        .to_string()
+        .starts_with("failed to lookup address information")
+}
+
 fn describe_transport_error(error: &ureq::Error) -> String {
     match error {
         ureq::Error::ConnectionFailed => "the connection failed".into(),
         ureq::Error::HostNotFound => "the host name does not resolve".into(),
+        ureq::Error::Io(io_error) if is_name_resolution_failure(io_error) => {
+            format!("the host name does not resolve ({io_error})")
+        }
         ureq::Error::Io(io_error) => io_error.to_string(),
         other => other.to_string(),
     }
@@ -2012,6 +2057,28 @@ mod tests {
         assert!(!allowed("busybox"));
         assert!(!allowed("ghcr.io/x"));
         assert!(!allowed("128.0.0.1/x"));
+    }
+
+    #[test]
+    fn only_a_registry_nothing_can_connect_to_fails_without_retries() {
+        let io = |kind: io::ErrorKind| ureq::Error::Io(io::Error::from(kind));
+        for kind in [
+            io::ErrorKind::ConnectionRefused,
+            io::ErrorKind::HostUnreachable,
+            io::ErrorKind::NetworkUnreachable,
+        ] {
+            assert!(no_route_to(&io(kind)), "{kind:?}");
+        }
+        assert!(no_route_to(&ureq::Error::HostNotFound));
+        let dns = io::Error::other(
+            "failed to lookup address information: Temporary failure in name resolution",
+        );
+        assert!(no_route_to(&ureq::Error::Io(dns)));
+        // A reset, a broken pipe or a timeout may pass: they keep their retries.
+        assert!(!no_route_to(&io(io::ErrorKind::ConnectionReset)));
+        assert!(!no_route_to(&io(io::ErrorKind::BrokenPipe)));
+        assert!(!no_route_to(&io(io::ErrorKind::TimedOut)));
+        assert!(!no_route_to(&ureq::Error::Timeout(ureq::Timeout::Connect)));
     }
 
     #[test]
