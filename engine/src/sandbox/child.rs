@@ -908,10 +908,11 @@ fn pid1(
     }
     if let Err(error) = nix::unistd::setgroups(&gids) {
         // A rootless build without subordinate ids denies setgroups in its user namespace
-        // (the kernel's rule for a single-id mapping): keep the groups when none are asked.
+        // (the kernel's rule for a single-id mapping), where no group but 0 exists anyway:
+        // the step keeps the invoking user's own groups (unmapped, so shown as nobody).
         let denied = error == nix::errno::Errno::EPERM
             && fs::read_to_string("/proc/self/setgroups").is_ok_and(|text| text.trim() == "deny");
-        if !(denied && gids.iter().all(|gid| gid.as_raw() == user.gid)) {
+        if !denied {
             return Err(step("set supplementary groups")(error));
         }
     }

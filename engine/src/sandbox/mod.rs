@@ -53,7 +53,7 @@
 //! is root ([`crate::rootless`]); the sandbox is the same inside it, its namespaces owned by
 //! that user namespace. Two differences: overlayfs is mounted with `userxattr` (and
 //! `redirect_dir=nofollow`, which `userxattr` requires), and a single-id mapping denies
-//! `setgroups`, which PID 1 then skips when the step asks for no supplementary group.
+//! `setgroups`, which PID 1 then skips (no group but 0 is mapped there).
 //!
 //! # Lifetime
 //!
