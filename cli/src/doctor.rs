@@ -19,13 +19,166 @@ pub fn probe_namespaces() -> ! {
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC;
-    match unshare(flags) {
+    if let Err(error) = unshare(flags) {
+        eprintln!("{error}");
+        std::process::exit(1)
+    }
+    // Then an overlay mount like a step's (with `userxattr` in a user namespace): exit 2 when
+    // the kernel refuses it.
+    match probe_overlay() {
         Ok(()) => std::process::exit(0),
         Err(error) => {
-            eprintln!("{error}");
-            std::process::exit(1)
+            eprintln!("overlayfs: {error}");
+            std::process::exit(2)
         }
     }
+}
+
+/// An overlay mount like a step's, with an opaque directory in its lower layer: on the
+/// store's filesystem when the store exists (its xattr support matters), else on a tmpfs.
+fn probe_overlay() -> Result<(), String> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|error| format!("make mounts private: {error}"))?;
+    let name = format!(".graphbuild-probe-{}", std::process::id());
+    let store = std::env::args_os()
+        .nth(2)
+        .map(std::path::PathBuf::from)
+        .filter(|store| store.is_dir());
+    let on_store = store.is_some();
+    let dir = match store {
+        Some(store) => store.join(name),
+        None => std::env::temp_dir().join(name),
+    };
+    std::fs::create_dir_all(&dir).map_err(|error| error.to_string())?;
+    let userns = graphbuild_engine::rootless::in_user_namespace();
+    let result = (|| {
+        if !on_store {
+            mount(
+                Some("tmpfs"),
+                &dir,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("size=1m"),
+            )
+            .map_err(|error| format!("mount tmpfs: {error}"))?;
+        }
+        for sub in ["l", "l/d", "u", "w", "m"] {
+            std::fs::create_dir(dir.join(sub)).map_err(|error| error.to_string())?;
+        }
+        let attribute = if userns {
+            "user.overlay.opaque"
+        } else {
+            "trusted.overlay.opaque"
+        };
+        xattr_set(&dir.join("l/d"), attribute).map_err(|error| {
+            format!(
+                "cannot set {attribute} on {}: {error}",
+                if on_store {
+                    "the store's filesystem"
+                } else {
+                    "a tmpfs"
+                }
+            )
+        })?;
+        let options = format!(
+            "lowerdir={0}/l,upperdir={0}/u,workdir={0}/w,index=off,metacopy=off,{1}",
+            dir.display(),
+            if userns {
+                "redirect_dir=nofollow,userxattr"
+            } else {
+                "redirect_dir=off"
+            }
+        );
+        mount(
+            Some("overlay"),
+            &dir.join("m"),
+            Some("overlay"),
+            MsFlags::MS_NODEV,
+            Some(options.as_str()),
+        )
+        .map_err(|error| error.to_string())?;
+        let _ = umount2(&dir.join("m"), MntFlags::MNT_DETACH);
+        Ok(())
+    })();
+    if on_store {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        let _ = umount2(&dir, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&dir);
+    }
+    result
+}
+
+fn xattr_set(path: &Path, name: &str) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let name = std::ffi::CString::new(name)?;
+    // SAFETY: NUL-terminated strings and a one-byte value that outlive the call.
+    let result =
+        unsafe { libc::lsetxattr(path.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Rootless: who we are on the host and which ids the user namespace maps.
+fn rootless_checks(checks: &mut Vec<Check>) {
+    use graphbuild_engine::rootless;
+    let Some((uid, _gid, subid)) = rootless::host_user() else {
+        if rootless::in_user_namespace() {
+            checks.push(check(
+                true,
+                false,
+                "running in a user namespace made by someone else (a container?): ownership \
+                 is limited to the ids it maps",
+                None,
+            ));
+        }
+        // As root in the initial namespace: builds use the host's ids, nothing to say.
+        return;
+    };
+    let plan_user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|user| user.name)
+        .unwrap_or_else(|| uid.to_string());
+    let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let mapped: u64 = map
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum();
+    checks.push(check(
+        subid,
+        false,
+        if subid {
+            format!(
+                "rootless: user `{plan_user}` (uid {uid}) is root of a user namespace mapping \
+                 {mapped} ids (newuidmap/newgidmap, /etc/subuid and /etc/subgid): layers with \
+                 any owner build"
+            )
+        } else {
+            format!(
+                "rootless: user `{plan_user}` (uid {uid}) is root of a user namespace mapping \
+                 only itself: images whose files all belong to root build, others fail"
+            )
+        },
+        (!subid).then(|| {
+            format!(
+                "as root: `apt-get install uidmap`, and give `{plan_user}` a range no one else \
+                 has: {}",
+                rootless::add_range_command(&plan_user)
+            )
+        }),
+    ));
 }
 
 pub fn binfmt_dir() -> PathBuf {
@@ -235,26 +388,37 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> E
             .collect();
     }
     if fix {
-        if nix::unistd::geteuid().is_root() {
+        if nix::unistd::geteuid().is_root() && !graphbuild_engine::rootless::in_user_namespace() {
             for line in fix_emulation(&dir, &platforms) {
                 println!("fix: {line}");
             }
         } else {
-            println!("fix: skipped, `graphbuild doctor --fix` must run as root");
+            println!(
+                "fix: skipped, `graphbuild doctor --fix` must run as root (binfmt handlers are \
+                 registered once per boot for every user)"
+            );
         }
     }
 
     let mut checks = Vec::new();
-    let probe = std::env::current_exe()
-        .ok()
-        .and_then(|exe| std::process::Command::new(exe).arg(PROBE_ARG).output().ok());
-    let namespaces = probe.as_ref().is_some_and(|output| output.status.success());
+    let root = cache_dir.unwrap_or_else(Store::default_root);
+    let probe = std::env::current_exe().ok().and_then(|exe| {
+        std::process::Command::new(exe)
+            .arg(PROBE_ARG)
+            .arg(&root)
+            .output()
+            .ok()
+    });
+    rootless_checks(&mut checks);
+    let code = probe.as_ref().and_then(|output| output.status.code());
+    let namespaces = matches!(code, Some(0 | 2));
     checks.push(check(
         namespaces,
         true,
         "kernel namespaces (mount, pid, uts, ipc) can be created",
         (!namespaces).then(|| {
             let reason = probe
+                .as_ref()
                 .map(|output| String::from_utf8_lossy(&output.stderr).trim().to_string())
                 .unwrap_or_default();
             format!(
@@ -269,11 +433,34 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> E
     ));
     let overlay = std::fs::read_to_string("/proc/filesystems")
         .is_ok_and(|filesystems| filesystems.contains("overlay"));
+    let userns = graphbuild_engine::rootless::in_user_namespace();
+    let mounts = code == Some(0);
     checks.push(check(
-        overlay,
+        overlay && (mounts || !namespaces),
         true,
-        "overlayfs is available",
-        (!overlay).then(|| "load it with `modprobe overlay`".to_string()),
+        if userns {
+            "overlayfs mounts natively in the user namespace (kernel ≥ 5.11, userxattr)"
+        } else {
+            "overlayfs is available"
+        },
+        (!overlay || (namespaces && !mounts)).then(|| {
+            let said = probe
+                .as_ref()
+                .map(|output| String::from_utf8_lossy(&output.stderr).trim().to_string())
+                .unwrap_or_default();
+            if !overlay {
+                "load it with `modprobe overlay`".to_string()
+            } else if userns {
+                format!(
+                    "the kernel refuses overlayfs in a user namespace here ({said}): it needs \
+                     Linux ≥ 5.11 and user xattrs on the store's filesystem (choose another \
+                     with --cache-dir); graphbuild has no fuse-overlayfs fallback yet, so \
+                     build as root"
+                )
+            } else {
+                format!("the kernel refused an overlay mount: {said}")
+            }
+        }),
     ));
     containment_checks(&mut checks, &platforms);
     let mounted = binfmt::binfmt_mounted(&dir);
@@ -311,7 +498,6 @@ pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> E
             }
         }
     }
-    let root = cache_dir.unwrap_or_else(Store::default_root);
     let store = Store::open(&root);
     checks.push(check(
         store.is_ok(),

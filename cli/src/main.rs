@@ -340,6 +340,26 @@ enum CacheCommand {
     },
 }
 
+impl Command {
+    /// Commands that unpack layers, run steps or touch the store: a non-root user runs them
+    /// in a user namespace where it is root.
+    fn needs_root(&self) -> bool {
+        matches!(
+            self,
+            Command::Run(_)
+                | Command::Plan(_)
+                | Command::Verify { .. }
+                | Command::Lock { .. }
+                | Command::Doctor { .. }
+                | Command::Cache(
+                    CacheCommand::Du { .. }
+                        | CacheCommand::Prune { .. }
+                        | CacheCommand::Verify { .. }
+                )
+        )
+    }
+}
+
 fn main() -> ExitCode {
     // The sandbox child: must run before anything starts a thread.
     if std::env::args_os().nth(1).as_deref()
@@ -363,6 +383,13 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // An ordinary user builds in a user namespace of its own (docs/security.md, Rootless).
+    if cli.command.needs_root()
+        && !nix::unistd::geteuid().is_root()
+        && !graphbuild_engine::rootless::in_user_namespace()
+    {
+        return commands::rootless_reexec();
+    }
     let code = match cli.command {
         Command::Run(args) => commands::run(args),
         Command::Plan(args) => commands::plan(args),

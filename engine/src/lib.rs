@@ -22,6 +22,7 @@ pub mod reference;
 pub mod registry;
 pub mod remote;
 pub mod resolve;
+pub mod rootless;
 pub mod sandbox;
 pub mod scheduler;
 pub mod state;

@@ -249,6 +249,17 @@ pub enum UnpackError {
         source: io::Error,
     },
 
+    #[error(
+        "layer entry `{entry}` is owned by uid {uid} gid {gid}, which this rootless build's user namespace does not map; {help}"
+    )]
+    #[diagnostic(code(graphbuild::unpack::unmapped_owner))]
+    UnmappedOwner {
+        entry: String,
+        uid: u64,
+        gid: u64,
+        help: String,
+    },
+
     #[error("layer entry `{entry}` is a whiteout, and creating overlay whiteouts needs root")]
     #[diagnostic(
         code(graphbuild::unpack::needs_root),
@@ -660,6 +671,10 @@ fn finish_check<R: Read>(
 
 fn extract(stream: impl Read, dest: &Path, max_bytes: u64) -> Result<UnpackStats, UnpackError> {
     let root = is_root();
+    // Root of a user namespace (a rootless build): owners can be set within the mapped ids,
+    // but opaque markers are `user.overlay.*` (mounts use `userxattr`) and device nodes
+    // cannot be created.
+    let userns = root && crate::rootless::in_user_namespace();
     fs::create_dir_all(dest).map_err(io_error(b"", "create directory", dest))?;
     let mut archive = tar::Archive::new(stream);
     let mut stats = UnpackStats::default();
@@ -693,7 +708,7 @@ fn extract(stream: impl Read, dest: &Path, max_bytes: u64) -> Result<UnpackStats
         // Whiteouts.
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
             if *name == OPAQUE_MARKER.as_bytes() {
-                let attribute: &[u8] = if root {
+                let attribute: &[u8] = if root && !userns {
                     b"trusted.overlay.opaque"
                 } else {
                     b"user.overlay.opaque"
@@ -836,7 +851,7 @@ fn extract(stream: impl Read, dest: &Path, max_bytes: u64) -> Result<UnpackStats
                 apply_metadata = false;
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                if !root {
+                if !root || (userns && entry_type != tar::EntryType::Fifo) {
                     stats.skipped_devices += 1;
                     continue;
                 }
@@ -867,11 +882,8 @@ fn extract(stream: impl Read, dest: &Path, max_bytes: u64) -> Result<UnpackStats
         if apply_metadata {
             let is_symlink = entry_type == tar::EntryType::Symlink;
             if root {
-                lchown(&full_path, metadata.uid, metadata.gid).map_err(io_error(
-                    entry_name,
-                    "change the owner of",
-                    &full_path,
-                ))?;
+                lchown(&full_path, metadata.uid, metadata.gid)
+                    .map_err(chown_error(entry_name, &full_path, &metadata))?;
             }
             if !is_symlink {
                 fs::set_permissions(&full_path, fs::Permissions::from_mode(metadata.mode))
@@ -898,11 +910,8 @@ fn extract(stream: impl Read, dest: &Path, max_bytes: u64) -> Result<UnpackStats
             continue;
         };
         if root {
-            lchown(&path, metadata.uid, metadata.gid).map_err(io_error(
-                &joined,
-                "change the owner of",
-                &path,
-            ))?;
+            lchown(&path, metadata.uid, metadata.gid)
+                .map_err(chown_error(&joined, &path, &metadata))?;
         }
         fs::set_permissions(&path, fs::Permissions::from_mode(metadata.mode)).map_err(io_error(
             &joined,
@@ -912,6 +921,26 @@ fn extract(stream: impl Read, dest: &Path, max_bytes: u64) -> Result<UnpackStats
         set_times(&path, &metadata.mtime).map_err(io_error(&joined, "set the times of", &path))?;
     }
     Ok(stats)
+}
+
+/// A failed `lchown`: in a user namespace, EINVAL means the owner is not mapped.
+fn chown_error<'a>(
+    entry: &'a [u8],
+    path: &'a Path,
+    metadata: &'a EntryMetadata,
+) -> impl FnOnce(io::Error) -> UnpackError + 'a {
+    move |source| {
+        if source.raw_os_error() == Some(libc::EINVAL) && crate::rootless::in_user_namespace() {
+            UnpackError::UnmappedOwner {
+                entry: lossy(entry),
+                uid: metadata.uid,
+                gid: metadata.gid,
+                help: crate::rootless::chown_error_help(),
+            }
+        } else {
+            io_error(entry, "change the owner of", path)(source)
+        }
+    }
 }
 
 fn lchown(path: &Path, uid: u64, gid: u64) -> io::Result<()> {

@@ -6,7 +6,7 @@ mod run;
 
 pub use cache::{cache_du, cache_prune, cache_serve, cache_verify};
 pub use plan_cmd::plan;
-pub use run::{run, verify};
+pub use run::{rootless_reexec, run, verify};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

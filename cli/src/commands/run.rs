@@ -56,11 +56,40 @@ pub(super) fn parse_secrets(specs: &[String]) -> Result<HashMap<String, SecretVa
 /// The check made once the cache is consulted and before anything executes: the nodes that
 /// will run need root (namespaces, overlayfs) and, for foreign platforms with `run` steps, a
 /// qemu-user handler. A fully cached build needs neither. The message is printed as is.
+/// Re-run this command in a user namespace where the invoking (non-root) user is root; the
+/// exit code is the namespaced run's own.
+pub fn rootless_reexec() -> std::process::ExitCode {
+    let plan = graphbuild_engine::rootless::Plan::for_current_user();
+    if !plan.maps_subordinate_ids() {
+        let missing = if plan.subuid.is_none() || plan.subgid.is_none() {
+            format!(
+                "/etc/subuid and /etc/subgid have no range for user `{}`",
+                plan.user
+            )
+        } else {
+            "newuidmap/newgidmap are missing (package uidmap)".to_string()
+        };
+        eprintln!(
+            "note: rootless build with only your uid mapped ({missing}): images whose files \
+             all belong to root build; others fail naming the file"
+        );
+    }
+    match graphbuild_engine::rootless::reexec(&plan) {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(message) => {
+            render::error(&format!("cannot start a rootless build: {message}"), &[]);
+            ExitStatus::Environment.into()
+        }
+    }
+}
+
 pub(super) fn preflight(nodes: &[&graphbuild_engine::plan::Node]) -> Result<(), String> {
     let host = Platform::host();
     if !nodes.is_empty() && !nix::unistd::geteuid().is_root() {
-        return Err("error: graphbuild runs build steps in Linux namespaces on overlayfs, which needs root\n\
-             hint: run it as root (for example with sudo -E); rootless builds are not supported yet"
+        return Err("error: graphbuild runs build steps in Linux namespaces on overlayfs, which needs root, \
+             or root of a user namespace\n\
+             hint: run it as root, or as an ordinary user outside any user namespace (graphbuild \
+             then makes its own: see the Rootless section of docs/security.md)"
             .to_string());
     }
     let mut missing: Vec<(Platform, String)> = Vec::new();

@@ -66,6 +66,11 @@ fn no_copy_handler(_: &Path, _: &serde_json::Value) -> Result<(), String> {
 
 /// [`child_main`] with a handler for [`Task::Copy`]. Never returns.
 pub fn child_main_with(copy_handler: CopyHandler) -> ! {
+    // Read the host's /etc/passwd and /etc/subuid for rootless error messages while they are
+    // still the host's (before pivot_root).
+    if crate::rootless::in_user_namespace() {
+        let _ = crate::rootless::chown_error_help();
+    }
     let report = match supervise(copy_handler) {
         Ok(report) => report,
         Err(failure) => failure.into_report(),
@@ -321,7 +326,7 @@ impl ScratchLayout {
             &self.empty
         } else {
             layers.push("empty".to_string());
-            let options = format!("lowerdir={}", layers.join(":"));
+            let options = format!("lowerdir={}{}", layers.join(":"), userxattr());
             mount(
                 Some("overlay"),
                 "probe",
@@ -416,9 +421,17 @@ impl ScratchLayout {
         let mut lowers = vec!["synthetic".to_string()];
         lowers.extend(Self::lower_links(spec));
         // Layers must stay portable: no index, no redirects, no metadata-only copy-ups.
+        // In a user namespace `redirect_dir=off` (create none, follow) conflicts with
+        // `userxattr`; `nofollow` creates none either.
         let options = format!(
-            "lowerdir={},upperdir=u,workdir=w,index=off,redirect_dir=off,metacopy=off",
-            lowers.join(":")
+            "lowerdir={},upperdir=u,workdir=w,index=off,redirect_dir={},metacopy=off{}",
+            lowers.join(":"),
+            if userxattr().is_empty() {
+                "off"
+            } else {
+                "nofollow"
+            },
+            userxattr()
         );
         // nodev: device nodes in the image are data, never a way to the host's devices.
         mount(
@@ -893,9 +906,18 @@ fn pid1(
         confine::limit_bounding_set().map_err(step("drop capabilities"))?;
         confine::install(filters).map_err(step("install the seccomp filter"))?;
     }
-    nix::unistd::setgroups(&gids).map_err(step("set supplementary groups"))?;
-    nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(step("set the group id"))?;
-    nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(step("set the user id"))?;
+    if let Err(error) = nix::unistd::setgroups(&gids) {
+        // A rootless build without subordinate ids denies setgroups in its user namespace
+        // (the kernel's rule for a single-id mapping), where no group but 0 exists anyway:
+        // the step keeps the invoking user's own groups (unmapped, so shown as nobody).
+        let denied = error == nix::errno::Errno::EPERM
+            && fs::read_to_string("/proc/self/setgroups").is_ok_and(|text| text.trim() == "deny");
+        if !denied {
+            return Err(step("set supplementary groups")(error));
+        }
+    }
+    nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(unmapped("group", user.gid))?;
+    nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(unmapped("user", user.uid))?;
     if filters.is_some() {
         confine::set_process_capabilities(user.uid == 0).map_err(step("drop capabilities"))?;
     }
@@ -939,6 +961,34 @@ fn pid1(
         "exec the command",
         format!("exec {}: {}{hint}", program.display(), error.desc()),
     ))
+}
+
+/// setuid/setgid failed: EINVAL in a user namespace means the id is not mapped.
+fn unmapped(what: &'static str, id: u32) -> impl FnOnce(nix::errno::Errno) -> Failure {
+    move |error| {
+        let name = format!("set the {what} id");
+        if error == nix::errno::Errno::EINVAL && crate::rootless::in_user_namespace() {
+            Failure::new(
+                name,
+                format!(
+                    "{what} id {id} is not mapped in this rootless build's user namespace; {}",
+                    crate::rootless::chown_error_help()
+                ),
+            )
+        } else {
+            Failure::new(name, error)
+        }
+    }
+}
+
+/// In a user namespace (a rootless build) overlayfs keeps its attributes in `user.overlay.*`:
+/// `trusted.*` needs root in the initial namespace (see [`crate::rootless`]).
+fn userxattr() -> &'static str {
+    if crate::rootless::in_user_namespace() {
+        ",userxattr"
+    } else {
+        ""
+    }
 }
 
 /// A minimal /dev: a tmpfs with the host's harmless device nodes bind-mounted, the usual

@@ -47,6 +47,14 @@
 //! the step reaches its process limit or its timeout ([`ExitStatusKind::ProcessLimit`],
 //! [`ExitStatusKind::TimedOut`]). [`RunTask::insecure`] skips the capabilities and filters.
 //!
+//! # Rootless
+//!
+//! Run by an ordinary user, the whole engine already runs in a user namespace where that user
+//! is root ([`crate::rootless`]); the sandbox is the same inside it, its namespaces owned by
+//! that user namespace. Two differences: overlayfs is mounted with `userxattr` (and
+//! `redirect_dir=nofollow`, which `userxattr` requires), and a single-id mapping denies
+//! `setgroups`, which PID 1 then skips (no group but 0 is mapped there).
+//!
 //! # Lifetime
 //!
 //! The supervisor dies with the engine (`PR_SET_PDEATHSIG(SIGKILL)`, set before exec), PID 1
