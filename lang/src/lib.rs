@@ -19,6 +19,7 @@
 //! ```
 
 pub mod code;
+pub mod dockerfile;
 pub mod ir;
 pub mod limits;
 pub mod load;

@@ -164,7 +164,7 @@ struct Loader {
     template_stages: Vec<(Stage, usize)>,
 }
 
-fn did_you_mean<'a>(
+pub(crate) fn did_you_mean<'a>(
     written: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {

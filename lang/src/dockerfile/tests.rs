@@ -1,0 +1,166 @@
+use super::*;
+
+fn load(text: &str) -> Result<Project, Diagnostics> {
+    load_source(
+        "Dockerfile",
+        text,
+        Path::new("."),
+        &Options {
+            image: "image".into(),
+            ..Options::default()
+        },
+    )
+}
+
+fn codes(text: &str) -> Vec<(Code, String)> {
+    let diagnostics = load(text).expect_err("errors");
+    diagnostics
+        .0
+        .iter()
+        .map(|diagnostic| {
+            (
+                diagnostic.code,
+                diagnostic
+                    .location
+                    .map(|loc| diagnostic_line(text, loc.span.offset()))
+                    .unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn diagnostic_line(text: &str, offset: usize) -> String {
+    format!("line {}", text[..offset].matches('\n').count() + 1)
+}
+
+#[test]
+fn a_multi_stage_dockerfile_lowers_to_stages_and_one_image() {
+    let project = load(
+        r#"# syntax=docker/dockerfile:1
+ARG BASE=alpine:3.20
+FROM --platform=$BUILDPLATFORM $BASE AS build
+ARG TARGETARCH
+ENV A=1 B="two words" C='$NOT'
+ENV LEGACY value with spaces
+RUN --mount=type=cache,target=/root/.cache,id=c \
+    --mount=type=secret,id=tok,target=/tok \
+    --network=none \
+    echo $TARGETARCH > /arch
+RUN ["echo", "exec"]
+RUN <<EOF
+echo one
+echo two
+EOF
+FROM scratch
+COPY --from=build --chown=1:2 --chmod=0755 /arch /a/
+ADD local.txt /b
+LABEL "org.x"="y z" k=v
+MAINTAINER Jane <jane@example.com>
+EXPOSE 80 53/udp
+WORKDIR /app
+USER 65532
+VOLUME ["/data"]
+ENTRYPOINT ["/a"]
+CMD echo $HOME
+SHELL ["/bin/sh", "-c"]
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --retries=3 CMD true
+"#,
+    )
+    .expect("loads");
+    assert_eq!(project.args[0].name, "BASE");
+    assert_eq!(project.stages.len(), 2);
+    let build = &project.stages[0];
+    assert_eq!(build.name, "build");
+    assert!(matches!(build.platform, Some(PlatformSpec::Dynamic(_))));
+    let StepKind::Env(env) = &build.steps[1].kind else {
+        panic!("env")
+    };
+    let values: Vec<(&str, &str)> = env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.raw.as_str()))
+        .collect();
+    assert_eq!(values, [("A", "1"), ("B", "two words"), ("C", "\\$NOT")]);
+    let StepKind::Env(legacy) = &build.steps[2].kind else {
+        panic!("legacy env")
+    };
+    assert_eq!(legacy[0].1.raw, "value with spaces");
+    let StepKind::Run(run) = &build.steps[3].kind else {
+        panic!("run")
+    };
+    assert_eq!(run.network, Network::None);
+    assert_eq!(run.cache_mounts[0].target.raw, "/root/.cache");
+    assert_eq!(run.secrets[0].id, "tok");
+    assert!(!run.secrets[0].required);
+    let Command::Shell(command) = &run.command else {
+        panic!("shell form")
+    };
+    assert_eq!(command.raw, "echo $TARGETARCH > /arch");
+    let StepKind::Run(heredoc) = &build.steps[5].kind else {
+        panic!("heredoc run")
+    };
+    let Command::Shell(script) = &heredoc.command else {
+        panic!("shell")
+    };
+    assert_eq!(script.raw, "echo one\necho two\n");
+    let runtime = &project.stages[1];
+    assert!(matches!(runtime.from.source, FromSource::Scratch));
+    let StepKind::Copy(copy) = &runtime.steps[0].kind else {
+        panic!("copy")
+    };
+    assert!(matches!(&copy.from, Some(CopyFrom::Stage(name, _)) if name == "build"));
+    assert_eq!(copy.chmod.as_ref().map(|t| t.raw.as_str()), Some("0755"));
+    let StepKind::Label(labels) = &runtime.steps[3].kind else {
+        panic!("maintainer")
+    };
+    assert_eq!(labels[0].0, "maintainer");
+    assert_eq!(project.images[0].stage, "1");
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_line() {
+    let found = codes(
+        "FROM alpine AS a\nFORM x\nONBUILD RUN x\nADD https://example.com/x /x\nADD a.tar.gz /x\nRUN --mount=type=bind,target=/x true\nCOPY --chmod=999 a b\nCOPY onlyone\nFROM alpine AS A\n",
+    );
+    let expected = [
+        (Code::DockerfileUnknownInstruction, "line 2"),
+        (Code::DockerfileUnsupported, "line 3"),
+        (Code::DockerfileUnsupported, "line 4"),
+        (Code::DockerfileUnsupported, "line 5"),
+        (Code::DockerfileUnsupported, "line 6"),
+        (Code::CopyChmod, "line 7"),
+        (Code::CopyArguments, "line 8"),
+        (Code::DuplicateStage, "line 9"),
+    ];
+    let found: Vec<(Code, &str)> = found.iter().map(|(c, l)| (*c, l.as_str())).collect();
+    assert_eq!(found, expected);
+}
+
+#[test]
+fn escape_directive_and_unknown_target() {
+    let project = load("# escape=`\nFROM alpine\nRUN echo a `\n  b\n").expect("loads");
+    let StepKind::Run(run) = &project.stages[0].steps[0].kind else {
+        panic!("run")
+    };
+    let Command::Shell(command) = &run.command else {
+        panic!("shell")
+    };
+    assert_eq!(command.raw, "echo a   b");
+    let error = load_source(
+        "Dockerfile",
+        "FROM alpine AS build\n",
+        Path::new("."),
+        &Options {
+            target: Some("biuld".into()),
+            ..Options::default()
+        },
+    )
+    .expect_err("unknown target");
+    assert_eq!(error.0[0].code, Code::DockerfileTarget);
+    assert!(codes("RUN x\n")[0].0 == Code::DockerfileNoStage);
+    assert!(
+        codes("")
+            .iter()
+            .any(|(code, _)| *code == Code::DockerfileNoStage)
+    );
+}
