@@ -69,6 +69,11 @@ enum Command {
         after_help = "Examples:\n  graphbuild run images.kdl\n  graphbuild run images.kdl app --platform linux/amd64 --output out/\n  graphbuild run images.kdl --arg APP_VERSION=2.0 --progress plain"
     )]
     Run(RunArgs),
+    /// Build a Dockerfile, with the flags of `docker buildx build`
+    #[command(
+        after_help = "Examples:\n  graphbuild build --platform linux/amd64,linux/arm64 -t user/app:1.0 --push .\n  graphbuild build -f docker/Dockerfile --target runtime --build-arg VERSION=2 .\n  graphbuild build -o type=oci,dest=out/app ."
+    )]
+    Build(Box<commands::BuildArgs>),
     /// Show the graph: nodes, keys, what is cached, and each image's platforms; runs nothing
     #[command(
         after_help = "Examples:\n  graphbuild plan images.kdl\n  graphbuild plan images.kdl --explain\n  graphbuild plan images.kdl --format json\n  graphbuild plan images.kdl --format dot | dot -Tsvg > graph.svg"
@@ -347,6 +352,7 @@ impl Command {
         matches!(
             self,
             Command::Run(_)
+                | Command::Build(_)
                 | Command::Plan(_)
                 | Command::Verify { .. }
                 | Command::Lock { .. }
@@ -392,6 +398,7 @@ fn main() -> ExitCode {
     }
     let code = match cli.command {
         Command::Run(args) => commands::run(args),
+        Command::Build(args) => commands::build(*args),
         Command::Plan(args) => commands::plan(args),
         Command::Verify { inputs } => commands::verify(inputs),
         Command::Lock { select } => commands::lock(select),

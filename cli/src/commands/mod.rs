@@ -1,9 +1,11 @@
 //! The commands: thin glue between arguments, the language, the engine and the renderers.
 
+mod build;
 mod cache;
 mod plan_cmd;
 mod run;
 
+pub use build::{BuildArgs, build};
 pub use cache::{cache_du, cache_prune, cache_serve, cache_verify};
 pub use plan_cmd::plan;
 pub use run::{rootless_reexec, run, verify};
@@ -40,6 +42,16 @@ pub(super) fn load(
             return Err(ExitStatus::InvalidInput);
         }
     };
+    expand(project, select, store, resolver)
+}
+
+/// Expands a loaded project (KDL or Dockerfile) with the selection's args and platforms.
+pub(super) fn expand(
+    project: Project,
+    select: &SelectArgs,
+    store: Option<&Store>,
+    resolver: &DefaultResolver,
+) -> Result<Loaded, ExitStatus> {
     for warning in &project.warnings {
         render::diagnostic(warning);
     }

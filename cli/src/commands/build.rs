@@ -1,0 +1,487 @@
+//! `graphbuild build`: a Dockerfile with the command line of `docker buildx build`. The
+//! Dockerfile becomes the same IR as a KDL file (lang::dockerfile), then builds like `run`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use graphbuild_lang::dockerfile;
+
+use crate::progress::Progress;
+use crate::render;
+use crate::{BuildInputArgs, CompressionArg, ExitStatus, FormatArg, ProgressMode, SelectArgs};
+
+use super::run::{
+    build_settings, cancel_on_signals, execute, refuse_unavailable_layers, remote_options,
+    report_failures,
+};
+use super::*;
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BuildProgress {
+    Auto,
+    Plain,
+    Tty,
+    Json,
+    Quiet,
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// The build context: a directory
+    pub context: PathBuf,
+    /// The Dockerfile (default: CONTEXT/Dockerfile)
+    #[arg(long, short = 'f', value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// Platforms to build, comma-separated or repeated (default: this machine's)
+    #[arg(long = "platform", value_name = "OS/ARCH[,…]")]
+    pub platforms: Vec<String>,
+    /// A name for the image, REGISTRY/REPO:TAG (repeatable); the first names the output
+    #[arg(long = "tag", short = 't', value_name = "NAME:TAG")]
+    pub tags: Vec<String>,
+    /// Push every tag after building (as -o type=registry)
+    #[arg(long)]
+    pub push: bool,
+    /// The stage to build (default: the last)
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+    /// Set a build arg (repeatable)
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// A secret for RUN --mount=type=secret: id=ID,src=PATH or id=ID,env=VAR (repeatable)
+    #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
+    pub secrets: Vec<String>,
+    #[command(flatten)]
+    pub cache: crate::RemoteCacheArgs,
+    /// Execute every step (results are still recorded)
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Resolve base image tags afresh instead of using graphbuild.lock
+    #[arg(long)]
+    pub pull: bool,
+    /// How progress is shown
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: BuildProgress,
+    /// Print only errors and the final digest
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// type=oci,dest=DIR (an OCI layout directory) or type=registry (push)
+    #[arg(long, short, value_name = "type=oci,dest=DIR|type=registry")]
+    pub output: Vec<String>,
+    /// Write the image's digest and names as JSON to FILE
+    #[arg(long, value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
+    /// The local store (default: $XDG_CACHE_HOME/graphbuild)
+    #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Allow plain HTTP to this registry (HOST[:PORT]; localhost and 127.0.0.0/8 always are)
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+    /// Clamp file times and set `created` to this Unix time
+    #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
+    pub source_date_epoch: i64,
+
+    // `docker buildx build` flags graphbuild does not support: refused by name, not ignored.
+    #[arg(long, hide = true)]
+    pub load: bool,
+    #[arg(long, hide = true)]
+    pub check: bool,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub provenance: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub sbom: Option<String>,
+    #[arg(long, hide = true)]
+    pub builder: Vec<String>,
+    #[arg(long, hide = true)]
+    pub ssh: Vec<String>,
+    #[arg(long, hide = true)]
+    pub add_host: Vec<String>,
+    #[arg(long, hide = true)]
+    pub allow: Vec<String>,
+    #[arg(long, hide = true)]
+    pub annotation: Vec<String>,
+    #[arg(long, hide = true)]
+    pub attest: Vec<String>,
+    #[arg(long, hide = true)]
+    pub label: Vec<String>,
+    #[arg(long, hide = true)]
+    pub network: Vec<String>,
+    #[arg(long, hide = true)]
+    pub shm_size: Vec<String>,
+    #[arg(long, hide = true)]
+    pub ulimit: Vec<String>,
+    #[arg(long, hide = true)]
+    pub iidfile: Vec<String>,
+    #[arg(long, hide = true)]
+    pub cgroup_parent: Vec<String>,
+    #[arg(long, hide = true)]
+    pub build_context: Vec<String>,
+    #[arg(long, hide = true)]
+    pub call: Vec<String>,
+    #[arg(long, hide = true)]
+    pub no_cache_filter: Vec<String>,
+}
+
+/// The first unsupported buildx flag given, with why.
+fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
+    let attestation = |value: &Option<String>| {
+        value
+            .as_deref()
+            .is_some_and(|value| !matches!(value, "false" | "0"))
+    };
+    let checks: [(bool, &str, &'static str); 19] = [
+        (
+            args.load,
+            "--load",
+            "there is no Docker daemon to load into: the image is an OCI layout under ./graphbuild-out (copy it with `skopeo copy oci:DIR:TAG docker-daemon:NAME:TAG`), or --push it",
+        ),
+        (
+            args.check,
+            "--check",
+            "graphbuild has no Dockerfile linter; `graphbuild plan` shows what would be built",
+        ),
+        (
+            attestation(&args.provenance),
+            "--provenance",
+            "graphbuild writes no attestations (--provenance=false is accepted)",
+        ),
+        (
+            attestation(&args.sbom),
+            "--sbom",
+            "graphbuild writes no attestations (--sbom=false is accepted)",
+        ),
+        (
+            !args.builder.is_empty(),
+            "--builder",
+            "graphbuild is its own builder",
+        ),
+        (!args.ssh.is_empty(), "--ssh", "not supported yet"),
+        (!args.add_host.is_empty(), "--add-host", "not supported yet"),
+        (
+            !args.allow.is_empty(),
+            "--allow",
+            "write RUN --security=insecure; no entitlement is needed",
+        ),
+        (
+            !args.annotation.is_empty(),
+            "--annotation",
+            "not supported yet",
+        ),
+        (
+            !args.attest.is_empty(),
+            "--attest",
+            "graphbuild writes no attestations",
+        ),
+        (
+            !args.label.is_empty(),
+            "--label",
+            "not supported yet: write LABEL in the Dockerfile",
+        ),
+        (
+            !args.network.is_empty(),
+            "--network",
+            "not supported yet: write RUN --network=none|host per step",
+        ),
+        (!args.shm_size.is_empty(), "--shm-size", "not supported yet"),
+        (!args.ulimit.is_empty(), "--ulimit", "not supported yet"),
+        (
+            !args.iidfile.is_empty(),
+            "--iidfile",
+            "not supported yet: --metadata-file records the digest",
+        ),
+        (
+            !args.cgroup_parent.is_empty(),
+            "--cgroup-parent",
+            "not supported yet",
+        ),
+        (
+            !args.build_context.is_empty(),
+            "--build-context",
+            "not supported yet",
+        ),
+        (!args.call.is_empty(), "--call", "not supported yet"),
+        (
+            !args.no_cache_filter.is_empty(),
+            "--no-cache-filter",
+            "not supported yet: --no-cache reruns every step",
+        ),
+    ];
+    checks
+        .into_iter()
+        .find(|(given, _, _)| *given)
+        .map(|(_, flag, why)| (flag.to_string(), why))
+}
+
+/// Where `-o` sends the image: (an OCI layout directory, push).
+fn outputs(specs: &[String]) -> Result<(Option<String>, bool), String> {
+    let mut dest = None;
+    let mut push = false;
+    for spec in specs {
+        let fields: Vec<(&str, &str)> = spec
+            .split(',')
+            .map(|part| part.split_once('=').unwrap_or((part, "")))
+            .collect();
+        let get = |key: &str| {
+            fields
+                .iter()
+                .find(|(name, _)| *name == key)
+                .map(|(_, value)| *value)
+        };
+        let supported = "graphbuild supports -o type=oci,dest=DIR (an OCI layout directory) and -o type=registry (the same as --push)";
+        match get("type") {
+            Some("oci") => {
+                if let Some((key, _)) = fields
+                    .iter()
+                    .find(|(key, _)| !matches!(*key, "type" | "dest" | "tar"))
+                {
+                    return Err(format!("-o {spec}: `{key}` is not supported; {supported}"));
+                }
+                if get("tar").is_some_and(|tar| tar != "false") {
+                    return Err(format!(
+                        "-o {spec}: graphbuild writes an OCI layout directory, not a tarball; {supported}"
+                    ));
+                }
+                match get("dest") {
+                    Some(dir) if !dir.is_empty() && dir != "-" => dest = Some(dir.to_string()),
+                    _ => return Err(format!("-o {spec}: needs dest=DIR; {supported}")),
+                }
+            }
+            Some("registry") => {
+                if let Some((key, _)) = fields.iter().find(|(key, _)| *key != "type") {
+                    return Err(format!(
+                        "-o {spec}: `{key}` is not supported; the image is pushed to its -t tags. {supported}"
+                    ));
+                }
+                push = true;
+            }
+            Some(other) => {
+                return Err(format!(
+                    "-o {spec}: the exporter `{other}` is not supported; {supported}"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "-o {spec}: graphbuild needs the type=… form; {supported}"
+                ));
+            }
+        }
+    }
+    Ok((dest, push))
+}
+
+/// The image's name: the repository's last part of the first tag (`user/app:1.0` → `app`).
+fn image_name(tags: &[String]) -> String {
+    let Some(tag) = tags.first() else {
+        return "image".into();
+    };
+    let without_digest = tag.split('@').next().unwrap_or(tag);
+    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+    let name = last.split(':').next().unwrap_or(last);
+    if name.is_empty() {
+        "image".into()
+    } else {
+        name.to_string()
+    }
+}
+
+pub fn build(args: BuildArgs) -> ExitStatus {
+    if let Some((flag, why)) = unsupported(&args) {
+        render::error(
+            &format!("graphbuild build does not support `{flag}`"),
+            &[why],
+        );
+        return ExitStatus::InvalidInput;
+    }
+    let (dest, push_output) = match outputs(&args.output) {
+        Ok(outputs) => outputs,
+        Err(message) => {
+            render::error(&message, &[]);
+            return ExitStatus::InvalidInput;
+        }
+    };
+    for spec in [&args.cache.cache_from, &args.cache.cache_to]
+        .into_iter()
+        .flatten()
+    {
+        if spec.starts_with("type=") {
+            render::error(
+                &format!("`{spec}`: graphbuild's --cache-from/--cache-to take a team cache URL"),
+                &[
+                    "write http://HOST:PORT[/INSTANCE] of a `graphbuild cache serve` (docs/cache-server.md); graphbuild has no registry or gha cache",
+                ],
+            );
+            return ExitStatus::InvalidInput;
+        }
+    }
+    if !args.context.is_dir() {
+        render::error(
+            &format!(
+                "the build context `{}` is not a directory",
+                args.context.display()
+            ),
+            &["pass a directory, usually `.`; URLs and `-` are not supported"],
+        );
+        return ExitStatus::InvalidInput;
+    }
+    let push = args.push || push_output;
+    let file = args
+        .file
+        .clone()
+        .unwrap_or_else(|| args.context.join("Dockerfile"));
+    let platforms: Vec<String> = args
+        .platforms
+        .iter()
+        .flat_map(|list| list.split(','))
+        .map(str::trim)
+        .filter(|platform| !platform.is_empty())
+        .map(str::to_string)
+        .collect();
+    let select = SelectArgs {
+        file: file.clone(),
+        images: Vec::new(),
+        platforms,
+        args: args.build_args.clone(),
+        context: Some(args.context.clone()),
+        cache_dir: args.cache_dir.clone(),
+        insecure_registries: args.insecure_registries.clone(),
+        pull: args.pull,
+        offline: false,
+    };
+    let name = image_name(&args.tags);
+    let options = dockerfile::Options {
+        image: name.clone(),
+        tags: args.tags.clone(),
+        target: args.target.clone(),
+        push,
+        output: dest.map(|dir| {
+            std::path::absolute(&dir)
+                .unwrap_or_else(|_| PathBuf::from(&dir))
+                .display()
+                .to_string()
+        }),
+    };
+    let project = match dockerfile::load(&file, &args.context, &options) {
+        Ok(project) => project,
+        Err(diagnostics) => {
+            render::diagnostic(&diagnostics);
+            return ExitStatus::InvalidInput;
+        }
+    };
+    // Docker warns about build args no ARG declares; so does graphbuild.
+    for arg in &args.build_args {
+        let name = arg.split('=').next().unwrap_or(arg);
+        let declared = project.args.iter().any(|decl| decl.name == name)
+            || project.stages.iter().any(|stage| {
+                stage.steps.iter().any(|step| {
+                    matches!(&step.kind, graphbuild_lang::ir::StepKind::Arg(decl) if decl.name == name)
+                })
+            });
+        if !declared {
+            render::warning(&format!(
+                "--build-arg {name}: no ARG in the Dockerfile declares it, so it is not used"
+            ));
+        }
+    }
+    let store = match open_store(select.cache_dir.clone()) {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    let resolver = match resolver(&select, false, manifest_store(&select, true)) {
+        Ok(resolver) => resolver,
+        Err(code) => return code,
+    };
+    let loaded = match expand(project, &select, Some(&store), &resolver) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    if let Err(code) = refuse_unresolved(&loaded.plan, &select) {
+        return code;
+    }
+    if push && args.tags.is_empty() {
+        render::error(
+            "--push needs a name to push to",
+            &["give one with -t REGISTRY/REPO:TAG"],
+        );
+        return ExitStatus::InvalidInput;
+    }
+    let cancel = cancel_on_signals();
+    let (mode, quiet) = match args.progress {
+        BuildProgress::Auto => (None, args.quiet),
+        BuildProgress::Plain => (Some(ProgressMode::Plain), args.quiet),
+        BuildProgress::Tty => (Some(ProgressMode::Tty), args.quiet),
+        BuildProgress::Json => (Some(ProgressMode::Json), args.quiet),
+        BuildProgress::Quiet => (None, true),
+    };
+    let mode = mode.unwrap_or_else(|| {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ProgressMode::Tty
+        } else {
+            ProgressMode::Plain
+        }
+    });
+    let remote = match remote_options(&args.cache) {
+        Ok(remote) => remote,
+        Err(code) => return code,
+    };
+    let inputs = BuildInputArgs {
+        select: select.clone(),
+        jobs: None,
+        compression: CompressionArg::Gzip,
+        secrets: args.secrets.clone(),
+        source_date_epoch: args.source_date_epoch,
+        format: FormatArg::Oci,
+        step_timeout: None,
+        step_max_processes: graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES,
+    };
+    let settings = match build_settings(
+        &inputs,
+        PathBuf::from("graphbuild-out"),
+        args.no_cache,
+        remote,
+    ) {
+        Ok(settings) => settings,
+        Err(code) => return code,
+    };
+    let progress = Progress::new(mode, quiet);
+    let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
+    if let Err(code) = refuse_unavailable_layers(&resolver, &select) {
+        return code;
+    }
+    let code = report_failures(&report);
+    if code != ExitStatus::Success {
+        return code;
+    }
+    let Some(summary) = report.images.first() else {
+        render::error("the build produced no image", &[]);
+        return ExitStatus::BuildFailed;
+    };
+    if push {
+        match graphbuild_engine::push::push_layout(
+            resolver.registry(),
+            std::path::Path::new(&summary.output),
+            &args.tags,
+        ) {
+            Ok(pushed) => {
+                for tag in &pushed.tags {
+                    eprintln!("pushed {tag} ({})", summary.index_digest);
+                }
+            }
+            Err(message) => {
+                render::error(&format!("pushing `{name}` failed: {message}"), &[]);
+                return ExitStatus::Environment;
+            }
+        }
+    }
+    if let Some(path) = &args.metadata_file {
+        let metadata = serde_json::json!({
+            "containerimage.digest": summary.index_digest,
+            "image.name": args.tags.join(","),
+            "graphbuild.output": summary.output,
+        });
+        let text = serde_json::to_string_pretty(&metadata).unwrap_or_default();
+        if let Err(error) = std::fs::write(path, text + "\n") {
+            render::error(&format!("cannot write {}: {error}", path.display()), &[]);
+            return ExitStatus::Environment;
+        }
+    }
+    ExitStatus::Success
+}
