@@ -1,0 +1,403 @@
+//! `graphbuild build`: Dockerfiles from `tests/dockerfiles/` built for linux/amd64 and
+//! linux/arm64 on the busybox fixture, checked with skopeo and umoci against what Docker
+//! would produce; a Dockerfile and its KDL twin give one index digest; malformed Dockerfiles
+//! report every problem (a golden file, `BLESS=1` rewrites it); `--push` to a local registry.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// Root is needed to run steps. Under CI a missing root is a failure, elsewhere a skip.
+fn root_or_skip() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root && std::env::var("CI").as_deref() == Ok("true") {
+        panic!("this end-to-end test runs build steps and needs root; run the test suite as root");
+    }
+    if !root {
+        eprintln!("skipped: needs root");
+    }
+    root
+}
+
+/// The corpus copied into the sandbox at `tests/dockerfiles/NAME`.
+fn corpus(sandbox: &Sandbox, name: &str) -> PathBuf {
+    let target = sandbox.path().join("tests/dockerfiles").join(name);
+    copy_tree(&repo_root().join("tests/dockerfiles").join(name), &target);
+    target
+}
+
+fn index_digest(output: &std::process::Output) -> String {
+    summary(output)["images"][0]["index_digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no index digest\n{}", stderr(output)))
+        .to_string()
+}
+
+/// The image config of one platform of an OCI layout, read from its blobs as written (skopeo
+/// drops Docker's Healthcheck, which the OCI spec lacks).
+fn config(layout: &Path, platform: &str) -> serde_json::Value {
+    let blob = |digest: &str| -> serde_json::Value {
+        let path = layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        serde_json::from_slice(&std::fs::read(&path).expect("blob")).expect("JSON blob")
+    };
+    let top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json"))
+            .expect("JSON");
+    let index = blob(top["manifests"][0]["digest"].as_str().expect("digest"));
+    let (os, arch) = platform.split_once('/').expect("os/arch");
+    let manifest = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .find(|m| m["platform"]["os"] == os && m["platform"]["architecture"] == arch)
+        .expect("the platform's manifest");
+    let manifest = blob(manifest["digest"].as_str().expect("digest"));
+    blob(
+        manifest["config"]["digest"]
+            .as_str()
+            .expect("config digest"),
+    )
+}
+
+#[test]
+fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
+    if !root_or_skip() {
+        return;
+    }
+    require_tool("skopeo");
+    require_tool("umoci");
+    let sandbox = Sandbox::new();
+    let context = corpus(&sandbox, "full");
+    let token = context.join("token.txt");
+    let output = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-t",
+        "localhost/full:1.0",
+        "--build-arg",
+        "VERSION=2.0",
+        "--secret",
+        &format!("id=token,src={}", token.display()),
+        "--progress",
+        "json",
+        "--metadata-file",
+        "metadata.json",
+        "tests/dockerfiles/full",
+    ]);
+    assert_success(&output);
+    let layout = sandbox.path().join("graphbuild-out/full");
+    let index = skopeo_raw(&format!("oci:{}:1.0", layout.display()));
+    let platforms: Vec<String> = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["platform"]["os"].as_str().unwrap_or_default(),
+                m["platform"]["architecture"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    let metadata: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(sandbox.path().join("metadata.json")).expect("metadata file"),
+    )
+    .expect("JSON");
+    assert_eq!(metadata["containerimage.digest"], index_digest(&output));
+    assert_eq!(metadata["image.name"], "localhost/full:1.0");
+
+    for (platform, uname, arch) in [
+        ("linux/amd64", "x86_64", "amd64"),
+        ("linux/arm64", "aarch64", "arm64"),
+    ] {
+        let rootfs = unpack_platform(
+            &layout,
+            "1.0",
+            platform,
+            &sandbox.path().join(format!("unpack-{arch}")),
+        );
+        let read = |path: &str| {
+            std::fs::read_to_string(rootfs.join(path))
+                .unwrap_or_else(|error| panic!("{platform}: {path}: {error}"))
+        };
+        assert_eq!(read("app/uname.txt"), format!("{uname}\n"), "{platform}");
+        assert_eq!(read("app/version.txt"), "2.0\n", "{platform}");
+        assert_eq!(read("app/exec.txt"), "exec-form\n");
+        assert_eq!(read("app/heredoc.txt"), "heredoc-line-1\nheredoc-line-2\n");
+        assert_eq!(read("app/secret-size.txt"), "7\n", "the secret was mounted");
+        assert_eq!(read("app/target.txt"), format!("built for {arch}\n"));
+        assert_eq!(read("app/message.txt"), "hello from the context\n");
+        assert_eq!(read("home/app/message.txt"), "hello from the context\n");
+        assert!(
+            !rootfs.join("run/secrets/token").exists(),
+            "a secret never reaches a layer"
+        );
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let script = std::fs::metadata(rootfs.join("usr/local/bin/run.sh")).expect("run.sh");
+        assert_eq!(script.permissions().mode() & 0o7777, 0o755);
+        let owned = std::fs::metadata(rootfs.join("home/app/message.txt")).expect("message");
+        assert_eq!((owned.uid(), owned.gid()), (1000, 1000));
+
+        // The config as `docker buildx build` writes it for this Dockerfile.
+        let config = config(&layout, platform);
+        let c = &config["config"];
+        let env: Vec<&str> = c["Env"]
+            .as_array()
+            .expect("Env")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(
+            env,
+            [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "APP_HOME=/app",
+                "APP_VERSION=2.0",
+                "QUOTED=two words",
+                "LITERAL=$HOME",
+                "LEGACY=legacy value",
+            ],
+            "{platform}"
+        );
+        assert_eq!(
+            c["Entrypoint"],
+            serde_json::json!(["/usr/local/bin/run.sh"])
+        );
+        assert_eq!(c["Cmd"], serde_json::json!(["--port", "8080"]));
+        assert_eq!(c["User"], "1000:1000");
+        assert_eq!(c["WorkingDir"], "/app");
+        assert_eq!(c["StopSignal"], "SIGINT");
+        assert_eq!(
+            c["Labels"],
+            serde_json::json!({
+                // Inherited from the busybox fixture's config, as Docker keeps base labels.
+                "io.buildah.version": "1.28.2",
+                "org.opencontainers.image.version": "2.0",
+                "com.example.quoted": "a b",
+                "maintainer": "Jane Doe <jane@example.com>",
+            })
+        );
+        assert_eq!(
+            c["ExposedPorts"],
+            serde_json::json!({"8080/tcp": {}, "53/udp": {}})
+        );
+        assert_eq!(c["Volumes"], serde_json::json!({"/data": {}}));
+        assert_eq!(
+            c["Healthcheck"],
+            serde_json::json!({
+                "Test": ["CMD-SHELL", "wget -q -O- http://localhost:8080/ || exit 1"],
+                "Interval": 30_000_000_000u64,
+                "Timeout": 3_000_000_000u64,
+                "Retries": 2,
+            })
+        );
+        assert_eq!(config["architecture"], arch);
+    }
+
+    // A second build is entirely cached.
+    let again = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64",
+        "--platform",
+        "linux/arm64",
+        "-t",
+        "localhost/full:1.0",
+        "--build-arg",
+        "VERSION=2.0",
+        "--secret",
+        &format!("id=token,src={}", token.display()),
+        "--progress",
+        "json",
+        "tests/dockerfiles/full",
+    ]);
+    assert_success(&again);
+    assert_eq!(summary(&again)["executed"], 0, "{}", stdout(&again));
+    assert_eq!(index_digest(&again), index_digest(&output));
+}
+
+#[test]
+fn a_dockerfile_and_its_kdl_twin_give_one_index_digest() {
+    if !root_or_skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    corpus(&sandbox, "same");
+    let kdl = sandbox.graphbuild(&[
+        "run",
+        "tests/dockerfiles/same/images.kdl",
+        "--output",
+        "out-kdl",
+        "--progress",
+        "json",
+    ]);
+    assert_success(&kdl);
+    let dockerfile = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-t",
+        "localhost/app:1.0",
+        "-o",
+        "type=oci,dest=out-dockerfile",
+        "--progress",
+        "json",
+        "tests/dockerfiles/same",
+    ]);
+    assert_success(&dockerfile);
+    assert_eq!(index_digest(&dockerfile), index_digest(&kdl));
+    // Same graph: the Dockerfile build found every step in the store the KDL build filled.
+    assert_eq!(
+        summary(&dockerfile)["executed"],
+        0,
+        "{}",
+        stdout(&dockerfile)
+    );
+    assert!(
+        sandbox.path().join("out-dockerfile/index.json").exists(),
+        "-o type=oci,dest=DIR writes the layout there"
+    );
+}
+
+#[test]
+fn the_canonical_buildx_command_pushes_both_platforms() {
+    if !root_or_skip() {
+        return;
+    }
+    require_tool("skopeo");
+    let registry = Registry::start();
+    let sandbox = Sandbox::new();
+    corpus(&sandbox, "same");
+    registry.push_layout(
+        &format!(
+            "oci:{}:1.35.0",
+            sandbox.path().join("tests/fixtures/busybox").display()
+        ),
+        "busybox:1.35.0",
+    );
+    let base = format!("BASE={}/busybox:1.35.0", registry.address);
+    let tag = format!("{}/user/app:1.0", registry.address);
+    let output = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-t",
+        &tag,
+        "--push",
+        "--build-arg",
+        &base,
+        "--progress",
+        "plain",
+        "tests/dockerfiles/same",
+    ]);
+    assert_success(&output);
+    assert!(
+        stderr(&output).contains(&format!("pushed {tag}")),
+        "{}",
+        stderr(&output)
+    );
+    let raw = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{tag}"))
+        .output()
+        .expect("skopeo runs");
+    assert!(raw.status.success(), "{}", stderr(&raw));
+    let index: serde_json::Value = serde_json::from_slice(&raw.stdout).expect("JSON");
+    let architectures: Vec<&str> = index["manifests"]
+        .as_array()
+        .expect("an index")
+        .iter()
+        .filter_map(|m| m["platform"]["architecture"].as_str())
+        .collect();
+    assert_eq!(architectures, ["amd64", "arm64"]);
+    assert!(
+        sandbox
+            .path()
+            .join("graphbuild-out/app/index.json")
+            .exists()
+    );
+}
+
+#[test]
+fn a_malformed_dockerfile_reports_every_problem_as_the_golden_file_says() {
+    let sandbox = Sandbox::new();
+    corpus(&sandbox, "broken");
+    let output = std::process::Command::new(bin())
+        .args(["build", "tests/dockerfiles/broken"])
+        .current_dir(sandbox.path())
+        .env("NO_COLOR", "1")
+        .env("COLUMNS", "100")
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.store())
+        .output()
+        .expect("graphbuild runs");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let text = stderr(&output);
+    let golden = repo_root().join("tests/e2e/golden/dockerfile-broken.txt");
+    if std::env::var("BLESS").is_ok() {
+        std::fs::write(&golden, &text).expect("write golden");
+    }
+    let expected = std::fs::read_to_string(&golden).expect("golden file (BLESS=1 writes it)");
+    assert_eq!(text, expected, "BLESS=1 rewrites {}", golden.display());
+    assert!(text.contains("tests/dockerfiles/broken/Dockerfile:4:1"));
+    assert!(text.contains("help: did you mean `RUN`?"));
+
+    corpus(&sandbox, "unsupported");
+    let output = sandbox.graphbuild(&["build", "tests/dockerfiles/unsupported"]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    assert!(
+        text.contains("`COPY <<EOF` (a file from a heredoc) is not supported yet"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`--mount=type=ssh` is not supported yet"),
+        "{text}"
+    );
+}
+
+#[test]
+fn unsupported_buildx_flags_and_outputs_are_refused_by_name() {
+    let sandbox = Sandbox::new();
+    corpus(&sandbox, "same");
+    for (args, expected) in [
+        (&["--load"][..], "does not support `--load`"),
+        (&["--ssh", "default"][..], "does not support `--ssh`"),
+        (
+            &["--provenance=true"][..],
+            "does not support `--provenance`",
+        ),
+        (
+            &["-o", "type=docker"][..],
+            "the exporter `docker` is not supported",
+        ),
+        (&["-o", "type=local,dest=x"][..], "type=oci,dest=DIR"),
+        (
+            &["--cache-from", "type=registry,ref=x/y"][..],
+            "team cache URL",
+        ),
+        (&["--target", "nope"][..], "no such stage"),
+        (&["--bogus"][..], "--bogus"),
+    ] {
+        let mut full = vec!["build"];
+        full.extend_from_slice(args);
+        full.push("tests/dockerfiles/same");
+        let output = sandbox.graphbuild(&full);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(expected),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+}
