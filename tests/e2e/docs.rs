@@ -14,6 +14,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ),
     ("## Build inputs", &["run", "verify"]),
     ("## `graphbuild run`", &["run"]),
+    ("## `graphbuild build`", &["build"]),
     ("## `graphbuild plan`", &["plan"]),
     ("## `graphbuild doctor`", &["doctor"]),
     ("## `graphbuild inspect`", &["inspect"]),
@@ -25,6 +26,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
 
 const COMMANDS: &[&str] = &[
     "run",
+    "build",
     "plan",
     "verify",
     "lock",
