@@ -223,7 +223,7 @@ pub(super) fn heredoc_markers(line: &str) -> Vec<(String, bool, usize)> {
             Some(q) if byte == q => quote = None,
             Some(_) => {}
             None if byte == b'\'' || byte == b'"' => quote = Some(byte),
-            None if line[index..].starts_with("<<") && !line[index..].starts_with("<<<") => {
+            None if bytes[index..].starts_with(b"<<") && !bytes[index..].starts_with(b"<<<") => {
                 let start = index;
                 let mut at = index + 2;
                 let strip = bytes.get(at) == Some(&b'-');

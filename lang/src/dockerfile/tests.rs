@@ -164,3 +164,14 @@ fn escape_directive_and_unknown_target() {
             .any(|(code, _)| *code == Code::DockerfileNoStage)
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+    /// Any text, however broken, loads or reports diagnostics: never a panic.
+    #[test]
+    fn never_panics(text in "(FROM|RUN|COPY|ADD|ENV|ARG|LABEL|HEALTHCHECK|CMD|SHELL|EXPOSE| |<<-?\"?E|EOF|--[a-z]+=|[a-z=\\\"'$\\{\\}\\[\\],é€\n\t#`])*") {
+        let _ = load(&text);
+        let _ = load(&format!("# escape=`\n{text}"));
+    }
+}
