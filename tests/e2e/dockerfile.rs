@@ -383,6 +383,7 @@ fn unsupported_buildx_flags_and_outputs_are_refused_by_name() {
         ),
         (&["--target", "nope"][..], "no such stage"),
         (&["--bogus"][..], "--bogus"),
+        (&["-f", "-"][..], "standard input"),
     ] {
         let mut full = vec!["build"];
         full.extend_from_slice(args);

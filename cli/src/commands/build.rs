@@ -335,11 +335,32 @@ pub fn build(args: BuildArgs) -> ExitStatus {
         .filter(|platform| !platform.is_empty())
         .map(str::to_string)
         .collect();
+    if args.file.as_deref() == Some(std::path::Path::new("-")) {
+        render::error(
+            "`-f -` (a Dockerfile on standard input) is not supported",
+            &["write it to a file and pass -f PATH"],
+        );
+        return ExitStatus::InvalidInput;
+    }
+    // `--build-arg NAME` takes NAME's value from the environment, or is left out, as buildx.
+    let build_args: Vec<String> = args
+        .build_args
+        .iter()
+        .filter_map(|arg| {
+            if arg.contains('=') {
+                Some(arg.clone())
+            } else {
+                std::env::var(arg)
+                    .ok()
+                    .map(|value| format!("{arg}={value}"))
+            }
+        })
+        .collect();
     let select = SelectArgs {
         file: file.clone(),
         images: Vec::new(),
         platforms,
-        args: args.build_args.clone(),
+        args: build_args,
         context: Some(args.context.clone()),
         cache_dir: args.cache_dir.clone(),
         insecure_registries: args.insecure_registries.clone(),
