@@ -223,7 +223,10 @@ pub(super) fn heredoc_markers(line: &str) -> Vec<(String, bool, usize)> {
             Some(q) if byte == q => quote = None,
             Some(_) => {}
             None if byte == b'\'' || byte == b'"' => quote = Some(byte),
-            None if bytes[index..].starts_with(b"<<") && !bytes[index..].starts_with(b"<<<") => {
+            None if bytes[index..].starts_with(b"<<")
+                && !bytes[index..].starts_with(b"<<<")
+                && starts_word(bytes, index) =>
+            {
                 let start = index;
                 let mut at = index + 2;
                 let strip = bytes.get(at) == Some(&b'-');
@@ -258,6 +261,16 @@ pub(super) fn heredoc_markers(line: &str) -> Vec<(String, bool, usize)> {
         index += 1;
     }
     markers
+}
+
+/// Whether `<<` at `index` starts a word (after optional file descriptor digits, `2<<EOF`),
+/// as BuildKit requires: `$((1<<2))` is no heredoc.
+fn starts_word(bytes: &[u8], index: usize) -> bool {
+    let mut at = index;
+    while at > 0 && bytes[at - 1].is_ascii_digit() {
+        at -= 1;
+    }
+    at == 0 || bytes[at - 1].is_ascii_whitespace()
 }
 
 /// A word of an instruction's arguments: its text as written (quotes kept) and position.
@@ -449,6 +462,8 @@ mod tests {
         assert_eq!(lines[2].heredocs.len(), 2);
         assert_eq!(lines[2].heredocs[0].content, "one\n");
         assert_eq!(lines[2].heredocs[1].content, "two\n");
+        assert!(heredoc_markers("echo $((1<<2)) a<<b").is_empty());
+        assert_eq!(heredoc_markers("cat 0<<EOF").len(), 1);
     }
 
     #[test]
