@@ -322,6 +322,29 @@ fn the_canonical_buildx_command_pushes_both_platforms() {
             .join("graphbuild-out/app/index.json")
             .exists()
     );
+
+    // `-o type=registry` is `--push`; the rebuild is cached.
+    let second = format!("{}/user/app:1.1", registry.address);
+    let output = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-t",
+        &second,
+        "-o",
+        "type=registry",
+        "--build-arg",
+        &base,
+        "--progress",
+        "plain",
+        "tests/dockerfiles/same",
+    ]);
+    assert_success(&output);
+    assert!(
+        stderr(&output).contains(&format!("pushed {second}")),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
