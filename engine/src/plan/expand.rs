@@ -100,6 +100,9 @@ struct Vars {
     matrix: Vec<(String, String)>,
     globals: Vec<(String, String)>,
     automatic: Vec<(String, String)>,
+    /// Dockerfile scoping inside a stage: only args the stage declares are visible
+    /// ([`ir::Project::stage_args_only`]).
+    stage_only: bool,
 }
 
 impl Vars {
@@ -115,19 +118,20 @@ impl Vars {
             matrix,
             globals,
             automatic,
+            stage_only: false,
         }
     }
 
     fn lookup(&self, name: &str) -> Option<String> {
-        let value = [
+        let all = [
             &self.stage_args,
             &self.params,
             &self.matrix,
             &self.globals,
             &self.automatic,
-        ]
-        .into_iter()
-        .find_map(|list| {
+        ];
+        let visible = if self.stage_only { &all[..3] } else { &all[..] };
+        let value = visible.iter().find_map(|list| {
             list.iter()
                 .rev()
                 .find(|(key, _)| key == name)
@@ -589,6 +593,7 @@ impl<'a> Expander<'a> {
             mut pending,
         } = start;
         let mut steps = Vec::new();
+        vars.stage_only = self.project.stage_args_only;
         vars.take_reads();
         for step in &stage.steps {
             if step.when.as_ref().is_some_and(|when| when != target) {
@@ -740,7 +745,7 @@ impl<'a> Expander<'a> {
         };
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in &vars.automatic {
-            if !pinned || name.starts_with("BUILD") {
+            if !vars.stage_only && (!pinned || name.starts_with("BUILD")) {
                 env.insert(name.clone(), value.clone());
             }
         }
