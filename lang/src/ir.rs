@@ -104,11 +104,13 @@ pub struct Project {
     /// Template instances; [`Stage::scope`] points here.
     pub scopes: Vec<Scope>,
     pub images: Vec<Image>,
-    /// Dockerfile scoping: inside a stage only the args it declares (`ARG NAME`, which takes a
-    /// global's or an automatic arg's value) are visible to substitution and to `run`; global
-    /// args and automatic args serve `FROM` and `--platform` only. `false` for KDL files,
-    /// where every global and automatic arg is in scope everywhere.
-    pub stage_args_only: bool,
+    /// Dockerfile rules rather than KDL's (`true` for a Dockerfile): inside a stage only the
+    /// args it declares (`ARG NAME`, which takes a global's or an automatic arg's value) are
+    /// visible to substitution and to `run`, global and automatic args serving `FROM` and
+    /// `--platform`; and the values of one `env` see the environment from before it, not each
+    /// other. In KDL every global and automatic arg is in scope everywhere, and each `env`
+    /// value sees the ones before it.
+    pub docker_rules: bool,
     /// Warnings found while loading (for example an undefined variable). Errors never reach
     /// a `Project`: loading returns them instead.
     pub warnings: Vec<crate::Diagnostic>,

@@ -162,11 +162,12 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
             env,
             [
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "APP_HOME=/app",
+                "APP_HOME=/srv",
                 "APP_VERSION=2.0",
                 "QUOTED=two words",
                 "LITERAL=$HOME",
                 "LEGACY=legacy value",
+                "SEEN=/app",
             ],
             "{platform}"
         );

@@ -101,7 +101,7 @@ struct Vars {
     globals: Vec<(String, String)>,
     automatic: Vec<(String, String)>,
     /// Dockerfile scoping inside a stage: only args the stage declares are visible
-    /// ([`ir::Project::stage_args_only`]).
+    /// ([`ir::Project::docker_rules`]).
     stage_only: bool,
 }
 
@@ -593,7 +593,7 @@ impl<'a> Expander<'a> {
             mut pending,
         } = start;
         let mut steps = Vec::new();
-        vars.stage_only = self.project.stage_args_only;
+        vars.stage_only = self.project.docker_rules;
         vars.take_reads();
         for step in &stage.steps {
             if step.when.as_ref().is_some_and(|when| when != target) {
@@ -988,12 +988,15 @@ impl<'a> Expander<'a> {
         };
         let config = match kind {
             StepKind::Env(pairs) => {
-                // Each value sees the ones before it in the same `env`, as in a Dockerfile.
+                // In KDL each value sees the ones before it in the same `env`; in a Dockerfile
+                // every value sees the environment from before the instruction.
                 let mut scratch = settings.clone();
                 let mut values = Vec::new();
                 for (name, value) in pairs {
                     let value = strict(self, value, vars, &scratch);
-                    scratch.set_env(name, value.clone());
+                    if !self.project.docker_rules {
+                        scratch.set_env(name, value.clone());
+                    }
                     values.push((name.clone(), value));
                 }
                 ConfigOp::Env(values)

@@ -127,7 +127,7 @@ pub fn load_source(
         stages: lowerer.stages.into_iter().map(|(stage, _)| stage).collect(),
         scopes: Vec::new(),
         images: image.into_iter().collect(),
-        stage_args_only: true,
+        docker_rules: true,
         warnings: diagnostics,
     })
 }

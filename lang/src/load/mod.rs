@@ -242,7 +242,7 @@ impl Loader {
             stages: Vec::new(),
             scopes: Vec::new(),
             images: Vec::new(),
-            stage_args_only: false,
+            docker_rules: false,
             warnings: Vec::new(),
         };
         let stages = self.declare(&mut project);
