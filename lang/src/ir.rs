@@ -108,8 +108,9 @@ pub struct Project {
     /// args it declares (`ARG NAME`, which takes a global's or an automatic arg's value) are
     /// visible to substitution and to `run`, global and automatic args serving `FROM` and
     /// `--platform`; and the values of one `env` see the environment from before it, not each
-    /// other. In KDL every global and automatic arg is in scope everywhere, and each `env`
-    /// value sees the ones before it.
+    /// other; `entrypoint`, `cmd` and `healthcheck` are kept as written. In KDL every global
+    /// and automatic arg is in scope everywhere, each `env` value sees the ones before it, and
+    /// build variables are substituted into runtime commands.
     pub docker_rules: bool,
     /// Warnings found while loading (for example an undefined variable). Errors never reach
     /// a `Project`: loading returns them instead.

@@ -175,7 +175,11 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
             c["Entrypoint"],
             serde_json::json!(["/usr/local/bin/run.sh"])
         );
-        assert_eq!(c["Cmd"], serde_json::json!(["--port", "8080"]));
+        // Runtime commands are never substituted, as Docker: `$VERSION` is the container's.
+        assert_eq!(
+            c["Cmd"],
+            serde_json::json!(["--port", "8080", "--version", "$VERSION"])
+        );
         assert_eq!(c["User"], "1000:1000");
         assert_eq!(c["WorkingDir"], "/app");
         assert_eq!(c["StopSignal"], "SIGINT");

@@ -722,6 +722,36 @@ impl<'a> Expander<'a> {
         }
     }
 
+    /// A command for the container (`entrypoint`, `cmd`): in KDL, build variables are
+    /// substituted; a Dockerfile's is kept as written, as Docker does.
+    fn runtime_command(
+        &mut self,
+        command: &Command,
+        vars: &Vars,
+        settings: &ImageSettings,
+    ) -> Vec<String> {
+        if !self.project.docker_rules {
+            return self.command(command, Mode::Shell, vars, settings);
+        }
+        match command {
+            Command::Shell(text) => {
+                let mut argv = settings.shell();
+                argv.push(text.raw.clone());
+                argv
+            }
+            Command::Exec(args) => args.iter().map(|arg| arg.raw.clone()).collect(),
+        }
+    }
+
+    /// One string of a runtime command (see [`Self::runtime_command`]).
+    fn runtime_text(&mut self, text: &Text, vars: &Vars) -> String {
+        if self.project.docker_rules {
+            text.raw.clone()
+        } else {
+            self.substitute(text, Mode::Shell, vars, None)
+        }
+    }
+
     /// A `run` step, and its command with values shown (for people and the history).
     fn run_op(
         &mut self,
@@ -1055,11 +1085,9 @@ impl<'a> Expander<'a> {
             // Runtime commands: build variables are substituted, anything else (`$HOME`, env
             // values) is left for the container's shell, as Docker does.
             StepKind::Entrypoint(command) => {
-                ConfigOp::Entrypoint(self.command(command, Mode::Shell, vars, settings))
+                ConfigOp::Entrypoint(self.runtime_command(command, vars, settings))
             }
-            StepKind::Cmd(command) => {
-                ConfigOp::Cmd(self.command(command, Mode::Shell, vars, settings))
-            }
+            StepKind::Cmd(command) => ConfigOp::Cmd(self.runtime_command(command, vars, settings)),
             StepKind::Volume(paths) => ConfigOp::Volume(
                 paths
                     .iter()
@@ -1098,16 +1126,10 @@ impl<'a> Expander<'a> {
         let test = match &check.test {
             None => vec!["NONE".to_string()],
             Some(Command::Shell(text)) => {
-                vec![
-                    "CMD-SHELL".to_string(),
-                    self.substitute(text, Mode::Shell, vars, None),
-                ]
+                vec!["CMD-SHELL".to_string(), self.runtime_text(text, vars)]
             }
             Some(Command::Exec(args)) => std::iter::once("CMD".to_string())
-                .chain(
-                    args.iter()
-                        .map(|arg| self.substitute(arg, Mode::Shell, vars, None)),
-                )
+                .chain(args.iter().map(|arg| self.runtime_text(arg, vars)))
                 .collect(),
         };
         let mut duration = |text: &Option<Text>| -> Option<u64> {
