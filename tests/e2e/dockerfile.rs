@@ -191,6 +191,7 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
                 "org.opencontainers.image.version": "2.0",
                 "com.example.quoted": "a b",
                 "maintainer": "Jane Doe <jane@example.com>",
+                "home": "/srv",
             })
         );
         assert_eq!(

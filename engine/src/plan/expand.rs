@@ -179,9 +179,15 @@ impl<'a> Expander<'a> {
         vars: &Vars,
         env: Option<&ImageSettings>,
     ) -> String {
+        let docker_rules = self.project.docker_rules;
         let mut lookup = |name: &str| {
-            vars.lookup(name)
-                .or_else(|| env.and_then(|settings| settings.env_value(name).map(str::to_string)))
+            let from_env = || env.and_then(|settings| settings.env_value(name).map(str::to_string));
+            if docker_rules {
+                // A Dockerfile's `ENV` wins over an `ARG` of the same name.
+                from_env().or_else(|| vars.lookup(name))
+            } else {
+                vars.lookup(name).or_else(from_env)
+            }
         };
         match subst::substitute(&text.raw, mode, &mut lookup) {
             Ok(substituted) => substituted.value,
