@@ -18,8 +18,9 @@ pub(super) fn directives(text: &str) -> Directives {
     let mut escape = '\\';
     let mut errors = Vec::new();
     let mut seen: Vec<String> = Vec::new();
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
+    // A UTF-8 byte order mark is skipped, as Docker does.
+    let mut offset = if text.starts_with('\u{feff}') { 3 } else { 0 };
+    for line in text[offset..].split_inclusive('\n') {
         let body = line.trim_end_matches(['\n', '\r']);
         let Some(rest) = body.trim_start().strip_prefix('#') else {
             break;
@@ -472,5 +473,6 @@ mod tests {
         assert_eq!(parsed.escape, '`');
         assert!(parsed.errors.is_empty());
         assert!(directives("# escape=x\n").errors.len() == 1);
+        assert_eq!(directives("\u{feff}FROM x\n").end, 3);
     }
 }
