@@ -87,6 +87,10 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
         "json",
         "--metadata-file",
         "metadata.json",
+        "--label",
+        "org.example.built-by=graphbuild",
+        "--annotation",
+        "org.opencontainers.image.source=https://example.com/full",
         "tests/dockerfiles/full",
     ]);
     assert_success(&output);
@@ -105,6 +109,10 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
         })
         .collect();
     assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    assert_eq!(
+        index["annotations"]["org.opencontainers.image.source"],
+        "https://example.com/full"
+    );
     let metadata: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(sandbox.path().join("metadata.json")).expect("metadata file"),
     )
@@ -192,6 +200,7 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
                 "com.example.quoted": "a b",
                 "maintainer": "Jane Doe <jane@example.com>",
                 "home": "/srv",
+                "org.example.built-by": "graphbuild",
             })
         );
         assert_eq!(
@@ -226,6 +235,10 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
         &format!("id=token,src={}", token.display()),
         "--progress",
         "json",
+        "--label",
+        "org.example.built-by=graphbuild",
+        "--annotation",
+        "org.opencontainers.image.source=https://example.com/full",
         "tests/dockerfiles/full",
     ]);
     assert_success(&again);

@@ -67,6 +67,12 @@ pub struct BuildArgs {
     /// type=oci,dest=DIR (an OCI layout directory) or type=registry (push)
     #[arg(long, short, value_name = "type=oci,dest=DIR|type=registry")]
     pub output: Vec<String>,
+    /// Add a label to the image config (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Add an annotation to the index and manifests (repeatable)
+    #[arg(long = "annotation", value_name = "KEY=VALUE")]
+    pub annotations: Vec<String>,
     /// Write the image's digest and names as JSON to FILE
     #[arg(long, value_name = "FILE")]
     pub metadata_file: Option<PathBuf>,
@@ -98,11 +104,7 @@ pub struct BuildArgs {
     #[arg(long, hide = true)]
     pub allow: Vec<String>,
     #[arg(long, hide = true)]
-    pub annotation: Vec<String>,
-    #[arg(long, hide = true)]
     pub attest: Vec<String>,
-    #[arg(long, hide = true)]
-    pub label: Vec<String>,
     #[arg(long, hide = true)]
     pub network: Vec<String>,
     #[arg(long, hide = true)]
@@ -128,7 +130,7 @@ fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
             .as_deref()
             .is_some_and(|value| !matches!(value, "false" | "0"))
     };
-    let checks: [(bool, &str, &'static str); 19] = [
+    let checks: [(bool, &str, &'static str); 17] = [
         (
             args.load,
             "--load",
@@ -162,19 +164,9 @@ fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
             "write RUN --security=insecure; no entitlement is needed",
         ),
         (
-            !args.annotation.is_empty(),
-            "--annotation",
-            "not supported yet",
-        ),
-        (
             !args.attest.is_empty(),
             "--attest",
             "graphbuild writes no attestations",
-        ),
-        (
-            !args.label.is_empty(),
-            "--label",
-            "not supported yet: write LABEL in the Dockerfile",
         ),
         (
             !args.network.is_empty(),
@@ -367,12 +359,40 @@ pub fn build(args: BuildArgs) -> ExitStatus {
         pull: args.pull,
         offline: false,
     };
+    let mut pairs = Vec::new();
+    for (flag, list) in [
+        ("--label", &args.labels),
+        ("--annotation", &args.annotations),
+    ] {
+        let mut parsed = Vec::new();
+        for item in list {
+            match item.split_once('=') {
+                Some((key, value)) if !key.is_empty() && !key.contains(':') => {
+                    parsed.push((key.to_string(), value.to_string()));
+                }
+                _ => {
+                    render::error(
+                        &format!("`{flag} {item}` is not KEY=VALUE"),
+                        &[
+                            "write KEY=VALUE; typed annotations (index:…, manifest:…) are not supported yet",
+                        ],
+                    );
+                    return ExitStatus::InvalidInput;
+                }
+            }
+        }
+        pairs.push(parsed);
+    }
+    let annotations = pairs.pop().unwrap_or_default();
+    let labels = pairs.pop().unwrap_or_default();
     let name = image_name(&args.tags);
     let options = dockerfile::Options {
         image: name.clone(),
         tags: args.tags.clone(),
         target: args.target.clone(),
         push,
+        labels,
+        annotations,
         output: dest.map(|dir| {
             std::path::absolute(&dir)
                 .unwrap_or_else(|_| PathBuf::from(&dir))

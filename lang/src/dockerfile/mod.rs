@@ -41,6 +41,10 @@ pub struct Options {
     pub push: bool,
     /// Where the OCI layout goes (`-o type=oci,dest=DIR`); relative to the context.
     pub output: Option<String>,
+    /// `--label KEY=VALUE`: labels added to the image config.
+    pub labels: Vec<(String, String)>,
+    /// `--annotation KEY=VALUE`: annotations on the index and manifests.
+    pub annotations: Vec<(String, String)>,
 }
 
 /// Loads the Dockerfile at `path`; `context` is the build context.
@@ -1289,8 +1293,16 @@ impl Lowerer {
             tags: options.tags.iter().map(|tag| text(tag)).collect(),
             platforms: None,
             matrix: Vec::new(),
-            annotations: Vec::new(),
-            labels: Vec::new(),
+            annotations: options
+                .annotations
+                .iter()
+                .map(|(key, value)| (key.clone(), text(value)))
+                .collect(),
+            labels: options
+                .labels
+                .iter()
+                .map(|(key, value)| (key.clone(), text(value)))
+                .collect(),
             output: options.output.as_deref().map(text),
             push: options.push,
         })
