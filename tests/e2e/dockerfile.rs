@@ -87,6 +87,8 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
         "json",
         "--metadata-file",
         "metadata.json",
+        "--iidfile",
+        "iid.txt",
         "--label",
         "org.example.built-by=graphbuild",
         "--annotation",
@@ -119,6 +121,10 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
     .expect("JSON");
     assert_eq!(metadata["containerimage.digest"], index_digest(&output));
     assert_eq!(metadata["image.name"], "localhost/full:1.0");
+    assert_eq!(
+        std::fs::read_to_string(sandbox.path().join("iid.txt")).expect("iidfile"),
+        index_digest(&output)
+    );
 
     for (platform, uname, arch) in [
         ("linux/amd64", "x86_64", "amd64"),

@@ -73,6 +73,9 @@ pub struct BuildArgs {
     /// Add an annotation to the index and manifests (repeatable)
     #[arg(long = "annotation", value_name = "KEY=VALUE")]
     pub annotations: Vec<String>,
+    /// Write the image index's digest to FILE
+    #[arg(long, value_name = "FILE")]
+    pub iidfile: Option<PathBuf>,
     /// Write the image's digest and names as JSON to FILE
     #[arg(long, value_name = "FILE")]
     pub metadata_file: Option<PathBuf>,
@@ -112,8 +115,6 @@ pub struct BuildArgs {
     #[arg(long, hide = true)]
     pub ulimit: Vec<String>,
     #[arg(long, hide = true)]
-    pub iidfile: Vec<String>,
-    #[arg(long, hide = true)]
     pub cgroup_parent: Vec<String>,
     #[arg(long, hide = true)]
     pub build_context: Vec<String>,
@@ -130,7 +131,7 @@ fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
             .as_deref()
             .is_some_and(|value| !matches!(value, "false" | "0"))
     };
-    let checks: [(bool, &str, &'static str); 17] = [
+    let checks: [(bool, &str, &'static str); 16] = [
         (
             args.load,
             "--load",
@@ -175,11 +176,6 @@ fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
         ),
         (!args.shm_size.is_empty(), "--shm-size", "not supported yet"),
         (!args.ulimit.is_empty(), "--ulimit", "not supported yet"),
-        (
-            !args.iidfile.is_empty(),
-            "--iidfile",
-            "not supported yet: --metadata-file records the digest",
-        ),
         (
             !args.cgroup_parent.is_empty(),
             "--cgroup-parent",
@@ -511,6 +507,12 @@ pub fn build(args: BuildArgs) -> ExitStatus {
                 return ExitStatus::Environment;
             }
         }
+    }
+    if let Some(path) = &args.iidfile
+        && let Err(error) = std::fs::write(path, &summary.index_digest)
+    {
+        render::error(&format!("cannot write {}: {error}", path.display()), &[]);
+        return ExitStatus::Environment;
     }
     if let Some(path) = &args.metadata_file {
         let metadata = serde_json::json!({
