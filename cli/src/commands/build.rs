@@ -25,6 +25,13 @@ pub enum BuildProgress {
     Quiet,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetworkMode {
+    Default,
+    Host,
+    None,
+}
+
 #[derive(Args)]
 pub struct BuildArgs {
     /// The build context: a directory
@@ -73,6 +80,9 @@ pub struct BuildArgs {
     /// Add an annotation to the index and manifests (repeatable)
     #[arg(long = "annotation", value_name = "KEY=VALUE")]
     pub annotations: Vec<String>,
+    /// The network of RUN steps without their own --network
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub network: Option<NetworkMode>,
     /// Write the image index's digest to FILE
     #[arg(long, value_name = "FILE")]
     pub iidfile: Option<PathBuf>,
@@ -109,8 +119,6 @@ pub struct BuildArgs {
     #[arg(long, hide = true)]
     pub attest: Vec<String>,
     #[arg(long, hide = true)]
-    pub network: Vec<String>,
-    #[arg(long, hide = true)]
     pub shm_size: Vec<String>,
     #[arg(long, hide = true)]
     pub ulimit: Vec<String>,
@@ -131,7 +139,7 @@ fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
             .as_deref()
             .is_some_and(|value| !matches!(value, "false" | "0"))
     };
-    let checks: [(bool, &str, &'static str); 16] = [
+    let checks: [(bool, &str, &'static str); 15] = [
         (
             args.load,
             "--load",
@@ -168,11 +176,6 @@ fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
             !args.attest.is_empty(),
             "--attest",
             "graphbuild writes no attestations",
-        ),
-        (
-            !args.network.is_empty(),
-            "--network",
-            "not supported yet: write RUN --network=none|host per step",
         ),
         (!args.shm_size.is_empty(), "--shm-size", "not supported yet"),
         (!args.ulimit.is_empty(), "--ulimit", "not supported yet"),
@@ -387,6 +390,7 @@ pub fn build(args: BuildArgs) -> ExitStatus {
         tags: args.tags.clone(),
         target: args.target.clone(),
         push,
+        network_none: args.network == Some(NetworkMode::None),
         labels,
         annotations,
         output: dest.map(|dir| {

@@ -41,6 +41,8 @@ pub struct Options {
     pub push: bool,
     /// Where the OCI layout goes (`-o type=oci,dest=DIR`); relative to the context.
     pub output: Option<String>,
+    /// `--network=none`: the network of `RUN` steps without their own `--network`.
+    pub network_none: bool,
     /// `--label KEY=VALUE`: labels added to the image config.
     pub labels: Vec<(String, String)>,
     /// `--annotation KEY=VALUE`: annotations on the index and manifests.
@@ -79,6 +81,7 @@ pub fn load_source(
         sources,
         diagnostics: Vec::new(),
         escape: '\\',
+        network_none: options.network_none,
         args: Vec::new(),
         stages: Vec::new(),
     };
@@ -161,6 +164,8 @@ struct Lowerer {
     sources: Sources,
     diagnostics: Vec<Diagnostic>,
     escape: char,
+    /// `--network=none` on the command line.
+    network_none: bool,
     args: Vec<ArgDecl>,
     /// Stages so far, with the name as written (for messages).
     stages: Vec<(Stage, String)>,
@@ -708,7 +713,11 @@ impl Lowerer {
             command: Command::Exec(Vec::new()),
             cache_mounts: Vec::new(),
             secrets: Vec::new(),
-            network: Network::Host,
+            network: if self.network_none {
+                Network::None
+            } else {
+                Network::Host
+            },
             timeout: None,
             insecure: false,
         };

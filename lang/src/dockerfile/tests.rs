@@ -175,3 +175,26 @@ proptest::proptest! {
         let _ = load(&format!("# escape=`\n{text}"));
     }
 }
+
+#[test]
+fn network_none_on_the_command_line_is_the_default_of_run_steps() {
+    let project = load_source(
+        "Dockerfile",
+        "FROM alpine\nRUN true\nRUN --network=host true\n",
+        Path::new("."),
+        &Options {
+            network_none: true,
+            ..Options::default()
+        },
+    )
+    .expect("loads");
+    let networks: Vec<Network> = project.stages[0]
+        .steps
+        .iter()
+        .filter_map(|step| match &step.kind {
+            StepKind::Run(run) => Some(run.network),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(networks, [Network::None, Network::Host]);
+}
