@@ -1,5 +1,9 @@
 //! The expander: walks images, platforms and matrix values into nodes. See the parent
 //! module's docs for the rules; this file holds the walk.
+//!
+//! Long because the walk is one piece of state (the nodes found so far, the memo of visits and
+//! the diagnostics) that every step kind reads and extends; the ops it produces and their keys
+//! live in [`super::op`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
