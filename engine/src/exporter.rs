@@ -114,73 +114,100 @@ pub fn export_rootfs_tar(layout: &OciLayout, file: &Path) -> Result<(), String> 
     write_tar_atomically(file, |builder| append_tree(builder, &root, Path::new("")))
 }
 
-/// `type=oci,dest=FILE.tar`: the layout as a tar archive. With `docker_tags`, also a Docker
-/// `manifest.json` (one entry per platform manifest, tagged with those tags for the first),
-/// so that `docker load` reads the same archive.
-pub fn export_oci_archive(
+/// `type=oci,dest=FILE.tar`: the layout as a tar archive (`oci-layout`, `index.json`, the
+/// blobs), with one `index.json` entry (the first tag), so that `oci-archive:FILE.tar` names
+/// the image without a tag.
+pub fn export_oci_archive(layout: &OciLayout, file: &Path) -> Result<(), String> {
+    let (top, index) = layout_index(layout)?;
+    let mut blobs = vec![top.digest];
+    blobs.extend(index.manifests.iter().map(|manifest| manifest.digest));
+    for image in platform_images(layout)? {
+        blobs.push(image.manifest.config.digest);
+        blobs.extend(image.manifest.layers.iter().map(|layer| layer.digest));
+    }
+    write_archive(layout, file, top, blobs, None)
+}
+
+/// An oci-archive holding only `image` (one platform), as `index.json`'s only entry, with a
+/// Docker `manifest.json` tagging it `tags`: what both `podman load` and `docker load` read.
+pub fn export_platform_archive(
+    layout: &OciLayout,
+    image: &PlatformImage,
+    tags: &[String],
+    file: &Path,
+) -> Result<(), String> {
+    let blob = |digest: &Digest| format!("blobs/sha256/{}", digest.hex());
+    let docker_manifest = serde_json::json!([{
+        "Config": blob(&image.manifest.config.digest),
+        "RepoTags": tags,
+        "Layers": image.manifest.layers.iter().map(|layer| blob(&layer.digest)).collect::<Vec<_>>(),
+    }]);
+    let mut blobs = vec![image.descriptor.digest, image.manifest.config.digest];
+    blobs.extend(image.manifest.layers.iter().map(|layer| layer.digest));
+    let descriptor = Descriptor {
+        platform: Some(image.platform.clone()),
+        annotations: BTreeMap::new(),
+        ..image.descriptor.clone()
+    };
+    let docker_bytes = serde_json::to_vec(&docker_manifest).map_err(|error| error.to_string())?;
+    write_archive(layout, file, descriptor, blobs, Some(docker_bytes))
+}
+
+fn write_archive(
     layout: &OciLayout,
     file: &Path,
-    docker_tags: Option<&[String]>,
+    entry: Descriptor,
+    mut blobs: Vec<Digest>,
+    docker_manifest: Option<Vec<u8>>,
 ) -> Result<(), String> {
-    let root = layout.root().to_path_buf();
-    let docker_manifest = match docker_tags {
-        Some(tags) => {
-            let mut entries = Vec::new();
-            for image in platform_images(layout)? {
-                let blob = |digest: &Digest| format!("blobs/sha256/{}", digest.hex());
-                entries.push(serde_json::json!({
-                    "Config": blob(&image.manifest.config.digest),
-                    "RepoTags": if entries.is_empty() { tags.to_vec() } else { Vec::new() },
-                    "Layers": image.manifest.layers.iter().map(|layer| blob(&layer.digest)).collect::<Vec<_>>(),
-                }));
-            }
-            Some(serde_json::to_vec(&entries).map_err(|error| error.to_string())?)
-        }
-        None => None,
+    blobs.sort();
+    blobs.dedup();
+    let top = oci::ImageIndex {
+        schema_version: 2,
+        media_type: Some(oci::media::OCI_INDEX.to_string()),
+        manifests: vec![entry],
+        annotations: BTreeMap::new(),
     };
+    let index_json = oci::canonical_json(&top);
     write_tar_atomically(file, |builder| {
-        append_tree(builder, &root, Path::new(""))?;
+        let mut append_bytes = |name: &str, bytes: &[u8]| {
+            let mut header = file_header(bytes.len() as u64);
+            builder.append_data(&mut header, name, bytes)
+        };
+        append_bytes("oci-layout", oci::OCI_LAYOUT_FILE_CONTENT)?;
+        append_bytes("index.json", &index_json)?;
         if let Some(bytes) = &docker_manifest {
+            append_bytes("manifest.json", bytes)?;
+        }
+        for name in ["blobs", "blobs/sha256"] {
             let mut header = tar::Header::new_ustar();
-            header.set_size(bytes.len() as u64);
-            header.set_mode(0o644);
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o755);
+            header.set_size(0);
             header.set_mtime(0);
-            header.set_entry_type(tar::EntryType::Regular);
-            builder.append_data(&mut header, "manifest.json", bytes.as_slice())?;
+            builder.append_data(&mut header, format!("{name}/"), io::empty())?;
+        }
+        for digest in &blobs {
+            let path = layout.blob_path(digest);
+            let mut blob = fs::File::open(&path)?;
+            let mut header = file_header(blob.metadata()?.len());
+            builder.append_data(
+                &mut header,
+                format!("blobs/sha256/{}", digest.hex()),
+                &mut blob,
+            )?;
         }
         Ok(())
     })
 }
 
-/// A copy of `layout` holding only `image`'s manifest (as the layout's only entry, untagged):
-/// what `podman load` and `docker load` need to load one platform.
-pub fn single_platform_layout(
-    layout: &OciLayout,
-    image: &PlatformImage,
-    dest: &Path,
-) -> Result<OciLayout, String> {
-    let top = oci::ImageIndex {
-        schema_version: 2,
-        media_type: Some(oci::media::OCI_INDEX.to_string()),
-        manifests: vec![Descriptor {
-            platform: Some(image.platform.clone()),
-            ..image.descriptor.clone()
-        }],
-        annotations: BTreeMap::new(),
-    };
-    let mut blobs = vec![image.descriptor.digest, image.manifest.config.digest];
-    blobs.extend(image.manifest.layers.iter().map(|layer| layer.digest));
-    blobs.sort();
-    blobs.dedup();
-    oci::write_layout(
-        dest,
-        &top,
-        blobs
-            .iter()
-            .map(|digest| (*digest, oci::BlobSource::Path(layout.blob_path(digest)))),
-    )
-    .map_err(|error| error.to_string())?;
-    OciLayout::open(dest).map_err(|error| error.to_string())
+fn file_header(size: u64) -> tar::Header {
+    let mut header = tar::Header::new_ustar();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header
 }
 
 /// Applies `manifest`'s layers in order onto `root`.

@@ -168,9 +168,7 @@ pub fn export(
                 OutputSpec::Layouts(dir) => copy_layout(&layout, &dir.join(&image.name)),
                 OutputSpec::Local(dir) => exporter::export_local(&layout, dir),
                 OutputSpec::Tar(file) => exporter::export_rootfs_tar(&layout, file),
-                OutputSpec::OciArchive(file) => {
-                    exporter::export_oci_archive(&layout, file, None)
-                }
+                OutputSpec::OciArchive(file) => exporter::export_oci_archive(&layout, file),
             };
             let dest = match spec {
                 OutputSpec::Layouts(path)
@@ -245,8 +243,8 @@ pub fn check_architectures(
         let strict = strict || image.strict_arch;
         for (platform_image, (_, node)) in platforms.iter().zip(&image.platforms) {
             let skip = exporter::base_layer_count(plan, *node);
-            let mismatches = exporter::check_architecture(&layout, platform_image, skip)
-                .map_err(|message| {
+            let mismatches =
+                exporter::check_architecture(&layout, platform_image, skip).map_err(|message| {
                     render::error(&message, &[]);
                     ExitStatus::Environment
                 })?;
@@ -267,7 +265,9 @@ pub fn check_architectures(
     if failed {
         render::error(
             "the architecture check failed",
-            &["build the file for the image's platform (TARGETARCH), or drop --strict / strict-arch=#true"],
+            &[
+                "build the file for the image's platform (TARGETARCH), or drop --strict / strict-arch=#true",
+            ],
         );
         return Err(ExitStatus::BuildFailed);
     }
@@ -332,15 +332,15 @@ fn load_one(
     wanted: &OciPlatform,
 ) -> Result<(), ExitStatus> {
     let environment = |message: String| {
-        render::error(
-            &format!("--load: `{}`: {message}", image.name),
-            &[],
-        );
+        render::error(&format!("--load: `{}`: {message}", image.name), &[]);
         ExitStatus::Environment
     };
     let layout = open_layout(summary)?;
     let platforms = exporter::platform_images(&layout).map_err(environment)?;
-    let Some(chosen) = platforms.iter().find(|candidate| candidate.platform == *wanted) else {
+    let Some(chosen) = platforms
+        .iter()
+        .find(|candidate| candidate.platform == *wanted)
+    else {
         let built: Vec<String> = platforms.iter().map(|p| p.platform.to_string()).collect();
         render::error(
             &format!(
@@ -361,10 +361,8 @@ fn load_one(
         .prefix("graphbuild-load-")
         .tempdir()
         .map_err(|error| environment(error.to_string()))?;
-    let single = exporter::single_platform_layout(&layout, chosen, &scratch.path().join("layout"))
-        .map_err(environment)?;
     let archive = scratch.path().join("image.tar");
-    exporter::export_oci_archive(&single, &archive, Some(&tags)).map_err(environment)?;
+    exporter::export_platform_archive(&layout, chosen, &tags, &archive).map_err(environment)?;
     let output = Command::new(tool)
         .arg("load")
         .arg("-i")
@@ -409,9 +407,8 @@ fn load_one(
 }
 
 fn command_exists(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(name).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
 }
 
 /// `--metadata-file`: buildx's keys per image (top level for one image, by image name for
@@ -438,17 +435,18 @@ pub fn write_metadata(
         entries.insert(image.name.clone(), value);
     }
     let json = if entries.len() == 1 {
-        entries.into_iter().next().map(|(_, value)| value).unwrap_or_default()
+        entries
+            .into_iter()
+            .next()
+            .map(|(_, value)| value)
+            .unwrap_or_default()
     } else {
         serde_json::Value::Object(entries)
     };
     let mut bytes = serde_json::to_vec_pretty(&json).unwrap_or_default();
     bytes.push(b'\n');
     std::fs::write(file, bytes).map_err(|error| {
-        render::error(
-            &format!("cannot write {}: {error}", file.display()),
-            &[],
-        );
+        render::error(&format!("cannot write {}: {error}", file.display()), &[]);
         ExitStatus::Environment
     })
 }
@@ -479,8 +477,20 @@ mod tests {
             parse_output("type=oci,dest=layouts"),
             Ok(OutputSpec::Layouts(PathBuf::from("layouts")))
         );
-        assert!(parse_output("type=docker,dest=x").unwrap_err().contains("unknown type `docker`"));
-        assert!(parse_output("type=local").unwrap_err().contains("dest is missing"));
-        assert!(parse_output("type=local,dst=x").unwrap_err().contains("cannot read `dst=x`"));
+        assert!(
+            parse_output("type=docker,dest=x")
+                .unwrap_err()
+                .contains("unknown type `docker`")
+        );
+        assert!(
+            parse_output("type=local")
+                .unwrap_err()
+                .contains("dest is missing")
+        );
+        assert!(
+            parse_output("type=local,dst=x")
+                .unwrap_err()
+                .contains("cannot read `dst=x`")
+        );
     }
 }

@@ -376,12 +376,14 @@ pub fn run(args: RunArgs) -> ExitStatus {
     } else {
         None
     };
-    let exports =
-        match outputs::exports_per_image(&loaded.plan, &loaded.project.root_dir, &outputs.exports)
-        {
-            Ok(exports) => exports,
-            Err(code) => return code,
-        };
+    let exports = match outputs::exports_per_image(
+        &loaded.plan,
+        &loaded.project.root_dir,
+        &outputs.exports,
+    ) {
+        Ok(exports) => exports,
+        Err(code) => return code,
+    };
     // Without a layouts directory, the layouts are written to a scratch directory the
     // exporters read from.
     let scratch = match &outputs.layouts {
