@@ -19,6 +19,8 @@ use crate::render;
 pub enum OutputSpec {
     /// `DIR` or `type=oci,dest=DIR`: one OCI layout per image in `DIR/<image name>`.
     Layouts(PathBuf),
+    /// An image's own `output "type=oci,dest=DIR"`: its layout in `DIR` itself.
+    LayoutAt(PathBuf),
     /// `type=local,dest=DIR`: the image's filesystem.
     Local(PathBuf),
     /// `type=tar,dest=FILE`: the image's filesystem as a tar.
@@ -131,7 +133,9 @@ pub fn exports_per_image(
         }
         if let Some(value) = &image.export {
             match parse_output(value) {
-                Ok(OutputSpec::Layouts(dir)) => specs.push(OutputSpec::Layouts(root_dir.join(dir))),
+                Ok(OutputSpec::Layouts(dir) | OutputSpec::LayoutAt(dir)) => {
+                    specs.push(OutputSpec::LayoutAt(root_dir.join(dir)))
+                }
                 Ok(OutputSpec::Local(dir)) => specs.push(OutputSpec::Local(root_dir.join(dir))),
                 Ok(OutputSpec::Tar(file)) => specs.push(OutputSpec::Tar(root_dir.join(file))),
                 Ok(OutputSpec::OciArchive(file)) => {
@@ -166,12 +170,14 @@ pub fn export(
         for spec in specs {
             let written = match spec {
                 OutputSpec::Layouts(dir) => copy_layout(&layout, &dir.join(&image.name)),
+                OutputSpec::LayoutAt(dir) => copy_layout(&layout, dir),
                 OutputSpec::Local(dir) => exporter::export_local(&layout, dir),
                 OutputSpec::Tar(file) => exporter::export_rootfs_tar(&layout, file),
                 OutputSpec::OciArchive(file) => exporter::export_oci_archive(&layout, file),
             };
             let dest = match spec {
                 OutputSpec::Layouts(path)
+                | OutputSpec::LayoutAt(path)
                 | OutputSpec::Local(path)
                 | OutputSpec::Tar(path)
                 | OutputSpec::OciArchive(path) => path,
