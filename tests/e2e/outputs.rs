@@ -295,6 +295,15 @@ fn bad_outputs_are_refused_with_exit_2() {
             stderr(&output)
         );
     }
+    // type=local replaces its destination: never the directory holding the build file.
+    let replacing = sandbox.graphbuild(&["run", "images.kdl", "--output", "type=local,dest=."]);
+    assert_eq!(replacing.status.code(), Some(2), "{}", stderr(&replacing));
+    assert!(
+        stderr(&replacing).contains("the destination is replaced"),
+        "{}",
+        stderr(&replacing)
+    );
+    assert!(sandbox.path().join("images.kdl").is_file());
     let several = sandbox.graphbuild(&[
         "run",
         "images.kdl",

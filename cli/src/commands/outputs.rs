@@ -154,9 +154,41 @@ pub fn exports_per_image(
                 }
             }
         }
+        for spec in &specs {
+            if let OutputSpec::Local(dir) = spec {
+                refuse_replacing(dir, root_dir)?;
+            }
+        }
         per_image.push(specs);
     }
     Ok(per_image)
+}
+
+/// `type=local` replaces its `dest`: refuse a directory that holds the current directory, the
+/// build file or the home directory (`dest=.`, `dest=..`, `dest=/`).
+fn refuse_replacing(dest: &Path, root_dir: &Path) -> Result<(), ExitStatus> {
+    let Ok(dest_canonical) = dest.canonicalize() else {
+        return Ok(());
+    };
+    let mut precious: Vec<PathBuf> = vec![root_dir.to_path_buf()];
+    precious.extend(std::env::current_dir().ok());
+    precious.extend(std::env::var_os("HOME").map(PathBuf::from));
+    for path in precious {
+        if let Ok(path) = path.canonicalize()
+            && path.starts_with(&dest_canonical)
+        {
+            render::error(
+                &format!(
+                    "--output type=local,dest={}: the destination is replaced, and it holds {}",
+                    dest.display(),
+                    path.display()
+                ),
+                &["give a directory of its own, e.g. dest=rootfs"],
+            );
+            return Err(ExitStatus::InvalidInput);
+        }
+    }
+    Ok(())
 }
 
 /// Writes each image's exports from its layout.
