@@ -17,12 +17,12 @@ stage app {
     from "oci:tests/fixtures/busybox:1.35.0"
     workdir "/app"
     copy "hello.sh" "/app/hello.sh"
-    run "echo ${TARGETARCH} > /app/arch.txt && ln -s arch.txt /app/link && rm -rf /home && mkdir -p /etc/extra && echo x > /etc/extra/file"
+    run "echo ${TARGETARCH} > /app/arch.txt && ln -s arch.txt /app/link && rm -rf /home && mkdir -p /etc/extra /data/sub && echo x > /etc/extra/file && echo old > /data/sub/old.txt"
 }
 
 stage final {
     from app
-    run "rm -rf /etc/extra && echo again > /app/again.txt"
+    run "rm -rf /etc/extra /data && mkdir /data && echo new > /data/new.txt && echo again > /app/again.txt"
 }
 
 image app {
@@ -132,6 +132,9 @@ fn local_output_is_the_filesystem_umoci_unpacks() {
         assert!(ours.contains_key("app/arch.txt"), "{platform}: {ours:?}");
         assert!(!ours.contains_key("home"), "/home was removed");
         assert!(!ours.contains_key("etc/extra"), "/etc/extra was removed");
+        // /data was replaced (an opaque directory in the last layer).
+        assert!(ours.contains_key("data/new.txt"), "{ours:?}");
+        assert!(!ours.contains_key("data/sub"), "{ours:?}");
         let differences: Vec<_> = ours
             .iter()
             .filter(|(path, what)| theirs.get(*path) != Some(what))
