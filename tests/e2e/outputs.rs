@@ -405,6 +405,29 @@ fn load_puts_the_image_into_podman() {
         text
     };
     assert_eq!(content, "arm64\n");
+
+    // Without --platform, the host's platform: an image without it cannot be loaded.
+    let (host, foreign) = foreign_platform();
+    sandbox.write(
+        "foreign.kdl",
+        &BUILD.replace(
+            r#"platforms "linux/amd64" "linux/arm64""#,
+            &format!(r#"platforms "{foreign}""#),
+        ),
+    );
+    let refused = Command::new(bin())
+        .args(["run", "foreign.kdl", "--load"])
+        .current_dir(sandbox.path())
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.store())
+        .env("CONTAINERS_STORAGE_CONF", &conf)
+        .output()
+        .expect("graphbuild runs");
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains(&format!("has no linux/{host} image (built: {foreign})")),
+        "{}",
+        stderr(&refused)
+    );
 }
 
 /// The host's platform and a foreign one with an ELF table entry.
