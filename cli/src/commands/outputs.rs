@@ -196,6 +196,7 @@ pub fn export(
     plan: &Plan,
     summaries: &[ImageSummary],
     per_image: &[Vec<OutputSpec>],
+    quiet: bool,
 ) -> Result<(), ExitStatus> {
     for ((image, summary), specs) in plan.images.iter().zip(summaries).zip(per_image) {
         let layout = open_layout(summary)?;
@@ -225,7 +226,9 @@ pub fn export(
                 );
                 return Err(ExitStatus::Environment);
             }
-            eprintln!("exported {} to {}", image.name, dest.display());
+            if !quiet {
+                eprintln!("exported {} to {}", image.name, dest.display());
+            }
         }
     }
     Ok(())
@@ -340,6 +343,7 @@ pub fn load(
     plan: &Plan,
     summaries: &[ImageSummary],
     platform: &Platform,
+    quiet: bool,
 ) -> Result<(), ExitStatus> {
     let wanted = OciPlatform::from(platform);
     let tool = if command_exists("podman") {
@@ -358,7 +362,7 @@ pub fn load(
         return Err(ExitStatus::Environment);
     };
     for (image, summary) in plan.images.iter().zip(summaries) {
-        load_one(tool, image, summary, &wanted)?;
+        load_one(tool, image, summary, &wanted, quiet)?;
     }
     Ok(())
 }
@@ -368,6 +372,7 @@ fn load_one(
     image: &ImagePlan,
     summary: &ImageSummary,
     wanted: &OciPlatform,
+    quiet: bool,
 ) -> Result<(), ExitStatus> {
     let environment = |message: String| {
         render::error(&format!("--load: `{}`: {message}", image.name), &[]);
@@ -436,11 +441,13 @@ fn load_one(
             )));
         }
     }
-    eprintln!(
-        "loaded {} ({wanted}) into {tool} as {}",
-        image.name,
-        tags.join(", ")
-    );
+    if !quiet {
+        eprintln!(
+            "loaded {} ({wanted}) into {tool} as {}",
+            image.name,
+            tags.join(", ")
+        );
+    }
     Ok(())
 }
 

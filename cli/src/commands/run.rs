@@ -428,11 +428,11 @@ pub fn run(args: RunArgs) -> ExitStatus {
     if let Err(code) = outputs::check_architectures(&loaded.plan, &report.images, args.strict) {
         return code;
     }
-    if let Err(code) = outputs::export(&loaded.plan, &report.images, &exports) {
+    if let Err(code) = outputs::export(&loaded.plan, &report.images, &exports, args.quiet) {
         return code;
     }
     if let Some(platform) = &load_platform
-        && let Err(code) = outputs::load(&loaded.plan, &report.images, platform)
+        && let Err(code) = outputs::load(&loaded.plan, &report.images, platform, args.quiet)
     {
         return code;
     }
