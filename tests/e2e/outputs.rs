@@ -501,3 +501,40 @@ image app{strict_arch} {{
     assert_success(&native);
     assert!(!stderr(&native).contains("ELF file"), "{}", stderr(&native));
 }
+
+#[test]
+fn the_load_archive_is_both_an_oci_and_a_docker_archive() {
+    require_root();
+    require_tool("skopeo");
+    let sandbox = sandbox();
+    let output = sandbox.graphbuild(&["run", "images.kdl", "--output", "out"]);
+    assert_success(&output);
+    let layout =
+        graphbuild_engine::oci::OciLayout::open(&sandbox.path().join("out/app")).expect("layout");
+    let images = graphbuild_engine::exporter::platform_images(&layout).expect("platforms");
+    let arm64 = images
+        .iter()
+        .find(|image| image.platform.architecture == "arm64")
+        .expect("arm64");
+    let archive = sandbox.path().join("load.tar");
+    graphbuild_engine::exporter::export_platform_archive(
+        &layout,
+        arm64,
+        &["example.com/outputs-test:1.0".to_string()],
+        &archive,
+    )
+    .expect("archive");
+    for transport in ["oci-archive", "docker-archive"] {
+        let inspected = Command::new("skopeo")
+            .args(["inspect", "--format", "{{.Architecture}}"])
+            .arg(format!("{transport}:{}", archive.display()))
+            .output()
+            .expect("skopeo runs");
+        assert!(
+            inspected.status.success(),
+            "{transport}: {}",
+            stderr(&inspected)
+        );
+        assert_eq!(stdout(&inspected).trim(), "arm64", "{transport}");
+    }
+}
