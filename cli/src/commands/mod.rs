@@ -1,6 +1,7 @@
 //! The commands: thin glue between arguments, the language, the engine and the renderers.
 
 mod cache;
+mod outputs;
 mod plan_cmd;
 mod run;
 

@@ -288,6 +288,10 @@ impl<'a> Expander<'a> {
                             .collect()
                     }
                 };
+                let output = image
+                    .output
+                    .as_ref()
+                    .map(|output| self.substitute(output, Mode::Strict, &vars, None));
                 let mut plan = ImagePlan {
                     name,
                     tags: image
@@ -298,12 +302,13 @@ impl<'a> Expander<'a> {
                     platforms: Vec::new(),
                     annotations: self.substitute_pairs(&image.annotations, &vars),
                     labels: self.substitute_pairs(&image.labels, &vars),
-                    output: image.output.as_ref().map(|output| {
-                        project
-                            .root_dir
-                            .join(self.substitute(output, Mode::Strict, &vars, None))
-                    }),
+                    output: output
+                        .as_ref()
+                        .filter(|output| !output.starts_with("type="))
+                        .map(|output| project.root_dir.join(output)),
+                    export: output.filter(|output| output.starts_with("type=")),
                     push: image.push,
+                    strict_arch: image.strict_arch,
                     at: image.at,
                 };
                 let Some(stage) = self.stages.get(image.stage.as_str()).copied() else {
