@@ -211,9 +211,18 @@ pub struct BuildInputArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub inputs: BuildInputArgs,
-    /// Where image layouts are written, one directory per image
-    #[arg(long, short, value_name = "DIR", default_value = "graphbuild-out")]
-    pub output: PathBuf,
+    /// Where images go: DIR for OCI layouts (one per image), or type=local|tar|oci,dest=PATH (repeatable)
+    #[arg(long, short, value_name = "DIR|type=TYPE,dest=PATH")]
+    pub output: Vec<String>,
+    /// Load the image (one platform: the host's, or the one --platform names) into Podman or Docker
+    #[arg(long)]
+    pub load: bool,
+    /// Write buildx's metadata JSON (containerimage.digest, containerimage.descriptor, image.name)
+    #[arg(long, value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
+    /// Fail (exit 1) when a file the build added is an ELF binary for another architecture
+    #[arg(long)]
+    pub strict: bool,
     /// Ignore cached results (results are still recorded)
     #[arg(long)]
     pub no_cache: bool,

@@ -12,6 +12,7 @@ pub mod digest;
 pub mod dockerignore;
 pub mod events;
 pub mod explain;
+pub mod exporter;
 pub mod fsutil;
 pub mod key;
 pub mod layer;

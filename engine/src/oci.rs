@@ -1,5 +1,8 @@
 //! OCI image types, canonical JSON, and reading and writing OCI image layouts.
 //!
+//! Long because it is a format (about 1,140 lines of code): every type of the image spec and
+//! the layout reader and writer that must agree on their bytes stay together.
+//!
 //! # Types
 //!
 //! The serde types here follow the OCI image spec (and Docker's image config, which the OCI

@@ -1,5 +1,8 @@
 //! The remote cache client: bazel-remote's HTTP protocol, blocking, over `ureq`.
 //!
+//! A protocol client kept in one file (about 1,000 lines of code, the rest tests): requests,
+//! size caps, verification and cancellation share one set of rules for every call.
+//!
 //! # Protocol
 //!
 //! A remote cache is a base URL, `http(s)://host:port[/instance]`. Blobs live at

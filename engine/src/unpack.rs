@@ -94,6 +94,23 @@ pub fn max_layer_size(compressed_size: u64) -> u64 {
     DEFAULT_MAX_LAYER_SIZE.max(compressed_size.saturating_mul(DEFAULT_MAX_LAYER_RATIO))
 }
 
+/// The environment variable that sets [`max_build_unpack`] (bytes, or with a suffix as above).
+pub const MAX_BUILD_UNPACK_ENV: &str = "GRAPHBUILD_MAX_BUILD_UNPACK";
+
+/// The default of [`max_build_unpack`]: 100 GiB.
+pub const DEFAULT_MAX_BUILD_UNPACK: u64 = 100 << 30;
+
+/// The most bytes of file content one build may unpack into new snapshots, all layers together:
+/// `GRAPHBUILD_MAX_BUILD_UNPACK` when set (and valid), else 100 GiB. Each layer is limited to
+/// what is left; layers unpacked at the same moment may together pass it by at most one layer
+/// limit each.
+pub fn max_build_unpack() -> u64 {
+    std::env::var(MAX_BUILD_UNPACK_ENV)
+        .ok()
+        .and_then(|text| parse_size(&text))
+        .unwrap_or(DEFAULT_MAX_BUILD_UNPACK)
+}
+
 /// `123`, `10K`, `512M`, `10G`, `1T` (powers of 1024, an optional trailing `B` or `iB`).
 pub fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();

@@ -306,10 +306,13 @@ pub struct Image {
     pub matrix: Vec<MatrixAxis>,
     pub annotations: Vec<(String, Text)>,
     pub labels: Vec<(String, Text)>,
-    /// `output "PATH"`: where the OCI layout goes (default: `<--output>/<image name>`).
+    /// `output "PATH"`: where the OCI layout goes (default: `<--output>/<image name>`); or
+    /// `output "type=local,dest=DIR"` (buildx's CSV form): an exporter for this image.
     pub output: Option<Text>,
     /// `push=#true`: push every tag after building (as `--push` does for all images).
     pub push: bool,
+    /// `strict-arch=#true`: an ELF file of another architecture fails the build (`--strict`).
+    pub strict_arch: bool,
 }
 
 #[derive(Clone, Debug)]

@@ -569,6 +569,53 @@ fn allocated(dir: &Path) -> u64 {
 }
 
 #[test]
+fn the_layers_of_one_build_are_bounded_together() {
+    if !root_or_skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    // busybox's amd64 layer holds about 2 MB of files: a 1 MiB budget for the whole build
+    // refuses it, although it is far below the per-layer limit.
+    let file = build_file(&sandbox, "budget", BUSYBOX, "true");
+    let output = graphbuild_env(
+        &sandbox,
+        &[
+            "run",
+            &file,
+            "--output",
+            "budget/out",
+            "--progress",
+            "plain",
+        ],
+        &[("GRAPHBUILD_MAX_BUILD_UNPACK", "1M")],
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let all = format!("{}{}", stdout(&output), stderr(&output));
+    assert!(all.contains("the limit per build"), "{all}");
+    assert!(all.contains("GRAPHBUILD_MAX_BUILD_UNPACK"), "{all}");
+    let snapshots = sandbox.store().join("snapshots");
+    assert!(
+        !snapshots.exists()
+            || std::fs::read_dir(&snapshots)
+                .expect("snapshots")
+                .all(|entry| !entry
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("sha256-")),
+        "no snapshot of the refused layer"
+    );
+    // The default budget (100 GiB) builds it.
+    assert_success(&run(&sandbox, &file, "budget/out"));
+}
+
+#[test]
 fn a_gzip_bomb_base_layer_hits_the_layer_cap_quickly() {
     if !root_or_skip() {
         return;

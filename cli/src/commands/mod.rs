@@ -2,6 +2,7 @@
 
 mod build;
 mod cache;
+mod outputs;
 mod plan_cmd;
 mod run;
 

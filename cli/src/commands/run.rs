@@ -364,7 +364,50 @@ pub fn run(args: RunArgs) -> ExitStatus {
         render::warning("--offline: the team cache is not used");
         remote = build::RemoteOptions::default();
     }
-    let settings = match build_settings(&args.inputs, args.output.clone(), args.no_cache, remote) {
+    let outputs = match outputs::parse_outputs(&args.output) {
+        Ok(outputs) => outputs,
+        Err(code) => return code,
+    };
+    let load_platform = if args.load {
+        match outputs::load_platform(&select.platforms) {
+            Ok(platform) => Some(platform),
+            Err(code) => return code,
+        }
+    } else {
+        None
+    };
+    let exports = match outputs::exports_per_image(
+        &loaded.plan,
+        &loaded.project.root_dir,
+        &outputs.exports,
+    ) {
+        Ok(exports) => exports,
+        Err(code) => return code,
+    };
+    // Without a layouts directory, the layouts are written to a scratch directory the
+    // exporters read from.
+    let scratch = match &outputs.layouts {
+        Some(_) => None,
+        None => match tempfile::Builder::new()
+            .prefix("graphbuild-layouts-")
+            .tempdir()
+        {
+            Ok(dir) => Some(dir),
+            Err(error) => {
+                render::error(
+                    &format!("cannot create a temporary directory: {error}"),
+                    &[],
+                );
+                return ExitStatus::Environment;
+            }
+        },
+    };
+    let layouts_dir = match (&outputs.layouts, &scratch) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(scratch)) => scratch.path().to_path_buf(),
+        (None, None) => PathBuf::from("graphbuild-out"),
+    };
+    let settings = match build_settings(&args.inputs, layouts_dir, args.no_cache, remote) {
         Ok(settings) => settings,
         Err(code) => return code,
     };
@@ -379,6 +422,17 @@ pub fn run(args: RunArgs) -> ExitStatus {
     }
     if select.pull
         && let Err(code) = write_lock(select, &resolver)
+    {
+        return code;
+    }
+    if let Err(code) = outputs::check_architectures(&loaded.plan, &report.images, args.strict) {
+        return code;
+    }
+    if let Err(code) = outputs::export(&loaded.plan, &report.images, &exports, args.quiet) {
+        return code;
+    }
+    if let Some(platform) = &load_platform
+        && let Err(code) = outputs::load(&loaded.plan, &report.images, platform, args.quiet)
     {
         return code;
     }
@@ -413,6 +467,11 @@ pub fn run(args: RunArgs) -> ExitStatus {
                 return ExitStatus::Environment;
             }
         }
+    }
+    if let Some(file) = &args.metadata_file
+        && let Err(code) = outputs::write_metadata(file, &loaded.plan, &report.images)
+    {
+        return code;
     }
     ExitStatus::Success
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::copy::{self, CopyItem};
@@ -339,9 +340,29 @@ impl Executor<'_> {
                         return Err(message);
                     }
                 };
-                let check = unpack::LayerCheck::layer(layer.digest, layer.diff_id, layer.size);
+                let mut check = unpack::LayerCheck::layer(layer.digest, layer.diff_id, layer.size);
+                // The build's own budget: this layer may use what is left of it.
+                let budget = unpack::max_build_unpack();
+                let left = budget.saturating_sub(self.unpacked.load(Ordering::Relaxed));
+                let bound_by_build = left < check.max_bytes;
+                check.max_bytes = check.max_bytes.min(left);
                 match unpack::unpack_layer_checked(std::io::BufReader::new(file), dir, &check) {
-                    Ok(_) => Ok(()),
+                    Ok(stats) => {
+                        self.unpacked.fetch_add(stats.bytes, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Err(unpack::UnpackError::TooLarge { .. }) if bound_by_build => {
+                        let message = format!(
+                            "cannot unpack layer {}{}: this build has unpacked more than {budget} \
+                             bytes of layers, the limit per build; raise it with {}=SIZE (for \
+                             example 200G) if the images are legitimate",
+                            layer.digest,
+                            self.origin(&layer.digest),
+                            unpack::MAX_BUILD_UNPACK_ENV
+                        );
+                        failure = Some(message.clone());
+                        Err(message)
+                    }
                     Err(error) => {
                         let message = self.layer_error(layer, error);
                         failure = Some(message.clone());

@@ -191,6 +191,9 @@ struct Executor<'a> {
     /// Set when a corrupt blob was found and removed from the store: a failed build is worth
     /// running again.
     healed: std::sync::atomic::AtomicBool,
+    /// Bytes of file content unpacked into new snapshots by this build, against
+    /// [`unpack::max_build_unpack`].
+    unpacked: std::sync::atomic::AtomicU64,
 }
 
 /// How many times a build runs again after it removed corrupt blobs from the store.
@@ -274,6 +277,7 @@ fn build_once(
         verified_layers: Mutex::new(std::collections::HashSet::new()),
         forged_layers: Mutex::new(std::collections::HashSet::new()),
         healed: std::sync::atomic::AtomicBool::new(false),
+        unpacked: std::sync::atomic::AtomicU64::new(0),
     };
     let healed = || executor.healed.load(std::sync::atomic::Ordering::Relaxed);
 

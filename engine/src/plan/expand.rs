@@ -1,5 +1,9 @@
 //! The expander: walks images, platforms and matrix values into nodes. See the parent
 //! module's docs for the rules; this file holds the walk.
+//!
+//! Long because the walk is one piece of state (the nodes found so far, the memo of visits and
+//! the diagnostics) that every step kind reads and extends; the ops it produces and their keys
+//! live in [`super::op`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -294,6 +298,10 @@ impl<'a> Expander<'a> {
                             .collect()
                     }
                 };
+                let output = image
+                    .output
+                    .as_ref()
+                    .map(|output| self.substitute(output, Mode::Strict, &vars, None));
                 let mut plan = ImagePlan {
                     name,
                     tags: image
@@ -304,12 +312,13 @@ impl<'a> Expander<'a> {
                     platforms: Vec::new(),
                     annotations: self.substitute_pairs(&image.annotations, &vars),
                     labels: self.substitute_pairs(&image.labels, &vars),
-                    output: image.output.as_ref().map(|output| {
-                        project
-                            .root_dir
-                            .join(self.substitute(output, Mode::Strict, &vars, None))
-                    }),
+                    output: output
+                        .as_ref()
+                        .filter(|output| !output.starts_with("type="))
+                        .map(|output| project.root_dir.join(output)),
+                    export: output.filter(|output| output.starts_with("type=")),
                     push: image.push,
+                    strict_arch: image.strict_arch,
                     at: image.at,
                 };
                 let Some(stage) = self.stages.get(image.stage.as_str()).copied() else {

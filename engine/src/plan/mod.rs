@@ -157,7 +157,12 @@ pub struct ImagePlan {
     pub annotations: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
     pub output: Option<PathBuf>,
+    /// `output "type=…"`: an exporter for this image, buildx's CSV form as written (after
+    /// substitution); its `dest` is relative to the build file's directory.
+    pub export: Option<String>,
     pub push: bool,
+    /// `strict-arch=#true`: a foreign ELF file fails the build.
+    pub strict_arch: bool,
     pub at: Loc,
 }
 

@@ -1,6 +1,10 @@
 //! The sandbox child: the supervisor process and PID 1 of the sandbox. See the parent
 //! module's docs for the process layout and the synthetic-layer design.
 //!
+//! Long because it is one sequence that must run in order in one single-threaded process
+//! (unshare, mounts, pivot_root, confinement, exec, supervision); splitting it would scatter
+//! the order that makes it safe.
+//!
 //! Everything here runs in a process that must stay single-threaded: it forks without exec
 //! and unshares a mount namespace. Failures are reported as [`ChildReport`]s on stderr.
 

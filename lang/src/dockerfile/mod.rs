@@ -1314,6 +1314,7 @@ impl Lowerer {
                 .collect(),
             output: options.output.as_deref().map(text),
             push: options.push,
+            strict_arch: false,
         })
     }
 }

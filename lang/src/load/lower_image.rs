@@ -172,10 +172,16 @@ impl Loader {
         }
         image_names.insert(name.raw.clone(), name.at);
         let mut push = false;
+        let mut strict_arch = false;
         for (key, entry) in properties(node) {
             match key {
                 "push" => push = self.boolean(entry, file, "`push`").unwrap_or(false),
-                other => self.unknown_property(other, entry, file, "image", &["push"]),
+                "strict-arch" => {
+                    strict_arch = self.boolean(entry, file, "`strict-arch`").unwrap_or(false)
+                }
+                other => {
+                    self.unknown_property(other, entry, file, "image", &["push", "strict-arch"])
+                }
             }
         }
         let mut stage: Option<(String, Loc)> = None;
@@ -396,6 +402,7 @@ impl Loader {
             labels,
             output,
             push,
+            strict_arch,
         })
     }
 
