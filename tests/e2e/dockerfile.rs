@@ -288,6 +288,23 @@ fn a_dockerfile_and_its_kdl_twin_give_one_index_digest() {
         sandbox.path().join("out-dockerfile/index.json").exists(),
         "-o type=oci,dest=DIR writes the layout there"
     );
+
+    // `-o type=local,dest=DIR`: the filesystem, through `run`'s exporter.
+    let local = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/arm64",
+        "-o",
+        "type=local,dest=rootfs",
+        "--progress",
+        "plain",
+        "tests/dockerfiles/same",
+    ]);
+    assert_success(&local);
+    assert_eq!(
+        std::fs::read_to_string(sandbox.path().join("rootfs/app/arch.txt")).expect("arch.txt"),
+        "arm64\n"
+    );
 }
 
 #[test]
@@ -414,7 +431,7 @@ fn unsupported_buildx_flags_and_outputs_are_refused_by_name() {
     let sandbox = Sandbox::new();
     corpus(&sandbox, "same");
     for (args, expected) in [
-        (&["--load"][..], "does not support `--load`"),
+        (&["--builder", "x"][..], "does not support `--builder`"),
         (&["--ssh", "default"][..], "does not support `--ssh`"),
         (
             &["--provenance=true"][..],
@@ -422,9 +439,12 @@ fn unsupported_buildx_flags_and_outputs_are_refused_by_name() {
         ),
         (
             &["-o", "type=docker"][..],
-            "the exporter `docker` is not supported",
+            "TYPE is one of local, tar or oci",
         ),
-        (&["-o", "type=local,dest=x"][..], "type=oci,dest=DIR"),
+        (
+            &["-o", "type=registry,push=true"][..],
+            "`push` is not supported",
+        ),
         (
             &["--cache-from", "type=registry,ref=x/y"][..],
             "team cache URL",

@@ -6,14 +6,12 @@ use std::path::PathBuf;
 use clap::Args;
 use graphbuild_lang::dockerfile;
 
-use crate::progress::Progress;
 use crate::render;
-use crate::{BuildInputArgs, CompressionArg, ExitStatus, FormatArg, ProgressMode, SelectArgs};
-
-use super::run::{
-    build_settings, cancel_on_signals, execute, refuse_unavailable_layers, remote_options,
-    report_failures,
+use crate::{
+    BuildInputArgs, CompressionArg, ExitStatus, FormatArg, ProgressMode, RunArgs, SelectArgs,
 };
+
+use super::run::build_loaded;
 use super::*;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -83,6 +81,12 @@ pub struct BuildArgs {
     /// The network of RUN steps without their own --network
     #[arg(long, value_enum, value_name = "MODE")]
     pub network: Option<NetworkMode>,
+    /// Load the image into Podman or Docker (one platform), as `run --load`
+    #[arg(long)]
+    pub load: bool,
+    /// Fail (instead of warning) when an ELF file in the image is for another architecture
+    #[arg(long)]
+    pub strict: bool,
     /// Write the image index's digest to FILE
     #[arg(long, value_name = "FILE")]
     pub iidfile: Option<PathBuf>,
@@ -100,8 +104,6 @@ pub struct BuildArgs {
     pub source_date_epoch: i64,
 
     // `docker buildx build` flags graphbuild does not support: refused by name, not ignored.
-    #[arg(long, hide = true)]
-    pub load: bool,
     #[arg(long, hide = true)]
     pub check: bool,
     #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -139,12 +141,7 @@ fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
             .as_deref()
             .is_some_and(|value| !matches!(value, "false" | "0"))
     };
-    let checks: [(bool, &str, &'static str); 15] = [
-        (
-            args.load,
-            "--load",
-            "there is no Docker daemon to load into: the image is an OCI layout under ./graphbuild-out (copy it with `skopeo copy oci:DIR:TAG docker-daemon:NAME:TAG`), or --push it",
-        ),
+    let checks: [(bool, &str, &'static str); 14] = [
         (
             args.check,
             "--check",
@@ -202,10 +199,21 @@ fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
         .map(|(_, flag, why)| (flag.to_string(), why))
 }
 
-/// Where `-o` sends the image: (an OCI layout directory, push).
-fn outputs(specs: &[String]) -> Result<(Option<String>, bool), String> {
-    let mut dest = None;
-    let mut push = false;
+/// What `-o` asks for: an OCI layout directory (`type=oci,dest=DIR`), a push
+/// (`type=registry`), and the rest for `run`'s exporters (`type=local`, `type=tar`,
+/// `type=oci,dest=FILE.tar`), which report what they do not support.
+struct OutputRequest {
+    layout_dir: Option<String>,
+    push: bool,
+    exports: Vec<String>,
+}
+
+fn outputs(specs: &[String]) -> Result<OutputRequest, String> {
+    let mut request = OutputRequest {
+        layout_dir: None,
+        push: false,
+        exports: Vec::new(),
+    };
     for spec in specs {
         let fields: Vec<(&str, &str)> = spec
             .split(',')
@@ -217,46 +225,41 @@ fn outputs(specs: &[String]) -> Result<(Option<String>, bool), String> {
                 .find(|(name, _)| *name == key)
                 .map(|(_, value)| *value)
         };
-        let supported = "graphbuild supports -o type=oci,dest=DIR (an OCI layout directory) and -o type=registry (the same as --push)";
         match get("type") {
-            Some("oci") => {
+            Some("registry") => {
+                if let Some((key, _)) = fields.iter().find(|(key, _)| *key != "type") {
+                    return Err(format!(
+                        "-o {spec}: `{key}` is not supported; the image is pushed to its -t tags"
+                    ));
+                }
+                request.push = true;
+            }
+            Some("oci")
+                if get("tar") == Some("false")
+                    || get("dest").is_some_and(|dest| !dest.ends_with(".tar")) =>
+            {
                 if let Some((key, _)) = fields
                     .iter()
                     .find(|(key, _)| !matches!(*key, "type" | "dest" | "tar"))
                 {
-                    return Err(format!("-o {spec}: `{key}` is not supported; {supported}"));
-                }
-                if get("tar").is_some_and(|tar| tar != "false") {
-                    return Err(format!(
-                        "-o {spec}: graphbuild writes an OCI layout directory, not a tarball; {supported}"
-                    ));
+                    return Err(format!("-o {spec}: `{key}` is not supported"));
                 }
                 match get("dest") {
-                    Some(dir) if !dir.is_empty() && dir != "-" => dest = Some(dir.to_string()),
-                    _ => return Err(format!("-o {spec}: needs dest=DIR; {supported}")),
+                    Some(dir) if !dir.is_empty() && dir != "-" => {
+                        request.layout_dir = Some(dir.to_string());
+                    }
+                    _ => return Err(format!("-o {spec}: needs dest=DIR")),
                 }
-            }
-            Some("registry") => {
-                if let Some((key, _)) = fields.iter().find(|(key, _)| *key != "type") {
-                    return Err(format!(
-                        "-o {spec}: `{key}` is not supported; the image is pushed to its -t tags. {supported}"
-                    ));
-                }
-                push = true;
-            }
-            Some(other) => {
-                return Err(format!(
-                    "-o {spec}: the exporter `{other}` is not supported; {supported}"
-                ));
             }
             None => {
                 return Err(format!(
-                    "-o {spec}: graphbuild needs the type=… form; {supported}"
+                    "-o {spec}: write buildx's form, type=oci|local|tar|registry,dest=…"
                 ));
             }
+            Some(_) => request.exports.push(spec.clone()),
         }
     }
-    Ok((dest, push))
+    Ok(request)
 }
 
 /// The image's name: the repository's last part of the first tag (`user/app:1.0` → `app`).
@@ -282,8 +285,8 @@ pub fn build(args: BuildArgs) -> ExitStatus {
         );
         return ExitStatus::InvalidInput;
     }
-    let (dest, push_output) = match outputs(&args.output) {
-        Ok(outputs) => outputs,
+    let request = match outputs(&args.output) {
+        Ok(request) => request,
         Err(message) => {
             render::error(&message, &[]);
             return ExitStatus::InvalidInput;
@@ -313,7 +316,7 @@ pub fn build(args: BuildArgs) -> ExitStatus {
         );
         return ExitStatus::InvalidInput;
     }
-    let push = args.push || push_output;
+    let push = args.push || request.push;
     let file = args
         .file
         .clone()
@@ -393,7 +396,7 @@ pub fn build(args: BuildArgs) -> ExitStatus {
         network_none: args.network == Some(NetworkMode::None),
         labels,
         annotations,
-        output: dest.map(|dir| {
+        output: request.layout_dir.as_ref().map(|dir| {
             std::path::absolute(&dir)
                 .unwrap_or_else(|_| PathBuf::from(&dir))
                 .display()
@@ -444,89 +447,62 @@ pub fn build(args: BuildArgs) -> ExitStatus {
         );
         return ExitStatus::InvalidInput;
     }
-    let cancel = cancel_on_signals();
-    let (mode, quiet) = match args.progress {
+    let (progress, quiet) = match args.progress {
         BuildProgress::Auto => (None, args.quiet),
         BuildProgress::Plain => (Some(ProgressMode::Plain), args.quiet),
         BuildProgress::Tty => (Some(ProgressMode::Tty), args.quiet),
         BuildProgress::Json => (Some(ProgressMode::Json), args.quiet),
         BuildProgress::Quiet => (None, true),
     };
-    let mode = mode.unwrap_or_else(|| {
-        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            ProgressMode::Tty
-        } else {
-            ProgressMode::Plain
+    // `--iidfile` reads the digest from the metadata `run` writes.
+    let scratch = match tempfile::tempdir() {
+        Ok(dir) => dir,
+        Err(error) => {
+            render::error(
+                &format!("cannot create a temporary directory: {error}"),
+                &[],
+            );
+            return ExitStatus::Environment;
         }
+    };
+    let metadata_file = args.metadata_file.clone().or_else(|| {
+        args.iidfile
+            .as_ref()
+            .map(|_| scratch.path().join("metadata.json"))
     });
-    let remote = match remote_options(&args.cache) {
-        Ok(remote) => remote,
-        Err(code) => return code,
+    let run_args = RunArgs {
+        inputs: BuildInputArgs {
+            select: select.clone(),
+            jobs: None,
+            compression: CompressionArg::Gzip,
+            secrets: args.secrets.clone(),
+            source_date_epoch: args.source_date_epoch,
+            format: FormatArg::Oci,
+            step_timeout: None,
+            step_max_processes: graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES,
+        },
+        output: request.exports,
+        load: args.load,
+        metadata_file: metadata_file.clone(),
+        strict: args.strict,
+        no_cache: args.no_cache,
+        progress,
+        quiet,
+        cache: args.cache.clone(),
+        push,
     };
-    let inputs = BuildInputArgs {
-        select: select.clone(),
-        jobs: None,
-        compression: CompressionArg::Gzip,
-        secrets: args.secrets.clone(),
-        source_date_epoch: args.source_date_epoch,
-        format: FormatArg::Oci,
-        step_timeout: None,
-        step_max_processes: graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES,
-    };
-    let settings = match build_settings(
-        &inputs,
-        PathBuf::from("graphbuild-out"),
-        args.no_cache,
-        remote,
-    ) {
-        Ok(settings) => settings,
-        Err(code) => return code,
-    };
-    let progress = Progress::new(mode, quiet);
-    let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
-    if let Err(code) = refuse_unavailable_layers(&resolver, &select) {
-        return code;
-    }
-    let code = report_failures(&report);
+    let code = build_loaded(&run_args, &store, &resolver, &loaded);
     if code != ExitStatus::Success {
         return code;
     }
-    let Some(summary) = report.images.first() else {
-        render::error("the build produced no image", &[]);
-        return ExitStatus::BuildFailed;
-    };
-    if push {
-        match graphbuild_engine::push::push_layout(
-            resolver.registry(),
-            std::path::Path::new(&summary.output),
-            &args.tags,
-        ) {
-            Ok(pushed) => {
-                for tag in &pushed.tags {
-                    eprintln!("pushed {tag} ({})", summary.index_digest);
-                }
-            }
-            Err(message) => {
-                render::error(&format!("pushing `{name}` failed: {message}"), &[]);
-                return ExitStatus::Environment;
-            }
-        }
-    }
-    if let Some(path) = &args.iidfile
-        && let Err(error) = std::fs::write(path, &summary.index_digest)
-    {
-        render::error(&format!("cannot write {}: {error}", path.display()), &[]);
-        return ExitStatus::Environment;
-    }
-    if let Some(path) = &args.metadata_file {
-        let metadata = serde_json::json!({
-            "containerimage.digest": summary.index_digest,
-            "image.name": args.tags.join(","),
-            "graphbuild.output": summary.output,
-        });
-        let text = serde_json::to_string_pretty(&metadata).unwrap_or_default();
-        if let Err(error) = std::fs::write(path, text + "\n") {
-            render::error(&format!("cannot write {}: {error}", path.display()), &[]);
+    if let (Some(iidfile), Some(metadata)) = (&args.iidfile, &metadata_file) {
+        let digest = std::fs::read_to_string(metadata)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|json| json["containerimage.digest"].as_str().map(str::to_string));
+        let written = digest.map(|digest| std::fs::write(iidfile, digest));
+        if !matches!(written, Some(Ok(()))) {
+            render::error(&format!("cannot write {}", iidfile.display()), &[]);
             return ExitStatus::Environment;
         }
     }

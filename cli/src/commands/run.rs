@@ -345,6 +345,18 @@ pub fn run(args: RunArgs) -> ExitStatus {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    build_loaded(&args, &store, &resolver, &loaded)
+}
+
+/// Build a loaded plan as `run` does: exports, `--load`, pushes and metadata included. Shared
+/// with `graphbuild build`, whose plan comes from a Dockerfile.
+pub(super) fn build_loaded(
+    args: &RunArgs,
+    store: &Store,
+    resolver: &DefaultResolver,
+    loaded: &Loaded,
+) -> ExitStatus {
+    let select = &args.inputs.select;
     if let Err(code) = refuse_unresolved(&loaded.plan, select) {
         return code;
     }
@@ -412,8 +424,8 @@ pub fn run(args: RunArgs) -> ExitStatus {
         Err(code) => return code,
     };
     let progress = Progress::new(mode, args.quiet);
-    let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
-    if let Err(code) = refuse_unavailable_layers(&resolver, select) {
+    let report = execute(loaded, store, resolver, settings, &cancel, &progress);
+    if let Err(code) = refuse_unavailable_layers(resolver, select) {
         return code;
     }
     let code = report_failures(&report);
@@ -421,7 +433,7 @@ pub fn run(args: RunArgs) -> ExitStatus {
         return code;
     }
     if select.pull
-        && let Err(code) = write_lock(select, &resolver)
+        && let Err(code) = write_lock(select, resolver)
     {
         return code;
     }
