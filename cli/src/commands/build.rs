@@ -397,7 +397,7 @@ pub fn build(args: BuildArgs) -> ExitStatus {
         labels,
         annotations,
         output: request.layout_dir.as_ref().map(|dir| {
-            std::path::absolute(&dir)
+            std::path::absolute(dir)
                 .unwrap_or_else(|_| PathBuf::from(&dir))
                 .display()
                 .to_string()
