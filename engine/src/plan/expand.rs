@@ -841,9 +841,9 @@ impl<'a> Expander<'a> {
             None => None,
             Some(text) => {
                 let value = self.substitute(text, Mode::Strict, vars, Some(settings));
-                match u32::from_str_radix(value.trim_start_matches("0o"), 8) {
-                    Ok(mode) if mode <= 0o7777 => Some(mode),
-                    _ => {
+                match crate::copy::parse_chmod(value.trim_start_matches("0o")) {
+                    Ok(mode) => Some(mode),
+                    Err(_) => {
                         self.error(
                             text.at,
                             Code::Chmod,
