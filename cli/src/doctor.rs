@@ -10,10 +10,10 @@ use graphbuild_lang::platform::Platform;
 use crate::ExitStatus;
 
 /// The hidden argument that makes the binary probe namespaces and exit.
-pub const PROBE_ARG: &str = "__graphbuild-probe-namespaces";
+pub(crate) const PROBE_ARG: &str = "__graphbuild-probe-namespaces";
 
 /// Runs in a fresh single-threaded child: can we create the namespaces a sandbox needs?
-pub fn probe_namespaces() -> ! {
+pub(crate) fn probe_namespaces() -> ! {
     use nix::sched::{CloneFlags, unshare};
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
@@ -181,7 +181,7 @@ fn rootless_checks(checks: &mut Vec<Check>) {
     ));
 }
 
-pub fn binfmt_dir() -> PathBuf {
+pub(crate) fn binfmt_dir() -> PathBuf {
     std::env::var_os("GRAPHBUILD_BINFMT_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(binfmt::BINFMT_MISC_DIR))
@@ -362,16 +362,14 @@ fn containment_checks(checks: &mut Vec<Check>, platforms: &[Platform]) {
         checks.push(check(
             false,
             false,
-            "linux/386 run steps cannot run under the x86_64-only seccomp filter",
-            Some(
-                "build linux/386 images from copy steps, or mark trusted steps insecure=#true"
-                    .to_string(),
-            ),
+            "linux/386 run steps run without the x86_64-only seccomp filter (capabilities, \
+             devices, /proc and limits still apply)",
+            None,
         ));
     }
 }
 
-pub fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> ExitStatus {
+pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> ExitStatus {
     let dir = binfmt_dir();
     let host = Platform::host();
     let mut platforms = match &file {

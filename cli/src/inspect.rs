@@ -201,7 +201,11 @@ fn inspect_registry(target: &str, json_format: bool, insecure_registries: &[Stri
     ExitStatus::Success
 }
 
-pub fn inspect(target: &str, json_format: bool, insecure_registries: &[String]) -> ExitStatus {
+pub(crate) fn inspect(
+    target: &str,
+    json_format: bool,
+    insecure_registries: &[String],
+) -> ExitStatus {
     // PATH or PATH:TAG (a tag never contains '/').
     let (path, tag) = match target.rsplit_once(':') {
         Some((path, tag)) if !tag.contains('/') && Path::new(path).is_dir() => (path, Some(tag)),

@@ -50,7 +50,7 @@ struct State {
 }
 
 /// Renders the engine's events; see the module docs.
-pub struct Progress {
+pub(crate) struct Progress {
     /// Shows nothing at all (`verify` builds quietly and reports on its own).
     silent: bool,
     mode: ProgressMode,
@@ -67,7 +67,7 @@ const SPINNER: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '�
 const MIN_WIDTH: usize = 20;
 
 impl Progress {
-    pub fn new(mode: ProgressMode, quiet: bool) -> Self {
+    pub(crate) fn new(mode: ProgressMode, quiet: bool) -> Self {
         let state = Arc::new(Mutex::new(State {
             running: BTreeMap::new(),
             drawn: 0,
@@ -106,14 +106,14 @@ impl Progress {
     }
 
     /// A progress that shows nothing.
-    pub fn silent() -> Self {
+    pub(crate) fn silent() -> Self {
         let mut progress = Progress::new(ProgressMode::Plain, true);
         progress.silent = true;
         progress
     }
 
     /// Stop the live view and print the final table.
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         let summary = {
             let Ok(mut state) = self.state.lock() else {
                 return;
@@ -542,7 +542,7 @@ impl EventSink for Progress {
 /// tab is shown escaped (`\x1b`, `\u{9b}`), so a step cannot move the cursor, recolor, retitle
 /// or clear the screen. A carriage return keeps only what a terminal would show: the text after
 /// the last one (a trailing one, as in CRLF, is dropped). Other text, UTF-8 included, is kept.
-pub fn sanitize(line: &str) -> String {
+pub(crate) fn sanitize(line: &str) -> String {
     let line = line.strip_suffix('\r').unwrap_or(line);
     let line = line.rsplit('\r').next().unwrap_or(line);
     if !line.chars().any(|c| c.is_control() && c != '\t') {

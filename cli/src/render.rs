@@ -3,12 +3,12 @@
 
 use std::io::IsTerminal;
 
-pub fn color_enabled() -> bool {
+pub(crate) fn color_enabled() -> bool {
     std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
         && std::io::stderr().is_terminal()
 }
 
-pub fn install_hook() {
+pub(crate) fn install_hook() {
     let color = color_enabled();
     let _ = miette::set_hook(Box::new(move |_| {
         let width = terminal_width().unwrap_or(100).clamp(60, 160);
@@ -24,7 +24,7 @@ pub fn install_hook() {
 }
 
 /// The terminal's width from `COLUMNS` or the tty.
-pub fn terminal_width() -> Option<usize> {
+pub(crate) fn terminal_width() -> Option<usize> {
     if let Some(columns) = std::env::var("COLUMNS")
         .ok()
         .and_then(|value| value.parse().ok())
@@ -38,7 +38,7 @@ pub fn terminal_width() -> Option<usize> {
 }
 
 /// Print a diagnostic (error or warning) to stderr.
-pub fn diagnostic(diagnostic: &dyn miette::Diagnostic) {
+pub(crate) fn diagnostic(diagnostic: &dyn miette::Diagnostic) {
     let mut out = String::new();
     let handler = miette::GraphicalReportHandler::new_themed(if color_enabled() {
         miette::GraphicalTheme::unicode()
@@ -52,19 +52,19 @@ pub fn diagnostic(diagnostic: &dyn miette::Diagnostic) {
 }
 
 /// `error: message` with optional `hint:` lines, for problems that have no source location.
-pub fn error(message: &str, hints: &[&str]) {
+pub(crate) fn error(message: &str, hints: &[&str]) {
     eprintln!("error: {message}");
     for hint in hints {
         eprintln!("hint: {hint}");
     }
 }
 
-pub fn warning(message: &str) {
+pub(crate) fn warning(message: &str) {
     eprintln!("warning: {message}");
 }
 
 /// `12.3 MiB`.
-pub fn bytes(size: u64) -> String {
+pub(crate) fn bytes(size: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = size as f64;
     let mut unit = 0;
@@ -80,7 +80,7 @@ pub fn bytes(size: u64) -> String {
 }
 
 /// `1.2s`, `350ms`, `2m05s`.
-pub fn duration(ms: u64) -> String {
+pub(crate) fn duration(ms: u64) -> String {
     if ms < 1000 {
         format!("{ms}ms")
     } else if ms < 60_000 {

@@ -53,7 +53,7 @@ use std::time::SystemTime;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-pub use crate::copy::CopyError;
+pub(crate) use crate::copy::CopyError;
 use crate::dockerignore::{DockerIgnore, DockerIgnoreError, Glob, go_clean};
 use crate::fsutil;
 use crate::store::Store;
@@ -95,7 +95,7 @@ mod byte_path {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(path: &Path, serializer: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(path: &Path, serializer: S) -> Result<S::Ok, S::Error> {
         match path.to_str() {
             Some(text) => serializer.serialize_str(text),
             None => serializer.collect_seq(path.as_os_str().as_bytes()),
@@ -109,7 +109,9 @@ mod byte_path {
         Bytes(Vec<u8>),
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<PathBuf, D::Error> {
         Ok(match Repr::deserialize(deserializer)? {
             Repr::Text(text) => PathBuf::from(text),
             Repr::Bytes(bytes) => PathBuf::from(OsString::from_vec(bytes)),
@@ -119,7 +121,7 @@ mod byte_path {
 
 /// Errors scanning a context.
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
-pub enum ContextError {
+pub(crate) enum ContextError {
     #[error("the build context {} is not a directory", path.display())]
     #[diagnostic(
         code(graphbuild::context::not_a_directory),
@@ -141,7 +143,7 @@ pub enum ContextError {
 
 /// What a scan did, for progress output and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ScanStats {
+pub(crate) struct ScanStats {
     pub files: usize,
     /// Files read and hashed.
     pub hashed: usize,
@@ -151,13 +153,17 @@ pub struct ScanStats {
 
 /// A scanned build context.
 #[derive(Debug, Clone)]
-pub struct Context {
+pub(crate) struct Context {
     root: PathBuf,
     root_mode: u32,
     /// Visible entries by `/`-separated relative path (the root itself is not in it).
     entries: BTreeMap<String, ItemKind>,
     /// The real relative path of the entries whose path is not UTF-8, by their key.
     raw_paths: HashMap<String, PathBuf>,
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "what the scan did, read by the stat-cache tests")
+    )]
     stats: ScanStats,
 }
 
@@ -198,7 +204,7 @@ const STAT_CACHE_VERSION: u32 = 1;
 
 impl Context {
     /// Walk and hash the context at `dir`; see the module documentation.
-    pub fn scan(dir: &Path, stat_cache: Option<&Store>) -> Result<Context, ContextError> {
+    pub(crate) fn scan(dir: &Path, stat_cache: Option<&Store>) -> Result<Context, ContextError> {
         let io_error = |action: &'static str, path: &Path| {
             let path = path.to_path_buf();
             move |source: io::Error| ContextError::Io {
@@ -392,23 +398,26 @@ impl Context {
     }
 
     /// The context directory (canonical).
-    pub fn root(&self) -> &Path {
+    #[cfg(test)]
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
-    pub fn stats(&self) -> ScanStats {
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> ScanStats {
         self.stats
     }
 
     /// Every visible entry, by relative path.
-    pub fn entries(&self) -> impl Iterator<Item = (&str, &ItemKind)> {
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&str, &ItemKind)> {
         self.entries
             .iter()
             .map(|(path, kind)| (path.as_str(), kind))
     }
 
     /// Select COPY sources; see the module documentation.
-    pub fn select(&self, sources: &[String]) -> Result<Vec<CopyItem>, CopyError> {
+    pub(crate) fn select(&self, sources: &[String]) -> Result<Vec<CopyItem>, CopyError> {
         let mut items = Vec::new();
         for source in sources {
             let cleaned = clean_source(source, true)?;
@@ -596,7 +605,7 @@ impl Context {
 /// Select COPY sources in another stage's root filesystem (`from=`): the same semantics as
 /// [`Context::select`], without `.dockerignore` and with zeroed digests. Every path is
 /// resolved with [`fsutil::resolve_in_root`], so `rel_src` never goes through a symlink.
-pub fn select_in_tree(root: &Path, sources: &[String]) -> Result<Vec<CopyItem>, CopyError> {
+pub(crate) fn select_in_tree(root: &Path, sources: &[String]) -> Result<Vec<CopyItem>, CopyError> {
     let io_error = |action: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source: io::Error| CopyError::Io {
@@ -857,7 +866,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// A canonical blake3 over a selection, for cache keys: paths, kinds, content digests, modes
 /// and symlink targets, in order.
-pub fn items_digest(items: &[CopyItem]) -> [u8; 32] {
+pub(crate) fn items_digest(items: &[CopyItem]) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"graphbuild copy items v1\0");
     hasher.update(&(items.len() as u64).to_le_bytes());

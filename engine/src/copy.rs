@@ -31,12 +31,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-pub use crate::context::{CopyItem, ItemKind};
+pub(crate) use crate::context::{CopyItem, ItemKind};
 use crate::fsutil;
 
 /// Errors selecting or copying files.
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
-pub enum CopyError {
+pub(crate) enum CopyError {
     #[error("copy source `{name}` matches nothing")]
     #[diagnostic(code(graphbuild::copy::not_found), help("{help}"))]
     SourceNotFound { name: String, help: String },
@@ -96,14 +96,14 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Copy
 
 /// `chown=` and `chmod=` of a copy, already parsed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CopyOptions {
+pub(crate) struct CopyOptions {
     pub chown: Option<(u32, u32)>,
     pub chmod: Option<u32>,
 }
 
 /// Copy `items` (read under `src_root`) to `dest` in the root filesystem `dest_root`; see the
 /// module documentation.
-pub fn perform_copy(
+pub(crate) fn perform_copy(
     items: &[CopyItem],
     src_root: &Path,
     dest_root: &Path,
@@ -311,7 +311,7 @@ fn set_owner_fd(file: &File, path: &Path, (uid, gid): (u32, u32)) -> Result<(), 
 /// Parse `chown=`: `user`, `user:group`, `uid`, `uid:gid` (names from the image's
 /// `/etc/passwd` and `/etc/group` under `root`). A user alone takes its primary group; a
 /// numeric uid alone takes the same number as gid, as BuildKit does.
-pub fn parse_chown(spec: &str, root: &Path) -> Result<(u32, u32), CopyError> {
+pub(crate) fn parse_chown(spec: &str, root: &Path) -> Result<(u32, u32), CopyError> {
     let invalid = |reason: String| CopyError::InvalidChown {
         spec: spec.to_string(),
         reason,
@@ -377,7 +377,7 @@ fn lookup<'a>(database: &'a str, name: &str) -> Option<Vec<&'a str>> {
 }
 
 /// Parse `chmod=`: an octal mode up to `7777`.
-pub fn parse_chmod(spec: &str) -> Result<u32, CopyError> {
+pub(crate) fn parse_chmod(spec: &str) -> Result<u32, CopyError> {
     let invalid = || CopyError::InvalidChmod {
         spec: spec.to_string(),
     };

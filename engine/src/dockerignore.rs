@@ -39,7 +39,7 @@ use std::fmt;
         "patterns use Go's filepath.Match syntax: `*`, `?`, `[a-z]`, `[^a-z]`, `\\` to escape, and `**` for any directories"
     )
 )]
-pub struct DockerIgnoreError {
+pub(crate) struct DockerIgnoreError {
     pub line: usize,
     pub pattern: String,
     pub reason: String,
@@ -48,11 +48,11 @@ pub struct DockerIgnoreError {
 /// A malformed glob (without the line information of a `.dockerignore`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct PatternError(pub String);
+pub(crate) struct PatternError(pub String);
 
 /// A parsed `.dockerignore`.
 #[derive(Debug, Clone, Default)]
-pub struct DockerIgnore {
+pub(crate) struct DockerIgnore {
     patterns: Vec<Pattern>,
 }
 
@@ -67,7 +67,7 @@ struct Pattern {
 
 impl DockerIgnore {
     /// Parse the contents of a `.dockerignore` file.
-    pub fn parse(text: &str) -> Result<DockerIgnore, DockerIgnoreError> {
+    pub(crate) fn parse(text: &str) -> Result<DockerIgnore, DockerIgnoreError> {
         let mut patterns = Vec::new();
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (index, raw) in text.lines().enumerate() {
@@ -108,16 +108,11 @@ impl DockerIgnore {
         Ok(DockerIgnore { patterns })
     }
 
-    /// No patterns at all.
-    pub fn is_empty(&self) -> bool {
-        self.patterns.is_empty()
-    }
-
     /// Whether `rel_path` (relative to the context root, `/`-separated) is excluded from the
     /// context. Docker's patterns do not distinguish directories from files (`filepath.Clean`
     /// removes a trailing `/`), so `is_dir` does not change the answer; it is taken so callers
     /// need not care.
-    pub fn is_excluded(&self, rel_path: &str, is_dir: bool) -> bool {
+    pub(crate) fn is_excluded(&self, rel_path: &str, is_dir: bool) -> bool {
         let _ = is_dir;
         let path = go_clean(rel_path);
         let path = path.trim_start_matches('/');
@@ -150,7 +145,7 @@ impl DockerIgnore {
     /// Could an exception (`!` pattern) re-include something strictly below the directory
     /// `rel_dir`? `false` means a walk may skip an excluded `rel_dir` without looking inside.
     /// Conservative: `true` whenever unsure.
-    pub fn may_reinclude_under(&self, rel_dir: &str) -> bool {
+    pub(crate) fn may_reinclude_under(&self, rel_dir: &str) -> bool {
         let dir = go_clean(rel_dir);
         let dir_components: Vec<&str> = dir
             .trim_start_matches('/')
@@ -179,7 +174,7 @@ impl DockerIgnore {
 
 /// A compiled glob.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Glob {
+pub(crate) struct Glob {
     tokens: Vec<Token>,
 }
 
@@ -208,12 +203,12 @@ impl fmt::Debug for Glob {
 
 impl Glob {
     /// A `.dockerignore` pattern: `**` spans directories.
-    pub fn new_dockerignore(pattern: &str) -> Result<Glob, PatternError> {
+    pub(crate) fn new_dockerignore(pattern: &str) -> Result<Glob, PatternError> {
         Self::compile(pattern, true)
     }
 
     /// A Go `filepath.Match` pattern for one path component: `**` is just `*` twice.
-    pub fn new_component(pattern: &str) -> Result<Glob, PatternError> {
+    pub(crate) fn new_component(pattern: &str) -> Result<Glob, PatternError> {
         Self::compile(pattern, false)
     }
 
@@ -257,7 +252,7 @@ impl Glob {
     }
 
     /// Whether the whole of `text` matches.
-    pub fn matches(&self, text: &str) -> bool {
+    pub(crate) fn matches(&self, text: &str) -> bool {
         let chars: Vec<char> = text.chars().collect();
         let tokens = &self.tokens;
         // reachable[i]: the tokens so far can consume exactly chars[..i].
@@ -371,7 +366,7 @@ fn class_char(chars: &[char], index: usize) -> Result<(char, usize), PatternErro
 }
 
 /// Go's `path.Clean` on `/`-separated paths.
-pub fn go_clean(path: &str) -> String {
+pub(crate) fn go_clean(path: &str) -> String {
     if path.is_empty() {
         return ".".into();
     }

@@ -24,17 +24,21 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 /// The symlink budget of one resolution, as Linux's `MAXSYMLINKS`.
-pub const MAX_SYMLINKS: usize = 40;
+pub(crate) const MAX_SYMLINKS: usize = 40;
 
 /// Resolve `path` inside `root` as if `root` were `/`; see the module documentation.
 ///
 /// `follow_last` decides whether a symlink in the last component is followed.
-pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> io::Result<PathBuf> {
+pub(crate) fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> io::Result<PathBuf> {
     resolve_path_in_root(root, Path::new(path), follow_last)
 }
 
 /// [`resolve_in_root`] for a path that need not be UTF-8.
-pub fn resolve_path_in_root(root: &Path, path: &Path, follow_last: bool) -> io::Result<PathBuf> {
+pub(crate) fn resolve_path_in_root(
+    root: &Path,
+    path: &Path,
+    follow_last: bool,
+) -> io::Result<PathBuf> {
     // Components still to walk, in reverse order so the next one is at the end.
     let mut pending: Vec<OsString> = Vec::new();
     push_components(&mut pending, path);
@@ -101,7 +105,7 @@ fn push_components(pending: &mut Vec<OsString>, path: &Path) {
 }
 
 /// Is `path` lexically under `root` (or equal to it)? Both are taken as given, not resolved.
-pub fn is_lexically_under(root: &Path, path: &Path) -> bool {
+pub(crate) fn is_lexically_under(root: &Path, path: &Path) -> bool {
     path.strip_prefix(root)
         .map(|rest| {
             rest.components()
@@ -112,7 +116,7 @@ pub fn is_lexically_under(root: &Path, path: &Path) -> bool {
 
 /// Remove `path` and everything below it, whatever the permissions and file types. A missing
 /// path is not an error (another process may have removed it first).
-pub fn remove_dir_all_force(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_dir_all_force(path: &Path) -> io::Result<()> {
     let metadata = match std::fs::symlink_metadata(path) {
         Ok(metadata) => metadata,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -155,12 +159,12 @@ fn ignore_not_found(result: io::Result<()>) -> io::Result<()> {
 }
 
 /// `fsync` a directory, so a rename into it survives a power cut.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
 /// The bytes of a path, for hashing and canonical encodings.
-pub fn path_bytes(path: &Path) -> &[u8] {
+pub(crate) fn path_bytes(path: &Path) -> &[u8] {
     path.as_os_str().as_bytes()
 }
 

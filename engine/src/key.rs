@@ -26,44 +26,36 @@
 //! Keys are computed at plan time, before anything runs: `graphbuild plan` can therefore tell
 //! what is cached, and a node carries everything needed to run it elsewhere.
 
-use serde::Serialize;
-
 use crate::digest::Key;
 
 /// Bump when the meaning of a step or the layer format changes.
-pub const FORMAT_VERSION: &str = "graphbuild-step-v2";
+pub(crate) const FORMAT_VERSION: &str = "graphbuild-step-v2";
 
 /// Incremental key builder. Each part is length-prefixed so concatenations can't collide.
-pub struct KeyBuilder(blake3::Hasher);
+pub(crate) struct KeyBuilder(blake3::Hasher);
 
 impl KeyBuilder {
-    pub fn new(kind: &str) -> Self {
+    pub(crate) fn new(kind: &str) -> Self {
         let mut builder = KeyBuilder(blake3::Hasher::new());
         builder.str(FORMAT_VERSION).str(kind);
         builder
     }
 
-    pub fn bytes(&mut self, bytes: &[u8]) -> &mut Self {
+    pub(crate) fn bytes(&mut self, bytes: &[u8]) -> &mut Self {
         self.0.update(&(bytes.len() as u64).to_le_bytes());
         self.0.update(bytes);
         self
     }
 
-    pub fn str(&mut self, s: &str) -> &mut Self {
+    pub(crate) fn str(&mut self, s: &str) -> &mut Self {
         self.bytes(s.as_bytes())
     }
 
-    pub fn key(&mut self, key: &Key) -> &mut Self {
+    pub(crate) fn key(&mut self, key: &Key) -> &mut Self {
         self.bytes(&key.0)
     }
 
-    /// Canonical JSON of a value (maps must be ordered: use BTreeMap or Vec of pairs).
-    pub fn json<T: Serialize>(&mut self, value: &T) -> &mut Self {
-        let bytes = serde_json::to_vec(value).unwrap_or_default();
-        self.bytes(&bytes)
-    }
-
-    pub fn finish(&self) -> Key {
+    pub(crate) fn finish(&self) -> Key {
         Key(*self.0.finalize().as_bytes())
     }
 }

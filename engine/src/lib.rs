@@ -5,16 +5,16 @@
 
 pub mod binfmt;
 pub mod build;
-pub mod context;
-pub mod copy;
+mod context;
+mod copy;
 pub mod decompress;
 pub mod digest;
-pub mod dockerignore;
+mod dockerignore;
 pub mod events;
 pub mod explain;
 pub mod exporter;
-pub mod fsutil;
-pub mod key;
+mod fsutil;
+mod key;
 pub mod layer;
 pub mod oci;
 pub mod plan;

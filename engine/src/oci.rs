@@ -427,7 +427,7 @@ mod set_as_object {
     #[derive(Serialize, Deserialize)]
     struct Empty {}
 
-    pub fn serialize<S: Serializer>(
+    pub(super) fn serialize<S: Serializer>(
         set: &BTreeSet<String>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
@@ -435,7 +435,7 @@ mod set_as_object {
         map.serialize(serializer)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<BTreeSet<String>, D::Error> {
         // Docker writes `null` for an empty set.

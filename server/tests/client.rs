@@ -7,10 +7,16 @@
 #[path = "../../engine/src/digest.rs"]
 #[allow(
     dead_code,
-    reason = "cache keys are not used here; `expect` would be unfulfilled when `Key` gets used"
+    unreachable_pub,
+    reason = "the engine's own file: its items are the engine's public API, and cache keys are \
+              not used here (`expect` would be unfulfilled when `Key` gets used)"
 )]
 mod digest;
 #[path = "../../engine/src/remote.rs"]
+#[allow(
+    unreachable_pub,
+    reason = "the engine's own file: its items are the engine's public API"
+)]
 mod remote;
 
 mod common;

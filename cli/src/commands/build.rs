@@ -15,7 +15,7 @@ use super::run::build_loaded;
 use super::*;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BuildProgress {
+pub(crate) enum BuildProgress {
     Auto,
     Plain,
     Tty,
@@ -24,114 +24,114 @@ pub enum BuildProgress {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum NetworkMode {
+pub(crate) enum NetworkMode {
     Default,
     Host,
     None,
 }
 
 #[derive(Args)]
-pub struct BuildArgs {
+pub(crate) struct BuildArgs {
     /// The build context: a directory
-    pub context: PathBuf,
+    pub(crate) context: PathBuf,
     /// The Dockerfile (default: CONTEXT/Dockerfile)
     #[arg(long, short = 'f', value_name = "PATH")]
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     /// Platforms to build, comma-separated or repeated (default: this machine's)
     #[arg(long = "platform", value_name = "OS/ARCH[,…]")]
-    pub platforms: Vec<String>,
+    pub(crate) platforms: Vec<String>,
     /// A name for the image, REGISTRY/REPO:TAG (repeatable); the first names the output
     #[arg(long = "tag", short = 't', value_name = "NAME:TAG")]
-    pub tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
     /// Push every tag after building (as -o type=registry)
     #[arg(long)]
-    pub push: bool,
+    pub(crate) push: bool,
     /// The stage to build (default: the last)
     #[arg(long, value_name = "STAGE")]
-    pub target: Option<String>,
+    pub(crate) target: Option<String>,
     /// Set a build arg (repeatable)
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
-    pub build_args: Vec<String>,
+    pub(crate) build_args: Vec<String>,
     /// A secret for RUN --mount=type=secret: id=ID,src=PATH or id=ID,env=VAR (repeatable)
     #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
-    pub secrets: Vec<String>,
+    pub(crate) secrets: Vec<String>,
     #[command(flatten)]
-    pub cache: crate::RemoteCacheArgs,
+    pub(crate) cache: crate::RemoteCacheArgs,
     /// Execute every step (results are still recorded)
     #[arg(long)]
-    pub no_cache: bool,
+    pub(crate) no_cache: bool,
     /// Resolve base image tags afresh instead of using graphbuild.lock
     #[arg(long)]
-    pub pull: bool,
+    pub(crate) pull: bool,
     /// How progress is shown
     #[arg(long, value_enum, default_value = "auto")]
-    pub progress: BuildProgress,
+    pub(crate) progress: BuildProgress,
     /// Print only errors and the final digest
     #[arg(long, short)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
     /// type=oci,dest=DIR (an OCI layout directory) or type=registry (push)
     #[arg(long, short, value_name = "type=oci,dest=DIR|type=registry")]
-    pub output: Vec<String>,
+    pub(crate) output: Vec<String>,
     /// Add a label to the image config (repeatable)
     #[arg(long = "label", value_name = "KEY=VALUE")]
-    pub labels: Vec<String>,
+    pub(crate) labels: Vec<String>,
     /// Add an annotation to the index and manifests (repeatable)
     #[arg(long = "annotation", value_name = "KEY=VALUE")]
-    pub annotations: Vec<String>,
+    pub(crate) annotations: Vec<String>,
     /// The network of RUN steps without their own --network
     #[arg(long, value_enum, value_name = "MODE")]
-    pub network: Option<NetworkMode>,
+    pub(crate) network: Option<NetworkMode>,
     /// Load the image into Podman or Docker (one platform), as `run --load`
     #[arg(long)]
-    pub load: bool,
+    pub(crate) load: bool,
     /// Fail (instead of warning) when an ELF file in the image is for another architecture
     #[arg(long)]
-    pub strict: bool,
+    pub(crate) strict: bool,
     /// Write the image index's digest to FILE
     #[arg(long, value_name = "FILE")]
-    pub iidfile: Option<PathBuf>,
+    pub(crate) iidfile: Option<PathBuf>,
     /// Write the image's digest and names as JSON to FILE
     #[arg(long, value_name = "FILE")]
-    pub metadata_file: Option<PathBuf>,
+    pub(crate) metadata_file: Option<PathBuf>,
     /// The local store (default: $XDG_CACHE_HOME/graphbuild)
     #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
     /// Allow plain HTTP to this registry (HOST[:PORT]; localhost and 127.0.0.0/8 always are)
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
-    pub insecure_registries: Vec<String>,
+    pub(crate) insecure_registries: Vec<String>,
     /// Clamp file times and set `created` to this Unix time
     #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
-    pub source_date_epoch: i64,
+    pub(crate) source_date_epoch: i64,
 
     // `docker buildx build` flags graphbuild does not support: refused by name, not ignored.
     #[arg(long, hide = true)]
-    pub check: bool,
+    pub(crate) check: bool,
     #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub provenance: Option<String>,
+    pub(crate) provenance: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub sbom: Option<String>,
+    pub(crate) sbom: Option<String>,
     #[arg(long, hide = true)]
-    pub builder: Vec<String>,
+    pub(crate) builder: Vec<String>,
     #[arg(long, hide = true)]
-    pub ssh: Vec<String>,
+    pub(crate) ssh: Vec<String>,
     #[arg(long, hide = true)]
-    pub add_host: Vec<String>,
+    pub(crate) add_host: Vec<String>,
     #[arg(long, hide = true)]
-    pub allow: Vec<String>,
+    pub(crate) allow: Vec<String>,
     #[arg(long, hide = true)]
-    pub attest: Vec<String>,
+    pub(crate) attest: Vec<String>,
     #[arg(long, hide = true)]
-    pub shm_size: Vec<String>,
+    pub(crate) shm_size: Vec<String>,
     #[arg(long, hide = true)]
-    pub ulimit: Vec<String>,
+    pub(crate) ulimit: Vec<String>,
     #[arg(long, hide = true)]
-    pub cgroup_parent: Vec<String>,
+    pub(crate) cgroup_parent: Vec<String>,
     #[arg(long, hide = true)]
-    pub build_context: Vec<String>,
+    pub(crate) build_context: Vec<String>,
     #[arg(long, hide = true)]
-    pub call: Vec<String>,
+    pub(crate) call: Vec<String>,
     #[arg(long, hide = true)]
-    pub no_cache_filter: Vec<String>,
+    pub(crate) no_cache_filter: Vec<String>,
 }
 
 /// The first unsupported buildx flag given, with why.
@@ -277,7 +277,7 @@ fn image_name(tags: &[String]) -> String {
     }
 }
 
-pub fn build(args: BuildArgs) -> ExitStatus {
+pub(crate) fn build(args: BuildArgs) -> ExitStatus {
     if let Some((flag, why)) = unsupported(&args) {
         render::error(
             &format!("graphbuild build does not support `{flag}`"),

@@ -9,7 +9,7 @@ use crate::render;
 
 use super::*;
 
-pub fn cache_du(cache_dir: Option<PathBuf>) -> ExitStatus {
+pub(crate) fn cache_du(cache_dir: Option<PathBuf>) -> ExitStatus {
     // Measuring creates nothing: a missing store is reported, not made.
     let root = cache_dir.clone().unwrap_or_else(Store::default_root);
     let root = std::path::absolute(&root).unwrap_or(root);
@@ -56,7 +56,7 @@ pub fn cache_du(cache_dir: Option<PathBuf>) -> ExitStatus {
     }
 }
 
-pub fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> ExitStatus {
+pub(crate) fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> ExitStatus {
     let root = cache_dir.clone().unwrap_or_else(Store::default_root);
     let root = std::path::absolute(&root).unwrap_or(root);
     if !root.exists() {
@@ -109,7 +109,7 @@ pub fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> ExitStatus {
     }
 }
 
-pub fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> ExitStatus {
+pub(crate) fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> ExitStatus {
     let Some(keep) = graphbuild_engine::unpack::parse_size(keep_bytes) else {
         render::error(
             &format!("`--keep-bytes {keep_bytes}` is not a size"),
@@ -138,7 +138,7 @@ pub fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> ExitStatus {
     }
 }
 
-pub fn cache_serve(
+pub(crate) fn cache_serve(
     listen: &str,
     dir: PathBuf,
     max_size: Option<&str>,

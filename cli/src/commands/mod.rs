@@ -6,10 +6,10 @@ mod outputs;
 mod plan_cmd;
 mod run;
 
-pub use build::{BuildArgs, build};
-pub use cache::{cache_du, cache_prune, cache_serve, cache_verify};
-pub use plan_cmd::plan;
-pub use run::{rootless_reexec, run, verify};
+pub(crate) use build::{BuildArgs, build};
+pub(crate) use cache::{cache_du, cache_prune, cache_serve, cache_verify};
+pub(crate) use plan_cmd::plan;
+pub(crate) use run::{rootless_reexec, run, verify};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -282,7 +282,7 @@ pub(super) fn warn_unresolved(plan: &Plan, select: &SelectArgs) {
     }
 }
 
-pub fn lock(select: SelectArgs) -> ExitStatus {
+pub(crate) fn lock(select: SelectArgs) -> ExitStatus {
     if select.offline {
         render::error(
             "`graphbuild lock` asks the registries for digests: it cannot run --offline",

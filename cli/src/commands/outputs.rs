@@ -16,7 +16,7 @@ use crate::render;
 
 /// One `--output` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OutputSpec {
+pub(super) enum OutputSpec {
     /// `DIR` or `type=oci,dest=DIR`: one OCI layout per image in `DIR/<image name>`.
     Layouts(PathBuf),
     /// An image's own `output "type=oci,dest=DIR"`: its layout in `DIR` itself.
@@ -33,7 +33,7 @@ const TYPES: &str = "local, tar or oci";
 
 /// Parses `--output`: a plain value is a directory for the layouts, a value with `type=` is
 /// buildx's CSV form (`type=local,dest=out`).
-pub fn parse_output(value: &str) -> Result<OutputSpec, String> {
+pub(super) fn parse_output(value: &str) -> Result<OutputSpec, String> {
     if !value.contains("type=") {
         if value.is_empty() {
             return Err("--output needs a directory, or type=TYPE,dest=PATH".into());
@@ -73,12 +73,12 @@ pub fn parse_output(value: &str) -> Result<OutputSpec, String> {
 }
 
 /// The flags' outputs, parsed; the layouts' directory (when one is given) comes first.
-pub struct Outputs {
+pub(super) struct Outputs {
     pub layouts: Option<PathBuf>,
     pub exports: Vec<OutputSpec>,
 }
 
-pub fn parse_outputs(values: &[String]) -> Result<Outputs, ExitStatus> {
+pub(super) fn parse_outputs(values: &[String]) -> Result<Outputs, ExitStatus> {
     let mut layouts = None;
     let mut exports = Vec::new();
     for value in values {
@@ -105,7 +105,7 @@ pub fn parse_outputs(values: &[String]) -> Result<Outputs, ExitStatus> {
 
 /// The exporters of each image: the flags' (for every image) and its own `output "type=…"`.
 /// Files (tar, oci-archive) take one image: with several images, an error before building.
-pub fn exports_per_image(
+pub(super) fn exports_per_image(
     plan: &Plan,
     root_dir: &Path,
     exports: &[OutputSpec],
@@ -192,7 +192,7 @@ fn refuse_replacing(dest: &Path, root_dir: &Path) -> Result<(), ExitStatus> {
 }
 
 /// Writes each image's exports from its layout.
-pub fn export(
+pub(super) fn export(
     plan: &Plan,
     summaries: &[ImageSummary],
     per_image: &[Vec<OutputSpec>],
@@ -269,7 +269,7 @@ fn open_layout(summary: &ImageSummary) -> Result<OciLayout, ExitStatus> {
 /// The architecture check: every ELF file the build added to each platform's image, against
 /// that platform. Mismatches are warnings, or errors (exit 1) with `--strict` or an image's
 /// `strict-arch=#true`.
-pub fn check_architectures(
+pub(super) fn check_architectures(
     plan: &Plan,
     summaries: &[ImageSummary],
     strict: bool,
@@ -316,7 +316,7 @@ pub fn check_architectures(
 }
 
 /// The platform `--load` loads: the one `--platform` names, else the host's.
-pub fn load_platform(requested: &[String]) -> Result<Platform, ExitStatus> {
+pub(super) fn load_platform(requested: &[String]) -> Result<Platform, ExitStatus> {
     match requested {
         [] => Ok(Platform::host()),
         [one] => Platform::parse(one).map_err(|error| {
@@ -339,7 +339,7 @@ pub fn load_platform(requested: &[String]) -> Result<Platform, ExitStatus> {
 
 /// `--load`: each image's manifest for `platform` into Podman, or Docker when Podman is not
 /// installed and a Docker daemon answers; tagged with the image's tags (its name without).
-pub fn load(
+pub(super) fn load(
     plan: &Plan,
     summaries: &[ImageSummary],
     platform: &Platform,
@@ -458,7 +458,7 @@ fn command_exists(name: &str) -> bool {
 
 /// `--metadata-file`: buildx's keys per image (top level for one image, by image name for
 /// several, as `buildx bake` writes them).
-pub fn write_metadata(
+pub(super) fn write_metadata(
     file: &Path,
     plan: &Plan,
     summaries: &[ImageSummary],

@@ -29,7 +29,7 @@ pub(super) fn node_cached(plan: &Plan, node: usize, store: Option<&Store>) -> Op
     })
 }
 
-pub fn plan(args: PlanArgs) -> ExitStatus {
+pub(crate) fn plan(args: PlanArgs) -> ExitStatus {
     let resolver = match resolver(&args.select, false, manifest_store(&args.select, false)) {
         Ok(resolver) => resolver,
         Err(code) => return code,
@@ -113,7 +113,11 @@ pub(super) fn base_json(base: &Base) -> serde_json::Value {
 }
 
 /// The documented JSON shape of `graphbuild plan --format json` (docs/cli.md).
-pub fn plan_json(plan: &Plan, project: &Project, store: Option<&Store>) -> serde_json::Value {
+pub(super) fn plan_json(
+    plan: &Plan,
+    project: &Project,
+    store: Option<&Store>,
+) -> serde_json::Value {
     let nodes: Vec<_> = plan
         .nodes
         .iter()

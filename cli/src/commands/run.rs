@@ -58,7 +58,7 @@ pub(super) fn parse_secrets(specs: &[String]) -> Result<HashMap<String, SecretVa
 /// qemu-user handler. A fully cached build needs neither. The message is printed as is.
 /// Re-run this command in a user namespace where the invoking (non-root) user is root; the
 /// exit code is the namespaced run's own.
-pub fn rootless_reexec() -> std::process::ExitCode {
+pub(crate) fn rootless_reexec() -> std::process::ExitCode {
     let plan = graphbuild_engine::rootless::Plan::for_current_user();
     if !plan.maps_subordinate_ids() {
         let missing = if plan.subuid.is_none() || plan.subgid.is_none() {
@@ -331,7 +331,7 @@ pub(super) fn build_settings(
     })
 }
 
-pub fn run(args: RunArgs) -> ExitStatus {
+pub(crate) fn run(args: RunArgs) -> ExitStatus {
     let select = &args.inputs.select;
     let store = match open_store(select.cache_dir.clone()) {
         Ok(store) => store,
@@ -489,7 +489,7 @@ pub(super) fn build_loaded(
 }
 
 /// `graphbuild verify`: two clean builds, compared.
-pub fn verify(inputs: BuildInputArgs) -> ExitStatus {
+pub(crate) fn verify(inputs: BuildInputArgs) -> ExitStatus {
     let select = &inputs.select;
     let scratch = match tempfile::Builder::new()
         .prefix("graphbuild-verify-")

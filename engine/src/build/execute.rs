@@ -441,6 +441,16 @@ impl Executor<'_> {
                 line: format!("[graphbuild] warning: {INSECURE_WARNING}"),
             });
         }
+        if matches!(&step.op, Op::Run(run) if !run.insecure) && node.platform.architecture == "386"
+        {
+            self.events.emit(Event::Output {
+                node: node_id,
+                line: "[graphbuild] warning: linux/386 steps run without the seccomp filter (it \
+                       only knows x86_64 system calls); capabilities, devices, /proc and limits \
+                       are confined as usual (docs/security.md)"
+                    .to_string(),
+            });
+        }
         let outcome = sandbox::run_sandbox(&self.options.sandbox_exe, &spec, &mut |line: &str| {
             self.events.emit(Event::Output {
                 node: node_id,
@@ -595,15 +605,6 @@ impl Executor<'_> {
         run: &RunOp,
         guards: &mut Vec<Box<dyn std::any::Any>>,
     ) -> Result<RunTask, String> {
-        if node.platform.architecture == "386" && !run.insecure {
-            return Err(
-                "linux/386 steps cannot run in the sandbox: its seccomp filter only allows x86_64 \
-                 system calls and would kill 32-bit programs; build linux/386 images from \
-                 `copy` steps, or mark the step `insecure=#true` (no seccomp filter, every \
-                 capability) if you trust it (docs/security.md)"
-                    .to_string(),
-            );
-        }
         let mut cache_mounts = Vec::new();
         // Locks are taken in id order so two steps sharing mounts can never deadlock; one id
         // mounted at two targets is one directory, locked once.
@@ -672,6 +673,7 @@ impl Executor<'_> {
             timeout_ms: run.timeout_ms.or(self.options.step_timeout_ms),
             max_processes: self.options.step_max_processes,
             insecure: run.insecure,
+            without_seccomp: node.platform.architecture == "386",
         })
     }
 }

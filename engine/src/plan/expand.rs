@@ -737,34 +737,92 @@ impl<'a> Expander<'a> {
         }
     }
 
-    /// A command for the container (`entrypoint`, `cmd`): in KDL, build variables are
-    /// substituted; a Dockerfile's is kept as written, as Docker does.
+    /// A runtime command (`cmd`, `entrypoint`): build variables substituted, and none of their
+    /// values may bring shell syntax into the parts the container's shell will read. A
+    /// Dockerfile's is kept as written, as Docker does.
     fn runtime_command(
         &mut self,
         command: &Command,
         vars: &Vars,
         settings: &ImageSettings,
     ) -> Vec<String> {
-        if !self.project.docker_rules {
-            return self.command(command, Mode::Shell, vars, settings);
+        if self.project.docker_rules {
+            return match command {
+                Command::Shell(text) => {
+                    let mut argv = settings.shell();
+                    argv.push(text.raw.clone());
+                    argv
+                }
+                Command::Exec(args) => args.iter().map(|arg| arg.raw.clone()).collect(),
+            };
         }
         match command {
             Command::Shell(text) => {
                 let mut argv = settings.shell();
-                argv.push(text.raw.clone());
+                argv.push(self.shell_source(text, vars));
                 argv
             }
-            Command::Exec(args) => args.iter().map(|arg| arg.raw.clone()).collect(),
+            Command::Exec(args) => {
+                let source = shell_source_index(args.iter().map(|arg| arg.raw.as_str()));
+                args.iter()
+                    .enumerate()
+                    .map(|(index, arg)| {
+                        if Some(index) == source {
+                            self.shell_source(arg, vars)
+                        } else {
+                            self.substitute(arg, Mode::Shell, vars, None)
+                        }
+                    })
+                    .collect()
+            }
         }
     }
 
-    /// One string of a runtime command (see [`Self::runtime_command`]).
-    fn runtime_text(&mut self, text: &Text, vars: &Vars) -> String {
+    /// Shell source of a runtime command, substituted. A build variable's value is spliced
+    /// into the command the image will run, so a value with shell syntax (a `;`, a quote, a
+    /// `$(…)`) would change what it runs: an `--arg` from CI could plant a command in the
+    /// image. Such a value is refused; plain words (spaces included) are fine.
+    fn shell_source(&mut self, text: &Text, vars: &Vars) -> String {
         if self.project.docker_rules {
-            text.raw.clone()
-        } else {
-            self.substitute(text, Mode::Shell, vars, None)
+            // A Dockerfile's runtime commands are never substituted.
+            return text.raw.clone();
         }
+        let mut reads: Vec<(String, String)> = Vec::new();
+        let mut lookup = |name: &str| {
+            let value = vars.lookup(name);
+            if let Some(value) = &value {
+                reads.push((name.to_string(), value.clone()));
+            }
+            value
+        };
+        let value = match subst::substitute(&text.raw, Mode::Shell, &mut lookup) {
+            Ok(substituted) => substituted.value,
+            Err(error) => {
+                self.error(text.at, Code::Substitution, error.to_string(), "here", None);
+                return text.raw.clone();
+            }
+        };
+        for (name, read) in reads {
+            if let Some(syntax) = read.chars().find(|c| SHELL_SYNTAX.contains(*c)) {
+                let shown: String = read.chars().take(60).collect();
+                self.error(
+                    text.at,
+                    Code::SubstitutionUnsafeValue,
+                    format!(
+                        "`{name}` would change this runtime command: its value {shown:?} \
+                         contains {syntax:?}, which the container's shell reads as syntax"
+                    ),
+                    "the image's command",
+                    Some(format!(
+                        "build variables are written into runtime commands when the graph is \
+                         planned; pass the value as data instead: `env APP_{name}=\"${{{name}}}\"` \
+                         on the stage, and `$APP_{name}` in the command (the container's shell \
+                         expands it)"
+                    )),
+                );
+            }
+        }
+        value
     }
 
     /// A `run` step, and its command with values shown (for people and the history).
@@ -882,9 +940,9 @@ impl<'a> Expander<'a> {
             None => None,
             Some(text) => {
                 let value = self.substitute(text, Mode::Strict, vars, Some(settings));
-                match u32::from_str_radix(value.trim_start_matches("0o"), 8) {
-                    Ok(mode) if mode <= 0o7777 => Some(mode),
-                    _ => {
+                match crate::copy::parse_chmod(value.trim_start_matches("0o")) {
+                    Ok(mode) => Some(mode),
+                    Err(_) => {
                         self.error(
                             text.at,
                             Code::Chmod,
@@ -1141,10 +1199,10 @@ impl<'a> Expander<'a> {
         let test = match &check.test {
             None => vec!["NONE".to_string()],
             Some(Command::Shell(text)) => {
-                vec!["CMD-SHELL".to_string(), self.runtime_text(text, vars)]
+                vec!["CMD-SHELL".to_string(), self.shell_source(text, vars)]
             }
-            Some(Command::Exec(args)) => std::iter::once("CMD".to_string())
-                .chain(args.iter().map(|arg| self.runtime_text(arg, vars)))
+            Some(command @ Command::Exec(_)) => std::iter::once("CMD".to_string())
+                .chain(self.runtime_command(command, vars, settings))
                 .collect(),
         };
         let mut duration = |text: &Option<Text>| -> Option<u64> {
@@ -1182,6 +1240,22 @@ fn unresolved_key(unresolved: &Unresolved) -> Key {
         .str(&unresolved.reference)
         .str(&unresolved.platform.to_string())
         .finish()
+}
+
+/// Characters a shell reads as syntax: a build variable's value in a runtime command's shell
+/// source may hold none of them.
+const SHELL_SYNTAX: &str = "`$\\\"';&|<>(){}[]*?!~#\n\r\t";
+
+/// Which argument of an exec-form command is shell source: the one after `-c` (or `-ec`…)
+/// when the program is a shell.
+fn shell_source_index<'t>(mut args: impl Iterator<Item = &'t str>) -> Option<usize> {
+    let program = args.next()?;
+    let shell = matches!(
+        program.rsplit('/').next().unwrap_or(program),
+        "sh" | "bash" | "ash" | "dash" | "zsh" | "ksh" | "mksh"
+    );
+    let flag = args.next()?;
+    (shell && flag.starts_with('-') && flag.contains('c')).then_some(2)
 }
 
 fn root_key(kind: &str, platform: &Platform, parent: Option<&[u8; 32]>) -> Key {

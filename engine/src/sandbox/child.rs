@@ -794,7 +794,7 @@ fn pid1(
     // terminal through /dev/tty and push keystrokes into it (TIOCSTI).
     nix::unistd::setsid().map_err(step("start a new session"))?;
     // Compiled while the host's files are still reachable, installed just before exec.
-    let filters = if run.insecure {
+    let filters = if run.insecure || run.without_seccomp {
         None
     } else {
         Some(confine::compile().map_err(step("prepare the seccomp filter"))?)
@@ -904,10 +904,12 @@ fn pid1(
         .iter()
         .map(|gid| Gid::from_raw(*gid))
         .collect();
+    if !run.insecure {
+        confine::limit_bounding_set().map_err(step("drop capabilities"))?;
+    }
     if let Some(filters) = &filters {
         // Without no_new_privs (setuid programs must work), installing a filter needs
         // CAP_SYS_ADMIN: before the capabilities go.
-        confine::limit_bounding_set().map_err(step("drop capabilities"))?;
         confine::install(filters).map_err(step("install the seccomp filter"))?;
     }
     if let Err(error) = nix::unistd::setgroups(&gids) {
@@ -922,7 +924,7 @@ fn pid1(
     }
     nix::unistd::setgid(Gid::from_raw(user.gid)).map_err(unmapped("group", user.gid))?;
     nix::unistd::setuid(Uid::from_raw(user.uid)).map_err(unmapped("user", user.uid))?;
-    if filters.is_some() {
+    if !run.insecure {
         confine::set_process_capabilities(user.uid == 0).map_err(step("drop capabilities"))?;
     }
     // After setuid, which clears it: die with the supervisor.

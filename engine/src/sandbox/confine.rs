@@ -14,8 +14,9 @@
 //!   back to `clone`, as under Docker), and every x32-ABI system call returns `ENOSYS`.
 //!
 //! `seccompiler` kills a process that makes a system call of another architecture than the
-//! filter's, so native 32-bit x86 programs (`linux/386`) cannot run under the filter: the
-//! engine refuses `linux/386` steps that are not `insecure` with a message saying so.
+//! filter's, so native 32-bit x86 programs (`linux/386`) cannot run under the filter: their
+//! steps run without it ([`super::RunTask::without_seccomp`]), with the capability drop and
+//! every other confinement, and the build says so.
 //! Programs for foreign CPUs run through qemu-user, which makes host (x86_64) system calls
 //! and so runs under the filter like any other program.
 //!

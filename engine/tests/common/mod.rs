@@ -11,7 +11,7 @@ fn in_ci() -> bool {
 
 /// `true` when the prerequisite holds. Otherwise panics with `reason` under `CI=true`, and
 /// elsewhere prints that the test is skipped and returns `false` (the caller returns).
-pub fn prerequisite(holds: bool, reason: impl Display) -> bool {
+pub(crate) fn prerequisite(holds: bool, reason: impl Display) -> bool {
     if holds {
         return true;
     }
@@ -23,7 +23,7 @@ pub fn prerequisite(holds: bool, reason: impl Display) -> bool {
 }
 
 /// [`prerequisite`] for running as root; `what` says what needs it.
-pub fn require_root(what: &str) -> bool {
+pub(crate) fn require_root(what: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     prerequisite(root, format_args!("{what} needs root"))

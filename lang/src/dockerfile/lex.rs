@@ -6,11 +6,11 @@
 
 /// A parser directive at the top of the file (`# escape=\``, `# syntax=…`).
 pub(super) struct Directives {
-    pub escape: char,
+    pub(super) escape: char,
     /// Problems: (byte offset, length, message).
-    pub errors: Vec<(usize, usize, String)>,
+    pub(super) errors: Vec<(usize, usize, String)>,
     /// Where the instructions start (after the directives).
-    pub end: usize,
+    pub(super) end: usize,
 }
 
 /// Reads the parser directives: `# key=value` lines before anything else.
@@ -66,19 +66,19 @@ pub(super) fn directives(text: &str) -> Directives {
 /// Text assembled from pieces of the file, with the file offset of every byte.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Mapped {
-    pub text: String,
+    pub(super) text: String,
     /// `offsets[i]`: the file offset of `text`'s byte `i`; one extra entry for the end.
-    pub offsets: Vec<usize>,
+    pub(super) offsets: Vec<usize>,
 }
 
 impl Mapped {
-    pub fn push_str(&mut self, piece: &str, at: usize) {
+    pub(super) fn push_str(&mut self, piece: &str, at: usize) {
         self.text.push_str(piece);
         self.offsets
             .extend((0..piece.len()).map(|index| at + index));
     }
 
-    pub fn at(&self, index: usize) -> usize {
+    pub(super) fn at(&self, index: usize) -> usize {
         self.offsets
             .get(index)
             .or(self.offsets.last())
@@ -87,7 +87,7 @@ impl Mapped {
     }
 
     /// The file span (offset, length) of `text[start..end]`.
-    pub fn span(&self, start: usize, end: usize) -> (usize, usize) {
+    pub(super) fn span(&self, start: usize, end: usize) -> (usize, usize) {
         let from = self.at(start);
         let to = if end == 0 { from } else { self.at(end - 1) + 1 };
         (from, to.saturating_sub(from).max(1))
@@ -97,19 +97,19 @@ impl Mapped {
 /// A heredoc attached to an instruction: `<<EOF` … `EOF`.
 #[derive(Clone, Debug)]
 pub(super) struct Heredoc {
-    pub name: String,
+    pub(super) name: String,
     /// The body, each line ending with `\n`.
-    pub content: String,
+    pub(super) content: String,
 }
 
 /// One instruction: its logical line (continuations joined, comments removed) and heredocs.
 #[derive(Clone, Debug)]
 pub(super) struct Line {
-    pub line: Mapped,
-    pub heredocs: Vec<Heredoc>,
+    pub(super) line: Mapped,
+    pub(super) heredocs: Vec<Heredoc>,
     /// The file span of the whole instruction, heredocs included.
-    pub start: usize,
-    pub end: usize,
+    pub(super) start: usize,
+    pub(super) end: usize,
 }
 
 /// Problems found while splitting lines: (offset, length, message).
@@ -277,10 +277,10 @@ fn starts_word(bytes: &[u8], index: usize) -> bool {
 /// A word of an instruction's arguments: its text as written (quotes kept) and position.
 #[derive(Clone, Debug)]
 pub(super) struct Word {
-    pub text: String,
+    pub(super) text: String,
     /// Byte range in the logical line.
-    pub start: usize,
-    pub end: usize,
+    pub(super) start: usize,
+    pub(super) end: usize,
 }
 
 /// Splits on whitespace outside quotes; an escaped character never splits.

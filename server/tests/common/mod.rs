@@ -9,7 +9,7 @@ use graphbuild_cache_server::{ServerConfig, bind};
 use sha2::{Digest as _, Sha256};
 
 /// A server running on its own thread and runtime; stops when dropped.
-pub struct TestServer {
+pub(crate) struct TestServer {
     pub url: String,
     pub dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
@@ -19,7 +19,7 @@ pub struct TestServer {
 
 impl TestServer {
     /// Start on a fresh temp directory; `adjust` edits the config (listen is forced to port 0).
-    pub fn start(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    pub(crate) fn start(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
         let temp = tempfile::tempdir().expect("temp dir");
         let mut server = TestServer::start_in(temp.path(), adjust);
         server._temp = Some(temp);
@@ -27,7 +27,7 @@ impl TestServer {
     }
 
     /// Start on an existing directory.
-    pub fn start_in(dir: &Path, adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    pub(crate) fn start_in(dir: &Path, adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
         let mut config = ServerConfig::new(dir);
         adjust(&mut config);
         config.listen = "127.0.0.1:0".parse().expect("address");
@@ -69,12 +69,12 @@ impl TestServer {
         }
     }
 
-    pub fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         self.url.trim_start_matches("http://").to_string()
     }
 
     /// A counter or gauge sample from /metrics, e.g. `graphbuild_cache_hits_total{kind="cas"}`.
-    pub fn metric(&self, sample: &str) -> u64 {
+    pub(crate) fn metric(&self, sample: &str) -> u64 {
         let reply = request("GET", &format!("{}/metrics", self.url), None, None);
         assert_eq!(reply.status, 200);
         let text = String::from_utf8(reply.body).expect("utf-8 metrics");
@@ -89,7 +89,7 @@ impl TestServer {
     }
 
     /// Files currently in the store's upload directory.
-    pub fn temp_files(&self) -> Vec<PathBuf> {
+    pub(crate) fn temp_files(&self) -> Vec<PathBuf> {
         list_files(&self.dir.join("tmp"))
     }
 }
@@ -105,7 +105,7 @@ impl Drop for TestServer {
     }
 }
 
-pub fn list_files(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn list_files(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return files;
@@ -121,12 +121,12 @@ pub fn list_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
 /// Deterministic pseudo-random bytes.
-pub fn blob(seed: u64, size: usize) -> Vec<u8> {
+pub(crate) fn blob(seed: u64, size: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..size)
         .map(|_| {
@@ -138,19 +138,19 @@ pub fn blob(seed: u64, size: usize) -> Vec<u8> {
         .collect()
 }
 
-pub struct Reply {
+pub(crate) struct Reply {
     pub status: u16,
     pub headers: ureq::http::HeaderMap,
     pub body: Vec<u8>,
 }
 
 impl Reply {
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|value| value.to_str().ok())
     }
 }
 
-pub fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -158,11 +158,11 @@ pub fn agent() -> ureq::Agent {
 }
 
 /// One request; `token` becomes `Authorization: Bearer`.
-pub fn request(method: &str, url: &str, token: Option<&str>, body: Option<&[u8]>) -> Reply {
+pub(crate) fn request(method: &str, url: &str, token: Option<&str>, body: Option<&[u8]>) -> Reply {
     request_with(&agent(), method, url, token, body)
 }
 
-pub fn request_with(
+pub(crate) fn request_with(
     agent: &ureq::Agent,
     method: &str,
     url: &str,

@@ -6,25 +6,25 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("cli/ has a parent")
         .to_path_buf()
 }
 
-pub fn bin() -> PathBuf {
+pub(crate) fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_graphbuild"))
 }
 
 /// A scratch directory laid out like the repository: `examples/…` and `tests/fixtures/busybox`
 /// are copied in so relative paths in build files work, and a private store.
-pub struct Sandbox {
+pub(crate) struct Sandbox {
     pub dir: tempfile::TempDir,
 }
 
 impl Sandbox {
-    pub fn new() -> Sandbox {
+    pub(crate) fn new() -> Sandbox {
         let dir = tempfile::Builder::new()
             .prefix("graphbuild-e2e-")
             .tempdir()
@@ -36,34 +36,34 @@ impl Sandbox {
         Sandbox { dir }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
     /// Copy `examples/NAME` into the sandbox; returns its path.
-    pub fn example(&self, name: &str) -> PathBuf {
+    pub(crate) fn example(&self, name: &str) -> PathBuf {
         let target = self.path().join("examples").join(name);
         copy_tree(&repo_root().join("examples").join(name), &target);
         target
     }
 
-    pub fn write(&self, relative: &str, contents: &str) -> PathBuf {
+    pub(crate) fn write(&self, relative: &str, contents: &str) -> PathBuf {
         let path = self.path().join(relative);
         std::fs::create_dir_all(path.parent().expect("has parent")).expect("mkdir");
         std::fs::write(&path, contents).expect("write");
         path
     }
 
-    pub fn store(&self) -> PathBuf {
+    pub(crate) fn store(&self) -> PathBuf {
         self.path().join("store")
     }
 
     /// Run graphbuild in the sandbox with its private store.
-    pub fn graphbuild(&self, args: &[&str]) -> Output {
+    pub(crate) fn graphbuild(&self, args: &[&str]) -> Output {
         self.graphbuild_with_store(&self.store(), args)
     }
 
-    pub fn graphbuild_with_store(&self, store: &Path, args: &[&str]) -> Output {
+    pub(crate) fn graphbuild_with_store(&self, store: &Path, args: &[&str]) -> Output {
         Command::new(bin())
             .args(args)
             .current_dir(self.path())
@@ -75,7 +75,7 @@ impl Sandbox {
     }
 }
 
-pub fn copy_tree(from: &Path, to: &Path) {
+pub(crate) fn copy_tree(from: &Path, to: &Path) {
     let status = Command::new("cp")
         .arg("-a")
         .arg(from)
@@ -100,16 +100,16 @@ pub fn copy_tree(from: &Path, to: &Path) {
     let _ = Command::new("chmod").args(["-R", "u+w"]).arg(to).status();
 }
 
-pub fn stdout(output: &Output) -> String {
+pub(crate) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-pub fn stderr(output: &Output) -> String {
+pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[track_caller]
-pub fn assert_success(output: &Output) {
+pub(crate) fn assert_success(output: &Output) {
     assert!(
         output.status.success(),
         "graphbuild failed with {:?}\n--- stdout\n{}\n--- stderr\n{}",
@@ -120,14 +120,14 @@ pub fn assert_success(output: &Output) {
 }
 
 /// The JSON events of a `--progress json` run.
-pub fn events(output: &Output) -> Vec<serde_json::Value> {
+pub(crate) fn events(output: &Output) -> Vec<serde_json::Value> {
     stdout(output)
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
         .collect()
 }
 
-pub fn summary(output: &Output) -> serde_json::Value {
+pub(crate) fn summary(output: &Output) -> serde_json::Value {
     events(output)
         .into_iter()
         .rev()
@@ -136,7 +136,7 @@ pub fn summary(output: &Output) -> serde_json::Value {
 }
 
 /// Steps with a status, as (stage, platform, status).
-pub fn steps(output: &Output) -> Vec<(String, String, String, String)> {
+pub(crate) fn steps(output: &Output) -> Vec<(String, String, String, String)> {
     events(output)
         .into_iter()
         .filter(|event| event["event"] == "step")
@@ -151,7 +151,7 @@ pub fn steps(output: &Output) -> Vec<(String, String, String, String)> {
         .collect()
 }
 
-pub fn require_tool(name: &str) {
+pub(crate) fn require_tool(name: &str) {
     let found = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {name}"))
@@ -164,7 +164,7 @@ pub fn require_tool(name: &str) {
 }
 
 /// `skopeo inspect --raw` of a layout reference.
-pub fn skopeo_raw(reference: &str) -> serde_json::Value {
+pub(crate) fn skopeo_raw(reference: &str) -> serde_json::Value {
     require_tool("skopeo");
     let output = Command::new("skopeo")
         .args(["inspect", "--raw", reference])
@@ -180,7 +180,7 @@ pub fn skopeo_raw(reference: &str) -> serde_json::Value {
 
 /// Unpack one platform of a layout with skopeo (select the platform) and umoci (unpack the
 /// filesystem); returns the rootfs directory.
-pub fn unpack_platform(layout: &Path, tag: &str, platform: &str, into: &Path) -> PathBuf {
+pub(crate) fn unpack_platform(layout: &Path, tag: &str, platform: &str, into: &Path) -> PathBuf {
     require_tool("skopeo");
     require_tool("umoci");
     let mut parts = platform.split('/');
@@ -221,7 +221,7 @@ pub fn unpack_platform(layout: &Path, tag: &str, platform: &str, into: &Path) ->
 }
 
 /// Every file of a directory tree with its bytes, for byte-for-byte comparisons.
-pub fn tree_bytes(root: &Path) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn tree_bytes(root: &Path) -> Vec<(String, Vec<u8>)> {
     let mut files = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -245,14 +245,14 @@ pub fn tree_bytes(root: &Path) -> Vec<(String, Vec<u8>)> {
 
 /// Debian's `docker-registry` (the CNCF distribution registry) on 127.0.0.1, a free port and a
 /// temp directory; stopped on drop.
-pub struct Registry {
+pub(crate) struct Registry {
     child: std::process::Child,
     pub address: String,
     _dir: tempfile::TempDir,
 }
 
 impl Registry {
-    pub fn start() -> Registry {
+    pub(crate) fn start() -> Registry {
         require_tool("docker-registry");
         let dir = tempfile::tempdir().expect("temp dir");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -291,7 +291,7 @@ impl Registry {
     }
 
     /// Copy an OCI layout reference (`oci:DIR:TAG`) into the registry as `REPO:TAG`.
-    pub fn push_layout(&self, layout: &str, name: &str) {
+    pub(crate) fn push_layout(&self, layout: &str, name: &str) {
         require_tool("skopeo");
         let output = Command::new("skopeo")
             .args([
