@@ -362,6 +362,13 @@ impl Executor<'_> {
         layers: &[LayerDesc],
     ) -> Result<Option<LayerDesc>, Box<NodeFailure>> {
         let fail = |message: String| self.failure(node, Some(step), message, Vec::new());
+        // A copy whose layer can be computed from its sources is written straight, once for
+        // every platform that copies the same files onto alike parents.
+        if let Op::Copy(copy) = &step.op
+            && let Some(layer) = self.copy_direct(node, step, copy, layers)?
+        {
+            return Ok(layer);
+        }
         let lowerdirs = self.snapshots(layers).map_err(fail)?;
         let temp = self
             .store
@@ -410,7 +417,12 @@ impl Executor<'_> {
             task,
         };
         let node_id = node.id;
-        let outcome = sandbox::run_sandbox(&self.options.sandbox_exe, &spec, &mut |line: &str| {
+        // GRAPHBUILD_SANDBOX_EXE runs sandboxes with another binary (tests use it to prove a
+        // build needs none).
+        let sandbox_exe = std::env::var_os("GRAPHBUILD_SANDBOX_EXE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.options.sandbox_exe.clone());
+        let outcome = sandbox::run_sandbox(&sandbox_exe, &spec, &mut |line: &str| {
             self.events.emit(Event::Output {
                 node: node_id,
                 line: line.to_string(),

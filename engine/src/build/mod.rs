@@ -30,6 +30,7 @@
 //! are serialized canonically and written, so equal inputs give byte-identical layouts.
 
 mod cache;
+mod direct_copy;
 mod execute;
 mod export;
 

@@ -1,0 +1,638 @@
+//! A `copy` written straight into its layer: no sandbox, no overlay, no upper directory.
+//!
+//! # What it computes
+//!
+//! The entries the sandbox path's overlay upper directory would hold after the copy, from the
+//! copy's sources and a read-only look at the base's snapshots (an overlay lookup done by
+//! hand: whiteouts, opaque directories, top-most layer first), then the layer tar of exactly
+//! those entries ([`layer::write_layer_from_entries`]). The bytes are those of the sandbox
+//! path, entry for entry:
+//!
+//! - what the copy creates: as [`crate::copy::perform_copy`] creates it (modes, owners,
+//!   `0755 root:root` for missing parents), its time the build's clamped "now";
+//! - each ancestor the base already has: *copied up*, as overlayfs does, with the base's mode,
+//!   owner and extended attributes (overlay's own excluded) and its time clamped; a directory
+//!   in which the copy created or replaced an entry was modified, so its time is "now" clamped.
+//!
+//! # When it is not used
+//!
+//! Whenever the result could depend on the base in a way this does not reproduce, the step
+//! takes the sandbox path instead: a symlink or a non-directory anywhere on a destination
+//! path (except a file or symlink that a file or symlink replaces), a directory where a file
+//! goes or the other way round, `..` in the destination, and `chown` with a user or group name
+//! (looked up in the base's `/etc/passwd`). Copies from another stage also take the sandbox
+//! path for now.
+//!
+//! # Once for every platform
+//!
+//! The layer's content is a function of the copy's op (its sources' digest) and of the base
+//! metadata it consulted, not of the step's key: the entries are hashed into a *copy-layer
+//! key* (the op's canonical encoding, every entry's path, kind, mode, owner, time, attributes
+//! and content digest), and a layer recorded under it is reused. The three platforms of
+//! `copy . /src/` onto bases whose parents agree write and compress one tar; the others find
+//! it. The step's own key and action record are unchanged.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::fs::Metadata;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+
+use crate::context::{CopyItem, ItemKind};
+use crate::digest::Key;
+use crate::key::KeyBuilder;
+use crate::layer::{self, PlannedEntry, PlannedKind};
+use crate::plan::{CopyOp, CopySource, Node, StepPlan};
+use crate::state::LayerDesc;
+
+use super::{Executor, NodeFailure};
+
+/// A read-only overlay lookup over snapshot directories, top-most first.
+pub(crate) struct MergedView {
+    layers: Vec<PathBuf>,
+}
+
+impl MergedView {
+    pub(crate) fn new(layers: Vec<PathBuf>) -> Self {
+        Self { layers }
+    }
+
+    /// The visible entry at `components` (relative to the root, not following symlinks): its
+    /// path in the top-most layer that has it, and that entry's metadata.
+    pub(crate) fn lookup(
+        &self,
+        components: &[OsString],
+    ) -> io::Result<Option<(PathBuf, Metadata)>> {
+        if components.is_empty() {
+            return Ok(None);
+        }
+        for layer in &self.layers {
+            let mut path = layer.clone();
+            let mut opaque = false;
+            for (index, component) in components.iter().enumerate() {
+                path.push(component);
+                let metadata = match std::fs::symlink_metadata(&path) {
+                    Ok(metadata) => metadata,
+                    Err(error)
+                        if error.kind() == io::ErrorKind::NotFound
+                            || error.raw_os_error() == Some(libc::ENOTDIR) =>
+                    {
+                        break;
+                    }
+                    Err(error) => return Err(error),
+                };
+                if metadata.file_type().is_char_device() && metadata.rdev() == 0 {
+                    return Ok(None);
+                }
+                if index + 1 == components.len() {
+                    return Ok(Some((path, metadata)));
+                }
+                if !metadata.is_dir() {
+                    return Ok(None);
+                }
+                opaque |= is_opaque(&path)?;
+            }
+            if opaque {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn is_opaque(dir: &Path) -> io::Result<bool> {
+    Ok(layer::list_xattrs(dir)?.iter().any(|(name, value)| {
+        (name == b"trusted.overlay.opaque" || name == b"user.overlay.opaque") && value == b"y"
+    }))
+}
+
+/// What is at a path once the entries planned so far are laid over the base.
+enum State {
+    Missing,
+    Root,
+    PlannedDir,
+    PlannedOther,
+    BaseDir(PathBuf, Metadata),
+    BaseFile,
+    BaseSymlink,
+    BaseOther,
+}
+
+impl State {
+    fn is_dir(&self) -> bool {
+        matches!(self, State::Root | State::PlannedDir | State::BaseDir(..))
+    }
+}
+
+/// The sandbox path must be taken.
+struct Fallback;
+
+type Planned<T> = Result<T, PlanError>;
+
+enum PlanError {
+    Fallback,
+    Io(String),
+}
+
+impl From<Fallback> for PlanError {
+    fn from(_: Fallback) -> Self {
+        PlanError::Fallback
+    }
+}
+
+struct CopyPlanner<'a> {
+    view: &'a MergedView,
+    entries: BTreeMap<Vec<u8>, PlannedEntry>,
+    /// Directories in which an entry was created or replaced: their time is "now".
+    modified: BTreeSet<Vec<u8>>,
+    now: u64,
+    epoch: i64,
+}
+
+fn join(components: &[OsString]) -> Vec<u8> {
+    let mut name = Vec::new();
+    for (index, component) in components.iter().enumerate() {
+        if index > 0 {
+            name.push(b'/');
+        }
+        name.extend_from_slice(component.as_bytes());
+    }
+    name
+}
+
+/// The normal components of an absolute or relative path; `..` makes the sandbox path decide.
+fn components_of(path: &Path) -> Result<Vec<OsString>, Fallback> {
+    let mut components = Vec::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(name) => components.push(name.to_os_string()),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => return Err(Fallback),
+        }
+    }
+    Ok(components)
+}
+
+impl CopyPlanner<'_> {
+    fn state(&self, components: &[OsString]) -> Planned<State> {
+        if components.is_empty() {
+            return Ok(State::Root);
+        }
+        if let Some(entry) = self.entries.get(&join(components)) {
+            return Ok(match entry.kind {
+                PlannedKind::Directory => State::PlannedDir,
+                _ => State::PlannedOther,
+            });
+        }
+        let found = self
+            .view
+            .lookup(components)
+            .map_err(|error| PlanError::Io(format!("cannot look into the base: {error}")))?;
+        Ok(match found {
+            None => State::Missing,
+            Some((path, metadata)) if metadata.is_dir() => State::BaseDir(path, metadata),
+            Some((_, metadata)) if metadata.is_file() => State::BaseFile,
+            Some((_, metadata)) if metadata.file_type().is_symlink() => State::BaseSymlink,
+            Some(_) => State::BaseOther,
+        })
+    }
+
+    /// Every proper ancestor of `components` is a directory (or missing, from some point on);
+    /// a symlink or anything else on the way is for the sandbox path.
+    fn check_ancestors(&self, components: &[OsString]) -> Planned<()> {
+        for depth in 1..components.len() {
+            match self.state(&components[..depth])? {
+                State::Missing => return Ok(()),
+                state if state.is_dir() => {}
+                _ => return Err(PlanError::Fallback),
+            }
+        }
+        Ok(())
+    }
+
+    /// A directory of the base, copied up with its metadata.
+    fn copy_up(
+        &mut self,
+        components: &[OsString],
+        host: &Path,
+        metadata: &Metadata,
+    ) -> Planned<()> {
+        let xattrs = layer::list_xattrs(host)
+            .map_err(|error| {
+                PlanError::Io(format!(
+                    "cannot read the extended attributes of {}: {error}",
+                    host.display()
+                ))
+            })?
+            .into_iter()
+            .filter(|(name, _)| !layer::is_overlay_xattr(name))
+            .collect();
+        self.entries.insert(
+            join(components),
+            PlannedEntry {
+                name: join(components),
+                kind: PlannedKind::Directory,
+                mode: metadata.mode() & 0o7777,
+                uid: metadata.uid(),
+                gid: metadata.gid(),
+                mtime: metadata.mtime().min(self.epoch).max(0) as u64,
+                xattrs,
+            },
+        );
+        Ok(())
+    }
+
+    /// Every ancestor of `components` present in the result: copied up from the base, or
+    /// created `0755 root:root` (as `create_parents` does).
+    fn ensure_parents(&mut self, components: &[OsString]) -> Planned<()> {
+        for depth in 1..components.len() {
+            let prefix = &components[..depth];
+            match self.state(prefix)? {
+                State::PlannedDir | State::Root => {}
+                State::BaseDir(host, metadata) => self.copy_up(prefix, &host, &metadata)?,
+                State::Missing => {
+                    self.modified.insert(join(&prefix[..depth - 1]));
+                    self.insert(prefix, PlannedKind::Directory, 0o755, (0, 0));
+                }
+                _ => return Err(PlanError::Fallback),
+            }
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, components: &[OsString], kind: PlannedKind, mode: u32, owner: (u32, u32)) {
+        let name = join(components);
+        self.entries.insert(
+            name.clone(),
+            PlannedEntry {
+                name,
+                kind,
+                mode: mode & 0o7777,
+                uid: owner.0,
+                gid: owner.1,
+                mtime: self.now,
+                xattrs: Vec::new(),
+            },
+        );
+    }
+
+    /// `make_dir` on a path: a new directory, or an existing one whose mode and owner change.
+    fn make_dir(&mut self, components: &[OsString], mode: u32, owner: (u32, u32)) -> Planned<()> {
+        match self.state(components)? {
+            State::Root => Err(PlanError::Fallback),
+            State::Missing => {
+                self.modified
+                    .insert(join(&components[..components.len() - 1]));
+                self.insert(components, PlannedKind::Directory, mode, owner);
+                Ok(())
+            }
+            State::BaseDir(host, metadata) => {
+                self.copy_up(components, &host, &metadata)?;
+                self.set_mode_owner(components, mode, owner);
+                Ok(())
+            }
+            State::PlannedDir => {
+                self.set_mode_owner(components, mode, owner);
+                Ok(())
+            }
+            _ => Err(PlanError::Fallback),
+        }
+    }
+
+    fn set_mode_owner(&mut self, components: &[OsString], mode: u32, owner: (u32, u32)) {
+        if let Some(entry) = self.entries.get_mut(&join(components)) {
+            entry.mode = mode & 0o7777;
+            entry.uid = owner.0;
+            entry.gid = owner.1;
+        }
+    }
+
+    /// `write_item`: the entry a copied item becomes at `components`.
+    fn write_item(
+        &mut self,
+        item: &CopyItem,
+        src_root: &Path,
+        components: &[OsString],
+        owner: (u32, u32),
+        chmod: Option<u32>,
+    ) -> Planned<()> {
+        let state = self.state(components)?;
+        match &item.kind {
+            ItemKind::Dir { mode } => {
+                if !matches!(state, State::Missing) && !state.is_dir() {
+                    return Err(PlanError::Fallback);
+                }
+                self.make_dir(components, chmod.unwrap_or(*mode), owner)
+            }
+            ItemKind::File { digest, size, mode } => {
+                if !matches!(state, State::Missing | State::BaseFile | State::BaseSymlink) {
+                    return Err(PlanError::Fallback);
+                }
+                let source = crate::fsutil::resolve_path_in_root(src_root, &item.rel_src, false)
+                    .map_err(|error| {
+                        PlanError::Io(format!(
+                            "cannot resolve {}: {error}",
+                            src_root.join(&item.rel_src).display()
+                        ))
+                    })?;
+                self.modified
+                    .insert(join(&components[..components.len() - 1]));
+                let expect = (*digest != [0; 32]).then_some(*digest);
+                self.insert(
+                    components,
+                    PlannedKind::File {
+                        source,
+                        size: *size,
+                        expect,
+                    },
+                    chmod.unwrap_or(*mode),
+                    owner,
+                );
+                Ok(())
+            }
+            ItemKind::Symlink { target } => {
+                if !matches!(state, State::Missing | State::BaseFile | State::BaseSymlink) {
+                    return Err(PlanError::Fallback);
+                }
+                self.modified
+                    .insert(join(&components[..components.len() - 1]));
+                self.insert(
+                    components,
+                    PlannedKind::Symlink {
+                        target: target.as_os_str().as_bytes().to_vec(),
+                    },
+                    0o777,
+                    owner,
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// [`crate::copy::perform_copy`], step for step, on the planned entries over the base.
+    fn plan(
+        &mut self,
+        items: &[CopyItem],
+        src_root: &Path,
+        dest: &str,
+        workdir: &str,
+        owner: (u32, u32),
+        chmod: Option<u32>,
+    ) -> Planned<()> {
+        let dest_abs = if dest.starts_with('/') {
+            dest.to_string()
+        } else {
+            format!("{}/{dest}", workdir.trim_end_matches('/'))
+        };
+        let dest_components = components_of(Path::new(&dest_abs))?;
+        let explicit_dir = dest.ends_with('/') || dest.ends_with("/.") || dest == ".";
+        self.check_ancestors(&dest_components)?;
+        let dest_state = self.state(&dest_components)?;
+        // `perform_copy` follows a final symlink to decide whether the destination is a
+        // directory: not here.
+        if matches!(dest_state, State::BaseSymlink) {
+            return Err(PlanError::Fallback);
+        }
+        let existing_dir = dest_state.is_dir();
+        let has_dir = items
+            .iter()
+            .any(|item| matches!(item.kind, ItemKind::Dir { .. }));
+        if let [item] = items
+            && !explicit_dir
+            && !existing_dir
+            && !has_dir
+        {
+            if dest_components.is_empty() {
+                return Err(PlanError::Fallback);
+            }
+            self.ensure_parents(&dest_components)?;
+            return self.write_item(item, src_root, &dest_components, owner, chmod);
+        }
+        // The destination directory is followed through a final symlink: not here.
+        if !matches!(dest_state, State::Missing) && !existing_dir {
+            return Err(PlanError::Fallback);
+        }
+        self.ensure_parents(&dest_components)?;
+        if matches!(dest_state, State::Missing)
+            && !items
+                .iter()
+                .any(|item| item.rel_dest.as_os_str().is_empty())
+        {
+            self.make_dir(&dest_components, 0o755, (0, 0))?;
+        }
+        for item in items {
+            let target = if item.rel_dest.as_os_str().is_empty() {
+                if self.state(&dest_components)?.is_dir() {
+                    continue;
+                }
+                dest_components.clone()
+            } else {
+                let mut target = dest_components.clone();
+                target.extend(components_of(&item.rel_dest)?);
+                self.check_ancestors(&target)?;
+                if matches!(item.kind, ItemKind::Dir { .. })
+                    && matches!(self.state(&target)?, State::BaseFile | State::BaseSymlink)
+                {
+                    return Err(PlanError::Fallback);
+                }
+                self.ensure_parents(&target)?;
+                target
+            };
+            self.write_item(item, src_root, &target, owner, chmod)?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Vec<PlannedEntry> {
+        for name in &self.modified {
+            if let Some(entry) = self.entries.get_mut(name) {
+                entry.mtime = self.now;
+            }
+        }
+        self.entries.into_values().collect()
+    }
+}
+
+/// `chown=` with numbers only; `None` when it names a user or group (looked up in the base).
+fn numeric_chown(spec: &str) -> Option<(u32, u32)> {
+    let (user, group) = match spec.split_once(':') {
+        Some((user, group)) => (user, Some(group)),
+        None => (spec, None),
+    };
+    let uid = user.parse::<u32>().ok()?;
+    let gid = match group {
+        Some(group) => group.parse::<u32>().ok()?,
+        None => uid,
+    };
+    Some((uid, gid))
+}
+
+/// The entries a context copy writes over the base `view`; `None` when the sandbox path must
+/// decide. `now` is the current time in seconds.
+pub(crate) fn plan_context_copy(
+    view: &MergedView,
+    items: &[CopyItem],
+    src_root: &Path,
+    copy: &CopyOp,
+    epoch: i64,
+    now: i64,
+) -> Result<Option<Vec<PlannedEntry>>, String> {
+    let owner = match &copy.chown {
+        None => (0, 0),
+        Some(spec) => match numeric_chown(spec) {
+            Some(owner) => owner,
+            None => return Ok(None),
+        },
+    };
+    let mut planner = CopyPlanner {
+        view,
+        entries: BTreeMap::new(),
+        modified: BTreeSet::new(),
+        now: now.min(epoch).max(0) as u64,
+        epoch,
+    };
+    match planner.plan(
+        items,
+        src_root,
+        &copy.dest,
+        &copy.workdir,
+        owner,
+        copy.chmod,
+    ) {
+        Ok(()) => Ok(Some(planner.finish())),
+        Err(PlanError::Fallback) => Ok(None),
+        Err(PlanError::Io(message)) => Err(message),
+    }
+}
+
+/// The key a copy's layer is recorded under: the op and every entry it writes, not the step's
+/// parent.
+fn copy_layer_key(copy: &CopyOp, entries: &[PlannedEntry], compression: &str) -> Key {
+    let mut builder = KeyBuilder::new("copy-layer");
+    builder.json(copy).str(compression);
+    for entry in entries {
+        builder
+            .bytes(&entry.name)
+            .str(&format!(
+                "{:o} {} {} {}",
+                entry.mode, entry.uid, entry.gid, entry.mtime
+            ))
+            .json(&entry.xattrs);
+        match &entry.kind {
+            PlannedKind::Directory => {
+                builder.str("dir");
+            }
+            PlannedKind::File { size, expect, .. } => {
+                builder
+                    .str("file")
+                    .str(&size.to_string())
+                    .bytes(&expect.unwrap_or([0; 32]));
+            }
+            PlannedKind::Symlink { target } => {
+                builder.str("symlink").bytes(target);
+            }
+        }
+    }
+    builder.finish()
+}
+
+impl Executor<'_> {
+    /// Execute a `copy` without the sandbox when its result can be computed directly; `None`
+    /// when the sandbox path must run it (see the module documentation).
+    pub(super) fn copy_direct(
+        &self,
+        node: &Node,
+        step: &StepPlan,
+        copy: &CopyOp,
+        layers: &[LayerDesc],
+    ) -> Result<Option<Option<LayerDesc>>, Box<NodeFailure>> {
+        let fail = |message: String| self.failure(node, Some(step), message, Vec::new());
+        let CopySource::Context { items, .. } = &copy.from else {
+            return Ok(None);
+        };
+        if copy
+            .chown
+            .as_deref()
+            .is_some_and(|spec| numeric_chown(spec).is_none())
+        {
+            return Ok(None);
+        }
+        let view = MergedView::new(self.snapshots(layers).map_err(fail)?);
+        let epoch = self.options.layer.source_date_epoch;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_secs() as i64)
+            .unwrap_or(0);
+        let Some(entries) =
+            plan_context_copy(&view, items, &self.plan.context_dir, copy, epoch, now)
+                .map_err(fail)?
+        else {
+            return Ok(None);
+        };
+        if entries.is_empty() {
+            return Ok(Some(None));
+        }
+        let compression = match self.options.layer.compression {
+            layer::Compression::Gzip => "gzip",
+            layer::Compression::Zstd => "zstd",
+            layer::Compression::None => "none",
+        };
+        let key = copy_layer_key(copy, &entries, compression);
+        // The same layer for another platform, being written now: wait for it, then reuse it.
+        let writing = self
+            .in_flight
+            .lock()
+            .map(|mut in_flight| in_flight.entry(key).or_default().clone())
+            .unwrap_or_default();
+        let _writing = writing.lock();
+        let reusable = !self.options.no_cache
+            || self
+                .executed_here
+                .lock()
+                .is_ok_and(|executed| executed.contains(&key));
+        if reusable && let Some(known) = self.recorded_layer(&key) {
+            let _ = self.store.record_verified_layer(&known);
+            return Ok(Some(Some(known)));
+        }
+        let temp = self
+            .store
+            .temp_dir()
+            .map_err(|error| fail(format!("cannot create a temporary directory: {error}")))?;
+        let blob = layer::write_layer_from_entries(&entries, temp.path(), &self.options.layer)
+            .map_err(|error| fail(format!("cannot write the layer: {error}")))?;
+        let Some(blob) = blob else {
+            return Ok(Some(None));
+        };
+        self.store
+            .put_blob_file(&blob.path, Some(blob.digest))
+            .map_err(|error| fail(format!("cannot store the layer: {error}")))?;
+        let layer = LayerDesc {
+            digest: blob.digest,
+            diff_id: blob.diff_id,
+            size: blob.size,
+            media_type: blob.media_type.to_string(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&layer) {
+            let _ = self
+                .store
+                .put_action(&self.layer_key(&layer.diff_id), &bytes);
+            let _ = self.store.put_action(&key, &bytes);
+        }
+        if let Ok(mut executed) = self.executed_here.lock() {
+            executed.insert(key);
+        }
+        // Both digests were computed here, from the tar written: a verified pair.
+        let _ = self.store.record_verified_layer(&layer);
+        Ok(Some(Some(layer)))
+    }
+
+    /// A layer recorded under `key`, if its blob is still in the store.
+    fn recorded_layer(&self, key: &Key) -> Option<LayerDesc> {
+        let bytes = self.store.get_action(key)?;
+        let layer: LayerDesc = serde_json::from_slice(&bytes).ok()?;
+        self.blob_present(&layer.digest, layer.size)
+            .then_some(layer)
+    }
+}
