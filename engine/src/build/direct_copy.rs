@@ -20,8 +20,12 @@
 //! takes the sandbox path instead: a symlink or a non-directory anywhere on a destination
 //! path (except a file or symlink that a file or symlink replaces), a directory where a file
 //! goes or the other way round, `..` in the destination, and `chown` with a user or group name
-//! (looked up in the base's `/etc/passwd`). Copies from another stage also take the sandbox
-//! path for now.
+//! (looked up in the base's `/etc/passwd`).
+//!
+//! A copy from another stage reads that stage's filesystem the same way, merging its
+//! snapshots by hand (no read-only overlay mount): the selection is
+//! [`crate::context::select_in_tree`]'s, and globs or copying a stage's root take the sandbox
+//! path.
 //!
 //! # Once for every platform
 //!
@@ -32,7 +36,7 @@
 //! `copy . /src/` onto bases whose parents agree write and compress one tar; the others find
 //! it. The step's own key and action record are unchanged.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::fs::Metadata;
 use std::io;
@@ -102,6 +106,244 @@ impl MergedView {
     }
 }
 
+impl MergedView {
+    /// [`crate::fsutil::resolve_path_in_root`] in the merged tree: the components `path` leads
+    /// to, through the tree's symlinks, never above its root.
+    pub(crate) fn resolve(&self, path: &Path, follow_last: bool) -> io::Result<Vec<OsString>> {
+        let mut pending: Vec<OsString> = Vec::new();
+        push_components(&mut pending, path);
+        let mut resolved: Vec<OsString> = Vec::new();
+        let mut links = 0usize;
+        let mut missing = false;
+        while let Some(component) = pending.pop() {
+            if component == ".." {
+                resolved.pop();
+                continue;
+            }
+            if missing {
+                resolved.push(component);
+                continue;
+            }
+            resolved.push(component);
+            let is_last = pending.is_empty();
+            match self.lookup(&resolved)? {
+                Some((host, metadata))
+                    if metadata.file_type().is_symlink() && (!is_last || follow_last) =>
+                {
+                    links += 1;
+                    if links > crate::fsutil::MAX_SYMLINKS {
+                        return Err(io::Error::other("too many levels of symbolic links"));
+                    }
+                    resolved.pop();
+                    let target = std::fs::read_link(&host)?;
+                    if target.is_absolute() {
+                        resolved.clear();
+                    }
+                    push_components(&mut pending, &target);
+                }
+                Some(_) => {}
+                None => missing = true,
+            }
+        }
+        Ok(resolved)
+    }
+
+    /// The layers' copies of the directory at `components` that make up its merged listing,
+    /// top-most first.
+    fn dir_layers(&self, components: &[OsString]) -> io::Result<Vec<PathBuf>> {
+        let mut dirs = Vec::new();
+        'layers: for layer in &self.layers {
+            let mut path = layer.clone();
+            let mut opaque = false;
+            for component in components {
+                path.push(component);
+                let metadata = match std::fs::symlink_metadata(&path) {
+                    Ok(metadata) => metadata,
+                    Err(error)
+                        if error.kind() == io::ErrorKind::NotFound
+                            || error.raw_os_error() == Some(libc::ENOTDIR) =>
+                    {
+                        if opaque {
+                            break 'layers;
+                        }
+                        continue 'layers;
+                    }
+                    Err(error) => return Err(error),
+                };
+                if !metadata.is_dir() {
+                    break 'layers;
+                }
+                opaque |= is_opaque(&path)?;
+            }
+            dirs.push(path);
+            if opaque {
+                break;
+            }
+        }
+        Ok(dirs)
+    }
+
+    /// Visit every entry under a merged directory (given as its layers' copies, top-most
+    /// first), not following symlinks, parents before children: `rest` is the path relative
+    /// to that directory, `host` the top-most layer's copy.
+    fn walk(
+        &self,
+        dirs: &[PathBuf],
+        rest: &Path,
+        visit: &mut dyn FnMut(&Path, &Path, &Metadata) -> Result<(), String>,
+    ) -> Result<(), String> {
+        type Found = Option<(PathBuf, Metadata)>;
+        let mut children: BTreeMap<OsString, Found> = BTreeMap::new();
+        let mut lower: BTreeMap<OsString, Vec<PathBuf>> = BTreeMap::new();
+        let mut closed: BTreeSet<OsString> = BTreeSet::new();
+        for dir in dirs {
+            let read = std::fs::read_dir(dir)
+                .map_err(|error| format!("cannot read {}: {error}", dir.display()))?;
+            for entry in read {
+                let entry =
+                    entry.map_err(|error| format!("cannot read {}: {error}", dir.display()))?;
+                let name = entry.file_name();
+                if closed.contains(&name) {
+                    continue;
+                }
+                let host = entry.path();
+                let metadata = std::fs::symlink_metadata(&host)
+                    .map_err(|error| format!("cannot inspect {}: {error}", host.display()))?;
+                let whiteout = metadata.file_type().is_char_device() && metadata.rdev() == 0;
+                let seen = children.contains_key(&name);
+                if whiteout || !metadata.is_dir() {
+                    // A whiteout or a non-directory hides everything below it.
+                    closed.insert(name.clone());
+                    if !seen {
+                        children.insert(name, (!whiteout).then_some((host, metadata)));
+                    }
+                    continue;
+                }
+                let opaque = is_opaque(&host).map_err(|error| error.to_string())?;
+                lower.entry(name.clone()).or_default().push(host.clone());
+                if opaque {
+                    closed.insert(name.clone());
+                }
+                if !seen {
+                    children.insert(name, Some((host, metadata)));
+                }
+            }
+        }
+        for (name, found) in children {
+            let Some((host, metadata)) = found else {
+                continue;
+            };
+            let path = rest.join(&name);
+            visit(&path, &host, &metadata)?;
+            if metadata.is_dir() {
+                let dirs = lower.remove(&name).unwrap_or_default();
+                self.walk(&dirs, &path, visit)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn push_components(pending: &mut Vec<OsString>, path: &Path) {
+    let mut components: Vec<OsString> = Vec::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(name) => components.push(name.to_os_string()),
+            Component::ParentDir => components.push(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    pending.extend(components.into_iter().rev());
+}
+
+/// What `select_in_tree` makes of an entry of a stage's filesystem.
+fn tree_kind(host: &Path, metadata: &Metadata) -> Result<Option<ItemKind>, String> {
+    let mode = metadata.mode() & 0o7777;
+    let file_type = metadata.file_type();
+    Ok(if file_type.is_dir() {
+        Some(ItemKind::Dir { mode })
+    } else if file_type.is_symlink() {
+        let target = std::fs::read_link(host)
+            .map_err(|error| format!("cannot read the symlink {}: {error}", host.display()))?;
+        Some(ItemKind::Symlink { target })
+    } else if file_type.is_file() {
+        Some(ItemKind::File {
+            digest: [0; 32],
+            size: metadata.len(),
+            mode,
+        })
+    } else {
+        None
+    })
+}
+
+/// The items and the layer file holding each file's content.
+pub(crate) type ViewSelection = (Vec<CopyItem>, HashMap<PathBuf, PathBuf>);
+
+/// [`crate::context::select_in_tree`] over a merged stage filesystem: the items and, for
+/// each file, the layer file holding its content. `None` when the sandbox path must select
+/// (globs, the root itself, anything that is an error there).
+pub(crate) fn select_in_view(
+    view: &MergedView,
+    sources: &[String],
+) -> Result<Option<ViewSelection>, String> {
+    let mut items = Vec::new();
+    let mut hosts = HashMap::new();
+    for source in sources {
+        let Ok(cleaned) = crate::context::clean_source(source, false) else {
+            return Ok(None);
+        };
+        if crate::context::has_glob(&cleaned) {
+            return Ok(None);
+        }
+        let name = cleaned.rsplit('/').next().unwrap_or("").to_string();
+        let io = |error: io::Error| error.to_string();
+        let mut components = view.resolve(Path::new(&cleaned), true).map_err(io)?;
+        let mut found = view.lookup(&components).map_err(io)?;
+        if found.is_none() {
+            components = view.resolve(Path::new(&cleaned), false).map_err(io)?;
+            found = view.lookup(&components).map_err(io)?;
+        }
+        let Some((host, metadata)) = found else {
+            return Ok(None);
+        };
+        let rel_src: PathBuf = components.iter().collect();
+        if metadata.is_dir() {
+            items.push(CopyItem {
+                rel_src: rel_src.clone(),
+                rel_dest: PathBuf::new(),
+                kind: ItemKind::Dir {
+                    mode: metadata.mode() & 0o7777,
+                },
+            });
+            let dirs = view.dir_layers(&components).map_err(io)?;
+            view.walk(&dirs, Path::new(""), &mut |rest, host, metadata| {
+                if let Some(kind) = tree_kind(host, metadata)? {
+                    if matches!(kind, ItemKind::File { .. }) {
+                        hosts.insert(rel_src.join(rest), host.to_path_buf());
+                    }
+                    items.push(CopyItem {
+                        rel_src: rel_src.join(rest),
+                        rel_dest: rest.to_path_buf(),
+                        kind,
+                    });
+                }
+                Ok(())
+            })?;
+        } else if let Some(kind) = tree_kind(&host, &metadata)? {
+            if matches!(kind, ItemKind::File { .. }) {
+                hosts.insert(rel_src.clone(), host.clone());
+            }
+            items.push(CopyItem {
+                rel_src,
+                rel_dest: PathBuf::from(name),
+                kind,
+            });
+        }
+    }
+    Ok(Some((items, hosts)))
+}
+
 fn is_opaque(dir: &Path) -> io::Result<bool> {
     Ok(layer::list_xattrs(dir)?.iter().any(|(name, value)| {
         (name == b"trusted.overlay.opaque" || name == b"user.overlay.opaque") && value == b"y"
@@ -124,6 +366,13 @@ impl State {
     fn is_dir(&self) -> bool {
         matches!(self, State::Root | State::PlannedDir | State::BaseDir(..))
     }
+}
+
+/// Where a copy's files are read: a directory (the build context), or, for a stage's
+/// filesystem, the layer file of each source path.
+pub(crate) enum Sources<'a> {
+    Dir(&'a Path),
+    Hosts(&'a HashMap<PathBuf, PathBuf>),
 }
 
 /// The sandbox path must be taken.
@@ -313,7 +562,7 @@ impl CopyPlanner<'_> {
     fn write_item(
         &mut self,
         item: &CopyItem,
-        src_root: &Path,
+        src_root: &Sources,
         components: &[OsString],
         owner: (u32, u32),
         chmod: Option<u32>,
@@ -330,13 +579,22 @@ impl CopyPlanner<'_> {
                 if !matches!(state, State::Missing | State::BaseFile | State::BaseSymlink) {
                     return Err(PlanError::Fallback);
                 }
-                let source = crate::fsutil::resolve_path_in_root(src_root, &item.rel_src, false)
-                    .map_err(|error| {
-                        PlanError::Io(format!(
-                            "cannot resolve {}: {error}",
-                            src_root.join(&item.rel_src).display()
-                        ))
-                    })?;
+                let source = match src_root {
+                    Sources::Dir(root) => {
+                        crate::fsutil::resolve_path_in_root(root, &item.rel_src, false).map_err(
+                            |error| {
+                                PlanError::Io(format!(
+                                    "cannot resolve {}: {error}",
+                                    root.join(&item.rel_src).display()
+                                ))
+                            },
+                        )?
+                    }
+                    Sources::Hosts(hosts) => match hosts.get(&item.rel_src) {
+                        Some(host) => host.clone(),
+                        None => return Err(PlanError::Fallback),
+                    },
+                };
                 self.modified
                     .insert(join(&components[..components.len() - 1]));
                 let expect = (*digest != [0; 32]).then_some(*digest);
@@ -375,7 +633,7 @@ impl CopyPlanner<'_> {
     fn plan(
         &mut self,
         items: &[CopyItem],
-        src_root: &Path,
+        src_root: &Sources,
         dest: &str,
         workdir: &str,
         owner: (u32, u32),
@@ -469,12 +727,12 @@ fn numeric_chown(spec: &str) -> Option<(u32, u32)> {
     Some((uid, gid))
 }
 
-/// The entries a context copy writes over the base `view`; `None` when the sandbox path must
-/// decide. `now` is the current time in seconds.
-pub(crate) fn plan_context_copy(
+/// The entries a copy writes over the base `view`; `None` when the sandbox path must decide.
+/// `now` is the current time in seconds.
+pub(crate) fn plan_copy(
     view: &MergedView,
     items: &[CopyItem],
-    src_root: &Path,
+    src_root: &Sources,
     copy: &CopyOp,
     epoch: i64,
     now: i64,
@@ -509,9 +767,18 @@ pub(crate) fn plan_context_copy(
 
 /// The key a copy's layer is recorded under: the op and every entry it writes, not the step's
 /// parent.
-fn copy_layer_key(copy: &CopyOp, entries: &[PlannedEntry], compression: &str) -> Key {
+fn copy_layer_key(
+    copy: &CopyOp,
+    source_layers: &[crate::digest::Digest],
+    entries: &[PlannedEntry],
+    compression: &str,
+) -> Key {
     let mut builder = KeyBuilder::new("copy-layer");
     builder.json(copy).str(compression);
+    // A stage's files are named by path only: its layers say what they hold.
+    for diff_id in source_layers {
+        builder.bytes(&diff_id.0);
+    }
     for entry in entries {
         builder
             .bytes(&entry.name)
@@ -549,9 +816,6 @@ impl Executor<'_> {
         layers: &[LayerDesc],
     ) -> Result<Option<Option<LayerDesc>>, Box<NodeFailure>> {
         let fail = |message: String| self.failure(node, Some(step), message, Vec::new());
-        let CopySource::Context { items, .. } = &copy.from else {
-            return Ok(None);
-        };
         if copy
             .chown
             .as_deref()
@@ -565,10 +829,27 @@ impl Executor<'_> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|elapsed| elapsed.as_secs() as i64)
             .unwrap_or(0);
-        let Some(entries) =
-            plan_context_copy(&view, items, &self.plan.context_dir, copy, epoch, now)
-                .map_err(fail)?
-        else {
+        let (planned, source_layers) = match &copy.from {
+            CopySource::Context { items, .. } => {
+                let sources = Sources::Dir(&self.plan.context_dir);
+                let planned = plan_copy(&view, items, &sources, copy, epoch, now).map_err(fail)?;
+                (planned, Vec::new())
+            }
+            CopySource::Node { node: source, .. } => {
+                let output = self.output_of(*source).map_err(fail)?;
+                let source_view = MergedView::new(self.snapshots(&output.layers).map_err(fail)?);
+                let Some((items, hosts)) =
+                    select_in_view(&source_view, &copy.sources).map_err(fail)?
+                else {
+                    return Ok(None);
+                };
+                let sources = Sources::Hosts(&hosts);
+                let planned = plan_copy(&view, &items, &sources, copy, epoch, now).map_err(fail)?;
+                let diff_ids = output.layers.iter().map(|layer| layer.diff_id).collect();
+                (planned, diff_ids)
+            }
+        };
+        let Some(entries) = planned else {
             return Ok(None);
         };
         if entries.is_empty() {
@@ -579,7 +860,7 @@ impl Executor<'_> {
             layer::Compression::Zstd => "zstd",
             layer::Compression::None => "none",
         };
-        let key = copy_layer_key(copy, &entries, compression);
+        let key = copy_layer_key(copy, &source_layers, &entries, compression);
         // The same layer for another platform, being written now: wait for it, then reuse it.
         let writing = self
             .in_flight
