@@ -885,8 +885,40 @@ impl Executor<'_> {
             .store
             .temp_dir()
             .map_err(|error| fail(format!("cannot create a temporary directory: {error}")))?;
-        let blob = layer::write_layer_from_entries(&entries, temp.path(), &self.options.layer)
-            .map_err(|error| fail(format!("cannot write the layer: {error}")))?;
+        // A later step (or another node) will mount this layer: lay out its snapshot from the
+        // sources on a second thread while the tar is compressed on this one.
+        let later_steps = node
+            .steps
+            .iter()
+            .skip_while(|other| other.key != step.key)
+            .skip(1)
+            .any(|other| other.op.touches_filesystem());
+        let used_by_others = self
+            .plan
+            .nodes
+            .iter()
+            .any(|other| other.deps.contains(&node.id));
+        let snapshot_dir = temp.path().join("snapshot");
+        let want_snapshot = later_steps || used_by_others;
+        let (blob, materialized) = std::thread::scope(|scope| {
+            let materializing = want_snapshot.then(|| {
+                scope.spawn(|| {
+                    std::fs::create_dir(&snapshot_dir)
+                        .map_err(|error| error.to_string())
+                        .and_then(|()| materialize(&entries, &snapshot_dir))
+                })
+            });
+            let blob = layer::write_layer_from_entries(&entries, temp.path(), &self.options.layer);
+            let materialized = materializing
+                .map(|thread| {
+                    thread
+                        .join()
+                        .unwrap_or_else(|_| Err("panicked".to_string()))
+                })
+                .is_some_and(|made| made.is_ok());
+            (blob, materialized)
+        });
+        let blob = blob.map_err(|error| fail(format!("cannot write the layer: {error}")))?;
         let Some(blob) = blob else {
             return Ok(Some(None));
         };
@@ -910,7 +942,30 @@ impl Executor<'_> {
         }
         // Both digests were computed here, from the tar written: a verified pair.
         let _ = self.store.record_verified_layer(&layer);
+        if materialized {
+            self.adopt_materialized(&layer.diff_id, &snapshot_dir);
+        }
         Ok(Some(Some(layer)))
+    }
+
+    /// Keep a snapshot laid out by [`materialize`] as the snapshot of its layer (unless one
+    /// exists already).
+    fn adopt_materialized(&self, diff_id: &crate::digest::Digest, made: &Path) {
+        if self.store.snapshot_path(diff_id).is_some() {
+            return;
+        }
+        let extracting = self
+            .in_flight_snapshots
+            .lock()
+            .map(|mut in_flight| in_flight.entry(*diff_id).or_default().clone())
+            .unwrap_or_default();
+        let _extracting = extracting.lock();
+        let _ = self
+            .store
+            .ensure_snapshot(diff_id, |dir: &Path| -> Result<(), String> {
+                std::fs::remove_dir(dir).map_err(|error| error.to_string())?;
+                std::fs::rename(made, dir).map_err(|error| error.to_string())
+            });
     }
 
     /// A layer recorded under `key`, if its blob is still in the store.
@@ -920,4 +975,83 @@ impl Executor<'_> {
         self.blob_present(&layer.digest, layer.size)
             .then_some(layer)
     }
+}
+
+/// Lay `entries` out under `dir` as unpacking their layer would (names, kinds, content, modes,
+/// owners, times, attributes): the layer's snapshot, made from the sources while the layer is
+/// compressed, so the next step does not wait for the blob to be decompressed and unpacked.
+fn materialize(entries: &[PlannedEntry], dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut sorted: Vec<&PlannedEntry> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let path_of = |entry: &PlannedEntry| dir.join(std::ffi::OsStr::from_bytes(&entry.name));
+    for entry in &sorted {
+        let path = path_of(entry);
+        let made = match &entry.kind {
+            PlannedKind::Directory => std::fs::create_dir(&path),
+            PlannedKind::File { source, .. } => (|| {
+                let mut input = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(source)?;
+                let mut output = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)?;
+                io::copy(&mut input, &mut output).map(|_| ())
+            })(),
+            PlannedKind::Symlink { target } => {
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &path)
+            }
+        };
+        made.map_err(|error| format!("cannot create {}: {error}", path.display()))?;
+        if !matches!(entry.kind, PlannedKind::Directory) {
+            finish_entry(entry, &path)?;
+        }
+    }
+    // Directories last, deepest first: creating their children changed their times.
+    for entry in sorted.iter().rev() {
+        if matches!(entry.kind, PlannedKind::Directory) {
+            finish_entry(entry, &path_of(entry))?;
+        }
+    }
+    Ok(())
+}
+
+/// Owner, then mode (a `chown` clears set-id bits), attributes and times of one entry.
+fn finish_entry(entry: &PlannedEntry, path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let failed =
+        |action: &str, error: io::Error| format!("cannot {action} {}: {error}", path.display());
+    std::os::unix::fs::lchown(path, Some(entry.uid), Some(entry.gid))
+        .map_err(|error| failed("change the owner of", error))?;
+    if !matches!(entry.kind, PlannedKind::Symlink { .. }) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(entry.mode))
+            .map_err(|error| failed("set the mode of", error))?;
+    }
+    for (name, value) in &entry.xattrs {
+        layer::set_xattr(path, name, value)
+            .map_err(|error| failed("set an extended attribute of", error))?;
+    }
+    let time = libc::timespec {
+        tv_sec: entry.mtime as libc::time_t,
+        tv_nsec: 0,
+    };
+    let times = [time, time];
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("{} contains a NUL byte", path.display()))?;
+    // SAFETY: a valid NUL-terminated path and two timespecs, as utimensat(2) expects.
+    let result = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if result != 0 {
+        return Err(failed("set the times of", io::Error::last_os_error()));
+    }
+    Ok(())
 }
