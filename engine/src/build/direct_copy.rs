@@ -985,11 +985,12 @@ fn materialize(entries: &[PlannedEntry], dir: &Path) -> Result<(), String> {
     let mut sorted: Vec<&PlannedEntry> = entries.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let path_of = |entry: &PlannedEntry| dir.join(std::ffi::OsStr::from_bytes(&entry.name));
+    let mut buffer = vec![0u8; 128 * 1024];
     for entry in &sorted {
         let path = path_of(entry);
         let made = match &entry.kind {
             PlannedKind::Directory => std::fs::create_dir(&path),
-            PlannedKind::File { source, .. } => (|| {
+            PlannedKind::File { source, expect, .. } => (|| {
                 let mut input = std::fs::OpenOptions::new()
                     .read(true)
                     .custom_flags(libc::O_NOFOLLOW)
@@ -999,7 +1000,26 @@ fn materialize(entries: &[PlannedEntry], dir: &Path) -> Result<(), String> {
                     .create_new(true)
                     .mode(0o600)
                     .open(&path)?;
-                io::copy(&mut input, &mut output).map(|_| ())
+                let Some(expected) = expect else {
+                    return io::copy(&mut input, &mut output).map(|_| ());
+                };
+                // The snapshot must hold what the layer holds: a context file that changed
+                // since it was hashed fails the snapshot (and the tar writer fails the step).
+                let mut hasher = blake3::Hasher::new();
+                loop {
+                    let read = match io::Read::read(&mut input, &mut buffer) {
+                        Ok(0) => break,
+                        Ok(read) => read,
+                        Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(error) => return Err(error),
+                    };
+                    hasher.update(&buffer[..read]);
+                    io::Write::write_all(&mut output, &buffer[..read])?;
+                }
+                if hasher.finalize().as_bytes() != expected {
+                    return Err(io::Error::other("the source changed while it was copied"));
+                }
+                Ok(())
             })(),
             PlannedKind::Symlink { target } => {
                 std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &path)
