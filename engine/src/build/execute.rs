@@ -1,6 +1,6 @@
-//! Executing a node's steps: resume after the last cached step, run each remaining `run` or
-//! `copy` in the sandbox on an overlay of the current layers' snapshots, and turn the upper
-//! directory into the step's layer.
+//! Executing a node's steps: resume after the last cached step, run each remaining `run` (and
+//! each `copy` that [`super::direct_copy`] leaves to the sandbox) in the sandbox on an overlay
+//! of the current layers' snapshots, and turn the upper directory into the step's layer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
