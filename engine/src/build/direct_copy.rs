@@ -1126,3 +1126,124 @@ fn finish_entry(entry: &PlannedEntry, path: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two layers: the lower has `/out/{keep,gone,d/old}` and `/l -> out`; the upper deletes
+    /// `gone` (a whiteout), makes `d` opaque with `d/new`, and adds `extra`.
+    fn layers() -> (tempfile::TempDir, MergedView) {
+        let root = tempfile::tempdir().unwrap();
+        let lower = root.path().join("lower");
+        let upper = root.path().join("upper");
+        std::fs::create_dir_all(lower.join("out/d")).unwrap();
+        std::fs::write(lower.join("out/keep"), b"keep").unwrap();
+        std::fs::write(lower.join("out/gone"), b"gone").unwrap();
+        std::fs::write(lower.join("out/d/old"), b"old").unwrap();
+        std::os::unix::fs::symlink("out", lower.join("l")).unwrap();
+        std::fs::create_dir_all(upper.join("out/d")).unwrap();
+        std::fs::write(upper.join("out/d/new"), b"new").unwrap();
+        std::fs::write(upper.join("out/extra"), b"extra").unwrap();
+        layer::set_xattr(&upper.join("out/d"), b"trusted.overlay.opaque", b"y").unwrap();
+        nix::sys::stat::mknod(
+            &upper.join("out/gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .unwrap();
+        let view = MergedView::new(vec![upper, lower]);
+        (root, view)
+    }
+
+    fn components(path: &str) -> Vec<OsString> {
+        components_of(Path::new(path)).ok().unwrap()
+    }
+
+    #[test]
+    fn lookups_follow_overlay_rules() {
+        let (_root, view) = layers();
+        let found = |path: &str| view.lookup(&components(path)).unwrap().is_some();
+        assert!(found("out/keep"));
+        assert!(found("out/extra"));
+        assert!(!found("out/gone"), "a whiteout hides the lower file");
+        assert!(found("out/d/new"));
+        assert!(
+            !found("out/d/old"),
+            "an opaque directory hides the lower one"
+        );
+        assert!(!found("missing"));
+        assert_eq!(
+            view.resolve(Path::new("l/keep"), true).unwrap(),
+            components("out/keep")
+        );
+    }
+
+    #[test]
+    fn a_stage_directory_is_selected_merged() {
+        let (_root, view) = layers();
+        let (items, hosts) = select_in_view(&view, &["/l/".to_string()])
+            .unwrap()
+            .unwrap();
+        let names: Vec<String> = items
+            .iter()
+            .map(|item| item.rel_dest.display().to_string())
+            .collect();
+        assert_eq!(names, ["", "d", "d/new", "extra", "keep"]);
+        let keep = hosts.get(Path::new("out/keep")).unwrap();
+        assert_eq!(std::fs::read(keep).unwrap(), b"keep");
+        // Globs are left to the sandbox.
+        assert!(
+            select_in_view(&view, &["/out/*".to_string()])
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_symlink_on_the_destination_is_left_to_the_sandbox() {
+        let (_root, view) = layers();
+        let context = tempfile::tempdir().unwrap();
+        std::fs::write(context.path().join("f"), b"f").unwrap();
+        let item = CopyItem {
+            rel_src: PathBuf::from("f"),
+            rel_dest: PathBuf::from("f"),
+            kind: ItemKind::File {
+                digest: *blake3::hash(b"f").as_bytes(),
+                size: 1,
+                mode: 0o644,
+            },
+        };
+        let copy = |dest: &str| CopyOp {
+            sources: vec!["f".into()],
+            dest: dest.into(),
+            workdir: "/".into(),
+            chown: None,
+            chmod: None,
+            from: CopySource::Context {
+                items: Vec::new(),
+                digest: String::new(),
+            },
+        };
+        let plan = |dest: &str| {
+            plan_copy(
+                &view,
+                std::slice::from_ref(&item),
+                &Sources::Dir(context.path()),
+                &copy(dest),
+                0,
+                100,
+            )
+            .unwrap()
+        };
+        assert!(plan("/l/").is_none(), "through a symlink");
+        assert!(plan("/out/keep/x").is_none(), "under a file");
+        let entries = plan("/out/new/").expect("a plain destination");
+        let names: Vec<&[u8]> = entries.iter().map(|entry| &entry.name[..]).collect();
+        assert_eq!(names, [&b"out"[..], b"out/new", b"out/new/f"]);
+        // `out` is copied up from the base and was modified; `out/new` is new.
+        assert_eq!(entries[0].mtime, 0);
+        assert_eq!(entries[1].mode, 0o755);
+    }
+}
