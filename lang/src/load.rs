@@ -26,9 +26,9 @@ use kdl::{KdlDocument, KdlEntry, KdlNode, KdlValue};
 use miette::SourceSpan;
 
 use crate::ir::{
-    ArgDecl, CacheMount, Command, Copy, CopyFrom, FileId, From, FromSource, Healthcheck, Image,
-    Loc, MatrixAxis, Network, PlatformSpec, Project, Run, Scope, ScopeId, Secret, Source, Sources,
-    Stage, Step, StepKind, Text,
+    ArgDecl, CacheMount, CacheSharing, Command, Copy, CopyFrom, FileId, From, FromSource,
+    Healthcheck, Image, Loc, MatrixAxis, Network, PlatformSpec, Project, Run, Scope, ScopeId,
+    Secret, Source, Sources, Stage, Step, StepKind, Text,
 };
 use crate::platform::{AUTOMATIC_ARGS, Platform};
 use crate::subst::{self, Mode};
@@ -1561,12 +1561,44 @@ impl Loader {
                 "cache-mount" => {
                     self.check_no_children(child, file, "cache-mount");
                     let mut id = None;
+                    let mut sharing = CacheSharing::Shared;
                     for (key, entry) in properties(child) {
                         match key {
                             "id" => id = self.string(entry, file, "`id`"),
-                            other => {
-                                self.unknown_property(other, entry, file, "cache-mount", &["id"])
+                            "sharing" => {
+                                let Some(text) = self.string(entry, file, "`sharing`") else {
+                                    continue;
+                                };
+                                sharing = match text.raw.as_str() {
+                                    "shared" => CacheSharing::Shared,
+                                    "private" => CacheSharing::Private,
+                                    "locked" => CacheSharing::Locked,
+                                    other => {
+                                        let modes = ["shared", "private", "locked"];
+                                        let help = match did_you_mean(other, modes) {
+                                            Some(close) => format!(
+                                                "did you mean \"{close}\"? sharing is \"shared\", \"private\" or \"locked\""
+                                            ),
+                                            None => "sharing is \"shared\" (the default), \"private\" or \"locked\"".to_string(),
+                                        };
+                                        self.error(
+                                            "run::cache_mount_sharing",
+                                            format!("unknown cache mount sharing `{other}`"),
+                                            text.at,
+                                            "unknown sharing",
+                                            Some(help),
+                                        );
+                                        continue;
+                                    }
+                                };
                             }
+                            other => self.unknown_property(
+                                other,
+                                entry,
+                                file,
+                                "cache-mount",
+                                &["id", "sharing"],
+                            ),
                         }
                     }
                     let Some(target) = self.single_string_argument(
@@ -1586,6 +1618,7 @@ impl Loader {
                     cache_mounts.push(CacheMount {
                         target,
                         id,
+                        sharing,
                         at: child_at,
                     });
                 }

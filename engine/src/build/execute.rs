@@ -555,9 +555,16 @@ impl Executor<'_> {
         let mut paths: HashMap<&str, PathBuf> = HashMap::new();
         for mount in mounts {
             if !paths.contains_key(mount.id.as_str()) {
+                // Filling a mount from the remote cache needs it to itself.
+                let sharing = match mount.sharing {
+                    crate::store::CacheSharing::Shared if self.options.remote.from.is_some() => {
+                        crate::store::CacheSharing::Locked
+                    }
+                    sharing => sharing,
+                };
                 let guard = self
                     .store
-                    .cache_mount(&mount.id, &node.platform.to_string())
+                    .cache_mount_shared(&mount.id, &node.platform.to_string(), sharing)
                     .map_err(|error| format!("cannot open cache mount `{}`: {error}", mount.id))?;
                 self.restore_cache_mount(&mount.id, &node.platform.to_string(), guard.path())?;
                 paths.insert(&mount.id, guard.path().to_path_buf());
