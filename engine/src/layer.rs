@@ -1,6 +1,9 @@
 //! Turning a step's filesystem change (an overlayfs upper directory) into a deterministic,
 //! compressed OCI layer.
 //!
+//! Long because it is a format writer: the entry order, metadata clamping, whiteout encoding
+//! and compression that decide a layer's bytes must stay together to stay reproducible.
+//!
 //! # One pass
 //!
 //! [`write_layer_from_upper`] walks the upper directory once, sorts what it found, and streams

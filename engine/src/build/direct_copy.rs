@@ -1,5 +1,9 @@
 //! A `copy` written straight into its layer: no sandbox, no overlay, no upper directory.
 //!
+//! Long because it must reproduce, byte for byte, the layer the sandbox path writes (parents
+//! copied up from the base, whiteouts, opaque directories, ownership) without running it; the
+//! planning and the writing of those entries are one contract.
+//!
 //! # What it computes
 //!
 //! The entries the sandbox path's overlay upper directory would hold after the copy, from the
