@@ -811,12 +811,12 @@ fn compile_path_glob(source: &str, cleaned: &str) -> Result<PathGlob, CopyError>
     Ok(PathGlob { components })
 }
 
-fn has_glob(path: &str) -> bool {
+pub(crate) fn has_glob(path: &str) -> bool {
     path.contains(['*', '?', '['])
 }
 
 /// Normalize a COPY source to a relative `/`-separated path (`""` is the root).
-fn clean_source(source: &str, strict: bool) -> Result<String, CopyError> {
+pub(crate) fn clean_source(source: &str, strict: bool) -> Result<String, CopyError> {
     let relative = go_clean(source.trim_start_matches('/'));
     if relative == ".." || relative.starts_with("../") {
         if strict {

@@ -55,6 +55,13 @@ impl KeyBuilder {
         self.bytes(&key.0)
     }
 
+    /// The canonical JSON of a value (ordered maps only: BTreeMap, or a Vec of pairs). Key
+    /// inputs always serialize; a failure is a programming error, never an empty input.
+    pub(crate) fn json<T: serde::Serialize>(&mut self, value: &T) -> &mut Self {
+        let bytes = serde_json::to_vec(value).expect("key inputs serialize");
+        self.bytes(&bytes)
+    }
+
     pub(crate) fn finish(&self) -> Key {
         Key(*self.0.finalize().as_bytes())
     }

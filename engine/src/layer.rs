@@ -1,6 +1,9 @@
 //! Turning a step's filesystem change (an overlayfs upper directory) into a deterministic,
 //! compressed OCI layer.
 //!
+//! Long because it is a format writer: the entry order, metadata clamping, whiteout encoding
+//! and compression that decide a layer's bytes must stay together to stay reproducible.
+//!
 //! # One pass
 //!
 //! [`write_layer_from_upper`] walks the upper directory once, sorts what it found, and streams
@@ -150,6 +153,13 @@ pub enum LayerError {
     )]
     FileChanged { path: PathBuf },
 
+    #[error("{} changed in the build context while building", path.display())]
+    #[diagnostic(
+        code(graphbuild::layer::source_changed),
+        help("do not edit the context during a build; run the build again")
+    )]
+    SourceChanged { path: PathBuf },
+
     #[error("the zstd compressor stopped unexpectedly")]
     #[diagnostic(code(graphbuild::layer::zstd))]
     Compressor,
@@ -296,6 +306,8 @@ enum EntryKind {
         device: u64,
         inode: u64,
         links: u64,
+        /// The blake3 the content must have (a build context file hashed at plan time).
+        expect: Option<[u8; 32]>,
     },
     HardLink {
         target: Vec<u8>,
@@ -409,6 +421,7 @@ fn scan(upper: &Path, epoch: i64) -> Result<Vec<Entry>, LayerError> {
                 device: metadata.dev(),
                 inode: metadata.ino(),
                 links: metadata.nlink(),
+                expect: None,
             }
         } else if file_type.is_symlink() {
             let target = fs::read_link(&source).map_err(io_error("read the symlink", &source))?;
@@ -582,20 +595,33 @@ fn write_entries<W: Write>(
         header.set_cksum();
 
         match &entry.kind {
-            EntryKind::File { size, .. } => {
-                let file = fs::File::open(source_path).map_err(io_error("open", source_path))?;
+            EntryKind::File { size, expect, .. } => {
+                let file = open_nofollow(source_path).map_err(io_error("open", source_path))?;
                 let mut reader = ExactReader {
                     inner: file,
                     remaining: *size,
                     changed: false,
+                    hasher: expect.map(|_| blake3::Hasher::new()),
                 };
                 let result = builder.append(&header, &mut reader);
+                if reader.changed && expect.is_some() {
+                    return Err(LayerError::SourceChanged {
+                        path: source_path.clone(),
+                    });
+                }
                 if reader.changed {
                     return Err(LayerError::FileChanged {
                         path: source_path.clone(),
                     });
                 }
                 result.map_err(io_error("archive", source_path))?;
+                if let (Some(expected), Some(hasher)) = (expect, reader.hasher)
+                    && hasher.finalize().as_bytes() != expected
+                {
+                    return Err(LayerError::SourceChanged {
+                        path: source_path.clone(),
+                    });
+                }
             }
             _ => builder
                 .append(&header, io::empty())
@@ -653,11 +679,22 @@ fn append_pax<W: Write>(
     builder.append(&header, data.as_slice())
 }
 
-/// Yields exactly `remaining` bytes of `inner`; notes when the file is shorter or longer.
+/// Opens a file to archive without following a symlink in its last component.
+fn open_nofollow(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Yields exactly `remaining` bytes of `inner`; notes when the file is shorter or longer, and
+/// hashes what it yields when asked to.
 struct ExactReader<R> {
     inner: R,
     remaining: u64,
     changed: bool,
+    hasher: Option<blake3::Hasher>,
 }
 
 impl<R: Read> Read for ExactReader<R> {
@@ -677,6 +714,9 @@ impl<R: Read> Read for ExactReader<R> {
         if read == 0 {
             self.changed = true;
             return Err(io::Error::other("file shrank while being archived"));
+        }
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&buffer[..read]);
         }
         self.remaining -= read as u64;
         Ok(read)
@@ -934,4 +974,131 @@ pub fn diff_id_of_upper(upper: &Path, opts: &LayerOptions) -> Result<Option<Dige
     let output = builder.into_inner().map_err(io_error("hash", upper))?;
     let (_, diff_id, _) = output.finish();
     Ok(Some(diff_id))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layers from a list of entries (a copy written straight from its sources)
+// ---------------------------------------------------------------------------------------------
+
+/// One entry of a layer described directly rather than found in an upper directory: what a
+/// `copy` writes, computed from its sources. Times are given already clamped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PlannedEntry {
+    /// The path in the layer, relative, without a trailing slash.
+    pub name: Vec<u8>,
+    pub kind: PlannedKind,
+    /// Permission bits (`0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: u64,
+    /// Sorted by name; overlay's own attributes excluded.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PlannedKind {
+    Directory,
+    /// `source` is read (never through a final symlink) for exactly `size` bytes; when
+    /// `expect` is given, the content must have that blake3.
+    File {
+        source: PathBuf,
+        size: u64,
+        expect: Option<[u8; 32]>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+}
+
+fn planned_to_entries(planned: &[PlannedEntry]) -> Result<Vec<Entry>, LayerError> {
+    let mut entries = Vec::with_capacity(planned.len());
+    for item in planned {
+        let base_name = item
+            .name
+            .rsplit(|byte| *byte == b'/')
+            .next()
+            .unwrap_or_default();
+        let (kind, source) = match &item.kind {
+            PlannedKind::Directory => (EntryKind::Directory, PathBuf::new()),
+            PlannedKind::File {
+                source,
+                size,
+                expect,
+            } => (
+                EntryKind::File {
+                    size: *size,
+                    device: 0,
+                    inode: 0,
+                    links: 1,
+                    expect: *expect,
+                },
+                source.clone(),
+            ),
+            PlannedKind::Symlink { target } => (
+                EntryKind::Symlink {
+                    target: target.clone(),
+                },
+                PathBuf::new(),
+            ),
+        };
+        let source = if source.as_os_str().is_empty() {
+            PathBuf::from(std::ffi::OsStr::from_bytes(&item.name))
+        } else {
+            source
+        };
+        if base_name.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+            return Err(LayerError::ReservedName { path: source });
+        }
+        entries.push(Entry {
+            name: item.name.clone(),
+            source,
+            kind,
+            mode: item.mode & 0o7777,
+            uid: u64::from(item.uid),
+            gid: u64::from(item.gid),
+            mtime: item.mtime,
+            xattrs: item.xattrs.clone(),
+        });
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
+/// Writes the layer of `planned` (any order; sorted here) at `OUT_DIR/<hex digest>`, exactly as
+/// [`write_layer_from_upper`] would for an upper directory holding those entries. `None` when
+/// there are none.
+pub fn write_layer_from_entries(
+    planned: &[PlannedEntry],
+    out_dir: &Path,
+    opts: &LayerOptions,
+) -> Result<Option<LayerBlob>, LayerError> {
+    let entries = planned_to_entries(planned)?;
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    fs::create_dir_all(out_dir).map_err(io_error("create directory", out_dir))?;
+    let temporary = tempfile::Builder::new()
+        .prefix(".layer-")
+        .tempfile_in(out_dir)
+        .map_err(io_error("create a temporary file in", out_dir))?;
+    let (diff_id, digest, size) = write_compressed(
+        &entries,
+        opts.compression,
+        temporary.as_file(),
+        temporary.path(),
+    )?;
+    let path = out_dir.join(digest.hex());
+    fs::set_permissions(temporary.path(), fs::Permissions::from_mode(0o644))
+        .map_err(io_error("set permissions on", temporary.path()))?;
+    temporary
+        .persist(&path)
+        .map_err(|error| io_error("rename into place", &path)(error.error))?;
+    Ok(Some(LayerBlob {
+        digest,
+        diff_id,
+        size,
+        media_type: opts.compression.media_type(),
+        path,
+    }))
 }

@@ -14,7 +14,7 @@
 //!   actions/<2 hex>/<key hex>  action cache: a step key (blake3) → a small record
 //!   snapshots/sha256-<hex>/    a verified unpacked layer (named by diff_id), an overlay lowerdir
 //!   cache-mounts/<hash>/       a persistent `cache-mount` directory per (mount id, platform)
-//!   cache-mounts/<hash>.lock   its flock, held exclusively while a step uses it
+//!   cache-mounts/<hash>.lock   its flock, held while a step uses it (shared or exclusive)
 //!   cache-mounts/<hash>.json   which (id, platform) the hash stands for
 //!   contexts/<hex>             the stat cache of one build context (see `context`)
 //!   tmp/run-<pid>-<rand>/      the scratch space of one open Store
@@ -112,6 +112,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
+
+pub use graphbuild_lang::ir::CacheSharing;
 
 use crate::digest::{Digest, DigestWriter, Key};
 use crate::fsutil;
@@ -688,25 +690,71 @@ impl Store {
     // ---- cache mounts ---------------------------------------------------------------------
 
     /// The persistent directory of a `cache-mount` for (id, platform), locked exclusively until
-    /// the guard drops (waits for another step or run holding it).
+    /// the guard drops (waits for another step or run holding it): `sharing="locked"`.
     pub fn cache_mount(&self, id: &str, platform: &str) -> Result<CacheMountGuard, StoreError> {
+        self.cache_mount_shared(id, platform, CacheSharing::Locked)
+    }
+
+    /// The persistent directory of a `cache-mount` for (id, platform), as `sharing` says:
+    /// `shared` holds a shared lock (steps use it at once; only an exclusive holder, a
+    /// `locked` step, waits or is waited for), `locked` an exclusive one, and `private` takes
+    /// the first of the directory's instances (`<hash>`, `<hash>-1`, …) that no one holds,
+    /// making a new one when all are in use.
+    pub fn cache_mount_shared(
+        &self,
+        id: &str,
+        platform: &str,
+        sharing: CacheSharing,
+    ) -> Result<CacheMountGuard, StoreError> {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"graphbuild cache-mount v1\0");
         hasher.update(id.as_bytes());
         hasher.update(b"\0");
         hasher.update(platform.as_bytes());
-        let name = hasher.finalize().to_hex()[..32].to_string();
+        let hash = hasher.finalize().to_hex()[..32].to_string();
         let base = self.root.join("cache-mounts");
+        let open_lock = |name: &str| {
+            let lock_path = base.join(format!("{name}.lock"));
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock_path)
+                .map_err(io_error("open", &lock_path))
+                .map(|lock| (lock, lock_path))
+        };
+        let (name, lock) = match sharing {
+            CacheSharing::Locked | CacheSharing::Shared => {
+                let (lock, lock_path) = open_lock(&hash)?;
+                let operation = if sharing == CacheSharing::Locked {
+                    libc::LOCK_EX
+                } else {
+                    libc::LOCK_SH
+                };
+                flock(&lock, operation).map_err(io_error("lock", &lock_path))?;
+                (hash, lock)
+            }
+            CacheSharing::Private => {
+                let mut instance = 0usize;
+                loop {
+                    let name = if instance == 0 {
+                        hash.clone()
+                    } else {
+                        format!("{hash}-{instance}")
+                    };
+                    let (lock, lock_path) = open_lock(&name)?;
+                    match flock(&lock, libc::LOCK_EX | libc::LOCK_NB) {
+                        Ok(()) => break (name, lock),
+                        Err(error) if error.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                            instance += 1;
+                        }
+                        Err(error) => return Err(io_error("lock", &lock_path)(error)),
+                    }
+                }
+            }
+        };
         let path = base.join(&name);
-        let lock_path = base.join(format!("{name}.lock"));
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_error("open", &lock_path))?;
-        flock(&lock, libc::LOCK_EX).map_err(io_error("lock", &lock_path))?;
         std::fs::create_dir_all(&path).map_err(io_error("create", &path))?;
         let meta_path = base.join(format!("{name}.json"));
         if !meta_path.exists() {
@@ -1699,6 +1747,62 @@ mod tests {
             b"2"
         );
         waiter.join().unwrap();
+    }
+
+    #[test]
+    fn shared_cache_mounts_are_used_at_once_private_ones_get_their_own_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let first = store
+            .cache_mount_shared("npm", "linux/amd64", CacheSharing::Shared)
+            .unwrap();
+        // A second shared user does not wait.
+        let second = store
+            .cache_mount_shared("npm", "linux/amd64", CacheSharing::Shared)
+            .unwrap();
+        assert_eq!(first.path(), second.path());
+        // A private user finds it in use and gets another instance, then a third.
+        let private = store
+            .cache_mount_shared("npm", "linux/amd64", CacheSharing::Private)
+            .unwrap();
+        assert_ne!(private.path(), first.path());
+        let private_two = store
+            .cache_mount_shared("npm", "linux/amd64", CacheSharing::Private)
+            .unwrap();
+        assert!(private_two.path() != private.path() && private_two.path() != first.path());
+        // A locked user waits for the shared ones.
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let thread_store = store.clone();
+        let waiter = std::thread::spawn(move || {
+            let guard = thread_store
+                .cache_mount_shared("npm", "linux/amd64", CacheSharing::Locked)
+                .unwrap();
+            sender.send(guard.path().to_path_buf()).unwrap();
+        });
+        assert!(
+            receiver
+                .recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "a locked user waits for the shared ones"
+        );
+        drop(first);
+        drop(second);
+        let locked = receiver
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        waiter.join().unwrap();
+        assert_eq!(
+            locked,
+            dir.path()
+                .join("cache-mounts")
+                .join(locked.file_name().unwrap())
+        );
+        // Released, the first instance is the private user's again.
+        drop(private);
+        let again = store
+            .cache_mount_shared("npm", "linux/amd64", CacheSharing::Private)
+            .unwrap();
+        assert!(!again.path().to_string_lossy().ends_with("-2"));
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Extracting one layer into a fresh snapshot directory that will be an overlayfs lower
 //! directory.
 //!
+//! One file on purpose: every path an entry can take (confinement to the root, whiteouts,
+//! hard links, sparse data, the size limits and both digests) is checked by one reader, so no
+//! entry kind can skip a check that another file holds.
+//!
 //! # What a layer becomes
 //!
 //! [`unpack_layer`] recognizes the compression by its magic bytes (gzip `1f 8b`, zstd

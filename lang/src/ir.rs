@@ -219,7 +219,21 @@ pub struct CacheMount {
     pub target: Text,
     /// `id="…"`: defaults to the target path. Mounts with one id and platform share a directory.
     pub id: Option<Text>,
+    /// `sharing="shared|private|locked"`, as Docker's `--mount type=cache,sharing=…`.
+    pub sharing: CacheSharing,
     pub at: Loc,
+}
+
+/// How steps running at the same time use one cache mount.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CacheSharing {
+    /// Every step uses the directory at once (Docker's default).
+    #[default]
+    Shared,
+    /// A step finding the directory in use gets another directory of its own.
+    Private,
+    /// One step at a time; the others wait.
+    Locked,
 }
 
 #[derive(Clone, Debug)]

@@ -10,7 +10,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use graphbuild_lang::ir::{
-    Command, CopyFrom, FromSource, Network, PlatformSpec, Project, Sources, StepKind, Text,
+    CacheSharing, Command, CopyFrom, FromSource, Network, PlatformSpec, Project, Sources, StepKind,
+    Text,
 };
 use graphbuild_lang::{Diagnostics, load_source};
 
@@ -143,6 +144,9 @@ pub fn render_project(project: &Project) -> String {
                             .map(|id| format!(" id={}", text(id)))
                             .unwrap_or_default();
                         let _ = write!(line, "\n    cache-mount {}{id}", text(&mount.target));
+                        if mount.sharing != CacheSharing::Shared {
+                            let _ = write!(line, " sharing={:?}", mount.sharing);
+                        }
                     }
                     for secret in &run.secrets {
                         let _ = write!(line, "\n    secret {:?}", secret.id);

@@ -337,6 +337,69 @@ impl FakeCache {
     }
 }
 
+/// Two stages of one build, run at the same time, each waiting (up to 20 s) to see the
+/// other's file in one cache mount: with `sharing="shared"` both are in the mount at once,
+/// with `sharing="locked"` the first finishes alone before the second gets it.
+#[test]
+fn shared_cache_mounts_are_used_at_once_and_locked_ones_alone() {
+    let build = |sharing: &str| {
+        let sandbox = Sandbox::new();
+        let step = |me: &str, other: &str| {
+            format!(
+                r#"run "touch /c/{me} && i=0 && while [ ! -e /c/{other} ] && [ $i -lt 20 ]; do sleep 1; i=$((i+1)); done; if [ -e /c/{other} ]; then echo together > /r; else echo alone > /r; fi" {{
+        cache-mount "/c" id="c" sharing="{sharing}"
+    }}"#
+            )
+        };
+        sandbox.write(
+            "proj/images.kdl",
+            &format!(
+                r#"platforms "linux/amd64"
+stage a {{
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    {}
+}}
+stage b {{
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    {}
+}}
+image a {{ stage a; }}
+image b {{ stage b; }}
+"#,
+                step("a", "b"),
+                step("b", "a")
+            ),
+        );
+        let output = sandbox.graphbuild(&[
+            "run",
+            "proj/images.kdl",
+            "--output",
+            "out",
+            "--jobs",
+            "2",
+            "--progress",
+            "json",
+        ]);
+        assert_success(&output);
+        ["a", "b"]
+            .iter()
+            .map(|image| {
+                let rootfs = unpack_platform(
+                    &sandbox.path().join("out").join(image),
+                    "latest",
+                    "linux/amd64",
+                    &sandbox.path().join(format!("unpacked-{image}")),
+                );
+                std::fs::read_to_string(rootfs.join("r")).unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(build("shared"), ["together\n", "together\n"]);
+    let mut locked = build("locked");
+    locked.sort();
+    assert_eq!(locked, ["alone\n", "together\n"]);
+}
+
 fn warnings(output: &std::process::Output) -> Vec<String> {
     events(output)
         .into_iter()

@@ -1,6 +1,6 @@
-//! Executing a node's steps: resume after the last cached step, run each remaining `run` or
-//! `copy` in the sandbox on an overlay of the current layers' snapshots, and turn the upper
-//! directory into the step's layer.
+//! Executing a node's steps: resume after the last cached step, run each remaining `run` (and
+//! each `copy` that [`super::direct_copy`] leaves to the sandbox) in the sandbox on an overlay
+//! of the current layers' snapshots, and turn the upper directory into the step's layer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -387,6 +387,13 @@ impl Executor<'_> {
         layers: &[LayerDesc],
     ) -> Result<Option<LayerDesc>, Box<NodeFailure>> {
         let fail = |message: String| self.failure(node, Some(step), message, Vec::new());
+        // A copy whose layer can be computed from its sources is written straight, once for
+        // every platform that copies the same files onto alike parents.
+        if let Op::Copy(copy) = &step.op
+            && let Some(layer) = self.copy_direct(node, step, copy, layers)?
+        {
+            return Ok(layer);
+        }
         let lowerdirs = self.snapshots(layers).map_err(fail)?;
         let temp = self
             .store
@@ -451,7 +458,12 @@ impl Executor<'_> {
                     .to_string(),
             });
         }
-        let outcome = sandbox::run_sandbox(&self.options.sandbox_exe, &spec, &mut |line: &str| {
+        // GRAPHBUILD_SANDBOX_EXE runs sandboxes with another binary (tests use it to prove a
+        // build needs none).
+        let sandbox_exe = std::env::var_os("GRAPHBUILD_SANDBOX_EXE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.options.sandbox_exe.clone());
+        let outcome = sandbox::run_sandbox(&sandbox_exe, &spec, &mut |line: &str| {
             self.events.emit(Event::Output {
                 node: node_id,
                 line: line.to_string(),
@@ -613,9 +625,16 @@ impl Executor<'_> {
         let mut paths: HashMap<&str, PathBuf> = HashMap::new();
         for mount in mounts {
             if !paths.contains_key(mount.id.as_str()) {
+                // Filling a mount from the remote cache needs it to itself.
+                let sharing = match mount.sharing {
+                    crate::store::CacheSharing::Shared if self.options.remote.from.is_some() => {
+                        crate::store::CacheSharing::Locked
+                    }
+                    sharing => sharing,
+                };
                 let guard = self
                     .store
-                    .cache_mount(&mount.id, &node.platform.to_string())
+                    .cache_mount_shared(&mount.id, &node.platform.to_string(), sharing)
                     .map_err(|error| format!("cannot open cache mount `{}`: {error}", mount.id))?;
                 self.restore_cache_mount(&mount.id, &node.platform.to_string(), guard.path())?;
                 paths.insert(&mount.id, guard.path().to_path_buf());

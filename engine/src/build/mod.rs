@@ -8,9 +8,12 @@
 //!    has a record in the action cache (with every blob it names still present) ends the
 //!    search. Everything up to it is a hit; execution resumes after it. A warm build therefore
 //!    reads one small record per node and executes nothing.
-//! 3. Each remaining `run` or `copy` executes in the sandbox on an overlay of the current
-//!    layers' snapshots; the overlay's upper directory becomes the step's layer (or no layer
-//!    when nothing changed), and the new state is recorded under the step's key.
+//! 3. Each remaining `run` executes in the sandbox on an overlay of the current layers'
+//!    snapshots; the overlay's upper directory becomes the step's layer (or no layer when
+//!    nothing changed). A `copy` is written straight into its layer from its sources, once
+//!    for every platform that copies the same files onto alike parents (see
+//!    `direct_copy.rs`), or, where the base could change the result, runs in the sandbox like
+//!    a `run`. The new state is recorded under the step's key.
 //!
 //! # Integrity
 //!
@@ -30,6 +33,7 @@
 //! are serialized canonically and written, so equal inputs give byte-identical layouts.
 
 mod cache;
+mod direct_copy;
 mod execute;
 mod export;
 

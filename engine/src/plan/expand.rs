@@ -871,7 +871,11 @@ impl<'a> Expander<'a> {
                     Some(id) => self.substitute(id, Mode::Strict, vars, Some(settings)),
                     None => target.clone(),
                 };
-                CacheMountOp { id, target }
+                CacheMountOp {
+                    id,
+                    target,
+                    sharing: mount.sharing,
+                }
             })
             .collect();
         let secrets = run

@@ -93,6 +93,10 @@ pub struct RunOp {
 pub struct CacheMountOp {
     pub id: String,
     pub target: String,
+    /// How steps running at once share the directory. Not in the key (as in Docker): it
+    /// decides how the step waits for the mount, not what the step computes.
+    #[serde(skip)]
+    pub sharing: graphbuild_lang::ir::CacheSharing,
 }
 
 /// A secret's id and where it goes; never its value.

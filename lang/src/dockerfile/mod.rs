@@ -22,8 +22,9 @@ use std::sync::Arc;
 
 use crate::Code;
 use crate::ir::{
-    self, ArgDecl, CacheMount, Command, CopyFrom, FileId, FromSource, Healthcheck, Image, Loc,
-    Network, PlatformSpec, Project, Secret, Source, Sources, Stage, Step, StepKind, Text,
+    self, ArgDecl, CacheMount, CacheSharing, Command, CopyFrom, FileId, FromSource, Healthcheck,
+    Image, Loc, Network, PlatformSpec, Project, Secret, Source, Sources, Stage, Step, StepKind,
+    Text,
 };
 use crate::platform::{AUTOMATIC_ARGS, Platform};
 use crate::{Diagnostic, Diagnostics};
@@ -898,9 +899,25 @@ impl Lowerer {
                 );
                 return false;
             };
+            let sharing = match get(&["sharing"]).as_deref() {
+                None | Some("shared") => CacheSharing::Shared,
+                Some("private") => CacheSharing::Private,
+                Some("locked") => CacheSharing::Locked,
+                Some(other) => {
+                    self.error(
+                        Code::RunCacheMount,
+                        format!("`sharing={other}` is not a sharing mode"),
+                        span,
+                        "this mount",
+                        "write sharing=shared, sharing=private or sharing=locked",
+                    );
+                    return false;
+                }
+            };
             run.cache_mounts.push(CacheMount {
                 target: self.text(lex::literal_raw(&target), span),
                 id: get(&["id"]).map(|id| self.text(lex::literal_raw(&id), span)),
+                sharing,
                 at,
             });
             return true;

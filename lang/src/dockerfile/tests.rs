@@ -42,7 +42,7 @@ FROM --platform=$BUILDPLATFORM $BASE AS build
 ARG TARGETARCH
 ENV A=1 B="two words" C='$NOT'
 ENV LEGACY value with spaces
-RUN --mount=type=cache,target=/root/.cache,id=c \
+RUN --mount=type=cache,target=/root/.cache,id=c,sharing=locked \
     --mount=type=secret,id=tok,target=/tok \
     --network=none \
     echo $TARGETARCH > /arch
@@ -90,6 +90,7 @@ HEALTHCHECK --interval=30s --retries=3 CMD true
     };
     assert_eq!(run.network, Network::None);
     assert_eq!(run.cache_mounts[0].target.raw, "/root/.cache");
+    assert_eq!(run.cache_mounts[0].sharing, ir::CacheSharing::Locked);
     assert_eq!(run.secrets[0].id, "tok");
     assert!(!run.secrets[0].required);
     let Command::Shell(command) = &run.command else {

@@ -7,8 +7,8 @@ use kdl::{KdlNode, KdlValue};
 
 use crate::Diagnostic;
 use crate::ir::{
-    CacheMount, Command, Copy, CopyFrom, FileId, From, FromSource, Healthcheck, Loc, Network,
-    PlatformSpec, Run, ScopeId, Secret, Stage, Step, StepKind, Text,
+    CacheMount, CacheSharing, Command, Copy, CopyFrom, FileId, From, FromSource, Healthcheck, Loc,
+    Network, PlatformSpec, Run, ScopeId, Secret, Stage, Step, StepKind, Text,
 };
 
 use super::*;
@@ -480,12 +480,44 @@ impl Loader {
                 "cache-mount" => {
                     self.check_no_children(child, file, "cache-mount");
                     let mut id = None;
+                    let mut sharing = CacheSharing::Shared;
                     for (key, entry) in properties(child) {
                         match key {
                             "id" => id = self.string(entry, file, "`id`"),
-                            other => {
-                                self.unknown_property(other, entry, file, "cache-mount", &["id"])
+                            "sharing" => {
+                                let Some(text) = self.string(entry, file, "`sharing`") else {
+                                    continue;
+                                };
+                                sharing = match text.raw.as_str() {
+                                    "shared" => CacheSharing::Shared,
+                                    "private" => CacheSharing::Private,
+                                    "locked" => CacheSharing::Locked,
+                                    other => {
+                                        let modes = ["shared", "private", "locked"];
+                                        let help = match did_you_mean(other, modes) {
+                                            Some(close) => format!(
+                                                "did you mean \"{close}\"? sharing is \"shared\", \"private\" or \"locked\""
+                                            ),
+                                            None => "sharing is \"shared\" (the default), \"private\" or \"locked\"".to_string(),
+                                        };
+                                        self.error(
+                                            Code::RunCacheMountSharing,
+                                            format!("unknown cache mount sharing `{other}`"),
+                                            text.at,
+                                            "unknown sharing",
+                                            Some(help),
+                                        );
+                                        continue;
+                                    }
+                                };
                             }
+                            other => self.unknown_property(
+                                other,
+                                entry,
+                                file,
+                                "cache-mount",
+                                &["id", "sharing"],
+                            ),
                         }
                     }
                     let Some(target) = self.single_string_argument(
@@ -505,6 +537,7 @@ impl Loader {
                     cache_mounts.push(CacheMount {
                         target,
                         id,
+                        sharing,
                         at: child_at,
                     });
                 }
