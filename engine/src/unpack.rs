@@ -65,7 +65,7 @@
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -73,6 +73,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 
+use crate::decompress::decompressed;
 use crate::digest::{Digest, DigestWriter};
 use crate::layer::{OPAQUE_MARKER, WHITEOUT_PREFIX, is_overlay_xattr, set_xattr};
 
@@ -454,93 +455,6 @@ fn set_times(path: &Path, mtime: &TimeSpec) -> io::Result<()> {
         UtimensatFlags::NoFollowSymlink,
     )
     .map_err(io::Error::from)
-}
-
-/// A zstd stream of one or more frames (skippable frames are skipped).
-struct ZstdFrames<R: BufRead> {
-    source: R,
-    decoder: ruzstd::decoding::FrameDecoder,
-    active: bool,
-}
-
-impl<R: BufRead> Read for ZstdFrames<R> {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
-        if buffer.is_empty() {
-            return Ok(0);
-        }
-        loop {
-            if self.active {
-                while self.decoder.can_collect() < buffer.len() && !self.decoder.is_finished() {
-                    let wanted = buffer.len() - self.decoder.can_collect();
-                    self.decoder
-                        .decode_blocks(
-                            &mut self.source,
-                            ruzstd::decoding::BlockDecodingStrategy::UptoBytes(wanted),
-                        )
-                        .map_err(io::Error::other)?;
-                }
-                let read = self.decoder.read(buffer)?;
-                if read > 0 {
-                    return Ok(read);
-                }
-                if self.decoder.is_finished() && self.decoder.can_collect() == 0 {
-                    self.active = false;
-                } else {
-                    continue;
-                }
-            }
-            if self.source.fill_buf()?.is_empty() {
-                return Ok(0);
-            }
-            match self.decoder.reset(&mut self.source) {
-                Ok(()) => self.active = true,
-                Err(FrameDecoderError::ReadFrameHeaderError(ReadFrameHeaderError::SkipFrame {
-                    length,
-                    ..
-                })) => {
-                    let skipped = io::copy(
-                        &mut (&mut self.source).take(u64::from(length)),
-                        &mut io::sink(),
-                    )?;
-                    if skipped != u64::from(length) {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "truncated skippable zstd frame",
-                        ));
-                    }
-                }
-                Err(error) => return Err(io::Error::other(error)),
-            }
-        }
-    }
-}
-
-/// Picks the decompressor from the first bytes.
-fn decompressed<'a>(blob: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
-    let mut reader = BufReader::with_capacity(256 * 1024, blob);
-    let mut head = Vec::with_capacity(4);
-    // `fill_buf` may return fewer than 4 bytes from a pipe; peek without consuming by reading
-    // into `head` and chaining it back in front.
-    while head.len() < 4 {
-        let available = reader.fill_buf()?;
-        if available.is_empty() {
-            break;
-        }
-        let take = available.len().min(4 - head.len());
-        head.extend_from_slice(&available[..take]);
-        reader.consume(take);
-    }
-    let stream = BufReader::new(io::Cursor::new(head.clone()).chain(reader));
-    Ok(match head.as_slice() {
-        [0x1f, 0x8b, ..] => Box::new(flate2::bufread::MultiGzDecoder::new(stream)),
-        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(ZstdFrames {
-            source: stream,
-            decoder: ruzstd::decoding::FrameDecoder::new(),
-            active: false,
-        }),
-        _ => Box::new(stream),
-    })
 }
 
 /// Metadata from an entry's header and PAX records.
