@@ -35,6 +35,31 @@ pub struct Source {
     /// The path on disk, `None` for embedded stdlib modules.
     pub path: Option<PathBuf>,
     pub text: Arc<String>,
+    /// Where each line starts, computed once on first use: locations of a file with
+    /// thousands of steps are each found by a binary search, not a scan from its start.
+    line_starts: Arc<std::sync::OnceLock<Vec<usize>>>,
+}
+
+impl Source {
+    pub fn new(name: impl Into<String>, path: Option<PathBuf>, text: Arc<String>) -> Source {
+        Source {
+            name: name.into(),
+            path,
+            text,
+            line_starts: Arc::default(),
+        }
+    }
+
+    /// 1-based line and (byte) column of an offset.
+    fn line_and_column(&self, offset: usize) -> (usize, usize) {
+        let starts = self.line_starts.get_or_init(|| {
+            std::iter::once(0)
+                .chain(self.text.match_indices('\n').map(|(index, _)| index + 1))
+                .collect()
+        });
+        let line = starts.partition_point(|start| *start <= offset).max(1);
+        (line, offset - starts[line - 1] + 1)
+    }
 }
 
 /// Every file the project was loaded from.
@@ -75,9 +100,7 @@ impl Sources {
     pub fn describe(&self, loc: Loc) -> String {
         let source = self.get(loc.file);
         let offset = loc.span.offset().min(source.text.len());
-        let before = &source.text[..offset];
-        let line = before.matches('\n').count() + 1;
-        let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+        let (line, col) = source.line_and_column(offset);
         format!("{}:{line}:{col}", source.name)
     }
 }
@@ -334,4 +357,28 @@ pub struct MatrixAxis {
     pub key: String,
     pub values: Vec<Text>,
     pub at: Loc,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_are_line_and_byte_column_from_one() {
+        let sources = Sources {
+            files: vec![Source::new("f.kdl", None, Arc::new("ab\ncd\n\nx".into()))],
+        };
+        let at = |offset: usize| {
+            sources.describe(Loc {
+                file: FileId(0),
+                span: (offset, 0).into(),
+            })
+        };
+        assert_eq!(at(0), "f.kdl:1:1");
+        assert_eq!(at(2), "f.kdl:1:3", "the newline itself ends line 1");
+        assert_eq!(at(3), "f.kdl:2:1");
+        assert_eq!(at(6), "f.kdl:3:1");
+        assert_eq!(at(7), "f.kdl:4:1");
+        assert_eq!(at(99), "f.kdl:4:2", "past the end: clamped to the end");
+    }
 }

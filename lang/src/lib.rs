@@ -10,7 +10,7 @@
 //! ```
 //! # use graphbuild_lang::{Code, Diagnostic, ir::{Sources, Source, Loc, FileId}};
 //! # use std::sync::Arc;
-//! # let sources = Sources { files: vec![Source { name: "build.kdl".into(), path: None, text: Arc::new("stage a {}".into()) }] };
+//! # let sources = Sources { files: vec![Source::new("build.kdl", None, Arc::new("stage a {}".into()))] };
 //! # let loc = Loc { file: FileId(0), span: (6, 1).into() };
 //! let diagnostic = Diagnostic::error(Code::BaseImageUnavailable, "cannot pull the base image")
 //!     .with_label(&sources, loc, "this stage")
@@ -321,16 +321,8 @@ mod tests {
     fn sources() -> Sources {
         Sources {
             files: vec![
-                Source {
-                    name: "build.kdl".into(),
-                    path: None,
-                    text: Arc::new("stage a {\n  from b\n}\n".into()),
-                },
-                Source {
-                    name: "other.kdl".into(),
-                    path: None,
-                    text: Arc::new("stage b {}".into()),
-                },
+                Source::new("build.kdl", None, Arc::new("stage a {\n  from b\n}\n".into())),
+                Source::new("other.kdl", None, Arc::new("stage b {}".into())),
             ],
         }
     }
@@ -417,11 +409,7 @@ mod tests {
     #[test]
     fn control_characters_in_a_source_are_not_rendered() {
         let sources = Sources {
-            files: vec![Source {
-                name: "evil.kdl".into(),
-                path: None,
-                text: Arc::new("a \"\x1b[2J\u{9b}31m\" b\n".into()),
-            }],
+            files: vec![Source::new("evil.kdl", None, Arc::new("a \"\x1b[2J\u{9b}31m\" b\n".into()))],
         };
         let diagnostic = Diagnostic::error(Code::Internal, "x").with_label(
             &sources,

@@ -72,11 +72,7 @@ pub fn load_source(
     options: &Options,
 ) -> Result<Project, Diagnostics> {
     let sources = Sources {
-        files: vec![Source {
-            name: name.to_string(),
-            path: None,
-            text: Arc::new(text.to_string()),
-        }],
+        files: vec![Source::new(name.to_string(), None, Arc::new(text.to_string()))],
     };
     let mut lowerer = Lowerer {
         sources,
