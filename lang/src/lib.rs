@@ -321,7 +321,11 @@ mod tests {
     fn sources() -> Sources {
         Sources {
             files: vec![
-                Source::new("build.kdl", None, Arc::new("stage a {\n  from b\n}\n".into())),
+                Source::new(
+                    "build.kdl",
+                    None,
+                    Arc::new("stage a {\n  from b\n}\n".into()),
+                ),
                 Source::new("other.kdl", None, Arc::new("stage b {}".into())),
             ],
         }
@@ -409,7 +413,11 @@ mod tests {
     #[test]
     fn control_characters_in_a_source_are_not_rendered() {
         let sources = Sources {
-            files: vec![Source::new("evil.kdl", None, Arc::new("a \"\x1b[2J\u{9b}31m\" b\n".into()))],
+            files: vec![Source::new(
+                "evil.kdl",
+                None,
+                Arc::new("a \"\x1b[2J\u{9b}31m\" b\n".into()),
+            )],
         };
         let diagnostic = Diagnostic::error(Code::Internal, "x").with_label(
             &sources,

@@ -72,7 +72,11 @@ pub fn load_source(
     options: &Options,
 ) -> Result<Project, Diagnostics> {
     let sources = Sources {
-        files: vec![Source::new(name.to_string(), None, Arc::new(text.to_string()))],
+        files: vec![Source::new(
+            name.to_string(),
+            None,
+            Arc::new(text.to_string()),
+        )],
     };
     let mut lowerer = Lowerer {
         sources,

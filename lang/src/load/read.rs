@@ -71,7 +71,9 @@ impl Loader {
         let is_root = imported_at.is_none();
         let file = FileId(self.sources.files.len() as u32);
         let text = Arc::new(text);
-        self.sources.files.push(Source::new(name.clone(), path.clone(), text.clone()));
+        self.sources
+            .files
+            .push(Source::new(name.clone(), path.clone(), text.clone()));
         if text.len() > limits::MAX_FILE_BYTES {
             let mut diagnostic = Diagnostic::error(
                 Code::LimitsFileSize,
