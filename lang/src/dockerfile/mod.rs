@@ -2,6 +2,10 @@
 //! does, with one image (the target stage), so everything downstream (graph, keys, cache,
 //! lock, explain, verify) is shared.
 //!
+//! Long because it is a parser's lowering half (the lexer is `lex.rs`, the tests `tests.rs`):
+//! every instruction's flags and Docker's quoting and scoping rules meet the IR here, in one
+//! pass that reports every problem of a file at once.
+//!
 //! Dockerfile rules and how they map (see docs/dockerfile.md):
 //!
 //! - `ARG` before the first `FROM` is a global arg; inside a stage an `arg` step.
