@@ -934,13 +934,22 @@ pub fn write_layer_from_upper(
     if entries.is_empty() {
         return Ok(None);
     }
+    write_blob(&entries, out_dir, opts).map(Some)
+}
+
+/// Writes `entries` as a compressed layer blob at `OUT_DIR/<hex digest>`, atomically.
+fn write_blob(
+    entries: &[Entry],
+    out_dir: &Path,
+    opts: &LayerOptions,
+) -> Result<LayerBlob, LayerError> {
     fs::create_dir_all(out_dir).map_err(io_error("create directory", out_dir))?;
     let temporary = tempfile::Builder::new()
         .prefix(".layer-")
         .tempfile_in(out_dir)
         .map_err(io_error("create a temporary file in", out_dir))?;
     let (diff_id, digest, size) = write_compressed(
-        &entries,
+        entries,
         opts.compression,
         temporary.as_file(),
         temporary.path(),
@@ -951,13 +960,13 @@ pub fn write_layer_from_upper(
     temporary
         .persist(&path)
         .map_err(|error| io_error("rename into place", &path)(error.error))?;
-    Ok(Some(LayerBlob {
+    Ok(LayerBlob {
         digest,
         diff_id,
         size,
         media_type: opts.compression.media_type(),
         path,
-    }))
+    })
 }
 
 /// The diff id (sha256 of the uncompressed tar) the layer of `upper` would have, without
@@ -1077,28 +1086,5 @@ pub fn write_layer_from_entries(
     if entries.is_empty() {
         return Ok(None);
     }
-    fs::create_dir_all(out_dir).map_err(io_error("create directory", out_dir))?;
-    let temporary = tempfile::Builder::new()
-        .prefix(".layer-")
-        .tempfile_in(out_dir)
-        .map_err(io_error("create a temporary file in", out_dir))?;
-    let (diff_id, digest, size) = write_compressed(
-        &entries,
-        opts.compression,
-        temporary.as_file(),
-        temporary.path(),
-    )?;
-    let path = out_dir.join(digest.hex());
-    fs::set_permissions(temporary.path(), fs::Permissions::from_mode(0o644))
-        .map_err(io_error("set permissions on", temporary.path()))?;
-    temporary
-        .persist(&path)
-        .map_err(|error| io_error("rename into place", &path)(error.error))?;
-    Ok(Some(LayerBlob {
-        digest,
-        diff_id,
-        size,
-        media_type: opts.compression.media_type(),
-        path,
-    }))
+    write_blob(&entries, out_dir, opts).map(Some)
 }

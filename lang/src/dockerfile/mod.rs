@@ -472,6 +472,23 @@ impl Lowerer {
         );
     }
 
+    /// The value of a flag this instruction knows; `None` after reporting an unknown flag or a
+    /// missing value.
+    fn known_flag_value(
+        &mut self,
+        instruction: &Instruction,
+        name: &str,
+        value: Option<String>,
+        word: &Word,
+        known: &[&str],
+    ) -> Option<String> {
+        if !known.contains(&name) {
+            self.unknown_flag(instruction, word, known);
+            return None;
+        }
+        self.flag_value(instruction, name, value, word)
+    }
+
     fn flag_value(
         &mut self,
         instruction: &Instruction,
@@ -728,12 +745,7 @@ impl Lowerer {
         };
         let mut ok = true;
         for (name, value, word) in flags {
-            if !FLAGS.contains(&name.as_str()) {
-                self.unknown_flag(instruction, &word, FLAGS);
-                ok = false;
-                continue;
-            }
-            let Some(value) = self.flag_value(instruction, &name, value, &word) else {
+            let Some(value) = self.known_flag_value(instruction, &name, value, &word, FLAGS) else {
                 ok = false;
                 continue;
             };
@@ -1200,12 +1212,7 @@ impl Lowerer {
         };
         let mut ok = true;
         for (name, value, word) in flags {
-            if !FLAGS.contains(&name.as_str()) {
-                self.unknown_flag(instruction, &word, FLAGS);
-                ok = false;
-                continue;
-            }
-            let Some(value) = self.flag_value(instruction, &name, value, &word) else {
+            let Some(value) = self.known_flag_value(instruction, &name, value, &word, FLAGS) else {
                 ok = false;
                 continue;
             };
