@@ -299,7 +299,7 @@ fn platforms_of(file: &Path) -> Result<Vec<Platform>, ExitStatus> {
 }
 
 /// What confines a `run` step here, and what does not (docs/security.md).
-fn containment_checks(checks: &mut Vec<Check>, platforms: &[Platform]) {
+fn containment_checks(checks: &mut Vec<Check>) {
     use graphbuild_engine::sandbox::{DEFAULT_MAX_PROCESSES, confine, limits};
     let seccomp_kernel = std::fs::read_to_string("/proc/self/status")
         .is_ok_and(|status| status.lines().any(|line| line.starts_with("Seccomp:")));
@@ -309,8 +309,9 @@ fn containment_checks(checks: &mut Vec<Check>, platforms: &[Platform]) {
         seccomp,
         true,
         format!(
-            "run steps get a seccomp filter ({} system calls refused, clone3 and x32 ENOSYS) \
-             and Docker's default capabilities (CapEff {:016x} as root)",
+            "run steps get a seccomp filter for x86_64 and 32-bit x86 programs ({} system calls \
+             refused, clone3 and x32 ENOSYS) and Docker's default capabilities (CapEff {:016x} \
+             as root)",
             confine::DENIED_SYSCALLS.len() + 2,
             confine::KEPT_CAPABILITY_MASK
         ),
@@ -355,18 +356,6 @@ fn containment_checks(checks: &mut Vec<Check>, platforms: &[Platform]) {
         "run steps share the host's network unless they say `network \"none\"`",
         None,
     ));
-    if platforms
-        .iter()
-        .any(|platform| platform.architecture == "386")
-    {
-        checks.push(check(
-            false,
-            false,
-            "linux/386 run steps run without the x86_64-only seccomp filter (capabilities, \
-             devices, /proc and limits still apply)",
-            None,
-        ));
-    }
 }
 
 pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> ExitStatus {
@@ -460,7 +449,7 @@ pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf
             }
         }),
     ));
-    containment_checks(&mut checks, &platforms);
+    containment_checks(&mut checks);
     let mounted = binfmt::binfmt_mounted(&dir);
     checks.push(check(
         mounted,

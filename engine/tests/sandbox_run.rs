@@ -127,7 +127,6 @@ fn shell(script: &str) -> RunTask {
         timeout_ms: None,
         max_processes: None,
         insecure: false,
-        without_seccomp: false,
     }
 }
 

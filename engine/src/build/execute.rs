@@ -448,16 +448,6 @@ impl Executor<'_> {
                 line: format!("[graphbuild] warning: {INSECURE_WARNING}"),
             });
         }
-        if matches!(&step.op, Op::Run(run) if !run.insecure) && node.platform.architecture == "386"
-        {
-            self.events.emit(Event::Output {
-                node: node_id,
-                line: "[graphbuild] warning: linux/386 steps run without the seccomp filter (it \
-                       only knows x86_64 system calls); capabilities, devices, /proc and limits \
-                       are confined as usual (docs/security.md)"
-                    .to_string(),
-            });
-        }
         // GRAPHBUILD_SANDBOX_EXE runs sandboxes with another binary (tests use it to prove a
         // build needs none).
         let sandbox_exe = std::env::var_os("GRAPHBUILD_SANDBOX_EXE")
@@ -692,7 +682,6 @@ impl Executor<'_> {
             timeout_ms: run.timeout_ms.or(self.options.step_timeout_ms),
             max_processes: self.options.step_max_processes,
             insecure: run.insecure,
-            without_seccomp: node.platform.architecture == "386",
         })
     }
 }

@@ -794,7 +794,7 @@ fn pid1(
     // terminal through /dev/tty and push keystrokes into it (TIOCSTI).
     nix::unistd::setsid().map_err(step("start a new session"))?;
     // Compiled while the host's files are still reachable, installed just before exec.
-    let filters = if run.insecure || run.without_seccomp {
+    let filters = if run.insecure {
         None
     } else {
         Some(confine::compile().map_err(step("prepare the seccomp filter"))?)

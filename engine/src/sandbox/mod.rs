@@ -138,10 +138,6 @@ pub struct RunTask {
     /// `insecure=#true`: every capability and no seccomp filter (see [`confine`]).
     #[serde(default)]
     pub insecure: bool,
-    /// No seccomp filter, everything else as usual: for native 32-bit x86 programs
-    /// (`linux/386`), which the x86_64 filter would kill (see [`confine`]).
-    #[serde(default)]
-    pub without_seccomp: bool,
 }
 
 /// The process limit of a build's `run` steps.
@@ -680,7 +676,6 @@ mod tests {
                 timeout_ms: None,
                 max_processes: None,
                 insecure: false,
-                without_seccomp: false,
             }),
         };
         let error = run_sandbox(Path::new("/nonexistent"), &spec, &mut |_| {});
