@@ -121,6 +121,7 @@ fn shell(script: &str) -> RunTask {
         cwd: "/".to_string(),
         user: String::new(),
         cache_mounts: vec![],
+        tmpfs_mounts: vec![],
         secret_files: vec![],
         network: NetworkMode::Host,
         hostname: String::new(),

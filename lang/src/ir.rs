@@ -228,6 +228,8 @@ pub enum Command {
 pub struct Run {
     pub command: Command,
     pub cache_mounts: Vec<CacheMount>,
+    /// `tmpfs "PATH" size="64m"`: an empty in-memory directory for this step only.
+    pub tmpfs_mounts: Vec<TmpfsMount>,
     pub secrets: Vec<Secret>,
     pub network: Network,
     /// `timeout="10m"`: the step is killed and fails after this long.
@@ -244,6 +246,16 @@ pub struct CacheMount {
     pub id: Option<Text>,
     /// `sharing="shared|private|locked"`, as Docker's `--mount type=cache,sharing=…`.
     pub sharing: CacheSharing,
+    pub at: Loc,
+}
+
+/// An empty tmpfs mounted on `target` while the step runs, as Docker's
+/// `RUN --mount=type=tmpfs`: what the step writes there is in no layer.
+#[derive(Clone, Debug)]
+pub struct TmpfsMount {
+    pub target: Text,
+    /// `size="64m"`: the most the tmpfs may hold (default: the kernel's, half of the RAM).
+    pub size: Option<Text>,
     pub at: Loc,
 }
 

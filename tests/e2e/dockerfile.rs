@@ -470,3 +470,70 @@ fn unsupported_buildx_flags_and_outputs_are_refused_by_name() {
         );
     }
 }
+
+#[test]
+fn tmpfs_mounts_are_bounded_and_leave_nothing_in_the_image() {
+    if !root_or_skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "b.kdl",
+        r#"platforms "linux/amd64" "linux/arm64"
+stage s {
+    from "oci:fixtures/busybox:1.35.0"
+    run "grep ' /scratch ' /proc/mounts > /mounts.txt; echo made > /scratch/made; if dd if=/dev/zero of=/scratch/big bs=1024 count=2048 2>/dev/null; then echo unbounded; else echo bounded; fi > /size.txt" {
+        tmpfs "/scratch" size="1m"
+    }
+}
+image s {
+    stage s
+}
+"#,
+    );
+    copy_tree(
+        &repo_root().join("tests/fixtures/busybox"),
+        &sandbox.path().join("fixtures/busybox"),
+    );
+    let output = sandbox.graphbuild(&["run", "b.kdl", "--output", "out", "--progress", "plain"]);
+    assert_success(&output);
+    for platform in ["linux/amd64", "linux/arm64"] {
+        let rootfs = unpack_platform(
+            &sandbox.path().join("out/s"),
+            "latest",
+            platform,
+            &sandbox
+                .path()
+                .join(format!("unpacked-{}", platform.replace('/', "-"))),
+        );
+        let mounts = std::fs::read_to_string(rootfs.join("mounts.txt")).expect("mounts.txt");
+        assert!(
+            mounts.starts_with("tmpfs /scratch tmpfs rw,nosuid,nodev")
+                && mounts.contains("size=1024k"),
+            "{platform}: {mounts}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("size.txt")).expect("size.txt"),
+            "bounded\n",
+            "{platform}"
+        );
+        // Neither what the step wrote there nor the mount point is in the layer.
+        assert!(
+            !rootfs.join("scratch").exists(),
+            "{platform}: /scratch is in the image"
+        );
+    }
+
+    // A bad size is a diagnostic at plan time, pointing at the value.
+    sandbox.write(
+        "bad.kdl",
+        "stage s {\n    from \"scratch\"\n    run \"true\" {\n        tmpfs \"/t\" size=\"lots\"\n    }\n}\nimage s { stage s; }\n",
+    );
+    let output = sandbox.graphbuild(&["plan", "bad.kdl"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(
+        text.contains("`lots` is not a tmpfs size") && text.contains("bad.kdl:4"),
+        "{text}"
+    );
+}

@@ -672,6 +672,11 @@ impl Executor<'_> {
             cwd: run.workdir.clone(),
             user: run.user.clone(),
             cache_mounts,
+            tmpfs_mounts: run
+                .tmpfs_mounts
+                .iter()
+                .map(|mount| (mount.target.clone(), mount.size))
+                .collect(),
             secret_files,
             network: if run.network_none {
                 NetworkMode::None

@@ -15,7 +15,7 @@ use graphbuild_lang::platform::Platform;
 use graphbuild_lang::subst::{self, Mode};
 use graphbuild_lang::{Code, Diagnostic, Diagnostics};
 
-use super::op::{CacheMountOp, ConfigOp, CopyOp, CopySource, Op, RunOp, SecretOp};
+use super::op::{CacheMountOp, ConfigOp, CopyOp, CopySource, Op, RunOp, SecretOp, TmpfsMountOp};
 use super::{Base, ImagePlan, Node, Plan, PlanOptions, StepInputs, StepPlan, parse_duration};
 use crate::context::{self, Context};
 use crate::digest::Key;
@@ -878,6 +878,31 @@ impl<'a> Expander<'a> {
                 }
             })
             .collect();
+        let tmpfs_mounts = run
+            .tmpfs_mounts
+            .iter()
+            .map(|mount| TmpfsMountOp {
+                target: self.substitute(&mount.target, Mode::Strict, vars, Some(settings)),
+                size: mount.size.as_ref().and_then(|text| {
+                    let value = self.substitute(text, Mode::Strict, vars, Some(settings));
+                    match crate::unpack::parse_size(&value) {
+                        Some(size) if size > 0 => Some(size),
+                        _ => {
+                            self.error(
+                                text.at,
+                                Code::RunTmpfs,
+                                format!("`{value}` is not a tmpfs size"),
+                                "this size",
+                                Some(
+                                    "write sizes like \"64m\", \"1g\" or \"524288\" (bytes)".into(),
+                                ),
+                            );
+                            None
+                        }
+                    }
+                }),
+            })
+            .collect();
         let secrets = run
             .secrets
             .iter()
@@ -897,6 +922,7 @@ impl<'a> Expander<'a> {
             workdir: settings.workdir().to_string(),
             user: settings.user.clone(),
             cache_mounts,
+            tmpfs_mounts,
             secrets,
             network_none: run.network == ir::Network::None,
             insecure: run.insecure,

@@ -77,6 +77,9 @@ pub struct RunOp {
     pub workdir: String,
     pub user: String,
     pub cache_mounts: Vec<CacheMountOp>,
+    /// In the key only when there are some, so the keys of other steps do not change.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tmpfs_mounts: Vec<TmpfsMountOp>,
     pub secrets: Vec<SecretOp>,
     pub network_none: bool,
     /// `insecure=#true`: every capability, no seccomp filter. In the key only when set, so
@@ -97,6 +100,14 @@ pub struct CacheMountOp {
     /// decides how the step waits for the mount, not what the step computes.
     #[serde(skip)]
     pub sharing: graphbuild_lang::ir::CacheSharing,
+}
+
+/// An empty tmpfs for the step's lifetime. Its target and size are in the key: a step's result
+/// can depend on where it may write scratch files and how much.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TmpfsMountOp {
+    pub target: String,
+    pub size: Option<u64>,
 }
 
 /// A secret's id and where it goes; never its value.

@@ -494,7 +494,8 @@ struct MountTarget {
     kind: TargetKind,
 }
 
-/// In order: /proc, /dev, cache mounts, secrets, /etc/resolv.conf (host network).
+/// In order: /proc, /dev, cache mounts, tmpfs mounts, secrets, /etc/resolv.conf (host
+/// network).
 fn mount_targets(run: &RunTask) -> Vec<MountTarget> {
     let directory = |path: &str| MountTarget {
         path: path.to_string(),
@@ -506,6 +507,7 @@ fn mount_targets(run: &RunTask) -> Vec<MountTarget> {
     };
     let mut targets = vec![directory("/proc"), directory("/dev")];
     targets.extend(run.cache_mounts.iter().map(|(_, target)| directory(target)));
+    targets.extend(run.tmpfs_mounts.iter().map(|(target, _)| directory(target)));
     targets.extend(run.secret_files.iter().map(|(_, target)| file(target)));
     if run.network == NetworkMode::Host && Path::new("/etc/resolv.conf").exists() {
         targets.push(file("/etc/resolv.conf"));
@@ -845,6 +847,21 @@ fn pid1(
             )
         })
         .map_err(step(format!("mount the cache on {target}")))?;
+    }
+    for (target, size) in &run.tmpfs_mounts {
+        let target_dir = next_target()?;
+        let options = match size {
+            Some(size) => format!("mode=1777,size={size}"),
+            None => "mode=1777".to_string(),
+        };
+        mount(
+            Some("tmpfs"),
+            &target_dir,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(options.as_str()),
+        )
+        .map_err(step(format!("mount a tmpfs on {target}")))?;
     }
     for (host_file, target) in &run.secret_files {
         let target_file = next_target()?;

@@ -124,6 +124,9 @@ pub struct RunTask {
     pub user: String,
     /// (host directory, absolute target): persistent read-write directories.
     pub cache_mounts: Vec<(PathBuf, String)>,
+    /// (absolute target, size in bytes): empty tmpfs directories, in no layer.
+    #[serde(default)]
+    pub tmpfs_mounts: Vec<(String, Option<u64>)>,
     /// (host file, absolute target): bind-mounted read-only, leaving no trace in the layer.
     pub secret_files: Vec<(PathBuf, String)>,
     pub network: NetworkMode,
@@ -565,6 +568,7 @@ fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
             .cache_mounts
             .iter()
             .map(|(_, target)| ("cache mount", target))
+            .chain(run.tmpfs_mounts.iter().map(|(target, _)| ("tmpfs", target)))
             .chain(
                 run.secret_files
                     .iter()
@@ -670,6 +674,7 @@ mod tests {
                 cwd: "/".to_string(),
                 user: String::new(),
                 cache_mounts: vec![],
+                tmpfs_mounts: vec![],
                 secret_files: vec![],
                 network: NetworkMode::Host,
                 hostname: String::new(),

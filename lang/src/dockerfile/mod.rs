@@ -28,7 +28,7 @@ use crate::Code;
 use crate::ir::{
     self, ArgDecl, CacheMount, CacheSharing, Command, CopyFrom, FileId, FromSource, Healthcheck,
     Image, Loc, Network, PlatformSpec, Project, Secret, Source, Sources, Stage, Step, StepKind,
-    Text,
+    Text, TmpfsMount,
 };
 use crate::platform::{AUTOMATIC_ARGS, Platform};
 use crate::{Diagnostic, Diagnostics};
@@ -734,6 +734,7 @@ impl Lowerer {
         let mut run = ir::Run {
             command: Command::Exec(Vec::new()),
             cache_mounts: Vec::new(),
+            tmpfs_mounts: Vec::new(),
             secrets: Vec::new(),
             network: if self.network_none {
                 Network::None
@@ -878,13 +879,17 @@ impl Lowerer {
                 ],
                 "write --mount=type=secret,id=ID[,target=PATH][,env=NAME][,required=true]",
             ),
+            "tmpfs" => (
+                &["type", "target", "dst", "destination", "size"],
+                "write --mount=type=tmpfs,target=PATH[,size=64m]",
+            ),
             other => {
                 self.error(
                     Code::DockerfileUnsupported,
                     format!("`--mount=type={other}` is not supported yet"),
                     span,
                     "this mount",
-                    "graphbuild supports --mount=type=cache and --mount=type=secret; copy files in with COPY instead of a bind mount",
+                    "graphbuild supports --mount=type=cache, type=secret and type=tmpfs; copy files in with COPY instead of a bind mount",
                 );
                 return false;
             }
@@ -934,6 +939,24 @@ impl Lowerer {
                 target: self.text(lex::literal_raw(&target), span),
                 id: get(&["id"]).map(|id| self.text(lex::literal_raw(&id), span)),
                 sharing,
+                at,
+            });
+            return true;
+        }
+        if kind == "tmpfs" {
+            let Some(target) = target else {
+                self.error(
+                    Code::RunTmpfs,
+                    "a tmpfs mount needs `target=PATH`",
+                    span,
+                    "this mount",
+                    help,
+                );
+                return false;
+            };
+            run.tmpfs_mounts.push(TmpfsMount {
+                target: self.text(lex::literal_raw(&target), span),
+                size: get(&["size"]).map(|size| self.text(lex::literal_raw(&size), span)),
                 at,
             });
             return true;

@@ -8,7 +8,7 @@ use kdl::{KdlNode, KdlValue};
 use crate::Diagnostic;
 use crate::ir::{
     CacheMount, CacheSharing, Command, Copy, CopyFrom, FileId, From, FromSource, Healthcheck, Loc,
-    Network, PlatformSpec, Run, ScopeId, Secret, Stage, Step, StepKind, Text,
+    Network, PlatformSpec, Run, ScopeId, Secret, Stage, Step, StepKind, Text, TmpfsMount,
 };
 
 use super::*;
@@ -467,6 +467,7 @@ impl Loader {
         }
         let command = self.run_command(node, file, "run");
         let mut cache_mounts = Vec::new();
+        let mut tmpfs_mounts = Vec::new();
         let mut secrets = Vec::new();
         let mut network = Network::default();
         let mut network_seen = false;
@@ -538,6 +539,35 @@ impl Loader {
                         target,
                         id,
                         sharing,
+                        at: child_at,
+                    });
+                }
+                "tmpfs" => {
+                    self.check_no_children(child, file, "tmpfs");
+                    let mut size = None;
+                    for (key, entry) in properties(child) {
+                        match key {
+                            "size" => size = self.string(entry, file, "`size`"),
+                            other => self.unknown_property(other, entry, file, "tmpfs", &["size"]),
+                        }
+                    }
+                    let Some(target) = self.single_string_argument(
+                        child,
+                        file,
+                        child_at,
+                        (
+                            Code::RunTmpfs,
+                            "a tmpfs mount path",
+                            "`tmpfs` takes one path",
+                            "one path expected",
+                        ),
+                        "write `tmpfs \"/tmp\" size=\"256m\"`",
+                    ) else {
+                        continue;
+                    };
+                    tmpfs_mounts.push(TmpfsMount {
+                        target,
+                        size,
                         at: child_at,
                     });
                 }
@@ -621,6 +651,7 @@ impl Loader {
         Some(Run {
             command: command?,
             cache_mounts,
+            tmpfs_mounts,
             secrets,
             network,
             timeout,

@@ -104,7 +104,7 @@ const WHEN_NODES: &[&str] = &[
     "stopsignal",
     "healthcheck",
 ];
-const RUN_NODES: &[&str] = &["cache-mount", "secret", "network"];
+const RUN_NODES: &[&str] = &["cache-mount", "tmpfs", "secret", "network"];
 const IMAGE_NODES: &[&str] = &[
     "stage",
     "tags",
