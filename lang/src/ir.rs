@@ -127,6 +127,10 @@ pub struct Project {
     /// Template instances; [`Stage::scope`] points here.
     pub scopes: Vec<Scope>,
     pub images: Vec<Image>,
+    /// `group NAME { targets "image" "stage" "group" … }`: names `graphbuild run FILE NAME`
+    /// selects at once, as bake's groups; a group named `default` is what `run` builds when
+    /// no name is given.
+    pub groups: Vec<Group>,
     /// Dockerfile rules rather than KDL's (`true` for a Dockerfile): inside a stage only the
     /// args it declares (`ARG NAME`, which takes a global's or an automatic arg's value) are
     /// visible to substitution and to `run`, global and automatic args serving `FROM` and
@@ -138,6 +142,14 @@ pub struct Project {
     /// Warnings found while loading (for example an undefined variable). Errors never reach
     /// a `Project`: loading returns them instead.
     pub warnings: Vec<crate::Diagnostic>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub name: String,
+    pub at: Loc,
+    /// Image, stage or group names, as written.
+    pub targets: Vec<Text>,
 }
 
 /// A platform as written: either a literal (already parsed and validated) or a string with

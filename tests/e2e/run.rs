@@ -474,3 +474,91 @@ fn podman_reads_every_platform_of_the_layout() {
         );
     }
 }
+
+/// `run FILE NAME` takes images, groups (bake's, `default` when no name is given) and stages
+/// (Docker's `--target`): a stage builds as an untagged image named after it.
+#[test]
+fn groups_and_stage_targets_select_what_runs() {
+    let sandbox = Sandbox::new();
+    copy_tree(
+        &repo_root().join("tests/fixtures/busybox"),
+        &sandbox.path().join("busybox"),
+    );
+    sandbox.write(
+        "b.kdl",
+        r#"platforms "linux/amd64" "linux/arm64"
+stage tool {
+    from "oci:busybox:1.35.0"
+    run "echo tool-$TARGETARCH > /tool.txt"
+}
+stage app {
+    from "oci:busybox:1.35.0"
+    run "echo app > /app.txt"
+}
+image app { stage app; }
+image other { stage tool; tags "localhost/other:1"; }
+group default {
+    targets "app"
+}
+group everything {
+    targets "default" "other" "tool"
+}
+"#,
+    );
+    let built = |output: &std::process::Output| -> Vec<String> {
+        let mut names: Vec<String> = summary(output)["images"]
+            .as_array()
+            .expect("images")
+            .iter()
+            .map(|image| image["name"].as_str().expect("name").to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", "b.kdl", "--output", "out", "--progress", "json"];
+        all.extend_from_slice(args);
+        let output = sandbox.graphbuild(&all);
+        assert_success(&output);
+        output
+    };
+
+    // No name: the default group, not every image.
+    assert_eq!(built(&run(&[])), ["app"]);
+    // A group of a group, an image and a stage.
+    assert_eq!(built(&run(&["everything"])), ["app", "other", "tool"]);
+    // The stage target is an image of its own: both platforms, the stage's files.
+    for (platform, arch) in [("linux/amd64", "amd64"), ("linux/arm64", "arm64")] {
+        let rootfs = unpack_platform(
+            &sandbox.path().join("out/tool"),
+            "latest",
+            platform,
+            &sandbox.path().join(format!("unpacked-{arch}")),
+        );
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("tool.txt")).expect("tool.txt"),
+            format!("tool-{arch}\n")
+        );
+    }
+
+    let unknown = sandbox.graphbuild(&["run", "b.kdl", "nothing", "--output", "out"]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", stderr(&unknown));
+    let text = stderr(&unknown);
+    assert!(
+        text.contains("no image, group or stage named `nothing`")
+            && text.contains("the groups: default, everything"),
+        "{text}"
+    );
+
+    sandbox.write(
+        "loop.kdl",
+        "stage s {\n    from \"scratch\"\n}\ngroup a {\n    targets \"b\"\n}\ngroup b {\n    targets \"a\"\n}\n",
+    );
+    let looped = sandbox.graphbuild(&["plan", "loop.kdl", "a"]);
+    assert_eq!(looped.status.code(), Some(2), "{}", stderr(&looped));
+    assert!(
+        stderr(&looped).contains("group `a` contains itself (a → b → a)"),
+        "{}",
+        stderr(&looped)
+    );
+}

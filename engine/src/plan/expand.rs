@@ -259,12 +259,95 @@ impl<'a> Expander<'a> {
         }
     }
 
+    /// The names `run` was asked for, groups replaced by their targets (which may be groups),
+    /// in order and without repeats; the `default` group's when none were named and it exists.
+    fn selected_names(&mut self) -> Vec<String> {
+        let project = self.project;
+        let asked: Vec<String> = if self.options.images.is_empty() {
+            match project.groups.iter().find(|group| group.name == "default") {
+                Some(group) => vec![group.name.clone()],
+                None => return Vec::new(),
+            }
+        } else {
+            self.options.images.clone()
+        };
+        let mut names = Vec::new();
+        // (name, the groups it was reached through): a group inside itself is an error.
+        let mut pending: Vec<(String, Vec<String>)> = asked
+            .into_iter()
+            .rev()
+            .map(|name| (name, Vec::new()))
+            .collect();
+        while let Some((name, path)) = pending.pop() {
+            let Some(group) = project.groups.iter().find(|group| group.name == name) else {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+                continue;
+            };
+            if path.contains(&name) {
+                self.error(
+                    group.at,
+                    Code::Group,
+                    format!(
+                        "group `{name}` contains itself ({} → {name})",
+                        path.join(" → ")
+                    ),
+                    "this group",
+                    Some("remove the group from its own targets".into()),
+                );
+                continue;
+            }
+            let mut inner = path.clone();
+            inner.push(name.clone());
+            for target in group.targets.iter().rev() {
+                pending.push((target.raw.clone(), inner.clone()));
+            }
+        }
+        names
+    }
+
+    /// A stage named on the command line as a target (`--target` in Docker's terms): an
+    /// image of that stage, named after it, on the default platforms, with no tags.
+    fn stage_target(stage: &Stage) -> ir::Image {
+        ir::Image {
+            name: ir::Text {
+                raw: stage.name.clone(),
+                at: stage.at,
+            },
+            at: stage.at,
+            stage: stage.name.clone(),
+            stage_at: stage.at,
+            tags: Vec::new(),
+            platforms: None,
+            matrix: Vec::new(),
+            annotations: Vec::new(),
+            labels: Vec::new(),
+            output: None,
+            push: false,
+            strict_arch: false,
+        }
+    }
+
     fn images(&mut self) -> Vec<ImagePlan> {
         let host = self.options.host.clone();
         let mut plans = Vec::new();
-        let mut matched = vec![false; self.options.images.len()];
+        let wanted = self.selected_names();
+        let mut matched = vec![false; wanted.len()];
         let project = self.project;
-        for image in &project.images {
+        // Names that are no image but a stage build that stage, as `docker build --target`.
+        let image_names: Vec<&str> = project
+            .images
+            .iter()
+            .map(|image| image.name.raw.as_str())
+            .collect();
+        let stage_targets: Vec<ir::Image> = wanted
+            .iter()
+            .filter(|name| !image_names.contains(&name.as_str()))
+            .filter_map(|name| project.stages.iter().find(|stage| stage.name == *name))
+            .map(Self::stage_target)
+            .collect();
+        for image in project.images.iter().chain(&stage_targets) {
             for matrix in matrix_combinations(&image.matrix, self) {
                 let globals = self.globals(&host, &matrix);
                 let vars = Vars::new(
@@ -273,9 +356,9 @@ impl<'a> Expander<'a> {
                     host.automatic_args("BUILD").into_iter().collect(),
                 );
                 let name = self.substitute(&image.name, Mode::Strict, &vars, None);
-                if !self.options.images.is_empty() {
+                if !wanted.is_empty() {
                     let mut selected = false;
-                    for (index, wanted) in self.options.images.iter().enumerate() {
+                    for (index, wanted) in wanted.iter().enumerate() {
                         if *wanted == name || *wanted == image.name.raw {
                             matched[index] = true;
                             selected = true;
@@ -346,26 +429,36 @@ impl<'a> Expander<'a> {
                 plans.push(plan);
             }
         }
-        for (index, wanted) in self.options.images.iter().enumerate() {
+        for (index, wanted) in wanted.iter().enumerate() {
             if !matched[index] {
                 let names: Vec<&str> = project
                     .images
                     .iter()
                     .map(|image| image.name.raw.as_str())
                     .collect();
+                let groups: Vec<&str> = project
+                    .groups
+                    .iter()
+                    .map(|group| group.name.as_str())
+                    .collect();
+                let list = |names: &[&str]| {
+                    if names.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                };
+                let mut help = format!("the images are: {}", list(&names));
+                if !groups.is_empty() {
+                    help.push_str(&format!("; the groups: {}", list(&groups)));
+                }
+                help.push_str("; a stage's name builds that stage");
                 self.errors.push(
                     Diagnostic::error(
                         Code::UnknownImage,
-                        format!("no image named `{wanted}` in the build file"),
+                        format!("no image, group or stage named `{wanted}` in the build file"),
                     )
-                    .with_help(format!(
-                        "the images are: {}",
-                        if names.is_empty() {
-                            "(none)".to_string()
-                        } else {
-                            names.join(", ")
-                        }
-                    )),
+                    .with_help(help),
                 );
             }
         }

@@ -139,6 +139,7 @@ pub fn load_source(
         stages: lowerer.stages.into_iter().map(|(stage, _)| stage).collect(),
         scopes: Vec::new(),
         images: image.into_iter().collect(),
+        groups: Vec::new(),
         docker_rules: true,
         warnings: diagnostics,
     })

@@ -7,7 +7,7 @@ use kdl::KdlNode;
 
 use crate::Code;
 use crate::Diagnostic;
-use crate::ir::{FileId, Loc, Project, Text};
+use crate::ir::{FileId, Group, Loc, Project, Text};
 
 use super::*;
 
@@ -134,6 +134,19 @@ impl Loader {
                         }
                         // Lowered in phase 3.
                     }
+                    "group" => {
+                        if !loaded.is_root {
+                            self.error(
+                                Code::Group,
+                                "an imported module cannot define groups",
+                                node_at,
+                                "in an imported module",
+                                Some("define groups in the root build file".into()),
+                            );
+                            continue;
+                        }
+                        self.declare_group(node, file, project);
+                    }
                     other => {
                         self.unknown_node(node, file, other, TOP_LEVEL_NODES, "at the top level")
                     }
@@ -142,6 +155,82 @@ impl Loader {
         }
         self.files = files;
         stages
+    }
+
+    /// `group NAME { targets "a" "b" … }`.
+    fn declare_group(&mut self, node: &KdlNode, file: FileId, project: &mut Project) {
+        self.check_no_properties(node, file, "group");
+        let Some(name) = self.node_name(node, file, "group") else {
+            return;
+        };
+        if let Some(first) = project.groups.iter().find(|group| group.name == name.raw) {
+            let diagnostic = Diagnostic::error(
+                Code::Group,
+                format!("group `{}` is defined twice", name.raw),
+            )
+            .with_label(&self.sources, name.at, "defined again here")
+            .with_label(&self.sources, first.at, "first defined here")
+            .with_help("list every target of the group in one `group` node");
+            self.diagnostics.push(diagnostic);
+            return;
+        }
+        let mut targets = Vec::new();
+        for child in node
+            .children()
+            .map(|children| children.nodes())
+            .unwrap_or_default()
+        {
+            let child_at = Self::loc(file, child.name().span());
+            if child.name().value() != "targets" {
+                self.unknown_node(
+                    child,
+                    file,
+                    child.name().value(),
+                    &["targets"],
+                    "in `group`",
+                );
+                continue;
+            }
+            self.check_no_children(child, file, "targets");
+            self.check_no_properties(child, file, "targets");
+            let before = targets.len();
+            for entry in child
+                .entries()
+                .iter()
+                .filter(|entry| entry.name().is_none())
+            {
+                if let Some(target) = self.string(entry, file, "a target name") {
+                    targets.push(target);
+                }
+            }
+            if targets.len() == before {
+                self.error(
+                    Code::Group,
+                    "`targets` names no target",
+                    child_at,
+                    "empty",
+                    Some("write `targets \"app\" \"worker\"`: image, stage or group names".into()),
+                );
+            }
+        }
+        if targets.is_empty() {
+            self.error(
+                Code::Group,
+                format!("group `{}` has no targets", name.raw),
+                name.at,
+                "empty group",
+                Some(format!(
+                    "write `group {} {{ targets \"app\" \"worker\" }}`",
+                    name.raw
+                )),
+            );
+            return;
+        }
+        project.groups.push(Group {
+            name: name.raw,
+            at: name.at,
+            targets,
+        });
     }
 
     pub(super) fn declare_template(

@@ -68,7 +68,15 @@ pub fn load_source(name: &str, text: &str, root_dir: &Path) -> Result<Project, D
     Loader::new(root_dir.to_path_buf()).run(identity, name.to_string(), None, text.to_string())
 }
 
-const TOP_LEVEL_NODES: &[&str] = &["platforms", "arg", "import", "stage", "image", "template"];
+const TOP_LEVEL_NODES: &[&str] = &[
+    "platforms",
+    "arg",
+    "import",
+    "stage",
+    "image",
+    "template",
+    "group",
+];
 const STAGE_NODES: &[&str] = &[
     "from",
     "platform",
@@ -242,6 +250,7 @@ impl Loader {
             stages: Vec::new(),
             scopes: Vec::new(),
             images: Vec::new(),
+            groups: Vec::new(),
             docker_rules: false,
             warnings: Vec::new(),
         };
