@@ -140,8 +140,8 @@ pub struct SelectArgs {
     /// Build only these platforms (repeatable), replacing each image's list
     #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]")]
     pub platforms: Vec<String>,
-    /// Override an arg (repeatable)
-    #[arg(long = "arg", value_name = "KEY=VALUE")]
+    /// Override an arg (repeatable); `--arg NAME` takes NAME from the environment
+    #[arg(long = "arg", value_name = "NAME[=VALUE]")]
     pub args: Vec<String>,
     /// The build context (default: the build file's directory)
     #[arg(long, value_name = "DIR")]

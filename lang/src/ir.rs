@@ -164,6 +164,10 @@ pub enum PlatformSpec {
 pub struct ArgDecl {
     pub name: String,
     pub default: Option<Text>,
+    /// `arg NAME=(env)"default"` or `arg (env)NAME`: the environment variable `NAME` of the
+    /// process that plans the build, when set, takes the place of the default (an explicit
+    /// `--arg NAME=…` still wins).
+    pub from_env: bool,
     pub at: Loc,
 }
 

@@ -355,3 +355,65 @@ image a { stage a; }
                 .is_none()
     );
 }
+
+/// `arg NAME=(env)"default"` takes NAME from the environment when set; `--arg NAME=…` still
+/// wins, and `--arg NAME` alone reads the environment as `docker build --build-arg NAME`.
+#[test]
+fn args_can_default_from_the_environment() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "e.kdl",
+        r#"arg GB_VERSION=(env)"1.0"
+arg (env)GB_CHANNEL
+arg GB_PLAIN="plain"
+stage s {
+    from "scratch"
+    arg (env)GB_STAGE
+    label version="$GB_VERSION" channel="${GB_CHANNEL}" stage="${GB_STAGE}" plain="$GB_PLAIN"
+}
+image s { stage s; }
+"#,
+    );
+    let label = |env: &[(&str, &str)], extra: &[&str]| -> String {
+        let mut args = vec!["plan", "e.kdl", "--format", "json"];
+        args.extend_from_slice(extra);
+        let output = sandbox.graphbuild_with_env(env, &args);
+        assert_success(&output);
+        let plan: Value = serde_json::from_slice(&output.stdout).expect("json");
+        plan["nodes"][0]["steps"][1]["description"]
+            .as_str()
+            .expect("description")
+            .to_string()
+    };
+    assert_eq!(
+        label(&[], &[]),
+        "LABEL version=1.0 channel= stage= plain=plain"
+    );
+    // Only args declared (env) read the environment.
+    let env = [
+        ("GB_VERSION", "2.0"),
+        ("GB_CHANNEL", "beta"),
+        ("GB_STAGE", "x"),
+        ("GB_PLAIN", "from-env"),
+    ];
+    assert_eq!(
+        label(&env, &[]),
+        "LABEL version=2.0 channel=beta stage=x plain=plain"
+    );
+    assert_eq!(
+        label(&env, &["--arg", "GB_VERSION=3.0", "--arg", "GB_PLAIN"]),
+        "LABEL version=3.0 channel=beta stage=x plain=from-env"
+    );
+
+    sandbox.write(
+        "bad.kdl",
+        "arg V=(secret)\"1\"\nstage s { from \"scratch\"; }\nimage s { stage s; }\n",
+    );
+    let output = sandbox.graphbuild(&["plan", "bad.kdl"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("unknown arg annotation `(secret)`"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -57,18 +57,48 @@ pub(super) fn expand(
         render::diagnostic(warning);
     }
     let mut args = BTreeMap::new();
+    let valid_name = |name: &str| {
+        name.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
     for arg in &select.args {
         match arg.split_once('=') {
             Some((key, value)) if !key.is_empty() => {
                 args.insert(key.to_string(), value.to_string());
             }
+            // `--arg NAME`: NAME's value from the environment, or left out when it is unset,
+            // as `docker build --build-arg NAME`.
+            None if valid_name(arg) => {
+                if let Ok(value) = std::env::var(arg) {
+                    args.insert(arg.clone(), value);
+                }
+            }
             _ => {
                 render::error(
-                    &format!("`--arg {arg}` is not KEY=VALUE"),
-                    &["write --arg NAME=value"],
+                    &format!("`--arg {arg}` is not NAME=VALUE or NAME"),
+                    &["write --arg NAME=value, or --arg NAME to take NAME from the environment"],
                 );
                 return Err(ExitStatus::InvalidInput);
             }
+        }
+    }
+    // Args declared `(env)` take the environment's value when no --arg sets them.
+    let from_env = project
+        .args
+        .iter()
+        .chain(project.stages.iter().flat_map(|stage| {
+            stage.steps.iter().filter_map(|step| match &step.kind {
+                graphbuild_lang::ir::StepKind::Arg(arg) => Some(arg),
+                _ => None,
+            })
+        }));
+    for arg in from_env.filter(|arg| arg.from_env) {
+        if !args.contains_key(&arg.name)
+            && let Ok(value) = std::env::var(&arg.name)
+        {
+            args.insert(arg.name.clone(), value);
         }
     }
     let mut platforms = Vec::new();

@@ -674,6 +674,7 @@ impl Lowerer {
             decls.push(ArgDecl {
                 name,
                 default,
+                from_env: false,
                 at: self.loc(span),
             });
         }

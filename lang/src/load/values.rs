@@ -357,7 +357,36 @@ impl Loader {
                 );
                 continue;
             }
-            declarations.push(ArgDecl { name, default, at });
+            let from_env = match entry.ty().map(|ty| ty.value()) {
+                None => false,
+                Some("env") => true,
+                Some(other) => {
+                    self.error(
+                        Code::ArgInvalidName,
+                        format!("unknown arg annotation `({other})`"),
+                        at,
+                        "unknown annotation",
+                        Some("`(env)` is the only one: `arg NAME=(env)\"default\"` takes the default from the environment variable NAME".into()),
+                    );
+                    continue;
+                }
+            };
+            if from_env && AUTOMATIC_ARGS.contains(&name.as_str()) {
+                self.error(
+                    Code::ArgAutomatic,
+                    format!("`{name}` is an automatic arg and cannot come from the environment"),
+                    at,
+                    "set per platform by graphbuild",
+                    None,
+                );
+                continue;
+            }
+            declarations.push(ArgDecl {
+                name,
+                default,
+                from_env,
+                at,
+            });
         }
         if node.entries().is_empty() {
             self.error(

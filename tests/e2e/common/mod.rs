@@ -64,14 +64,26 @@ impl Sandbox {
     }
 
     pub(crate) fn graphbuild_with_store(&self, store: &Path, args: &[&str]) -> Output {
-        Command::new(bin())
+        self.command(store, args).output().expect("graphbuild runs")
+    }
+
+    /// Run graphbuild in the sandbox with these environment variables set.
+    #[allow(dead_code)]
+    pub(crate) fn graphbuild_with_env(&self, env: &[(&str, &str)], args: &[&str]) -> Output {
+        let mut command = self.command(&self.store(), args);
+        command.envs(env.iter().copied());
+        command.output().expect("graphbuild runs")
+    }
+
+    fn command(&self, store: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(bin());
+        command
             .args(args)
             .current_dir(self.path())
             .env("GRAPHBUILD_CACHE_DIR", store)
             .env("NO_COLOR", "1")
-            .env_remove("SOURCE_DATE_EPOCH")
-            .output()
-            .expect("graphbuild runs")
+            .env_remove("SOURCE_DATE_EPOCH");
+        command
     }
 }
 
