@@ -562,3 +562,89 @@ group everything {
         stderr(&looped)
     );
 }
+
+/// Typed annotation keys put each annotation where buildx would: the index, every manifest
+/// or one platform's, the manifests' descriptors, or the index's descriptor in the layout.
+#[test]
+fn typed_annotations_go_where_their_type_says() {
+    let sandbox = Sandbox::new();
+    copy_tree(
+        &repo_root().join("tests/fixtures/busybox"),
+        &sandbox.path().join("busybox"),
+    );
+    sandbox.write(
+        "b.kdl",
+        r#"platforms "linux/amd64" "linux/arm64"
+stage s {
+    from "oci:busybox:1.35.0"
+}
+image s {
+    stage s
+    annotation "org.example.both"="b" "index:org.example.index"="i" "manifest:org.example.manifest"="m"
+    annotation "manifest[linux/arm64]:org.example.arm"="a" "manifest-descriptor:org.example.desc"="d"
+    annotation "index-descriptor:org.example.top"="t" "com.example:untyped"="u"
+}
+"#,
+    );
+    let output = sandbox.graphbuild(&["run", "b.kdl", "--output", "out"]);
+    assert_success(&output);
+    let layout = sandbox.path().join("out/s");
+    let read = |path: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json")
+    };
+    let blob = |digest: &serde_json::Value| {
+        read(
+            layout.join("blobs/sha256").join(
+                digest
+                    .as_str()
+                    .expect("digest")
+                    .trim_start_matches("sha256:"),
+            ),
+        )
+    };
+    let keys = |value: &serde_json::Value| -> Vec<String> {
+        value["annotations"]
+            .as_object()
+            .map(|map| map.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let top = read(layout.join("index.json"));
+    assert_eq!(
+        keys(&top["manifests"][0]),
+        ["org.example.top", "org.opencontainers.image.ref.name"]
+    );
+    let index = blob(&top["manifests"][0]["digest"]);
+    assert_eq!(
+        keys(&index),
+        [
+            "com.example:untyped",
+            "org.example.both",
+            "org.example.index"
+        ]
+    );
+    for descriptor in index["manifests"].as_array().expect("manifests") {
+        assert_eq!(keys(descriptor), ["org.example.desc"]);
+        let manifest = blob(&descriptor["digest"]);
+        let mut expected = vec![
+            "com.example:untyped",
+            "org.example.both",
+            "org.example.manifest",
+        ];
+        if descriptor["platform"]["architecture"] == "arm64" {
+            expected.insert(1, "org.example.arm");
+        }
+        assert_eq!(keys(&manifest), expected, "{}", descriptor["platform"]);
+    }
+
+    sandbox.write(
+        "bad.kdl",
+        "stage s {\n    from \"scratch\"\n}\nimage s {\n    stage s\n    annotation \"index[linux/amd64]:k\"=\"v\"\n}\n",
+    );
+    let bad = sandbox.graphbuild(&["plan", "bad.kdl"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("an index annotation has no platform"),
+        "{}",
+        stderr(&bad)
+    );
+}

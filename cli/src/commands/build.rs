@@ -369,15 +369,13 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
         let mut parsed = Vec::new();
         for item in list {
             match item.split_once('=') {
-                Some((key, value)) if !key.is_empty() && !key.contains(':') => {
+                Some((key, value)) if !key.is_empty() => {
                     parsed.push((key.to_string(), value.to_string()));
                 }
                 _ => {
                     render::error(
                         &format!("`{flag} {item}` is not KEY=VALUE"),
-                        &[
-                            "write KEY=VALUE; typed annotations (index:…, manifest:…) are not supported yet",
-                        ],
+                        &["write KEY=VALUE (annotations: [TYPE:]KEY=VALUE, as buildx)"],
                     );
                     return ExitStatus::InvalidInput;
                 }

@@ -11,6 +11,7 @@ use crate::digest::Digest;
 use crate::events::{ImageSummary, PlatformSummary};
 use crate::oci;
 use crate::plan::ImagePlan;
+use crate::plan::annotation::{self, Level};
 use crate::state::{HistoryEntry, ImageSettings, LayerDesc};
 use crate::store::Store;
 
@@ -77,10 +78,25 @@ impl Executor<'_> {
         image: &ImagePlan,
         outputs: &HashMap<usize, Arc<NodeOutput>>,
     ) -> Result<ImageSummary, String> {
-        // Docker's manifest formats have no annotations.
-        let annotations = match self.options.format {
-            ManifestFormat::Oci => image.annotations.clone(),
-            ManifestFormat::Docker => BTreeMap::new(),
+        // Docker's manifest formats have no annotations. Each goes where its key's type says
+        // (validated when the plan was made).
+        let annotations: Vec<(Vec<Level>, String, String)> = match self.options.format {
+            ManifestFormat::Oci => image
+                .annotations
+                .iter()
+                .filter_map(|(key, value)| {
+                    let (levels, key) = annotation::parse_key(key).ok()?;
+                    Some((levels, key.to_string(), value.clone()))
+                })
+                .collect(),
+            ManifestFormat::Docker => Vec::new(),
+        };
+        let at = |wanted: &dyn Fn(&Level) -> bool| -> BTreeMap<String, String> {
+            annotations
+                .iter()
+                .filter(|(levels, _, _)| levels.iter().any(wanted))
+                .map(|(_, key, value)| (key.clone(), value.clone()))
+                .collect()
         };
         let created = epoch_rfc3339(self.options.layer.source_date_epoch);
         let mut manifests = Vec::new();
@@ -153,7 +169,7 @@ impl Executor<'_> {
                     annotations: BTreeMap::new(),
                 },
                 layers: layer_descriptors,
-                annotations: annotations.clone(),
+                annotations: at(&|level| level.covers_manifest(platform, false)),
             };
             let (manifest_bytes, manifest_digest) = self.store_json(&manifest)?;
             blobs.push(config_digest);
@@ -168,7 +184,7 @@ impl Executor<'_> {
                     os: platform.os.clone(),
                     variant: platform.variant.clone(),
                 }),
-                annotations: BTreeMap::new(),
+                annotations: at(&|level| level.covers_manifest(platform, true)),
             });
             platforms.push(PlatformSummary {
                 platform: platform.to_string(),
@@ -180,7 +196,7 @@ impl Executor<'_> {
             schema_version: 2,
             media_type: Some(self.options.format.index().to_string()),
             manifests,
-            annotations,
+            annotations: at(&|level| *level == Level::Index),
         };
         let (index_bytes, index_digest) = self.store_json(&index)?;
         blobs.push(index_digest);
@@ -189,14 +205,16 @@ impl Executor<'_> {
             digest: index_digest,
             size: index_bytes.len() as u64,
             platform: None,
-            annotations: reference
-                .map(|reference| {
-                    BTreeMap::from([(
+            annotations: {
+                let mut annotations = at(&|level| *level == Level::IndexDescriptor);
+                if let Some(reference) = reference {
+                    annotations.insert(
                         "org.opencontainers.image.ref.name".to_string(),
                         reference.to_string(),
-                    )])
-                })
-                .unwrap_or_default(),
+                    );
+                }
+                annotations
+            },
         };
         let mut references: Vec<String> = image.tags.iter().map(|tag| tag_of(tag)).collect();
         let mut seen = std::collections::HashSet::new();

@@ -393,7 +393,20 @@ impl<'a> Expander<'a> {
                         .map(|tag| self.substitute(tag, Mode::Strict, &vars, None))
                         .collect(),
                     platforms: Vec::new(),
-                    annotations: self.substitute_pairs(&image.annotations, &vars),
+                    annotations: {
+                        for (key, value) in &image.annotations {
+                            if let Err(problem) = super::annotation::parse_key(key) {
+                                self.error(
+                                    value.at,
+                                    Code::Annotation,
+                                    format!("annotation `{key}`: {problem}"),
+                                    "this annotation",
+                                    Some("write KEY=VALUE, or TYPE:KEY=VALUE with TYPE one or more of index, manifest, manifest[OS/ARCH], index-descriptor, manifest-descriptor".into()),
+                                );
+                            }
+                        }
+                        self.substitute_pairs(&image.annotations, &vars)
+                    },
                     labels: self.substitute_pairs(&image.labels, &vars),
                     output: output
                         .as_ref()

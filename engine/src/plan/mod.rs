@@ -39,6 +39,7 @@
 //! variables are substituted into them at plan time and anything else is left for the
 //! container's shell.
 
+pub mod annotation;
 mod expand;
 pub mod op;
 
