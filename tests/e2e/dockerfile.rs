@@ -438,8 +438,8 @@ fn unsupported_buildx_flags_and_outputs_are_refused_by_name() {
             "does not support `--provenance`",
         ),
         (
-            &["-o", "type=docker"][..],
-            "TYPE is one of local, tar or oci",
+            &["-o", "type=docker,dest=x"][..],
+            "type=docker loads the image as --load does",
         ),
         (
             &["-o", "type=registry,push=true"][..],

@@ -281,7 +281,11 @@ fn oci_archive_is_read_by_skopeo_and_metadata_names_the_index() {
 fn bad_outputs_are_refused_with_exit_2() {
     let sandbox = sandbox();
     for (value, message) in [
-        ("type=docker,dest=x", "unknown type `docker`"),
+        (
+            "type=docker,dest=x",
+            "type `docker` is not an output here; use --load",
+        ),
+        ("type=zip,dest=x", "unknown type `zip`"),
         ("type=local", "dest is missing"),
         ("type=tar,file=x.tar", "cannot read `file=x.tar`"),
     ] {

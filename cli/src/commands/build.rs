@@ -205,6 +205,8 @@ fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
 struct OutputRequest {
     layout_dir: Option<String>,
     push: bool,
+    /// `-o type=docker`: buildx's long form of `--load`.
+    load: bool,
     exports: Vec<String>,
 }
 
@@ -212,6 +214,7 @@ fn outputs(specs: &[String]) -> Result<OutputRequest, String> {
     let mut request = OutputRequest {
         layout_dir: None,
         push: false,
+        load: false,
         exports: Vec::new(),
     };
     for spec in specs {
@@ -233,6 +236,14 @@ fn outputs(specs: &[String]) -> Result<OutputRequest, String> {
                     ));
                 }
                 request.push = true;
+            }
+            Some("docker") => {
+                if let Some((key, _)) = fields.iter().find(|(key, _)| *key != "type") {
+                    return Err(format!(
+                        "-o {spec}: `{key}` is not supported; type=docker loads the image as --load does"
+                    ));
+                }
+                request.load = true;
             }
             Some("oci")
                 if get("tar") == Some("false")
@@ -480,7 +491,7 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
             step_max_processes: graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES,
         },
         output: request.exports,
-        load: args.load,
+        load: args.load || request.load,
         metadata_file: metadata_file.clone(),
         strict: args.strict,
         no_cache: args.no_cache,

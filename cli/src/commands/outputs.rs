@@ -54,6 +54,23 @@ pub(super) fn parse_output(value: &str) -> Result<OutputSpec, String> {
         }
     }
     let kind = kind.unwrap_or_default();
+    // buildx's types graphbuild reaches another way.
+    let instead = match kind.as_str() {
+        "docker" => Some("--load (into Docker or Podman)"),
+        "registry" | "image" => Some("--push, or push=#true on the image"),
+        "cacheonly" => Some("--cache-to"),
+        _ => None,
+    };
+    if let Some(instead) = instead {
+        return Err(format!(
+            "--output `{value}`: type `{kind}` is not an output here; use {instead}"
+        ));
+    }
+    if !matches!(kind.as_str(), "local" | "tar" | "oci") {
+        return Err(format!(
+            "--output `{value}`: unknown type `{kind}`; graphbuild writes {TYPES}"
+        ));
+    }
     let Some(dest) = dest else {
         return Err(format!(
             "--output `{value}`: dest is missing; write type={kind},dest=PATH"
@@ -523,9 +540,19 @@ mod tests {
             Ok(OutputSpec::Layouts(PathBuf::from("layouts")))
         );
         assert!(
-            parse_output("type=docker,dest=x")
+            parse_output("type=docker")
                 .unwrap_err()
-                .contains("unknown type `docker`")
+                .contains("type `docker` is not an output here; use --load")
+        );
+        assert!(
+            parse_output("type=registry")
+                .unwrap_err()
+                .contains("use --push")
+        );
+        assert!(
+            parse_output("type=zip,dest=x")
+                .unwrap_err()
+                .contains("unknown type `zip`")
         );
         assert!(
             parse_output("type=local")
