@@ -122,6 +122,7 @@ fn shell(script: &str) -> RunTask {
         user: String::new(),
         cache_mounts: vec![],
         tmpfs_mounts: vec![],
+        script: None,
         secret_files: vec![],
         network: NetworkMode::Host,
         hostname: String::new(),

@@ -537,3 +537,64 @@ image s {
         "{text}"
     );
 }
+
+/// A `RUN` heredoc (or a KDL `run` string) starting with `#!` runs as a script of that
+/// interpreter, as BuildKit does, and leaves no script file in the image.
+#[test]
+fn shebang_scripts_run_with_their_interpreter() {
+    if !root_or_skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    copy_tree(
+        &repo_root().join("tests/fixtures/busybox"),
+        &sandbox.path().join("fixtures/busybox"),
+    );
+    sandbox.write(
+        "df/Dockerfile",
+        "FROM oci:../fixtures/busybox:1.35.0\nRUN <<EOF\n#!/bin/awk -f\nBEGIN { print \"awk ran\" > \"/awk.txt\" }\nEOF\nRUN <<EOF\n#!/bin/sh -e\necho \"$0 $(id -u)\" > /zero.txt\nEOF\n",
+    );
+    sandbox.write(
+        "b.kdl",
+        "platforms \"linux/arm64\"\nstage s {\n    from \"oci:fixtures/busybox:1.35.0\"\n    run \"#!/bin/awk -f\\nBEGIN { print \\\"kdl awk\\\" > \\\"/awk.txt\\\" }\\n\"\n}\nimage s { stage s; }\n",
+    );
+    let built = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-o",
+        "type=oci,dest=out-df",
+        "df",
+    ]);
+    assert_success(&built);
+    let kdl = sandbox.graphbuild(&["run", "b.kdl", "--output", "out-kdl"]);
+    assert_success(&kdl);
+    for platform in ["linux/amd64", "linux/arm64"] {
+        let rootfs = unpack_platform(
+            &sandbox.path().join("out-df"),
+            "latest",
+            platform,
+            &sandbox
+                .path()
+                .join(format!("df-{}", platform.replace('/', "-"))),
+        );
+        let read = |name: &str| std::fs::read_to_string(rootfs.join(name)).expect(name);
+        assert_eq!(read("awk.txt"), "awk ran\n", "{platform}");
+        assert_eq!(
+            read("zero.txt"),
+            "/dev/.graphbuild-script 0\n",
+            "{platform}"
+        );
+        assert!(!rootfs.join("dev/.graphbuild-script").exists());
+    }
+    let rootfs = unpack_platform(
+        &sandbox.path().join("out-kdl/s"),
+        "latest",
+        "linux/arm64",
+        &sandbox.path().join("kdl"),
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("awk.txt")).expect("awk.txt"),
+        "kdl awk\n"
+    );
+}

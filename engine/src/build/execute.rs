@@ -668,6 +668,7 @@ impl Executor<'_> {
         }
         Ok(RunTask {
             argv: run.argv.clone(),
+            script: run.script.clone(),
             env,
             cwd: run.workdir.clone(),
             user: run.user.clone(),

@@ -944,7 +944,29 @@ impl<'a> Expander<'a> {
         // environment.
         let display = self.command(&run.command, Mode::Shell, vars, settings);
         let referenced = vars.reads.borrow().clone();
+        let mut script = None;
         let argv = match &run.command {
+            Command::Shell(text) if text.raw.starts_with("#!") => {
+                match super::op::script_argv(&text.raw) {
+                    Some(argv) => {
+                        script = Some(text.raw.clone());
+                        argv
+                    }
+                    None => {
+                        self.error(
+                            text.at,
+                            Code::NodeMissingValue,
+                            "the script's `#!` line names no interpreter".into(),
+                            "this script",
+                            Some(
+                                "start the script with `#!/bin/sh` or `#!/usr/bin/env python3`"
+                                    .into(),
+                            ),
+                        );
+                        Vec::new()
+                    }
+                }
+            }
             Command::Shell(text) => {
                 let mut argv = settings.shell();
                 argv.push(text.raw.clone());
@@ -1024,6 +1046,7 @@ impl<'a> Expander<'a> {
             .collect();
         let op = RunOp {
             argv,
+            script,
             env: env.into_iter().collect(),
             workdir: settings.workdir().to_string(),
             user: settings.user.clone(),

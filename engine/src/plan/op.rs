@@ -59,11 +59,41 @@ impl Op {
     /// values substituted, which the expander computes). A function of the op alone.
     pub fn describe(&self) -> String {
         match self {
-            Op::Run(run) => format!("RUN {}", run.argv.join(" ")),
+            Op::Run(run) => match &run.script {
+                Some(script) => format!("RUN <<EOF {}", script.lines().next().unwrap_or("")),
+                None => format!("RUN {}", run.argv.join(" ")),
+            },
             Op::Copy(copy) => format!("COPY {} {}", copy.sources.join(" "), copy.dest),
             Op::Config(config) => config.describe(),
         }
     }
+}
+
+/// Where a `run` script with a `#!` line is, inside the step: in the step's own `/dev` tmpfs,
+/// so it is in no layer (and, that mount being `noexec`, it is run by its interpreter, as the
+/// kernel would: `INTERPRETER [ARG] SCRIPT_PATH`).
+pub const SCRIPT_PATH: &str = "/dev/.graphbuild-script";
+
+/// The argv the kernel would build for a script starting `#!INTERPRETER [ARG]`: everything
+/// after the interpreter, trimmed, is one argument. `None` without an interpreter.
+pub fn script_argv(script: &str) -> Option<Vec<String>> {
+    let line = script.strip_prefix("#!")?.lines().next().unwrap_or("");
+    let line = line.trim();
+    let (interpreter, argument) = match line.split_once([' ', '\t']) {
+        Some((interpreter, argument)) => (interpreter, Some(argument.trim())),
+        None => (line, None),
+    };
+    if interpreter.is_empty() {
+        return None;
+    }
+    let mut argv = vec![interpreter.to_string()];
+    argv.extend(
+        argument
+            .filter(|argument| !argument.is_empty())
+            .map(str::to_string),
+    );
+    argv.push(SCRIPT_PATH.to_string());
+    Some(argv)
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -71,6 +101,12 @@ pub struct RunOp {
     /// The command as written: build variables are *not* substituted into it. They reach it
     /// through [`RunOp::env`] and the shell expands them, as Docker passes `ARG`s to `RUN`.
     pub argv: Vec<String>,
+    /// A command written as a script with a `#!` line (a Dockerfile `RUN <<EOF` heredoc, or
+    /// a KDL `run` string starting with `#!`): the whole script, which the sandbox writes to
+    /// [`SCRIPT_PATH`] for the interpreter `argv` names, as the kernel would run it. In the key
+    /// only when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
     /// The whole environment, sorted by name: the image env, the stage's args, the automatic
     /// platform args the stage may see, and every build variable the command references.
     pub env: Vec<(String, String)>,

@@ -823,6 +823,15 @@ fn pid1(
     restrict_proc(&proc_dir)?;
     let dev_dir = next_target()?;
     mount_dev(&dev_dir)?;
+    if let Some(script) = &run.script {
+        let name = crate::plan::op::SCRIPT_PATH
+            .strip_prefix("/dev/")
+            .unwrap_or(crate::plan::op::SCRIPT_PATH);
+        let path = dev_dir.join(name);
+        fs::write(&path, script)
+            .and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(0o644)))
+            .map_err(step("write the step's script"))?;
+    }
 
     for (host_dir, target) in &run.cache_mounts {
         let target_dir = next_target()?;

@@ -124,6 +124,10 @@ pub struct RunTask {
     pub user: String,
     /// (host directory, absolute target): persistent read-write directories.
     pub cache_mounts: Vec<(PathBuf, String)>,
+    /// A script `argv` runs (its interpreter reads it from [`crate::plan::op::SCRIPT_PATH`],
+    /// in the step's `/dev`).
+    #[serde(default)]
+    pub script: Option<String>,
     /// (absolute target, size in bytes): empty tmpfs directories, in no layer.
     #[serde(default)]
     pub tmpfs_mounts: Vec<(String, Option<u64>)>,
@@ -675,6 +679,7 @@ mod tests {
                 user: String::new(),
                 cache_mounts: vec![],
                 tmpfs_mounts: vec![],
+                script: None,
                 secret_files: vec![],
                 network: NetworkMode::Host,
                 hostname: String::new(),

@@ -820,18 +820,8 @@ impl Lowerer {
                                     + usize::from(command_text.trim_end().ends_with(['"', '\'']))
                     },
                 );
-            if simple && heredocs[0].content.starts_with("#!") {
-                self.error(
-                    Code::DockerfileUnsupported,
-                    "a `RUN` heredoc with a `#!` interpreter line is not supported yet",
-                    instruction.span,
-                    "this heredoc",
-                    "run the interpreter explicitly: RUN python3 <<EOF … EOF",
-                );
-                return None;
-            }
-            // As BuildKit: a lone heredoc is the script itself; otherwise the shell gets the
-            // line and the heredocs, and handles them.
+            // As BuildKit: a lone heredoc is the script itself (run by its `#!` interpreter
+            // when it has one); otherwise the shell gets the line and the heredocs.
             Command::Shell(self.text(
                 if simple {
                     heredocs[0].content.clone()
