@@ -102,6 +102,8 @@ pub struct SandboxSpec {
     pub task: Task,
 }
 
+// One task per step, serialized to the child: the size of the enum does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub enum Task {
     /// Run a command.
