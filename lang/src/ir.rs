@@ -320,6 +320,9 @@ pub struct Copy {
     pub chown: Option<Text>,
     /// `chmod="0755"` (octal).
     pub chmod: Option<Text>,
+    /// `exclude="*.md"` (repeatable; Docker's `COPY --exclude`): `.dockerignore` patterns,
+    /// relative to each source, of what not to copy.
+    pub exclude: Vec<Text>,
 }
 
 #[derive(Clone, Debug)]

@@ -598,3 +598,69 @@ fn shebang_scripts_run_with_their_interpreter() {
         "kdl awk\n"
     );
 }
+
+/// `COPY --exclude` (KDL `exclude=`): `.dockerignore` patterns relative to the source leave
+/// files and whole directories out; the Dockerfile and its KDL twin copy the same files.
+#[test]
+fn copy_exclude_leaves_out_what_its_patterns_match() {
+    if !root_or_skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    copy_tree(
+        &repo_root().join("tests/fixtures/busybox"),
+        &sandbox.path().join("fixtures/busybox"),
+    );
+    for (path, text) in [
+        ("ctx/a.txt", "a"),
+        ("ctx/b.md", "b"),
+        ("ctx/sub/c.md", "c"),
+        ("ctx/sub/keep.txt", "keep"),
+        ("ctx/sub/skip/d.txt", "d"),
+    ] {
+        sandbox.write(path, text);
+    }
+    sandbox.write(
+        "ctx/Dockerfile",
+        "FROM oci:../fixtures/busybox:1.35.0\nCOPY --exclude=*.md --exclude=sub/skip --exclude=Dockerfile --exclude=*.kdl . /app/\n",
+    );
+    sandbox.write(
+        "ctx/b.kdl",
+        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:../fixtures/busybox:1.35.0\"\n    copy \".\" \"/app/\" exclude=\"*.md\" exclude=\"sub/skip\" exclude=\"Dockerfile\" exclude=\"*.kdl\"\n}\nimage s { stage s; }\n",
+    );
+    let built = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64",
+        "-o",
+        "type=local,dest=rootfs-df",
+        "ctx",
+    ]);
+    assert_success(&built);
+    let kdl = sandbox.graphbuild(&[
+        "run",
+        "ctx/b.kdl",
+        "--output",
+        "out",
+        "--output",
+        "type=local,dest=rootfs-kdl",
+    ]);
+    assert_success(&kdl);
+    for rootfs in ["rootfs-df", "rootfs-kdl"] {
+        let app = sandbox.path().join(rootfs).join("app");
+        let files: Vec<String> = tree_bytes(&app).into_iter().map(|(path, _)| path).collect();
+        assert_eq!(files, ["a.txt", "sub/c.md", "sub/keep.txt"], "{rootfs}");
+    }
+
+    sandbox.write(
+        "bad.kdl",
+        "stage a {\n    from \"scratch\"\n}\nstage s {\n    from \"scratch\"\n    copy \"/x\" \"/y\" from=a exclude=\"*.md\"\n}\nimage s { stage s; }\n",
+    );
+    let bad = sandbox.graphbuild(&["plan", "bad.kdl"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("`exclude` applies to copies from the build context only"),
+        "{}",
+        stderr(&bad)
+    );
+}

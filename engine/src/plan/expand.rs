@@ -1114,12 +1114,54 @@ impl<'a> Expander<'a> {
                 }
             }
         };
+        let exclude: Vec<String> = copy
+            .exclude
+            .iter()
+            .map(|pattern| self.substitute(pattern, Mode::Strict, vars, Some(settings)))
+            .collect();
+        let excluder = if exclude.is_empty() {
+            None
+        } else {
+            match crate::dockerignore::DockerIgnore::parse(&exclude.join("\n")) {
+                Ok(excluder) => Some(excluder),
+                Err(error) => {
+                    self.error(
+                        copy.exclude.first().map_or(at, |text| text.at),
+                        Code::Copy,
+                        format!("`exclude` pattern `{}`: {}", error.pattern, error.reason),
+                        "this pattern",
+                        Some(
+                            "write .dockerignore patterns, such as \"*.md\" or \"**/test\"".into(),
+                        ),
+                    );
+                    return Ok(None);
+                }
+            }
+        };
+        if let (Some(_), Some(first)) = (&copy.from, copy.exclude.first()) {
+            self.error(
+                first.at,
+                Code::Copy,
+                "`exclude` applies to copies from the build context only, not yet to `from=`"
+                    .into(),
+                "this pattern",
+                Some(
+                    "exclude the files in the stage that makes them, or copy narrower sources"
+                        .into(),
+                ),
+            );
+            return Ok(None);
+        }
         let (from, dep) = match &copy.from {
             None => {
                 let selected = match self.context() {
                     Ok(context) => context.select(&sources).map_err(|error| error.to_string()),
                     Err(error) => Err(error),
                 };
+                let selected = selected.map(|items| match &excluder {
+                    Some(excluder) => context::exclude(items, excluder),
+                    None => items,
+                });
                 match selected {
                     Ok(items) => {
                         let digest = hex::encode(context::items_digest(&items));
@@ -1163,6 +1205,7 @@ impl<'a> Expander<'a> {
                 workdir: settings.workdir().to_string(),
                 chown,
                 chmod,
+                exclude,
                 from,
             },
             dep,

@@ -162,6 +162,10 @@ pub struct CopyOp {
     pub workdir: String,
     pub chown: Option<String>,
     pub chmod: Option<u32>,
+    /// `exclude` patterns, as written (the selected items already leave out what they
+    /// match). In the key only when there are some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
     pub from: CopySource,
 }
 

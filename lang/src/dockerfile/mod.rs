@@ -996,7 +996,7 @@ impl Lowerer {
 
     fn copy(&mut self, instruction: &Instruction) -> Option<ir::Copy> {
         let is_add = instruction.keyword == "ADD";
-        const FLAGS: &[&str] = &["from", "chown", "chmod", "link"];
+        const FLAGS: &[&str] = &["from", "chown", "chmod", "link", "exclude"];
         let (flags, rest) = self.flags(instruction);
         let mut copy = ir::Copy {
             sources: Vec::new(),
@@ -1007,12 +1007,13 @@ impl Lowerer {
             from: None,
             chown: None,
             chmod: None,
+            exclude: Vec::new(),
         };
         let mut ok = true;
         for (name, value, word) in flags {
             if !FLAGS.contains(&name.as_str()) || (is_add && name == "from") {
                 let known: &[&str] = if is_add {
-                    &["chown", "chmod", "link"]
+                    &["chown", "chmod", "link", "exclude"]
                 } else {
                     FLAGS
                 };
@@ -1048,6 +1049,7 @@ impl Lowerer {
                     );
                 }
                 "chown" => copy.chown = Some(text),
+                "exclude" => copy.exclude.push(text),
                 _ => {
                     if text.raw.is_empty()
                         || text.raw.len() > 4

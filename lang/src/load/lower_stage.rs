@@ -669,9 +669,14 @@ impl Loader {
         let mut from = None;
         let mut chown = None;
         let mut chmod = None;
+        let mut exclude = Vec::new();
         let mut failed = false;
         for (key, entry) in properties(node) {
             match key {
+                "exclude" => match self.string(entry, file, "`exclude`") {
+                    Some(text) => exclude.push(text),
+                    None => failed = true,
+                },
                 "from" => match self.string(entry, file, "`from`") {
                     Some(text) => from = Some(text),
                     None => failed = true,
@@ -706,9 +711,13 @@ impl Loader {
                         failed = true;
                     }
                 }
-                other => {
-                    self.unknown_property(other, entry, file, "copy", &["from", "chown", "chmod"])
-                }
+                other => self.unknown_property(
+                    other,
+                    entry,
+                    file,
+                    "copy",
+                    &["from", "chown", "chmod", "exclude"],
+                ),
             }
         }
         let mut paths = self.string_arguments(node, file, "a copy path", false);
@@ -760,6 +769,7 @@ impl Loader {
             from,
             chown,
             chmod,
+            exclude,
         })
     }
 
