@@ -897,6 +897,40 @@ pub(crate) fn items_digest(items: &[CopyItem]) -> [u8; 32] {
     *hasher.finalize().as_bytes()
 }
 
+/// `items` without those an `exclude` pattern matches: patterns are relative to each source
+/// (a directory source's contents, or a file source's name), and an excluded directory takes
+/// everything under it along.
+pub(crate) fn exclude(
+    items: Vec<CopyItem>,
+    excluder: &crate::dockerignore::DockerIgnore,
+) -> Vec<CopyItem> {
+    items
+        .into_iter()
+        .filter(|item| {
+            let relative = if item.rel_dest.as_os_str().is_empty() {
+                match item.rel_src.file_name() {
+                    Some(name) => PathBuf::from(name),
+                    None => return true,
+                }
+            } else {
+                item.rel_dest.clone()
+            };
+            let relative = relative.to_string_lossy().into_owned();
+            let mut path = relative.as_str();
+            // The path itself, then each directory above it.
+            loop {
+                if excluder.is_excluded(path, true) {
+                    return false;
+                }
+                match path.rfind('/') {
+                    Some(slash) => path = &path[..slash],
+                    None => return true,
+                }
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1180,38 +1214,4 @@ mod tests {
         assert_eq!(items.len(), 4);
         assert!(matches!(items[1].kind, ItemKind::File { size: 1, .. }));
     }
-}
-
-/// `items` without those an `exclude` pattern matches: patterns are relative to each source
-/// (a directory source's contents, or a file source's name), and an excluded directory takes
-/// everything under it along.
-pub(crate) fn exclude(
-    items: Vec<CopyItem>,
-    excluder: &crate::dockerignore::DockerIgnore,
-) -> Vec<CopyItem> {
-    items
-        .into_iter()
-        .filter(|item| {
-            let relative = if item.rel_dest.as_os_str().is_empty() {
-                match item.rel_src.file_name() {
-                    Some(name) => PathBuf::from(name),
-                    None => return true,
-                }
-            } else {
-                item.rel_dest.clone()
-            };
-            let relative = relative.to_string_lossy().into_owned();
-            let mut path = relative.as_str();
-            // The path itself, then each directory above it.
-            loop {
-                if excluder.is_excluded(path, true) {
-                    return false;
-                }
-                match path.rfind('/') {
-                    Some(slash) => path = &path[..slash],
-                    None => return true,
-                }
-            }
-        })
-        .collect()
 }

@@ -1225,6 +1225,7 @@ mod tests {
             workdir: "/".into(),
             chown: None,
             chmod: None,
+            exclude: Vec::new(),
             from: CopySource::Context {
                 items: Vec::new(),
                 digest: String::new(),
