@@ -323,6 +323,19 @@ pub struct Copy {
     /// `exclude="*.md"` (repeatable; Docker's `COPY --exclude`): `.dockerignore` patterns,
     /// relative to each source, of what not to copy.
     pub exclude: Vec<Text>,
+    /// Files the build file writes itself (KDL `file`, a Dockerfile `COPY <<EOF`): when not
+    /// empty, `sources` are their names and nothing comes from the context.
+    pub inline: Vec<InlineFile>,
+}
+
+#[derive(Clone, Debug)]
+pub struct InlineFile {
+    /// The file's name (the source `sources` lists).
+    pub name: String,
+    pub content: Text,
+    /// Whether `$VAR`s in the content are substituted (a Dockerfile heredoc with an unquoted
+    /// delimiter); KDL's `file` content is written as is.
+    pub substitute: bool,
 }
 
 #[derive(Clone, Debug)]

@@ -837,9 +837,14 @@ impl Executor<'_> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|elapsed| elapsed.as_secs() as i64)
             .unwrap_or(0);
+        // The guard keeps the build file's inline files (if any) on disk until the copy is done.
+        let (context_root, _inline_guard) = match &copy.from {
+            CopySource::Context { inline, .. } => self.copy_root(inline).map_err(fail)?,
+            CopySource::Node { .. } => (self.plan.context_dir.clone(), None),
+        };
         let (planned, source_layers) = match &copy.from {
             CopySource::Context { items, .. } => {
-                let sources = Sources::Dir(&self.plan.context_dir);
+                let sources = Sources::Dir(&context_root);
                 let planned = plan_copy(&view, items, &sources, copy, epoch, now).map_err(fail)?;
                 (planned, Vec::new())
             }
@@ -1229,6 +1234,7 @@ mod tests {
             from: CopySource::Context {
                 items: Vec::new(),
                 digest: String::new(),
+                inline: Vec::new(),
             },
         };
         let plan = |dest: &str| {

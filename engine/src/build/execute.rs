@@ -410,10 +410,11 @@ impl Executor<'_> {
             Op::Run(run) => Task::Run(self.run_task(node, run, &mut guards).map_err(fail)?),
             Op::Copy(copy) => {
                 let (source, items) = match &copy.from {
-                    CopySource::Context { items, .. } => (
-                        CopyTaskSource::Context(self.plan.context_dir.clone()),
-                        items.clone(),
-                    ),
+                    CopySource::Context { items, inline, .. } => {
+                        let (root, guard) = self.copy_root(inline).map_err(fail)?;
+                        guards.extend(guard.map(|guard| Box::new(guard) as Box<dyn std::any::Any>));
+                        (CopyTaskSource::Context(root), items.clone())
+                    }
                     CopySource::Node { node: source, .. } => {
                         let output = self.output_of(*source).map_err(fail)?;
                         (
@@ -689,6 +690,43 @@ impl Executor<'_> {
             max_processes: self.options.step_max_processes,
             insecure: run.insecure,
         })
+    }
+}
+
+impl Executor<'_> {
+    /// The directory a context copy reads its items from: the build context, or a scratch
+    /// directory holding the build file's inline files (alive as long as the returned guard),
+    /// each `0644` and dated 1970 (the copy clamps times to `SOURCE_DATE_EPOCH` anyway).
+    pub(super) fn copy_root(
+        &self,
+        inline: &[(String, Vec<u8>)],
+    ) -> Result<(PathBuf, Option<tempfile::TempDir>), String> {
+        if inline.is_empty() {
+            return Ok((self.plan.context_dir.clone(), None));
+        }
+        let dir = self
+            .store
+            .temp_dir()
+            .map_err(|error| format!("cannot create a temporary directory: {error}"))?;
+        for (name, content) in inline {
+            let path = dir.path().join(name);
+            let written = std::fs::write(&path, content)
+                .and_then(|()| {
+                    std::fs::set_permissions(
+                        &path,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+                    )
+                })
+                .and_then(|()| {
+                    std::fs::File::options()
+                        .write(true)
+                        .open(&path)?
+                        .set_modified(std::time::UNIX_EPOCH)
+                });
+            written.map_err(|error| format!("cannot write the inline file {name}: {error}"))?;
+        }
+        let root = dir.path().to_path_buf();
+        Ok((root, Some(dir)))
     }
 }
 

@@ -1153,6 +1153,37 @@ impl<'a> Expander<'a> {
             return Ok(None);
         }
         let (from, dep) = match &copy.from {
+            None if !copy.inline.is_empty() => {
+                let mut inline = Vec::new();
+                let mut items = Vec::new();
+                for file in &copy.inline {
+                    let content = if file.substitute {
+                        self.substitute(&file.content, Mode::Strict, vars, Some(settings))
+                    } else {
+                        file.content.raw.clone()
+                    };
+                    let content = content.into_bytes();
+                    items.push(context::CopyItem {
+                        rel_src: file.name.clone().into(),
+                        rel_dest: file.name.clone().into(),
+                        kind: context::ItemKind::File {
+                            digest: *blake3::hash(&content).as_bytes(),
+                            size: content.len() as u64,
+                            mode: 0o644,
+                        },
+                    });
+                    inline.push((file.name.clone(), content));
+                }
+                let digest = hex::encode(context::items_digest(&items));
+                (
+                    CopySource::Context {
+                        items,
+                        digest,
+                        inline,
+                    },
+                    None,
+                )
+            }
             None => {
                 let selected = match self.context() {
                     Ok(context) => context.select(&sources).map_err(|error| error.to_string()),
@@ -1165,7 +1196,14 @@ impl<'a> Expander<'a> {
                 match selected {
                     Ok(items) => {
                         let digest = hex::encode(context::items_digest(&items));
-                        (CopySource::Context { items, digest }, None)
+                        (
+                            CopySource::Context {
+                                items,
+                                digest,
+                                inline: Vec::new(),
+                            },
+                            None,
+                        )
                     }
                     Err(error) => {
                         self.error(

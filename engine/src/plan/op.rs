@@ -178,6 +178,11 @@ pub enum CopySource {
         #[serde(skip)]
         items: Vec<CopyItem>,
         digest: String,
+        /// Files the build file writes itself (`file`, `COPY <<EOF`), by name, with their
+        /// contents: the copy reads `items` from a scratch directory holding them instead of
+        /// the context. `digest` covers their names, sizes, modes and contents.
+        #[serde(skip)]
+        inline: Vec<(String, Vec<u8>)>,
     },
     /// Another node's filesystem, by the node's *key*. Its index in this plan is for the
     /// executor only: indexes differ between plans of the same inputs.

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use crate::Code;
 use crate::ir::{
     self, ArgDecl, CacheMount, CacheSharing, Command, CopyFrom, FileId, FromSource, Healthcheck,
-    Image, Loc, Network, PlatformSpec, Project, Secret, Source, Sources, Stage, Step, StepKind,
-    Text, TmpfsMount,
+    Image, InlineFile, Loc, Network, PlatformSpec, Project, Secret, Source, Sources, Stage, Step,
+    StepKind, Text, TmpfsMount,
 };
 use crate::platform::{AUTOMATIC_ARGS, Platform};
 use crate::{Diagnostic, Diagnostics};
@@ -1008,6 +1008,7 @@ impl Lowerer {
             chown: None,
             chmod: None,
             exclude: Vec::new(),
+            inline: Vec::new(),
         };
         let mut ok = true;
         for (name, value, word) in flags {
@@ -1068,19 +1069,7 @@ impl Lowerer {
                 }
             }
         }
-        if !instruction.heredocs.is_empty() {
-            self.error(
-                Code::DockerfileUnsupported,
-                format!(
-                    "`{} <<{}` (a file from a heredoc) is not supported yet",
-                    instruction.keyword, instruction.heredocs[0].name
-                ),
-                instruction.span,
-                "this heredoc",
-                "put the file in the build context and COPY it",
-            );
-            return None;
-        }
+        let heredocs = instruction.heredocs;
         let body = Instruction {
             keyword: instruction.keyword.clone(),
             line: instruction.line,
@@ -1118,7 +1107,48 @@ impl Lowerer {
             return None;
         }
         copy.dest = paths.pop()?;
-        if is_add {
+        if !heredocs.is_empty() {
+            // `COPY <<EOF /file`: each `<<NAME` source is the heredoc of that name, a file named
+            // NAME; its `$VAR`s are substituted unless the delimiter is quoted, as BuildKit.
+            let words = self.words(&body);
+            for (source, word) in paths.iter_mut().zip(&words) {
+                let Some(marker) = word.text.strip_prefix("<<") else {
+                    continue;
+                };
+                let marker = marker.strip_prefix('-').unwrap_or(marker);
+                let quoted = marker.starts_with(['"', '\'']);
+                let name = marker.trim_matches(['"', '\'']);
+                let Some(heredoc) = heredocs.iter().find(|heredoc| heredoc.name == name) else {
+                    continue;
+                };
+                copy.inline.push(InlineFile {
+                    name: name.to_string(),
+                    content: Text {
+                        raw: heredoc.content.clone(),
+                        at: source.at,
+                    },
+                    substitute: !quoted,
+                });
+                source.raw = name.to_string();
+            }
+            if copy.inline.len() != paths.len() {
+                self.error(
+                    Code::DockerfileUnsupported,
+                    format!(
+                        "`{}` mixes heredoc files with files from the build context",
+                        instruction.keyword
+                    ),
+                    instruction.span,
+                    "this instruction",
+                    format!(
+                        "write one {} for the heredocs and another for the context files",
+                        instruction.keyword
+                    ),
+                );
+                return None;
+            }
+        }
+        if is_add && heredocs.is_empty() {
             for source in &paths {
                 let raw = source.raw.to_ascii_lowercase();
                 let span = (source.at.span.offset(), source.at.span.len());

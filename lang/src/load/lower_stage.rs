@@ -7,8 +7,9 @@ use kdl::{KdlNode, KdlValue};
 
 use crate::Diagnostic;
 use crate::ir::{
-    CacheMount, CacheSharing, Command, Copy, CopyFrom, FileId, From, FromSource, Healthcheck, Loc,
-    Network, PlatformSpec, Run, ScopeId, Secret, Stage, Step, StepKind, Text, TmpfsMount,
+    CacheMount, CacheSharing, Command, Copy, CopyFrom, FileId, From, FromSource, Healthcheck,
+    InlineFile, Loc, Network, PlatformSpec, Run, ScopeId, Secret, Stage, Step, StepKind, Text,
+    TmpfsMount,
 };
 
 use super::*;
@@ -310,6 +311,7 @@ impl Loader {
         match name {
             "run" => self.lower_run(node, file).map(StepKind::Run),
             "copy" => self.lower_copy(node, file, resolver).map(StepKind::Copy),
+            "file" => self.lower_file(node, file).map(StepKind::Copy),
             "env" => {
                 self.check_no_children(node, file, name);
                 let pairs = self.key_values(node, file, name);
@@ -770,6 +772,105 @@ impl Loader {
             chown,
             chmod,
             exclude,
+            inline: Vec::new(),
+        })
+    }
+
+    /// `file "PATH" content="…" chown=… chmod=…`: a file the build file writes, as a copy of
+    /// inline content (Docker's `COPY <<EOF PATH`).
+    pub(super) fn lower_file(&mut self, node: &KdlNode, file: FileId) -> Option<Copy> {
+        self.check_no_children(node, file, "file");
+        let mut content = None;
+        let mut chown = None;
+        let mut chmod = None;
+        for (key, entry) in properties(node) {
+            match key {
+                "content" => content = self.string(entry, file, "`content`"),
+                "chown" => chown = self.string_or_integer(entry, file, "`chown`"),
+                "chmod" => {
+                    chmod = self.string(entry, file, "`chmod`");
+                    if let Some(text) = &chmod
+                        && !text.raw.contains('$')
+                        && (text.raw.is_empty()
+                            || text.raw.len() > 4
+                            || !text.raw.chars().all(|c| ('0'..='7').contains(&c)))
+                    {
+                        self.error(
+                            Code::CopyChmod,
+                            format!("invalid mode `{}`", text.raw),
+                            text.at,
+                            "not an octal mode",
+                            Some("write an octal mode such as chmod=\"0644\"".into()),
+                        );
+                        return None;
+                    }
+                }
+                other => self.unknown_property(
+                    other,
+                    entry,
+                    file,
+                    "file",
+                    &["content", "chown", "chmod"],
+                ),
+            }
+        }
+        let at = Self::loc(file, node.name().span());
+        let dest = self.single_string_argument(
+            node,
+            file,
+            at,
+            (
+                Code::CopyArguments,
+                "the file's path",
+                "`file` takes one path",
+                "one path expected",
+            ),
+            "write `file \"/etc/motd\" content=\"hello\\n\"`",
+        )?;
+        let name = dest
+            .raw
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if name.is_empty() || dest.raw.ends_with('/') {
+            self.error(
+                Code::CopyArguments,
+                format!("`file \"{}\"` names a directory, not a file", dest.raw),
+                dest.at,
+                "a directory",
+                Some(
+                    "write the file's whole path: `file \"/etc/app/config.toml\" content=…`".into(),
+                ),
+            );
+            return None;
+        }
+        let Some(content) = content else {
+            self.error(
+                Code::NodeMissingValue,
+                "`file` needs its content",
+                at,
+                "content missing",
+                Some("write `file \"/etc/motd\" content=\"hello\\n\"`".into()),
+            );
+            return None;
+        };
+        Some(Copy {
+            sources: vec![Text {
+                raw: name.clone(),
+                at: dest.at,
+            }],
+            dest,
+            from: None,
+            chown,
+            chmod,
+            exclude: Vec::new(),
+            inline: vec![InlineFile {
+                name,
+                content,
+                substitute: false,
+            }],
         })
     }
 

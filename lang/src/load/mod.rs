@@ -82,6 +82,7 @@ const STAGE_NODES: &[&str] = &[
     "platform",
     "run",
     "copy",
+    "file",
     "env",
     "arg",
     "workdir",
@@ -99,6 +100,7 @@ const STAGE_NODES: &[&str] = &[
 const WHEN_NODES: &[&str] = &[
     "run",
     "copy",
+    "file",
     "env",
     "arg",
     "workdir",
