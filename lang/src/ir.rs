@@ -98,11 +98,31 @@ impl Sources {
 
     /// `file:line:col` (1-based) of a location, for plain-text messages.
     pub fn describe(&self, loc: Loc) -> String {
+        let Position { file, line, column } = self.position(loc);
+        format!("{file}:{line}:{column}")
+    }
+
+    /// The file name, line and column (1-based, the column in bytes) where a location starts,
+    /// for machine-readable output.
+    pub fn position(&self, loc: Loc) -> Position {
         let source = self.get(loc.file);
         let offset = loc.span.offset().min(source.text.len());
-        let (line, col) = source.line_and_column(offset);
-        format!("{}:{line}:{col}", source.name)
+        let (line, column) = source.line_and_column(offset);
+        Position {
+            file: source.name.clone(),
+            line,
+            column,
+        }
     }
+}
+
+/// Where a location starts: see [`Sources::position`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The file's name as shown in diagnostics ([`Source::name`]).
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
 }
 
 /// A string as written, before `$VAR` substitution.
@@ -192,6 +212,48 @@ pub struct Step {
     /// Set for steps inside `when platform="…" { … }`: the step applies only when the target
     /// platform equals this one.
     pub when: Option<Platform>,
+}
+
+impl Step {
+    /// The statement as written, from the step's name through its last argument or property
+    /// (not its children): what a diagnostic about the whole step underlines. [`Step::at`]
+    /// itself is the name only.
+    pub fn statement_at(&self) -> Loc {
+        let mut parts: Vec<Loc> = Vec::new();
+        match &self.kind {
+            StepKind::Run(run) => {
+                match &run.command {
+                    Command::Shell(text) => parts.push(text.at),
+                    Command::Exec(argv) => parts.extend(argv.iter().map(|text| text.at)),
+                }
+                parts.extend(run.timeout.iter().map(|text| text.at));
+            }
+            StepKind::Copy(copy) => {
+                let texts = copy.sources.iter().chain([&copy.dest]);
+                let texts = texts.chain(&copy.chown).chain(&copy.chmod);
+                parts.extend(texts.map(|text| text.at));
+                match &copy.from {
+                    Some(CopyFrom::Image(text)) => parts.push(text.at),
+                    Some(CopyFrom::Stage(_, at)) => parts.push(*at),
+                    None => {}
+                }
+            }
+            _ => {}
+        }
+        let start = self.at.span.offset();
+        let mut end = start + self.at.span.len();
+        for at in parts {
+            // Arguments written after the name, in the same file (a template's value, written
+            // elsewhere, is not part of the statement).
+            if at.file == self.at.file && at.span.offset() >= start {
+                end = end.max(at.span.offset() + at.span.len());
+            }
+        }
+        Loc {
+            file: self.at.file,
+            span: SourceSpan::new(start.into(), end - start),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

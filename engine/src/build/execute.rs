@@ -17,7 +17,7 @@ use crate::sandbox::{self, NetworkMode, RunTask, SandboxSpec, Task};
 use crate::state::{HistoryEntry, LayerDesc, StepRecord};
 use crate::unpack;
 
-use super::{Executor, INSECURE_WARNING, NodeFailure, NodeOutput, SecretValue};
+use super::{Executor, INSECURE_WARNING, NodeFailure, NodeOutput, SecretValue, StepError};
 
 /// The JSON a sandbox copy task carries.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -169,12 +169,14 @@ impl Executor<'_> {
                     }
                     self.resolver
                         .fetch_layers(base, self.store)
-                        .map_err(|error| self.failure(node, None, error.to_string(), Vec::new()))?;
+                        .map_err(|error| self.failure(node, None, error, Vec::new()))?;
                     (base.layers.clone(), base.history.clone())
                 }
                 Base::Unresolved(base) => {
-                    let message = format!("the base image `{}` is unresolved", base.reference);
-                    return Err(self.failure(node, None, message, Vec::new()));
+                    let error = StepError::Unresolved {
+                        reference: base.reference.to_string(),
+                    };
+                    return Err(self.failure(node, None, error, Vec::new()));
                 }
             },
         };
@@ -194,7 +196,7 @@ impl Executor<'_> {
 
         for step in &node.steps[resume_at..] {
             if self.options.cancel.is_cancelled() {
-                return Err(self.failure(node, Some(step), "cancelled".into(), Vec::new()));
+                return Err(self.failure(node, Some(step), StepError::Cancelled, Vec::new()));
             }
             if !step.op.touches_filesystem() {
                 history.push(HistoryEntry {
@@ -279,13 +281,8 @@ impl Executor<'_> {
             let bytes = serde_json::to_vec(&record).unwrap_or_default();
             self.store
                 .put_action(&self.action_key(&step.key), &bytes)
-                .map_err(|error| {
-                    self.failure(
-                        node,
-                        Some(step),
-                        format!("cannot record the step in the store: {error}"),
-                        Vec::new(),
-                    )
+                .map_err(|source| {
+                    self.failure(node, Some(step), StepError::Record { source }, Vec::new())
                 })?;
             self.publish(&step.key, &record)
                 .map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
@@ -386,7 +383,7 @@ impl Executor<'_> {
         step: &crate::plan::StepPlan,
         layers: &[LayerDesc],
     ) -> Result<Option<LayerDesc>, Box<NodeFailure>> {
-        let fail = |message: String| self.failure(node, Some(step), message, Vec::new());
+        let fail = |error: StepError| self.failure(node, Some(step), error, Vec::new());
         // A copy whose layer can be computed from its sources is written straight, once for
         // every platform that copies the same files onto alike parents.
         if let Op::Copy(copy) = &step.op
@@ -394,16 +391,23 @@ impl Executor<'_> {
         {
             return Ok(layer);
         }
-        let lowerdirs = self.snapshots(layers).map_err(fail)?;
+        let lowerdirs = self
+            .snapshots(layers)
+            .map_err(|message| fail(message.into()))?;
         let temp = self
             .store
             .temp_dir()
-            .map_err(|error| fail(format!("cannot create a temporary directory: {error}")))?;
+            .map_err(|source| fail(StepError::TempDir { source }))?;
         let upperdir = temp.path().join("upper");
         let overlay_workdir = temp.path().join("work");
         for dir in [&upperdir, &overlay_workdir] {
-            std::fs::create_dir_all(dir)
-                .map_err(|error| fail(format!("cannot create {}: {error}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|source| {
+                fail(StepError::Io {
+                    action: "create",
+                    path: dir.clone(),
+                    source,
+                })
+            })?;
         }
         let mut guards: Vec<Box<dyn std::any::Any>> = Vec::new();
         let task = match &step.op {
@@ -415,11 +419,13 @@ impl Executor<'_> {
                         items.clone(),
                     ),
                     CopySource::Node { node: source, .. } => {
-                        let output = self.output_of(*source).map_err(fail)?;
-                        (
-                            CopyTaskSource::Layers(self.snapshots(&output.layers).map_err(fail)?),
-                            Vec::new(),
-                        )
+                        let output = self
+                            .output_of(*source)
+                            .map_err(|message| fail(message.into()))?;
+                        let snapshots = self
+                            .snapshots(&output.layers)
+                            .map_err(|message| fail(message.into()))?;
+                        (CopyTaskSource::Layers(snapshots), Vec::new())
                     }
                 };
                 let task = CopyTask {
@@ -431,7 +437,9 @@ impl Executor<'_> {
                     chown: copy.chown.clone(),
                     chmod: copy.chmod,
                 };
-                Task::Copy(serde_json::to_value(&task).map_err(|error| fail(error.to_string()))?)
+                Task::Copy(
+                    serde_json::to_value(&task).map_err(|error| fail(error.to_string().into()))?,
+                )
             }
             Op::Config(_) => return Ok(None),
         };
@@ -469,60 +477,22 @@ impl Executor<'_> {
                 line: line.to_string(),
             });
         })
-        .map_err(|error| fail(error.to_string()))?;
+        .map_err(|error| fail(error.into()))?;
         drop(guards);
-        match outcome.status {
-            sandbox::ExitStatusKind::Exited(0) => {}
-            sandbox::ExitStatusKind::Exited(code) => {
-                return Err(self.failure(
-                    node,
-                    Some(step),
-                    format!("the command failed with exit code {code}"),
-                    outcome.tail,
-                ));
-            }
-            sandbox::ExitStatusKind::Signaled(signal) => {
-                let hint = if signal == libc::SIGSYS {
-                    " (SIGSYS: a system call the sandbox's seccomp filter refuses; 32-bit x86 \
-                     programs cannot run under it, see docs/security.md)"
-                } else {
-                    ""
-                };
-                return Err(self.failure(
-                    node,
-                    Some(step),
-                    format!("the command was killed by signal {signal}{hint}"),
-                    outcome.tail,
-                ));
-            }
-            sandbox::ExitStatusKind::TimedOut { millis } => {
-                return Err(self.failure(
-                    node,
-                    Some(step),
-                    format!(
-                        "the step ran past its timeout of {} and was killed (set with \
-                         `timeout=` on `run` or `--step-timeout`)",
-                        sandbox::format_duration(millis)
-                    ),
-                    outcome.tail,
-                ));
-            }
-            sandbox::ExitStatusKind::ProcessLimit { max } => {
-                return Err(self.failure(
-                    node,
-                    Some(step),
-                    format!(
-                        "the step reached its process limit of {max} processes (pids cgroup) \
-                         and was killed"
-                    ),
-                    outcome.tail,
-                ));
-            }
+        let error = match outcome.status {
+            sandbox::ExitStatusKind::Exited(0) => None,
+            sandbox::ExitStatusKind::Exited(code) => Some(StepError::ExitCode { code }),
+            sandbox::ExitStatusKind::Signaled(signal) => Some(StepError::Signal { signal }),
+            sandbox::ExitStatusKind::TimedOut { millis } => Some(StepError::TimedOut { millis }),
+            sandbox::ExitStatusKind::ProcessLimit { max } => Some(StepError::ProcessLimit { max }),
+        };
+        if let Some(error) = error {
+            return Err(self.failure(node, Some(step), error, outcome.tail));
         }
         // A change already stored as a layer (the same files copied on another platform) is
         // that layer: hash the tar first, compress only what is new.
         let Some(diff_id) = layer::diff_id_of_upper(&upperdir, &self.options.layer)
-            .map_err(|error| fail(format!("cannot write the layer: {error}")))?
+            .map_err(|source| fail(StepError::WriteLayer { source }))?
         else {
             return Ok(None);
         };
@@ -543,11 +513,11 @@ impl Executor<'_> {
             return Ok(Some(known));
         }
         let blob = layer::write_layer_from_upper(&upperdir, temp.path(), &self.options.layer)
-            .map_err(|error| fail(format!("cannot write the layer: {error}")))?;
+            .map_err(|source| fail(StepError::WriteLayer { source }))?;
         let Some(blob) = blob else { return Ok(None) };
         self.store
             .put_blob_file(&blob.path, Some(blob.digest))
-            .map_err(|error| fail(format!("cannot store the layer: {error}")))?;
+            .map_err(|source| fail(StepError::StoreLayer { source }))?;
         let layer = LayerDesc {
             digest: blob.digest,
             diff_id: blob.diff_id,
@@ -616,7 +586,7 @@ impl Executor<'_> {
         node: &Node,
         run: &RunOp,
         guards: &mut Vec<Box<dyn std::any::Any>>,
-    ) -> Result<RunTask, String> {
+    ) -> Result<RunTask, StepError> {
         let mut cache_mounts = Vec::new();
         // Locks are taken in id order so two steps sharing mounts can never deadlock; one id
         // mounted at two targets is one directory, locked once.
@@ -635,7 +605,10 @@ impl Executor<'_> {
                 let guard = self
                     .store
                     .cache_mount_shared(&mount.id, &node.platform.to_string(), sharing)
-                    .map_err(|error| format!("cannot open cache mount `{}`: {error}", mount.id))?;
+                    .map_err(|source| StepError::CacheMount {
+                        id: mount.id.clone(),
+                        source,
+                    })?;
                 self.restore_cache_mount(&mount.id, &node.platform.to_string(), guard.path())?;
                 paths.insert(&mount.id, guard.path().to_path_buf());
                 guards.push(Box::new(guard));
@@ -647,25 +620,34 @@ impl Executor<'_> {
         for secret in &run.secrets {
             match self.options.secrets.get(&secret.id) {
                 None if secret.required => {
-                    return Err(format!(
-                        "the step needs the secret `{}`; pass it with --secret id={},src=PATH or --secret id={},env=VAR",
-                        secret.id, secret.id, secret.id
-                    ));
+                    return Err(StepError::SecretMissing {
+                        id: secret.id.clone(),
+                    });
                 }
                 None => {}
                 Some(value) => {
                     let bytes = match value {
-                        SecretValue::File(path) => std::fs::read(path).map_err(|error| {
-                            format!("cannot read secret `{}`: {error}", secret.id)
-                        })?,
+                        SecretValue::File(path) => {
+                            std::fs::read(path).map_err(|source| StepError::SecretRead {
+                                id: secret.id.clone(),
+                                source,
+                            })?
+                        }
                         SecretValue::Bytes(bytes) => bytes.clone(),
                     };
                     if let Some(name) = &secret.env {
                         env.push((name.clone(), String::from_utf8_lossy(&bytes).into_owned()));
                     } else {
-                        let dir = self.store.temp_dir().map_err(|error| error.to_string())?;
+                        let dir = self
+                            .store
+                            .temp_dir()
+                            .map_err(|source| StepError::TempDir { source })?;
                         let path = dir.path().join("secret");
-                        write_private(&path, &bytes).map_err(|error| error.to_string())?;
+                        write_private(&path, &bytes).map_err(|source| StepError::Io {
+                            action: "write",
+                            path: path.clone(),
+                            source,
+                        })?;
                         let target = secret
                             .target
                             .clone()

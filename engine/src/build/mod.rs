@@ -34,6 +34,7 @@
 
 mod cache;
 mod direct_copy;
+mod error;
 mod execute;
 mod export;
 
@@ -54,6 +55,7 @@ use crate::scheduler::{self, CancelToken};
 use crate::state::{HistoryEntry, LayerDesc};
 use crate::store::Store;
 
+pub use error::{NodeFailure, StepError};
 pub use execute::{CopyTask, CopyTaskSource, copy_in_sandbox};
 pub use export::ManifestFormat;
 
@@ -120,39 +122,6 @@ pub struct NodeOutput {
     pub cached: usize,
 }
 
-/// Why a node failed, with everything a person needs to find the problem.
-#[derive(Debug, Clone)]
-pub struct NodeFailure {
-    pub stage: String,
-    pub platform: String,
-    /// `file:line:col` of the failing step, when a step failed.
-    pub location: Option<String>,
-    pub step: Option<String>,
-    pub message: String,
-    /// The last lines of the step's output.
-    pub tail: Vec<String>,
-}
-
-impl std::fmt::Display for NodeFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stage `{}` for {}", self.stage, self.platform)?;
-        if let Some(step) = &self.step {
-            write!(f, ", step `{step}`")?;
-        }
-        if let Some(location) = &self.location {
-            write!(f, " ({location})")?;
-        }
-        write!(f, ": {}", self.message)?;
-        if !self.tail.is_empty() {
-            write!(f, "\n  last output:")?;
-            for line in &self.tail {
-                write!(f, "\n  │ {line}")?;
-            }
-        }
-        Ok(())
-    }
-}
-
 pub struct BuildReport {
     /// The preflight check refused to run the nodes that needed executing.
     pub environment_error: Option<String>,
@@ -165,7 +134,6 @@ pub struct BuildReport {
 
 struct Executor<'a> {
     plan: &'a Plan,
-    sources: &'a Sources,
     store: &'a Store,
     resolver: &'a dyn Resolver,
     options: &'a BuildOptions,
@@ -230,8 +198,7 @@ pub fn build(
     });
     let mut attempt = 0;
     let (report, summarize) = loop {
-        let (report, healed, summarize) =
-            build_once(plan, sources, store, resolver, options, events);
+        let (report, healed, summarize) = build_once(plan, store, resolver, options, events);
         if report.failures.is_empty() || report.cancelled || !healed || attempt >= HEAL_ATTEMPTS {
             break (report, summarize);
         }
@@ -242,6 +209,11 @@ pub fn build(
                     .into(),
         });
     };
+    if !report.cancelled {
+        for failure in &report.failures {
+            events.emit(Event::Failure(failure.event(sources)));
+        }
+    }
     if summarize {
         events.emit(Event::Summary(Summary {
             executed: report.executed,
@@ -256,7 +228,6 @@ pub fn build(
 
 fn build_once(
     plan: &Plan,
-    sources: &Sources,
     store: &Store,
     resolver: &dyn Resolver,
     options: &BuildOptions,
@@ -264,7 +235,6 @@ fn build_once(
 ) -> (BuildReport, bool, bool) {
     let executor = Executor {
         plan,
-        sources,
         store,
         resolver,
         options,
@@ -386,9 +356,9 @@ fn build_once(
             failures.push(NodeFailure {
                 stage: "cache mounts".into(),
                 platform: "all".into(),
-                location: None,
+                at: None,
                 step: None,
-                message,
+                error: Arc::new(message.into()),
                 tail: Vec::new(),
             });
         }
@@ -412,9 +382,9 @@ fn build_once(
                 Err(message) => failures.push(NodeFailure {
                     stage: image.name.clone(),
                     platform: "all".into(),
-                    location: Some(sources.describe(image.at)),
+                    at: Some(image.at),
                     step: None,
-                    message,
+                    error: Arc::new(message.into()),
                     tail: Vec::new(),
                 }),
             }
@@ -440,19 +410,20 @@ impl Executor<'_> {
             .ok_or_else(|| format!("internal error: node {node} has no output"))
     }
 
+    /// A node failed, at `step` or (when `None`) outside any step: its base.
     fn failure(
         &self,
         node: &Node,
         step: Option<&crate::plan::StepPlan>,
-        message: String,
+        error: impl Into<StepError>,
         tail: Vec<String>,
     ) -> Box<NodeFailure> {
         Box::new(NodeFailure {
             stage: node.stage.clone(),
             platform: node.platform.to_string(),
-            location: step.map(|step| self.sources.describe(step.at)),
+            at: Some(step.map_or(node.at, |step| step.at)),
             step: step.map(|step| step.description.clone()),
-            message,
+            error: Arc::new(error.into()),
             tail,
         })
     }

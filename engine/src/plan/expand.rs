@@ -685,7 +685,7 @@ impl<'a> Expander<'a> {
                 pending,
                 op,
                 description,
-                at: step.at,
+                at: step.statement_at(),
                 inputs,
             });
         }
