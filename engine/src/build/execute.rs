@@ -7,117 +7,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::copy::{self, CopyItem};
 use crate::digest::{Digest, Key};
 use crate::events::{Event, StepStatus};
 use crate::key::KeyBuilder;
 use crate::layer::{self};
 use crate::plan::{Base, CopySource, Node, Op, RunOp};
-use crate::sandbox::{self, NetworkMode, RunTask, SandboxSpec, Task};
+use crate::sandbox::{self, CopyTask, CopyTaskSource, NetworkMode, RunTask, SandboxSpec, Task};
 use crate::state::{HistoryEntry, LayerDesc, StepRecord};
 use crate::unpack;
 
 use super::{Executor, INSECURE_WARNING, NodeFailure, NodeOutput, SecretValue, StepError};
-
-/// The JSON a sandbox copy task carries.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct CopyTask {
-    /// Where sources are read from: the context directory, or an overlay of a stage's layers.
-    pub source: CopyTaskSource,
-    /// Patterns, resolved in the child for stage sources.
-    pub sources: Vec<String>,
-    /// Pre-selected context items.
-    pub items: Vec<CopyItem>,
-    pub dest: String,
-    pub workdir: String,
-    pub chown: Option<String>,
-    pub chmod: Option<u32>,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-pub enum CopyTaskSource {
-    Context(PathBuf),
-    /// Snapshot directories, top-most first.
-    Layers(Vec<PathBuf>),
-}
-
-/// Runs inside the sandbox child, in its private mount namespace, with the step's root mounted
-/// at `root`.
-pub fn copy_in_sandbox(root: &Path, task: &serde_json::Value) -> Result<(), String> {
-    let task: CopyTask = serde_json::from_value(task.clone())
-        .map_err(|error| format!("invalid copy task: {error}"))?;
-    let chown = match &task.chown {
-        Some(spec) => Some(copy::parse_chown(spec, root).map_err(|error| error.to_string())?),
-        None => None,
-    };
-    let copy_options = copy::CopyOptions {
-        chown,
-        chmod: task.chmod,
-    };
-    match &task.source {
-        CopyTaskSource::Context(dir) => copy::perform_copy(
-            &task.items,
-            dir,
-            root,
-            &task.dest,
-            &task.workdir,
-            &copy_options,
-        )
-        .map_err(|error| error.to_string()),
-        CopyTaskSource::Layers(lowerdirs) => {
-            let source_root = mount_readonly_layers(root, lowerdirs)?;
-            let items = crate::context::select_in_tree(&source_root, &task.sources)
-                .map_err(|error| error.to_string())?;
-            copy::perform_copy(
-                &items,
-                &source_root,
-                root,
-                &task.dest,
-                &task.workdir,
-                &copy_options,
-            )
-            .map_err(|error| error.to_string())
-        }
-    }
-}
-
-/// Mount a read-only view of some layers next to the step's root (inside the child's private
-/// mount namespace, so it disappears with the child).
-fn mount_readonly_layers(root: &Path, lowerdirs: &[PathBuf]) -> Result<PathBuf, String> {
-    use nix::mount::{MsFlags, mount};
-    let parent = root.parent().ok_or("the sandbox root has no parent")?;
-    let target = parent.join("copy-source");
-    std::fs::create_dir_all(&target)
-        .map_err(|error| format!("cannot create {}: {error}", target.display()))?;
-    if lowerdirs.is_empty() {
-        return Ok(target);
-    }
-    if lowerdirs.len() == 1 {
-        mount(
-            Some(&lowerdirs[0]),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|error| format!("cannot bind-mount the copy source: {error}"))?;
-        return Ok(target);
-    }
-    let lower = lowerdirs
-        .iter()
-        .map(|dir| dir.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":");
-    mount(
-        Some("overlay"),
-        &target,
-        Some("overlay"),
-        MsFlags::MS_RDONLY,
-        Some(format!("lowerdir={lower}").as_str()),
-    )
-    .map_err(|error| format!("cannot mount the copy source: {error}"))?;
-    Ok(target)
-}
 
 impl Executor<'_> {
     pub(super) fn run_node_steps(&self, node: &Node) -> Result<NodeOutput, Box<NodeFailure>> {
@@ -437,9 +336,7 @@ impl Executor<'_> {
                     chown: copy.chown.clone(),
                     chmod: copy.chmod,
                 };
-                Task::Copy(
-                    serde_json::to_value(&task).map_err(|error| fail(error.to_string().into()))?,
-                )
+                Task::Copy(task)
             }
             Op::Config(_) => return Ok(None),
         };

@@ -56,7 +56,6 @@ use crate::state::{HistoryEntry, LayerDesc};
 use crate::store::Store;
 
 pub use error::{NodeFailure, StepError};
-pub use execute::{CopyTask, CopyTaskSource, copy_in_sandbox};
 pub use export::ManifestFormat;
 
 pub struct BuildOptions {

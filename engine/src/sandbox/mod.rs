@@ -68,6 +68,7 @@
 
 mod child;
 pub mod confine;
+mod copy_task;
 pub mod limits;
 mod user;
 
@@ -79,7 +80,8 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-pub use child::{CopyHandler, child_main, child_main_with};
+pub use child::child_main;
+pub use copy_task::{CopyTask, CopyTaskSource};
 
 /// The first argument that turns the graphbuild binary into a sandbox child.
 pub const SANDBOX_ARG: &str = "__graphbuild-sandbox";
@@ -106,8 +108,8 @@ pub struct SandboxSpec {
 pub enum Task {
     /// Run a command.
     Run(RunTask),
-    /// Call the binary's [`CopyHandler`] with the merged root and this value.
-    Copy(serde_json::Value),
+    /// Perform a `copy` on the merged root.
+    Copy(CopyTask),
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
