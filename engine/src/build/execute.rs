@@ -449,10 +449,18 @@ impl Executor<'_> {
         let epoch = self.options.layer.source_date_epoch;
         let _ = self
             .store
-            .ensure_snapshot(diff_id, |dir: &Path| -> Result<(), String> {
+            .ensure_snapshot(diff_id, |dir: &Path| -> Result<(), StepError> {
                 clamp_times(upperdir, epoch)?;
-                std::fs::remove_dir(dir).map_err(|error| error.to_string())?;
-                std::fs::rename(upperdir, dir).map_err(|error| error.to_string())
+                let io = |action, path: &Path| {
+                    let path = path.to_path_buf();
+                    move |source| StepError::Io {
+                        action,
+                        path,
+                        source,
+                    }
+                };
+                std::fs::remove_dir(dir).map_err(io("remove", dir))?;
+                std::fs::rename(upperdir, dir).map_err(io("rename", upperdir))
             });
     }
 
@@ -590,22 +598,32 @@ pub(super) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Set every entry's access and modification times under `root` to `min(mtime, epoch)`,
 /// without following symlinks, as the layer writer records them.
-pub(super) fn clamp_times(root: &Path, epoch: i64) -> Result<(), String> {
+pub(super) fn clamp_times(root: &Path, epoch: i64) -> Result<(), StepError> {
     use std::os::unix::ffi::OsStrExt;
+    let read_error = |error: walkdir::Error| StepError::Io {
+        action: "read",
+        path: error.path().unwrap_or(root).to_path_buf(),
+        source: error.into(),
+    };
     for entry in walkdir::WalkDir::new(root)
         .follow_links(false)
         .contents_first(true)
     {
-        let entry = entry.map_err(|error| error.to_string())?;
-        let metadata = entry.metadata().map_err(|error| error.to_string())?;
+        let entry = entry.map_err(read_error)?;
+        let metadata = entry.metadata().map_err(read_error)?;
         let mtime = std::os::unix::fs::MetadataExt::mtime(&metadata).min(epoch);
         let time = libc::timespec {
             tv_sec: mtime as libc::time_t,
             tv_nsec: 0,
         };
         let times = [time, time];
+        let set_times_error = |source: std::io::Error| StepError::Io {
+            action: "set the times of",
+            path: entry.path().to_path_buf(),
+            source,
+        };
         let path = std::ffi::CString::new(entry.path().as_os_str().as_bytes())
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| set_times_error(error.into()))?;
         // SAFETY: a valid NUL-terminated path and two timespecs, as utimensat(2) expects.
         let result = unsafe {
             libc::utimensat(
@@ -616,11 +634,7 @@ pub(super) fn clamp_times(root: &Path, epoch: i64) -> Result<(), String> {
             )
         };
         if result != 0 {
-            return Err(format!(
-                "cannot set the times of {}: {}",
-                entry.path().display(),
-                std::io::Error::last_os_error()
-            ));
+            return Err(set_times_error(std::io::Error::last_os_error()));
         }
     }
     Ok(())

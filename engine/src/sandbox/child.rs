@@ -503,10 +503,28 @@ fn mount_targets(run: &RunTask) -> Vec<MountTarget> {
     targets
 }
 
+/// Why a mount target cannot be resolved inside the image.
+#[derive(Debug, thiserror::Error)]
+enum ResolveInRootError {
+    #[error("too many levels of symbolic links in {0}")]
+    SymlinkLoop(String),
+    /// A component that is followed by more is not a directory (`/` + the path inside root).
+    #[error("/{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Resolves absolute `path` inside `root` as the kernel would after a chroot: symlinks are
 /// followed (absolute ones restart at `root`), `..` stops at `root`. Returns the existing
 /// resolved part (relative to root, free of symlinks) and the missing components after it.
-fn resolve_in_root(root: &Path, path: &str) -> Result<(PathBuf, Vec<OsString>), String> {
+fn resolve_in_root(
+    root: &Path,
+    path: &str,
+) -> Result<(PathBuf, Vec<OsString>), ResolveInRootError> {
     const MAX_SYMLINKS: usize = 40;
     let mut pending: std::collections::VecDeque<OsString> = components(Path::new(path));
     let mut resolved: Vec<OsString> = Vec::new();
@@ -530,9 +548,12 @@ fn resolve_in_root(root: &Path, path: &str) -> Result<(PathBuf, Vec<OsString>), 
             Ok(metadata) if metadata.file_type().is_symlink() => {
                 symlinks += 1;
                 if symlinks > MAX_SYMLINKS {
-                    return Err(format!("too many levels of symbolic links in {path}"));
+                    return Err(ResolveInRootError::SymlinkLoop(path.to_string()));
                 }
-                let link = fs::read_link(&candidate).map_err(|error| error.to_string())?;
+                let link = fs::read_link(&candidate).map_err(|source| ResolveInRootError::Io {
+                    path: candidate.clone(),
+                    source,
+                })?;
                 if link.is_absolute() {
                     resolved.clear();
                 }
@@ -542,19 +563,19 @@ fn resolve_in_root(root: &Path, path: &str) -> Result<(PathBuf, Vec<OsString>), 
             }
             Ok(metadata) => {
                 if !metadata.is_dir() && !pending.is_empty() {
-                    return Err(format!(
-                        "/{} is not a directory",
-                        resolved
-                            .iter()
-                            .collect::<PathBuf>()
-                            .join(&component)
-                            .display()
+                    return Err(ResolveInRootError::NotADirectory(
+                        resolved.iter().collect::<PathBuf>().join(&component),
                     ));
                 }
                 resolved.push(component);
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => missing.push(component),
-            Err(error) => return Err(format!("{}: {error}", candidate.display())),
+            Err(source) => {
+                return Err(ResolveInRootError::Io {
+                    path: candidate,
+                    source,
+                });
+            }
         }
     }
     Ok((resolved.iter().collect(), missing))
@@ -1184,10 +1205,16 @@ mod tests {
         assert_eq!(existing, Path::new(""));
         assert_eq!(missing, [OsString::from("a"), OsString::from("c")]);
 
-        assert!(resolve_in_root(root, "/file/below").is_err());
+        assert!(matches!(
+            resolve_in_root(root, "/file/below"),
+            Err(ResolveInRootError::NotADirectory(path)) if path == Path::new("file")
+        ));
 
         std::os::unix::fs::symlink("loop", root.join("loop")).expect("symlink");
-        assert!(resolve_in_root(root, "/loop/x").is_err());
+        assert!(matches!(
+            resolve_in_root(root, "/loop/x"),
+            Err(ResolveInRootError::SymlinkLoop(path)) if path == "/loop/x"
+        ));
     }
 
     #[test]
