@@ -424,6 +424,7 @@ pub struct MatrixAxis {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn locations_are_line_and_byte_column_from_one() {
@@ -442,5 +443,26 @@ mod tests {
         assert_eq!(at(6), "f.kdl:3:1");
         assert_eq!(at(7), "f.kdl:4:1");
         assert_eq!(at(99), "f.kdl:4:2", "past the end: clamped to the end");
+        let position = sources.position(Loc {
+            file: FileId(0),
+            span: (4, 1).into(),
+        });
+        assert_eq!(
+            (position.file.as_str(), position.line, position.column),
+            ("f.kdl", 2, 2)
+        );
+    }
+
+    #[test]
+    fn a_statement_runs_from_the_step_name_to_its_last_argument() {
+        let text = "stage s {\n    from \"scratch\"\n    run \"make\" \"all\" timeout=\"1m\" {\n        cache-mount \"/c\"\n    }\n    copy \"a\" \"b\" from=s2 chmod=\"0644\"\n    env A=\"1\"\n}\nstage s2 { from \"scratch\"; }\nimage i { stage s; }\n";
+        let project = crate::load_source("f.kdl", text, Path::new("/")).expect("loads");
+        let statement = |index: usize| {
+            let at = project.stages[0].steps[index].statement_at();
+            &text[at.span.offset()..at.span.offset() + at.span.len()]
+        };
+        assert_eq!(statement(0), "run \"make\" \"all\" timeout=\"1m\"");
+        assert_eq!(statement(1), "copy \"a\" \"b\" from=s2 chmod=\"0644\"");
+        assert_eq!(statement(2), "env", "other steps: the name only");
     }
 }

@@ -252,3 +252,31 @@ impl std::fmt::Display for NodeFailure {
         write!(f, ": {}", message(&*self.error))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_carries_its_causes_once() {
+        let error = StepError::SecretRead {
+            id: "npmrc".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(
+            message(&error),
+            "cannot read secret `npmrc`: entity not found"
+        );
+        // A message that already quotes its cause does not repeat it.
+        let error = StepError::Sandbox(SandboxError::Io {
+            action: "read the child's report",
+            source: std::io::Error::other("broken pipe"),
+        });
+        assert_eq!(
+            message(&error),
+            "could not read the child's report: broken pipe"
+        );
+        let error = StepError::ExitCode { code: 7 };
+        assert_eq!(message(&error), "the command failed with exit code 7");
+    }
+}
