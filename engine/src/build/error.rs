@@ -117,6 +117,11 @@ pub enum StepError {
     #[diagnostic(code(graphbuild::step::base_image))]
     Unresolved { reference: String },
 
+    /// A node ran before a node it needs had finished: a bug in the build's graph.
+    #[error("internal error: node {node} has no output")]
+    #[diagnostic(code(graphbuild::step::internal))]
+    NoOutput { node: usize },
+
     #[error("cancelled")]
     #[diagnostic(code(graphbuild::step::cancelled))]
     Cancelled,

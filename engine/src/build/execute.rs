@@ -16,10 +16,16 @@ use crate::sandbox::{self, CopyTask, CopyTaskSource, NetworkMode, RunTask, Sandb
 use crate::state::{HistoryEntry, LayerDesc, StepRecord};
 use crate::unpack;
 
-use super::{Executor, INSECURE_WARNING, NodeFailure, NodeOutput, SecretValue, StepError};
+use super::{
+    DepOutputs, Executor, INSECURE_WARNING, NodeFailure, NodeOutput, SecretValue, StepError,
+};
 
 impl Executor<'_> {
-    pub(super) fn run_node_steps(&self, node: &Node) -> Result<NodeOutput, Box<NodeFailure>> {
+    pub(super) fn run_node_steps(
+        &self,
+        node: &Node,
+        inputs: &DepOutputs<'_>,
+    ) -> Result<NodeOutput, Box<NodeFailure>> {
         let platform = node.platform.to_string();
         let mut executed = 0;
         let mut cached = 0;
@@ -53,9 +59,9 @@ impl Executor<'_> {
             None => match &node.base {
                 Base::Scratch => (Vec::new(), Vec::new()),
                 Base::Stage(id) => {
-                    let base = self
+                    let base = inputs
                         .output_of(*id)
-                        .map_err(|message| self.failure(node, None, message, Vec::new()))?;
+                        .map_err(|error| self.failure(node, None, error, Vec::new()))?;
                     (base.layers.clone(), base.history.clone())
                 }
                 Base::Image(base) => {
@@ -138,7 +144,7 @@ impl Executor<'_> {
                 step: step.description.clone(),
             });
             let started = Instant::now();
-            let result = self.execute_step(node, step, &layers);
+            let result = self.execute_step(node, step, &layers, inputs);
             if result.is_err() {
                 self.forget_forged(&layers, &mut resumed_from);
             }
@@ -281,12 +287,13 @@ impl Executor<'_> {
         node: &Node,
         step: &crate::plan::StepPlan,
         layers: &[LayerDesc],
+        inputs: &DepOutputs<'_>,
     ) -> Result<Option<LayerDesc>, Box<NodeFailure>> {
         let fail = |error: StepError| self.failure(node, Some(step), error, Vec::new());
         // A copy whose layer can be computed from its sources is written straight, once for
         // every platform that copies the same files onto alike parents.
         if let Op::Copy(copy) = &step.op
-            && let Some(layer) = self.copy_direct(node, step, copy, layers)?
+            && let Some(layer) = self.copy_direct(node, step, copy, layers, inputs)?
         {
             return Ok(layer);
         }
@@ -318,9 +325,7 @@ impl Executor<'_> {
                         items.clone(),
                     ),
                     CopySource::Node { node: source, .. } => {
-                        let output = self
-                            .output_of(*source)
-                            .map_err(|message| fail(message.into()))?;
+                        let output = inputs.output_of(*source).map_err(fail)?;
                         let snapshots = self
                             .snapshots(&output.layers)
                             .map_err(|message| fail(message.into()))?;

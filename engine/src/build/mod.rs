@@ -137,7 +137,6 @@ struct Executor<'a> {
     resolver: &'a dyn Resolver,
     options: &'a BuildOptions,
     events: &'a dyn EventSink,
-    outputs: Mutex<HashMap<usize, Arc<NodeOutput>>>,
     /// Set once the remote cache failed: it is warned about once and not asked again.
     remote_failed: std::sync::atomic::AtomicBool,
     /// Set once a bad remote entry (a miss, not a failure) was warned about.
@@ -238,7 +237,6 @@ fn build_once(
         resolver,
         options,
         events,
-        outputs: Mutex::new(HashMap::new()),
         remote_failed: std::sync::atomic::AtomicBool::new(false),
         remote_bad_entry_warned: std::sync::atomic::AtomicBool::new(false),
         cache_mounts_used: Mutex::new(BTreeMap::new()),
@@ -321,8 +319,19 @@ fn build_once(
     }
     let mut graph = scheduler::Graph::new();
     let mut ids = vec![None; plan.nodes.len()];
+    // Each node's dependencies in the graph, in the order the scheduler gives their outputs.
+    let mut dep_nodes: Vec<Vec<usize>> = vec![Vec::new(); plan.nodes.len()];
     for node in plan.nodes.iter().filter(|node| needed[node.id]) {
-        let deps: Vec<_> = node.deps.iter().filter_map(|dep| ids[*dep]).collect();
+        dep_nodes[node.id] = node
+            .deps
+            .iter()
+            .copied()
+            .filter(|dep| ids[*dep].is_some())
+            .collect();
+        let deps: Vec<_> = dep_nodes[node.id]
+            .iter()
+            .filter_map(|dep| ids[*dep])
+            .collect();
         let cost = 1 + node
             .steps
             .iter()
@@ -335,7 +344,16 @@ fn build_once(
         graph,
         options.jobs.max(1),
         &options.cancel,
-        |node_id: &usize, _deps: &[&()]| executor.run_node(&plan.nodes[*node_id]).map(|_| ()),
+        |node_id: &usize, deps: &[&Arc<NodeOutput>]| {
+            let inputs = DepOutputs(
+                dep_nodes[*node_id]
+                    .iter()
+                    .copied()
+                    .zip(deps.iter().map(|output| &***output))
+                    .collect(),
+            );
+            executor.run_node(&plan.nodes[*node_id], &inputs)
+        },
     );
 
     // A step stopped by the cancel fails, but the build was cancelled, not broken.
@@ -362,11 +380,14 @@ fn build_once(
             });
         }
     }
-    let outputs = executor
-        .outputs
-        .lock()
-        .map(|outputs| outputs.clone())
-        .unwrap_or_default();
+    let outputs: HashMap<usize, Arc<NodeOutput>> = plan
+        .nodes
+        .iter()
+        .filter_map(|node| {
+            let output = report.outcome(ids[node.id]?).output()?;
+            Some((node.id, output.clone()))
+        })
+        .collect();
     let executed = outputs.values().map(|output| output.executed).sum();
     let cached = outputs.values().map(|output| output.cached).sum();
 
@@ -400,15 +421,20 @@ fn build_once(
     (report, healed(), true)
 }
 
-impl Executor<'_> {
-    fn output_of(&self, node: usize) -> Result<Arc<NodeOutput>, String> {
-        self.outputs
-            .lock()
-            .ok()
-            .and_then(|outputs| outputs.get(&node).cloned())
-            .ok_or_else(|| format!("internal error: node {node} has no output"))
-    }
+/// What the nodes a node builds on and copies from produced, by node id: the outputs the
+/// scheduler hands a job from its dependencies.
+struct DepOutputs<'a>(HashMap<usize, &'a NodeOutput>);
 
+impl DepOutputs<'_> {
+    fn output_of(&self, node: usize) -> Result<&NodeOutput, StepError> {
+        self.0
+            .get(&node)
+            .copied()
+            .ok_or(StepError::NoOutput { node })
+    }
+}
+
+impl Executor<'_> {
     /// A node failed, at `step` or (when `None`) outside any step: its base.
     fn failure(
         &self,
@@ -427,24 +453,24 @@ impl Executor<'_> {
         })
     }
 
-    fn run_node(&self, node: &Node) -> Result<(), Box<NodeFailure>> {
+    fn run_node(
+        &self,
+        node: &Node,
+        inputs: &DepOutputs<'_>,
+    ) -> Result<Arc<NodeOutput>, Box<NodeFailure>> {
         let platform = node.platform.to_string();
         self.events.emit(Event::NodeStarted {
             node: node.id,
             stage: node.stage.clone(),
             platform: platform.clone(),
         });
-        let result = self.run_node_steps(node);
+        let result = self.run_node_steps(node, inputs);
         self.events.emit(Event::NodeFinished {
             node: node.id,
             stage: node.stage.clone(),
             platform,
             ok: result.is_ok(),
         });
-        let output = result?;
-        if let Ok(mut outputs) = self.outputs.lock() {
-            outputs.insert(node.id, Arc::new(output));
-        }
-        Ok(())
+        Ok(Arc::new(result?))
     }
 }
