@@ -462,10 +462,13 @@ fn copy_tasks_copy_from_layers_onto_the_merged_root() {
     spec.task = Task::Copy(task(&["/missing"]));
     let (result, _) = run(&spec);
     match result {
-        Err(SandboxError::CopyFailed { message }) => assert!(
-            message.contains("copy source `/missing` matches nothing"),
-            "{message}"
-        ),
+        Err(SandboxError::CopyFailed { message, help }) => {
+            assert_eq!(message, "copy source `/missing` matches nothing");
+            assert_eq!(
+                help.as_deref(),
+                Some("the path does not exist in the source stage's filesystem")
+            );
+        }
         other => panic!("expected a failed copy, got {other:?}"),
     }
 }

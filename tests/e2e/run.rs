@@ -383,6 +383,7 @@ fn a_failing_copy_renders_as_a_diagnostic_at_its_step() {
     ·                      ╰── stage `copying` for linux/amd64
  12 │ }
     ╰────
+  help: the path does not exist in the source stage's filesystem
 error: 1 node of the build failed"#;
     assert_eq!(
         failure_block(&err, "matches nothing").trim_end(),
@@ -401,6 +402,10 @@ error: 1 node of the build failed"#;
     assert_eq!(
         failure["message"],
         "copy failed: copy source `/missing.txt` matches nothing"
+    );
+    assert_eq!(
+        failure["help"],
+        "the path does not exist in the source stage's filesystem"
     );
     assert_eq!(failure["file"], "fail/images.kdl");
     assert_eq!(failure["line"], 11);

@@ -239,6 +239,7 @@ impl NodeFailure {
             platform: self.platform.clone(),
             step: self.step.clone(),
             message: message(&*self.error),
+            help: miette::Diagnostic::help(&*self.error).map(|help| help.to_string()),
             exit_code: self.exit_code(),
             file: position.as_ref().map(|position| position.file.clone()),
             line: position.as_ref().map(|position| position.line),

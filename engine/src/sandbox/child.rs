@@ -180,6 +180,7 @@ fn supervise() -> Result<ChildReport, Failure> {
                 Ok(()) => ChildReport::CopyDone,
                 Err(error) => ChildReport::CopyFailed {
                     message: error.to_string(),
+                    help: error.help(),
                 },
             })
         }

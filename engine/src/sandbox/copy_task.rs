@@ -55,6 +55,18 @@ pub(crate) enum CopyTaskError {
     },
 }
 
+impl CopyTaskError {
+    /// What to do about it, when the copy's own error says.
+    pub(crate) fn help(&self) -> Option<String> {
+        match self {
+            CopyTaskError::Copy(error) => {
+                miette::Diagnostic::help(error).map(|help| help.to_string())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Runs inside the sandbox child, in its private mount namespace, with the step's root mounted
 /// at `root`.
 pub(crate) fn copy_in_sandbox(root: &Path, task: &CopyTask) -> Result<(), CopyTaskError> {

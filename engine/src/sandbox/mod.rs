@@ -274,7 +274,12 @@ pub enum SandboxError {
 
     #[error("copy failed: {message}")]
     #[diagnostic(code(graphbuild::sandbox::copy))]
-    CopyFailed { message: String },
+    CopyFailed {
+        message: String,
+        /// What to do about it, from the copy's own error.
+        #[help]
+        help: Option<String>,
+    },
 
     #[error(
         "the sandbox process ended without a result ({status}){}",
@@ -307,6 +312,8 @@ enum ChildReport {
     CopyDone,
     CopyFailed {
         message: String,
+        #[serde(default)]
+        help: Option<String>,
     },
     SetupFailed {
         step: String,
@@ -428,7 +435,9 @@ pub fn run_sandbox(
             status: ExitStatusKind::Exited(0),
             tail,
         }),
-        Some(ChildReport::CopyFailed { message }) => Err(SandboxError::CopyFailed { message }),
+        Some(ChildReport::CopyFailed { message, help }) => {
+            Err(SandboxError::CopyFailed { message, help })
+        }
         Some(ChildReport::SetupFailed { step, message }) => {
             Err(SandboxError::Setup { step, message })
         }
