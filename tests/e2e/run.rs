@@ -413,6 +413,60 @@ error: 1 node of the build failed"#;
     assert!(failure.get("exit_code").is_none(), "{failure}");
 }
 
+/// An image whose layout cannot be written fails outside any step: the diagnostic points at
+/// the image (`graphbuild::build::failed`), in plain and JSON progress, exit status 1.
+#[test]
+fn an_image_that_cannot_be_written_is_a_diagnostic_at_the_image() {
+    let sandbox = Sandbox::new();
+    sandbox.write("img/blocker", "a file where a directory should be\n");
+    sandbox.write(
+        "img/images.kdl",
+        r#"platforms "linux/amd64"
+stage s {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    env A="1"
+}
+image blocked {
+    stage s
+    output "blocker/out"
+}
+"#,
+    );
+    let plain = sandbox.graphbuild(&["run", "img/images.kdl", "--progress", "plain"]);
+    assert_eq!(plain.status.code(), Some(1), "{}", stderr(&plain));
+    let err = stderr(&plain);
+    let expected = r#"graphbuild::build::failed
+
+  × image `blocked` failed: cannot write the image layout img/blocker/out: cannot create directory `img/blocker`
+   ╭─[img/images.kdl:6:1]
+ 5 │ }
+ 6 │ image blocked {
+   · ──┬──
+   ·   ╰── this image
+ 7 │     stage s
+   ╰────
+error: 1 node of the build failed"#;
+    let start = err
+        .find("graphbuild::build::failed")
+        .unwrap_or_else(|| panic!("no diagnostic:\n{err}"));
+    assert_eq!(err[start..].trim_end(), expected, "whole stderr:\n{err}");
+
+    let json = sandbox.graphbuild(&["run", "img/images.kdl", "--progress", "json"]);
+    assert_eq!(json.status.code(), Some(1), "{}", stderr(&json));
+    let failure = events(&json)
+        .into_iter()
+        .find(|event| event["event"] == "failure")
+        .unwrap_or_else(|| panic!("no failure event:\n{}", stdout(&json)));
+    assert_eq!(failure["code"], "graphbuild::build::failed");
+    assert_eq!(failure["stage"], "blocked");
+    assert_eq!(failure["platform"], "all");
+    assert!(failure.get("step").is_none(), "{failure}");
+    assert_eq!(
+        (&failure["file"], &failure["line"], &failure["column"]),
+        (&"img/images.kdl".into(), &6.into(), &1.into())
+    );
+}
+
 /// A step cannot drive the terminal: escape sequences in its output are shown escaped, in
 /// progress lines and in the failure report.
 #[test]

@@ -164,9 +164,19 @@ pub(super) fn message(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// What failed: a node (at one of its steps, or before, fetching its base), an image's
+/// layout, or saving the cache mounts to the team cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    Node,
+    Image,
+    CacheMounts,
+}
+
 /// Why a node failed, with everything a person needs to find the problem.
 #[derive(Debug, Clone)]
 pub struct NodeFailure {
+    pub subject: Subject,
     /// The stage's name, or the image's when an image could not be written.
     pub stage: String,
     pub platform: String,
@@ -205,15 +215,21 @@ impl NodeFailure {
             };
             (Code::StepFailed, format!("step failed: {cause}"), label)
         } else {
-            let text = if self.platform == "all" {
-                format!("`{}` failed: {cause}", self.stage)
-            } else {
-                format!(
-                    "stage `{}` failed for {}: {cause}",
-                    self.stage, self.platform
-                )
+            let (text, label) = match self.subject {
+                Subject::Node => (
+                    format!(
+                        "stage `{}` failed for {}: {cause}",
+                        self.stage, self.platform
+                    ),
+                    "this stage",
+                ),
+                Subject::Image => (
+                    format!("image `{}` failed: {cause}", self.stage),
+                    "this image",
+                ),
+                Subject::CacheMounts => (format!("cache mounts failed: {cause}"), "here"),
             };
-            (Code::BuildFailed, text, "here".to_string())
+            (Code::BuildFailed, text, label.to_string())
         };
         let mut diagnostic = Diagnostic::error(code, text);
         if let Some(at) = self.at {

@@ -55,7 +55,7 @@ use crate::scheduler::{self, CancelToken};
 use crate::state::{HistoryEntry, LayerDesc};
 use crate::store::Store;
 
-pub use error::{NodeFailure, StepError};
+pub use error::{NodeFailure, StepError, Subject};
 pub use export::ManifestFormat;
 
 pub struct BuildOptions {
@@ -371,6 +371,7 @@ fn build_once(
     {
         {
             failures.push(NodeFailure {
+                subject: Subject::CacheMounts,
                 stage: "cache mounts".into(),
                 platform: "all".into(),
                 at: None,
@@ -400,6 +401,7 @@ fn build_once(
                     images.push(summary);
                 }
                 Err(message) => failures.push(NodeFailure {
+                    subject: Subject::Image,
                     stage: image.name.clone(),
                     platform: "all".into(),
                     at: Some(image.at),
@@ -444,6 +446,7 @@ impl Executor<'_> {
         tail: Vec<String>,
     ) -> Box<NodeFailure> {
         Box::new(NodeFailure {
+            subject: Subject::Node,
             stage: node.stage.clone(),
             platform: node.platform.to_string(),
             at: Some(step.map_or(node.at, |step| step.at)),
