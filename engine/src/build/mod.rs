@@ -31,6 +31,14 @@
 //! Once every node an image needs is done, each platform's config (settings from the plan,
 //! layers and history from the node), manifest, the image index and the layout's `index.json`
 //! are serialized canonically and written, so equal inputs give byte-identical layouts.
+//!
+//! # Inputs and failures
+//!
+//! A node reads what the nodes it builds on and copies from produced through the scheduler:
+//! they are its dependencies, and their outputs are handed to it ([`DepOutputs`]). A node that
+//! fails returns a [`NodeFailure`]: what went wrong ([`StepError`]), the stage, the platform
+//! and the failing step's statement in the build file, which the CLI renders as a diagnostic
+//! pointing at that statement and `--progress json` reports as a `failure` event.
 
 mod cache;
 mod direct_copy;
