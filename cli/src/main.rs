@@ -380,7 +380,7 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref()
         == Some(OsStr::new(graphbuild_engine::sandbox::SANDBOX_ARG))
     {
-        graphbuild_engine::sandbox::child_main_with(graphbuild_engine::build::copy_in_sandbox);
+        graphbuild_engine::sandbox::child_main();
     }
     if std::env::args_os().nth(1).as_deref() == Some(OsStr::new(doctor::PROBE_ARG)) {
         doctor::probe_namespaces();

@@ -39,13 +39,24 @@ pub(crate) fn terminal_width() -> Option<usize> {
 
 /// Print a diagnostic (error or warning) to stderr.
 pub(crate) fn diagnostic(diagnostic: &dyn miette::Diagnostic) {
+    print_report(diagnostic, true);
+}
+
+/// Print a build failure's diagnostic to stderr, its message on one line however long: it
+/// quotes commands, paths and the output of tools, which stay searchable in a log.
+pub(crate) fn failure(diagnostic: &dyn miette::Diagnostic) {
+    print_report(diagnostic, false);
+}
+
+fn print_report(diagnostic: &dyn miette::Diagnostic, wrap_lines: bool) {
     let mut out = String::new();
     let handler = miette::GraphicalReportHandler::new_themed(if color_enabled() {
         miette::GraphicalTheme::unicode()
     } else {
         miette::GraphicalTheme::unicode_nocolor()
     })
-    .with_width(terminal_width().unwrap_or(100).clamp(60, 160));
+    .with_width(terminal_width().unwrap_or(100).clamp(60, 160))
+    .with_wrap_lines(wrap_lines);
     if handler.render_report(&mut out, diagnostic).is_ok() {
         eprint!("{out}");
     }

@@ -1,23 +1,12 @@
 //! A minimal binary that acts as the sandbox child, as the graphbuild CLI does, so the
 //! engine's tests can run sandboxes without the CLI crate.
 //!
-//! - `sandbox-child __graphbuild-sandbox`: the child. Its copy handler writes one file:
-//!   `{"path": "relative/path", "content": "text"}` (tests use it to check `Task::Copy`).
+//! - `sandbox-child __graphbuild-sandbox`: the child.
 //! - `sandbox-child --run-spec SPEC.json`: plays the engine: runs the spec in a sandbox
 //!   (re-executing itself), prints each output line, then `outcome: …`. Tests kill this
 //!   process to check that no sandbox process outlives the engine.
 
-use std::path::Path;
-
-use graphbuild_engine::sandbox::{SANDBOX_ARG, SandboxSpec, child_main_with, run_sandbox};
-
-fn write_file(root: &Path, value: &serde_json::Value) -> Result<(), String> {
-    let path = value["path"].as_str().ok_or("missing `path`")?;
-    let content = value["content"].as_str().ok_or("missing `content`")?;
-    let destination = root.join(path.trim_start_matches('/'));
-    std::fs::write(&destination, content)
-        .map_err(|error| format!("write {}: {error}", destination.display()))
-}
+use graphbuild_engine::sandbox::{SANDBOX_ARG, SandboxSpec, child_main, run_sandbox};
 
 fn run_spec(spec_path: &str) -> Result<(), String> {
     let bytes = std::fs::read(spec_path).map_err(|error| format!("{spec_path}: {error}"))?;
@@ -32,7 +21,7 @@ fn run_spec(spec_path: &str) -> Result<(), String> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some(SANDBOX_ARG) => child_main_with(write_file),
+        Some(SANDBOX_ARG) => child_main(),
         Some("--run-spec") if args.len() == 3 => {
             if let Err(error) = run_spec(&args[2]) {
                 eprintln!("sandbox-child: {error}");

@@ -61,7 +61,41 @@ pub enum Event {
     Warning {
         message: String,
     },
+    /// Something failed: a step, a node's base, an image's layout. One per failure of the
+    /// finished build, before its summary.
+    Failure(FailureEvent),
     Summary(Summary),
+}
+
+/// A failure and where it is in the build file (see `build::NodeFailure`).
+#[derive(Clone, Debug, Serialize)]
+pub struct FailureEvent {
+    /// `graphbuild::step::failed` when a step failed, `graphbuild::build::failed` otherwise.
+    pub code: String,
+    /// The stage, or the image whose layout could not be written.
+    pub stage: String,
+    /// The platform, or `all`.
+    pub platform: String,
+    /// The failing step's description.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    pub message: String,
+    /// What to do about it, when graphbuild knows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub help: Option<String>,
+    /// The command's exit code, when it ran and failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The build file (its name as diagnostics show it), and the 1-based line and byte column
+    /// of the failing step (or stage, or image).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
+    /// The last lines of the step's output.
+    pub tail: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]

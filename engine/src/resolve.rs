@@ -300,14 +300,39 @@ pub struct LockedBase {
     pub digest: Digest,
 }
 
+/// A lock file that exists but cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LockFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is not a valid lock file: {source}", path.display())]
+    Invalid {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
 impl LockFile {
-    pub fn read(path: &Path) -> Result<Option<LockFile>, String> {
+    /// The lock file at `path`; `None` when there is none.
+    pub fn read(path: &Path) -> Result<Option<LockFile>, LockFileError> {
+        let path_buf = || path.to_path_buf();
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|error| format!("{} is not a valid lock file: {error}", path.display())),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| LockFileError::Invalid {
+                        path: path_buf(),
+                        source,
+                    })
+            }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(format!("cannot read {}: {error}", path.display())),
+            Err(source) => Err(LockFileError::Read {
+                path: path_buf(),
+                source,
+            }),
         }
     }
 

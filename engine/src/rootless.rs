@@ -28,7 +28,7 @@
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -220,26 +220,72 @@ extern "C" fn forward_signal(signal: libc::c_int) {
     }
 }
 
+/// Why a rootless build could not start its user namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum RootlessError {
+    /// A system call of the re-execution itself failed (`pipe`, `fork`, `waitpid`).
+    #[error("{call}: {source}")]
+    System {
+        call: &'static str,
+        source: nix::Error,
+    },
+    #[error("an argument contains a NUL byte")]
+    NulArgument,
+    #[error(
+        "cannot create a user namespace (unshare CLONE_NEWUSER failed); check \
+         /proc/sys/user/max_user_namespaces and, on Debian/Ubuntu, \
+         kernel.unprivileged_userns_clone and AppArmor's restrict_unprivileged_userns"
+    )]
+    NoUserNamespace,
+    #[error("{helper} is missing")]
+    HelperMissing { helper: &'static str },
+    #[error("cannot run {}: {source}", path.display())]
+    RunHelper {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `newuidmap` or `newgidmap` refused the mapping.
+    #[error(
+        "{helper} failed ({status}): {stderr}\nhint: check the lines for `{user}` in /etc/subuid \
+         and /etc/subgid, and that {} is setuid root (package uidmap)",
+        path.display()
+    )]
+    HelperFailed {
+        helper: &'static str,
+        path: PathBuf,
+        status: std::process::ExitStatus,
+        /// What the helper printed, trimmed.
+        stderr: String,
+        user: String,
+    },
+    #[error("cannot write {path}: {source}")]
+    WriteMap {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
 /// Re-execute this binary (same arguments) in a new user namespace where the current user is
 /// root; returns the exit code to exit with. Must be called while the process has one thread.
-pub fn reexec(plan: &Plan) -> Result<u8, String> {
+pub fn reexec(plan: &Plan) -> Result<u8, RootlessError> {
     let subid = plan.maps_subordinate_ids();
-    let (ready_read, ready_write) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
-    let (go_read, go_write) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let system = |call| move |source| RootlessError::System { call, source };
+    let (ready_read, ready_write) = nix::unistd::pipe().map_err(system("pipe"))?;
+    let (go_read, go_write) = nix::unistd::pipe().map_err(system("pipe"))?;
     // SAFETY: single-threaded (the caller's contract); the child only calls async-signal-safe
     // functions and allocation-free syscalls before exec.
     let exe = CString::new("/proc/self/exe").expect("no NUL");
     let args: Vec<CString> = std::env::args_os()
         .map(|arg| CString::new(std::os::unix::ffi::OsStrExt::as_bytes(arg.as_os_str())))
         .collect::<Result<_, _>>()
-        .map_err(|_| "an argument contains a NUL byte".to_string())?;
+        .map_err(|_| RootlessError::NulArgument)?;
     let env_value = format!(
         "{}:{}:{}",
         plan.uid,
         plan.gid,
         if subid { "subid" } else { "single" }
     );
-    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+    match unsafe { nix::unistd::fork() }.map_err(system("fork"))? {
         ForkResult::Child => {
             drop(ready_read);
             drop(go_write);
@@ -278,7 +324,13 @@ fn child(ready: OwnedFd, go: OwnedFd, exe: &CString, args: &[CString], env: &str
     fail(3)
 }
 
-fn parent(plan: &Plan, subid: bool, child: Pid, ready: OwnedFd, go: OwnedFd) -> Result<u8, String> {
+fn parent(
+    plan: &Plan,
+    subid: bool,
+    child: Pid,
+    ready: OwnedFd,
+    go: OwnedFd,
+) -> Result<u8, RootlessError> {
     let kill_child = || {
         let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(child, None);
@@ -286,12 +338,7 @@ fn parent(plan: &Plan, subid: bool, child: Pid, ready: OwnedFd, go: OwnedFd) -> 
     let mut byte = [0u8; 1];
     if std::fs::File::from(ready).read_exact(&mut byte).is_err() || byte[0] != b'R' {
         let _ = nix::sys::wait::waitpid(child, None);
-        return Err(
-            "cannot create a user namespace (unshare CLONE_NEWUSER failed); check \
-             /proc/sys/user/max_user_namespaces and, on Debian/Ubuntu, \
-             kernel.unprivileged_userns_clone and AppArmor's restrict_unprivileged_userns"
-                .to_string(),
-        );
+        return Err(RootlessError::NoUserNamespace);
     }
     let mapped = if subid {
         write_maps_with_helpers(plan, child)
@@ -319,12 +366,17 @@ fn parent(plan: &Plan, subid: bool, child: Pid, ready: OwnedFd, go: OwnedFd) -> 
             }
             Ok(_) => continue,
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(error) => return Err(format!("wait for the namespaced graphbuild: {error}")),
+            Err(source) => {
+                return Err(RootlessError::System {
+                    call: "wait for the namespaced graphbuild",
+                    source,
+                });
+            }
         }
     }
 }
 
-fn write_maps_with_helpers(plan: &Plan, child: Pid) -> Result<(), String> {
+fn write_maps_with_helpers(plan: &Plan, child: Pid) -> Result<(), RootlessError> {
     let (Some(subuid), Some(subgid)) = (plan.subuid, plan.subgid) else {
         unreachable!("checked by maps_subordinate_ids")
     };
@@ -332,31 +384,34 @@ fn write_maps_with_helpers(plan: &Plan, child: Pid) -> Result<(), String> {
         ("newuidmap", plan.uid, subuid),
         ("newgidmap", plan.gid, subgid),
     ] {
-        let path = find_helper(helper).ok_or_else(|| format!("{helper} is missing"))?;
+        let path = find_helper(helper).ok_or(RootlessError::HelperMissing { helper })?;
         let output = std::process::Command::new(&path)
             .arg(child.as_raw().to_string())
             .args(["0", &id.to_string(), "1"])
             .args(["1", &range.start.to_string(), &range.count.to_string()])
             .output()
-            .map_err(|error| format!("cannot run {}: {error}", path.display()))?;
+            .map_err(|source| RootlessError::RunHelper {
+                path: path.clone(),
+                source,
+            })?;
         if !output.status.success() {
-            return Err(format!(
-                "{helper} failed ({}): {}\nhint: check the lines for `{}` in /etc/subuid and /etc/subgid, and that {} is setuid root (package uidmap)",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim(),
-                plan.user,
-                path.display()
-            ));
+            return Err(RootlessError::HelperFailed {
+                helper,
+                path,
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+                user: plan.user.clone(),
+            });
         }
     }
     Ok(())
 }
 
-fn write_single_maps(plan: &Plan, child: Pid) -> Result<(), String> {
+fn write_single_maps(plan: &Plan, child: Pid) -> Result<(), RootlessError> {
     let proc = format!("/proc/{}", child.as_raw());
     let write = |file: &str, text: String| {
-        std::fs::write(format!("{proc}/{file}"), text)
-            .map_err(|error| format!("cannot write {proc}/{file}: {error}"))
+        let path = format!("{proc}/{file}");
+        std::fs::write(&path, text).map_err(|source| RootlessError::WriteMap { path, source })
     };
     write("uid_map", format!("0 {} 1\n", plan.uid))?;
     write("setgroups", "deny\n".to_string())?;

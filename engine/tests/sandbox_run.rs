@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use graphbuild_engine::binfmt::{BINFMT_MISC_DIR, check_emulation};
 use graphbuild_engine::sandbox::{
-    ExitStatusKind, NetworkMode, RunTask, SandboxError, SandboxOutcome, SandboxSpec, Task,
-    run_sandbox,
+    CopyTask, CopyTaskSource, ExitStatusKind, NetworkMode, RunTask, SandboxError, SandboxOutcome,
+    SandboxSpec, Task, run_sandbox,
 };
 use graphbuild_lang::platform::Platform;
 
@@ -428,25 +428,50 @@ fn scratch_root_and_multiple_layers() {
     assert_eq!(upper_entries(&scratch.upper()), Vec::<String>::new());
 }
 
+/// A copy task crosses to the child as typed JSON: sources selected in a read-only view of
+/// its layers, written onto the merged root with the requested owner, so only the copied file
+/// (and its copied-up parent) reaches the upper directory; a source that matches nothing
+/// fails the task with the copy's own message.
 #[test]
-fn copy_tasks_run_the_registered_handler_on_the_merged_root() {
+fn copy_tasks_copy_from_layers_onto_the_merged_root() {
     if !is_root() {
         return;
     }
     let rootfs = busybox_rootfs("amd64", None);
+    let source_layer = tempfile::tempdir().expect("tempdir");
+    fs::write(source_layer.path().join("copied"), "copied\n").expect("write");
     let scratch = Scratch::new();
     let mut spec = scratch.spec(vec![rootfs.path().to_path_buf()], shell(""));
-    spec.task = Task::Copy(serde_json::json!({"path": "etc/copied", "content": "copied\n"}));
+    let task = |sources: &[&str]| CopyTask {
+        source: CopyTaskSource::Layers(vec![source_layer.path().to_path_buf()]),
+        sources: sources.iter().map(|source| source.to_string()).collect(),
+        items: Vec::new(),
+        dest: "/etc/copied".into(),
+        workdir: "/".into(),
+        chown: Some("1234:5678".into()),
+        chmod: None,
+    };
+    spec.task = Task::Copy(task(&["/copied"]));
     let lines = run_ok(&spec);
     assert!(lines.is_empty());
     assert_eq!(upper_entries(&scratch.upper()), ["etc", "etc/copied"]);
+    let copied = scratch.upper().join("etc/copied");
+    assert_eq!(fs::read_to_string(&copied).expect("read"), "copied\n");
+    let metadata = fs::metadata(&copied).expect("stat");
+    assert_eq!((metadata.uid(), metadata.gid()), (1234, 5678));
 
-    spec.task = Task::Copy(serde_json::json!({"path": "no/such/dir/file", "content": ""}));
+    spec.task = Task::Copy(task(&["/missing"]));
     let (result, _) = run(&spec);
-    assert!(
-        matches!(result, Err(SandboxError::CopyFailed { .. })),
-        "{result:?}"
-    );
+    match result {
+        Err(SandboxError::CopyFailed { message, help }) => {
+            assert_eq!(message, "copy source `/missing` matches nothing");
+            assert_eq!(
+                help.as_deref(),
+                Some("the path does not exist in the source stage's filesystem")
+            );
+        }
+        other => panic!("expected a failed copy, got {other:?}"),
+    }
 }
 
 /// Pids of processes running exactly `argv`.

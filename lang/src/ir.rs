@@ -98,11 +98,31 @@ impl Sources {
 
     /// `file:line:col` (1-based) of a location, for plain-text messages.
     pub fn describe(&self, loc: Loc) -> String {
+        let Position { file, line, column } = self.position(loc);
+        format!("{file}:{line}:{column}")
+    }
+
+    /// The file name, line and column (1-based, the column in bytes) where a location starts,
+    /// for machine-readable output.
+    pub fn position(&self, loc: Loc) -> Position {
         let source = self.get(loc.file);
         let offset = loc.span.offset().min(source.text.len());
-        let (line, col) = source.line_and_column(offset);
-        format!("{}:{line}:{col}", source.name)
+        let (line, column) = source.line_and_column(offset);
+        Position {
+            file: source.name.clone(),
+            line,
+            column,
+        }
     }
+}
+
+/// Where a location starts: see [`Sources::position`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The file's name as shown in diagnostics ([`Source::name`]).
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
 }
 
 /// A string as written, before `$VAR` substitution.
@@ -208,6 +228,48 @@ pub struct Step {
     /// Set for steps inside `when platform="…" { … }`: the step applies only when the target
     /// platform equals this one.
     pub when: Option<Platform>,
+}
+
+impl Step {
+    /// The statement as written, from the step's name through its last argument or property
+    /// (not its children): what a diagnostic about the whole step underlines. [`Step::at`]
+    /// itself is the name only.
+    pub fn statement_at(&self) -> Loc {
+        let mut parts: Vec<Loc> = Vec::new();
+        match &self.kind {
+            StepKind::Run(run) => {
+                match &run.command {
+                    Command::Shell(text) => parts.push(text.at),
+                    Command::Exec(argv) => parts.extend(argv.iter().map(|text| text.at)),
+                }
+                parts.extend(run.timeout.iter().map(|text| text.at));
+            }
+            StepKind::Copy(copy) => {
+                let texts = copy.sources.iter().chain([&copy.dest]);
+                let texts = texts.chain(&copy.chown).chain(&copy.chmod);
+                parts.extend(texts.map(|text| text.at));
+                match &copy.from {
+                    Some(CopyFrom::Image(text)) => parts.push(text.at),
+                    Some(CopyFrom::Stage(_, at)) => parts.push(*at),
+                    None => {}
+                }
+            }
+            _ => {}
+        }
+        let start = self.at.span.offset();
+        let mut end = start + self.at.span.len();
+        for at in parts {
+            // Arguments written after the name, in the same file (a template's value, written
+            // elsewhere, is not part of the statement).
+            if at.file == self.at.file && at.span.offset() >= start {
+                end = end.max(at.span.offset() + at.span.len());
+            }
+        }
+        Loc {
+            file: self.at.file,
+            span: SourceSpan::new(start.into(), end - start),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -406,6 +468,7 @@ pub struct MatrixAxis {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn locations_are_line_and_byte_column_from_one() {
@@ -424,5 +487,26 @@ mod tests {
         assert_eq!(at(6), "f.kdl:3:1");
         assert_eq!(at(7), "f.kdl:4:1");
         assert_eq!(at(99), "f.kdl:4:2", "past the end: clamped to the end");
+        let position = sources.position(Loc {
+            file: FileId(0),
+            span: (4, 1).into(),
+        });
+        assert_eq!(
+            (position.file.as_str(), position.line, position.column),
+            ("f.kdl", 2, 2)
+        );
+    }
+
+    #[test]
+    fn a_statement_runs_from_the_step_name_to_its_last_argument() {
+        let text = "stage s {\n    from \"scratch\"\n    run \"make\" \"all\" timeout=\"1m\" {\n        cache-mount \"/c\"\n    }\n    copy \"a\" \"b\" from=s2 chmod=\"0644\"\n    env A=\"1\"\n}\nstage s2 { from \"scratch\"; }\nimage i { stage s; }\n";
+        let project = crate::load_source("f.kdl", text, Path::new("/")).expect("loads");
+        let statement = |index: usize| {
+            let at = project.stages[0].steps[index].statement_at();
+            &text[at.span.offset()..at.span.offset() + at.span.len()]
+        };
+        assert_eq!(statement(0), "run \"make\" \"all\" timeout=\"1m\"");
+        assert_eq!(statement(1), "copy \"a\" \"b\" from=s2 chmod=\"0644\"");
+        assert_eq!(statement(2), "env", "other steps: the name only");
     }
 }

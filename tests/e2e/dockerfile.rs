@@ -252,6 +252,50 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
     assert_eq!(index_digest(&again), index_digest(&output));
 }
 
+/// A failed `RUN` of a Dockerfile is a diagnostic on the Dockerfile itself: its path, line and
+/// column, the instruction underlined across its continuation line, the exit code, stage and
+/// platform, the output; exit status 1.
+#[test]
+fn a_failing_dockerfile_run_points_at_its_instruction() {
+    if !root_or_skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "df/Dockerfile",
+        "FROM oci:../tests/fixtures/busybox:1.35.0\nRUN echo hi && \\\n    exit 3\n",
+    );
+    let output = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64",
+        "--progress",
+        "plain",
+        "-f",
+        "df/Dockerfile",
+        "df",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    let expected = r#"graphbuild::step::failed
+
+  × step failed: the command failed with exit code 3
+   ╭─[df/Dockerfile:2:1]
+ 1 │     FROM oci:../tests/fixtures/busybox:1.35.0
+ 2 │ ╭─▶ RUN echo hi && \
+ 3 │ ├─▶     exit 3
+   · ╰──── exit code 3, stage `0` for linux/amd64
+   ╰────
+  last output of `0` for linux/amd64:
+  │ hi
+
+error: 1 node of the build failed"#;
+    let start = err
+        .find("graphbuild::step::failed")
+        .unwrap_or_else(|| panic!("no diagnostic:\n{err}"));
+    assert_eq!(err[start..].trim_end(), expected, "whole stderr:\n{err}");
+}
+
 #[test]
 fn a_dockerfile_and_its_kdl_twin_give_one_index_digest() {
     if !root_or_skip() {

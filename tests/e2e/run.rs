@@ -238,6 +238,213 @@ image broken { stage broken; }
     );
 }
 
+/// A build file where one `run` exits 7 after printing two lines, and one `copy` names a file
+/// its source stage does not have.
+const FAILING: &str = r#"platforms "linux/amd64"
+stage broken {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    run "echo preparing; echo about to fail >&2; exit 7"
+}
+stage empty {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+}
+stage copying {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    copy "/missing.txt" "/x" from=empty
+}
+image broken { stage broken; }
+image copying { stage copying; }
+"#;
+
+/// Stderr from the first diagnostic on: the rendered failures and the closing count.
+fn report(err: &str) -> &str {
+    let start = err
+        .find("graphbuild::")
+        .unwrap_or_else(|| panic!("no diagnostic:\n{err}"));
+    err[start..].trim_end()
+}
+
+/// A failed `run` is a build-file diagnostic: its code, the message, the build file's path,
+/// line and column, the `run` statement underlined and labelled with the exit code, stage and
+/// platform, then the step's last output lines. Plain rendering (stderr is not a terminal).
+#[test]
+fn a_failing_run_renders_as_a_diagnostic_at_its_step() {
+    let sandbox = Sandbox::new();
+    sandbox.write("fail/images.kdl", FAILING);
+    let output = sandbox.graphbuild(&[
+        "run",
+        "fail/images.kdl",
+        "broken",
+        "--output",
+        "out",
+        "--progress",
+        "plain",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    let expected = r#"graphbuild::step::failed
+
+  × step failed: the command failed with exit code 7
+   ╭─[fail/images.kdl:4:5]
+ 3 │     from "oci:../tests/fixtures/busybox:1.35.0"
+ 4 │     run "echo preparing; echo about to fail >&2; exit 7"
+   ·     ──────────────────────────┬─────────────────────────
+   ·                               ╰── exit code 7, stage `broken` for linux/amd64
+ 5 │ }
+   ╰────
+  last output of `broken` for linux/amd64:
+  │ preparing
+  │ about to fail
+
+error: 1 node of the build failed"#;
+    assert_eq!(report(&err), expected, "whole stderr:\n{err}");
+}
+
+/// `--progress json` reports the same failure as an event: code, stage, platform, step,
+/// message, exit code, the build file with the step's line and column, and the output tail.
+#[test]
+fn a_failing_run_is_a_json_failure_event_with_its_location() {
+    let sandbox = Sandbox::new();
+    sandbox.write("fail/images.kdl", FAILING);
+    let output = sandbox.graphbuild(&[
+        "run",
+        "fail/images.kdl",
+        "broken",
+        "--output",
+        "out",
+        "--progress",
+        "json",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let events = events(&output);
+    let failures: Vec<_> = events
+        .iter()
+        .filter(|event| event["event"] == "failure")
+        .collect();
+    assert_eq!(failures.len(), 1, "{}", stdout(&output));
+    let failure = failures[0];
+    assert_eq!(failure["code"], "graphbuild::step::failed");
+    assert_eq!(failure["stage"], "broken");
+    assert_eq!(failure["platform"], "linux/amd64");
+    assert_eq!(
+        failure["step"],
+        "RUN /bin/sh -c echo preparing; echo about to fail >&2; exit 7"
+    );
+    assert_eq!(failure["message"], "the command failed with exit code 7");
+    assert_eq!(failure["exit_code"], 7);
+    assert_eq!(failure["file"], "fail/images.kdl");
+    assert_eq!(failure["line"], 4);
+    assert_eq!(failure["column"], 5);
+    assert_eq!(
+        failure["tail"],
+        serde_json::json!(["preparing", "about to fail"])
+    );
+    let position = |name: &str| events.iter().position(|event| event["event"] == name);
+    assert!(
+        position("failure") < position("summary"),
+        "the failure comes before the summary:\n{}",
+        stdout(&output)
+    );
+    assert_eq!(summary(&output)["failed"], 1);
+}
+
+/// A `copy` whose source is missing from its `from=` stage fails at its statement, in plain
+/// and in JSON progress, with no exit code (no command ran) and exit status 1.
+#[test]
+fn a_failing_copy_renders_as_a_diagnostic_at_its_step() {
+    let sandbox = Sandbox::new();
+    sandbox.write("fail/images.kdl", FAILING);
+    let args = ["run", "fail/images.kdl", "copying", "--output", "out"];
+    let plain = sandbox.graphbuild(&[&args[..], &["--progress", "plain"]].concat());
+    assert_eq!(plain.status.code(), Some(1), "{}", stderr(&plain));
+    let err = stderr(&plain);
+    let expected = r#"graphbuild::step::failed
+
+  × step failed: copy failed: copy source `/missing.txt` matches nothing
+    ╭─[fail/images.kdl:11:5]
+ 10 │     from "oci:../tests/fixtures/busybox:1.35.0"
+ 11 │     copy "/missing.txt" "/x" from=empty
+    ·     ─────────────────┬─────────────────
+    ·                      ╰── stage `copying` for linux/amd64
+ 12 │ }
+    ╰────
+  help: the path does not exist in the source stage's filesystem
+error: 1 node of the build failed"#;
+    assert_eq!(report(&err), expected, "whole stderr:\n{err}");
+
+    let json = sandbox.graphbuild(&[&args[..], &["--progress", "json"]].concat());
+    assert_eq!(json.status.code(), Some(1), "{}", stderr(&json));
+    let failure = events(&json)
+        .into_iter()
+        .find(|event| event["event"] == "failure")
+        .unwrap_or_else(|| panic!("no failure event:\n{}", stdout(&json)));
+    assert_eq!(failure["stage"], "copying");
+    assert_eq!(failure["step"], "COPY /missing.txt /x");
+    assert_eq!(
+        failure["message"],
+        "copy failed: copy source `/missing.txt` matches nothing"
+    );
+    assert_eq!(
+        failure["help"],
+        "the path does not exist in the source stage's filesystem"
+    );
+    assert_eq!(failure["file"], "fail/images.kdl");
+    assert_eq!(failure["line"], 11);
+    assert_eq!(failure["column"], 5);
+    assert!(failure.get("exit_code").is_none(), "{failure}");
+}
+
+/// An image whose layout cannot be written fails outside any step: the diagnostic points at
+/// the image (`graphbuild::build::failed`), in plain and JSON progress, exit status 1.
+#[test]
+fn an_image_that_cannot_be_written_is_a_diagnostic_at_the_image() {
+    let sandbox = Sandbox::new();
+    sandbox.write("img/blocker", "a file where a directory should be\n");
+    sandbox.write(
+        "img/images.kdl",
+        r#"platforms "linux/amd64"
+stage s {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    env A="1"
+}
+image blocked {
+    stage s
+    output "blocker/out"
+}
+"#,
+    );
+    let plain = sandbox.graphbuild(&["run", "img/images.kdl", "--progress", "plain"]);
+    assert_eq!(plain.status.code(), Some(1), "{}", stderr(&plain));
+    let err = stderr(&plain);
+    let expected = r#"graphbuild::build::failed
+
+  × image `blocked` failed: cannot write the image layout img/blocker/out: cannot create directory `img/blocker`
+   ╭─[img/images.kdl:6:1]
+ 5 │ }
+ 6 │ image blocked {
+   · ──┬──
+   ·   ╰── this image
+ 7 │     stage s
+   ╰────
+error: 1 node of the build failed"#;
+    assert_eq!(report(&err), expected, "whole stderr:\n{err}");
+
+    let json = sandbox.graphbuild(&["run", "img/images.kdl", "--progress", "json"]);
+    assert_eq!(json.status.code(), Some(1), "{}", stderr(&json));
+    let failure = events(&json)
+        .into_iter()
+        .find(|event| event["event"] == "failure")
+        .unwrap_or_else(|| panic!("no failure event:\n{}", stdout(&json)));
+    assert_eq!(failure["code"], "graphbuild::build::failed");
+    assert_eq!(failure["stage"], "blocked");
+    assert_eq!(failure["platform"], "all");
+    assert!(failure.get("step").is_none(), "{failure}");
+    assert_eq!(
+        (&failure["file"], &failure["line"], &failure["column"]),
+        (&"img/images.kdl".into(), &6.into(), &1.into())
+    );
+}
+
 /// A step cannot drive the terminal: escape sequences in its output are shown escaped, in
 /// progress lines and in the failure report.
 #[test]

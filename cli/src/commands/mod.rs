@@ -188,9 +188,9 @@ pub(super) fn base_resolver(
     } else {
         match LockFile::read(&lock_path(select)) {
             Ok(lock) => LockMode::UseLock(lock.unwrap_or_default()),
-            Err(message) => {
+            Err(error) => {
                 render::error(
-                    &message,
+                    &error.to_string(),
                     &["delete it and run `graphbuild lock FILE` to write a new one"],
                 );
                 return Err(ExitStatus::InvalidInput);

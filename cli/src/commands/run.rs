@@ -12,6 +12,7 @@ use graphbuild_engine::plan::Op;
 use graphbuild_engine::resolve::DefaultResolver;
 use graphbuild_engine::scheduler::CancelToken;
 use graphbuild_engine::store::Store;
+use graphbuild_lang::ir::Sources;
 use graphbuild_lang::platform::Platform;
 
 use crate::ExitStatus;
@@ -231,7 +232,9 @@ pub(super) fn refuse_unavailable_layers(
     Err(ExitStatus::Environment)
 }
 
-pub(super) fn report_failures(report: &build::BuildReport) -> ExitStatus {
+/// Every failure as a diagnostic pointing at its step in the build file, followed by the
+/// step's last output lines; then how many nodes failed.
+pub(super) fn report_failures(report: &build::BuildReport, sources: &Sources) -> ExitStatus {
     if let Some(message) = &report.environment_error {
         eprintln!("{message}");
         return ExitStatus::Environment;
@@ -243,10 +246,18 @@ pub(super) fn report_failures(report: &build::BuildReport) -> ExitStatus {
     }
     if !report.failures.is_empty() {
         for failure in &report.failures {
-            // A failure carries the tail of the step's output: made safe like progress lines.
-            let text = failure.to_string();
-            let lines: Vec<String> = text.lines().map(crate::progress::sanitize).collect();
-            eprintln!("error: {}", lines.join("\n"));
+            render::failure(&failure.diagnostic(sources));
+            if !failure.tail.is_empty() {
+                // The step's own output: made safe like progress lines.
+                eprintln!(
+                    "  last output of `{}` for {}:",
+                    failure.stage, failure.platform
+                );
+                for line in &failure.tail {
+                    eprintln!("  │ {}", crate::progress::sanitize(line));
+                }
+                eprintln!();
+            }
         }
         eprintln!(
             "error: {} of the build failed",
@@ -428,7 +439,7 @@ pub(super) fn build_loaded(
     if let Err(code) = refuse_unavailable_layers(resolver, select) {
         return code;
     }
-    let code = report_failures(&report);
+    let code = report_failures(&report, &loaded.project.sources);
     if code != ExitStatus::Success {
         return code;
     }
@@ -534,7 +545,7 @@ pub(crate) fn verify(inputs: BuildInputArgs) -> ExitStatus {
         if let Err(code) = refuse_unavailable_layers(&resolver, select) {
             return code;
         }
-        let code = report_failures(&report);
+        let code = report_failures(&report, &loaded.project.sources);
         if code != ExitStatus::Success {
             return code;
         }

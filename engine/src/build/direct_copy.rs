@@ -55,7 +55,7 @@ use crate::layer::{self, PlannedEntry, PlannedKind};
 use crate::plan::{CopyOp, CopySource, Node, StepPlan};
 use crate::state::LayerDesc;
 
-use super::{Executor, NodeFailure};
+use super::{DepOutputs, Executor, NodeFailure};
 
 /// A read-only overlay lookup over snapshot directories, top-most first.
 pub(crate) struct MergedView {
@@ -818,6 +818,7 @@ impl Executor<'_> {
         step: &StepPlan,
         copy: &CopyOp,
         layers: &[LayerDesc],
+        inputs: &DepOutputs<'_>,
     ) -> Result<Option<Option<LayerDesc>>, Box<NodeFailure>> {
         let fail = |message: String| self.failure(node, Some(step), message, Vec::new());
         // GRAPHBUILD_DIRECT_COPY=0 runs every copy in the sandbox, as before (to compare).
@@ -849,7 +850,9 @@ impl Executor<'_> {
                 (planned, Vec::new())
             }
             CopySource::Node { node: source, .. } => {
-                let output = self.output_of(*source).map_err(fail)?;
+                let output = inputs
+                    .output_of(*source)
+                    .map_err(|error| fail(error.to_string()))?;
                 let source_view = MergedView::new(self.snapshots(&output.layers).map_err(fail)?);
                 let Some((items, hosts)) =
                     select_in_view(&source_view, &copy.sources).map_err(fail)?

@@ -7,120 +7,25 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::copy::{self, CopyItem};
 use crate::digest::{Digest, Key};
 use crate::events::{Event, StepStatus};
 use crate::key::KeyBuilder;
 use crate::layer::{self};
 use crate::plan::{Base, CopySource, Node, Op, RunOp};
-use crate::sandbox::{self, NetworkMode, RunTask, SandboxSpec, Task};
+use crate::sandbox::{self, CopyTask, CopyTaskSource, NetworkMode, RunTask, SandboxSpec, Task};
 use crate::state::{HistoryEntry, LayerDesc, StepRecord};
 use crate::unpack;
 
-use super::{Executor, INSECURE_WARNING, NodeFailure, NodeOutput, SecretValue};
-
-/// The JSON a sandbox copy task carries.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct CopyTask {
-    /// Where sources are read from: the context directory, or an overlay of a stage's layers.
-    pub source: CopyTaskSource,
-    /// Patterns, resolved in the child for stage sources.
-    pub sources: Vec<String>,
-    /// Pre-selected context items.
-    pub items: Vec<CopyItem>,
-    pub dest: String,
-    pub workdir: String,
-    pub chown: Option<String>,
-    pub chmod: Option<u32>,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-pub enum CopyTaskSource {
-    Context(PathBuf),
-    /// Snapshot directories, top-most first.
-    Layers(Vec<PathBuf>),
-}
-
-/// Runs inside the sandbox child, in its private mount namespace, with the step's root mounted
-/// at `root`.
-pub fn copy_in_sandbox(root: &Path, task: &serde_json::Value) -> Result<(), String> {
-    let task: CopyTask = serde_json::from_value(task.clone())
-        .map_err(|error| format!("invalid copy task: {error}"))?;
-    let chown = match &task.chown {
-        Some(spec) => Some(copy::parse_chown(spec, root).map_err(|error| error.to_string())?),
-        None => None,
-    };
-    let copy_options = copy::CopyOptions {
-        chown,
-        chmod: task.chmod,
-    };
-    match &task.source {
-        CopyTaskSource::Context(dir) => copy::perform_copy(
-            &task.items,
-            dir,
-            root,
-            &task.dest,
-            &task.workdir,
-            &copy_options,
-        )
-        .map_err(|error| error.to_string()),
-        CopyTaskSource::Layers(lowerdirs) => {
-            let source_root = mount_readonly_layers(root, lowerdirs)?;
-            let items = crate::context::select_in_tree(&source_root, &task.sources)
-                .map_err(|error| error.to_string())?;
-            copy::perform_copy(
-                &items,
-                &source_root,
-                root,
-                &task.dest,
-                &task.workdir,
-                &copy_options,
-            )
-            .map_err(|error| error.to_string())
-        }
-    }
-}
-
-/// Mount a read-only view of some layers next to the step's root (inside the child's private
-/// mount namespace, so it disappears with the child).
-fn mount_readonly_layers(root: &Path, lowerdirs: &[PathBuf]) -> Result<PathBuf, String> {
-    use nix::mount::{MsFlags, mount};
-    let parent = root.parent().ok_or("the sandbox root has no parent")?;
-    let target = parent.join("copy-source");
-    std::fs::create_dir_all(&target)
-        .map_err(|error| format!("cannot create {}: {error}", target.display()))?;
-    if lowerdirs.is_empty() {
-        return Ok(target);
-    }
-    if lowerdirs.len() == 1 {
-        mount(
-            Some(&lowerdirs[0]),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|error| format!("cannot bind-mount the copy source: {error}"))?;
-        return Ok(target);
-    }
-    let lower = lowerdirs
-        .iter()
-        .map(|dir| dir.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":");
-    mount(
-        Some("overlay"),
-        &target,
-        Some("overlay"),
-        MsFlags::MS_RDONLY,
-        Some(format!("lowerdir={lower}").as_str()),
-    )
-    .map_err(|error| format!("cannot mount the copy source: {error}"))?;
-    Ok(target)
-}
+use super::{
+    DepOutputs, Executor, INSECURE_WARNING, NodeFailure, NodeOutput, SecretValue, StepError,
+};
 
 impl Executor<'_> {
-    pub(super) fn run_node_steps(&self, node: &Node) -> Result<NodeOutput, Box<NodeFailure>> {
+    pub(super) fn run_node_steps(
+        &self,
+        node: &Node,
+        inputs: &DepOutputs<'_>,
+    ) -> Result<NodeOutput, Box<NodeFailure>> {
         let platform = node.platform.to_string();
         let mut executed = 0;
         let mut cached = 0;
@@ -154,9 +59,9 @@ impl Executor<'_> {
             None => match &node.base {
                 Base::Scratch => (Vec::new(), Vec::new()),
                 Base::Stage(id) => {
-                    let base = self
+                    let base = inputs
                         .output_of(*id)
-                        .map_err(|message| self.failure(node, None, message, Vec::new()))?;
+                        .map_err(|error| self.failure(node, None, error, Vec::new()))?;
                     (base.layers.clone(), base.history.clone())
                 }
                 Base::Image(base) => {
@@ -169,12 +74,14 @@ impl Executor<'_> {
                     }
                     self.resolver
                         .fetch_layers(base, self.store)
-                        .map_err(|error| self.failure(node, None, error.to_string(), Vec::new()))?;
+                        .map_err(|error| self.failure(node, None, error, Vec::new()))?;
                     (base.layers.clone(), base.history.clone())
                 }
                 Base::Unresolved(base) => {
-                    let message = format!("the base image `{}` is unresolved", base.reference);
-                    return Err(self.failure(node, None, message, Vec::new()));
+                    let error = StepError::Unresolved {
+                        reference: base.reference.to_string(),
+                    };
+                    return Err(self.failure(node, None, error, Vec::new()));
                 }
             },
         };
@@ -194,7 +101,7 @@ impl Executor<'_> {
 
         for step in &node.steps[resume_at..] {
             if self.options.cancel.is_cancelled() {
-                return Err(self.failure(node, Some(step), "cancelled".into(), Vec::new()));
+                return Err(self.failure(node, Some(step), StepError::Cancelled, Vec::new()));
             }
             if !step.op.touches_filesystem() {
                 history.push(HistoryEntry {
@@ -237,7 +144,7 @@ impl Executor<'_> {
                 step: step.description.clone(),
             });
             let started = Instant::now();
-            let result = self.execute_step(node, step, &layers);
+            let result = self.execute_step(node, step, &layers, inputs);
             if result.is_err() {
                 self.forget_forged(&layers, &mut resumed_from);
             }
@@ -279,13 +186,8 @@ impl Executor<'_> {
             let bytes = serde_json::to_vec(&record).unwrap_or_default();
             self.store
                 .put_action(&self.action_key(&step.key), &bytes)
-                .map_err(|error| {
-                    self.failure(
-                        node,
-                        Some(step),
-                        format!("cannot record the step in the store: {error}"),
-                        Vec::new(),
-                    )
+                .map_err(|source| {
+                    self.failure(node, Some(step), StepError::Record { source }, Vec::new())
                 })?;
             self.publish(&step.key, &record)
                 .map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
@@ -385,25 +287,33 @@ impl Executor<'_> {
         node: &Node,
         step: &crate::plan::StepPlan,
         layers: &[LayerDesc],
+        inputs: &DepOutputs<'_>,
     ) -> Result<Option<LayerDesc>, Box<NodeFailure>> {
-        let fail = |message: String| self.failure(node, Some(step), message, Vec::new());
+        let fail = |error: StepError| self.failure(node, Some(step), error, Vec::new());
         // A copy whose layer can be computed from its sources is written straight, once for
         // every platform that copies the same files onto alike parents.
         if let Op::Copy(copy) = &step.op
-            && let Some(layer) = self.copy_direct(node, step, copy, layers)?
+            && let Some(layer) = self.copy_direct(node, step, copy, layers, inputs)?
         {
             return Ok(layer);
         }
-        let lowerdirs = self.snapshots(layers).map_err(fail)?;
+        let lowerdirs = self
+            .snapshots(layers)
+            .map_err(|message| fail(message.into()))?;
         let temp = self
             .store
             .temp_dir()
-            .map_err(|error| fail(format!("cannot create a temporary directory: {error}")))?;
+            .map_err(|source| fail(StepError::TempDir { source }))?;
         let upperdir = temp.path().join("upper");
         let overlay_workdir = temp.path().join("work");
         for dir in [&upperdir, &overlay_workdir] {
-            std::fs::create_dir_all(dir)
-                .map_err(|error| fail(format!("cannot create {}: {error}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|source| {
+                fail(StepError::Io {
+                    action: "create",
+                    path: dir.clone(),
+                    source,
+                })
+            })?;
         }
         let mut guards: Vec<Box<dyn std::any::Any>> = Vec::new();
         let task = match &step.op {
@@ -416,11 +326,11 @@ impl Executor<'_> {
                         (CopyTaskSource::Context(root), items.clone())
                     }
                     CopySource::Node { node: source, .. } => {
-                        let output = self.output_of(*source).map_err(fail)?;
-                        (
-                            CopyTaskSource::Layers(self.snapshots(&output.layers).map_err(fail)?),
-                            Vec::new(),
-                        )
+                        let output = inputs.output_of(*source).map_err(fail)?;
+                        let snapshots = self
+                            .snapshots(&output.layers)
+                            .map_err(|message| fail(message.into()))?;
+                        (CopyTaskSource::Layers(snapshots), Vec::new())
                     }
                 };
                 let task = CopyTask {
@@ -432,7 +342,7 @@ impl Executor<'_> {
                     chown: copy.chown.clone(),
                     chmod: copy.chmod,
                 };
-                Task::Copy(serde_json::to_value(&task).map_err(|error| fail(error.to_string()))?)
+                Task::Copy(task)
             }
             Op::Config(_) => return Ok(None),
         };
@@ -460,60 +370,22 @@ impl Executor<'_> {
                 line: line.to_string(),
             });
         })
-        .map_err(|error| fail(error.to_string()))?;
+        .map_err(|error| fail(error.into()))?;
         drop(guards);
-        match outcome.status {
-            sandbox::ExitStatusKind::Exited(0) => {}
-            sandbox::ExitStatusKind::Exited(code) => {
-                return Err(self.failure(
-                    node,
-                    Some(step),
-                    format!("the command failed with exit code {code}"),
-                    outcome.tail,
-                ));
-            }
-            sandbox::ExitStatusKind::Signaled(signal) => {
-                let hint = if signal == libc::SIGSYS {
-                    " (SIGSYS: a system call the sandbox's seccomp filter refuses; 32-bit x86 \
-                     programs cannot run under it, see docs/security.md)"
-                } else {
-                    ""
-                };
-                return Err(self.failure(
-                    node,
-                    Some(step),
-                    format!("the command was killed by signal {signal}{hint}"),
-                    outcome.tail,
-                ));
-            }
-            sandbox::ExitStatusKind::TimedOut { millis } => {
-                return Err(self.failure(
-                    node,
-                    Some(step),
-                    format!(
-                        "the step ran past its timeout of {} and was killed (set with \
-                         `timeout=` on `run` or `--step-timeout`)",
-                        sandbox::format_duration(millis)
-                    ),
-                    outcome.tail,
-                ));
-            }
-            sandbox::ExitStatusKind::ProcessLimit { max } => {
-                return Err(self.failure(
-                    node,
-                    Some(step),
-                    format!(
-                        "the step reached its process limit of {max} processes (pids cgroup) \
-                         and was killed"
-                    ),
-                    outcome.tail,
-                ));
-            }
+        let error = match outcome.status {
+            sandbox::ExitStatusKind::Exited(0) => None,
+            sandbox::ExitStatusKind::Exited(code) => Some(StepError::ExitCode { code }),
+            sandbox::ExitStatusKind::Signaled(signal) => Some(StepError::Signal { signal }),
+            sandbox::ExitStatusKind::TimedOut { millis } => Some(StepError::TimedOut { millis }),
+            sandbox::ExitStatusKind::ProcessLimit { max } => Some(StepError::ProcessLimit { max }),
+        };
+        if let Some(error) = error {
+            return Err(self.failure(node, Some(step), error, outcome.tail));
         }
         // A change already stored as a layer (the same files copied on another platform) is
         // that layer: hash the tar first, compress only what is new.
         let Some(diff_id) = layer::diff_id_of_upper(&upperdir, &self.options.layer)
-            .map_err(|error| fail(format!("cannot write the layer: {error}")))?
+            .map_err(|source| fail(StepError::WriteLayer { source }))?
         else {
             return Ok(None);
         };
@@ -534,11 +406,11 @@ impl Executor<'_> {
             return Ok(Some(known));
         }
         let blob = layer::write_layer_from_upper(&upperdir, temp.path(), &self.options.layer)
-            .map_err(|error| fail(format!("cannot write the layer: {error}")))?;
+            .map_err(|source| fail(StepError::WriteLayer { source }))?;
         let Some(blob) = blob else { return Ok(None) };
         self.store
             .put_blob_file(&blob.path, Some(blob.digest))
-            .map_err(|error| fail(format!("cannot store the layer: {error}")))?;
+            .map_err(|source| fail(StepError::StoreLayer { source }))?;
         let layer = LayerDesc {
             digest: blob.digest,
             diff_id: blob.diff_id,
@@ -573,10 +445,18 @@ impl Executor<'_> {
         let epoch = self.options.layer.source_date_epoch;
         let _ = self
             .store
-            .ensure_snapshot(diff_id, |dir: &Path| -> Result<(), String> {
+            .ensure_snapshot(diff_id, |dir: &Path| -> Result<(), StepError> {
                 clamp_times(upperdir, epoch)?;
-                std::fs::remove_dir(dir).map_err(|error| error.to_string())?;
-                std::fs::rename(upperdir, dir).map_err(|error| error.to_string())
+                let io = |action, path: &Path| {
+                    let path = path.to_path_buf();
+                    move |source| StepError::Io {
+                        action,
+                        path,
+                        source,
+                    }
+                };
+                std::fs::remove_dir(dir).map_err(io("remove", dir))?;
+                std::fs::rename(upperdir, dir).map_err(io("rename", upperdir))
             });
     }
 
@@ -607,7 +487,7 @@ impl Executor<'_> {
         node: &Node,
         run: &RunOp,
         guards: &mut Vec<Box<dyn std::any::Any>>,
-    ) -> Result<RunTask, String> {
+    ) -> Result<RunTask, StepError> {
         let mut cache_mounts = Vec::new();
         // Locks are taken in id order so two steps sharing mounts can never deadlock; one id
         // mounted at two targets is one directory, locked once.
@@ -626,7 +506,10 @@ impl Executor<'_> {
                 let guard = self
                     .store
                     .cache_mount_shared(&mount.id, &node.platform.to_string(), sharing)
-                    .map_err(|error| format!("cannot open cache mount `{}`: {error}", mount.id))?;
+                    .map_err(|source| StepError::CacheMount {
+                        id: mount.id.clone(),
+                        source,
+                    })?;
                 self.restore_cache_mount(&mount.id, &node.platform.to_string(), guard.path())?;
                 paths.insert(&mount.id, guard.path().to_path_buf());
                 guards.push(Box::new(guard));
@@ -638,25 +521,34 @@ impl Executor<'_> {
         for secret in &run.secrets {
             match self.options.secrets.get(&secret.id) {
                 None if secret.required => {
-                    return Err(format!(
-                        "the step needs the secret `{}`; pass it with --secret id={},src=PATH or --secret id={},env=VAR",
-                        secret.id, secret.id, secret.id
-                    ));
+                    return Err(StepError::SecretMissing {
+                        id: secret.id.clone(),
+                    });
                 }
                 None => {}
                 Some(value) => {
                     let bytes = match value {
-                        SecretValue::File(path) => std::fs::read(path).map_err(|error| {
-                            format!("cannot read secret `{}`: {error}", secret.id)
-                        })?,
+                        SecretValue::File(path) => {
+                            std::fs::read(path).map_err(|source| StepError::SecretRead {
+                                id: secret.id.clone(),
+                                source,
+                            })?
+                        }
                         SecretValue::Bytes(bytes) => bytes.clone(),
                     };
                     if let Some(name) = &secret.env {
                         env.push((name.clone(), String::from_utf8_lossy(&bytes).into_owned()));
                     } else {
-                        let dir = self.store.temp_dir().map_err(|error| error.to_string())?;
+                        let dir = self
+                            .store
+                            .temp_dir()
+                            .map_err(|source| StepError::TempDir { source })?;
                         let path = dir.path().join("secret");
-                        write_private(&path, &bytes).map_err(|error| error.to_string())?;
+                        write_private(&path, &bytes).map_err(|source| StepError::Io {
+                            action: "write",
+                            path: path.clone(),
+                            source,
+                        })?;
                         let target = secret
                             .target
                             .clone()
@@ -744,22 +636,32 @@ pub(super) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Set every entry's access and modification times under `root` to `min(mtime, epoch)`,
 /// without following symlinks, as the layer writer records them.
-pub(super) fn clamp_times(root: &Path, epoch: i64) -> Result<(), String> {
+pub(super) fn clamp_times(root: &Path, epoch: i64) -> Result<(), StepError> {
     use std::os::unix::ffi::OsStrExt;
+    let read_error = |error: walkdir::Error| StepError::Io {
+        action: "read",
+        path: error.path().unwrap_or(root).to_path_buf(),
+        source: error.into(),
+    };
     for entry in walkdir::WalkDir::new(root)
         .follow_links(false)
         .contents_first(true)
     {
-        let entry = entry.map_err(|error| error.to_string())?;
-        let metadata = entry.metadata().map_err(|error| error.to_string())?;
+        let entry = entry.map_err(read_error)?;
+        let metadata = entry.metadata().map_err(read_error)?;
         let mtime = std::os::unix::fs::MetadataExt::mtime(&metadata).min(epoch);
         let time = libc::timespec {
             tv_sec: mtime as libc::time_t,
             tv_nsec: 0,
         };
         let times = [time, time];
+        let set_times_error = |source: std::io::Error| StepError::Io {
+            action: "set the times of",
+            path: entry.path().to_path_buf(),
+            source,
+        };
         let path = std::ffi::CString::new(entry.path().as_os_str().as_bytes())
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| set_times_error(error.into()))?;
         // SAFETY: a valid NUL-terminated path and two timespecs, as utimensat(2) expects.
         let result = unsafe {
             libc::utimensat(
@@ -770,11 +672,7 @@ pub(super) fn clamp_times(root: &Path, epoch: i64) -> Result<(), String> {
             )
         };
         if result != 0 {
-            return Err(format!(
-                "cannot set the times of {}: {}",
-                entry.path().display(),
-                std::io::Error::last_os_error()
-            ));
+            return Err(set_times_error(std::io::Error::last_os_error()));
         }
     }
     Ok(())

@@ -31,9 +31,18 @@
 //! Once every node an image needs is done, each platform's config (settings from the plan,
 //! layers and history from the node), manifest, the image index and the layout's `index.json`
 //! are serialized canonically and written, so equal inputs give byte-identical layouts.
+//!
+//! # Inputs and failures
+//!
+//! A node reads what the nodes it builds on and copies from produced through the scheduler:
+//! they are its dependencies, and their outputs are handed to it ([`DepOutputs`]). A node that
+//! fails returns a [`NodeFailure`]: what went wrong ([`StepError`]), the stage, the platform
+//! and the failing step's statement in the build file, which the CLI renders as a diagnostic
+//! pointing at that statement and `--progress json` reports as a `failure` event.
 
 mod cache;
 mod direct_copy;
+mod error;
 mod execute;
 mod export;
 
@@ -54,7 +63,7 @@ use crate::scheduler::{self, CancelToken};
 use crate::state::{HistoryEntry, LayerDesc};
 use crate::store::Store;
 
-pub use execute::{CopyTask, CopyTaskSource, copy_in_sandbox};
+pub use error::{NodeFailure, StepError, Subject};
 pub use export::ManifestFormat;
 
 pub struct BuildOptions {
@@ -120,39 +129,6 @@ pub struct NodeOutput {
     pub cached: usize,
 }
 
-/// Why a node failed, with everything a person needs to find the problem.
-#[derive(Debug, Clone)]
-pub struct NodeFailure {
-    pub stage: String,
-    pub platform: String,
-    /// `file:line:col` of the failing step, when a step failed.
-    pub location: Option<String>,
-    pub step: Option<String>,
-    pub message: String,
-    /// The last lines of the step's output.
-    pub tail: Vec<String>,
-}
-
-impl std::fmt::Display for NodeFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stage `{}` for {}", self.stage, self.platform)?;
-        if let Some(step) = &self.step {
-            write!(f, ", step `{step}`")?;
-        }
-        if let Some(location) = &self.location {
-            write!(f, " ({location})")?;
-        }
-        write!(f, ": {}", self.message)?;
-        if !self.tail.is_empty() {
-            write!(f, "\n  last output:")?;
-            for line in &self.tail {
-                write!(f, "\n  │ {line}")?;
-            }
-        }
-        Ok(())
-    }
-}
-
 pub struct BuildReport {
     /// The preflight check refused to run the nodes that needed executing.
     pub environment_error: Option<String>,
@@ -165,12 +141,10 @@ pub struct BuildReport {
 
 struct Executor<'a> {
     plan: &'a Plan,
-    sources: &'a Sources,
     store: &'a Store,
     resolver: &'a dyn Resolver,
     options: &'a BuildOptions,
     events: &'a dyn EventSink,
-    outputs: Mutex<HashMap<usize, Arc<NodeOutput>>>,
     /// Set once the remote cache failed: it is warned about once and not asked again.
     remote_failed: std::sync::atomic::AtomicBool,
     /// Set once a bad remote entry (a miss, not a failure) was warned about.
@@ -230,8 +204,7 @@ pub fn build(
     });
     let mut attempt = 0;
     let (report, summarize) = loop {
-        let (report, healed, summarize) =
-            build_once(plan, sources, store, resolver, options, events);
+        let (report, healed, summarize) = build_once(plan, store, resolver, options, events);
         if report.failures.is_empty() || report.cancelled || !healed || attempt >= HEAL_ATTEMPTS {
             break (report, summarize);
         }
@@ -242,6 +215,11 @@ pub fn build(
                     .into(),
         });
     };
+    if !report.cancelled {
+        for failure in &report.failures {
+            events.emit(Event::Failure(failure.event(sources)));
+        }
+    }
     if summarize {
         events.emit(Event::Summary(Summary {
             executed: report.executed,
@@ -256,7 +234,6 @@ pub fn build(
 
 fn build_once(
     plan: &Plan,
-    sources: &Sources,
     store: &Store,
     resolver: &dyn Resolver,
     options: &BuildOptions,
@@ -264,12 +241,10 @@ fn build_once(
 ) -> (BuildReport, bool, bool) {
     let executor = Executor {
         plan,
-        sources,
         store,
         resolver,
         options,
         events,
-        outputs: Mutex::new(HashMap::new()),
         remote_failed: std::sync::atomic::AtomicBool::new(false),
         remote_bad_entry_warned: std::sync::atomic::AtomicBool::new(false),
         cache_mounts_used: Mutex::new(BTreeMap::new()),
@@ -352,8 +327,19 @@ fn build_once(
     }
     let mut graph = scheduler::Graph::new();
     let mut ids = vec![None; plan.nodes.len()];
+    // Each node's dependencies in the graph, in the order the scheduler gives their outputs.
+    let mut dep_nodes: Vec<Vec<usize>> = vec![Vec::new(); plan.nodes.len()];
     for node in plan.nodes.iter().filter(|node| needed[node.id]) {
-        let deps: Vec<_> = node.deps.iter().filter_map(|dep| ids[*dep]).collect();
+        dep_nodes[node.id] = node
+            .deps
+            .iter()
+            .copied()
+            .filter(|dep| ids[*dep].is_some())
+            .collect();
+        let deps: Vec<_> = dep_nodes[node.id]
+            .iter()
+            .filter_map(|dep| ids[*dep])
+            .collect();
         let cost = 1 + node
             .steps
             .iter()
@@ -366,7 +352,16 @@ fn build_once(
         graph,
         options.jobs.max(1),
         &options.cancel,
-        |node_id: &usize, _deps: &[&()]| executor.run_node(&plan.nodes[*node_id]).map(|_| ()),
+        |node_id: &usize, deps: &[&Arc<NodeOutput>]| {
+            let inputs = DepOutputs(
+                dep_nodes[*node_id]
+                    .iter()
+                    .copied()
+                    .zip(deps.iter().map(|output| &***output))
+                    .collect(),
+            );
+            executor.run_node(&plan.nodes[*node_id], &inputs)
+        },
     );
 
     // A step stopped by the cancel fails, but the build was cancelled, not broken.
@@ -384,20 +379,24 @@ fn build_once(
     {
         {
             failures.push(NodeFailure {
+                subject: Subject::CacheMounts,
                 stage: "cache mounts".into(),
                 platform: "all".into(),
-                location: None,
+                at: None,
                 step: None,
-                message,
+                error: Arc::new(message.into()),
                 tail: Vec::new(),
             });
         }
     }
-    let outputs = executor
-        .outputs
-        .lock()
-        .map(|outputs| outputs.clone())
-        .unwrap_or_default();
+    let outputs: HashMap<usize, Arc<NodeOutput>> = plan
+        .nodes
+        .iter()
+        .filter_map(|node| {
+            let output = report.outcome(ids[node.id]?).output()?;
+            Some((node.id, output.clone()))
+        })
+        .collect();
     let executed = outputs.values().map(|output| output.executed).sum();
     let cached = outputs.values().map(|output| output.cached).sum();
 
@@ -410,11 +409,12 @@ fn build_once(
                     images.push(summary);
                 }
                 Err(message) => failures.push(NodeFailure {
+                    subject: Subject::Image,
                     stage: image.name.clone(),
                     platform: "all".into(),
-                    location: Some(sources.describe(image.at)),
+                    at: Some(image.at),
                     step: None,
-                    message,
+                    error: Arc::new(message.into()),
                     tail: Vec::new(),
                 }),
             }
@@ -431,50 +431,57 @@ fn build_once(
     (report, healed(), true)
 }
 
-impl Executor<'_> {
-    fn output_of(&self, node: usize) -> Result<Arc<NodeOutput>, String> {
-        self.outputs
-            .lock()
-            .ok()
-            .and_then(|outputs| outputs.get(&node).cloned())
-            .ok_or_else(|| format!("internal error: node {node} has no output"))
-    }
+/// What the nodes a node builds on and copies from produced, by node id: the outputs the
+/// scheduler hands a job from its dependencies.
+struct DepOutputs<'a>(HashMap<usize, &'a NodeOutput>);
 
+impl DepOutputs<'_> {
+    fn output_of(&self, node: usize) -> Result<&NodeOutput, StepError> {
+        self.0
+            .get(&node)
+            .copied()
+            .ok_or(StepError::NoOutput { node })
+    }
+}
+
+impl Executor<'_> {
+    /// A node failed, at `step` or (when `None`) outside any step: its base.
     fn failure(
         &self,
         node: &Node,
         step: Option<&crate::plan::StepPlan>,
-        message: String,
+        error: impl Into<StepError>,
         tail: Vec<String>,
     ) -> Box<NodeFailure> {
         Box::new(NodeFailure {
+            subject: Subject::Node,
             stage: node.stage.clone(),
             platform: node.platform.to_string(),
-            location: step.map(|step| self.sources.describe(step.at)),
+            at: Some(step.map_or(node.at, |step| step.at)),
             step: step.map(|step| step.description.clone()),
-            message,
+            error: Arc::new(error.into()),
             tail,
         })
     }
 
-    fn run_node(&self, node: &Node) -> Result<(), Box<NodeFailure>> {
+    fn run_node(
+        &self,
+        node: &Node,
+        inputs: &DepOutputs<'_>,
+    ) -> Result<Arc<NodeOutput>, Box<NodeFailure>> {
         let platform = node.platform.to_string();
         self.events.emit(Event::NodeStarted {
             node: node.id,
             stage: node.stage.clone(),
             platform: platform.clone(),
         });
-        let result = self.run_node_steps(node);
+        let result = self.run_node_steps(node, inputs);
         self.events.emit(Event::NodeFinished {
             node: node.id,
             stage: node.stage.clone(),
             platform,
             ok: result.is_ok(),
         });
-        let output = result?;
-        if let Ok(mut outputs) = self.outputs.lock() {
-            outputs.insert(node.id, Arc::new(output));
-        }
-        Ok(())
+        Ok(Arc::new(result?))
     }
 }

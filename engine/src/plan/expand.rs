@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use graphbuild_lang::ir::{
     self, Command, FromSource, Loc, PlatformSpec, Project, Stage, StepKind, Text,
@@ -17,7 +18,8 @@ use graphbuild_lang::{Code, Diagnostic, Diagnostics};
 
 use super::op::{CacheMountOp, ConfigOp, CopyOp, CopySource, Op, RunOp, SecretOp, TmpfsMountOp};
 use super::{Base, ImagePlan, Node, Plan, PlanOptions, StepInputs, StepPlan, parse_duration};
-use crate::context::{self, Context};
+use crate::context::{self, Context, ContextError};
+use crate::copy::CopyError;
 use crate::digest::Key;
 use crate::key::KeyBuilder;
 use crate::resolve::{ResolveError, Unresolved};
@@ -57,11 +59,22 @@ pub(super) fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Pla
     })
 }
 
+/// Why a `copy` from the build context selects nothing to copy.
+#[derive(Debug, thiserror::Error)]
+enum SelectError {
+    /// The context could not be scanned.
+    #[error(transparent)]
+    Scan(Arc<ContextError>),
+    #[error(transparent)]
+    Copy(CopyError),
+}
+
 struct Expander<'a> {
     project: &'a Project,
     options: &'a PlanOptions<'a>,
     context_dir: PathBuf,
-    context: Option<Result<Context, String>>,
+    /// Scanned on first use; a scan that failed is reported at every context `copy`.
+    context: Option<Result<Context, Arc<ContextError>>>,
     stages: HashMap<&'a str, &'a Stage>,
     nodes: Vec<Node>,
     by_key: HashMap<Key, usize>,
@@ -478,17 +491,12 @@ impl<'a> Expander<'a> {
         plans
     }
 
-    fn context(&mut self) -> Result<&Context, String> {
-        if self.context.is_none() {
-            let scanned = Context::scan(&self.context_dir, self.options.store)
-                .map_err(|error| error.to_string());
-            self.context = Some(scanned);
-        }
-        match self.context.as_ref() {
-            Some(Ok(context)) => Ok(context),
-            Some(Err(error)) => Err(error.clone()),
-            None => Err("the build context was not scanned".into()),
-        }
+    fn context(&mut self) -> Result<&Context, Arc<ContextError>> {
+        let (context_dir, store) = (&self.context_dir, self.options.store);
+        self.context
+            .get_or_insert_with(|| Context::scan(context_dir, store).map_err(Arc::new))
+            .as_ref()
+            .map_err(Arc::clone)
     }
 
     /// The node that builds `stage` for `target`; `None` after reporting an error.
@@ -791,7 +799,7 @@ impl<'a> Expander<'a> {
                 pending,
                 op,
                 description,
-                at: step.at,
+                at: step.statement_at(),
                 inputs,
             });
         }
@@ -1186,8 +1194,8 @@ impl<'a> Expander<'a> {
             }
             None => {
                 let selected = match self.context() {
-                    Ok(context) => context.select(&sources).map_err(|error| error.to_string()),
-                    Err(error) => Err(error),
+                    Ok(context) => context.select(&sources).map_err(SelectError::Copy),
+                    Err(error) => Err(SelectError::Scan(error)),
                 };
                 let selected = selected.map(|items| match &excluder {
                     Some(excluder) => context::exclude(items, excluder),
@@ -1209,7 +1217,7 @@ impl<'a> Expander<'a> {
                         self.error(
                             at,
                             Code::Copy,
-                            error,
+                            error.to_string(),
                             "this copy",
                             Some(format!(
                                 "sources are relative to the build context `{}`",

@@ -130,6 +130,8 @@ pub struct StepPlan {
     /// For people and the image history's `created_by`: derived from the op (for a `run`,
     /// its command with the values of its variables shown). Never part of a key.
     pub description: String,
+    /// The statement in the build file, from the step's name through its last argument
+    /// (`ir::Step::statement_at`): what a failure's diagnostic underlines.
     pub at: Loc,
     /// What went into the key, in readable form, for `plan --explain`.
     pub inputs: StepInputs,

@@ -24,16 +24,13 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 
 use super::confine;
+use super::copy_task::copy_in_sandbox;
 use super::limits::{self, StepCgroup};
 use super::user::resolve_user;
 use super::{
     ChildReport, ChildRequest, DEFAULT_PATH, ExitStatusKind, NetworkMode, RunTask, SandboxSpec,
     Task,
 };
-
-/// Called in the sandbox for [`Task::Copy`]: the merged root (read-write, changes land in the
-/// upper directory) and the task's value.
-pub type CopyHandler = fn(&Path, &serde_json::Value) -> Result<(), String>;
 
 /// How long PID 1 has to exit after a forwarded SIGTERM/SIGINT/SIGHUP before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -58,24 +55,15 @@ const PROC_MASKED: [&str; 9] = [
     "asound",
 ];
 
-/// The sandbox child's entry point for binaries without a copy handler: call it first thing
-/// in `main` when `argv[1] == SANDBOX_ARG`. Never returns.
+/// The sandbox child's entry point: call it first thing in `main` when
+/// `argv[1] == SANDBOX_ARG`. Never returns.
 pub fn child_main() -> ! {
-    child_main_with(no_copy_handler)
-}
-
-fn no_copy_handler(_: &Path, _: &serde_json::Value) -> Result<(), String> {
-    Err("this binary registers no copy handler (call child_main_with)".to_string())
-}
-
-/// [`child_main`] with a handler for [`Task::Copy`]. Never returns.
-pub fn child_main_with(copy_handler: CopyHandler) -> ! {
     // Read the host's /etc/passwd and /etc/subuid for rootless error messages while they are
     // still the host's (before pivot_root).
     if crate::rootless::in_user_namespace() {
         let _ = crate::rootless::chown_error_help();
     }
-    let report = match supervise(copy_handler) {
+    let report = match supervise() {
         Ok(report) => report,
         Err(failure) => failure.into_report(),
     };
@@ -119,7 +107,7 @@ fn step<E: std::fmt::Display>(name: impl Into<String>) -> impl FnOnce(E) -> Fail
     move |error| Failure::new(name, error)
 }
 
-fn supervise(copy_handler: CopyHandler) -> Result<ChildReport, Failure> {
+fn supervise() -> Result<ChildReport, Failure> {
     // Signals wait for the supervision loop; PID 1 unblocks them before exec.
     let mut signals = SigSet::empty();
     for signal in [
@@ -184,13 +172,16 @@ fn supervise(copy_handler: CopyHandler) -> Result<ChildReport, Failure> {
     let layout = ScratchLayout::create(scratch, &request.spec)?;
 
     match &request.spec.task {
-        Task::Copy(value) => {
+        Task::Copy(task) => {
             layout.mount_overlay(&request.spec)?;
-            let result = copy_handler(&layout.root, value);
+            let result = copy_in_sandbox(&layout.root, task);
             unmount_root(&layout.root);
             Ok(match result {
                 Ok(()) => ChildReport::CopyDone,
-                Err(message) => ChildReport::CopyFailed { message },
+                Err(error) => ChildReport::CopyFailed {
+                    message: error.to_string(),
+                    help: error.help(),
+                },
             })
         }
         Task::Run(run) => {
@@ -515,10 +506,28 @@ fn mount_targets(run: &RunTask) -> Vec<MountTarget> {
     targets
 }
 
+/// Why a mount target cannot be resolved inside the image.
+#[derive(Debug, thiserror::Error)]
+enum ResolveInRootError {
+    #[error("too many levels of symbolic links in {0}")]
+    SymlinkLoop(String),
+    /// A component that is followed by more is not a directory (`/` + the path inside root).
+    #[error("/{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Resolves absolute `path` inside `root` as the kernel would after a chroot: symlinks are
 /// followed (absolute ones restart at `root`), `..` stops at `root`. Returns the existing
 /// resolved part (relative to root, free of symlinks) and the missing components after it.
-fn resolve_in_root(root: &Path, path: &str) -> Result<(PathBuf, Vec<OsString>), String> {
+fn resolve_in_root(
+    root: &Path,
+    path: &str,
+) -> Result<(PathBuf, Vec<OsString>), ResolveInRootError> {
     const MAX_SYMLINKS: usize = 40;
     let mut pending: std::collections::VecDeque<OsString> = components(Path::new(path));
     let mut resolved: Vec<OsString> = Vec::new();
@@ -542,9 +551,12 @@ fn resolve_in_root(root: &Path, path: &str) -> Result<(PathBuf, Vec<OsString>), 
             Ok(metadata) if metadata.file_type().is_symlink() => {
                 symlinks += 1;
                 if symlinks > MAX_SYMLINKS {
-                    return Err(format!("too many levels of symbolic links in {path}"));
+                    return Err(ResolveInRootError::SymlinkLoop(path.to_string()));
                 }
-                let link = fs::read_link(&candidate).map_err(|error| error.to_string())?;
+                let link = fs::read_link(&candidate).map_err(|source| ResolveInRootError::Io {
+                    path: candidate.clone(),
+                    source,
+                })?;
                 if link.is_absolute() {
                     resolved.clear();
                 }
@@ -554,19 +566,19 @@ fn resolve_in_root(root: &Path, path: &str) -> Result<(PathBuf, Vec<OsString>), 
             }
             Ok(metadata) => {
                 if !metadata.is_dir() && !pending.is_empty() {
-                    return Err(format!(
-                        "/{} is not a directory",
-                        resolved
-                            .iter()
-                            .collect::<PathBuf>()
-                            .join(&component)
-                            .display()
+                    return Err(ResolveInRootError::NotADirectory(
+                        resolved.iter().collect::<PathBuf>().join(&component),
                     ));
                 }
                 resolved.push(component);
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => missing.push(component),
-            Err(error) => return Err(format!("{}: {error}", candidate.display())),
+            Err(source) => {
+                return Err(ResolveInRootError::Io {
+                    path: candidate,
+                    source,
+                });
+            }
         }
     }
     Ok((resolved.iter().collect(), missing))
@@ -1220,10 +1232,16 @@ mod tests {
         assert_eq!(existing, Path::new(""));
         assert_eq!(missing, [OsString::from("a"), OsString::from("c")]);
 
-        assert!(resolve_in_root(root, "/file/below").is_err());
+        assert!(matches!(
+            resolve_in_root(root, "/file/below"),
+            Err(ResolveInRootError::NotADirectory(path)) if path == Path::new("file")
+        ));
 
         std::os::unix::fs::symlink("loop", root.join("loop")).expect("symlink");
-        assert!(resolve_in_root(root, "/loop/x").is_err());
+        assert!(matches!(
+            resolve_in_root(root, "/loop/x"),
+            Err(ResolveInRootError::SymlinkLoop(path)) if path == "/loop/x"
+        ));
     }
 
     #[test]

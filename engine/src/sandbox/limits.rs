@@ -29,22 +29,67 @@ pub struct Location {
     pub version: &'static str,
 }
 
+/// Why no step cgroup can be had; the supervisor then counts processes itself.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: &'static str,
+        source: std::io::Error,
+    },
+    /// Neither hierarchy can hold step cgroups: why not, for each.
+    #[error("{v2}; {v1}")]
+    Unavailable { v2: Unusable, v1: Unusable },
+    #[error("cannot create {}: {source}", dir.display())]
+    Create {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot set {}/pids.max: {source}", dir.display())]
+    SetMax {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why one cgroup hierarchy cannot hold step cgroups.
+#[derive(Debug, thiserror::Error)]
+pub enum Unusable {
+    #[error("not in a cgroup v2 hierarchy")]
+    NotInV2,
+    #[error("no cgroup v2 mount")]
+    NoV2Mount,
+    #[error("the cgroup v2 pids controller is not available in {}", .0.display())]
+    NoV2Controller(PathBuf),
+    #[error("cannot enable the cgroup v2 pids controller for {}'s children: {source}", dir.display())]
+    EnableV2 {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no cgroup v1 pids hierarchy")]
+    NoV1Hierarchy,
+    #[error("the cgroup v1 pids hierarchy is not mounted")]
+    V1NotMounted,
+    #[error("{} does not exist", .0.display())]
+    Missing(PathBuf),
+}
+
 /// Finds where step cgroups can be made, or says why not.
-pub fn locate() -> Result<Location, String> {
-    let own = fs::read_to_string("/proc/self/cgroup")
-        .map_err(|error| format!("cannot read /proc/self/cgroup: {error}"))?;
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|error| format!("cannot read /proc/self/mountinfo: {error}"))?;
-    let mut reasons = Vec::new();
-    match locate_v2(&own, &mountinfo) {
+pub fn locate() -> Result<Location, CgroupError> {
+    let read = |path: &'static str| {
+        fs::read_to_string(path).map_err(|source| CgroupError::Read { path, source })
+    };
+    let own = read("/proc/self/cgroup")?;
+    let mountinfo = read("/proc/self/mountinfo")?;
+    let v2 = match locate_v2(&own, &mountinfo) {
         Ok(location) => return Ok(location),
-        Err(reason) => reasons.push(reason),
-    }
-    match locate_v1(&own, &mountinfo) {
+        Err(reason) => reason,
+    };
+    let v1 = match locate_v1(&own, &mountinfo) {
         Ok(location) => return Ok(location),
-        Err(reason) => reasons.push(reason),
-    }
-    Err(reasons.join("; "))
+        Err(reason) => reason,
+    };
+    Err(CgroupError::Unavailable { v2, v1 })
 }
 
 /// (mount point, root inside the hierarchy, filesystem type, super options) per cgroup mount.
@@ -98,15 +143,15 @@ fn join_inside(mount_point: &Path, mount_root: &str, own: &str) -> PathBuf {
     mount_point.join(relative)
 }
 
-fn locate_v2(own: &str, mountinfo: &str) -> Result<Location, String> {
+fn locate_v2(own: &str, mountinfo: &str) -> Result<Location, Unusable> {
     let path = own
         .lines()
         .find_map(|line| line.strip_prefix("0::"))
-        .ok_or("not in a cgroup v2 hierarchy")?;
+        .ok_or(Unusable::NotInV2)?;
     let (mount_point, root, _, _) = cgroup_mounts(mountinfo)
         .into_iter()
         .find(|(_, _, fstype, _)| fstype == "cgroup2")
-        .ok_or("no cgroup v2 mount")?;
+        .ok_or(Unusable::NoV2Mount)?;
     let own_dir = join_inside(&mount_point, &root, path);
     let has = |file: &str, dir: &Path| {
         fs::read_to_string(dir.join(file))
@@ -132,22 +177,19 @@ fn locate_v2(own: &str, mountinfo: &str) -> Result<Location, String> {
         return Ok(location(parent.to_path_buf()));
     }
     if !has("cgroup.controllers", &own_dir) {
-        return Err(format!(
-            "the cgroup v2 pids controller is not available in {}",
-            own_dir.display()
-        ));
+        return Err(Unusable::NoV2Controller(own_dir));
     }
     // Works where the cgroup holds no process itself (the root cgroup, a delegated subtree).
-    fs::write(own_dir.join("cgroup.subtree_control"), "+pids").map_err(|error| {
-        format!(
-            "cannot enable the cgroup v2 pids controller for {}'s children: {error}",
-            own_dir.display()
-        )
-    })?;
+    if let Err(source) = fs::write(own_dir.join("cgroup.subtree_control"), "+pids") {
+        return Err(Unusable::EnableV2 {
+            dir: own_dir,
+            source,
+        });
+    }
     Ok(location(own_dir))
 }
 
-fn locate_v1(own: &str, mountinfo: &str) -> Result<Location, String> {
+fn locate_v1(own: &str, mountinfo: &str) -> Result<Location, Unusable> {
     let path = own
         .lines()
         .find_map(|line| {
@@ -160,16 +202,16 @@ fn locate_v1(own: &str, mountinfo: &str) -> Result<Location, String> {
                 .any(|name| name == "pids")
                 .then_some(path)
         })
-        .ok_or("no cgroup v1 pids hierarchy")?;
+        .ok_or(Unusable::NoV1Hierarchy)?;
     let (mount_point, root, _, _) = cgroup_mounts(mountinfo)
         .into_iter()
         .find(|(_, _, fstype, options)| {
             fstype == "cgroup" && options.split(',').any(|option| option == "pids")
         })
-        .ok_or("the cgroup v1 pids hierarchy is not mounted")?;
+        .ok_or(Unusable::V1NotMounted)?;
     let parent = join_inside(&mount_point, &root, path);
     if !parent.is_dir() {
-        return Err(format!("{} does not exist", parent.display()));
+        return Err(Unusable::Missing(parent));
     }
     Ok(Location {
         parent,
@@ -186,19 +228,23 @@ pub struct StepCgroup {
 impl StepCgroup {
     /// Creates this supervisor's cgroup limited to `max` processes, first removing those
     /// of supervisors that are gone.
-    pub fn create(location: &Location, max: u32) -> Result<StepCgroup, String> {
+    pub fn create(location: &Location, max: u32) -> Result<StepCgroup, CgroupError> {
         sweep_stale(&location.parent);
         let dir = location
             .parent
             .join(format!("{PREFIX}{}", std::process::id()));
-        if let Err(error) = fs::create_dir(&dir)
-            && error.kind() != std::io::ErrorKind::AlreadyExists
+        if let Err(source) = fs::create_dir(&dir)
+            && source.kind() != std::io::ErrorKind::AlreadyExists
         {
-            return Err(format!("cannot create {}: {error}", dir.display()));
+            return Err(CgroupError::Create { dir, source });
         }
         let cgroup = StepCgroup { dir, max };
-        fs::write(cgroup.dir.join("pids.max"), max.to_string())
-            .map_err(|error| format!("cannot set {}/pids.max: {error}", cgroup.dir.display()))?;
+        if let Err(source) = fs::write(cgroup.dir.join("pids.max"), max.to_string()) {
+            return Err(CgroupError::SetMax {
+                dir: cgroup.dir.clone(),
+                source,
+            });
+        }
         Ok(cgroup)
     }
 
@@ -292,10 +338,14 @@ mod tests {
         let info = mountinfo(&[(&unified, "cgroup2", "rw"), (&pids, "cgroup", "rw,pids")]);
         let own = "8:pids:/user.slice\n1:name=systemd:/user.slice\n0::/user.slice\n";
         let reason = locate_v2(own, &info).expect_err("no v2 pids");
-        assert!(reason.contains("not available"), "{reason}");
+        assert!(
+            matches!(&reason, Unusable::NoV2Controller(dir) if *dir == unified.join("user.slice")),
+            "{reason}"
+        );
+        assert!(reason.to_string().contains("not available"), "{reason}");
         assert_eq!(
-            locate_v1(own, &info),
-            Ok(Location {
+            locate_v1(own, &info).ok(),
+            Some(Location {
                 parent: pids.join("user.slice"),
                 version: "cgroup v1",
             })
@@ -316,14 +366,14 @@ mod tests {
         fs::write(own_dir.join("pids.max"), "max").expect("write");
         fs::write(own_dir.join("cgroup.controllers"), "cpu pids").expect("write");
         assert_eq!(
-            locate_v2(own, &info).map(|location| location.parent),
-            Ok(root.join("build.slice"))
+            locate_v2(own, &info).ok().map(|location| location.parent),
+            Some(root.join("build.slice"))
         );
         // Delegated to graphbuild: its children get the controller.
         fs::write(own_dir.join("cgroup.subtree_control"), "pids").expect("write");
         assert_eq!(
-            locate_v2(own, &info).map(|location| location.parent),
-            Ok(own_dir.clone())
+            locate_v2(own, &info).ok().map(|location| location.parent),
+            Some(own_dir.clone())
         );
     }
 

@@ -68,6 +68,7 @@
 
 mod child;
 pub mod confine;
+mod copy_task;
 pub mod limits;
 mod user;
 
@@ -79,7 +80,8 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-pub use child::{CopyHandler, child_main, child_main_with};
+pub use child::child_main;
+pub use copy_task::{CopyTask, CopyTaskSource};
 
 /// The first argument that turns the graphbuild binary into a sandbox child.
 pub const SANDBOX_ARG: &str = "__graphbuild-sandbox";
@@ -108,8 +110,8 @@ pub struct SandboxSpec {
 pub enum Task {
     /// Run a command.
     Run(RunTask),
-    /// Call the binary's [`CopyHandler`] with the merged root and this value.
-    Copy(serde_json::Value),
+    /// Perform a `copy` on the merged root.
+    Copy(CopyTask),
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -277,7 +279,12 @@ pub enum SandboxError {
 
     #[error("copy failed: {message}")]
     #[diagnostic(code(graphbuild::sandbox::copy))]
-    CopyFailed { message: String },
+    CopyFailed {
+        message: String,
+        /// What to do about it, from the copy's own error.
+        #[help]
+        help: Option<String>,
+    },
 
     #[error(
         "the sandbox process ended without a result ({status}){}",
@@ -310,6 +317,8 @@ enum ChildReport {
     CopyDone,
     CopyFailed {
         message: String,
+        #[serde(default)]
+        help: Option<String>,
     },
     SetupFailed {
         step: String,
@@ -431,7 +440,9 @@ pub fn run_sandbox(
             status: ExitStatusKind::Exited(0),
             tail,
         }),
-        Some(ChildReport::CopyFailed { message }) => Err(SandboxError::CopyFailed { message }),
+        Some(ChildReport::CopyFailed { message, help }) => {
+            Err(SandboxError::CopyFailed { message, help })
+        }
         Some(ChildReport::SetupFailed { step, message }) => {
             Err(SandboxError::Setup { step, message })
         }

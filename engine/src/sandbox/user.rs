@@ -56,8 +56,21 @@ fn group_entries(group: &str) -> impl Iterator<Item = GroupEntry<'_>> {
     })
 }
 
+/// A `user` the image's `/etc/passwd` or `/etc/group` does not know (the messages are runc's).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum UserError {
+    #[error("unable to find user {0}: no matching entries in passwd file")]
+    UnknownUser(String),
+    #[error("unable to find group {0}: no matching entries in group file")]
+    UnknownGroup(String),
+}
+
 /// `passwd` and `group` are the files' contents (empty when missing).
-pub(crate) fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<ResolvedUser, String> {
+pub(crate) fn resolve_user(
+    user: &str,
+    passwd: &str,
+    group: &str,
+) -> Result<ResolvedUser, UserError> {
     let (user_part, group_part) = match user.split_once(':') {
         Some((user_part, group_part)) => (user_part, Some(group_part)),
         None => (user, None),
@@ -78,11 +91,7 @@ pub(crate) fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<Reso
         (None, Ok(uid)) => (uid, 0, None, "/".to_string()),
         // Images without /etc/passwd still know root.
         (None, Err(_)) if user_part == "root" => (0, 0, Some("root"), "/root".to_string()),
-        (None, Err(_)) => {
-            return Err(format!(
-                "unable to find user {user_part}: no matching entries in passwd file"
-            ));
-        }
+        (None, Err(_)) => return Err(UserError::UnknownUser(user_part.to_string())),
     };
 
     let mut supplementary_gids = Vec::new();
@@ -93,11 +102,7 @@ pub(crate) fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<Reso
                 Err(_) => group_entries(group)
                     .find(|entry| entry.name == group_part)
                     .map(|entry| entry.gid)
-                    .ok_or_else(|| {
-                        format!(
-                            "unable to find group {group_part}: no matching entries in group file"
-                        )
-                    })?,
+                    .ok_or_else(|| UserError::UnknownGroup(group_part.to_string()))?,
             };
         }
         _ => {
@@ -165,9 +170,17 @@ mod tests {
     #[test]
     fn unknown_names_are_errors() {
         let error = resolve_user("nobody", PASSWD, GROUP).expect_err("unknown user");
-        assert!(error.contains("unable to find user nobody"), "{error}");
+        assert_eq!(error, UserError::UnknownUser("nobody".into()));
+        assert_eq!(
+            error.to_string(),
+            "unable to find user nobody: no matching entries in passwd file"
+        );
         let error = resolve_user("app:staff", PASSWD, GROUP).expect_err("unknown group");
-        assert!(error.contains("unable to find group staff"), "{error}");
+        assert_eq!(error, UserError::UnknownGroup("staff".into()));
+        assert_eq!(
+            error.to_string(),
+            "unable to find group staff: no matching entries in group file"
+        );
     }
 
     #[test]
