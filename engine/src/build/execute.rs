@@ -321,7 +321,9 @@ impl Executor<'_> {
             Op::Copy(copy) => {
                 let (source, items) = match &copy.from {
                     CopySource::Context { items, inline, .. } => {
-                        let (root, guard) = self.copy_root(inline).map_err(fail)?;
+                        let (root, guard) = self
+                            .copy_root(inline)
+                            .map_err(|message| fail(message.into()))?;
                         guards.extend(guard.map(|guard| Box::new(guard) as Box<dyn std::any::Any>));
                         (CopyTaskSource::Context(root), items.clone())
                     }
