@@ -32,6 +32,7 @@
 //! layers and history from the node), manifest, the image index and the layout's `index.json`
 //! are serialized canonically and written, so equal inputs give byte-identical layouts.
 
+mod attest;
 mod cache;
 mod direct_copy;
 mod execute;
@@ -80,6 +81,8 @@ pub struct BuildOptions {
     pub step_timeout_ms: Option<u64>,
     /// `--step-max-processes`: the process limit of each `run` step; `None`: no limit.
     pub step_max_processes: Option<u32>,
+    /// `--provenance`, `--sbom`: the attestations each image's index carries.
+    pub attest: crate::attest::AttestOptions,
 }
 
 /// Shown for each `insecure=#true` step, by `graphbuild plan` and in the step's output.
