@@ -34,6 +34,8 @@ const MAX_SBOM_SIZE: usize = crate::remote::MAX_STEP_RECORD_SIZE as usize;
 pub(super) struct Attestation {
     pub(super) descriptor: oci::Descriptor,
     pub(super) blobs: Vec<Digest>,
+    /// Where the SBOM came from (`scanned`, `local cache`, `team cache`), when there is one.
+    pub(super) sbom_origin: Option<&'static str>,
 }
 
 impl Executor<'_> {
@@ -76,14 +78,18 @@ impl Executor<'_> {
             let statement = attest::statement(&subjects, attest::PROVENANCE_PREDICATE, predicate);
             statements.push((oci::canonical_json(&statement), attest::PROVENANCE_PREDICATE));
         }
+        let mut sbom_origin = None;
         if options.sbom {
-            let document = self.sbom_document(platform, layers)?;
+            let (document, origin) = self.sbom_document(platform, layers)?;
+            sbom_origin = Some(origin);
             let document: serde_json::Value = serde_json::from_slice(&document)
                 .map_err(|error| format!("the SBOM for {platform} is not JSON: {error}"))?;
             let statement = attest::statement(&subjects, attest::SPDX_PREDICATE, document);
             statements.push((oci::canonical_json(&statement), attest::SPDX_PREDICATE));
         }
-        self.attestation_manifest(manifest, &statements).map(Some)
+        let mut attestation = self.attestation_manifest(manifest, &statements)?;
+        attestation.sbom_origin = sbom_origin;
+        Ok(Some(attestation))
     }
 
     /// Store the statements and the manifest holding them, BuildKit's way.
@@ -185,7 +191,11 @@ impl Executor<'_> {
                 ),
             ]),
         };
-        Ok(Attestation { descriptor, blobs })
+        Ok(Attestation {
+            descriptor,
+            blobs,
+            sbom_origin: None,
+        })
     }
 
     fn sbom_key(&self, platform: &Platform, layers: &[LayerDesc]) -> Key {
@@ -202,15 +212,19 @@ impl Executor<'_> {
 
     /// The SPDX document of a platform's filesystem: from the local store, else the team
     /// cache, else scanned now (and then recorded in both).
-    fn sbom_document(&self, platform: &Platform, layers: &[LayerDesc]) -> Result<Vec<u8>, String> {
+    fn sbom_document(
+        &self,
+        platform: &Platform,
+        layers: &[LayerDesc],
+    ) -> Result<(Vec<u8>, &'static str), String> {
         let key = self.sbom_key(platform, layers);
         if !self.options.no_cache {
             if let Some(document) = self.local_sbom(&key) {
-                return Ok(document);
+                return Ok((document, "local cache"));
             }
             if let Some(document) = self.remote_sbom(&key)? {
                 self.record_sbom(&key, &document)?;
-                return Ok(document);
+                return Ok((document, "team cache"));
             }
         }
         let scan = sbom::scan_layers(self.store, layers)
@@ -226,7 +240,7 @@ impl Executor<'_> {
         }
         self.record_sbom(&key, &bytes)?;
         self.publish_sbom(&key, &bytes)?;
-        Ok(bytes)
+        Ok((bytes, "scanned"))
     }
 
     fn local_sbom(&self, key: &Key) -> Option<Vec<u8>> {

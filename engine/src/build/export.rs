@@ -171,10 +171,14 @@ impl Executor<'_> {
                 }),
                 annotations: BTreeMap::new(),
             };
+            let mut attestation_digest = None;
+            let mut sbom = None;
             if let Some(attestation) =
                 self.attest_platform(image, platform, *node_id, &output.layers, &descriptor)?
             {
                 blobs.extend(attestation.blobs);
+                attestation_digest = Some(attestation.descriptor.digest.to_string());
+                sbom = attestation.sbom_origin.map(str::to_string);
                 attestations.push(attestation.descriptor);
             }
             manifests.push(descriptor);
@@ -182,6 +186,8 @@ impl Executor<'_> {
                 platform: platform.to_string(),
                 manifest_digest: manifest_digest.to_string(),
                 size: output.layers.iter().map(|layer| layer.size).sum(),
+                attestation_digest,
+                sbom,
             });
         }
         // As BuildKit does: attestation manifests after every platform manifest.

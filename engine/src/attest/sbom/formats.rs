@@ -250,17 +250,18 @@ pub(crate) fn go_binary(elf: &[u8]) -> Vec<Package> {
         return Vec::new();
     }
     let mut rest = &section[32..];
-    let Some(go_version) = read_varint_string(&mut rest) else {
+    let Some(go_version) = read_varint_bytes(&mut rest) else {
         return Vec::new();
     };
-    let Some(modinfo) = read_varint_string(&mut rest) else {
+    let go_version = String::from_utf8_lossy(go_version);
+    let Some(modinfo) = read_varint_bytes(&mut rest) else {
         return Vec::new();
     };
-    // The module information is framed by 16-byte sentinels.
+    // The module information is framed by 16-byte sentinels (not UTF-8).
     let modinfo = if modinfo.len() >= 33 {
-        &modinfo[16..modinfo.len() - 16]
+        String::from_utf8_lossy(&modinfo[16..modinfo.len() - 16])
     } else {
-        ""
+        "".into()
     };
     let mut packages = Vec::new();
     let go_version = go_version.trim_start_matches("go").to_string();
@@ -301,8 +302,8 @@ fn go_package(path: &str, version: &str) -> Package {
     }
 }
 
-/// A string prefixed by its length as an unsigned LEB128 varint, as Go writes them.
-fn read_varint_string<'a>(input: &mut &'a [u8]) -> Option<&'a str> {
+/// Bytes prefixed by their length as an unsigned LEB128 varint, as Go writes strings.
+fn read_varint_bytes<'a>(input: &mut &'a [u8]) -> Option<&'a [u8]> {
     let mut length: u64 = 0;
     let mut shift = 0;
     loop {
@@ -321,9 +322,9 @@ fn read_varint_string<'a>(input: &mut &'a [u8]) -> Option<&'a str> {
     if length > input.len() {
         return None;
     }
-    let (text, rest) = input.split_at(length);
+    let (bytes, rest) = input.split_at(length);
     *input = rest;
-    std::str::from_utf8(text).ok()
+    Some(bytes)
 }
 
 /// The crates a Rust binary built with `cargo auditable` was built from (its `.dep-v0`
@@ -412,9 +413,10 @@ mod tests {
     #[test]
     fn varint_strings_are_bounded() {
         let mut input: &[u8] = &[0x05, b'a', b'b'];
-        assert_eq!(read_varint_string(&mut input), None);
+        assert_eq!(read_varint_bytes(&mut input), None);
         let mut input: &[u8] = &[0x02, b'g', b'o', 0xff];
-        assert_eq!(read_varint_string(&mut input), Some("go"));
+        assert_eq!(read_varint_bytes(&mut input), Some(&b"go"[..]));
+        assert_eq!(input, [0xff]);
     }
 
     #[test]
