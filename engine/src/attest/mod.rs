@@ -69,12 +69,6 @@ impl Default for AttestOptions {
     }
 }
 
-impl AttestOptions {
-    pub fn any(&self) -> bool {
-        self.provenance.is_some() || self.sbom
-    }
-}
-
 /// The request as the user made it: what the provenance's `externalParameters.request` says.
 #[derive(Debug, Clone, Default)]
 pub struct BuildRequest {

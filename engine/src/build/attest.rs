@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use graphbuild_lang::ir::ProvenanceSetting;
 use graphbuild_lang::platform::Platform;
 use serde_json::json;
 
@@ -50,12 +51,20 @@ impl Executor<'_> {
         manifest: &oci::Descriptor,
     ) -> Result<Option<Attestation>, String> {
         let options = &self.options.attest;
-        if !options.any() {
+        // The image's own properties take precedence over the command line.
+        let provenance = match image.provenance {
+            Some(ProvenanceSetting::Off) => None,
+            Some(ProvenanceSetting::Min) => Some(attest::ProvenanceMode::Min),
+            Some(ProvenanceSetting::Max) => Some(attest::ProvenanceMode::Max),
+            None => options.provenance,
+        };
+        let sbom = options.sbom || image.sbom;
+        if provenance.is_none() && !sbom {
             return Ok(None);
         }
         let subjects = attest::subjects(&image.tags, &image.name, platform, &manifest.digest);
         let mut statements: Vec<(Vec<u8>, &str)> = Vec::new();
-        if let Some(mode) = options.provenance {
+        if let Some(mode) = provenance {
             let predicate = provenance::predicate(&provenance::Input {
                 mode,
                 request: &options.request,
@@ -79,7 +88,7 @@ impl Executor<'_> {
             statements.push((oci::canonical_json(&statement), attest::PROVENANCE_PREDICATE));
         }
         let mut sbom_origin = None;
-        if options.sbom {
+        if sbom {
             let (document, origin) = self.sbom_document(platform, layers)?;
             sbom_origin = Some(origin);
             let document: serde_json::Value = serde_json::from_slice(&document)
