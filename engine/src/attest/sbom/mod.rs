@@ -195,7 +195,7 @@ pub(crate) fn scan_layers(store: &Store, layers: &[LayerDesc]) -> Result<Scan, S
             let Some(kind) = kind_of(&path, mode) else {
                 continue;
             };
-            let size = entry.header().size().unwrap_or(u64::MAX);
+            let size = entry.size();
             if size > limit_for(kind) {
                 skipped += 1;
                 continue;
@@ -236,13 +236,15 @@ pub(crate) fn scan_layers(store: &Store, layers: &[LayerDesc]) -> Result<Scan, S
             here.push((path, result));
         }
         for dir in &opaque {
-            let prefix = format!("{dir}/");
-            found.retain(|path, _| !(dir.is_empty() || path.starts_with(&prefix)));
+            if dir.is_empty() {
+                found.clear();
+            } else {
+                remove_under(&mut found, dir);
+            }
         }
         for path in removed.iter().chain(&touched) {
-            let prefix = format!("{path}/");
             found.remove(path);
-            found.retain(|other, _| !other.starts_with(&prefix));
+            remove_under(&mut found, path);
         }
         found.extend(here);
     }
@@ -268,6 +270,19 @@ pub(crate) fn scan_layers(store: &Store, layers: &[LayerDesc]) -> Result<Scan, S
         }
     }
     Ok(scan)
+}
+
+/// Remove every path below the directory `dir` (a range of the sorted map, not a scan).
+fn remove_under(found: &mut BTreeMap<String, Found>, dir: &str) {
+    let prefix = format!("{dir}/");
+    let below: Vec<String> = found
+        .range(prefix.clone()..)
+        .take_while(|(path, _)| path.starts_with(&prefix))
+        .map(|(path, _)| path.clone())
+        .collect();
+    for path in below {
+        found.remove(&path);
+    }
 }
 
 /// A tar path as a relative path without `./`, leading or trailing slashes.
@@ -419,6 +434,60 @@ mod tests {
             purl(&package(Ecosystem::Golang, "golang.org/x/text", "v0.14.0"), &distro).as_deref(),
             Some("pkg:golang/golang.org/x/text@v0.14.0")
         );
+    }
+
+    fn layer(store: &Store, files: &[(&str, &[u8])]) -> LayerDesc {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, bytes) in files {
+            let mut header = tar::Header::new_ustar();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_entry_type(tar::EntryType::Regular);
+            builder.append_data(&mut header, path, *bytes).unwrap();
+        }
+        let bytes = builder.into_inner().unwrap();
+        let digest = store.put_blob_bytes(&bytes).unwrap();
+        LayerDesc {
+            digest,
+            diff_id: digest,
+            size: bytes.len() as u64,
+            media_type: crate::oci::media::OCI_LAYER_TAR.into(),
+        }
+    }
+
+    #[test]
+    fn later_layers_replace_and_whiteouts_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let status = |name: &str| {
+            format!("Package: {name}\nStatus: install ok installed\nVersion: 1\n").into_bytes()
+        };
+        let metadata = b"Name: six\nVersion: 1.16.0\n".as_slice();
+        let first = layer(
+            &store,
+            &[
+                ("var/lib/dpkg/status", &status("old")),
+                ("usr/lib/py/six-1.16.0.dist-info/METADATA", metadata),
+                ("srv/x.dist-info/METADATA", metadata),
+            ],
+        );
+        let second = layer(
+            &store,
+            &[
+                ("var/lib/dpkg/status", &status("new")),
+                ("usr/lib/py/.wh.six-1.16.0.dist-info", b""),
+                ("srv/.wh..wh..opq", b""),
+            ],
+        );
+        let scan = scan_layers(&store, &[first.clone()]).unwrap();
+        assert_eq!(scan.packages.len(), 3);
+        let scan = scan_layers(&store, &[first, second]).unwrap();
+        let found: Vec<(&str, &str)> = scan
+            .packages
+            .iter()
+            .map(|p| (p.name.as_str(), p.location.as_str()))
+            .collect();
+        assert_eq!(found, [("new", "/var/lib/dpkg/status")]);
     }
 
     #[test]
