@@ -50,9 +50,20 @@ fn venv_python() -> &'static Path {
             .arg(&dir)
             .status()
             .expect("python runs");
-        assert!(status.success(), "{} -m venv {} failed", base.display(), dir.display());
+        assert!(
+            status.success(),
+            "{} -m venv {} failed",
+            base.display(),
+            dir.display()
+        );
         let output = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args([SPDX_TOOLS, JSONSCHEMA])
             .output()
             .expect("pip runs");
@@ -95,7 +106,10 @@ fn base_python() -> PathBuf {
 /// Validate `document` against a schema of `tests/fixtures/schemas/`; the errors when invalid.
 fn schema_errors(schema: &str, document: &serde_json::Value, scratch: &Path) -> Option<String> {
     let schemas = repo_root().join("tests/fixtures/schemas");
-    let file = scratch.join(format!("doc-{}.json", sha256_hex(document.to_string().as_bytes())));
+    let file = scratch.join(format!(
+        "doc-{}.json",
+        sha256_hex(document.to_string().as_bytes())
+    ));
     std::fs::write(&file, document.to_string()).expect("write");
     let output = Command::new(venv_python())
         .arg(schemas.join("validate.py"))
@@ -122,7 +136,10 @@ fn assert_valid(schema: &str, document: &serde_json::Value, scratch: &Path) {
 
 /// `pyspdxtools -i FILE`: `Ok` when the SPDX project's validator accepts the document.
 fn spdx_validate(document: &serde_json::Value, scratch: &Path) -> Result<(), String> {
-    let file = scratch.join(format!("sbom-{}.spdx.json", sha256_hex(document.to_string().as_bytes())));
+    let file = scratch.join(format!(
+        "sbom-{}.spdx.json",
+        sha256_hex(document.to_string().as_bytes())
+    ));
     std::fs::write(&file, serde_json::to_vec_pretty(document).expect("json")).expect("write");
     let pyspdxtools = venv_python().with_file_name("pyspdxtools");
     let output = Command::new(pyspdxtools)
@@ -135,7 +152,8 @@ fn spdx_validate(document: &serde_json::Value, scratch: &Path) -> Result<(), Str
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    if output.status.success() && !text.contains("validation error") && !text.contains("Traceback") {
+    if output.status.success() && !text.contains("validation error") && !text.contains("Traceback")
+    {
         Ok(())
     } else {
         Err(text)
@@ -241,8 +259,10 @@ image sbom {
 }
 
 fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .expect("JSON")
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .expect("JSON")
 }
 
 fn blob(layout: &Path, digest: &str) -> serde_json::Value {
@@ -255,7 +275,10 @@ fn blob(layout: &Path, digest: &str) -> serde_json::Value {
 /// The image index of a layout (what `index.json`'s first entry points at).
 fn image_index(layout: &Path) -> (String, serde_json::Value) {
     let top = read_json(&layout.join("index.json"));
-    let digest = top["manifests"][0]["digest"].as_str().expect("digest").to_string();
+    let digest = top["manifests"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
     let index = blob(layout, &digest);
     (digest, index)
 }
@@ -273,7 +296,10 @@ fn fixture_digests() -> Vec<(String, String)> {
     while let Some(index) = pending.pop() {
         for entry in entries(&index) {
             let digest = entry["digest"].as_str().expect("digest").to_string();
-            if entry["mediaType"].as_str().is_some_and(|m| m.contains("index")) {
+            if entry["mediaType"]
+                .as_str()
+                .is_some_and(|m| m.contains("index"))
+            {
                 pending.push(blob(&layout, &digest));
             } else {
                 let platform = &entry["platform"];
@@ -314,7 +340,13 @@ fn attestations_are_stored_as_buildkit_does_and_pass_the_oci_slsa_and_spdx_valid
         &sandbox,
         "store",
         "out",
-        &["--sbom", "--arg", "GREETING=bonjour", "--secret", "id=token,env=HOME"],
+        &[
+            "--sbom",
+            "--arg",
+            "GREETING=bonjour",
+            "--secret",
+            "id=token,env=HOME",
+        ],
     );
     assert_success(&output);
     let layout = sandbox.path().join("out/sbom");
@@ -334,7 +366,11 @@ fn attestations_are_stored_as_buildkit_does_and_pass_the_oci_slsa_and_spdx_valid
         let attestation = &entries[position + 2];
         let image_digest = image["digest"].as_str().expect("digest");
         assert_eq!(
-            format!("{}/{}", image["platform"]["os"].as_str().unwrap(), image["platform"]["architecture"].as_str().unwrap()),
+            format!(
+                "{}/{}",
+                image["platform"]["os"].as_str().unwrap(),
+                image["platform"]["architecture"].as_str().unwrap()
+            ),
             *platform
         );
         assert_eq!(attestation["platform"]["os"], "unknown", "{attestation}");
@@ -363,17 +399,27 @@ fn attestations_are_stored_as_buildkit_does_and_pass_the_oci_slsa_and_spdx_valid
             manifest["artifactType"],
             "application/vnd.docker.attestation.manifest.v1+json"
         );
-        assert_eq!(manifest["config"]["mediaType"], "application/vnd.oci.empty.v1+json");
+        assert_eq!(
+            manifest["config"]["mediaType"],
+            "application/vnd.oci.empty.v1+json"
+        );
         assert_eq!(manifest["subject"]["digest"], image_digest);
         assert_eq!(manifest["subject"]["size"], image["size"]);
         let layers = manifest["layers"].as_array().expect("layers");
         let predicate_types: Vec<&str> = layers
             .iter()
-            .map(|layer| layer["annotations"]["in-toto.io/predicate-type"].as_str().unwrap())
+            .map(|layer| {
+                layer["annotations"]["in-toto.io/predicate-type"]
+                    .as_str()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(
             predicate_types,
-            ["https://slsa.dev/provenance/v1", "https://spdx.dev/Document"]
+            [
+                "https://slsa.dev/provenance/v1",
+                "https://spdx.dev/Document"
+            ]
         );
         for layer in layers {
             assert_eq!(layer["mediaType"], "application/vnd.in-toto+json");
@@ -386,13 +432,19 @@ fn attestations_are_stored_as_buildkit_does_and_pass_the_oci_slsa_and_spdx_valid
             let subjects = statement["subject"].as_array().expect("subjects");
             assert_eq!(subjects.len(), 1);
             assert_eq!(
-                format!("sha256:{}", subjects[0]["digest"]["sha256"].as_str().unwrap()),
+                format!(
+                    "sha256:{}",
+                    subjects[0]["digest"]["sha256"].as_str().unwrap()
+                ),
                 image_digest,
                 "the statement is about the platform manifest"
             );
             assert_eq!(
                 subjects[0]["name"],
-                format!("pkg:docker/localhost/sbom@1?platform={}", platform.replace('/', "%2F"))
+                format!(
+                    "pkg:docker/localhost/sbom@1?platform={}",
+                    platform.replace('/', "%2F")
+                )
             );
         }
 
@@ -423,12 +475,16 @@ fn attestations_are_stored_as_buildkit_does_and_pass_the_oci_slsa_and_spdx_valid
             .expect("fixture platform");
         let dependencies = definition["resolvedDependencies"].as_array().expect("deps");
         assert!(
-            dependencies.iter().any(|d| d["digest"]["sha256"] == base.as_str()
-                && d["uri"] == "oci:../tests/fixtures/busybox:1.35.0"),
+            dependencies
+                .iter()
+                .any(|d| d["digest"]["sha256"] == base.as_str()
+                    && d["uri"] == "oci:../tests/fixtures/busybox:1.35.0"),
             "{platform}: the base's digest is recorded: {dependencies:#?}"
         );
         assert!(dependencies.iter().any(|d| d["uri"] == "context"));
-        let graph = definition["internalParameters"]["graph"].as_array().expect("graph");
+        let graph = definition["internalParameters"]["graph"]
+            .as_array()
+            .expect("graph");
         assert!(!graph.is_empty());
         for node in graph {
             assert_eq!(node["platform"], *platform);
@@ -439,7 +495,9 @@ fn attestations_are_stored_as_buildkit_does_and_pass_the_oci_slsa_and_spdx_valid
             }
         }
         assert!(
-            !provenance.to_string().contains(sandbox.path().to_str().unwrap()),
+            !provenance
+                .to_string()
+                .contains(sandbox.path().to_str().unwrap()),
             "no path of this machine"
         );
 
@@ -479,7 +537,10 @@ fn attestations_are_stored_as_buildkit_does_and_pass_the_oci_slsa_and_spdx_valid
     )["predicate"]
         .clone();
     broken["packages"][1]["SPDXID"] = serde_json::json!("not an id");
-    assert!(spdx_validate(&broken, &scratch).is_err(), "pyspdxtools accepts anything");
+    assert!(
+        spdx_validate(&broken, &scratch).is_err(),
+        "pyspdxtools accepts anything"
+    );
     let mut bad_index = index.clone();
     // (`size` is checked through the schema's reference to defs-descriptor.json.)
     bad_index["manifests"][0]["size"] = serde_json::json!("big");
@@ -502,7 +563,10 @@ fn attestations_are_stored_as_buildkit_does_and_pass_the_oci_slsa_and_spdx_valid
         .iter()
         .enumerate()
     {
-        assert_eq!(platform["attestation_digest"], entries[position + 2]["digest"]);
+        assert_eq!(
+            platform["attestation_digest"],
+            entries[position + 2]["digest"]
+        );
         assert_eq!(platform["sbom"], "scanned");
     }
 }
@@ -526,7 +590,10 @@ fn provenance_is_reproducible_follows_args_and_leaves_image_manifests_alone() {
     assert_eq!(index_of("out-warm").0, digest_a);
     assert_eq!(summary(&warm)["executed"], 0);
     for platform in summary(&warm)["images"][0]["platforms"].as_array().unwrap() {
-        assert_eq!(platform["sbom"], "local cache", "a warm run reads the SBOM it recorded");
+        assert_eq!(
+            platform["sbom"], "local cache",
+            "a warm run reads the SBOM it recorded"
+        );
     }
 
     // Without attestations: the same platform manifests, only the index differs.
@@ -543,24 +610,38 @@ fn provenance_is_reproducible_follows_args_and_leaves_image_manifests_alone() {
     let (_, default_index) = index_of("out-default");
     assert_eq!(entries(&default_index)[..2], entries(&index_a)[..2]);
     let layout = sandbox.path().join("out-default/sbom");
-    let manifest = blob(&layout, entries(&default_index)[2]["digest"].as_str().unwrap());
+    let manifest = blob(
+        &layout,
+        entries(&default_index)[2]["digest"].as_str().unwrap(),
+    );
     assert_eq!(manifest["layers"].as_array().unwrap().len(), 1);
 
     // Another arg value: the same image manifests (GREETING is only in the config... so the
     // config and manifest change) — use an arg no step reads instead: a new provenance only.
-    let other = build(&sandbox, "store-b", "out-other", &["--arg", "BASE=oci:../tests/fixtures/busybox:1.35.0"]);
+    let other = build(
+        &sandbox,
+        "store-b",
+        "out-other",
+        &["--arg", "BASE=oci:../tests/fixtures/busybox:1.35.0"],
+    );
     assert_success(&other);
     let (_, other_index) = index_of("out-other");
     assert_eq!(entries(&other_index)[..2], entries(&default_index)[..2]);
     assert_ne!(
-        entries(&other_index)[2]["digest"], entries(&default_index)[2]["digest"],
+        entries(&other_index)[2]["digest"],
+        entries(&default_index)[2]["digest"],
         "the args are in the provenance"
     );
 
     // mode=max adds each step's description and location, and stays reproducible.
     let max = build(&sandbox, "store-b", "out-max", &["--provenance=mode=max"]);
     assert_success(&max);
-    let max_again = build(&sandbox, "store-a", "out-max-again", &["--provenance=mode=max"]);
+    let max_again = build(
+        &sandbox,
+        "store-a",
+        "out-max-again",
+        &["--provenance=mode=max"],
+    );
     assert_success(&max_again);
     assert_eq!(index_of("out-max").0, index_of("out-max-again").0);
     let layout = sandbox.path().join("out-max/sbom");
@@ -570,9 +651,18 @@ fn provenance_is_reproducible_follows_args_and_leaves_image_manifests_alone() {
     let internal = &statement["predicate"]["buildDefinition"]["internalParameters"];
     assert_eq!(internal["provenanceMode"], "max");
     let step = &internal["graph"][0]["steps"][0];
-    assert!(step["location"].as_str().is_some_and(|l| l.starts_with("project/images.kdl:")), "{step}");
+    assert!(
+        step["location"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("project/images.kdl:")),
+        "{step}"
+    );
     assert!(step["description"].is_string());
-    assert!(internal["sources"][0]["text"].as_str().is_some_and(|t| t.contains("stage runtime")));
+    assert!(
+        internal["sources"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("stage runtime"))
+    );
 
     // Docker's format: the older attestation manifest, an unknown/unknown image config.
     let docker = build(&sandbox, "store-b", "out-docker", &["--format", "docker"]);
@@ -580,14 +670,26 @@ fn provenance_is_reproducible_follows_args_and_leaves_image_manifests_alone() {
     let layout = sandbox.path().join("out-docker/sbom");
     let (_, docker_index) = index_of("out-docker");
     let entry = &entries(&docker_index)[2];
-    assert_eq!(entry["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
-    assert_eq!(entry["annotations"]["vnd.docker.reference.type"], "attestation-manifest");
+    assert_eq!(
+        entry["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        entry["annotations"]["vnd.docker.reference.type"],
+        "attestation-manifest"
+    );
     let manifest = blob(&layout, entry["digest"].as_str().unwrap());
-    assert_eq!(manifest["config"]["mediaType"], "application/vnd.docker.container.image.v1+json");
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.docker.container.image.v1+json"
+    );
     let config = blob(&layout, manifest["config"]["digest"].as_str().unwrap());
     assert_eq!(config["architecture"], "unknown");
     assert_eq!(config["os"], "unknown");
-    assert_eq!(config["rootfs"]["diff_ids"][0], manifest["layers"][0]["digest"]);
+    assert_eq!(
+        config["rootfs"]["diff_ids"][0],
+        manifest["layers"][0]["digest"]
+    );
 
     // buildx's spellings; anything else is refused by name.
     for (value, ok) in [
@@ -601,7 +703,12 @@ fn provenance_is_reproducible_follows_args_and_leaves_image_manifests_alone() {
         if ok {
             assert_success(&output);
         } else {
-            assert_eq!(output.status.code(), Some(2), "{value}: {}", stderr(&output));
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{value}: {}",
+                stderr(&output)
+            );
             let flag = value.split('=').next().unwrap();
             assert!(stderr(&output).contains(flag), "{}", stderr(&output));
         }
@@ -631,10 +738,16 @@ fn local_and_tar_outputs_leave_attestations_out_and_the_oci_archive_keeps_them()
     assert!(sandbox.path().join("rootfs/usr/local/bin/gobin").is_file());
     assert!(!sandbox.path().join("rootfs/unknown_unknown").exists());
     // The archive holds the attestation manifest and its statements: skopeo reads them.
-    let raw = skopeo_raw(&format!("oci-archive:{}", sandbox.path().join("image.tar").display()));
+    let raw = skopeo_raw(&format!(
+        "oci-archive:{}",
+        sandbox.path().join("image.tar").display()
+    ));
     let entries = entries(&raw);
     assert_eq!(entries.len(), 2, "{raw:#}");
-    assert_eq!(entries[1]["annotations"]["vnd.docker.reference.type"], "attestation-manifest");
+    assert_eq!(
+        entries[1]["annotations"]["vnd.docker.reference.type"],
+        "attestation-manifest"
+    );
     let extracted = sandbox.path().join("extracted");
     std::fs::create_dir_all(&extracted).unwrap();
     let status = Command::new("tar")

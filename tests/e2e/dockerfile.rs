@@ -113,7 +113,12 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
     // The platform manifests, then their attestation manifests (provenance, on by default).
     assert_eq!(
         platforms,
-        ["linux/amd64", "linux/arm64", "unknown/unknown", "unknown/unknown"]
+        [
+            "linux/amd64",
+            "linux/arm64",
+            "unknown/unknown",
+            "unknown/unknown"
+        ]
     );
     assert_eq!(
         index["annotations"]["org.opencontainers.image.source"],

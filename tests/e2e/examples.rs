@@ -139,7 +139,10 @@ fn index_platforms(built: &Built) -> Vec<String> {
         .collect();
     assert_eq!(
         attested,
-        images.iter().map(|image| &image["digest"]).collect::<Vec<_>>(),
+        images
+            .iter()
+            .map(|image| &image["digest"])
+            .collect::<Vec<_>>(),
         "{}: every platform manifest has its attestation manifest",
         built.name
     );

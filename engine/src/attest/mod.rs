@@ -216,7 +216,10 @@ mod tests {
         let platform: Platform = "linux/arm64".parse().unwrap();
         let digest = Digest::of(b"manifest");
         let subjects = subjects(
-            &["localhost:5000/team/app:1.0".into(), "docker.io/library/app:2".into()],
+            &[
+                "localhost:5000/team/app:1.0".into(),
+                "docker.io/library/app:2".into(),
+            ],
             "app",
             &platform,
             &digest,
@@ -225,7 +228,10 @@ mod tests {
             subjects[0]["name"],
             "pkg:docker/localhost:5000/team/app@1.0?platform=linux%2Farm64"
         );
-        assert_eq!(subjects[1]["name"], "pkg:docker/app@2?platform=linux%2Farm64");
+        assert_eq!(
+            subjects[1]["name"],
+            "pkg:docker/app@2?platform=linux%2Farm64"
+        );
         assert_eq!(subjects[0]["digest"]["sha256"], digest.hex());
     }
 }

@@ -29,7 +29,11 @@ pub(crate) fn build_type() -> String {
 }
 
 pub(crate) fn builder_id() -> String {
-    format!("{}@v{}", env!("CARGO_PKG_REPOSITORY"), env!("CARGO_PKG_VERSION"))
+    format!(
+        "{}@v{}",
+        env!("CARGO_PKG_REPOSITORY"),
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 pub(crate) struct Input<'a> {

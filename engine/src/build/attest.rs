@@ -85,7 +85,10 @@ impl Executor<'_> {
                 },
             });
             let statement = attest::statement(&subjects, attest::PROVENANCE_PREDICATE, predicate);
-            statements.push((oci::canonical_json(&statement), attest::PROVENANCE_PREDICATE));
+            statements.push((
+                oci::canonical_json(&statement),
+                attest::PROVENANCE_PREDICATE,
+            ));
         }
         let mut sbom_origin = None;
         if sbom {
@@ -123,8 +126,7 @@ impl Executor<'_> {
             });
             // Docker's manifest format has no annotations.
             if oci_format {
-                layer["annotations"] =
-                    json!({ attest::PREDICATE_TYPE_ANNOTATION: predicate_type });
+                layer["annotations"] = json!({ attest::PREDICATE_TYPE_ANNOTATION: predicate_type });
             }
             layers.push(layer);
         }
@@ -236,8 +238,9 @@ impl Executor<'_> {
                 return Ok((document, "team cache"));
             }
         }
-        let scan = sbom::scan_layers(self.store, layers)
-            .map_err(|error| format!("cannot scan the filesystem of {platform} for packages: {error}"))?;
+        let scan = sbom::scan_layers(self.store, layers).map_err(|error| {
+            format!("cannot scan the filesystem of {platform} for packages: {error}")
+        })?;
         let created = epoch_rfc3339(self.options.layer.source_date_epoch);
         let document = sbom::spdx_document(&scan, &platform.to_string(), &key.hex(), &created);
         let bytes = oci::canonical_json(&document);
@@ -253,7 +256,8 @@ impl Executor<'_> {
     }
 
     fn local_sbom(&self, key: &Key) -> Option<Vec<u8>> {
-        let record: serde_json::Value = serde_json::from_slice(&self.store.get_action(key)?).ok()?;
+        let record: serde_json::Value =
+            serde_json::from_slice(&self.store.get_action(key)?).ok()?;
         let layer = record.get("layers")?.get(0)?;
         let digest: Digest = layer.get("digest")?.as_str()?.parse().ok()?;
         let size = layer.get("size")?.as_u64()?;

@@ -20,7 +20,10 @@ pub(crate) fn os_release(bytes: &[u8]) -> Distro {
         let Some((key, value)) = line.split_once('=') else {
             continue;
         };
-        let value = value.trim().trim_matches(|c| c == '"' || c == '\'').to_string();
+        let value = value
+            .trim()
+            .trim_matches(|c| c == '"' || c == '\'')
+            .to_string();
         if value.is_empty() || value.len() > 64 {
             continue;
         }
@@ -390,7 +393,8 @@ mod tests {
 
     #[test]
     fn python_names_are_normalized_and_the_body_is_not_read() {
-        let metadata = b"Metadata-Version: 2.1\nName: Flask_Login\nVersion: 0.6.3\n\nName: not-this\n";
+        let metadata =
+            b"Metadata-Version: 2.1\nName: Flask_Login\nVersion: 0.6.3\n\nName: not-this\n";
         let packages = python_metadata(metadata);
         assert_eq!(packages.len(), 1);
         assert_eq!(packages[0].name, "flask-login");
@@ -421,7 +425,13 @@ mod tests {
 
     #[test]
     fn garbage_is_no_package() {
-        for format in [dpkg_status, apk_installed, python_metadata, npm_lock, npm_package_json] {
+        for format in [
+            dpkg_status,
+            apk_installed,
+            python_metadata,
+            npm_lock,
+            npm_package_json,
+        ] {
             assert!(format(b"\xff\xfe\x00garbage").is_empty());
         }
         assert!(go_binary(b"\x7fELF\x02\x01\x01").is_empty());

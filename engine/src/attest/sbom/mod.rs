@@ -107,8 +107,7 @@ fn kind_of(path: &str, mode: u32) -> Option<Kind> {
         "lib/apk/db/installed" => return Some(Kind::Apk),
         _ => {}
     }
-    if path.starts_with("var/lib/dpkg/status.d/") && components.len() == 5 && !file.contains('.')
-    {
+    if path.starts_with("var/lib/dpkg/status.d/") && components.len() == 5 && !file.contains('.') {
         return Some(Kind::Dpkg);
     }
     if file == "METADATA" && parent.is_some_and(|parent| parent.ends_with(".dist-info")) {
@@ -117,7 +116,9 @@ fn kind_of(path: &str, mode: u32) -> Option<Kind> {
     if file == "package.json" {
         let n = components.len();
         let in_node_modules = (n >= 3 && components[n - 3] == "node_modules")
-            || (n >= 4 && components[n - 4] == "node_modules" && components[n - 3].starts_with('@'));
+            || (n >= 4
+                && components[n - 4] == "node_modules"
+                && components[n - 3].starts_with('@'));
         return in_node_modules.then_some(Kind::NpmPackage);
     }
     if file == "package-lock.json" && !components.contains(&"node_modules") {
@@ -321,7 +322,8 @@ pub(crate) fn purl(package: &Package, distro: &formats::Distro) -> Option<String
             purl.add_qualifier("arch", arch.clone()).ok()?;
         }
         if let (Some(id), Some(version)) = (&distro.id, &distro.version_id) {
-            purl.add_qualifier("distro", format!("{id}-{version}")).ok()?;
+            purl.add_qualifier("distro", format!("{id}-{version}"))
+                .ok()?;
         }
     }
     Some(purl.to_string())
@@ -431,7 +433,11 @@ mod tests {
             Some("pkg:npm/%40scope/x@1.0.0")
         );
         assert_eq!(
-            purl(&package(Ecosystem::Golang, "golang.org/x/text", "v0.14.0"), &distro).as_deref(),
+            purl(
+                &package(Ecosystem::Golang, "golang.org/x/text", "v0.14.0"),
+                &distro
+            )
+            .as_deref(),
             Some("pkg:golang/golang.org/x/text@v0.14.0")
         );
     }
@@ -479,7 +485,7 @@ mod tests {
                 ("srv/.wh..wh..opq", b""),
             ],
         );
-        let scan = scan_layers(&store, &[first.clone()]).unwrap();
+        let scan = scan_layers(&store, std::slice::from_ref(&first)).unwrap();
         assert_eq!(scan.packages.len(), 3);
         let scan = scan_layers(&store, &[first, second]).unwrap();
         let found: Vec<(&str, &str)> = scan
@@ -493,10 +499,16 @@ mod tests {
     #[test]
     fn files_worth_reading_are_recognized() {
         assert_eq!(kind_of("var/lib/dpkg/status", 0o644), Some(Kind::Dpkg));
-        assert_eq!(kind_of("var/lib/dpkg/status.d/base", 0o644), Some(Kind::Dpkg));
+        assert_eq!(
+            kind_of("var/lib/dpkg/status.d/base", 0o644),
+            Some(Kind::Dpkg)
+        );
         assert_eq!(kind_of("var/lib/dpkg/status.d/base.md5sums", 0o644), None);
         assert_eq!(
-            kind_of("usr/lib/python3/site-packages/six-1.16.0.dist-info/METADATA", 0o644),
+            kind_of(
+                "usr/lib/python3/site-packages/six-1.16.0.dist-info/METADATA",
+                0o644
+            ),
             Some(Kind::Python)
         );
         assert_eq!(
