@@ -87,9 +87,17 @@ pub(crate) fn predicate(input: &Input<'_>) -> Value {
             _ => file.name.clone(),
         }
     };
+    // The build file itself by its name in its directory (`images.kdl`, `Dockerfile`), as
+    // BuildKit names the Dockerfile.
     let config_source = files.first().map(|file| {
+        let name = file
+            .path
+            .as_deref()
+            .unwrap_or(std::path::Path::new(&file.name));
         json!({
-            "uri": file_uri(file),
+            "uri": name
+                .file_name()
+                .map_or_else(|| file.name.clone(), |name| name.to_string_lossy().into_owned()),
             "digest": sha256(file.text.as_bytes()),
         })
     });
