@@ -190,7 +190,8 @@ impl Descriptor {
     /// Whether this index entry is not a runnable image: an attestation manifest (annotated
     /// `vnd.docker.reference.type`) or anything else listed for `unknown/unknown`.
     pub fn is_attestation(&self) -> bool {
-        self.annotations.contains_key("vnd.docker.reference.type")
+        self.annotations
+            .contains_key(crate::attest::REFERENCE_TYPE_ANNOTATION)
             || self
                 .platform
                 .as_ref()
