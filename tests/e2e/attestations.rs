@@ -616,8 +616,8 @@ fn provenance_is_reproducible_follows_args_and_leaves_image_manifests_alone() {
     );
     assert_eq!(manifest["layers"].as_array().unwrap().len(), 1);
 
-    // Another arg value: the same image manifests (GREETING is only in the config... so the
-    // config and manifest change) — use an arg no step reads instead: a new provenance only.
+    // An arg given on the command line is recorded as the request's, even at its default
+    // value: a new provenance, the same image manifests.
     let other = build(
         &sandbox,
         "store-b",
