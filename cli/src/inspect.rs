@@ -25,7 +25,7 @@ fn describe(layout: &OciLayout, tag: Option<&str>) -> Result<serde_json::Value, 
     };
     let mut platforms = Vec::new();
     for descriptor in &index_manifests {
-        if oci::media::is_index(&descriptor.media_type) {
+        if oci::media::is_index(&descriptor.media_type) || descriptor.is_attestation() {
             continue;
         }
         let manifest: ImageManifest = layout.read_json(descriptor, "image manifest")?;

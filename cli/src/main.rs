@@ -205,6 +205,12 @@ pub struct BuildInputArgs {
     /// The most processes (and threads) a run step may have at once; 0: no limit
     #[arg(long, value_name = "N", default_value_t = graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES)]
     pub step_max_processes: u32,
+    /// SLSA provenance in each image index: true (mode=min, the default), false, mode=min or mode=max
+    #[arg(long, value_name = "true|false|mode=min|mode=max", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub provenance: Option<String>,
+    /// An SPDX SBOM of each platform's filesystem in the image index (--sbom or --sbom=true)
+    #[arg(long, value_name = "true|false", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub sbom: Option<String>,
 }
 
 #[derive(Args)]

@@ -115,6 +115,12 @@ pub struct PlatformSummary {
     pub manifest_digest: String,
     /// Compressed size of the layers.
     pub size: u64,
+    /// The digest of the platform's attestation manifest, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attestation_digest: Option<String>,
+    /// Where the platform's SBOM came from: `scanned`, `local cache` or `team cache`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sbom: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]

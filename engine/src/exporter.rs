@@ -59,11 +59,15 @@ pub fn layout_index(layout: &OciLayout) -> Result<(Descriptor, oci::ImageIndex),
     Ok((top, index))
 }
 
-/// Every platform's manifest of the image in `layout`, in the index's order.
+/// Every platform's manifest of the image in `layout`, in the index's order (attestation
+/// manifests are not images: they are left out).
 pub fn platform_images(layout: &OciLayout) -> Result<Vec<PlatformImage>, String> {
     let (_, index) = layout_index(layout)?;
     let mut images = Vec::new();
     for descriptor in index.manifests {
+        if descriptor.is_attestation() {
+            continue;
+        }
         let manifest: ImageManifest = layout
             .read_json(&descriptor, "image manifest")
             .map_err(|error| error.to_string())?;
@@ -120,10 +124,14 @@ pub fn export_rootfs_tar(layout: &OciLayout, file: &Path) -> Result<(), String> 
 pub fn export_oci_archive(layout: &OciLayout, file: &Path) -> Result<(), String> {
     let (top, index) = layout_index(layout)?;
     let mut blobs = vec![top.digest];
-    blobs.extend(index.manifests.iter().map(|manifest| manifest.digest));
-    for image in platform_images(layout)? {
-        blobs.push(image.manifest.config.digest);
-        blobs.extend(image.manifest.layers.iter().map(|layer| layer.digest));
+    // Every manifest of the index, attestation manifests included, with what it names.
+    for descriptor in &index.manifests {
+        blobs.push(descriptor.digest);
+        let manifest: ImageManifest = layout
+            .read_json(descriptor, "image manifest")
+            .map_err(|error| error.to_string())?;
+        blobs.push(manifest.config.digest);
+        blobs.extend(manifest.layers.iter().map(|layer| layer.digest));
     }
     write_archive(layout, file, top, blobs, None)
 }

@@ -3,6 +3,7 @@
 //!
 //! No terminal, no CLI: progress leaves through [`events`], errors are miette diagnostics.
 
+pub mod attest;
 pub mod binfmt;
 pub mod build;
 mod context;

@@ -187,6 +187,17 @@ impl Descriptor {
         Descriptor::new(media_type, Digest::of(bytes), bytes.len() as u64)
     }
 
+    /// Whether this index entry is not a runnable image: an attestation manifest (annotated
+    /// `vnd.docker.reference.type`) or anything else listed for `unknown/unknown`.
+    pub fn is_attestation(&self) -> bool {
+        self.annotations
+            .contains_key(crate::attest::REFERENCE_TYPE_ANNOTATION)
+            || self
+                .platform
+                .as_ref()
+                .is_some_and(|platform| platform.os == "unknown")
+    }
+
     /// The tag this descriptor carries in an OCI layout's `index.json`, if any.
     pub fn ref_name(&self) -> Option<&str> {
         self.annotations

@@ -61,7 +61,8 @@ fn manifests(
     } else {
         ImageIndex::new(vec![top])
     };
-    for descriptor in &index.manifests {
+    // Attestations are compared through the index's digest, not as filesystems.
+    for descriptor in index.manifests.iter().filter(|d| !d.is_attestation()) {
         let manifest: ImageManifest = layout.read_json(descriptor, "image manifest")?;
         let platform = descriptor
             .platform

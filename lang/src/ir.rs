@@ -456,6 +456,19 @@ pub struct Image {
     pub push: bool,
     /// `strict-arch=#true`: an ELF file of another architecture fails the build (`--strict`).
     pub strict_arch: bool,
+    /// `provenance="min"|"max"` or `provenance=#false`: this image's SLSA provenance, over
+    /// `--provenance`. `None`: as the command line says.
+    pub provenance: Option<ProvenanceSetting>,
+    /// `sbom=#true`: an SPDX SBOM of each platform, as `--sbom` does for every image.
+    pub sbom: bool,
+}
+
+/// An image's `provenance` property.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProvenanceSetting {
+    Off,
+    Min,
+    Max,
 }
 
 #[derive(Clone, Debug)]

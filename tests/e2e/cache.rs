@@ -62,8 +62,9 @@ fn platforms_built_on_three_machines_merge_on_a_fourth_with_no_step_executed() {
     sandbox.example("basic");
     let server = Server::start(&sandbox.path().join("server"), &[]);
 
-    // One local build, for reference.
-    let local = run_in(&sandbox, "store-local", "out-local", &[]);
+    // One local build, for reference. Every build carries attestations (provenance by
+    // default, an SBOM asked for): they travel through the cache with the steps.
+    let local = run_in(&sandbox, "store-local", "out-local", &["--sbom"]);
     assert_success(&local);
     let local_digest = summary(&local)["images"][0]["index_digest"].clone();
 
@@ -77,10 +78,14 @@ fn platforms_built_on_three_machines_merge_on_a_fourth_with_no_step_executed() {
             &sandbox,
             &format!("store-{machine}"),
             &format!("out-{machine}"),
-            &["--platform", platform, "--cache-to", &server.url],
+            &["--platform", platform, "--cache-to", &server.url, "--sbom"],
         );
         assert_success(&output);
         assert!(summary(&output)["executed"].as_u64().unwrap() > 0);
+        assert_eq!(
+            summary(&output)["images"][0]["platforms"][0]["sbom"],
+            "scanned"
+        );
         assert_eq!(
             summary(&output)["images"][0]["platforms"]
                 .as_array()
@@ -95,11 +100,18 @@ fn platforms_built_on_three_machines_merge_on_a_fourth_with_no_step_executed() {
         &sandbox,
         "store-merge",
         "out-merge",
-        &["--cache-from", &server.url],
+        &["--cache-from", &server.url, "--sbom"],
     );
     assert_success(&merge);
     let merged = summary(&merge);
     assert_eq!(merged["executed"], 0, "{merged}");
+    for platform in merged["images"][0]["platforms"].as_array().unwrap() {
+        assert_eq!(
+            platform["sbom"], "team cache",
+            "the merge reads each platform's SBOM from the cache: {merged}"
+        );
+        assert!(platform["attestation_digest"].is_string());
+    }
     assert!(merged["cached"].as_u64().unwrap() > 0);
     assert_eq!(
         merged["images"][0]["index_digest"], local_digest,

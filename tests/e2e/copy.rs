@@ -62,6 +62,8 @@ fn layers_by_platform(layout: &Path) -> Vec<(String, Vec<String>)> {
         .as_array()
         .expect("manifests")
         .iter()
+        // Attestation manifests (unknown/unknown) are not platforms.
+        .filter(|entry| entry["platform"]["os"] != "unknown")
         .map(|entry| {
             let platform = &entry["platform"];
             let name = format!(

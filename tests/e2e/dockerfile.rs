@@ -110,7 +110,16 @@ fn the_full_dockerfile_builds_two_platforms_as_docker_would() {
             )
         })
         .collect();
-    assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    // The platform manifests, then their attestation manifests (provenance, on by default).
+    assert_eq!(
+        platforms,
+        [
+            "linux/amd64",
+            "linux/arm64",
+            "unknown/unknown",
+            "unknown/unknown"
+        ]
+    );
     assert_eq!(
         index["annotations"]["org.opencontainers.image.source"],
         "https://example.com/full"
@@ -325,7 +334,45 @@ fn a_dockerfile_and_its_kdl_twin_give_one_index_digest() {
         "tests/dockerfiles/same",
     ]);
     assert_success(&dockerfile);
-    assert_eq!(index_digest(&dockerfile), index_digest(&kdl));
+    // The images are the same; their provenance records different build files, so the
+    // indexes differ by their attestation manifests only.
+    let kdl_index = skopeo_raw(&format!(
+        "oci:{}:1.0",
+        sandbox.path().join("out-kdl/app").display()
+    ));
+    let dockerfile_index = skopeo_raw(&format!(
+        "oci:{}:1.0",
+        sandbox.path().join("out-dockerfile").display()
+    ));
+    assert_eq!(
+        kdl_index["manifests"].as_array().expect("manifests")[..2],
+        dockerfile_index["manifests"].as_array().expect("manifests")[..2]
+    );
+    let kdl_plain = sandbox.graphbuild(&[
+        "run",
+        "tests/dockerfiles/same/images.kdl",
+        "--output",
+        "out-kdl-plain",
+        "--progress",
+        "json",
+        "--provenance=false",
+    ]);
+    assert_success(&kdl_plain);
+    let dockerfile_plain = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-t",
+        "localhost/app:1.0",
+        "-o",
+        "type=oci,dest=out-dockerfile-plain",
+        "--progress",
+        "json",
+        "--provenance=false",
+        "tests/dockerfiles/same",
+    ]);
+    assert_success(&dockerfile_plain);
+    assert_eq!(index_digest(&dockerfile_plain), index_digest(&kdl_plain));
     // The run step's cache key differs: its environment follows each language's scoping (a
     // Dockerfile RUN sees only the args its stage declares, a KDL run every automatic arg).
     assert!(
@@ -401,7 +448,7 @@ fn the_canonical_buildx_command_pushes_both_platforms() {
         .iter()
         .filter_map(|m| m["platform"]["architecture"].as_str())
         .collect();
-    assert_eq!(architectures, ["amd64", "arm64"]);
+    assert_eq!(architectures, ["amd64", "arm64", "unknown", "unknown"]);
     assert!(
         sandbox
             .path()
@@ -475,8 +522,8 @@ fn unsupported_buildx_flags_and_outputs_are_refused_by_name() {
         (&["--builder", "x"][..], "does not support `--builder`"),
         (&["--ssh", "default"][..], "does not support `--ssh`"),
         (
-            &["--provenance=true"][..],
-            "does not support `--provenance`",
+            &["--attest", "type=sbom"][..],
+            "does not support `--attest`",
         ),
         (
             &["-o", "type=docker,dest=x"][..],

@@ -126,9 +126,27 @@ fn index_platforms(built: &Built) -> Vec<String> {
         "{}",
         built.name
     );
-    index["manifests"]
-        .as_array()
-        .expect("manifests")
+    let manifests = index["manifests"].as_array().expect("manifests");
+    // Provenance is on by default: one attestation manifest per platform manifest, after them.
+    let images: Vec<&serde_json::Value> = manifests
+        .iter()
+        .filter(|manifest| manifest["platform"]["os"] != "unknown")
+        .collect();
+    let attested: Vec<&serde_json::Value> = manifests
+        .iter()
+        .filter(|manifest| manifest["platform"]["os"] == "unknown")
+        .map(|manifest| &manifest["annotations"]["vnd.docker.reference.digest"])
+        .collect();
+    assert_eq!(
+        attested,
+        images
+            .iter()
+            .map(|image| &image["digest"])
+            .collect::<Vec<_>>(),
+        "{}: every platform manifest has its attestation manifest",
+        built.name
+    );
+    images
         .iter()
         .map(|manifest| platform_string(&manifest["platform"]))
         .collect()
@@ -284,6 +302,47 @@ fn plan_json(sandbox: &Sandbox, file: &str, extra: &[&str]) -> serde_json::Value
 /// The per-example checks: what each example is about.
 fn check_example(name: &str, images: &[Built], unpacker: &mut Unpacker) {
     match name {
+        "attestations" => {
+            let image = find(images, "attested");
+            let index = skopeo_raw(&format!("oci:{}:{}", image.layout.display(), image.tag));
+            let manifests = index["manifests"].as_array().expect("manifests");
+            assert_eq!(manifests.len(), 4);
+            for (position, platform) in ["linux/amd64", "linux/arm64"].iter().enumerate() {
+                let attestation = &manifests[position + 2];
+                assert_eq!(
+                    attestation["annotations"]["vnd.docker.reference.digest"],
+                    manifests[position]["digest"]
+                );
+                let manifest = read_blob(&image.layout, attestation["digest"].as_str().unwrap());
+                let statements: Vec<serde_json::Value> = manifest["layers"]
+                    .as_array()
+                    .expect("layers")
+                    .iter()
+                    .map(|layer| read_blob(&image.layout, layer["digest"].as_str().unwrap()))
+                    .collect();
+                assert_eq!(statements.len(), 2, "{platform}: provenance and SBOM");
+                let provenance = &statements[0]["predicate"]["buildDefinition"];
+                assert_eq!(
+                    provenance["internalParameters"]["provenanceMode"], "max",
+                    "{platform}: the image's provenance=\"max\""
+                );
+                let purls: Vec<&str> = statements[1]["predicate"]["packages"]
+                    .as_array()
+                    .expect("packages")
+                    .iter()
+                    .filter_map(|package| package["externalRefs"][0]["referenceLocator"].as_str())
+                    .collect();
+                assert_eq!(
+                    purls,
+                    [
+                        "pkg:deb/debian/base-files@12.4%2Bdeb12u5?arch=all&distro=debian-12",
+                        "pkg:deb/debian/ca-certificates@20230311?arch=all&distro=debian-12",
+                        "pkg:pypi/six@1.16.0",
+                    ],
+                    "{platform}"
+                );
+            }
+        }
         "basic" => {
             let image = find(images, "basic");
             for (platform, uname, _) in PLATFORMS {

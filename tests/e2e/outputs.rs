@@ -254,7 +254,8 @@ fn oci_archive_is_read_by_skopeo_and_metadata_names_the_index() {
     )
     .expect("JSON");
     assert_eq!(raw, from_layout, "the archive holds the layout's index");
-    assert_eq!(raw["manifests"].as_array().map(Vec::len), Some(2));
+    // Two platform manifests and their attestation manifests (provenance is on by default).
+    assert_eq!(raw["manifests"].as_array().map(Vec::len), Some(4));
 
     let metadata: serde_json::Value = serde_json::from_slice(
         &std::fs::read(sandbox.path().join("metadata.json")).expect("metadata.json"),

@@ -293,12 +293,14 @@ fn json(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes).expect("JSON")
 }
 
-/// The platforms of an index, as Docker spells them, in index order.
+/// The platforms of an index, as Docker spells them, in index order (attestation manifests,
+/// listed as `unknown/unknown`, are not platforms).
 fn platforms_of(index: &serde_json::Value) -> Vec<String> {
     index["manifests"]
         .as_array()
         .expect("manifests")
         .iter()
+        .filter(|manifest| manifest["platform"]["os"] != "unknown")
         .map(|manifest| {
             let platform = &manifest["platform"];
             let os = platform["os"].as_str().expect("os");
@@ -307,6 +309,25 @@ fn platforms_of(index: &serde_json::Value) -> Vec<String> {
                 Some(variant) => format!("{os}/{architecture}/{variant}"),
                 None => format!("{os}/{architecture}"),
             }
+        })
+        .collect()
+}
+
+/// For each attestation manifest of an index, the manifest digest it is about.
+fn attested_digests(index: &serde_json::Value) -> Vec<String> {
+    index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .filter(|manifest| {
+            manifest["annotations"]["vnd.docker.reference.type"] == "attestation-manifest"
+        })
+        .map(|manifest| {
+            assert_eq!(manifest["platform"]["os"], "unknown", "{manifest}");
+            manifest["annotations"]["vnd.docker.reference.digest"]
+                .as_str()
+                .expect("reference digest")
+                .to_string()
         })
         .collect()
 }
@@ -426,6 +447,7 @@ fn pushes_a_three_platform_index_that_pulls_back_with_the_same_digests() {
         "--progress",
         "json",
         "--push",
+        "--sbom",
     ];
 
     let first = graphbuild(&sandbox, &sandbox.store(), &no_login, &args);
@@ -465,6 +487,22 @@ fn pushes_a_three_platform_index_that_pulls_back_with_the_same_digests() {
             manifest_digests(&local_index),
             "{tag}"
         );
+        // Each platform manifest has its attestation manifest (provenance and SBOM), pushed
+        // with its statements: the registry serves them by digest.
+        let images: Vec<String> = manifest_digests(&index)[..3].to_vec();
+        assert_eq!(attested_digests(&index), images, "{tag}");
+        for entry in &index["manifests"].as_array().expect("manifests")[3..] {
+            let digest = entry["digest"].as_str().expect("digest");
+            let name = tag.rsplit_once(':').expect("tag").0;
+            let raw = remote_raw(&format!("{name}@{digest}"), None);
+            assert_eq!(sha256(&raw), digest);
+            let manifest = json(&raw);
+            assert_eq!(manifest["layers"].as_array().expect("layers").len(), 2);
+            assert_eq!(
+                manifest["subject"]["digest"],
+                entry["annotations"]["vnd.docker.reference.digest"]
+            );
+        }
     }
     // The second repository got its blobs by cross-repository mounts, not uploads.
     assert!(
@@ -507,6 +545,17 @@ fn pushes_a_three_platform_index_that_pulls_back_with_the_same_digests() {
     for digest in manifest_digests(&pulled_index) {
         assert_eq!(sha256(&layout_blob(&pulled, &digest)), digest);
         assert_eq!(layout_blob(&pulled, &digest), layout_blob(&layout, &digest));
+    }
+    // The attestations came back whole: every statement, byte for byte.
+    for digest in &manifest_digests(&pulled_index)[3..] {
+        let manifest = json(&layout_blob(&pulled, digest));
+        for layer in manifest["layers"].as_array().expect("layers") {
+            let statement = layer["digest"].as_str().expect("digest");
+            assert_eq!(
+                layout_blob(&pulled, statement),
+                layout_blob(&layout, statement)
+            );
+        }
     }
     for platform in THREE_PLATFORMS {
         let rootfs = unpack_platform(
@@ -867,7 +916,12 @@ fn docker_format_pushes_a_manifest_list() {
         sorted(platforms_of(&list)),
         sorted(platforms.map(String::from).to_vec())
     );
-    for entry in list["manifests"].as_array().expect("manifests") {
+    // The provenance, in BuildKit's Docker-format attestation manifests.
+    assert_eq!(
+        attested_digests(&list),
+        manifest_digests(&list)[..platforms.len()].to_vec()
+    );
+    for entry in &list["manifests"].as_array().expect("manifests")[..platforms.len()] {
         assert_eq!(entry["mediaType"], DOCKER_MANIFEST);
         let digest = entry["digest"].as_str().expect("digest");
         let manifest_raw = remote_raw(&format!("{host}/docker/app@{digest}"), None);

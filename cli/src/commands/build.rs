@@ -102,14 +102,16 @@ pub(crate) struct BuildArgs {
     /// Clamp file times and set `created` to this Unix time
     #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
     pub(crate) source_date_epoch: i64,
+    /// SLSA provenance in the image index: true (mode=min, the default), false, mode=min or mode=max
+    #[arg(long, value_name = "true|false|mode=min|mode=max", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub(crate) provenance: Option<String>,
+    /// An SPDX SBOM of each platform's filesystem in the image index (--sbom or --sbom=true)
+    #[arg(long, value_name = "true|false", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub(crate) sbom: Option<String>,
 
     // `docker buildx build` flags graphbuild does not support: refused by name, not ignored.
     #[arg(long, hide = true)]
     pub(crate) check: bool,
-    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub(crate) provenance: Option<String>,
-    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub(crate) sbom: Option<String>,
     #[arg(long, hide = true)]
     pub(crate) builder: Vec<String>,
     #[arg(long, hide = true)]
@@ -136,26 +138,11 @@ pub(crate) struct BuildArgs {
 
 /// The first unsupported buildx flag given, with why.
 fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
-    let attestation = |value: &Option<String>| {
-        value
-            .as_deref()
-            .is_some_and(|value| !matches!(value, "false" | "0"))
-    };
-    let checks: [(bool, &str, &'static str); 14] = [
+    let checks: [(bool, &str, &'static str); 12] = [
         (
             args.check,
             "--check",
             "graphbuild has no Dockerfile linter; `graphbuild plan` shows what would be built",
-        ),
-        (
-            attestation(&args.provenance),
-            "--provenance",
-            "graphbuild writes no attestations (--provenance=false is accepted)",
-        ),
-        (
-            attestation(&args.sbom),
-            "--sbom",
-            "graphbuild writes no attestations (--sbom=false is accepted)",
         ),
         (
             !args.builder.is_empty(),
@@ -172,7 +159,7 @@ fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
         (
             !args.attest.is_empty(),
             "--attest",
-            "graphbuild writes no attestations",
+            "write --provenance=mode=min|max and --sbom",
         ),
         (!args.shm_size.is_empty(), "--shm-size", "not supported yet"),
         (!args.ulimit.is_empty(), "--ulimit", "not supported yet"),
@@ -489,6 +476,8 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
             format: FormatArg::Oci,
             step_timeout: None,
             step_max_processes: graphbuild_engine::sandbox::DEFAULT_MAX_PROCESSES,
+            provenance: args.provenance.clone(),
+            sbom: args.sbom.clone(),
         },
         output: request.exports,
         load: args.load || request.load,

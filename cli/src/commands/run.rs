@@ -156,6 +156,7 @@ pub(super) struct BuildSettings {
     source_date_epoch: i64,
     step_timeout_ms: Option<u64>,
     step_max_processes: Option<u32>,
+    attest: graphbuild_engine::attest::AttestOptions,
 }
 
 /// Build a loaded plan into `settings.output`; returns the report or an exit code.
@@ -190,6 +191,17 @@ pub(super) fn execute(
         preflight: Some(Box::new(preflight)),
         step_timeout_ms: settings.step_timeout_ms,
         step_max_processes: settings.step_max_processes,
+        attest: graphbuild_engine::attest::AttestOptions {
+            request: graphbuild_engine::attest::BuildRequest {
+                frontend: if loaded.project.docker_rules {
+                    "dockerfile".into()
+                } else {
+                    "graphbuild".into()
+                },
+                ..settings.attest.request
+            },
+            ..settings.attest
+        },
     };
     let report = build::build(
         &loaded.plan,
@@ -322,7 +334,15 @@ pub(super) fn build_settings(
             return Err(ExitStatus::InvalidInput);
         }
     };
+    let attest = match attest_options(inputs, &secrets) {
+        Ok(attest) => attest,
+        Err(message) => {
+            render::error(&message, &[]);
+            return Err(ExitStatus::InvalidInput);
+        }
+    };
     Ok(BuildSettings {
+        attest,
         format: match inputs.format {
             crate::FormatArg::Oci => build::ManifestFormat::Oci,
             crate::FormatArg::Docker => build::ManifestFormat::Docker,
@@ -339,6 +359,41 @@ pub(super) fn build_settings(
         source_date_epoch: inputs.source_date_epoch,
         step_timeout_ms: inputs.step_timeout,
         step_max_processes: (inputs.step_max_processes > 0).then_some(inputs.step_max_processes),
+    })
+}
+
+/// `--provenance` and `--sbom`, and the request the provenance records: the `--arg` values
+/// as given and the secrets' ids (never their values).
+fn attest_options(
+    inputs: &BuildInputArgs,
+    secrets: &HashMap<String, SecretValue>,
+) -> Result<graphbuild_engine::attest::AttestOptions, String> {
+    use graphbuild_engine::attest;
+    let provenance = match &inputs.provenance {
+        Some(value) => attest::parse_provenance(value)?,
+        None => Some(attest::ProvenanceMode::Min),
+    };
+    let sbom = match &inputs.sbom {
+        Some(value) => attest::parse_sbom(value)?,
+        None => false,
+    };
+    let args = inputs
+        .select
+        .args
+        .iter()
+        .filter_map(|arg| arg.split_once('='))
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
+    let mut secret_ids: Vec<String> = secrets.keys().cloned().collect();
+    secret_ids.sort();
+    Ok(attest::AttestOptions {
+        provenance,
+        sbom,
+        request: attest::BuildRequest {
+            frontend: String::new(),
+            args,
+            secrets: secret_ids,
+        },
     })
 }
 

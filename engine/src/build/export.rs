@@ -102,6 +102,7 @@ impl Executor<'_> {
         let mut manifests = Vec::new();
         let mut platforms = Vec::new();
         let mut blobs: Vec<Digest> = Vec::new();
+        let mut attestations = Vec::new();
         let mut executed = 0;
         let mut cached = 0;
         // Steps of every node the image needs, each node counted once.
@@ -175,7 +176,7 @@ impl Executor<'_> {
             blobs.push(config_digest);
             blobs.push(manifest_digest);
             blobs.extend(output.layers.iter().map(|layer| layer.digest));
-            manifests.push(oci::Descriptor {
+            let descriptor = oci::Descriptor {
                 media_type: self.options.format.manifest().to_string(),
                 digest: manifest_digest,
                 size: manifest_bytes.len() as u64,
@@ -185,13 +186,28 @@ impl Executor<'_> {
                     variant: platform.variant.clone(),
                 }),
                 annotations: at(&|level| level.covers_manifest(platform, true)),
-            });
+            };
+            let mut attestation_digest = None;
+            let mut sbom = None;
+            if let Some(attestation) =
+                self.attest_platform(image, platform, *node_id, &output.layers, &descriptor)?
+            {
+                blobs.extend(attestation.blobs);
+                attestation_digest = Some(attestation.descriptor.digest.to_string());
+                sbom = attestation.sbom_origin.map(str::to_string);
+                attestations.push(attestation.descriptor);
+            }
+            manifests.push(descriptor);
             platforms.push(PlatformSummary {
                 platform: platform.to_string(),
                 manifest_digest: manifest_digest.to_string(),
                 size: output.layers.iter().map(|layer| layer.size).sum(),
+                attestation_digest,
+                sbom,
             });
         }
+        // As BuildKit does: attestation manifests after every platform manifest.
+        manifests.extend(attestations);
         let index = oci::ImageIndex {
             schema_version: 2,
             media_type: Some(self.options.format.index().to_string()),

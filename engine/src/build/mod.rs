@@ -40,6 +40,7 @@
 //! and the failing step's statement in the build file, which the CLI renders as a diagnostic
 //! pointing at that statement and `--progress json` reports as a `failure` event.
 
+mod attest;
 mod cache;
 mod direct_copy;
 mod error;
@@ -89,6 +90,8 @@ pub struct BuildOptions {
     pub step_timeout_ms: Option<u64>,
     /// `--step-max-processes`: the process limit of each `run` step; `None`: no limit.
     pub step_max_processes: Option<u32>,
+    /// `--provenance`, `--sbom`: the attestations each image's index carries.
+    pub attest: crate::attest::AttestOptions,
 }
 
 /// Shown for each `insecure=#true` step, by `graphbuild plan` and in the step's output.
@@ -141,6 +144,8 @@ pub struct BuildReport {
 
 struct Executor<'a> {
     plan: &'a Plan,
+    /// The build files' text, for the provenance's `max` mode.
+    sources: &'a Sources,
     store: &'a Store,
     resolver: &'a dyn Resolver,
     options: &'a BuildOptions,
@@ -204,7 +209,8 @@ pub fn build(
     });
     let mut attempt = 0;
     let (report, summarize) = loop {
-        let (report, healed, summarize) = build_once(plan, store, resolver, options, events);
+        let (report, healed, summarize) =
+            build_once(plan, sources, store, resolver, options, events);
         if report.failures.is_empty() || report.cancelled || !healed || attempt >= HEAL_ATTEMPTS {
             break (report, summarize);
         }
@@ -234,6 +240,7 @@ pub fn build(
 
 fn build_once(
     plan: &Plan,
+    sources: &Sources,
     store: &Store,
     resolver: &dyn Resolver,
     options: &BuildOptions,
@@ -241,6 +248,7 @@ fn build_once(
 ) -> (BuildReport, bool, bool) {
     let executor = Executor {
         plan,
+        sources,
         store,
         resolver,
         options,

@@ -339,6 +339,8 @@ impl<'a> Expander<'a> {
             output: None,
             push: false,
             strict_arch: false,
+            provenance: None,
+            sbom: false,
         }
     }
 
@@ -428,6 +430,8 @@ impl<'a> Expander<'a> {
                     export: output.filter(|output| output.starts_with("type=")),
                     push: image.push,
                     strict_arch: image.strict_arch,
+                    provenance: image.provenance,
+                    sbom: image.sbom,
                     at: image.at,
                 };
                 let Some(stage) = self.stages.get(image.stage.as_str()).copied() else {

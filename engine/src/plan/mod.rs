@@ -166,6 +166,10 @@ pub struct ImagePlan {
     pub push: bool,
     /// `strict-arch=#true`: a foreign ELF file fails the build.
     pub strict_arch: bool,
+    /// `provenance=…` on the image: over `--provenance`.
+    pub provenance: Option<graphbuild_lang::ir::ProvenanceSetting>,
+    /// `sbom=#true` on the image.
+    pub sbom: bool,
     pub at: Loc,
 }
 

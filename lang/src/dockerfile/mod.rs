@@ -1390,6 +1390,8 @@ impl Lowerer {
             output: options.output.as_deref().map(text),
             push: options.push,
             strict_arch: false,
+            provenance: None,
+            sbom: false,
         })
     }
 }

@@ -173,15 +173,23 @@ impl Loader {
         image_names.insert(name.raw.clone(), name.at);
         let mut push = false;
         let mut strict_arch = false;
+        let mut provenance = None;
+        let mut sbom = false;
         for (key, entry) in properties(node) {
             match key {
                 "push" => push = self.boolean(entry, file, "`push`").unwrap_or(false),
                 "strict-arch" => {
                     strict_arch = self.boolean(entry, file, "`strict-arch`").unwrap_or(false)
                 }
-                other => {
-                    self.unknown_property(other, entry, file, "image", &["push", "strict-arch"])
-                }
+                "sbom" => sbom = self.boolean(entry, file, "`sbom`").unwrap_or(false),
+                "provenance" => provenance = self.provenance_setting(entry, file),
+                other => self.unknown_property(
+                    other,
+                    entry,
+                    file,
+                    "image",
+                    &["push", "strict-arch", "provenance", "sbom"],
+                ),
             }
         }
         let mut stage: Option<(String, Loc)> = None;
@@ -403,7 +411,41 @@ impl Loader {
             output,
             push,
             strict_arch,
+            provenance,
+            sbom,
         })
+    }
+
+    /// `provenance="min"`, `"max"` or `#false` on an image.
+    fn provenance_setting(
+        &mut self,
+        entry: &kdl::KdlEntry,
+        file: crate::ir::FileId,
+    ) -> Option<crate::ir::ProvenanceSetting> {
+        use crate::ir::ProvenanceSetting;
+        let at = Self::loc(file, entry.span());
+        match entry.value() {
+            KdlValue::Bool(false) => return Some(ProvenanceSetting::Off),
+            KdlValue::Bool(true) => return Some(ProvenanceSetting::Min),
+            KdlValue::String(value) => match value.as_str() {
+                "min" => return Some(ProvenanceSetting::Min),
+                "max" => return Some(ProvenanceSetting::Max),
+                _ => {}
+            },
+            _ => {}
+        }
+        let found = match entry.value() {
+            KdlValue::String(value) => format!("{value:?}"),
+            other => other.to_string(),
+        };
+        self.error(
+            Code::ImageProvenance,
+            format!("`provenance` is \"min\", \"max\" or #false, not {found}"),
+            at,
+            "not a provenance mode",
+            Some("write provenance=\"max\" for every step's description, or provenance=#false for none".into()),
+        );
+        None
     }
 
     /// `use "TEMPLATE" key=value …`: instantiates the template; returns the last stage.
