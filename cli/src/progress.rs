@@ -421,6 +421,13 @@ fn summary_table(summary: &Summary, quiet: bool, width: Option<usize>) -> String
         summary.cached,
         summary.failed,
     );
+    if summary.tests_executed + summary.tests_cached > 0 {
+        let _ = writeln!(
+            out,
+            "image tests: {} passed, {} passed before (cached)",
+            summary.tests_executed, summary.tests_cached
+        );
+    }
     out
 }
 
@@ -526,6 +533,57 @@ impl EventSink for Progress {
                     );
                 }
             }
+            Event::TestStarted {
+                image,
+                platform,
+                name,
+                ..
+            } => {
+                if plain && !self.quiet {
+                    eprintln!("[{image} {platform}] test {}", sanitize(&name));
+                }
+            }
+            Event::Test {
+                image,
+                platform,
+                name,
+                status,
+                duration_ms,
+                ..
+            } => {
+                if self.quiet && status != StepStatus::Failed {
+                    return;
+                }
+                let step = format!("test {name}");
+                if self.mode == ProgressMode::Tty {
+                    erase(&mut state);
+                    eprintln!(
+                        "{}",
+                        tty_step_line(
+                            self.color,
+                            live_width(),
+                            &image,
+                            &platform,
+                            &step,
+                            status,
+                            duration_ms
+                        )
+                    );
+                } else {
+                    eprintln!(
+                        "{}",
+                        step_line(
+                            self.mode,
+                            false,
+                            &image,
+                            &platform,
+                            &step,
+                            status,
+                            duration_ms
+                        )
+                    );
+                }
+            }
             Event::Warning { message } => {
                 if self.mode == ProgressMode::Tty {
                     erase(&mut state);
@@ -572,6 +630,8 @@ mod tests {
             executed: 3,
             cached: 1,
             failed: 0,
+            tests_executed: 0,
+            tests_cached: 0,
             duration_ms: 4200,
             images: vec![ImageSummary {
                 name: "app".into(),

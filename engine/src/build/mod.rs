@@ -36,6 +36,7 @@ mod cache;
 mod direct_copy;
 mod execute;
 mod export;
+mod image_test;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -43,6 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use graphbuild_lang::ir::Sources;
+use graphbuild_lang::platform::Platform;
 
 use crate::digest::{Digest, Key};
 use crate::events::{Event, EventSink, ImageSummary, Summary};
@@ -80,14 +82,17 @@ pub struct BuildOptions {
     pub step_timeout_ms: Option<u64>,
     /// `--step-max-processes`: the process limit of each `run` step; `None`: no limit.
     pub step_max_processes: Option<u32>,
+    /// `--skip-tests`: image tests neither run nor block the build.
+    pub skip_tests: bool,
 }
 
 /// Shown for each `insecure=#true` step, by `graphbuild plan` and in the step's output.
 pub const INSECURE_WARNING: &str = "insecure=#true: this step runs with every capability and \
      no seccomp filter; it can take over the host (docs/security.md)";
 
-/// See [`BuildOptions::preflight`]. An `Err` stops the build with that message.
-pub type Preflight = Box<dyn Fn(&[&Node]) -> Result<(), String> + Send + Sync>;
+/// See [`BuildOptions::preflight`]: the nodes that will execute, and the platforms of the image
+/// tests that will run. An `Err` stops the build with that message.
+pub type Preflight = Box<dyn Fn(&[&Node], &[Platform]) -> Result<(), String> + Send + Sync>;
 
 /// `--cache-from`, `--cache-to`, `--cache-required`.
 #[derive(Debug, Clone, Default)]
@@ -128,6 +133,8 @@ pub struct NodeFailure {
     /// `file:line:col` of the failing step, when a step failed.
     pub location: Option<String>,
     pub step: Option<String>,
+    /// Set for an image test: its name (then `stage` is the image's name).
+    pub test: Option<String>,
     pub message: String,
     /// The last lines of the step's output.
     pub tail: Vec<String>,
@@ -135,7 +142,14 @@ pub struct NodeFailure {
 
 impl std::fmt::Display for NodeFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stage `{}` for {}", self.stage, self.platform)?;
+        match &self.test {
+            Some(test) => write!(
+                f,
+                "image `{}` for {}, test `{test}`",
+                self.stage, self.platform
+            )?,
+            None => write!(f, "stage `{}` for {}", self.stage, self.platform)?,
+        }
         if let Some(step) = &self.step {
             write!(f, ", step `{step}`")?;
         }
@@ -159,6 +173,9 @@ pub struct BuildReport {
     pub images: Vec<ImageSummary>,
     pub executed: usize,
     pub cached: usize,
+    /// Image tests run (and passed) by this build, and found passed in the store.
+    pub tests_executed: usize,
+    pub tests_cached: usize,
     pub failures: Vec<NodeFailure>,
     pub cancelled: bool,
 }
@@ -198,6 +215,13 @@ struct Executor<'a> {
     /// Bytes of file content unpacked into new snapshots by this build, against
     /// [`unpack::max_build_unpack`].
     unpacked: std::sync::atomic::AtomicU64,
+}
+
+/// A job of the build's graph: a node, or an image test that runs after its image's node.
+#[derive(Clone, Copy, Debug)]
+enum Job {
+    Node(usize),
+    Test(usize),
 }
 
 /// How many times a build runs again after it removed corrupt blobs from the store.
@@ -247,6 +271,8 @@ pub fn build(
             executed: report.executed,
             cached: report.cached,
             failed: report.failures.len(),
+            tests_executed: report.tests_executed,
+            tests_cached: report.tests_cached,
             duration_ms: started.elapsed().as_millis() as u64,
             images: report.images.clone(),
         }));
@@ -327,10 +353,31 @@ fn build_once(
             images: Vec::new(),
             executed: 0,
             cached: 0,
+            tests_executed: 0,
+            tests_cached: 0,
             failures,
             cancelled: false,
         };
         return (report, healed(), false);
+    }
+    // Image tests: those that passed before (in the store under their key) are not run
+    // again; the others run once their image's node is done.
+    let mut tests_cached = 0;
+    let mut testing = Vec::new();
+    for test in plan.tests.iter().filter(|_| !options.skip_tests) {
+        if executor.test_passed_before(test) {
+            tests_cached += 1;
+            events.emit(Event::Test {
+                test: test.id,
+                image: test.image.clone(),
+                platform: test.platform.to_string(),
+                name: test.name.clone(),
+                status: crate::events::StepStatus::Cached,
+                duration_ms: None,
+            });
+        } else {
+            testing.push(test);
+        }
     }
     if let Some(preflight) = &options.preflight {
         let executing: Vec<&Node> = plan
@@ -338,12 +385,20 @@ fn build_once(
             .iter()
             .filter(|node| needed[node.id] && !cached_nodes[node.id])
             .collect();
-        if let Err(message) = preflight(&executing) {
+        let mut test_platforms: Vec<Platform> = Vec::new();
+        for test in &testing {
+            if !test_platforms.contains(&test.platform) {
+                test_platforms.push(test.platform.clone());
+            }
+        }
+        if let Err(message) = preflight(&executing, &test_platforms) {
             let report = BuildReport {
                 environment_error: Some(message),
                 images: Vec::new(),
                 executed: 0,
                 cached: 0,
+                tests_executed: 0,
+                tests_cached: 0,
                 failures: Vec::new(),
                 cancelled: false,
             };
@@ -360,18 +415,30 @@ fn build_once(
             .filter(|step| matches!(step.op, Op::Run(_)))
             .count() as u64
             * 10;
-        ids[node.id] = Some(graph.add(node.id, cost, &deps));
+        ids[node.id] = Some(graph.add(Job::Node(node.id), cost, &deps));
     }
+    for test in &testing {
+        let deps: Vec<_> = ids[test.node].into_iter().collect();
+        graph.add(Job::Test(test.id), 10, &deps);
+    }
+    let job_of: Vec<Job> = graph.jobs().map(|(_, job)| *job).collect();
     let report = scheduler::run(
         graph,
         options.jobs.max(1),
         &options.cancel,
-        |node_id: &usize, _deps: &[&()]| executor.run_node(&plan.nodes[*node_id]).map(|_| ()),
+        |job: &Job, _deps: &[&()]| match job {
+            Job::Node(id) => executor.run_node(&plan.nodes[*id]).map(|_| ()),
+            Job::Test(id) => executor.run_test(&plan.tests[*id]),
+        },
     );
 
     // A step stopped by the cancel fails, but the build was cancelled, not broken.
     let mut cancelled = options.cancel.is_cancelled();
-    for outcome in report.outcomes() {
+    let mut tests_executed = 0;
+    for (index, outcome) in report.outcomes().iter().enumerate() {
+        if matches!(outcome, scheduler::Outcome::Done(_)) && matches!(job_of[index], Job::Test(_)) {
+            tests_executed += 1;
+        }
         match outcome {
             scheduler::Outcome::Failed(failure) => failures.push((**failure).clone()),
             scheduler::Outcome::Cancelled => cancelled = true,
@@ -388,6 +455,7 @@ fn build_once(
                 platform: "all".into(),
                 location: None,
                 step: None,
+                test: None,
                 message,
                 tail: Vec::new(),
             });
@@ -414,6 +482,7 @@ fn build_once(
                     platform: "all".into(),
                     location: Some(sources.describe(image.at)),
                     step: None,
+                    test: None,
                     message,
                     tail: Vec::new(),
                 }),
@@ -425,6 +494,8 @@ fn build_once(
         images,
         executed,
         cached,
+        tests_executed,
+        tests_cached,
         failures,
         cancelled,
     };
@@ -452,6 +523,7 @@ impl Executor<'_> {
             platform: node.platform.to_string(),
             location: step.map(|step| self.sources.describe(step.at)),
             step: step.map(|step| step.description.clone()),
+            test: None,
             message,
             tail,
         })

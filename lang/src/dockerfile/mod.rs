@@ -1343,6 +1343,7 @@ impl Lowerer {
             output: options.output.as_deref().map(text),
             push: options.push,
             strict_arch: false,
+            tests: Vec::new(),
         })
     }
 }

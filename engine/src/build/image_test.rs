@@ -1,0 +1,243 @@
+//! Running an image test: the command in the finished image's filesystem, contained like a
+//! `run` step, on a throwaway upper directory so the image never changes; then its exit code
+//! and output checked. A passed test is recorded in the store under its key, so a warm build
+//! does not run it again; a failed one is not recorded.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::events::{Event, StepStatus};
+use crate::plan::{DEFAULT_TEST_TIMEOUT_MS, TestOp, TestPlan};
+use crate::sandbox::{self, ExitStatusKind, NetworkMode, RunTask, SandboxSpec, Task};
+
+use super::{Executor, NodeFailure};
+
+/// How much of a test's output is kept for its `output` checks: beyond this, the rest is
+/// dropped (the checks see the first part), so a test cannot fill memory.
+const MAX_CHECKED_OUTPUT: usize = 1 << 20;
+
+/// What the store records for a passed test.
+#[derive(Serialize, Deserialize)]
+struct TestRecord {
+    passed: bool,
+}
+
+impl Executor<'_> {
+    /// A passed record for this test, unless `--no-cache`.
+    pub(super) fn test_passed_before(&self, test: &TestPlan) -> bool {
+        if self.options.no_cache {
+            return false;
+        }
+        self.store
+            .get_action(&test.key)
+            .and_then(|bytes| serde_json::from_slice::<TestRecord>(&bytes).ok())
+            .is_some_and(|record| record.passed)
+    }
+
+    pub(super) fn run_test(&self, test: &TestPlan) -> Result<(), Box<NodeFailure>> {
+        let platform = test.platform.to_string();
+        self.events.emit(Event::TestStarted {
+            test: test.id,
+            image: test.image.clone(),
+            platform: platform.clone(),
+            name: test.name.clone(),
+        });
+        let started = Instant::now();
+        let result = self.execute_test(test);
+        self.events.emit(Event::Test {
+            test: test.id,
+            image: test.image.clone(),
+            platform,
+            name: test.name.clone(),
+            status: if result.is_ok() {
+                StepStatus::Executed
+            } else {
+                StepStatus::Failed
+            },
+            duration_ms: Some(started.elapsed().as_millis() as u64),
+        });
+        result?;
+        let record = serde_json::to_vec(&TestRecord { passed: true }).unwrap_or_default();
+        self.store.put_action(&test.key, &record).map_err(|error| {
+            self.test_failure(
+                test,
+                format!("cannot record the test in the store: {error}"),
+                Vec::new(),
+            )
+        })?;
+        Ok(())
+    }
+
+    fn execute_test(&self, test: &TestPlan) -> Result<(), Box<NodeFailure>> {
+        let fail = |message: String| self.test_failure(test, message, Vec::new());
+        let image = self.output_of(test.node).map_err(fail)?;
+        let lowerdirs = self.snapshots(&image.layers).map_err(fail)?;
+        // The test's changes land here and are thrown away with it.
+        let temp = self
+            .store
+            .temp_dir()
+            .map_err(|error| fail(format!("cannot create a temporary directory: {error}")))?;
+        let upperdir = temp.path().join("upper");
+        let overlay_workdir = temp.path().join("work");
+        for dir in [&upperdir, &overlay_workdir] {
+            std::fs::create_dir_all(dir)
+                .map_err(|error| fail(format!("cannot create {}: {error}", dir.display())))?;
+        }
+        let op = &test.op;
+        let task = RunTask {
+            argv: op.argv.clone(),
+            env: op.env.clone(),
+            cwd: op.workdir.clone(),
+            user: op.user.clone(),
+            cache_mounts: Vec::new(),
+            secret_files: Vec::new(),
+            // A test checks the image, not the network: it runs without one, so its result is
+            // worth caching.
+            network: NetworkMode::None,
+            hostname: String::new(),
+            timeout_ms: Some(
+                op.timeout_ms
+                    .or(self.options.step_timeout_ms)
+                    .unwrap_or(DEFAULT_TEST_TIMEOUT_MS),
+            ),
+            max_processes: self.options.step_max_processes,
+            insecure: false,
+            without_seccomp: test.platform.architecture == "386",
+        };
+        let spec = SandboxSpec {
+            lowerdirs,
+            upperdir,
+            overlay_workdir,
+            task: Task::Run(task),
+        };
+        let sandbox_exe = std::env::var_os("GRAPHBUILD_SANDBOX_EXE")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| self.options.sandbox_exe.clone());
+        let mut output = String::new();
+        let outcome = sandbox::run_sandbox(&sandbox_exe, &spec, &mut |line: &str| {
+            // Lines joined by newlines, with none after the last: `$` ends the output.
+            if output.len() < MAX_CHECKED_OUTPUT {
+                if !output.is_empty() {
+                    output.push('\n');
+                }
+                output.push_str(line);
+            }
+        });
+        drop(temp);
+        let outcome = outcome.map_err(|error| fail(error.to_string()))?;
+        match check(op, outcome.status, &output) {
+            Ok(()) => Ok(()),
+            Err(message) => Err(self.test_failure(test, message, outcome.tail)),
+        }
+    }
+
+    fn test_failure(
+        &self,
+        test: &TestPlan,
+        message: String,
+        tail: Vec<String>,
+    ) -> Box<NodeFailure> {
+        Box::new(NodeFailure {
+            stage: test.image.clone(),
+            platform: test.platform.to_string(),
+            location: Some(self.sources.describe(test.at)),
+            step: None,
+            test: Some(test.name.clone()),
+            message,
+            tail,
+        })
+    }
+}
+
+/// Whether a finished test passed; why not otherwise.
+fn check(op: &TestOp, status: ExitStatusKind, output: &str) -> Result<(), String> {
+    match status {
+        ExitStatusKind::Exited(code) if code == op.exit_code => {}
+        ExitStatusKind::Exited(code) => {
+            return Err(format!(
+                "expected exit code {}, got {code} (command {:?})",
+                op.exit_code, op.argv
+            ));
+        }
+        other => {
+            return Err(format!(
+                "expected exit code {}, but the command was {other} (command {:?})",
+                op.exit_code, op.argv
+            ));
+        }
+    }
+    for check in &op.output {
+        if let Some(text) = &check.contains
+            && !output.contains(text.as_str())
+        {
+            return Err(format!("the output does not contain {text:?}"));
+        }
+        if let Some(pattern) = &check.matches {
+            // Checked when the plan was made; a failure here is still a clear failure.
+            let regex = regex::Regex::new(pattern)
+                .map_err(|error| format!("`{pattern}` is not a regular expression: {error}"))?;
+            if !regex.is_match(output) {
+                return Err(format!(
+                    "the output does not match the regular expression {pattern:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::OutputCheckOp;
+
+    fn op(exit_code: i32, contains: Option<&str>, matches: Option<&str>) -> TestOp {
+        TestOp {
+            platform: "linux/amd64".into(),
+            argv: vec!["app".into()],
+            env: Vec::new(),
+            workdir: "/".into(),
+            user: String::new(),
+            exit_code,
+            output: vec![OutputCheckOp {
+                contains: contains.map(str::to_string),
+                matches: matches.map(str::to_string),
+            }],
+            timeout_ms: None,
+        }
+    }
+
+    #[test]
+    fn exit_code_and_output_decide() {
+        let output = "app 1.2.3\nready\n";
+        assert!(check(&op(0, Some("1.2"), None), ExitStatusKind::Exited(0), output).is_ok());
+        assert!(
+            check(
+                &op(0, None, Some(r"(?m)^ready$")),
+                ExitStatusKind::Exited(0),
+                output
+            )
+            .is_ok()
+        );
+        let wrong_code = check(&op(0, None, None), ExitStatusKind::Exited(3), output).unwrap_err();
+        assert!(
+            wrong_code.contains("expected exit code 0, got 3"),
+            "{wrong_code}"
+        );
+        assert!(check(&op(3, None, None), ExitStatusKind::Exited(3), output).is_ok());
+        let missing =
+            check(&op(0, Some("2.0"), None), ExitStatusKind::Exited(0), output).unwrap_err();
+        assert!(missing.contains("does not contain \"2.0\""), "{missing}");
+        let unmatched =
+            check(&op(0, None, Some("^v")), ExitStatusKind::Exited(0), output).unwrap_err();
+        assert!(unmatched.contains("does not match"), "{unmatched}");
+        let killed = check(
+            &op(0, None, None),
+            ExitStatusKind::TimedOut { millis: 1000 },
+            output,
+        )
+        .unwrap_err();
+        assert!(killed.contains("timeout"), "{killed}");
+    }
+}
