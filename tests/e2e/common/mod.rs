@@ -151,6 +151,34 @@ pub(crate) fn steps(output: &Output) -> Vec<(String, String, String, String)> {
         .collect()
 }
 
+/// Whether the tests run under CI (`CI=true`), where a missing prerequisite is a failure.
+pub(crate) fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true")
+}
+
+/// Whether a prerequisite holds; without it a test panics under CI and is skipped elsewhere
+/// (saying so on stderr).
+pub(crate) fn prerequisite(ok: bool, what: &str) -> bool {
+    if !ok {
+        assert!(!ci(), "prerequisite missing under CI: {what}");
+        eprintln!("skipped: {what}");
+    }
+    ok
+}
+
+/// Root and qemu-user for arm64 and arm/v7 registered in binfmt_misc: what a build that runs
+/// commands for three platforms needs.
+pub(crate) fn root_and_qemu() -> bool {
+    let binfmt = Path::new("/proc/sys/fs/binfmt_misc");
+    prerequisite(
+        nix::unistd::geteuid().is_root(),
+        "root (builds run in namespaces on overlayfs)",
+    ) && prerequisite(
+        binfmt.join("qemu-aarch64").exists() && binfmt.join("qemu-arm").exists(),
+        "qemu-user for aarch64 and arm registered in binfmt_misc (scripts/setup-host)",
+    )
+}
+
 pub(crate) fn require_tool(name: &str) {
     let found = Command::new("sh")
         .arg("-c")
