@@ -538,10 +538,8 @@ impl EventSink for Progress {
                 platform,
                 name,
                 ..
-            } => {
-                if plain && !self.quiet {
-                    eprintln!("[{image} {platform}] test {}", sanitize(&name));
-                }
+            } if plain && !self.quiet => {
+                eprintln!("[{image} {platform}] test {}", sanitize(&name));
             }
             Event::Test {
                 image,

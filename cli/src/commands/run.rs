@@ -88,7 +88,8 @@ pub(super) fn preflight(
     test_platforms: &[Platform],
 ) -> Result<(), String> {
     let host = Platform::host();
-    if !(nodes.is_empty() && test_platforms.is_empty()) && !nix::unistd::geteuid().is_root() {
+    let executes = !nodes.is_empty() || !test_platforms.is_empty();
+    if executes && !nix::unistd::geteuid().is_root() {
         return Err("error: graphbuild runs build steps in Linux namespaces on overlayfs, which needs root, \
              or root of a user namespace\n\
              hint: run it as root, or as an ordinary user outside any user namespace (graphbuild \
