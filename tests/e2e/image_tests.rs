@@ -364,6 +364,77 @@ fn a_hostile_test_is_contained() {
 }
 
 #[test]
+fn passed_tests_travel_through_the_team_cache_and_a_merge_needs_no_emulator() {
+    if !root_and_qemu() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "b.kdl",
+        &build_file(r#"    test version { cmd "--version"; output contains="app 1.2.3"; }"#),
+    );
+    let server = CacheServer::start(&sandbox.path().join("server"), &[]);
+    let args = |output: &'static str| {
+        vec![
+            "run".to_string(),
+            "b.kdl".into(),
+            "--output".into(),
+            output.into(),
+            "--progress".into(),
+            "json".into(),
+            "--cache".into(),
+            server.url.clone(),
+        ]
+    };
+    let first = std::process::Command::new(bin())
+        .args(args("out-a"))
+        .current_dir(sandbox.path())
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join("store-a"))
+        .output()
+        .expect("graphbuild runs");
+    assert_success(&first);
+    assert_eq!(summary(&first)["tests_executed"], 3);
+
+    // Another machine without emulators: the image and its tests come from the team cache, so
+    // nothing needs qemu (an executed arm64 test would fail the preflight).
+    let no_binfmt = sandbox.path().join("empty-binfmt");
+    std::fs::create_dir_all(&no_binfmt).expect("mkdir");
+    let merge = std::process::Command::new(bin())
+        .args(args("out-b"))
+        .current_dir(sandbox.path())
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join("store-b"))
+        .env("GRAPHBUILD_BINFMT_DIR", &no_binfmt)
+        .output()
+        .expect("graphbuild runs");
+    assert_success(&merge);
+    assert_eq!(summary(&merge)["tests_executed"], 0);
+    assert_eq!(summary(&merge)["tests_cached"], 3);
+    assert_eq!(index_digest(&merge), index_digest(&first));
+
+    // A new test on that machine, its image cached: the test itself needs the emulators,
+    // and the preflight says so before anything runs (exit 3).
+    sandbox.write(
+        "b.kdl",
+        &build_file(r#"    test version { cmd "--version"; output contains="app 1.2"; }"#),
+    );
+    let new_test = std::process::Command::new(bin())
+        .args(["run", "b.kdl", "--output", "out-c", "--progress", "json"])
+        .current_dir(sandbox.path())
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join("store-b"))
+        .env("GRAPHBUILD_BINFMT_DIR", &no_binfmt)
+        .output()
+        .expect("graphbuild runs");
+    assert_eq!(new_test.status.code(), Some(3), "{}", stderr(&new_test));
+    assert!(
+        stderr(&new_test).contains("cannot run steps for linux/arm64"),
+        "{}",
+        stderr(&new_test)
+    );
+    assert!(steps(&new_test).is_empty(), "no step executed or looked at");
+    assert!(!sandbox.path().join("out-c/app").exists());
+}
+
+#[test]
 fn bad_tests_are_diagnostics() {
     let sandbox = Sandbox::new();
     sandbox.write(

@@ -1,7 +1,8 @@
 //! Running an image test: the command in the finished image's filesystem, contained like a
 //! `run` step, on a throwaway upper directory so the image never changes; then its exit code
-//! and output checked. A passed test is recorded in the store under its key, so a warm build
-//! does not run it again; a failed one is not recorded.
+//! and output checked. A passed test is recorded in the store under its key (and in the team
+//! cache, like a step's result), so a warm build, or a merge of platforms built elsewhere, does
+//! not run it again; a failed one is not recorded.
 
 use std::time::Instant;
 
@@ -24,15 +25,81 @@ struct TestRecord {
 }
 
 impl Executor<'_> {
-    /// A passed record for this test, unless `--no-cache`.
-    pub(super) fn test_passed_before(&self, test: &TestPlan) -> bool {
+    /// Whether this test passed before with this key (unless `--no-cache`): recorded in the
+    /// store, or in the team cache (`--cache-from`), whose record is then kept locally. A
+    /// local pass the team cache lacks is published to it, as a step's result is.
+    pub(super) fn test_passed_before(&self, test: &TestPlan) -> Result<bool, Box<NodeFailure>> {
         if self.options.no_cache {
-            return false;
+            return Ok(false);
         }
-        self.store
+        let fail = |message: String| self.test_failure(test, message, Vec::new());
+        let passed = |bytes: &[u8]| {
+            serde_json::from_slice::<TestRecord>(bytes).is_ok_and(|record| record.passed)
+        };
+        if self
+            .store
             .get_action(&test.key)
-            .and_then(|bytes| serde_json::from_slice::<TestRecord>(&bytes).ok())
-            .is_some_and(|record| record.passed)
+            .is_some_and(|bytes| passed(&bytes))
+        {
+            self.publish_test(test).map_err(fail)?;
+            return Ok(true);
+        }
+        let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else {
+            return Ok(false);
+        };
+        let fetched = (|| -> Result<Option<Vec<u8>>, String> {
+            let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
+            let fetched = remote.get_step_record(&test.key.hex(), temp.path());
+            self.remote_entry(remote, fetched, None)
+        })();
+        match fetched {
+            Ok(Some(bytes)) if passed(&bytes) => {
+                self.store.put_action(&test.key, &bytes).map_err(|error| {
+                    fail(format!("cannot record the test in the store: {error}"))
+                })?;
+                Ok(true)
+            }
+            Ok(Some(_)) => {
+                self.warn_bad_remote_entry(remote, "an image test record is not valid");
+                Ok(false)
+            }
+            Ok(None) => Ok(false),
+            Err(message) => self
+                .remote_trouble(remote, message)
+                .map(|()| false)
+                .map_err(fail),
+        }
+    }
+
+    /// Publish a passed test to the team cache (`--cache-to`) unless it has it.
+    fn publish_test(&self, test: &TestPlan) -> Result<(), String> {
+        let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else {
+            return Ok(());
+        };
+        let result = (|| -> Result<(), String> {
+            let key = test.key.hex();
+            if self
+                .remote_entry(remote, remote.get_action(&key), None)?
+                .is_some()
+            {
+                return Ok(());
+            }
+            let bytes = serde_json::to_vec(&TestRecord { passed: true })
+                .map_err(|error| error.to_string())?;
+            let digest = remote
+                .put_blob_bytes(&bytes)
+                .map_err(|error| error.to_string())?;
+            remote
+                .put_action(
+                    &key,
+                    &crate::remote::ActionResult::for_step_record(digest, bytes.len() as u64),
+                )
+                .map_err(|error| error.to_string())
+        })();
+        match result {
+            Ok(()) => Ok(()),
+            Err(message) => self.remote_trouble(remote, message),
+        }
     }
 
     pub(super) fn run_test(&self, test: &TestPlan) -> Result<(), Box<NodeFailure>> {
@@ -66,7 +133,8 @@ impl Executor<'_> {
                 Vec::new(),
             )
         })?;
-        Ok(())
+        self.publish_test(test)
+            .map_err(|message| self.test_failure(test, message, Vec::new()))
     }
 
     fn execute_test(&self, test: &TestPlan) -> Result<(), Box<NodeFailure>> {

@@ -347,25 +347,19 @@ fn build_once(
             pending.extend(node.deps.iter().copied());
         }
     }
-    if !failures.is_empty() {
-        let report = BuildReport {
-            environment_error: None,
-            images: Vec::new(),
-            executed: 0,
-            cached: 0,
-            tests_executed: 0,
-            tests_cached: 0,
-            failures,
-            cancelled: false,
-        };
-        return (report, healed(), false);
-    }
-    // Image tests: those that passed before (in the store under their key) are not run
-    // again; the others run once their image's node is done.
+    // Image tests: those that passed before (in the store or the team cache, under their key)
+    // are not run again; the others run once their image's node is done.
     let mut tests_cached = 0;
     let mut testing = Vec::new();
     for test in plan.tests.iter().filter(|_| !options.skip_tests) {
-        if executor.test_passed_before(test) {
+        let passed = match executor.test_passed_before(test) {
+            Ok(passed) => passed,
+            Err(failure) => {
+                failures.push(*failure);
+                continue;
+            }
+        };
+        if passed {
             tests_cached += 1;
             events.emit(Event::Test {
                 test: test.id,
@@ -378,6 +372,19 @@ fn build_once(
         } else {
             testing.push(test);
         }
+    }
+    if !failures.is_empty() {
+        let report = BuildReport {
+            environment_error: None,
+            images: Vec::new(),
+            executed: 0,
+            cached: 0,
+            tests_executed: 0,
+            tests_cached: 0,
+            failures,
+            cancelled: false,
+        };
+        return (report, healed(), false);
     }
     if let Some(preflight) = &options.preflight {
         let executing: Vec<&Node> = plan

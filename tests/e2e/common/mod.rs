@@ -151,6 +151,43 @@ pub(crate) fn steps(output: &Output) -> Vec<(String, String, String, String)> {
         .collect()
 }
 
+/// `graphbuild cache serve` on 127.0.0.1, a free port, serving `dir`; stopped on drop.
+pub(crate) struct CacheServer {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl CacheServer {
+    pub(crate) fn start(dir: &Path, extra: &[&str]) -> CacheServer {
+        use std::io::BufRead;
+        let mut child = Command::new(bin())
+            .args(["cache", "serve", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("cache serve starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reads the address");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        CacheServer { child, url }
+    }
+}
+
+impl Drop for CacheServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Whether the tests run under CI (`CI=true`), where a missing prerequisite is a failure.
 pub(crate) fn ci() -> bool {
     std::env::var("CI").is_ok_and(|value| value == "true")
