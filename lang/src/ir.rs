@@ -371,7 +371,7 @@ pub struct ImageTest {
     pub env: Vec<(String, Text)>,
     /// `exit N`: the exit code the command must end with (0 unless set).
     pub exit_code: i32,
-    /// `output contains="…" matches="…"`: every one must hold for the merged stdout and stderr.
+    /// `output`/`stdout`/`stderr contains="…" matches="…"`: every one must hold.
     pub output: Vec<OutputCheck>,
     /// `timeout "30s"`.
     pub timeout: Option<Text>,
@@ -392,14 +392,24 @@ pub enum TestCommand {
     Run(Command),
 }
 
-/// One `output` check of a test: the text must contain `contains` and match the regular
-/// expression `matches` (each when given).
+/// One output check of a test: the stream's text must contain `contains` and match the
+/// regular expression `matches` (each when given).
 #[derive(Clone, Debug)]
 pub struct OutputCheck {
+    pub stream: OutputStream,
     pub contains: Option<Text>,
     /// A regular expression, taken as written: never substituted (`$` is an anchor).
     pub matches: Option<Text>,
     pub at: Loc,
+}
+
+/// What an output check reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputStream {
+    /// `output`: stdout and stderr together, as a terminal shows them.
+    Output,
+    Stdout,
+    Stderr,
 }
 
 #[derive(Clone, Debug)]

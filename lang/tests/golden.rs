@@ -297,7 +297,8 @@ pub fn render_project(project: &Project) -> String {
             for check in &test.output {
                 let _ = writeln!(
                     out,
-                    "    output contains={} matches={}",
+                    "    {:?} contains={} matches={}",
+                    check.stream,
                     check.contains.as_ref().map_or("-".to_string(), text),
                     check.matches.as_ref().map_or("-".to_string(), text)
                 );

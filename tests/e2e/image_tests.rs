@@ -92,14 +92,16 @@ fn tests_pass_on_three_platforms_with_the_image_settings_and_are_cached_when_war
     }
     // `run` is the command alone, through the image's shell, with the image's environment.
     test shell { run "echo $APP_VERSION; uname -m"; output matches=#"(?m)^1\.2\.3$"#; }
-    test exit { run "exit 3"; exit 3; }"##,
+    test exit { run "exit 3"; exit 3; }
+    // stdout and stderr apart, and together as `output`.
+    test streams { run "echo out; echo err >&2"; stdout matches=#"\Aout\z"#; stderr matches=#"\Aerr\z"#; output contains="err"; }"##,
         ),
     );
     let cold = run(&sandbox, &[]);
     assert_success(&cold);
     let mut expected = Vec::new();
     for platform in ["linux/amd64", "linux/arm64", "linux/arm/v7"] {
-        for name in ["default", "exit", "override", "shell", "version"] {
+        for name in ["default", "exit", "override", "shell", "streams", "version"] {
             expected.push((
                 platform.to_string(),
                 name.to_string(),
@@ -110,19 +112,19 @@ fn tests_pass_on_three_platforms_with_the_image_settings_and_are_cached_when_war
     expected.sort();
     assert_eq!(test_events(&cold), expected, "{}", stderr(&cold));
     assert!(sandbox.path().join("out/app/index.json").exists());
-    assert_eq!(summary(&cold)["tests_executed"], 15);
+    assert_eq!(summary(&cold)["tests_executed"], 18);
 
     // Warm: the image and every test are cached; no test runs again.
     let warm = run(&sandbox, &[]);
     assert_success(&warm);
     let events = test_events(&warm);
-    assert_eq!(events.len(), 15);
+    assert_eq!(events.len(), 18);
     assert!(
         events.iter().all(|(_, _, status)| status == "cached"),
         "{events:?}"
     );
     assert_eq!(summary(&warm)["tests_executed"], 0);
-    assert_eq!(summary(&warm)["tests_cached"], 15);
+    assert_eq!(summary(&warm)["tests_cached"], 18);
     assert_eq!(index_digest(&warm), index_digest(&cold));
 
     // `plan` shows the test nodes after their image's node, cached.
@@ -130,7 +132,7 @@ fn tests_pass_on_three_platforms_with_the_image_settings_and_are_cached_when_war
     assert_success(&plan);
     let plan: serde_json::Value = serde_json::from_str(&stdout(&plan)).expect("plan JSON");
     let tests = plan["tests"].as_array().expect("tests");
-    assert_eq!(tests.len(), 15);
+    assert_eq!(tests.len(), 18);
     assert!(tests.iter().all(|test| test["cached"] == true), "{tests:?}");
     let version_arm64 = tests
         .iter()
@@ -248,7 +250,8 @@ fn an_output_mismatch_fails_with_expected_and_actual() {
         "b.kdl",
         &build_file(
             r#"    test version { platforms "linux/amd64"; cmd "--version"; output contains="app 2.0"; }
-    test pattern { platforms "linux/amd64"; run "echo v1"; output matches="^v2$"; }"#,
+    test pattern { platforms "linux/amd64"; run "echo v1"; output matches="^v2$"; }
+    test stream { platforms "linux/amd64"; run "echo oops >&2"; stdout contains="oops"; }"#,
         ),
     );
     let failed = run(&sandbox, &[]);
@@ -268,6 +271,10 @@ fn an_output_mismatch_fails_with_expected_and_actual() {
         err.contains(
             "test `pattern` (b.kdl:16:5): the output does not match the regular expression \"^v2$\""
         ),
+        "{err}"
+    );
+    assert!(
+        err.contains("test `stream` (b.kdl:17:5): stdout does not contain \"oops\""),
         "{err}"
     );
     assert!(!sandbox.path().join("out/app").exists());

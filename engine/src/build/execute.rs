@@ -693,6 +693,7 @@ impl Executor<'_> {
             max_processes: self.options.step_max_processes,
             insecure: run.insecure,
             without_seccomp: node.platform.architecture == "386",
+            separate_stderr: false,
         })
     }
 }

@@ -10,13 +10,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, StepStatus};
 use crate::plan::{DEFAULT_TEST_TIMEOUT_MS, TestOp, TestPlan};
-use crate::sandbox::{self, ExitStatusKind, NetworkMode, RunTask, SandboxSpec, Task};
+use crate::sandbox::{self, ExitStatusKind, NetworkMode, RunTask, SandboxSpec, Stream, Task};
 
 use super::{Executor, NodeFailure};
 
 /// How much of a test's output is kept for its `output` checks: beyond this, the rest is
 /// dropped (the checks see the first part), so a test cannot fill memory.
 const MAX_CHECKED_OUTPUT: usize = 1 << 20;
+
+/// How many of stderr's last lines a failure shows when they did not arrive last.
+const STDERR_TAIL_LINES: usize = 5;
 
 /// What the store records for a passed test.
 #[derive(Serialize, Deserialize)]
@@ -172,6 +175,7 @@ impl Executor<'_> {
             max_processes: self.options.step_max_processes,
             insecure: false,
             without_seccomp: test.platform.architecture == "386",
+            separate_stderr: true,
         };
         let spec = SandboxSpec {
             lowerdirs,
@@ -182,21 +186,15 @@ impl Executor<'_> {
         let sandbox_exe = std::env::var_os("GRAPHBUILD_SANDBOX_EXE")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| self.options.sandbox_exe.clone());
-        let mut output = String::new();
-        let outcome = sandbox::run_sandbox(&sandbox_exe, &spec, &mut |line: &str| {
-            // Lines joined by newlines, with none after the last: `$` ends the output.
-            if output.len() < MAX_CHECKED_OUTPUT {
-                if !output.is_empty() {
-                    output.push('\n');
-                }
-                output.push_str(line);
-            }
+        let mut output = Captured::default();
+        let outcome = sandbox::run_sandbox_streams(&sandbox_exe, &spec, &mut |stream, line| {
+            output.push(stream, line);
         });
         drop(temp);
         let outcome = outcome.map_err(|error| fail(error.to_string()))?;
         match check(op, outcome.status, &output) {
             Ok(()) => Ok(()),
-            Err(message) => Err(self.test_failure(test, message, outcome.tail)),
+            Err(message) => Err(self.test_failure(test, message, output.tail(outcome.tail))),
         }
     }
 
@@ -218,8 +216,61 @@ impl Executor<'_> {
     }
 }
 
+/// A test's output: each stream, and both together in the order lines arrived. Lines are
+/// joined by newlines with none after the last, so `$` ends a stream.
+#[derive(Default)]
+struct Captured {
+    output: String,
+    stdout: String,
+    stderr: String,
+}
+
+impl Captured {
+    fn push(&mut self, stream: Stream, line: &str) {
+        let own = match stream {
+            Stream::Stdout => &mut self.stdout,
+            Stream::Stderr => &mut self.stderr,
+        };
+        for text in [&mut self.output, own] {
+            // Beyond the cap the checks see the first part: a test cannot fill memory.
+            if text.len() < MAX_CHECKED_OUTPUT {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(line);
+            }
+        }
+    }
+
+    /// The tail to show for a failure: the last lines as they arrived; and, since lines of
+    /// the two streams can arrive out of order, stderr's last lines after them when they are
+    /// not among those already.
+    fn tail(&self, mut tail: Vec<String>) -> Vec<String> {
+        let last_errors: Vec<&str> = {
+            let lines: Vec<&str> = self.stderr.lines().collect();
+            lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].to_vec()
+        };
+        let shown = last_errors
+            .iter()
+            .all(|line| tail.iter().any(|seen| seen == line));
+        if !shown {
+            tail.push("── stderr, last lines ──".to_string());
+            tail.extend(last_errors.iter().map(|line| line.to_string()));
+        }
+        tail
+    }
+
+    fn stream(&self, name: &str) -> &str {
+        match name {
+            "stdout" => &self.stdout,
+            "stderr" => &self.stderr,
+            _ => &self.output,
+        }
+    }
+}
+
 /// Whether a finished test passed; why not otherwise.
-fn check(op: &TestOp, status: ExitStatusKind, output: &str) -> Result<(), String> {
+fn check(op: &TestOp, status: ExitStatusKind, captured: &Captured) -> Result<(), String> {
     match status {
         ExitStatusKind::Exited(code) if code == op.exit_code => {}
         ExitStatusKind::Exited(code) => {
@@ -236,10 +287,16 @@ fn check(op: &TestOp, status: ExitStatusKind, output: &str) -> Result<(), String
         }
     }
     for check in &op.output {
+        let output = captured.stream(&check.stream);
+        let what = match check.stream.as_str() {
+            "stdout" => "stdout",
+            "stderr" => "stderr",
+            _ => "the output",
+        };
         if let Some(text) = &check.contains
             && !output.contains(text.as_str())
         {
-            return Err(format!("the output does not contain {text:?}"));
+            return Err(format!("{what} does not contain {text:?}"));
         }
         if let Some(pattern) = &check.matches {
             // Checked when the plan was made; a failure here is still a clear failure.
@@ -247,7 +304,7 @@ fn check(op: &TestOp, status: ExitStatusKind, output: &str) -> Result<(), String
                 .map_err(|error| format!("`{pattern}` is not a regular expression: {error}"))?;
             if !regex.is_match(output) {
                 return Err(format!(
-                    "the output does not match the regular expression {pattern:?}"
+                    "{what} does not match the regular expression {pattern:?}"
                 ));
             }
         }
@@ -261,6 +318,15 @@ mod tests {
     use crate::plan::OutputCheckOp;
 
     fn op(exit_code: i32, contains: Option<&str>, matches: Option<&str>) -> TestOp {
+        op_on("output", exit_code, contains, matches)
+    }
+
+    fn op_on(
+        stream: &str,
+        exit_code: i32,
+        contains: Option<&str>,
+        matches: Option<&str>,
+    ) -> TestOp {
         TestOp {
             platform: "linux/amd64".into(),
             argv: vec!["app".into()],
@@ -269,6 +335,7 @@ mod tests {
             user: String::new(),
             exit_code,
             output: vec![OutputCheckOp {
+                stream: stream.into(),
                 contains: contains.map(str::to_string),
                 matches: matches.map(str::to_string),
             }],
@@ -278,7 +345,11 @@ mod tests {
 
     #[test]
     fn exit_code_and_output_decide() {
-        let output = "app 1.2.3\nready\n";
+        let mut output = Captured::default();
+        output.push(Stream::Stdout, "app 1.2.3");
+        output.push(Stream::Stderr, "warning: old");
+        output.push(Stream::Stdout, "ready");
+        let output = &output;
         assert!(check(&op(0, Some("1.2"), None), ExitStatusKind::Exited(0), output).is_ok());
         assert!(
             check(
@@ -296,7 +367,10 @@ mod tests {
         assert!(check(&op(3, None, None), ExitStatusKind::Exited(3), output).is_ok());
         let missing =
             check(&op(0, Some("2.0"), None), ExitStatusKind::Exited(0), output).unwrap_err();
-        assert!(missing.contains("does not contain \"2.0\""), "{missing}");
+        assert!(
+            missing.contains("the output does not contain \"2.0\""),
+            "{missing}"
+        );
         let unmatched =
             check(&op(0, None, Some("^v")), ExitStatusKind::Exited(0), output).unwrap_err();
         assert!(unmatched.contains("does not match"), "{unmatched}");
@@ -307,5 +381,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(killed.contains("timeout"), "{killed}");
+        // Each stream on its own; `output` has both, `$` ends each.
+        assert!(
+            check(
+                &op(0, Some("warning"), Some("ready$")),
+                ExitStatusKind::Exited(0),
+                output
+            )
+            .is_ok()
+        );
+        assert!(
+            check(
+                &op_on("stdout", 0, Some("ready"), Some(r"\A(?s)app.*ready\z")),
+                ExitStatusKind::Exited(0),
+                output
+            )
+            .is_ok()
+        );
+        let not_on_stdout = check(
+            &op_on("stdout", 0, Some("warning"), None),
+            ExitStatusKind::Exited(0),
+            output,
+        )
+        .unwrap_err();
+        assert_eq!(not_on_stdout, "stdout does not contain \"warning\"");
+        assert!(
+            check(
+                &op_on("stderr", 0, None, Some("^warning: old$")),
+                ExitStatusKind::Exited(0),
+                output
+            )
+            .is_ok()
+        );
     }
 }

@@ -243,9 +243,11 @@ pub struct TestOp {
     pub timeout_ms: Option<u64>,
 }
 
-/// One `output` check: the merged output must contain `contains` and match `matches`.
+/// One output check: the stream (`output`: stdout and stderr together, `stdout`, `stderr`)
+/// must contain `contains` and match `matches`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct OutputCheckOp {
+    pub stream: String,
     pub contains: Option<String>,
     pub matches: Option<String>,
 }
@@ -298,6 +300,7 @@ mod tests {
             user: String::new(),
             exit_code: 0,
             output: vec![OutputCheckOp {
+                stream: "output".into(),
                 contains: Some("1.2".into()),
                 matches: None,
             }],

@@ -4,7 +4,9 @@
 use kdl::{KdlNode, KdlValue};
 
 use crate::Code;
-use crate::ir::{Command, FileId, ImageTest, Loc, OutputCheck, PlatformSpec, TestCommand, Text};
+use crate::ir::{
+    Command, FileId, ImageTest, Loc, OutputCheck, OutputStream, PlatformSpec, TestCommand, Text,
+};
 
 use super::*;
 
@@ -18,6 +20,8 @@ const TEST_NODES: &[&str] = &[
     "env",
     "exit",
     "output",
+    "stdout",
+    "stderr",
     "timeout",
     "platforms",
 ];
@@ -52,8 +56,8 @@ impl Loader {
                 failed = true;
                 continue;
             }
-            // Every setting but `env` and `output` is given once.
-            if !matches!(kind, "env" | "output") {
+            // Every setting but `env` and the output checks is given once.
+            if !matches!(kind, "env" | "output" | "stdout" | "stderr") {
                 if let Some((_, first)) = seen.iter().find(|(seen, _)| seen == kind) {
                     let diagnostic = Diagnostic::error(
                         Code::TestSetting,
@@ -118,7 +122,7 @@ impl Loader {
                     Some(code) => exit_code = code,
                     None => failed = true,
                 },
-                "output" => match self.output_check(child, file) {
+                "output" | "stdout" | "stderr" => match self.output_check(child, file, kind) {
                     Some(check) => output.push(check),
                     None => failed = true,
                 },
@@ -216,10 +220,10 @@ impl Loader {
         }
     }
 
-    /// `output contains="…" matches="…"`: at least one of the two.
-    fn output_check(&mut self, node: &KdlNode, file: FileId) -> Option<OutputCheck> {
-        self.check_no_children(node, file, "output");
-        self.check_no_arguments(node, file, "output");
+    /// `output|stdout|stderr contains="…" matches="…"`: at least one of the two.
+    fn output_check(&mut self, node: &KdlNode, file: FileId, kind: &str) -> Option<OutputCheck> {
+        self.check_no_children(node, file, kind);
+        self.check_no_arguments(node, file, kind);
         let at = Self::loc(file, node.name().span());
         let mut contains: Option<Text> = None;
         let mut matches: Option<Text> = None;
@@ -227,22 +231,26 @@ impl Loader {
             match key {
                 "contains" => contains = self.string(entry, file, "`contains`"),
                 "matches" => matches = self.string(entry, file, "`matches`"),
-                other => {
-                    self.unknown_property(other, entry, file, "output", &["contains", "matches"])
-                }
+                other => self.unknown_property(other, entry, file, kind, &["contains", "matches"]),
             }
         }
         if contains.is_none() && matches.is_none() {
             self.error(
                 Code::TestOutput,
-                "`output` needs contains=\"…\" or matches=\"…\"",
+                format!("`{kind}` needs contains=\"…\" or matches=\"…\""),
                 at,
                 "nothing to check",
-                Some("write `output contains=\"1.2.3\"`, or `output matches=\"^v[0-9]+\"` for a regular expression".into()),
+                Some(format!("write `{kind} contains=\"1.2.3\"`, or `{kind} matches=\"^v[0-9]+\"` for a regular expression")),
             );
             return None;
         }
+        let stream = match kind {
+            "stdout" => OutputStream::Stdout,
+            "stderr" => OutputStream::Stderr,
+            _ => OutputStream::Output,
+        };
         Some(OutputCheck {
+            stream,
             contains,
             matches,
             at,

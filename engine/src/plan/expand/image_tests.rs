@@ -105,7 +105,16 @@ impl Expander<'_> {
                     Some("the syntax is the Rust regex crate's (docs.rs/regex); escape a literal `.` or `(` with `\\\\`".into()),
                 );
             }
-            output.push(OutputCheckOp { contains, matches });
+            let stream = match check.stream {
+                ir::OutputStream::Output => "output",
+                ir::OutputStream::Stdout => "stdout",
+                ir::OutputStream::Stderr => "stderr",
+            };
+            output.push(OutputCheckOp {
+                stream: stream.to_string(),
+                contains,
+                matches,
+            });
         }
         let timeout_ms = test.timeout.as_ref().and_then(|text| {
             let value = self.substitute(text, Mode::Strict, &vars, Some(&env));
