@@ -351,9 +351,7 @@ impl<'a> Expander<'a> {
                         plan.platforms.push((platform, node));
                     }
                 }
-                let mut tests = std::mem::take(&mut self.tests);
-                self.image_tests(image, &plan, &matrix, &mut tests);
-                self.tests = tests;
+                self.image_tests(image, &plan, &matrix);
                 plans.push(plan);
             }
         }

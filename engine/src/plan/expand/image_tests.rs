@@ -17,13 +17,12 @@ use crate::plan::{ImagePlan, OutputCheckOp, StepInputs, TestOp, TestPlan};
 use crate::state::ImageSettings;
 
 impl Expander<'_> {
-    /// The tests of `image` for each of the plan's platforms, appended to `tests`.
+    /// The tests of `image` for each of the plan's platforms, appended to the plan's tests.
     pub(super) fn image_tests(
         &mut self,
         image: &ir::Image,
         plan: &ImagePlan,
         matrix: &[(String, String)],
-        tests: &mut Vec<TestPlan>,
     ) {
         for test in &image.tests {
             for (platform, node) in &plan.platforms {
@@ -33,8 +32,8 @@ impl Expander<'_> {
                     continue;
                 }
                 if let Some(mut planned) = self.image_test(test, plan, platform, *node, matrix) {
-                    planned.id = tests.len();
-                    tests.push(planned);
+                    planned.id = self.tests.len();
+                    self.tests.push(planned);
                 }
             }
         }
