@@ -7,10 +7,10 @@
 //! commands are substituted as the image's own `cmd` is: build variables at plan time, checked
 //! so that no value brings shell syntax, everything else left to the container's shell.
 
+use graphbuild_lang::Code;
 use graphbuild_lang::ir::{self, TestCommand};
 use graphbuild_lang::platform::Platform;
 use graphbuild_lang::subst::Mode;
-use graphbuild_lang::{Code, Diagnostic};
 
 use super::{Expander, Vars, automatic_args, parse_duration};
 use crate::plan::{ImagePlan, OutputCheckOp, StepInputs, TestOp, TestPlan};
@@ -53,16 +53,16 @@ impl Expander<'_> {
         let settings = self.nodes[node].settings.clone();
         let argv = self.test_argv(test, &vars, &settings);
         if argv.is_empty() {
-            self.errors.push(
-                Diagnostic::error(
-                    Code::TestCommand,
-                    format!(
-                        "test `{}` of image `{}` has no command: the image has no entrypoint or cmd",
-                        test.name.raw, plan.name
-                    ),
-                )
-                .with_label(&self.project.sources, test.at, "what does it run?")
-                .with_help("give the test `run \"…\"`, or the image an `entrypoint` or `cmd`"),
+            // Reported once for all the image's platforms (`error` drops repeats).
+            self.error(
+                test.at,
+                Code::TestCommand,
+                format!(
+                    "test `{}` of image `{}` has no command: the image has no entrypoint or cmd",
+                    test.name.raw, plan.name
+                ),
+                "what does it run?",
+                Some("give the test `run \"…\"`, or the image an `entrypoint` or `cmd`".into()),
             );
             return None;
         }
