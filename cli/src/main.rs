@@ -232,6 +232,9 @@ pub struct RunArgs {
     /// Ignore cached results (results are still recorded)
     #[arg(long)]
     pub no_cache: bool,
+    /// Do not run the images' tests (`test` in an image)
+    #[arg(long)]
+    pub skip_tests: bool,
     /// How progress is shown (default: tty on a terminal, plain otherwise)
     #[arg(long, value_enum)]
     pub progress: Option<ProgressMode>,

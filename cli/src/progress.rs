@@ -39,6 +39,8 @@ struct Running {
 
 struct State {
     running: BTreeMap<usize, Running>,
+    /// Image tests running, by test id.
+    running_tests: BTreeMap<usize, Running>,
     /// Lines of the live region drawn last time, to move back over them.
     drawn: usize,
     /// Filesystem steps in the plan, and how many have finished (any status).
@@ -70,6 +72,7 @@ impl Progress {
     pub(crate) fn new(mode: ProgressMode, quiet: bool) -> Self {
         let state = Arc::new(Mutex::new(State {
             running: BTreeMap::new(),
+            running_tests: BTreeMap::new(),
             drawn: 0,
             total_steps: 0,
             finished_steps: 0,
@@ -291,14 +294,15 @@ fn live_lines(state: &State, width: usize, color: bool) -> Vec<String> {
             state.finished_steps.min(state.total_steps),
             state.total_steps
         );
-        if !state.running.is_empty() {
-            let _ = write!(header, ", {} running", state.running.len());
+        let running = state.running.len() + state.running_tests.len();
+        if running > 0 {
+            let _ = write!(header, ", {running} running");
         }
         header.push(')');
     }
     lines.push(fit(&header, width));
     let frame = (elapsed.as_millis() / 100) as usize % SPINNER.len();
-    for running in state.running.values() {
+    for running in state.running.values().chain(state.running_tests.values()) {
         let seconds = running.started.elapsed().as_secs_f64();
         // Elapsed time before the step text, so cutting a long command never hides it.
         let head = format!(
@@ -421,6 +425,13 @@ fn summary_table(summary: &Summary, quiet: bool, width: Option<usize>) -> String
         summary.cached,
         summary.failed,
     );
+    if summary.tests_executed + summary.tests_cached > 0 {
+        let _ = writeln!(
+            out,
+            "image tests: {} passed, {} passed before (cached)",
+            summary.tests_executed, summary.tests_cached
+        );
+    }
     out
 }
 
@@ -526,6 +537,69 @@ impl EventSink for Progress {
                     );
                 }
             }
+            Event::TestStarted {
+                test,
+                image,
+                platform,
+                name,
+            } => {
+                let step = format!("test {}", sanitize(&name));
+                if plain && !self.quiet {
+                    eprintln!("[{image} {platform}] {step}");
+                }
+                state.running_tests.insert(
+                    test,
+                    Running {
+                        stage: image,
+                        platform,
+                        step,
+                        started: Instant::now(),
+                        last_line: String::new(),
+                    },
+                );
+            }
+            Event::Test {
+                test,
+                image,
+                platform,
+                name,
+                status,
+                duration_ms,
+            } => {
+                state.running_tests.remove(&test);
+                if self.quiet && status != StepStatus::Failed {
+                    return;
+                }
+                let step = format!("test {name}");
+                if self.mode == ProgressMode::Tty {
+                    erase(&mut state);
+                    eprintln!(
+                        "{}",
+                        tty_step_line(
+                            self.color,
+                            live_width(),
+                            &image,
+                            &platform,
+                            &step,
+                            status,
+                            duration_ms
+                        )
+                    );
+                } else {
+                    eprintln!(
+                        "{}",
+                        step_line(
+                            self.mode,
+                            false,
+                            &image,
+                            &platform,
+                            &step,
+                            status,
+                            duration_ms
+                        )
+                    );
+                }
+            }
             Event::Warning { message } => {
                 if self.mode == ProgressMode::Tty {
                     erase(&mut state);
@@ -572,6 +646,8 @@ mod tests {
             executed: 3,
             cached: 1,
             failed: 0,
+            tests_executed: 0,
+            tests_cached: 0,
             duration_ms: 4200,
             images: vec![ImageSummary {
                 name: "app".into(),
@@ -652,6 +728,7 @@ mod tests {
         );
         let state = State {
             running,
+            running_tests: BTreeMap::new(),
             drawn: 0,
             total_steps: 5,
             finished_steps: 2,

@@ -55,6 +55,24 @@ pub enum Event {
         platform: String,
         ok: bool,
     },
+    /// An image test starts running (in the finished image of `platform`).
+    TestStarted {
+        test: usize,
+        image: String,
+        platform: String,
+        name: String,
+    },
+    /// An image test ended: `executed` (it ran and passed), `cached` (it passed before, with
+    /// the same image and test) or `failed`.
+    Test {
+        test: usize,
+        image: String,
+        platform: String,
+        name: String,
+        status: StepStatus,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
+    },
     /// An image layout was written.
     Image(ImageSummary),
     /// A warning worth showing (for example the remote cache being unreachable).
@@ -128,6 +146,9 @@ pub struct Summary {
     pub executed: usize,
     pub cached: usize,
     pub failed: usize,
+    /// Image tests run (and passed) by this build, and found passed before.
+    pub tests_executed: usize,
+    pub tests_cached: usize,
     pub duration_ms: u64,
     pub images: Vec<ImageSummary>,
 }

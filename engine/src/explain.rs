@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Key;
 use crate::key::KeyBuilder;
-use crate::plan::{Node, Plan, StepInputs};
+use crate::plan::{Node, Plan, StepInputs, TestPlan};
 use crate::store::Store;
 
 #[derive(Serialize, Deserialize)]
@@ -45,6 +45,7 @@ fn identity(node: &Node) -> Key {
 
 /// Remember what each node of a built plan was made from.
 pub fn record(store: &Store, plan: &Plan) {
+    record_tests(store, plan);
     for node in &plan.nodes {
         let record = NodeRecord {
             steps: node
@@ -64,6 +65,92 @@ pub fn record(store: &Store, plan: &Plan) {
                 let _ = store.put_action(&identity, &bytes);
             }
         }
+    }
+}
+
+/// What an image test that passed was made from, under [`test_identity`].
+#[derive(Serialize, Deserialize)]
+struct TestRecordEntry {
+    description: String,
+    key: Key,
+    /// The key of the image's node it ran in.
+    image_key: Key,
+    inputs: StepInputs,
+}
+
+fn test_identity(test: &TestPlan) -> Key {
+    KeyBuilder::new("explain-test-identity")
+        .str(&test.image)
+        .str(&test.platform.to_string())
+        .str(&test.name)
+        .finish()
+}
+
+/// Whether a test passed before with this key (what the build reads to skip it).
+pub fn test_cached(store: &Store, test: &TestPlan) -> bool {
+    !test.pending && store.get_action(&test.key).is_some()
+}
+
+/// Remember what each image test that passed was made from (tests skipped or never run are
+/// not recorded: there is nothing to compare them with).
+fn record_tests(store: &Store, plan: &Plan) {
+    for test in plan.tests.iter().filter(|test| test_cached(store, test)) {
+        let record = TestRecordEntry {
+            description: test.description.clone(),
+            key: test.key,
+            image_key: plan.nodes[test.node].key,
+            inputs: test.inputs.clone(),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&record) {
+            let identity = test_identity(test);
+            if store.get_action(&identity).as_deref() != Some(bytes.as_slice()) {
+                let _ = store.put_action(&identity, &bytes);
+            }
+        }
+    }
+}
+
+/// Explain one image test against the store: cached, never run, or what changed since it
+/// last passed (its image, or its own definition, field by field).
+pub fn explain_test(store: &Store, plan: &Plan, test: &TestPlan) -> Explanation {
+    if test.pending {
+        return pending(plan, &plan.nodes[test.node]).unwrap_or(Explanation::NeverBuilt);
+    }
+    if test_cached(store, test) {
+        return Explanation::Cached;
+    }
+    let Some(old) = store
+        .get_action(&test_identity(test))
+        .and_then(|bytes| serde_json::from_slice::<TestRecordEntry>(&bytes).ok())
+    else {
+        return Explanation::NeverBuilt;
+    };
+    if old.key == test.key {
+        return Explanation::Evicted;
+    }
+    let mut reasons = Vec::new();
+    let node = &plan.nodes[test.node];
+    if old.image_key != node.key {
+        reasons.push(format!(
+            "the image changed: its node {} · {} has another key",
+            node.stage, node.platform
+        ));
+    }
+    diff_maps("arg", &old.inputs.vars, &test.inputs.vars, &mut reasons);
+    diff_op(
+        "test",
+        (&old.description, &old.inputs),
+        (&test.description, &test.inputs),
+        false,
+        &mut reasons,
+    );
+    if reasons.is_empty() {
+        reasons.push("the test's definition changed".into());
+    }
+    Explanation::Changed {
+        step: test.description.clone(),
+        location: None,
+        reasons,
     }
 }
 
@@ -130,16 +217,17 @@ fn diff_maps(
 /// that only reflect an input already reported (an arg in the environment, the digest of the
 /// selected files) add nothing.
 fn diff_op(
-    old: &StepRecordEntry,
-    new: &crate::plan::StepPlan,
+    what: &str,
+    (old_description, old): (&str, &StepInputs),
+    (new_description, new): (&str, &StepInputs),
     inputs_explained: bool,
     reasons: &mut Vec<String>,
 ) {
     use serde_json::Value;
-    let definition_changed = format!("the step changed: was `{}`", old.description);
-    let (Value::Object(before), Value::Object(after)) = (&old.inputs.op, &new.inputs.op) else {
+    let definition_changed = format!("the {what} changed: was `{old_description}`");
+    let (Value::Object(before), Value::Object(after)) = (&old.op, &new.op) else {
         // A record from before ops were recorded: compare what it has.
-        if old.description != new.description {
+        if old_description != new_description {
             reasons.push(definition_changed);
         }
         return;
@@ -167,10 +255,9 @@ fn diff_op(
                 let mut env = Vec::new();
                 diff_maps("env", &was, &now, &mut env);
                 let by_arg = |reason: &String| {
-                    new.inputs
-                        .vars
+                    new.vars
                         .keys()
-                        .chain(old.inputs.vars.keys())
+                        .chain(old.vars.keys())
                         .any(|name| reason.starts_with(&format!("env {name} ")))
                 };
                 reasons.extend(env.into_iter().filter(|reason| !by_arg(reason)));
@@ -242,7 +329,13 @@ pub fn explain(
         diff_maps("arg", &old.inputs.vars, &step.inputs.vars, &mut reasons);
         diff_maps("file", &old.inputs.files, &step.inputs.files, &mut reasons);
         let inputs_explained = reasons.len() > files_before;
-        diff_op(old, step, inputs_explained, &mut reasons);
+        diff_op(
+            "step",
+            (&old.description, &old.inputs),
+            (&step.description, &step.inputs),
+            inputs_explained,
+            &mut reasons,
+        );
         if reasons.is_empty() {
             reasons.push(if index == 0 {
                 format!("the base changed: {}", step.inputs.base)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use graphbuild_engine::binfmt::{BINFMT_MISC_DIR, check_emulation};
 use graphbuild_engine::sandbox::{
     CopyTask, CopyTaskSource, ExitStatusKind, NetworkMode, RunTask, SandboxError, SandboxOutcome,
-    SandboxSpec, Task, run_sandbox,
+    SandboxSpec, Stream, Task, run_sandbox, run_sandbox_streams,
 };
 use graphbuild_lang::platform::Platform;
 
@@ -129,6 +129,7 @@ fn shell(script: &str) -> RunTask {
         timeout_ms: None,
         max_processes: None,
         insecure: false,
+        separate_stderr: false,
     }
 }
 
@@ -314,6 +315,46 @@ fn exit_codes_and_output_tail_are_reported() {
     assert_eq!(outcome.tail.len(), 20);
     assert_eq!(outcome.tail.first().map(String::as_str), Some("line 12"));
     assert_eq!(outcome.tail.last().map(String::as_str), Some("oops"));
+}
+
+#[test]
+fn stderr_can_be_a_stream_of_its_own() {
+    if !is_root() {
+        return;
+    }
+    let rootfs = busybox_rootfs("amd64", None);
+    let scratch = Scratch::new();
+    // Descriptor 3 carries stderr to the engine, but the command never sees it; a background
+    // process holding stderr still dies with the command.
+    let mut task = shell(
+        "echo out; echo err >&2; [ -e /proc/self/fd/3 ] && echo fd3-leaked; sleep 60 >&2 & exit 4",
+    );
+    task.separate_stderr = true;
+    let mut lines = Vec::new();
+    let started = Instant::now();
+    let outcome = run_sandbox_streams(
+        &sandbox_exe(),
+        &scratch.spec(vec![rootfs.path().to_path_buf()], task),
+        &mut |stream, line| lines.push((stream, line.to_string())),
+    )
+    .expect("sandbox ran");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(outcome.status, ExitStatusKind::Exited(4));
+    lines.sort_by_key(|(stream, _)| *stream == Stream::Stderr);
+    assert_eq!(
+        lines,
+        [
+            (Stream::Stdout, "out".to_string()),
+            (Stream::Stderr, "err".to_string())
+        ]
+    );
+    // Without it, both are one stream, as for every `run` step.
+    let (result, lines) = run(&scratch.spec(
+        vec![rootfs.path().to_path_buf()],
+        shell("echo out; echo err >&2"),
+    ));
+    assert!(result.expect("sandbox ran").status.success());
+    assert_eq!(lines, ["out", "err"]);
 }
 
 #[test]

@@ -461,6 +461,8 @@ pub struct Image {
     pub provenance: Option<ProvenanceSetting>,
     /// `sbom=#true`: an SPDX SBOM of each platform, as `--sbom` does for every image.
     pub sbom: bool,
+    /// `test NAME { … }`: commands run inside the finished image, for every platform.
+    pub tests: Vec<ImageTest>,
 }
 
 /// An image's `provenance` property.
@@ -469,6 +471,64 @@ pub enum ProvenanceSetting {
     Off,
     Min,
     Max,
+}
+
+/// `test NAME { … }` on an image: a command run inside the finished image of each platform
+/// (under qemu for a foreign CPU), with the image's own settings unless the test overrides
+/// them, and what it must print and return.
+#[derive(Clone, Debug)]
+pub struct ImageTest {
+    pub name: Text,
+    pub at: Loc,
+    pub command: TestCommand,
+    /// `entrypoint "…" …`: replaces the image's entrypoint (and, as `docker run --entrypoint`
+    /// does, its cmd).
+    pub entrypoint: Option<Command>,
+    pub user: Option<Text>,
+    pub workdir: Option<Text>,
+    /// `env K=V …`: added to (or replacing) the image's environment.
+    pub env: Vec<(String, Text)>,
+    /// `exit N`: the exit code the command must end with (0 unless set).
+    pub exit_code: i32,
+    /// `output`/`stdout`/`stderr contains="…" matches="…"`: every one must hold.
+    pub output: Vec<OutputCheck>,
+    /// `timeout "30s"`.
+    pub timeout: Option<Text>,
+    /// `platforms "…" …`: the test runs only for these of the image's platforms.
+    pub platforms: Option<Vec<Platform>>,
+}
+
+/// What a test runs.
+#[derive(Clone, Debug)]
+pub enum TestCommand {
+    /// Neither `run` nor `cmd`: the image's entrypoint and cmd, as `docker run IMAGE` does.
+    Image,
+    /// `cmd "…" …`: arguments replacing the image's cmd, after its entrypoint, as
+    /// `docker run IMAGE ARGS…` does (`shell=#true`: through the image's shell).
+    Cmd(Command),
+    /// `run "…"`: the command alone, without the image's entrypoint (one string through the
+    /// image's shell, several as argv), like a `run` step.
+    Run(Command),
+}
+
+/// One output check of a test: the stream's text must contain `contains` and match the
+/// regular expression `matches` (each when given).
+#[derive(Clone, Debug)]
+pub struct OutputCheck {
+    pub stream: OutputStream,
+    pub contains: Option<Text>,
+    /// A regular expression, taken as written: never substituted (`$` is an anchor).
+    pub matches: Option<Text>,
+    pub at: Loc,
+}
+
+/// What an output check reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputStream {
+    /// `output`: stdout and stderr together, as a terminal shows them.
+    Output,
+    Stdout,
+    Stderr,
 }
 
 #[derive(Clone, Debug)]

@@ -266,6 +266,48 @@ pub fn render_project(project: &Project) -> String {
         if image.push {
             let _ = writeln!(out, "  push");
         }
+        for test in &image.tests {
+            let what = match &test.command {
+                graphbuild_lang::ir::TestCommand::Image => "the image's command".to_string(),
+                graphbuild_lang::ir::TestCommand::Cmd(cmd) => format!("cmd {}", command(cmd)),
+                graphbuild_lang::ir::TestCommand::Run(run) => format!("run {}", command(run)),
+            };
+            let _ = writeln!(
+                out,
+                "  test {}: {what}, exit {}  @{}",
+                text(&test.name),
+                test.exit_code,
+                at(sources, test.at)
+            );
+            if let Some(entrypoint) = &test.entrypoint {
+                let _ = writeln!(out, "    entrypoint {}", command(entrypoint));
+            }
+            for (label, value) in [
+                ("user", &test.user),
+                ("workdir", &test.workdir),
+                ("timeout", &test.timeout),
+            ] {
+                if let Some(value) = value {
+                    let _ = writeln!(out, "    {label} {}", text(value));
+                }
+            }
+            if !test.env.is_empty() {
+                let _ = writeln!(out, "    env {}", pairs(&test.env));
+            }
+            for check in &test.output {
+                let _ = writeln!(
+                    out,
+                    "    {:?} contains={} matches={}",
+                    check.stream,
+                    check.contains.as_ref().map_or("-".to_string(), text),
+                    check.matches.as_ref().map_or("-".to_string(), text)
+                );
+            }
+            if let Some(platforms) = &test.platforms {
+                let list: Vec<String> = platforms.iter().map(ToString::to_string).collect();
+                let _ = writeln!(out, "    platforms {}", list.join(", "));
+            }
+        }
     }
     if !project.warnings.is_empty() {
         let _ = writeln!(out, "\nwarnings:");

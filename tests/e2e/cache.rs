@@ -4,44 +4,9 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use common::*;
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(dir: &std::path::Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(bin())
-            .args(["cache", "serve", "--listen", "127.0.0.1:0", "--dir"])
-            .arg(dir)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("cache serve starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("reads the address");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Server { child, url }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn run_in(sandbox: &Sandbox, store: &str, output: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
@@ -60,7 +25,7 @@ fn run_in(sandbox: &Sandbox, store: &str, output: &str, extra: &[&str]) -> std::
 fn platforms_built_on_three_machines_merge_on_a_fourth_with_no_step_executed() {
     let sandbox = Sandbox::new();
     sandbox.example("basic");
-    let server = Server::start(&sandbox.path().join("server"), &[]);
+    let server = CacheServer::start(&sandbox.path().join("server"), &[]);
 
     // One local build, for reference. Every build carries attestations (provenance by
     // default, an SBOM asked for): they travel through the cache with the steps.
@@ -205,7 +170,7 @@ stage app {
 image app { stage app; }
 "#,
     );
-    let server = Server::start(&sandbox.path().join("server"), &[]);
+    let server = CacheServer::start(&sandbox.path().join("server"), &[]);
     let build = |store: &str, n: &str, flags: &[&str]| {
         let mut args = vec![
             "run",
@@ -664,7 +629,7 @@ fn cache_serve_refuses_a_directory_it_did_not_create_and_deletes_nothing() {
 
     // A new directory is created and marked, and serves.
     let fresh = sandbox.path().join("fresh");
-    let server = Server::start(&fresh, &[]);
+    let server = CacheServer::start(&fresh, &[]);
     assert!(fresh.join(".graphbuild-cache-server").is_file());
     drop(server);
 }

@@ -726,6 +726,16 @@ fn every_example_builds_offline_for_all_its_platforms() {
         assert_success(&output);
         let summary = summary(&output);
         assert_eq!(summary["failed"], 0, "{name}: {summary}");
+        // Every image test the plan lists ran in this fresh store, and passed.
+        let planned_tests = plan["tests"].as_array().map_or(0, Vec::len);
+        assert_eq!(
+            summary["tests_executed"], planned_tests,
+            "{name}: {summary}"
+        );
+        if name == "image-tests" {
+            // 3 tests on three platforms, one on amd64 only.
+            assert_eq!(planned_tests, 10, "{name}");
+        }
         let images = built_images(&summary, &sandbox);
         let built: BTreeSet<&str> = images.iter().map(|image| image.name.as_str()).collect();
         assert_eq!(

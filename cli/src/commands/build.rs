@@ -484,6 +484,8 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
         metadata_file: metadata_file.clone(),
         strict: args.strict,
         no_cache: args.no_cache,
+        // A Dockerfile declares no image tests.
+        skip_tests: true,
         progress,
         quiet,
         cache: args.cache.clone(),

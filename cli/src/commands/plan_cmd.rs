@@ -1,7 +1,7 @@
 //! `graphbuild plan`: the graph as text, JSON or dot, and `--explain`.
 
 use graphbuild_engine::explain;
-use graphbuild_engine::plan::{Base, Op, Plan};
+use graphbuild_engine::plan::{Base, Op, Plan, TestPlan};
 use graphbuild_engine::store::Store;
 use graphbuild_lang::ir::Project;
 use serde_json::json;
@@ -60,11 +60,26 @@ pub(crate) fn plan(args: PlanArgs) -> ExitStatus {
                 None => explain::pending(plan, node).unwrap_or(explain::Explanation::NeverBuilt),
             })
             .collect();
+        let test_explanations: Vec<_> = plan
+            .tests
+            .iter()
+            .map(|test| match &store {
+                Some(store) => explain::explain_test(store, plan, test),
+                None if test.pending => explain::pending(plan, &plan.nodes[test.node])
+                    .unwrap_or(explain::Explanation::NeverBuilt),
+                None => explain::Explanation::NeverBuilt,
+            })
+            .collect();
         if let PlanFormat::Json = args.format {
             let mut value = plan_json(plan, &loaded.project, store.as_ref());
             if let Some(nodes) = value["nodes"].as_array_mut() {
                 for (node, explanation) in nodes.iter_mut().zip(&explanations) {
                     node["explain"] = serde_json::to_value(explanation).unwrap_or_default();
+                }
+            }
+            if let Some(tests) = value["tests"].as_array_mut() {
+                for (test, explanation) in tests.iter_mut().zip(&test_explanations) {
+                    test["explain"] = serde_json::to_value(explanation).unwrap_or_default();
                 }
             }
             println!(
@@ -73,6 +88,7 @@ pub(crate) fn plan(args: PlanArgs) -> ExitStatus {
             );
         } else {
             print!("{}", explain_text(plan, &explanations));
+            print!("{}", explain_tests_text(plan, &test_explanations));
         }
         return ExitStatus::Success;
     }
@@ -92,6 +108,16 @@ pub(crate) fn plan(args: PlanArgs) -> ExitStatus {
 
 pub(super) fn node_id(id: usize) -> String {
     format!("n{id}")
+}
+
+pub(super) fn test_id(id: usize) -> String {
+    format!("t{id}")
+}
+
+/// Whether an image test passed before with the same key; `None` when unknown.
+fn test_cached(test: &TestPlan, store: Option<&Store>) -> Option<bool> {
+    let store = store?;
+    (!test.pending).then(|| explain::test_cached(store, test))
 }
 
 pub(super) fn base_json(base: &Base) -> serde_json::Value {
@@ -181,7 +207,25 @@ pub(super) fn plan_json(
             })
         })
         .collect();
-    json!({ "version": 1, "nodes": nodes, "images": images, "unresolved": unresolved })
+    let tests: Vec<_> = plan
+        .tests
+        .iter()
+        .map(|test| {
+            json!({
+                "id": test_id(test.id),
+                "image": test.image,
+                "platform": test.platform.to_string(),
+                "name": test.name,
+                "node": node_id(test.node),
+                "argv": test.op.argv,
+                "key": (!test.pending).then(|| test.key.to_string()),
+                "pending": test.pending,
+                "location": project.sources.describe(test.at),
+                "cached": test_cached(test, store),
+            })
+        })
+        .collect();
+    json!({ "version": 1, "nodes": nodes, "images": images, "tests": tests, "unresolved": unresolved })
 }
 
 /// Shown for each `insecure=#true` step by `plan` and when it runs.
@@ -286,52 +330,112 @@ pub(super) fn plan_text(plan: &Plan, store: Option<&Store>) -> String {
             let _ = writeln!(out, "    tags: {}", image.tags.join(", "));
         }
     }
+    if !plan.tests.is_empty() {
+        let _ = writeln!(
+            out,
+            "{} image test{}",
+            plan.tests.len(),
+            if plan.tests.len() == 1 { "" } else { "s" }
+        );
+    }
+    for test in &plan.tests {
+        let status = match test_cached(test, store) {
+            Some(true) => "  cached",
+            Some(false) | None => "",
+        };
+        let _ = writeln!(
+            out,
+            "  {:<4} {} · {} · test {}  after {}  {}{}",
+            test_id(test.id),
+            test.image,
+            test.platform,
+            test.name,
+            node_id(test.node),
+            if test.pending {
+                "pending".to_string()
+            } else {
+                test.key.short()
+            },
+            status
+        );
+        let _ = writeln!(out, "         {}", truncate(&test.op.argv.join(" "), 100));
+    }
+    out
+}
+
+fn explain_tests_text(plan: &Plan, explanations: &[explain::Explanation]) -> String {
+    let mut out = String::new();
+    for (test, explanation) in plan.tests.iter().zip(explanations) {
+        let heading = format!("{} · {} · test {}", test.image, test.platform, test.name);
+        match explanation {
+            // A test runs whole: there is no step to run from.
+            explain::Explanation::Changed { reasons, .. } => {
+                out.push_str(&format!(
+                    "{heading}: will run: changed since it last passed\n"
+                ));
+                for reason in reasons {
+                    out.push_str(&format!("    {reason}\n"));
+                }
+            }
+            explain::Explanation::NeverBuilt => {
+                out.push_str(&format!("{heading}: will run: never passed\n"));
+            }
+            other => out.push_str(&explanation_text(&heading, other)),
+        }
+    }
     out
 }
 
 pub(super) fn explain_text(plan: &Plan, explanations: &[explain::Explanation]) -> String {
-    use std::fmt::Write;
     let mut out = String::new();
     for id in plan.topological_order() {
         let node = &plan.nodes[id];
-        let _ = write!(out, "{} · {}: ", node.stage, node.platform);
-        match &explanations[id] {
-            explain::Explanation::Cached => {
-                let _ = writeln!(out, "cached");
-            }
-            explain::Explanation::NeverBuilt => {
-                let _ = writeln!(out, "will run: never built");
-            }
-            explain::Explanation::Evicted => {
-                let _ = writeln!(
-                    out,
-                    "will run: the inputs are unchanged but the result is no longer in the store"
-                );
-            }
-            explain::Explanation::Pending { bases } => {
-                let _ = writeln!(
-                    out,
-                    "pending: the key waits for the unresolved base {}",
-                    bases.join(", ")
-                );
-            }
-            explain::Explanation::Changed {
-                step,
-                location,
-                reasons,
-            } => {
-                let _ = writeln!(
-                    out,
-                    "will run from `{}`{}",
-                    truncate(step, 80),
-                    location
-                        .as_ref()
-                        .map(|l| format!(" ({l})"))
-                        .unwrap_or_default()
-                );
-                for reason in reasons {
-                    let _ = writeln!(out, "    {reason}");
-                }
+        let heading = format!("{} · {}", node.stage, node.platform);
+        out.push_str(&explanation_text(&heading, &explanations[id]));
+    }
+    out
+}
+
+/// `HEADING: why`, and the reasons below, indented.
+fn explanation_text(heading: &str, explanation: &explain::Explanation) -> String {
+    use std::fmt::Write;
+    let mut out = format!("{heading}: ");
+    match explanation {
+        explain::Explanation::Cached => {
+            let _ = writeln!(out, "cached");
+        }
+        explain::Explanation::NeverBuilt => {
+            let _ = writeln!(out, "will run: never built");
+        }
+        explain::Explanation::Evicted => {
+            let _ = writeln!(
+                out,
+                "will run: the inputs are unchanged but the result is no longer in the store"
+            );
+        }
+        explain::Explanation::Pending { bases } => {
+            let _ = writeln!(
+                out,
+                "pending: the key waits for the unresolved base {}",
+                bases.join(", ")
+            );
+        }
+        explain::Explanation::Changed {
+            step,
+            location,
+            reasons,
+        } => {
+            let _ = writeln!(
+                out,
+                "will run from `{}`{}",
+                truncate(step, 80),
+                location
+                    .as_ref()
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default()
+            );
+            for reason in reasons {
+                let _ = writeln!(out, "    {reason}");
             }
         }
     }
@@ -377,6 +481,15 @@ pub(super) fn plan_dot(plan: &Plan) -> String {
         for (_, node) in &image.platforms {
             let _ = writeln!(out, "  {} -> image{index};", node_id(*node));
         }
+    }
+    for test in &plan.tests {
+        let label = format!("test {}\\n{}", test.name, test.platform).replace('"', "\\\"");
+        let _ = writeln!(
+            out,
+            "  {} [shape=ellipse, label=\"{label}\"];",
+            test_id(test.id)
+        );
+        let _ = writeln!(out, "  {} -> {};", node_id(test.node), test_id(test.id));
     }
     out.push_str("}\n");
     out

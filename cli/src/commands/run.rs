@@ -84,9 +84,13 @@ pub(crate) fn rootless_reexec() -> std::process::ExitCode {
     }
 }
 
-pub(super) fn preflight(nodes: &[&graphbuild_engine::plan::Node]) -> Result<(), String> {
+pub(super) fn preflight(
+    nodes: &[&graphbuild_engine::plan::Node],
+    test_platforms: &[Platform],
+) -> Result<(), String> {
     let host = Platform::host();
-    if !nodes.is_empty() && !nix::unistd::geteuid().is_root() {
+    let executes = !nodes.is_empty() || !test_platforms.is_empty();
+    if executes && !nix::unistd::geteuid().is_root() {
         return Err("error: graphbuild runs build steps in Linux namespaces on overlayfs, which needs root, \
              or root of a user namespace\n\
              hint: run it as root, or as an ordinary user outside any user namespace (graphbuild \
@@ -107,6 +111,18 @@ pub(super) fn preflight(nodes: &[&graphbuild_engine::plan::Node]) -> Result<(), 
             )
         {
             missing.push((node.platform.clone(), error.to_string()));
+        }
+    }
+    // An image test runs in the image of its platform.
+    for platform in test_platforms {
+        if !missing.iter().any(|(known, _)| known == platform)
+            && let Err(error) = graphbuild_engine::binfmt::check_emulation(
+                &crate::doctor::binfmt_dir(),
+                platform,
+                &host,
+            )
+        {
+            missing.push((platform.clone(), error.to_string()));
         }
     }
     if missing.is_empty() {
@@ -157,6 +173,7 @@ pub(super) struct BuildSettings {
     step_timeout_ms: Option<u64>,
     step_max_processes: Option<u32>,
     attest: graphbuild_engine::attest::AttestOptions,
+    skip_tests: bool,
 }
 
 /// Build a loaded plan into `settings.output`; returns the report or an exit code.
@@ -202,6 +219,7 @@ pub(super) fn execute(
             },
             ..settings.attest
         },
+        skip_tests: settings.skip_tests,
     };
     let report = build::build(
         &loaded.plan,
@@ -359,6 +377,7 @@ pub(super) fn build_settings(
         source_date_epoch: inputs.source_date_epoch,
         step_timeout_ms: inputs.step_timeout,
         step_max_processes: (inputs.step_max_processes > 0).then_some(inputs.step_max_processes),
+        skip_tests: false,
     })
 }
 
@@ -485,10 +504,11 @@ pub(super) fn build_loaded(
         (None, Some(scratch)) => scratch.path().to_path_buf(),
         (None, None) => PathBuf::from("graphbuild-out"),
     };
-    let settings = match build_settings(&args.inputs, layouts_dir, args.no_cache, remote) {
+    let mut settings = match build_settings(&args.inputs, layouts_dir, args.no_cache, remote) {
         Ok(settings) => settings,
         Err(code) => return code,
     };
+    settings.skip_tests = args.skip_tests;
     let progress = Progress::new(mode, args.quiet);
     let report = execute(loaded, store, resolver, settings, &cancel, &progress);
     if let Err(code) = refuse_unavailable_layers(resolver, select) {
@@ -590,11 +610,13 @@ pub(crate) fn verify(inputs: BuildInputArgs) -> ExitStatus {
         }
         eprintln!("verify: {round} build from scratch…");
         let output = scratch.path().join(format!("out-{round}"));
-        let settings = match build_settings(&inputs, output, true, build::RemoteOptions::default())
-        {
-            Ok(settings) => settings,
-            Err(code) => return code,
-        };
+        let mut settings =
+            match build_settings(&inputs, output, true, build::RemoteOptions::default()) {
+                Ok(settings) => settings,
+                Err(code) => return code,
+            };
+        // `verify` compares what two builds write; the images' tests do not change it.
+        settings.skip_tests = true;
         let progress = Progress::silent();
         let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
         if let Err(code) = refuse_unavailable_layers(&resolver, select) {

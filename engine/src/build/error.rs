@@ -166,11 +166,13 @@ pub(super) fn message(error: &dyn std::error::Error) -> String {
 
 /// What failed: a node (at one of its steps, or before, fetching its base), an image's
 /// layout, or saving the cache mounts to the team cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Subject {
     Node,
     Image,
     CacheMounts,
+    /// An image test, by name (`stage` is then the image's name).
+    Test(String),
 }
 
 /// Why a node failed, with everything a person needs to find the problem.
@@ -215,7 +217,7 @@ impl NodeFailure {
             };
             (Code::StepFailed, format!("step failed: {cause}"), label)
         } else {
-            let (text, label) = match self.subject {
+            let (text, label) = match &self.subject {
                 Subject::Node => (
                     format!(
                         "stage `{}` failed for {}: {cause}",
@@ -228,6 +230,13 @@ impl NodeFailure {
                     "this image",
                 ),
                 Subject::CacheMounts => (format!("cache mounts failed: {cause}"), "here"),
+                Subject::Test(name) => (
+                    format!(
+                        "image `{}` for {}, test `{name}` failed: {cause}",
+                        self.stage, self.platform
+                    ),
+                    "this test",
+                ),
             };
             (Code::BuildFailed, text, label.to_string())
         };
@@ -267,7 +276,14 @@ impl NodeFailure {
 
 impl std::fmt::Display for NodeFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stage `{}` for {}", self.stage, self.platform)?;
+        match &self.subject {
+            Subject::Test(name) => write!(
+                f,
+                "image `{}` for {}, test `{name}`",
+                self.stage, self.platform
+            )?,
+            _ => write!(f, "stage `{}` for {}", self.stage, self.platform)?,
+        }
         if let Some(step) = &self.step {
             write!(f, ", step `{step}`")?;
         }

@@ -583,6 +583,7 @@ impl Executor<'_> {
             timeout_ms: run.timeout_ms.or(self.options.step_timeout_ms),
             max_processes: self.options.step_max_processes,
             insecure: run.insecure,
+            separate_stderr: false,
         })
     }
 }

@@ -46,6 +46,7 @@ mod direct_copy;
 mod error;
 mod execute;
 mod export;
+mod image_test;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -53,6 +54,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use graphbuild_lang::ir::Sources;
+use graphbuild_lang::platform::Platform;
 
 use crate::digest::{Digest, Key};
 use crate::events::{Event, EventSink, ImageSummary, Summary};
@@ -92,14 +94,17 @@ pub struct BuildOptions {
     pub step_max_processes: Option<u32>,
     /// `--provenance`, `--sbom`: the attestations each image's index carries.
     pub attest: crate::attest::AttestOptions,
+    /// `--skip-tests`: image tests neither run nor block the build.
+    pub skip_tests: bool,
 }
 
 /// Shown for each `insecure=#true` step, by `graphbuild plan` and in the step's output.
 pub const INSECURE_WARNING: &str = "insecure=#true: this step runs with every capability and \
      no seccomp filter; it can take over the host (docs/security.md)";
 
-/// See [`BuildOptions::preflight`]. An `Err` stops the build with that message.
-pub type Preflight = Box<dyn Fn(&[&Node]) -> Result<(), String> + Send + Sync>;
+/// See [`BuildOptions::preflight`]: the nodes that will execute, and the platforms of the image
+/// tests that will run. An `Err` stops the build with that message.
+pub type Preflight = Box<dyn Fn(&[&Node], &[Platform]) -> Result<(), String> + Send + Sync>;
 
 /// `--cache-from`, `--cache-to`, `--cache-required`.
 #[derive(Debug, Clone, Default)]
@@ -138,6 +143,9 @@ pub struct BuildReport {
     pub images: Vec<ImageSummary>,
     pub executed: usize,
     pub cached: usize,
+    /// Image tests run (and passed) by this build, and found passed in the store.
+    pub tests_executed: usize,
+    pub tests_cached: usize,
     pub failures: Vec<NodeFailure>,
     pub cancelled: bool,
 }
@@ -177,6 +185,13 @@ struct Executor<'a> {
     /// Bytes of file content unpacked into new snapshots by this build, against
     /// [`unpack::max_build_unpack`].
     unpacked: std::sync::atomic::AtomicU64,
+}
+
+/// A job of the build's graph: a node, or an image test that runs after its image's node.
+#[derive(Clone, Copy, Debug)]
+enum Job {
+    Node(usize),
+    Test(usize),
 }
 
 /// How many times a build runs again after it removed corrupt blobs from the store.
@@ -231,6 +246,8 @@ pub fn build(
             executed: report.executed,
             cached: report.cached,
             failed: report.failures.len(),
+            tests_executed: report.tests_executed,
+            tests_cached: report.tests_cached,
             duration_ms: started.elapsed().as_millis() as u64,
             images: report.images.clone(),
         }));
@@ -304,12 +321,40 @@ fn build_once(
             pending.extend(node.deps.iter().copied());
         }
     }
+    // Image tests: those that passed before (in the store or the team cache, under their key)
+    // are not run again; the others run once their image's node is done.
+    let mut tests_cached = 0;
+    let mut testing = Vec::new();
+    for test in plan.tests.iter().filter(|_| !options.skip_tests) {
+        let passed = match executor.test_passed_before(test) {
+            Ok(passed) => passed,
+            Err(failure) => {
+                failures.push(*failure);
+                continue;
+            }
+        };
+        if passed {
+            tests_cached += 1;
+            events.emit(Event::Test {
+                test: test.id,
+                image: test.image.clone(),
+                platform: test.platform.to_string(),
+                name: test.name.clone(),
+                status: crate::events::StepStatus::Cached,
+                duration_ms: None,
+            });
+        } else {
+            testing.push(test);
+        }
+    }
     if !failures.is_empty() {
         let report = BuildReport {
             environment_error: None,
             images: Vec::new(),
             executed: 0,
             cached: 0,
+            tests_executed: 0,
+            tests_cached: 0,
             failures,
             cancelled: false,
         };
@@ -321,12 +366,20 @@ fn build_once(
             .iter()
             .filter(|node| needed[node.id] && !cached_nodes[node.id])
             .collect();
-        if let Err(message) = preflight(&executing) {
+        let mut test_platforms: Vec<Platform> = Vec::new();
+        for test in &testing {
+            if !test_platforms.contains(&test.platform) {
+                test_platforms.push(test.platform.clone());
+            }
+        }
+        if let Err(message) = preflight(&executing, &test_platforms) {
             let report = BuildReport {
                 environment_error: Some(message),
                 images: Vec::new(),
                 executed: 0,
                 cached: 0,
+                tests_executed: 0,
+                tests_cached: 0,
                 failures: Vec::new(),
                 cancelled: false,
             };
@@ -354,27 +407,45 @@ fn build_once(
             .filter(|step| matches!(step.op, Op::Run(_)))
             .count() as u64
             * 10;
-        ids[node.id] = Some(graph.add(node.id, cost, &deps));
+        ids[node.id] = Some(graph.add(Job::Node(node.id), cost, &deps));
     }
+    for test in &testing {
+        let deps: Vec<_> = ids[test.node].into_iter().collect();
+        graph.add(Job::Test(test.id), 10, &deps);
+    }
+    let job_of: Vec<Job> = graph.jobs().map(|(_, job)| *job).collect();
     let report = scheduler::run(
         graph,
         options.jobs.max(1),
         &options.cancel,
-        |node_id: &usize, deps: &[&Arc<NodeOutput>]| {
+        |job: &Job, deps: &[&Option<Arc<NodeOutput>>]| {
+            // What the job's dependencies produced, by node id (a test's one dependency is its
+            // image's node).
+            let dep_ids: &[usize] = match job {
+                Job::Node(id) => &dep_nodes[*id],
+                Job::Test(id) => std::slice::from_ref(&plan.tests[*id].node),
+            };
             let inputs = DepOutputs(
-                dep_nodes[*node_id]
+                dep_ids
                     .iter()
                     .copied()
-                    .zip(deps.iter().map(|output| &***output))
+                    .zip(deps.iter().filter_map(|output| output.as_deref()))
                     .collect(),
             );
-            executor.run_node(&plan.nodes[*node_id], &inputs)
+            match job {
+                Job::Node(id) => executor.run_node(&plan.nodes[*id], &inputs).map(Some),
+                Job::Test(id) => executor.run_test(&plan.tests[*id], &inputs).map(|()| None),
+            }
         },
     );
 
     // A step stopped by the cancel fails, but the build was cancelled, not broken.
     let mut cancelled = options.cancel.is_cancelled();
-    for outcome in report.outcomes() {
+    let mut tests_executed = 0;
+    for (index, outcome) in report.outcomes().iter().enumerate() {
+        if matches!(outcome, scheduler::Outcome::Done(_)) && matches!(job_of[index], Job::Test(_)) {
+            tests_executed += 1;
+        }
         match outcome {
             scheduler::Outcome::Failed(failure) => failures.push((**failure).clone()),
             scheduler::Outcome::Cancelled => cancelled = true,
@@ -401,7 +472,7 @@ fn build_once(
         .nodes
         .iter()
         .filter_map(|node| {
-            let output = report.outcome(ids[node.id]?).output()?;
+            let output = report.outcome(ids[node.id]?).output()?.as_ref()?;
             Some((node.id, output.clone()))
         })
         .collect();
@@ -433,6 +504,8 @@ fn build_once(
         images,
         executed,
         cached,
+        tests_executed,
+        tests_cached,
         failures,
         cancelled,
     };

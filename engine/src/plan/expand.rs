@@ -5,6 +5,8 @@
 //! the diagnostics) that every step kind reads and extends; the ops it produces and their keys
 //! live in [`super::op`].
 
+mod image_tests;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,7 +19,9 @@ use graphbuild_lang::subst::{self, Mode};
 use graphbuild_lang::{Code, Diagnostic, Diagnostics};
 
 use super::op::{CacheMountOp, ConfigOp, CopyOp, CopySource, Op, RunOp, SecretOp, TmpfsMountOp};
-use super::{Base, ImagePlan, Node, Plan, PlanOptions, StepInputs, StepPlan, parse_duration};
+use super::{
+    Base, ImagePlan, Node, Plan, PlanOptions, StepInputs, StepPlan, TestPlan, parse_duration,
+};
 use crate::context::{self, Context, ContextError};
 use crate::copy::CopyError;
 use crate::digest::Key;
@@ -47,6 +51,7 @@ pub(super) fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Pla
         memo: HashMap::new(),
         errors: Vec::new(),
         reported: HashSet::new(),
+        tests: Vec::new(),
     };
     let images = expander.images();
     if !expander.errors.is_empty() {
@@ -55,6 +60,7 @@ pub(super) fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Pla
     Ok(Plan {
         nodes: expander.nodes,
         images,
+        tests: expander.tests,
         context_dir,
     })
 }
@@ -84,6 +90,8 @@ struct Expander<'a> {
     /// (location, message) pairs already reported, so a problem in a stage shared by several
     /// platforms is reported once.
     reported: HashSet<(u32, usize, String)>,
+    /// Image tests, in image and declaration order.
+    tests: Vec<TestPlan>,
 }
 
 /// A stage expanded for a target platform and matrix values.
@@ -341,6 +349,7 @@ impl<'a> Expander<'a> {
             strict_arch: false,
             provenance: None,
             sbom: false,
+            tests: Vec::new(),
         }
     }
 
@@ -456,6 +465,7 @@ impl<'a> Expander<'a> {
                         plan.platforms.push((platform, node));
                     }
                 }
+                self.image_tests(image, &plan, &matrix);
                 plans.push(plan);
             }
         }

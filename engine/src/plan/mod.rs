@@ -52,7 +52,9 @@ use graphbuild_lang::ir::{Loc, Project};
 use graphbuild_lang::platform::Platform;
 use serde::Serialize;
 
-pub use op::{CacheMountOp, ConfigOp, CopyOp, CopySource, Op, RunOp, SecretOp};
+pub use op::{
+    CacheMountOp, ConfigOp, CopyOp, CopySource, Op, OutputCheckOp, RunOp, SecretOp, TestOp,
+};
 
 use crate::digest::Key;
 use crate::resolve::{ResolvedBase, Resolver, Unresolved};
@@ -82,6 +84,8 @@ pub struct PlanOptions<'a> {
 pub struct Plan {
     pub nodes: Vec<Node>,
     pub images: Vec<ImagePlan>,
+    /// One per (image × platform × test), each after its image's node.
+    pub tests: Vec<TestPlan>,
     pub context_dir: PathBuf,
 }
 
@@ -172,6 +176,32 @@ pub struct ImagePlan {
     pub sbom: bool,
     pub at: Loc,
 }
+
+/// An image test for one platform: a node of the graph that runs after the image's node.
+#[derive(Debug)]
+pub struct TestPlan {
+    /// Its index in [`Plan::tests`].
+    pub id: usize,
+    /// The image's name (substituted).
+    pub image: String,
+    pub name: String,
+    /// The image's platform the test runs for.
+    pub platform: Platform,
+    /// The node whose filesystem and settings are the image for that platform.
+    pub node: usize,
+    /// `op.key(node key)`. A placeholder when [`TestPlan::pending`].
+    pub key: Key,
+    pub pending: bool,
+    pub op: TestOp,
+    /// The command, for people. Never part of a key.
+    pub description: String,
+    pub at: Loc,
+    /// What went into the key, for `plan --explain`.
+    pub inputs: StepInputs,
+}
+
+/// The timeout of an image test without `timeout` (or `--step-timeout`): ten minutes.
+pub const DEFAULT_TEST_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 
 /// Expand a project. Every problem found is returned at once.
 pub fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Plan, Diagnostics> {

@@ -279,6 +279,50 @@ impl ConfigOp {
     }
 }
 
+/// An image test: a command run in a finished image, and what it must return and print. Its
+/// key is [`TestOp::key`] over the key of the node whose filesystem and settings the image is.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TestOp {
+    /// The platform the command runs for (under qemu when foreign).
+    pub platform: String,
+    /// The whole command: the image's (or the test's) entrypoint, then its arguments.
+    pub argv: Vec<String>,
+    /// The whole environment: the image's, then the test's `env`.
+    pub env: Vec<(String, String)>,
+    pub workdir: String,
+    pub user: String,
+    pub exit_code: i32,
+    pub output: Vec<OutputCheckOp>,
+    /// `timeout` in milliseconds. Not in the key, as for a `run`: it bounds how long the
+    /// test may take, not what it checks.
+    #[serde(skip)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// One output check: the stream (`output`: stdout and stderr together, `stdout`, `stderr`)
+/// must contain `contains` and match `matches`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OutputCheckOp {
+    pub stream: String,
+    pub contains: Option<String>,
+    pub matches: Option<String>,
+}
+
+impl TestOp {
+    /// The canonical encoding: the bytes the key is computed from.
+    pub fn canonical(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a test op always serializes")
+    }
+
+    /// The key of this test run in the image whose last node has key `image`.
+    pub fn key(&self, image: &Key) -> Key {
+        KeyBuilder::new("image-test")
+            .key(image)
+            .bytes(&self.canonical())
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +344,47 @@ mod tests {
         assert_eq!(joined.describe(), split.describe());
         let parent = Key([7; 32]);
         assert_ne!(joined.key(&parent), split.key(&parent));
+    }
+
+    #[test]
+    fn a_test_key_follows_the_image_and_every_field() {
+        let test = TestOp {
+            platform: "linux/arm64".into(),
+            argv: vec!["/app".into(), "--version".into()],
+            env: vec![("PATH".into(), "/bin".into())],
+            workdir: "/".into(),
+            user: String::new(),
+            exit_code: 0,
+            output: vec![OutputCheckOp {
+                stream: "output".into(),
+                contains: Some("1.2".into()),
+                matches: None,
+            }],
+            timeout_ms: Some(1000),
+        };
+        let image = Key([3; 32]);
+        assert_ne!(test.key(&image), test.key(&Key([4; 32])));
+        let mut other = test.clone();
+        other.exit_code = 1;
+        assert_ne!(test.key(&image), other.key(&image));
+        let mut other = test.clone();
+        other.platform = "linux/amd64".into();
+        assert_ne!(test.key(&image), other.key(&image));
+        let mut slower = test.clone();
+        slower.timeout_ms = Some(5000);
+        assert_eq!(
+            test.key(&image),
+            slower.key(&image),
+            "a timeout is not in the key"
+        );
+        // Never the key of a step with the same bytes.
+        assert_ne!(
+            test.key(&image),
+            KeyBuilder::new("step")
+                .key(&image)
+                .bytes(&test.canonical())
+                .finish()
+        );
     }
 
     #[test]

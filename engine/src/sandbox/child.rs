@@ -644,8 +644,11 @@ fn run_pid1(
             });
             // If this fails, PID 1 reads EOF and exits: the reports below say so.
             let _ = fs::File::from(go_write).write_all(b"g");
-            // The supervisor must not keep the output pipe open: the engine reads it to EOF.
+            // The supervisor must not keep the output pipes open: the engine reads them to EOF.
             redirect_to_dev_null(1).map_err(step("redirect stdout"))?;
+            if run.separate_stderr {
+                redirect_to_dev_null(super::STDERR_FD).map_err(step("redirect stderr"))?;
+            }
             let mut setup_error = Vec::new();
             let _ = fs::File::from(error_read).read_to_end(&mut setup_error);
             if !setup_error.is_empty() {
@@ -979,10 +982,16 @@ fn pid1(
     SigSet::empty()
         .thread_set_mask()
         .map_err(step("unblock signals"))?;
-    // Stderr joins stdout; every other descriptor closes on exec.
+    // Stderr joins stdout, or is the engine's pipe of its own; every other descriptor closes
+    // on exec.
+    let stderr_source = if run.separate_stderr {
+        super::STDERR_FD
+    } else {
+        1
+    };
     // SAFETY: dup2/close_range on descriptor numbers.
     unsafe {
-        if libc::dup2(1, 2) < 0 {
+        if libc::dup2(stderr_source, 2) < 0 {
             return Err(Failure::new(
                 "redirect stderr",
                 std::io::Error::last_os_error(),

@@ -149,6 +149,20 @@ pub struct RunTask {
     /// `insecure=#true`: every capability and no seccomp filter (see [`confine`]).
     #[serde(default)]
     pub insecure: bool,
+    /// The command's stderr is a stream of its own ([`STDERR_FD`] of the sandbox process)
+    /// instead of joining its stdout: [`run_sandbox_streams`] tells the two apart.
+    #[serde(default)]
+    pub separate_stderr: bool,
+}
+
+/// Where the command's stderr reaches the sandbox process when [`RunTask::separate_stderr`].
+pub(crate) const STDERR_FD: i32 = 3;
+
+/// Which of the command's outputs a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
 }
 
 /// The process limit of a build's `run` steps.
@@ -341,7 +355,31 @@ pub fn run_sandbox(
     spec: &SandboxSpec,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<SandboxOutcome, SandboxError> {
+    run_sandbox_streams(exe, spec, &mut |_, line| on_line(line))
+}
+
+/// [`run_sandbox`], saying which stream each line came from: with
+/// [`RunTask::separate_stderr`], stdout and stderr are read apart (and given in the order they
+/// arrive, which between the two streams is only approximately the order they were written);
+/// otherwise every line is [`Stream::Stdout`].
+pub fn run_sandbox_streams(
+    exe: &Path,
+    spec: &SandboxSpec,
+    on_line: &mut dyn FnMut(Stream, &str),
+) -> Result<SandboxOutcome, SandboxError> {
     validate(spec)?;
+    let separate_stderr = matches!(&spec.task, Task::Run(run) if run.separate_stderr);
+    let stderr_pipe = if separate_stderr {
+        Some(std::io::pipe().map_err(|source| SandboxError::Io {
+            action: "create a pipe for the command's stderr",
+            source,
+        })?)
+    } else {
+        None
+    };
+    let stderr_writer_fd = stderr_pipe
+        .as_ref()
+        .map(|(_, writer)| std::os::fd::AsRawFd::as_raw_fd(writer));
     sweep_stale_scratch_dirs();
     let scratch = tempfile::Builder::new()
         .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
@@ -375,6 +413,16 @@ pub fn run_sandbox(
             if libc::getppid() as u32 != engine_pid {
                 return Err(std::io::Error::other("the engine process exited"));
             }
+            // The command's stderr pipe becomes STDERR_FD, kept open across exec (dup2 onto
+            // itself would keep close-on-exec, so the flag is cleared either way).
+            if let Some(fd) = stderr_writer_fd {
+                if fd != STDERR_FD && libc::dup2(fd, STDERR_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::fcntl(STDERR_FD, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -398,13 +446,22 @@ pub fn run_sandbox(
     drop(stdin);
 
     let mut tail = VecDeque::with_capacity(TAIL_LINES);
-    let read_result = split_lines(stdout, &mut |line| {
+    let mut keep = |stream: Stream, line: &str| {
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
         tail.push_back(line.to_string());
-        on_line(line);
-    });
+        on_line(stream, line);
+    };
+    let read_result = match stderr_pipe {
+        None => split_lines(stdout, &mut |line| keep(Stream::Stdout, line)),
+        Some((reader, writer)) => {
+            // Only the sandbox process (and the command) may hold the write end: EOF then
+            // means they are gone.
+            drop(writer);
+            read_both(stdout, reader, &mut keep)
+        }
+    };
 
     let mut reports = Vec::new();
     let stderr_result = stderr.take(1 << 20).read_to_end(&mut reports);
@@ -427,7 +484,9 @@ pub fn run_sandbox(
     let mut other_text = Vec::new();
     for line in reports.lines() {
         match serde_json::from_str::<ChildReport>(line) {
-            Ok(ChildReport::Notice(notice)) => notice_once(&notice, on_line),
+            Ok(ChildReport::Notice(notice)) => {
+                notice_once(&notice, &mut |line| on_line(Stream::Stdout, line))
+            }
             Ok(report) => last_report = Some(report),
             Err(_) if !line.trim().is_empty() => other_text.push(line.trim().to_string()),
             Err(_) => {}
@@ -621,6 +680,39 @@ fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
 
 /// Reads `reader` to the end, calling `on_line` per `\n`-terminated line (and for the last,
 /// unterminated one). Over-long lines are cut into pieces so memory stays bounded.
+/// Reads two streams to their ends at once, one thread each, handing every line to `on_line`
+/// on the calling thread as it arrives.
+fn read_both(
+    stdout: impl Read + Send,
+    stderr: impl Read + Send,
+    on_line: &mut dyn FnMut(Stream, &str),
+) -> std::io::Result<()> {
+    let (sender, receiver) = std::sync::mpsc::channel::<(Stream, String)>();
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = [(Stream::Stdout, Box::new(stdout) as Box<dyn Read + Send>)]
+            .into_iter()
+            .chain([(Stream::Stderr, Box::new(stderr) as Box<dyn Read + Send>)])
+            .map(|(stream, reader)| {
+                let sender = sender.clone();
+                scope.spawn(move || {
+                    split_lines(reader, &mut |line| {
+                        let _ = sender.send((stream, line.to_string()));
+                    })
+                })
+            })
+            .collect();
+        drop(sender);
+        for (stream, line) in receiver {
+            on_line(stream, &line);
+        }
+        readers.into_iter().try_for_each(|reader| {
+            reader
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("a reader thread panicked")))
+        })
+    })
+}
+
 fn split_lines(mut reader: impl Read, on_line: &mut dyn FnMut(&str)) -> std::io::Result<()> {
     const MAX_LINE: usize = 64 * 1024;
     let mut pending: Vec<u8> = Vec::new();
@@ -699,6 +791,7 @@ mod tests {
                 timeout_ms: None,
                 max_processes: None,
                 insecure: false,
+                separate_stderr: false,
             }),
         };
         let error = run_sandbox(Path::new("/nonexistent"), &spec, &mut |_| {});

@@ -1392,6 +1392,7 @@ impl Lowerer {
             strict_arch: false,
             provenance: None,
             sbom: false,
+            tests: Vec::new(),
         })
     }
 }

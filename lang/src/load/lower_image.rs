@@ -201,6 +201,7 @@ impl Loader {
         let mut labels = Vec::new();
         let mut output = None;
         let mut uses: Vec<KdlNode> = Vec::new();
+        let mut tests: Vec<crate::ir::ImageTest> = Vec::new();
         let children: Vec<KdlNode> = node
             .children()
             .map(|children| children.nodes().to_vec())
@@ -379,6 +380,27 @@ impl Loader {
                         ),
                     }
                 }
+                "test" => {
+                    let Some(test) = self.lower_test(child, file) else {
+                        continue;
+                    };
+                    if let Some(first) = tests.iter().find(|known| known.name.raw == test.name.raw)
+                    {
+                        let diagnostic = Diagnostic::error(
+                            Code::DuplicateTest,
+                            format!(
+                                "image `{}` has two tests named `{}`",
+                                name.raw, test.name.raw
+                            ),
+                        )
+                        .with_label(&self.sources, test.name.at, "named again here")
+                        .with_label(&self.sources, first.name.at, "first named here")
+                        .with_help("rename one of the tests");
+                        self.diagnostics.push(diagnostic);
+                        continue;
+                    }
+                    tests.push(test);
+                }
                 other => self.unknown_node(child, file, other, IMAGE_NODES, "in an image"),
             }
         }
@@ -413,6 +435,7 @@ impl Loader {
             strict_arch,
             provenance,
             sbom,
+            tests,
         })
     }
 

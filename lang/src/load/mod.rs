@@ -22,6 +22,7 @@ mod check;
 mod declare;
 mod lower_image;
 mod lower_stage;
+mod lower_test;
 mod read;
 mod values;
 
@@ -125,6 +126,7 @@ const IMAGE_NODES: &[&str] = &[
     "label",
     "output",
     "push",
+    "test",
 ];
 const TEMPLATE_NODES: &[&str] = &["param", "stage"];
 

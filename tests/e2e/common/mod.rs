@@ -163,6 +163,71 @@ pub(crate) fn steps(output: &Output) -> Vec<(String, String, String, String)> {
         .collect()
 }
 
+/// `graphbuild cache serve` on 127.0.0.1, a free port, serving `dir`; stopped on drop.
+pub(crate) struct CacheServer {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl CacheServer {
+    pub(crate) fn start(dir: &Path, extra: &[&str]) -> CacheServer {
+        use std::io::BufRead;
+        let mut child = Command::new(bin())
+            .args(["cache", "serve", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("cache serve starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("reads the address");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        CacheServer { child, url }
+    }
+}
+
+impl Drop for CacheServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether the tests run under CI (`CI=true`), where a missing prerequisite is a failure.
+pub(crate) fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true")
+}
+
+/// Whether a prerequisite holds; without it a test panics under CI and is skipped elsewhere
+/// (saying so on stderr).
+pub(crate) fn prerequisite(ok: bool, what: &str) -> bool {
+    if !ok {
+        assert!(!ci(), "prerequisite missing under CI: {what}");
+        eprintln!("skipped: {what}");
+    }
+    ok
+}
+
+/// Root and qemu-user for arm64 and arm/v7 registered in binfmt_misc: what a build that runs
+/// commands for three platforms needs.
+pub(crate) fn root_and_qemu() -> bool {
+    let binfmt = Path::new("/proc/sys/fs/binfmt_misc");
+    prerequisite(
+        nix::unistd::geteuid().is_root(),
+        "root (builds run in namespaces on overlayfs)",
+    ) && prerequisite(
+        binfmt.join("qemu-aarch64").exists() && binfmt.join("qemu-arm").exists(),
+        "qemu-user for aarch64 and arm registered in binfmt_misc (scripts/setup-host)",
+    )
+}
+
 pub(crate) fn require_tool(name: &str) {
     let found = Command::new("sh")
         .arg("-c")
