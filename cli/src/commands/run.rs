@@ -10,6 +10,7 @@ use graphbuild_engine::explain;
 use graphbuild_engine::layer::{Compression, LayerOptions};
 use graphbuild_engine::plan::Op;
 use graphbuild_engine::resolve::DefaultResolver;
+use graphbuild_engine::sandbox::overlay::OverlayMode;
 use graphbuild_engine::scheduler::CancelToken;
 use graphbuild_engine::store::Store;
 use graphbuild_lang::platform::Platform;
@@ -155,6 +156,7 @@ pub(super) struct BuildSettings {
     source_date_epoch: i64,
     step_timeout_ms: Option<u64>,
     step_max_processes: Option<u32>,
+    overlay: OverlayMode,
 }
 
 /// Build a loaded plan into `settings.output`; returns the report or an exit code.
@@ -189,6 +191,7 @@ pub(super) fn execute(
         preflight: Some(Box::new(preflight)),
         step_timeout_ms: settings.step_timeout_ms,
         step_max_processes: settings.step_max_processes,
+        overlay: settings.overlay,
     };
     let report = build::build(
         &loaded.plan,
@@ -311,6 +314,13 @@ pub(super) fn build_settings(
             return Err(ExitStatus::InvalidInput);
         }
     };
+    let overlay = match OverlayMode::from_env() {
+        Ok(overlay) => overlay,
+        Err(message) => {
+            render::error(&message, &[]);
+            return Err(ExitStatus::InvalidInput);
+        }
+    };
     Ok(BuildSettings {
         format: match inputs.format {
             crate::FormatArg::Oci => build::ManifestFormat::Oci,
@@ -328,6 +338,7 @@ pub(super) fn build_settings(
         source_date_epoch: inputs.source_date_epoch,
         step_timeout_ms: inputs.step_timeout,
         step_max_processes: (inputs.step_max_processes > 0).then_some(inputs.step_max_processes),
+        overlay,
     })
 }
 

@@ -33,7 +33,7 @@
 //! are serialized canonically and written, so equal inputs give byte-identical layouts.
 
 mod cache;
-mod direct_copy;
+pub(crate) mod direct_copy;
 mod execute;
 mod export;
 
@@ -50,6 +50,7 @@ use crate::layer::LayerOptions;
 use crate::plan::{Node, Op, Plan};
 use crate::remote::RemoteCache;
 use crate::resolve::Resolver;
+use crate::sandbox::overlay::{OverlayMode, Selection, Unavailable};
 use crate::scheduler::{self, CancelToken};
 use crate::state::{HistoryEntry, LayerDesc};
 use crate::store::Store;
@@ -80,6 +81,9 @@ pub struct BuildOptions {
     pub step_timeout_ms: Option<u64>,
     /// `--step-max-processes`: the process limit of each `run` step; `None`: no limit.
     pub step_max_processes: Option<u32>,
+    /// `GRAPHBUILD_OVERLAY`: the kernel's overlayfs, fuse-overlayfs, or whichever mounts
+    /// (chosen once per build, see [`crate::sandbox::overlay`]).
+    pub overlay: OverlayMode,
 }
 
 /// Shown for each `insecure=#true` step, by `graphbuild plan` and in the step's output.
@@ -198,6 +202,8 @@ struct Executor<'a> {
     /// Bytes of file content unpacked into new snapshots by this build, against
     /// [`unpack::max_build_unpack`].
     unpacked: std::sync::atomic::AtomicU64,
+    /// The overlay sandboxes mount, chosen the first time one is needed.
+    overlay: std::sync::OnceLock<Result<Selection, Unavailable>>,
 }
 
 /// How many times a build runs again after it removed corrupt blobs from the store.
@@ -282,6 +288,7 @@ fn build_once(
         forged_layers: Mutex::new(std::collections::HashSet::new()),
         healed: std::sync::atomic::AtomicBool::new(false),
         unpacked: std::sync::atomic::AtomicU64::new(0),
+        overlay: std::sync::OnceLock::new(),
     };
     let healed = || executor.healed.load(std::sync::atomic::Ordering::Relaxed);
 
@@ -338,7 +345,20 @@ fn build_once(
             .iter()
             .filter(|node| needed[node.id] && !cached_nodes[node.id])
             .collect();
-        if let Err(message) = preflight(&executing) {
+        // A build whose steps run needs an overlay: choosing it can fail as an environment
+        // problem (no overlay at all), before anything executes.
+        let runs = executing
+            .iter()
+            .any(|node| node.steps.iter().any(|step| matches!(step.op, Op::Run(_))));
+        let overlay = if runs {
+            executor
+                .overlay()
+                .err()
+                .map(|unavailable| unavailable.to_string())
+        } else {
+            None
+        };
+        if let Some(message) = preflight(&executing).err().or(overlay) {
             let report = BuildReport {
                 environment_error: Some(message),
                 images: Vec::new(),

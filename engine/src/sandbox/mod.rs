@@ -68,7 +68,9 @@
 
 mod child;
 pub mod confine;
+mod fuse;
 pub mod limits;
+pub mod overlay;
 mod user;
 
 use std::collections::VecDeque;
@@ -99,6 +101,10 @@ pub struct SandboxSpec {
     pub upperdir: PathBuf,
     /// overlayfs work directory: empty, on the same filesystem as `upperdir`.
     pub overlay_workdir: PathBuf,
+    /// The kernel's overlayfs or fuse-overlayfs ([`overlay`]); the upper directory is in the
+    /// kernel's form either way.
+    #[serde(default)]
+    pub overlay: overlay::Overlay,
     pub task: Task,
 }
 
@@ -108,7 +114,12 @@ pub enum Task {
     Run(RunTask),
     /// Call the binary's [`CopyHandler`] with the merged root and this value.
     Copy(serde_json::Value),
+    /// Mount the root and unmount it: can this overlay be mounted here ([`overlay::probe_native`])?
+    ProbeOverlay,
 }
+
+/// The setup step whose failure means the kernel refused the root's overlay mount.
+const MOUNT_ROOT_STEP: &str = "mount the root filesystem (overlayfs)";
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct RunTask {
@@ -303,6 +314,8 @@ struct ChildRequest {
 enum ChildReport {
     Finished(ExitStatusKind),
     CopyDone,
+    /// [`Task::ProbeOverlay`] mounted the root.
+    Probed,
     CopyFailed {
         message: String,
     },
@@ -327,6 +340,17 @@ pub fn run_sandbox(
     spec: &SandboxSpec,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<SandboxOutcome, SandboxError> {
+    run_sandbox_in(exe, spec, on_line, false)
+}
+
+/// [`run_sandbox`]; with `fresh_user_namespace`, the child starts in a user namespace of its
+/// own mapping only this process's uid and gid (to 0), as a rootless build's would.
+fn run_sandbox_in(
+    exe: &Path,
+    spec: &SandboxSpec,
+    on_line: &mut dyn FnMut(&str),
+    fresh_user_namespace: bool,
+) -> Result<SandboxOutcome, SandboxError> {
     validate(spec)?;
     sweep_stale_scratch_dirs();
     let scratch = tempfile::Builder::new()
@@ -345,6 +369,13 @@ pub fn run_sandbox(
     })?;
 
     let engine_pid = std::process::id();
+    // Prepared before fork: the closure below must not allocate.
+    let maps = fresh_user_namespace.then(|| {
+        (
+            format!("0 {} 1\n", nix::unistd::geteuid().as_raw()),
+            format!("0 {} 1\n", nix::unistd::getegid().as_raw()),
+        )
+    });
     let mut command = Command::new(exe);
     command
         .arg(SANDBOX_ARG)
@@ -360,6 +391,26 @@ pub fn run_sandbox(
             }
             if libc::getppid() as u32 != engine_pid {
                 return Err(std::io::Error::other("the engine process exited"));
+            }
+            if let Some((uid_map, gid_map)) = &maps {
+                if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for (file, text) in [
+                    (c"/proc/self/setgroups", "deny".as_bytes()),
+                    (c"/proc/self/uid_map", uid_map.as_bytes()),
+                    (c"/proc/self/gid_map", gid_map.as_bytes()),
+                ] {
+                    let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, text.as_ptr().cast(), text.len());
+                    libc::close(fd);
+                    if written != text.len() as isize {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
             }
             Ok(())
         });
@@ -422,7 +473,7 @@ pub fn run_sandbox(
     let tail: Vec<String> = tail.into();
     match last_report {
         Some(ChildReport::Finished(status)) => Ok(SandboxOutcome { status, tail }),
-        Some(ChildReport::CopyDone) => Ok(SandboxOutcome {
+        Some(ChildReport::CopyDone | ChildReport::Probed) => Ok(SandboxOutcome {
             status: ExitStatusKind::Exited(0),
             tail,
         }),
@@ -668,6 +719,7 @@ mod tests {
             lowerdirs: vec![],
             upperdir: PathBuf::from("/tmp/upper"),
             overlay_workdir: PathBuf::from("/tmp/work"),
+            overlay: overlay::Overlay::Native,
             task: Task::Run(RunTask {
                 argv: vec![],
                 env: vec![],
