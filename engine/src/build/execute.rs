@@ -583,7 +583,7 @@ impl Executor<'_> {
                     overlay::select(self.options.overlay, &self.sandbox_exe(), &dir, false)?;
                 if selection.fallback {
                     self.events.emit(Event::Warning {
-                        message: selection.reason.clone(),
+                        message: selection.fallback_warning(),
                     });
                 }
                 Ok(selection)

@@ -108,52 +108,61 @@ pub enum Probe {
     Failed(String),
 }
 
-/// The overlay for `mode`, given what probing the kernel's overlayfs gave (not asked for
+impl Overlay {
+    /// `the kernel's overlayfs`, `fuse-overlayfs (/usr/bin/fuse-overlayfs)`.
+    pub fn describe(&self) -> String {
+        match self {
+            Overlay::Native => "the kernel's overlayfs".to_string(),
+            Overlay::Fuse { program } => format!("fuse-overlayfs ({})", program.display()),
+        }
+    }
+}
+
+impl Selection {
+    /// The warning a build shows when it falls back to fuse-overlayfs.
+    pub fn fallback_warning(&self) -> String {
+        format!(
+            "{}: steps use {}, which is slower (docs/security.md, Rootless)",
+            self.reason,
+            self.overlay.describe()
+        )
+    }
+}
+
+/// The overlay for `mode`, given what probing the kernel's overlayfs gives (not asked for
 /// `native` and `fuse`) and whether fuse-overlayfs is usable.
 pub fn decide(
     mode: OverlayMode,
     probe: impl FnOnce() -> Probe,
     fuse: impl FnOnce() -> Result<PathBuf, Unavailable>,
 ) -> Result<Selection, Unavailable> {
+    let native = |reason: String| Selection {
+        overlay: Overlay::Native,
+        reason,
+        fallback: false,
+    };
     match mode {
-        OverlayMode::Native => Ok(Selection {
-            overlay: Overlay::Native,
-            reason: format!("{OVERLAY_ENV}=native: steps use the kernel's overlayfs"),
-            fallback: false,
-        }),
+        OverlayMode::Native => Ok(native(format!("{OVERLAY_ENV}=native"))),
         OverlayMode::Fuse => {
             let program = fuse().map_err(|unavailable| Unavailable {
                 problem: format!("{OVERLAY_ENV}=fuse, but {}", unavailable.problem),
                 fix: unavailable.fix,
             })?;
             Ok(Selection {
-                reason: format!(
-                    "{OVERLAY_ENV}=fuse: steps use fuse-overlayfs ({})",
-                    program.display()
-                ),
                 overlay: Overlay::Fuse { program },
+                reason: format!("{OVERLAY_ENV}=fuse"),
                 fallback: false,
             })
         }
         OverlayMode::Auto => match probe() {
-            Probe::Mounted => Ok(Selection {
-                overlay: Overlay::Native,
-                reason: "the kernel mounts overlayfs here: steps use it".to_string(),
-                fallback: false,
-            }),
-            Probe::Failed(message) => Ok(Selection {
-                overlay: Overlay::Native,
-                reason: format!("overlayfs could not be probed ({message})"),
-                fallback: false,
-            }),
+            Probe::Mounted => Ok(native("the kernel mounts overlayfs here".to_string())),
+            Probe::Failed(message) => Ok(native(format!(
+                "overlayfs could not be probed: {message}"
+            ))),
             Probe::Refused(said) => match fuse() {
                 Ok(program) => Ok(Selection {
-                    reason: format!(
-                        "the kernel refuses overlayfs here ({said}): steps use fuse-overlayfs \
-                         ({}), which is slower",
-                        program.display()
-                    ),
                     overlay: Overlay::Fuse { program },
+                    reason: format!("the kernel refuses overlayfs here ({said})"),
                     fallback: true,
                 }),
                 Err(unavailable) => Err(Unavailable {
@@ -169,7 +178,7 @@ pub fn decide(
     }
 }
 
-/// `fuse-overlayfs` on `PATH` (or the usual directories), and `/dev/fuse` readable and
+/// `fuse-overlayfs` on `PATH`, and `/dev/fuse` readable and
 /// writable by this process.
 pub fn fuse_prerequisites() -> Result<PathBuf, Unavailable> {
     let program = find_program(FUSE_PACKAGE).ok_or_else(|| Unavailable {
@@ -222,16 +231,12 @@ pub fn dev_fuse_open_to_all() -> Result<(), Unavailable> {
     }
 }
 
-/// An executable named `name` on `PATH` or in the usual system directories.
+/// An executable named `name` on `PATH` (the usual system directories when `PATH` is unset).
 pub fn find_program(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
     std::env::split_paths(&path)
-        .chain(
-            ["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"]
-                .iter()
-                .map(PathBuf::from),
-        )
         .filter(|dir| dir.is_absolute())
         .map(|dir| dir.join(name))
         .find(|candidate| {
@@ -282,6 +287,23 @@ pub fn probe_native(exe: &Path, dir: &Path, fresh_user_namespace: bool) -> Probe
         }
         Err(error) => Probe::Failed(error.to_string()),
     }
+}
+
+/// What rootless builds on this machine would use, asked by root (`graphbuild doctor`): the
+/// probe runs in a fresh user namespace, and `/dev/fuse` must be open to every user.
+pub fn select_for_rootless_users(exe: &Path, dir: &Path) -> Result<Selection, Unavailable> {
+    decide(
+        OverlayMode::Auto,
+        || probe_native(exe, dir, true),
+        || {
+            let program = find_program(FUSE_PACKAGE).ok_or_else(|| Unavailable {
+                problem: "fuse-overlayfs is not installed".to_string(),
+                fix: format!("install the `{FUSE_PACKAGE}` package (`apt-get install {FUSE_PACKAGE}`)"),
+            })?;
+            dev_fuse_open_to_all()?;
+            Ok(program)
+        },
+    )
 }
 
 /// [`decide`] for this machine: probes in `dir` when `mode` is `auto`.
@@ -354,7 +376,12 @@ mod tests {
             }
         );
         assert!(fallback.fallback);
-        assert!(fallback.reason.contains("EPERM"), "{}", fallback.reason);
+        assert!(
+            fallback.fallback_warning().contains("EPERM")
+                && fallback.fallback_warning().contains("fuse-overlayfs (/usr/bin/fuse-overlayfs)"),
+            "{}",
+            fallback.fallback_warning()
+        );
 
         let neither = decide(
             OverlayMode::Auto,
