@@ -269,8 +269,22 @@ impl RootMount {
             Some(fuse) => {
                 fuse.unmount()
                     .map_err(step("unmount the root filesystem (fuse-overlayfs)"))?;
-                super::fuse::convert_upper(&spec.upperdir, &self.lowers, opaque_xattr())
-                    .map_err(step("convert fuse-overlayfs's upper directory"))
+                let unlike =
+                    super::fuse::convert_upper(&spec.upperdir, &self.lowers, opaque_xattr())
+                        .map_err(step("convert fuse-overlayfs's upper directory"))?;
+                if let Some(first) = unlike.first() {
+                    notice(format!(
+                        "fuse-overlayfs does not give entries created in a setgid directory its \
+                         group (or setgid bit): {first}{} may differ from a build on the kernel's \
+                         overlayfs (docs/security.md, Rootless)",
+                        if unlike.len() > 1 {
+                            format!(" and {} more", unlike.len() - 1)
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
+                Ok(())
             }
             None => {
                 unmount_root(&self.path);

@@ -36,7 +36,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -209,6 +209,10 @@ impl Drop for FuseMount {
 /// the image's): see the module docs. `opaque_xattr` is the attribute the kernel reads here:
 /// `user.overlay.opaque` in a user namespace, `trusted.overlay.opaque` otherwise.
 ///
+/// Returns the entries a step created in a setgid directory without the directory's group (or,
+/// for a directory, its setgid bit): fuse-overlayfs 1.10 does not implement that inheritance,
+/// so those differ from the kernel's overlayfs and cannot be told from a deliberate `chgrp`.
+///
 /// Where the two differ in more than spelling, the kernel's rule decides:
 /// - fuse-overlayfs marks every directory `mkdir` creates opaque; the kernel only one that
 ///   replaces an entry the lower layers show (it was created over a whiteout);
@@ -218,10 +222,11 @@ pub(crate) fn convert_upper(
     upper: &Path,
     lowers: &[PathBuf],
     opaque_xattr: &[u8],
-) -> Result<(), String> {
+) -> Result<Vec<String>, String> {
     let view = MergedView::new(lowers.to_vec());
     // (directory, its path from the root, whether an opaque directory above hides the lowers)
     let mut directories = vec![(upper.to_path_buf(), Vec::new(), false)];
+    let mut unlike_kernel = Vec::new();
     while let Some((directory, relative, hidden)) = directories.pop() {
         convert_directory(
             &directory,
@@ -230,9 +235,11 @@ pub(crate) fn convert_upper(
             &view,
             opaque_xattr,
             &mut directories,
+            &mut unlike_kernel,
         )?;
     }
-    Ok(())
+    unlike_kernel.sort();
+    Ok(unlike_kernel)
 }
 
 fn at(action: &str, path: &Path) -> impl FnOnce(std::io::Error) -> String {
@@ -266,6 +273,7 @@ fn convert_directory(
     view: &MergedView,
     opaque_xattr: &[u8],
     subdirectories: &mut Vec<(PathBuf, Vec<OsString>, bool)>,
+    unlike_kernel: &mut Vec<String>,
 ) -> Result<(), String> {
     let metadata = fs::symlink_metadata(directory).map_err(at("inspect", directory))?;
     let mut marked_opaque = strip_fuse_xattrs(directory)?;
@@ -286,6 +294,14 @@ fn convert_directory(
         .iter()
         .any(|name| name.as_bytes() == OPAQUE_MARKER.as_bytes());
     let opaque = marked_opaque && !relative.is_empty() && lower_positive(view, relative, hidden)?;
+    if !opaque && !hidden && !relative.is_empty() {
+        restore_dropped_mode_bits(directory, relative, &metadata, view)?;
+    }
+    let setgid = fs::symlink_metadata(directory)
+        .map_err(at("inspect", directory))?
+        .mode()
+        & 0o2000
+        != 0;
     let mut changed = false;
     for name in names {
         let path = directory.join(&name);
@@ -302,6 +318,12 @@ fn convert_directory(
             continue;
         }
         let Some(target) = bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) else {
+            if setgid
+                && (entry.gid() != metadata.gid() || entry.is_dir() && entry.mode() & 0o2000 == 0)
+                && !lower_positive(view, &child, hidden || opaque)?
+            {
+                unlike_kernel.push(format!("/{}", display(&child)));
+            }
             if entry.is_dir() {
                 subdirectories.push((path, child, hidden || opaque));
             } else if !entry.file_type().is_symlink() {
@@ -347,6 +369,34 @@ fn convert_directory(
     }
     if changed {
         set_times(directory, &metadata).map_err(at("set the times of", directory))?;
+    }
+    Ok(())
+}
+
+/// fuse-overlayfs copies a directory up with `mkdir`, which drops its setuid and setgid bits;
+/// the kernel keeps the lower directory's mode. A copied-up directory whose mode is the lower
+/// one's without those bits gets them back (a step that cleared them itself with `chmod` is
+/// indistinguishable, and gets them back too: docs/security.md, Rootless).
+fn restore_dropped_mode_bits(
+    directory: &Path,
+    relative: &[OsString],
+    metadata: &fs::Metadata,
+    view: &MergedView,
+) -> Result<(), String> {
+    const DROPPED: u32 = 0o6000;
+    let Some((_, lower)) = view.lookup(relative).map_err(|error| {
+        format!(
+            "look up /{} in the lower layers: {error}",
+            display(relative)
+        )
+    })?
+    else {
+        return Ok(());
+    };
+    let (upper_mode, lower_mode) = (metadata.mode() & 0o7777, lower.mode() & 0o7777);
+    if lower.is_dir() && lower_mode & DROPPED != 0 && upper_mode == lower_mode & !DROPPED {
+        fs::set_permissions(directory, fs::Permissions::from_mode(lower_mode))
+            .map_err(at("restore the mode of", directory))?;
     }
     Ok(())
 }
@@ -511,7 +561,11 @@ mod tests {
             diff_id_of_upper(&fuse, &options).is_err(),
             "unconverted, fuse-overlayfs's `.wh.` files are refused as reserved names"
         );
-        convert_upper(&fuse, &[lower], b"trusted.overlay.opaque").unwrap();
+        assert!(
+            convert_upper(&fuse, &[lower], b"trusted.overlay.opaque")
+                .unwrap()
+                .is_empty()
+        );
         assert!(is_whiteout(&fuse.join("srv/gone")));
         assert!(is_whiteout(&fuse.join("etc/old")));
         assert!(!fuse.join("srv/.wh.gone").exists());
@@ -568,5 +622,25 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["again", "gone"]);
+    }
+
+    #[test]
+    fn a_copied_up_setgid_directory_keeps_its_mode_and_unlike_entries_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let lower = dir.path().join("lower");
+        let upper = dir.path().join("upper");
+        fs::create_dir_all(lower.join("sg")).unwrap();
+        fs::create_dir_all(upper.join("sg/new")).unwrap();
+        fs::write(upper.join("sg/g"), "").unwrap();
+        fs::set_permissions(lower.join("sg"), fs::Permissions::from_mode(0o2775)).unwrap();
+        // What fuse-overlayfs's copy-up leaves: the mode without the setgid bit.
+        fs::set_permissions(upper.join("sg"), fs::Permissions::from_mode(0o775)).unwrap();
+        let unlike = convert_upper(&upper, &[lower], b"user.overlay.opaque").unwrap();
+        assert_eq!(
+            fs::metadata(upper.join("sg")).unwrap().mode() & 0o7777,
+            0o2775
+        );
+        // Same group as the directory (whoever runs the test), but no setgid bit on `new`.
+        assert_eq!(unlike, vec!["/sg/new".to_string()]);
     }
 }

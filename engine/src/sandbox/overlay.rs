@@ -156,9 +156,9 @@ pub fn decide(
         }
         OverlayMode::Auto => match probe() {
             Probe::Mounted => Ok(native("the kernel mounts overlayfs here".to_string())),
-            Probe::Failed(message) => Ok(native(format!(
-                "overlayfs could not be probed: {message}"
-            ))),
+            Probe::Failed(message) => {
+                Ok(native(format!("overlayfs could not be probed: {message}")))
+            }
             Probe::Refused(said) => match fuse() {
                 Ok(program) => Ok(Selection {
                     overlay: Overlay::Fuse { program },
@@ -298,7 +298,9 @@ pub fn select_for_rootless_users(exe: &Path, dir: &Path) -> Result<Selection, Un
         || {
             let program = find_program(FUSE_PACKAGE).ok_or_else(|| Unavailable {
                 problem: "fuse-overlayfs is not installed".to_string(),
-                fix: format!("install the `{FUSE_PACKAGE}` package (`apt-get install {FUSE_PACKAGE}`)"),
+                fix: format!(
+                    "install the `{FUSE_PACKAGE}` package (`apt-get install {FUSE_PACKAGE}`)"
+                ),
             })?;
             dev_fuse_open_to_all()?;
             Ok(program)
@@ -378,7 +380,9 @@ mod tests {
         assert!(fallback.fallback);
         assert!(
             fallback.fallback_warning().contains("EPERM")
-                && fallback.fallback_warning().contains("fuse-overlayfs (/usr/bin/fuse-overlayfs)"),
+                && fallback
+                    .fallback_warning()
+                    .contains("fuse-overlayfs (/usr/bin/fuse-overlayfs)"),
             "{}",
             fallback.fallback_warning()
         );
