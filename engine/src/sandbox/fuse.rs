@@ -276,7 +276,7 @@ fn convert_directory(
     unlike_kernel: &mut Vec<String>,
 ) -> Result<(), String> {
     let metadata = fs::symlink_metadata(directory).map_err(at("inspect", directory))?;
-    let mut marked_opaque = strip_fuse_xattrs(directory)?;
+    let mut marked_opaque = strip_fuse_xattrs(directory)?.opaque;
     let attributes = list_xattrs(directory).map_err(at("read the attributes of", directory))?;
     let overlay_opaque: Vec<Vec<u8>> = attributes
         .into_iter()
@@ -326,8 +326,13 @@ fn convert_directory(
             }
             if entry.is_dir() {
                 subdirectories.push((path, child, hidden || opaque));
-            } else if !entry.file_type().is_symlink() {
-                strip_fuse_xattrs(&path)?;
+            } else if !entry.file_type().is_symlink()
+                && strip_fuse_xattrs(&path)?.copied_up
+                && entry.is_file()
+                && !hidden
+                && !opaque
+            {
+                restore_dropped_mode_bits(&path, &child, &entry, view)?;
             }
             continue;
         };
@@ -373,10 +378,11 @@ fn convert_directory(
     Ok(())
 }
 
-/// fuse-overlayfs copies a directory up with `mkdir`, which drops its setuid and setgid bits;
-/// the kernel keeps the lower directory's mode. A copied-up directory whose mode is the lower
-/// one's without those bits gets them back (a step that cleared them itself with `chmod` is
-/// indistinguishable, and gets them back too: docs/security.md, Rootless).
+/// fuse-overlayfs copies a directory up with `mkdir`, which drops its setuid and setgid bits,
+/// and a file not owned by root with `fchown` after writing it, which clears them; the kernel
+/// keeps the lower entry's mode. A copied-up entry whose mode is the lower one's without those
+/// bits gets them back (a step that cleared them itself with `chmod` is indistinguishable, and
+/// gets them back too: docs/security.md, Rootless).
 fn restore_dropped_mode_bits(
     directory: &Path,
     relative: &[OsString],
@@ -394,7 +400,8 @@ fn restore_dropped_mode_bits(
         return Ok(());
     };
     let (upper_mode, lower_mode) = (metadata.mode() & 0o7777, lower.mode() & 0o7777);
-    if lower.is_dir() && lower_mode & DROPPED != 0 && upper_mode == lower_mode & !DROPPED {
+    let same_kind = lower.is_dir() == metadata.is_dir() && lower.is_file() == metadata.is_file();
+    if same_kind && lower_mode & DROPPED != 0 && upper_mode == lower_mode & !DROPPED {
         fs::set_permissions(directory, fs::Permissions::from_mode(lower_mode))
             .map_err(at("restore the mode of", directory))?;
     }
@@ -404,20 +411,30 @@ fn restore_dropped_mode_bits(
 /// The attributes that make a directory opaque to the kernel's overlayfs.
 const OPAQUE_XATTRS: [&[u8]; 2] = [b"trusted.overlay.opaque", b"user.overlay.opaque"];
 
-/// Removes fuse-overlayfs's attributes from `path`; whether one marked it opaque.
-fn strip_fuse_xattrs(path: &Path) -> Result<bool, String> {
-    let mut opaque = false;
+/// What fuse-overlayfs's attributes said about an entry.
+#[derive(Default)]
+struct FuseMarks {
+    /// `user.fuseoverlayfs.opaque=y`.
+    opaque: bool,
+    /// `user.fuseoverlayfs.origin`: a file it copied up.
+    copied_up: bool,
+}
+
+/// Removes fuse-overlayfs's attributes from `path`; what they said.
+fn strip_fuse_xattrs(path: &Path) -> Result<FuseMarks, String> {
+    let mut marks = FuseMarks::default();
     let attributes = list_xattrs(path)
         .map_err(|error| format!("read the attributes of {}: {error}", path.display()))?;
     for (name, value) in attributes {
         if !name.starts_with(FUSE_XATTR_PREFIX) {
             continue;
         }
-        opaque |= name.as_slice() == b"user.fuseoverlayfs.opaque" && value == b"y";
+        marks.opaque |= name.as_slice() == b"user.fuseoverlayfs.opaque" && value == b"y";
+        marks.copied_up |= name.as_slice() == b"user.fuseoverlayfs.origin";
         remove_xattr(path, &name)
             .map_err(|error| format!("remove an attribute of {}: {error}", path.display()))?;
     }
-    Ok(opaque)
+    Ok(marks)
 }
 
 fn remove_xattr(path: &Path, name: &[u8]) -> std::io::Result<()> {
@@ -633,12 +650,28 @@ mod tests {
         fs::create_dir_all(upper.join("sg/new")).unwrap();
         fs::write(upper.join("sg/g"), "").unwrap();
         fs::set_permissions(lower.join("sg"), fs::Permissions::from_mode(0o2775)).unwrap();
+        // A setuid file copied up (it carries the origin attribute), and one the step made.
+        for (name, mode) in [("suid", 0o4755), ("made", 0o4755)] {
+            fs::write(lower.join(name), "").unwrap();
+            fs::set_permissions(lower.join(name), fs::Permissions::from_mode(mode)).unwrap();
+            fs::write(upper.join(name), "").unwrap();
+            fs::set_permissions(upper.join(name), fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        set_xattr(&upper.join("suid"), b"user.fuseoverlayfs.origin", b"suid").unwrap();
         // What fuse-overlayfs's copy-up leaves: the mode without the setgid bit.
         fs::set_permissions(upper.join("sg"), fs::Permissions::from_mode(0o775)).unwrap();
         let unlike = convert_upper(&upper, &[lower], b"user.overlay.opaque").unwrap();
         assert_eq!(
             fs::metadata(upper.join("sg")).unwrap().mode() & 0o7777,
             0o2775
+        );
+        assert_eq!(
+            fs::metadata(upper.join("suid")).unwrap().mode() & 0o7777,
+            0o4755
+        );
+        assert_eq!(
+            fs::metadata(upper.join("made")).unwrap().mode() & 0o7777,
+            0o755
         );
         // Same group as the directory (whoever runs the test), but no setgid bit on `new`.
         assert_eq!(unlike, vec!["/sg/new".to_string()]);
