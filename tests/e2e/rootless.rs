@@ -1310,7 +1310,7 @@ stage fails {
 
 stage slow {
     from ok
-    run "echo started; sleep 300 & sleep 301"
+    run "echo started; sleep 302 & sleep 303"
 }
 
 image ok {
@@ -1389,9 +1389,12 @@ image slow {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let running = fuse_leftovers(&tmp);
+    if running.is_empty() {
+        let _ = child.kill();
+    }
     assert!(
-        running.iter().any(|line| line.starts_with("process")),
-        "while the step runs, its fuse-overlayfs daemon is found: {running:?}"
+        !running.is_empty(),
+        "while the step runs, its fuse-overlayfs daemon or mount is found"
     );
     let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
         .expect("children of runuser");
@@ -1406,7 +1409,20 @@ image slow {
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("kill");
+    let sent = std::time::Instant::now();
     let status = child.wait().expect("wait");
     assert!(!status.success());
+    assert!(
+        sent.elapsed() < std::time::Duration::from_secs(20),
+        "cancelled promptly, daemon included"
+    );
     assert_eq!(fuse_leftovers(&tmp), Vec::<String>::new(), "after SIGTERM");
+    let sleeping = Command::new("pgrep")
+        .args(["-u", SUBID_USER, "-f", "sleep 30[23]"])
+        .output()
+        .expect("pgrep");
+    assert!(
+        String::from_utf8_lossy(&sleeping.stdout).trim().is_empty(),
+        "no step process is left"
+    );
 }

@@ -49,8 +49,10 @@ use crate::layer::{OPAQUE_MARKER, WHITEOUT_PREFIX, list_xattrs, set_xattr};
 
 /// The prefix of fuse-overlayfs's own extended attributes.
 const FUSE_XATTR_PREFIX: &[u8] = b"user.fuseoverlayfs.";
-/// How long a daemon may take to mount, and to exit once unmounted (a loaded machine).
+/// How long a daemon may take to mount (a loaded machine).
 const DAEMON_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a daemon may take to exit once unmounted before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(3);
 
 /// A running fuse-overlayfs and its mount point.
 pub(super) struct FuseMount {
@@ -91,6 +93,13 @@ impl FuseMount {
                 // The supervisor blocks the signals it waits for; the daemon handles its own.
                 let empty: libc::sigset_t = std::mem::zeroed();
                 libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                // Its own process group, deaf to the terminal's Ctrl-C and to SIGTERM/SIGHUP
+                // (libfuse only installs its handlers over the default disposition): it ends
+                // when the supervisor unmounts it, after the step, never under it.
+                libc::setpgid(0, 0);
+                for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                    libc::signal(signal, libc::SIG_IGN);
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -163,7 +172,8 @@ impl FuseMount {
             Ok(Some(status)) => Some(status),
             _ => None,
         };
-        if umount2(&self.mountpoint, MntFlags::empty()).is_err() {
+        let detached = umount2(&self.mountpoint, MntFlags::empty()).is_err();
+        if detached {
             let _ = umount2(&self.mountpoint, MntFlags::MNT_DETACH);
         }
         if let Some(status) = died_early {
@@ -172,6 +182,9 @@ impl FuseMount {
                 self.log_text()
             ));
         }
+        // Unmounted, the daemon exits at once. A mount only detached can stay alive while the
+        // kernel still holds files of the step's (a cancelled step): the daemon is then killed,
+        // which ends the mount for good.
         let started = Instant::now();
         loop {
             match child.try_wait() {
@@ -182,14 +195,15 @@ impl FuseMount {
                         self.log_text()
                     ));
                 }
-                Ok(None) if started.elapsed() < DAEMON_TIMEOUT => {
+                Ok(None) if started.elapsed() < EXIT_GRACE => {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
                     return Err(format!(
-                        "fuse-overlayfs did not exit after its unmount: {}",
+                        "fuse-overlayfs did not exit after its {} (killed): {}",
+                        if detached { "lazy unmount" } else { "unmount" },
                         self.log_text()
                     ));
                 }
