@@ -5,13 +5,16 @@
 //!
 //! The supervisor starts `fuse-overlayfs -f` (foreground: it stays the supervisor's child) in
 //! its own mount namespace, before the step's pid namespace exists, so the daemon is never
-//! PID 1 of the step and the step cannot see or signal it. It dies with the supervisor
-//! (`PR_SET_PDEATHSIG(SIGKILL)`); a killed daemon aborts its FUSE connection, and once the
-//! supervisor is gone no process is left in the mount namespace, so nothing of the mount
-//! survives either. Normally [`FuseMount::unmount`] unmounts (`umount2` in the namespace,
-//! where the supervisor holds `CAP_SYS_ADMIN`), waits for the daemon to exit, and fails the
-//! step if the daemon had died before (its mount then gave the step `ENOTCONN`, and the upper
-//! directory may be incomplete). [`Drop`] does the same on error paths.
+//! PID 1 of the step and the step cannot see or signal it. It has its own process group and
+//! ignores SIGINT, SIGTERM and SIGHUP (a terminal's Ctrl-C reaches the engine, which cancels
+//! through the supervisor). It dies with the supervisor (`PR_SET_PDEATHSIG(SIGKILL)`); a killed
+//! daemon aborts its FUSE connection, and once the supervisor is gone no process is left in the
+//! mount namespace, so nothing of the mount survives either. Normally [`FuseMount::unmount`]
+//! unmounts (`umount2` in the namespace, where the supervisor holds `CAP_SYS_ADMIN`), waits for
+//! the daemon to exit (killing it after [`EXIT_GRACE`]: a lazily detached mount can outlive a
+//! cancelled step's files), and fails the step if the daemon had died before (its mount then
+//! gave the step `ENOTCONN`, and the upper directory may be incomplete) or had to be killed.
+//! [`Drop`] does the same on error paths.
 //!
 //! # Its upper directory
 //!

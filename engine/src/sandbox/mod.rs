@@ -5,7 +5,7 @@
 //! ```text
 //! engine (threads: rayon, tokio)
 //!   └─ graphbuild __graphbuild-sandbox        the supervisor: single-threaded, PDEATHSIG=KILL
-//!        │  unshare(mount, pid, uts, ipc[, net]); overlay mounted on a private tmpfs
+//!        │  unshare(mount, uts, ipc[, net]); overlay mounted on a private tmpfs; unshare(pid)
 //!        └─ PID 1 of the new pid namespace   (moved into the step's pids cgroup first) own
 //!             └─ the command …               session and mount namespace: /proc (masked),
 //!                                            /dev, cache mounts, secrets; pivot_root;
@@ -54,6 +54,11 @@
 //! that user namespace. Two differences: overlayfs is mounted with `userxattr` (and
 //! `redirect_dir=nofollow`, which `userxattr` requires), and a single-id mapping denies
 //! `setgroups`, which PID 1 then skips (no group but 0 is mapped there).
+//!
+//! Where the kernel refuses overlayfs, the root is mounted with fuse-overlayfs instead
+//! ([`overlay`] chooses, once per build; `fuse.rs` runs the daemon and converts its upper
+//! directory to the kernel's form). The pid namespace is then unshared only after the mounts,
+//! just before PID 1 is forked, so the daemon stays outside it.
 //!
 //! # Lifetime
 //!

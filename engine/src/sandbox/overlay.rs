@@ -15,8 +15,8 @@
 //! # Whichever overlay, the same layers
 //!
 //! The sandbox converts fuse-overlayfs's upper directory to the kernel's form once the daemon
-//! has exited ([`super::fuse`]), so the layer written from it and the snapshot kept of it are the
-//! same bytes as with the kernel's overlayfs.
+//! has exited (`engine/src/sandbox/fuse.rs`), so the layer written from it and the snapshot
+//! kept of it are the same bytes as with the kernel's overlayfs.
 
 use std::path::{Path, PathBuf};
 
