@@ -181,6 +181,124 @@ fn rootless_checks(checks: &mut Vec<Check>) {
     ));
 }
 
+/// Which overlay steps mount their root with, and why: for this build (in a user namespace, a
+/// rootless build's), and, run as root, also for rootless builds on this machine.
+fn overlay_checks(
+    checks: &mut Vec<Check>,
+    store: &Path,
+    namespaces: bool,
+    code: Option<i32>,
+    probe: Option<&std::process::Output>,
+) {
+    use graphbuild_engine::sandbox::overlay::{self, Overlay, OverlayMode};
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    // Probed where upper directories live: the store's file system, when it exists.
+    let dir = if store.is_dir() {
+        store.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let mode = match OverlayMode::from_env() {
+        Ok(mode) => mode,
+        Err(message) => {
+            checks.push(check(
+                false,
+                true,
+                message,
+                Some(format!("unset {} or fix its value", overlay::OVERLAY_ENV)),
+            ));
+            OverlayMode::Auto
+        }
+    };
+    let userns = graphbuild_engine::rootless::in_user_namespace();
+    let describe = |selection: &overlay::Selection, who: &str| match (&selection.overlay, userns) {
+        (Overlay::Native, true) if !selection.fallback && mode == OverlayMode::Auto => format!(
+            "overlay: overlayfs mounts natively in the user namespace (kernel ≥ 5.11, \
+             userxattr): {who} use the kernel's overlayfs"
+        ),
+        _ => format!(
+            "overlay: {who} use {} ({})",
+            selection.overlay.describe(),
+            selection.reason
+        ),
+    };
+    let unavailable = |who: &str, unavailable: overlay::Unavailable, required: bool| {
+        check(
+            false,
+            required,
+            format!("overlay: {who} have none: {}", unavailable.problem),
+            Some(unavailable.fix),
+        )
+    };
+    if userns {
+        if namespaces {
+            checks.push(match overlay::select(mode, &exe, &dir, false) {
+                Ok(selection) => check(true, true, describe(&selection, "steps"), None),
+                Err(error) => unavailable("steps", error, true),
+            });
+        }
+        return;
+    }
+    // As root: root's own builds…
+    let available = std::fs::read_to_string("/proc/filesystems")
+        .is_ok_and(|filesystems| filesystems.contains("overlay"));
+    let mounts = code == Some(0);
+    if mode == OverlayMode::Auto || !namespaces {
+        checks.push(check(
+            available && (mounts || !namespaces),
+            true,
+            "overlayfs is available",
+            (!available || (namespaces && !mounts)).then(|| {
+                let said = probe
+                    .map(|output| String::from_utf8_lossy(&output.stderr).trim().to_string())
+                    .unwrap_or_default();
+                if available {
+                    format!(
+                        "the kernel refused an overlay mount: {said}; install `{}` to fall back \
+                         to it",
+                        overlay::FUSE_PACKAGE
+                    )
+                } else {
+                    format!(
+                        "load it with `modprobe overlay`, or install `{}` to fall back to it",
+                        overlay::FUSE_PACKAGE
+                    )
+                }
+            }),
+        ));
+    } else {
+        checks.push(match overlay::select(mode, &exe, &dir, false) {
+            Ok(selection) => check(true, true, describe(&selection, "builds as root"), None),
+            Err(error) => unavailable("builds as root", error, true),
+        });
+    }
+    // …and what an ordinary user's would get, probed in a user namespace of its own.
+    if namespaces {
+        checks.push(match overlay::select_for_rootless_users(&exe, &dir) {
+            Ok(selection) => {
+                let text = match &selection.overlay {
+                    Overlay::Native => format!(
+                        "overlay: rootless builds use the kernel's overlayfs (it mounts natively \
+                         in a user namespace here: kernel ≥ 5.11, userxattr){}",
+                        if mode == OverlayMode::Fuse {
+                            "; GRAPHBUILD_OVERLAY=fuse makes them use fuse-overlayfs"
+                        } else {
+                            ""
+                        }
+                    ),
+                    Overlay::Fuse { .. } => format!(
+                        "overlay: rootless builds use {} ({}), which is slower",
+                        selection.overlay.describe(),
+                        selection.reason.replace("here", "in a user namespace here")
+                    ),
+                };
+                check(true, false, text, None)
+            }
+            Err(error) => unavailable("rootless builds", error, false),
+        });
+    }
+}
+
 pub(crate) fn binfmt_dir() -> PathBuf {
     std::env::var_os("GRAPHBUILD_BINFMT_DIR")
         .map(PathBuf::from)
@@ -418,37 +536,7 @@ pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf
             )
         }),
     ));
-    let overlay = std::fs::read_to_string("/proc/filesystems")
-        .is_ok_and(|filesystems| filesystems.contains("overlay"));
-    let userns = graphbuild_engine::rootless::in_user_namespace();
-    let mounts = code == Some(0);
-    checks.push(check(
-        overlay && (mounts || !namespaces),
-        true,
-        if userns {
-            "overlayfs mounts natively in the user namespace (kernel ≥ 5.11, userxattr)"
-        } else {
-            "overlayfs is available"
-        },
-        (!overlay || (namespaces && !mounts)).then(|| {
-            let said = probe
-                .as_ref()
-                .map(|output| String::from_utf8_lossy(&output.stderr).trim().to_string())
-                .unwrap_or_default();
-            if !overlay {
-                "load it with `modprobe overlay`".to_string()
-            } else if userns {
-                format!(
-                    "the kernel refuses overlayfs in a user namespace here ({said}): it needs \
-                     Linux ≥ 5.11 and user xattrs on the store's filesystem (choose another \
-                     with --cache-dir); graphbuild has no fuse-overlayfs fallback yet, so \
-                     build as root"
-                )
-            } else {
-                format!("the kernel refused an overlay mount: {said}")
-            }
-        }),
-    ));
+    overlay_checks(&mut checks, &root, namespaces, code, probe.as_ref());
     containment_checks(&mut checks);
     let mounted = binfmt::binfmt_mounted(&dir);
     checks.push(check(

@@ -109,6 +109,7 @@ impl Scratch {
             lowerdirs,
             upperdir: self.upper(),
             overlay_workdir: self.dir.path().join("work"),
+            overlay: graphbuild_engine::sandbox::overlay::Overlay::Native,
             task: Task::Run(run),
         }
     }

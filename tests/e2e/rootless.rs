@@ -228,6 +228,17 @@ impl Scratch {
 
     /// The binary as the user, through runuser; `store` None leaves the default store.
     fn as_user(&self, args: &[&str], store: Option<&str>) -> Output {
+        self.as_user_with(args, store, &[])
+    }
+
+    /// [`Scratch::as_user`] with more environment variables (`NAME=value`).
+    fn as_user_with(&self, args: &[&str], store: Option<&str>, env: &[&str]) -> Output {
+        self.user_command(args, store, env)
+            .output()
+            .expect("runuser runs")
+    }
+
+    fn user_command(&self, args: &[&str], store: Option<&str>, env: &[&str]) -> Command {
         let mut command = Command::new("runuser");
         command
             .args(["-u", self.user, "--", "env", "-i"])
@@ -241,11 +252,11 @@ impl Scratch {
             ));
         }
         command
+            .args(env)
             .arg(self.path().join("graphbuild"))
             .args(args)
-            .current_dir(self.path())
-            .output()
-            .expect("runuser runs")
+            .current_dir(self.path());
+        command
     }
 }
 
@@ -1006,6 +1017,415 @@ fn sigterm_to_the_outer_process_cancels_the_namespaced_build() {
         .expect("pgrep");
     assert!(
         String::from_utf8_lossy(&leftover.stdout).trim().is_empty(),
+        "no step process is left"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// fuse-overlayfs (GRAPHBUILD_OVERLAY=fuse): what a kernel refusing overlayfs in a user
+// namespace falls back to, forced here on a kernel that does not refuse it.
+// ---------------------------------------------------------------------------------------------
+
+/// fuse-overlayfs installed and /dev/fuse open to every user (scripts/setup-host does both).
+fn fuse_ready() -> bool {
+    prerequisite(
+        ["/usr/bin/fuse-overlayfs", "/usr/local/bin/fuse-overlayfs"]
+            .iter()
+            .any(|path| Path::new(path).exists()),
+        "fuse-overlayfs is not installed: `apt-get install fuse-overlayfs` (scripts/setup-host)",
+    ) && prerequisite(
+        std::fs::metadata("/dev/fuse")
+            .is_ok_and(|metadata| metadata.permissions().mode() & 0o006 == 0o006),
+        "/dev/fuse is missing or not open to every user: `chmod 0666 /dev/fuse` (scripts/setup-host)",
+    )
+}
+
+const FUSE: &[&str] = &["GRAPHBUILD_OVERLAY=fuse"];
+/// fuse-overlayfs records deletions as `.wh.NAME` files instead of 0/0 devices.
+const FUSE_WH_FILES: &[&str] = &[
+    "GRAPHBUILD_OVERLAY=fuse",
+    "FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT=1",
+];
+
+#[test]
+fn fuse_overlayfs_builds_basic_for_three_platforms_bit_identical_to_root() {
+    if !ready() || !emulators() || !fuse_ready() {
+        return;
+    }
+    let scratch = Scratch::new(SUBID_USER);
+    scratch.example("basic");
+    let file = "examples/basic/images.kdl";
+    let root = scratch.as_root(&["run", file, "--progress", "plain", "--output", "out-root"]);
+    assert_ok(&root);
+    let fuse = scratch.as_user_with(
+        &["run", file, "--progress", "plain", "--output", "out-fuse"],
+        Some("store-fuse"),
+        FUSE,
+    );
+    assert_ok(&fuse);
+    let text = all_output(&fuse);
+    assert!(
+        text.contains("15 steps executed"),
+        "the fuse-overlayfs build ran every step:\n{text}"
+    );
+    assert_identical(
+        "examples/basic rootless on fuse-overlayfs (linux/amd64, linux/arm64, linux/arm/v7)",
+        &scratch.path().join("out-root/basic"),
+        &scratch.path().join("out-fuse/basic"),
+    );
+}
+
+/// [`OWNERS`] and [`DERIVED`] with their `ls -lnR` listings minus the link-count column: the
+/// kernel's overlayfs reports 1 link for a directory merged from several layers, fuse-overlayfs
+/// counts its subdirectories (docs/security.md, Rootless). The listing is made in /tmp first, so
+/// it never lists itself (with the time it was made). Everything else is as written.
+fn without_link_counts(build: &str) -> String {
+    let replaced = build
+        .replace(
+            "ls -lnR /srv /home /data > /listing.txt",
+            "ls -lnR /srv /home /data > /tmp/l && awk '{ $2 = 0; print }' /tmp/l > /listing.txt && rm /tmp/l",
+        )
+        .replace(
+            "ls -lnR /srv /home > /srv/listing.txt",
+            "ls -lnR /srv /home > /tmp/l && awk '{ $2 = 0; print }' /tmp/l > /srv/listing.txt && rm /tmp/l",
+        );
+    assert_eq!(
+        replaced.matches("awk").count(),
+        1,
+        "one listing step replaced"
+    );
+    replaced
+}
+
+/// Copy-ups fuse-overlayfs 1.10 gets wrong on its own: setuid and setgid files not owned by
+/// root, and a setgid directory, modified in a later step (their bits must survive).
+const COPY_UPS: &str = r#"platforms "linux/amd64"
+
+stage copyups {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    run "cp /bin/busybox /x && chown 1000:1000 /x && chmod 4755 /x && cp /bin/busybox /y && chown 0:50 /y && chmod 2755 /y && mkdir /sg && chown 0:50 /sg && chmod 2775 /sg && touch /sg/a"
+    run "touch -d 2001-01-01 /x /y && chmod u+w /x && echo b > /sg/a"
+}
+
+image copyups {
+    stage copyups
+    tags "localhost/copyups:1.0"
+}
+"#;
+
+#[test]
+fn fuse_overlayfs_many_owners_setuid_and_whiteouts_are_bit_identical_to_root() {
+    if !ready() || !fuse_ready() {
+        return;
+    }
+    let scratch = Scratch::new(SUBID_USER);
+    scratch.write("owners/files/data.txt", "data\n");
+    scratch.write("owners/images.kdl", &without_link_counts(OWNERS));
+    scratch.write("derived/images.kdl", &without_link_counts(DERIVED));
+    scratch.write("copyups/images.kdl", COPY_UPS);
+    let files = [
+        "owners/images.kdl",
+        "derived/images.kdl",
+        "copyups/images.kdl",
+    ];
+    for file in files {
+        let root = scratch.as_root(&["run", file, "--progress", "plain", "--output", "out-root"]);
+        assert_ok(&root);
+    }
+    for (env, store, what) in [
+        (FUSE, "store-fuse", "0/0 whiteout devices"),
+        (FUSE_WH_FILES, "store-fuse-wh", "`.wh.` whiteout files"),
+    ] {
+        let output = format!("out-{store}");
+        for file in files {
+            let built = scratch.as_user_with(
+                &["run", file, "--progress", "plain", "--output", &output],
+                Some(store),
+                env,
+            );
+            assert_ok(&built);
+        }
+        assert_identical(
+            &format!(
+                "owners on fuse-overlayfs with {what} (chown to 1000, 33, 2000:3000, 65534; \
+                 setuid, setgid, hard link, fifo, whiteouts, opaque dir, copy chown=, user 1000)"
+            ),
+            &scratch.path().join("out-root/owners"),
+            &scratch.path().join(&output).join("owners"),
+        );
+        assert_identical(
+            &format!("derived on fuse-overlayfs with {what} (a base image with many owners)"),
+            &scratch.path().join("out-root/derived"),
+            &scratch.path().join(&output).join("derived"),
+        );
+        assert_identical(
+            &format!("copy-ups of setuid/setgid entries on fuse-overlayfs with {what}"),
+            &scratch.path().join("out-root/copyups"),
+            &scratch.path().join(&output).join("copyups"),
+        );
+    }
+
+    // What fuse-overlayfs cannot do like the kernel (a new entry in a copied-up setgid
+    // directory gets the creator's group) is named in a notice.
+    scratch.write(
+        "setgid/images.kdl",
+        &COPY_UPS.replace("echo b > /sg/a\"", "echo b > /sg/a && ln -s /x /sg/link\""),
+    );
+    let built = scratch.as_user_with(
+        &[
+            "run",
+            "setgid/images.kdl",
+            "--progress",
+            "plain",
+            "--output",
+            "out-setgid",
+        ],
+        Some("store-fuse"),
+        FUSE,
+    );
+    assert_ok(&built);
+    let text = all_output(&built);
+    assert!(
+        text.contains(
+            "notice: fuse-overlayfs does not give entries created in a setgid directory its group \
+             (or setgid bit): /sg/link may differ"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn doctor_names_the_overlay_and_a_missing_fuse_overlayfs_is_an_environment_error() {
+    if !ready() || !fuse_ready() {
+        return;
+    }
+    let scratch = Scratch::new(SUBID_USER);
+    let forced = all_output(&scratch.as_user_with(&["doctor"], Some("store-rl"), FUSE));
+    assert!(
+        forced.contains("✓ overlay: steps use fuse-overlayfs (")
+            && forced.contains("(GRAPHBUILD_OVERLAY=fuse)"),
+        "{forced}"
+    );
+    let native = all_output(&scratch.as_user_with(
+        &["doctor"],
+        Some("store-rl"),
+        &["GRAPHBUILD_OVERLAY=native"],
+    ));
+    assert!(
+        native.contains("✓ overlay: steps use the kernel's overlayfs (GRAPHBUILD_OVERLAY=native)"),
+        "{native}"
+    );
+    // Unforced, the user's doctor probes; root's doctor probes in a user namespace of its own
+    // and must come to the same answer for rootless builds.
+    let auto = all_output(&scratch.as_user(&["doctor"], Some("store-rl")));
+    let as_root = all_output(&scratch.as_root(&["doctor"]));
+    let kernel = auto.contains("overlayfs mounts natively in the user namespace");
+    let fallback = auto.contains("✓ overlay: steps use fuse-overlayfs (");
+    assert!(
+        kernel != fallback,
+        "the user's doctor names one overlay:\n{auto}"
+    );
+    assert!(
+        as_root.contains(if kernel {
+            "✓ overlay: rootless builds use the kernel's overlayfs"
+        } else {
+            "✓ overlay: rootless builds use fuse-overlayfs"
+        }),
+        "root's doctor agrees with the user's:\n{as_root}\n---\n{auto}"
+    );
+
+    // Asked for and missing: exit 3, naming the package.
+    scratch.write(
+        "one/images.kdl",
+        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:../tests/fixtures/busybox:1.35.0\"\n    run \"true\"\n}\nimage s {\n    stage s\n    tags \"t:1\"\n}\n",
+    );
+    let missing = scratch.as_user_with(
+        &["run", "one/images.kdl", "--progress", "plain"],
+        Some("store-rl"),
+        &["GRAPHBUILD_OVERLAY=fuse", "PATH=/nonexistent"],
+    );
+    let text = all_output(&missing);
+    assert_eq!(missing.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("GRAPHBUILD_OVERLAY=fuse, but fuse-overlayfs is not installed")
+            && text.contains("apt-get install fuse-overlayfs"),
+        "{text}"
+    );
+    let bogus = scratch.as_user_with(
+        &["run", "one/images.kdl", "--progress", "plain"],
+        Some("store-rl"),
+        &["GRAPHBUILD_OVERLAY=fuse-overlayfs"],
+    );
+    let text = all_output(&bogus);
+    assert_eq!(bogus.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("`auto` (the default), `native` or `fuse`"),
+        "{text}"
+    );
+}
+
+/// fuse-overlayfs daemons and mounts whose paths are under `tmp` (the builds' TMPDIR, where
+/// sandboxes make their scratch directories), in any process or mount namespace.
+fn fuse_leftovers(tmp: &Path) -> Vec<String> {
+    let needle = tmp.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|byte| byte.is_ascii_digit()) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline"))
+            .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', " "))
+            .unwrap_or_default();
+        if cmdline.contains("fuse-overlayfs") && cmdline.contains(&needle) {
+            found.push(format!("process {pid}: {cmdline}"));
+        }
+        let mounts = std::fs::read_to_string(entry.path().join("mountinfo")).unwrap_or_default();
+        for line in mounts.lines() {
+            if line.contains("fuse") && line.contains(&needle) {
+                found.push(format!("mount seen by {pid}: {line}"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn fuse_overlayfs_leaves_no_mount_or_process_after_a_build_a_failed_step_or_sigterm() {
+    if !ready() || !fuse_ready() {
+        return;
+    }
+    let scratch = Scratch::new(SUBID_USER);
+    std::fs::create_dir_all(scratch.path().join("tmp")).expect("mkdir");
+    scratch.write(
+        "fuse/images.kdl",
+        r#"platforms "linux/amd64"
+
+stage ok {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    run "grep -q ' / / .* - fuse.fuse-overlayfs ' /proc/self/mountinfo && echo on-fuse > /on-fuse"
+}
+
+stage fails {
+    from ok
+    run "echo failing; exit 7"
+}
+
+stage slow {
+    from ok
+    run "echo started; sleep 302 & sleep 303"
+}
+
+image ok {
+    stage ok
+    tags "t:1"
+}
+
+image fails {
+    stage fails
+    tags "t:1"
+}
+
+image slow {
+    stage slow
+    tags "t:1"
+}
+"#,
+    );
+    let tmp = scratch.path().join("tmp");
+    let tmpdir = format!("TMPDIR={}", tmp.display());
+    let env = ["GRAPHBUILD_OVERLAY=fuse", tmpdir.as_str()];
+    let run = |image: &str, store: &str, env: &[&str]| {
+        scratch.as_user_with(
+            &["run", "fuse/images.kdl", image, "--progress", "plain"],
+            Some(store),
+            env,
+        )
+    };
+
+    // The step sees its root on fuse-overlayfs; on the kernel's overlayfs the same step fails.
+    let built = run("ok", "store-fuse", &env);
+    assert_ok(&built);
+    assert_eq!(fuse_leftovers(&tmp), Vec::<String>::new(), "after a build");
+    let native = run("ok", "store-native", &[tmpdir.as_str()]);
+    assert_eq!(native.status.code(), Some(1), "{}", all_output(&native));
+
+    let failed = run("fails", "store-fuse", &env);
+    let text = all_output(&failed);
+    assert_eq!(failed.status.code(), Some(1), "{text}");
+    assert!(text.contains("exit code 7"), "{text}");
+    assert_eq!(
+        fuse_leftovers(&tmp),
+        Vec::<String>::new(),
+        "after a failed step"
+    );
+
+    // SIGTERM to the outer process while a step runs on fuse-overlayfs.
+    let log = scratch.path().join("slow.log");
+    let mut child = scratch
+        .user_command(
+            &["run", "fuse/images.kdl", "slow", "--progress", "plain"],
+            Some("store-fuse"),
+            &env,
+        )
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&log)
+                .expect("log"),
+        )
+        .spawn()
+        .expect("runuser starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("started")
+    {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "the step never started:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let running = fuse_leftovers(&tmp);
+    if running.is_empty() {
+        let _ = child.kill();
+    }
+    assert!(
+        !running.is_empty(),
+        "while the step runs, its fuse-overlayfs daemon or mount is found"
+    );
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        .expect("children of runuser");
+    let outer: i32 = children
+        .split_whitespace()
+        .next()
+        .expect("graphbuild runs under runuser")
+        .parse()
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(outer),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let sent = std::time::Instant::now();
+    let status = child.wait().expect("wait");
+    assert!(!status.success());
+    assert!(
+        sent.elapsed() < std::time::Duration::from_secs(20),
+        "cancelled promptly, daemon included"
+    );
+    assert_eq!(fuse_leftovers(&tmp), Vec::<String>::new(), "after SIGTERM");
+    let sleeping = Command::new("pgrep")
+        .args(["-u", SUBID_USER, "-f", "sleep 30[23]"])
+        .output()
+        .expect("pgrep");
+    assert!(
+        String::from_utf8_lossy(&sleeping.stdout).trim().is_empty(),
         "no step process is left"
     );
 }

@@ -10,6 +10,7 @@ use graphbuild_engine::explain;
 use graphbuild_engine::layer::{Compression, LayerOptions};
 use graphbuild_engine::plan::Op;
 use graphbuild_engine::resolve::DefaultResolver;
+use graphbuild_engine::sandbox::overlay::OverlayMode;
 use graphbuild_engine::scheduler::CancelToken;
 use graphbuild_engine::store::Store;
 use graphbuild_lang::ir::Sources;
@@ -174,6 +175,7 @@ pub(super) struct BuildSettings {
     step_max_processes: Option<u32>,
     attest: graphbuild_engine::attest::AttestOptions,
     skip_tests: bool,
+    overlay: OverlayMode,
 }
 
 /// Build a loaded plan into `settings.output`; returns the report or an exit code.
@@ -220,6 +222,7 @@ pub(super) fn execute(
             ..settings.attest
         },
         skip_tests: settings.skip_tests,
+        overlay: settings.overlay,
     };
     let report = build::build(
         &loaded.plan,
@@ -352,6 +355,13 @@ pub(super) fn build_settings(
             return Err(ExitStatus::InvalidInput);
         }
     };
+    let overlay = match OverlayMode::from_env() {
+        Ok(overlay) => overlay,
+        Err(message) => {
+            render::error(&message, &[]);
+            return Err(ExitStatus::InvalidInput);
+        }
+    };
     let attest = match attest_options(inputs, &secrets) {
         Ok(attest) => attest,
         Err(message) => {
@@ -378,6 +388,7 @@ pub(super) fn build_settings(
         step_timeout_ms: inputs.step_timeout,
         step_max_processes: (inputs.step_max_processes > 0).then_some(inputs.step_max_processes),
         skip_tests: false,
+        overlay,
     })
 }
 

@@ -12,6 +12,7 @@ use crate::events::{Event, StepStatus};
 use crate::key::KeyBuilder;
 use crate::layer::{self};
 use crate::plan::{Base, CopySource, Node, Op, RunOp};
+use crate::sandbox::overlay::{self, Selection, Unavailable};
 use crate::sandbox::{self, CopyTask, CopyTaskSource, NetworkMode, RunTask, SandboxSpec, Task};
 use crate::state::{HistoryEntry, LayerDesc, StepRecord};
 use crate::unpack;
@@ -348,10 +349,15 @@ impl Executor<'_> {
             }
             Op::Config(_) => return Ok(None),
         };
+        let overlay = self
+            .overlay()
+            .map_err(|unavailable| fail(unavailable.to_string().into()))?
+            .overlay;
         let spec = SandboxSpec {
             lowerdirs,
             upperdir: upperdir.clone(),
             overlay_workdir,
+            overlay,
             task,
         };
         let node_id = node.id;
@@ -361,11 +367,7 @@ impl Executor<'_> {
                 line: format!("[graphbuild] warning: {INSECURE_WARNING}"),
             });
         }
-        // GRAPHBUILD_SANDBOX_EXE runs sandboxes with another binary (tests use it to prove a
-        // build needs none).
-        let sandbox_exe = std::env::var_os("GRAPHBUILD_SANDBOX_EXE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| self.options.sandbox_exe.clone());
+        let sandbox_exe = self.sandbox_exe();
         let outcome = sandbox::run_sandbox(&sandbox_exe, &spec, &mut |line: &str| {
             self.events.emit(Event::Output {
                 node: node_id,
@@ -428,6 +430,38 @@ impl Executor<'_> {
         // Both digests were computed here, from the tar written: a verified pair.
         let _ = self.store.record_verified_layer(&layer);
         Ok(Some(layer))
+    }
+
+    /// The overlay of this build's sandboxes: the first call chooses it (probing the kernel's
+    /// overlayfs in the store's scratch area when the mode is `auto`) and warns when it falls
+    /// back to fuse-overlayfs.
+    pub(super) fn overlay(&self) -> Result<Selection, Unavailable> {
+        self.overlay
+            .get_or_init(|| {
+                // The store's scratch area: on the file system of the upper directories.
+                let scratch = self.store.temp_dir();
+                let dir = match &scratch {
+                    Ok(scratch) => scratch.path().to_path_buf(),
+                    Err(_) => std::env::temp_dir(),
+                };
+                let selection =
+                    overlay::select(self.options.overlay, &self.sandbox_exe(), &dir, false)?;
+                if selection.fallback {
+                    self.events.emit(Event::Warning {
+                        message: selection.fallback_warning(),
+                    });
+                }
+                Ok(selection)
+            })
+            .clone()
+    }
+
+    /// The binary re-executed for sandboxes. GRAPHBUILD_SANDBOX_EXE runs them with another
+    /// one (tests use it to prove a build needs none).
+    pub(super) fn sandbox_exe(&self) -> PathBuf {
+        std::env::var_os("GRAPHBUILD_SANDBOX_EXE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.options.sandbox_exe.clone())
     }
 
     /// Keep a step's upper directory as the snapshot of its layer, instead of deleting it and

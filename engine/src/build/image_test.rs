@@ -188,15 +188,18 @@ impl Executor<'_> {
             insecure: false,
             separate_stderr: true,
         };
+        let overlay = self
+            .overlay()
+            .map_err(|unavailable| fail(unavailable.to_string()))?
+            .overlay;
         let spec = SandboxSpec {
             lowerdirs,
             upperdir,
             overlay_workdir,
+            overlay,
             task: Task::Run(task),
         };
-        let sandbox_exe = std::env::var_os("GRAPHBUILD_SANDBOX_EXE")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| self.options.sandbox_exe.clone());
+        let sandbox_exe = self.sandbox_exe();
         let mut output = Captured::default();
         let outcome = sandbox::run_sandbox_streams(&sandbox_exe, &spec, &mut |stream, line| {
             output.push(stream, line);

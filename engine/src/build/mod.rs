@@ -42,7 +42,7 @@
 
 mod attest;
 mod cache;
-mod direct_copy;
+pub(crate) mod direct_copy;
 mod error;
 mod execute;
 mod export;
@@ -62,6 +62,7 @@ use crate::layer::LayerOptions;
 use crate::plan::{Node, Op, Plan};
 use crate::remote::RemoteCache;
 use crate::resolve::Resolver;
+use crate::sandbox::overlay::{OverlayMode, Selection, Unavailable};
 use crate::scheduler::{self, CancelToken};
 use crate::state::{HistoryEntry, LayerDesc};
 use crate::store::Store;
@@ -96,6 +97,9 @@ pub struct BuildOptions {
     pub attest: crate::attest::AttestOptions,
     /// `--skip-tests`: image tests neither run nor block the build.
     pub skip_tests: bool,
+    /// `GRAPHBUILD_OVERLAY`: the kernel's overlayfs, fuse-overlayfs, or whichever mounts
+    /// (chosen once per build, see [`crate::sandbox::overlay`]).
+    pub overlay: OverlayMode,
 }
 
 /// Shown for each `insecure=#true` step, by `graphbuild plan` and in the step's output.
@@ -185,6 +189,8 @@ struct Executor<'a> {
     /// Bytes of file content unpacked into new snapshots by this build, against
     /// [`unpack::max_build_unpack`].
     unpacked: std::sync::atomic::AtomicU64,
+    /// The overlay sandboxes mount, chosen the first time one is needed.
+    overlay: std::sync::OnceLock<Result<Selection, Unavailable>>,
 }
 
 /// A job of the build's graph: a node, or an image test that runs after its image's node.
@@ -282,6 +288,7 @@ fn build_once(
         forged_layers: Mutex::new(std::collections::HashSet::new()),
         healed: std::sync::atomic::AtomicBool::new(false),
         unpacked: std::sync::atomic::AtomicU64::new(0),
+        overlay: std::sync::OnceLock::new(),
     };
     let healed = || executor.healed.load(std::sync::atomic::Ordering::Relaxed);
 
@@ -372,7 +379,21 @@ fn build_once(
                 test_platforms.push(test.platform.clone());
             }
         }
-        if let Err(message) = preflight(&executing, &test_platforms) {
+        // A build whose steps or tests run needs an overlay: choosing it can fail as an
+        // environment problem (no overlay at all), before anything executes.
+        let runs = !testing.is_empty()
+            || executing
+                .iter()
+                .any(|node| node.steps.iter().any(|step| matches!(step.op, Op::Run(_))));
+        let overlay = if runs {
+            executor
+                .overlay()
+                .err()
+                .map(|unavailable| unavailable.to_string())
+        } else {
+            None
+        };
+        if let Some(message) = preflight(&executing, &test_platforms).err().or(overlay) {
             let report = BuildReport {
                 environment_error: Some(message),
                 images: Vec::new(),

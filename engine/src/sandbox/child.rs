@@ -25,7 +25,9 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 
 use super::confine;
 use super::copy_task::copy_in_sandbox;
+use super::fuse::FuseMount;
 use super::limits::{self, StepCgroup};
+use super::overlay::Overlay;
 use super::user::resolve_user;
 use super::{
     ChildReport, ChildRequest, DEFAULT_PATH, ExitStatusKind, NetworkMode, RunTask, SandboxSpec,
@@ -141,10 +143,9 @@ fn supervise() -> Result<ChildReport, Failure> {
         serde_json::from_slice(&request).map_err(step("parse the sandbox request"))?;
     redirect_to_dev_null(0).map_err(step("redirect stdin"))?;
 
-    let mut flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC;
+    // The pid namespace comes later, just before PID 1 is forked: a fuse-overlayfs daemon
+    // started before must stay out of it (it would become its PID 1).
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
     if let Task::Run(run) = &request.spec.task
         && run.network == NetworkMode::None
     {
@@ -172,10 +173,15 @@ fn supervise() -> Result<ChildReport, Failure> {
     let layout = ScratchLayout::create(scratch, &request.spec)?;
 
     match &request.spec.task {
+        Task::ProbeOverlay => {
+            let root = layout.mount_overlay(&request.spec)?;
+            root.unmount(&request.spec)?;
+            Ok(ChildReport::Probed)
+        }
         Task::Copy(task) => {
-            layout.mount_overlay(&request.spec)?;
+            let root = layout.mount_overlay(&request.spec)?;
             let result = copy_in_sandbox(&layout.root, task);
-            unmount_root(&layout.root);
+            root.unmount(&request.spec)?;
             Ok(match result {
                 Ok(()) => ChildReport::CopyDone,
                 Err(error) => ChildReport::CopyFailed {
@@ -187,7 +193,7 @@ fn supervise() -> Result<ChildReport, Failure> {
         Task::Run(run) => {
             let targets = mount_targets(run);
             let resolved = layout.resolve_targets(&request.spec, &targets)?;
-            layout.mount_overlay(&request.spec)?;
+            let root = layout.mount_overlay(&request.spec)?;
             let hostname = if run.hostname.is_empty() {
                 "graphbuild"
             } else {
@@ -206,8 +212,9 @@ fn supervise() -> Result<ChildReport, Failure> {
                     }
                 }
             });
+            unshare(CloneFlags::CLONE_NEWPID).map_err(step("unshare the pid namespace"))?;
             let report = run_pid1(&layout.root, run, &resolved, cgroup.as_ref())?;
-            unmount_root(&layout.root);
+            root.unmount(&request.spec)?;
             drop(cgroup);
             Ok(report)
         }
@@ -234,6 +241,59 @@ fn redirect_to_dev_null(fd: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The step's merged root, mounted; unmounted on drop when [`RootMount::unmount`] was not
+/// reached (a failed setup step).
+struct RootMount {
+    path: PathBuf,
+    fuse: Option<FuseMount>,
+    /// fuse-overlayfs's lower layers, top-most first (the synthetic layer, then the image's).
+    lowers: Vec<PathBuf>,
+    mounted: bool,
+}
+
+impl RootMount {
+    /// Unmounts, and for fuse-overlayfs waits for its daemon and converts the upper directory
+    /// to the kernel's form ([`super::fuse`]).
+    fn unmount(mut self, spec: &SandboxSpec) -> Result<(), Failure> {
+        self.mounted = false;
+        match self.fuse.take() {
+            Some(fuse) => {
+                fuse.unmount()
+                    .map_err(step("unmount the root filesystem (fuse-overlayfs)"))?;
+                let unlike =
+                    super::fuse::convert_upper(&spec.upperdir, &self.lowers, opaque_xattr())
+                        .map_err(step("convert fuse-overlayfs's upper directory"))?;
+                if let Some(first) = unlike.first() {
+                    notice(format!(
+                        "fuse-overlayfs does not give entries created in a setgid directory its \
+                         group (or setgid bit): {first}{} may differ from a build on the kernel's \
+                         overlayfs (docs/security.md, Rootless)",
+                        if unlike.len() > 1 {
+                            format!(" and {} more", unlike.len() - 1)
+                        } else {
+                            String::new()
+                        }
+                    ));
+                }
+                Ok(())
+            }
+            None => {
+                unmount_root(&self.path);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for RootMount {
+    fn drop(&mut self) {
+        // A fuse-overlayfs mount ends with its daemon (FuseMount's own drop).
+        if self.mounted && self.fuse.take().is_none() {
+            unmount_root(&self.path);
+        }
+    }
+}
+
 fn unmount_root(root: &Path) {
     // Synchronous when nothing uses it any more (PID 1 and its namespace are gone), so the
     // upper directory is complete and free when the engine reads it.
@@ -242,9 +302,20 @@ fn unmount_root(root: &Path) {
     }
 }
 
+/// The attribute that marks an opaque directory for the kernel's overlayfs here.
+fn opaque_xattr() -> &'static [u8] {
+    if crate::rootless::in_user_namespace() {
+        b"user.overlay.opaque"
+    } else {
+        b"trusted.overlay.opaque"
+    }
+}
+
 /// Directories on the private tmpfs, which is also the working directory while mounting,
 /// so overlay options can use short relative paths.
 struct ScratchLayout {
+    /// The private tmpfs itself (fuse-overlayfs runs there and logs there).
+    scratch: PathBuf,
     /// `scratch/synthetic`: the top-most lower layer with the sandbox's mount points.
     synthetic: PathBuf,
     /// `scratch/empty`: an empty layer.
@@ -258,6 +329,7 @@ struct ScratchLayout {
 impl ScratchLayout {
     fn create(scratch: &Path, spec: &SandboxSpec) -> Result<ScratchLayout, Failure> {
         let layout = ScratchLayout {
+            scratch: scratch.to_path_buf(),
             synthetic: scratch.join("synthetic"),
             empty: scratch.join("empty"),
             probe: scratch.join("probe"),
@@ -317,8 +389,22 @@ impl ScratchLayout {
             layers.push("u".to_string());
         }
         layers.extend(Self::lower_links(spec));
+        let mut fuse_view = None;
         let view: &Path = if layers.is_empty() {
             &self.empty
+        } else if let Overlay::Fuse { program } = &spec.overlay {
+            let options = format!("lowerdir={}", layers.join(":"));
+            fuse_view = Some(
+                FuseMount::mount(
+                    program,
+                    &options,
+                    &self.probe,
+                    &self.scratch,
+                    self.scratch.join("fuse-probe.log"),
+                )
+                .map_err(step("mount the layers read-only (fuse-overlayfs)"))?,
+            );
+            &self.probe
         } else {
             layers.push("empty".to_string());
             let options = format!("lowerdir={}{}", layers.join(":"), userxattr());
@@ -334,8 +420,14 @@ impl ScratchLayout {
         };
 
         let result = self.fill_synthetic(view, targets);
-        if view == self.probe {
-            let _ = umount2(&self.probe, MntFlags::MNT_DETACH);
+        match fuse_view {
+            Some(fuse) => fuse
+                .unmount()
+                .map_err(step("unmount the layers (fuse-overlayfs)"))?,
+            None if view == self.probe => {
+                let _ = umount2(&self.probe, MntFlags::MNT_DETACH);
+            }
+            None => {}
         }
         result
     }
@@ -412,9 +504,40 @@ impl ScratchLayout {
         Ok(resolved_targets)
     }
 
-    fn mount_overlay(&self, spec: &SandboxSpec) -> Result<(), Failure> {
+    fn mount_overlay(&self, spec: &SandboxSpec) -> Result<RootMount, Failure> {
         let mut lowers = vec!["synthetic".to_string()];
         lowers.extend(Self::lower_links(spec));
+        if let Overlay::Fuse { program } = &spec.overlay {
+            // The same layers; fuse-overlayfs has no index, redirects or metadata-only
+            // copy-ups to turn off. `nodev` as below.
+            let options = format!("lowerdir={},upperdir=u,workdir=w,nodev", lowers.join(":"));
+            let fuse = FuseMount::mount(
+                program,
+                &options,
+                &self.root,
+                &self.scratch,
+                self.scratch.join("fuse-root.log"),
+            )
+            .map_err(|message| {
+                Failure::new(
+                    "mount the root filesystem (fuse-overlayfs)",
+                    format!(
+                        "{message} (upper {}, work {}, {} lower layers)",
+                        spec.upperdir.display(),
+                        spec.overlay_workdir.display(),
+                        spec.lowerdirs.len()
+                    ),
+                )
+            })?;
+            return Ok(RootMount {
+                path: self.root.clone(),
+                fuse: Some(fuse),
+                lowers: std::iter::once(self.synthetic.clone())
+                    .chain(spec.lowerdirs.iter().cloned())
+                    .collect(),
+                mounted: true,
+            });
+        }
         // Layers must stay portable: no index, no redirects, no metadata-only copy-ups.
         // In a user namespace `redirect_dir=off` (create none, follow) conflicts with
         // `userxattr`; `nofollow` creates none either.
@@ -438,7 +561,7 @@ impl ScratchLayout {
         )
         .map_err(|error| {
             Failure::new(
-                "mount the root filesystem (overlayfs)",
+                super::MOUNT_ROOT_STEP,
                 format!(
                     "{error} (upper {}, work {}, {} lower layers)",
                     spec.upperdir.display(),
@@ -447,7 +570,12 @@ impl ScratchLayout {
                 ),
             )
         })?;
-        Ok(())
+        Ok(RootMount {
+            path: self.root.clone(),
+            fuse: None,
+            lowers: Vec::new(),
+            mounted: true,
+        })
     }
 }
 

@@ -5,7 +5,7 @@
 //! ```text
 //! engine (threads: rayon, tokio)
 //!   └─ graphbuild __graphbuild-sandbox        the supervisor: single-threaded, PDEATHSIG=KILL
-//!        │  unshare(mount, pid, uts, ipc[, net]); overlay mounted on a private tmpfs
+//!        │  unshare(mount, uts, ipc[, net]); overlay mounted on a private tmpfs; unshare(pid)
 //!        └─ PID 1 of the new pid namespace   (moved into the step's pids cgroup first) own
 //!             └─ the command …               session and mount namespace: /proc (masked),
 //!                                            /dev, cache mounts, secrets; pivot_root;
@@ -55,6 +55,11 @@
 //! `redirect_dir=nofollow`, which `userxattr` requires), and a single-id mapping denies
 //! `setgroups`, which PID 1 then skips (no group but 0 is mapped there).
 //!
+//! Where the kernel refuses overlayfs, the root is mounted with fuse-overlayfs instead
+//! ([`overlay`] chooses, once per build; `fuse.rs` runs the daemon and converts its upper
+//! directory to the kernel's form). The pid namespace is then unshared only after the mounts,
+//! just before PID 1 is forked, so the daemon stays outside it.
+//!
 //! # Lifetime
 //!
 //! The supervisor dies with the engine (`PR_SET_PDEATHSIG(SIGKILL)`, set before exec), PID 1
@@ -69,7 +74,9 @@
 mod child;
 pub mod confine;
 mod copy_task;
+mod fuse;
 pub mod limits;
+pub mod overlay;
 mod user;
 
 use std::collections::VecDeque;
@@ -101,6 +108,10 @@ pub struct SandboxSpec {
     pub upperdir: PathBuf,
     /// overlayfs work directory: empty, on the same filesystem as `upperdir`.
     pub overlay_workdir: PathBuf,
+    /// The kernel's overlayfs or fuse-overlayfs ([`overlay`]); the upper directory is in the
+    /// kernel's form either way.
+    #[serde(default)]
+    pub overlay: overlay::Overlay,
     pub task: Task,
 }
 
@@ -112,7 +123,12 @@ pub enum Task {
     Run(RunTask),
     /// Perform a `copy` on the merged root.
     Copy(CopyTask),
+    /// Mount the root and unmount it: can this overlay be mounted here ([`overlay::probe_native`])?
+    ProbeOverlay,
 }
+
+/// The setup step whose failure means the kernel refused the root's overlay mount.
+const MOUNT_ROOT_STEP: &str = "mount the root filesystem (overlayfs)";
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct RunTask {
@@ -329,6 +345,8 @@ struct ChildRequest {
 enum ChildReport {
     Finished(ExitStatusKind),
     CopyDone,
+    /// [`Task::ProbeOverlay`] mounted the root.
+    Probed,
     CopyFailed {
         message: String,
         #[serde(default)]
@@ -355,7 +373,7 @@ pub fn run_sandbox(
     spec: &SandboxSpec,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<SandboxOutcome, SandboxError> {
-    run_sandbox_streams(exe, spec, &mut |_, line| on_line(line))
+    run_sandbox_in(exe, spec, &mut |_, line| on_line(line), false)
 }
 
 /// [`run_sandbox`], saying which stream each line came from: with
@@ -366,6 +384,17 @@ pub fn run_sandbox_streams(
     exe: &Path,
     spec: &SandboxSpec,
     on_line: &mut dyn FnMut(Stream, &str),
+) -> Result<SandboxOutcome, SandboxError> {
+    run_sandbox_in(exe, spec, on_line, false)
+}
+
+/// [`run_sandbox_streams`]; with `fresh_user_namespace`, the child starts in a user namespace
+/// of its own mapping only this process's uid and gid (to 0), as a rootless build's would.
+fn run_sandbox_in(
+    exe: &Path,
+    spec: &SandboxSpec,
+    on_line: &mut dyn FnMut(Stream, &str),
+    fresh_user_namespace: bool,
 ) -> Result<SandboxOutcome, SandboxError> {
     validate(spec)?;
     let separate_stderr = matches!(&spec.task, Task::Run(run) if run.separate_stderr);
@@ -397,6 +426,13 @@ pub fn run_sandbox_streams(
     })?;
 
     let engine_pid = std::process::id();
+    // Prepared before fork: the closure below must not allocate.
+    let maps = fresh_user_namespace.then(|| {
+        (
+            format!("0 {} 1\n", nix::unistd::geteuid().as_raw()),
+            format!("0 {} 1\n", nix::unistd::getegid().as_raw()),
+        )
+    });
     let mut command = Command::new(exe);
     command
         .arg(SANDBOX_ARG)
@@ -421,6 +457,26 @@ pub fn run_sandbox_streams(
                 }
                 if libc::fcntl(STDERR_FD, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some((uid_map, gid_map)) = &maps {
+                if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for (file, text) in [
+                    (c"/proc/self/setgroups", "deny".as_bytes()),
+                    (c"/proc/self/uid_map", uid_map.as_bytes()),
+                    (c"/proc/self/gid_map", gid_map.as_bytes()),
+                ] {
+                    let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, text.as_ptr().cast(), text.len());
+                    libc::close(fd);
+                    if written != text.len() as isize {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
             }
             Ok(())
@@ -495,7 +551,7 @@ pub fn run_sandbox_streams(
     let tail: Vec<String> = tail.into();
     match last_report {
         Some(ChildReport::Finished(status)) => Ok(SandboxOutcome { status, tail }),
-        Some(ChildReport::CopyDone) => Ok(SandboxOutcome {
+        Some(ChildReport::CopyDone | ChildReport::Probed) => Ok(SandboxOutcome {
             status: ExitStatusKind::Exited(0),
             tail,
         }),
@@ -777,6 +833,7 @@ mod tests {
             lowerdirs: vec![],
             upperdir: PathBuf::from("/tmp/upper"),
             overlay_workdir: PathBuf::from("/tmp/work"),
+            overlay: overlay::Overlay::Native,
             task: Task::Run(RunTask {
                 argv: vec![],
                 env: vec![],
