@@ -268,7 +268,7 @@ pub(super) fn remote_options(
                 render::error(
                     &error.to_string(),
                     &[help.as_deref().unwrap_or(
-                        "write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE",
+                        "write the cache URL as http://HOST:PORT[/INSTANCE] or grpc://HOST:PORT[/INSTANCE]",
                     )],
                 );
                 ExitStatus::InvalidInput

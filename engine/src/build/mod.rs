@@ -105,6 +105,13 @@ pub fn open_cache(
     token: Option<String>,
     cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<Arc<dyn RemoteCache>, crate::remote::RemoteError> {
+    if url.starts_with("grpc://") || url.starts_with("grpcs://") {
+        let mut cache = crate::reapi::ReapiCache::new(url, token)?;
+        if let Some(flag) = cancel {
+            cache = cache.with_cancel(flag);
+        }
+        return Ok(Arc::new(cache));
+    }
     let mut cache = crate::remote::HttpCache::new(url, token)?;
     if let Some(flag) = cancel {
         cache = cache.with_cancel(flag);

@@ -89,7 +89,7 @@ impl HttpCache {
         let rest = url
             .strip_prefix("http://")
             .or_else(|| url.strip_prefix("https://"))
-            .ok_or_else(|| invalid("the scheme must be http:// or https://"))?;
+            .ok_or_else(|| invalid("the scheme must be http://, https://, grpc:// or grpcs://"))?;
         let authority = rest.split('/').next().unwrap_or("");
         if authority.is_empty() {
             return Err(invalid("the host is missing"));

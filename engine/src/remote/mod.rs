@@ -7,6 +7,8 @@
 //!
 //! - `http://`, `https://`: [`http::HttpCache`], bazel-remote's HTTP protocol, which
 //!   `graphbuild cache serve` speaks.
+//! - `grpc://`, `grpcs://`: `crate::reapi::ReapiCache`, the Remote Execution API v2 (BuildGrid,
+//!   Buildbarn, BuildBuddy, NativeLink…); docs/remote.md.
 //!
 //! # Rules every client keeps
 //!
@@ -346,7 +348,7 @@ pub enum RemoteError {
     #[diagnostic(
         code(graphbuild::remote::url),
         help(
-            "use http://HOST:PORT or http://HOST:PORT/INSTANCE; pass a token with GRAPHBUILD_CACHE_TOKEN"
+            "use http(s)://HOST:PORT[/INSTANCE] for a graphbuild or bazel-remote cache, grpc(s)://HOST:PORT[/INSTANCE] for an REAPI cache; pass a token with GRAPHBUILD_CACHE_TOKEN"
         )
     )]
     InvalidUrl { url: String, reason: &'static str },
@@ -422,6 +424,38 @@ pub enum RemoteError {
         expected: u64,
         actual: String,
     },
+
+    #[error("the remote cache refused {method} on {url}: {code} ({message})")]
+    #[diagnostic(
+        code(graphbuild::remote::refused),
+        help(
+            "check GRAPHBUILD_CACHE_TOKEN: it is sent as `authorization: Bearer TOKEN`, and writing needs a token allowed to write"
+        )
+    )]
+    Refused {
+        method: &'static str,
+        url: String,
+        code: &'static str,
+        message: String,
+    },
+
+    #[error("the remote cache answered {method} on {url} with {code}: {message}")]
+    #[diagnostic(code(graphbuild::remote::rpc))]
+    Rpc {
+        method: &'static str,
+        url: String,
+        code: &'static str,
+        message: String,
+    },
+
+    #[error("the remote cache {url} cannot serve graphbuild: {reason}")]
+    #[diagnostic(
+        code(graphbuild::remote::unsupported),
+        help(
+            "graphbuild needs an REAPI v2 cache with SHA-256 digests and an action cache (docs/remote.md)"
+        )
+    )]
+    Unsupported { url: String, reason: String },
 
     #[error("the remote action entry {key} is not usable: {reason}")]
     #[diagnostic(
