@@ -199,12 +199,12 @@ impl ReapiCache {
                 "the instance name must be visible ASCII segments, none empty and none of blobs, uploads, actions, actionResults, operations, capabilities",
             ));
         }
-        let host_has_port = match authority.rsplit_once(':') {
-            Some((host, port)) => {
-                !(host.starts_with('[') && !host.ends_with(']')) && !port.contains(']')
-            }
-            None => false,
+        // After an IPv6 literal's brackets, or in a host name, a colon starts the port.
+        let after_host = match authority.strip_prefix('[') {
+            Some(rest) => rest.split_once(']').map_or("", |(_, after)| after),
+            None => authority,
         };
+        let host_has_port = after_host.contains(':');
         let authority = match (host_has_port, tls) {
             (true, _) => authority.to_string(),
             (false, true) => format!("{authority}:443"),

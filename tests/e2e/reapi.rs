@@ -17,6 +17,12 @@ use graphbuild_engine::remote::{ActionResult, RemoteCache};
 /// The BuildGrid of this test binary.
 struct BuildGrid {
     port: u16,
+    /// A TLS listener of the same server, for `grpcs://localhost:PORT`.
+    tls_port: u16,
+    /// The private CA that signed the TLS listener's certificate (PEM).
+    ca: PathBuf,
+    /// The script serving it, which stops it when this process exits.
+    _script: std::process::Child,
     /// Its data directory: `cas/` holds the CAS blobs on disk, `server.log` its output.
     data: PathBuf,
 }
@@ -69,11 +75,15 @@ fn start_buildgrid() -> Option<BuildGrid> {
         .tempdir()
         .expect("temp dir")
         .keep();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port()
+    };
+    let (port, tls_port) = (free_port(), free_port());
+    let (ca, cert, key) = private_ca(&data.join("tls"));
     let log = std::fs::File::create(data.join("server.log")).expect("log file");
     // The script stops BuildGrid when this process exits.
     let mut child = Command::new(&script)
@@ -81,6 +91,9 @@ fn start_buildgrid() -> Option<BuildGrid> {
         .arg(&data)
         .arg(port.to_string())
         .arg(std::process::id().to_string())
+        .env("GRAPHBUILD_BUILDGRID_TLS_PORT", tls_port.to_string())
+        .env("GRAPHBUILD_BUILDGRID_TLS_CERT", &cert)
+        .env("GRAPHBUILD_BUILDGRID_TLS_KEY", &key)
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
@@ -88,8 +101,16 @@ fn start_buildgrid() -> Option<BuildGrid> {
         .expect("scripts/buildgrid serve starts");
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(180) {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some(BuildGrid { port, data });
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
+        {
+            return Some(BuildGrid {
+                port,
+                tls_port,
+                ca,
+                _script: child,
+                data,
+            });
         }
         if let Ok(Some(status)) = child.try_wait() {
             let log = std::fs::read_to_string(data.join("server.log")).unwrap_or_default();
@@ -98,10 +119,43 @@ fn start_buildgrid() -> Option<BuildGrid> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let _ = child.kill();
+    let _ = child.wait();
     let log = std::fs::read_to_string(data.join("server.log")).unwrap_or_default();
     unavailable(format!(
         "BuildGrid did not listen on 127.0.0.1:{port} within 180 s:\n{log}"
     ))
+}
+
+/// A CA and a server certificate for `localhost` signed by it, with openssl: (ca, cert, key).
+fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    require_tool("openssl");
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext file");
+    for args in [
+        "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=graphbuild-test-ca",
+        "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost",
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext",
+    ] {
+        let output = Command::new("openssl")
+            .args(args.split(' '))
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            output.status.success(),
+            "openssl {args}: {}",
+            stderr(&output)
+        );
+    }
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }
 
 /// BuildGrid, started on first use by any test of this binary.
@@ -497,6 +551,83 @@ fn a_down_or_silent_reapi_cache_warns_once_fast_and_fails_when_required() {
     assert_eq!(found.len(), 1, "one warning: {found:?}");
     assert!(found[0].contains(&silent_url), "{}", found[0]);
     drop(holder);
+}
+
+/// `graphbuild run` with extra environment variables.
+fn run_with_env(
+    sandbox: &Sandbox,
+    file: &str,
+    store: &str,
+    output: &str,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+) -> Output {
+    let mut command = Command::new(bin());
+    command
+        .args(["run", file, "--output", output, "--progress", "json"])
+        .args(extra)
+        .current_dir(sandbox.path())
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join(store))
+        .env("NO_COLOR", "1")
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("graphbuild runs")
+}
+
+#[test]
+fn grpcs_trusts_a_private_ca_named_by_ssl_cert_file_and_refuses_an_unknown_one() {
+    let Some(grid) = buildgrid() else { return };
+    let sandbox = Sandbox::new();
+    let file = sandbox.write(
+        "tls/images.kdl",
+        "platforms \"linux/amd64\"\nstage app {\n    from \"oci:../tests/fixtures/busybox:1.35.0\"\n    run \"echo over tls > /tls\"\n}\nimage app { stage app; }\n",
+    );
+    let file = file.to_str().unwrap().to_string();
+    let url = format!("grpcs://localhost:{}", grid.tls_port);
+
+    // The CA is unknown to the system and to webpki's roots: the handshake fails, one warning.
+    let untrusted = run_with_env(
+        &sandbox,
+        &file,
+        "store-u",
+        "out-u",
+        &["--cache-to", &url],
+        &[],
+    );
+    assert_success(&untrusted);
+    let found = warnings(&untrusted);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains(&url), "{}", found[0]);
+
+    let trust = [("SSL_CERT_FILE", grid.ca.as_path())];
+    let first = run_with_env(
+        &sandbox,
+        &file,
+        "store-a",
+        "out-a",
+        &["--cache-to", &url],
+        &trust,
+    );
+    assert_success(&first);
+    assert!(warnings(&first).is_empty(), "{:?}", warnings(&first));
+    let second = run_with_env(
+        &sandbox,
+        &file,
+        "store-b",
+        "out-b",
+        &["--cache-from", &url],
+        &trust,
+    );
+    assert_success(&second);
+    assert!(warnings(&second).is_empty(), "{:?}", warnings(&second));
+    assert_eq!(summary(&second)["executed"], 0, "{}", stdout(&second));
+    assert_eq!(
+        summary(&second)["images"][0]["index_digest"],
+        summary(&first)["images"][0]["index_digest"]
+    );
 }
 
 #[test]
