@@ -653,3 +653,45 @@ fn bad_reapi_urls_are_refused_before_anything_runs() {
         assert!(!stderr(&output).contains("hunter2"), "{}", stderr(&output));
     }
 }
+
+#[test]
+fn cache_mounts_travel_through_an_reapi_cache() {
+    let Some(grid) = buildgrid() else { return };
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "mounts/images.kdl",
+        r#"platforms "linux/amd64"
+arg N="1"
+stage app {
+    from "oci:../tests/fixtures/busybox:1.35.0"
+    run "echo reapi-$N >> /cache/seen && cp /cache/seen /seen" {
+        cache-mount "/cache" id="reapi-mount"
+    }
+}
+image app { stage app; }
+"#,
+    );
+    let url = grid.url("team");
+    let build = |store: &str, n: &str, flags: &[&str]| {
+        let arg = format!("N={n}");
+        let mut args = vec!["mounts/images.kdl", "--arg", &arg];
+        args.extend_from_slice(flags);
+        let output = run(&sandbox, args[0], store, "out", &args[1..]);
+        assert_success(&output);
+        assert!(warnings(&output).is_empty(), "{:?}", warnings(&output));
+        output
+    };
+    build("machine-a", "1", &["--cache-to", &url]);
+    // Another machine, a changed arg so the step runs: it starts from machine A's mount.
+    build("machine-b", "2", &["--cache-from", &url]);
+    let rootfs = unpack_platform(
+        &sandbox.path().join("out/app"),
+        "latest",
+        "linux/amd64",
+        &sandbox.path().join("unpacked"),
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("seen")).unwrap(),
+        "reapi-1\nreapi-2\n"
+    );
+}
