@@ -56,7 +56,9 @@ fn unavailable(message: String) -> Option<BuildGrid> {
     None
 }
 
-fn start_buildgrid() -> Option<BuildGrid> {
+/// Start BuildGrid; with `jwt`, every call needs a token signed with `secret.txt` in its data
+/// directory.
+fn start_buildgrid(jwt: bool) -> Option<BuildGrid> {
     let script = repo_root().join("scripts/buildgrid");
     let install = Command::new(&script)
         .arg("install")
@@ -86,7 +88,16 @@ fn start_buildgrid() -> Option<BuildGrid> {
     let (ca, cert, key) = private_ca(&data.join("tls"));
     let log = std::fs::File::create(data.join("server.log")).expect("log file");
     // The script stops BuildGrid when this process exits.
-    let mut child = Command::new(&script)
+    let mut command = Command::new(&script);
+    if jwt {
+        std::fs::write(
+            data.join("secret.txt"),
+            "graphbuild-test-secret-0123456789abcdef",
+        )
+        .expect("secret");
+        command.env("GRAPHBUILD_BUILDGRID_JWT_SECRET", data.join("secret.txt"));
+    }
+    let mut child = command
         .arg("serve")
         .arg(&data)
         .arg(port.to_string())
@@ -161,7 +172,13 @@ fn private_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 /// BuildGrid, started on first use by any test of this binary.
 fn buildgrid() -> Option<&'static BuildGrid> {
     static GRID: OnceLock<Option<BuildGrid>> = OnceLock::new();
-    GRID.get_or_init(start_buildgrid).as_ref()
+    GRID.get_or_init(|| start_buildgrid(false)).as_ref()
+}
+
+/// A second BuildGrid that requires a JWT on every call, started on first use.
+fn buildgrid_with_tokens() -> Option<&'static BuildGrid> {
+    static GRID: OnceLock<Option<BuildGrid>> = OnceLock::new();
+    GRID.get_or_init(|| start_buildgrid(true)).as_ref()
 }
 
 fn run(sandbox: &Sandbox, file: &str, store: &str, output: &str, extra: &[&str]) -> Output {
@@ -693,5 +710,92 @@ image app { stage app; }
     assert_eq!(
         std::fs::read_to_string(rootfs.join("seen")).unwrap(),
         "reapi-1\nreapi-2\n"
+    );
+}
+
+#[test]
+fn tokens_are_sent_as_bearer_metadata_refusals_are_clear_and_no_token_is_ever_shown() {
+    let Some(grid) = buildgrid_with_tokens() else {
+        return;
+    };
+    let token = Command::new(repo_root().join("scripts/buildgrid"))
+        .arg("token")
+        .arg(grid.data.join("secret.txt"))
+        .output()
+        .expect("scripts/buildgrid token runs");
+    assert!(token.status.success(), "{}", stderr(&token));
+    let token = stdout(&token).trim().to_string();
+    assert!(token.len() > 20, "{token}");
+
+    let sandbox = Sandbox::new();
+    let file = sandbox.write(
+        "auth/images.kdl",
+        "platforms \"linux/amd64\"\nstage app {\n    from \"oci:../tests/fixtures/busybox:1.35.0\"\n    run \"echo authenticated > /auth\"\n}\nimage app { stage app; }\n",
+    );
+    let file = file.to_str().unwrap().to_string();
+    let url = grid.url("");
+    let with_token = |store: &str, output: &str, flags: &[&str], token: Option<&str>| {
+        let mut command = Command::new(bin());
+        command
+            .args(["run", &file, "--output", output, "--progress", "json"])
+            .args(flags)
+            .current_dir(sandbox.path())
+            .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join(store))
+            .env("NO_COLOR", "1")
+            .env_remove("GRAPHBUILD_CACHE_TOKEN");
+        if let Some(token) = token {
+            command.env("GRAPHBUILD_CACHE_TOKEN", token);
+        }
+        command.output().expect("graphbuild runs")
+    };
+    let never_shown = |output: &Output, secret: &str| {
+        assert!(
+            !stdout(output).contains(secret) && !stderr(output).contains(secret),
+            "the token leaked:\n{}\n{}",
+            stdout(output),
+            stderr(output)
+        );
+    };
+
+    // No token, or a wrong one: refused, one warning, the build goes on.
+    for (store, bad) in [
+        ("store-none", None),
+        ("store-bad", Some("not-a-jwt-s3cret")),
+    ] {
+        let refused = with_token(store, "out-refused", &["--cache-to", &url], bad);
+        assert_success(&refused);
+        let found = warnings(&refused);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("refused"), "{}", found[0]);
+        if let Some(bad) = bad {
+            never_shown(&refused, bad);
+        }
+    }
+    // Required: the failure says what to do.
+    let required = with_token(
+        "store-required",
+        "out-required",
+        &["--cache-from", &url, "--cache-required"],
+        None,
+    );
+    assert_eq!(required.status.code(), Some(1), "{}", stderr(&required));
+    assert!(
+        stderr(&required).contains("refused"),
+        "{}",
+        stderr(&required)
+    );
+
+    // The right token: uploads, and a clean client with it executes nothing.
+    let first = with_token("store-a", "out-a", &["--cache-to", &url], Some(&token));
+    assert_success(&first);
+    assert!(warnings(&first).is_empty(), "{:?}", warnings(&first));
+    never_shown(&first, &token);
+    let second = with_token("store-b", "out-b", &["--cache-from", &url], Some(&token));
+    assert_success(&second);
+    never_shown(&second, &token);
+    assert_eq!(summary(&second)["executed"], 0, "{}", stdout(&second));
+    assert_eq!(
+        summary(&second)["images"][0]["index_digest"],
+        summary(&first)["images"][0]["index_digest"]
     );
 }
