@@ -799,3 +799,48 @@ fn tokens_are_sent_as_bearer_metadata_refusals_are_clear_and_no_token_is_ever_sh
         summary(&first)["images"][0]["index_digest"]
     );
 }
+
+#[test]
+fn a_blob_corrupted_in_the_server_is_refused_and_the_step_runs_again() {
+    let Some(grid) = buildgrid() else { return };
+    let sandbox = Sandbox::new();
+    let file = sandbox.write(
+        "corrupt/images.kdl",
+        "platforms \"linux/amd64\"\nstage app {\n    from \"oci:../tests/fixtures/busybox:1.35.0\"\n    run \"echo stored then corrupted > /corrupt\"\n}\nimage app { stage app; }\n",
+    );
+    let file = file.to_str().unwrap().to_string();
+    let url = grid.url("");
+    let first = run(&sandbox, &file, "store-a", "out-a", &["--cache-to", &url]);
+    assert_success(&first);
+    let expected = summary(&first)["images"][0]["index_digest"].clone();
+
+    // The run step's layer: the one layer not in the busybox base. Flip its bytes on the
+    // server's disk, keeping the size.
+    let base = layer_digests(&sandbox.path().join("tests/fixtures/busybox"));
+    let made: Vec<String> = layer_digests(&sandbox.path().join("out-a/app"))
+        .into_iter()
+        .filter(|hex| !base.contains(hex))
+        .collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    let stored = grid
+        .data
+        .join("cas/cas/objects")
+        .join(&made[0][..2])
+        .join(&made[0][2..]);
+    let bytes = std::fs::read(&stored).expect("the layer is in BuildGrid's CAS");
+    let flipped: Vec<u8> = bytes.iter().map(|byte| !byte).collect();
+    std::fs::write(&stored, &flipped).unwrap();
+
+    let second = run(&sandbox, &file, "store-b", "out-b", &["--cache-from", &url]);
+    assert_success(&second);
+    let found = warnings(&second);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("wrong content"), "{}", found[0]);
+    assert!(summary(&second)["executed"].as_u64().unwrap() >= 1);
+    assert_eq!(summary(&second)["images"][0]["index_digest"], expected);
+    // Nothing of the corrupt download was kept: the local store has the real layer.
+    let local = std::fs::read(sandbox.path().join("store-b/blobs/sha256").join(&made[0]))
+        .expect("the rebuilt layer");
+    assert_eq!(local, bytes);
+    std::fs::write(&stored, &bytes).unwrap();
+}
