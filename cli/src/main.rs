@@ -266,7 +266,7 @@ pub enum FormatArg {
 
 #[derive(Args, Clone)]
 pub struct RemoteCacheArgs {
-    /// Read results missing locally from this cache (http://HOST:PORT[/INSTANCE])
+    /// Read results missing locally from this cache (http://HOST:PORT[/INSTANCE], or grpc://HOST:PORT[/INSTANCE] for an REAPI cache)
     #[arg(long, value_name = "URL")]
     pub cache_from: Option<String>,
     /// Upload new results to this cache

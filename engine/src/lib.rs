@@ -20,6 +20,7 @@ pub mod layer;
 pub mod oci;
 pub mod plan;
 pub mod push;
+pub mod reapi;
 pub mod reference;
 pub mod registry;
 pub mod remote;

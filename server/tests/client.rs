@@ -1,4 +1,4 @@
-//! The engine's remote-cache client (`engine/src/remote.rs`) against this server, end to end.
+//! The engine's HTTP team-cache client (`engine/src/remote/`) against this server, end to end.
 //!
 //! The client's source files are compiled into this test directly (the engine crate cannot
 //! be a dependency of the server, and the server is not a dependency of the engine), so the
@@ -12,10 +12,12 @@
               not used here (`expect` would be unfulfilled when `Key` gets used)"
 )]
 mod digest;
-#[path = "../../engine/src/remote.rs"]
+#[path = "../../engine/src/remote/mod.rs"]
 #[allow(
     unreachable_pub,
-    reason = "the engine's own file: its items are the engine's public API"
+    dead_code,
+    reason = "the engine's own files: their items are the engine's public API, some used only \
+              by the engine's REAPI client (its error variants, `put_step_record`)"
 )]
 mod remote;
 
@@ -23,12 +25,12 @@ mod common;
 
 use common::{TestServer, blob, sha256_hex};
 use digest::Digest;
-use remote::{ActionResult, RemoteCache, RemoteError};
+use remote::{ActionResult, HttpCache, RemoteCache, RemoteError};
 
 #[test]
 fn blobs_and_actions_round_trip_through_the_server() {
     let server = TestServer::start(|_| {});
-    let cache = RemoteCache::new(&format!("{}/team-a", server.url), None).unwrap();
+    let cache = HttpCache::new(&format!("{}/team-a", server.url), None).unwrap();
     let work = tempfile::tempdir().unwrap();
 
     // A layer-sized file, streamed up and down.
@@ -80,7 +82,7 @@ fn blobs_and_actions_round_trip_through_the_server() {
     );
 
     // Another instance does not see team-a's action entry, but shares the blobs.
-    let other = RemoteCache::new(&format!("{}/team-b/", server.url), None).unwrap();
+    let other = HttpCache::new(&format!("{}/team-b/", server.url), None).unwrap();
     assert_eq!(other.get_action(&key).unwrap(), None);
     assert!(other.has_blob(&record_digest).unwrap());
 }
@@ -88,7 +90,7 @@ fn blobs_and_actions_round_trip_through_the_server() {
 #[test]
 fn a_corrupted_server_copy_is_detected_and_discarded() {
     let server = TestServer::start(|_| {});
-    let cache = RemoteCache::new(&server.url, None).unwrap();
+    let cache = HttpCache::new(&server.url, None).unwrap();
     let bytes = blob(43, 100_000);
     let digest = cache.put_blob_bytes(&bytes).unwrap();
     let hex = sha256_hex(&bytes);
@@ -128,19 +130,19 @@ fn token_errors_are_typed_and_never_show_the_token() {
     let server = TestServer::start(|config| config.tokens_file = Some(tokens));
     let url = format!("{}/team-a", server.url);
 
-    let anonymous = RemoteCache::new(&url, None).unwrap();
+    let anonymous = HttpCache::new(&url, None).unwrap();
     let error = anonymous.put_blob_bytes(b"x").unwrap_err();
     assert!(
         matches!(error, RemoteError::Unauthorized { status: 401, .. }),
         "{error}"
     );
 
-    let wrong = RemoteCache::new(&url, Some("guessed-secret".into())).unwrap();
+    let wrong = HttpCache::new(&url, Some("guessed-secret".into())).unwrap();
     let error = wrong.get_action(&"00".repeat(32)).unwrap_err();
     assert!(matches!(error, RemoteError::Unauthorized { .. }), "{error}");
     assert!(!format!("{error} {error:?}").contains("guessed-secret"));
 
-    let reader = RemoteCache::new(&url, Some("reader-secret-2".into())).unwrap();
+    let reader = HttpCache::new(&url, Some("reader-secret-2".into())).unwrap();
     let error = reader.put_blob_bytes(b"x").unwrap_err();
     assert!(
         matches!(error, RemoteError::Forbidden { status: 403, .. }),
@@ -148,10 +150,10 @@ fn token_errors_are_typed_and_never_show_the_token() {
     );
     assert!(!format!("{error} {error:?}").contains("reader-secret-2"));
 
-    let writer = RemoteCache::new(&url, Some("writer-secret-1".into())).unwrap();
+    let writer = HttpCache::new(&url, Some("writer-secret-1".into())).unwrap();
     let digest = writer.put_blob_bytes(b"x").unwrap();
     assert!(reader.has_blob(&digest).unwrap());
-    let elsewhere = RemoteCache::new(
+    let elsewhere = HttpCache::new(
         &format!("{}/team-b", server.url),
         Some("writer-secret-1".into()),
     )

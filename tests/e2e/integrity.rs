@@ -814,7 +814,7 @@ impl Drop for CacheServer {
 
 #[test]
 fn a_team_cache_record_naming_a_forged_layer_is_not_used() {
-    use graphbuild_engine::remote::{ActionResult, RemoteCache};
+    use graphbuild_engine::remote::{ActionResult, HttpCache, RemoteCache};
     if !root_or_skip() {
         return;
     }
@@ -852,7 +852,7 @@ fn a_team_cache_record_naming_a_forged_layer_is_not_used() {
         .as_str()
         .expect("key")
         .to_string();
-    let cache = RemoteCache::new(&server.url, None).expect("cache");
+    let cache = HttpCache::new(&server.url, None).expect("cache");
     let action = cache.get_action(&key).expect("get").expect("uploaded");
     let (record_digest, record_size) = action.step_record().expect("a step record");
     let temp = tempfile::tempdir().expect("temp");

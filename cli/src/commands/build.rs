@@ -298,7 +298,7 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
             render::error(
                 &format!("`{spec}`: graphbuild's --cache-from/--cache-to take a team cache URL"),
                 &[
-                    "write http://HOST:PORT[/INSTANCE] of a `graphbuild cache serve` (docs/cache-server.md); graphbuild has no registry or gha cache",
+                    "write http://HOST:PORT[/INSTANCE] of a `graphbuild cache serve` (docs/cache-server.md) or grpc://HOST:PORT[/INSTANCE] of an REAPI cache (docs/remote.md); graphbuild has no registry or gha cache",
                 ],
             );
             return ExitStatus::InvalidInput;

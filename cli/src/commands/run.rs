@@ -200,12 +200,7 @@ pub(super) fn execute(
         sandbox_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
         secrets: settings.secrets,
         cancel: cancel.clone(),
-        // Ctrl-C/SIGTERM also stops transfers waiting on the cache.
-        remote: build::RemoteOptions {
-            from: (settings.remote.from).map(|cache| cache.with_cancel(cancel.flag().clone())),
-            to: (settings.remote.to).map(|cache| cache.with_cancel(cancel.flag().clone())),
-            required: settings.remote.required,
-        },
+        remote: settings.remote,
         format: settings.format,
         preflight: Some(Box::new(preflight)),
         step_timeout_ms: settings.step_timeout_ms,
@@ -305,35 +300,33 @@ pub(super) fn report_failures(report: &build::BuildReport, sources: &Sources) ->
     ExitStatus::Success
 }
 
+/// The team caches of `args`; Ctrl-C/SIGTERM (`cancel`) also stops transfers waiting on them.
 pub(super) fn remote_options(
     args: &crate::RemoteCacheArgs,
+    cancel: &CancelToken,
 ) -> Result<build::RemoteOptions, ExitStatus> {
     let open = |url: &str| {
-        graphbuild_engine::remote::RemoteCache::new(url, args.cache_token.clone()).map_err(
+        build::open_cache(url, args.cache_token.clone(), Some(cancel.flag().clone())).map_err(
             |error| {
                 let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
                 render::error(
                     &error.to_string(),
                     &[help.as_deref().unwrap_or(
-                        "write the cache URL as http://HOST:PORT or http://HOST:PORT/INSTANCE",
+                        "write the cache URL as http://HOST:PORT[/INSTANCE] or grpc://HOST:PORT[/INSTANCE]",
                     )],
                 );
                 ExitStatus::InvalidInput
             },
         )
     };
-    let from = args
-        .cache_from
-        .as_deref()
-        .or(args.cache.as_deref())
-        .map(open)
-        .transpose()?;
-    let to = args
-        .cache_to
-        .as_deref()
-        .or(args.cache.as_deref())
-        .map(open)
-        .transpose()?;
+    let from_url = args.cache_from.as_deref().or(args.cache.as_deref());
+    let to_url = args.cache_to.as_deref().or(args.cache.as_deref());
+    let from = from_url.map(open).transpose()?;
+    // One client (one connection pool) when both directions name the same cache.
+    let to = match (&from, to_url) {
+        (Some(from), Some(url)) if from_url == Some(url) => Some(from.clone()),
+        (_, url) => url.map(open).transpose()?,
+    };
     Ok(build::RemoteOptions {
         from,
         to,
@@ -464,7 +457,7 @@ pub(super) fn build_loaded(
             ProgressMode::Plain
         }
     });
-    let mut remote = match remote_options(&args.cache) {
+    let mut remote = match remote_options(&args.cache, &cancel) {
         Ok(remote) => remote,
         Err(code) => return code,
     };

@@ -163,9 +163,9 @@ impl Executor<'_> {
 
     pub(super) fn usable_remote<'r>(
         &self,
-        remote: Option<&'r RemoteCache>,
-    ) -> Option<&'r RemoteCache> {
-        remote.filter(|_| {
+        remote: Option<&'r std::sync::Arc<dyn RemoteCache>>,
+    ) -> Option<&'r dyn RemoteCache> {
+        remote.map(|remote| &**remote).filter(|_| {
             !self
                 .remote_failed
                 .load(std::sync::atomic::Ordering::Relaxed)
@@ -175,7 +175,7 @@ impl Executor<'_> {
     /// A remote cache failed: warn once and go on locally, or fail when it is required.
     pub(super) fn remote_trouble(
         &self,
-        remote: &RemoteCache,
+        remote: &dyn RemoteCache,
         message: String,
     ) -> Result<(), String> {
         if self.options.cancel.is_cancelled() {
@@ -203,7 +203,7 @@ impl Executor<'_> {
     /// `miss` and warned about once per build: one bad entry never disables the cache.
     pub(super) fn remote_entry<T>(
         &self,
-        remote: &RemoteCache,
+        remote: &dyn RemoteCache,
         result: Result<T, crate::remote::RemoteError>,
         miss: T,
     ) -> Result<T, String> {
@@ -217,7 +217,7 @@ impl Executor<'_> {
         }
     }
 
-    pub(super) fn warn_bad_remote_entry(&self, remote: &RemoteCache, message: &str) {
+    pub(super) fn warn_bad_remote_entry(&self, remote: &dyn RemoteCache, message: &str) {
         if !self
             .remote_bad_entry_warned
             .swap(true, std::sync::atomic::Ordering::Relaxed)
@@ -233,7 +233,7 @@ impl Executor<'_> {
 
     pub(super) fn fetch_remote_record(
         &self,
-        remote: &RemoteCache,
+        remote: &dyn RemoteCache,
         key: &Key,
     ) -> Result<Option<StepRecord>, String> {
         let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
@@ -328,14 +328,13 @@ impl Executor<'_> {
                     .map_err(|error| error.to_string())?;
             }
             let bytes = serde_json::to_vec(record).map_err(|error| error.to_string())?;
-            let digest = remote
-                .put_blob_bytes(&bytes)
-                .map_err(|error| error.to_string())?;
+            let layers: Vec<(Digest, u64)> = record
+                .layers
+                .iter()
+                .map(|layer| (layer.digest, layer.size))
+                .collect();
             remote
-                .put_action(
-                    &action_key,
-                    &ActionResult::for_step_record(digest, bytes.len() as u64),
-                )
+                .put_step_record(&action_key, &bytes, &layers)
                 .map_err(|error| error.to_string())
         })();
         match result {

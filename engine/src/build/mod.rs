@@ -113,10 +113,31 @@ pub type Preflight = Box<dyn Fn(&[&Node], &[Platform]) -> Result<(), String> + S
 /// `--cache-from`, `--cache-to`, `--cache-required`.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteOptions {
-    pub from: Option<RemoteCache>,
-    pub to: Option<RemoteCache>,
+    pub from: Option<Arc<dyn RemoteCache>>,
+    pub to: Option<Arc<dyn RemoteCache>>,
     /// Fail the build when the cache cannot be used, instead of warning once and going on.
     pub required: bool,
+}
+
+/// Open the team cache at `url` (its scheme picks the client), with an optional token, giving
+/// up on any call once `cancel` is set (Ctrl-C/SIGTERM).
+pub fn open_cache(
+    url: &str,
+    token: Option<String>,
+    cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> Result<Arc<dyn RemoteCache>, crate::remote::RemoteError> {
+    if url.starts_with("grpc://") || url.starts_with("grpcs://") {
+        let mut cache = crate::reapi::ReapiCache::new(url, token)?;
+        if let Some(flag) = cancel {
+            cache = cache.with_cancel(flag);
+        }
+        return Ok(Arc::new(cache));
+    }
+    let mut cache = crate::remote::HttpCache::new(url, token)?;
+    if let Some(flag) = cancel {
+        cache = cache.with_cancel(flag);
+    }
+    Ok(Arc::new(cache))
 }
 
 /// A secret's content, from a file or an environment variable of graphbuild's own.
