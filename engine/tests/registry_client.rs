@@ -4,6 +4,10 @@
 //!
 //! Tests that need `docker-registry` or `skopeo` fail with a clear message when they are
 //! missing (`scripts/setup-host` installs them): they never pass silently.
+//!
+//! Long because the fake registries (token realms, redirects, refusals, slow and oversized
+//! answers) and the cases that use them read best side by side: each fake is a few lines next
+//! to the test it serves.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
