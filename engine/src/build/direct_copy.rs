@@ -402,6 +402,12 @@ struct CopyPlanner<'a> {
     modified: BTreeSet<Vec<u8>>,
     now: u64,
     epoch: i64,
+    /// Directories the copy creates where the base has nothing: nothing below them is in the
+    /// base either, so their children need no lookup.
+    created: BTreeSet<Vec<u8>>,
+    /// Context directories resolved so far (relative → host path): the files of one directory
+    /// share its resolution.
+    resolved_dirs: HashMap<PathBuf, PathBuf>,
 }
 
 fn join(components: &[OsString]) -> Vec<u8> {
@@ -438,6 +444,13 @@ impl CopyPlanner<'_> {
                 PlannedKind::Directory => State::PlannedDir,
                 _ => State::PlannedOther,
             });
+        }
+        if components.len() > 1
+            && self
+                .created
+                .contains(&join(&components[..components.len() - 1]))
+        {
+            return Ok(State::Missing);
         }
         let found = self
             .view
@@ -508,6 +521,7 @@ impl CopyPlanner<'_> {
                 State::Missing => {
                     self.modified.insert(join(&prefix[..depth - 1]));
                     self.insert(prefix, PlannedKind::Directory, 0o755, (0, 0));
+                    self.created.insert(join(prefix));
                 }
                 _ => return Err(PlanError::Fallback),
             }
@@ -539,6 +553,7 @@ impl CopyPlanner<'_> {
                 self.modified
                     .insert(join(&components[..components.len() - 1]));
                 self.insert(components, PlannedKind::Directory, mode, owner);
+                self.created.insert(join(components));
                 Ok(())
             }
             State::BaseDir(host, metadata) => {
@@ -584,16 +599,7 @@ impl CopyPlanner<'_> {
                     return Err(PlanError::Fallback);
                 }
                 let source = match src_root {
-                    Sources::Dir(root) => {
-                        crate::fsutil::resolve_path_in_root(root, &item.rel_src, false).map_err(
-                            |error| {
-                                PlanError::Io(format!(
-                                    "cannot resolve {}: {error}",
-                                    root.join(&item.rel_src).display()
-                                ))
-                            },
-                        )?
-                    }
+                    Sources::Dir(root) => self.context_source(root, &item.rel_src)?,
                     Sources::Hosts(hosts) => match hosts.get(&item.rel_src) {
                         Some(host) => host.clone(),
                         None => return Err(PlanError::Fallback),
@@ -631,6 +637,29 @@ impl CopyPlanner<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// Where a context file is read: `resolve_path_in_root(root, rel, false)`, its directory
+    /// resolved once for all the files in it.
+    fn context_source(&mut self, root: &Path, rel: &Path) -> Planned<PathBuf> {
+        let failed = |error: io::Error| {
+            PlanError::Io(format!(
+                "cannot resolve {}: {error}",
+                root.join(rel).display()
+            ))
+        };
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+            return crate::fsutil::resolve_path_in_root(root, rel, false).map_err(failed);
+        };
+        let dir = match self.resolved_dirs.get(parent) {
+            Some(dir) => dir.clone(),
+            None => {
+                let dir = crate::fsutil::resolve_path_in_root(root, parent, true).map_err(failed)?;
+                self.resolved_dirs.insert(parent.to_path_buf(), dir.clone());
+                dir
+            }
+        };
+        Ok(dir.join(name))
     }
 
     /// [`crate::copy::perform_copy`], step for step, on the planned entries over the base.
@@ -754,6 +783,8 @@ pub(crate) fn plan_copy(
         modified: BTreeSet::new(),
         now: now.min(epoch).max(0) as u64,
         epoch,
+        created: BTreeSet::new(),
+        resolved_dirs: HashMap::new(),
     };
     match planner.plan(
         items,
