@@ -194,13 +194,60 @@ impl Stat {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// What the last scan knew of each file: its stat and content digest. Stored as a compact
+/// binary list (a 100,000-file context's cache is read on every build: JSON with a hex string
+/// per file cost more to parse and free than the scan's own work).
+#[derive(Debug, Default)]
 struct StatCache {
-    version: u32,
-    files: HashMap<String, (Stat, String)>,
+    files: HashMap<String, (Stat, [u8; 32])>,
 }
 
-const STAT_CACHE_VERSION: u32 = 1;
+const STAT_CACHE_MAGIC: &[u8] = b"graphbuild-stat-cache-2\n";
+
+impl StatCache {
+    fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(STAT_CACHE_MAGIC.len() + 8 + self.files.len() * 120);
+        bytes.extend_from_slice(STAT_CACHE_MAGIC);
+        bytes.extend_from_slice(&(self.files.len() as u64).to_le_bytes());
+        for (rel, (stat, digest)) in &self.files {
+            bytes.extend_from_slice(&(rel.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(rel.as_bytes());
+            bytes.extend_from_slice(&stat.size.to_le_bytes());
+            bytes.extend_from_slice(&stat.mtime.to_le_bytes());
+            bytes.extend_from_slice(&stat.ctime.to_le_bytes());
+            bytes.extend_from_slice(&stat.ino.to_le_bytes());
+            bytes.extend_from_slice(&stat.mode.to_le_bytes());
+            bytes.extend_from_slice(digest);
+        }
+        bytes
+    }
+
+    /// The cache in `bytes`; `None` for anything else (an older format, a truncated file).
+    fn decode(bytes: &[u8]) -> Option<StatCache> {
+        let mut rest = bytes.strip_prefix(STAT_CACHE_MAGIC)?;
+        let mut take = |count: usize| -> Option<&[u8]> {
+            let (head, tail) = (rest.get(..count)?, rest.get(count..)?);
+            rest = tail;
+            Some(head)
+        };
+        let count = u64::from_le_bytes(take(8)?.try_into().ok()?);
+        let mut files = HashMap::with_capacity(count.min(1 << 24) as usize);
+        for _ in 0..count {
+            let length = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+            let rel = std::str::from_utf8(take(length)?).ok()?.to_string();
+            let stat = Stat {
+                size: u64::from_le_bytes(take(8)?.try_into().ok()?),
+                mtime: i64::from_le_bytes(take(8)?.try_into().ok()?),
+                ctime: i64::from_le_bytes(take(8)?.try_into().ok()?),
+                ino: u64::from_le_bytes(take(8)?.try_into().ok()?),
+                mode: u32::from_le_bytes(take(4)?.try_into().ok()?),
+            };
+            let digest: [u8; 32] = take(32)?.try_into().ok()?;
+            files.insert(rel, (stat, digest));
+        }
+        take(1).is_none().then_some(StatCache { files })
+    }
+}
 
 impl Context {
     /// Walk and hash the context at `dir`; see the module documentation.
@@ -320,19 +367,15 @@ impl Context {
         };
         let previous: StatCache = stat_cache
             .and_then(|store| store.read_context_cache(&cache_id))
-            .and_then(|bytes| serde_json::from_slice::<StatCache>(&bytes).ok())
-            .filter(|cache| cache.version == STAT_CACHE_VERSION)
+            .and_then(|bytes| StatCache::decode(&bytes))
             .unwrap_or_default();
         let hashed: Vec<(String, Stat, [u8; 32], bool)> = files
             .into_par_iter()
             .map(|(rel, stat)| {
-                if let Some((cached_stat, digest_hex)) = previous.files.get(&rel)
+                if let Some((cached_stat, digest)) = previous.files.get(&rel)
                     && *cached_stat == stat
                 {
-                    let mut digest = [0u8; 32];
-                    if hex::decode_to_slice(digest_hex, &mut digest).is_ok() {
-                        return Ok((rel, stat, digest, false));
-                    }
+                    return Ok((rel, stat, *digest, false));
                 }
                 let path = match raw_paths.get(&rel) {
                     Some(real) => root.join(real),
@@ -352,7 +395,6 @@ impl Context {
             ..ScanStats::default()
         };
         let mut next_cache = StatCache {
-            version: STAT_CACHE_VERSION,
             files: HashMap::with_capacity(hashed.len()),
         };
         for (rel, stat, digest, was_hashed) in hashed {
@@ -364,9 +406,7 @@ impl Context {
             let racy = stat.mtime >= scan_start.saturating_sub(2_000_000_000)
                 || stat.ctime >= scan_start.saturating_sub(2_000_000_000);
             if !racy {
-                next_cache
-                    .files
-                    .insert(rel.clone(), (stat, hex::encode(digest)));
+                next_cache.files.insert(rel.clone(), (stat, digest));
             }
             entries.insert(
                 rel,
@@ -383,9 +423,9 @@ impl Context {
                     .files
                     .iter()
                     .any(|(rel, value)| previous.files.get(rel) != Some(value));
-            if changed && let Ok(bytes) = serde_json::to_vec(&next_cache) {
+            if changed {
                 // Losing the stat cache only costs a re-hash next time.
-                let _ = store.write_context_cache(&cache_id, &bytes);
+                let _ = store.write_context_cache(&cache_id, &next_cache.encode());
             }
         }
         Ok(Context {
@@ -1015,6 +1055,32 @@ mod tests {
             }
         );
         assert_eq!(context.stats().files, 5);
+    }
+
+    #[test]
+    fn the_stat_cache_round_trips_and_refuses_anything_else() {
+        let stat = Stat {
+            size: 7,
+            mtime: -1,
+            ctime: 1_700_000_000_000_000_000,
+            ino: u64::MAX,
+            mode: 0o100644,
+        };
+        let cache = StatCache {
+            files: HashMap::from([
+                ("a/b.txt".to_string(), (stat, [1u8; 32])),
+                ("é".to_string(), (stat, [2u8; 32])),
+            ]),
+        };
+        let bytes = cache.encode();
+        let back = StatCache::decode(&bytes).unwrap();
+        assert_eq!(back.files, cache.files);
+        assert!(StatCache::decode(&bytes[..bytes.len() - 1]).is_none());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(StatCache::decode(&longer).is_none());
+        // The JSON of the previous version is not a cache: files are hashed again.
+        assert!(StatCache::decode(br#"{"version":1,"files":{}}"#).is_none());
     }
 
     #[test]

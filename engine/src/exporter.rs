@@ -484,47 +484,110 @@ fn describe(identity: (u8, u8, u16)) -> String {
 /// Every regular ELF file in `image`'s layers after the first `skip` whose class, byte order
 /// or machine is not its platform's. Only the first 20 bytes of each file are read.
 /// Platforms whose architecture has no ELF table entry are not checked.
+/// The ELF files of a layer blob: each one's path in the image and `(EI_CLASS, EI_DATA,
+/// e_machine)`.
+type ElfFiles = Vec<(String, (u8, u8, u16))>;
+
+/// The ELF files of the layers checked so far, by blob digest, and the store that keeps them
+/// between builds (a layer's digest names its content, so what it holds never changes): a
+/// rebuild and the platforms that share a layer read each layer once, not once per check.
+pub struct ElfIndex<'a> {
+    store: Option<&'a crate::store::Store>,
+    known: std::collections::HashMap<Digest, ElfFiles>,
+}
+
+impl<'a> ElfIndex<'a> {
+    pub fn new(store: Option<&'a crate::store::Store>) -> Self {
+        Self {
+            store,
+            known: std::collections::HashMap::new(),
+        }
+    }
+
+    fn key(digest: &Digest) -> crate::digest::Key {
+        let mut builder = crate::key::KeyBuilder::new("layer-elf-files");
+        builder.bytes(&digest.0);
+        builder.finish()
+    }
+
+    fn files(&mut self, layout: &OciLayout, digest: &Digest) -> Result<&ElfFiles, String> {
+        if !self.known.contains_key(digest) {
+            let recorded = self
+                .store
+                .and_then(|store| store.get_action(&Self::key(digest)))
+                .and_then(|bytes| serde_json::from_slice::<ElfFiles>(&bytes).ok());
+            let files = match recorded {
+                Some(files) => files,
+                None => {
+                    let files = scan_elf_files(layout, digest)?;
+                    if let (Some(store), Ok(bytes)) = (self.store, serde_json::to_vec(&files)) {
+                        // Losing it only costs reading the layer again.
+                        let _ = store.put_action(&Self::key(digest), &bytes);
+                    }
+                    files
+                }
+            };
+            self.known.insert(*digest, files);
+        }
+        Ok(&self.known[digest])
+    }
+}
+
+/// Read a layer blob of `layout` for its ELF files.
+fn scan_elf_files(layout: &OciLayout, digest: &Digest) -> Result<ElfFiles, String> {
+    let path = layout.blob_path(digest);
+    let blob = fs::File::open(&path)
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let stream = crate::decompress::decompressed(io::BufReader::new(blob))
+        .map_err(|error| format!("layer {digest}: {error}"))?;
+    let mut archive = tar::Archive::new(stream);
+    let entries = archive
+        .entries()
+        .map_err(|error| format!("layer {digest}: {error}"))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let mut entry = entry.map_err(|error| format!("layer {digest}: {error}"))?;
+        if entry.header().entry_type() != tar::EntryType::Regular || entry.size() < 20 {
+            continue;
+        }
+        let mut head = [0u8; 20];
+        if entry.read_exact(&mut head).is_err() {
+            continue;
+        }
+        let Some(identity) = elf_identity(&head) else {
+            continue;
+        };
+        let name = entry
+            .path()
+            .map(|path| path.display().to_string())
+            .unwrap_or_default();
+        found.push((
+            format!("/{}", name.trim_start_matches("./").trim_start_matches('/')),
+            identity,
+        ));
+    }
+    Ok(found)
+}
+
+/// The ELF files of `image`'s layers after the first `skip` that are for another CPU.
 pub fn check_architecture(
     layout: &OciLayout,
     image: &PlatformImage,
     skip: usize,
+    index: &mut ElfIndex,
 ) -> Result<Vec<ArchMismatch>, String> {
     let Some(expected) = expected_elf(&image.platform.architecture) else {
         return Ok(Vec::new());
     };
     let mut found = Vec::new();
     for layer in image.manifest.layers.iter().skip(skip) {
-        let path = layout.blob_path(&layer.digest);
-        let blob = fs::File::open(&path)
-            .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-        let stream = crate::decompress::decompressed(io::BufReader::new(blob))
-            .map_err(|error| format!("layer {}: {error}", layer.digest))?;
-        let mut archive = tar::Archive::new(stream);
-        let entries = archive
-            .entries()
-            .map_err(|error| format!("layer {}: {error}", layer.digest))?;
-        for entry in entries {
-            let mut entry = entry.map_err(|error| format!("layer {}: {error}", layer.digest))?;
-            if entry.header().entry_type() != tar::EntryType::Regular || entry.size() < 20 {
-                continue;
-            }
-            let mut head = [0u8; 20];
-            if entry.read_exact(&mut head).is_err() {
-                continue;
-            }
-            let Some(identity) = elf_identity(&head) else {
-                continue;
-            };
-            if identity != expected {
-                let name = entry
-                    .path()
-                    .map(|path| path.display().to_string())
-                    .unwrap_or_default();
+        for (path, identity) in index.files(layout, &layer.digest)? {
+            if *identity != expected {
                 found.push(ArchMismatch {
                     platform: image.platform.to_string(),
-                    path: format!("/{}", name.trim_start_matches("./").trim_start_matches('/')),
+                    path: path.clone(),
                     expected: describe(expected),
-                    found: describe(identity),
+                    found: describe(*identity),
                 });
             }
         }

@@ -289,6 +289,23 @@ pub(crate) fn set_xattr(path: &Path, name: &[u8], value: &[u8]) -> io::Result<()
     }
 }
 
+/// Removes one extended attribute of `path`, not following a final symlink.
+pub(crate) fn remove_xattr(path: &Path, name: &[u8]) -> io::Result<()> {
+    let path_c = c_path(path)?;
+    let name_c = CString::new(name).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "xattr name contains a NUL byte",
+        )
+    })?;
+    // SAFETY: both pointers are valid NUL-terminated strings.
+    if unsafe { libc::lremovexattr(path_c.as_ptr(), name_c.as_ptr()) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Overlay's own attributes, which never belong in a layer.
 pub(crate) fn is_overlay_xattr(name: &[u8]) -> bool {
     name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")

@@ -274,8 +274,10 @@ pub struct PruneReport {
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
-    /// `<root>/lock`, held shared (exclusive during prune).
-    lock: File,
+    /// `<root>/lock`, held shared (exclusive during prune). One open file (one flock) for all
+    /// the Stores of this process on the same root: "another run has the store open" means
+    /// another process, not a second handle of this one.
+    lock: std::sync::Arc<File>,
     /// `<root>/tmp/run-…/`, this Store's scratch space.
     run_dir: PathBuf,
     run_lock_path: PathBuf,
@@ -348,14 +350,7 @@ impl Store {
         let tmp_dir = root.join("tmp");
         make_private(&tmp_dir).map_err(io_error("restrict the permissions of", &tmp_dir))?;
         let lock_path = root.join("lock");
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_error("open", &lock_path))?;
-        flock(&lock, libc::LOCK_SH).map_err(io_error("lock", &lock_path))?;
+        let lock = process_lock(&lock_path)?;
         let tmp = root.join("tmp");
         clean_tmp(&tmp).map_err(io_error("clean", &tmp))?;
         let (run_dir, run_lock_path, run_lock) =
@@ -684,6 +679,38 @@ impl Store {
                 let _ = fsutil::remove_dir_all_force(&temp);
                 Err(io_error("move into the store", &final_path)(error))
             }
+        }
+    }
+
+    /// Move the snapshot of `diff_id` out of the store to `dest` (a new path in this run's
+    /// scratch space, e.g. under [`Store::temp_dir`]), for a caller that turns it into another
+    /// layer's snapshot. Only while no other run has the store open (one might have it mounted
+    /// as a lower directory); `Ok(false)` then, or when there is no such snapshot. A snapshot
+    /// taken is unpacked again from its blob when next needed, as after a prune.
+    pub fn take_snapshot(&self, diff_id: &Digest, dest: &Path) -> Result<bool, StoreError> {
+        let from = self.snapshot_dir(diff_id);
+        if !from.is_dir() {
+            return Ok(false);
+        }
+        let lock_path = self.root.join("lock");
+        // Converting our shared lock drops it first when the conversion fails: take it back.
+        match try_flock(&self.lock, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(true) => {}
+            Ok(false) => {
+                flock(&self.lock, libc::LOCK_SH).map_err(io_error("lock", &lock_path))?;
+                return Ok(false);
+            }
+            Err(error) => {
+                let _ = flock(&self.lock, libc::LOCK_SH);
+                return Err(io_error("lock", &lock_path)(error));
+            }
+        }
+        let moved = std::fs::rename(&from, dest);
+        flock(&self.lock, libc::LOCK_SH).map_err(io_error("lock", &lock_path))?;
+        match moved {
+            Ok(()) => Ok(true),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(io_error("move out of the store", &from)(error)),
         }
     }
 
@@ -1294,6 +1321,32 @@ fn touch(path: &Path) {
     }
 }
 
+/// The store lock at `lock_path`, held shared: the one this process already holds, or newly
+/// opened and locked.
+fn process_lock(lock_path: &Path) -> Result<std::sync::Arc<File>, StoreError> {
+    type Held = std::sync::Mutex<std::collections::HashMap<PathBuf, std::sync::Weak<File>>>;
+    static HELD: std::sync::OnceLock<Held> = std::sync::OnceLock::new();
+    let mut held = HELD
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(lock) = held.get(lock_path).and_then(std::sync::Weak::upgrade) {
+        return Ok(lock);
+    }
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(lock_path)
+        .map_err(io_error("open", lock_path))?;
+    flock(&lock, libc::LOCK_SH).map_err(io_error("lock", lock_path))?;
+    let lock = std::sync::Arc::new(lock);
+    held.retain(|_, lock| lock.strong_count() > 0);
+    held.insert(lock_path.to_path_buf(), std::sync::Arc::downgrade(&lock));
+    Ok(lock)
+}
+
 fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
     loop {
         // SAFETY: the fd is valid for the life of `file`.
@@ -1895,17 +1948,57 @@ mod tests {
         assert_eq!(store.usage().unwrap().total, 0);
     }
 
+    /// The store lock as another process holding the store open holds it (its own open file).
+    fn other_run(root: &Path) -> File {
+        let lock = File::open(root.join("lock")).unwrap();
+        flock(&lock, libc::LOCK_SH).unwrap();
+        lock
+    }
+
+    #[test]
+    fn a_snapshot_is_taken_out_only_while_no_other_run_has_the_store_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // A second handle of this process is not another run.
+        let same_process = Store::open(dir.path()).unwrap();
+        let diff_id = Digest::of(b"snap");
+        let snapshot = store
+            .ensure_snapshot(&diff_id, |dir: &Path| std::fs::write(dir.join("f"), b"f"))
+            .unwrap();
+        let scratch = store.temp_dir().unwrap();
+        let dest = scratch.path().join("taken");
+        let other = other_run(dir.path());
+        assert!(!store.take_snapshot(&diff_id, &dest).unwrap());
+        assert!(snapshot.join("f").exists() && !dest.exists());
+        drop(other);
+        assert!(store.take_snapshot(&diff_id, &dest).unwrap());
+        assert_eq!(std::fs::read(dest.join("f")).unwrap(), b"f");
+        assert_eq!(store.snapshot_path(&diff_id), None);
+        assert!(
+            !store
+                .take_snapshot(&diff_id, &dest.with_extension("again"))
+                .unwrap()
+        );
+        // Our shared lock is back: another run can open the store, and prune sees it.
+        let other = other_run(dir.path());
+        assert!(matches!(
+            same_process.prune(0),
+            Err(StoreError::Busy { .. })
+        ));
+        drop(other);
+    }
+
     #[test]
     fn prune_refuses_while_another_store_is_open_and_recovers_its_lock() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.put_blob_bytes(b"x").unwrap();
-        let other = Store::open(dir.path()).unwrap();
+        let other = other_run(dir.path());
         assert!(matches!(store.prune(0), Err(StoreError::Busy { .. })));
         assert!(store.has_blob(&Digest::of(b"x")));
         // Our shared lock is back: a third opener is not blocked, and after the others close,
         // prune works.
-        let third = Store::open(dir.path()).unwrap();
+        let third = other_run(dir.path());
         drop(third);
         drop(other);
         assert_eq!(store.prune(0).unwrap().remaining_bytes, 0);

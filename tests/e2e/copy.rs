@@ -340,3 +340,135 @@ image app {{
     let refused = run(&sandbox, "store", &no_sandbox, "out");
     assert!(!refused.status.success(), "{}", stdout(&refused));
 }
+
+/// The snapshot directories of a store, by name.
+fn snapshot_names(store: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(store.join("snapshots"))
+        .expect("snapshots")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+/// Version 0 of a context for the incremental snapshot: 100 files that never change, and a few
+/// that will (changed, removed, renamed with their directory, a mode, a kind, a link target).
+fn context_v0(sandbox: &Sandbox) {
+    for index in 0..100 {
+        sandbox.write(
+            &format!("proj/src/fill/f{index:02}.txt"),
+            &format!("fill {index}\n"),
+        );
+    }
+    sandbox.write("proj/src/keep.txt", "keep\n");
+    sandbox.write("proj/src/change.txt", "before\n");
+    sandbox.write("proj/src/gone.txt", "gone\n");
+    sandbox.write("proj/src/olddir/x.txt", "moved\n");
+    sandbox.write("proj/src/olddir/deep/y.txt", "moved too\n");
+    sandbox.write("proj/src/mode.sh", "#!/bin/sh\n");
+    sandbox.write("proj/src/kind", "a file first\n");
+    std::os::unix::fs::symlink("keep.txt", sandbox.path().join("proj/src/link")).expect("link");
+}
+
+/// Version 1: one file changed, one removed, one added, `olddir` renamed to `newdir`, a mode
+/// and a directory's mode changed, a file turned into a directory, a link retargeted.
+fn context_v1(sandbox: &Sandbox) {
+    use std::os::unix::fs::PermissionsExt;
+    let src = sandbox.path().join("proj/src");
+    sandbox.write("proj/src/change.txt", "after, and longer\n");
+    std::fs::remove_file(src.join("gone.txt")).expect("rm");
+    sandbox.write("proj/src/added.txt", "added\n");
+    std::fs::rename(src.join("olddir"), src.join("newdir")).expect("rename");
+    std::fs::set_permissions(src.join("mode.sh"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    std::fs::set_permissions(src.join("fill"), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod");
+    std::fs::remove_file(src.join("kind")).expect("rm");
+    sandbox.write("proj/src/kind/inside.txt", "now a directory\n");
+    std::fs::remove_file(src.join("link")).expect("rm");
+    std::os::unix::fs::symlink("added.txt", src.join("link")).expect("link");
+}
+
+#[test]
+fn a_changed_context_changes_the_previous_snapshot_into_the_same_result() {
+    let sandbox = Sandbox::new();
+    context_v0(&sandbox);
+    // The run step reads every copied file's metadata (link counts included: a hard link or a
+    // merged overlay directory would show) and content, and changes and removes copied files.
+    sandbox.write(
+        "proj/images.kdl",
+        &format!(
+            r#"
+platforms "linux/amd64"
+stage app {{
+    from "{BASE}"
+    copy "src/" "/src/" chown="1000:1001"
+    run "mkdir /out && cd /src && find . | sort | xargs stat -c '%n %a %u:%g %h %s %Y %F' > /out/stat && find . -type f | sort | xargs md5sum > /out/sums && readlink link > /out/link && echo more >> keep.txt && rm fill/f01.txt && chmod 600 fill/f02.txt"
+}}
+image app {{
+    stage app
+    tags "localhost/app:1"
+}}
+"#
+        ),
+    );
+    let store = sandbox.path().join("store");
+    assert_success(&run(&sandbox, "store", &[], "first"));
+    let before = snapshot_names(&store);
+
+    context_v1(&sandbox);
+    let incremental = run(&sandbox, "store", &[], "incremental");
+    assert_success(&incremental);
+    let after = snapshot_names(&store);
+    // The previous copy's snapshot was taken out of the store and changed into the new one.
+    assert_eq!(
+        before.difference(&after).count(),
+        1,
+        "one snapshot taken: {before:?} → {after:?}"
+    );
+
+    // The same context built on an empty store: every output byte the same.
+    let clean = run(&sandbox, "store-clean", &[], "clean");
+    assert_success(&clean);
+    let incremental_files = tree_bytes(&sandbox.path().join("incremental"));
+    let clean_files = tree_bytes(&sandbox.path().join("clean"));
+    assert!(
+        incremental_files == clean_files,
+        "the layouts differ: {:?} vs {:?}",
+        incremental_files
+            .iter()
+            .map(|(name, _)| name)
+            .collect::<Vec<_>>(),
+        clean_files.iter().map(|(name, _)| name).collect::<Vec<_>>()
+    );
+
+    // And the image holds version 1, as the run step saw it.
+    let rootfs = unpack_platform(
+        &sandbox.path().join("incremental/app"),
+        "1",
+        "linux/amd64",
+        &sandbox.path().join("unpacked"),
+    );
+    let read = |path: &str| std::fs::read_to_string(rootfs.join(path)).expect(path);
+    assert_eq!(read("src/change.txt"), "after, and longer\n");
+    assert_eq!(read("src/keep.txt"), "keep\nmore\n");
+    assert_eq!(read("src/newdir/deep/y.txt"), "moved too\n");
+    assert_eq!(read("src/kind/inside.txt"), "now a directory\n");
+    assert_eq!(read("out/link"), "added.txt\n");
+    assert!(!rootfs.join("src/gone.txt").exists());
+    assert!(!rootfs.join("src/olddir").exists());
+    assert!(!rootfs.join("src/fill/f01.txt").exists());
+    let stat = read("out/stat");
+    assert!(stat.contains("./mode.sh 755 1000:1001 1 "), "{stat}");
+    assert!(stat.contains("./fill 700 1000:1001 2 "), "{stat}");
+    assert!(stat.contains("./newdir 755 1000:1001 3 "), "{stat}");
+    assert!(stat.contains("./added.txt 644 1000:1001 1 6 0 "), "{stat}");
+    assert!(
+        !stat.contains("gone.txt") && !stat.contains("olddir"),
+        "{stat}"
+    );
+}

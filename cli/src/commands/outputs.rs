@@ -290,8 +290,10 @@ pub(super) fn check_architectures(
     plan: &Plan,
     summaries: &[ImageSummary],
     strict: bool,
+    store: &graphbuild_engine::store::Store,
 ) -> Result<(), ExitStatus> {
     let mut failed = false;
+    let mut index = exporter::ElfIndex::new(Some(store));
     for (image, summary) in plan.images.iter().zip(summaries) {
         let layout = open_layout(summary)?;
         let platforms = exporter::platform_images(&layout).map_err(|message| {
@@ -302,10 +304,12 @@ pub(super) fn check_architectures(
         for (platform_image, (_, node)) in platforms.iter().zip(&image.platforms) {
             let skip = exporter::base_layer_count(plan, *node);
             let mismatches =
-                exporter::check_architecture(&layout, platform_image, skip).map_err(|message| {
-                    render::error(&message, &[]);
-                    ExitStatus::Environment
-                })?;
+                exporter::check_architecture(&layout, platform_image, skip, &mut index).map_err(
+                    |message| {
+                        render::error(&message, &[]);
+                        ExitStatus::Environment
+                    },
+                )?;
             for mismatch in mismatches {
                 let message = format!(
                     "image `{}` for {}: {} is an ELF file for {}, expected {}",

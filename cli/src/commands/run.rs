@@ -527,7 +527,9 @@ pub(super) fn build_loaded(
     {
         return code;
     }
-    if let Err(code) = outputs::check_architectures(&loaded.plan, &report.images, args.strict) {
+    if let Err(code) =
+        outputs::check_architectures(&loaded.plan, &report.images, args.strict, store)
+    {
         return code;
     }
     if let Err(code) = outputs::export(&loaded.plan, &report.images, &exports, args.quiet) {

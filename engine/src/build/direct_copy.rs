@@ -55,7 +55,7 @@ use crate::layer::{self, PlannedEntry, PlannedKind};
 use crate::plan::{CopyOp, CopySource, Node, StepPlan};
 use crate::state::LayerDesc;
 
-use super::{DepOutputs, Executor, NodeFailure};
+use super::{DepOutputs, Executor, NodeFailure, snapshot_delta};
 
 /// A read-only overlay lookup over snapshot directories, top-most first.
 pub(crate) struct MergedView {
@@ -402,6 +402,12 @@ struct CopyPlanner<'a> {
     modified: BTreeSet<Vec<u8>>,
     now: u64,
     epoch: i64,
+    /// Directories the copy creates where the base has nothing: nothing below them is in the
+    /// base either, so their children need no lookup.
+    created: BTreeSet<Vec<u8>>,
+    /// Context directories resolved so far (relative → host path): the files of one directory
+    /// share its resolution.
+    resolved_dirs: HashMap<PathBuf, PathBuf>,
 }
 
 fn join(components: &[OsString]) -> Vec<u8> {
@@ -438,6 +444,13 @@ impl CopyPlanner<'_> {
                 PlannedKind::Directory => State::PlannedDir,
                 _ => State::PlannedOther,
             });
+        }
+        if components.len() > 1
+            && self
+                .created
+                .contains(&join(&components[..components.len() - 1]))
+        {
+            return Ok(State::Missing);
         }
         let found = self
             .view
@@ -508,6 +521,7 @@ impl CopyPlanner<'_> {
                 State::Missing => {
                     self.modified.insert(join(&prefix[..depth - 1]));
                     self.insert(prefix, PlannedKind::Directory, 0o755, (0, 0));
+                    self.created.insert(join(prefix));
                 }
                 _ => return Err(PlanError::Fallback),
             }
@@ -539,6 +553,7 @@ impl CopyPlanner<'_> {
                 self.modified
                     .insert(join(&components[..components.len() - 1]));
                 self.insert(components, PlannedKind::Directory, mode, owner);
+                self.created.insert(join(components));
                 Ok(())
             }
             State::BaseDir(host, metadata) => {
@@ -584,16 +599,7 @@ impl CopyPlanner<'_> {
                     return Err(PlanError::Fallback);
                 }
                 let source = match src_root {
-                    Sources::Dir(root) => {
-                        crate::fsutil::resolve_path_in_root(root, &item.rel_src, false).map_err(
-                            |error| {
-                                PlanError::Io(format!(
-                                    "cannot resolve {}: {error}",
-                                    root.join(&item.rel_src).display()
-                                ))
-                            },
-                        )?
-                    }
+                    Sources::Dir(root) => self.context_source(root, &item.rel_src)?,
                     Sources::Hosts(hosts) => match hosts.get(&item.rel_src) {
                         Some(host) => host.clone(),
                         None => return Err(PlanError::Fallback),
@@ -631,6 +637,30 @@ impl CopyPlanner<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// Where a context file is read: `resolve_path_in_root(root, rel, false)`, its directory
+    /// resolved once for all the files in it.
+    fn context_source(&mut self, root: &Path, rel: &Path) -> Planned<PathBuf> {
+        let failed = |error: io::Error| {
+            PlanError::Io(format!(
+                "cannot resolve {}: {error}",
+                root.join(rel).display()
+            ))
+        };
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+            return crate::fsutil::resolve_path_in_root(root, rel, false).map_err(failed);
+        };
+        let dir = match self.resolved_dirs.get(parent) {
+            Some(dir) => dir.clone(),
+            None => {
+                let dir =
+                    crate::fsutil::resolve_path_in_root(root, parent, true).map_err(failed)?;
+                self.resolved_dirs.insert(parent.to_path_buf(), dir.clone());
+                dir
+            }
+        };
+        Ok(dir.join(name))
     }
 
     /// [`crate::copy::perform_copy`], step for step, on the planned entries over the base.
@@ -754,6 +784,8 @@ pub(crate) fn plan_copy(
         modified: BTreeSet::new(),
         now: now.min(epoch).max(0) as u64,
         epoch,
+        created: BTreeSet::new(),
+        resolved_dirs: HashMap::new(),
     };
     match planner.plan(
         items,
@@ -912,13 +944,14 @@ impl Executor<'_> {
             .any(|other| other.deps.contains(&node.id));
         let snapshot_dir = temp.path().join("snapshot");
         let want_snapshot = later_steps || used_by_others;
+        let lineage = snapshot_delta::lineage_key(copy, layers);
+        let previous = want_snapshot
+            .then(|| self.store.get_action(&lineage))
+            .flatten()
+            .and_then(|bytes| snapshot_delta::decode(&bytes));
         let (blob, materialized) = std::thread::scope(|scope| {
             let materializing = want_snapshot.then(|| {
-                scope.spawn(|| {
-                    std::fs::create_dir(&snapshot_dir)
-                        .map_err(|error| error.to_string())
-                        .and_then(|()| materialize(&entries, &snapshot_dir))
-                })
+                scope.spawn(|| self.lay_out_snapshot(&entries, &snapshot_dir, previous.as_ref()))
             });
             let blob = layer::write_layer_from_entries(&entries, temp.path(), &self.options.layer);
             let materialized = materializing
@@ -956,8 +989,61 @@ impl Executor<'_> {
         let _ = self.store.record_verified_layer(&layer);
         if materialized {
             self.adopt_materialized(&layer.diff_id, &snapshot_dir);
+            // The next version of this copy can start from this snapshot.
+            let index = snapshot_delta::encode(&layer.diff_id, &entries);
+            let _ = self.store.put_action(&lineage, &index);
         }
         Ok(Some(Some(layer)))
+    }
+
+    /// The snapshot of `entries` at `dir` (not existing yet): the previous snapshot of the same
+    /// copy changed into it when that one can be taken and few entries differ, else written
+    /// afresh.
+    fn lay_out_snapshot(
+        &self,
+        entries: &[PlannedEntry],
+        dir: &Path,
+        previous: Option<&snapshot_delta::SnapshotIndex>,
+    ) -> Result<(), String> {
+        if let Some(old) = previous
+            && self.take_previous(old, entries, dir)
+        {
+            match snapshot_delta::apply(old, entries, dir) {
+                Ok(_) => return Ok(()),
+                Err(_) => {
+                    // Not the snapshot its index says: write one afresh.
+                    crate::fsutil::remove_dir_all_force(dir)
+                        .map_err(|error| format!("cannot remove {}: {error}", dir.display()))?;
+                }
+            }
+        }
+        std::fs::create_dir(dir).map_err(|error| error.to_string())?;
+        materialize(entries, dir)
+    }
+
+    /// Move the snapshot `old` describes to `dir`, if changing it is worth it (under a quarter
+    /// of the entries differ) and no step of this build uses it.
+    fn take_previous(
+        &self,
+        old: &snapshot_delta::SnapshotIndex,
+        entries: &[PlannedEntry],
+        dir: &Path,
+    ) -> bool {
+        let changes = snapshot_delta::changes(old, entries);
+        if changes == 0 || changes * 4 > entries.len() {
+            return false;
+        }
+        let extracting = self
+            .in_flight_snapshots
+            .lock()
+            .map(|mut in_flight| in_flight.entry(old.diff_id).or_default().clone())
+            .unwrap_or_default();
+        let _extracting = extracting.lock();
+        let in_use = self
+            .snapshots_in_use
+            .lock()
+            .map_or(true, |in_use| in_use.contains(&old.diff_id));
+        !in_use && self.store.take_snapshot(&old.diff_id, dir).unwrap_or(false)
     }
 
     /// Keep a snapshot laid out by [`materialize`] as the snapshot of its layer (unless one
@@ -1037,7 +1123,11 @@ fn materialize(entries: &[PlannedEntry], dir: &Path) -> Result<(), String> {
 
 /// One file (content checked against its plan-time digest, metadata set through its
 /// descriptor) or symlink of a snapshot.
-fn write_entry(entry: &PlannedEntry, path: &Path, buffer: &mut [u8]) -> Result<(), String> {
+pub(super) fn write_entry(
+    entry: &PlannedEntry,
+    path: &Path,
+    buffer: &mut [u8],
+) -> Result<(), String> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let failed = |error: io::Error| format!("cannot create {}: {error}", path.display());
     let PlannedKind::File { source, expect, .. } = &entry.kind else {
@@ -1103,7 +1193,7 @@ fn write_entry(entry: &PlannedEntry, path: &Path, buffer: &mut [u8]) -> Result<(
 }
 
 /// Owner, then mode (a `chown` clears set-id bits), attributes and times of one entry.
-fn finish_entry(entry: &PlannedEntry, path: &Path) -> Result<(), String> {
+pub(super) fn finish_entry(entry: &PlannedEntry, path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let failed =
         |action: &str, error: io::Error| format!("cannot {action} {}: {error}", path.display());

@@ -228,6 +228,9 @@ impl Executor<'_> {
             let _extracting = extracting.lock();
             // A snapshot of this diff_id exists: it was verified when it was made, but is this
             // blob that layer? (Another image may claim the diff_id for other content.)
+            if let Ok(mut in_use) = self.snapshots_in_use.lock() {
+                in_use.insert(layer.diff_id);
+            }
             if let Some(dir) = self.store.snapshot_path(&layer.diff_id) {
                 self.verify_layer_blob(layer)?;
                 dirs.push(dir);

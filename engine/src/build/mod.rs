@@ -47,6 +47,7 @@ mod error;
 mod execute;
 mod export;
 mod image_test;
+mod snapshot_delta;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -198,6 +199,9 @@ struct Executor<'a> {
     executed_here: Mutex<std::collections::HashSet<Key>>,
     /// One lock per layer being unpacked into a snapshot.
     in_flight_snapshots: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
+    /// Snapshots handed to a step of this build (as a lower directory or a copy's source):
+    /// never taken out of the store to be changed into another ([`snapshot_delta`]).
+    snapshots_in_use: Mutex<std::collections::HashSet<Digest>>,
     /// Where a base image's layer comes from, by blob digest, for error messages.
     layer_origins: Mutex<HashMap<Digest, String>>,
     /// Layers verified (or recorded as verified) during this build.
@@ -304,6 +308,7 @@ fn build_once(
         in_flight: Mutex::new(HashMap::new()),
         executed_here: Mutex::new(std::collections::HashSet::new()),
         in_flight_snapshots: Mutex::new(HashMap::new()),
+        snapshots_in_use: Mutex::new(std::collections::HashSet::new()),
         layer_origins: Mutex::new(HashMap::new()),
         verified_layers: Mutex::new(std::collections::HashSet::new()),
         forged_layers: Mutex::new(std::collections::HashSet::new()),
