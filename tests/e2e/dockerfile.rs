@@ -579,10 +579,7 @@ image s {
 }
 "#,
     );
-    copy_tree(
-        &repo_root().join("tests/fixtures/busybox"),
-        &sandbox.path().join("fixtures/busybox"),
-    );
+    sandbox.busybox("fixtures/busybox");
     let output = sandbox.graphbuild(&["run", "b.kdl", "--output", "out", "--progress", "plain"]);
     assert_success(&output);
     for platform in ["linux/amd64", "linux/arm64"] {
@@ -634,10 +631,7 @@ fn shebang_scripts_run_with_their_interpreter() {
         return;
     }
     let sandbox = Sandbox::new();
-    copy_tree(
-        &repo_root().join("tests/fixtures/busybox"),
-        &sandbox.path().join("fixtures/busybox"),
-    );
+    sandbox.busybox("fixtures/busybox");
     sandbox.write(
         "df/Dockerfile",
         "FROM oci:../fixtures/busybox:1.35.0\nRUN <<EOF\n#!/bin/awk -f\nBEGIN { print \"awk ran\" > \"/awk.txt\" }\nEOF\nRUN <<EOF\n#!/bin/sh -e\necho \"$0 $(id -u)\" > /zero.txt\nEOF\n",
@@ -695,10 +689,7 @@ fn copy_exclude_leaves_out_what_its_patterns_match() {
         return;
     }
     let sandbox = Sandbox::new();
-    copy_tree(
-        &repo_root().join("tests/fixtures/busybox"),
-        &sandbox.path().join("fixtures/busybox"),
-    );
+    sandbox.busybox("fixtures/busybox");
     for (path, text) in [
         ("ctx/a.txt", "a"),
         ("ctx/b.md", "b"),
@@ -762,10 +753,7 @@ fn heredoc_files_and_kdl_files_are_written_into_the_image() {
         return;
     }
     let sandbox = Sandbox::new();
-    copy_tree(
-        &repo_root().join("tests/fixtures/busybox"),
-        &sandbox.path().join("fixtures/busybox"),
-    );
+    sandbox.busybox("fixtures/busybox");
     sandbox.write(
         "df/Dockerfile",
         "FROM oci:../fixtures/busybox:1.35.0\nARG NAME=world\nCOPY <<EOF /etc/motd\nhello $NAME\nEOF\nCOPY <<'EOF' /raw.txt\nkept $NAME\nEOF\nCOPY --chmod=0755 <<greet /usr/local/bin/\n#!/bin/sh\necho hi\ngreet\n",

@@ -698,10 +698,7 @@ fn podman_reads_every_platform_of_the_layout() {
 #[test]
 fn groups_and_stage_targets_select_what_runs() {
     let sandbox = Sandbox::new();
-    copy_tree(
-        &repo_root().join("tests/fixtures/busybox"),
-        &sandbox.path().join("busybox"),
-    );
+    sandbox.busybox("busybox");
     sandbox.write(
         "b.kdl",
         r#"platforms "linux/amd64" "linux/arm64"
@@ -786,10 +783,7 @@ group everything {
 #[test]
 fn typed_annotations_go_where_their_type_says() {
     let sandbox = Sandbox::new();
-    copy_tree(
-        &repo_root().join("tests/fixtures/busybox"),
-        &sandbox.path().join("busybox"),
-    );
+    sandbox.busybox("busybox");
     sandbox.write(
         "b.kdl",
         r#"platforms "linux/amd64" "linux/arm64"

@@ -697,19 +697,7 @@ impl Loader {
                         continue;
                     }
                     chmod = self.string(entry, file, "`chmod`");
-                    if let Some(text) = &chmod
-                        && !text.raw.contains('$')
-                        && (text.raw.is_empty()
-                            || text.raw.len() > 4
-                            || !text.raw.chars().all(|c| ('0'..='7').contains(&c)))
-                    {
-                        self.error(
-                            Code::CopyChmod,
-                            format!("invalid mode `{}`", text.raw),
-                            text.at,
-                            "not an octal mode",
-                            Some("write an octal mode such as chmod=\"0755\"".into()),
-                        );
+                    if !self.octal_mode(chmod.as_ref()) {
                         failed = true;
                     }
                 }
@@ -776,6 +764,28 @@ impl Loader {
         })
     }
 
+    /// Whether a `chmod` value is an octal mode (or has variables, checked once substituted);
+    /// reports it when not.
+    fn octal_mode(&mut self, chmod: Option<&Text>) -> bool {
+        let Some(text) = chmod else {
+            return true;
+        };
+        let octal = text.raw.contains('$')
+            || (!text.raw.is_empty()
+                && text.raw.len() <= 4
+                && text.raw.chars().all(|c| ('0'..='7').contains(&c)));
+        if !octal {
+            self.error(
+                Code::CopyChmod,
+                format!("invalid mode `{}`", text.raw),
+                text.at,
+                "not an octal mode",
+                Some("write an octal mode such as chmod=\"0755\"".into()),
+            );
+        }
+        octal
+    }
+
     /// `file "PATH" content="…" chown=… chmod=…`: a file the build file writes, as a copy of
     /// inline content (Docker's `COPY <<EOF PATH`).
     pub(super) fn lower_file(&mut self, node: &KdlNode, file: FileId) -> Option<Copy> {
@@ -789,19 +799,7 @@ impl Loader {
                 "chown" => chown = self.string_or_integer(entry, file, "`chown`"),
                 "chmod" => {
                     chmod = self.string(entry, file, "`chmod`");
-                    if let Some(text) = &chmod
-                        && !text.raw.contains('$')
-                        && (text.raw.is_empty()
-                            || text.raw.len() > 4
-                            || !text.raw.chars().all(|c| ('0'..='7').contains(&c)))
-                    {
-                        self.error(
-                            Code::CopyChmod,
-                            format!("invalid mode `{}`", text.raw),
-                            text.at,
-                            "not an octal mode",
-                            Some("write an octal mode such as chmod=\"0644\"".into()),
-                        );
+                    if !self.octal_mode(chmod.as_ref()) {
                         return None;
                     }
                 }

@@ -47,6 +47,15 @@ impl Sandbox {
         target
     }
 
+    /// The vendored busybox base image (an OCI layout) copied to `relative`.
+    #[allow(dead_code)]
+    pub(crate) fn busybox(&self, relative: &str) {
+        copy_tree(
+            &repo_root().join("tests/fixtures/busybox"),
+            &self.path().join(relative),
+        );
+    }
+
     pub(crate) fn write(&self, relative: &str, contents: &str) -> PathBuf {
         let path = self.path().join(relative);
         std::fs::create_dir_all(path.parent().expect("has parent")).expect("mkdir");
