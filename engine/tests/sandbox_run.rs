@@ -123,6 +123,7 @@ fn shell(script: &str) -> RunTask {
         user: String::new(),
         cache_mounts: vec![],
         tmpfs_mounts: vec![],
+        bind_mounts: vec![],
         script: None,
         secret_files: vec![],
         network: NetworkMode::Host,

@@ -308,6 +308,8 @@ pub struct Run {
     pub cache_mounts: Vec<CacheMount>,
     /// `tmpfs "PATH" size="64m"`: an empty in-memory directory for this step only.
     pub tmpfs_mounts: Vec<TmpfsMount>,
+    /// `bind "/src" source="."`: part of the build context, read-only, for this step only.
+    pub bind_mounts: Vec<BindMount>,
     pub secrets: Vec<Secret>,
     pub network: Network,
     /// `timeout="10m"`: the step is killed and fails after this long.
@@ -334,6 +336,16 @@ pub struct TmpfsMount {
     pub target: Text,
     /// `size="64m"`: the most the tmpfs may hold (default: the kernel's, half of the RAM).
     pub size: Option<Text>,
+    pub at: Loc,
+}
+
+/// Part of the build context mounted read-only on `target` while the step runs, as Docker's
+/// `RUN --mount=type=bind` (from the context): in no layer, its content in the step's key.
+#[derive(Clone, Debug)]
+pub struct BindMount {
+    pub target: Text,
+    /// A path in the build context (a directory or a file); `.` by default.
+    pub source: Text,
     pub at: Loc,
 }
 

@@ -815,3 +815,85 @@ fn heredoc_files_and_kdl_files_are_written_into_the_image() {
         assert_eq!(mode("usr/local/bin/greet"), 0o755, "{rootfs}");
     }
 }
+
+/// `RUN --mount=type=bind` (KDL `bind`): part of the build context, read-only, in no layer;
+/// what it holds is in the step's key, so changing a bound file runs the step again.
+#[test]
+fn bind_mounts_show_the_context_read_only_and_key_the_step() {
+    if !root_or_skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("fixtures/busybox");
+    sandbox.write("ctx/src/a.txt", "first\n");
+    sandbox.write("ctx/src/sub/b.sh", "#!/bin/sh\necho from-script\n");
+    sandbox.write("ctx/.dockerignore", "src/ignored.txt\n");
+    sandbox.write("ctx/src/ignored.txt", "never seen\n");
+    sandbox.write(
+        "ctx/Dockerfile",
+        "FROM oci:../fixtures/busybox:1.35.0\nRUN --mount=type=bind,source=src,target=/src cat /src/a.txt > /out.txt; sh /src/sub/b.sh >> /out.txt; ls /src >> /out.txt; if touch /src/new 2>/dev/null; then echo writable; else echo read-only; fi >> /out.txt\nRUN --mount=type=bind,source=src/a.txt,target=/one.txt cat /one.txt > /single.txt\n",
+    );
+    sandbox.write(
+        "ctx/b.kdl",
+        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:../fixtures/busybox:1.35.0\"\n    run \"cat /src/a.txt > /out.txt; sh /src/sub/b.sh >> /out.txt; ls /src >> /out.txt; if touch /src/new 2>/dev/null; then echo writable; else echo read-only; fi >> /out.txt\" {\n        bind \"/src\" source=\"src\"\n    }\n    run \"cat /one.txt > /single.txt\" {\n        bind \"/one.txt\" source=\"src/a.txt\"\n    }\n}\nimage s { stage s; }\n",
+    );
+    let build = |dest: &str| {
+        let output = sandbox.graphbuild(&[
+            "build",
+            "--platform",
+            "linux/amd64",
+            "-o",
+            &format!("type=local,dest={dest}"),
+            "--progress",
+            "json",
+            "ctx",
+        ]);
+        assert_success(&output);
+        output
+    };
+    let first = build("rootfs-1");
+    let kdl = sandbox.graphbuild(&[
+        "run",
+        "ctx/b.kdl",
+        "--output",
+        "out",
+        "--output",
+        "type=local,dest=rootfs-kdl",
+    ]);
+    assert_success(&kdl);
+    for rootfs in ["rootfs-1", "rootfs-kdl"] {
+        let root = sandbox.path().join(rootfs);
+        assert_eq!(
+            std::fs::read_to_string(root.join("out.txt")).expect("out.txt"),
+            "first\nfrom-script\na.txt\nsub\nread-only\n",
+            "{rootfs}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("single.txt")).expect("single.txt"),
+            "first\n",
+            "{rootfs}"
+        );
+        assert!(
+            !root.join("src").exists(),
+            "{rootfs}: the mount point is in the image"
+        );
+        assert!(!root.join("one.txt").exists(), "{rootfs}");
+    }
+    // Warm: nothing runs. A bound file changes: the steps that see it run again.
+    let executed = |output: &std::process::Output| {
+        steps(output)
+            .into_iter()
+            .filter(|(_, _, _, status)| status == "executed")
+            .count()
+    };
+    assert_eq!(executed(&build("rootfs-2")), 0);
+    sandbox.write("ctx/src/a.txt", "second\n");
+    let changed = build("rootfs-3");
+    assert_eq!(executed(&changed), 2);
+    assert!(
+        std::fs::read_to_string(sandbox.path().join("rootfs-3/out.txt"))
+            .expect("out.txt")
+            .starts_with("second\n")
+    );
+    let _ = first;
+}

@@ -598,9 +598,16 @@ impl Executor<'_> {
                 }
             }
         }
+        let mut bind_mounts = Vec::new();
+        for mount in &run.bind_mounts {
+            let (dir, host, is_dir) = self.lay_out_bind(mount).map_err(StepError::Message)?;
+            bind_mounts.push((host, mount.target.clone(), is_dir));
+            guards.push(Box::new(dir));
+        }
         Ok(RunTask {
             argv: run.argv.clone(),
             script: run.script.clone(),
+            bind_mounts,
             env,
             cwd: run.workdir.clone(),
             user: run.user.clone(),
@@ -626,6 +633,94 @@ impl Executor<'_> {
 }
 
 impl Executor<'_> {
+    /// A bind mount's view of the build context, laid out in a scratch directory (alive as
+    /// long as the returned guard) from the items the plan selected: each file's content is
+    /// checked against the digest in the step's key while it is copied, so the step reads
+    /// exactly what its key says, whatever happens to the context meanwhile. Times are 1970,
+    /// owners root. Returns the guard, the path to mount, and whether it is a directory.
+    fn lay_out_bind(
+        &self,
+        mount: &crate::plan::op::BindMountOp,
+    ) -> Result<(tempfile::TempDir, PathBuf, bool), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let fail = |what: &str, path: &Path, error: std::io::Error| {
+            format!(
+                "bind mount {}: cannot {what} {}: {error}",
+                mount.target,
+                path.display()
+            )
+        };
+        let dir = self
+            .store
+            .temp_dir()
+            .map_err(|error| format!("cannot create a temporary directory: {error}"))?;
+        let root = dir.path().join("bind");
+        let single_file = matches!(
+            mount.items.as_slice(),
+            [item] if matches!(item.kind, crate::context::ItemKind::File { .. })
+        );
+        let mut directories = Vec::new();
+        for item in &mount.items {
+            let dest = if single_file {
+                root.clone()
+            } else {
+                root.join(&item.rel_dest)
+            };
+            match &item.kind {
+                crate::context::ItemKind::Dir { mode } => {
+                    std::fs::create_dir_all(&dest).map_err(|error| fail("create", &dest, error))?;
+                    directories.push((dest, *mode));
+                }
+                crate::context::ItemKind::Symlink { target } => {
+                    std::os::unix::fs::symlink(target, &dest)
+                        .map_err(|error| fail("create", &dest, error))?;
+                }
+                crate::context::ItemKind::File { digest, mode, .. } => {
+                    let source = self.plan.context_dir.join(&item.rel_src);
+                    let mut input = std::fs::File::open(&source)
+                        .map_err(|error| fail("read", &source, error))?;
+                    let mut output = std::fs::File::create(&dest)
+                        .map_err(|error| fail("write", &dest, error))?;
+                    let mut hasher = blake3::Hasher::new();
+                    let mut buffer = vec![0u8; 1 << 16];
+                    loop {
+                        let read = std::io::Read::read(&mut input, &mut buffer)
+                            .map_err(|error| fail("read", &source, error))?;
+                        if read == 0 {
+                            break;
+                        }
+                        hasher.update(&buffer[..read]);
+                        std::io::Write::write_all(&mut output, &buffer[..read])
+                            .map_err(|error| fail("write", &dest, error))?;
+                    }
+                    if hasher.finalize().as_bytes() != digest {
+                        return Err(format!(
+                            "bind mount {}: {} changed in the build context since the build was \
+                             planned; run the build again",
+                            mount.target,
+                            item.rel_src.display()
+                        ));
+                    }
+                    output
+                        .set_permissions(std::fs::Permissions::from_mode(*mode))
+                        .and_then(|()| output.set_modified(std::time::UNIX_EPOCH))
+                        .map_err(|error| fail("write", &dest, error))?;
+                }
+            }
+        }
+        // Directories last, deepest first: their modes may forbid writing, and their times
+        // change with every entry made in them.
+        for (path, mode) in directories.iter().rev() {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
+                .and_then(|()| std::fs::File::open(path)?.set_modified(std::time::UNIX_EPOCH))
+                .map_err(|error| fail("write", path, error))?;
+        }
+        if mount.items.is_empty() {
+            std::fs::create_dir_all(&root).map_err(|error| fail("create", &root, error))?;
+        }
+        Ok((dir, root, !single_file))
+    }
+
     /// The directory a context copy reads its items from: the build context, or a scratch
     /// directory holding the build file's inline files (alive as long as the returned guard),
     /// each `0644` and dated 1970 (the copy clamps times to `SOURCE_DATE_EPOCH` anyway).

@@ -18,7 +18,9 @@ use graphbuild_lang::platform::Platform;
 use graphbuild_lang::subst::{self, Mode};
 use graphbuild_lang::{Code, Diagnostic, Diagnostics};
 
-use super::op::{CacheMountOp, ConfigOp, CopyOp, CopySource, Op, RunOp, SecretOp, TmpfsMountOp};
+use super::op::{
+    BindMountOp, CacheMountOp, ConfigOp, CopyOp, CopySource, Op, RunOp, SecretOp, TmpfsMountOp,
+};
 use super::{
     Base, ImagePlan, Node, Plan, PlanOptions, StepInputs, StepPlan, TestPlan, parse_duration,
 };
@@ -1053,6 +1055,38 @@ impl<'a> Expander<'a> {
                 }),
             })
             .collect();
+        let mut bind_mounts = Vec::new();
+        for mount in &run.bind_mounts {
+            let target = self.substitute(&mount.target, Mode::Strict, vars, Some(settings));
+            let source = self.substitute(&mount.source, Mode::Strict, vars, Some(settings));
+            let selected = match self.context() {
+                Ok(context) => context
+                    .select(std::slice::from_ref(&source))
+                    .map_err(|error| error.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            match selected {
+                Ok(items) => {
+                    let digest = hex::encode(context::items_digest(&items));
+                    bind_mounts.push(BindMountOp {
+                        target,
+                        source,
+                        items,
+                        digest,
+                    });
+                }
+                Err(error) => self.error(
+                    mount.at,
+                    Code::RunBind,
+                    error,
+                    "this bind mount",
+                    Some(format!(
+                        "a bind mount's source is a path in the build context `{}`",
+                        self.context_dir.display()
+                    )),
+                ),
+            }
+        }
         let secrets = run
             .secrets
             .iter()
@@ -1074,6 +1108,7 @@ impl<'a> Expander<'a> {
             user: settings.user.clone(),
             cache_mounts,
             tmpfs_mounts,
+            bind_mounts,
             secrets,
             network_none: run.network == ir::Network::None,
             insecure: run.insecure,

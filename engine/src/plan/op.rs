@@ -116,6 +116,9 @@ pub struct RunOp {
     /// In the key only when there are some, so the keys of other steps do not change.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tmpfs_mounts: Vec<TmpfsMountOp>,
+    /// In the key only when there are some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bind_mounts: Vec<BindMountOp>,
     pub secrets: Vec<SecretOp>,
     pub network_none: bool,
     /// `insecure=#true`: every capability, no seccomp filter. In the key only when set, so
@@ -144,6 +147,18 @@ pub struct CacheMountOp {
 pub struct TmpfsMountOp {
     pub target: String,
     pub size: Option<u64>,
+}
+
+/// Part of the build context, read-only on `target` while the step runs. `digest` covers every
+/// selected path, mode, link target and content, as a copy's does: a change to what the step
+/// can read changes its key.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BindMountOp {
+    pub target: String,
+    pub source: String,
+    #[serde(skip)]
+    pub items: Vec<CopyItem>,
+    pub digest: String,
 }
 
 /// A secret's id and where it goes; never its value.

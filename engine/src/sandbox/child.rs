@@ -613,8 +613,8 @@ struct MountTarget {
     kind: TargetKind,
 }
 
-/// In order: /proc, /dev, cache mounts, tmpfs mounts, secrets, /etc/resolv.conf (host
-/// network).
+/// In order: /proc, /dev, cache mounts, tmpfs mounts, bind mounts, secrets,
+/// /etc/resolv.conf (host network).
 fn mount_targets(run: &RunTask) -> Vec<MountTarget> {
     let directory = |path: &str| MountTarget {
         path: path.to_string(),
@@ -627,6 +627,13 @@ fn mount_targets(run: &RunTask) -> Vec<MountTarget> {
     let mut targets = vec![directory("/proc"), directory("/dev")];
     targets.extend(run.cache_mounts.iter().map(|(_, target)| directory(target)));
     targets.extend(run.tmpfs_mounts.iter().map(|(target, _)| directory(target)));
+    targets.extend(run.bind_mounts.iter().map(|(_, target, is_dir)| {
+        if *is_dir {
+            directory(target)
+        } else {
+            file(target)
+        }
+    }));
     targets.extend(run.secret_files.iter().map(|(_, target)| file(target)));
     if run.network == NetworkMode::Host && Path::new("/etc/resolv.conf").exists() {
         targets.push(file("/etc/resolv.conf"));
@@ -1014,6 +1021,32 @@ fn pid1(
             Some(options.as_str()),
         )
         .map_err(step(format!("mount a tmpfs on {target}")))?;
+    }
+    for (host_path, target, _) in &run.bind_mounts {
+        let target_path = next_target()?;
+        // Read-only, executable (scripts from the context run as in Docker), no devices or
+        // setuid.
+        mount(
+            Some(host_path.as_path()),
+            &target_path,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .and_then(|()| {
+            mount(
+                None::<&str>,
+                &target_path,
+                None::<&str>,
+                MsFlags::MS_BIND
+                    | MsFlags::MS_REMOUNT
+                    | MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV,
+                None::<&str>,
+            )
+        })
+        .map_err(step(format!("mount the build context on {target}")))?;
     }
     for (host_file, target) in &run.secret_files {
         let target_file = next_target()?;

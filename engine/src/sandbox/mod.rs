@@ -148,6 +148,9 @@ pub struct RunTask {
     /// in the step's `/dev`).
     #[serde(default)]
     pub script: Option<String>,
+    /// (host path, absolute target, is a directory): read-only views of the build context.
+    #[serde(default)]
+    pub bind_mounts: Vec<(PathBuf, String, bool)>,
     /// (absolute target, size in bytes): empty tmpfs directories, in no layer.
     #[serde(default)]
     pub tmpfs_mounts: Vec<(String, Option<u64>)>,
@@ -693,6 +696,13 @@ fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
         if let Some((host_path, _)) = host_paths.into_iter().find(|(path, _)| !path.is_absolute()) {
             return invalid(format!("host path {} is not absolute", host_path.display()));
         }
+        if let Some((host_path, _, _)) = run
+            .bind_mounts
+            .iter()
+            .find(|(path, _, _)| !path.is_absolute())
+        {
+            return invalid(format!("host path {} is not absolute", host_path.display()));
+        }
         if run.argv.is_empty() {
             return invalid("the command is empty".to_string());
         }
@@ -701,6 +711,11 @@ fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
             .iter()
             .map(|(_, target)| ("cache mount", target))
             .chain(run.tmpfs_mounts.iter().map(|(target, _)| ("tmpfs", target)))
+            .chain(
+                run.bind_mounts
+                    .iter()
+                    .map(|(_, target, _)| ("bind mount", target)),
+            )
             .chain(
                 run.secret_files
                     .iter()
@@ -841,6 +856,7 @@ mod tests {
                 user: String::new(),
                 cache_mounts: vec![],
                 tmpfs_mounts: vec![],
+                bind_mounts: vec![],
                 script: None,
                 secret_files: vec![],
                 network: NetworkMode::Host,

@@ -26,9 +26,9 @@ use std::sync::Arc;
 
 use crate::Code;
 use crate::ir::{
-    self, ArgDecl, CacheMount, CacheSharing, Command, CopyFrom, FileId, FromSource, Healthcheck,
-    Image, InlineFile, Loc, Network, PlatformSpec, Project, Secret, Source, Sources, Stage, Step,
-    StepKind, Text, TmpfsMount,
+    self, ArgDecl, BindMount, CacheMount, CacheSharing, Command, CopyFrom, FileId, FromSource,
+    Healthcheck, Image, InlineFile, Loc, Network, PlatformSpec, Project, Secret, Source, Sources,
+    Stage, Step, StepKind, Text, TmpfsMount,
 };
 use crate::platform::{AUTOMATIC_ARGS, Platform};
 use crate::{Diagnostic, Diagnostics};
@@ -737,6 +737,7 @@ impl Lowerer {
             command: Command::Exec(Vec::new()),
             cache_mounts: Vec::new(),
             tmpfs_mounts: Vec::new(),
+            bind_mounts: Vec::new(),
             secrets: Vec::new(),
             network: if self.network_none {
                 Network::None
@@ -875,13 +876,26 @@ impl Lowerer {
                 &["type", "target", "dst", "destination", "size"],
                 "write --mount=type=tmpfs,target=PATH[,size=64m]",
             ),
+            "bind" => (
+                &[
+                    "type",
+                    "target",
+                    "dst",
+                    "destination",
+                    "source",
+                    "src",
+                    "ro",
+                    "readonly",
+                ],
+                "write --mount=type=bind,target=PATH[,source=CONTEXT_PATH] (read-only, from the build context)",
+            ),
             other => {
                 self.error(
                     Code::DockerfileUnsupported,
                     format!("`--mount=type={other}` is not supported yet"),
                     span,
                     "this mount",
-                    "graphbuild supports --mount=type=cache, type=secret and type=tmpfs; copy files in with COPY instead of a bind mount",
+                    "graphbuild supports --mount=type=cache, secret, tmpfs and bind (from the build context)",
                 );
                 return false;
             }
@@ -931,6 +945,27 @@ impl Lowerer {
                 target: self.text(lex::literal_raw(&target), span),
                 id: get(&["id"]).map(|id| self.text(lex::literal_raw(&id), span)),
                 sharing,
+                at,
+            });
+            return true;
+        }
+        if kind == "bind" {
+            let Some(target) = target else {
+                self.error(
+                    Code::RunBind,
+                    "a bind mount needs `target=PATH`",
+                    span,
+                    "this mount",
+                    help,
+                );
+                return false;
+            };
+            run.bind_mounts.push(BindMount {
+                target: self.text(lex::literal_raw(&target), span),
+                source: self.text(
+                    lex::literal_raw(&get(&["source", "src"]).unwrap_or_else(|| ".".into())),
+                    span,
+                ),
                 at,
             });
             return true;

@@ -7,9 +7,9 @@ use kdl::{KdlNode, KdlValue};
 
 use crate::Diagnostic;
 use crate::ir::{
-    CacheMount, CacheSharing, Command, Copy, CopyFrom, FileId, From, FromSource, Healthcheck,
-    InlineFile, Loc, Network, PlatformSpec, Run, ScopeId, Secret, Stage, Step, StepKind, Text,
-    TmpfsMount,
+    BindMount, CacheMount, CacheSharing, Command, Copy, CopyFrom, FileId, From, FromSource,
+    Healthcheck, InlineFile, Loc, Network, PlatformSpec, Run, ScopeId, Secret, Stage, Step,
+    StepKind, Text, TmpfsMount,
 };
 
 use super::*;
@@ -470,6 +470,7 @@ impl Loader {
         let command = self.run_command(node, file, "run");
         let mut cache_mounts = Vec::new();
         let mut tmpfs_mounts = Vec::new();
+        let mut bind_mounts = Vec::new();
         let mut secrets = Vec::new();
         let mut network = Network::default();
         let mut network_seen = false;
@@ -573,6 +574,38 @@ impl Loader {
                         at: child_at,
                     });
                 }
+                "bind" => {
+                    self.check_no_children(child, file, "bind");
+                    let mut source = None;
+                    for (key, entry) in properties(child) {
+                        match key {
+                            "source" => source = self.string(entry, file, "`source`"),
+                            other => self.unknown_property(other, entry, file, "bind", &["source"]),
+                        }
+                    }
+                    let Some(target) = self.single_string_argument(
+                        child,
+                        file,
+                        child_at,
+                        (
+                            Code::RunBind,
+                            "a bind mount path",
+                            "`bind` takes one path",
+                            "one path expected",
+                        ),
+                        "write `bind \"/src\" source=\".\"`",
+                    ) else {
+                        continue;
+                    };
+                    bind_mounts.push(BindMount {
+                        source: source.unwrap_or_else(|| Text {
+                            raw: ".".into(),
+                            at: child_at,
+                        }),
+                        target,
+                        at: child_at,
+                    });
+                }
                 "secret" => {
                     self.check_no_children(child, file, "secret");
                     let mut target = None;
@@ -654,6 +687,7 @@ impl Loader {
             command: command?,
             cache_mounts,
             tmpfs_mounts,
+            bind_mounts,
             secrets,
             network,
             timeout,

@@ -115,7 +115,7 @@ const WHEN_NODES: &[&str] = &[
     "stopsignal",
     "healthcheck",
 ];
-const RUN_NODES: &[&str] = &["cache-mount", "tmpfs", "secret", "network"];
+const RUN_NODES: &[&str] = &["cache-mount", "tmpfs", "bind", "secret", "network"];
 const IMAGE_NODES: &[&str] = &[
     "stage",
     "tags",
