@@ -121,7 +121,7 @@ HEALTHCHECK --interval=30s --retries=3 CMD true
 #[test]
 fn every_problem_is_reported_at_once_with_its_line() {
     let found = codes(
-        "FROM alpine AS a\nFORM x\nONBUILD RUN x\nADD https://example.com/x /x\nADD a.tar.gz /x\nRUN --mount=type=bind,target=/x true\nCOPY --chmod=999 a b\nCOPY onlyone\nFROM alpine AS A\n",
+        "FROM alpine AS a\nFORM x\nONBUILD RUN x\nADD https://example.com/x /x\nADD a.tar.gz /x\nRUN --mount=type=ssh,target=/x true\nCOPY --chmod=999 a b\nCOPY onlyone\nFROM alpine AS A\n",
     );
     let expected = [
         (Code::DockerfileUnknownInstruction, "line 2"),
