@@ -776,42 +776,6 @@ fn a_context_file_with_a_non_utf8_name_does_not_break_builds() {
     assert!(found, "data/caf\\xe9.txt is in the image");
 }
 
-/// `graphbuild cache serve` on 127.0.0.1, stopped on drop.
-struct CacheServer {
-    child: std::process::Child,
-    url: String,
-}
-
-impl CacheServer {
-    fn start(dir: &Path) -> CacheServer {
-        use std::io::BufRead;
-        let mut child = Command::new(bin())
-            .args(["cache", "serve", "--listen", "127.0.0.1:0", "--dir"])
-            .arg(dir)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("cache serve starts");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("reads the address");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        CacheServer { child, url }
-    }
-}
-
-impl Drop for CacheServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_team_cache_record_naming_a_forged_layer_is_not_used() {
     use graphbuild_engine::remote::{ActionResult, HttpCache, RemoteCache};
@@ -819,7 +783,7 @@ fn a_team_cache_record_naming_a_forged_layer_is_not_used() {
         return;
     }
     let sandbox = Sandbox::new();
-    let server = CacheServer::start(&sandbox.path().join("server"));
+    let server = CacheServer::start(&sandbox.path().join("server"), &[]);
     let file = build_file(&sandbox, "team", BUSYBOX, "echo hi > /hi");
     let store_a = sandbox.path().join("store-a");
     let a = sandbox.graphbuild_with_store(

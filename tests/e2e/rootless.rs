@@ -813,42 +813,6 @@ fn a_missing_emulator_is_an_environment_error_rootless() {
     );
 }
 
-/// `graphbuild cache serve` as root, on 127.0.0.1.
-struct Server {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        use std::io::BufRead;
-        let mut child = Command::new(bin())
-            .args(["cache", "serve", "--listen", "127.0.0.1:0", "--dir"])
-            .arg(dir)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("cache serve starts");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("reads the address");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Server { child, url }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The team cache across root and rootless machines: platforms split between a rootless
 /// user and root, uploaded; a fresh rootless store and a fresh root store each assemble the
 /// whole index from cache hits alone, identical to a local root build.
@@ -859,7 +823,7 @@ fn team_cache_split_between_root_and_rootless_merges_either_way() {
     }
     let scratch = Scratch::new(SUBID_USER);
     scratch.example("basic");
-    let server = Server::start(&scratch.path().join("server"));
+    let server = CacheServer::start(&scratch.path().join("server"), &[]);
     let file = "examples/basic/images.kdl";
     let args = |output: &'static str, extra: &[&'static str]| {
         let mut args = vec!["run", file, "--output", output, "--progress", "json"];
