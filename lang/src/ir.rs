@@ -326,6 +326,11 @@ pub struct CacheMount {
     pub id: Option<Text>,
     /// `sharing="shared|private|locked"`, as Docker's `--mount type=cache,sharing=…`.
     pub sharing: CacheSharing,
+    /// `uid=`, `gid=`, `mode="0755"`: the owner and mode the directory gets when it is created
+    /// (empty), as Docker's cache-mount options.
+    pub uid: Option<Text>,
+    pub gid: Option<Text>,
+    pub mode: Option<Text>,
     pub at: Loc,
 }
 

@@ -897,3 +897,58 @@ fn bind_mounts_show_the_context_read_only_and_key_the_step() {
     );
     let _ = first;
 }
+
+/// Cache mounts' `uid`, `gid` and `mode` (Docker's options, KDL properties of `cache-mount`):
+/// a new cache directory gets them; an invalid mode is a diagnostic.
+#[test]
+fn cache_mount_owner_and_mode_apply_to_a_new_directory() {
+    if !root_or_skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("fixtures/busybox");
+    sandbox.write(
+        "df/Dockerfile",
+        "FROM oci:../fixtures/busybox:1.35.0\nRUN --mount=type=cache,target=/c,id=owned,uid=1000,gid=1001,mode=0710 stat -c '%u %g %a' /c > /df.txt\n",
+    );
+    sandbox.write(
+        "b.kdl",
+        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:fixtures/busybox:1.35.0\"\n    run \"stat -c '%u %g %a' /c > /kdl.txt\" {\n        cache-mount \"/c\" id=\"kdl-owned\" uid=1000 gid=1001 mode=\"0710\"\n    }\n}\nimage s { stage s; }\n",
+    );
+    let built = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64",
+        "-o",
+        "type=local,dest=rootfs-df",
+        "df",
+    ]);
+    assert_success(&built);
+    let kdl = sandbox.graphbuild(&[
+        "run",
+        "b.kdl",
+        "--output",
+        "out",
+        "--output",
+        "type=local,dest=rootfs-kdl",
+    ]);
+    assert_success(&kdl);
+    for (rootfs, file) in [("rootfs-df", "df.txt"), ("rootfs-kdl", "kdl.txt")] {
+        assert_eq!(
+            std::fs::read_to_string(sandbox.path().join(rootfs).join(file)).expect(file),
+            "1000 1001 710\n",
+            "{rootfs}"
+        );
+    }
+    sandbox.write(
+        "bad.kdl",
+        "stage s {\n    from \"scratch\"\n    run \"true\" {\n        cache-mount \"/c\" mode=\"0999\"\n    }\n}\nimage s { stage s; }\n",
+    );
+    let bad = sandbox.graphbuild(&["plan", "bad.kdl"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("`0999` is not a cache mount mode"),
+        "{}",
+        stderr(&bad)
+    );
+}

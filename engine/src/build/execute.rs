@@ -550,6 +550,30 @@ impl Executor<'_> {
                         source,
                     })?;
                 self.restore_cache_mount(&mount.id, &node.platform.to_string(), guard.path())?;
+                // Owner and mode apply to a new (empty) directory, as Docker's do.
+                let empty = std::fs::read_dir(guard.path())
+                    .map(|mut entries| entries.next().is_none())
+                    .unwrap_or(false);
+                if empty && (mount.uid.is_some() || mount.gid.is_some() || mount.mode.is_some()) {
+                    let set = || -> std::io::Result<()> {
+                        if mount.uid.is_some() || mount.gid.is_some() {
+                            std::os::unix::fs::chown(guard.path(), mount.uid, mount.gid)?;
+                        }
+                        if let Some(mode) = mount.mode {
+                            std::fs::set_permissions(
+                                guard.path(),
+                                std::os::unix::fs::PermissionsExt::from_mode(mode),
+                            )?;
+                        }
+                        Ok(())
+                    };
+                    set().map_err(|source| {
+                        StepError::Message(format!(
+                            "cannot set the owner or mode of cache mount `{}`: {source}",
+                            mount.id
+                        ))
+                    })?;
+                }
                 paths.insert(&mount.id, guard.path().to_path_buf());
                 guards.push(Box::new(guard));
             }

@@ -1023,9 +1023,36 @@ impl<'a> Expander<'a> {
                     Some(id) => self.substitute(id, Mode::Strict, vars, Some(settings)),
                     None => target.clone(),
                 };
+                let mut number = |text: &Option<Text>, what: &str, radix: u32| {
+                    let text = text.as_ref()?;
+                    let value = self.substitute(text, Mode::Strict, vars, Some(settings));
+                    match u32::from_str_radix(value.trim_start_matches("0o"), radix) {
+                        Ok(number) if radix != 8 || number <= 0o7777 => Some(number),
+                        _ => {
+                            self.error(
+                                text.at,
+                                Code::RunCacheMount,
+                                format!("`{value}` is not a cache mount {what}"),
+                                "this value",
+                                Some(if radix == 8 {
+                                    "write the mode in octal, for example mode=\"0755\"".into()
+                                } else {
+                                    format!("write a numeric {what}, for example {what}=1000")
+                                }),
+                            );
+                            None
+                        }
+                    }
+                };
+                let uid = number(&mount.uid, "uid", 10);
+                let gid = number(&mount.gid, "gid", 10);
+                let mode = number(&mount.mode, "mode", 8);
                 CacheMountOp {
                     id,
                     target,
+                    uid,
+                    gid,
+                    mode,
                     sharing: mount.sharing,
                 }
             })

@@ -135,6 +135,13 @@ pub struct RunOp {
 pub struct CacheMountOp {
     pub id: String,
     pub target: String,
+    /// The owner and mode a new (empty) cache directory gets; in the key only when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
     /// How steps running at once share the directory. Not in the key (as in Docker): it
     /// decides how the step waits for the mount, not what the step computes.
     #[serde(skip)]

@@ -857,8 +857,18 @@ impl Lowerer {
         let kind = get(&["type"]).unwrap_or_else(|| "bind".into());
         let (allowed, help): (&[&str], &str) = match kind.as_str() {
             "cache" => (
-                &["type", "target", "dst", "destination", "id", "sharing"],
-                "write --mount=type=cache,target=PATH[,id=ID]",
+                &[
+                    "type",
+                    "target",
+                    "dst",
+                    "destination",
+                    "id",
+                    "sharing",
+                    "uid",
+                    "gid",
+                    "mode",
+                ],
+                "write --mount=type=cache,target=PATH[,id=ID][,uid=N,gid=N,mode=0755]",
             ),
             "secret" => (
                 &[
@@ -945,6 +955,9 @@ impl Lowerer {
                 target: self.text(lex::literal_raw(&target), span),
                 id: get(&["id"]).map(|id| self.text(lex::literal_raw(&id), span)),
                 sharing,
+                uid: get(&["uid"]).map(|uid| self.text(lex::literal_raw(&uid), span)),
+                gid: get(&["gid"]).map(|gid| self.text(lex::literal_raw(&gid), span)),
+                mode: get(&["mode"]).map(|mode| self.text(lex::literal_raw(&mode), span)),
                 at,
             });
             return true;

@@ -485,9 +485,13 @@ impl Loader {
                     self.check_no_children(child, file, "cache-mount");
                     let mut id = None;
                     let mut sharing = CacheSharing::Shared;
+                    let (mut uid, mut gid, mut mode) = (None, None, None);
                     for (key, entry) in properties(child) {
                         match key {
                             "id" => id = self.string(entry, file, "`id`"),
+                            "uid" => uid = self.string_or_integer(entry, file, "`uid`"),
+                            "gid" => gid = self.string_or_integer(entry, file, "`gid`"),
+                            "mode" => mode = self.string(entry, file, "`mode`"),
                             "sharing" => {
                                 let Some(text) = self.string(entry, file, "`sharing`") else {
                                     continue;
@@ -520,7 +524,7 @@ impl Loader {
                                 entry,
                                 file,
                                 "cache-mount",
-                                &["id", "sharing"],
+                                &["id", "sharing", "uid", "gid", "mode"],
                             ),
                         }
                     }
@@ -542,6 +546,9 @@ impl Loader {
                         target,
                         id,
                         sharing,
+                        uid,
+                        gid,
+                        mode,
                         at: child_at,
                     });
                 }
