@@ -21,6 +21,42 @@ fn root_or_skip() -> bool {
     root
 }
 
+/// A sandbox with the busybox base at `fixtures/busybox`, or `None` (a skip) without root.
+fn busybox_sandbox() -> Option<Sandbox> {
+    if !root_or_skip() {
+        return None;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("fixtures/busybox");
+    Some(sandbox)
+}
+
+/// `graphbuild build` of the Dockerfile in `dir` for linux/amd64, its filesystem to `rootfs`.
+fn build_to_rootfs(sandbox: &Sandbox, dir: &str, rootfs: &str) {
+    let output = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64",
+        "-o",
+        &format!("type=local,dest={rootfs}"),
+        dir,
+    ]);
+    assert_success(&output);
+}
+
+/// `graphbuild run` of a KDL file, its image's filesystem to `rootfs`.
+fn run_to_rootfs(sandbox: &Sandbox, file: &str, rootfs: &str) {
+    let output = sandbox.graphbuild(&[
+        "run",
+        file,
+        "--output",
+        "out",
+        "--output",
+        &format!("type=local,dest={rootfs}"),
+    ]);
+    assert_success(&output);
+}
+
 /// The corpus copied into the sandbox at `tests/dockerfiles/NAME`.
 fn corpus(sandbox: &Sandbox, name: &str) -> PathBuf {
     let target = sandbox.path().join("tests/dockerfiles").join(name);
@@ -627,11 +663,9 @@ image s {
 /// interpreter, as BuildKit does, and leaves no script file in the image.
 #[test]
 fn shebang_scripts_run_with_their_interpreter() {
-    if !root_or_skip() {
+    let Some(sandbox) = busybox_sandbox() else {
         return;
-    }
-    let sandbox = Sandbox::new();
-    sandbox.busybox("fixtures/busybox");
+    };
     sandbox.write(
         "df/Dockerfile",
         "FROM oci:../fixtures/busybox:1.35.0\nRUN <<EOF\n#!/bin/awk -f\nBEGIN { print \"awk ran\" > \"/awk.txt\" }\nEOF\nRUN <<EOF\n#!/bin/sh -e\necho \"$0 $(id -u)\" > /zero.txt\nEOF\n",
@@ -685,11 +719,9 @@ fn shebang_scripts_run_with_their_interpreter() {
 /// files and whole directories out; the Dockerfile and its KDL twin copy the same files.
 #[test]
 fn copy_exclude_leaves_out_what_its_patterns_match() {
-    if !root_or_skip() {
+    let Some(sandbox) = busybox_sandbox() else {
         return;
-    }
-    let sandbox = Sandbox::new();
-    sandbox.busybox("fixtures/busybox");
+    };
     for (path, text) in [
         ("ctx/a.txt", "a"),
         ("ctx/b.md", "b"),
@@ -707,24 +739,8 @@ fn copy_exclude_leaves_out_what_its_patterns_match() {
         "ctx/b.kdl",
         "platforms \"linux/amd64\"\nstage s {\n    from \"oci:../fixtures/busybox:1.35.0\"\n    copy \".\" \"/app/\" exclude=\"*.md\" exclude=\"sub/skip\" exclude=\"Dockerfile\" exclude=\"*.kdl\"\n}\nimage s { stage s; }\n",
     );
-    let built = sandbox.graphbuild(&[
-        "build",
-        "--platform",
-        "linux/amd64",
-        "-o",
-        "type=local,dest=rootfs-df",
-        "ctx",
-    ]);
-    assert_success(&built);
-    let kdl = sandbox.graphbuild(&[
-        "run",
-        "ctx/b.kdl",
-        "--output",
-        "out",
-        "--output",
-        "type=local,dest=rootfs-kdl",
-    ]);
-    assert_success(&kdl);
+    build_to_rootfs(&sandbox, "ctx", "rootfs-df");
+    run_to_rootfs(&sandbox, "ctx/b.kdl", "rootfs-kdl");
     for rootfs in ["rootfs-df", "rootfs-kdl"] {
         let app = sandbox.path().join(rootfs).join("app");
         let files: Vec<String> = tree_bytes(&app).into_iter().map(|(path, _)| path).collect();
@@ -749,11 +765,9 @@ fn copy_exclude_leaves_out_what_its_patterns_match() {
 /// `--chmod` says otherwise, reproducible, and the same bytes from either language.
 #[test]
 fn heredoc_files_and_kdl_files_are_written_into_the_image() {
-    if !root_or_skip() {
+    let Some(sandbox) = busybox_sandbox() else {
         return;
-    }
-    let sandbox = Sandbox::new();
-    sandbox.busybox("fixtures/busybox");
+    };
     sandbox.write(
         "df/Dockerfile",
         "FROM oci:../fixtures/busybox:1.35.0\nARG NAME=world\nCOPY <<EOF /etc/motd\nhello $NAME\nEOF\nCOPY <<'EOF' /raw.txt\nkept $NAME\nEOF\nCOPY --chmod=0755 <<greet /usr/local/bin/\n#!/bin/sh\necho hi\ngreet\n",
@@ -784,15 +798,7 @@ fn heredoc_files_and_kdl_files_are_written_into_the_image() {
         build("rootfs-df", "store-a"),
         build("rootfs-df2", "store-b")
     );
-    let kdl = sandbox.graphbuild(&[
-        "run",
-        "b.kdl",
-        "--output",
-        "out",
-        "--output",
-        "type=local,dest=rootfs-kdl",
-    ]);
-    assert_success(&kdl);
+    run_to_rootfs(&sandbox, "b.kdl", "rootfs-kdl");
     use std::os::unix::fs::PermissionsExt;
     for rootfs in ["rootfs-df", "rootfs-kdl"] {
         let root = sandbox.path().join(rootfs);
@@ -820,11 +826,9 @@ fn heredoc_files_and_kdl_files_are_written_into_the_image() {
 /// what it holds is in the step's key, so changing a bound file runs the step again.
 #[test]
 fn bind_mounts_show_the_context_read_only_and_key_the_step() {
-    if !root_or_skip() {
+    let Some(sandbox) = busybox_sandbox() else {
         return;
-    }
-    let sandbox = Sandbox::new();
-    sandbox.busybox("fixtures/busybox");
+    };
     sandbox.write("ctx/src/a.txt", "first\n");
     sandbox.write("ctx/src/sub/b.sh", "#!/bin/sh\necho from-script\n");
     sandbox.write("ctx/.dockerignore", "src/ignored.txt\n");
@@ -852,15 +856,7 @@ fn bind_mounts_show_the_context_read_only_and_key_the_step() {
         output
     };
     let first = build("rootfs-1");
-    let kdl = sandbox.graphbuild(&[
-        "run",
-        "ctx/b.kdl",
-        "--output",
-        "out",
-        "--output",
-        "type=local,dest=rootfs-kdl",
-    ]);
-    assert_success(&kdl);
+    run_to_rootfs(&sandbox, "ctx/b.kdl", "rootfs-kdl");
     for rootfs in ["rootfs-1", "rootfs-kdl"] {
         let root = sandbox.path().join(rootfs);
         assert_eq!(
@@ -902,11 +898,9 @@ fn bind_mounts_show_the_context_read_only_and_key_the_step() {
 /// a new cache directory gets them; an invalid mode is a diagnostic.
 #[test]
 fn cache_mount_owner_and_mode_apply_to_a_new_directory() {
-    if !root_or_skip() {
+    let Some(sandbox) = busybox_sandbox() else {
         return;
-    }
-    let sandbox = Sandbox::new();
-    sandbox.busybox("fixtures/busybox");
+    };
     sandbox.write(
         "df/Dockerfile",
         "FROM oci:../fixtures/busybox:1.35.0\nRUN --mount=type=cache,target=/c,id=owned,uid=1000,gid=1001,mode=0710 stat -c '%u %g %a' /c > /df.txt\n",
@@ -915,24 +909,8 @@ fn cache_mount_owner_and_mode_apply_to_a_new_directory() {
         "b.kdl",
         "platforms \"linux/amd64\"\nstage s {\n    from \"oci:fixtures/busybox:1.35.0\"\n    run \"stat -c '%u %g %a' /c > /kdl.txt\" {\n        cache-mount \"/c\" id=\"kdl-owned\" uid=1000 gid=1001 mode=\"0710\"\n    }\n}\nimage s { stage s; }\n",
     );
-    let built = sandbox.graphbuild(&[
-        "build",
-        "--platform",
-        "linux/amd64",
-        "-o",
-        "type=local,dest=rootfs-df",
-        "df",
-    ]);
-    assert_success(&built);
-    let kdl = sandbox.graphbuild(&[
-        "run",
-        "b.kdl",
-        "--output",
-        "out",
-        "--output",
-        "type=local,dest=rootfs-kdl",
-    ]);
-    assert_success(&kdl);
+    build_to_rootfs(&sandbox, "df", "rootfs-df");
+    run_to_rootfs(&sandbox, "b.kdl", "rootfs-kdl");
     for (rootfs, file) in [("rootfs-df", "df.txt"), ("rootfs-kdl", "kdl.txt")] {
         assert_eq!(
             std::fs::read_to_string(sandbox.path().join(rootfs).join(file)).expect(file),

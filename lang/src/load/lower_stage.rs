@@ -457,6 +457,40 @@ impl Loader {
         Some(Command::Exec(arguments))
     }
 
+    /// A `run` child of the form `NAME "PATH" PROPERTY="…"` (`tmpfs`, `bind`): its path and
+    /// the property's value, if given.
+    fn path_and_one_property(
+        &mut self,
+        child: &KdlNode,
+        file: FileId,
+        (name, property, code): (&str, &str, Code),
+        example: &str,
+    ) -> Option<(Text, Option<Text>)> {
+        self.check_no_children(child, file, name);
+        let mut value = None;
+        for (key, entry) in properties(child) {
+            if key == property {
+                value = self.string(entry, file, &format!("`{property}`"));
+            } else {
+                self.unknown_property(key, entry, file, name, &[property]);
+            }
+        }
+        let at = Self::loc(file, child.name().span());
+        let target = self.single_string_argument(
+            child,
+            file,
+            at,
+            (
+                code,
+                &format!("a {name} mount path"),
+                &format!("`{name}` takes one path"),
+                "one path expected",
+            ),
+            example,
+        )?;
+        Some((target, value))
+    }
+
     pub(super) fn lower_run(&mut self, node: &KdlNode, file: FileId) -> Option<Run> {
         let mut timeout = None;
         let mut insecure = false;
@@ -553,24 +587,10 @@ impl Loader {
                     });
                 }
                 "tmpfs" => {
-                    self.check_no_children(child, file, "tmpfs");
-                    let mut size = None;
-                    for (key, entry) in properties(child) {
-                        match key {
-                            "size" => size = self.string(entry, file, "`size`"),
-                            other => self.unknown_property(other, entry, file, "tmpfs", &["size"]),
-                        }
-                    }
-                    let Some(target) = self.single_string_argument(
+                    let Some((target, size)) = self.path_and_one_property(
                         child,
                         file,
-                        child_at,
-                        (
-                            Code::RunTmpfs,
-                            "a tmpfs mount path",
-                            "`tmpfs` takes one path",
-                            "one path expected",
-                        ),
+                        ("tmpfs", "size", Code::RunTmpfs),
                         "write `tmpfs \"/tmp\" size=\"256m\"`",
                     ) else {
                         continue;
@@ -582,24 +602,10 @@ impl Loader {
                     });
                 }
                 "bind" => {
-                    self.check_no_children(child, file, "bind");
-                    let mut source = None;
-                    for (key, entry) in properties(child) {
-                        match key {
-                            "source" => source = self.string(entry, file, "`source`"),
-                            other => self.unknown_property(other, entry, file, "bind", &["source"]),
-                        }
-                    }
-                    let Some(target) = self.single_string_argument(
+                    let Some((target, source)) = self.path_and_one_property(
                         child,
                         file,
-                        child_at,
-                        (
-                            Code::RunBind,
-                            "a bind mount path",
-                            "`bind` takes one path",
-                            "one path expected",
-                        ),
+                        ("bind", "source", Code::RunBind),
                         "write `bind \"/src\" source=\".\"`",
                     ) else {
                         continue;
