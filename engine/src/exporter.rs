@@ -22,8 +22,71 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
-use crate::oci::{self, Descriptor, ImageManifest, OciLayout, OciPlatform};
+use crate::oci::{self, Descriptor, ImageManifest, OciError, OciLayout, OciPlatform};
 use crate::plan::{Base, Plan};
+use crate::unpack::UnpackError;
+
+/// Why an exporter failed. Each message carries its cause, so it reads whole on its own.
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum ExporterError {
+    #[error("the layout {} is empty", dir.display())]
+    #[diagnostic(code(graphbuild::exporter::empty))]
+    Empty { dir: PathBuf },
+
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Layout(#[from] OciError),
+
+    #[error("cannot {action} {}: {source}", path.display())]
+    #[diagnostic(code(graphbuild::exporter::io))]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("layer {digest}: {source}")]
+    #[diagnostic(code(graphbuild::exporter::unpack))]
+    Unpack {
+        digest: Digest,
+        #[source]
+        source: UnpackError,
+    },
+
+    #[error("layer {digest}: {source}")]
+    #[diagnostic(code(graphbuild::exporter::read))]
+    Read {
+        digest: Digest,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("cannot apply layer {digest}: {source}")]
+    #[diagnostic(code(graphbuild::exporter::apply))]
+    Apply {
+        digest: Digest,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("cannot encode the Docker manifest: {source}")]
+    #[diagnostic(code(graphbuild::exporter::encode))]
+    Encode {
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// `map_err(io_error("read", path))`.
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ExporterError + use<> {
+    let path = path.to_path_buf();
+    move |source| ExporterError::Io {
+        action,
+        path,
+        source,
+    }
+}
 
 /// One platform's manifest in a layout.
 #[derive(Debug, Clone)]
@@ -46,37 +109,32 @@ pub fn platform_dir_name(platform: &OciPlatform) -> String {
 }
 
 /// The index a layout's `index.json` points at (its first entry) and that index's descriptor.
-pub fn layout_index(layout: &OciLayout) -> Result<(Descriptor, oci::ImageIndex), String> {
+pub fn layout_index(layout: &OciLayout) -> Result<(Descriptor, oci::ImageIndex), ExporterError> {
     let top = layout
         .index()
         .manifests
         .first()
         .cloned()
-        .ok_or_else(|| format!("the layout {} is empty", layout.root().display()))?;
-    let index: oci::ImageIndex = layout
-        .read_json(&top, "image index")
-        .map_err(|error| error.to_string())?;
+        .ok_or_else(|| ExporterError::Empty {
+            dir: layout.root().to_path_buf(),
+        })?;
+    let index: oci::ImageIndex = layout.read_json(&top, "image index")?;
     Ok((top, index))
 }
 
 /// Every platform's manifest of the image in `layout`, in the index's order (attestation
 /// manifests are not images: they are left out).
-pub fn platform_images(layout: &OciLayout) -> Result<Vec<PlatformImage>, String> {
+pub fn platform_images(layout: &OciLayout) -> Result<Vec<PlatformImage>, ExporterError> {
     let (_, index) = layout_index(layout)?;
     let mut images = Vec::new();
     for descriptor in index.manifests {
         if descriptor.is_attestation() {
             continue;
         }
-        let manifest: ImageManifest = layout
-            .read_json(&descriptor, "image manifest")
-            .map_err(|error| error.to_string())?;
+        let manifest: ImageManifest = layout.read_json(&descriptor, "image manifest")?;
         let platform = match &descriptor.platform {
             Some(platform) => platform.clone(),
-            None => layout
-                .read_config(&manifest)
-                .map_err(|error| error.to_string())?
-                .platform(),
+            None => layout.read_config(&manifest)?.platform(),
         };
         images.push(PlatformImage {
             platform,
@@ -89,7 +147,7 @@ pub fn platform_images(layout: &OciLayout) -> Result<Vec<PlatformImage>, String>
 
 /// `type=local`: each platform's filesystem under `dest` (in `dest/<os_arch[_variant]>` when
 /// the image has several platforms, else `dest` itself). What was in `dest` is replaced.
-pub fn export_local(layout: &OciLayout, dest: &Path) -> Result<(), String> {
+pub fn export_local(layout: &OciLayout, dest: &Path) -> Result<(), ExporterError> {
     let images = platform_images(layout)?;
     fresh_dir(dest)?;
     for image in &images {
@@ -105,14 +163,13 @@ pub fn export_local(layout: &OciLayout, dest: &Path) -> Result<(), String> {
 }
 
 /// `type=tar`: the filesystem [`export_local`] would write, as a tar archive at `file`.
-pub fn export_rootfs_tar(layout: &OciLayout, file: &Path) -> Result<(), String> {
+pub fn export_rootfs_tar(layout: &OciLayout, file: &Path) -> Result<(), ExporterError> {
     let parent = parent_dir(file);
-    fs::create_dir_all(&parent)
-        .map_err(|error| format!("cannot create {}: {error}", parent.display()))?;
+    fs::create_dir_all(&parent).map_err(io_error("create", &parent))?;
     let scratch = tempfile::Builder::new()
         .prefix(".graphbuild-rootfs-")
         .tempdir_in(&parent)
-        .map_err(|error| format!("cannot create a directory in {}: {error}", parent.display()))?;
+        .map_err(io_error("create a directory in", &parent))?;
     let root = scratch.path().join("rootfs");
     export_local(layout, &root)?;
     write_tar_atomically(file, |builder| append_tree(builder, &root, Path::new("")))
@@ -121,15 +178,13 @@ pub fn export_rootfs_tar(layout: &OciLayout, file: &Path) -> Result<(), String> 
 /// `type=oci,dest=FILE.tar`: the layout as a tar archive (`oci-layout`, `index.json`, the
 /// blobs), with one `index.json` entry (the first tag), so that `oci-archive:FILE.tar` names
 /// the image without a tag.
-pub fn export_oci_archive(layout: &OciLayout, file: &Path) -> Result<(), String> {
+pub fn export_oci_archive(layout: &OciLayout, file: &Path) -> Result<(), ExporterError> {
     let (top, index) = layout_index(layout)?;
     let mut blobs = vec![top.digest];
     // Every manifest of the index, attestation manifests included, with what it names.
     for descriptor in &index.manifests {
         blobs.push(descriptor.digest);
-        let manifest: ImageManifest = layout
-            .read_json(descriptor, "image manifest")
-            .map_err(|error| error.to_string())?;
+        let manifest: ImageManifest = layout.read_json(descriptor, "image manifest")?;
         blobs.push(manifest.config.digest);
         blobs.extend(manifest.layers.iter().map(|layer| layer.digest));
     }
@@ -143,7 +198,7 @@ pub fn export_platform_archive(
     image: &PlatformImage,
     tags: &[String],
     file: &Path,
-) -> Result<(), String> {
+) -> Result<(), ExporterError> {
     let blob = |digest: &Digest| format!("blobs/sha256/{}", digest.hex());
     let docker_manifest = serde_json::json!([{
         "Config": blob(&image.manifest.config.digest),
@@ -157,7 +212,8 @@ pub fn export_platform_archive(
         annotations: BTreeMap::new(),
         ..image.descriptor.clone()
     };
-    let docker_bytes = serde_json::to_vec(&docker_manifest).map_err(|error| error.to_string())?;
+    let docker_bytes =
+        serde_json::to_vec(&docker_manifest).map_err(|source| ExporterError::Encode { source })?;
     write_archive(layout, file, descriptor, blobs, Some(docker_bytes))
 }
 
@@ -167,7 +223,7 @@ fn write_archive(
     entry: Descriptor,
     mut blobs: Vec<Digest>,
     docker_manifest: Option<Vec<u8>>,
-) -> Result<(), String> {
+) -> Result<(), ExporterError> {
     blobs.sort();
     blobs.dedup();
     let top = oci::ImageIndex {
@@ -219,22 +275,29 @@ fn file_header(size: u64) -> tar::Header {
 }
 
 /// Applies `manifest`'s layers in order onto `root`.
-fn apply_layers(layout: &OciLayout, manifest: &ImageManifest, root: &Path) -> Result<(), String> {
+fn apply_layers(
+    layout: &OciLayout,
+    manifest: &ImageManifest,
+    root: &Path,
+) -> Result<(), ExporterError> {
     let parent = parent_dir(root);
     for layer in &manifest.layers {
         let scratch = tempfile::Builder::new()
             .prefix(".graphbuild-layer-")
             .tempdir_in(&parent)
-            .map_err(|error| {
-                format!("cannot create a directory in {}: {error}", parent.display())
-            })?;
+            .map_err(io_error("create a directory in", &parent))?;
         let path = layout.blob_path(&layer.digest);
-        let blob = fs::File::open(&path)
-            .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-        crate::unpack::unpack_layer(io::BufReader::new(blob), scratch.path())
-            .map_err(|error| format!("layer {}: {error}", layer.digest))?;
-        merge(scratch.path(), root)
-            .map_err(|error| format!("cannot apply layer {}: {error}", layer.digest))?;
+        let blob = fs::File::open(&path).map_err(io_error("read", &path))?;
+        crate::unpack::unpack_layer(io::BufReader::new(blob), scratch.path()).map_err(
+            |source| ExporterError::Unpack {
+                digest: layer.digest,
+                source,
+            },
+        )?;
+        merge(scratch.path(), root).map_err(|source| ExporterError::Apply {
+            digest: layer.digest,
+            source,
+        })?;
     }
     Ok(())
 }
@@ -353,12 +416,11 @@ fn remove_any(path: &Path, metadata: &fs::Metadata) -> io::Result<()> {
 }
 
 /// Makes `dir` an empty directory; a file or symlink there is removed, not followed.
-fn fresh_dir(dir: &Path) -> Result<(), String> {
+fn fresh_dir(dir: &Path) -> Result<(), ExporterError> {
     if let Ok(metadata) = fs::symlink_metadata(dir) {
-        remove_any(dir, &metadata)
-            .map_err(|error| format!("cannot replace {}: {error}", dir.display()))?;
+        remove_any(dir, &metadata).map_err(io_error("replace", dir))?;
     }
-    fs::create_dir_all(dir).map_err(|error| format!("cannot create {}: {error}", dir.display()))
+    fs::create_dir_all(dir).map_err(io_error("create", dir))
 }
 
 fn parent_dir(path: &Path) -> PathBuf {
@@ -372,26 +434,23 @@ fn parent_dir(path: &Path) -> PathBuf {
 fn write_tar_atomically(
     file: &Path,
     fill: impl FnOnce(&mut tar::Builder<io::BufWriter<fs::File>>) -> io::Result<()>,
-) -> Result<(), String> {
+) -> Result<(), ExporterError> {
     let parent = parent_dir(file);
-    fs::create_dir_all(&parent)
-        .map_err(|error| format!("cannot create {}: {error}", parent.display()))?;
+    fs::create_dir_all(&parent).map_err(io_error("create", &parent))?;
     let temporary = tempfile::Builder::new()
         .prefix(".graphbuild-tar-")
         .tempfile_in(&parent)
-        .map_err(|error| format!("cannot create a file in {}: {error}", parent.display()))?;
-    let handle = temporary
-        .reopen()
-        .map_err(|error| format!("cannot write {}: {error}", file.display()))?;
+        .map_err(io_error("create a file in", &parent))?;
+    let handle = temporary.reopen().map_err(io_error("write", file))?;
     let mut builder = tar::Builder::new(io::BufWriter::new(handle));
     builder.follow_symlinks(false);
     let written = fill(&mut builder)
         .and_then(|()| builder.into_inner())
         .and_then(|mut writer| io::Write::flush(&mut writer));
-    written.map_err(|error| format!("cannot write {}: {error}", file.display()))?;
+    written.map_err(io_error("write", file))?;
     temporary
         .persist(file)
-        .map_err(|error| format!("cannot write {}: {}", file.display(), error.error))?;
+        .map_err(|error| io_error("write", file)(error.error))?;
     Ok(())
 }
 
@@ -510,7 +569,7 @@ impl<'a> ElfIndex<'a> {
         builder.finish()
     }
 
-    fn files(&mut self, layout: &OciLayout, digest: &Digest) -> Result<&ElfFiles, String> {
+    fn files(&mut self, layout: &OciLayout, digest: &Digest) -> Result<&ElfFiles, ExporterError> {
         if !self.known.contains_key(digest) {
             let recorded = self
                 .store
@@ -534,19 +593,19 @@ impl<'a> ElfIndex<'a> {
 }
 
 /// Read a layer blob of `layout` for its ELF files.
-fn scan_elf_files(layout: &OciLayout, digest: &Digest) -> Result<ElfFiles, String> {
+fn scan_elf_files(layout: &OciLayout, digest: &Digest) -> Result<ElfFiles, ExporterError> {
     let path = layout.blob_path(digest);
-    let blob = fs::File::open(&path)
-        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-    let stream = crate::decompress::decompressed(io::BufReader::new(blob))
-        .map_err(|error| format!("layer {digest}: {error}"))?;
+    let blob = fs::File::open(&path).map_err(io_error("read", &path))?;
+    let read = |source| ExporterError::Read {
+        digest: *digest,
+        source,
+    };
+    let stream = crate::decompress::decompressed(io::BufReader::new(blob)).map_err(read)?;
     let mut archive = tar::Archive::new(stream);
-    let entries = archive
-        .entries()
-        .map_err(|error| format!("layer {digest}: {error}"))?;
+    let entries = archive.entries().map_err(read)?;
     let mut found = Vec::new();
     for entry in entries {
-        let mut entry = entry.map_err(|error| format!("layer {digest}: {error}"))?;
+        let mut entry = entry.map_err(read)?;
         if entry.header().entry_type() != tar::EntryType::Regular || entry.size() < 20 {
             continue;
         }
@@ -575,7 +634,7 @@ pub fn check_architecture(
     image: &PlatformImage,
     skip: usize,
     index: &mut ElfIndex,
-) -> Result<Vec<ArchMismatch>, String> {
+) -> Result<Vec<ArchMismatch>, ExporterError> {
     let Some(expected) = expected_elf(&image.platform.architecture) else {
         return Ok(Vec::new());
     };

@@ -429,7 +429,7 @@ image blocked {
     let err = stderr(&plain);
     let expected = r#"graphbuild::build::failed
 
-  × image `blocked` failed: cannot write the image layout img/blocker/out: cannot create directory `img/blocker`
+  × image `blocked` failed: cannot write the image layout img/blocker/out: cannot create directory `img/blocker`: File exists (os error 17)
    ╭─[img/images.kdl:6:1]
  5 │ }
  6 │ image blocked {

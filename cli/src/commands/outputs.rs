@@ -251,7 +251,7 @@ pub(super) fn export(
     Ok(())
 }
 
-fn copy_layout(layout: &OciLayout, dest: &Path) -> Result<(), String> {
+fn copy_layout(layout: &OciLayout, dest: &Path) -> Result<(), exporter::ExporterError> {
     let index = layout.index().clone();
     let (top, inner) = exporter::layout_index(layout)?;
     let mut blobs = vec![top.digest];
@@ -272,8 +272,8 @@ fn copy_layout(layout: &OciLayout, dest: &Path) -> Result<(), String> {
                 graphbuild_engine::oci::BlobSource::Path(layout.blob_path(digest)),
             )
         }),
-    )
-    .map_err(|error| error.to_string())
+    )?;
+    Ok(())
 }
 
 fn open_layout(summary: &ImageSummary) -> Result<OciLayout, ExitStatus> {
@@ -296,8 +296,8 @@ pub(super) fn check_architectures(
     let mut index = exporter::ElfIndex::new(Some(store));
     for (image, summary) in plan.images.iter().zip(summaries) {
         let layout = open_layout(summary)?;
-        let platforms = exporter::platform_images(&layout).map_err(|message| {
-            render::error(&message, &[]);
+        let platforms = exporter::platform_images(&layout).map_err(|error| {
+            render::error(&error.to_string(), &[]);
             ExitStatus::Environment
         })?;
         let strict = strict || image.strict_arch;
@@ -305,8 +305,8 @@ pub(super) fn check_architectures(
             let skip = exporter::base_layer_count(plan, *node);
             let mismatches =
                 exporter::check_architecture(&layout, platform_image, skip, &mut index).map_err(
-                    |message| {
-                        render::error(&message, &[]);
+                    |error| {
+                        render::error(&error.to_string(), &[]);
                         ExitStatus::Environment
                     },
                 )?;
@@ -400,7 +400,8 @@ fn load_one(
         ExitStatus::Environment
     };
     let layout = open_layout(summary)?;
-    let platforms = exporter::platform_images(&layout).map_err(environment)?;
+    let platforms =
+        exporter::platform_images(&layout).map_err(|error| environment(error.to_string()))?;
     let Some(chosen) = platforms
         .iter()
         .find(|candidate| candidate.platform == *wanted)
@@ -426,7 +427,8 @@ fn load_one(
         .tempdir()
         .map_err(|error| environment(error.to_string()))?;
     let archive = scratch.path().join("image.tar");
-    exporter::export_platform_archive(&layout, chosen, &tags, &archive).map_err(environment)?;
+    exporter::export_platform_archive(&layout, chosen, &tags, &archive)
+        .map_err(|error| environment(error.to_string()))?;
     let output = Command::new(tool)
         .arg("load")
         .arg("-i")
@@ -487,8 +489,8 @@ pub(super) fn write_metadata(
     let mut entries = serde_json::Map::new();
     for (image, summary) in plan.images.iter().zip(summaries) {
         let layout = open_layout(summary)?;
-        let (top, _) = exporter::layout_index(&layout).map_err(|message| {
-            render::error(&message, &[]);
+        let (top, _) = exporter::layout_index(&layout).map_err(|error| {
+            render::error(&error.to_string(), &[]);
             ExitStatus::Environment
         })?;
         let mut descriptor = top.clone();

@@ -24,6 +24,8 @@ use crate::state::LayerDesc;
 
 use super::Executor;
 use super::export::{ManifestFormat, epoch_rfc3339};
+use super::faults::AttestError;
+use super::step_cache::CacheError;
 
 /// Bump when the scanner or the document changes: cached SBOMs are then made again.
 const SBOM_VERSION: &str = "graphbuild-sbom-v1";
@@ -49,7 +51,7 @@ impl Executor<'_> {
         node: usize,
         layers: &[LayerDesc],
         manifest: &oci::Descriptor,
-    ) -> Result<Option<Attestation>, String> {
+    ) -> Result<Option<Attestation>, AttestError> {
         let options = &self.options.attest;
         // The image's own properties take precedence over the command line.
         let provenance = match image.provenance {
@@ -94,8 +96,11 @@ impl Executor<'_> {
         if sbom {
             let (document, origin) = self.sbom_document(platform, layers)?;
             sbom_origin = Some(origin);
-            let document: serde_json::Value = serde_json::from_slice(&document)
-                .map_err(|error| format!("the SBOM for {platform} is not JSON: {error}"))?;
+            let document: serde_json::Value =
+                serde_json::from_slice(&document).map_err(|source| AttestError::NotJson {
+                    platform: platform.to_string(),
+                    source,
+                })?;
             let statement = attest::statement(&subjects, attest::SPDX_PREDICATE, document);
             statements.push((oci::canonical_json(&statement), attest::SPDX_PREDICATE));
         }
@@ -109,15 +114,12 @@ impl Executor<'_> {
         &self,
         subject: &oci::Descriptor,
         statements: &[(Vec<u8>, &str)],
-    ) -> Result<Attestation, String> {
+    ) -> Result<Attestation, AttestError> {
         let oci_format = self.options.format == ManifestFormat::Oci;
         let mut blobs = Vec::new();
         let mut layers = Vec::new();
         for (bytes, predicate_type) in statements {
-            let digest = self
-                .store
-                .put_blob_bytes(bytes)
-                .map_err(|error| error.to_string())?;
+            let digest = self.store.put_blob_bytes(bytes)?;
             blobs.push(digest);
             let mut layer = json!({
                 "mediaType": attest::IN_TOTO_MEDIA_TYPE,
@@ -133,10 +135,7 @@ impl Executor<'_> {
         let manifest = if oci_format {
             // An OCI artifact: the empty config, the platform manifest as subject.
             let empty = b"{}";
-            let empty_digest = self
-                .store
-                .put_blob_bytes(empty)
-                .map_err(|error| error.to_string())?;
+            let empty_digest = self.store.put_blob_bytes(empty)?;
             blobs.push(empty_digest);
             json!({
                 "schemaVersion": 2,
@@ -227,7 +226,7 @@ impl Executor<'_> {
         &self,
         platform: &Platform,
         layers: &[LayerDesc],
-    ) -> Result<(Vec<u8>, &'static str), String> {
+    ) -> Result<(Vec<u8>, &'static str), AttestError> {
         let key = self.sbom_key(platform, layers);
         if !self.options.no_cache {
             if let Some(document) = self.local_sbom(&key) {
@@ -238,17 +237,19 @@ impl Executor<'_> {
                 return Ok((document, "team cache"));
             }
         }
-        let scan = sbom::scan_layers(self.store, layers).map_err(|error| {
-            format!("cannot scan the filesystem of {platform} for packages: {error}")
+        let scan = sbom::scan_layers(self.store, layers).map_err(|reason| AttestError::Scan {
+            platform: platform.to_string(),
+            reason,
         })?;
         let created = epoch_rfc3339(self.options.layer.source_date_epoch);
         let document = sbom::spdx_document(&scan, &platform.to_string(), &key.hex(), &created);
         let bytes = oci::canonical_json(&document);
         if bytes.len() > MAX_SBOM_SIZE {
-            return Err(format!(
-                "the SBOM for {platform} would be {} bytes, more than {MAX_SBOM_SIZE}",
-                bytes.len()
-            ));
+            return Err(AttestError::TooLarge {
+                platform: platform.to_string(),
+                size: bytes.len(),
+                max: MAX_SBOM_SIZE,
+            });
         }
         self.record_sbom(&key, &bytes)?;
         self.publish_sbom(&key, &bytes)?;
@@ -270,26 +271,30 @@ impl Executor<'_> {
 
     /// Record the document locally: the blob, and an action naming it (in the form the store's
     /// `verify` and `prune` read: a `layers` list of digest and size).
-    fn record_sbom(&self, key: &Key, document: &[u8]) -> Result<(), String> {
-        let digest = self
-            .store
-            .put_blob_bytes(document)
-            .map_err(|error| error.to_string())?;
+    fn record_sbom(&self, key: &Key, document: &[u8]) -> Result<(), CacheError> {
+        let failed = |source| CacheError::Record {
+            what: "SBOM",
+            source,
+        };
+        let digest = self.store.put_blob_bytes(document).map_err(failed)?;
         let record = json!({
             "kind": "sbom",
             "layers": [{ "digest": digest.to_string(), "size": document.len() }],
         });
         self.store
             .put_action(key, &oci::canonical_json(&record))
-            .map_err(|error| error.to_string())
+            .map_err(failed)
     }
 
-    fn remote_sbom(&self, key: &Key) -> Result<Option<Vec<u8>>, String> {
+    fn remote_sbom(&self, key: &Key) -> Result<Option<Vec<u8>>, CacheError> {
         let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else {
             return Ok(None);
         };
-        let result = (|| -> Result<Option<Vec<u8>>, String> {
-            let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
+        let result = (|| -> Result<Option<Vec<u8>>, CacheError> {
+            let temp = self
+                .store
+                .temp_dir()
+                .map_err(|source| CacheError::TempDir { source })?;
             let fetched = remote.get_step_record(&key.hex(), temp.path());
             let Some(bytes) = self.remote_entry(remote, fetched, None)? else {
                 return Ok(None);
@@ -302,28 +307,25 @@ impl Executor<'_> {
         })();
         match result {
             Ok(found) => Ok(found),
-            Err(message) => self.remote_trouble(remote, message).map(|()| None),
+            Err(error) => self.remote_trouble(remote, error).map(|()| None),
         }
     }
 
-    fn publish_sbom(&self, key: &Key, document: &[u8]) -> Result<(), String> {
+    fn publish_sbom(&self, key: &Key, document: &[u8]) -> Result<(), CacheError> {
         let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else {
             return Ok(());
         };
-        let result = (|| -> Result<(), String> {
-            let digest = remote
-                .put_blob_bytes(document)
-                .map_err(|error| error.to_string())?;
-            remote
-                .put_action(
-                    &key.hex(),
-                    &ActionResult::for_step_record(digest, document.len() as u64),
-                )
-                .map_err(|error| error.to_string())
+        let result = (|| -> Result<(), CacheError> {
+            let digest = remote.put_blob_bytes(document)?;
+            remote.put_action(
+                &key.hex(),
+                &ActionResult::for_step_record(digest, document.len() as u64),
+            )?;
+            Ok(())
         })();
         match result {
             Ok(()) => Ok(()),
-            Err(message) => self.remote_trouble(remote, message),
+            Err(error) => self.remote_trouble(remote, error),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The step cache: the local store's action cache and the team cache, looked up and
-//! published by step key, and every layer they name verified before it is used.
+//! What the caches share: action keys, blobs checked in the store and every layer verified
+//! before it is used, the policy for a failing team cache, and cache mounts kept in the team
+//! cache. Step records are looked up and published through `step_cache`.
 
 use std::path::Path;
 
@@ -8,32 +9,15 @@ use crate::events::Event;
 use crate::key::KeyBuilder;
 use crate::layer::{self, LayerOptions};
 use crate::remote::{ActionResult, OutputFile, RemoteCache};
-use crate::state::{LayerDesc, StepRecord};
+use crate::state::LayerDesc;
 use crate::store::BlobState;
 use crate::unpack;
 
 use super::Executor;
+use super::faults::LayerFault;
+use super::step_cache::CacheError;
 
 impl Executor<'_> {
-    /// A step's recorded result: from the local store, else from the remote cache (whose
-    /// blobs are then fetched into the local store). `Err` only when the remote cache is
-    /// required and failed.
-    pub(super) fn cached_record(&self, key: &Key) -> Result<Option<StepRecord>, String> {
-        if self.options.no_cache {
-            return Ok(None);
-        }
-        if let Some(record) = self.local_record(key) {
-            return Ok(Some(record));
-        }
-        let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else {
-            return Ok(None);
-        };
-        match self.fetch_remote_record(remote, key) {
-            Ok(record) => Ok(record),
-            Err(message) => self.remote_trouble(remote, message).map(|()| None),
-        }
-    }
-
     /// Where a step's result is recorded: its key, combined with the layer compression when it
     /// is not the default, since the record names compressed blobs.
     pub(super) fn action_key(&self, key: &Key) -> Key {
@@ -46,16 +30,6 @@ impl Executor<'_> {
                 KeyBuilder::new("compression").key(key).str("none").finish()
             }
         }
-    }
-
-    pub(super) fn local_record(&self, key: &Key) -> Option<StepRecord> {
-        let bytes = self.store.get_action(&self.action_key(key))?;
-        let record: StepRecord = serde_json::from_slice(&bytes).ok()?;
-        record
-            .layers
-            .iter()
-            .all(|layer| self.blob_present(&layer.digest, layer.size))
-            .then_some(record)
     }
 
     /// Whether a blob is in the store with its size; one of another size is removed, with a
@@ -95,21 +69,21 @@ impl Executor<'_> {
 
     /// A layer whose content does not match its diff_id: remember it (an action naming it is
     /// removed by the node that resumed from it) and describe it.
-    pub(super) fn forged_layer(&self, layer: &LayerDesc, actual: &Digest) -> String {
+    pub(super) fn forged_layer(&self, layer: &LayerDesc, actual: &Digest) -> LayerFault {
         if let Ok(mut forged) = self.forged_layers.lock() {
             forged.insert(layer.digest);
         }
-        format!(
-            "layer {}{} is refused: its uncompressed content hashes to {actual}, but the image config claims the diff_id {}; the image is malformed or forged, and nothing of it was stored",
-            layer.digest,
-            self.origin(&layer.digest),
-            layer.diff_id
-        )
+        LayerFault::Forged {
+            digest: layer.digest,
+            origin: self.origin(&layer.digest),
+            actual: *actual,
+            diff_id: layer.diff_id,
+        }
     }
 
     /// Make sure the blob of `layer` has the diff_id it claims, reading it through unless the
     /// store already recorded that pair.
-    pub(super) fn verify_layer_blob(&self, layer: &LayerDesc) -> Result<(), String> {
+    pub(super) fn verify_layer_blob(&self, layer: &LayerDesc) -> Result<(), LayerFault> {
         let pair = (layer.digest, layer.diff_id);
         let seen =
             |verified: &std::collections::HashSet<(Digest, Digest)>| verified.contains(&pair);
@@ -126,8 +100,12 @@ impl Executor<'_> {
             }
             return Ok(());
         }
-        let file = std::fs::File::open(self.store.blob_path(&layer.digest))
-            .map_err(|error| format!("cannot open layer {}: {error}", layer.digest))?;
+        let file = std::fs::File::open(self.store.blob_path(&layer.digest)).map_err(|source| {
+            LayerFault::Open {
+                digest: layer.digest,
+                source,
+            }
+        })?;
         let check = unpack::LayerCheck::layer(layer.digest, layer.diff_id, layer.size);
         match unpack::verify_layer(std::io::BufReader::new(file), &check) {
             Ok(_) => {
@@ -142,22 +120,22 @@ impl Executor<'_> {
     }
 
     /// The message for a layer that failed to unpack or verify; a corrupt blob is removed.
-    pub(super) fn layer_error(&self, layer: &LayerDesc, error: unpack::UnpackError) -> String {
+    pub(super) fn layer_error(&self, layer: &LayerDesc, error: unpack::UnpackError) -> LayerFault {
         match error {
             unpack::UnpackError::DiffIdMismatch { actual, .. } => self.forged_layer(layer, &actual),
             unpack::UnpackError::DigestMismatch { actual, .. } => {
                 self.corrupt_blob(&layer.digest, &format!("its content hashes to {actual}"));
-                format!(
-                    "layer {}{} is corrupt in the store (its content hashes to {actual}); it was removed",
-                    layer.digest,
-                    self.origin(&layer.digest)
-                )
+                LayerFault::Corrupt {
+                    digest: layer.digest,
+                    origin: self.origin(&layer.digest),
+                    actual,
+                }
             }
-            other => format!(
-                "cannot unpack layer {}{}: {other}",
-                layer.digest,
-                self.origin(&layer.digest)
-            ),
+            source => LayerFault::Unpack {
+                digest: layer.digest,
+                origin: self.origin(&layer.digest),
+                source: Box::new(source),
+            },
         }
     }
 
@@ -176,14 +154,17 @@ impl Executor<'_> {
     pub(super) fn remote_trouble(
         &self,
         remote: &dyn RemoteCache,
-        message: String,
-    ) -> Result<(), String> {
+        error: CacheError,
+    ) -> Result<(), CacheError> {
         if self.options.cancel.is_cancelled() {
             // The transfer was abandoned for the cancel; the build stops anyway.
             return Ok(());
         }
         if self.options.remote.required {
-            return Err(format!("the cache {} failed: {message}", remote.url()));
+            return Err(CacheError::Required {
+                url: remote.url().to_string(),
+                source: Box::new(error),
+            });
         }
         if !self
             .remote_failed
@@ -191,8 +172,9 @@ impl Executor<'_> {
         {
             self.events.emit(Event::Warning {
                 message: format!(
-                    "the cache {} is not usable, building without it: {message}",
-                    remote.url()
+                    "the cache {} is not usable, building without it: {}",
+                    remote.url(),
+                    super::error::message(&error)
                 ),
             });
         }
@@ -206,14 +188,14 @@ impl Executor<'_> {
         remote: &dyn RemoteCache,
         result: Result<T, crate::remote::RemoteError>,
         miss: T,
-    ) -> Result<T, String> {
+    ) -> Result<T, CacheError> {
         match result {
             Ok(value) => Ok(value),
             Err(error) if error.is_bad_entry() => {
                 self.warn_bad_remote_entry(remote, &error.to_string());
                 Ok(miss)
             }
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -231,118 +213,6 @@ impl Executor<'_> {
         }
     }
 
-    pub(super) fn fetch_remote_record(
-        &self,
-        remote: &dyn RemoteCache,
-        key: &Key,
-    ) -> Result<Option<StepRecord>, String> {
-        let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
-        // The entry and the record it names, size-capped and verified; None: a miss.
-        let fetched = remote.get_step_record(&self.action_key(key).hex(), temp.path());
-        let Some(bytes) = self.remote_entry(remote, fetched, None)? else {
-            return Ok(None);
-        };
-        let record = match serde_json::from_slice::<StepRecord>(&bytes) {
-            Ok(record) => record,
-            Err(error) => {
-                self.warn_bad_remote_entry(remote, &format!("a step record is not valid: {error}"));
-                return Ok(None);
-            }
-        };
-        // Fetch the layers the store lacks, a few at a time.
-        let missing: Vec<&LayerDesc> = record
-            .layers
-            .iter()
-            .filter(|layer| !self.store.has_blob(&layer.digest))
-            .collect();
-        let results: Vec<Result<bool, String>> = std::thread::scope(|scope| {
-            let chunks: Vec<_> = missing.chunks(missing.len().div_ceil(4).max(1)).collect();
-            let handles: Vec<_> = chunks
-                .into_iter()
-                .map(|chunk| {
-                    let temp = temp.path();
-                    scope.spawn(move || -> Result<bool, String> {
-                        for layer in chunk {
-                            let path = temp.join(layer.digest.hex());
-                            let fetched = remote.get_blob_to(&layer.digest, layer.size, &path);
-                            if !self.remote_entry(remote, fetched, false)? {
-                                return Ok(false);
-                            }
-                            self.store
-                                .put_blob_file(&path, Some(layer.digest))
-                                .map_err(|error| error.to_string())?;
-                        }
-                        Ok(true)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|handle| {
-                    handle
-                        .join()
-                        .unwrap_or_else(|_| Err("a download thread panicked".into()))
-                })
-                .collect()
-        });
-        for result in results {
-            if !result? {
-                return Ok(None);
-            }
-        }
-        // A record is only as good as its layers: each must have the diff_id it claims.
-        for layer in &record.layers {
-            if let Err(message) = self.verify_layer_blob(layer) {
-                self.events.emit(Event::Warning {
-                    message: format!(
-                        "the cache {} has a record naming a bad layer, building without it: {message}",
-                        remote.url()
-                    ),
-                });
-                return Ok(None);
-            }
-        }
-        self.store
-            .put_action(&self.action_key(key), &bytes)
-            .map_err(|error| error.to_string())?;
-        Ok(Some(record))
-    }
-
-    /// Make the remote cache hold a step's result: blobs first, then the action entry.
-    pub(super) fn publish(&self, key: &Key, record: &StepRecord) -> Result<(), String> {
-        let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else {
-            return Ok(());
-        };
-        let result = (|| -> Result<(), String> {
-            let action_key = self.action_key(key).hex();
-            // A bad entry under our key is replaced.
-            if self
-                .remote_entry(remote, remote.get_action(&action_key), None)?
-                .is_some()
-            {
-                return Ok(());
-            }
-            for layer in &record.layers {
-                remote
-                    .put_blob_from(&layer.digest, &self.store.blob_path(&layer.digest))
-                    .map_err(|error| error.to_string())?;
-            }
-            let bytes = serde_json::to_vec(record).map_err(|error| error.to_string())?;
-            let layers: Vec<(Digest, u64)> = record
-                .layers
-                .iter()
-                .map(|layer| (layer.digest, layer.size))
-                .collect();
-            remote
-                .put_step_record(&action_key, &bytes, &layers)
-                .map_err(|error| error.to_string())
-        })();
-        match result {
-            Ok(()) => Ok(()),
-            Err(message) => self.remote_trouble(remote, message),
-        }
-    }
-
     pub(super) fn cache_mount_key(id: &str, platform: &str) -> Key {
         KeyBuilder::new("cache-mount")
             .str(id)
@@ -356,7 +226,7 @@ impl Executor<'_> {
         id: &str,
         platform: &str,
         dir: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), CacheError> {
         if let Ok(mut used) = self.cache_mounts_used.lock() {
             used.insert((id.to_string(), platform.to_string()), dir.to_path_buf());
         }
@@ -374,7 +244,7 @@ impl Executor<'_> {
         if !first || !empty {
             return Ok(());
         }
-        let result = (|| -> Result<(), String> {
+        let result = (|| -> Result<(), CacheError> {
             let key = Self::cache_mount_key(id, platform);
             let Some(action) = self.remote_entry(remote, remote.get_action(&key.hex()), None)?
             else {
@@ -383,30 +253,49 @@ impl Executor<'_> {
             let Some(file) = action.output_files.first() else {
                 return Ok(());
             };
-            let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
+            let temp = self
+                .store
+                .temp_dir()
+                .map_err(|source| CacheError::TempDir { source })?;
             let path = temp.path().join("mount.tar");
             let fetched = remote.get_blob_to(&file.digest, file.size_bytes, &path);
             if !self.remote_entry(remote, fetched, false)? {
                 return Ok(());
             }
-            let archive = std::fs::File::open(&path).map_err(|error| error.to_string())?;
+            let archive = std::fs::File::open(&path).map_err(|source| CacheError::Io {
+                action: "open",
+                path: path.clone(),
+                source,
+            })?;
             // Unpacked aside and moved in whole: a bad or oversized archive leaves the mount
             // empty, not half-filled.
             let staging = temp.path().join("mount");
-            unpack::unpack_layer(std::io::BufReader::new(archive), &staging)
-                .map_err(|error| error.to_string())?;
-            std::fs::remove_dir(dir).map_err(|error| error.to_string())?;
-            std::fs::rename(&staging, dir).map_err(|error| error.to_string())
+            unpack::unpack_layer(std::io::BufReader::new(archive), &staging).map_err(|source| {
+                CacheError::MountUnpack {
+                    id: id.to_string(),
+                    source,
+                }
+            })?;
+            std::fs::remove_dir(dir).map_err(|source| CacheError::Io {
+                action: "remove",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            std::fs::rename(&staging, dir).map_err(|source| CacheError::Io {
+                action: "fill",
+                path: dir.to_path_buf(),
+                source,
+            })
         })();
         match result {
             Ok(()) => Ok(()),
-            Err(message) => self.remote_trouble(remote, message),
+            Err(error) => self.remote_trouble(remote, error),
         }
     }
 
     /// Save every cache mount this build used to the remote cache, content-addressed, under a
     /// key of (mount id, platform), so another machine's build starts with it.
-    pub(super) fn save_cache_mounts(&self) -> Result<(), String> {
+    pub(super) fn save_cache_mounts(&self) -> Result<(), CacheError> {
         let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else {
             return Ok(());
         };
@@ -416,24 +305,31 @@ impl Executor<'_> {
             .map(|used| used.clone())
             .unwrap_or_default();
         for ((id, platform), dir) in used {
-            let guard = self
-                .store
-                .cache_mount(&id, &platform)
-                .map_err(|error| error.to_string())?;
-            let result = (|| -> Result<(), String> {
-                let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
+            let guard =
+                self.store
+                    .cache_mount(&id, &platform)
+                    .map_err(|source| CacheError::MountOpen {
+                        id: id.clone(),
+                        source,
+                    })?;
+            let result = (|| -> Result<(), CacheError> {
+                let temp = self
+                    .store
+                    .temp_dir()
+                    .map_err(|source| CacheError::TempDir { source })?;
                 let options = LayerOptions {
                     source_date_epoch: 0,
                     compression: layer::Compression::Gzip,
                 };
                 let Some(blob) = layer::write_layer_from_upper(&dir, temp.path(), &options)
-                    .map_err(|error| error.to_string())?
+                    .map_err(|source| CacheError::MountPack {
+                        id: id.clone(),
+                        source,
+                    })?
                 else {
                     return Ok(());
                 };
-                remote
-                    .put_blob_from(&blob.digest, &blob.path)
-                    .map_err(|error| error.to_string())?;
+                remote.put_blob_from(&blob.digest, &blob.path)?;
                 let action = ActionResult {
                     output_files: vec![OutputFile {
                         path: "graphbuild/cache-mount.tar.gz".into(),
@@ -443,13 +339,12 @@ impl Executor<'_> {
                     }],
                     exit_code: 0,
                 };
-                remote
-                    .put_action(&Self::cache_mount_key(&id, &platform).hex(), &action)
-                    .map_err(|error| error.to_string())
+                remote.put_action(&Self::cache_mount_key(&id, &platform).hex(), &action)?;
+                Ok(())
             })();
             drop(guard);
-            if let Err(message) = result {
-                return self.remote_trouble(remote, message);
+            if let Err(error) = result {
+                return self.remote_trouble(remote, error);
             }
         }
         Ok(())

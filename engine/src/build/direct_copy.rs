@@ -55,6 +55,7 @@ use crate::layer::{self, PlannedEntry, PlannedKind};
 use crate::plan::{CopyOp, CopySource, Node, StepPlan};
 use crate::state::LayerDesc;
 
+use super::faults::CopyFault;
 use super::{DepOutputs, Executor, NodeFailure, snapshot_delta};
 
 /// A read-only overlay lookup over snapshot directories, top-most first.
@@ -194,25 +195,23 @@ impl MergedView {
         &self,
         dirs: &[PathBuf],
         rest: &Path,
-        visit: &mut dyn FnMut(&Path, &Path, &Metadata) -> Result<(), String>,
-    ) -> Result<(), String> {
+        visit: &mut dyn FnMut(&Path, &Path, &Metadata) -> Result<(), CopyFault>,
+    ) -> Result<(), CopyFault> {
         type Found = Option<(PathBuf, Metadata)>;
         let mut children: BTreeMap<OsString, Found> = BTreeMap::new();
         let mut lower: BTreeMap<OsString, Vec<PathBuf>> = BTreeMap::new();
         let mut closed: BTreeSet<OsString> = BTreeSet::new();
         for dir in dirs {
-            let read = std::fs::read_dir(dir)
-                .map_err(|error| format!("cannot read {}: {error}", dir.display()))?;
+            let read = std::fs::read_dir(dir).map_err(CopyFault::io("read", dir))?;
             for entry in read {
-                let entry =
-                    entry.map_err(|error| format!("cannot read {}: {error}", dir.display()))?;
+                let entry = entry.map_err(CopyFault::io("read", dir))?;
                 let name = entry.file_name();
                 if closed.contains(&name) {
                     continue;
                 }
                 let host = entry.path();
-                let metadata = std::fs::symlink_metadata(&host)
-                    .map_err(|error| format!("cannot inspect {}: {error}", host.display()))?;
+                let metadata =
+                    std::fs::symlink_metadata(&host).map_err(CopyFault::io("inspect", &host))?;
                 let whiteout = metadata.file_type().is_char_device() && metadata.rdev() == 0;
                 let seen = children.contains_key(&name);
                 if whiteout || !metadata.is_dir() {
@@ -223,7 +222,7 @@ impl MergedView {
                     }
                     continue;
                 }
-                let opaque = is_opaque(&host).map_err(|error| error.to_string())?;
+                let opaque = is_opaque(&host).map_err(CopyFault::io("inspect", &host))?;
                 lower.entry(name.clone()).or_default().push(host.clone());
                 if opaque {
                     closed.insert(name.clone());
@@ -261,14 +260,13 @@ fn push_components(pending: &mut Vec<OsString>, path: &Path) {
 }
 
 /// What `select_in_tree` makes of an entry of a stage's filesystem.
-fn tree_kind(host: &Path, metadata: &Metadata) -> Result<Option<ItemKind>, String> {
+fn tree_kind(host: &Path, metadata: &Metadata) -> Result<Option<ItemKind>, CopyFault> {
     let mode = metadata.mode() & 0o7777;
     let file_type = metadata.file_type();
     Ok(if file_type.is_dir() {
         Some(ItemKind::Dir { mode })
     } else if file_type.is_symlink() {
-        let target = std::fs::read_link(host)
-            .map_err(|error| format!("cannot read the symlink {}: {error}", host.display()))?;
+        let target = std::fs::read_link(host).map_err(CopyFault::io("read the symlink", host))?;
         Some(ItemKind::Symlink { target })
     } else if file_type.is_file() {
         Some(ItemKind::File {
@@ -290,7 +288,7 @@ pub(crate) type ViewSelection = (Vec<CopyItem>, HashMap<PathBuf, PathBuf>);
 pub(crate) fn select_in_view(
     view: &MergedView,
     sources: &[String],
-) -> Result<Option<ViewSelection>, String> {
+) -> Result<Option<ViewSelection>, CopyFault> {
     let mut items = Vec::new();
     let mut hosts = HashMap::new();
     for source in sources {
@@ -301,7 +299,7 @@ pub(crate) fn select_in_view(
             return Ok(None);
         }
         let name = cleaned.rsplit('/').next().unwrap_or("").to_string();
-        let io = |error: io::Error| error.to_string();
+        let io = |source: io::Error| CopyFault::Source { source };
         let mut components = view.resolve(Path::new(&cleaned), true).map_err(io)?;
         let mut found = view.lookup(&components).map_err(io)?;
         if found.is_none() {
@@ -386,7 +384,13 @@ type Planned<T> = Result<T, PlanError>;
 
 enum PlanError {
     Fallback,
-    Io(String),
+    Io(Box<CopyFault>),
+}
+
+impl From<CopyFault> for PlanError {
+    fn from(fault: CopyFault) -> Self {
+        PlanError::Io(Box::new(fault))
+    }
 }
 
 impl From<Fallback> for PlanError {
@@ -455,7 +459,7 @@ impl CopyPlanner<'_> {
         let found = self
             .view
             .lookup(components)
-            .map_err(|error| PlanError::Io(format!("cannot look into the base: {error}")))?;
+            .map_err(|source| PlanError::from(CopyFault::Base { source }))?;
         Ok(match found {
             None => State::Missing,
             Some((path, metadata)) if metadata.is_dir() => State::BaseDir(path, metadata),
@@ -486,10 +490,9 @@ impl CopyPlanner<'_> {
         metadata: &Metadata,
     ) -> Planned<()> {
         let xattrs = layer::list_xattrs(host)
-            .map_err(|error| {
-                PlanError::Io(format!(
-                    "cannot read the extended attributes of {}: {error}",
-                    host.display()
+            .map_err(|source| {
+                PlanError::from(CopyFault::io("read the extended attributes of", host)(
+                    source,
                 ))
             })?
             .into_iter()
@@ -642,12 +645,8 @@ impl CopyPlanner<'_> {
     /// Where a context file is read: `resolve_path_in_root(root, rel, false)`, its directory
     /// resolved once for all the files in it.
     fn context_source(&mut self, root: &Path, rel: &Path) -> Planned<PathBuf> {
-        let failed = |error: io::Error| {
-            PlanError::Io(format!(
-                "cannot resolve {}: {error}",
-                root.join(rel).display()
-            ))
-        };
+        let failed =
+            |source: io::Error| PlanError::from(CopyFault::io("resolve", &root.join(rel))(source));
         let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
             return crate::fsutil::resolve_path_in_root(root, rel, false).map_err(failed);
         };
@@ -770,7 +769,7 @@ pub(crate) fn plan_copy(
     copy: &CopyOp,
     epoch: i64,
     now: i64,
-) -> Result<Option<Vec<PlannedEntry>>, String> {
+) -> Result<Option<Vec<PlannedEntry>>, CopyFault> {
     let owner = match &copy.chown {
         None => (0, 0),
         Some(spec) => match numeric_chown(spec) {
@@ -797,7 +796,7 @@ pub(crate) fn plan_copy(
     ) {
         Ok(()) => Ok(Some(planner.finish())),
         Err(PlanError::Fallback) => Ok(None),
-        Err(PlanError::Io(message)) => Err(message),
+        Err(PlanError::Io(fault)) => Err(*fault),
     }
 }
 
@@ -852,7 +851,7 @@ impl Executor<'_> {
         layers: &[LayerDesc],
         inputs: &DepOutputs<'_>,
     ) -> Result<Option<Option<LayerDesc>>, Box<NodeFailure>> {
-        let fail = |message: String| self.failure(node, Some(step), message, Vec::new());
+        let fail = |error: CopyFault| self.failure(node, Some(step), error, Vec::new());
         // GRAPHBUILD_DIRECT_COPY=0 runs every copy in the sandbox, as before (to compare).
         if std::env::var_os("GRAPHBUILD_DIRECT_COPY").is_some_and(|value| value == "0") {
             return Ok(None);
@@ -864,7 +863,7 @@ impl Executor<'_> {
         {
             return Ok(None);
         }
-        let view = MergedView::new(self.snapshots(layers).map_err(fail)?);
+        let view = MergedView::new(self.snapshots(layers).map_err(|error| fail(error.into()))?);
         let epoch = self.options.layer.source_date_epoch;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -884,8 +883,11 @@ impl Executor<'_> {
             CopySource::Node { node: source, .. } => {
                 let output = inputs
                     .output_of(*source)
-                    .map_err(|error| fail(error.to_string()))?;
-                let source_view = MergedView::new(self.snapshots(&output.layers).map_err(fail)?);
+                    .map_err(|error| self.failure(node, Some(step), error, Vec::new()))?;
+                let source_view = MergedView::new(
+                    self.snapshots(&output.layers)
+                        .map_err(|error| fail(error.into()))?,
+                );
                 let Some((items, hosts)) =
                     select_in_view(&source_view, &copy.sources).map_err(fail)?
                 else {
@@ -928,7 +930,7 @@ impl Executor<'_> {
         let temp = self
             .store
             .temp_dir()
-            .map_err(|error| fail(format!("cannot create a temporary directory: {error}")))?;
+            .map_err(|source| fail(CopyFault::TempDir { source }))?;
         // A later step (or another node) will mount this layer: lay out its snapshot from the
         // sources on a second thread while the tar is compressed on this one.
         let later_steps = node
@@ -955,21 +957,17 @@ impl Executor<'_> {
             });
             let blob = layer::write_layer_from_entries(&entries, temp.path(), &self.options.layer);
             let materialized = materializing
-                .map(|thread| {
-                    thread
-                        .join()
-                        .unwrap_or_else(|_| Err("panicked".to_string()))
-                })
+                .map(|thread| thread.join().unwrap_or(Err(CopyFault::Panicked)))
                 .is_some_and(|made| made.is_ok());
             (blob, materialized)
         });
-        let blob = blob.map_err(|error| fail(format!("cannot write the layer: {error}")))?;
+        let blob = blob.map_err(|source| fail(CopyFault::WriteLayer { source }))?;
         let Some(blob) = blob else {
             return Ok(Some(None));
         };
         self.store
             .put_blob_file(&blob.path, Some(blob.digest))
-            .map_err(|error| fail(format!("cannot store the layer: {error}")))?;
+            .map_err(|source| fail(CopyFault::StoreLayer { source }))?;
         let layer = LayerDesc {
             digest: blob.digest,
             diff_id: blob.diff_id,
@@ -1004,7 +1002,7 @@ impl Executor<'_> {
         entries: &[PlannedEntry],
         dir: &Path,
         previous: Option<&snapshot_delta::SnapshotIndex>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CopyFault> {
         if let Some(old) = previous
             && self.take_previous(old, entries, dir)
         {
@@ -1013,11 +1011,11 @@ impl Executor<'_> {
                 Err(_) => {
                     // Not the snapshot its index says: write one afresh.
                     crate::fsutil::remove_dir_all_force(dir)
-                        .map_err(|error| format!("cannot remove {}: {error}", dir.display()))?;
+                        .map_err(CopyFault::io("remove", dir))?;
                 }
             }
         }
-        std::fs::create_dir(dir).map_err(|error| error.to_string())?;
+        std::fs::create_dir(dir).map_err(CopyFault::io("create", dir))?;
         materialize(entries, dir)
     }
 
@@ -1060,9 +1058,9 @@ impl Executor<'_> {
         let _extracting = extracting.lock();
         let _ = self
             .store
-            .ensure_snapshot(diff_id, |dir: &Path| -> Result<(), String> {
-                std::fs::remove_dir(dir).map_err(|error| error.to_string())?;
-                std::fs::rename(made, dir).map_err(|error| error.to_string())
+            .ensure_snapshot(diff_id, |dir: &Path| -> io::Result<()> {
+                std::fs::remove_dir(dir)?;
+                std::fs::rename(made, dir)
             });
     }
 
@@ -1078,7 +1076,7 @@ impl Executor<'_> {
 /// Lay `entries` out under `dir` as unpacking their layer would (names, kinds, content, modes,
 /// owners, times, attributes): the layer's snapshot, made from the sources while the layer is
 /// compressed, so the next step does not wait for the blob to be decompressed and unpacked.
-fn materialize(entries: &[PlannedEntry], dir: &Path) -> Result<(), String> {
+fn materialize(entries: &[PlannedEntry], dir: &Path) -> Result<(), CopyFault> {
     let mut sorted: Vec<&PlannedEntry> = entries.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let path_of = |entry: &PlannedEntry| dir.join(std::ffi::OsStr::from_bytes(&entry.name));
@@ -1086,8 +1084,7 @@ fn materialize(entries: &[PlannedEntry], dir: &Path) -> Result<(), String> {
     // Directories first, parents before children.
     for entry in sorted.iter().filter(|entry| is_dir(entry)) {
         let path = path_of(entry);
-        std::fs::create_dir(&path)
-            .map_err(|error| format!("cannot create {}: {error}", path.display()))?;
+        std::fs::create_dir(&path).map_err(CopyFault::io("create", &path))?;
     }
     // Files and symlinks on two threads, each a run of neighbours (mostly other directories
     // than the other thread's): creating inodes is most of the cost on a busy filesystem.
@@ -1106,13 +1103,13 @@ fn materialize(entries: &[PlannedEntry], dir: &Path) -> Result<(), String> {
                     for entry in run {
                         write_entry(entry, &path_of(entry), &mut buffer)?;
                     }
-                    Ok::<(), String>(())
+                    Ok::<(), CopyFault>(())
                 })
             })
             .collect();
         workers
             .into_iter()
-            .try_for_each(|worker| worker.join().unwrap_or_else(|_| Err("panicked".into())))
+            .try_for_each(|worker| worker.join().unwrap_or(Err(CopyFault::Panicked)))
     })?;
     // Directory metadata last, deepest first: creating their children changed their times.
     for entry in sorted.iter().rev().filter(|entry| is_dir(entry)) {
@@ -1127,9 +1124,9 @@ pub(super) fn write_entry(
     entry: &PlannedEntry,
     path: &Path,
     buffer: &mut [u8],
-) -> Result<(), String> {
+) -> Result<(), CopyFault> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let failed = |error: io::Error| format!("cannot create {}: {error}", path.display());
+    let failed = |source: io::Error| CopyFault::io("create", path)(source);
     let PlannedKind::File { source, expect, .. } = &entry.kind else {
         if let PlannedKind::Symlink { target } = &entry.kind {
             std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), path)
@@ -1193,10 +1190,9 @@ pub(super) fn write_entry(
 }
 
 /// Owner, then mode (a `chown` clears set-id bits), attributes and times of one entry.
-pub(super) fn finish_entry(entry: &PlannedEntry, path: &Path) -> Result<(), String> {
+pub(super) fn finish_entry(entry: &PlannedEntry, path: &Path) -> Result<(), CopyFault> {
     use std::os::unix::fs::PermissionsExt;
-    let failed =
-        |action: &str, error: io::Error| format!("cannot {action} {}: {error}", path.display());
+    let failed = |action: &'static str, source: io::Error| CopyFault::io(action, path)(source);
     std::os::unix::fs::lchown(path, Some(entry.uid), Some(entry.gid))
         .map_err(|error| failed("change the owner of", error))?;
     if !matches!(entry.kind, PlannedKind::Symlink { .. }) {
@@ -1212,8 +1208,10 @@ pub(super) fn finish_entry(entry: &PlannedEntry, path: &Path) -> Result<(), Stri
         tv_nsec: 0,
     };
     let times = [time, time];
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| format!("{} contains a NUL byte", path.display()))?;
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| CopyFault::NulByte {
+            path: path.to_path_buf(),
+        })?;
     // SAFETY: a valid NUL-terminated path and two timespecs, as utimensat(2) expects.
     let result = unsafe {
         libc::utimensat(

@@ -16,6 +16,10 @@ use crate::resolve::ResolveError;
 use crate::sandbox::{self, SandboxError};
 use crate::store::StoreError;
 
+use super::faults::{CopyFault, ExportError, LayerFault, TestFault};
+use super::step_cache::CacheError;
+use crate::sandbox::overlay::Unavailable;
+
 /// What made a step (or a node, or an image) fail. Each message reads on its own; the causes
 /// of a variant with a `#[source]` are appended by [`message`].
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
@@ -126,16 +130,50 @@ pub enum StepError {
     #[diagnostic(code(graphbuild::step::cancelled))]
     Cancelled,
 
-    /// From the parts that still report plain messages: the caches, snapshots, direct copies,
-    /// image writing.
+    /// The local store's action cache or a team cache failed.
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Cache(#[from] CacheError),
+
+    #[error("cannot set the owner or mode of cache mount `{id}`")]
+    #[diagnostic(code(graphbuild::step::cache_mount))]
+    CacheMountOwner {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// No overlay filesystem can be mounted for the step.
     #[error("{0}")]
-    #[diagnostic(code(graphbuild::step::failed))]
-    Message(String),
+    #[diagnostic(code(graphbuild::step::overlay))]
+    Overlay(Unavailable),
+
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Layer(#[from] LayerFault),
+
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Copy(#[from] CopyFault),
+
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Test(#[from] TestFault),
+
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Export(Box<ExportError>),
 }
 
-impl From<String> for StepError {
-    fn from(message: String) -> StepError {
-        StepError::Message(message)
+impl From<ExportError> for StepError {
+    fn from(error: ExportError) -> StepError {
+        StepError::Export(Box::new(error))
+    }
+}
+
+impl From<Unavailable> for StepError {
+    fn from(unavailable: Unavailable) -> StepError {
+        StepError::Overlay(unavailable)
     }
 }
 

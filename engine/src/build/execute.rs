@@ -17,6 +17,8 @@ use crate::sandbox::{self, CopyTask, CopyTaskSource, NetworkMode, RunTask, Sandb
 use crate::state::{HistoryEntry, LayerDesc, StepRecord};
 use crate::unpack;
 
+use super::faults::{CopyFault, LayerFault};
+use super::step_cache::{Entry, StepCache};
 use super::{
     DepOutputs, Executor, INSECURE_WARNING, NodeFailure, NodeOutput, SecretValue, StepError,
 };
@@ -36,19 +38,21 @@ impl Executor<'_> {
         let mut resume_at = 0;
         let mut resumed_from: Option<Key> = None;
         let mut state: Option<(Vec<LayerDesc>, Vec<HistoryEntry>)> = None;
+        let cache = self.step_cache();
         for (index, step) in node.steps.iter().enumerate().rev() {
             if !step.op.touches_filesystem() {
                 continue;
             }
-            let found = self
-                .cached_record(&step.key)
-                .map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
-            if let Some(record) = found {
-                // A local hit the remote lacks is published, so a merge elsewhere finds it.
-                if self.options.remote.to.is_some() {
-                    self.publish(&step.key, &record)
-                        .map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
-                }
+            let action_key = self.action_key(&step.key);
+            let found = cache
+                .lookup(&action_key)
+                .map_err(|error| self.failure(node, Some(step), error, Vec::new()))?;
+            if let Some(entry) = found {
+                // A hit the team cache lacks is published to it, so a merge elsewhere finds it.
+                cache
+                    .share(&action_key, &entry)
+                    .map_err(|error| self.failure(node, Some(step), error, Vec::new()))?;
+                let record = entry.record;
                 state = Some((record.layers, record.history));
                 resumed_from = Some(step.key);
                 resume_at = index + 1;
@@ -124,7 +128,11 @@ impl Executor<'_> {
                     .executed_here
                     .lock()
                     .is_ok_and(|executed| executed.contains(&step.key));
-            if let Some(record) = self.local_record(&step.key).filter(|_| reusable) {
+            let local = match reusable {
+                true => cache.local.lookup(&self.action_key(&step.key)),
+                false => Ok(None),
+            };
+            if let Ok(Some(Entry { record, .. })) = local {
                 layers = record.layers;
                 history = record.history;
                 cached += 1;
@@ -184,14 +192,9 @@ impl Executor<'_> {
                 layers: layers.clone(),
                 history: history.clone(),
             };
-            let bytes = serde_json::to_vec(&record).unwrap_or_default();
-            self.store
-                .put_action(&self.action_key(&step.key), &bytes)
-                .map_err(|source| {
-                    self.failure(node, Some(step), StepError::Record { source }, Vec::new())
-                })?;
-            self.publish(&step.key, &record)
-                .map_err(|message| self.failure(node, Some(step), message, Vec::new()))?;
+            Entry::new(record)
+                .and_then(|entry| cache.publish(&self.action_key(&step.key), &entry))
+                .map_err(|error| self.failure(node, Some(step), error, Vec::new()))?;
         }
         Ok(NodeOutput {
             layers,
@@ -215,7 +218,7 @@ impl Executor<'_> {
     }
 
     /// Snapshot directories for a layer list, top-most first.
-    pub(super) fn snapshots(&self, layers: &[LayerDesc]) -> Result<Vec<PathBuf>, String> {
+    pub(super) fn snapshots(&self, layers: &[LayerDesc]) -> Result<Vec<PathBuf>, LayerFault> {
         let mut dirs = Vec::with_capacity(layers.len());
         for layer in layers.iter().rev() {
             let blob = self.store.blob_path(&layer.digest);
@@ -238,12 +241,18 @@ impl Executor<'_> {
             }
             let mut failure = None;
             let made = self.store.ensure_snapshot(&layer.diff_id, |dir: &Path| {
+                let mut fail = |fault: LayerFault| {
+                    let message = fault.to_string();
+                    failure = Some(fault);
+                    Err(message)
+                };
                 let file = match std::fs::File::open(&blob) {
                     Ok(file) => file,
-                    Err(error) => {
-                        let message = format!("cannot open layer {}: {error}", layer.digest);
-                        failure = Some(message.clone());
-                        return Err(message);
+                    Err(source) => {
+                        return fail(LayerFault::Open {
+                            digest: layer.digest,
+                            source,
+                        });
                     }
                 };
                 let mut check = unpack::LayerCheck::layer(layer.digest, layer.diff_id, layer.size);
@@ -258,27 +267,24 @@ impl Executor<'_> {
                         Ok(())
                     }
                     Err(unpack::UnpackError::TooLarge { .. }) if bound_by_build => {
-                        let message = format!(
-                            "cannot unpack layer {}{}: this build has unpacked more than {budget} \
-                             bytes of layers, the limit per build; raise it with {}=SIZE (for \
-                             example 200G) if the images are legitimate",
-                            layer.digest,
-                            self.origin(&layer.digest),
-                            unpack::MAX_BUILD_UNPACK_ENV
-                        );
-                        failure = Some(message.clone());
-                        Err(message)
+                        fail(LayerFault::BuildLimit {
+                            digest: layer.digest,
+                            origin: self.origin(&layer.digest),
+                            budget,
+                            env: unpack::MAX_BUILD_UNPACK_ENV,
+                        })
                     }
-                    Err(error) => {
-                        let message = self.layer_error(layer, error);
-                        failure = Some(message.clone());
-                        Err(message)
-                    }
+                    Err(error) => fail(self.layer_error(layer, error)),
                 }
             });
             let dir = match made {
                 Ok(dir) => dir,
-                Err(error) => return Err(failure.unwrap_or_else(|| error.to_string())),
+                Err(source) => {
+                    return Err(failure.unwrap_or(LayerFault::Snapshot {
+                        digest: layer.digest,
+                        source,
+                    }));
+                }
             };
             let _ = self.store.record_verified_layer(layer);
             dirs.push(dir);
@@ -301,9 +307,7 @@ impl Executor<'_> {
         {
             return Ok(layer);
         }
-        let lowerdirs = self
-            .snapshots(layers)
-            .map_err(|message| fail(message.into()))?;
+        let lowerdirs = self.snapshots(layers).map_err(|error| fail(error.into()))?;
         let temp = self
             .store
             .temp_dir()
@@ -325,9 +329,8 @@ impl Executor<'_> {
             Op::Copy(copy) => {
                 let (source, items) = match &copy.from {
                     CopySource::Context { items, inline, .. } => {
-                        let (root, guard) = self
-                            .copy_root(inline)
-                            .map_err(|message| fail(message.into()))?;
+                        let (root, guard) =
+                            self.copy_root(inline).map_err(|error| fail(error.into()))?;
                         guards.extend(guard.map(|guard| Box::new(guard) as Box<dyn std::any::Any>));
                         (CopyTaskSource::Context(root), items.clone())
                     }
@@ -335,7 +338,7 @@ impl Executor<'_> {
                         let output = inputs.output_of(*source).map_err(fail)?;
                         let snapshots = self
                             .snapshots(&output.layers)
-                            .map_err(|message| fail(message.into()))?;
+                            .map_err(|error| fail(error.into()))?;
                         (CopyTaskSource::Layers(snapshots), Vec::new())
                     }
                 };
@@ -354,7 +357,7 @@ impl Executor<'_> {
         };
         let overlay = self
             .overlay()
-            .map_err(|unavailable| fail(unavailable.to_string().into()))?
+            .map_err(|unavailable| fail(unavailable.into()))?
             .overlay;
         let spec = SandboxSpec {
             lowerdirs,
@@ -567,11 +570,9 @@ impl Executor<'_> {
                         }
                         Ok(())
                     };
-                    set().map_err(|source| {
-                        StepError::Message(format!(
-                            "cannot set the owner or mode of cache mount `{}`: {source}",
-                            mount.id
-                        ))
+                    set().map_err(|source| StepError::CacheMountOwner {
+                        id: mount.id.clone(),
+                        source,
                     })?;
                 }
                 paths.insert(&mount.id, guard.path().to_path_buf());
@@ -624,7 +625,7 @@ impl Executor<'_> {
         }
         let mut bind_mounts = Vec::new();
         for mount in &run.bind_mounts {
-            let (dir, host, is_dir) = self.lay_out_bind(mount).map_err(StepError::Message)?;
+            let (dir, host, is_dir) = self.lay_out_bind(mount)?;
             bind_mounts.push((host, mount.target.clone(), is_dir));
             guards.push(Box::new(dir));
         }
@@ -665,19 +666,18 @@ impl Executor<'_> {
     fn lay_out_bind(
         &self,
         mount: &crate::plan::op::BindMountOp,
-    ) -> Result<(tempfile::TempDir, PathBuf, bool), String> {
+    ) -> Result<(tempfile::TempDir, PathBuf, bool), CopyFault> {
         use std::os::unix::fs::PermissionsExt;
-        let fail = |what: &str, path: &Path, error: std::io::Error| {
-            format!(
-                "bind mount {}: cannot {what} {}: {error}",
-                mount.target,
-                path.display()
-            )
+        let fail = |action: &'static str, path: &Path, source: std::io::Error| CopyFault::Bind {
+            target: mount.target.clone(),
+            action,
+            path: path.to_path_buf(),
+            source,
         };
         let dir = self
             .store
             .temp_dir()
-            .map_err(|error| format!("cannot create a temporary directory: {error}"))?;
+            .map_err(|source| CopyFault::TempDir { source })?;
         let root = dir.path().join("bind");
         let single_file = matches!(
             mount.items.as_slice(),
@@ -718,12 +718,10 @@ impl Executor<'_> {
                             .map_err(|error| fail("write", &dest, error))?;
                     }
                     if hasher.finalize().as_bytes() != digest {
-                        return Err(format!(
-                            "bind mount {}: {} changed in the build context since the build was \
-                             planned; run the build again",
-                            mount.target,
-                            item.rel_src.display()
-                        ));
+                        return Err(CopyFault::BindChanged {
+                            target: mount.target.clone(),
+                            path: item.rel_src.clone(),
+                        });
                     }
                     output
                         .set_permissions(std::fs::Permissions::from_mode(*mode))
@@ -751,14 +749,14 @@ impl Executor<'_> {
     pub(super) fn copy_root(
         &self,
         inline: &[(String, Vec<u8>)],
-    ) -> Result<(PathBuf, Option<tempfile::TempDir>), String> {
+    ) -> Result<(PathBuf, Option<tempfile::TempDir>), CopyFault> {
         if inline.is_empty() {
             return Ok((self.plan.context_dir.clone(), None));
         }
         let dir = self
             .store
             .temp_dir()
-            .map_err(|error| format!("cannot create a temporary directory: {error}"))?;
+            .map_err(|source| CopyFault::TempDir { source })?;
         for (name, content) in inline {
             let path = dir.path().join(name);
             let written = std::fs::write(&path, content)
@@ -774,7 +772,10 @@ impl Executor<'_> {
                         .open(&path)?
                         .set_modified(std::time::UNIX_EPOCH)
                 });
-            written.map_err(|error| format!("cannot write the inline file {name}: {error}"))?;
+            written.map_err(|source| CopyFault::Inline {
+                name: name.clone(),
+                source,
+            })?;
         }
         let root = dir.path().to_path_buf();
         Ok((root, Some(dir)))

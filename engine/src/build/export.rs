@@ -15,6 +15,7 @@ use crate::plan::annotation::{self, Level};
 use crate::state::{HistoryEntry, ImageSettings, LayerDesc};
 use crate::store::Store;
 
+use super::faults::ExportError;
 use super::{Executor, NodeOutput};
 
 /// `--format oci|docker`: which media types image manifests use.
@@ -45,16 +46,16 @@ impl ManifestFormat {
             ManifestFormat::Docker => oci::media::DOCKER_CONFIG,
         }
     }
-    fn layer(self, media_type: &str) -> Result<String, String> {
+    fn layer(self, media_type: &str) -> Result<String, ExportError> {
         match (self, media_type) {
             (ManifestFormat::Oci, _) => Ok(media_type.to_string()),
             (
                 ManifestFormat::Docker,
                 oci::media::OCI_LAYER_GZIP | oci::media::DOCKER_LAYER_GZIP,
             ) => Ok(oci::media::DOCKER_LAYER_GZIP.to_string()),
-            (ManifestFormat::Docker, other) => Err(format!(
-                "a layer of media type {other} cannot be described in Docker's manifest format; use --format oci or --compression gzip"
-            )),
+            (ManifestFormat::Docker, other) => Err(ExportError::DockerMediaType {
+                media_type: other.to_string(),
+            }),
         }
     }
 }
@@ -64,12 +65,9 @@ impl Executor<'_> {
     pub(super) fn store_json<T: serde::Serialize>(
         &self,
         value: &T,
-    ) -> Result<(Vec<u8>, Digest), String> {
+    ) -> Result<(Vec<u8>, Digest), crate::store::StoreError> {
         let bytes = oci::canonical_json(value);
-        let digest = self
-            .store
-            .put_blob_bytes(&bytes)
-            .map_err(|error| error.to_string())?;
+        let digest = self.store.put_blob_bytes(&bytes)?;
         Ok((bytes, digest))
     }
 
@@ -77,7 +75,7 @@ impl Executor<'_> {
         &self,
         image: &ImagePlan,
         outputs: &HashMap<usize, Arc<NodeOutput>>,
-    ) -> Result<ImageSummary, String> {
+    ) -> Result<ImageSummary, ExportError> {
         // Docker's manifest formats have no annotations. Each goes where its key's type says
         // (validated when the plan was made).
         let annotations: Vec<(Vec<Level>, String, String)> = match self.options.format {
@@ -119,13 +117,13 @@ impl Executor<'_> {
         }
         for (platform, node_id) in &image.platforms {
             let node = &self.plan.nodes[*node_id];
-            let output = outputs
-                .get(node_id)
-                .ok_or_else(|| format!("node {} has no output", node.stage))?;
+            let output = outputs.get(node_id).ok_or_else(|| ExportError::NoOutput {
+                stage: node.stage.clone(),
+            })?;
             // Every layer an image ships was verified against its diff_id (usually when its
             // snapshot was made; a base image no step ran on is read through here, once).
             for layer in &output.layers {
-                if let Err(message) = self.verify_layer_blob(layer) {
+                if let Err(fault) = self.verify_layer_blob(layer) {
                     // The node's record names a forged layer (from an older store, say): forget
                     // it, so the next build does not find it again.
                     let mut last = node
@@ -135,7 +133,7 @@ impl Executor<'_> {
                         .find(|step| step.op.touches_filesystem())
                         .map(|step| step.key);
                     self.forget_forged(&output.layers, &mut last);
-                    return Err(message);
+                    return Err(fault.into());
                 }
             }
             let mut settings = node.settings.clone();
@@ -271,11 +269,9 @@ impl Executor<'_> {
         {
             self.corrupt_blob(expected, &format!("its content hashes to {actual}"));
         }
-        written.map_err(|error| {
-            format!(
-                "cannot write the image layout {}: {error}",
-                output_dir.display()
-            )
+        written.map_err(|source| ExportError::Layout {
+            dir: output_dir.clone(),
+            source: Box::new(source),
         })?;
         Ok(ImageSummary {
             name: image.name.clone(),

@@ -12,7 +12,9 @@ use crate::events::{Event, StepStatus};
 use crate::plan::{DEFAULT_TEST_TIMEOUT_MS, TestOp, TestPlan};
 use crate::sandbox::{self, ExitStatusKind, NetworkMode, RunTask, SandboxSpec, Stream, Task};
 
-use super::{DepOutputs, Executor, NodeFailure, Subject};
+use super::faults::TestFault;
+use super::step_cache::CacheError;
+use super::{DepOutputs, Executor, NodeFailure, StepError, Subject};
 
 /// How much of a test's output is kept for its `output` checks: beyond this, the rest is
 /// dropped (the checks see the first part), so a test cannot fill memory.
@@ -35,7 +37,7 @@ impl Executor<'_> {
         if self.options.no_cache {
             return Ok(false);
         }
-        let fail = |message: String| self.test_failure(test, message, Vec::new());
+        let fail = |error: CacheError| self.test_failure(test, error, Vec::new());
         let passed = |bytes: &[u8]| {
             serde_json::from_slice::<TestRecord>(bytes).is_ok_and(|record| record.passed)
         };
@@ -50,15 +52,21 @@ impl Executor<'_> {
         let Some(remote) = self.usable_remote(self.options.remote.from.as_ref()) else {
             return Ok(false);
         };
-        let fetched = (|| -> Result<Option<Vec<u8>>, String> {
-            let temp = self.store.temp_dir().map_err(|error| error.to_string())?;
+        let fetched = (|| -> Result<Option<Vec<u8>>, CacheError> {
+            let temp = self
+                .store
+                .temp_dir()
+                .map_err(|source| CacheError::TempDir { source })?;
             let fetched = remote.get_step_record(&test.key.hex(), temp.path());
             self.remote_entry(remote, fetched, None)
         })();
         match fetched {
             Ok(Some(bytes)) if passed(&bytes) => {
-                self.store.put_action(&test.key, &bytes).map_err(|error| {
-                    fail(format!("cannot record the test in the store: {error}"))
+                self.store.put_action(&test.key, &bytes).map_err(|source| {
+                    fail(CacheError::Record {
+                        what: "test",
+                        source,
+                    })
                 })?;
                 Ok(true)
             }
@@ -67,19 +75,19 @@ impl Executor<'_> {
                 Ok(false)
             }
             Ok(None) => Ok(false),
-            Err(message) => self
-                .remote_trouble(remote, message)
+            Err(error) => self
+                .remote_trouble(remote, error)
                 .map(|()| false)
                 .map_err(fail),
         }
     }
 
     /// Publish a passed test to the team cache (`--cache-to`) unless it has it.
-    fn publish_test(&self, test: &TestPlan) -> Result<(), String> {
+    fn publish_test(&self, test: &TestPlan) -> Result<(), CacheError> {
         let Some(remote) = self.usable_remote(self.options.remote.to.as_ref()) else {
             return Ok(());
         };
-        let result = (|| -> Result<(), String> {
+        let result = (|| -> Result<(), CacheError> {
             let key = test.key.hex();
             if self
                 .remote_entry(remote, remote.get_action(&key), None)?
@@ -87,21 +95,22 @@ impl Executor<'_> {
             {
                 return Ok(());
             }
-            let bytes = serde_json::to_vec(&TestRecord { passed: true })
-                .map_err(|error| error.to_string())?;
-            let digest = remote
-                .put_blob_bytes(&bytes)
-                .map_err(|error| error.to_string())?;
-            remote
-                .put_action(
-                    &key,
-                    &crate::remote::ActionResult::for_step_record(digest, bytes.len() as u64),
-                )
-                .map_err(|error| error.to_string())
+            let bytes = serde_json::to_vec(&TestRecord { passed: true }).map_err(|source| {
+                CacheError::Encode {
+                    what: "test",
+                    source,
+                }
+            })?;
+            let digest = remote.put_blob_bytes(&bytes)?;
+            remote.put_action(
+                &key,
+                &crate::remote::ActionResult::for_step_record(digest, bytes.len() as u64),
+            )?;
+            Ok(())
         })();
         match result {
             Ok(()) => Ok(()),
-            Err(message) => self.remote_trouble(remote, message),
+            Err(error) => self.remote_trouble(remote, error),
         }
     }
 
@@ -133,15 +142,17 @@ impl Executor<'_> {
         });
         result?;
         let record = serde_json::to_vec(&TestRecord { passed: true }).unwrap_or_default();
-        self.store.put_action(&test.key, &record).map_err(|error| {
-            self.test_failure(
-                test,
-                format!("cannot record the test in the store: {error}"),
-                Vec::new(),
-            )
-        })?;
+        self.store
+            .put_action(&test.key, &record)
+            .map_err(|source| {
+                let error = CacheError::Record {
+                    what: "test",
+                    source,
+                };
+                self.test_failure(test, error, Vec::new())
+            })?;
         self.publish_test(test)
-            .map_err(|message| self.test_failure(test, message, Vec::new()))
+            .map_err(|error| self.test_failure(test, error, Vec::new()))
     }
 
     fn execute_test(
@@ -149,21 +160,26 @@ impl Executor<'_> {
         test: &TestPlan,
         inputs: &DepOutputs<'_>,
     ) -> Result<(), Box<NodeFailure>> {
-        let fail = |message: String| self.test_failure(test, message, Vec::new());
-        let image = inputs
-            .output_of(test.node)
-            .map_err(|error| fail(error.to_string()))?;
-        let lowerdirs = self.snapshots(&image.layers).map_err(fail)?;
+        let fail = |error: StepError| self.test_failure(test, error, Vec::new());
+        let image = inputs.output_of(test.node).map_err(fail)?;
+        let lowerdirs = self
+            .snapshots(&image.layers)
+            .map_err(|error| fail(error.into()))?;
         // The test's changes land here and are thrown away with it.
         let temp = self
             .store
             .temp_dir()
-            .map_err(|error| fail(format!("cannot create a temporary directory: {error}")))?;
+            .map_err(|source| fail(StepError::TempDir { source }))?;
         let upperdir = temp.path().join("upper");
         let overlay_workdir = temp.path().join("work");
         for dir in [&upperdir, &overlay_workdir] {
-            std::fs::create_dir_all(dir)
-                .map_err(|error| fail(format!("cannot create {}: {error}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|source| {
+                fail(StepError::Io {
+                    action: "create",
+                    path: dir.clone(),
+                    source,
+                })
+            })?;
         }
         let op = &test.op;
         let task = RunTask {
@@ -191,7 +207,7 @@ impl Executor<'_> {
         };
         let overlay = self
             .overlay()
-            .map_err(|unavailable| fail(unavailable.to_string()))?
+            .map_err(|unavailable| fail(unavailable.into()))?
             .overlay;
         let spec = SandboxSpec {
             lowerdirs,
@@ -206,17 +222,17 @@ impl Executor<'_> {
             output.push(stream, line);
         });
         drop(temp);
-        let outcome = outcome.map_err(|error| fail(error.to_string()))?;
+        let outcome = outcome.map_err(|error| fail(error.into()))?;
         match check(op, outcome.status, &output) {
             Ok(()) => Ok(()),
-            Err(message) => Err(self.test_failure(test, message, output.tail(outcome.tail))),
+            Err(fault) => Err(self.test_failure(test, fault, output.tail(outcome.tail))),
         }
     }
 
     fn test_failure(
         &self,
         test: &TestPlan,
-        message: String,
+        error: impl Into<StepError>,
         tail: Vec<String>,
     ) -> Box<NodeFailure> {
         Box::new(NodeFailure {
@@ -225,7 +241,7 @@ impl Executor<'_> {
             platform: test.platform.to_string(),
             at: Some(test.at),
             step: None,
-            error: std::sync::Arc::new(message.into()),
+            error: std::sync::Arc::new(error.into()),
             tail,
         })
     }
@@ -285,20 +301,22 @@ impl Captured {
 }
 
 /// Whether a finished test passed; why not otherwise.
-fn check(op: &TestOp, status: ExitStatusKind, captured: &Captured) -> Result<(), String> {
+fn check(op: &TestOp, status: ExitStatusKind, captured: &Captured) -> Result<(), TestFault> {
     match status {
         ExitStatusKind::Exited(code) if code == op.exit_code => {}
         ExitStatusKind::Exited(code) => {
-            return Err(format!(
-                "expected exit code {}, got {code} (command {:?})",
-                op.exit_code, op.argv
-            ));
+            return Err(TestFault::ExitCode {
+                expected: op.exit_code,
+                actual: code,
+                argv: op.argv.clone(),
+            });
         }
         other => {
-            return Err(format!(
-                "expected exit code {}, but the command was {other} (command {:?})",
-                op.exit_code, op.argv
-            ));
+            return Err(TestFault::Ended {
+                expected: op.exit_code,
+                how: other.to_string(),
+                argv: op.argv.clone(),
+            });
         }
     }
     for check in &op.output {
@@ -311,16 +329,22 @@ fn check(op: &TestOp, status: ExitStatusKind, captured: &Captured) -> Result<(),
         if let Some(text) = &check.contains
             && !output.contains(text.as_str())
         {
-            return Err(format!("{what} does not contain {text:?}"));
+            return Err(TestFault::Missing {
+                stream: what,
+                text: text.clone(),
+            });
         }
         if let Some(pattern) = &check.matches {
             // Checked when the plan was made; a failure here is still a clear failure.
-            let regex = regex::Regex::new(pattern)
-                .map_err(|error| format!("`{pattern}` is not a regular expression: {error}"))?;
+            let regex = regex::Regex::new(pattern).map_err(|source| TestFault::Pattern {
+                pattern: pattern.clone(),
+                source,
+            })?;
             if !regex.is_match(output) {
-                return Err(format!(
-                    "{what} does not match the regular expression {pattern:?}"
-                ));
+                return Err(TestFault::NoMatch {
+                    stream: what,
+                    pattern: pattern.clone(),
+                });
             }
         }
     }
@@ -374,27 +398,32 @@ mod tests {
             )
             .is_ok()
         );
-        let wrong_code = check(&op(0, None, None), ExitStatusKind::Exited(3), output).unwrap_err();
+        let wrong_code = check(&op(0, None, None), ExitStatusKind::Exited(3), output)
+            .unwrap_err()
+            .to_string();
         assert!(
             wrong_code.contains("expected exit code 0, got 3"),
             "{wrong_code}"
         );
         assert!(check(&op(3, None, None), ExitStatusKind::Exited(3), output).is_ok());
-        let missing =
-            check(&op(0, Some("2.0"), None), ExitStatusKind::Exited(0), output).unwrap_err();
+        let missing = check(&op(0, Some("2.0"), None), ExitStatusKind::Exited(0), output)
+            .unwrap_err()
+            .to_string();
         assert!(
             missing.contains("the output does not contain \"2.0\""),
             "{missing}"
         );
-        let unmatched =
-            check(&op(0, None, Some("^v")), ExitStatusKind::Exited(0), output).unwrap_err();
+        let unmatched = check(&op(0, None, Some("^v")), ExitStatusKind::Exited(0), output)
+            .unwrap_err()
+            .to_string();
         assert!(unmatched.contains("does not match"), "{unmatched}");
         let killed = check(
             &op(0, None, None),
             ExitStatusKind::TimedOut { millis: 1000 },
             output,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(killed.contains("timeout"), "{killed}");
         // Each stream on its own; `output` has both, `$` ends each.
         assert!(
@@ -418,7 +447,8 @@ mod tests {
             ExitStatusKind::Exited(0),
             output,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert_eq!(not_on_stdout, "stdout does not contain \"warning\"");
         assert!(
             check(

@@ -46,8 +46,10 @@ pub(crate) mod direct_copy;
 mod error;
 mod execute;
 mod export;
+mod faults;
 mod image_test;
 mod snapshot_delta;
+mod step_cache;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -70,6 +72,9 @@ use crate::store::Store;
 
 pub use error::{NodeFailure, StepError, Subject};
 pub use export::ManifestFormat;
+pub use faults::{AttestError, CopyFault, ExportError, LayerFault, TestFault};
+pub use step_cache::CacheError;
+use step_cache::StepCache;
 
 pub struct BuildOptions {
     pub jobs: usize,
@@ -340,7 +345,10 @@ fn build_once(
             .rev()
             .find(|step| step.op.touches_filesystem());
         let cached = match last {
-            Some(step) => match executor.cached_record(&step.key) {
+            Some(step) => match executor
+                .step_cache()
+                .lookup(&executor.action_key(&step.key))
+            {
                 Ok(record) => record.is_some(),
                 Err(message) => {
                     failures.push(*executor.failure(node, Some(step), message, Vec::new()));
@@ -534,13 +542,13 @@ fn build_once(
                     events.emit(Event::Image(summary.clone()));
                     images.push(summary);
                 }
-                Err(message) => failures.push(NodeFailure {
+                Err(error) => failures.push(NodeFailure {
                     subject: Subject::Image,
                     stage: image.name.clone(),
                     platform: "all".into(),
                     at: Some(image.at),
                     step: None,
-                    error: Arc::new(message.into()),
+                    error: Arc::new(error.into()),
                     tail: Vec::new(),
                 }),
             }

@@ -33,6 +33,8 @@ use crate::layer::{PlannedEntry, PlannedKind};
 use crate::plan::{CopyOp, CopySource};
 use crate::state::LayerDesc;
 
+use super::faults::CopyFault;
+
 const MAGIC: &[u8] = b"graphbuild-snapshot-index-1\n";
 
 /// The key under which the index of a copy's last snapshot is kept: the op without the content
@@ -202,7 +204,7 @@ pub(super) fn apply(
     old: &SnapshotIndex,
     entries: &[PlannedEntry],
     dir: &Path,
-) -> Result<usize, String> {
+) -> Result<usize, CopyFault> {
     let path_of = |name: &[u8]| dir.join(OsStr::from_bytes(name));
     let new: HashMap<&[u8], &PlannedEntry> = entries
         .iter()
@@ -230,7 +232,7 @@ pub(super) fn apply(
         } else {
             std::fs::remove_file(&path)
         };
-        removed.map_err(|error| format!("cannot remove {}: {error}", path.display()))?;
+        removed.map_err(CopyFault::io("remove", &path))?;
         touched.insert(parent_of(name));
         changed += 1;
     }
@@ -247,24 +249,21 @@ pub(super) fn apply(
             Some(_) if matches!(entry.kind, PlannedKind::Directory) => {
                 // The same directory with other metadata: drop its attributes; the new ones
                 // are set with its times at the end.
-                for (name, _) in crate::layer::list_xattrs(&path).map_err(|error| {
-                    format!("cannot list attributes of {}: {error}", path.display())
-                })? {
-                    crate::layer::remove_xattr(&path, &name).map_err(|error| {
-                        format!("cannot remove an attribute of {}: {error}", path.display())
-                    })?;
+                for (name, _) in crate::layer::list_xattrs(&path)
+                    .map_err(CopyFault::io("list attributes of", &path))?
+                {
+                    crate::layer::remove_xattr(&path, &name)
+                        .map_err(CopyFault::io("remove an attribute of", &path))?;
                 }
                 touched.insert(&entry.name);
             }
             Some(_) => {
-                std::fs::remove_file(&path)
-                    .map_err(|error| format!("cannot replace {}: {error}", path.display()))?;
+                std::fs::remove_file(&path).map_err(CopyFault::io("replace", &path))?;
                 super::direct_copy::write_entry(entry, &path, &mut buffer)?;
                 touched.insert(parent_of(&entry.name));
             }
             None if matches!(entry.kind, PlannedKind::Directory) => {
-                std::fs::create_dir(&path)
-                    .map_err(|error| format!("cannot create {}: {error}", path.display()))?;
+                std::fs::create_dir(&path).map_err(CopyFault::io("create", &path))?;
                 touched.insert(&entry.name);
                 touched.insert(parent_of(&entry.name));
             }
