@@ -147,9 +147,13 @@ impl Loader {
                         }
                         self.declare_group(node, file, project);
                     }
-                    other => {
-                        self.unknown_node(node, file, other, TOP_LEVEL_NODES, "at the top level")
-                    }
+                    other => self.unknown_node(
+                        node,
+                        file,
+                        other,
+                        &spec::names(spec::TOP_LEVEL),
+                        "at the top level",
+                    ),
                 }
             }
         }
@@ -307,7 +311,13 @@ impl Loader {
                         stage_names.insert(name.raw, name.at);
                         stages.push(child.clone());
                     }
-                    other => self.unknown_node(child, file, other, TEMPLATE_NODES, "in a template"),
+                    other => self.unknown_node(
+                        child,
+                        file,
+                        other,
+                        &spec::names(spec::TEMPLATE),
+                        "in a template",
+                    ),
                 }
             }
         }

@@ -171,26 +171,13 @@ impl Loader {
             return None;
         }
         image_names.insert(name.raw.clone(), name.at);
-        let mut push = false;
-        let mut strict_arch = false;
         let mut provenance = None;
-        let mut sbom = false;
-        for (key, entry) in properties(node) {
-            match key {
-                "push" => push = self.boolean(entry, file, "`push`").unwrap_or(false),
-                "strict-arch" => {
-                    strict_arch = self.boolean(entry, file, "`strict-arch`").unwrap_or(false)
-                }
-                "sbom" => sbom = self.boolean(entry, file, "`sbom`").unwrap_or(false),
-                "provenance" => provenance = self.provenance_setting(entry, file),
-                other => self.unknown_property(
-                    other,
-                    entry,
-                    file,
-                    "image",
-                    &["push", "strict-arch", "provenance", "sbom"],
-                ),
-            }
+        let props = self.node_properties(node, file, spec::get(spec::TOP_LEVEL, "image"));
+        let mut push = props.bool("push").unwrap_or(false);
+        let strict_arch = props.bool("strict-arch").unwrap_or(false);
+        let sbom = props.bool("sbom").unwrap_or(false);
+        for entry in props.raw("provenance") {
+            provenance = self.provenance_setting(entry, file);
         }
         let mut stage: Option<(String, Loc)> = None;
         let mut stage_seen: Option<Loc> = None;
@@ -227,7 +214,7 @@ impl Loader {
                 }
                 "stage" => {
                     stage_seen = Some(child_at);
-                    if let Some(text) = self.single_string(child, file, "stage", "a stage name") {
+                    if let Some(text) = self.single(child, file, spec::get(spec::IMAGE, "stage")) {
                         match self.resolve_stage(&text.raw, &root_resolver) {
                             Some(resolved) => stage = Some((resolved, text.at)),
                             None => self.unknown_stage(&text.raw, text.at, &root_resolver, false),
@@ -364,7 +351,7 @@ impl Loader {
                         );
                         continue;
                     }
-                    output = self.single_string(child, file, kind, "a path");
+                    output = self.single(child, file, spec::get(spec::IMAGE, "output"));
                 }
                 "push" => {
                     self.check_no_children(child, file, kind);
@@ -401,7 +388,9 @@ impl Loader {
                     }
                     tests.push(test);
                 }
-                other => self.unknown_node(child, file, other, IMAGE_NODES, "in an image"),
+                other => {
+                    self.unknown_node(child, file, other, &spec::names(spec::IMAGE), "in an image")
+                }
             }
         }
         if let Some(use_node) = uses.first() {

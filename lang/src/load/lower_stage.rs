@@ -123,9 +123,7 @@ impl Loader {
                         continue;
                     }
                     from_seen = Some(child_at);
-                    if let Some(text) =
-                        self.single_string(child, file, "from", "an image, a stage or \"scratch\"")
-                    {
+                    if let Some(text) = self.single(child, file, spec::get(spec::STAGE, "from")) {
                         from = self.lower_from(text, resolver);
                     }
                 }
@@ -142,15 +140,21 @@ impl Loader {
                         continue;
                     }
                     platform_seen = Some(child_at);
-                    if let Some(text) = self.single_string(child, file, "platform", "a platform") {
+                    if let Some(text) = self.single(child, file, spec::get(spec::STAGE, "platform"))
+                    {
                         platform = self.platform_spec(text);
                     }
                 }
                 "when" => self.lower_when(child, file, resolver, &mut steps),
                 other => {
-                    if let Some(kind) =
-                        self.lower_step(child, file, resolver, other, STAGE_NODES, "in a stage")
-                    {
+                    if let Some(kind) = self.lower_step(
+                        child,
+                        file,
+                        resolver,
+                        other,
+                        &spec::stage_names(),
+                        "in a stage",
+                    ) {
                         steps.push(Step {
                             kind,
                             at: child_at,
@@ -182,24 +186,15 @@ impl Loader {
         })
     }
 
-    /// A node with exactly one string argument and nothing else.
-    pub(super) fn single_string(
-        &mut self,
-        node: &KdlNode,
-        file: FileId,
-        kind: &str,
-        what: &str,
-    ) -> Option<Text> {
-        self.single_value(node, file, kind, what, false)
-    }
-
-    /// Like [`Self::single_string`], also accepting an integer (`user 1000`, `stopsignal 15`).
+    /// A node with exactly one value (a string; also an integer with `integers`: `user 1000`,
+    /// `stopsignal 15`) and nothing else; a problem's help shows `example`. Called through
+    /// [`Self::single`], which takes `what`, `example` and `integers` from the node's spec.
     pub(super) fn single_value(
         &mut self,
         node: &KdlNode,
         file: FileId,
         kind: &str,
-        what: &str,
+        (what, example): (&str, &str),
         integers: bool,
     ) -> Option<Text> {
         self.check_no_children(node, file, kind);
@@ -211,7 +206,7 @@ impl Loader {
                 format!("`{kind}` takes one value"),
                 Self::loc(file, extra.span()),
                 "extra argument",
-                None,
+                Some(format!("write `{example}`")),
             );
         }
         let Some(first) = arguments.first() else {
@@ -220,7 +215,7 @@ impl Loader {
                 format!("`{kind}` needs {what}"),
                 Self::loc(file, node.name().span()),
                 "value missing",
-                None,
+                Some(format!("write `{example}`")),
             );
             return None;
         };
@@ -241,28 +236,19 @@ impl Loader {
         let node_at = Self::loc(file, node.name().span());
         self.check_no_arguments(node, file, "when");
         let mut platform = None;
-        let mut platform_seen = false;
-        for (key, entry) in properties(node) {
-            match key {
-                "platform" => {
-                    platform_seen = true;
-                    if let Some(text) = self.string(entry, file, "`platform`") {
-                        if text.raw.contains('$') {
-                            self.error(
-                                Code::WhenDynamicPlatform,
-                                "`when platform=` must be a literal platform",
-                                text.at,
-                                "contains a variable",
-                                Some("write the platform it applies to, for example when platform=\"linux/arm/v7\"".into()),
-                            );
-                        } else if let Some(PlatformSpec::Literal(parsed, _)) =
-                            self.platform_spec(text)
-                        {
-                            platform = Some(parsed);
-                        }
-                    }
-                }
-                other => self.unknown_property(other, entry, file, "when", &["platform"]),
+        let platform_seen = properties(node).iter().any(|(key, _)| *key == "platform");
+        let props = self.node_properties(node, file, spec::get(spec::STAGE, "when"));
+        if let Some(text) = props.text("platform") {
+            if text.raw.contains('$') {
+                self.error(
+                    Code::WhenDynamicPlatform,
+                    "`when platform=` must be a literal platform",
+                    text.at,
+                    "contains a variable",
+                    Some("write the platform it applies to, for example when platform=\"linux/arm/v7\"".into()),
+                );
+            } else if let Some(PlatformSpec::Literal(parsed, _)) = self.platform_spec(text) {
+                platform = Some(parsed);
             }
         }
         if !platform_seen {
@@ -281,9 +267,14 @@ impl Loader {
         for child in &children {
             let child_at = Self::loc(file, child.name().span());
             let name = child.name().value();
-            if let Some(kind) =
-                self.lower_step(child, file, resolver, name, WHEN_NODES, "in `when`")
-                && let Some(platform) = &platform
+            if let Some(kind) = self.lower_step(
+                child,
+                file,
+                resolver,
+                name,
+                &spec::names(spec::STEPS),
+                "in `when`",
+            ) && let Some(platform) = &platform
             {
                 steps.push(Step {
                     kind,
@@ -303,10 +294,11 @@ impl Loader {
         allowed: &[&str],
         place: &str,
     ) -> Option<StepKind> {
-        if !allowed.contains(&name) {
+        let step = spec::find(spec::STEPS, name).filter(|_| allowed.contains(&name));
+        let Some(step) = step else {
             self.unknown_node(node, file, name, allowed, place);
             return None;
-        }
+        };
         let node_at = Self::loc(file, node.name().span());
         match name {
             "run" => self.lower_run(node, file).map(StepKind::Run),
@@ -336,15 +328,9 @@ impl Loader {
                 }
                 declarations.drain(..).next().map(StepKind::Arg)
             }
-            "workdir" => self
-                .single_string(node, file, name, "a directory")
-                .map(StepKind::Workdir),
-            "user" => self
-                .single_value(node, file, name, "a user", true)
-                .map(StepKind::User),
-            "stopsignal" => self
-                .single_value(node, file, name, "a signal", true)
-                .map(StepKind::StopSignal),
+            "workdir" => self.single(node, file, step).map(StepKind::Workdir),
+            "user" => self.single(node, file, step).map(StepKind::User),
+            "stopsignal" => self.single(node, file, step).map(StepKind::StopSignal),
             "expose" | "volume" | "shell" => {
                 self.check_no_children(node, file, name);
                 self.check_no_properties(node, file, name);
@@ -369,8 +355,7 @@ impl Loader {
                 })
             }
             "entrypoint" | "cmd" => {
-                self.check_no_children(node, file, name);
-                let command = self.argv_command(node, file, name)?;
+                let command = self.argv_command(node, file, step)?;
                 Some(if name == "entrypoint" {
                     StepKind::Entrypoint(command)
                 } else {
@@ -389,15 +374,13 @@ impl Loader {
         &mut self,
         node: &KdlNode,
         file: FileId,
-        name: &str,
+        spec: &spec::NodeSpec,
     ) -> Option<Command> {
-        let mut shell = false;
-        for (key, entry) in properties(node) {
-            match key {
-                "shell" => shell = self.boolean(entry, file, "`shell`").unwrap_or(false),
-                other => self.unknown_property(other, entry, file, name, &["shell"]),
-            }
-        }
+        let name = spec.name;
+        let shell = self
+            .node_properties(node, file, spec)
+            .bool("shell")
+            .unwrap_or(false);
         let arguments = self.string_arguments(node, file, &format!("`{name}`"), false);
         if arguments.is_empty() {
             if positional(node).is_empty() {
@@ -466,15 +449,9 @@ impl Loader {
         (name, property, code): (&str, &str, Code),
         example: &str,
     ) -> Option<(Text, Option<Text>)> {
-        self.check_no_children(child, file, name);
-        let mut value = None;
-        for (key, entry) in properties(child) {
-            if key == property {
-                value = self.string(entry, file, &format!("`{property}`"));
-            } else {
-                self.unknown_property(key, entry, file, name, &[property]);
-            }
-        }
+        let value = self
+            .node_properties(child, file, spec::get(spec::RUN, name))
+            .text(property);
         let at = Self::loc(file, child.name().span());
         let target = self.single_string_argument(
             child,
@@ -492,15 +469,9 @@ impl Loader {
     }
 
     pub(super) fn lower_run(&mut self, node: &KdlNode, file: FileId) -> Option<Run> {
-        let mut timeout = None;
-        let mut insecure = false;
-        for (key, entry) in properties(node) {
-            match key {
-                "timeout" => timeout = self.string(entry, file, "`timeout`"),
-                "insecure" => insecure = self.boolean(entry, file, "`insecure`").unwrap_or(false),
-                other => self.unknown_property(other, entry, file, "run", &["timeout", "insecure"]),
-            }
-        }
+        let props = self.node_properties(node, file, spec::get(spec::STEPS, "run"));
+        let timeout = props.text("timeout");
+        let insecure = props.bool("insecure").unwrap_or(false);
         let command = self.run_command(node, file, "run");
         let mut cache_mounts = Vec::new();
         let mut tmpfs_mounts = Vec::new();
@@ -516,20 +487,15 @@ impl Loader {
             let child_at = Self::loc(file, child.name().span());
             match child.name().value() {
                 "cache-mount" => {
-                    self.check_no_children(child, file, "cache-mount");
-                    let mut id = None;
+                    let props =
+                        self.node_properties(child, file, spec::get(spec::RUN, "cache-mount"));
+                    let id = props.text("id");
+                    let (uid, gid, mode) =
+                        (props.text("uid"), props.text("gid"), props.text("mode"));
                     let mut sharing = CacheSharing::Shared;
-                    let (mut uid, mut gid, mut mode) = (None, None, None);
-                    for (key, entry) in properties(child) {
-                        match key {
-                            "id" => id = self.string(entry, file, "`id`"),
-                            "uid" => uid = self.string_or_integer(entry, file, "`uid`"),
-                            "gid" => gid = self.string_or_integer(entry, file, "`gid`"),
-                            "mode" => mode = self.string(entry, file, "`mode`"),
-                            "sharing" => {
-                                let Some(text) = self.string(entry, file, "`sharing`") else {
-                                    continue;
-                                };
+                    for text in props.texts("sharing") {
+                        {
+                            {
                                 sharing = match text.raw.as_str() {
                                     "shared" => CacheSharing::Shared,
                                     "private" => CacheSharing::Private,
@@ -553,13 +519,6 @@ impl Loader {
                                     }
                                 };
                             }
-                            other => self.unknown_property(
-                                other,
-                                entry,
-                                file,
-                                "cache-mount",
-                                &["id", "sharing", "uid", "gid", "mode"],
-                            ),
                         }
                     }
                     let Some(target) = self.single_string_argument(
@@ -620,26 +579,10 @@ impl Loader {
                     });
                 }
                 "secret" => {
-                    self.check_no_children(child, file, "secret");
-                    let mut target = None;
-                    let mut env = None;
-                    let mut required = true;
-                    for (key, entry) in properties(child) {
-                        match key {
-                            "target" => target = self.string(entry, file, "`target`"),
-                            "env" => env = self.string(entry, file, "`env`").map(|text| text.raw),
-                            "required" => {
-                                required = self.boolean(entry, file, "`required`").unwrap_or(true)
-                            }
-                            other => self.unknown_property(
-                                other,
-                                entry,
-                                file,
-                                "secret",
-                                &["target", "env", "required"],
-                            ),
-                        }
-                    }
+                    let props = self.node_properties(child, file, spec::get(spec::RUN, "secret"));
+                    let target = props.text("target");
+                    let env = props.text("env").map(|text| text.raw);
+                    let required = props.bool("required").unwrap_or(true);
                     let Some(id) = self.single_string_argument(
                         child,
                         file,
@@ -669,9 +612,7 @@ impl Loader {
                         continue;
                     }
                     network_seen = true;
-                    if let Some(text) =
-                        self.single_string(child, file, "network", "\"none\" or \"host\"")
-                    {
+                    if let Some(text) = self.single(child, file, spec::get(spec::RUN, "network")) {
                         match text.raw.as_str() {
                             "none" => network = Network::None,
                             "host" => network = Network::Host,
@@ -693,7 +634,7 @@ impl Loader {
                         }
                     }
                 }
-                other => self.unknown_node(child, file, other, RUN_NODES, "in `run`"),
+                other => self.unknown_node(child, file, other, &spec::names(spec::RUN), "in `run`"),
             }
         }
         Some(Run {
@@ -714,47 +655,27 @@ impl Loader {
         file: FileId,
         resolver: &Resolver<'_>,
     ) -> Option<Copy> {
-        self.check_no_children(node, file, "copy");
-        let mut from = None;
-        let mut chown = None;
+        let props = self.node_properties(node, file, spec::get(spec::STEPS, "copy"));
+        let mut failed = props.failed;
+        let from = props.text("from");
+        let chown = props.text("chown");
+        let exclude = props.texts("exclude");
         let mut chmod = None;
-        let mut exclude = Vec::new();
-        let mut failed = false;
-        for (key, entry) in properties(node) {
-            match key {
-                "exclude" => match self.string(entry, file, "`exclude`") {
-                    Some(text) => exclude.push(text),
-                    None => failed = true,
-                },
-                "from" => match self.string(entry, file, "`from`") {
-                    Some(text) => from = Some(text),
-                    None => failed = true,
-                },
-                "chown" => chown = self.string_or_integer(entry, file, "`chown`"),
-                "chmod" => {
-                    if let KdlValue::Integer(number) = entry.value() {
-                        self.error(
-                            Code::TypeExpectedString,
-                            "expected a string for `chmod`, found an integer",
-                            Self::loc(file, entry.span()),
-                            "an integer",
-                            Some(format!("quote the octal mode: chmod=\"0{number}\"")),
-                        );
-                        failed = true;
-                        continue;
-                    }
-                    chmod = self.string(entry, file, "`chmod`");
-                    if !self.octal_mode(chmod.as_ref()) {
-                        failed = true;
-                    }
-                }
-                other => self.unknown_property(
-                    other,
-                    entry,
-                    file,
-                    "copy",
-                    &["from", "chown", "chmod", "exclude"],
-                ),
+        for entry in props.raw("chmod") {
+            if let KdlValue::Integer(number) = entry.value() {
+                self.error(
+                    Code::TypeExpectedString,
+                    "expected a string for `chmod`, found an integer",
+                    Self::loc(file, entry.span()),
+                    "an integer",
+                    Some(format!("quote the octal mode: chmod=\"0{number}\"")),
+                );
+                failed = true;
+                continue;
+            }
+            chmod = self.string(entry, file, "`chmod`");
+            if !self.octal_mode(chmod.as_ref()) {
+                failed = true;
             }
         }
         let mut paths = self.string_arguments(node, file, "a copy path", false);
@@ -836,28 +757,12 @@ impl Loader {
     /// `file "PATH" content="…" chown=… chmod=…`: a file the build file writes, as a copy of
     /// inline content (Docker's `COPY <<EOF PATH`).
     pub(super) fn lower_file(&mut self, node: &KdlNode, file: FileId) -> Option<Copy> {
-        self.check_no_children(node, file, "file");
-        let mut content = None;
-        let mut chown = None;
-        let mut chmod = None;
-        for (key, entry) in properties(node) {
-            match key {
-                "content" => content = self.string(entry, file, "`content`"),
-                "chown" => chown = self.string_or_integer(entry, file, "`chown`"),
-                "chmod" => {
-                    chmod = self.string(entry, file, "`chmod`");
-                    if !self.octal_mode(chmod.as_ref()) {
-                        return None;
-                    }
-                }
-                other => self.unknown_property(
-                    other,
-                    entry,
-                    file,
-                    "file",
-                    &["content", "chown", "chmod"],
-                ),
-            }
+        let props = self.node_properties(node, file, spec::get(spec::STEPS, "file"));
+        let content = props.text("content");
+        let chown = props.text("chown");
+        let chmod = props.text("chmod");
+        if !self.octal_mode(chmod.as_ref()) {
+            return None;
         }
         let at = Self::loc(file, node.name().span());
         let dest = self.single_string_argument(
@@ -924,42 +829,15 @@ impl Loader {
         node: &KdlNode,
         file: FileId,
     ) -> Option<Healthcheck> {
-        self.check_no_children(node, file, "healthcheck");
+        let props = self.node_properties(node, file, spec::get(spec::STEPS, "healthcheck"));
         let mut healthcheck = Healthcheck {
             test: None,
-            interval: None,
-            timeout: None,
-            start_period: None,
-            retries: None,
+            interval: props.text("interval"),
+            timeout: props.text("timeout"),
+            start_period: props.text("start-period"),
+            retries: props.count("retries"),
         };
-        let mut none = false;
-        let allowed = ["interval", "timeout", "start-period", "retries", "none"];
-        for (key, entry) in properties(node) {
-            match key {
-                "interval" => healthcheck.interval = self.string(entry, file, "`interval`"),
-                "timeout" => healthcheck.timeout = self.string(entry, file, "`timeout`"),
-                "start-period" => {
-                    healthcheck.start_period = self.string(entry, file, "`start-period`")
-                }
-                "retries" => match entry.value() {
-                    KdlValue::Integer(number) if (0..=i128::from(u32::MAX)).contains(number) => {
-                        healthcheck.retries = Some(*number as u32);
-                    }
-                    other => {
-                        let kind = value_kind(other);
-                        self.error(
-                            Code::TypeExpectedInteger,
-                            format!("expected a non-negative integer for `retries`, found {kind}"),
-                            Self::loc(file, entry.span()),
-                            kind,
-                            Some("write retries=3".into()),
-                        );
-                    }
-                },
-                "none" => none = self.boolean(entry, file, "`none`").unwrap_or(false),
-                other => self.unknown_property(other, entry, file, "healthcheck", &allowed),
-            }
-        }
+        let none = props.bool("none").unwrap_or(false);
         if none {
             self.check_no_arguments(node, file, "healthcheck none=#true");
             return Some(healthcheck);

@@ -5,26 +5,10 @@ use kdl::{KdlNode, KdlValue};
 
 use crate::Code;
 use crate::ir::{
-    Command, FileId, ImageTest, Loc, OutputCheck, OutputStream, PlatformSpec, TestCommand, Text,
+    Command, FileId, ImageTest, Loc, OutputCheck, OutputStream, PlatformSpec, TestCommand,
 };
 
 use super::*;
-
-/// What a `test` block may hold.
-const TEST_NODES: &[&str] = &[
-    "run",
-    "cmd",
-    "entrypoint",
-    "user",
-    "workdir",
-    "env",
-    "exit",
-    "output",
-    "stdout",
-    "stderr",
-    "timeout",
-    "platforms",
-];
 
 impl Loader {
     /// `test NAME { … }` in an image; `None` after reporting a problem.
@@ -51,11 +35,11 @@ impl Loader {
         for child in &children {
             let child_at = Self::loc(file, child.name().span());
             let kind = child.name().value();
-            if !TEST_NODES.contains(&kind) {
-                self.unknown_node(child, file, kind, TEST_NODES, "in `test`");
+            let Some(child_spec) = spec::find(spec::TEST, kind) else {
+                self.unknown_node(child, file, kind, &spec::names(spec::TEST), "in `test`");
                 failed = true;
                 continue;
-            }
+            };
             // Every setting but `env` and the output checks is given once.
             if !matches!(kind, "env" | "output" | "stdout" | "stderr") {
                 if let Some((_, first)) = seen.iter().find(|(seen, _)| seen == kind) {
@@ -88,12 +72,13 @@ impl Loader {
                         failed = true;
                         continue;
                     }
-                    self.check_no_children(child, file, kind);
                     let lowered = if kind == "run" {
+                        self.check_no_children(child, file, kind);
                         self.check_no_properties(child, file, kind);
                         self.run_command(child, file, kind).map(TestCommand::Run)
                     } else {
-                        self.argv_command(child, file, kind).map(TestCommand::Cmd)
+                        self.argv_command(child, file, child_spec)
+                            .map(TestCommand::Cmd)
                     };
                     match lowered {
                         Some(lowered) => {
@@ -104,16 +89,13 @@ impl Loader {
                         None => failed = true,
                     }
                 }
-                "entrypoint" => {
-                    self.check_no_children(child, file, kind);
-                    match self.argv_command(child, file, kind) {
-                        Some(lowered) => entrypoint = Some((lowered, child_at)),
-                        None => failed = true,
-                    }
-                }
-                "user" => user = self.single_value(child, file, kind, "a user", true),
-                "workdir" => workdir = self.single_string(child, file, kind, "a directory"),
-                "timeout" => timeout = self.single_string(child, file, kind, "a duration"),
+                "entrypoint" => match self.argv_command(child, file, child_spec) {
+                    Some(lowered) => entrypoint = Some((lowered, child_at)),
+                    None => failed = true,
+                },
+                "user" => user = self.single(child, file, child_spec),
+                "workdir" => workdir = self.single(child, file, child_spec),
+                "timeout" => timeout = self.single(child, file, child_spec),
                 "env" => {
                     self.check_no_children(child, file, kind);
                     env.extend(self.key_values(child, file, kind));
@@ -122,10 +104,12 @@ impl Loader {
                     Some(code) => exit_code = code,
                     None => failed = true,
                 },
-                "output" | "stdout" | "stderr" => match self.output_check(child, file, kind) {
-                    Some(check) => output.push(check),
-                    None => failed = true,
-                },
+                "output" | "stdout" | "stderr" => {
+                    match self.output_check(child, file, child_spec) {
+                        Some(check) => output.push(check),
+                        None => failed = true,
+                    }
+                }
                 "platforms" => {
                     self.check_no_children(child, file, kind);
                     self.check_no_properties(child, file, kind);
@@ -221,19 +205,18 @@ impl Loader {
     }
 
     /// `output|stdout|stderr contains="…" matches="…"`: at least one of the two.
-    fn output_check(&mut self, node: &KdlNode, file: FileId, kind: &str) -> Option<OutputCheck> {
-        self.check_no_children(node, file, kind);
+    fn output_check(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        spec: &spec::NodeSpec,
+    ) -> Option<OutputCheck> {
+        let kind = spec.name;
         self.check_no_arguments(node, file, kind);
         let at = Self::loc(file, node.name().span());
-        let mut contains: Option<Text> = None;
-        let mut matches: Option<Text> = None;
-        for (key, entry) in properties(node) {
-            match key {
-                "contains" => contains = self.string(entry, file, "`contains`"),
-                "matches" => matches = self.string(entry, file, "`matches`"),
-                other => self.unknown_property(other, entry, file, kind, &["contains", "matches"]),
-            }
-        }
+        let props = self.node_properties(node, file, spec);
+        let contains = props.text("contains");
+        let matches = props.text("matches");
         if contains.is_none() && matches.is_none() {
             self.error(
                 Code::TestOutput,

@@ -24,6 +24,7 @@ mod lower_image;
 mod lower_stage;
 mod lower_test;
 mod read;
+mod spec;
 mod values;
 
 use std::collections::{HashMap, HashSet};
@@ -68,67 +69,6 @@ pub fn load_source(name: &str, text: &str, root_dir: &Path) -> Result<Project, D
     let identity = root_dir.join(name).display().to_string();
     Loader::new(root_dir.to_path_buf()).run(identity, name.to_string(), None, text.to_string())
 }
-
-const TOP_LEVEL_NODES: &[&str] = &[
-    "platforms",
-    "arg",
-    "import",
-    "stage",
-    "image",
-    "template",
-    "group",
-];
-const STAGE_NODES: &[&str] = &[
-    "from",
-    "platform",
-    "run",
-    "copy",
-    "file",
-    "env",
-    "arg",
-    "workdir",
-    "user",
-    "label",
-    "expose",
-    "entrypoint",
-    "cmd",
-    "volume",
-    "shell",
-    "stopsignal",
-    "healthcheck",
-    "when",
-];
-const WHEN_NODES: &[&str] = &[
-    "run",
-    "copy",
-    "file",
-    "env",
-    "arg",
-    "workdir",
-    "user",
-    "label",
-    "expose",
-    "entrypoint",
-    "cmd",
-    "volume",
-    "shell",
-    "stopsignal",
-    "healthcheck",
-];
-const RUN_NODES: &[&str] = &["cache-mount", "tmpfs", "bind", "secret", "network"];
-const IMAGE_NODES: &[&str] = &[
-    "stage",
-    "tags",
-    "platforms",
-    "matrix",
-    "use",
-    "annotation",
-    "label",
-    "output",
-    "push",
-    "test",
-];
-const TEMPLATE_NODES: &[&str] = &["param", "stage"];
 
 /// One parsed file.
 struct LoadedFile {
