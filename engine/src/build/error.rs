@@ -101,13 +101,6 @@ pub enum StepError {
         source: StoreError,
     },
 
-    #[error("cannot record the step in the store")]
-    #[diagnostic(code(graphbuild::step::store))]
-    Record {
-        #[source]
-        source: StoreError,
-    },
-
     #[error(transparent)]
     #[diagnostic(transparent)]
     Sandbox(#[from] SandboxError),

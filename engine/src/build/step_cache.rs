@@ -347,7 +347,12 @@ impl StepCache for Layered<'_> {
                     continue 'remotes;
                 }
             }
-            self.local.publish(key, &entry)?;
+            // Keeping it locally failing is, as before, this cache's trouble: warned about
+            // once, or fatal with --cache-required.
+            if let Err(error) = self.local.publish(key, &entry) {
+                executor.remote_trouble(remote.remote, error)?;
+                continue;
+            }
             return Ok(Some(entry));
         }
         Ok(None)
