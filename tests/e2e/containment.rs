@@ -16,19 +16,6 @@ const BASE: &str = "oci:tests/fixtures/busybox:1.35.0";
 /// Docker's default capability set, as `/proc/self/status` shows it.
 const DOCKER_CAPS: &str = "00000000a80425fb";
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| value == "true")
-}
-
-/// Whether a prerequisite holds; without it a test panics under CI and is skipped elsewhere.
-fn prerequisite(ok: bool, what: &str) -> bool {
-    if !ok {
-        assert!(!ci(), "prerequisite missing under CI: {what}");
-        eprintln!("skipped: {what}");
-    }
-    ok
-}
-
 fn root() -> bool {
     prerequisite(
         nix::unistd::geteuid().is_root(),

@@ -18,15 +18,10 @@ use sha2::Digest as _;
 /// Root is needed to run steps (namespaces, overlayfs). Under CI a missing root is a failure,
 /// elsewhere the test is skipped.
 fn root_or_skip() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root && std::env::var("CI").as_deref() == Ok("true") {
-        panic!("this end-to-end test runs build steps and needs root; run the test suite as root");
-    }
-    if !root {
-        eprintln!("skipped: needs root");
-    }
-    root
+    prerequisite(
+        nix::unistd::geteuid().is_root(),
+        "this end-to-end test runs build steps and needs root; run the test suite as root",
+    )
 }
 
 fn sha256(bytes: &[u8]) -> String {

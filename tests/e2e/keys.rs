@@ -5,7 +5,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{Sandbox, assert_success, require_tool, stderr, stdout, unpack_platform};
+use common::{
+    Sandbox, assert_success, prerequisite, require_tool, stderr, stdout, unpack_platform,
+};
 
 /// The image config of one platform of a layout, read through skopeo (an independent reader).
 fn config(layout: &Path, tag: &str) -> serde_json::Value {
@@ -20,15 +22,10 @@ fn config(layout: &Path, tag: &str) -> serde_json::Value {
 }
 
 fn require_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "these tests run steps in the sandbox, which needs root, and CI=true"
-    );
-    eprintln!("skipped: needs root");
-    false
+    prerequisite(
+        nix::unistd::geteuid().is_root(),
+        "these tests run steps in the sandbox, which needs root",
+    )
 }
 
 #[test]

@@ -22,14 +22,10 @@ use common::*;
 
 /// Whether the test can use `unshare -n` (root). Under CI a missing root is a failure.
 fn can_unshare(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root (it runs graphbuild in a network namespace with `unshare -n`)");
-    }
-    eprintln!("skipping {test}: it needs root for `unshare -n`");
-    false
+    prerequisite(
+        nix::unistd::geteuid().is_root(),
+        &format!("{test} needs root (it runs graphbuild in a network namespace with `unshare -n`)"),
+    )
 }
 
 /// An empty Docker config directory, so the machine's own logins never leak in.

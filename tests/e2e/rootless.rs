@@ -21,19 +21,6 @@ const SUBID_USER: &str = "graphbuild-rl";
 /// A user without: only its own uid is mapped (to 0).
 const SINGLE_USER: &str = "graphbuild-rl1";
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| value == "true")
-}
-
-/// Whether a prerequisite holds; without it a test panics under CI and is skipped elsewhere.
-fn prerequisite(ok: bool, what: &str) -> bool {
-    if !ok {
-        assert!(!ci(), "prerequisite missing under CI: {what}");
-        eprintln!("skipped: {what}");
-    }
-    ok
-}
-
 fn helpers_present() -> bool {
     ["newuidmap", "newgidmap"].iter().all(|helper| {
         ["/usr/bin", "/bin"]
