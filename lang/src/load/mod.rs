@@ -20,6 +20,7 @@
 
 mod check;
 mod declare;
+mod lower_add;
 mod lower_image;
 mod lower_stage;
 mod lower_test;
@@ -84,6 +85,7 @@ const STAGE_NODES: &[&str] = &[
     "run",
     "copy",
     "file",
+    "add",
     "env",
     "arg",
     "workdir",
@@ -102,6 +104,7 @@ const WHEN_NODES: &[&str] = &[
     "run",
     "copy",
     "file",
+    "add",
     "env",
     "arg",
     "workdir",
