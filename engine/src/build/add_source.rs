@@ -56,6 +56,18 @@ impl Executor<'_> {
                 let digest: Digest = digest
                     .parse()
                     .map_err(|_| "the download's digest is unknown (a pending step)".to_string())?;
+                // Platforms adding the same file wait for one download.
+                let downloading = self
+                    .in_flight
+                    .lock()
+                    .map(|mut in_flight| {
+                        let key = crate::key::KeyBuilder::new("add-download")
+                            .bytes(&digest.0)
+                            .finish();
+                        in_flight.entry(key).or_default().clone()
+                    })
+                    .unwrap_or_default();
+                let _downloading = downloading.lock();
                 if !self.store.has_blob(&digest) {
                     crate::fetch::download(url, Some(digest), self.store)
                         .map_err(|error| error.to_string())?;
