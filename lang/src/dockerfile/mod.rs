@@ -1069,11 +1069,18 @@ impl Lowerer {
         for (name, value, word) in flags {
             let add_only = matches!(name.as_str(), "checksum" | "keep-git-dir");
             if !FLAGS.contains(&name.as_str())
-                || (is_add && matches!(name.as_str(), "from" | "exclude"))
+                || (is_add && name == "from")
                 || (!is_add && add_only)
             {
                 let known: &[&str] = if is_add {
-                    &["chown", "chmod", "link", "checksum", "keep-git-dir"]
+                    &[
+                        "chown",
+                        "chmod",
+                        "link",
+                        "exclude",
+                        "checksum",
+                        "keep-git-dir",
+                    ]
                 } else {
                     &["from", "chown", "chmod", "link", "exclude"]
                 };
