@@ -490,6 +490,26 @@ fn tar_of(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
     builder.into_inner().expect("tar")
 }
 
+/// `bytes` compressed by the command-line `tool` (`bzip2`, `xz`, `zstd`).
+fn compress(tool: &str, bytes: &[u8]) -> Vec<u8> {
+    require_tool(tool);
+    let mut child = Command::new(tool)
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("compressor runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(bytes)
+        .expect("write");
+    let output = child.wait_with_output().expect("compressor ends");
+    assert!(output.status.success(), "{tool} failed");
+    output.stdout
+}
+
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     encoder.write_all(bytes).expect("gzip");
@@ -509,12 +529,27 @@ fn local_tar_archives_are_extracted_by_content() {
     std::fs::write(sandbox.path().join("proj/pkg.tar.gz"), gzip(&archive)).expect("write");
     std::fs::write(sandbox.path().join("proj/plain.bin"), &archive).expect("write");
     std::fs::write(sandbox.path().join("proj/notes.gz"), gzip(b"not a tar\n")).expect("write");
+    // bzip2 and xz as Docker, zstd as BuildKit: by content, whatever the name.
+    for (tool, name) in [("bzip2", "b.any"), ("xz", "x.any"), ("zstd", "z.any")] {
+        std::fs::write(
+            sandbox.path().join("proj").join(name),
+            compress(tool, &archive),
+        )
+        .expect("write");
+    }
     images_kdl(
         &sandbox,
-        "    add \"pkg.tar.gz\" \"/x/\"\n    add \"plain.bin\" \"/y\"\n    add \"notes.gz\" \"/z/\"",
+        "    add \"pkg.tar.gz\" \"/x/\"\n    add \"plain.bin\" \"/y\"\n    add \"notes.gz\" \"/z/\"\n    add \"b.any\" \"x.any\" \"z.any\" \"/w/\"",
     );
     let output = run(&sandbox, &[]);
     assert_success(&output);
+    for dir in ["/w/pkg", "/y/pkg"] {
+        assert_eq!(
+            file_in_images(&sandbox, &format!("{dir}/bin/tool")),
+            (b"#!/bin/sh\necho tool\n".to_vec(), 0o755)
+        );
+    }
+    assert!(!exists_in_images(&sandbox, "/w/b.any"));
     assert_eq!(
         file_in_images(&sandbox, "/x/pkg/README"),
         (b"read me\n".to_vec(), 0o640)

@@ -12,7 +12,8 @@
 //! - **archives**: each archive is extracted by [`crate::unpack::unpack_layer_checked`], the
 //!   reader base layers go through: no entry can write outside the scratch directory (`..`,
 //!   absolute paths, writing through a symlink an earlier entry planted, hard links out are
-//!   refused), the size is bounded, and gzip or zstd is recognized by content.
+//!   refused), the size is bounded, and the compression (gzip, zstd, bzip2, xz) is recognized
+//!   by content.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -161,7 +162,9 @@ impl Executor<'_> {
                 diff_id: None,
                 max_bytes: crate::unpack::max_layer_size(size),
             };
-            crate::unpack::unpack_layer_checked(file, root, &check)
+            let stream = crate::decompress::archive(file)
+                .map_err(|error| format!("cannot read {rel_src}: {error}"))?;
+            crate::unpack::unpack_layer_checked(stream, root, &check)
                 .map_err(|error| format!("cannot extract {rel_src}: {error}"))?;
             return Ok(());
         }

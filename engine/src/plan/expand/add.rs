@@ -1,8 +1,8 @@
 //! `add`: what each source is, decided once substituted, and the copy op it becomes.
 //!
 //! - Local sources are a `copy`'s, with the same op and key, unless a source file is a tar
-//!   archive by its content (as Docker decides: plain, gzip, zstd; bzip2 and xz are recognized
-//!   and refused for now), in which case the op is [`CopySource::Extract`] naming the archives.
+//!   archive by its content (as Docker decides: plain, gzip, bzip2, xz, and zstd as BuildKit),
+//!   in which case the op is [`CopySource::Extract`] naming the archives.
 //!   Files inside a copied directory are never extracted, only sources themselves.
 //! - A URL is [`CopySource::Url`], keyed by its checksum or, without one, by the digest of
 //!   what the resolver downloads now. Offline without a checksum its key is pending.
@@ -24,42 +24,21 @@ use crate::plan::{CopyOp, CopySource};
 use crate::resolve::ResolveError;
 use crate::state::ImageSettings;
 
-/// What a local source file is, by its first bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Content {
-    /// A tar archive, plain or compressed in a way the engine reads.
-    Archive,
-    /// Compressed in a way Docker extracts and graphbuild does not read yet.
-    Unsupported(&'static str),
-    Other,
-}
-
 /// Whether the file at `path` is a tar archive: its (decompressed) first block has the
-/// `ustar` magic, as Docker's archive detection checks after decompressing.
-fn content(path: &std::path::Path) -> std::io::Result<Content> {
-    let mut head = [0u8; 6];
-    let read = std::fs::File::open(path)?.read(&mut head)?;
-    let head = &head[..read];
-    if head.starts_with(b"BZh") {
-        return Ok(Content::Unsupported("bzip2"));
-    }
-    if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        return Ok(Content::Unsupported("xz"));
-    }
+/// `ustar` magic, as Docker's archive detection checks after decompressing (bzip2, xz, gzip,
+/// zstd or none). A stream that is not what its magic says reads as "not an archive", as in
+/// Docker: the file is copied as it is.
+fn is_archive(path: &std::path::Path) -> std::io::Result<bool> {
     let file = std::fs::File::open(path)?;
-    let Ok(stream) = crate::decompress::decompressed(file) else {
-        return Ok(Content::Other);
+    let stream = crate::decompress::archive(file).and_then(crate::decompress::decompressed);
+    let Ok(stream) = stream else {
+        return Ok(false);
     };
     let mut block = Vec::with_capacity(512);
-    // A stream that is not what its magic says reads as "not an archive", as in Docker.
     if stream.take(512).read_to_end(&mut block).is_err() || block.len() < 262 {
-        return Ok(Content::Other);
+        return Ok(false);
     }
-    Ok(if &block[257..262] == b"ustar" {
-        Content::Archive
-    } else {
-        Content::Other
-    })
+    Ok(&block[257..262] == b"ustar")
 }
 
 impl Expander<'_> {
@@ -176,25 +155,10 @@ impl Expander<'_> {
             for file in direct_files(&selected) {
                 let path =
                     crate::fsutil::resolve_path_in_root(&self.context_dir, &file.rel_src, false);
-                let found = path.and_then(|path| content(&path));
+                let found = path.and_then(|path| is_archive(&path));
                 match found {
-                    Ok(Content::Archive) => {
-                        archives.push(file.rel_src.to_string_lossy().into_owned())
-                    }
-                    Ok(Content::Unsupported(kind)) => {
-                        self.error(
-                            at,
-                            Code::Copy,
-                            format!(
-                                "`{}` is a {kind}-compressed file: Docker would extract it, graphbuild does not read {kind} yet",
-                                file.rel_src.display()
-                            ),
-                            "this add",
-                            Some("recompress it with gzip or zstd, or `copy` it and extract it in a `run` step".into()),
-                        );
-                        return Ok(None);
-                    }
-                    Ok(Content::Other) => {}
+                    Ok(true) => archives.push(file.rel_src.to_string_lossy().into_owned()),
+                    Ok(false) => {}
                     Err(error) => {
                         self.error(
                             at,
