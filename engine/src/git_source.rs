@@ -154,7 +154,12 @@ pub fn resolve_ref(url: &str, reference: &str) -> Result<String, String> {
     ];
     for candidate in &candidates {
         if let Some((commit, _)) = refs.iter().find(|(_, name)| name == candidate) {
-            return Ok(commit.to_string());
+            if !is_commit(commit) {
+                return Err(format!(
+                    "{shown} listed `{wanted}` as `{commit}`, not a commit"
+                ));
+            }
+            return Ok(commit.to_ascii_lowercase());
         }
     }
     Err(format!("{shown} has no branch or tag `{wanted}`"))

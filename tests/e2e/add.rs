@@ -349,6 +349,11 @@ fn without_a_checksum_the_key_follows_the_content_and_is_pending_offline() {
         "the warning names the source: {}",
         stderr(&output)
     );
+    assert!(
+        stderr(&output).contains("1 base image or `add` source is unresolved"),
+        "{}",
+        stderr(&output)
+    );
     assert_eq!(
         server.requests("/nosum/data.txt"),
         requests,

@@ -793,7 +793,7 @@ impl<'a> Expander<'a> {
             key = op.key(&key);
             let files = match &op {
                 Op::Copy(CopyOp {
-                    from: CopySource::Context { items, .. },
+                    from: CopySource::Context { items, .. } | CopySource::Extract { items, .. },
                     ..
                 }) => items
                     .iter()
