@@ -92,6 +92,24 @@ pub fn decompressed<'a>(blob: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> 
     })
 }
 
+/// The xz stream magic.
+const XZ_MAGIC: [u8; 6] = [0xfd, b'7', b'z', b'X', b'Z', 0];
+
+/// An archive an `add` extracts, in any compression Docker extracts: bzip2 and xz are decoded
+/// here (every stream), anything else passes through unchanged for [`decompressed`] (gzip,
+/// zstd, plain tar), so an archive goes through the same reader a layer does.
+pub fn archive<'a>(source: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+    let mut reader = BufReader::with_capacity(256 * 1024, source);
+    let head = reader.fill_buf()?;
+    if head.starts_with(b"BZh") {
+        return Ok(Box::new(bzip2::bufread::MultiBzDecoder::new(reader)));
+    }
+    if head.starts_with(&XZ_MAGIC) {
+        return Ok(Box::new(lzma_rust2::XzReader::new(reader, true)));
+    }
+    Ok(Box::new(reader))
+}
+
 /// The uncompressed size of the layer blob in `path`.
 pub fn uncompressed_size(path: &Path) -> io::Result<u64> {
     let file = std::fs::File::open(path)?;
@@ -113,6 +131,26 @@ mod tests {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         encoder.write_all(bytes).unwrap();
         encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn bzip2_and_xz_archives_are_decoded_and_others_pass_through() {
+        let mut bzip2 = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        bzip2.write_all(b"bzip2 body").unwrap();
+        let mut xz =
+            lzma_rust2::XzWriter::new(Vec::new(), lzma_rust2::XzOptions::default()).unwrap();
+        xz.write_all(b"xz body").unwrap();
+        let read = |blob: Vec<u8>| {
+            let mut out = Vec::new();
+            archive(&blob[..]).unwrap().read_to_end(&mut out).unwrap();
+            out
+        };
+        assert_eq!(read(bzip2.finish().unwrap()), b"bzip2 body");
+        assert_eq!(read(xz.finish().unwrap()), b"xz body");
+        assert_eq!(
+            read(gzip(b"left for the layer reader")),
+            gzip(b"left for the layer reader")
+        );
     }
 
     #[test]

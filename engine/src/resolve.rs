@@ -19,6 +19,8 @@ use crate::registry::{BlobFetch, RegistryClient};
 use crate::state::{HealthcheckSettings, HistoryEntry, ImageSettings, LayerDesc};
 use crate::store::{BlobState, Store};
 
+mod sources;
+
 /// A base image, resolved for one platform.
 #[derive(Clone, Debug)]
 pub struct ResolvedBase {
@@ -74,6 +76,10 @@ pub enum ResolveError {
     /// makes its keys *pending* instead of failing; `run` refuses to build them.
     #[error("cannot resolve `{}` for {}: {}", .0.reference, .0.platform, .0.reason)]
     Unresolved(Box<Unresolved>),
+    /// An `add` source (a URL, a git repository) that cannot be used: its server refused it,
+    /// or it is not what the build file says. The message names the source redacted.
+    #[error("{message}")]
+    Source { message: String, help: String },
     #[error("cannot copy layer {digest} of `{reference}` into the store: {message}")]
     Fetch {
         reference: String,
@@ -91,6 +97,7 @@ impl ResolveError {
                 environment: true, ..
             }
             | ResolveError::Unresolved(_) => Code::BaseImageUnavailable,
+            ResolveError::Source { .. } => Code::Copy,
             _ => Code::BaseImage,
         }
     }
@@ -106,6 +113,7 @@ impl ResolveError {
                 "build this image only for the platforms its base provides (`platforms …` on the image, or `--platform`)".into()
             }
             ResolveError::Fetch { .. } => "check that the layout is complete and readable".into(),
+            ResolveError::Source { help, .. } => help.clone(),
             ResolveError::Unresolved(unresolved) => unresolved.help(),
         }
     }
@@ -127,6 +135,9 @@ pub struct Unresolved {
 
 impl Unresolved {
     pub fn help(&self) -> String {
+        if sources::is_source(&self.reference) {
+            return sources::help();
+        }
         match self.locked {
             Some(_) => concat!(
                 "a base pinned by graphbuild.lock (or by its digest) resolves offline once its ",
@@ -153,6 +164,32 @@ pub trait Resolver: Send + Sync {
     ) -> Result<Arc<ResolvedBase>, ResolveError>;
     /// Make every layer blob of `base` present in `store`.
     fn fetch_layers(&self, base: &ResolvedBase, store: &Store) -> Result<(), ResolveError>;
+
+    /// The sha256 of the file at `url` for an `add`, what its key is made of: `checksum` when
+    /// given (nothing downloaded), else the digest of the body downloaded now. This resolver
+    /// has no network: without a checksum the source is [`ResolveError::Unresolved`].
+    fn fetch_url(
+        &self,
+        url: &str,
+        checksum: Option<Digest>,
+        platform: &Platform,
+    ) -> Result<Digest, ResolveError> {
+        checksum.ok_or_else(|| sources::unresolved(url, platform, "no network for downloads"))
+    }
+
+    /// The commit `reference` names in the git repository at `url`. This resolver has no
+    /// network: only a full commit hash resolves.
+    fn resolve_git(
+        &self,
+        url: &str,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<String, ResolveError> {
+        if crate::git_source::is_commit(reference) {
+            return Ok(reference.to_ascii_lowercase());
+        }
+        Err(sources::unresolved(url, platform, "no network for git"))
+    }
 }
 
 /// Resolves `oci:PATH[:TAG]` relative to a directory (the build file's).
@@ -384,6 +421,9 @@ pub struct DefaultResolver {
     /// Layer downloads that failed because of the network or `--offline`: an environment
     /// problem (exit code 3), not a build failure.
     unavailable: Mutex<Vec<String>>,
+    /// `add` sources resolved this run (a URL's digest, a git ref's commit), so a source shared
+    /// by several platforms is downloaded or listed once.
+    sources: sources::SourceCache,
 }
 
 impl DefaultResolver {
@@ -400,6 +440,7 @@ impl DefaultResolver {
             offline: false,
             store: None,
             unavailable: Mutex::new(Vec::new()),
+            sources: sources::SourceCache::default(),
         })
     }
 
@@ -642,6 +683,24 @@ impl Resolver for DefaultResolver {
             cache.insert(cache_key, resolved.clone());
         }
         Ok(resolved)
+    }
+
+    fn fetch_url(
+        &self,
+        url: &str,
+        checksum: Option<Digest>,
+        platform: &Platform,
+    ) -> Result<Digest, ResolveError> {
+        self.source_digest(url, checksum, platform)
+    }
+
+    fn resolve_git(
+        &self,
+        url: &str,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<String, ResolveError> {
+        self.source_commit(url, reference, platform)
     }
 
     fn fetch_layers(&self, base: &ResolvedBase, store: &Store) -> Result<(), ResolveError> {

@@ -244,7 +244,7 @@ impl Step {
                 }
                 parts.extend(run.timeout.iter().map(|text| text.at));
             }
-            StepKind::Copy(copy) => {
+            StepKind::Add(Add { copy, .. }) | StepKind::Copy(copy) => {
                 let texts = copy.sources.iter().chain([&copy.dest]);
                 let texts = texts.chain(&copy.chown).chain(&copy.chmod);
                 parts.extend(texts.map(|text| text.at));
@@ -276,6 +276,9 @@ impl Step {
 pub enum StepKind {
     Run(Run),
     Copy(Copy),
+    /// `add` (Dockerfile `ADD`): a copy whose source may be a URL, a git repository or a local
+    /// archive to extract; see [`Add`].
+    Add(Add),
     /// `env K=V …`: later steps and the image see these.
     Env(Vec<(String, Text)>),
     /// `arg NAME[=default]` inside a stage: NAME is in scope from here on and enters the
@@ -405,6 +408,23 @@ pub struct Copy {
     /// Files the build file writes itself (KDL `file`, a Dockerfile `COPY <<EOF`): when not
     /// empty, `sources` are their names and nothing comes from the context.
     pub inline: Vec<InlineFile>,
+}
+
+/// `add SOURCE… DEST` (Dockerfile `ADD`). What each source is, is decided after
+/// substitution, as Docker does: an `http(s)://` URL is downloaded on the host, a git URL
+/// (`git@…`, `git://…`, `ssh://…`, or an `http(s)` URL whose path ends in `.git`, each with an
+/// optional `#REF[:SUBDIR]`) is cloned on the host, and a local file of the build context that
+/// is a tar archive (plain, gzip, bzip2, xz or zstd, recognized by its content) is extracted.
+/// Anything else is copied as `copy` copies it.
+#[derive(Clone, Debug)]
+pub struct Add {
+    /// Sources, destination, `chown` and `chmod` (never `from`, `exclude` or inline files).
+    pub copy: Copy,
+    /// `checksum="sha256:…"` (`ADD --checksum`): what a downloaded file must hash to. Its key
+    /// is then the checksum, so a cached step needs no download.
+    pub checksum: Option<Text>,
+    /// `keep-git-dir=#true` (`ADD --keep-git-dir`): keep the repository's `.git`.
+    pub keep_git_dir: bool,
 }
 
 #[derive(Clone, Debug)]

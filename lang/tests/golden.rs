@@ -182,6 +182,24 @@ pub fn render_project(project: &Project) -> String {
                     }
                     line
                 }
+                StepKind::Add(add) => {
+                    let copy = &add.copy;
+                    let mut line =
+                        format!("add [{}] -> {}", texts(&copy.sources), text(&copy.dest));
+                    if let Some(checksum) = &add.checksum {
+                        let _ = write!(line, " checksum={}", text(checksum));
+                    }
+                    if add.keep_git_dir {
+                        line.push_str(" keep-git-dir");
+                    }
+                    if let Some(chown) = &copy.chown {
+                        let _ = write!(line, " chown={}", text(chown));
+                    }
+                    if let Some(chmod) = &copy.chmod {
+                        let _ = write!(line, " chmod={}", text(chmod));
+                    }
+                    line
+                }
                 StepKind::Env(values) => format!("env {}", pairs(values)),
                 StepKind::Arg(arg) => match &arg.default {
                     Some(default) => format!("arg {}={}", arg.name, text(default)),

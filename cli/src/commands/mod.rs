@@ -266,6 +266,23 @@ pub(super) fn count(n: usize, one: &str, many: &str) -> String {
     }
 }
 
+/// "1 base image is", or "2 base images or `add` sources are" when downloads or repositories
+/// are among them.
+fn unresolved_what(plan: &Plan, n: usize) -> String {
+    let sources = plan.unresolved().iter().any(|unresolved| {
+        unresolved.reference.contains("://") || unresolved.reference.starts_with("git@")
+    });
+    if sources {
+        count(
+            n,
+            "base image or `add` source is",
+            "base images or `add` sources are",
+        )
+    } else {
+        count(n, "base image is", "base images are")
+    }
+}
+
 /// `run`, `verify` and `lock` need every base: unresolved ones stop them with exit code 3.
 pub(super) fn refuse_unresolved(plan: &Plan, select: &SelectArgs) -> Result<(), ExitStatus> {
     let (lines, helps) = unresolved_lines(plan);
@@ -274,7 +291,7 @@ pub(super) fn refuse_unresolved(plan: &Plan, select: &SelectArgs) -> Result<(), 
     }
     eprintln!(
         "error: cannot build: {} unresolved",
-        count(lines.len(), "base image is", "base images are")
+        unresolved_what(plan, lines.len())
     );
     for line in &lines {
         eprintln!("{line}");
@@ -296,7 +313,7 @@ pub(super) fn warn_unresolved(plan: &Plan, select: &SelectArgs) {
     }
     let mut message = format!(
         "{} unresolved, so the keys that depend on {} are pending:",
-        count(lines.len(), "base image is", "base images are"),
+        unresolved_what(plan, lines.len()),
         if lines.len() == 1 { "it" } else { "them" }
     );
     for line in &lines {

@@ -869,12 +869,24 @@ impl Executor<'_> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|elapsed| elapsed.as_secs() as i64)
             .unwrap_or(0);
-        // The guard keeps the build file's inline files (if any) on disk until the copy is done.
+        // The guard keeps the build file's inline files (if any) on disk until the copy is done;
+        // an `add`'s tree (a download, a checkout, extracted archives) lives as long.
+        let added = self.add_tree(copy).map_err(fail)?;
         let (context_root, _inline_guard) = match &copy.from {
             CopySource::Context { inline, .. } => self.copy_root(inline).map_err(fail)?,
-            CopySource::Node { .. } => (self.plan.context_dir.clone(), None),
+            _ => (self.plan.context_dir.clone(), None),
         };
         let (planned, source_layers) = match &copy.from {
+            _ if added.is_some() => {
+                let added = added.as_ref().expect("checked");
+                let sources = Sources::Dir(&added.root);
+                let planned =
+                    plan_copy(&view, &added.items, &sources, copy, epoch, now).map_err(fail)?;
+                (planned, Vec::new())
+            }
+            CopySource::Url { .. } | CopySource::Git { .. } | CopySource::Extract { .. } => {
+                return Err(fail("an `add` without its files".into()));
+            }
             CopySource::Context { items, .. } => {
                 let sources = Sources::Dir(&context_root);
                 let planned = plan_copy(&view, items, &sources, copy, epoch, now).map_err(fail)?;

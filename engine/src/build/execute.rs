@@ -341,6 +341,18 @@ impl Executor<'_> {
                             .map_err(|error| fail(error.into()))?;
                         (CopyTaskSource::Layers(snapshots), Vec::new())
                     }
+                    CopySource::Url { .. }
+                    | CopySource::Git { .. }
+                    | CopySource::Extract { .. } => {
+                        let added = self
+                            .add_tree(copy)
+                            .map_err(|message| fail(message.into()))?
+                            .ok_or_else(|| fail("an `add` without its files".to_string().into()))?;
+                        let root = added.root.clone();
+                        let items = added.items.clone();
+                        guards.push(Box::new(added));
+                        (CopyTaskSource::Context(root), items)
+                    }
                 };
                 let task = CopyTask {
                     source,

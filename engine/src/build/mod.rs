@@ -40,6 +40,7 @@
 //! and the failing step's statement in the build file, which the CLI renders as a diagnostic
 //! pointing at that statement and `--progress json` reports as a `failure` event.
 
+mod add_source;
 mod attest;
 mod cache;
 pub(crate) mod direct_copy;

@@ -50,6 +50,9 @@ pub(super) fn lineage_key(copy: &CopyOp, layers: &[LayerDesc]) -> Key {
         .str(match copy.from {
             CopySource::Context { .. } => "context",
             CopySource::Node { .. } => "stage",
+            CopySource::Url { .. } => "url",
+            CopySource::Git { .. } => "git",
+            CopySource::Extract { .. } => "extract",
         });
     for layer in layers {
         builder.bytes(&layer.diff_id.0);

@@ -5,6 +5,7 @@
 //! the diagnostics) that every step kind reads and extends; the ops it produces and their keys
 //! live in [`super::op`].
 
+mod add;
 mod image_tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -766,6 +767,19 @@ impl<'a> Expander<'a> {
                     let description = op.describe();
                     (op, description)
                 }
+                StepKind::Add(add) => {
+                    let Some((op, unresolved)) =
+                        self.add_op(add, step.at, &vars, &settings, target, matrix)?
+                    else {
+                        continue;
+                    };
+                    // A source unknown without the network makes this step, and what follows,
+                    // pending.
+                    pending |= unresolved;
+                    let op = Op::Copy(op);
+                    let description = op.describe();
+                    (op, description)
+                }
                 kind => {
                     let Some(config) = self.config_op(kind, step.at, &mut vars, &settings) else {
                         continue;
@@ -779,7 +793,7 @@ impl<'a> Expander<'a> {
             key = op.key(&key);
             let files = match &op {
                 Op::Copy(CopyOp {
-                    from: CopySource::Context { items, .. },
+                    from: CopySource::Context { items, .. } | CopySource::Extract { items, .. },
                     ..
                 }) => items
                     .iter()
@@ -1500,7 +1514,7 @@ impl<'a> Expander<'a> {
             StepKind::Healthcheck(check) => {
                 ConfigOp::Healthcheck(self.healthcheck(check, vars, settings))
             }
-            StepKind::Run(_) | StepKind::Copy(_) => {
+            StepKind::Run(_) | StepKind::Copy(_) | StepKind::Add(_) => {
                 self.error(
                     at,
                     Code::Internal,

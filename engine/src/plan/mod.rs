@@ -272,16 +272,18 @@ impl Plan {
         &self.context_dir
     }
 
-    /// Every unresolved base image of the plan, once per (reference, platform), in node order.
+    /// Every unresolved base image of the plan, and every `add` source that could not be had
+    /// without the network, once per (reference, platform), in node order.
     pub fn unresolved(&self) -> Vec<&Unresolved> {
         let mut found: Vec<&Unresolved> = Vec::new();
         for node in &self.nodes {
-            if let Base::Unresolved(base) = &node.base
-                && !found
+            for base in node_unresolved(node) {
+                if !found
                     .iter()
                     .any(|seen| seen.reference == base.reference && seen.platform == base.platform)
-            {
-                found.push(base);
+                {
+                    found.push(base);
+                }
             }
         }
         found
@@ -298,17 +300,30 @@ impl Plan {
                 continue;
             }
             let node = &self.nodes[id];
-            if let Base::Unresolved(base) = &node.base
-                && !found.iter().any(|known| {
+            for base in node_unresolved(node) {
+                if !found.iter().any(|known| {
                     known.reference == base.reference && known.platform == base.platform
-                })
-            {
-                found.push(base);
+                }) {
+                    found.push(base);
+                }
             }
             stack.extend(node.deps.iter().copied());
         }
         found
     }
+}
+
+/// A node's own unresolved base, then its `add` sources that are.
+fn node_unresolved(node: &Node) -> impl Iterator<Item = &Unresolved> {
+    let base = match &node.base {
+        Base::Unresolved(base) => Some(&**base),
+        _ => None,
+    };
+    base.into_iter()
+        .chain(node.steps.iter().filter_map(|step| match &step.op {
+            Op::Copy(copy) => copy.from.unresolved(),
+            _ => None,
+        }))
 }
 
 #[cfg(test)]

@@ -63,7 +63,15 @@ impl Op {
                 Some(script) => format!("RUN <<EOF {}", script.lines().next().unwrap_or("")),
                 None => format!("RUN {}", run.argv.join(" ")),
             },
-            Op::Copy(copy) => format!("COPY {} {}", copy.sources.join(" "), copy.dest),
+            Op::Copy(copy) => match &copy.from {
+                CopySource::Url { url, .. } | CopySource::Git { url, .. } => {
+                    format!("ADD {} {}", crate::fetch::redact(url), copy.dest)
+                }
+                CopySource::Extract { .. } => {
+                    format!("ADD {} {}", copy.sources.join(" "), copy.dest)
+                }
+                _ => format!("COPY {} {}", copy.sources.join(" "), copy.dest),
+            },
             Op::Config(config) => config.describe(),
         }
     }
@@ -213,6 +221,53 @@ pub enum CopySource {
         node: usize,
         key: Key,
     },
+    /// `add "https://…"`: one file downloaded on the host, named `name`, by its sha256 (the
+    /// `checksum`, or the digest of what the planner downloaded). The URL is not in the key (it
+    /// may hold credentials, and Docker keys a checksummed download by its checksum): the same
+    /// bytes under the same name are the same step, wherever they came from.
+    Url {
+        #[serde(skip)]
+        url: String,
+        /// `sha256:…`; empty when [`CopySource::Url::unresolved`].
+        digest: String,
+        name: String,
+        /// Set when the digest could not be had without the network: the step is pending.
+        #[serde(skip)]
+        unresolved: Option<std::sync::Arc<crate::resolve::Unresolved>>,
+    },
+    /// `add "https://host/repo.git#REF:SUBDIR"`: a git tree, by the commit `REF` resolved to.
+    /// The commit names every byte of the tree, so neither the URL nor the ref is in the key.
+    Git {
+        #[serde(skip)]
+        url: String,
+        /// Empty when [`CopySource::Git::unresolved`].
+        commit: String,
+        subdir: String,
+        keep_git_dir: bool,
+        #[serde(skip)]
+        unresolved: Option<std::sync::Arc<crate::resolve::Unresolved>>,
+    },
+    /// `add` of context files among which tar archives (named by `archives`, their `rel_src`)
+    /// are extracted into the destination rather than copied; `digest` as for
+    /// [`CopySource::Context`].
+    Extract {
+        #[serde(skip)]
+        items: Vec<CopyItem>,
+        digest: String,
+        archives: Vec<String>,
+    },
+}
+
+impl CopySource {
+    /// Why the source is not known without the network, for an `add` of a URL or a repository.
+    pub fn unresolved(&self) -> Option<&crate::resolve::Unresolved> {
+        match self {
+            CopySource::Url { unresolved, .. } | CopySource::Git { unresolved, .. } => {
+                unresolved.as_deref()
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A metadata step, with its values substituted.

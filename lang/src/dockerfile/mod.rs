@@ -321,11 +321,7 @@ impl Lowerer {
                 .map(StepKind::Run)
                 .into_iter()
                 .collect(),
-            "COPY" | "ADD" => self
-                .copy(&instruction)
-                .map(StepKind::Copy)
-                .into_iter()
-                .collect(),
+            "COPY" | "ADD" => self.copy(&instruction).into_iter().collect(),
             "ENV" => self
                 .pairs(&instruction, true)
                 .map(StepKind::Env)
@@ -1042,9 +1038,20 @@ impl Lowerer {
         true
     }
 
-    fn copy(&mut self, instruction: &Instruction) -> Option<ir::Copy> {
+    /// `COPY` as a [`StepKind::Copy`]; `ADD` as a [`StepKind::Add`].
+    fn copy(&mut self, instruction: &Instruction) -> Option<StepKind> {
         let is_add = instruction.keyword == "ADD";
-        const FLAGS: &[&str] = &["from", "chown", "chmod", "link", "exclude"];
+        const FLAGS: &[&str] = &[
+            "from",
+            "chown",
+            "chmod",
+            "link",
+            "exclude",
+            "checksum",
+            "keep-git-dir",
+        ];
+        let mut checksum = None;
+        let mut keep_git_dir = false;
         let (flags, rest) = self.flags(instruction);
         let mut copy = ir::Copy {
             sources: Vec::new(),
@@ -1060,11 +1067,22 @@ impl Lowerer {
         };
         let mut ok = true;
         for (name, value, word) in flags {
-            if !FLAGS.contains(&name.as_str()) || (is_add && name == "from") {
+            let add_only = matches!(name.as_str(), "checksum" | "keep-git-dir");
+            if !FLAGS.contains(&name.as_str())
+                || (is_add && name == "from")
+                || (!is_add && add_only)
+            {
                 let known: &[&str] = if is_add {
-                    &["chown", "chmod", "link", "exclude"]
+                    &[
+                        "chown",
+                        "chmod",
+                        "link",
+                        "exclude",
+                        "checksum",
+                        "keep-git-dir",
+                    ]
                 } else {
-                    FLAGS
+                    &["from", "chown", "chmod", "link", "exclude"]
                 };
                 self.unknown_flag(instruction, &word, known);
                 ok = false;
@@ -1072,6 +1090,24 @@ impl Lowerer {
             }
             if name == "link" {
                 // --link only changes how BuildKit reuses layers, not the files: accepted.
+                continue;
+            }
+            if name == "keep-git-dir" {
+                keep_git_dir = match value.as_deref() {
+                    None | Some("true") => true,
+                    Some("false") => false,
+                    Some(_) => {
+                        self.error(
+                            Code::DockerfileFlag,
+                            "`--keep-git-dir` takes no value, or `true` or `false`",
+                            instruction.line.span(word.start, word.end),
+                            "this flag",
+                            "write --keep-git-dir",
+                        );
+                        ok = false;
+                        false
+                    }
+                };
                 continue;
             }
             let Some(value) = self.flag_value(instruction, &name, value, &word) else {
@@ -1099,6 +1135,7 @@ impl Lowerer {
                 }
                 "chown" => copy.chown = Some(text),
                 "exclude" => copy.exclude.push(text),
+                "checksum" => checksum = Some(text),
                 _ => {
                     if text.raw.is_empty()
                         || text.raw.len() > 4
@@ -1196,42 +1233,19 @@ impl Lowerer {
                 return None;
             }
         }
-        if is_add && heredocs.is_empty() {
-            for source in &paths {
-                let raw = source.raw.to_ascii_lowercase();
-                let span = (source.at.span.offset(), source.at.span.len());
-                if raw.contains("://") || raw.starts_with("git@") {
-                    self.error(
-                        Code::DockerfileUnsupported,
-                        format!("`ADD {}`: adding from a URL is not supported yet", source.raw),
-                        span,
-                        "a URL",
-                        "download it in a RUN step (with wget or curl), or put the file in the build context",
-                    );
-                    ok = false;
-                } else if [
-                    ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz",
-                    ".tar.zst", ".tzst", ".tar.z",
-                ]
-                .iter()
-                .any(|suffix| raw.ends_with(suffix))
-                {
-                    self.error(
-                        Code::DockerfileUnsupported,
-                        format!(
-                            "`ADD {}`: extracting a local archive is not supported yet",
-                            source.raw
-                        ),
-                        span,
-                        "an archive Docker would extract",
-                        "COPY the archive and extract it in a RUN step (tar -xf), or use COPY to keep it as a file",
-                    );
-                    ok = false;
-                }
-            }
-        }
         copy.sources = paths;
-        ok.then_some(copy)
+        if !ok {
+            return None;
+        }
+        Some(if is_add {
+            StepKind::Add(ir::Add {
+                copy,
+                checksum,
+                keep_git_dir,
+            })
+        } else {
+            StepKind::Copy(copy)
+        })
     }
 
     /// `ENV`/`LABEL`: `K=V …`, or the legacy `K V` (the rest of the line is the value).

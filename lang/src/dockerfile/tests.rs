@@ -121,13 +121,13 @@ HEALTHCHECK --interval=30s --retries=3 CMD true
 #[test]
 fn every_problem_is_reported_at_once_with_its_line() {
     let found = codes(
-        "FROM alpine AS a\nFORM x\nONBUILD RUN x\nADD https://example.com/x /x\nADD a.tar.gz /x\nRUN --mount=type=ssh,target=/x true\nCOPY --chmod=999 a b\nCOPY onlyone\nFROM alpine AS A\n",
+        "FROM alpine AS a\nFORM x\nONBUILD RUN x\nADD --keep-git-dir=maybe https://example.com/x.git /x\nADD --from=a a.tar.gz /x\nRUN --mount=type=ssh,target=/x true\nCOPY --chmod=999 a b\nCOPY onlyone\nFROM alpine AS A\n",
     );
     let expected = [
         (Code::DockerfileUnknownInstruction, "line 2"),
         (Code::DockerfileUnsupported, "line 3"),
-        (Code::DockerfileUnsupported, "line 4"),
-        (Code::DockerfileUnsupported, "line 5"),
+        (Code::DockerfileFlag, "line 4"),
+        (Code::DockerfileFlag, "line 5"),
         (Code::DockerfileUnsupported, "line 6"),
         (Code::CopyChmod, "line 7"),
         (Code::CopyArguments, "line 8"),

@@ -243,7 +243,7 @@ impl Loader {
                         texts.extend(secret.target.iter().map(|text| (text, Mode::Strict)));
                     }
                 }
-                StepKind::Copy(copy) => {
+                StepKind::Copy(copy) | StepKind::Add(crate::ir::Add { copy, .. }) => {
                     texts.extend(copy.sources.iter().map(|text| (text, Mode::Strict)));
                     texts.push((&copy.dest, Mode::Strict));
                     texts.extend(copy.chown.iter().map(|text| (text, Mode::Strict)));

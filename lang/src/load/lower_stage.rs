@@ -304,6 +304,7 @@ impl Loader {
             "run" => self.lower_run(node, file).map(StepKind::Run),
             "copy" => self.lower_copy(node, file, resolver).map(StepKind::Copy),
             "file" => self.lower_file(node, file).map(StepKind::Copy),
+            "add" => self.lower_add(node, file).map(StepKind::Add),
             "env" => {
                 self.check_no_children(node, file, name);
                 let pairs = self.key_values(node, file, name);
@@ -734,7 +735,7 @@ impl Loader {
 
     /// Whether a `chmod` value is an octal mode (or has variables, checked once substituted);
     /// reports it when not.
-    fn octal_mode(&mut self, chmod: Option<&Text>) -> bool {
+    pub(super) fn octal_mode(&mut self, chmod: Option<&Text>) -> bool {
         let Some(text) = chmod else {
             return true;
         };

@@ -20,6 +20,7 @@
 
 mod check;
 mod declare;
+mod lower_add;
 mod lower_image;
 mod lower_stage;
 mod lower_test;

@@ -207,6 +207,7 @@ pub(super) static STEPS: &[NodeSpec] = &[
     block("run", Custom, RUN_PROPERTIES, RUN),
     COPY,
     FILE,
+    ADD,
     pairs("env"),
     pairs("arg"),
     WORKDIR,
@@ -246,6 +247,16 @@ const FILE: NodeSpec = node(
     Custom,
     &[
         ("content", STRING),
+        ("chown", StringOrInteger),
+        ("chmod", STRING),
+    ],
+);
+const ADD: NodeSpec = node(
+    "add",
+    Custom,
+    &[
+        ("checksum", STRING),
+        ("keep-git-dir", Bool),
         ("chown", StringOrInteger),
         ("chmod", STRING),
     ],
@@ -504,6 +515,7 @@ mod tests {
                 "run",
                 "copy",
                 "file",
+                "add",
                 "env",
                 "arg",
                 "workdir",
