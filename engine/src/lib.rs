@@ -28,6 +28,7 @@ pub mod resolve;
 pub mod rootless;
 pub mod sandbox;
 pub mod scheduler;
+pub mod ssh;
 pub mod state;
 pub mod store;
 pub mod unpack;

@@ -124,6 +124,7 @@ fn shell(script: &str) -> RunTask {
         cache_mounts: vec![],
         tmpfs_mounts: vec![],
         bind_mounts: vec![],
+        ssh_sockets: vec![],
         script: None,
         secret_files: vec![],
         network: NetworkMode::Host,

@@ -310,6 +310,8 @@ pub struct Run {
     pub tmpfs_mounts: Vec<TmpfsMount>,
     /// `bind "/src" source="."`: part of the build context, read-only, for this step only.
     pub bind_mounts: Vec<BindMount>,
+    /// `ssh "default"`: an ssh agent socket (supplied with `--ssh`), for this step only.
+    pub ssh_mounts: Vec<SshMount>,
     pub secrets: Vec<Secret>,
     pub network: Network,
     /// `timeout="10m"`: the step is killed and fails after this long.
@@ -351,6 +353,25 @@ pub struct BindMount {
     pub target: Text,
     /// A path in the build context (a directory or a file); `.` by default.
     pub source: Text,
+    pub at: Loc,
+}
+
+/// An ssh agent socket on `target` while the step runs, as Docker's `RUN --mount=type=ssh`:
+/// the agent supplied with `--ssh ID=…`, reached through a proxy that only lists keys and
+/// signs. Only the id and the options below are in the step's key, never a path or a key.
+#[derive(Clone, Debug)]
+pub struct SshMount {
+    /// `default` unless named.
+    pub id: Text,
+    /// Default `/run/buildkit/ssh_agent.N` (N counts the step's ssh mounts), as BuildKit.
+    pub target: Option<Text>,
+    /// A step whose id is not supplied fails before the build starts; otherwise it runs
+    /// without the socket.
+    pub required: bool,
+    /// The socket's owner and mode (default root, `0600`), as Docker's options.
+    pub uid: Option<Text>,
+    pub gid: Option<Text>,
+    pub mode: Option<Text>,
     pub at: Loc,
 }
 

@@ -622,6 +622,7 @@ impl Executor<'_> {
                 }
             }
         }
+        let ssh_sockets = self.ssh_sockets(run, guards)?;
         let mut bind_mounts = Vec::new();
         for mount in &run.bind_mounts {
             let (dir, host, is_dir) = self.lay_out_bind(mount).map_err(StepError::Message)?;
@@ -642,6 +643,7 @@ impl Executor<'_> {
                 .map(|mount| (mount.target.clone(), mount.size))
                 .collect(),
             secret_files,
+            ssh_sockets,
             network: if run.network_none {
                 NetworkMode::None
             } else {

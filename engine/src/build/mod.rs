@@ -48,6 +48,7 @@ mod execute;
 mod export;
 mod image_test;
 mod snapshot_delta;
+mod ssh_mounts;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -81,6 +82,9 @@ pub struct BuildOptions {
     pub sandbox_exe: PathBuf,
     /// `--secret id=…` values, by id. They reach a sandbox as a file or env var, never a key.
     pub secrets: HashMap<String, SecretValue>,
+    /// `--ssh` ids and their agents' sockets (see [`crate::ssh`]). A step reaches one through
+    /// a proxy; the path is in no key, log or error.
+    pub ssh: HashMap<String, PathBuf>,
     pub cancel: CancelToken,
     /// A shared cache to read missing results from and to write new results to.
     pub remote: RemoteOptions,

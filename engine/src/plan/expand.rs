@@ -6,6 +6,7 @@
 //! live in [`super::op`].
 
 mod image_tests;
+mod ssh;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -1014,6 +1015,7 @@ impl<'a> Expander<'a> {
         }
         env.entry("PATH".into())
             .or_insert_with(|| DEFAULT_PATH.into());
+        let ssh_mounts = self.ssh_mounts(run, vars, settings, &mut env);
         let cache_mounts = run
             .cache_mounts
             .iter()
@@ -1136,6 +1138,7 @@ impl<'a> Expander<'a> {
             cache_mounts,
             tmpfs_mounts,
             bind_mounts,
+            ssh_mounts,
             secrets,
             network_none: run.network == ir::Network::None,
             insecure: run.insecure,

@@ -119,6 +119,9 @@ pub struct RunOp {
     /// In the key only when there are some.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bind_mounts: Vec<BindMountOp>,
+    /// In the key only when there are some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ssh_mounts: Vec<SshMountOp>,
     pub secrets: Vec<SecretOp>,
     pub network_none: bool,
     /// `insecure=#true`: every capability, no seccomp filter. In the key only when set, so
@@ -166,6 +169,22 @@ pub struct BindMountOp {
     #[serde(skip)]
     pub items: Vec<CopyItem>,
     pub digest: String,
+}
+
+/// An ssh agent socket on `target`, as Docker's `RUN --mount=type=ssh`. The key has the id
+/// and how the step sees the socket (as BuildKit's), never what `--ssh` binds the id to: a
+/// socket path, key files or keys.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SshMountOp {
+    pub id: String,
+    pub target: String,
+    /// Checked before the build starts (see [`crate::ssh::missing_required`]). Not in the key:
+    /// it decides whether the build may start, not what the step sees.
+    #[serde(skip)]
+    pub required: bool,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
 }
 
 /// A secret's id and where it goes; never its value.

@@ -613,7 +613,7 @@ struct MountTarget {
     kind: TargetKind,
 }
 
-/// In order: /proc, /dev, cache mounts, tmpfs mounts, bind mounts, secrets,
+/// In order: /proc, /dev, cache mounts, tmpfs mounts, bind mounts, secrets, ssh sockets,
 /// /etc/resolv.conf (host network).
 fn mount_targets(run: &RunTask) -> Vec<MountTarget> {
     let directory = |path: &str| MountTarget {
@@ -635,6 +635,7 @@ fn mount_targets(run: &RunTask) -> Vec<MountTarget> {
         }
     }));
     targets.extend(run.secret_files.iter().map(|(_, target)| file(target)));
+    targets.extend(run.ssh_sockets.iter().map(|(_, target)| file(target)));
     if run.network == NetworkMode::Host && Path::new("/etc/resolv.conf").exists() {
         targets.push(file("/etc/resolv.conf"));
     }
@@ -1052,6 +1053,12 @@ fn pid1(
         let target_file = next_target()?;
         bind_read_only(host_file, &target_file)
             .map_err(step(format!("mount the secret on {target}")))?;
+    }
+    for (host_socket, target) in &run.ssh_sockets {
+        let target_file = next_target()?;
+        // Read-only still lets the step connect, which is all a socket is for.
+        bind_read_only(host_socket, &target_file)
+            .map_err(step(format!("mount the ssh agent socket on {target}")))?;
     }
     if run.network == NetworkMode::Host && Path::new("/etc/resolv.conf").exists() {
         let target_file = next_target()?;

@@ -156,6 +156,10 @@ pub struct RunTask {
     pub tmpfs_mounts: Vec<(String, Option<u64>)>,
     /// (host file, absolute target): bind-mounted read-only, leaving no trace in the layer.
     pub secret_files: Vec<(PathBuf, String)>,
+    /// (host socket, absolute target): ssh agent sockets ([`crate::ssh`]), mounted as
+    /// secrets are.
+    #[serde(default)]
+    pub ssh_sockets: Vec<(PathBuf, String)>,
     pub network: NetworkMode,
     /// The sandbox's hostname; empty means `graphbuild`.
     pub hostname: String,
@@ -692,7 +696,11 @@ fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
         }
     }
     if let Task::Run(run) = &spec.task {
-        let host_paths = run.cache_mounts.iter().chain(&run.secret_files);
+        let host_paths = run
+            .cache_mounts
+            .iter()
+            .chain(&run.secret_files)
+            .chain(&run.ssh_sockets);
         if let Some((host_path, _)) = host_paths.into_iter().find(|(path, _)| !path.is_absolute()) {
             return invalid(format!("host path {} is not absolute", host_path.display()));
         }
@@ -720,6 +728,11 @@ fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
                 run.secret_files
                     .iter()
                     .map(|(_, target)| ("secret", target)),
+            )
+            .chain(
+                run.ssh_sockets
+                    .iter()
+                    .map(|(_, target)| ("ssh socket", target)),
             );
         for (kind, target) in targets {
             if !target.starts_with('/') {
@@ -857,6 +870,7 @@ mod tests {
                 cache_mounts: vec![],
                 tmpfs_mounts: vec![],
                 bind_mounts: vec![],
+                ssh_sockets: vec![],
                 script: None,
                 secret_files: vec![],
                 network: NetworkMode::Host,

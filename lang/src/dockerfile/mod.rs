@@ -20,6 +20,7 @@
 //! Every problem in the file is reported at once, each with its line and a help line.
 
 mod lex;
+mod ssh;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -738,6 +739,7 @@ impl Lowerer {
             cache_mounts: Vec::new(),
             tmpfs_mounts: Vec::new(),
             bind_mounts: Vec::new(),
+            ssh_mounts: Vec::new(),
             secrets: Vec::new(),
             network: if self.network_none {
                 Network::None
@@ -899,13 +901,14 @@ impl Lowerer {
                 ],
                 "write --mount=type=bind,target=PATH[,source=CONTEXT_PATH] (read-only, from the build context)",
             ),
+            "ssh" => (ssh::SSH_OPTIONS, ssh::SSH_HELP),
             other => {
                 self.error(
                     Code::DockerfileUnsupported,
                     format!("`--mount=type={other}` is not supported yet"),
                     span,
                     "this mount",
-                    "graphbuild supports --mount=type=cache, secret, tmpfs and bind (from the build context)",
+                    "graphbuild supports --mount=type=cache, secret, tmpfs, ssh and bind (from the build context)",
                 );
                 return false;
             }
@@ -925,6 +928,9 @@ impl Lowerer {
         }
         let target = get(&["target", "dst", "destination"]);
         let at = self.loc(span);
+        if kind == "ssh" {
+            return self.ssh_mount(&fields, span, at, run);
+        }
         if kind == "cache" {
             let Some(target) = target else {
                 self.error(

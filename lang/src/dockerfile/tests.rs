@@ -121,7 +121,7 @@ HEALTHCHECK --interval=30s --retries=3 CMD true
 #[test]
 fn every_problem_is_reported_at_once_with_its_line() {
     let found = codes(
-        "FROM alpine AS a\nFORM x\nONBUILD RUN x\nADD https://example.com/x /x\nADD a.tar.gz /x\nRUN --mount=type=ssh,target=/x true\nCOPY --chmod=999 a b\nCOPY onlyone\nFROM alpine AS A\n",
+        "FROM alpine AS a\nFORM x\nONBUILD RUN x\nADD https://example.com/x /x\nADD a.tar.gz /x\nRUN --mount=type=npipe,target=/x true\nCOPY --chmod=999 a b\nCOPY onlyone\nFROM alpine AS A\n",
     );
     let expected = [
         (Code::DockerfileUnknownInstruction, "line 2"),
@@ -198,4 +198,39 @@ fn network_none_on_the_command_line_is_the_default_of_run_steps() {
         })
         .collect();
     assert_eq!(networks, [Network::None, Network::Host]);
+}
+
+#[test]
+fn ssh_mounts_take_docker_options_and_default_to_an_optional_default_id() {
+    let project = load(
+        "FROM alpine\nRUN --mount=type=ssh --mount=type=ssh,id=github,target=/agent,required=true,uid=1000,gid=1000,mode=0660 true\n",
+    )
+    .expect("loads");
+    let StepKind::Run(run) = &project.stages[0].steps[0].kind else {
+        panic!("run")
+    };
+    let [default, github] = run.ssh_mounts.as_slice() else {
+        panic!("two ssh mounts: {:?}", run.ssh_mounts)
+    };
+    assert_eq!(default.id.raw, "default");
+    assert!(!default.required && default.target.is_none());
+    assert_eq!(github.id.raw, "github");
+    assert!(github.required);
+    assert_eq!(
+        github.target.as_ref().map(|t| t.raw.as_str()),
+        Some("/agent")
+    );
+    assert_eq!(github.mode.as_ref().map(|t| t.raw.as_str()), Some("0660"));
+    assert_eq!(github.uid.as_ref().map(|t| t.raw.as_str()), Some("1000"));
+    let found = codes(
+        "FROM alpine\nRUN --mount=type=ssh,required=maybe true\nRUN --mount=type=ssh,source=x true\n",
+    );
+    let found: Vec<(Code, &str)> = found.iter().map(|(c, l)| (*c, l.as_str())).collect();
+    assert_eq!(
+        found,
+        [
+            (Code::RunSsh, "line 2"),
+            (Code::DockerfileUnsupported, "line 3")
+        ]
+    );
 }

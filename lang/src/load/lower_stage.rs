@@ -505,6 +505,7 @@ impl Loader {
         let mut cache_mounts = Vec::new();
         let mut tmpfs_mounts = Vec::new();
         let mut bind_mounts = Vec::new();
+        let mut ssh_mounts = Vec::new();
         let mut secrets = Vec::new();
         let mut network = Network::default();
         let mut network_seen = false;
@@ -619,6 +620,7 @@ impl Loader {
                         at: child_at,
                     });
                 }
+                "ssh" => ssh_mounts.extend(self.lower_ssh(child, file)),
                 "secret" => {
                     self.check_no_children(child, file, "secret");
                     let mut target = None;
@@ -701,6 +703,7 @@ impl Loader {
             cache_mounts,
             tmpfs_mounts,
             bind_mounts,
+            ssh_mounts,
             secrets,
             network,
             timeout,

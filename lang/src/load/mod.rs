@@ -21,6 +21,7 @@
 mod check;
 mod declare;
 mod lower_image;
+mod lower_ssh;
 mod lower_stage;
 mod lower_test;
 mod read;
@@ -115,7 +116,7 @@ const WHEN_NODES: &[&str] = &[
     "stopsignal",
     "healthcheck",
 ];
-const RUN_NODES: &[&str] = &["cache-mount", "tmpfs", "bind", "secret", "network"];
+const RUN_NODES: &[&str] = &["cache-mount", "tmpfs", "bind", "ssh", "secret", "network"];
 const IMAGE_NODES: &[&str] = &[
     "stage",
     "tags",
