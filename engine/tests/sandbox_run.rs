@@ -125,6 +125,7 @@ fn shell(script: &str) -> RunTask {
         tmpfs_mounts: vec![],
         bind_mounts: vec![],
         ssh_sockets: vec![],
+        stage_binds: vec![],
         script: None,
         secret_files: vec![],
         network: NetworkMode::Host,

@@ -346,13 +346,20 @@ pub struct TmpfsMount {
     pub at: Loc,
 }
 
-/// Part of the build context mounted read-only on `target` while the step runs, as Docker's
-/// `RUN --mount=type=bind` (from the context): in no layer, its content in the step's key.
+/// Part of the build context, or of a stage's or an image's filesystem, mounted on `target`
+/// while the step runs, as Docker's `RUN --mount=type=bind`: in no layer, its content (or the
+/// stage's key) in the step's key.
 #[derive(Clone, Debug)]
 pub struct BindMount {
     pub target: Text,
-    /// A path in the build context (a directory or a file); `.` by default.
+    /// A path in the build context (`.` by default) or, with `from`, in that filesystem (`/`
+    /// by default); a directory or a file.
     pub source: Text,
+    /// `from="STAGE"` / `--mount=type=bind,from=…`: a stage's or an image's filesystem.
+    pub from: Option<CopyFrom>,
+    /// `rw=#true` / `rw`: writable, what the step writes there discarded afterwards (Docker's
+    /// semantics); read-only otherwise.
+    pub readwrite: bool,
     pub at: Loc,
 }
 

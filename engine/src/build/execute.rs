@@ -321,7 +321,11 @@ impl Executor<'_> {
         }
         let mut guards: Vec<Box<dyn std::any::Any>> = Vec::new();
         let task = match &step.op {
-            Op::Run(run) => Task::Run(self.run_task(node, run, &mut guards).map_err(fail)?),
+            Op::Run(run) => {
+                let mut task = self.run_task(node, run, &mut guards).map_err(fail)?;
+                task.stage_binds = self.stage_binds(run, inputs).map_err(fail)?;
+                Task::Run(task)
+            }
             Op::Copy(copy) => {
                 let (source, items) = match &copy.from {
                     CopySource::Context { items, inline, .. } => {
@@ -644,6 +648,8 @@ impl Executor<'_> {
                 .collect(),
             secret_files,
             ssh_sockets,
+            // Filled by `execute_step`, which has the nodes' outputs.
+            stage_binds: Vec::new(),
             network: if run.network_none {
                 NetworkMode::None
             } else {

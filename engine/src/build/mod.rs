@@ -49,6 +49,7 @@ mod export;
 mod image_test;
 mod snapshot_delta;
 mod ssh_mounts;
+mod stage_binds;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -5,6 +5,7 @@
 //! the diagnostics) that every step kind reads and extends; the ops it produces and their keys
 //! live in [`super::op`].
 
+mod bind;
 mod image_tests;
 mod ssh;
 
@@ -747,7 +748,15 @@ impl<'a> Expander<'a> {
             }
             let (op, description) = match &step.kind {
                 StepKind::Run(run) => {
-                    let (op, display) = self.run_op(run, &vars, &settings, pinned);
+                    let (mut op, display) = self.run_op(run, &vars, &settings, pinned);
+                    for (bind, dep) in self.stage_binds(run, &vars, &settings, target, matrix)? {
+                        // Binding a pending node makes this step, and what follows, pending.
+                        pending |= self.nodes[dep].pending;
+                        if !deps.contains(&dep) {
+                            deps.push(dep);
+                        }
+                        op.stage_binds.push(bind);
+                    }
                     (Op::Run(op), format!("RUN {}", display.join(" ")))
                 }
                 StepKind::Copy(copy) => {
@@ -1085,7 +1094,8 @@ impl<'a> Expander<'a> {
             })
             .collect();
         let mut bind_mounts = Vec::new();
-        for mount in &run.bind_mounts {
+        // Binds from other nodes: see `stage_binds`.
+        for mount in run.bind_mounts.iter().filter(|mount| mount.from.is_none()) {
             let target = self.substitute(&mount.target, Mode::Strict, vars, Some(settings));
             let source = self.substitute(&mount.source, Mode::Strict, vars, Some(settings));
             let selected = match self.context() {
@@ -1138,6 +1148,7 @@ impl<'a> Expander<'a> {
             cache_mounts,
             tmpfs_mounts,
             bind_mounts,
+            stage_binds: Vec::new(),
             ssh_mounts,
             secrets,
             network_none: run.network == ir::Network::None,

@@ -121,6 +121,9 @@ pub struct RunOp {
     pub bind_mounts: Vec<BindMountOp>,
     /// In the key only when there are some.
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stage_binds: Vec<StageBindOp>,
+    /// In the key only when there are some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ssh_mounts: Vec<SshMountOp>,
     pub secrets: Vec<SecretOp>,
     pub network_none: bool,
@@ -169,6 +172,22 @@ pub struct BindMountOp {
     #[serde(skip)]
     pub items: Vec<CopyItem>,
     pub digest: String,
+}
+
+/// A stage's or an image's filesystem (`source` in it, `/` by default) on `target` while the
+/// step runs, as Docker's `RUN --mount=type=bind,from=…`: keyed by that node's key, so a
+/// change to the stage runs the step again. Read-only unless `readwrite`; what the step writes
+/// to a writable one is discarded after it (Docker's semantics).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StageBindOp {
+    pub target: String,
+    pub source: String,
+    /// The node's index in this plan, for the executor only (as [`CopySource::Node`]'s).
+    #[serde(skip)]
+    pub node: usize,
+    pub key: Key,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub readwrite: bool,
 }
 
 /// An ssh agent socket on `target`, as Docker's `RUN --mount=type=ssh`. The key has the id

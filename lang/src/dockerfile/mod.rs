@@ -19,6 +19,7 @@
 //!
 //! Every problem in the file is reported at once, each with its line and a help line.
 
+mod bind;
 mod lex;
 mod ssh;
 
@@ -896,10 +897,13 @@ impl Lowerer {
                     "destination",
                     "source",
                     "src",
+                    "from",
                     "ro",
                     "readonly",
+                    "rw",
+                    "readwrite",
                 ],
-                "write --mount=type=bind,target=PATH[,source=CONTEXT_PATH] (read-only, from the build context)",
+                "write --mount=type=bind,target=PATH[,source=PATH][,from=STAGE|IMAGE][,rw]",
             ),
             "ssh" => (ssh::SSH_OPTIONS, ssh::SSH_HELP),
             other => {
@@ -979,12 +983,20 @@ impl Lowerer {
                 );
                 return false;
             };
+            let Some((from, readwrite)) = self.bind_from(&fields, span) else {
+                return false;
+            };
+            let default_source = if from.is_some() { "/" } else { "." };
             run.bind_mounts.push(BindMount {
                 target: self.text(lex::literal_raw(&target), span),
                 source: self.text(
-                    lex::literal_raw(&get(&["source", "src"]).unwrap_or_else(|| ".".into())),
+                    lex::literal_raw(
+                        &get(&["source", "src"]).unwrap_or_else(|| default_source.into()),
+                    ),
                     span,
                 ),
+                from,
+                readwrite,
                 at,
             });
             return true;

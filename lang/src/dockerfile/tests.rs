@@ -234,3 +234,34 @@ fn ssh_mounts_take_docker_options_and_default_to_an_optional_default_id() {
         ]
     );
 }
+
+#[test]
+fn bind_mounts_from_stages_images_and_writable() {
+    let project = load(
+        "FROM alpine AS build\nFROM alpine\nRUN --mount=type=bind,from=build,source=/out,target=/o --mount=type=bind,from=0,target=/z,rw --mount=type=bind,from=busybox:1.36,target=/i,readonly=false --mount=type=bind,target=/c true\n",
+    )
+    .expect("loads");
+    let StepKind::Run(run) = &project.stages[1].steps[0].kind else {
+        panic!("run")
+    };
+    let [build, index, image, context] = run.bind_mounts.as_slice() else {
+        panic!("four bind mounts: {:?}", run.bind_mounts)
+    };
+    assert!(matches!(&build.from, Some(CopyFrom::Stage(name, _)) if name == "build"));
+    assert_eq!(build.source.raw, "/out");
+    assert!(!build.readwrite);
+    assert!(matches!(&index.from, Some(CopyFrom::Stage(name, _)) if name == "build"));
+    assert_eq!(index.source.raw, "/");
+    assert!(index.readwrite);
+    assert!(matches!(&image.from, Some(CopyFrom::Image(text)) if text.raw == "busybox:1.36"));
+    assert!(image.readwrite);
+    assert!(context.from.is_none() && context.source.raw == "." && !context.readwrite);
+    let found = codes(
+        "FROM alpine\nRUN --mount=type=bind,target=/x,from=scratch true\nRUN --mount=type=bind,target=/x,rw=maybe true\n",
+    );
+    let found: Vec<(Code, &str)> = found.iter().map(|(c, l)| (*c, l.as_str())).collect();
+    assert_eq!(
+        found,
+        [(Code::RunBind, "line 2"), (Code::RunBind, "line 3")]
+    );
+}

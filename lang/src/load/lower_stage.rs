@@ -7,9 +7,9 @@ use kdl::{KdlNode, KdlValue};
 
 use crate::Diagnostic;
 use crate::ir::{
-    BindMount, CacheMount, CacheSharing, Command, Copy, CopyFrom, FileId, From, FromSource,
-    Healthcheck, InlineFile, Loc, Network, PlatformSpec, Run, ScopeId, Secret, Stage, Step,
-    StepKind, Text, TmpfsMount,
+    CacheMount, CacheSharing, Command, Copy, CopyFrom, FileId, From, FromSource, Healthcheck,
+    InlineFile, Loc, Network, PlatformSpec, Run, ScopeId, Secret, Stage, Step, StepKind, Text,
+    TmpfsMount,
 };
 
 use super::*;
@@ -309,7 +309,7 @@ impl Loader {
         }
         let node_at = Self::loc(file, node.name().span());
         match name {
-            "run" => self.lower_run(node, file).map(StepKind::Run),
+            "run" => self.lower_run(node, file, resolver).map(StepKind::Run),
             "copy" => self.lower_copy(node, file, resolver).map(StepKind::Copy),
             "file" => self.lower_file(node, file).map(StepKind::Copy),
             "env" => {
@@ -491,7 +491,12 @@ impl Loader {
         Some((target, value))
     }
 
-    pub(super) fn lower_run(&mut self, node: &KdlNode, file: FileId) -> Option<Run> {
+    pub(super) fn lower_run(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        resolver: &Resolver<'_>,
+    ) -> Option<Run> {
         let mut timeout = None;
         let mut insecure = false;
         for (key, entry) in properties(node) {
@@ -602,24 +607,7 @@ impl Loader {
                         at: child_at,
                     });
                 }
-                "bind" => {
-                    let Some((target, source)) = self.path_and_one_property(
-                        child,
-                        file,
-                        ("bind", "source", Code::RunBind),
-                        "write `bind \"/src\" source=\".\"`",
-                    ) else {
-                        continue;
-                    };
-                    bind_mounts.push(BindMount {
-                        source: source.unwrap_or_else(|| Text {
-                            raw: ".".into(),
-                            at: child_at,
-                        }),
-                        target,
-                        at: child_at,
-                    });
-                }
+                "bind" => bind_mounts.extend(self.lower_bind(child, file, resolver)),
                 "ssh" => ssh_mounts.extend(self.lower_ssh(child, file)),
                 "secret" => {
                     self.check_no_children(child, file, "secret");

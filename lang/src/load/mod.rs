@@ -20,6 +20,7 @@
 
 mod check;
 mod declare;
+mod lower_bind;
 mod lower_image;
 mod lower_ssh;
 mod lower_stage;
