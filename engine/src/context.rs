@@ -937,6 +937,20 @@ pub(crate) fn items_digest(items: &[CopyItem]) -> [u8; 32] {
     *hasher.finalize().as_bytes()
 }
 
+/// [`exclude`] with a copy's patterns as written (already checked when the build was planned);
+/// `items` unchanged when there are none.
+pub(crate) fn exclude_patterns(
+    items: Vec<CopyItem>,
+    patterns: &[String],
+) -> Result<Vec<CopyItem>, String> {
+    if patterns.is_empty() {
+        return Ok(items);
+    }
+    let excluder = crate::dockerignore::DockerIgnore::parse(&patterns.join("\n"))
+        .map_err(|error| format!("`exclude` pattern `{}`: {}", error.pattern, error.reason))?;
+    Ok(exclude(items, &excluder))
+}
+
 /// `items` without those an `exclude` pattern matches: patterns are relative to each source
 /// (a directory source's contents, or a file source's name), and an excluded directory takes
 /// everything under it along.

@@ -6,6 +6,7 @@
 pub mod attest;
 pub mod binfmt;
 pub mod build;
+pub mod chmod;
 mod context;
 mod copy;
 pub mod decompress;

@@ -495,6 +495,7 @@ fn copy_tasks_copy_from_layers_onto_the_merged_root() {
         workdir: "/".into(),
         chown: Some("1234:5678".into()),
         chmod: None,
+        exclude: Vec::new(),
     };
     spec.task = Task::Copy(task(&["/copied"]));
     let lines = run_ok(&spec);

@@ -584,7 +584,7 @@ impl CopyPlanner<'_> {
         src_root: &Sources,
         components: &[OsString],
         owner: (u32, u32),
-        chmod: Option<u32>,
+        chmod: Option<&crate::chmod::Chmod>,
     ) -> Planned<()> {
         let state = self.state(components)?;
         match &item.kind {
@@ -592,7 +592,7 @@ impl CopyPlanner<'_> {
                 if !matches!(state, State::Missing) && !state.is_dir() {
                     return Err(PlanError::Fallback);
                 }
-                self.make_dir(components, chmod.unwrap_or(*mode), owner)
+                self.make_dir(components, crate::chmod::apply(chmod, *mode, true), owner)
             }
             ItemKind::File { digest, size, mode } => {
                 if !matches!(state, State::Missing | State::BaseFile | State::BaseSymlink) {
@@ -615,7 +615,7 @@ impl CopyPlanner<'_> {
                         size: *size,
                         expect,
                     },
-                    chmod.unwrap_or(*mode),
+                    crate::chmod::apply(chmod, *mode, false),
                     owner,
                 );
                 Ok(())
@@ -671,7 +671,7 @@ impl CopyPlanner<'_> {
         dest: &str,
         workdir: &str,
         owner: (u32, u32),
-        chmod: Option<u32>,
+        chmod: Option<&crate::chmod::Chmod>,
     ) -> Planned<()> {
         let dest_abs = if dest.starts_with('/') {
             dest.to_string()
@@ -793,7 +793,7 @@ pub(crate) fn plan_copy(
         &copy.dest,
         &copy.workdir,
         owner,
-        copy.chmod,
+        copy.chmod.as_ref(),
     ) {
         Ok(()) => Ok(Some(planner.finish())),
         Err(PlanError::Fallback) => Ok(None),
@@ -891,6 +891,7 @@ impl Executor<'_> {
                 else {
                     return Ok(None);
                 };
+                let items = crate::context::exclude_patterns(items, &copy.exclude).map_err(fail)?;
                 let sources = Sources::Hosts(&hosts);
                 let planned = plan_copy(&view, &items, &sources, copy, epoch, now).map_err(fail)?;
                 let diff_ids = output.layers.iter().map(|layer| layer.diff_id).collect();

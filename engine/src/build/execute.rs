@@ -350,7 +350,8 @@ impl Executor<'_> {
                     dest: copy.dest.clone(),
                     workdir: copy.workdir.clone(),
                     chown: copy.chown.clone(),
-                    chmod: copy.chmod,
+                    chmod: copy.chmod.clone(),
+                    exclude: copy.exclude.clone(),
                 };
                 Task::Copy(task)
             }

@@ -1197,15 +1197,18 @@ impl<'a> Expander<'a> {
             None => None,
             Some(text) => {
                 let value = self.substitute(text, Mode::Strict, vars, Some(settings));
-                match crate::copy::parse_chmod(value.trim_start_matches("0o")) {
-                    Ok(mode) => Some(mode),
-                    Err(_) => {
+                match graphbuild_lang::chmod::Chmod::parse(value.trim_start_matches("0o")) {
+                    Ok(mode) => Some(crate::chmod::Chmod(mode)),
+                    Err(reason) => {
                         self.error(
                             text.at,
                             Code::Chmod,
-                            format!("`{value}` is not an octal file mode"),
+                            format!("`{value}` is not a file mode: {reason}"),
                             "this mode",
-                            Some("write the mode in octal, for example chmod=\"0755\"".into()),
+                            Some(
+                                "write the mode in octal, for example chmod=\"0755\", or symbolically, for example chmod=\"u+x,g-w\""
+                                    .into(),
+                            ),
                         );
                         return Ok(None);
                     }
@@ -1236,20 +1239,6 @@ impl<'a> Expander<'a> {
                 }
             }
         };
-        if let (Some(_), Some(first)) = (&copy.from, copy.exclude.first()) {
-            self.error(
-                first.at,
-                Code::Copy,
-                "`exclude` applies to copies from the build context only, not yet to `from=`"
-                    .into(),
-                "this pattern",
-                Some(
-                    "exclude the files in the stage that makes them, or copy narrower sources"
-                        .into(),
-                ),
-            );
-            return Ok(None);
-        }
         let (from, dep) = match &copy.from {
             None if !copy.inline.is_empty() => {
                 let mut inline = Vec::new();

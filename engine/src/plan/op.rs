@@ -221,7 +221,8 @@ pub struct CopyOp {
     pub dest: String,
     pub workdir: String,
     pub chown: Option<String>,
-    pub chmod: Option<u32>,
+    /// Keyed as the octal number it is, or as its symbolic text ([`crate::chmod`]).
+    pub chmod: Option<crate::chmod::Chmod>,
     /// `exclude` patterns, as written (the selected items already leave out what they
     /// match). In the key only when there are some.
     #[serde(skip_serializing_if = "Vec::is_empty")]

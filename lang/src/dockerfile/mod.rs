@@ -1118,16 +1118,13 @@ impl Lowerer {
                 "chown" => copy.chown = Some(text),
                 "exclude" => copy.exclude.push(text),
                 _ => {
-                    if text.raw.is_empty()
-                        || text.raw.len() > 4
-                        || !text.raw.chars().all(|c| ('0'..='7').contains(&c))
-                    {
+                    if !text.raw.contains('$') && crate::chmod::Chmod::parse(&text.raw).is_err() {
                         self.error(
                             Code::CopyChmod,
-                            format!("`--chmod={}` is not an octal mode", text.raw),
+                            format!("`--chmod={}` is not a file mode", text.raw),
                             (text.at.span.offset(), text.at.span.len()),
                             "this mode",
-                            "write an octal mode such as --chmod=0755 or --chmod=644",
+                            "write an octal mode such as --chmod=0755 or a symbolic one such as --chmod=u+x,g-w",
                         );
                         ok = false;
                     }

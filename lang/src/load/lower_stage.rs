@@ -808,20 +808,20 @@ impl Loader {
         let Some(text) = chmod else {
             return true;
         };
-        let octal = text.raw.contains('$')
-            || (!text.raw.is_empty()
-                && text.raw.len() <= 4
-                && text.raw.chars().all(|c| ('0'..='7').contains(&c)));
-        if !octal {
+        let valid = text.raw.contains('$') || crate::chmod::Chmod::parse(&text.raw).is_ok();
+        if !valid {
             self.error(
                 Code::CopyChmod,
                 format!("invalid mode `{}`", text.raw),
                 text.at,
-                "not an octal mode",
-                Some("write an octal mode such as chmod=\"0755\"".into()),
+                "not a file mode",
+                Some(
+                    "write an octal mode such as chmod=\"0755\" or a symbolic one such as chmod=\"u+x,g-w\""
+                        .into(),
+                ),
             );
         }
-        octal
+        valid
     }
 
     /// `file "PATH" content="…" chown=… chmod=…`: a file the build file writes, as a copy of
