@@ -496,6 +496,17 @@ impl Context {
         Ok(items)
     }
 
+    /// The mode of a directory of the context by its path (`""`: the context itself).
+    pub(crate) fn dir_mode(&self, path: &str) -> Option<u32> {
+        if path.is_empty() {
+            return Some(self.root_mode);
+        }
+        match self.entries.get(path) {
+            Some(ItemKind::Dir { mode }) => Some(*mode),
+            _ => None,
+        }
+    }
+
     fn push_items(&self, path: &str, name: &str, items: &mut Vec<CopyItem>) {
         let kind = if path.is_empty() {
             Some(ItemKind::Dir {

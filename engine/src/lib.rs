@@ -9,6 +9,7 @@ pub mod build;
 pub mod chmod;
 mod context;
 mod copy;
+mod copy_parents;
 pub mod decompress;
 pub mod digest;
 mod dockerignore;

@@ -496,6 +496,7 @@ fn copy_tasks_copy_from_layers_onto_the_merged_root() {
         chown: Some("1234:5678".into()),
         chmod: None,
         exclude: Vec::new(),
+        parents: false,
     };
     spec.task = Task::Copy(task(&["/copied"]));
     let lines = run_ok(&spec);

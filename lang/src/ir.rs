@@ -433,6 +433,9 @@ pub struct Copy {
     /// Files the build file writes itself (KDL `file`, a Dockerfile `COPY <<EOF`): when not
     /// empty, `sources` are their names and nothing comes from the context.
     pub inline: Vec<InlineFile>,
+    /// `parents=#true` / `--parents`: each source keeps its path in the context under the
+    /// destination (from a `/./` in the source on, when it has one), as BuildKit's.
+    pub parents: bool,
 }
 
 #[derive(Clone, Debug)]

@@ -252,3 +252,126 @@ image s {{ stage s; }}
         ["keep", "keep/k.txt", "notes.md"]
     );
 }
+
+#[test]
+fn parents_keep_each_source_path_under_the_destination() {
+    if !root_and_qemu() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("fixtures/busybox");
+    sandbox.write("ctx/x/y/a.txt", "a\n");
+    sandbox.write("ctx/x/y/b.go", "b\n");
+    sandbox.write("ctx/z/c.txt", "c\n");
+    for (path, mode) in [("ctx/x", 0o700), ("ctx/x/y", 0o750)] {
+        std::fs::set_permissions(
+            sandbox.path().join(path),
+            std::fs::Permissions::from_mode(mode),
+        )
+        .expect("chmod");
+    }
+    let stage = "mkdir -p /out/p/q && echo q > /out/p/q/q.txt && chmod 711 /out/p && echo root:x:0:0:root:/root:/bin/sh > /etc/passwd && echo root:x:0: > /etc/group";
+    let dockerfile = |parents: &str| {
+        format!(
+            "FROM oci:../fixtures/busybox:1.35.0 AS build\nRUN {stage}\nFROM build\nCOPY {parents} x/y/a.txt z/c.txt /parents\nCOPY --parents x/./y/*.go /pivot/\nCOPY --parents --from=build /out/p/q/q.txt /stage/\nCOPY --parents --from=build /out/./p/q /stagepivot/\nCOPY --parents --from=build --chown=root /out/./p /sandboxed/\n"
+        )
+    };
+    sandbox.write("ctx/Dockerfile", &dockerfile("--parents"));
+    sandbox.write(
+        "ctx/b.kdl",
+        &format!(
+            r#"platforms "linux/amd64" "linux/arm64"
+stage build {{
+    from "oci:../fixtures/busybox:1.35.0"
+    run "{stage}"
+}}
+stage s {{
+    from "build"
+    copy "x/y/a.txt" "z/c.txt" "/parents" parents=#true
+    copy "x/./y/*.go" "/pivot/" parents=#true
+    copy "/out/p/q/q.txt" "/stage/" from="build" parents=#true
+    copy "/out/./p/q" "/stagepivot/" from="build" parents=#true
+    copy "/out/./p" "/sandboxed/" from="build" chown="root" parents=#true
+}}
+image s {{ stage s; }}
+"#
+        ),
+    );
+    let build = |dest: &str| {
+        let output = sandbox.graphbuild(&[
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-o",
+            &format!("type=local,dest={dest}"),
+            "--progress",
+            "json",
+            "ctx",
+        ]);
+        assert_success(&output);
+        output
+    };
+    build("df");
+    let kdl = sandbox.graphbuild(&["run", "ctx/b.kdl", "--output", "type=local,dest=kdl"]);
+    assert_success(&kdl);
+    for root in [
+        "df/linux_amd64",
+        "df/linux_arm64",
+        "kdl/linux_amd64",
+        "kdl/linux_arm64",
+    ] {
+        let root = sandbox.path().join(root);
+        let copied: Vec<String> = ["parents", "pivot", "stage", "stagepivot", "sandboxed"]
+            .iter()
+            .flat_map(|dir| {
+                listing(&root.join(dir))
+                    .into_iter()
+                    .map(move |path| format!("{dir}/{path}"))
+            })
+            .collect();
+        assert_eq!(
+            copied,
+            [
+                "parents/x",
+                "parents/x/y",
+                "parents/x/y/a.txt",
+                "parents/z",
+                "parents/z/c.txt",
+                "pivot/y",
+                "pivot/y/b.go",
+                "stage/out",
+                "stage/out/p",
+                "stage/out/p/q",
+                "stage/out/p/q/q.txt",
+                "stagepivot/p",
+                "stagepivot/p/q",
+                "stagepivot/p/q/q.txt",
+                "sandboxed/p",
+                "sandboxed/p/q",
+                "sandboxed/p/q/q.txt",
+            ],
+            "{}",
+            root.display()
+        );
+        // Parents keep their own modes.
+        for (path, expected) in [
+            ("parents/x", 0o700),
+            ("parents/x/y", 0o750),
+            ("pivot/y", 0o750),
+            ("stage/out/p", 0o711),
+            ("stagepivot/p", 0o711),
+            ("sandboxed/p", 0o711),
+        ] {
+            assert_eq!(mode(&root.join(path)), expected, "{path}");
+        }
+    }
+    assert_eq!(executed(&build("df-warm")), 0);
+    // Without --parents the first copy flattens, and its key differs: it runs again.
+    sandbox.write("ctx/Dockerfile", &dockerfile(""));
+    let flat = build("df-flat");
+    assert!(executed(&flat) >= 2, "{}", stderr(&flat));
+    assert_eq!(
+        listing(&sandbox.path().join("df-flat/linux_arm64/parents")),
+        ["a.txt", "c.txt"]
+    );
+}

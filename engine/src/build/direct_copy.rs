@@ -886,9 +886,12 @@ impl Executor<'_> {
                     .output_of(*source)
                     .map_err(|error| fail(error.to_string()))?;
                 let source_view = MergedView::new(self.snapshots(&output.layers).map_err(fail)?);
-                let Some((items, hosts)) =
-                    select_in_view(&source_view, &copy.sources).map_err(fail)?
-                else {
+                let selected = if copy.parents {
+                    crate::copy_parents::select_in_view_with_parents(&source_view, &copy.sources)
+                } else {
+                    select_in_view(&source_view, &copy.sources)
+                };
+                let Some((items, hosts)) = selected.map_err(fail)? else {
                     return Ok(None);
                 };
                 let items = crate::context::exclude_patterns(items, &copy.exclude).map_err(fail)?;
@@ -1324,6 +1327,7 @@ mod tests {
             workdir: "/".into(),
             chown: None,
             chmod: None,
+            parents: false,
             exclude: Vec::new(),
             from: CopySource::Context {
                 items: Vec::new(),

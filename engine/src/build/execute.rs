@@ -352,6 +352,7 @@ impl Executor<'_> {
                     chown: copy.chown.clone(),
                     chmod: copy.chmod.clone(),
                     exclude: copy.exclude.clone(),
+                    parents: copy.parents,
                 };
                 Task::Copy(task)
             }

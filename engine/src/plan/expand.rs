@@ -1189,6 +1189,12 @@ impl<'a> Expander<'a> {
             .map(|source| self.substitute(source, Mode::Strict, vars, Some(settings)))
             .collect();
         let dest = self.substitute(&copy.dest, Mode::Strict, vars, Some(settings));
+        // With --parents the destination is a directory, whatever it looks like.
+        let dest = if copy.parents && !dest.ends_with('/') {
+            format!("{dest}/")
+        } else {
+            dest
+        };
         let chown = copy
             .chown
             .as_ref()
@@ -1273,6 +1279,9 @@ impl<'a> Expander<'a> {
             }
             None => {
                 let selected = match self.context() {
+                    Ok(context) if copy.parents => {
+                        crate::copy_parents::select(context, &sources).map_err(SelectError::Copy)
+                    }
                     Ok(context) => context.select(&sources).map_err(SelectError::Copy),
                     Err(error) => Err(SelectError::Scan(error)),
                 };
@@ -1330,6 +1339,7 @@ impl<'a> Expander<'a> {
                 workdir: settings.workdir().to_string(),
                 chown,
                 chmod,
+                parents: copy.parents,
                 exclude,
                 from,
             },

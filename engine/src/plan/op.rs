@@ -223,6 +223,10 @@ pub struct CopyOp {
     pub chown: Option<String>,
     /// Keyed as the octal number it is, or as its symbolic text ([`crate::chmod`]).
     pub chmod: Option<crate::chmod::Chmod>,
+    /// `parents=#true`: the items' destinations keep their source paths (see
+    /// [`crate::copy_parents`]). In the key only when set.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub parents: bool,
     /// `exclude` patterns, as written (the selected items already leave out what they
     /// match). In the key only when there are some.
     #[serde(skip_serializing_if = "Vec::is_empty")]

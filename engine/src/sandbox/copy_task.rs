@@ -28,6 +28,9 @@ pub struct CopyTask {
     /// already without what they match).
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// `--parents`, for stage sources (context items come already relocated).
+    #[serde(default)]
+    pub parents: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -99,7 +102,11 @@ pub(crate) fn copy_in_sandbox(root: &Path, task: &CopyTask) -> Result<(), CopyTa
         CopyTaskSource::Context(dir) => perform(&task.items, dir)?,
         CopyTaskSource::Layers(lowerdirs) => {
             let source_root = mount_readonly_layers(root, lowerdirs)?;
-            let items = crate::context::select_in_tree(&source_root, &task.sources)?;
+            let items = if task.parents {
+                crate::copy_parents::select_in_tree_with_parents(&source_root, &task.sources)?
+            } else {
+                crate::context::select_in_tree(&source_root, &task.sources)?
+            };
             let items = crate::context::exclude_patterns(items, &task.exclude)
                 .map_err(CopyTaskError::Exclude)?;
             perform(&items, &source_root)?

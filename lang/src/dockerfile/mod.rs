@@ -20,6 +20,7 @@
 //! Every problem in the file is reported at once, each with its line and a help line.
 
 mod bind;
+mod flags;
 mod lex;
 mod ssh;
 
@@ -1062,7 +1063,7 @@ impl Lowerer {
 
     fn copy(&mut self, instruction: &Instruction) -> Option<ir::Copy> {
         let is_add = instruction.keyword == "ADD";
-        const FLAGS: &[&str] = &["from", "chown", "chmod", "link", "exclude"];
+        const FLAGS: &[&str] = &["from", "chown", "chmod", "link", "exclude", "parents"];
         let (flags, rest) = self.flags(instruction);
         let mut copy = ir::Copy {
             sources: Vec::new(),
@@ -1075,6 +1076,7 @@ impl Lowerer {
             chmod: None,
             exclude: Vec::new(),
             inline: Vec::new(),
+            parents: false,
         };
         let mut ok = true;
         for (name, value, word) in flags {
@@ -1090,6 +1092,13 @@ impl Lowerer {
             }
             if name == "link" {
                 // --link only changes how BuildKit reuses layers, not the files: accepted.
+                continue;
+            }
+            if name == "parents" {
+                match self.boolean_flag(instruction, &name, value.as_deref(), &word) {
+                    Some(parents) => copy.parents = parents,
+                    None => ok = false,
+                }
                 continue;
             }
             let Some(value) = self.flag_value(instruction, &name, value, &word) else {

@@ -265,3 +265,21 @@ fn bind_mounts_from_stages_images_and_writable() {
         [(Code::RunBind, "line 2"), (Code::RunBind, "line 3")]
     );
 }
+
+#[test]
+fn copy_parents_is_a_boolean_flag() {
+    let project =
+        load("FROM alpine\nCOPY --parents a/b /d/\nCOPY --parents=false a/b /d/\n").expect("loads");
+    let parents: Vec<bool> = project.stages[0]
+        .steps
+        .iter()
+        .map(|step| match &step.kind {
+            StepKind::Copy(copy) => copy.parents,
+            _ => panic!("copy"),
+        })
+        .collect();
+    assert_eq!(parents, [true, false]);
+    let found = codes("FROM alpine\nCOPY --parents=yes a /d/\n");
+    let found: Vec<(Code, &str)> = found.iter().map(|(c, l)| (*c, l.as_str())).collect();
+    assert_eq!(found, [(Code::DockerfileFlag, "line 2")]);
+}

@@ -710,6 +710,7 @@ impl Loader {
         let mut chown = None;
         let mut chmod = None;
         let mut exclude = Vec::new();
+        let mut parents = false;
         let mut failed = false;
         for (key, entry) in properties(node) {
             match key {
@@ -722,6 +723,7 @@ impl Loader {
                     None => failed = true,
                 },
                 "chown" => chown = self.string_or_integer(entry, file, "`chown`"),
+                "parents" => parents = self.boolean(entry, file, "`parents`").unwrap_or(false),
                 "chmod" => {
                     if let KdlValue::Integer(number) = entry.value() {
                         self.error(
@@ -744,7 +746,7 @@ impl Loader {
                     entry,
                     file,
                     "copy",
-                    &["from", "chown", "chmod", "exclude"],
+                    &["from", "chown", "chmod", "exclude", "parents"],
                 ),
             }
         }
@@ -799,6 +801,7 @@ impl Loader {
             chmod,
             exclude,
             inline: Vec::new(),
+            parents,
         })
     }
 
@@ -907,6 +910,7 @@ impl Loader {
                 content,
                 substitute: false,
             }],
+            parents: false,
         })
     }
 
