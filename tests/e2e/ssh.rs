@@ -389,6 +389,21 @@ image s {{ stage s; }}
     );
     assert!(!root.join("tmp/deploy.sock").exists());
     assert_eq!(executed(&run("rootfs-2")), 0);
+    // `verify` takes --ssh too: two clean builds with the agent, the same image.
+    let verify = sandbox.graphbuild(&[
+        "verify",
+        "ctx/b.kdl",
+        "--ssh",
+        &format!("deploy={}", key.display()),
+        "--arg",
+        &format!("PUBLIC_KEY={public_key}"),
+    ]);
+    assert_success(&verify);
+    assert!(
+        stdout(&verify).contains("✓ s: reproducible"),
+        "{}",
+        stdout(&verify)
+    );
     // Another target: the step sees something else, so it runs again (and what follows it).
     sandbox.write("ctx/b.kdl", &kdl("/tmp/other.sock"));
     let moved = run("rootfs-3");
