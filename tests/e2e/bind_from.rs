@@ -174,6 +174,38 @@ image s {
         }
     }
 
+    // The same with fuse-overlayfs (the rootless fallback) mounting the stages' views.
+    if prerequisite(
+        std::path::Path::new("/usr/bin/fuse-overlayfs").exists(),
+        "fuse-overlayfs (package fuse-overlayfs)",
+    ) {
+        let output = sandbox.graphbuild_with_env(
+            &[("GRAPHBUILD_OVERLAY", "fuse")],
+            &[
+                "run",
+                "b.kdl",
+                "--no-cache",
+                "--output",
+                "type=local,dest=rootfs-fuse",
+            ],
+        );
+        assert_success(&output);
+        for platform in ["linux_amd64", "linux_arm64"] {
+            assert_eq!(
+                std::fs::read_to_string(
+                    sandbox
+                        .path()
+                        .join("rootfs-fuse")
+                        .join(platform)
+                        .join("kdl.txt")
+                )
+                .expect("kdl.txt"),
+                "from-kdl\n/img/bin/busybox\nchanged\n",
+                "fuse-overlayfs, {platform}"
+            );
+        }
+    }
+
     sandbox.write(
         "missing.kdl",
         r#"platforms "linux/amd64"
