@@ -193,6 +193,9 @@ pub struct BuildInputArgs {
     /// A secret for `secret` in run steps: id=ID,src=PATH or id=ID,env=VAR (repeatable)
     #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
     pub secrets: Vec<String>,
+    /// An ssh agent for `ssh` in run steps: default (SSH_AUTH_SOCK's), ID, ID=SOCKET or ID=KEY[,KEY] (repeatable)
+    #[arg(long = "ssh", value_name = "default|ID[=SOCKET|KEY[,KEY]]")]
+    pub ssh: Vec<String>,
     /// Clamp file times and set `created` to this Unix time
     #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
     pub source_date_epoch: i64,

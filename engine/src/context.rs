@@ -496,6 +496,17 @@ impl Context {
         Ok(items)
     }
 
+    /// The mode of a directory of the context by its path (`""`: the context itself).
+    pub(crate) fn dir_mode(&self, path: &str) -> Option<u32> {
+        if path.is_empty() {
+            return Some(self.root_mode);
+        }
+        match self.entries.get(path) {
+            Some(ItemKind::Dir { mode }) => Some(*mode),
+            _ => None,
+        }
+    }
+
     fn push_items(&self, path: &str, name: &str, items: &mut Vec<CopyItem>) {
         let kind = if path.is_empty() {
             Some(ItemKind::Dir {
@@ -935,6 +946,20 @@ pub(crate) fn items_digest(items: &[CopyItem]) -> [u8; 32] {
         }
     }
     *hasher.finalize().as_bytes()
+}
+
+/// [`exclude`] with a copy's patterns as written (already checked when the build was planned);
+/// `items` unchanged when there are none.
+pub(crate) fn exclude_patterns(
+    items: Vec<CopyItem>,
+    patterns: &[String],
+) -> Result<Vec<CopyItem>, String> {
+    if patterns.is_empty() {
+        return Ok(items);
+    }
+    let excluder = crate::dockerignore::DockerIgnore::parse(&patterns.join("\n"))
+        .map_err(|error| format!("`exclude` pattern `{}`: {}", error.pattern, error.reason))?;
+    Ok(exclude(items, &excluder))
 }
 
 /// `items` without those an `exclude` pattern matches: patterns are relative to each source

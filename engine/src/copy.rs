@@ -68,12 +68,6 @@ pub(crate) enum CopyError {
         )
     )]
     InvalidChown { spec: String, reason: String },
-    #[error("`chmod={spec}` is not an octal mode")]
-    #[diagnostic(
-        code(graphbuild::copy::chmod),
-        help("write the mode in octal, for example chmod=\"0755\"")
-    )]
-    InvalidChmod { spec: String },
     #[error("{} changed in the build context while building", path.display())]
     #[diagnostic(
         code(graphbuild::copy::changed),
@@ -95,10 +89,10 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Copy
 }
 
 /// `chown=` and `chmod=` of a copy, already parsed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct CopyOptions {
     pub chown: Option<(u32, u32)>,
-    pub chmod: Option<u32>,
+    pub chmod: Option<crate::chmod::Chmod>,
 }
 
 /// Copy `items` (read under `src_root`) to `dest` in the root filesystem `dest_root`; see the
@@ -202,7 +196,7 @@ fn write_item(
     let existing = std::fs::symlink_metadata(target).ok();
     match &item.kind {
         ItemKind::Dir { mode } => {
-            let mode = opts.chmod.unwrap_or(*mode);
+            let mode = crate::chmod::apply(opts.chmod.as_ref(), *mode, true);
             if existing.as_ref().is_some_and(|metadata| !metadata.is_dir()) {
                 std::fs::remove_file(target).map_err(io_error("replace", target))?;
             }
@@ -242,7 +236,11 @@ fn write_item(
             }
             set_owner_fd(&output, target, owner)?;
             output
-                .set_permissions(std::fs::Permissions::from_mode(opts.chmod.unwrap_or(*mode)))
+                .set_permissions(std::fs::Permissions::from_mode(crate::chmod::apply(
+                    opts.chmod.as_ref(),
+                    *mode,
+                    false,
+                )))
                 .map_err(io_error("set the mode of", target))
         }
         ItemKind::Symlink { target: link } => {
@@ -374,21 +372,6 @@ fn lookup<'a>(database: &'a str, name: &str) -> Option<Vec<&'a str>> {
         .lines()
         .map(|line| line.split(':').collect::<Vec<_>>())
         .find(|fields| fields.first() == Some(&name))
-}
-
-/// Parse `chmod=`: an octal mode up to `7777`.
-pub(crate) fn parse_chmod(spec: &str) -> Result<u32, CopyError> {
-    let invalid = || CopyError::InvalidChmod {
-        spec: spec.to_string(),
-    };
-    if spec.is_empty() || spec.len() > 5 || !spec.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-        return Err(invalid());
-    }
-    let mode = u32::from_str_radix(spec, 8).map_err(|_| invalid())?;
-    if mode > 0o7777 {
-        return Err(invalid());
-    }
-    Ok(mode)
 }
 
 #[cfg(test)]
@@ -523,7 +506,9 @@ mod tests {
         assert_eq!(chown, (1000, 1001));
         let opts = CopyOptions {
             chown: Some(chown),
-            chmod: Some(parse_chmod("0640").unwrap()),
+            chmod: Some(crate::chmod::Chmod(
+                graphbuild_lang::chmod::Chmod::parse("0640").unwrap(),
+            )),
         };
         copy(&f, &["app/"], "/deep/parent/app/", "/", opts).unwrap();
         let file = std::fs::symlink_metadata(r.join("deep/parent/app/lib/data")).unwrap();
@@ -650,7 +635,7 @@ mod tests {
     }
 
     #[test]
-    fn parse_chown_and_chmod() {
+    fn parse_chown_names_and_ids() {
         let f = fixture();
         let r = f.rootfs.path();
         assert_eq!(parse_chown("1000", r).unwrap(), (1000, 1000));
@@ -669,11 +654,5 @@ mod tests {
                 .to_string()
                 .contains("/etc/passwd")
         );
-        assert_eq!(parse_chmod("0755").unwrap(), 0o755);
-        assert_eq!(parse_chmod("4755").unwrap(), 0o4755);
-        assert_eq!(parse_chmod("644").unwrap(), 0o644);
-        for bad in ["", "888", "u+x", "77777", "0o755"] {
-            assert!(parse_chmod(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -6,8 +6,10 @@
 pub mod attest;
 pub mod binfmt;
 pub mod build;
+pub mod chmod;
 mod context;
 mod copy;
+mod copy_parents;
 pub mod decompress;
 pub mod digest;
 mod dockerignore;
@@ -30,6 +32,7 @@ pub mod resolve;
 pub mod rootless;
 pub mod sandbox;
 pub mod scheduler;
+pub mod ssh;
 pub mod state;
 pub mod store;
 pub mod unpack;

@@ -124,6 +124,8 @@ fn shell(script: &str) -> RunTask {
         cache_mounts: vec![],
         tmpfs_mounts: vec![],
         bind_mounts: vec![],
+        ssh_sockets: vec![],
+        stage_binds: vec![],
         script: None,
         secret_files: vec![],
         network: NetworkMode::Host,
@@ -493,6 +495,8 @@ fn copy_tasks_copy_from_layers_onto_the_merged_root() {
         workdir: "/".into(),
         chown: Some("1234:5678".into()),
         chmod: None,
+        exclude: Vec::new(),
+        parents: false,
     };
     spec.task = Task::Copy(task(&["/copied"]));
     let lines = run_ok(&spec);

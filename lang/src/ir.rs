@@ -313,6 +313,8 @@ pub struct Run {
     pub tmpfs_mounts: Vec<TmpfsMount>,
     /// `bind "/src" source="."`: part of the build context, read-only, for this step only.
     pub bind_mounts: Vec<BindMount>,
+    /// `ssh "default"`: an ssh agent socket (supplied with `--ssh`), for this step only.
+    pub ssh_mounts: Vec<SshMount>,
     pub secrets: Vec<Secret>,
     pub network: Network,
     /// `timeout="10m"`: the step is killed and fails after this long.
@@ -347,13 +349,39 @@ pub struct TmpfsMount {
     pub at: Loc,
 }
 
-/// Part of the build context mounted read-only on `target` while the step runs, as Docker's
-/// `RUN --mount=type=bind` (from the context): in no layer, its content in the step's key.
+/// Part of the build context, or of a stage's or an image's filesystem, mounted on `target`
+/// while the step runs, as Docker's `RUN --mount=type=bind`: in no layer, its content (or the
+/// stage's key) in the step's key.
 #[derive(Clone, Debug)]
 pub struct BindMount {
     pub target: Text,
-    /// A path in the build context (a directory or a file); `.` by default.
+    /// A path in the build context (`.` by default) or, with `from`, in that filesystem (`/`
+    /// by default); a directory or a file.
     pub source: Text,
+    /// `from="STAGE"` / `--mount=type=bind,from=…`: a stage's or an image's filesystem.
+    pub from: Option<CopyFrom>,
+    /// `rw=#true` / `rw`: writable, what the step writes there discarded afterwards (Docker's
+    /// semantics); read-only otherwise.
+    pub readwrite: bool,
+    pub at: Loc,
+}
+
+/// An ssh agent socket on `target` while the step runs, as Docker's `RUN --mount=type=ssh`:
+/// the agent supplied with `--ssh ID=…`, reached through a proxy that only lists keys and
+/// signs. Only the id and the options below are in the step's key, never a path or a key.
+#[derive(Clone, Debug)]
+pub struct SshMount {
+    /// `default` unless named.
+    pub id: Text,
+    /// Default `/run/buildkit/ssh_agent.N` (N counts the step's ssh mounts), as BuildKit.
+    pub target: Option<Text>,
+    /// A step whose id is not supplied fails before the build starts; otherwise it runs
+    /// without the socket.
+    pub required: bool,
+    /// The socket's owner and mode (default root, `0600`), as Docker's options.
+    pub uid: Option<Text>,
+    pub gid: Option<Text>,
+    pub mode: Option<Text>,
     pub at: Loc,
 }
 
@@ -408,6 +436,9 @@ pub struct Copy {
     /// Files the build file writes itself (KDL `file`, a Dockerfile `COPY <<EOF`): when not
     /// empty, `sources` are their names and nothing comes from the context.
     pub inline: Vec<InlineFile>,
+    /// `parents=#true` / `--parents`: each source keeps its path in the context under the
+    /// destination (from a `/./` in the source on, when it has one), as BuildKit's.
+    pub parents: bool,
 }
 
 /// `add SOURCE… DEST` (Dockerfile `ADD`). What each source is, is decided after

@@ -18,6 +18,7 @@
 //! assert_eq!(diagnostic.to_string(), "cannot pull the base image");
 //! ```
 
+pub mod chmod;
 pub mod code;
 pub mod dockerfile;
 pub mod ir;

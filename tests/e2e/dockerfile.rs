@@ -545,7 +545,7 @@ fn a_malformed_dockerfile_reports_every_problem_as_the_golden_file_says() {
     let text = stderr(&output);
     assert!(text.contains("--parents"), "{text}");
     assert!(
-        text.contains("`--mount=type=ssh` is not supported yet"),
+        text.contains("`--mount=type=npipe` is not supported yet"),
         "{text}"
     );
 }
@@ -556,7 +556,10 @@ fn unsupported_buildx_flags_and_outputs_are_refused_by_name() {
     corpus(&sandbox, "same");
     for (args, expected) in [
         (&["--builder", "x"][..], "does not support `--builder`"),
-        (&["--ssh", "default"][..], "does not support `--ssh`"),
+        (
+            &["--add-host", "db:10.0.0.2"][..],
+            "does not support `--add-host`",
+        ),
         (
             &["--attest", "type=sbom"][..],
             "does not support `--attest`",

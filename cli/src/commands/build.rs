@@ -55,6 +55,9 @@ pub(crate) struct BuildArgs {
     /// A secret for RUN --mount=type=secret: id=ID,src=PATH or id=ID,env=VAR (repeatable)
     #[arg(long = "secret", value_name = "id=ID,src=PATH|env=VAR")]
     pub(crate) secrets: Vec<String>,
+    /// An ssh agent for RUN --mount=type=ssh: default (SSH_AUTH_SOCK's), ID, ID=SOCKET or ID=KEY[,KEY] (repeatable)
+    #[arg(long = "ssh", value_name = "default|ID[=SOCKET|KEY[,KEY]]")]
+    pub(crate) ssh: Vec<String>,
     #[command(flatten)]
     pub(crate) cache: crate::RemoteCacheArgs,
     /// Execute every step (results are still recorded)
@@ -115,8 +118,6 @@ pub(crate) struct BuildArgs {
     #[arg(long, hide = true)]
     pub(crate) builder: Vec<String>,
     #[arg(long, hide = true)]
-    pub(crate) ssh: Vec<String>,
-    #[arg(long, hide = true)]
     pub(crate) add_host: Vec<String>,
     #[arg(long, hide = true)]
     pub(crate) allow: Vec<String>,
@@ -138,7 +139,7 @@ pub(crate) struct BuildArgs {
 
 /// The first unsupported buildx flag given, with why.
 fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
-    let checks: [(bool, &str, &'static str); 12] = [
+    let checks: [(bool, &str, &'static str); 11] = [
         (
             args.check,
             "--check",
@@ -149,7 +150,6 @@ fn unsupported(args: &BuildArgs) -> Option<(String, &'static str)> {
             "--builder",
             "graphbuild is its own builder",
         ),
-        (!args.ssh.is_empty(), "--ssh", "not supported yet"),
         (!args.add_host.is_empty(), "--add-host", "not supported yet"),
         (
             !args.allow.is_empty(),
@@ -472,6 +472,7 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
             jobs: None,
             compression: CompressionArg::Gzip,
             secrets: args.secrets.clone(),
+            ssh: args.ssh.clone(),
             source_date_epoch: args.source_date_epoch,
             format: FormatArg::Oci,
             step_timeout: None,

@@ -5,6 +5,7 @@ mod cache;
 mod outputs;
 mod plan_cmd;
 mod run;
+mod ssh;
 
 pub(crate) use build::{BuildArgs, build};
 pub(crate) use cache::{cache_du, cache_prune, cache_serve, cache_verify};

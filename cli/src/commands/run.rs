@@ -170,6 +170,8 @@ pub(super) struct BuildSettings {
     jobs: Option<usize>,
     compression: Compression,
     secrets: HashMap<String, SecretValue>,
+    /// `--ssh`: alive (agents started for key files running) until the build ends.
+    ssh: graphbuild_engine::ssh::Agents,
     source_date_epoch: i64,
     step_timeout_ms: Option<u64>,
     step_max_processes: Option<u32>,
@@ -187,6 +189,7 @@ pub(super) fn execute(
     cancel: &CancelToken,
     progress: &Progress,
 ) -> build::BuildReport {
+    let ssh_agents = settings.ssh;
     let options = BuildOptions {
         jobs: settings
             .jobs
@@ -199,6 +202,7 @@ pub(super) fn execute(
         },
         sandbox_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
         secrets: settings.secrets,
+        ssh: ssh_agents.sockets(),
         cancel: cancel.clone(),
         remote: settings.remote,
         format: settings.format,
@@ -228,6 +232,7 @@ pub(super) fn execute(
         progress,
     );
     progress.finish();
+    drop(ssh_agents);
     if report.failures.is_empty() && !report.cancelled && report.environment_error.is_none() {
         explain::record(store, &loaded.plan);
     }
@@ -336,6 +341,7 @@ pub(super) fn remote_options(
 
 /// The settings for one build from the shared build inputs; an exit code for a bad `--secret`.
 pub(super) fn build_settings(
+    loaded: &Loaded,
     inputs: &BuildInputArgs,
     output: PathBuf,
     no_cache: bool,
@@ -348,6 +354,7 @@ pub(super) fn build_settings(
             return Err(ExitStatus::InvalidInput);
         }
     };
+    let ssh = super::ssh::agents(&inputs.ssh, loaded)?;
     let overlay = match OverlayMode::from_env() {
         Ok(overlay) => overlay,
         Err(message) => {
@@ -377,6 +384,7 @@ pub(super) fn build_settings(
             CompressionArg::Zstd => Compression::Zstd,
         },
         secrets,
+        ssh,
         source_date_epoch: inputs.source_date_epoch,
         step_timeout_ms: inputs.step_timeout,
         step_max_processes: (inputs.step_max_processes > 0).then_some(inputs.step_max_processes),
@@ -508,10 +516,11 @@ pub(super) fn build_loaded(
         (None, Some(scratch)) => scratch.path().to_path_buf(),
         (None, None) => PathBuf::from("graphbuild-out"),
     };
-    let mut settings = match build_settings(&args.inputs, layouts_dir, args.no_cache, remote) {
-        Ok(settings) => settings,
-        Err(code) => return code,
-    };
+    let mut settings =
+        match build_settings(loaded, &args.inputs, layouts_dir, args.no_cache, remote) {
+            Ok(settings) => settings,
+            Err(code) => return code,
+        };
     settings.skip_tests = args.skip_tests;
     let progress = Progress::new(mode, args.quiet);
     let report = execute(loaded, store, resolver, settings, &cancel, &progress);
@@ -616,11 +625,16 @@ pub(crate) fn verify(inputs: BuildInputArgs) -> ExitStatus {
         }
         eprintln!("verify: {round} build from scratch…");
         let output = scratch.path().join(format!("out-{round}"));
-        let mut settings =
-            match build_settings(&inputs, output, true, build::RemoteOptions::default()) {
-                Ok(settings) => settings,
-                Err(code) => return code,
-            };
+        let mut settings = match build_settings(
+            &loaded,
+            &inputs,
+            output,
+            true,
+            build::RemoteOptions::default(),
+        ) {
+            Ok(settings) => settings,
+            Err(code) => return code,
+        };
         // `verify` compares what two builds write; the images' tests do not change it.
         settings.skip_tests = true;
         let progress = Progress::silent();

@@ -587,7 +587,7 @@ impl CopyPlanner<'_> {
         src_root: &Sources,
         components: &[OsString],
         owner: (u32, u32),
-        chmod: Option<u32>,
+        chmod: Option<&crate::chmod::Chmod>,
     ) -> Planned<()> {
         let state = self.state(components)?;
         match &item.kind {
@@ -595,7 +595,7 @@ impl CopyPlanner<'_> {
                 if !matches!(state, State::Missing) && !state.is_dir() {
                     return Err(PlanError::Fallback);
                 }
-                self.make_dir(components, chmod.unwrap_or(*mode), owner)
+                self.make_dir(components, crate::chmod::apply(chmod, *mode, true), owner)
             }
             ItemKind::File { digest, size, mode } => {
                 if !matches!(state, State::Missing | State::BaseFile | State::BaseSymlink) {
@@ -618,7 +618,7 @@ impl CopyPlanner<'_> {
                         size: *size,
                         expect,
                     },
-                    chmod.unwrap_or(*mode),
+                    crate::chmod::apply(chmod, *mode, false),
                     owner,
                 );
                 Ok(())
@@ -670,7 +670,7 @@ impl CopyPlanner<'_> {
         dest: &str,
         workdir: &str,
         owner: (u32, u32),
-        chmod: Option<u32>,
+        chmod: Option<&crate::chmod::Chmod>,
     ) -> Planned<()> {
         let dest_abs = if dest.starts_with('/') {
             dest.to_string()
@@ -792,7 +792,7 @@ pub(crate) fn plan_copy(
         &copy.dest,
         &copy.workdir,
         owner,
-        copy.chmod,
+        copy.chmod.as_ref(),
     ) {
         Ok(()) => Ok(Some(planner.finish())),
         Err(PlanError::Fallback) => Ok(None),
@@ -871,7 +871,9 @@ impl Executor<'_> {
             .unwrap_or(0);
         // The guard keeps the build file's inline files (if any) on disk until the copy is done;
         // an `add`'s tree (a download, a checkout, extracted archives) lives as long.
-        let added = self.add_tree(copy).map_err(fail)?;
+        let added = self
+            .add_tree(copy)
+            .map_err(|reason| fail(CopyFault::Add { reason }))?;
         let (context_root, _inline_guard) = match &copy.from {
             CopySource::Context { inline, .. } => self.copy_root(inline).map_err(fail)?,
             _ => (self.plan.context_dir.clone(), None),
@@ -885,7 +887,7 @@ impl Executor<'_> {
                 (planned, Vec::new())
             }
             CopySource::Url { .. } | CopySource::Git { .. } | CopySource::Extract { .. } => {
-                return Err(fail("an `add` without its files".into()));
+                return Err(fail(CopyFault::AddWithoutFiles));
             }
             CopySource::Context { items, .. } => {
                 let sources = Sources::Dir(&context_root);
@@ -900,11 +902,16 @@ impl Executor<'_> {
                     self.snapshots(&output.layers)
                         .map_err(|error| fail(error.into()))?,
                 );
-                let Some((items, hosts)) =
-                    select_in_view(&source_view, &copy.sources).map_err(fail)?
-                else {
+                let selected = if copy.parents {
+                    crate::copy_parents::select_in_view_with_parents(&source_view, &copy.sources)
+                } else {
+                    select_in_view(&source_view, &copy.sources)
+                };
+                let Some((items, hosts)) = selected.map_err(fail)? else {
                     return Ok(None);
                 };
+                let items = crate::context::exclude_patterns(items, &copy.exclude)
+                    .map_err(|reason| fail(CopyFault::Select { reason }))?;
                 let sources = Sources::Hosts(&hosts);
                 let planned = plan_copy(&view, &items, &sources, copy, epoch, now).map_err(fail)?;
                 let diff_ids = output.layers.iter().map(|layer| layer.diff_id).collect();
@@ -1333,6 +1340,7 @@ mod tests {
             workdir: "/".into(),
             chown: None,
             chmod: None,
+            parents: false,
             exclude: Vec::new(),
             from: CopySource::Context {
                 items: Vec::new(),

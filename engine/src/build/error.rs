@@ -55,6 +55,18 @@ pub enum StepError {
     #[diagnostic(code(graphbuild::step::secret_missing))]
     SecretMissing { id: String },
 
+    #[error("the step needs the ssh agent `{id}`; pass --ssh {id}")]
+    #[diagnostic(code(graphbuild::step::ssh_missing))]
+    SshMissing { id: String },
+
+    #[error("cannot forward the ssh agent `{id}`")]
+    #[diagnostic(code(graphbuild::step::ssh_forward))]
+    SshForward {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("cannot read secret `{id}`")]
     #[diagnostic(code(graphbuild::step::secret_read))]
     SecretRead {

@@ -325,7 +325,11 @@ impl Executor<'_> {
         }
         let mut guards: Vec<Box<dyn std::any::Any>> = Vec::new();
         let task = match &step.op {
-            Op::Run(run) => Task::Run(self.run_task(node, run, &mut guards).map_err(fail)?),
+            Op::Run(run) => {
+                let mut task = self.run_task(node, run, &mut guards).map_err(fail)?;
+                task.stage_binds = self.stage_binds(run, inputs).map_err(fail)?;
+                Task::Run(task)
+            }
             Op::Copy(copy) => {
                 let (source, items) = match &copy.from {
                     CopySource::Context { items, inline, .. } => {
@@ -346,8 +350,8 @@ impl Executor<'_> {
                     | CopySource::Extract { .. } => {
                         let added = self
                             .add_tree(copy)
-                            .map_err(|message| fail(message.into()))?
-                            .ok_or_else(|| fail("an `add` without its files".to_string().into()))?;
+                            .map_err(|reason| fail(CopyFault::Add { reason }.into()))?
+                            .ok_or_else(|| fail(CopyFault::AddWithoutFiles.into()))?;
                         let root = added.root.clone();
                         let items = added.items.clone();
                         guards.push(Box::new(added));
@@ -361,7 +365,9 @@ impl Executor<'_> {
                     dest: copy.dest.clone(),
                     workdir: copy.workdir.clone(),
                     chown: copy.chown.clone(),
-                    chmod: copy.chmod,
+                    chmod: copy.chmod.clone(),
+                    exclude: copy.exclude.clone(),
+                    parents: copy.parents,
                 };
                 Task::Copy(task)
             }
@@ -635,6 +641,7 @@ impl Executor<'_> {
                 }
             }
         }
+        let ssh_sockets = self.ssh_sockets(run, guards)?;
         let mut bind_mounts = Vec::new();
         for mount in &run.bind_mounts {
             let (dir, host, is_dir) = self.lay_out_bind(mount)?;
@@ -655,6 +662,9 @@ impl Executor<'_> {
                 .map(|mount| (mount.target.clone(), mount.size))
                 .collect(),
             secret_files,
+            ssh_sockets,
+            // Filled by `execute_step`, which has the nodes' outputs.
+            stage_binds: Vec::new(),
             network: if run.network_none {
                 NetworkMode::None
             } else {

@@ -168,6 +168,21 @@ pub enum CopyFault {
         source: std::io::Error,
     },
 
+    /// An `add` source could not be downloaded, checked out or extracted; `reason` says
+    /// which and why (credentials in a URL are already redacted).
+    #[error("{reason}")]
+    #[diagnostic(code(graphbuild::add::source))]
+    Add { reason: String },
+
+    #[error("internal error: an `add` step without its files")]
+    #[diagnostic(code(graphbuild::copy::internal))]
+    AddWithoutFiles,
+
+    /// An `exclude` pattern or a `parents` source that cannot be applied.
+    #[error("{reason}")]
+    #[diagnostic(code(graphbuild::copy::select))]
+    Select { reason: String },
+
     #[error(transparent)]
     #[diagnostic(transparent)]
     Layer(Box<LayerFault>),

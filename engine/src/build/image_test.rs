@@ -191,6 +191,8 @@ impl Executor<'_> {
             cache_mounts: Vec::new(),
             tmpfs_mounts: Vec::new(),
             bind_mounts: Vec::new(),
+            ssh_sockets: Vec::new(),
+            stage_binds: Vec::new(),
             secret_files: Vec::new(),
             // A test checks the image, not the network: it runs without one, so its result is
             // worth caching.

@@ -50,6 +50,8 @@ mod export;
 mod faults;
 mod image_test;
 mod snapshot_delta;
+mod ssh_mounts;
+mod stage_binds;
 mod step_cache;
 
 use std::collections::{BTreeMap, HashMap};
@@ -87,6 +89,9 @@ pub struct BuildOptions {
     pub sandbox_exe: PathBuf,
     /// `--secret id=…` values, by id. They reach a sandbox as a file or env var, never a key.
     pub secrets: HashMap<String, SecretValue>,
+    /// `--ssh` ids and their agents' sockets (see [`crate::ssh`]). A step reaches one through
+    /// a proxy; the path is in no key, log or error.
+    pub ssh: HashMap<String, PathBuf>,
     pub cancel: CancelToken,
     /// A shared cache to read missing results from and to write new results to.
     pub remote: RemoteOptions,

@@ -6,7 +6,9 @@
 //! live in [`super::op`].
 
 mod add;
+mod bind;
 mod image_tests;
+mod ssh;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -747,7 +749,15 @@ impl<'a> Expander<'a> {
             }
             let (op, description) = match &step.kind {
                 StepKind::Run(run) => {
-                    let (op, display) = self.run_op(run, &vars, &settings, pinned);
+                    let (mut op, display) = self.run_op(run, &vars, &settings, pinned);
+                    for (bind, dep) in self.stage_binds(run, &vars, &settings, target, matrix)? {
+                        // Binding a pending node makes this step, and what follows, pending.
+                        pending |= self.nodes[dep].pending;
+                        if !deps.contains(&dep) {
+                            deps.push(dep);
+                        }
+                        op.stage_binds.push(bind);
+                    }
                     (Op::Run(op), format!("RUN {}", display.join(" ")))
                 }
                 StepKind::Copy(copy) => {
@@ -1028,6 +1038,7 @@ impl<'a> Expander<'a> {
         }
         env.entry("PATH".into())
             .or_insert_with(|| DEFAULT_PATH.into());
+        let ssh_mounts = self.ssh_mounts(run, vars, settings, &mut env);
         let cache_mounts = run
             .cache_mounts
             .iter()
@@ -1097,7 +1108,8 @@ impl<'a> Expander<'a> {
             })
             .collect();
         let mut bind_mounts = Vec::new();
-        for mount in &run.bind_mounts {
+        // Binds from other nodes: see `stage_binds`.
+        for mount in run.bind_mounts.iter().filter(|mount| mount.from.is_none()) {
             let target = self.substitute(&mount.target, Mode::Strict, vars, Some(settings));
             let source = self.substitute(&mount.source, Mode::Strict, vars, Some(settings));
             let selected = match self.context() {
@@ -1150,6 +1162,8 @@ impl<'a> Expander<'a> {
             cache_mounts,
             tmpfs_mounts,
             bind_mounts,
+            stage_binds: Vec::new(),
+            ssh_mounts,
             secrets,
             network_none: run.network == ir::Network::None,
             insecure: run.insecure,
@@ -1189,6 +1203,12 @@ impl<'a> Expander<'a> {
             .map(|source| self.substitute(source, Mode::Strict, vars, Some(settings)))
             .collect();
         let dest = self.substitute(&copy.dest, Mode::Strict, vars, Some(settings));
+        // With --parents the destination is a directory, whatever it looks like.
+        let dest = if copy.parents && !dest.ends_with('/') {
+            format!("{dest}/")
+        } else {
+            dest
+        };
         let chown = copy
             .chown
             .as_ref()
@@ -1197,15 +1217,18 @@ impl<'a> Expander<'a> {
             None => None,
             Some(text) => {
                 let value = self.substitute(text, Mode::Strict, vars, Some(settings));
-                match crate::copy::parse_chmod(value.trim_start_matches("0o")) {
-                    Ok(mode) => Some(mode),
-                    Err(_) => {
+                match graphbuild_lang::chmod::Chmod::parse(value.trim_start_matches("0o")) {
+                    Ok(mode) => Some(crate::chmod::Chmod(mode)),
+                    Err(reason) => {
                         self.error(
                             text.at,
                             Code::Chmod,
-                            format!("`{value}` is not an octal file mode"),
+                            format!("`{value}` is not a file mode: {reason}"),
                             "this mode",
-                            Some("write the mode in octal, for example chmod=\"0755\"".into()),
+                            Some(
+                                "write the mode in octal, for example chmod=\"0755\", or symbolically, for example chmod=\"u+x,g-w\""
+                                    .into(),
+                            ),
                         );
                         return Ok(None);
                     }
@@ -1236,20 +1259,6 @@ impl<'a> Expander<'a> {
                 }
             }
         };
-        if let (Some(_), Some(first)) = (&copy.from, copy.exclude.first()) {
-            self.error(
-                first.at,
-                Code::Copy,
-                "`exclude` applies to copies from the build context only, not yet to `from=`"
-                    .into(),
-                "this pattern",
-                Some(
-                    "exclude the files in the stage that makes them, or copy narrower sources"
-                        .into(),
-                ),
-            );
-            return Ok(None);
-        }
         let (from, dep) = match &copy.from {
             None if !copy.inline.is_empty() => {
                 let mut inline = Vec::new();
@@ -1284,6 +1293,9 @@ impl<'a> Expander<'a> {
             }
             None => {
                 let selected = match self.context() {
+                    Ok(context) if copy.parents => {
+                        crate::copy_parents::select(context, &sources).map_err(SelectError::Copy)
+                    }
                     Ok(context) => context.select(&sources).map_err(SelectError::Copy),
                     Err(error) => Err(SelectError::Scan(error)),
                 };
@@ -1341,6 +1353,7 @@ impl<'a> Expander<'a> {
                 workdir: settings.workdir().to_string(),
                 chown,
                 chmod,
+                parents: copy.parents,
                 exclude,
                 from,
             },

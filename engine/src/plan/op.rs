@@ -127,6 +127,12 @@ pub struct RunOp {
     /// In the key only when there are some.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bind_mounts: Vec<BindMountOp>,
+    /// In the key only when there are some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stage_binds: Vec<StageBindOp>,
+    /// In the key only when there are some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ssh_mounts: Vec<SshMountOp>,
     pub secrets: Vec<SecretOp>,
     pub network_none: bool,
     /// `insecure=#true`: every capability, no seccomp filter. In the key only when set, so
@@ -176,6 +182,38 @@ pub struct BindMountOp {
     pub digest: String,
 }
 
+/// A stage's or an image's filesystem (`source` in it, `/` by default) on `target` while the
+/// step runs, as Docker's `RUN --mount=type=bind,from=…`: keyed by that node's key, so a
+/// change to the stage runs the step again. Read-only unless `readwrite`; what the step writes
+/// to a writable one is discarded after it (Docker's semantics).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StageBindOp {
+    pub target: String,
+    pub source: String,
+    /// The node's index in this plan, for the executor only (as [`CopySource::Node`]'s).
+    #[serde(skip)]
+    pub node: usize,
+    pub key: Key,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub readwrite: bool,
+}
+
+/// An ssh agent socket on `target`, as Docker's `RUN --mount=type=ssh`. The key has the id
+/// and how the step sees the socket (as BuildKit's), never what `--ssh` binds the id to: a
+/// socket path, key files or keys.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SshMountOp {
+    pub id: String,
+    pub target: String,
+    /// Checked before the build starts (see [`crate::ssh::missing_required`]). Not in the key:
+    /// it decides whether the build may start, not what the step sees.
+    #[serde(skip)]
+    pub required: bool,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
 /// A secret's id and where it goes; never its value.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct SecretOp {
@@ -191,7 +229,12 @@ pub struct CopyOp {
     pub dest: String,
     pub workdir: String,
     pub chown: Option<String>,
-    pub chmod: Option<u32>,
+    /// Keyed as the octal number it is, or as its symbolic text ([`crate::chmod`]).
+    pub chmod: Option<crate::chmod::Chmod>,
+    /// `parents=#true`: the items' destinations keep their source paths (see
+    /// [`crate::copy_parents`]). In the key only when set.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub parents: bool,
     /// `exclude` patterns, as written (the selected items already leave out what they
     /// match). In the key only when there are some.
     #[serde(skip_serializing_if = "Vec::is_empty")]

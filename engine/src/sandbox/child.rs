@@ -34,6 +34,8 @@ use super::{
     Task,
 };
 
+mod stage_bind;
+
 /// How long PID 1 has to exit after a forwarded SIGTERM/SIGINT/SIGHUP before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -191,6 +193,10 @@ fn supervise() -> Result<ChildReport, Failure> {
             })
         }
         Task::Run(run) => {
+            let mut run = run.clone();
+            let _stage_views =
+                stage_bind::mount_views(scratch, &request.spec.overlay, &mut run.stage_binds)?;
+            let run = &run;
             let targets = mount_targets(run);
             let resolved = layout.resolve_targets(&request.spec, &targets)?;
             let root = layout.mount_overlay(&request.spec)?;
@@ -613,8 +619,8 @@ struct MountTarget {
     kind: TargetKind,
 }
 
-/// In order: /proc, /dev, cache mounts, tmpfs mounts, bind mounts, secrets,
-/// /etc/resolv.conf (host network).
+/// In order: /proc, /dev, cache mounts, tmpfs mounts, bind mounts, secrets, ssh sockets,
+/// binds from stages, /etc/resolv.conf (host network).
 fn mount_targets(run: &RunTask) -> Vec<MountTarget> {
     let directory = |path: &str| MountTarget {
         path: path.to_string(),
@@ -635,6 +641,16 @@ fn mount_targets(run: &RunTask) -> Vec<MountTarget> {
         }
     }));
     targets.extend(run.secret_files.iter().map(|(_, target)| file(target)));
+    targets.extend(run.ssh_sockets.iter().map(|(_, target)| file(target)));
+    targets.extend(
+        stage_bind::targets(&run.stage_binds).map(|(target, is_dir)| {
+            if is_dir {
+                directory(target)
+            } else {
+                file(target)
+            }
+        }),
+    );
     if run.network == NetworkMode::Host && Path::new("/etc/resolv.conf").exists() {
         targets.push(file("/etc/resolv.conf"));
     }
@@ -1052,6 +1068,15 @@ fn pid1(
         let target_file = next_target()?;
         bind_read_only(host_file, &target_file)
             .map_err(step(format!("mount the secret on {target}")))?;
+    }
+    for (host_socket, target) in &run.ssh_sockets {
+        let target_file = next_target()?;
+        // Read-only still lets the step connect, which is all a socket is for.
+        bind_read_only(host_socket, &target_file)
+            .map_err(step(format!("mount the ssh agent socket on {target}")))?;
+    }
+    for bind in &run.stage_binds {
+        stage_bind::bind_view(bind, &next_target()?)?;
     }
     if run.network == NetworkMode::Host && Path::new("/etc/resolv.conf").exists() {
         let target_file = next_target()?;

@@ -23,7 +23,14 @@ pub struct CopyTask {
     pub dest: String,
     pub workdir: String,
     pub chown: Option<String>,
-    pub chmod: Option<u32>,
+    pub chmod: Option<crate::chmod::Chmod>,
+    /// `exclude` patterns, applied to what a stage source selects (context items come
+    /// already without what they match).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// `--parents`, for stage sources (context items come already relocated).
+    #[serde(default)]
+    pub parents: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -38,6 +45,9 @@ pub enum CopyTaskSource {
 pub(crate) enum CopyTaskError {
     #[error(transparent)]
     Copy(#[from] CopyError),
+
+    #[error("{0}")]
+    Exclude(String),
 
     #[error("the sandbox root has no parent")]
     NoParent,
@@ -76,7 +86,7 @@ pub(crate) fn copy_in_sandbox(root: &Path, task: &CopyTask) -> Result<(), CopyTa
     };
     let copy_options = copy::CopyOptions {
         chown,
-        chmod: task.chmod,
+        chmod: task.chmod.clone(),
     };
     let perform = |items: &[CopyItem], source_root: &Path| {
         copy::perform_copy(
@@ -92,7 +102,13 @@ pub(crate) fn copy_in_sandbox(root: &Path, task: &CopyTask) -> Result<(), CopyTa
         CopyTaskSource::Context(dir) => perform(&task.items, dir)?,
         CopyTaskSource::Layers(lowerdirs) => {
             let source_root = mount_readonly_layers(root, lowerdirs)?;
-            let items = crate::context::select_in_tree(&source_root, &task.sources)?;
+            let items = if task.parents {
+                crate::copy_parents::select_in_tree_with_parents(&source_root, &task.sources)?
+            } else {
+                crate::context::select_in_tree(&source_root, &task.sources)?
+            };
+            let items = crate::context::exclude_patterns(items, &task.exclude)
+                .map_err(CopyTaskError::Exclude)?;
             perform(&items, &source_root)?
         }
     }

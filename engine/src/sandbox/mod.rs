@@ -156,6 +156,13 @@ pub struct RunTask {
     pub tmpfs_mounts: Vec<(String, Option<u64>)>,
     /// (host file, absolute target): bind-mounted read-only, leaving no trace in the layer.
     pub secret_files: Vec<(PathBuf, String)>,
+    /// Views of other stages' or images' filesystems.
+    #[serde(default)]
+    pub stage_binds: Vec<StageBind>,
+    /// (host socket, absolute target): ssh agent sockets ([`crate::ssh`]), mounted as
+    /// secrets are.
+    #[serde(default)]
+    pub ssh_sockets: Vec<(PathBuf, String)>,
     pub network: NetworkMode,
     /// The sandbox's hostname; empty means `graphbuild`.
     pub hostname: String,
@@ -172,6 +179,22 @@ pub struct RunTask {
     /// instead of joining its stdout: [`run_sandbox_streams`] tells the two apart.
     #[serde(default)]
     pub separate_stderr: bool,
+}
+
+/// A stage's or an image's filesystem, or a path in it, on `target` while a step runs (see
+/// `child/stage_bind.rs`).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct StageBind {
+    /// The node's layer snapshots, top-most first.
+    pub lowerdirs: Vec<PathBuf>,
+    /// An absolute path in that filesystem, resolved inside it.
+    pub source: String,
+    pub target: String,
+    /// Writable, the writes discarded with the sandbox; read-only otherwise.
+    pub readwrite: bool,
+    /// Set by the sandbox itself: the path to mount and whether it is a directory.
+    #[serde(skip)]
+    pub(crate) resolved: Option<(PathBuf, bool)>,
 }
 
 /// Where the command's stderr reaches the sandbox process when [`RunTask::separate_stderr`].
@@ -692,7 +715,11 @@ fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
         }
     }
     if let Task::Run(run) = &spec.task {
-        let host_paths = run.cache_mounts.iter().chain(&run.secret_files);
+        let host_paths = run
+            .cache_mounts
+            .iter()
+            .chain(&run.secret_files)
+            .chain(&run.ssh_sockets);
         if let Some((host_path, _)) = host_paths.into_iter().find(|(path, _)| !path.is_absolute()) {
             return invalid(format!("host path {} is not absolute", host_path.display()));
         }
@@ -702,6 +729,17 @@ fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
             .find(|(path, _, _)| !path.is_absolute())
         {
             return invalid(format!("host path {} is not absolute", host_path.display()));
+        }
+        if let Some(lowerdir) = run
+            .stage_binds
+            .iter()
+            .flat_map(|bind| &bind.lowerdirs)
+            .find(|path| !path.is_absolute())
+        {
+            return invalid(format!(
+                "lower directory {} is not absolute",
+                lowerdir.display()
+            ));
         }
         if run.argv.is_empty() {
             return invalid("the command is empty".to_string());
@@ -720,6 +758,16 @@ fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
                 run.secret_files
                     .iter()
                     .map(|(_, target)| ("secret", target)),
+            )
+            .chain(
+                run.ssh_sockets
+                    .iter()
+                    .map(|(_, target)| ("ssh socket", target)),
+            )
+            .chain(
+                run.stage_binds
+                    .iter()
+                    .map(|bind| ("bind mount", &bind.target)),
             );
         for (kind, target) in targets {
             if !target.starts_with('/') {
@@ -857,6 +905,8 @@ mod tests {
                 cache_mounts: vec![],
                 tmpfs_mounts: vec![],
                 bind_mounts: vec![],
+                ssh_sockets: vec![],
+                stage_binds: vec![],
                 script: None,
                 secret_files: vec![],
                 network: NetworkMode::Host,

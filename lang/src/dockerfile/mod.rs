@@ -19,7 +19,10 @@
 //!
 //! Every problem in the file is reported at once, each with its line and a help line.
 
+mod bind;
+mod flags;
 mod lex;
+mod ssh;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -734,6 +737,7 @@ impl Lowerer {
             cache_mounts: Vec::new(),
             tmpfs_mounts: Vec::new(),
             bind_mounts: Vec::new(),
+            ssh_mounts: Vec::new(),
             secrets: Vec::new(),
             network: if self.network_none {
                 Network::None
@@ -890,18 +894,22 @@ impl Lowerer {
                     "destination",
                     "source",
                     "src",
+                    "from",
                     "ro",
                     "readonly",
+                    "rw",
+                    "readwrite",
                 ],
-                "write --mount=type=bind,target=PATH[,source=CONTEXT_PATH] (read-only, from the build context)",
+                "write --mount=type=bind,target=PATH[,source=PATH][,from=STAGE|IMAGE][,rw]",
             ),
+            "ssh" => (ssh::SSH_OPTIONS, ssh::SSH_HELP),
             other => {
                 self.error(
                     Code::DockerfileUnsupported,
                     format!("`--mount=type={other}` is not supported yet"),
                     span,
                     "this mount",
-                    "graphbuild supports --mount=type=cache, secret, tmpfs and bind (from the build context)",
+                    "graphbuild supports --mount=type=cache, secret, tmpfs, ssh and bind (from the build context)",
                 );
                 return false;
             }
@@ -921,6 +929,9 @@ impl Lowerer {
         }
         let target = get(&["target", "dst", "destination"]);
         let at = self.loc(span);
+        if kind == "ssh" {
+            return self.ssh_mount(&fields, span, at, run);
+        }
         if kind == "cache" {
             let Some(target) = target else {
                 self.error(
@@ -969,12 +980,20 @@ impl Lowerer {
                 );
                 return false;
             };
+            let Some((from, readwrite)) = self.bind_from(&fields, span) else {
+                return false;
+            };
+            let default_source = if from.is_some() { "/" } else { "." };
             run.bind_mounts.push(BindMount {
                 target: self.text(lex::literal_raw(&target), span),
                 source: self.text(
-                    lex::literal_raw(&get(&["source", "src"]).unwrap_or_else(|| ".".into())),
+                    lex::literal_raw(
+                        &get(&["source", "src"]).unwrap_or_else(|| default_source.into()),
+                    ),
                     span,
                 ),
+                from,
+                readwrite,
                 at,
             });
             return true;
@@ -1047,6 +1066,7 @@ impl Lowerer {
             "chmod",
             "link",
             "exclude",
+            "parents",
             "checksum",
             "keep-git-dir",
         ];
@@ -1064,12 +1084,13 @@ impl Lowerer {
             chmod: None,
             exclude: Vec::new(),
             inline: Vec::new(),
+            parents: false,
         };
         let mut ok = true;
         for (name, value, word) in flags {
             let add_only = matches!(name.as_str(), "checksum" | "keep-git-dir");
             if !FLAGS.contains(&name.as_str())
-                || (is_add && name == "from")
+                || (is_add && (name == "from" || name == "parents"))
                 || (!is_add && add_only)
             {
                 let known: &[&str] = if is_add {
@@ -1082,7 +1103,7 @@ impl Lowerer {
                         "keep-git-dir",
                     ]
                 } else {
-                    &["from", "chown", "chmod", "link", "exclude"]
+                    &["from", "chown", "chmod", "link", "exclude", "parents"]
                 };
                 self.unknown_flag(instruction, &word, known);
                 ok = false;
@@ -1092,22 +1113,12 @@ impl Lowerer {
                 // --link only changes how BuildKit reuses layers, not the files: accepted.
                 continue;
             }
-            if name == "keep-git-dir" {
-                keep_git_dir = match value.as_deref() {
-                    None | Some("true") => true,
-                    Some("false") => false,
-                    Some(_) => {
-                        self.error(
-                            Code::DockerfileFlag,
-                            "`--keep-git-dir` takes no value, or `true` or `false`",
-                            instruction.line.span(word.start, word.end),
-                            "this flag",
-                            "write --keep-git-dir",
-                        );
-                        ok = false;
-                        false
-                    }
-                };
+            if name == "keep-git-dir" || name == "parents" {
+                match self.boolean_flag(instruction, &name, value.as_deref(), &word) {
+                    Some(value) if name == "parents" => copy.parents = value,
+                    Some(value) => keep_git_dir = value,
+                    None => ok = false,
+                }
                 continue;
             }
             let Some(value) = self.flag_value(instruction, &name, value, &word) else {
@@ -1137,16 +1148,13 @@ impl Lowerer {
                 "exclude" => copy.exclude.push(text),
                 "checksum" => checksum = Some(text),
                 _ => {
-                    if text.raw.is_empty()
-                        || text.raw.len() > 4
-                        || !text.raw.chars().all(|c| ('0'..='7').contains(&c))
-                    {
+                    if !text.raw.contains('$') && crate::chmod::Chmod::parse(&text.raw).is_err() {
                         self.error(
                             Code::CopyChmod,
-                            format!("`--chmod={}` is not an octal mode", text.raw),
+                            format!("`--chmod={}` is not a file mode", text.raw),
                             (text.at.span.offset(), text.at.span.len()),
                             "this mode",
-                            "write an octal mode such as --chmod=0755 or --chmod=644",
+                            "write an octal mode such as --chmod=0755 or a symbolic one such as --chmod=u+x,g-w",
                         );
                         ok = false;
                     }

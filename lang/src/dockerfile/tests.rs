@@ -121,7 +121,16 @@ HEALTHCHECK --interval=30s --retries=3 CMD true
 #[test]
 fn every_problem_is_reported_at_once_with_its_line() {
     let found = codes(
-        "FROM alpine AS a\nFORM x\nONBUILD RUN x\nADD --keep-git-dir=maybe https://example.com/x.git /x\nADD --from=a a.tar.gz /x\nRUN --mount=type=ssh,target=/x true\nCOPY --chmod=999 a b\nCOPY onlyone\nFROM alpine AS A\n",
+        "FROM alpine AS a
+FORM x
+ONBUILD RUN x
+ADD --keep-git-dir=maybe https://example.com/x.git /x
+ADD --from=a a.tar.gz /x
+RUN --mount=type=npipe,target=/x true
+COPY --chmod=999 a b
+COPY onlyone
+FROM alpine AS A
+",
     );
     let expected = [
         (Code::DockerfileUnknownInstruction, "line 2"),
@@ -198,4 +207,88 @@ fn network_none_on_the_command_line_is_the_default_of_run_steps() {
         })
         .collect();
     assert_eq!(networks, [Network::None, Network::Host]);
+}
+
+#[test]
+fn ssh_mounts_take_docker_options_and_default_to_an_optional_default_id() {
+    let project = load(
+        "FROM alpine\nRUN --mount=type=ssh --mount=type=ssh,id=github,target=/agent,required=true,uid=1000,gid=1000,mode=0660 true\n",
+    )
+    .expect("loads");
+    let StepKind::Run(run) = &project.stages[0].steps[0].kind else {
+        panic!("run")
+    };
+    let [default, github] = run.ssh_mounts.as_slice() else {
+        panic!("two ssh mounts: {:?}", run.ssh_mounts)
+    };
+    assert_eq!(default.id.raw, "default");
+    assert!(!default.required && default.target.is_none());
+    assert_eq!(github.id.raw, "github");
+    assert!(github.required);
+    assert_eq!(
+        github.target.as_ref().map(|t| t.raw.as_str()),
+        Some("/agent")
+    );
+    assert_eq!(github.mode.as_ref().map(|t| t.raw.as_str()), Some("0660"));
+    assert_eq!(github.uid.as_ref().map(|t| t.raw.as_str()), Some("1000"));
+    let found = codes(
+        "FROM alpine\nRUN --mount=type=ssh,required=maybe true\nRUN --mount=type=ssh,source=x true\n",
+    );
+    let found: Vec<(Code, &str)> = found.iter().map(|(c, l)| (*c, l.as_str())).collect();
+    assert_eq!(
+        found,
+        [
+            (Code::RunSsh, "line 2"),
+            (Code::DockerfileUnsupported, "line 3")
+        ]
+    );
+}
+
+#[test]
+fn bind_mounts_from_stages_images_and_writable() {
+    let project = load(
+        "FROM alpine AS build\nFROM alpine\nRUN --mount=type=bind,from=build,source=/out,target=/o --mount=type=bind,from=0,target=/z,rw --mount=type=bind,from=busybox:1.36,target=/i,readonly=false --mount=type=bind,target=/c true\n",
+    )
+    .expect("loads");
+    let StepKind::Run(run) = &project.stages[1].steps[0].kind else {
+        panic!("run")
+    };
+    let [build, index, image, context] = run.bind_mounts.as_slice() else {
+        panic!("four bind mounts: {:?}", run.bind_mounts)
+    };
+    assert!(matches!(&build.from, Some(CopyFrom::Stage(name, _)) if name == "build"));
+    assert_eq!(build.source.raw, "/out");
+    assert!(!build.readwrite);
+    assert!(matches!(&index.from, Some(CopyFrom::Stage(name, _)) if name == "build"));
+    assert_eq!(index.source.raw, "/");
+    assert!(index.readwrite);
+    assert!(matches!(&image.from, Some(CopyFrom::Image(text)) if text.raw == "busybox:1.36"));
+    assert!(image.readwrite);
+    assert!(context.from.is_none() && context.source.raw == "." && !context.readwrite);
+    let found = codes(
+        "FROM alpine\nRUN --mount=type=bind,target=/x,from=scratch true\nRUN --mount=type=bind,target=/x,rw=maybe true\n",
+    );
+    let found: Vec<(Code, &str)> = found.iter().map(|(c, l)| (*c, l.as_str())).collect();
+    assert_eq!(
+        found,
+        [(Code::RunBind, "line 2"), (Code::RunBind, "line 3")]
+    );
+}
+
+#[test]
+fn copy_parents_is_a_boolean_flag() {
+    let project =
+        load("FROM alpine\nCOPY --parents a/b /d/\nCOPY --parents=false a/b /d/\n").expect("loads");
+    let parents: Vec<bool> = project.stages[0]
+        .steps
+        .iter()
+        .map(|step| match &step.kind {
+            StepKind::Copy(copy) => copy.parents,
+            _ => panic!("copy"),
+        })
+        .collect();
+    assert_eq!(parents, [true, false]);
+    let found = codes("FROM alpine\nCOPY --parents=yes a /d/\n");
+    let found: Vec<(Code, &str)> = found.iter().map(|(c, l)| (*c, l.as_str())).collect();
+    assert_eq!(found, [(Code::DockerfileFlag, "line 2")]);
 }

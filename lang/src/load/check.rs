@@ -40,6 +40,15 @@ impl Loader {
                     {
                         edges.push((*target, *at));
                     }
+                    if let StepKind::Run(run) = &step.kind {
+                        for mount in &run.bind_mounts {
+                            if let Some(CopyFrom::Stage(name, at)) = &mount.from
+                                && let Some(target) = index.get(name.as_str())
+                            {
+                                edges.push((*target, *at));
+                            }
+                        }
+                    }
                 }
                 edges
             })

@@ -47,6 +47,7 @@ impl Loader {
                 chmod,
                 exclude: Vec::new(),
                 inline: Vec::new(),
+                parents: false,
             },
             checksum,
             keep_git_dir,

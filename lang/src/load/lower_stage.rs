@@ -7,9 +7,9 @@ use kdl::{KdlNode, KdlValue};
 
 use crate::Diagnostic;
 use crate::ir::{
-    BindMount, CacheMount, CacheSharing, Command, Copy, CopyFrom, FileId, From, FromSource,
-    Healthcheck, InlineFile, Loc, Network, PlatformSpec, Run, ScopeId, Secret, Stage, Step,
-    StepKind, Text, TmpfsMount,
+    CacheMount, CacheSharing, Command, Copy, CopyFrom, FileId, From, FromSource, Healthcheck,
+    InlineFile, Loc, Network, PlatformSpec, Run, ScopeId, Secret, Stage, Step, StepKind, Text,
+    TmpfsMount,
 };
 
 use super::*;
@@ -301,7 +301,7 @@ impl Loader {
         };
         let node_at = Self::loc(file, node.name().span());
         match name {
-            "run" => self.lower_run(node, file).map(StepKind::Run),
+            "run" => self.lower_run(node, file, resolver).map(StepKind::Run),
             "copy" => self.lower_copy(node, file, resolver).map(StepKind::Copy),
             "file" => self.lower_file(node, file).map(StepKind::Copy),
             "add" => self.lower_add(node, file).map(StepKind::Add),
@@ -469,7 +469,12 @@ impl Loader {
         Some((target, value))
     }
 
-    pub(super) fn lower_run(&mut self, node: &KdlNode, file: FileId) -> Option<Run> {
+    pub(super) fn lower_run(
+        &mut self,
+        node: &KdlNode,
+        file: FileId,
+        resolver: &Resolver<'_>,
+    ) -> Option<Run> {
         let props = self.node_properties(node, file, spec::get(spec::STEPS, "run"));
         let timeout = props.text("timeout");
         let insecure = props.bool("insecure").unwrap_or(false);
@@ -477,6 +482,7 @@ impl Loader {
         let mut cache_mounts = Vec::new();
         let mut tmpfs_mounts = Vec::new();
         let mut bind_mounts = Vec::new();
+        let mut ssh_mounts = Vec::new();
         let mut secrets = Vec::new();
         let mut network = Network::default();
         let mut network_seen = false;
@@ -561,24 +567,8 @@ impl Loader {
                         at: child_at,
                     });
                 }
-                "bind" => {
-                    let Some((target, source)) = self.path_and_one_property(
-                        child,
-                        file,
-                        ("bind", "source", Code::RunBind),
-                        "write `bind \"/src\" source=\".\"`",
-                    ) else {
-                        continue;
-                    };
-                    bind_mounts.push(BindMount {
-                        source: source.unwrap_or_else(|| Text {
-                            raw: ".".into(),
-                            at: child_at,
-                        }),
-                        target,
-                        at: child_at,
-                    });
-                }
+                "bind" => bind_mounts.extend(self.lower_bind(child, file, resolver)),
+                "ssh" => ssh_mounts.extend(self.lower_ssh(child, file)),
                 "secret" => {
                     let props = self.node_properties(child, file, spec::get(spec::RUN, "secret"));
                     let target = props.text("target");
@@ -643,6 +633,7 @@ impl Loader {
             cache_mounts,
             tmpfs_mounts,
             bind_mounts,
+            ssh_mounts,
             secrets,
             network,
             timeout,
@@ -661,6 +652,7 @@ impl Loader {
         let from = props.text("from");
         let chown = props.text("chown");
         let exclude = props.texts("exclude");
+        let parents = props.bool("parents").unwrap_or(false);
         let mut chmod = None;
         for entry in props.raw("chmod") {
             if let KdlValue::Integer(number) = entry.value() {
@@ -730,6 +722,7 @@ impl Loader {
             chmod,
             exclude,
             inline: Vec::new(),
+            parents,
         })
     }
 
@@ -739,20 +732,20 @@ impl Loader {
         let Some(text) = chmod else {
             return true;
         };
-        let octal = text.raw.contains('$')
-            || (!text.raw.is_empty()
-                && text.raw.len() <= 4
-                && text.raw.chars().all(|c| ('0'..='7').contains(&c)));
-        if !octal {
+        let valid = text.raw.contains('$') || crate::chmod::Chmod::parse(&text.raw).is_ok();
+        if !valid {
             self.error(
                 Code::CopyChmod,
                 format!("invalid mode `{}`", text.raw),
                 text.at,
-                "not an octal mode",
-                Some("write an octal mode such as chmod=\"0755\"".into()),
+                "not a file mode",
+                Some(
+                    "write an octal mode such as chmod=\"0755\" or a symbolic one such as chmod=\"u+x,g-w\""
+                        .into(),
+                ),
             );
         }
-        octal
+        valid
     }
 
     /// `file "PATH" content="…" chown=… chmod=…`: a file the build file writes, as a copy of
@@ -822,6 +815,7 @@ impl Loader {
                 content,
                 substitute: false,
             }],
+            parents: false,
         })
     }
 

@@ -21,7 +21,9 @@
 mod check;
 mod declare;
 mod lower_add;
+mod lower_bind;
 mod lower_image;
+mod lower_ssh;
 mod lower_stage;
 mod lower_test;
 mod read;

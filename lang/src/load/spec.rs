@@ -240,6 +240,7 @@ const COPY: NodeSpec = node(
         ("chown", StringOrInteger),
         ("chmod", Raw),
         ("exclude", STRING),
+        ("parents", Bool),
     ],
 );
 const FILE: NodeSpec = node(
@@ -296,7 +297,22 @@ pub(super) static RUN: &[NodeSpec] = &[
         ],
     ),
     node("tmpfs", Custom, &[("size", STRING)]),
-    node("bind", Custom, &[("source", STRING)]),
+    node(
+        "bind",
+        Custom,
+        &[("source", STRING), ("from", STRING), ("rw", Bool)],
+    ),
+    node(
+        "ssh",
+        Custom,
+        &[
+            ("target", STRING),
+            ("required", Bool),
+            ("uid", StringOrInteger),
+            ("gid", StringOrInteger),
+            ("mode", STRING),
+        ],
+    ),
     node(
         "secret",
         Custom,
