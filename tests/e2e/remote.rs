@@ -496,3 +496,131 @@ fn an_unreachable_executor_warns_once_and_builds_here_or_fails_when_required() {
     assert!(failure.contains("--remote-required"), "{failure}");
     assert!(!sandbox.path().join("out-c/basic/index.json").exists());
 }
+
+/// A blob of an OCI layout, as JSON.
+fn layout_json(layout: &Path, digest: &str) -> serde_json::Value {
+    let hex = digest.trim_start_matches("sha256:");
+    serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap()).unwrap()
+}
+
+/// The manifest of `architecture` in a layout's first index.
+fn manifest_of(layout: &Path, architecture: &str) -> serde_json::Value {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let image_index = layout_json(layout, index["manifests"][0]["digest"].as_str().unwrap());
+    let entry = image_index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|manifest| manifest["platform"]["architecture"] == architecture)
+        .expect("the platform's manifest")
+        .clone();
+    layout_json(layout, entry["digest"].as_str().unwrap())
+}
+
+#[test]
+fn any_reapi_worker_runs_a_step_with_graphbuild_worker_step_over_the_input_root() {
+    if !root_and_qemu() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    sandbox.write(
+        "images.kdl",
+        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"echo generic > /generic.txt\"\n}\nimage s { stage s; }\n",
+    );
+    let local = run(&sandbox, "images.kdl", "store-local", "out-local", &[]);
+    assert_success(&local);
+    let built = sandbox.path().join("out-local/s");
+    let local_layer = manifest_of(&built, "amd64")["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // An input root as a generic REAPI worker would lay it out: step.json, and the base's layer
+    // blob under layers/0000.
+    let base = sandbox.path().join("base");
+    let manifest = manifest_of(&base, "amd64");
+    let config = layout_json(&base, manifest["config"]["digest"].as_str().unwrap());
+    let layer = &manifest["layers"][0];
+    let root = sandbox.path().join("input-root");
+    std::fs::create_dir_all(root.join("layers")).unwrap();
+    std::fs::copy(
+        base.join("blobs/sha256").join(
+            layer["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:"),
+        ),
+        root.join("layers/0000"),
+    )
+    .unwrap();
+    let step = serde_json::json!({
+        "format": "graphbuild remote step v1",
+        "platform": "linux/amd64",
+        "task": {
+            "argv": ["/bin/sh", "-c", "echo generic > /generic.txt"],
+            "env": [["PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]],
+            "cwd": "/",
+            "user": "",
+            "cache_mounts": [],
+            "secret_files": [],
+            "network": "None",
+            "hostname": "graphbuild"
+        },
+        "layers": [{
+            "digest": layer["digest"],
+            "diff_id": config["rootfs"]["diff_ids"][0],
+            "size": layer["size"],
+            "media_type": layer["mediaType"]
+        }],
+        "source_date_epoch": 0,
+        "compression": "gzip"
+    });
+    std::fs::write(root.join("step.json"), step.to_string()).unwrap();
+    let output = Command::new(bin())
+        .args(["worker-step", "step.json"])
+        .current_dir(&root)
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join("worker-store"))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("graphbuild worker-step runs");
+    assert_success(&output);
+    let outcome: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("graphbuild/outcome.json")).unwrap())
+            .unwrap();
+    assert_eq!(outcome["status"]["Exited"], 0, "{outcome}");
+    // The same layer, byte for byte, as the local build's step.
+    assert_eq!(
+        outcome["layer"]["digest"],
+        local_layer.as_str(),
+        "{outcome}"
+    );
+    assert_eq!(
+        std::fs::read(root.join("graphbuild/layers/0")).unwrap(),
+        std::fs::read(
+            built
+                .join("blobs/sha256")
+                .join(local_layer.trim_start_matches("sha256:"))
+        )
+        .unwrap()
+    );
+
+    // A step that asks for a host path is refused before anything runs.
+    let mut hostile = step.clone();
+    hostile["task"]["bind_mounts"] = serde_json::json!([["/etc", "/host-etc", true]]);
+    std::fs::write(root.join("step.json"), hostile.to_string()).unwrap();
+    let refused = Command::new(bin())
+        .args(["worker-step", "step.json"])
+        .current_dir(&root)
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join("worker-store"))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("graphbuild worker-step runs");
+    assert_eq!(refused.status.code(), Some(3), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("may not mount host paths"),
+        "{}",
+        stderr(&refused)
+    );
+}

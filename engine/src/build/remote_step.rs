@@ -88,8 +88,9 @@ impl Executor<'_> {
                     self.events.emit(Event::Warning {
                         message: format!(
                             "no worker of the remote executor {} took a {platform} step within \
-                             {}; {platform} steps run on this machine",
+                             {:.0}s ({}); {platform} steps run on this machine",
                             executor.url(),
+                            executor.queue_timeout().as_secs_f64(),
                             crate::execution::QUEUE_TIMEOUT_ENV,
                         ),
                     });

@@ -90,6 +90,11 @@ impl RemoteExecutor {
         self.cache.url()
     }
 
+    /// How long an action may wait for a worker before its step runs locally.
+    pub fn queue_timeout(&self) -> Duration {
+        self.queue_timeout
+    }
+
     /// `--remote-required`: a failing executor fails the build.
     pub fn required(&self) -> bool {
         self.required

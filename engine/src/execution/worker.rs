@@ -251,6 +251,14 @@ fn execute_lease(
         }
         Err(message) => return (status(INVALID_ARGUMENT, message), None),
     }
+    // The worker's own limit on processes holds whatever the client asked for.
+    let mut step = step;
+    step.task.max_processes = Some(
+        step.task
+            .max_processes
+            .unwrap_or(crate::sandbox::DEFAULT_MAX_PROCESSES)
+            .min(crate::sandbox::DEFAULT_MAX_PROCESSES),
+    );
     if let Err(message) = fetch_layers(cache, store, &step) {
         return (status(INTERNAL, message), None);
     }
