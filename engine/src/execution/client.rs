@@ -186,8 +186,11 @@ impl RemoteExecutor {
         cache.run(method, MAX_STEP_TIME, async {
             let mut client = re::execution_client::ExecutionClient::new(cache.channel())
                 .max_decoding_message_size(MAX_STREAM_MESSAGE);
-            let started = Instant::now();
             let mut name = String::new();
+            // Since when the action has been waiting for a worker (from the start: nothing
+            // has taken it yet); `None` while a worker executes it. A worker that dies puts it
+            // back in the queue, and the wait starts again.
+            let mut queued_since = Some(Instant::now());
             loop {
                 let stream = if name.is_empty() {
                     let request = cache.request(
@@ -211,16 +214,39 @@ impl RemoteExecutor {
                 let mut stream = stream
                     .map_err(|status| cache.status_error(method, &status))?
                     .into_inner();
+                let mut messages = 0;
                 loop {
-                    let message = match tokio::time::timeout(stall, stream.message()).await {
+                    // Wait for the next update, but not past the queue timeout while queued.
+                    let wait = match queued_since {
+                        Some(since) => queue_timeout
+                            .saturating_sub(since.elapsed())
+                            .min(stall)
+                            .max(Duration::from_millis(1)),
+                        None => stall,
+                    };
+                    let message = match tokio::time::timeout(wait, stream.message()).await {
                         Ok(message) => {
                             message.map_err(|status| cache.status_error(method, &status))?
                         }
                         Err(_) => None,
                     };
+                    if queued_since.is_some_and(|since| since.elapsed() >= queue_timeout) {
+                        if !name.is_empty() {
+                            let request = cache.request(
+                                lro::CancelOperationRequest { name: name.clone() },
+                                cache.small_deadline(),
+                            );
+                            // The build goes on locally either way.
+                            let _ = lro::operations_client::OperationsClient::new(cache.channel())
+                                .cancel_operation(request)
+                                .await;
+                        }
+                        return Ok(None);
+                    }
                     let Some(operation) = message else {
                         break;
                     };
+                    messages += 1;
                     name.clone_from(&operation.name);
                     if operation.done {
                         return operation_response(cache, operation).map(Some);
@@ -234,18 +260,17 @@ impl RemoteExecutor {
                         .map(|metadata| metadata.stage)
                         .unwrap_or(0);
                     let queued = stage == re::execution_stage::Value::Queued as i32
-                        || stage == re::execution_stage::Value::CacheCheck as i32;
-                    if queued && started.elapsed() > queue_timeout {
-                        let request = cache.request(
-                            lro::CancelOperationRequest { name: name.clone() },
-                            cache.small_deadline(),
-                        );
-                        // The build goes on locally either way.
-                        let _ = lro::operations_client::OperationsClient::new(cache.channel())
-                            .cancel_operation(request)
-                            .await;
-                        return Ok(None);
+                        || stage == re::execution_stage::Value::CacheCheck as i32
+                        || stage == re::execution_stage::Value::Unknown as i32;
+                    if !queued {
+                        queued_since = None;
+                    } else if queued_since.is_none() {
+                        queued_since = Some(Instant::now());
                     }
+                }
+                if messages == 0 {
+                    // A stream that ended (or stalled) without a word: do not spin.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 if name.is_empty() {
                     return Err(RemoteError::Rpc {
