@@ -129,10 +129,15 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitStatus {
         Ok(()) => ExitStatus::Success,
         Err(error) => {
             render::error(
-                &error.to_string(),
+                &format!("--executor: {error}"),
                 &["check the --executor URL, and that the cluster serves the Bots service there"],
             );
-            ExitStatus::Environment
+            match error {
+                graphbuild_engine::remote::RemoteError::InvalidUrl { .. } => {
+                    ExitStatus::InvalidInput
+                }
+                _ => ExitStatus::Environment,
+            }
         }
     }
 }
