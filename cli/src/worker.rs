@@ -96,6 +96,11 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitStatus {
             return ExitStatus::InvalidInput;
         }
     };
+    // A malformed URL is refused before the sandbox is probed.
+    if let Err(error) = graphbuild_engine::reapi::ReapiCache::new(&args.executor, None) {
+        render::error(&format!("--executor: {error}"), &[]);
+        return ExitStatus::InvalidInput;
+    }
     let (store, exe, overlay) = match sandbox_setup(args.cache_dir) {
         Ok(setup) => setup,
         Err(status) => return status,
