@@ -141,7 +141,13 @@ impl RemoteExecutor {
         let Some(response) = self.run_operation(&encoded)? else {
             return Ok(RemoteRun::NoWorker);
         };
-        self.take_result(response, store)
+        // The layer's media type goes into the manifest: it must be the one the step's
+        // compression gives, whatever the worker says.
+        let media_type = step
+            .layer_options()
+            .map(|options| options.compression.media_type())
+            .unwrap_or_default();
+        self.take_result(response, store, media_type)
     }
 
     /// Put into the CAS what the action names and the cluster lacks.
@@ -289,6 +295,7 @@ impl RemoteExecutor {
         &self,
         response: re::ExecuteResponse,
         store: &Store,
+        media_type: &str,
     ) -> Result<RemoteRun, RemoteError> {
         let bad = |message: String| RemoteError::Rpc {
             method: "Execute",
@@ -360,6 +367,12 @@ impl RemoteExecutor {
                     "the outcome names a layer but {LAYER_PATH} is missing"
                 )));
             };
+            if layer.media_type != media_type {
+                return Err(bad(format!(
+                    "the layer's media type is `{}`, not `{media_type}`",
+                    layer.media_type.chars().take(128).collect::<String>()
+                )));
+            }
             if digest != layer.digest || size != layer.size {
                 return Err(bad(format!(
                     "{LAYER_PATH} is not the layer the outcome names"
