@@ -624,3 +624,82 @@ fn any_reapi_worker_runs_a_step_with_graphbuild_worker_step_over_the_input_root(
         stderr(&refused)
     );
 }
+
+#[test]
+fn a_corrupt_remote_result_is_refused_and_the_step_runs_here() {
+    let Some((cluster, _workers)) = cluster() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    sandbox.write(
+        "images.kdl",
+        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"echo corrupt-me > /corrupt.txt\"\n}\nimage s { stage s; }\n",
+    );
+    let url = cluster.url("");
+    let first = run(
+        &sandbox,
+        "images.kdl",
+        "store-a",
+        "out-a",
+        &["--remote-executor", &url],
+    );
+    assert_success(&first);
+    let steps = executed_steps(&first);
+    assert!(
+        steps.iter().any(|step| step.3 == "amd64-worker"),
+        "{steps:?}"
+    );
+    // The layer the worker made, as BuildGrid's disk storage holds it, is changed.
+    let layer = manifest_of(&sandbox.path().join("out-a/s"), "amd64")["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let stored = cluster
+        .data
+        .join("cas/cas/objects")
+        .join(&layer[..2])
+        .join(&layer[2..]);
+    let mut bytes = std::fs::read(&stored).expect("the layer is in BuildGrid's CAS");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&stored, &bytes).unwrap();
+
+    // A clean client: the cluster answers from its action cache with that layer, which does
+    // not match its digest: one warning, the step runs here, and the image is still right.
+    let second = run(
+        &sandbox,
+        "images.kdl",
+        "store-b",
+        "out-b",
+        &["--remote-executor", &url],
+    );
+    assert_success(&second);
+    let found = warnings(&second);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains(&layer[..12]), "{}", found[0]);
+    let steps = executed_steps(&second);
+    assert!(steps.iter().all(|step| step.3 == "local"), "{steps:?}");
+    assert_eq!(index_digest(&second), index_digest(&first));
+
+    // Required: the step fails, naming the digest, and no image is written.
+    let third = run(
+        &sandbox,
+        "images.kdl",
+        "store-c",
+        "out-c",
+        &["--remote-executor", &url, "--remote-required"],
+    );
+    assert_eq!(third.status.code(), Some(1), "{}", stderr(&third));
+    assert!(stderr(&third).contains(&layer[..12]), "{}", stderr(&third));
+    assert!(!sandbox.path().join("out-c/s/index.json").exists());
+    // Nothing unverified landed in the client's store.
+    assert!(
+        !sandbox
+            .path()
+            .join("store-c/blobs/sha256")
+            .join(&layer)
+            .exists()
+    );
+}
