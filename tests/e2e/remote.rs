@@ -252,10 +252,16 @@ fn executed_steps(output: &Output) -> Vec<(String, String, String, String)> {
 }
 
 fn index_digest(output: &Output) -> String {
-    summary(output)["images"][0]["index_digest"]
+    let digest = summary(output)["images"][0]["index_digest"]
         .as_str()
         .unwrap_or_default()
-        .to_string()
+        .to_string();
+    assert!(
+        digest.starts_with("sha256:"),
+        "no index digest: {}",
+        summary(output)
+    );
+    digest
 }
 
 #[test]
@@ -702,4 +708,49 @@ fn a_corrupt_remote_result_is_refused_and_the_step_runs_here() {
             .join(&layer)
             .exists()
     );
+}
+
+#[test]
+fn a_dockerfile_build_executes_remotely_too() {
+    let Some((cluster, _workers)) = cluster() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    sandbox.write(
+        "app/Dockerfile",
+        "FROM oci:../base:1.35.0\nRUN uname -m > /arch.txt && echo dockerfile-remote > /marker.txt\n",
+    );
+    let build = |store: &str, extra: &[&str]| {
+        let mut command = Command::new(bin());
+        command
+            .args(["build", "--platform", "linux/amd64,linux/arm64"])
+            .args(["--progress", "json", "-o", "type=oci,dest=image.tar"])
+            .args(extra)
+            .arg("app")
+            .current_dir(sandbox.path())
+            .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join(store))
+            .env("GRAPHBUILD_REMOTE_QUEUE_TIMEOUT", QUEUE_TIMEOUT)
+            .env("NO_COLOR", "1")
+            .env_remove("SOURCE_DATE_EPOCH");
+        command.output().expect("graphbuild runs")
+    };
+    let remote = build("store-remote", &["--remote-executor", &cluster.url("")]);
+    assert_success(&remote);
+    assert!(warnings(&remote).is_empty(), "{:?}", warnings(&remote));
+    let mut ran: Vec<(String, String)> = executed_steps(&remote)
+        .into_iter()
+        .map(|(_, platform, _, ran_on)| (platform, ran_on))
+        .collect();
+    ran.sort();
+    assert_eq!(
+        ran,
+        vec![
+            ("linux/amd64".to_string(), "amd64-worker".to_string()),
+            ("linux/arm64".to_string(), "arm64-worker".to_string())
+        ]
+    );
+    let local = build("store-local", &[]);
+    assert_success(&local);
+    assert_eq!(index_digest(&remote), index_digest(&local));
 }
