@@ -756,3 +756,60 @@ fn a_dockerfile_build_executes_remotely_too() {
     assert_success(&local);
     assert_eq!(index_digest(&remote), index_digest(&local));
 }
+
+#[test]
+fn the_clusters_action_cache_answers_a_step_again_unless_no_cache() {
+    let Some((cluster, _workers)) = cluster() else {
+        return;
+    };
+    // A worker of its own, on the instance "team": what it executes is this test's alone.
+    let worker = start_worker(cluster, "team", "linux/arm64", "team-arm64-worker");
+    let executions = || worker.log().matches(": executing").count();
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    sandbox.write(
+        "images.kdl",
+        "platforms \"linux/arm64\"\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"echo once > /once.txt\"\n}\nimage s { stage s; }\n",
+    );
+    let url = cluster.url("team");
+    let ran_on_worker = |output: &Output| {
+        let steps = executed_steps(output);
+        assert_eq!(steps.len(), 1, "{steps:?}");
+        assert_eq!(steps[0].3, "team-arm64-worker", "{steps:?}");
+    };
+    let first = run(
+        &sandbox,
+        "images.kdl",
+        "store-a",
+        "out-a",
+        &["--remote-executor", &url],
+    );
+    assert_success(&first);
+    ran_on_worker(&first);
+    assert_eq!(executions(), 1, "{}", worker.log());
+    // A clean client without a cache of its own: the cluster answers from its action cache,
+    // naming the worker that executed the step; the worker executes nothing.
+    let second = run(
+        &sandbox,
+        "images.kdl",
+        "store-b",
+        "out-b",
+        &["--remote-executor", &url],
+    );
+    assert_success(&second);
+    ran_on_worker(&second);
+    assert_eq!(executions(), 1, "{}", worker.log());
+    assert_eq!(index_digest(&second), index_digest(&first));
+    // --no-cache: executed again.
+    let third = run(
+        &sandbox,
+        "images.kdl",
+        "store-c",
+        "out-c",
+        &["--remote-executor", &url, "--no-cache"],
+    );
+    assert_success(&third);
+    ran_on_worker(&third);
+    assert_eq!(executions(), 2, "{}", worker.log());
+    assert_eq!(index_digest(&third), index_digest(&first));
+}

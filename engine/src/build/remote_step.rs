@@ -50,7 +50,7 @@ impl Executor<'_> {
             Err(error) => return fail(error, Vec::new()),
         };
         let remote = RemoteStep::new(&node.platform, task, layers, &self.options.layer);
-        match executor.execute(&remote, self.store) {
+        match executor.execute(&remote, self.store, self.options.no_cache) {
             Ok(RemoteRun::Ran {
                 worker,
                 status,

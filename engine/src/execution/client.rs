@@ -125,8 +125,14 @@ impl RemoteExecutor {
     }
 
     /// Execute `step` on the cluster; its layer blobs are in `store`, and so is the layer it
-    /// makes once this returns [`RemoteRun::Ran`].
-    pub fn execute(&self, step: &RemoteStep, store: &Store) -> Result<RemoteRun, RemoteError> {
+    /// makes once this returns [`RemoteRun::Ran`]. With `fresh` (`--no-cache`), the cluster
+    /// executes it even when its action cache has the result.
+    pub fn execute(
+        &self,
+        step: &RemoteStep,
+        store: &Store,
+        fresh: bool,
+    ) -> Result<RemoteRun, RemoteError> {
         let platform =
             graphbuild_lang::platform::Platform::parse(&step.platform).map_err(|error| {
                 RemoteError::Rpc {
@@ -138,7 +144,7 @@ impl RemoteExecutor {
             })?;
         let encoded = action::encode(step, &self.keys.properties(&platform));
         self.upload(&encoded, store)?;
-        let Some(response) = self.run_operation(&encoded)? else {
+        let Some(response) = self.run_operation(&encoded, fresh)? else {
             return Ok(RemoteRun::NoWorker);
         };
         // The layer's media type goes into the manifest: it must be the one the step's
@@ -183,6 +189,7 @@ impl RemoteExecutor {
     fn run_operation(
         &self,
         encoded: &action::EncodedAction,
+        fresh: bool,
     ) -> Result<Option<re::ExecuteResponse>, RemoteError> {
         let method = "Execute";
         let cache = &self.cache;
@@ -202,7 +209,7 @@ impl RemoteExecutor {
                     let request = cache.request(
                         re::ExecuteRequest {
                             instance_name: cache.instance().to_string(),
-                            skip_cache_lookup: false,
+                            skip_cache_lookup: fresh,
                             action_digest: Some(action_digest.clone()),
                             digest_function: SHA256,
                             ..Default::default()
