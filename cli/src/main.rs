@@ -7,6 +7,7 @@ mod doctor;
 mod inspect;
 mod progress;
 mod render;
+mod worker;
 
 use std::ffi::OsStr;
 use std::path::PathBuf;
@@ -68,7 +69,7 @@ enum Command {
     #[command(
         after_help = "Examples:\n  graphbuild run images.kdl\n  graphbuild run images.kdl app --platform linux/amd64 --output out/\n  graphbuild run images.kdl --arg APP_VERSION=2.0 --progress plain"
     )]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Build a Dockerfile, with the flags of `docker buildx build`
     #[command(
         after_help = "Examples:\n  graphbuild build --platform linux/amd64,linux/arm64 -t user/app:1.0 --push .\n  graphbuild build -f docker/Dockerfile --target runtime --build-arg VERSION=2 .\n  graphbuild build -o type=oci,dest=out/app ."
@@ -128,6 +129,18 @@ enum Command {
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+    /// Execute build steps for a remote execution cluster (a Remote Workers API bot)
+    #[command(
+        after_help = "Example:\n  graphbuild worker --executor grpc://buildgrid:50051 --platform linux/arm64"
+    )]
+    Worker(worker::WorkerArgs),
+    /// Run a remote step in an action's input root (what a cluster's workers execute)
+    #[command(hide = true)]
+    WorkerStep {
+        step_file: PathBuf,
+        #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
     },
 }
 
@@ -294,6 +307,23 @@ pub struct RemoteCacheArgs {
     /// Fail when the cache server is unreachable or failing, instead of warning and building locally
     #[arg(long)]
     pub cache_required: bool,
+    /// Execute run steps on this Remote Execution API cluster (grpc://HOST:PORT[/INSTANCE])
+    #[arg(long, value_name = "URL", env = "GRAPHBUILD_REMOTE_EXECUTOR")]
+    pub remote_executor: Option<String>,
+    /// Bearer token for the remote executor
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "GRAPHBUILD_REMOTE_TOKEN",
+        hide_env_values = true
+    )]
+    pub remote_token: Option<String>,
+    /// Fail when the remote executor is unreachable or failing, instead of warning and executing locally
+    #[arg(long, requires = "remote_executor")]
+    pub remote_required: bool,
+    /// The platform property names the executor's workers are matched on
+    #[arg(long, value_name = "OS_KEY,ARCH_KEY", default_value = "OSFamily,ISA")]
+    pub remote_platform_keys: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -378,6 +408,8 @@ impl Command {
                 | Command::Verify { .. }
                 | Command::Lock { .. }
                 | Command::Doctor { .. }
+                | Command::Worker(_)
+                | Command::WorkerStep { .. }
                 | Command::Cache(
                     CacheCommand::Du { .. }
                         | CacheCommand::Prune { .. }
@@ -418,7 +450,7 @@ fn main() -> ExitCode {
         return commands::rootless_reexec();
     }
     let code = match cli.command {
-        Command::Run(args) => commands::run(args),
+        Command::Run(args) => commands::run(*args),
         Command::Build(args) => commands::build(*args),
         Command::Plan(args) => commands::plan(args),
         Command::Verify { inputs } => commands::verify(inputs),
@@ -433,6 +465,11 @@ fn main() -> ExitCode {
             format,
             insecure_registries,
         } => inspect::inspect(&target, format == InspectFormat::Json, &insecure_registries),
+        Command::Worker(args) => worker::worker(args),
+        Command::WorkerStep {
+            step_file,
+            cache_dir,
+        } => worker::worker_step(step_file, cache_dir),
         Command::Cache(CacheCommand::Du { cache_dir }) => commands::cache_du(cache_dir),
         Command::Cache(CacheCommand::Prune {
             cache_dir,

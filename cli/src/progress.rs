@@ -501,9 +501,17 @@ impl EventSink for Progress {
                 step,
                 status,
                 duration_ms,
+                ran_on,
             } => {
                 state.running.remove(&node);
                 state.finished_steps += 1;
+                // A step a remote worker executed says which.
+                let step = match ran_on.as_deref() {
+                    Some(worker) if worker != "local" => {
+                        format!("{step} (on {})", sanitize(worker))
+                    }
+                    _ => step,
+                };
                 if self.quiet && status != StepStatus::Failed {
                     return;
                 }

@@ -48,6 +48,10 @@ pub enum Event {
         status: StepStatus,
         #[serde(skip_serializing_if = "Option::is_none")]
         duration_ms: Option<u64>,
+        /// Where an executed step ran, in a build with a remote executor: `local`, or the
+        /// remote worker's name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ran_on: Option<String>,
     },
     NodeFinished {
         node: usize,

@@ -14,6 +14,7 @@ pub mod decompress;
 pub mod digest;
 mod dockerignore;
 pub mod events;
+pub mod execution;
 pub mod explain;
 pub mod exporter;
 pub mod fetch;

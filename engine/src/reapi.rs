@@ -64,7 +64,7 @@ use crate::remote::{
 };
 
 /// The digest function of every request: SHA-256, OCI's.
-const SHA256: i32 = re::digest_function::Value::Sha256 as i32;
+pub(crate) const SHA256: i32 = re::digest_function::Value::Sha256 as i32;
 /// The largest batch used when the server names no limit (gRPC's default message size).
 const DEFAULT_BATCH_LIMIT: u64 = 4 * 1024 * 1024;
 /// Room left in a batch for the messages' own framing.
@@ -72,7 +72,7 @@ const BATCH_OVERHEAD: u64 = 64 * 1024;
 /// The size of each `ByteStream.Write` message.
 const WRITE_CHUNK: usize = 1024 * 1024;
 /// The largest message accepted from a CAS or ByteStream response, besides batches.
-const MAX_STREAM_MESSAGE: usize = 4 * 1024 * 1024 + BATCH_OVERHEAD as usize;
+pub(crate) const MAX_STREAM_MESSAGE: usize = 4 * 1024 * 1024 + BATCH_OVERHEAD as usize;
 /// The salt of every graphbuild `Action`; a change here starts a new keyspace.
 const ACTION_SALT: &[u8] = b"graphbuild cache entry v1";
 /// Instance-name segments the REAPI reserves for resource names.
@@ -110,7 +110,7 @@ pub fn action_for_key(key_hex: &str) -> (Vec<u8>, Vec<u8>) {
     (action, command)
 }
 
-fn proto_digest(digest: &Digest, size: u64) -> re::Digest {
+pub(crate) fn proto_digest(digest: &Digest, size: u64) -> re::Digest {
     re::Digest {
         hash: digest.hex(),
         size_bytes: size as i64,
@@ -118,7 +118,9 @@ fn proto_digest(digest: &Digest, size: u64) -> re::Digest {
 }
 
 /// A digest from a server: 64 lowercase hex digits and a size that is not negative.
-fn parse_proto_digest(digest: Option<&re::Digest>) -> Result<(Digest, u64), DecodeError> {
+pub(crate) fn parse_proto_digest(
+    digest: Option<&re::Digest>,
+) -> Result<(Digest, u64), DecodeError> {
     let digest = digest.ok_or(DecodeError::MissingDigest)?;
     let hex_ok = digest.hash.len() == 64
         && digest
@@ -289,16 +291,16 @@ impl ReapiCache {
         &self.instance
     }
 
-    fn small_deadline(&self) -> Duration {
+    pub(crate) fn small_deadline(&self) -> Duration {
         self.timeout * 2
     }
 
-    fn transfer_deadline(&self, size: u64) -> Duration {
+    pub(crate) fn transfer_deadline(&self, size: u64) -> Duration {
         self.timeout * 2 + Duration::from_secs(size / MIN_TRANSFER_RATE)
     }
 
     /// A request carrying the token and the deadline.
-    fn request<T>(&self, message: T, deadline: Duration) -> tonic::Request<T> {
+    pub(crate) fn request<T>(&self, message: T, deadline: Duration) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(deadline);
         if let Some(value) = &self.authorization {
@@ -310,7 +312,7 @@ impl ReapiCache {
     }
 
     /// Run `work` on the runtime until it ends, `deadline` passes, or the build is cancelled.
-    fn run<T>(
+    pub(crate) fn run<T>(
         &self,
         method: &'static str,
         deadline: Duration,
@@ -348,7 +350,7 @@ impl ReapiCache {
     }
 
     /// A failed call as an error: the cache is unreachable, refuses us, or answered otherwise.
-    fn status_error(&self, method: &'static str, status: &tonic::Status) -> RemoteError {
+    pub(crate) fn status_error(&self, method: &'static str, status: &tonic::Status) -> RemoteError {
         let mut message: String = status.message().chars().take(512).collect();
         let mut source = std::error::Error::source(status);
         while let Some(cause) = source {
@@ -379,6 +381,20 @@ impl ReapiCache {
     }
 
     /// The server's limits, asked once.
+    pub(crate) fn check_capabilities(&self) -> Result<(), RemoteError> {
+        self.limits().map(|_| ())
+    }
+
+    /// The channel every call of this client shares (for the execution and bots clients).
+    pub(crate) fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// The timeout this client was opened with.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     fn limits(&self) -> Result<Limits, RemoteError> {
         if let Some(limits) = *self.limits.lock().unwrap_or_else(|e| e.into_inner()) {
             return Ok(limits);
@@ -469,7 +485,7 @@ impl ReapiCache {
     }
 
     /// The blobs of `blobs` the cache lacks.
-    fn find_missing(&self, blobs: &[(Digest, u64)]) -> Result<Vec<Digest>, RemoteError> {
+    pub(crate) fn find_missing(&self, blobs: &[(Digest, u64)]) -> Result<Vec<Digest>, RemoteError> {
         let method = "FindMissingBlobs";
         let response = self.run(method, self.small_deadline(), async {
             let request = self.request(

@@ -18,6 +18,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ("## `graphbuild plan`", &["plan"]),
     ("## `graphbuild doctor`", &["doctor"]),
     ("## `graphbuild inspect`", &["inspect"]),
+    ("## `graphbuild worker`", &["worker"]),
     (
         "## `graphbuild cache du`",
         &["cache du", "cache prune", "cache verify", "cache serve"],
@@ -32,6 +33,7 @@ const COMMANDS: &[&str] = &[
     "lock",
     "doctor",
     "inspect",
+    "worker",
     "cache du",
     "cache prune",
     "cache verify",

@@ -332,10 +332,12 @@ pub(super) fn remote_options(
         (Some(from), Some(url)) if from_url == Some(url) => Some(from.clone()),
         (_, url) => url.map(open).transpose()?,
     };
+    let executor = crate::worker::remote_executor(args, cancel)?;
     Ok(build::RemoteOptions {
         from,
         to,
         required: args.cache_required,
+        executor,
     })
 }
 

@@ -67,6 +67,14 @@ pub enum StepError {
         source: std::io::Error,
     },
 
+    /// The remote executor failed and `--remote-required` forbids running the step here.
+    #[error("the remote executor failed (--remote-required)")]
+    #[diagnostic(code(graphbuild::step::remote_required))]
+    RemoteRequired {
+        #[source]
+        source: Box<crate::remote::RemoteError>,
+    },
+
     #[error("cannot read secret `{id}`")]
     #[diagnostic(code(graphbuild::step::secret_read))]
     SecretRead {

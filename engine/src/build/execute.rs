@@ -100,6 +100,7 @@ impl Executor<'_> {
                     step: step.description.clone(),
                     status: StepStatus::Cached,
                     duration_ms: None,
+                    ran_on: None,
                 });
             }
         }
@@ -143,6 +144,7 @@ impl Executor<'_> {
                     step: step.description.clone(),
                     status: StepStatus::Cached,
                     duration_ms: None,
+                    ran_on: None,
                 });
                 continue;
             }
@@ -153,7 +155,17 @@ impl Executor<'_> {
                 step: step.description.clone(),
             });
             let started = Instant::now();
-            let result = self.execute_step(node, step, &layers, inputs);
+            let (result, ran_on) = match self.execute_remotely(node, step, &layers) {
+                Some((result, worker)) => (result, Some(worker)),
+                None => (
+                    self.execute_step(node, step, &layers, inputs),
+                    self.options
+                        .remote
+                        .executor
+                        .as_ref()
+                        .map(|_| "local".to_string()),
+                ),
+            };
             if result.is_err() {
                 self.forget_forged(&layers, &mut resumed_from);
             }
@@ -169,6 +181,7 @@ impl Executor<'_> {
                 step: step.description.clone(),
                 status,
                 duration_ms: Some(started.elapsed().as_millis() as u64),
+                ran_on,
             });
             let new_layer = result?;
             executed += 1;

@@ -49,6 +49,7 @@ mod execute;
 mod export;
 mod faults;
 mod image_test;
+mod remote_step;
 mod snapshot_delta;
 mod ssh_mounts;
 mod stage_binds;
@@ -129,6 +130,8 @@ pub struct RemoteOptions {
     pub to: Option<Arc<dyn RemoteCache>>,
     /// Fail the build when the cache cannot be used, instead of warning once and going on.
     pub required: bool,
+    /// `--remote-executor`: a cluster that executes `run` steps (docs/remote.md).
+    pub executor: Option<Arc<crate::execution::RemoteExecutor>>,
 }
 
 /// Open the team cache at `url` (its scheme picks the client), with an optional token, giving

@@ -1,0 +1,215 @@
+//! `graphbuild worker` (a Remote Workers API bot) and `graphbuild worker-step` (what any REAPI
+//! worker runs for a graphbuild step); the engine's `execution` module does the work.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use clap::Args;
+use graphbuild_engine::execution::{self, PlatformKeys, worker};
+use graphbuild_engine::sandbox::overlay::{self, OverlayMode};
+use graphbuild_engine::store::Store;
+use graphbuild_lang::platform::Platform;
+
+use crate::{ExitStatus, render};
+
+#[derive(Args)]
+pub(crate) struct WorkerArgs {
+    /// The cluster's Bots service: grpc://HOST:PORT[/INSTANCE] or grpcs://HOST[:PORT][/INSTANCE]
+    #[arg(long, value_name = "URL")]
+    executor: String,
+    /// The platform this worker executes steps of (natively, or through binfmt_misc's qemu)
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: String,
+    /// The worker's name in the cluster (default: HOSTNAME-OS-ARCH-PID)
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Bearer token for the cluster
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "GRAPHBUILD_REMOTE_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// The platform property names the cluster matches workers on
+    #[arg(long, value_name = "OS_KEY,ARCH_KEY", default_value = "OSFamily,ISA")]
+    platform_keys: String,
+    /// The worker's store: layers it unpacked, kept between steps
+    #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+/// The store and the overlay a worker's sandboxes use.
+fn sandbox_setup(
+    cache_dir: Option<PathBuf>,
+) -> Result<(Store, PathBuf, overlay::Overlay), ExitStatus> {
+    let root = cache_dir.unwrap_or_else(Store::default_root);
+    // Absolute: sandboxes run elsewhere and get store paths as overlay layers.
+    let root = std::path::absolute(&root).unwrap_or(root);
+    let store = Store::open(&root).map_err(|error| {
+        render::error(
+            &format!("cannot open the store at {}: {error}", root.display()),
+            &["choose another directory with --cache-dir DIR"],
+        );
+        ExitStatus::Environment
+    })?;
+    let exe = std::env::current_exe().map_err(|error| {
+        render::error(&format!("cannot find the graphbuild binary: {error}"), &[]);
+        ExitStatus::Environment
+    })?;
+    let mode = std::env::var("GRAPHBUILD_OVERLAY")
+        .ok()
+        .map(|value| OverlayMode::parse(&value))
+        .transpose()
+        .map_err(|message| {
+            render::error(&message, &["GRAPHBUILD_OVERLAY is auto, native or fuse"]);
+            ExitStatus::InvalidInput
+        })?
+        .unwrap_or_default();
+    let scratch = store.temp_dir().map_err(|error| {
+        render::error(&format!("cannot use the store: {error}"), &[]);
+        ExitStatus::Environment
+    })?;
+    let selection = overlay::select(mode, &exe, scratch.path(), false).map_err(|unavailable| {
+        render::error(&unavailable.to_string(), &[]);
+        ExitStatus::Environment
+    })?;
+    Ok((store, exe, selection.overlay))
+}
+
+pub(crate) fn worker(args: WorkerArgs) -> ExitStatus {
+    let platform = match Platform::parse(&args.platform) {
+        Ok(platform) => platform,
+        Err(error) => {
+            render::error(
+                &format!("--platform {}: {error}", args.platform),
+                &["write it as OS/ARCH[/VARIANT], e.g. linux/arm64"],
+            );
+            return ExitStatus::InvalidInput;
+        }
+    };
+    let keys = match PlatformKeys::parse(&args.platform_keys) {
+        Ok(keys) => keys,
+        Err(message) => {
+            render::error(&message, &[]);
+            return ExitStatus::InvalidInput;
+        }
+    };
+    // A malformed URL is refused before the sandbox is probed.
+    if let Err(error) = graphbuild_engine::reapi::ReapiCache::new(&args.executor, None) {
+        render::error(&format!("--executor: {error}"), &[]);
+        return ExitStatus::InvalidInput;
+    }
+    let (store, exe, overlay) = match sandbox_setup(args.cache_dir) {
+        Ok(setup) => setup,
+        Err(status) => return status,
+    };
+    let bot_id = args.name.unwrap_or_else(|| {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|name| name.into_string().ok())
+            .unwrap_or_else(|| "worker".into());
+        format!(
+            "{host}-{}-{}",
+            platform.to_string().replace('/', "-"),
+            std::process::id()
+        )
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(signal, stop.clone());
+    }
+    let options = worker::WorkerOptions {
+        url: args.executor,
+        token: args.token,
+        platform,
+        keys,
+        bot_id,
+        exe,
+        overlay,
+    };
+    let log = |line: &str| eprintln!("{line}");
+    match worker::serve(&options, &store, &stop, &log) {
+        Ok(()) => ExitStatus::Success,
+        Err(error) => {
+            render::error(
+                &format!("--executor: {error}"),
+                &["check the --executor URL, and that the cluster serves the Bots service there"],
+            );
+            match error {
+                graphbuild_engine::remote::RemoteError::InvalidUrl { .. } => {
+                    ExitStatus::InvalidInput
+                }
+                _ => ExitStatus::Environment,
+            }
+        }
+    }
+}
+
+/// `graphbuild worker-step step.json` in an action's input root (the working directory):
+/// exits with the step's exit code; 3 when the step could not run.
+pub(crate) fn worker_step(step_file: PathBuf, cache_dir: Option<PathBuf>) -> ExitStatus {
+    if step_file.as_os_str() != execution::STEP_FILE {
+        render::error(
+            &format!(
+                "worker-step reads {} in the input root",
+                execution::STEP_FILE
+            ),
+            &[],
+        );
+        return ExitStatus::InvalidInput;
+    }
+    let (store, exe, overlay) = match sandbox_setup(cache_dir) {
+        Ok(setup) => setup,
+        Err(status) => return status,
+    };
+    let root = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let mut print = |line: &str| println!("{line}");
+    match execution::step::run_in_input_root(&root, &store, &exe, &overlay, &mut print) {
+        Ok(0) => ExitStatus::Success,
+        Ok(code) => std::process::exit(code),
+        Err(message) => {
+            render::error(&message, &[]);
+            ExitStatus::Environment
+        }
+    }
+}
+
+/// `--remote-executor` and its flags: the executor a build sends its steps to, if any.
+pub(crate) fn remote_executor(
+    args: &crate::RemoteCacheArgs,
+    cancel: &graphbuild_engine::scheduler::CancelToken,
+) -> Result<Option<Arc<execution::RemoteExecutor>>, ExitStatus> {
+    let Some(url) = args
+        .remote_executor
+        .as_deref()
+        .filter(|url| !url.is_empty())
+    else {
+        return Ok(None);
+    };
+    let keys = PlatformKeys::parse(&args.remote_platform_keys).map_err(|message| {
+        render::error(&format!("--remote-platform-keys: {message}"), &[]);
+        ExitStatus::InvalidInput
+    })?;
+    let queue_timeout = execution::queue_timeout_from_env().map_err(|message| {
+        render::error(&message, &["give it in seconds, e.g. 30"]);
+        ExitStatus::InvalidInput
+    })?;
+    execution::RemoteExecutor::new(
+        url,
+        args.remote_token.clone(),
+        keys,
+        args.remote_required,
+        queue_timeout,
+        Some(cancel.flag().clone()),
+    )
+    .map(|executor| Some(Arc::new(executor)))
+    .map_err(|error| {
+        render::error(
+            &format!("--remote-executor: {error}"),
+            &["write the executor URL as grpc://HOST:PORT[/INSTANCE] or grpcs://HOST[:PORT][/INSTANCE]"],
+        );
+        ExitStatus::InvalidInput
+    })
+}
