@@ -130,6 +130,8 @@ struct Vars {
     /// Dockerfile scoping inside a stage: only args the stage declares are visible
     /// ([`ir::Project::docker_rules`]).
     stage_only: bool,
+    /// The stage follows Dockerfile rules ([`ir::Stage::docker_rules`]).
+    docker_rules: bool,
 }
 
 impl Vars {
@@ -146,6 +148,7 @@ impl Vars {
             globals,
             automatic,
             stage_only: false,
+            docker_rules: false,
         }
     }
 
@@ -206,7 +209,7 @@ impl<'a> Expander<'a> {
         vars: &Vars,
         env: Option<&ImageSettings>,
     ) -> String {
-        let docker_rules = self.project.docker_rules;
+        let docker_rules = vars.docker_rules;
         let mut lookup = |name: &str| {
             let from_env = || env.and_then(|settings| settings.env_value(name).map(str::to_string));
             if docker_rules {
@@ -738,7 +741,8 @@ impl<'a> Expander<'a> {
             mut pending,
         } = start;
         let mut steps = Vec::new();
-        vars.stage_only = self.project.docker_rules;
+        vars.docker_rules = stage.docker_rules;
+        vars.stage_only = stage.docker_rules;
         vars.take_reads();
         for step in &stage.steps {
             if step.when.as_ref().is_some_and(|when| when != target) {
@@ -876,7 +880,7 @@ impl<'a> Expander<'a> {
         vars: &Vars,
         settings: &ImageSettings,
     ) -> Vec<String> {
-        if self.project.docker_rules {
+        if vars.docker_rules {
             return match command {
                 Command::Shell(text) => {
                     let mut argv = settings.shell();
@@ -913,7 +917,7 @@ impl<'a> Expander<'a> {
     /// `$(…)`) would change what it runs: an `--arg` from CI could plant a command in the
     /// image. Such a value is refused; plain words (spaces included) are fine.
     fn shell_source(&mut self, text: &Text, vars: &Vars) -> String {
-        if self.project.docker_rules {
+        if vars.docker_rules {
             // A Dockerfile's runtime commands are never substituted.
             return text.raw.clone();
         }
@@ -1421,7 +1425,7 @@ impl<'a> Expander<'a> {
                 let mut values = Vec::new();
                 for (name, value) in pairs {
                     let value = strict(self, value, vars, &scratch);
-                    if !self.project.docker_rules {
+                    if !vars.docker_rules {
                         scratch.set_env(name, value.clone());
                     }
                     values.push((name.clone(), value));

@@ -628,6 +628,7 @@ impl Lowerer {
                 platform,
                 steps: Vec::new(),
                 scope: None,
+                docker_rules: true,
             },
             written,
         ));

@@ -97,7 +97,7 @@ impl Loader {
             .first()
             .map(|entry| Self::loc(file, entry.span()))
             .unwrap_or_else(|| Self::loc(file, node.name().span()));
-        self.check_no_properties(node, file, "stage");
+        let docker_rules = self.stage_rules(node, file);
         let mut from: Option<From> = None;
         let mut from_seen: Option<Loc> = None;
         let mut platform: Option<PlatformSpec> = None;
@@ -179,6 +179,7 @@ impl Loader {
             platform,
             steps,
             scope,
+            docker_rules,
         })
     }
 
@@ -840,9 +841,15 @@ impl Loader {
         let mut content = None;
         let mut chown = None;
         let mut chmod = None;
+        // Dockerfile heredoc parity (`graphbuild convert`): the delimiter names the file, and
+        // an unquoted one has its `$VAR`s substituted.
+        let mut heredoc = None;
+        let mut expand = false;
         for (key, entry) in properties(node) {
             match key {
                 "content" => content = self.string(entry, file, "`content`"),
+                "heredoc" => heredoc = self.string(entry, file, "`heredoc`"),
+                "expand" => expand = self.boolean(entry, file, "`expand`").unwrap_or(false),
                 "chown" => chown = self.string_or_integer(entry, file, "`chown`"),
                 "chmod" => {
                     chmod = self.string(entry, file, "`chmod`");
@@ -855,7 +862,7 @@ impl Loader {
                     entry,
                     file,
                     "file",
-                    &["content", "chown", "chmod"],
+                    &["content", "chown", "chmod", "heredoc", "expand"],
                 ),
             }
         }
@@ -872,14 +879,17 @@ impl Loader {
             ),
             "write `file \"/etc/motd\" content=\"hello\\n\"`",
         )?;
-        let name = dest
-            .raw
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or("")
-            .to_string();
-        if name.is_empty() || dest.raw.ends_with('/') {
+        let name = match &heredoc {
+            Some(heredoc) => heredoc.raw.clone(),
+            None => dest
+                .raw
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        };
+        if name.is_empty() || name.contains('/') || (heredoc.is_none() && dest.raw.ends_with('/')) {
             self.error(
                 Code::CopyArguments,
                 format!("`file \"{}\"` names a directory, not a file", dest.raw),
@@ -914,7 +924,7 @@ impl Loader {
             inline: vec![InlineFile {
                 name,
                 content,
-                substitute: false,
+                substitute: expand,
             }],
         })
     }

@@ -20,6 +20,7 @@
 
 mod check;
 mod declare;
+mod dockerfile_node;
 mod lower_image;
 mod lower_stage;
 mod lower_test;
