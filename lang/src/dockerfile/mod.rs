@@ -19,6 +19,7 @@
 //!
 //! Every problem in the file is reported at once, each with its line and a help line.
 
+pub mod convert;
 mod lex;
 
 use std::path::Path;
