@@ -2,12 +2,14 @@
 
 mod build;
 mod cache;
+mod convert;
 mod outputs;
 mod plan_cmd;
 mod run;
 
 pub(crate) use build::{BuildArgs, build};
 pub(crate) use cache::{cache_du, cache_prune, cache_serve, cache_verify};
+pub(crate) use convert::{ConvertArgs, convert};
 pub(crate) use plan_cmd::plan;
 pub(crate) use run::{rootless_reexec, run, verify};
 
