@@ -48,6 +48,9 @@ pub fn to_kdl(inputs: &[Input], platforms: &[String], header: &str) -> Converted
     for line in header.lines() {
         writeln!(writer.out, "// {line}").ok();
     }
+    if !header.is_empty() {
+        writer.out.push('\n');
+    }
     let mut projects: Vec<Project> = inputs.iter().map(|input| input.project.clone()).collect();
     if projects.len() > 1 {
         for project in &mut projects {

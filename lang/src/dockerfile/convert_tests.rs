@@ -66,6 +66,7 @@ fn the_corpus_dockerfiles_convert_without_loss() {
 fn the_kdl_reads_as_a_person_would_write_it() {
     let converted = convert(include_str!("../../../tests/dockerfiles/same/Dockerfile"));
     let expected = r##"// converted
+
 platforms "linux/amd64" "linux/arm64"
 
 arg BASE="oci:../../fixtures/busybox:1.35.0"
