@@ -160,7 +160,9 @@ impl Vars {
             &self.globals,
             &self.automatic,
         ];
-        let visible = if self.stage_only { &all[..3] } else { &all[..] };
+        // Dockerfile rules: only what the stage declares; its `arg`s take their values from
+        // the params (an imported Dockerfile's global args) and the globals.
+        let visible = if self.stage_only { &all[..1] } else { &all[..] };
         let value = visible.iter().find_map(|list| {
             list.iter()
                 .rev()
@@ -1433,7 +1435,10 @@ impl<'a> Expander<'a> {
                 ConfigOp::Env(values)
             }
             StepKind::Arg(arg) => {
+                let param = vars.params.iter().rev().find(|(name, _)| *name == arg.name);
                 let value = if let Some(value) = self.options.args.get(&arg.name) {
+                    Some(value.clone())
+                } else if let Some((_, value)) = param.filter(|_| vars.docker_rules) {
                     Some(value.clone())
                 } else if let Some((_, value)) =
                     vars.globals.iter().find(|(name, _)| *name == arg.name)

@@ -76,14 +76,26 @@ pub fn load_source(
     context: &Path,
     options: &Options,
 ) -> Result<Project, Diagnostics> {
-    let sources = Sources {
-        files: vec![Source::new(
-            name.to_string(),
-            None,
-            Arc::new(text.to_string()),
-        )],
-    };
+    let source = Source::new(name.to_string(), None, Arc::new(text.to_string()));
+    load_into(source, context, options, Sources::default())
+}
+
+/// Lowers the Dockerfile `source` with `sources` (another project's files) before it: its
+/// locations name its own file among them, so a KDL file that imports it reports problems
+/// inside it at the Dockerfile's `file:line`. The project's sources are `sources` and the
+/// Dockerfile.
+pub fn load_into(
+    source: Source,
+    context: &Path,
+    options: &Options,
+    mut sources: Sources,
+) -> Result<Project, Diagnostics> {
+    let text = source.text.clone();
+    let text = text.as_str();
+    let file = FileId(sources.files.len() as u32);
+    sources.files.push(source);
     let mut lowerer = Lowerer {
+        file,
         sources,
         diagnostics: Vec::new(),
         escape: '\\',
@@ -168,6 +180,8 @@ const INSTRUCTIONS: &[&str] = &[
 ];
 
 struct Lowerer {
+    /// The Dockerfile's own file in `sources`.
+    file: FileId,
     sources: Sources,
     diagnostics: Vec<Diagnostic>,
     escape: char,
@@ -198,7 +212,7 @@ impl Instruction<'_> {
 impl Lowerer {
     fn loc(&self, span: (usize, usize)) -> Loc {
         Loc {
-            file: FileId(0),
+            file: self.file,
             span: span.into(),
         }
     }

@@ -78,6 +78,7 @@ const TOP_LEVEL_NODES: &[&str] = &[
     "image",
     "template",
     "group",
+    "dockerfile",
 ];
 const STAGE_NODES: &[&str] = &[
     "from",
@@ -175,6 +176,8 @@ struct Loader {
     templates: Vec<TemplateDefinition>,
     /// Stages lowered from template bodies on their own, only to validate them.
     template_stages: Vec<(Stage, usize)>,
+    /// Stages of Dockerfiles imported by `dockerfile` nodes, already lowered.
+    dockerfile_stages: Vec<Stage>,
 }
 
 pub(crate) fn did_you_mean<'a>(
@@ -236,6 +239,7 @@ impl Loader {
             stage_names: HashMap::new(),
             templates: Vec::new(),
             template_stages: Vec::new(),
+            dockerfile_stages: Vec::new(),
         }
     }
 
@@ -288,6 +292,7 @@ impl Loader {
                 project.stages.push(stage);
             }
         }
+        project.stages.append(&mut self.dockerfile_stages);
         self.validate_templates();
         self.lower_images(&mut project);
         self.check_cycles(&project);
