@@ -1,8 +1,13 @@
-//! `graphbuild convert`: every Dockerfile of the test corpus (`tests/dockerfiles/` and the
-//! Dockerfiles `tests/e2e/dockerfile.rs` writes, repeated here) converted to KDL, built with
-//! `graphbuild run`, gives the index digest `graphbuild build` gives for the Dockerfile, for
-//! linux/amd64 and linux/arm64 on the busybox fixture. What KDL cannot express is reported
-//! at its line and fails the command unless `--allow-loss`.
+//! Dockerfiles and KDL together, for linux/amd64 and linux/arm64 on the busybox fixture:
+//!
+//! - `graphbuild convert`: every Dockerfile of the test corpus (`tests/dockerfiles/` and the
+//!   Dockerfiles `tests/e2e/dockerfile.rs` writes, repeated here) converted to KDL and built
+//!   with `graphbuild run` gives the index digest `graphbuild build` gives for the Dockerfile.
+//!   What KDL cannot express is reported at its line and fails the command unless
+//!   `--allow-loss`.
+//! - The `dockerfile` node: the same Dockerfiles imported into a KDL file give that digest
+//!   too; an imported Dockerfile takes args per image across a matrix, as bake's targets do;
+//!   a failing step inside it is reported at the Dockerfile's line.
 
 mod common;
 
@@ -70,6 +75,56 @@ fn both_ways(
     (index_digest(&built), index_digest(&ran), kdl)
 }
 
+/// `graphbuild build` of the Dockerfile in `dir`: its index digest.
+fn build_digest(sandbox: &Sandbox, dir: &str, extra: &[&str]) -> String {
+    let mut build = vec![
+        "build",
+        "--platform",
+        PLATFORMS,
+        "-t",
+        "localhost/converted:1.0",
+        "--provenance=false",
+        "--progress",
+        "json",
+    ];
+    build.extend_from_slice(extra);
+    build.push(dir);
+    let built = sandbox.graphbuild(&build);
+    assert_success(&built);
+    index_digest(&built)
+}
+
+/// `graphbuild run` of a KDL file importing `dir/Dockerfile` as `df`, its image the stage
+/// `df.STAGE` tagged as `both_ways` tags it: the index digest.
+fn imported_digest(
+    sandbox: &Sandbox,
+    dir: &str,
+    stage: &str,
+    args: &str,
+    extra: &[&str],
+) -> String {
+    let file = format!("{dir}/imported.kdl");
+    sandbox.write(
+        &file,
+        &format!(
+            "platforms \"linux/amd64\" \"linux/arm64\"\n\ndockerfile df path=\"Dockerfile\" {{\n{args}}}\n\nimage converted {{\n    stage \"df.{stage}\"\n    tags \"localhost/converted:1.0\"\n}}\n"
+        ),
+    );
+    let mut run = vec![
+        "run",
+        &file,
+        "--output",
+        "out-imported",
+        "--provenance=false",
+        "--progress",
+        "json",
+    ];
+    run.extend_from_slice(extra);
+    let ran = sandbox.graphbuild(&run);
+    assert_success(&ran);
+    index_digest(&ran)
+}
+
 fn busybox_sandbox() -> Option<Sandbox> {
     if !root_and_qemu() {
         return None;
@@ -122,7 +177,7 @@ type Case = (
 );
 
 /// The Dockerfiles `tests/e2e/dockerfile.rs` writes (with the context files they copy or
-/// mount), each converted and built both ways.
+/// mount), each converted and built both ways, and imported with a `dockerfile` node.
 #[test]
 fn the_dockerfiles_of_the_e2e_tests_convert_with_the_same_index_digest() {
     let Some(sandbox) = busybox_sandbox() else {
@@ -180,6 +235,8 @@ fn the_dockerfiles_of_the_e2e_tests_convert_with_the_same_index_digest() {
         }
         let (built, ran, kdl) = both_ways(&sandbox, name, &[], &[]);
         assert_eq!(built, ran, "{name}:\n{kdl}");
+        // And imported with a `dockerfile` node.
+        assert_eq!(imported_digest(&sandbox, name, "0", "", &[]), built, "{name}");
     }
 }
 
@@ -270,5 +327,182 @@ fn what_kdl_cannot_express_fails_the_conversion_unless_accepted() {
         stderr(&bad).contains("bad/Dockerfile:2:1"),
         "{}",
         stderr(&bad)
+    );
+}
+
+/// The corpus again, each Dockerfile imported with a `dockerfile` node instead of converted.
+#[test]
+fn a_dockerfile_imported_into_kdl_gives_the_index_digest_of_build() {
+    let Some(sandbox) = busybox_sandbox() else {
+        return;
+    };
+    for name in ["full", "same"] {
+        copy_tree(
+            &repo_root().join("tests/dockerfiles").join(name),
+            &sandbox.path().join("tests/dockerfiles").join(name),
+        );
+    }
+    let token = sandbox.path().join("tests/dockerfiles/full/token.txt");
+    let secret = format!("id=token,src={}", token.display());
+    let built = build_digest(
+        &sandbox,
+        "tests/dockerfiles/full",
+        &["--build-arg", "VERSION=2.0", "--secret", &secret],
+    );
+    let imported = imported_digest(
+        &sandbox,
+        "tests/dockerfiles/full",
+        "2",
+        "    arg VERSION=\"2.0\"\n",
+        &["--secret", &secret],
+    );
+    assert_eq!(built, imported, "full");
+    // Without the arg, the Dockerfile's default: another image.
+    let default = imported_digest(
+        &sandbox,
+        "tests/dockerfiles/full",
+        "2",
+        "",
+        &["--secret", &secret],
+    );
+    assert_ne!(default, built);
+    let built = build_digest(&sandbox, "tests/dockerfiles/same", &[]);
+    let imported = imported_digest(&sandbox, "tests/dockerfiles/same", "runtime", "", &[]);
+    assert_eq!(built, imported, "same");
+    sandbox.write(
+        "scope/Dockerfile",
+        "ARG BASE=oci:../fixtures/busybox:1.35.0\nARG GLOBAL=global\nFROM $BASE\nARG TARGETARCH\nRUN env | sort > /env.txt; echo \"${GLOBAL:-unset} ${TARGETOS:-unset}\" > /scope.txt\nENV A=new B=$A\nCMD echo $GLOBAL\n",
+    );
+    let built = build_digest(&sandbox, "scope", &[]);
+    let imported = imported_digest(&sandbox, "scope", "0", "", &[]);
+    assert_eq!(built, imported, "scope");
+}
+
+/// bake's use: one Dockerfile, an arg per image across a matrix, two platforms; each image is
+/// the one `graphbuild build --build-arg` makes.
+#[test]
+fn an_imported_dockerfile_takes_its_args_per_image_across_a_matrix() {
+    let Some(sandbox) = busybox_sandbox() else {
+        return;
+    };
+    sandbox.write(
+        "w/worker.Dockerfile",
+        "ARG BASE\nFROM ${BASE}\nARG QUEUE\nARG TARGETARCH\nRUN echo \"$QUEUE $TARGETARCH\" > /queue.txt\nENV QUEUE=${QUEUE}\n",
+    );
+    sandbox.write(
+        "w/images.kdl",
+        r#"platforms "linux/amd64" "linux/arm64"
+arg BASE="oci:../fixtures/busybox:1.35.0"
+
+dockerfile worker path="worker.Dockerfile" {
+    arg BASE="$BASE"
+    arg QUEUE="$QUEUE"
+}
+
+image "worker-${QUEUE}" {
+    stage "worker.0"
+    matrix { QUEUE "email" "reports"; }
+    tags "localhost/worker:${QUEUE}"
+}
+"#,
+    );
+    let ran = sandbox.graphbuild(&[
+        "run",
+        "w/images.kdl",
+        "--output",
+        "out-matrix",
+        "--provenance=false",
+        "--progress",
+        "json",
+    ]);
+    assert_success(&ran);
+    let images = summary(&ran)["images"].as_array().expect("images").clone();
+    assert_eq!(images.len(), 2);
+    for queue in ["email", "reports"] {
+        let image = images
+            .iter()
+            .find(|image| image["name"] == format!("worker-{queue}"))
+            .unwrap_or_else(|| panic!("worker-{queue} in {images:?}"));
+        let rootfs = unpack_platform(
+            &sandbox
+                .path()
+                .join("out-matrix")
+                .join(format!("worker-{queue}")),
+            queue,
+            "linux/arm64",
+            &sandbox.path().join(format!("rootfs-{queue}")),
+        );
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("queue.txt")).expect("queue.txt"),
+            format!("{queue} arm64\n")
+        );
+        let built = sandbox.graphbuild(&[
+            "build",
+            "--platform",
+            PLATFORMS,
+            "-t",
+            &format!("localhost/worker:{queue}"),
+            "-f",
+            "w/worker.Dockerfile",
+            "--build-arg",
+            "BASE=oci:../fixtures/busybox:1.35.0",
+            "--build-arg",
+            &format!("QUEUE={queue}"),
+            "--provenance=false",
+            "--progress",
+            "json",
+            "w",
+        ]);
+        assert_success(&built);
+        assert_eq!(
+            image["index_digest"],
+            summary(&built)["images"][0]["index_digest"],
+            "{queue}"
+        );
+    }
+}
+
+/// A failing RUN inside an imported Dockerfile is a diagnostic on the Dockerfile's line.
+#[test]
+fn a_failing_step_of_an_imported_dockerfile_points_at_its_line() {
+    if !prerequisite(
+        nix::unistd::geteuid().is_root(),
+        "root (builds run in namespaces)",
+    ) {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("fixtures/busybox");
+    sandbox.write(
+        "df/Dockerfile",
+        "FROM oci:../fixtures/busybox:1.35.0\nRUN echo hi && \\\n    exit 3\n",
+    );
+    sandbox.write(
+        "df/images.kdl",
+        "platforms \"linux/amd64\"\ndockerfile df\nimage df { stage \"df.0\"; }\n",
+    );
+    let output = sandbox.graphbuild(&["run", "df/images.kdl", "--progress", "plain"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(err.contains("graphbuild::step::failed"), "{err}");
+    assert!(err.contains("df/Dockerfile:2:1]"), "{err}");
+    assert!(err.contains("2 │ ╭─▶ RUN echo hi && \\"), "{err}");
+    assert!(
+        err.contains("exit code 3, stage `df.0` for linux/amd64"),
+        "{err}"
+    );
+
+    // A Dockerfile with an error: exit 2, the diagnostic at its line.
+    sandbox.write("bad/Dockerfile", "FROM scratch\nRUNN x\n");
+    sandbox.write(
+        "bad/images.kdl",
+        "dockerfile bad\nimage bad { stage \"bad.0\"; }\n",
+    );
+    let output = sandbox.graphbuild(&["plan", "bad/images.kdl"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("bad/Dockerfile:2:1]"),
+        "{}",
+        stderr(&output)
     );
 }
