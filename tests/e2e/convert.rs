@@ -236,7 +236,11 @@ fn the_dockerfiles_of_the_e2e_tests_convert_with_the_same_index_digest() {
         let (built, ran, kdl) = both_ways(&sandbox, name, &[], &[]);
         assert_eq!(built, ran, "{name}:\n{kdl}");
         // And imported with a `dockerfile` node.
-        assert_eq!(imported_digest(&sandbox, name, "0", "", &[]), built, "{name}");
+        assert_eq!(
+            imported_digest(&sandbox, name, "0", "", &[]),
+            built,
+            "{name}"
+        );
     }
 }
 
@@ -504,5 +508,150 @@ fn a_failing_step_of_an_imported_dockerfile_points_at_its_line() {
         stderr(&output).contains("bad/Dockerfile:2:1]"),
         "{}",
         stderr(&output)
+    );
+}
+
+/// `convert --bake`: examples/bake-comparison's docker-bake.hcl as KDL driving its
+/// Dockerfiles; every image (api for three platforms, a matrix of two workers) is the one
+/// `graphbuild build` makes with the target's args, digest for digest.
+#[test]
+fn a_bake_file_converts_to_kdl_that_builds_its_targets() {
+    let Some(sandbox) = busybox_sandbox() else {
+        return;
+    };
+    let dir = sandbox.example("bake-comparison");
+    let converted = sandbox.graphbuild(&[
+        "convert",
+        "--bake",
+        "examples/bake-comparison/docker-bake.hcl",
+        "-o",
+        "examples/bake-comparison/bake.kdl",
+    ]);
+    assert_success(&converted);
+    let kdl = std::fs::read_to_string(dir.join("bake.kdl")).expect("written");
+    for expected in [
+        "arg VERSION=(env)\"1.0.0\"\n",
+        "dockerfile worker path=\"worker.Dockerfile\" {\n    arg BASE=\"${BASE}\"\n    arg QUEUE=\"${queue}\"\n}\n",
+        "image \"worker-${queue}\" {\n",
+        "    matrix { queue \"email\" \"reports\"; }\n",
+        "    platforms \"linux/amd64\" \"linux/arm64\" \"linux/arm/v7\"\n",
+        "group default {\n    targets \"api\" \"worker-email\" \"worker-reports\"\n}\n",
+    ] {
+        assert!(kdl.contains(expected), "{expected:?} in\n{kdl}");
+    }
+    assert!(!kdl.contains("_common"), "{kdl}");
+    let base = "BASE=oci:../../tests/fixtures/busybox:1.35.0";
+    let ran = sandbox.graphbuild(&[
+        "run",
+        "examples/bake-comparison/bake.kdl",
+        "--arg",
+        base,
+        "--output",
+        "out-bake",
+        "--provenance=false",
+        "--progress",
+        "json",
+    ]);
+    assert_success(&ran);
+    let images = summary(&ran)["images"].as_array().expect("images").clone();
+    let names: Vec<&str> = images.iter().filter_map(|i| i["name"].as_str()).collect();
+    assert_eq!(names, ["api", "worker-email", "worker-reports"]);
+    let cases = [
+        (
+            "api",
+            "api.Dockerfile",
+            "linux/amd64,linux/arm64,linux/arm/v7",
+            "localhost:5000/api:1.0.0",
+            vec!["VERSION=1.0.0"],
+        ),
+        (
+            "worker-email",
+            "worker.Dockerfile",
+            PLATFORMS,
+            "localhost:5000/worker:1.0.0-email",
+            vec!["QUEUE=email"],
+        ),
+        (
+            "worker-reports",
+            "worker.Dockerfile",
+            PLATFORMS,
+            "localhost:5000/worker:1.0.0-reports",
+            vec!["QUEUE=reports"],
+        ),
+    ];
+    for (name, dockerfile, platforms, tag, args) in cases {
+        let file = format!("examples/bake-comparison/{dockerfile}");
+        let mut build = vec![
+            "build",
+            "-f",
+            &file,
+            "--platform",
+            platforms,
+            "-t",
+            tag,
+            "--provenance=false",
+            "--progress",
+            "json",
+            "--build-arg",
+            base,
+        ];
+        for arg in &args {
+            build.push("--build-arg");
+            build.push(arg);
+        }
+        build.push("examples/bake-comparison");
+        let built = sandbox.graphbuild(&build);
+        assert_success(&built);
+        let image = images
+            .iter()
+            .find(|i| i["name"] == name)
+            .expect("the image");
+        assert_eq!(
+            image["index_digest"],
+            summary(&built)["images"][0]["index_digest"],
+            "{name}"
+        );
+    }
+}
+
+/// What a bake file holds that KDL cannot write is a loss at the bake file's line.
+#[test]
+fn bake_constructs_kdl_cannot_express_are_reported_at_their_lines() {
+    let sandbox = Sandbox::new();
+    sandbox.write("b/Dockerfile", "ARG V\nFROM scratch\nARG V\n");
+    sandbox.write(
+        "b/docker-bake.hcl",
+        "variable \"V\" { default = \"1\" }\ntarget \"app\" {\n  tags = [join(\"-\", [\"a\", V])]\n  cache-to = [\"type=gha\"]\n  args = { V = V }\n}\ntarget \"sub\" {\n  context = \"sub\"\n}\n",
+    );
+    let refused = sandbox.graphbuild(&["convert", "--bake", "b/docker-bake.hcl"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stdout(&refused).is_empty());
+    let err = stderr(&refused);
+    for expected in [
+        "an HCL expression KDL cannot write",
+        "b/docker-bake.hcl:3:11",
+        "the target attribute `cache-to` is not converted",
+        "b/docker-bake.hcl:4:3",
+        "the context `sub` is not the bake file's directory",
+        "b/docker-bake.hcl:8:3",
+        "3 construct(s) cannot be written exactly in KDL",
+    ] {
+        assert!(err.contains(expected), "{expected:?} in\n{err}");
+    }
+    let accepted = sandbox.graphbuild(&["convert", "--bake", "b/docker-bake.hcl", "--allow-loss"]);
+    assert_success(&accepted);
+    let kdl = stdout(&accepted);
+    assert!(
+        kdl.contains("dockerfile app path=\"Dockerfile\" {\n    arg V=\"${V}\"\n}"),
+        "{kdl}"
+    );
+    // A file that is not HCL: its line, exit 2.
+    sandbox.write("c/docker-bake.hcl", "target \"x\" {\n  tags = [\n");
+    let bad = sandbox.graphbuild(&["convert", "--bake", "c/docker-bake.hcl"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("c/docker-bake.hcl:"),
+        "{}",
+        stderr(&bad)
     );
 }

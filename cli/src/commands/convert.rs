@@ -14,8 +14,15 @@ use crate::render;
 #[derive(Args)]
 pub(crate) struct ConvertArgs {
     /// The Dockerfiles to convert (one image each)
-    #[arg(required = true, value_name = "DOCKERFILE")]
+    #[arg(
+        value_name = "DOCKERFILE",
+        required_unless_present = "bake",
+        conflicts_with = "bake"
+    )]
     pub(crate) dockerfiles: Vec<PathBuf>,
+    /// A bake file to convert instead: its targets, groups, variables and matrices, driving the Dockerfiles it names
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["platforms", "tags", "target"])]
+    pub(crate) bake: Option<PathBuf>,
     /// The platform matrix of the KDL file, comma-separated or repeated (default: none, i.e. this machine's)
     #[arg(long = "platform", value_name = "OS/ARCH[,…]")]
     pub(crate) platforms: Vec<String>,
@@ -70,6 +77,19 @@ fn image_name(path: &Path, tags: &[String]) -> String {
 }
 
 pub(crate) fn convert(args: ConvertArgs) -> ExitStatus {
+    if let Some(bake) = &args.bake {
+        let header = format!(
+            "Converted from {} by `graphbuild convert --bake`.\nBuild it with `graphbuild run FILE`; paths are relative to this file's directory.",
+            bake.display()
+        );
+        return match super::convert_bake::convert(bake, &header) {
+            Ok(converted) => finish(&args, &converted.kdl, &converted.losses),
+            Err(message) => {
+                render::error(&message, &["pass a docker-bake.hcl file"]);
+                ExitStatus::InvalidInput
+            }
+        };
+    }
     if args.dockerfiles.len() > 1 && (!args.tags.is_empty() || args.target.is_some()) {
         render::error(
             "-t and --target apply to one Dockerfile",
@@ -137,14 +157,19 @@ pub(crate) fn convert(args: ConvertArgs) -> ExitStatus {
         files.join(", ")
     );
     let converted = convert::to_kdl(&inputs, &platforms, &header);
-    for loss in &converted.losses {
+    finish(&args, &converted.kdl, &converted.losses)
+}
+
+/// Reports the losses, then writes the KDL unless a loss was not accepted.
+fn finish(args: &ConvertArgs, kdl: &str, losses: &[graphbuild_lang::Diagnostic]) -> ExitStatus {
+    for loss in losses {
         render::diagnostic(loss);
     }
-    if !converted.losses.is_empty() && !args.allow_loss {
+    if !losses.is_empty() && !args.allow_loss {
         render::error(
             &format!(
                 "{} construct(s) cannot be written exactly in KDL; nothing was written",
-                converted.losses.len()
+                losses.len()
             ),
             &["change them as each warning says, or pass --allow-loss to write the KDL anyway"],
         );
@@ -153,12 +178,12 @@ pub(crate) fn convert(args: ConvertArgs) -> ExitStatus {
     match &args.output {
         None => {
             let mut stdout = std::io::stdout().lock();
-            if stdout.write_all(converted.kdl.as_bytes()).is_err() || stdout.flush().is_err() {
+            if stdout.write_all(kdl.as_bytes()).is_err() || stdout.flush().is_err() {
                 return ExitStatus::Environment;
             }
         }
         Some(file) => {
-            if let Err(error) = write_atomically(file, &converted.kdl) {
+            if let Err(error) = write_atomically(file, kdl) {
                 render::error(&format!("cannot write {}: {error}", file.display()), &[]);
                 return ExitStatus::Environment;
             }

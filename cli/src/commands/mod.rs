@@ -3,6 +3,7 @@
 mod build;
 mod cache;
 mod convert;
+mod convert_bake;
 mod outputs;
 mod plan_cmd;
 mod run;
