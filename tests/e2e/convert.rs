@@ -322,6 +322,22 @@ fn what_kdl_cannot_express_fails_the_conversion_unless_accepted() {
     let kdl = std::fs::read_to_string(sandbox.path().join("lossy/images.kdl")).expect("written");
     assert!(kdl.contains("file \"/dir/\" heredoc=\"a\""), "{kdl}");
 
+    // Written elsewhere than beside the Dockerfile: a warning, its paths would not match.
+    let elsewhere = sandbox.graphbuild(&[
+        "convert",
+        "lossy/Dockerfile",
+        "--allow-loss",
+        "-o",
+        "elsewhere.kdl",
+    ]);
+    assert_success(&elsewhere);
+    assert!(
+        stderr(&elsewhere).contains("elsewhere.kdl is not in the directory of lossy/Dockerfile"),
+        "{}",
+        stderr(&elsewhere)
+    );
+    assert!(!stderr(&accepted).contains("is not in the directory"));
+
     // A malformed Dockerfile: its diagnostics, exit 2, nothing on stdout.
     sandbox.write("bad/Dockerfile", "FROM scratch\nRUNN x\n");
     let bad = sandbox.graphbuild(&["convert", "bad/Dockerfile"]);

@@ -83,7 +83,7 @@ pub(crate) fn convert(args: ConvertArgs) -> ExitStatus {
             bake.display()
         );
         return match super::convert_bake::convert(bake, &header) {
-            Ok(converted) => finish(&args, &converted.kdl, &converted.losses),
+            Ok(converted) => finish(&args, &converted.kdl, &converted.losses, bake),
             Err(message) => {
                 render::error(&message, &["pass a docker-bake.hcl file"]);
                 ExitStatus::InvalidInput
@@ -157,11 +157,35 @@ pub(crate) fn convert(args: ConvertArgs) -> ExitStatus {
         files.join(", ")
     );
     let converted = convert::to_kdl(&inputs, &platforms, &header);
-    finish(&args, &converted.kdl, &converted.losses)
+    finish(
+        &args,
+        &converted.kdl,
+        &converted.losses,
+        &args.dockerfiles[0],
+    )
 }
 
 /// Reports the losses, then writes the KDL unless a loss was not accepted.
-fn finish(args: &ConvertArgs, kdl: &str, losses: &[graphbuild_lang::Diagnostic]) -> ExitStatus {
+fn finish(
+    args: &ConvertArgs,
+    kdl: &str,
+    losses: &[graphbuild_lang::Diagnostic],
+    source: &Path,
+) -> ExitStatus {
+    // The KDL's paths are relative to its own directory, the source's to the source's.
+    let dir_of = |path: &Path| {
+        let parent = path.parent().filter(|dir| !dir.as_os_str().is_empty());
+        std::fs::canonicalize(parent.unwrap_or(Path::new("."))).ok()
+    };
+    if let Some(output) = &args.output
+        && dir_of(output) != dir_of(source)
+    {
+        render::warning(&format!(
+            "{} is not in the directory of {}: the KDL's paths (the build context, oci: layouts) are relative to its own directory",
+            output.display(),
+            source.display()
+        ));
+    }
     for loss in losses {
         render::diagnostic(loss);
     }

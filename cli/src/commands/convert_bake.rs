@@ -274,8 +274,17 @@ fn kdl_name(name: &str) -> String {
 /// Converts the bake file at `path`; `Err` with a message for an unreadable or unparsable
 /// file.
 pub(super) fn convert(path: &Path, header: &str) -> Result<Converted, String> {
-    let text = std::fs::read_to_string(path)
+    // Bounded as build files are: a path such as /dev/zero is not read forever.
+    let limit = graphbuild_lang::limits::MAX_FILE_BYTES as u64;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| {
+            std::io::Read::read_to_string(&mut std::io::Read::take(file, limit + 1), &mut text)
+        })
         .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    if text.len() as u64 > limit {
+        return Err(format!("{} is larger than {limit} bytes", path.display()));
+    }
     let body: Body = hcl_edit::parser::parse_body(&text).map_err(|error| {
         format!(
             "{}:{}:{}: {}",

@@ -132,7 +132,15 @@ impl Loader {
             .map_or_else(|| "Dockerfile".to_string(), |text| text.raw.clone());
         let path_at = path.as_ref().map_or(node_at, |text| text.at);
         let full_path = self.root_dir.join(&relative);
-        let text = match std::fs::read_to_string(&full_path) {
+        // At most one byte over the limit, which the front end then reports: a path such as
+        // /dev/zero is not read forever.
+        let limit = crate::limits::MAX_FILE_BYTES as u64 + 1;
+        let read = std::fs::File::open(&full_path).and_then(|file| {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::Read::take(file, limit), &mut text)
+                .map(|_| text)
+        });
+        let text = match read {
             Ok(text) => text,
             Err(error) => {
                 self.error(
