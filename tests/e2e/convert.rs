@@ -72,6 +72,13 @@ fn both_ways(
     run.extend_from_slice(run_extra);
     let ran = sandbox.graphbuild(&run);
     assert_success(&ran);
+    // The same graph: every step of the converted file is a cache hit of the build's (its
+    // keys are the same), so nothing runs again.
+    assert_eq!(
+        summary(&ran)["executed"],
+        0,
+        "{dir}: steps ran again\n{kdl}"
+    );
     (index_digest(&built), index_digest(&ran), kdl)
 }
 
@@ -95,14 +102,14 @@ fn build_digest(sandbox: &Sandbox, dir: &str, extra: &[&str]) -> String {
 }
 
 /// `graphbuild run` of a KDL file importing `dir/Dockerfile` as `df`, its image the stage
-/// `df.STAGE` tagged as `both_ways` tags it: the index digest.
+/// `df.STAGE` tagged as `both_ways` tags it: the index digest, and how many steps ran.
 fn imported_digest(
     sandbox: &Sandbox,
     dir: &str,
     stage: &str,
     args: &str,
     extra: &[&str],
-) -> String {
+) -> (String, u64) {
     let file = format!("{dir}/imported.kdl");
     sandbox.write(
         &file,
@@ -122,7 +129,8 @@ fn imported_digest(
     run.extend_from_slice(extra);
     let ran = sandbox.graphbuild(&run);
     assert_success(&ran);
-    index_digest(&ran)
+    let executed = summary(&ran)["executed"].as_u64().expect("executed");
+    (index_digest(&ran), executed)
 }
 
 fn busybox_sandbox() -> Option<Sandbox> {
@@ -236,9 +244,10 @@ fn the_dockerfiles_of_the_e2e_tests_convert_with_the_same_index_digest() {
         let (built, ran, kdl) = both_ways(&sandbox, name, &[], &[]);
         assert_eq!(built, ran, "{name}:\n{kdl}");
         // And imported with a `dockerfile` node.
+        // It ran right after `build`: the same graph, nothing runs again.
         assert_eq!(
             imported_digest(&sandbox, name, "0", "", &[]),
-            built,
+            (built, 0),
             "{name}"
         );
     }
@@ -376,7 +385,8 @@ fn a_dockerfile_imported_into_kdl_gives_the_index_digest_of_build() {
         "    arg VERSION=\"2.0\"\n",
         &["--secret", &secret],
     );
-    assert_eq!(built, imported, "full");
+    // Right after `build`: the same graph, every step a cache hit.
+    assert_eq!(imported, (built.clone(), 0), "full");
     // Without the arg, the Dockerfile's default: another image.
     let default = imported_digest(
         &sandbox,
@@ -385,17 +395,17 @@ fn a_dockerfile_imported_into_kdl_gives_the_index_digest_of_build() {
         "",
         &["--secret", &secret],
     );
-    assert_ne!(default, built);
+    assert_ne!(default.0, built);
     let built = build_digest(&sandbox, "tests/dockerfiles/same", &[]);
     let imported = imported_digest(&sandbox, "tests/dockerfiles/same", "runtime", "", &[]);
-    assert_eq!(built, imported, "same");
+    assert_eq!(imported, (built, 0), "same");
     sandbox.write(
         "scope/Dockerfile",
         "ARG BASE=oci:../fixtures/busybox:1.35.0\nARG GLOBAL=global\nFROM $BASE\nARG TARGETARCH\nRUN env | sort > /env.txt; echo \"${GLOBAL:-unset} ${TARGETOS:-unset}\" > /scope.txt\nENV A=new B=$A\nCMD echo $GLOBAL\n",
     );
     let built = build_digest(&sandbox, "scope", &[]);
     let imported = imported_digest(&sandbox, "scope", "0", "", &[]);
-    assert_eq!(built, imported, "scope");
+    assert_eq!(imported, (built, 0), "scope");
 }
 
 /// bake's use: one Dockerfile, an arg per image across a matrix, two platforms; each image is
