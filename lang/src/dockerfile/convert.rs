@@ -432,6 +432,20 @@ impl Writer {
     }
 }
 
+/// How many KDL steps [`Writer::step`] writes for a step: one, none for what it leaves out
+/// (an empty `CMD []`), one `file` per heredoc of a `COPY`.
+fn kdl_steps(step: &Step) -> usize {
+    match &step.kind {
+        StepKind::Cmd(Command::Exec(args)) | StepKind::Entrypoint(Command::Exec(args))
+            if args.is_empty() =>
+        {
+            0
+        }
+        StepKind::Copy(copy) => copy.inline.len().max(1),
+        _ => 1,
+    }
+}
+
 /// A stage keeps KDL's rules only when they cannot change it: no `run` (whose environment
 /// the rules decide) and no `$` in any of its steps.
 fn needs_docker_rules(stage: &Stage) -> bool {
@@ -605,7 +619,7 @@ fn verify(projects: &[Project], kdl: &str, losses: &mut Vec<Diagnostic>) {
                     format!("the KDL written does not load: {first}"),
                 )
                 .with_help(
-                    "this is a bug in graphbuild convert; please report it with the Dockerfile",
+                    "`graphbuild build` rejects such a Dockerfile too (a stage copying from itself is a cycle); if it builds, this is a bug in graphbuild convert: please report it with the Dockerfile",
                 ),
             );
             return;
@@ -640,14 +654,17 @@ fn verify(projects: &[Project], kdl: &str, losses: &mut Vec<Diagnostic>) {
             }
             let mut written = converted.steps.iter();
             for step in &stage.steps {
-                let expected = shape(&format!("{:?}", step.kind));
-                let inline_count = match &step.kind {
-                    StepKind::Copy(copy) => copy.inline.len().max(1),
-                    _ => 1,
-                };
+                // A Docker Hub short name is written in full (`image_reference`).
+                let mut kind = step.kind.clone();
+                if let StepKind::Copy(copy) = &mut kind
+                    && let Some(CopyFrom::Image(text)) = &mut copy.from
+                {
+                    text.raw = image_reference(&text.raw);
+                }
+                let expected = shape(&format!("{kind:?}"));
                 let got: Vec<String> = written
                     .by_ref()
-                    .take(inline_count)
+                    .take(kdl_steps(step))
                     .map(|s| shape(&format!("{:?}", s.kind)))
                     .collect();
                 let at = (step.at.file.0, step.at.span.offset());
