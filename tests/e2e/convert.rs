@@ -638,6 +638,67 @@ fn a_bake_file_converts_to_kdl_that_builds_its_targets() {
             "{name}"
         );
     }
+
+    // The two Dockerfiles converted together: one file, their stages prefixed, each image the
+    // one `graphbuild build` makes of its Dockerfile.
+    let converted = sandbox.graphbuild(&[
+        "convert",
+        "examples/bake-comparison/api.Dockerfile",
+        "examples/bake-comparison/worker.Dockerfile",
+        "--platform",
+        PLATFORMS,
+        "-o",
+        "examples/bake-comparison/two.kdl",
+    ]);
+    assert_success(&converted);
+    let kdl = std::fs::read_to_string(dir.join("two.kdl")).expect("written");
+    assert!(
+        kdl.contains("stage \"api.build\" rules=\"dockerfile\" {"),
+        "{kdl}"
+    );
+    assert!(
+        kdl.contains("copy \"/out/server\" \"/usr/local/bin/server\" from=\"api.build\""),
+        "{kdl}"
+    );
+    let ran = sandbox.graphbuild(&[
+        "run",
+        "examples/bake-comparison/two.kdl",
+        "--arg",
+        base,
+        "--output",
+        "out-two",
+        "--provenance=false",
+        "--progress",
+        "json",
+    ]);
+    assert_success(&ran);
+    let images = summary(&ran)["images"].as_array().expect("images").clone();
+    for (name, dockerfile) in [("api", "api.Dockerfile"), ("worker", "worker.Dockerfile")] {
+        let file = format!("examples/bake-comparison/{dockerfile}");
+        let built = sandbox.graphbuild(&[
+            "build",
+            "-f",
+            &file,
+            "--platform",
+            PLATFORMS,
+            "--provenance=false",
+            "--progress",
+            "json",
+            "--build-arg",
+            base,
+            "examples/bake-comparison",
+        ]);
+        assert_success(&built);
+        let image = images
+            .iter()
+            .find(|i| i["name"] == name)
+            .expect("the image");
+        assert_eq!(
+            image["index_digest"],
+            summary(&built)["images"][0]["index_digest"],
+            "{name} of two.kdl"
+        );
+    }
 }
 
 /// What a bake file holds that KDL cannot write is a loss at the bake file's line.
