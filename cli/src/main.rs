@@ -75,6 +75,11 @@ enum Command {
         after_help = "Examples:\n  graphbuild build --platform linux/amd64,linux/arm64 -t user/app:1.0 --push .\n  graphbuild build -f docker/Dockerfile --target runtime --build-arg VERSION=2 .\n  graphbuild build -o type=oci,dest=out/app ."
     )]
     Build(Box<commands::BuildArgs>),
+    /// Write Dockerfiles as an equivalent images.kdl (stages, args, platforms, tags)
+    #[command(
+        after_help = "Examples:\n  graphbuild convert Dockerfile --platform linux/amd64,linux/arm64 -t user/app:1.0 > images.kdl\n  graphbuild convert api/Dockerfile worker/Dockerfile -o images.kdl"
+    )]
+    Convert(commands::ConvertArgs),
     /// Show the graph: nodes, keys, what is cached, and each image's platforms; runs nothing
     #[command(
         after_help = "Examples:\n  graphbuild plan images.kdl\n  graphbuild plan images.kdl --explain\n  graphbuild plan images.kdl --format json\n  graphbuild plan images.kdl --format dot | dot -Tsvg > graph.svg"
@@ -452,6 +457,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => commands::run(*args),
         Command::Build(args) => commands::build(*args),
+        Command::Convert(args) => commands::convert(args),
         Command::Plan(args) => commands::plan(args),
         Command::Verify { inputs } => commands::verify(inputs),
         Command::Lock { select } => commands::lock(select),

@@ -202,6 +202,10 @@ pub struct Stage {
     pub steps: Vec<Step>,
     /// The template instance this stage belongs to, for its param bindings.
     pub scope: Option<ScopeId>,
+    /// Dockerfile variable rules for this stage ([`Project::docker_rules`] describes them):
+    /// every stage of a Dockerfile, a Dockerfile imported into KDL, or KDL's
+    /// `stage NAME rules="dockerfile"` (what `graphbuild convert` writes).
+    pub docker_rules: bool,
 }
 
 #[derive(Clone, Debug)]

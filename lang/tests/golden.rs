@@ -397,6 +397,10 @@ fn error_cases_fail_and_others_load() {
         let Some(stem) = path.file_stem().and_then(|stem| stem.to_str()) else {
             continue;
         };
+        if !path.is_file() {
+            // `docker/`: Dockerfiles the `dockerfile` examples of docs/language.md import.
+            continue;
+        }
         let source = std::fs::read_to_string(&path).expect("read input");
         let result = load_source(&format!("{stem}.kdl"), &source, &input_dir);
         if stem.starts_with("error_") {

@@ -15,6 +15,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ("## Build inputs", &["run", "verify"]),
     ("## `graphbuild run`", &["run"]),
     ("## `graphbuild build`", &["build"]),
+    ("## `graphbuild convert`", &["convert"]),
     ("## `graphbuild plan`", &["plan"]),
     ("## `graphbuild doctor`", &["doctor"]),
     ("## `graphbuild inspect`", &["inspect"]),
@@ -28,6 +29,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
 const COMMANDS: &[&str] = &[
     "run",
     "build",
+    "convert",
     "plan",
     "verify",
     "lock",

@@ -261,7 +261,7 @@ fn outputs(specs: &[String]) -> Result<OutputRequest, String> {
 }
 
 /// The image's name: the repository's last part of the first tag (`user/app:1.0` → `app`).
-fn image_name(tags: &[String]) -> String {
+pub(super) fn image_name(tags: &[String]) -> String {
     let Some(tag) = tags.first() else {
         return "image".into();
     };

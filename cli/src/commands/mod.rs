@@ -2,6 +2,8 @@
 
 mod build;
 mod cache;
+mod convert;
+mod convert_bake;
 mod outputs;
 mod plan_cmd;
 mod run;
@@ -9,6 +11,7 @@ mod ssh;
 
 pub(crate) use build::{BuildArgs, build};
 pub(crate) use cache::{cache_du, cache_prune, cache_serve, cache_verify};
+pub(crate) use convert::{ConvertArgs, convert};
 pub(crate) use plan_cmd::plan;
 pub(crate) use run::{rootless_reexec, run, verify};
 

@@ -133,6 +133,8 @@ struct Vars {
     /// Dockerfile scoping inside a stage: only args the stage declares are visible
     /// ([`ir::Project::docker_rules`]).
     stage_only: bool,
+    /// The stage follows Dockerfile rules ([`ir::Stage::docker_rules`]).
+    docker_rules: bool,
 }
 
 impl Vars {
@@ -149,6 +151,7 @@ impl Vars {
             globals,
             automatic,
             stage_only: false,
+            docker_rules: false,
         }
     }
 
@@ -160,7 +163,9 @@ impl Vars {
             &self.globals,
             &self.automatic,
         ];
-        let visible = if self.stage_only { &all[..3] } else { &all[..] };
+        // Dockerfile rules: only what the stage declares; its `arg`s take their values from
+        // the params (an imported Dockerfile's global args) and the globals.
+        let visible = if self.stage_only { &all[..1] } else { &all[..] };
         let value = visible.iter().find_map(|list| {
             list.iter()
                 .rev()
@@ -209,7 +214,7 @@ impl<'a> Expander<'a> {
         vars: &Vars,
         env: Option<&ImageSettings>,
     ) -> String {
-        let docker_rules = self.project.docker_rules;
+        let docker_rules = vars.docker_rules;
         let mut lookup = |name: &str| {
             let from_env = || env.and_then(|settings| settings.env_value(name).map(str::to_string));
             if docker_rules {
@@ -741,7 +746,8 @@ impl<'a> Expander<'a> {
             mut pending,
         } = start;
         let mut steps = Vec::new();
-        vars.stage_only = self.project.docker_rules;
+        vars.docker_rules = stage.docker_rules;
+        vars.stage_only = stage.docker_rules;
         vars.take_reads();
         for step in &stage.steps {
             if step.when.as_ref().is_some_and(|when| when != target) {
@@ -900,7 +906,7 @@ impl<'a> Expander<'a> {
         vars: &Vars,
         settings: &ImageSettings,
     ) -> Vec<String> {
-        if self.project.docker_rules {
+        if vars.docker_rules {
             return match command {
                 Command::Shell(text) => {
                     let mut argv = settings.shell();
@@ -937,7 +943,7 @@ impl<'a> Expander<'a> {
     /// `$(…)`) would change what it runs: an `--arg` from CI could plant a command in the
     /// image. Such a value is refused; plain words (spaces included) are fine.
     fn shell_source(&mut self, text: &Text, vars: &Vars) -> String {
-        if self.project.docker_rules {
+        if vars.docker_rules {
             // A Dockerfile's runtime commands are never substituted.
             return text.raw.clone();
         }
@@ -1448,7 +1454,7 @@ impl<'a> Expander<'a> {
                 let mut values = Vec::new();
                 for (name, value) in pairs {
                     let value = strict(self, value, vars, &scratch);
-                    if !self.project.docker_rules {
+                    if !vars.docker_rules {
                         scratch.set_env(name, value.clone());
                     }
                     values.push((name.clone(), value));
@@ -1456,7 +1462,10 @@ impl<'a> Expander<'a> {
                 ConfigOp::Env(values)
             }
             StepKind::Arg(arg) => {
+                let param = vars.params.iter().rev().find(|(name, _)| *name == arg.name);
                 let value = if let Some(value) = self.options.args.get(&arg.name) {
+                    Some(value.clone())
+                } else if let Some((_, value)) = param.filter(|_| vars.docker_rules) {
                     Some(value.clone())
                 } else if let Some((_, value)) =
                     vars.globals.iter().find(|(name, _)| *name == arg.name)

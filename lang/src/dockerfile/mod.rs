@@ -20,6 +20,7 @@
 //! Every problem in the file is reported at once, each with its line and a help line.
 
 mod bind;
+pub mod convert;
 mod flags;
 mod lex;
 mod ssh;
@@ -78,14 +79,26 @@ pub fn load_source(
     context: &Path,
     options: &Options,
 ) -> Result<Project, Diagnostics> {
-    let sources = Sources {
-        files: vec![Source::new(
-            name.to_string(),
-            None,
-            Arc::new(text.to_string()),
-        )],
-    };
+    let source = Source::new(name.to_string(), None, Arc::new(text.to_string()));
+    load_into(source, context, options, Sources::default())
+}
+
+/// Lowers the Dockerfile `source` with `sources` (another project's files) before it: its
+/// locations name its own file among them, so a KDL file that imports it reports problems
+/// inside it at the Dockerfile's `file:line`. The project's sources are `sources` and the
+/// Dockerfile.
+pub fn load_into(
+    source: Source,
+    context: &Path,
+    options: &Options,
+    mut sources: Sources,
+) -> Result<Project, Diagnostics> {
+    let text = source.text.clone();
+    let text = text.as_str();
+    let file = FileId(sources.files.len() as u32);
+    sources.files.push(source);
     let mut lowerer = Lowerer {
+        file,
         sources,
         diagnostics: Vec::new(),
         escape: '\\',
@@ -170,6 +183,8 @@ const INSTRUCTIONS: &[&str] = &[
 ];
 
 struct Lowerer {
+    /// The Dockerfile's own file in `sources`.
+    file: FileId,
     sources: Sources,
     diagnostics: Vec<Diagnostic>,
     escape: char,
@@ -200,7 +215,7 @@ impl Instruction<'_> {
 impl Lowerer {
     fn loc(&self, span: (usize, usize)) -> Loc {
         Loc {
-            file: FileId(0),
+            file: self.file,
             span: span.into(),
         }
     }
@@ -627,6 +642,7 @@ impl Lowerer {
                 platform,
                 steps: Vec::new(),
                 scope: None,
+                docker_rules: true,
             },
             written,
         ));

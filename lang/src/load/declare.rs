@@ -134,6 +134,7 @@ impl Loader {
                         }
                         // Lowered in phase 3.
                     }
+                    "dockerfile" => self.declare_dockerfile(node, file, loaded.is_root, project),
                     "group" => {
                         if !loaded.is_root {
                             self.error(

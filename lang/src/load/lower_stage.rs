@@ -97,7 +97,7 @@ impl Loader {
             .first()
             .map(|entry| Self::loc(file, entry.span()))
             .unwrap_or_else(|| Self::loc(file, node.name().span()));
-        self.check_no_properties(node, file, "stage");
+        let docker_rules = self.stage_rules(node, file);
         let mut from: Option<From> = None;
         let mut from_seen: Option<Loc> = None;
         let mut platform: Option<PlatformSpec> = None;
@@ -183,6 +183,7 @@ impl Loader {
             platform,
             steps,
             scope,
+            docker_rules,
         })
     }
 
@@ -755,6 +756,10 @@ impl Loader {
         let content = props.text("content");
         let chown = props.text("chown");
         let chmod = props.text("chmod");
+        // Dockerfile heredoc parity (`graphbuild convert`): the delimiter names the file, and
+        // an unquoted one has its `$VAR`s substituted.
+        let heredoc = props.text("heredoc");
+        let expand = props.bool("expand").unwrap_or(false);
         if !self.octal_mode(chmod.as_ref()) {
             return None;
         }
@@ -771,14 +776,17 @@ impl Loader {
             ),
             "write `file \"/etc/motd\" content=\"hello\\n\"`",
         )?;
-        let name = dest
-            .raw
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or("")
-            .to_string();
-        if name.is_empty() || dest.raw.ends_with('/') {
+        let name = match &heredoc {
+            Some(heredoc) => heredoc.raw.clone(),
+            None => dest
+                .raw
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        };
+        if name.is_empty() || name.contains('/') || (heredoc.is_none() && dest.raw.ends_with('/')) {
             self.error(
                 Code::CopyArguments,
                 format!("`file \"{}\"` names a directory, not a file", dest.raw),
@@ -813,7 +821,7 @@ impl Loader {
             inline: vec![InlineFile {
                 name,
                 content,
-                substitute: false,
+                substitute: expand,
             }],
             parents: false,
         })

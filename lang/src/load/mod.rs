@@ -20,6 +20,7 @@
 
 mod check;
 mod declare;
+mod dockerfile_node;
 mod lower_add;
 mod lower_bind;
 mod lower_image;
@@ -117,6 +118,8 @@ struct Loader {
     templates: Vec<TemplateDefinition>,
     /// Stages lowered from template bodies on their own, only to validate them.
     template_stages: Vec<(Stage, usize)>,
+    /// Stages of Dockerfiles imported by `dockerfile` nodes, already lowered.
+    dockerfile_stages: Vec<Stage>,
 }
 
 pub(crate) fn did_you_mean<'a>(
@@ -178,6 +181,7 @@ impl Loader {
             stage_names: HashMap::new(),
             templates: Vec::new(),
             template_stages: Vec::new(),
+            dockerfile_stages: Vec::new(),
         }
     }
 
@@ -230,6 +234,7 @@ impl Loader {
                 project.stages.push(stage);
             }
         }
+        project.stages.append(&mut self.dockerfile_stages);
         self.validate_templates();
         self.lower_images(&mut project);
         self.check_cycles(&project);

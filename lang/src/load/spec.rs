@@ -157,7 +157,7 @@ pub(super) static TOP_LEVEL: &[NodeSpec] = &[
     node("platforms", Custom, &[]),
     pairs("arg"),
     node("import", Custom, &[("as", STRING)]),
-    block("stage", Custom, &[], STAGE),
+    block("stage", Custom, &[("rules", STRING)], STAGE),
     block(
         "image",
         Custom,
@@ -171,7 +171,16 @@ pub(super) static TOP_LEVEL: &[NodeSpec] = &[
     ),
     block("template", Custom, &[], TEMPLATE),
     node("group", Custom, &[]),
+    block(
+        "dockerfile",
+        Custom,
+        &[("path", STRING), ("context", STRING)],
+        DOCKERFILE,
+    ),
 ];
+
+/// A `dockerfile` node's body: the args it passes to the Dockerfile.
+pub(super) static DOCKERFILE: &[NodeSpec] = &[pairs("arg")];
 
 /// A template's body.
 pub(super) static TEMPLATE: &[NodeSpec] = &[
@@ -180,7 +189,7 @@ pub(super) static TEMPLATE: &[NodeSpec] = &[
         Custom,
         &[("default", StringOrInteger), ("description", STRING)],
     ),
-    block("stage", Custom, &[], STAGE),
+    block("stage", Custom, &[("rules", STRING)], STAGE),
 ];
 
 /// What a stage holds besides its steps ([`STEPS`]): its base, its platform and `when` blocks
@@ -250,6 +259,8 @@ const FILE: NodeSpec = node(
         ("content", STRING),
         ("chown", StringOrInteger),
         ("chmod", STRING),
+        ("heredoc", STRING),
+        ("expand", Bool),
     ],
 );
 const ADD: NodeSpec = node(
@@ -509,7 +520,9 @@ mod tests {
     /// Every table names each node once, and every node's properties once.
     #[test]
     fn names_are_unique() {
-        for table in [TOP_LEVEL, TEMPLATE, STAGE, STEPS, RUN, IMAGE, TEST] {
+        for table in [
+            TOP_LEVEL, TEMPLATE, STAGE, STEPS, RUN, IMAGE, TEST, DOCKERFILE,
+        ] {
             let mut seen = std::collections::HashSet::new();
             for spec in table {
                 assert!(seen.insert(spec.name), "`{}` twice in a table", spec.name);
