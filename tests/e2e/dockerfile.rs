@@ -750,14 +750,16 @@ fn copy_exclude_leaves_out_what_its_patterns_match() {
         assert_eq!(files, ["a.txt", "sub/c.md", "sub/keep.txt"], "{rootfs}");
     }
 
+    // (`exclude` with `from=` is tested in tests/e2e/copy_flags.rs.) A pattern that is not
+    // one is a diagnostic at plan time.
     sandbox.write(
         "bad.kdl",
-        "stage a {\n    from \"scratch\"\n}\nstage s {\n    from \"scratch\"\n    copy \"/x\" \"/y\" from=a exclude=\"*.md\"\n}\nimage s { stage s; }\n",
+        "stage s {\n    from \"scratch\"\n    copy \"/x\" \"/y\" exclude=\"[z\"\n}\nimage s { stage s; }\n",
     );
     let bad = sandbox.graphbuild(&["plan", "bad.kdl"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert!(
-        stderr(&bad).contains("`exclude` applies to copies from the build context only"),
+        stderr(&bad).contains("`exclude` pattern `[z`") && stderr(&bad).contains("bad.kdl:3"),
         "{}",
         stderr(&bad)
     );
