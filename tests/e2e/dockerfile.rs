@@ -749,6 +749,20 @@ fn copy_exclude_leaves_out_what_its_patterns_match() {
         let files: Vec<String> = tree_bytes(&app).into_iter().map(|(path, _)| path).collect();
         assert_eq!(files, ["a.txt", "sub/c.md", "sub/keep.txt"], "{rootfs}");
     }
+
+    // (`exclude` with `from=` is tested in tests/e2e/copy_flags.rs.) A pattern that is not
+    // one is a diagnostic at plan time.
+    sandbox.write(
+        "bad.kdl",
+        "stage s {\n    from \"scratch\"\n    copy \"/x\" \"/y\" exclude=\"[z\"\n}\nimage s { stage s; }\n",
+    );
+    let bad = sandbox.graphbuild(&["plan", "bad.kdl"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("`exclude` pattern `[z`") && stderr(&bad).contains("bad.kdl:3"),
+        "{}",
+        stderr(&bad)
+    );
 }
 
 /// `COPY <<EOF PATH` (KDL `file "PATH" content=…`): files the build file writes itself, with

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -21,6 +21,9 @@ const SSH_AGENTC_SIGN_REQUEST: u8 = 13;
 const MAX_MESSAGE: usize = 256 * 1024;
 /// How long a request may wait for the agent (a key may need the user's confirmation).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Connections served at once (a thread each): more are closed unanswered, so a step cannot
+/// make graphbuild start threads without bound.
+const MAX_CONNECTIONS: usize = 32;
 
 /// A listening socket in a private directory, forwarding to `upstream` until dropped.
 pub(crate) struct AgentProxy {
@@ -75,6 +78,7 @@ impl Drop for AgentProxy {
 }
 
 fn accept(listener: &UnixListener, upstream: &Path, stop: &AtomicBool) {
+    let active = Arc::new(AtomicUsize::new(0));
     for client in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -82,12 +86,26 @@ fn accept(listener: &UnixListener, upstream: &Path, stop: &AtomicBool) {
         let Ok(client) = client else {
             continue;
         };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
         let upstream = upstream.to_path_buf();
+        let active = active.clone();
         // Ends when the client closes its connection; a step's processes are all gone when
         // the step ends.
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("ssh-agent-client".into())
-            .spawn(move || serve(client, &upstream));
+            .spawn({
+                let active = active.clone();
+                move || {
+                    serve(client, &upstream);
+                    active.fetch_sub(1, Ordering::SeqCst);
+                }
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -154,10 +172,13 @@ mod tests {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let mut stream = stream.unwrap();
-                while let Some(message) = read_message(&mut stream) {
-                    record.lock().unwrap().push(message[4]);
-                    stream.write_all(&[0, 0, 0, 1, message[4] + 100]).unwrap();
-                }
+                let record = record.clone();
+                std::thread::spawn(move || {
+                    while let Some(message) = read_message(&mut stream) {
+                        record.lock().unwrap().push(message[4]);
+                        stream.write_all(&[0, 0, 0, 1, message[4] + 100]).unwrap();
+                    }
+                });
             }
         });
         seen
@@ -191,5 +212,32 @@ mod tests {
         let socket = proxy.socket().to_path_buf();
         drop(proxy);
         assert!(!socket.exists(), "the socket is removed with the proxy");
+    }
+
+    #[test]
+    fn connections_beyond_the_limit_are_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = dir.path().join("agent");
+        let _seen = fake_agent(&upstream);
+        let uid = nix::unistd::getuid().as_raw();
+        let gid = nix::unistd::getgid().as_raw();
+        let proxy = AgentProxy::start(&upstream, uid, gid, 0o600).unwrap();
+        let mut open: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| UnixStream::connect(proxy.socket()).unwrap())
+            .collect();
+        // Each is served: it answers.
+        for client in &mut open {
+            client.write_all(&[0, 0, 0, 1, 11]).unwrap();
+            assert_eq!(read_message(client).unwrap(), [0, 0, 0, 1, 111]);
+        }
+        let mut extra = UnixStream::connect(proxy.socket()).unwrap();
+        let _ = extra.write_all(&[0, 0, 0, 1, 11]);
+        assert!(read_message(&mut extra).is_none(), "one too many is closed");
+        // Once one ends, a new one is served again.
+        drop(open.pop());
+        std::thread::sleep(Duration::from_millis(100));
+        let mut again = UnixStream::connect(proxy.socket()).unwrap();
+        again.write_all(&[0, 0, 0, 1, 11]).unwrap();
+        assert_eq!(read_message(&mut again).unwrap(), [0, 0, 0, 1, 111]);
     }
 }
