@@ -794,6 +794,25 @@ fn git_repositories_at_a_tag_a_commit_and_a_subdirectory() {
     );
     let output = run(&sandbox, &[]);
     assert_success(&output);
+    // Another store checks the repository out again: the same image, `.git` included.
+    let other_store = sandbox.path().join("store-again");
+    let again = sandbox.graphbuild_with_env(
+        &[("GRAPHBUILD_CACHE_DIR", other_store.to_str().expect("utf-8"))],
+        &[
+            "run",
+            "proj/images.kdl",
+            "--output",
+            "out-again",
+            "--progress",
+            "json",
+        ],
+    );
+    assert_success(&again);
+    assert_eq!(
+        summary(&again)["images"][0]["index_digest"],
+        summary(&output)["images"][0]["index_digest"],
+        "a checkout is reproducible"
+    );
     assert_eq!(
         file_in_images(&sandbox, "/tag/README"),
         (b"version 1\n".to_vec(), 0o644)
