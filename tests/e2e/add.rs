@@ -260,6 +260,28 @@ fn a_download_with_a_checksum_is_verified_and_a_warm_build_makes_no_request() {
         1,
         "plan downloads nothing"
     );
+    // The sandbox path (another store, so the file is downloaded again) makes the same image.
+    let other_store = sandbox.path().join("store-sandboxed");
+    let sandboxed = sandbox.graphbuild_with_env(
+        &[
+            ("GRAPHBUILD_DIRECT_COPY", "0"),
+            ("GRAPHBUILD_CACHE_DIR", other_store.to_str().expect("utf-8")),
+        ],
+        &[
+            "run",
+            "proj/images.kdl",
+            "--output",
+            "out-sandboxed",
+            "--progress",
+            "json",
+        ],
+    );
+    assert_success(&sandboxed);
+    assert_eq!(
+        summary(&sandboxed)["images"][0]["index_digest"],
+        summary(&output)["images"][0]["index_digest"],
+        "direct and sandboxed add give one image"
+    );
 }
 
 #[test]
@@ -555,6 +577,28 @@ fn local_tar_archives_are_extracted_by_content() {
         );
     }
     assert!(!exists_in_images(&sandbox, "/w/b.any"));
+    // The sandbox path writes the same image as the direct path.
+    let other_store = sandbox.path().join("store-sandboxed");
+    let sandboxed = sandbox.graphbuild_with_env(
+        &[
+            ("GRAPHBUILD_DIRECT_COPY", "0"),
+            ("GRAPHBUILD_CACHE_DIR", other_store.to_str().expect("utf-8")),
+        ],
+        &[
+            "run",
+            "proj/images.kdl",
+            "--output",
+            "out-sandboxed",
+            "--progress",
+            "json",
+        ],
+    );
+    assert_success(&sandboxed);
+    assert_eq!(
+        summary(&sandboxed)["images"][0]["index_digest"],
+        summary(&output)["images"][0]["index_digest"],
+        "direct and sandboxed add give one image"
+    );
     assert_eq!(
         file_in_images(&sandbox, "/x/pkg/README"),
         (b"read me\n".to_vec(), 0o640)
@@ -750,6 +794,25 @@ fn git_repositories_at_a_tag_a_commit_and_a_subdirectory() {
     );
     let output = run(&sandbox, &[]);
     assert_success(&output);
+    // Another store checks the repository out again: the same image, `.git` included.
+    let other_store = sandbox.path().join("store-again");
+    let again = sandbox.graphbuild_with_env(
+        &[("GRAPHBUILD_CACHE_DIR", other_store.to_str().expect("utf-8"))],
+        &[
+            "run",
+            "proj/images.kdl",
+            "--output",
+            "out-again",
+            "--progress",
+            "json",
+        ],
+    );
+    assert_success(&again);
+    assert_eq!(
+        summary(&again)["images"][0]["index_digest"],
+        summary(&output)["images"][0]["index_digest"],
+        "a checkout is reproducible"
+    );
     assert_eq!(
         file_in_images(&sandbox, "/tag/README"),
         (b"version 1\n".to_vec(), 0o644)

@@ -342,3 +342,72 @@ fn direct_files(selected: &[CopyItem]) -> Vec<&CopyItem> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn item(rel_src: &str, kind: ItemKind) -> CopyItem {
+        CopyItem {
+            rel_src: PathBuf::from(rel_src),
+            rel_dest: PathBuf::new(),
+            kind,
+        }
+    }
+
+    #[test]
+    fn only_sources_themselves_are_extracted() {
+        let file = || ItemKind::File {
+            digest: [0; 32],
+            size: 1,
+            mode: 0o644,
+        };
+        let selected = vec![
+            item("a.tar", file()),
+            item("dir", ItemKind::Dir { mode: 0o755 }),
+            item("dir/inner.tar", file()),
+            item("b.tgz", file()),
+        ];
+        let direct: Vec<_> = direct_files(&selected)
+            .iter()
+            .map(|item| item.rel_src.display().to_string())
+            .collect();
+        assert_eq!(direct, ["a.tar", "b.tgz"]);
+        // A copy of the whole context extracts nothing inside it.
+        let whole = vec![
+            item("", ItemKind::Dir { mode: 0o755 }),
+            item("c.tar", file()),
+        ];
+        assert!(direct_files(&whole).is_empty());
+    }
+
+    #[test]
+    fn archives_are_recognized_by_content_not_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_ustar();
+        header.set_size(3);
+        header.set_mode(0o644);
+        builder
+            .append_data(&mut header, "x.txt", &b"abc"[..])
+            .unwrap();
+        let tar = builder.into_inner().unwrap();
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gzip.write_all(&tar).unwrap();
+        let mut not_tar = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        not_tar.write_all(&[b'x'; 600]).unwrap();
+        for (name, bytes, expected) in [
+            ("plain.bin", tar.clone(), true),
+            ("named.txt", gzip.finish().unwrap(), true),
+            ("fake.tar.gz", not_tar.finish().unwrap(), false),
+            ("short.tar", b"tiny".to_vec(), false),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            assert_eq!(is_archive(&path).unwrap(), expected, "{name}");
+        }
+    }
+}
