@@ -117,6 +117,9 @@ fn run(mut command: Command, url: &str, shown: &str) -> Result<String, String> {
         .and_then(|authority| authority.rsplit_once('@'))
         .map(|(userinfo, _)| userinfo);
     if let Some(userinfo) = userinfo.filter(|userinfo| !userinfo.is_empty()) {
+        // git names the URL without its userinfo, but with its query (which may hold a token).
+        let anonymous = url.replacen(&format!("{userinfo}@"), "", 1);
+        message = message.replace(&anonymous, shown);
         message = message.replace(userinfo, "…");
     }
     Err(if message.is_empty() {

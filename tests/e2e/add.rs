@@ -847,3 +847,34 @@ fn a_dockerfile_add_builds_like_its_kdl_twin() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("--from"), "{}", stderr(&output));
 }
+
+/// A source that cannot be reached is unresolved, and its reason (git's or the HTTP client's
+/// error) is shown by `plan` and `run`: with neither the password nor the query's token, which
+/// git prints when it names the URL without its userinfo.
+#[test]
+fn credentials_never_reach_the_error_of_an_unreachable_source() {
+    let Some(sandbox) = sandbox() else { return };
+    // Nothing listens on port 1 of loopback: the connection is refused at once.
+    for source in [
+        "http://deploy:s3cr3t-pw@127.0.0.1:1/private/repo.git?token=t0k3n",
+        "http://deploy:s3cr3t-pw@127.0.0.1:1/private/file.txt?token=t0k3n",
+    ] {
+        images_kdl(&sandbox, &format!("    add \"{source}\" \"/opt/\""));
+        let plan = sandbox.graphbuild(&["plan", "proj/images.kdl"]);
+        assert_success(&plan);
+        let output = run(&sandbox, &[]);
+        assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+        for text in [stderr(&plan), stderr(&output), stdout(&output)] {
+            assert!(
+                !text.contains("s3cr3t") && !text.contains("t0k3n") && !text.contains("deploy"),
+                "{source}: {text}"
+            );
+        }
+        // The reason is shown, redacted.
+        assert!(
+            stderr(&plan).contains("http://127.0.0.1:1/private/"),
+            "{source}: {}",
+            stderr(&plan)
+        );
+    }
+}
