@@ -526,27 +526,10 @@ fn manifest_of(layout: &Path, architecture: &str) -> serde_json::Value {
     layout_json(layout, entry["digest"].as_str().unwrap())
 }
 
-#[test]
-fn any_reapi_worker_runs_a_step_with_graphbuild_worker_step_over_the_input_root() {
-    if !root_and_qemu() {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    sandbox.busybox("base");
-    sandbox.write(
-        "images.kdl",
-        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"echo generic > /generic.txt\"\n}\nimage s { stage s; }\n",
-    );
-    let local = run(&sandbox, "images.kdl", "store-local", "out-local", &[]);
-    assert_success(&local);
-    let built = sandbox.path().join("out-local/s");
-    let local_layer = manifest_of(&built, "amd64")["layers"][1]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-
-    // An input root as a generic REAPI worker would lay it out: step.json, and the base's layer
-    // blob under layers/0000.
+/// An input root as a generic REAPI worker would lay it out for a step on the busybox fixture
+/// at `base/`: the base's layer blob under `layers/0000`; and the `step.json` (to be written)
+/// of a step writing `/generic.txt`.
+fn input_root(sandbox: &Sandbox) -> (PathBuf, serde_json::Value) {
     let base = sandbox.path().join("base");
     let manifest = manifest_of(&base, "amd64");
     let config = layout_json(&base, manifest["config"]["digest"].as_str().unwrap());
@@ -585,6 +568,29 @@ fn any_reapi_worker_runs_a_step_with_graphbuild_worker_step_over_the_input_root(
         "source_date_epoch": 0,
         "compression": "gzip"
     });
+    (root, step)
+}
+
+#[test]
+fn any_reapi_worker_runs_a_step_with_graphbuild_worker_step_over_the_input_root() {
+    if !root_and_qemu() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    sandbox.write(
+        "images.kdl",
+        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"echo generic > /generic.txt\"\n}\nimage s { stage s; }\n",
+    );
+    let local = run(&sandbox, "images.kdl", "store-local", "out-local", &[]);
+    assert_success(&local);
+    let built = sandbox.path().join("out-local/s");
+    let local_layer = manifest_of(&built, "amd64")["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (root, step) = input_root(&sandbox);
     std::fs::write(root.join("step.json"), step.to_string()).unwrap();
     let output = Command::new(bin())
         .args(["worker-step", "step.json"])
@@ -631,6 +637,64 @@ fn any_reapi_worker_runs_a_step_with_graphbuild_worker_step_over_the_input_root(
         "{}",
         stderr(&refused)
     );
+}
+
+/// A hostile client or cluster names host paths through the two mounts the sandbox gained
+/// beside cache, bind and secret mounts: a stage bind's lower directories and an ssh agent
+/// socket. The worker refuses both before anything runs, and nothing of the host's file
+/// reaches an output.
+#[test]
+fn a_worker_step_refuses_host_paths_in_stage_binds_and_ssh_sockets() {
+    if !root_and_qemu() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    let host_dir = sandbox.path().join("worker-host");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(host_dir.join("secret.txt"), "worker-host-secret\n").unwrap();
+    let (root, step) = input_root(&sandbox);
+    let mut through_bind = step.clone();
+    through_bind["task"]["argv"] =
+        serde_json::json!(["/bin/sh", "-c", "cat /mnt/secret.txt > /leak.txt"]);
+    through_bind["task"]["stage_binds"] = serde_json::json!([{
+        "lowerdirs": [host_dir],
+        "source": "/",
+        "target": "/mnt",
+        "readwrite": false
+    }]);
+    let mut through_ssh = step.clone();
+    through_ssh["task"]["argv"] =
+        serde_json::json!(["/bin/sh", "-c", "cat /run/agent.sock > /leak.txt"]);
+    through_ssh["task"]["ssh_sockets"] =
+        serde_json::json!([[host_dir.join("secret.txt"), "/run/agent.sock"]]);
+    for (what, hostile) in [("stage bind", through_bind), ("ssh socket", through_ssh)] {
+        let _ = std::fs::remove_dir_all(root.join("graphbuild"));
+        std::fs::write(root.join("step.json"), hostile.to_string()).unwrap();
+        let refused = Command::new(bin())
+            .args(["worker-step", "step.json"])
+            .current_dir(&root)
+            .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join("worker-store"))
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("graphbuild worker-step runs");
+        assert_eq!(
+            refused.status.code(),
+            Some(3),
+            "{what}: {}{}",
+            stdout(&refused),
+            stderr(&refused)
+        );
+        assert!(
+            stderr(&refused).contains("may not mount host paths"),
+            "{what}: {}",
+            stderr(&refused)
+        );
+        assert!(
+            !root.join("graphbuild/outcome.json").exists(),
+            "{what}: nothing ran"
+        );
+    }
 }
 
 #[test]
