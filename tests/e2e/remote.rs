@@ -697,6 +697,55 @@ fn a_worker_step_refuses_host_paths_in_stage_binds_and_ssh_sockets() {
     }
 }
 
+/// A step binding another stage's filesystem names this machine's snapshots of its layers,
+/// which a worker must not mount: it runs here, even with `--remote-required`, while the
+/// stage it binds runs on the worker.
+#[test]
+fn a_step_with_a_stage_bind_runs_here() {
+    let Some((cluster, _workers)) = cluster() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    sandbox.write(
+        "images.kdl",
+        "platforms \"linux/amd64\"\nstage tools {\n    from \"oci:base:1.35.0\"\n    run \"echo from-tools > /tool.txt\"\n}\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"cp /t/tool.txt /copied.txt\" {\n        bind \"/t\" from=\"tools\" source=\"/\"\n    }\n}\nimage s { stage s; tags \"s:1\"; }\n",
+    );
+    let url = cluster.url("");
+    let output = run(
+        &sandbox,
+        "images.kdl",
+        "store",
+        "out",
+        &["--remote-executor", &url, "--remote-required"],
+    );
+    assert_success(&output);
+    let runs: Vec<(String, String)> = executed_steps(&output)
+        .into_iter()
+        .filter(|(_, _, step, _)| step.starts_with("RUN"))
+        .map(|(stage, _, _, ran_on)| (stage, ran_on))
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            ("tools".to_string(), "amd64-worker".to_string()),
+            ("s".to_string(), "local".to_string())
+        ],
+        "{}",
+        stderr(&output)
+    );
+    let root = unpack_platform(
+        &sandbox.path().join("out/s"),
+        "1",
+        "linux/amd64",
+        &sandbox.path().join("unpacked"),
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("copied.txt")).unwrap(),
+        "from-tools\n"
+    );
+}
+
 #[test]
 fn a_corrupt_remote_result_is_refused_and_the_step_runs_here() {
     let Some((cluster, _workers)) = cluster() else {
