@@ -878,3 +878,34 @@ fn credentials_never_reach_the_error_of_an_unreachable_source() {
         );
     }
 }
+
+/// The files of a commit are its bytes, whatever the user's git configuration says about line
+/// endings: the step is keyed by the commit alone, so a `core.autocrlf` in `~/.gitconfig` must
+/// not give one key two contents (nor a shared cache a layer another machine would not make).
+#[test]
+fn a_git_checkout_ignores_the_users_line_ending_settings() {
+    let Some(sandbox) = sandbox() else { return };
+    let Some(server) = git_server(&sandbox.path().join("git")) else {
+        return;
+    };
+    let home = sandbox.path().join("home");
+    std::fs::create_dir_all(&home).expect("mkdir");
+    std::fs::write(
+        home.join(".gitconfig"),
+        "[core]\n\tautocrlf = true\n\teol = crlf\n",
+    )
+    .expect("write");
+    let repo = format!("git://127.0.0.1:{}/repo.git", server.port);
+    images_kdl(&sandbox, &format!("    add \"{repo}#v1\" \"/tag/\""));
+    let home = home.to_string_lossy().into_owned();
+    let output = run(&sandbox, &[("HOME", &home), ("XDG_CONFIG_HOME", &home)]);
+    assert_success(&output);
+    assert_eq!(
+        file_in_images(&sandbox, "/tag/README"),
+        (b"version 1\n".to_vec(), 0o644)
+    );
+    assert_eq!(
+        file_in_images(&sandbox, "/tag/sub/tool.sh").0,
+        b"#!/bin/sh\necho 1\n"
+    );
+}
