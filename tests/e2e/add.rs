@@ -909,3 +909,29 @@ fn a_git_checkout_ignores_the_users_line_ending_settings() {
         b"#!/bin/sh\necho 1\n"
     );
 }
+
+/// A destination ending in `.` or `..` is a directory, as in Docker: `ADD https://… .` adds
+/// the file, named after the URL, into the working directory.
+#[test]
+fn a_download_into_dot_lands_in_the_directory_under_its_own_name() {
+    let Some(sandbox) = sandbox() else { return };
+    let server = http();
+    server.serve("/dot/dl.txt", b"into the directory\n");
+    let url = server.url("/dot/dl.txt");
+    let checksum = sha256(b"into the directory\n");
+    images_kdl(
+        &sandbox,
+        &format!(
+            "    workdir \"/w\"\n    add \"{url}\" \".\" checksum=\"{checksum}\"\n    add \"{url}\" \"sub/.\" checksum=\"{checksum}\"\n    add \"{url}\" \"/opt/..\" checksum=\"{checksum}\""
+        ),
+    );
+    let output = run(&sandbox, &[]);
+    assert_success(&output);
+    for path in ["/w/dl.txt", "/w/sub/dl.txt", "/dl.txt"] {
+        assert_eq!(
+            file_in_images(&sandbox, path),
+            (b"into the directory\n".to_vec(), 0o600),
+            "{path}"
+        );
+    }
+}
