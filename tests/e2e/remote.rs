@@ -698,26 +698,46 @@ fn a_worker_step_refuses_host_paths_in_stage_binds_and_ssh_sockets() {
 }
 
 /// A step binding another stage's filesystem names this machine's snapshots of its layers,
-/// which a worker must not mount: it runs here, even with `--remote-required`, while the
-/// stage it binds runs on the worker.
+/// and a step with an ssh agent this machine's agent socket: neither may go to a worker. They
+/// run here, even with `--remote-required`, while the stage bound runs on the worker.
 #[test]
-fn a_step_with_a_stage_bind_runs_here() {
+fn steps_with_a_stage_bind_or_an_ssh_agent_run_here() {
     let Some((cluster, _workers)) = cluster() else {
         return;
     };
+    if !prerequisite(
+        Command::new("ssh-keygen").arg("-?").output().is_ok(),
+        "ssh-keygen and ssh-agent (package openssh-client)",
+    ) {
+        return;
+    }
     let sandbox = Sandbox::new();
     sandbox.busybox("base");
+    let key = sandbox.path().join("deploy-key");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen runs");
+    assert!(keygen.status.success(), "{}", stderr(&keygen));
     sandbox.write(
         "images.kdl",
-        "platforms \"linux/amd64\"\nstage tools {\n    from \"oci:base:1.35.0\"\n    run \"echo from-tools > /tool.txt\"\n}\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"cp /t/tool.txt /copied.txt\" {\n        bind \"/t\" from=\"tools\" source=\"/\"\n    }\n}\nimage s { stage s; tags \"s:1\"; }\n",
+        "platforms \"linux/amd64\"\nstage tools {\n    from \"oci:base:1.35.0\"\n    run \"echo from-tools > /tool.txt\"\n}\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"cp /t/tool.txt /copied.txt\" {\n        bind \"/t\" from=\"tools\" source=\"/\"\n    }\n    run \"test -S /run/buildkit/ssh_agent.0 && echo agent > /agent.txt\" {\n        ssh\n    }\n}\nimage s { stage s; tags \"s:1\"; }\n",
     );
     let url = cluster.url("");
+    let ssh = format!("default={}", key.display());
     let output = run(
         &sandbox,
         "images.kdl",
         "store",
         "out",
-        &["--remote-executor", &url, "--remote-required"],
+        &[
+            "--remote-executor",
+            &url,
+            "--remote-required",
+            "--ssh",
+            &ssh,
+        ],
     );
     assert_success(&output);
     let runs: Vec<(String, String)> = executed_steps(&output)
@@ -729,6 +749,7 @@ fn a_step_with_a_stage_bind_runs_here() {
         runs,
         [
             ("tools".to_string(), "amd64-worker".to_string()),
+            ("s".to_string(), "local".to_string()),
             ("s".to_string(), "local".to_string())
         ],
         "{}",
@@ -743,6 +764,10 @@ fn a_step_with_a_stage_bind_runs_here() {
     assert_eq!(
         std::fs::read_to_string(root.join("copied.txt")).unwrap(),
         "from-tools\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("agent.txt")).unwrap(),
+        "agent\n"
     );
 }
 
