@@ -18,7 +18,8 @@
 //! The tree is checked out by commit (`git fetch --depth 1` of the ref, then the commit is
 //! compared with the one planned), so the same key always means the same files. Modes are
 //! normalized as git stores them (`0644`, `0755` for executables, directories `0755`) whatever
-//! the umask; times are clamped like every copied file's. Without `keep-git-dir` there is no
+//! the umask; line endings and symlinks are the commit's whatever the user's `~/.gitconfig`
+//! says (`core.autocrlf=false`, `core.eol=lf`, `core.symlinks=true`); times are clamped like every copied file's. Without `keep-git-dir` there is no
 //! `.git`; with it, `.git` keeps the objects and `HEAD` (detached at the commit) but not the
 //! index or the reflogs, which record times and inode numbers of this machine.
 
@@ -88,6 +89,13 @@ fn git() -> Command {
             "core.fsmonitor=false",
             "-c",
             "advice.detachedHead=false",
+            // The commit's bytes whatever the user's configuration: the key is the commit.
+            "-c",
+            "core.autocrlf=false",
+            "-c",
+            "core.eol=lf",
+            "-c",
+            "core.symlinks=true",
             // A stalled server fails instead of hanging the build.
             "-c",
             "http.lowSpeedLimit=1",
@@ -117,6 +125,9 @@ fn run(mut command: Command, url: &str, shown: &str) -> Result<String, String> {
         .and_then(|authority| authority.rsplit_once('@'))
         .map(|(userinfo, _)| userinfo);
     if let Some(userinfo) = userinfo.filter(|userinfo| !userinfo.is_empty()) {
+        // git names the URL without its userinfo, but with its query (which may hold a token).
+        let anonymous = url.replacen(&format!("{userinfo}@"), "", 1);
+        message = message.replace(&anonymous, shown);
         message = message.replace(userinfo, "…");
     }
     Err(if message.is_empty() {

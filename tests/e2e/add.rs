@@ -910,3 +910,91 @@ fn a_dockerfile_add_builds_like_its_kdl_twin() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("--from"), "{}", stderr(&output));
 }
+
+/// A source that cannot be reached is unresolved, and its reason (git's or the HTTP client's
+/// error) is shown by `plan` and `run`: with neither the password nor the query's token, which
+/// git prints when it names the URL without its userinfo.
+#[test]
+fn credentials_never_reach_the_error_of_an_unreachable_source() {
+    let Some(sandbox) = sandbox() else { return };
+    // Nothing listens on port 1 of loopback: the connection is refused at once.
+    for source in [
+        "http://deploy:s3cr3t-pw@127.0.0.1:1/private/repo.git?token=t0k3n",
+        "http://deploy:s3cr3t-pw@127.0.0.1:1/private/file.txt?token=t0k3n",
+    ] {
+        images_kdl(&sandbox, &format!("    add \"{source}\" \"/opt/\""));
+        let plan = sandbox.graphbuild(&["plan", "proj/images.kdl"]);
+        assert_success(&plan);
+        let output = run(&sandbox, &[]);
+        assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+        for text in [stderr(&plan), stderr(&output), stdout(&output)] {
+            assert!(
+                !text.contains("s3cr3t") && !text.contains("t0k3n") && !text.contains("deploy"),
+                "{source}: {text}"
+            );
+        }
+        // The reason is shown, redacted.
+        assert!(
+            stderr(&plan).contains("http://127.0.0.1:1/private/"),
+            "{source}: {}",
+            stderr(&plan)
+        );
+    }
+}
+
+/// The files of a commit are its bytes, whatever the user's git configuration says about line
+/// endings: the step is keyed by the commit alone, so a `core.autocrlf` in `~/.gitconfig` must
+/// not give one key two contents (nor a shared cache a layer another machine would not make).
+#[test]
+fn a_git_checkout_ignores_the_users_line_ending_settings() {
+    let Some(sandbox) = sandbox() else { return };
+    let Some(server) = git_server(&sandbox.path().join("git")) else {
+        return;
+    };
+    let home = sandbox.path().join("home");
+    std::fs::create_dir_all(&home).expect("mkdir");
+    std::fs::write(
+        home.join(".gitconfig"),
+        "[core]\n\tautocrlf = true\n\teol = crlf\n",
+    )
+    .expect("write");
+    let repo = format!("git://127.0.0.1:{}/repo.git", server.port);
+    images_kdl(&sandbox, &format!("    add \"{repo}#v1\" \"/tag/\""));
+    let home = home.to_string_lossy().into_owned();
+    let output = run(&sandbox, &[("HOME", &home), ("XDG_CONFIG_HOME", &home)]);
+    assert_success(&output);
+    assert_eq!(
+        file_in_images(&sandbox, "/tag/README"),
+        (b"version 1\n".to_vec(), 0o644)
+    );
+    assert_eq!(
+        file_in_images(&sandbox, "/tag/sub/tool.sh").0,
+        b"#!/bin/sh\necho 1\n"
+    );
+}
+
+/// A destination ending in `.` or `..` is a directory, as in Docker: `ADD https://… .` adds
+/// the file, named after the URL, into the working directory.
+#[test]
+fn a_download_into_dot_lands_in_the_directory_under_its_own_name() {
+    let Some(sandbox) = sandbox() else { return };
+    let server = http();
+    server.serve("/dot/dl.txt", b"into the directory\n");
+    let url = server.url("/dot/dl.txt");
+    let checksum = sha256(b"into the directory\n");
+    images_kdl(
+        &sandbox,
+        &format!(
+            "    workdir \"/w\"\n    add \"{url}\" \".\" checksum=\"{checksum}\"\n    add \"{url}\" \"sub/.\" checksum=\"{checksum}\"\n    add \"{url}\" \"/opt/..\" checksum=\"{checksum}\""
+        ),
+    );
+    let output = run(&sandbox, &[]);
+    assert_success(&output);
+    for path in ["/w/dl.txt", "/w/sub/dl.txt", "/dl.txt"] {
+        assert_eq!(
+            file_in_images(&sandbox, path),
+            (b"into the directory\n".to_vec(), 0o600),
+            "{path}"
+        );
+    }
+}

@@ -526,27 +526,10 @@ fn manifest_of(layout: &Path, architecture: &str) -> serde_json::Value {
     layout_json(layout, entry["digest"].as_str().unwrap())
 }
 
-#[test]
-fn any_reapi_worker_runs_a_step_with_graphbuild_worker_step_over_the_input_root() {
-    if !root_and_qemu() {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    sandbox.busybox("base");
-    sandbox.write(
-        "images.kdl",
-        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"echo generic > /generic.txt\"\n}\nimage s { stage s; }\n",
-    );
-    let local = run(&sandbox, "images.kdl", "store-local", "out-local", &[]);
-    assert_success(&local);
-    let built = sandbox.path().join("out-local/s");
-    let local_layer = manifest_of(&built, "amd64")["layers"][1]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-
-    // An input root as a generic REAPI worker would lay it out: step.json, and the base's layer
-    // blob under layers/0000.
+/// An input root as a generic REAPI worker would lay it out for a step on the busybox fixture
+/// at `base/`: the base's layer blob under `layers/0000`; and the `step.json` (to be written)
+/// of a step writing `/generic.txt`.
+fn input_root(sandbox: &Sandbox) -> (PathBuf, serde_json::Value) {
     let base = sandbox.path().join("base");
     let manifest = manifest_of(&base, "amd64");
     let config = layout_json(&base, manifest["config"]["digest"].as_str().unwrap());
@@ -585,6 +568,29 @@ fn any_reapi_worker_runs_a_step_with_graphbuild_worker_step_over_the_input_root(
         "source_date_epoch": 0,
         "compression": "gzip"
     });
+    (root, step)
+}
+
+#[test]
+fn any_reapi_worker_runs_a_step_with_graphbuild_worker_step_over_the_input_root() {
+    if !root_and_qemu() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    sandbox.write(
+        "images.kdl",
+        "platforms \"linux/amd64\"\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"echo generic > /generic.txt\"\n}\nimage s { stage s; }\n",
+    );
+    let local = run(&sandbox, "images.kdl", "store-local", "out-local", &[]);
+    assert_success(&local);
+    let built = sandbox.path().join("out-local/s");
+    let local_layer = manifest_of(&built, "amd64")["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (root, step) = input_root(&sandbox);
     std::fs::write(root.join("step.json"), step.to_string()).unwrap();
     let output = Command::new(bin())
         .args(["worker-step", "step.json"])
@@ -630,6 +636,138 @@ fn any_reapi_worker_runs_a_step_with_graphbuild_worker_step_over_the_input_root(
         stderr(&refused).contains("may not mount host paths"),
         "{}",
         stderr(&refused)
+    );
+}
+
+/// A hostile client or cluster names host paths through the two mounts the sandbox gained
+/// beside cache, bind and secret mounts: a stage bind's lower directories and an ssh agent
+/// socket. The worker refuses both before anything runs, and nothing of the host's file
+/// reaches an output.
+#[test]
+fn a_worker_step_refuses_host_paths_in_stage_binds_and_ssh_sockets() {
+    if !root_and_qemu() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    let host_dir = sandbox.path().join("worker-host");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(host_dir.join("secret.txt"), "worker-host-secret\n").unwrap();
+    let (root, step) = input_root(&sandbox);
+    let mut through_bind = step.clone();
+    through_bind["task"]["argv"] =
+        serde_json::json!(["/bin/sh", "-c", "cat /mnt/secret.txt > /leak.txt"]);
+    through_bind["task"]["stage_binds"] = serde_json::json!([{
+        "lowerdirs": [host_dir],
+        "source": "/",
+        "target": "/mnt",
+        "readwrite": false
+    }]);
+    let mut through_ssh = step.clone();
+    through_ssh["task"]["argv"] =
+        serde_json::json!(["/bin/sh", "-c", "cat /run/agent.sock > /leak.txt"]);
+    through_ssh["task"]["ssh_sockets"] =
+        serde_json::json!([[host_dir.join("secret.txt"), "/run/agent.sock"]]);
+    for (what, hostile) in [("stage bind", through_bind), ("ssh socket", through_ssh)] {
+        let _ = std::fs::remove_dir_all(root.join("graphbuild"));
+        std::fs::write(root.join("step.json"), hostile.to_string()).unwrap();
+        let refused = Command::new(bin())
+            .args(["worker-step", "step.json"])
+            .current_dir(&root)
+            .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join("worker-store"))
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("graphbuild worker-step runs");
+        assert_eq!(
+            refused.status.code(),
+            Some(3),
+            "{what}: {}{}",
+            stdout(&refused),
+            stderr(&refused)
+        );
+        assert!(
+            stderr(&refused).contains("may not mount host paths"),
+            "{what}: {}",
+            stderr(&refused)
+        );
+        assert!(
+            !root.join("graphbuild/outcome.json").exists(),
+            "{what}: nothing ran"
+        );
+    }
+}
+
+/// A step binding another stage's filesystem names this machine's snapshots of its layers,
+/// and a step with an ssh agent this machine's agent socket: neither may go to a worker. They
+/// run here, even with `--remote-required`, while the stage bound runs on the worker.
+#[test]
+fn steps_with_a_stage_bind_or_an_ssh_agent_run_here() {
+    let Some((cluster, _workers)) = cluster() else {
+        return;
+    };
+    if !prerequisite(
+        Command::new("ssh-keygen").arg("-?").output().is_ok(),
+        "ssh-keygen and ssh-agent (package openssh-client)",
+    ) {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    let key = sandbox.path().join("deploy-key");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen runs");
+    assert!(keygen.status.success(), "{}", stderr(&keygen));
+    sandbox.write(
+        "images.kdl",
+        "platforms \"linux/amd64\"\nstage tools {\n    from \"oci:base:1.35.0\"\n    run \"echo from-tools > /tool.txt\"\n}\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"cp /t/tool.txt /copied.txt\" {\n        bind \"/t\" from=\"tools\" source=\"/\"\n    }\n    run \"test -S /run/buildkit/ssh_agent.0 && echo agent > /agent.txt\" {\n        ssh\n    }\n}\nimage s { stage s; tags \"s:1\"; }\n",
+    );
+    let url = cluster.url("");
+    let ssh = format!("default={}", key.display());
+    let output = run(
+        &sandbox,
+        "images.kdl",
+        "store",
+        "out",
+        &[
+            "--remote-executor",
+            &url,
+            "--remote-required",
+            "--ssh",
+            &ssh,
+        ],
+    );
+    assert_success(&output);
+    let runs: Vec<(String, String)> = executed_steps(&output)
+        .into_iter()
+        .filter(|(_, _, step, _)| step.starts_with("RUN"))
+        .map(|(stage, _, _, ran_on)| (stage, ran_on))
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            ("tools".to_string(), "amd64-worker".to_string()),
+            ("s".to_string(), "local".to_string()),
+            ("s".to_string(), "local".to_string())
+        ],
+        "{}",
+        stderr(&output)
+    );
+    let root = unpack_platform(
+        &sandbox.path().join("out/s"),
+        "1",
+        "linux/amd64",
+        &sandbox.path().join("unpacked"),
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("copied.txt")).unwrap(),
+        "from-tools\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("agent.txt")).unwrap(),
+        "agent\n"
     );
 }
 

@@ -15,8 +15,8 @@ type Ran = (Result<Option<LayerDesc>, Box<NodeFailure>>, String);
 
 impl Executor<'_> {
     /// Execute `step` on the remote executor when there is one and the step may leave the
-    /// machine: a `run` without secrets, cache mounts, bind mounts or `insecure` (those read
-    /// this machine's files or need its trust). `None`: execute it here (no executor, a step
+    /// machine: a `run` without secrets, cache mounts, bind mounts, ssh agents or `insecure`
+    /// (those read this machine's files or need its trust). `None`: execute it here (no executor, a step
     /// that stays, a platform without workers, or an executor that failed and is not
     /// required; the last two are warned about once).
     pub(super) fn execute_remotely(
@@ -30,6 +30,8 @@ impl Executor<'_> {
         if !run.secrets.is_empty()
             || !run.cache_mounts.is_empty()
             || !run.bind_mounts.is_empty()
+            || !run.stage_binds.is_empty()
+            || !run.ssh_mounts.is_empty()
             || run.insecure
         {
             return None;

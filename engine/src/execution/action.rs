@@ -151,6 +151,8 @@ mod tests {
                 bind_mounts: vec![],
                 tmpfs_mounts: vec![],
                 secret_files: vec![],
+                stage_binds: vec![],
+                ssh_sockets: vec![],
                 network: NetworkMode::None,
                 hostname: "graphbuild".into(),
                 timeout_ms: None,

@@ -117,7 +117,8 @@ impl RemoteStep {
     }
 
     /// Refuse what a worker must never do for a client: read its host's files (cache mounts,
-    /// bind mounts, secret files name host paths), or run without the sandbox's confinement.
+    /// bind mounts, secret files, ssh sockets and the layers of stage binds name host paths),
+    /// or run without the sandbox's confinement.
     pub fn check(&self) -> Result<Platform, String> {
         if self.format != STEP_FORMAT {
             return Err(format!(
@@ -129,6 +130,8 @@ impl RemoteStep {
         if !task.cache_mounts.is_empty()
             || !task.bind_mounts.is_empty()
             || !task.secret_files.is_empty()
+            || !task.ssh_sockets.is_empty()
+            || !task.stage_binds.is_empty()
         {
             return Err("a remote step may not mount host paths".into());
         }

@@ -224,10 +224,12 @@ impl Expander<'_> {
                 }
             }
         };
-        let name = if dest.ends_with('/') {
+        // `.` and `..` name directories (`ADD https://… .` adds into the working directory).
+        let last = dest.rsplit('/').next().unwrap_or("");
+        let name = if dest.ends_with('/') || last == "." || last == ".." {
             crate::fetch::file_name(url)
         } else {
-            dest.rsplit('/').next().map(str::to_string)
+            Some(last.to_string())
         };
         let Some(name) = name.filter(|name| !name.is_empty()) else {
             self.error(
