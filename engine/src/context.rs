@@ -44,6 +44,7 @@
 //! [`CopyItem`]s carry such paths as a byte array in JSON. (Two names that differ only in
 //! their invalid bytes look the same to patterns; the later one in the walk wins.)
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -57,6 +58,8 @@ pub(crate) use crate::copy::CopyError;
 use crate::dockerignore::{DockerIgnore, DockerIgnoreError, Glob, go_clean};
 use crate::fsutil;
 use crate::store::Store;
+
+mod walk;
 
 /// One entry a COPY writes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,13 +201,14 @@ impl Stat {
 /// binary list (a 100,000-file context's cache is read on every build: JSON with a hex string
 /// per file cost more to parse and free than the scan's own work).
 #[derive(Debug, Default)]
-struct StatCache {
-    files: HashMap<String, (Stat, [u8; 32])>,
+struct StatCache<'a> {
+    /// Paths borrowed from the cache file's bytes when read (no allocation per file).
+    files: HashMap<Cow<'a, str>, (Stat, [u8; 32])>,
 }
 
 const STAT_CACHE_MAGIC: &[u8] = b"graphbuild-stat-cache-2\n";
 
-impl StatCache {
+impl<'a> StatCache<'a> {
     fn encode(&self) -> Vec<u8> {
         let mut bytes = Vec::with_capacity(STAT_CACHE_MAGIC.len() + 8 + self.files.len() * 120);
         bytes.extend_from_slice(STAT_CACHE_MAGIC);
@@ -223,9 +227,9 @@ impl StatCache {
     }
 
     /// The cache in `bytes`; `None` for anything else (an older format, a truncated file).
-    fn decode(bytes: &[u8]) -> Option<StatCache> {
+    fn decode(bytes: &'a [u8]) -> Option<StatCache<'a>> {
         let mut rest = bytes.strip_prefix(STAT_CACHE_MAGIC)?;
-        let mut take = |count: usize| -> Option<&[u8]> {
+        let mut take = |count: usize| -> Option<&'a [u8]> {
             let (head, tail) = (rest.get(..count)?, rest.get(count..)?);
             rest = tail;
             Some(head)
@@ -234,7 +238,7 @@ impl StatCache {
         let mut files = HashMap::with_capacity(count.min(1 << 24) as usize);
         for _ in 0..count {
             let length = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-            let rel = std::str::from_utf8(take(length)?).ok()?.to_string();
+            let rel = Cow::Borrowed(std::str::from_utf8(take(length)?).ok()?);
             let stat = Stat {
                 size: u64::from_le_bytes(take(8)?.try_into().ok()?),
                 mtime: i64::from_le_bytes(take(8)?.try_into().ok()?),
@@ -285,77 +289,48 @@ impl Context {
             _ => DockerIgnore::default(),
         };
 
-        let mut entries: BTreeMap<String, ItemKind> = BTreeMap::new();
+        let mut entries: Vec<(String, ItemKind)> = Vec::new();
         // Excluded directories walked only because an exception may re-include inside them.
         let mut excluded_dirs: BTreeMap<String, u32> = BTreeMap::new();
         let mut files: Vec<(String, Stat)> = Vec::new();
         let mut raw_paths: HashMap<String, PathBuf> = HashMap::new();
-        let walker = walkdir::WalkDir::new(&root)
-            .follow_links(false)
-            .min_depth(1)
-            .into_iter()
-            .filter_entry(|entry| {
-                if !entry.file_type().is_dir() {
-                    return true;
-                }
-                let rel = relative(&root, entry.path());
-                !ignore.is_excluded(&rel, true) || ignore.may_reinclude_under(&rel)
-            });
-        for entry in walker {
-            let entry = entry.map_err(|error| {
-                let path = error.path().unwrap_or(&root).to_path_buf();
-                ContextError::Io {
-                    action: "walk",
-                    path,
-                    source: error.into(),
-                }
-            })?;
-            let rel = relative(&root, entry.path());
-            if rel == ".dockerignore" {
-                continue;
+        for found in walk::walk(&root, &ignore)? {
+            let walk::Found { rel, raw, kind } = found;
+            if let Some(raw) = raw {
+                raw_paths.insert(rel.clone(), raw);
             }
-            if let Ok(real) = entry.path().strip_prefix(&root)
-                && real.to_str().is_none()
-            {
-                raw_paths.insert(rel.clone(), real.to_path_buf());
-            }
-            let metadata = entry.metadata().map_err(|error| ContextError::Io {
-                action: "stat",
-                path: entry.path().to_path_buf(),
-                source: error.into(),
-            })?;
-            let file_type = entry.file_type();
-            let excluded = ignore.is_excluded(&rel, file_type.is_dir());
-            if file_type.is_dir() {
-                let mode = metadata.permissions().mode() & 0o7777;
-                if excluded {
+            match kind {
+                walk::FoundKind::Dir {
+                    mode,
+                    excluded: true,
+                } => {
                     excluded_dirs.insert(rel, mode);
-                } else {
-                    entries.insert(rel, ItemKind::Dir { mode });
                 }
-                continue;
-            }
-            if excluded {
-                continue;
-            }
-            if file_type.is_symlink() {
-                let target = std::fs::read_link(entry.path())
-                    .map_err(io_error("read the symlink", entry.path()))?;
-                entries.insert(rel, ItemKind::Symlink { target });
-            } else if file_type.is_file() {
-                files.push((rel, Stat::of(&metadata)));
+                walk::FoundKind::Dir { mode, .. } => entries.push((rel, ItemKind::Dir { mode })),
+                walk::FoundKind::Symlink => {
+                    let path = root.join(raw_paths.get(&rel).map_or(Path::new(&rel), |raw| raw));
+                    let target =
+                        std::fs::read_link(&path).map_err(io_error("read the symlink", &path))?;
+                    entries.push((rel, ItemKind::Symlink { target }));
+                }
+                walk::FoundKind::File(stat) => files.push((rel, stat)),
             }
         }
         // An excluded directory that holds re-included entries is still their parent.
-        let visible_parents: Vec<String> = entries
-            .keys()
-            .chain(files.iter().map(|(rel, _)| rel))
-            .flat_map(|rel| parents(rel))
-            .filter(|parent| excluded_dirs.contains_key(parent))
-            .collect();
+        let visible_parents: Vec<String> = if excluded_dirs.is_empty() {
+            Vec::new()
+        } else {
+            entries
+                .iter()
+                .map(|(rel, _)| rel)
+                .chain(files.iter().map(|(rel, _)| rel))
+                .flat_map(|rel| parents(rel))
+                .filter(|parent| excluded_dirs.contains_key(parent))
+                .collect()
+        };
         for parent in visible_parents {
             if let Some(mode) = excluded_dirs.get(&parent) {
-                entries.insert(parent, ItemKind::Dir { mode: *mode });
+                entries.push((parent, ItemKind::Dir { mode: *mode }));
             }
         }
 
@@ -365,14 +340,15 @@ impl Context {
             hasher.update(fsutil::path_bytes(&root));
             *hasher.finalize().as_bytes()
         };
-        let previous: StatCache = stat_cache
-            .and_then(|store| store.read_context_cache(&cache_id))
-            .and_then(|bytes| StatCache::decode(&bytes))
+        let cache_bytes = stat_cache.and_then(|store| store.read_context_cache(&cache_id));
+        let previous: StatCache<'_> = cache_bytes
+            .as_deref()
+            .and_then(StatCache::decode)
             .unwrap_or_default();
         let hashed: Vec<(String, Stat, [u8; 32], bool)> = files
             .into_par_iter()
             .map(|(rel, stat)| {
-                if let Some((cached_stat, digest)) = previous.files.get(&rel)
+                if let Some((cached_stat, digest)) = previous.files.get(rel.as_str())
                     && *cached_stat == stat
                 {
                     return Ok((rel, stat, *digest, false));
@@ -390,44 +366,47 @@ impl Context {
             })
             .collect::<Result<_, ContextError>>()?;
 
-        let mut stats = ScanStats {
+        let racy = |stat: &Stat| {
+            stat.mtime >= scan_start.saturating_sub(2_000_000_000)
+                || stat.ctime >= scan_start.saturating_sub(2_000_000_000)
+        };
+        let stats = ScanStats {
             files: hashed.len(),
-            ..ScanStats::default()
+            hashed: hashed.iter().filter(|file| file.3).count(),
+            cached: hashed.iter().filter(|file| !file.3).count(),
         };
-        let mut next_cache = StatCache {
-            files: HashMap::with_capacity(hashed.len()),
-        };
-        for (rel, stat, digest, was_hashed) in hashed {
-            if was_hashed {
-                stats.hashed += 1;
-            } else {
-                stats.cached += 1;
+        if let Some(store) = stat_cache {
+            // The next cache holds the files that are not racy. It is the previous one when
+            // there are as many and none of them was hashed again (a file found in the cache
+            // has the same stat and digest there): then nothing is written, nor built.
+            let kept = hashed.iter().filter(|file| !racy(&file.1));
+            let changed =
+                kept.clone().count() != previous.files.len() || kept.clone().any(|file| file.3);
+            if changed {
+                let next_cache = StatCache {
+                    files: kept
+                        .map(|(rel, stat, digest, _)| {
+                            (Cow::Borrowed(rel.as_str()), (*stat, *digest))
+                        })
+                        .collect(),
+                };
+                // Losing the stat cache only costs a re-hash next time.
+                let _ = store.write_context_cache(&cache_id, &next_cache.encode());
             }
-            let racy = stat.mtime >= scan_start.saturating_sub(2_000_000_000)
-                || stat.ctime >= scan_start.saturating_sub(2_000_000_000);
-            if !racy {
-                next_cache.files.insert(rel.clone(), (stat, digest));
-            }
-            entries.insert(
+        }
+        drop(previous);
+        entries.extend(hashed.into_iter().map(|(rel, stat, digest, _)| {
+            (
                 rel,
                 ItemKind::File {
                     digest,
                     size: stat.size,
                     mode: stat.mode & 0o7777,
                 },
-            );
-        }
-        if let Some(store) = stat_cache {
-            let changed = next_cache.files.len() != previous.files.len()
-                || next_cache
-                    .files
-                    .iter()
-                    .any(|(rel, value)| previous.files.get(rel) != Some(value));
-            if changed {
-                // Losing the stat cache only costs a re-hash next time.
-                let _ = store.write_context_cache(&cache_id, &next_cache.encode());
-            }
-        }
+            )
+        }));
+        // Sorted once, in bulk (a path found twice keeps its last entry, as inserting would).
+        let entries: BTreeMap<String, ItemKind> = entries.into_iter().collect();
         Ok(Context {
             root,
             root_mode: root_metadata.permissions().mode() & 0o7777,
@@ -875,13 +854,6 @@ pub(crate) fn clean_source(source: &str, strict: bool) -> Result<String, CopyErr
     })
 }
 
-fn relative(root: &Path, path: &Path) -> String {
-    path.strip_prefix(root)
-        .unwrap_or(path)
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// Every proper ancestor of a relative path: `a/b/c` → `a`, `a/b`.
 fn parents(rel: &str) -> Vec<String> {
     rel.match_indices('/')
@@ -1068,8 +1040,8 @@ mod tests {
         };
         let cache = StatCache {
             files: HashMap::from([
-                ("a/b.txt".to_string(), (stat, [1u8; 32])),
-                ("é".to_string(), (stat, [2u8; 32])),
+                ("a/b.txt".into(), (stat, [1u8; 32])),
+                ("é".into(), (stat, [2u8; 32])),
             ]),
         };
         let bytes = cache.encode();

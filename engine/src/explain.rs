@@ -28,6 +28,10 @@ struct StepRecordEntry {
     description: String,
     key: Key,
     inputs: StepInputs,
+    /// A copy's context files are recorded apart (see [`files_record`]), under this digest
+    /// of its selection; records of older versions hold them in `inputs.files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    files: Option<String>,
 }
 
 /// A [`NodeRecord`] borrowed from the plan, to write: the same JSON without copying every
@@ -42,6 +46,20 @@ struct StepRecordEntryRef<'a> {
     description: &'a str,
     key: Key,
     inputs: &'a StepInputs,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    files: Option<&'a str>,
+}
+
+/// The digest of a copy's selected context files (its items), when it copies from the
+/// context.
+fn selection_digest(step: &crate::plan::StepPlan) -> Option<&str> {
+    match &step.op {
+        crate::plan::Op::Copy(crate::plan::CopyOp {
+            from: crate::plan::CopySource::Context { digest, .. },
+            ..
+        }) => Some(digest),
+        _ => None,
+    }
 }
 
 fn identity(node: &Node) -> Key {
@@ -69,17 +87,102 @@ pub fn record(store: &Store, plan: &Plan) {
                     description: &step.description,
                     key: step.key,
                     inputs: &step.inputs,
+                    files: selection_digest(step),
                 })
                 .collect(),
         };
         // Advisory and usually unchanged: write only what differs (each write is fsynced).
+        // The record is small (a copy's files are in their own record, named by the digest
+        // of its selection, so comparing it costs nothing per file).
         if let Ok(bytes) = serde_json::to_vec(&record) {
             let identity = identity(node);
             if store.get_action(&identity).as_deref() != Some(bytes.as_slice()) {
+                for (index, step) in node.steps.iter().enumerate() {
+                    if let Some(digest) = selection_digest(step) {
+                        let _ = store.put_action(
+                            &files_record(&identity, index),
+                            &encode_files(digest, step),
+                        );
+                    }
+                }
                 let _ = store.put_action(&identity, &bytes);
             }
         }
     }
+}
+
+/// Where the context files of step `index` of a node's record are: one per step, replaced
+/// with the node's record (so a record per change does not pile up in the store).
+fn files_record(identity: &Key, index: usize) -> Key {
+    KeyBuilder::new("explain-files")
+        .key(identity)
+        .bytes(&(index as u64).to_le_bytes())
+        .finish()
+}
+
+const FILES_MAGIC: &[u8] = b"graphbuild-explain-files-1\n";
+
+/// A copy's context files as recorded: a header naming the selection's digest, then each
+/// path and value as text, each ended by a NUL (neither can hold one).
+fn encode_files(digest: &str, step: &crate::plan::StepPlan) -> Vec<u8> {
+    let files = crate::plan::file_inputs::step_files(step);
+    let mut bytes = Vec::with_capacity(FILES_MAGIC.len() + digest.len() + 1 + files.len() * 100);
+    bytes.extend_from_slice(FILES_MAGIC);
+    bytes.extend_from_slice(digest.as_bytes());
+    bytes.push(b'\n');
+    for (path, value) in files {
+        bytes.extend_from_slice(path.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(value.to_string().as_bytes());
+        bytes.push(0);
+    }
+    bytes
+}
+
+/// The files of [`encode_files`], if `bytes` holds the selection `digest`'s.
+fn decode_files(bytes: &[u8], digest: &str) -> Option<BTreeMap<String, String>> {
+    let rest = bytes.strip_prefix(FILES_MAGIC)?;
+    let rest = rest.strip_prefix(digest.as_bytes())?.strip_prefix(b"\n")?;
+    let mut fields = rest.split(|&byte| byte == 0);
+    let mut files = BTreeMap::new();
+    loop {
+        let path = fields.next()?;
+        if path.is_empty() && fields.clone().next().is_none() {
+            // The empty field after the last NUL.
+            return Some(files);
+        }
+        let value = fields.next()?;
+        files.insert(
+            String::from_utf8(path.to_vec()).ok()?,
+            String::from_utf8(value.to_vec()).ok()?,
+        );
+    }
+}
+
+/// The files a recorded step read: those of its record, and its copy's context files.
+fn recorded_files(
+    store: &Store,
+    identity: &Key,
+    index: usize,
+    step: &StepRecordEntry,
+) -> BTreeMap<String, String> {
+    let mut files = step.inputs.files.clone();
+    if let Some(digest) = &step.files
+        && let Some(listed) = store
+            .get_action(&files_record(identity, index))
+            .and_then(|bytes| decode_files(&bytes, digest))
+    {
+        files.extend(listed);
+    }
+    files
+}
+
+/// The files a step of the plan reads, as text.
+fn current_files(step: &crate::plan::StepPlan) -> BTreeMap<String, String> {
+    crate::plan::file_inputs::step_files(step)
+        .into_iter()
+        .map(|(path, value)| (path.into_owned(), value.to_string()))
+        .collect()
 }
 
 /// What an image test that passed was made from, under [`test_identity`].
@@ -315,8 +418,9 @@ pub fn explain(
     if is_cached(store, node) {
         return Explanation::Cached;
     }
+    let identity = identity(node);
     let Some(record) = store
-        .get_action(&identity(node))
+        .get_action(&identity)
         .and_then(|bytes| serde_json::from_slice::<NodeRecord>(&bytes).ok())
     else {
         return Explanation::NeverBuilt;
@@ -341,7 +445,12 @@ pub fn explain(
         }
         let files_before = reasons.len();
         diff_maps("arg", &old.inputs.vars, &step.inputs.vars, &mut reasons);
-        diff_maps("file", &old.inputs.files, &step.inputs.files, &mut reasons);
+        diff_maps(
+            "file",
+            &recorded_files(store, &identity, index, old),
+            &current_files(step),
+            &mut reasons,
+        );
         let inputs_explained = reasons.len() > files_before;
         diff_op(
             "step",
@@ -391,6 +500,7 @@ mod tests {
                 description: "COPY f /src/".to_string(),
                 key,
                 inputs: inputs.clone(),
+                files: Some("ab".to_string()),
             }],
         };
         let borrowed = NodeRecordRef {
@@ -398,11 +508,42 @@ mod tests {
                 description: "COPY f /src/",
                 key,
                 inputs: &inputs,
+                files: Some("ab"),
             }],
         };
         let bytes = serde_json::to_vec(&borrowed).unwrap();
         assert_eq!(bytes, serde_json::to_vec(&owned).unwrap());
         let read: NodeRecord = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(read.steps[0].inputs, inputs);
+        assert_eq!(read.steps[0].files.as_deref(), Some("ab"));
+        // A record of an older version, with no `files`, still reads.
+        let old = br#"{"steps":[{"description":"COPY f /src/","key":"0707070707070707070707070707070707070707070707070707070707070707","inputs":{"op":null,"vars":{},"files":{"f":"00:644"},"base":"scratch"}}]}"#;
+        let read: NodeRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!(read.steps[0].files, None);
+        assert_eq!(read.steps[0].inputs.files["f"], "00:644");
+    }
+
+    #[test]
+    fn a_copys_files_record_round_trips_and_belongs_to_its_selection() {
+        let digest = "d".repeat(64);
+        let mut bytes = FILES_MAGIC.to_vec();
+        bytes.extend_from_slice(digest.as_bytes());
+        bytes.extend_from_slice(b"\nsrc/a b.txt\0aa:644\0src/link\0-> /etc/x\0");
+        let files = decode_files(&bytes, &digest).unwrap();
+        assert_eq!(
+            files,
+            BTreeMap::from([
+                ("src/a b.txt".to_string(), "aa:644".to_string()),
+                ("src/link".to_string(), "-> /etc/x".to_string()),
+            ])
+        );
+        // Another selection's record, a truncated one, or another format: not these files.
+        assert_eq!(decode_files(&bytes, &"e".repeat(64)), None);
+        assert_eq!(decode_files(&bytes[..bytes.len() - 1], &digest), None);
+        assert_eq!(decode_files(&bytes[1..], &digest), None);
+        let mut empty = FILES_MAGIC.to_vec();
+        empty.extend_from_slice(digest.as_bytes());
+        empty.push(b'\n');
+        assert_eq!(decode_files(&empty, &digest), Some(BTreeMap::new()));
     }
 }

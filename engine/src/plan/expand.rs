@@ -777,24 +777,9 @@ impl<'a> Expander<'a> {
                 }
             };
             key = op.key(&key);
+            // A copy's context files are read from its items when they are listed
+            // (`file_inputs::step_files`), not kept here as a string pair per file.
             let files = match &op {
-                Op::Copy(CopyOp {
-                    from: CopySource::Context { items, .. },
-                    ..
-                }) => items
-                    .iter()
-                    .filter_map(|item| match &item.kind {
-                        context::ItemKind::File { digest, mode, .. } => Some((
-                            item.rel_src.display().to_string(),
-                            format!("{}:{mode:o}", hex::encode(digest)),
-                        )),
-                        context::ItemKind::Symlink { target } => Some((
-                            item.rel_src.display().to_string(),
-                            format!("-> {}", target.display()),
-                        )),
-                        context::ItemKind::Dir { .. } => None,
-                    })
-                    .collect(),
                 Op::Copy(CopyOp {
                     from: CopySource::Node { node, key },
                     ..
