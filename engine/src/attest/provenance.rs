@@ -128,13 +128,13 @@ pub(crate) fn predicate(input: &Input<'_>) -> Value {
     // The build context: the files the copies read, by path, content digest and mode.
     // (The canonical JSON of a map of each path to the set of values it was read with,
     // written from the steps' items: see `file_inputs::context_listing`.)
-    let (listing, paths) = crate::plan::file_inputs::context_listing(
+    let (listing, paths) = crate::plan::file_inputs::context_listing_digest(
         nodes.iter().flat_map(|&id| plan.nodes[id].steps.iter()),
     );
     if paths > 0 {
         dependencies.push(json!({
             "uri": "context",
-            "digest": sha256(&listing),
+            "digest": { "sha256": listing.hex() },
             "annotations": { "files": paths },
         }));
     }

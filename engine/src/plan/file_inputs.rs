@@ -14,8 +14,10 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use crate::context::ItemKind;
+use crate::digest::Digest;
 use crate::plan::{CopyOp, CopySource, Op, StepPlan};
 
 /// The value a step's input file is listed with.
@@ -139,6 +141,55 @@ pub(crate) fn context_listing<'a>(steps: impl Iterator<Item = &'a StepPlan>) -> 
     }
     out.push(b'}');
     (out, paths)
+}
+
+/// The sha256 of the [`context_listing`] of `steps` and its number of paths, as the
+/// provenance names the context. The platforms of an image usually copy the same files: a
+/// listing already written for the same selections in this process is not written again.
+pub(crate) fn context_listing_digest<'a>(
+    steps: impl Iterator<Item = &'a StepPlan> + Clone,
+) -> (Digest, usize) {
+    static LISTED: Mutex<Vec<([u8; 32], Digest, usize)>> = Mutex::new(Vec::new());
+    // What the listing is made of: each step's selection (its items' digest covers every
+    // path, digest, mode and target) and the entries of its inputs, in order.
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"graphbuild context listing\0");
+    for step in steps.clone() {
+        let mut field = |bytes: &[u8]| {
+            hasher.update(&(bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        };
+        match &step.op {
+            Op::Copy(CopyOp {
+                from: CopySource::Context { digest, .. },
+                ..
+            }) => field(digest.as_bytes()),
+            _ => field(b""),
+        }
+        field(&(step.inputs.files.len() as u64).to_le_bytes());
+        for (path, value) in &step.inputs.files {
+            field(path.as_bytes());
+            field(value.as_bytes());
+        }
+    }
+    let id = *hasher.finalize().as_bytes();
+    let listed = |list: &Vec<([u8; 32], Digest, usize)>| {
+        list.iter()
+            .find(|(known, _, _)| *known == id)
+            .map(|(_, digest, paths)| (*digest, *paths))
+    };
+    if let Some(found) = LISTED.lock().ok().and_then(|list| listed(&list)) {
+        return found;
+    }
+    let (listing, paths) = context_listing(steps);
+    let found = (Digest::of(&listing), paths);
+    if let Ok(mut list) = LISTED.lock() {
+        if list.len() >= 64 {
+            list.remove(0);
+        }
+        list.push((id, found.0, found.1));
+    }
+    found
 }
 
 /// A JSON string as serde_json writes it (the form `oci::canonical_json` writes).
@@ -290,6 +341,19 @@ mod tests {
         assert_eq!(listing, expected);
         assert_eq!(paths, merged.len());
         assert!(merged["src/a.txt"].len() == 2, "{merged:?}");
+        // Its digest, computed once and then remembered, is the listing's.
+        for _ in 0..2 {
+            assert_eq!(
+                context_listing_digest(steps.iter()),
+                (Digest::of(&expected), merged.len())
+            );
+        }
+        // Another selection is another listing.
+        let other = copy_step(vec![file(b"src/a.txt", 9, 0o644)], BTreeMap::new());
+        assert_eq!(
+            context_listing_digest(std::iter::once(&other)),
+            (Digest::of(&context_listing(std::iter::once(&other)).0), 1)
+        );
         let (empty, none) = context_listing(std::iter::empty());
         assert_eq!(empty, b"{}");
         assert_eq!(none, 0);
