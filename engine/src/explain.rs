@@ -92,32 +92,59 @@ pub fn record(store: &Store, plan: &Plan) {
                 .collect(),
         };
         // Advisory and usually unchanged: write only what differs (each write is fsynced).
-        // The record is small (a copy's files are in their own record, named by the digest
-        // of its selection, so comparing it costs nothing per file).
-        if let Ok(bytes) = serde_json::to_vec(&record) {
+        // The record is its JSON, then each copy's context files (see [`with_files`]); the
+        // JSON names each copy's selection by digest, so comparing it alone compares all.
+        if let Ok(header) = serde_json::to_vec(&record) {
             let identity = identity(node);
-            if store.get_action(&identity).as_deref() != Some(bytes.as_slice()) {
-                for (index, step) in node.steps.iter().enumerate() {
-                    if let Some(digest) = selection_digest(step) {
-                        let _ = store.put_action(
-                            &files_record(&identity, index),
-                            &encode_files(digest, step),
-                        );
-                    }
-                }
-                let _ = store.put_action(&identity, &bytes);
+            let stored = store.get_action(&identity);
+            if stored
+                .as_deref()
+                .and_then(|bytes| split_record(bytes).map(|(json, _)| json))
+                != Some(header.as_slice())
+            {
+                let _ = store.put_action(&identity, &with_files(header, node));
             }
         }
     }
 }
 
-/// Where the context files of step `index` of a node's record are: one per step, replaced
-/// with the node's record (so a record per change does not pile up in the store).
-fn files_record(identity: &Key, index: usize) -> Key {
-    KeyBuilder::new("explain-files")
-        .key(identity)
-        .bytes(&(index as u64).to_le_bytes())
-        .finish()
+/// A node's record: its JSON, a newline, then for each copy from the context its files
+/// ([`encode_files`]), each after its length (8 bytes, little-endian). A record of an older
+/// version is the JSON alone.
+fn with_files(mut header: Vec<u8>, node: &Node) -> Vec<u8> {
+    header.push(b'\n');
+    for step in &node.steps {
+        if let Some(digest) = selection_digest(step) {
+            let files = encode_files(digest, step);
+            header.extend_from_slice(&(files.len() as u64).to_le_bytes());
+            header.extend_from_slice(&files);
+        }
+    }
+    header
+}
+
+/// The JSON of a record and what follows it (its copies' files).
+fn split_record(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut stream =
+        serde_json::Deserializer::from_slice(bytes).into_iter::<serde::de::IgnoredAny>();
+    stream.next()?.ok()?;
+    let end = stream.byte_offset();
+    let rest = &bytes[end..];
+    Some((&bytes[..end], rest.strip_prefix(b"\n").unwrap_or(rest)))
+}
+
+/// The files of the selection `digest` in the part of a record after its JSON.
+fn files_in(mut sections: &[u8], digest: &str) -> Option<BTreeMap<String, String>> {
+    while sections.len() >= 8 {
+        let (length, rest) = sections.split_at(8);
+        let length = usize::try_from(u64::from_le_bytes(length.try_into().ok()?)).ok()?;
+        let section = rest.get(..length)?;
+        if let Some(files) = decode_files(section, digest) {
+            return Some(files);
+        }
+        sections = &rest[length..];
+    }
+    None
 }
 
 const FILES_MAGIC: &[u8] = b"graphbuild-explain-files-1\n";
@@ -160,17 +187,10 @@ fn decode_files(bytes: &[u8], digest: &str) -> Option<BTreeMap<String, String>> 
 }
 
 /// The files a recorded step read: those of its record, and its copy's context files.
-fn recorded_files(
-    store: &Store,
-    identity: &Key,
-    index: usize,
-    step: &StepRecordEntry,
-) -> BTreeMap<String, String> {
+fn recorded_files(sections: &[u8], step: &StepRecordEntry) -> BTreeMap<String, String> {
     let mut files = step.inputs.files.clone();
     if let Some(digest) = &step.files
-        && let Some(listed) = store
-            .get_action(&files_record(identity, index))
-            .and_then(|bytes| decode_files(&bytes, digest))
+        && let Some(listed) = files_in(sections, digest)
     {
         files.extend(listed);
     }
@@ -418,11 +438,12 @@ pub fn explain(
     if is_cached(store, node) {
         return Explanation::Cached;
     }
-    let identity = identity(node);
-    let Some(record) = store
-        .get_action(&identity)
-        .and_then(|bytes| serde_json::from_slice::<NodeRecord>(&bytes).ok())
-    else {
+    let Some(bytes) = store.get_action(&identity(node)) else {
+        return Explanation::NeverBuilt;
+    };
+    let Some((record, sections)) = split_record(&bytes).and_then(|(json, sections)| {
+        Some((serde_json::from_slice::<NodeRecord>(json).ok()?, sections))
+    }) else {
         return Explanation::NeverBuilt;
     };
     for (index, step) in node.steps.iter().enumerate() {
@@ -447,7 +468,7 @@ pub fn explain(
         diff_maps("arg", &old.inputs.vars, &step.inputs.vars, &mut reasons);
         diff_maps(
             "file",
-            &recorded_files(store, &identity, index, old),
+            &recorded_files(sections, old),
             &current_files(step),
             &mut reasons,
         );
@@ -541,6 +562,31 @@ mod tests {
         assert_eq!(decode_files(&bytes, &"e".repeat(64)), None);
         assert_eq!(decode_files(&bytes[..bytes.len() - 1], &digest), None);
         assert_eq!(decode_files(&bytes[1..], &digest), None);
+        // In a node's record: after its JSON, each section after its length.
+        let other = {
+            let mut other = FILES_MAGIC.to_vec();
+            other.extend_from_slice("e".repeat(64).as_bytes());
+            other.extend_from_slice(b"\nx\0ee:644\0");
+            other
+        };
+        let mut record = br#"{"steps":[]}"#.to_vec();
+        record.push(b'\n');
+        for section in [&other, &bytes] {
+            record.extend_from_slice(&(section.len() as u64).to_le_bytes());
+            record.extend_from_slice(section);
+        }
+        let (json, sections) = split_record(&record).unwrap();
+        assert_eq!(json, br#"{"steps":[]}"#);
+        assert_eq!(files_in(sections, &digest), Some(files.clone()));
+        assert_eq!(files_in(sections, &"e".repeat(64)).unwrap().len(), 1);
+        assert_eq!(files_in(sections, &"f".repeat(64)), None);
+        assert_eq!(files_in(&sections[..sections.len() - 1], &digest), None);
+        // A record of an older version: its JSON alone.
+        assert_eq!(
+            split_record(br#"{"steps":[]}"#),
+            Some((&br#"{"steps":[]}"#[..], &b""[..]))
+        );
+        assert_eq!(split_record(b"not json"), None);
         let mut empty = FILES_MAGIC.to_vec();
         empty.extend_from_slice(digest.as_bytes());
         empty.push(b'\n');
