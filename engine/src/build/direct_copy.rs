@@ -1325,7 +1325,7 @@ mod tests {
             chmod: None,
             exclude: Vec::new(),
             from: CopySource::Context {
-                items: Vec::new(),
+                items: Default::default(),
                 digest: String::new(),
                 inline: Vec::new(),
             },

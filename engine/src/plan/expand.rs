@@ -54,6 +54,7 @@ pub(super) fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Pla
         errors: Vec::new(),
         reported: HashSet::new(),
         tests: Vec::new(),
+        selections: HashMap::new(),
     };
     let images = expander.images();
     if !expander.errors.is_empty() {
@@ -94,7 +95,12 @@ struct Expander<'a> {
     reported: HashSet<(u32, usize, String)>,
     /// Image tests, in image and declaration order.
     tests: Vec<TestPlan>,
+    /// Context selections made, by (sources, exclude patterns) after substitution.
+    selections: HashMap<(Vec<String>, Vec<String>), Selection>,
 }
+
+/// A context selection: its items and their digest (hex).
+type Selection = (Arc<Vec<context::CopyItem>>, String);
 
 /// A stage expanded for a target platform and matrix values.
 type Visit = (String, Platform, Vec<(String, String)>);
@@ -1246,7 +1252,7 @@ impl<'a> Expander<'a> {
                 let digest = hex::encode(context::items_digest(&items));
                 (
                     CopySource::Context {
-                        items,
+                        items: Arc::new(items),
                         digest,
                         inline,
                     },
@@ -1254,26 +1260,36 @@ impl<'a> Expander<'a> {
                 )
             }
             None => {
-                let selected = match self.context() {
-                    Ok(context) => context.select(&sources).map_err(SelectError::Copy),
-                    Err(error) => Err(SelectError::Scan(error)),
-                };
-                let selected = selected.map(|items| match &excluder {
-                    Some(excluder) => context::exclude(items, excluder),
-                    None => items,
-                });
-                match selected {
-                    Ok(items) => {
-                        let digest = hex::encode(context::items_digest(&items));
-                        (
-                            CopySource::Context {
-                                items,
-                                digest,
-                                inline: Vec::new(),
-                            },
-                            None,
-                        )
+                // The platforms of a build usually select the same sources: once each.
+                let selection_key = (sources.clone(), exclude.clone());
+                let selected = match self.selections.get(&selection_key) {
+                    Some(known) => Ok(known.clone()),
+                    None => {
+                        let selected = match self.context() {
+                            Ok(context) => context.select(&sources).map_err(SelectError::Copy),
+                            Err(error) => Err(SelectError::Scan(error)),
+                        };
+                        let selected = selected.map(|items| match &excluder {
+                            Some(excluder) => context::exclude(items, excluder),
+                            None => items,
+                        });
+                        selected.map(|items| {
+                            let digest = hex::encode(context::items_digest(&items));
+                            let known = (Arc::new(items), digest);
+                            self.selections.insert(selection_key, known.clone());
+                            known
+                        })
                     }
+                };
+                match selected {
+                    Ok((items, digest)) => (
+                        CopySource::Context {
+                            items,
+                            digest,
+                            inline: Vec::new(),
+                        },
+                        None,
+                    ),
                     Err(error) => {
                         self.error(
                             at,

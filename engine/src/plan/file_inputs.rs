@@ -63,7 +63,7 @@ pub(crate) fn step_files(step: &StepPlan) -> Vec<FileEntry<'_>> {
     }) = &step.op
     {
         entries.reserve(items.len());
-        for item in items {
+        for item in items.iter() {
             let value = match &item.kind {
                 ItemKind::File { digest, mode, .. } => FileValue::File {
                     digest,
@@ -223,7 +223,7 @@ mod tests {
                 exclude: Vec::new(),
                 from: CopySource::Context {
                     digest: hex::encode(crate::context::items_digest(&items)),
-                    items,
+                    items: std::sync::Arc::new(items),
                     inline: Vec::new(),
                 },
             }),
@@ -259,7 +259,7 @@ mod tests {
             ..
         }) = &step.op
         {
-            for item in items {
+            for item in items.iter() {
                 let value = match &item.kind {
                     ItemKind::File { digest, mode, .. } => {
                         format!("{}:{mode:o}", hex::encode(digest))
