@@ -44,9 +44,10 @@
 //! [`CopyItem`]s carry such paths as a byte array in JSON. (Two names that differ only in
 //! their invalid bytes look the same to patterns; the later one in the walk wins.)
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -57,6 +58,8 @@ pub(crate) use crate::copy::CopyError;
 use crate::dockerignore::{DockerIgnore, DockerIgnoreError, Glob, go_clean};
 use crate::fsutil;
 use crate::store::Store;
+
+mod walk;
 
 /// One entry a COPY writes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,19 +180,20 @@ struct Stat {
 }
 
 impl Stat {
-    fn of(metadata: &std::fs::Metadata) -> Stat {
+    /// The same fields from an `lstat` result.
+    fn of_stat(stat: &libc::stat) -> Stat {
         Stat {
-            size: metadata.len(),
-            mtime: metadata
-                .mtime()
+            size: stat.st_size as u64,
+            mtime: stat
+                .st_mtime
                 .saturating_mul(1_000_000_000)
-                .saturating_add(metadata.mtime_nsec()),
-            ctime: metadata
-                .ctime()
+                .saturating_add(stat.st_mtime_nsec),
+            ctime: stat
+                .st_ctime
                 .saturating_mul(1_000_000_000)
-                .saturating_add(metadata.ctime_nsec()),
-            ino: metadata.ino(),
-            mode: metadata.mode(),
+                .saturating_add(stat.st_ctime_nsec),
+            ino: stat.st_ino,
+            mode: stat.st_mode,
         }
     }
 }
@@ -197,19 +201,25 @@ impl Stat {
 /// What the last scan knew of each file: its stat and content digest. Stored as a compact
 /// binary list (a 100,000-file context's cache is read on every build: JSON with a hex string
 /// per file cost more to parse and free than the scan's own work).
+/// A file the stat cache knows: its path, stat and content digest.
+type CachedFile<'a> = (Cow<'a, str>, Stat, [u8; 32]);
+
 #[derive(Debug, Default)]
-struct StatCache {
-    files: HashMap<String, (Stat, [u8; 32])>,
+struct StatCache<'a> {
+    /// Sorted by path, each path once. Paths are borrowed from the cache file's bytes when
+    /// read (no allocation per file), and a scan looks its files up in order, as a merge of
+    /// two sorted lists (no hashing per file).
+    files: Vec<CachedFile<'a>>,
 }
 
 const STAT_CACHE_MAGIC: &[u8] = b"graphbuild-stat-cache-2\n";
 
-impl StatCache {
+impl<'a> StatCache<'a> {
     fn encode(&self) -> Vec<u8> {
         let mut bytes = Vec::with_capacity(STAT_CACHE_MAGIC.len() + 8 + self.files.len() * 120);
         bytes.extend_from_slice(STAT_CACHE_MAGIC);
         bytes.extend_from_slice(&(self.files.len() as u64).to_le_bytes());
-        for (rel, (stat, digest)) in &self.files {
+        for (rel, stat, digest) in &self.files {
             bytes.extend_from_slice(&(rel.len() as u32).to_le_bytes());
             bytes.extend_from_slice(rel.as_bytes());
             bytes.extend_from_slice(&stat.size.to_le_bytes());
@@ -223,18 +233,19 @@ impl StatCache {
     }
 
     /// The cache in `bytes`; `None` for anything else (an older format, a truncated file).
-    fn decode(bytes: &[u8]) -> Option<StatCache> {
+    /// Sorted by path (a cache is written sorted; one that is not is sorted here).
+    fn decode(bytes: &'a [u8]) -> Option<StatCache<'a>> {
         let mut rest = bytes.strip_prefix(STAT_CACHE_MAGIC)?;
-        let mut take = |count: usize| -> Option<&[u8]> {
+        let mut take = |count: usize| -> Option<&'a [u8]> {
             let (head, tail) = (rest.get(..count)?, rest.get(count..)?);
             rest = tail;
             Some(head)
         };
         let count = u64::from_le_bytes(take(8)?.try_into().ok()?);
-        let mut files = HashMap::with_capacity(count.min(1 << 24) as usize);
+        let mut files = Vec::with_capacity(count.min(1 << 24) as usize);
         for _ in 0..count {
             let length = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-            let rel = std::str::from_utf8(take(length)?).ok()?.to_string();
+            let rel = Cow::Borrowed(std::str::from_utf8(take(length)?).ok()?);
             let stat = Stat {
                 size: u64::from_le_bytes(take(8)?.try_into().ok()?),
                 mtime: i64::from_le_bytes(take(8)?.try_into().ok()?),
@@ -243,7 +254,11 @@ impl StatCache {
                 mode: u32::from_le_bytes(take(4)?.try_into().ok()?),
             };
             let digest: [u8; 32] = take(32)?.try_into().ok()?;
-            files.insert(rel, (stat, digest));
+            files.push((rel, stat, digest));
+        }
+        if !files.is_sorted_by(|a, b| a.0.as_bytes() < b.0.as_bytes()) {
+            files.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            files.dedup_by(|a, b| a.0 == b.0);
         }
         take(1).is_none().then_some(StatCache { files })
     }
@@ -285,77 +300,48 @@ impl Context {
             _ => DockerIgnore::default(),
         };
 
-        let mut entries: BTreeMap<String, ItemKind> = BTreeMap::new();
+        let mut entries: Vec<(String, ItemKind)> = Vec::new();
         // Excluded directories walked only because an exception may re-include inside them.
         let mut excluded_dirs: BTreeMap<String, u32> = BTreeMap::new();
         let mut files: Vec<(String, Stat)> = Vec::new();
         let mut raw_paths: HashMap<String, PathBuf> = HashMap::new();
-        let walker = walkdir::WalkDir::new(&root)
-            .follow_links(false)
-            .min_depth(1)
-            .into_iter()
-            .filter_entry(|entry| {
-                if !entry.file_type().is_dir() {
-                    return true;
-                }
-                let rel = relative(&root, entry.path());
-                !ignore.is_excluded(&rel, true) || ignore.may_reinclude_under(&rel)
-            });
-        for entry in walker {
-            let entry = entry.map_err(|error| {
-                let path = error.path().unwrap_or(&root).to_path_buf();
-                ContextError::Io {
-                    action: "walk",
-                    path,
-                    source: error.into(),
-                }
-            })?;
-            let rel = relative(&root, entry.path());
-            if rel == ".dockerignore" {
-                continue;
+        for found in walk::walk(&root, &ignore)? {
+            let walk::Found { rel, raw, kind } = found;
+            if let Some(raw) = raw {
+                raw_paths.insert(rel.clone(), raw);
             }
-            if let Ok(real) = entry.path().strip_prefix(&root)
-                && real.to_str().is_none()
-            {
-                raw_paths.insert(rel.clone(), real.to_path_buf());
-            }
-            let metadata = entry.metadata().map_err(|error| ContextError::Io {
-                action: "stat",
-                path: entry.path().to_path_buf(),
-                source: error.into(),
-            })?;
-            let file_type = entry.file_type();
-            let excluded = ignore.is_excluded(&rel, file_type.is_dir());
-            if file_type.is_dir() {
-                let mode = metadata.permissions().mode() & 0o7777;
-                if excluded {
+            match kind {
+                walk::FoundKind::Dir {
+                    mode,
+                    excluded: true,
+                } => {
                     excluded_dirs.insert(rel, mode);
-                } else {
-                    entries.insert(rel, ItemKind::Dir { mode });
                 }
-                continue;
-            }
-            if excluded {
-                continue;
-            }
-            if file_type.is_symlink() {
-                let target = std::fs::read_link(entry.path())
-                    .map_err(io_error("read the symlink", entry.path()))?;
-                entries.insert(rel, ItemKind::Symlink { target });
-            } else if file_type.is_file() {
-                files.push((rel, Stat::of(&metadata)));
+                walk::FoundKind::Dir { mode, .. } => entries.push((rel, ItemKind::Dir { mode })),
+                walk::FoundKind::Symlink => {
+                    let path = root.join(raw_paths.get(&rel).map_or(Path::new(&rel), |raw| raw));
+                    let target =
+                        std::fs::read_link(&path).map_err(io_error("read the symlink", &path))?;
+                    entries.push((rel, ItemKind::Symlink { target }));
+                }
+                walk::FoundKind::File(stat) => files.push((rel, stat)),
             }
         }
         // An excluded directory that holds re-included entries is still their parent.
-        let visible_parents: Vec<String> = entries
-            .keys()
-            .chain(files.iter().map(|(rel, _)| rel))
-            .flat_map(|rel| parents(rel))
-            .filter(|parent| excluded_dirs.contains_key(parent))
-            .collect();
+        let visible_parents: Vec<String> = if excluded_dirs.is_empty() {
+            Vec::new()
+        } else {
+            entries
+                .iter()
+                .map(|(rel, _)| rel)
+                .chain(files.iter().map(|(rel, _)| rel))
+                .flat_map(|rel| parents(rel))
+                .filter(|parent| excluded_dirs.contains_key(parent))
+                .collect()
+        };
         for parent in visible_parents {
             if let Some(mode) = excluded_dirs.get(&parent) {
-                entries.insert(parent, ItemKind::Dir { mode: *mode });
+                entries.push((parent, ItemKind::Dir { mode: *mode }));
             }
         }
 
@@ -365,14 +351,29 @@ impl Context {
             hasher.update(fsutil::path_bytes(&root));
             *hasher.finalize().as_bytes()
         };
-        let previous: StatCache = stat_cache
-            .and_then(|store| store.read_context_cache(&cache_id))
-            .and_then(|bytes| StatCache::decode(&bytes))
+        let cache_bytes = stat_cache.and_then(|store| store.read_context_cache(&cache_id));
+        let previous: StatCache<'_> = cache_bytes
+            .as_deref()
+            .and_then(StatCache::decode)
             .unwrap_or_default();
+        // Each file with what the cache knew of it: both lists sorted by path, merged.
+        files.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let mut known = previous.files.iter().peekable();
+        let files: Vec<(String, Stat, Option<&CachedFile<'_>>)> = files
+            .into_iter()
+            .map(|(rel, stat)| {
+                while known
+                    .next_if(|cached| cached.0.as_bytes() < rel.as_bytes())
+                    .is_some()
+                {}
+                let cached = known.next_if(|cached| cached.0 == rel.as_str());
+                (rel, stat, cached)
+            })
+            .collect();
         let hashed: Vec<(String, Stat, [u8; 32], bool)> = files
             .into_par_iter()
-            .map(|(rel, stat)| {
-                if let Some((cached_stat, digest)) = previous.files.get(&rel)
+            .map(|(rel, stat, cached)| {
+                if let Some((_, cached_stat, digest)) = cached
                     && *cached_stat == stat
                 {
                     return Ok((rel, stat, *digest, false));
@@ -390,44 +391,46 @@ impl Context {
             })
             .collect::<Result<_, ContextError>>()?;
 
-        let mut stats = ScanStats {
+        let racy = |stat: &Stat| {
+            stat.mtime >= scan_start.saturating_sub(2_000_000_000)
+                || stat.ctime >= scan_start.saturating_sub(2_000_000_000)
+        };
+        let stats = ScanStats {
             files: hashed.len(),
-            ..ScanStats::default()
+            hashed: hashed.iter().filter(|file| file.3).count(),
+            cached: hashed.iter().filter(|file| !file.3).count(),
         };
-        let mut next_cache = StatCache {
-            files: HashMap::with_capacity(hashed.len()),
-        };
-        for (rel, stat, digest, was_hashed) in hashed {
-            if was_hashed {
-                stats.hashed += 1;
-            } else {
-                stats.cached += 1;
+        if let Some(store) = stat_cache {
+            // The next cache holds the files that are not racy. It is the previous one when
+            // there are as many and none of them was hashed again (a file found in the cache
+            // has the same stat and digest there): then nothing is written, nor built.
+            let kept = hashed.iter().filter(|file| !racy(&file.1));
+            let changed =
+                kept.clone().count() != previous.files.len() || kept.clone().any(|file| file.3);
+            if changed {
+                // In path order, as `files` was sorted.
+                let next_cache = StatCache {
+                    files: kept
+                        .map(|(rel, stat, digest, _)| (Cow::Borrowed(rel.as_str()), *stat, *digest))
+                        .collect(),
+                };
+                // Losing the stat cache only costs a re-hash next time.
+                let _ = store.write_context_cache(&cache_id, &next_cache.encode());
             }
-            let racy = stat.mtime >= scan_start.saturating_sub(2_000_000_000)
-                || stat.ctime >= scan_start.saturating_sub(2_000_000_000);
-            if !racy {
-                next_cache.files.insert(rel.clone(), (stat, digest));
-            }
-            entries.insert(
+        }
+        drop(previous);
+        entries.extend(hashed.into_iter().map(|(rel, stat, digest, _)| {
+            (
                 rel,
                 ItemKind::File {
                     digest,
                     size: stat.size,
                     mode: stat.mode & 0o7777,
                 },
-            );
-        }
-        if let Some(store) = stat_cache {
-            let changed = next_cache.files.len() != previous.files.len()
-                || next_cache
-                    .files
-                    .iter()
-                    .any(|(rel, value)| previous.files.get(rel) != Some(value));
-            if changed {
-                // Losing the stat cache only costs a re-hash next time.
-                let _ = store.write_context_cache(&cache_id, &next_cache.encode());
-            }
-        }
+            )
+        }));
+        // Sorted once, in bulk (a path found twice keeps its last entry, as inserting would).
+        let entries: BTreeMap<String, ItemKind> = entries.into_iter().collect();
         Ok(Context {
             root,
             root_mode: root_metadata.permissions().mode() & 0o7777,
@@ -886,13 +889,6 @@ pub(crate) fn clean_source(source: &str, strict: bool) -> Result<String, CopyErr
     })
 }
 
-fn relative(root: &Path, path: &Path) -> String {
-    path.strip_prefix(root)
-        .unwrap_or(path)
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// Every proper ancestor of a relative path: `a/b/c` → `a`, `a/b`.
 fn parents(rel: &str) -> Vec<String> {
     rel.match_indices('/')
@@ -921,9 +917,16 @@ pub(crate) fn items_digest(items: &[CopyItem]) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"graphbuild copy items v1\0");
     hasher.update(&(items.len() as u64).to_le_bytes());
+    // The fields are gathered in a buffer and hashed 64 KiB at a time: the same bytes in the
+    // same order (the same digest) without a hasher call for every few bytes of 100,000 items.
+    let mut buffer: Vec<u8> = Vec::with_capacity(1 << 16);
     let mut field = |bytes: &[u8]| {
-        hasher.update(&(bytes.len() as u64).to_le_bytes());
-        hasher.update(bytes);
+        buffer.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        buffer.extend_from_slice(bytes);
+        if buffer.len() >= 1 << 16 {
+            hasher.update(&buffer);
+            buffer.clear();
+        }
     };
     for item in items {
         field(fsutil::path_bytes(&item.rel_src));
@@ -945,6 +948,7 @@ pub(crate) fn items_digest(items: &[CopyItem]) -> [u8; 32] {
             }
         }
     }
+    hasher.update(&buffer);
     *hasher.finalize().as_bytes()
 }
 
@@ -1083,6 +1087,68 @@ mod tests {
     }
 
     #[test]
+    fn the_walk_keeps_byte_names_skips_fifos_and_enters_excluded_dirs_only_for_exceptions() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let odd_dir = root.join(OsStr::from_bytes(b"d\xff"));
+        std::fs::create_dir_all(odd_dir.join("sub")).unwrap();
+        std::fs::write(odd_dir.join(OsStr::from_bytes(b"f\xfe")), b"odd").unwrap();
+        std::fs::write(odd_dir.join("sub/plain"), b"plain").unwrap();
+        std::fs::write(root.join(OsStr::from_bytes(b"g\xfd")), b"top").unwrap();
+        nix::unistd::mkfifo(
+            &root.join("pipe"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.join("gone/deep")).unwrap();
+        std::fs::write(root.join("gone/deep/x"), b"x").unwrap();
+        std::fs::create_dir_all(root.join("kept/deep")).unwrap();
+        std::fs::write(root.join("kept/deep/x"), b"x").unwrap();
+        std::fs::write(root.join("kept/deep/y"), b"y").unwrap();
+        std::fs::set_permissions(root.join("kept"), std::fs::Permissions::from_mode(0o750))
+            .unwrap();
+        std::fs::write(root.join(".dockerignore"), "gone\nkept\n!kept/deep/y\n").unwrap();
+        let context = Context::scan(root, None).unwrap();
+        let paths: Vec<&str> = context.entries().map(|(path, _)| path).collect();
+        assert_eq!(
+            paths,
+            [
+                "d\u{fffd}",
+                "d\u{fffd}/f\u{fffd}",
+                "d\u{fffd}/sub",
+                "d\u{fffd}/sub/plain",
+                "g\u{fffd}",
+                "kept",
+                "kept/deep",
+                "kept/deep/y"
+            ]
+        );
+        assert_eq!(
+            context
+                .entries()
+                .find(|(path, _)| *path == "kept")
+                .unwrap()
+                .1,
+            &ItemKind::Dir { mode: 0o750 }
+        );
+        assert_eq!(
+            context.real("d\u{fffd}/sub/plain"),
+            PathBuf::from(OsStr::from_bytes(b"d\xff/sub/plain"))
+        );
+        assert_eq!(
+            context.real("g\u{fffd}"),
+            PathBuf::from(OsStr::from_bytes(b"g\xfd"))
+        );
+        assert_eq!(context.real("kept/deep/y"), PathBuf::from("kept/deep/y"));
+        assert!(matches!(
+            context.entries().find(|(path, _)| *path == "d\u{fffd}/f\u{fffd}").unwrap().1,
+            ItemKind::File { digest, size: 3, .. } if *digest == *blake3::hash(b"odd").as_bytes()
+        ));
+    }
+
+    #[test]
     fn the_stat_cache_round_trips_and_refuses_anything_else() {
         let stat = Stat {
             size: 7,
@@ -1092,14 +1158,23 @@ mod tests {
             mode: 0o100644,
         };
         let cache = StatCache {
-            files: HashMap::from([
-                ("a/b.txt".to_string(), (stat, [1u8; 32])),
-                ("é".to_string(), (stat, [2u8; 32])),
-            ]),
+            files: vec![
+                ("a/b.txt".into(), stat, [1u8; 32]),
+                ("é".into(), stat, [2u8; 32]),
+            ],
         };
         let bytes = cache.encode();
         let back = StatCache::decode(&bytes).unwrap();
         assert_eq!(back.files, cache.files);
+        // A cache written in another order (as the previous version wrote it) is sorted.
+        let unsorted = StatCache {
+            files: vec![
+                ("é".into(), stat, [2u8; 32]),
+                ("a/b.txt".into(), stat, [1u8; 32]),
+            ],
+        };
+        let back_sorted = unsorted.encode();
+        assert_eq!(StatCache::decode(&back_sorted).unwrap().files, cache.files);
         assert!(StatCache::decode(&bytes[..bytes.len() - 1]).is_none());
         let mut longer = bytes.clone();
         longer.push(0);
@@ -1260,6 +1335,62 @@ mod tests {
         assert_ne!(base, items_digest(&[item(1, 0o755, "a")]));
         assert_ne!(base, items_digest(&[item(1, 0o644, "b")]));
         assert_ne!(base, items_digest(&[]));
+    }
+
+    #[test]
+    fn items_digest_is_the_digest_of_its_fields_however_they_are_buffered() {
+        // The digest as it was computed before buffering: a hasher call per field.
+        fn unbuffered(items: &[CopyItem]) -> [u8; 32] {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(b"graphbuild copy items v1\0");
+            hasher.update(&(items.len() as u64).to_le_bytes());
+            let mut field = |bytes: &[u8]| {
+                hasher.update(&(bytes.len() as u64).to_le_bytes());
+                hasher.update(bytes);
+            };
+            for item in items {
+                field(fsutil::path_bytes(&item.rel_src));
+                field(fsutil::path_bytes(&item.rel_dest));
+                match &item.kind {
+                    ItemKind::File { digest, size, mode } => {
+                        field(b"file");
+                        field(digest);
+                        field(&size.to_le_bytes());
+                        field(&mode.to_le_bytes());
+                    }
+                    ItemKind::Dir { mode } => {
+                        field(b"dir");
+                        field(&mode.to_le_bytes());
+                    }
+                    ItemKind::Symlink { target } => {
+                        field(b"symlink");
+                        field(fsutil::path_bytes(target));
+                    }
+                }
+            }
+            *hasher.finalize().as_bytes()
+        }
+        // Past several 64 KiB buffers, with every kind.
+        let items: Vec<CopyItem> = (0..5000u32)
+            .map(|index| CopyItem {
+                rel_src: PathBuf::from(format!("src/d{}/f{index}.txt", index % 7)),
+                rel_dest: PathBuf::from(format!("d{}/f{index}.txt", index % 7)),
+                kind: match index % 3 {
+                    0 => ItemKind::File {
+                        digest: [index as u8; 32],
+                        size: u64::from(index),
+                        mode: 0o644,
+                    },
+                    1 => ItemKind::Dir { mode: 0o755 },
+                    _ => ItemKind::Symlink {
+                        target: PathBuf::from(format!("../t{index}")),
+                    },
+                },
+            })
+            .collect();
+        for count in [0, 1, 700, 5000] {
+            assert_eq!(items_digest(&items[..count]), unbuffered(&items[..count]));
+        }
     }
 
     #[test]

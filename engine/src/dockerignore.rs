@@ -114,6 +114,10 @@ impl DockerIgnore {
     /// need not care.
     pub(crate) fn is_excluded(&self, rel_path: &str, is_dir: bool) -> bool {
         let _ = is_dir;
+        if self.patterns.is_empty() {
+            // No .dockerignore: nothing to clean or match (asked once per context entry).
+            return false;
+        }
         let path = go_clean(rel_path);
         let path = path.trim_start_matches('/');
         let parents: Vec<&str> = match path.rfind('/') {

@@ -28,6 +28,10 @@ struct StepRecordEntry {
     description: String,
     key: Key,
     inputs: StepInputs,
+    /// A copy's context files are recorded apart (see [`files_record`]), under this digest
+    /// of its selection; records of older versions hold them in `inputs.files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    files: Option<String>,
 }
 
 /// A [`NodeRecord`] borrowed from the plan, to write: the same JSON without copying every
@@ -42,6 +46,20 @@ struct StepRecordEntryRef<'a> {
     description: &'a str,
     key: Key,
     inputs: &'a StepInputs,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    files: Option<&'a str>,
+}
+
+/// The digest of a copy's selected context files (its items), when it copies from the
+/// context.
+fn selection_digest(step: &crate::plan::StepPlan) -> Option<&str> {
+    match &step.op {
+        crate::plan::Op::Copy(crate::plan::CopyOp {
+            from: crate::plan::CopySource::Context { digest, .. },
+            ..
+        }) => Some(digest),
+        _ => None,
+    }
 }
 
 fn identity(node: &Node) -> Key {
@@ -69,17 +87,122 @@ pub fn record(store: &Store, plan: &Plan) {
                     description: &step.description,
                     key: step.key,
                     inputs: &step.inputs,
+                    files: selection_digest(step),
                 })
                 .collect(),
         };
         // Advisory and usually unchanged: write only what differs (each write is fsynced).
-        if let Ok(bytes) = serde_json::to_vec(&record) {
+        // The record is its JSON, then each copy's context files (see [`with_files`]); the
+        // JSON names each copy's selection by digest, so comparing it alone compares all.
+        if let Ok(header) = serde_json::to_vec(&record) {
             let identity = identity(node);
-            if store.get_action(&identity).as_deref() != Some(bytes.as_slice()) {
-                let _ = store.put_action(&identity, &bytes);
+            let stored = store.get_action(&identity);
+            if stored
+                .as_deref()
+                .and_then(|bytes| split_record(bytes).map(|(json, _)| json))
+                != Some(header.as_slice())
+            {
+                let _ = store.put_action(&identity, &with_files(header, node));
             }
         }
     }
+}
+
+/// A node's record: its JSON, a newline, then for each copy from the context its files
+/// ([`encode_files`]), each after its length (8 bytes, little-endian). A record of an older
+/// version is the JSON alone.
+fn with_files(mut header: Vec<u8>, node: &Node) -> Vec<u8> {
+    header.push(b'\n');
+    for step in &node.steps {
+        if let Some(digest) = selection_digest(step) {
+            let files = encode_files(digest, step);
+            header.extend_from_slice(&(files.len() as u64).to_le_bytes());
+            header.extend_from_slice(&files);
+        }
+    }
+    header
+}
+
+/// The JSON of a record and what follows it (its copies' files).
+fn split_record(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut stream =
+        serde_json::Deserializer::from_slice(bytes).into_iter::<serde::de::IgnoredAny>();
+    stream.next()?.ok()?;
+    let end = stream.byte_offset();
+    let rest = &bytes[end..];
+    Some((&bytes[..end], rest.strip_prefix(b"\n").unwrap_or(rest)))
+}
+
+/// The files of the selection `digest` in the part of a record after its JSON.
+fn files_in(mut sections: &[u8], digest: &str) -> Option<BTreeMap<String, String>> {
+    while sections.len() >= 8 {
+        let (length, rest) = sections.split_at(8);
+        let length = usize::try_from(u64::from_le_bytes(length.try_into().ok()?)).ok()?;
+        let section = rest.get(..length)?;
+        if let Some(files) = decode_files(section, digest) {
+            return Some(files);
+        }
+        sections = &rest[length..];
+    }
+    None
+}
+
+const FILES_MAGIC: &[u8] = b"graphbuild-explain-files-1\n";
+
+/// A copy's context files as recorded: a header naming the selection's digest, then each
+/// path and value as text, each ended by a NUL (neither can hold one).
+fn encode_files(digest: &str, step: &crate::plan::StepPlan) -> Vec<u8> {
+    let files = crate::plan::file_inputs::step_files(step);
+    let mut bytes = Vec::with_capacity(FILES_MAGIC.len() + digest.len() + 1 + files.len() * 100);
+    bytes.extend_from_slice(FILES_MAGIC);
+    bytes.extend_from_slice(digest.as_bytes());
+    bytes.push(b'\n');
+    for (path, value) in files {
+        bytes.extend_from_slice(path.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(value.to_string().as_bytes());
+        bytes.push(0);
+    }
+    bytes
+}
+
+/// The files of [`encode_files`], if `bytes` holds the selection `digest`'s.
+fn decode_files(bytes: &[u8], digest: &str) -> Option<BTreeMap<String, String>> {
+    let rest = bytes.strip_prefix(FILES_MAGIC)?;
+    let rest = rest.strip_prefix(digest.as_bytes())?.strip_prefix(b"\n")?;
+    let mut fields = rest.split(|&byte| byte == 0);
+    let mut files = BTreeMap::new();
+    loop {
+        let path = fields.next()?;
+        if path.is_empty() && fields.clone().next().is_none() {
+            // The empty field after the last NUL.
+            return Some(files);
+        }
+        let value = fields.next()?;
+        files.insert(
+            String::from_utf8(path.to_vec()).ok()?,
+            String::from_utf8(value.to_vec()).ok()?,
+        );
+    }
+}
+
+/// The files a recorded step read: those of its record, and its copy's context files.
+fn recorded_files(sections: &[u8], step: &StepRecordEntry) -> BTreeMap<String, String> {
+    let mut files = step.inputs.files.clone();
+    if let Some(digest) = &step.files
+        && let Some(listed) = files_in(sections, digest)
+    {
+        files.extend(listed);
+    }
+    files
+}
+
+/// The files a step of the plan reads, as text.
+fn current_files(step: &crate::plan::StepPlan) -> BTreeMap<String, String> {
+    crate::plan::file_inputs::step_files(step)
+        .into_iter()
+        .map(|(path, value)| (path.into_owned(), value.to_string()))
+        .collect()
 }
 
 /// What an image test that passed was made from, under [`test_identity`].
@@ -315,10 +438,12 @@ pub fn explain(
     if is_cached(store, node) {
         return Explanation::Cached;
     }
-    let Some(record) = store
-        .get_action(&identity(node))
-        .and_then(|bytes| serde_json::from_slice::<NodeRecord>(&bytes).ok())
-    else {
+    let Some(bytes) = store.get_action(&identity(node)) else {
+        return Explanation::NeverBuilt;
+    };
+    let Some((record, sections)) = split_record(&bytes).and_then(|(json, sections)| {
+        Some((serde_json::from_slice::<NodeRecord>(json).ok()?, sections))
+    }) else {
         return Explanation::NeverBuilt;
     };
     for (index, step) in node.steps.iter().enumerate() {
@@ -341,7 +466,12 @@ pub fn explain(
         }
         let files_before = reasons.len();
         diff_maps("arg", &old.inputs.vars, &step.inputs.vars, &mut reasons);
-        diff_maps("file", &old.inputs.files, &step.inputs.files, &mut reasons);
+        diff_maps(
+            "file",
+            &recorded_files(sections, old),
+            &current_files(step),
+            &mut reasons,
+        );
         let inputs_explained = reasons.len() > files_before;
         diff_op(
             "step",
@@ -391,6 +521,7 @@ mod tests {
                 description: "COPY f /src/".to_string(),
                 key,
                 inputs: inputs.clone(),
+                files: Some("ab".to_string()),
             }],
         };
         let borrowed = NodeRecordRef {
@@ -398,11 +529,67 @@ mod tests {
                 description: "COPY f /src/",
                 key,
                 inputs: &inputs,
+                files: Some("ab"),
             }],
         };
         let bytes = serde_json::to_vec(&borrowed).unwrap();
         assert_eq!(bytes, serde_json::to_vec(&owned).unwrap());
         let read: NodeRecord = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(read.steps[0].inputs, inputs);
+        assert_eq!(read.steps[0].files.as_deref(), Some("ab"));
+        // A record of an older version, with no `files`, still reads.
+        let old = br#"{"steps":[{"description":"COPY f /src/","key":"0707070707070707070707070707070707070707070707070707070707070707","inputs":{"op":null,"vars":{},"files":{"f":"00:644"},"base":"scratch"}}]}"#;
+        let read: NodeRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!(read.steps[0].files, None);
+        assert_eq!(read.steps[0].inputs.files["f"], "00:644");
+    }
+
+    #[test]
+    fn a_copys_files_record_round_trips_and_belongs_to_its_selection() {
+        let digest = "d".repeat(64);
+        let mut bytes = FILES_MAGIC.to_vec();
+        bytes.extend_from_slice(digest.as_bytes());
+        bytes.extend_from_slice(b"\nsrc/a b.txt\0aa:644\0src/link\0-> /etc/x\0");
+        let files = decode_files(&bytes, &digest).unwrap();
+        assert_eq!(
+            files,
+            BTreeMap::from([
+                ("src/a b.txt".to_string(), "aa:644".to_string()),
+                ("src/link".to_string(), "-> /etc/x".to_string()),
+            ])
+        );
+        // Another selection's record, a truncated one, or another format: not these files.
+        assert_eq!(decode_files(&bytes, &"e".repeat(64)), None);
+        assert_eq!(decode_files(&bytes[..bytes.len() - 1], &digest), None);
+        assert_eq!(decode_files(&bytes[1..], &digest), None);
+        // In a node's record: after its JSON, each section after its length.
+        let other = {
+            let mut other = FILES_MAGIC.to_vec();
+            other.extend_from_slice("e".repeat(64).as_bytes());
+            other.extend_from_slice(b"\nx\0ee:644\0");
+            other
+        };
+        let mut record = br#"{"steps":[]}"#.to_vec();
+        record.push(b'\n');
+        for section in [&other, &bytes] {
+            record.extend_from_slice(&(section.len() as u64).to_le_bytes());
+            record.extend_from_slice(section);
+        }
+        let (json, sections) = split_record(&record).unwrap();
+        assert_eq!(json, br#"{"steps":[]}"#);
+        assert_eq!(files_in(sections, &digest), Some(files.clone()));
+        assert_eq!(files_in(sections, &"e".repeat(64)).unwrap().len(), 1);
+        assert_eq!(files_in(sections, &"f".repeat(64)), None);
+        assert_eq!(files_in(&sections[..sections.len() - 1], &digest), None);
+        // A record of an older version: its JSON alone.
+        assert_eq!(
+            split_record(br#"{"steps":[]}"#),
+            Some((&br#"{"steps":[]}"#[..], &b""[..]))
+        );
+        assert_eq!(split_record(b"not json"), None);
+        let mut empty = FILES_MAGIC.to_vec();
+        empty.extend_from_slice(digest.as_bytes());
+        empty.push(b'\n');
+        assert_eq!(decode_files(&empty, &digest), Some(BTreeMap::new()));
     }
 }

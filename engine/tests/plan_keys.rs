@@ -553,3 +553,39 @@ fn unresolved_bases_make_exactly_the_keys_that_depend_on_them_pending() {
         .collect();
     assert_eq!(under_app, ["registry.example/base:1"]);
 }
+
+/// Platforms that copy the same context sources share one selection (held once, not once per
+/// platform); other sources or `exclude` patterns are their own.
+#[test]
+fn platforms_copying_the_same_sources_share_one_selection() {
+    let planned = plan_with(
+        &format!(
+            r#"
+            stage app {{ from "{BASE}"; copy "src/" "/src/"; copy "src/" "/other/" exclude="*.txt"; }}
+            image app {{ stage app; }}
+            "#
+        ),
+        &[],
+        &["linux/amd64", "linux/arm64"],
+    )
+    .expect("the build file plans");
+    let image = &planned.images[0];
+    let selection = |node: usize, step: usize| match &planned.nodes[node].steps[step].op {
+        Op::Copy(plan::CopyOp {
+            from: plan::CopySource::Context { items, digest, .. },
+            ..
+        }) => (items.clone(), digest.clone()),
+        other => panic!("not a context copy: {other:?}"),
+    };
+    let (amd64, arm64) = (image.platforms[0].1, image.platforms[1].1);
+    assert_ne!(amd64, arm64, "two platforms, two nodes");
+    let (first, first_digest) = selection(amd64, 0);
+    let (second, second_digest) = selection(arm64, 0);
+    assert!(!first.is_empty());
+    assert!(std::sync::Arc::ptr_eq(&first, &second), "one selection");
+    assert_eq!(first_digest, second_digest);
+    let (excluded, excluded_digest) = selection(amd64, 1);
+    assert!(!std::sync::Arc::ptr_eq(&first, &excluded));
+    assert_ne!(first_digest, excluded_digest);
+    assert!(excluded.len() < first.len(), "the pattern leaves files out");
+}

@@ -7,7 +7,7 @@
 //! (`externalParameters.configSource` and `.request`, `resolvedDependencies` with the base
 //! images as Docker package URLs), with graphbuild's own build type.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use graphbuild_lang::ir::Sources;
 use graphbuild_lang::platform::Platform;
@@ -126,20 +126,16 @@ pub(crate) fn predicate(input: &Input<'_>) -> Value {
         }));
     }
     // The build context: the files the copies read, by path, content digest and mode.
-    let mut context: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for &id in &nodes {
-        for step in &plan.nodes[id].steps {
-            for (path, digest) in &step.inputs.files {
-                context.entry(path).or_default().insert(digest);
-            }
-        }
-    }
-    if !context.is_empty() {
-        let listing = crate::oci::canonical_json(&context);
+    // (The canonical JSON of a map of each path to the set of values it was read with,
+    // written from the steps' items: see `file_inputs::context_listing`.)
+    let (listing, paths) = crate::plan::file_inputs::context_listing_digest(
+        nodes.iter().flat_map(|&id| plan.nodes[id].steps.iter()),
+    );
+    if paths > 0 {
         dependencies.push(json!({
             "uri": "context",
-            "digest": sha256(&listing),
-            "annotations": { "files": context.len() },
+            "digest": { "sha256": listing.hex() },
+            "annotations": { "files": paths },
         }));
     }
 

@@ -1343,7 +1343,7 @@ mod tests {
             parents: false,
             exclude: Vec::new(),
             from: CopySource::Context {
-                items: Vec::new(),
+                items: Default::default(),
                 digest: String::new(),
                 inline: Vec::new(),
             },

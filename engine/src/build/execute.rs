@@ -349,7 +349,7 @@ impl Executor<'_> {
                         let (root, guard) =
                             self.copy_root(inline).map_err(|error| fail(error.into()))?;
                         guards.extend(guard.map(|guard| Box::new(guard) as Box<dyn std::any::Any>));
-                        (CopyTaskSource::Context(root), items.clone())
+                        (CopyTaskSource::Context(root), items.to_vec())
                     }
                     CopySource::Node { node: source, .. } => {
                         let output = inputs.output_of(*source).map_err(fail)?;

@@ -57,6 +57,7 @@ pub(super) fn expand(project: &Project, options: &PlanOptions<'_>) -> Result<Pla
         errors: Vec::new(),
         reported: HashSet::new(),
         tests: Vec::new(),
+        selections: HashMap::new(),
     };
     let images = expander.images();
     if !expander.errors.is_empty() {
@@ -97,7 +98,12 @@ struct Expander<'a> {
     reported: HashSet<(u32, usize, String)>,
     /// Image tests, in image and declaration order.
     tests: Vec<TestPlan>,
+    /// Context selections made, by (sources, exclude patterns, `parents`) after substitution.
+    selections: HashMap<(Vec<String>, Vec<String>, bool), Selection>,
 }
+
+/// A context selection: its items and their digest (hex).
+type Selection = (Arc<Vec<context::CopyItem>>, String);
 
 /// A stage expanded for a target platform and matrix values.
 type Visit = (String, Platform, Vec<(String, String)>);
@@ -807,24 +813,9 @@ impl<'a> Expander<'a> {
                 }
             };
             key = op.key(&key);
+            // A copy's context files are read from its items when they are listed
+            // (`file_inputs::step_files`), not kept here as a string pair per file.
             let files = match &op {
-                Op::Copy(CopyOp {
-                    from: CopySource::Context { items, .. } | CopySource::Extract { items, .. },
-                    ..
-                }) => items
-                    .iter()
-                    .filter_map(|item| match &item.kind {
-                        context::ItemKind::File { digest, mode, .. } => Some((
-                            item.rel_src.display().to_string(),
-                            format!("{}:{mode:o}", hex::encode(digest)),
-                        )),
-                        context::ItemKind::Symlink { target } => Some((
-                            item.rel_src.display().to_string(),
-                            format!("-> {}", target.display()),
-                        )),
-                        context::ItemKind::Dir { .. } => None,
-                    })
-                    .collect(),
                 Op::Copy(CopyOp {
                     from: CopySource::Node { node, key },
                     ..
@@ -1290,7 +1281,7 @@ impl<'a> Expander<'a> {
                 let digest = hex::encode(context::items_digest(&items));
                 (
                     CopySource::Context {
-                        items,
+                        items: Arc::new(items),
                         digest,
                         inline,
                     },
@@ -1298,29 +1289,40 @@ impl<'a> Expander<'a> {
                 )
             }
             None => {
-                let selected = match self.context() {
-                    Ok(context) if copy.parents => {
-                        crate::copy_parents::select(context, &sources).map_err(SelectError::Copy)
+                // The platforms of a build usually select the same sources: once each.
+                let selection_key = (sources.clone(), exclude.clone(), copy.parents);
+                let selected = match self.selections.get(&selection_key) {
+                    Some(known) => Ok(known.clone()),
+                    None => {
+                        let selected = match self.context() {
+                            Ok(context) if copy.parents => {
+                                crate::copy_parents::select(context, &sources)
+                                    .map_err(SelectError::Copy)
+                            }
+                            Ok(context) => context.select(&sources).map_err(SelectError::Copy),
+                            Err(error) => Err(SelectError::Scan(error)),
+                        };
+                        let selected = selected.map(|items| match &excluder {
+                            Some(excluder) => context::exclude(items, excluder),
+                            None => items,
+                        });
+                        selected.map(|items| {
+                            let digest = hex::encode(context::items_digest(&items));
+                            let known = (Arc::new(items), digest);
+                            self.selections.insert(selection_key, known.clone());
+                            known
+                        })
                     }
-                    Ok(context) => context.select(&sources).map_err(SelectError::Copy),
-                    Err(error) => Err(SelectError::Scan(error)),
                 };
-                let selected = selected.map(|items| match &excluder {
-                    Some(excluder) => context::exclude(items, excluder),
-                    None => items,
-                });
                 match selected {
-                    Ok(items) => {
-                        let digest = hex::encode(context::items_digest(&items));
-                        (
-                            CopySource::Context {
-                                items,
-                                digest,
-                                inline: Vec::new(),
-                            },
-                            None,
-                        )
-                    }
+                    Ok((items, digest)) => (
+                        CopySource::Context {
+                            items,
+                            digest,
+                            inline: Vec::new(),
+                        },
+                        None,
+                    ),
                     Err(error) => {
                         self.error(
                             at,

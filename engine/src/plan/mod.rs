@@ -41,6 +41,7 @@
 
 pub mod annotation;
 mod expand;
+pub(crate) mod file_inputs;
 pub mod op;
 
 use std::collections::BTreeMap;
@@ -149,7 +150,9 @@ pub struct StepInputs {
     pub op: serde_json::Value,
     /// Variables the step's strings read, with their values.
     pub vars: BTreeMap<String, String>,
-    /// Context files a copy selects (path → content digest and mode), or the stage it copies from.
+    /// The stage a copy copies from (`stage NAME` → its key). The context files a copy
+    /// selects are not repeated here: [`file_inputs::step_files`] lists them from the op's
+    /// items, with these entries (records of older versions hold them here too).
     pub files: BTreeMap<String, String>,
     /// The node's base: an image reference and digest, a stage, or scratch.
     pub base: String,

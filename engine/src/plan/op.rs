@@ -18,6 +18,8 @@
 //! `plan --explain` records the same canonical encoding and compares it field by field, so an
 //! explanation can never disagree with the key.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
 use crate::context::CopyItem;
@@ -248,8 +250,10 @@ pub enum CopySource {
     /// Files selected from the build context at plan time; `digest` covers every selected
     /// path, mode, link target and content.
     Context {
+        /// Shared by the platforms that select the same sources (a copy of 100,000 files is
+        /// selected and held once, not once per platform).
         #[serde(skip)]
-        items: Vec<CopyItem>,
+        items: Arc<Vec<CopyItem>>,
         digest: String,
         /// Files the build file writes itself (`file`, `COPY <<EOF`), by name, with their
         /// contents: the copy reads `items` from a scratch directory holding them instead of

@@ -176,7 +176,7 @@ impl Expander<'_> {
             archives.sort();
             archives.dedup();
             op.from = CopySource::Extract {
-                items: items.clone(),
+                items: items.to_vec(),
                 digest: digest.clone(),
                 archives,
             };
