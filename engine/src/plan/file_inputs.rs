@@ -229,6 +229,7 @@ mod tests {
                 chown: None,
                 chmod: None,
                 exclude: Vec::new(),
+                parents: false,
                 from: CopySource::Context {
                     digest: hex::encode(crate::context::items_digest(&items)),
                     items: std::sync::Arc::new(items),
