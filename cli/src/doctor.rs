@@ -7,7 +7,7 @@ use graphbuild_engine::store::Store;
 use graphbuild_lang::ir::PlatformSpec;
 use graphbuild_lang::platform::Platform;
 
-use crate::ExitStatus;
+use crate::{CliError, ExitStatus};
 
 /// The hidden argument that makes the binary probe namespaces and exit.
 pub(crate) const PROBE_ARG: &str = "__graphbuild-probe-namespaces";
@@ -391,14 +391,9 @@ fn fix_emulation(dir: &Path, platforms: &[Platform]) -> Vec<String> {
     done
 }
 
-fn platforms_of(file: &Path) -> Result<Vec<Platform>, ExitStatus> {
-    let project = match graphbuild_lang::load(file) {
-        Ok(project) => project,
-        Err(diagnostics) => {
-            crate::render::diagnostic(&diagnostics);
-            return Err(ExitStatus::InvalidInput);
-        }
-    };
+fn platforms_of(file: &Path) -> Result<Vec<Platform>, CliError> {
+    let project = graphbuild_lang::load(file)
+        .map_err(|diagnostics| CliError::report(ExitStatus::InvalidInput, diagnostics))?;
     let mut platforms: Vec<Platform> = Vec::new();
     let specs = project.platforms.iter().chain(
         project
@@ -476,14 +471,15 @@ fn containment_checks(checks: &mut Vec<Check>) {
     ));
 }
 
-pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> ExitStatus {
+pub(crate) fn doctor(
+    file: Option<PathBuf>,
+    fix: bool,
+    cache_dir: Option<PathBuf>,
+) -> Result<ExitStatus, CliError> {
     let dir = binfmt_dir();
     let host = Platform::host();
     let mut platforms = match &file {
-        Some(file) => match platforms_of(file) {
-            Ok(platforms) => platforms,
-            Err(code) => return code,
-        },
+        Some(file) => platforms_of(file)?,
         None => Vec::new(),
     };
     if platforms.is_empty() {
@@ -641,11 +637,12 @@ pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf
         }
         failed |= !check.ok && check.required;
     }
-    if failed {
+    // A failed check is the command's answer, printed above with its fix.
+    Ok(if failed {
         ExitStatus::Environment
     } else {
         ExitStatus::Success
-    }
+    })
 }
 
 #[cfg(test)]
