@@ -200,11 +200,11 @@ fn overlay_checks(
     };
     let mode = match OverlayMode::from_env() {
         Ok(mode) => mode,
-        Err(message) => {
+        Err(error) => {
             checks.push(check(
                 false,
                 true,
-                message,
+                error.to_string(),
                 Some(format!("unset {} or fix its value", overlay::OVERLAY_ENV)),
             ));
             OverlayMode::Auto
@@ -429,7 +429,7 @@ fn containment_checks(checks: &mut Vec<Check>) {
             confine::KEPT_CAPABILITY_MASK
         ),
         (!seccomp).then(|| match filter {
-            Err(error) => error,
+            Err(error) => error.to_string(),
             Ok(_) => "the kernel lacks seccomp filters (CONFIG_SECCOMP_FILTER)".to_string(),
         }),
     ));

@@ -61,8 +61,9 @@ fn sandbox_setup(
         .ok()
         .map(|value| OverlayMode::parse(&value))
         .transpose()
-        .map_err(|message| {
-            CliError::invalid_input(message).hint("GRAPHBUILD_OVERLAY is auto, native or fuse")
+        .map_err(|error| {
+            CliError::invalid_input(error.to_string())
+                .hint("GRAPHBUILD_OVERLAY is auto, native or fuse")
         })?
         .unwrap_or_default();
     let scratch = store

@@ -353,8 +353,10 @@ pub(super) fn build_settings(
 ) -> Result<BuildSettings, CliError> {
     let secrets = parse_secrets(&inputs.secrets).map_err(CliError::invalid_input)?;
     let ssh = super::ssh::agents(&inputs.ssh, loaded)?;
-    let overlay = OverlayMode::from_env().map_err(CliError::invalid_input)?;
-    let attest = attest_options(inputs, &secrets).map_err(CliError::invalid_input)?;
+    let overlay =
+        OverlayMode::from_env().map_err(|error| CliError::invalid_input(error.to_string()))?;
+    let attest = attest_options(inputs, &secrets)
+        .map_err(|error| CliError::invalid_input(error.to_string()))?;
     Ok(BuildSettings {
         attest,
         format: match inputs.format {
@@ -384,7 +386,7 @@ pub(super) fn build_settings(
 fn attest_options(
     inputs: &BuildInputArgs,
     secrets: &HashMap<String, SecretValue>,
-) -> Result<graphbuild_engine::attest::AttestOptions, String> {
+) -> Result<graphbuild_engine::attest::AttestOptions, graphbuild_engine::attest::AttestFlagError> {
     use graphbuild_engine::attest;
     let provenance = match &inputs.provenance {
         Some(value) => attest::parse_provenance(value)?,
@@ -514,11 +516,13 @@ pub(super) fn build_loaded(
                     eprintln!("pushed {tag} ({})", summary.index_digest);
                 }
             }
-            Err(message) => {
-                return Err(CliError::environment(format!(
-                    "pushing `{}` failed: {message}",
-                    plan.name
-                )));
+            Err(error) => {
+                // The registry's help (credentials, TLS) as the hint.
+                let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
+                return Err(help.into_iter().fold(
+                    CliError::environment(format!("pushing `{}` failed: {error}", plan.name)),
+                    CliError::hint,
+                ));
             }
         }
     }
