@@ -79,7 +79,8 @@ pub(crate) fn worker(args: WorkerArgs) -> Result<ExitStatus, CliError> {
         CliError::invalid_input(format!("--platform {}: {error}", args.platform))
             .hint("write it as OS/ARCH[/VARIANT], e.g. linux/arm64")
     })?;
-    let keys = PlatformKeys::parse(&args.platform_keys).map_err(CliError::invalid_input)?;
+    let keys = PlatformKeys::parse(&args.platform_keys)
+        .map_err(|error| CliError::invalid_input(error.to_string()))?;
     // A malformed URL is refused before the sandbox is probed.
     if let Err(error) = graphbuild_engine::reapi::ReapiCache::new(&args.executor, None) {
         return Err(CliError::invalid_input(format!("--executor: {error}")));
@@ -162,8 +163,9 @@ pub(crate) fn remote_executor(
     };
     let keys = PlatformKeys::parse(&args.remote_platform_keys)
         .map_err(|message| CliError::invalid_input(format!("--remote-platform-keys: {message}")))?;
-    let queue_timeout = execution::queue_timeout_from_env()
-        .map_err(|message| CliError::invalid_input(message).hint("give it in seconds, e.g. 30"))?;
+    let queue_timeout = execution::queue_timeout_from_env().map_err(|error| {
+        CliError::invalid_input(error.to_string()).hint("give it in seconds, e.g. 30")
+    })?;
     execution::RemoteExecutor::new(
         url,
         args.remote_token.clone(),

@@ -30,8 +30,8 @@ pub fn execute(
     overlay: &Overlay,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<Executed, String> {
-    step.check()?;
-    let options = step.layer_options()?;
+    step.check().map_err(|error| error.to_string())?;
+    let options = step.layer_options().map_err(|error| error.to_string())?;
     let mut lowerdirs = Vec::with_capacity(step.layers.len());
     for layer in step.layers.iter().rev() {
         lowerdirs.push(snapshot(store, layer)?);
@@ -140,7 +140,7 @@ pub fn run_in_input_root(
         std::fs::read(&path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
     let step: RemoteStep = serde_json::from_slice(&bytes)
         .map_err(|error| format!("{} is not a graphbuild step: {error}", path.display()))?;
-    step.check()?;
+    step.check().map_err(|error| error.to_string())?;
     for (index, layer) in step.layers.iter().enumerate() {
         if store.has_blob(&layer.digest) {
             continue;

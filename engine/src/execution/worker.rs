@@ -249,7 +249,7 @@ fn execute_lease(
                 None,
             );
         }
-        Err(message) => return (status(INVALID_ARGUMENT, message), None),
+        Err(error) => return (status(INVALID_ARGUMENT, error.to_string()), None),
     }
     // The worker's own limit on processes holds whatever the client asked for.
     let mut step = step;
