@@ -315,9 +315,22 @@ pub enum AttestError {
     },
 
     /// The layer scanner (`crate::attest::sbom`) reports its problems as text.
-    #[error("cannot scan the filesystem of {platform} for packages: {reason}")]
+    #[error("cannot scan the filesystem of {platform} for packages")]
     #[diagnostic(code(graphbuild::attest::scan))]
-    Scan { platform: String, reason: String },
+    ScanStore {
+        platform: String,
+        #[source]
+        source: StoreError,
+    },
+
+    #[error("cannot scan the filesystem of {platform} for packages: layer {digest}")]
+    #[diagnostic(code(graphbuild::attest::scan))]
+    ScanLayer {
+        platform: String,
+        digest: Digest,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("the SBOM for {platform} would be {size} bytes, more than {max}")]
     #[diagnostic(code(graphbuild::attest::sbom_size))]
