@@ -145,7 +145,7 @@ pub(crate) fn worker_step(
     match execution::step::run_in_input_root(&root, &store, &exe, &overlay, &mut print) {
         Ok(0) => Ok(ExitStatus::Success),
         Ok(code) => Ok(ExitStatus::external(code)),
-        Err(message) => Err(CliError::environment(message)),
+        Err(error) => Err(CliError::environment(error.to_string())),
     }
 }
 
