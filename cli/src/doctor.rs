@@ -7,7 +7,7 @@ use graphbuild_engine::store::Store;
 use graphbuild_lang::ir::PlatformSpec;
 use graphbuild_lang::platform::Platform;
 
-use crate::ExitStatus;
+use crate::{CliError, ExitStatus};
 
 /// The hidden argument that makes the binary probe namespaces and exit.
 pub(crate) const PROBE_ARG: &str = "__graphbuild-probe-namespaces";
@@ -200,11 +200,11 @@ fn overlay_checks(
     };
     let mode = match OverlayMode::from_env() {
         Ok(mode) => mode,
-        Err(message) => {
+        Err(error) => {
             checks.push(check(
                 false,
                 true,
-                message,
+                error.to_string(),
                 Some(format!("unset {} or fix its value", overlay::OVERLAY_ENV)),
             ));
             OverlayMode::Auto
@@ -391,14 +391,9 @@ fn fix_emulation(dir: &Path, platforms: &[Platform]) -> Vec<String> {
     done
 }
 
-fn platforms_of(file: &Path) -> Result<Vec<Platform>, ExitStatus> {
-    let project = match graphbuild_lang::load(file) {
-        Ok(project) => project,
-        Err(diagnostics) => {
-            crate::render::diagnostic(&diagnostics);
-            return Err(ExitStatus::InvalidInput);
-        }
-    };
+fn platforms_of(file: &Path) -> Result<Vec<Platform>, CliError> {
+    let project = graphbuild_lang::load(file)
+        .map_err(|diagnostics| CliError::report(ExitStatus::InvalidInput, diagnostics))?;
     let mut platforms: Vec<Platform> = Vec::new();
     let specs = project.platforms.iter().chain(
         project
@@ -434,7 +429,7 @@ fn containment_checks(checks: &mut Vec<Check>) {
             confine::KEPT_CAPABILITY_MASK
         ),
         (!seccomp).then(|| match filter {
-            Err(error) => error,
+            Err(error) => error.to_string(),
             Ok(_) => "the kernel lacks seccomp filters (CONFIG_SECCOMP_FILTER)".to_string(),
         }),
     ));
@@ -476,33 +471,15 @@ fn containment_checks(checks: &mut Vec<Check>) {
     ));
 }
 
-pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf>) -> ExitStatus {
+pub(crate) fn doctor(
+    file: Option<PathBuf>,
+    fix: bool,
+    cache_dir: Option<PathBuf>,
+) -> Result<ExitStatus, CliError> {
     let dir = binfmt_dir();
-    let host = Platform::host();
-    let mut platforms = match &file {
-        Some(file) => match platforms_of(file) {
-            Ok(platforms) => platforms,
-            Err(code) => return code,
-        },
-        None => Vec::new(),
-    };
-    if platforms.is_empty() {
-        platforms = ["linux/amd64", "linux/arm64", "linux/arm/v7"]
-            .iter()
-            .filter_map(|p| Platform::parse(p).ok())
-            .collect();
-    }
+    let platforms = doctor_platforms(file.as_deref())?;
     if fix {
-        if nix::unistd::geteuid().is_root() && !graphbuild_engine::rootless::in_user_namespace() {
-            for line in fix_emulation(&dir, &platforms) {
-                println!("fix: {line}");
-            }
-        } else {
-            println!(
-                "fix: skipped, `graphbuild doctor --fix` must run as root (binfmt handlers are \
-                 registered once per boot for every user)"
-            );
-        }
+        fix_emulators(&dir, &platforms);
     }
 
     let mut checks = Vec::new();
@@ -517,13 +494,71 @@ pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf
     rootless_checks(&mut checks);
     let code = probe.as_ref().and_then(|output| output.status.code());
     let namespaces = matches!(code, Some(0 | 2));
+    namespace_check(&mut checks, namespaces, probe.as_ref());
+    overlay_checks(&mut checks, &root, namespaces, code, probe.as_ref());
+    containment_checks(&mut checks);
+    emulation_checks(&mut checks, &dir, &platforms);
+    let store = Store::open(&root);
+    checks.push(check(
+        store.is_ok(),
+        true,
+        format!("the store {} is writable", root.display()),
+        store.as_ref().err().map(|error| {
+            format!("{error}; choose another with --cache-dir or GRAPHBUILD_CACHE_DIR")
+        }),
+    ));
+    credentials_check(&mut checks);
+    cache_server_check(&mut checks);
+
+    // A failed check is the command's answer, printed with its fix.
+    Ok(if print_checks(&checks) {
+        ExitStatus::Environment
+    } else {
+        ExitStatus::Success
+    })
+}
+
+/// The platforms whose emulators are checked: the build file's, or three common ones.
+fn doctor_platforms(file: Option<&Path>) -> Result<Vec<Platform>, CliError> {
+    let mut platforms = match file {
+        Some(file) => platforms_of(file)?,
+        None => Vec::new(),
+    };
+    if platforms.is_empty() {
+        platforms = ["linux/amd64", "linux/arm64", "linux/arm/v7"]
+            .iter()
+            .filter_map(|p| Platform::parse(p).ok())
+            .collect();
+    }
+    Ok(platforms)
+}
+
+/// `--fix`: register the emulators, as root outside any user namespace.
+fn fix_emulators(dir: &Path, platforms: &[Platform]) {
+    if nix::unistd::geteuid().is_root() && !graphbuild_engine::rootless::in_user_namespace() {
+        for line in fix_emulation(dir, platforms) {
+            println!("fix: {line}");
+        }
+    } else {
+        println!(
+            "fix: skipped, `graphbuild doctor --fix` must run as root (binfmt handlers are \
+             registered once per boot for every user)"
+        );
+    }
+}
+
+/// Whether the namespace probe (a child of this binary) could create a sandbox's namespaces.
+fn namespace_check(
+    checks: &mut Vec<Check>,
+    namespaces: bool,
+    probe: Option<&std::process::Output>,
+) {
     checks.push(check(
         namespaces,
         true,
         "kernel namespaces (mount, pid, uts, ipc) can be created",
         (!namespaces).then(|| {
             let reason = probe
-                .as_ref()
                 .map(|output| String::from_utf8_lossy(&output.stderr).trim().to_string())
                 .unwrap_or_default();
             format!(
@@ -536,9 +571,12 @@ pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf
             )
         }),
     ));
-    overlay_checks(&mut checks, &root, namespaces, code, probe.as_ref());
-    containment_checks(&mut checks);
-    let mounted = binfmt::binfmt_mounted(&dir);
+}
+
+/// binfmt_misc mounted, and each platform native or emulated.
+fn emulation_checks(checks: &mut Vec<Check>, dir: &Path, platforms: &[Platform]) {
+    let host = Platform::host();
+    let mounted = binfmt::binfmt_mounted(dir);
     checks.push(check(
         mounted,
         true,
@@ -550,8 +588,8 @@ pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf
             )
         }),
     ));
-    for platform in &platforms {
-        match binfmt::check_emulation(&dir, platform, &host) {
+    for platform in platforms {
+        match binfmt::check_emulation(dir, platform, &host) {
             Ok(Emulation::Native) => {
                 checks.push(check(true, true, format!("{platform} runs natively"), None))
             }
@@ -573,15 +611,10 @@ pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf
             }
         }
     }
-    let store = Store::open(&root);
-    checks.push(check(
-        store.is_ok(),
-        true,
-        format!("the store {} is writable", root.display()),
-        store.as_ref().err().map(|error| {
-            format!("{error}; choose another with --cache-dir or GRAPHBUILD_CACHE_DIR")
-        }),
-    ));
+}
+
+/// The registry credentials file, when there is one (not required: anonymous pulls work).
+fn credentials_check(checks: &mut Vec<Check>) {
     let docker_config = std::env::var_os("DOCKER_CONFIG")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker")))
@@ -611,6 +644,10 @@ pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf
         )),
         None => {}
     }
+}
+
+/// The team cache of `GRAPHBUILD_CACHE`, when it is set.
+fn cache_server_check(checks: &mut Vec<Check>) {
     if let Ok(url) = std::env::var("GRAPHBUILD_CACHE") {
         let health = format!("{}/healthz", url.trim_end_matches('/'));
         let reachable = ureq::get(&health)
@@ -625,10 +662,13 @@ pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf
             }),
         ));
     }
+}
 
+/// Prints each check and its fix; whether a required one failed.
+fn print_checks(checks: &[Check]) -> bool {
     let color = crate::render::color_enabled();
     let mut failed = false;
-    for check in &checks {
+    for check in checks {
         let mark = match (check.ok, color) {
             (true, true) => "\x1b[32m✓\x1b[0m",
             (true, false) => "✓",
@@ -641,11 +681,7 @@ pub(crate) fn doctor(file: Option<PathBuf>, fix: bool, cache_dir: Option<PathBuf
         }
         failed |= !check.ok && check.required;
     }
-    if failed {
-        ExitStatus::Environment
-    } else {
-        ExitStatus::Success
-    }
+    failed
 }
 
 #[cfg(test)]

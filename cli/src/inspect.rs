@@ -7,8 +7,8 @@ use graphbuild_engine::reference::Reference;
 use graphbuild_engine::registry::{ClientOptions, RegistryClient};
 use serde_json::json;
 
-use crate::ExitStatus;
 use crate::render;
+use crate::{CliError, ExitStatus};
 
 /// Uncompressed size of a layer blob (gzip, zstd or plain tar), read as a build reads it.
 fn uncompressed_size(layout: &OciLayout, descriptor: &oci::Descriptor) -> Option<u64> {
@@ -162,50 +162,44 @@ fn describe_registry(
     }))
 }
 
-fn inspect_registry(target: &str, json_format: bool, insecure_registries: &[String]) -> ExitStatus {
-    let reference = match Reference::parse(target) {
-        Ok(reference) => reference,
-        Err(error) => {
-            render::error(
-                &format!(
-                    "`{target}` is neither an OCI layout on disk nor an image reference: {error}"
-                ),
-                &[
-                    "give a layout directory (PATH or PATH:TAG) or a reference like registry.example.com/app:1.0",
-                ],
-            );
-            return ExitStatus::InvalidInput;
-        }
-    };
+fn inspect_registry(
+    target: &str,
+    json_format: bool,
+    insecure_registries: &[String],
+) -> Result<ExitStatus, CliError> {
+    let reference = Reference::parse(target).map_err(|error| {
+        CliError::invalid_input(format!(
+            "`{target}` is neither an OCI layout on disk nor an image reference: {error}"
+        ))
+        .hint(
+            "give a layout directory (PATH or PATH:TAG) or a reference like registry.example.com/app:1.0",
+        )
+    })?;
     let client = RegistryClient::new(ClientOptions {
         insecure_registries: insecure_registries.to_vec(),
         ..Default::default()
     });
-    let image = match describe_registry(&client, &reference) {
-        Ok(image) => image,
-        Err(message) => {
-            render::error(&format!("cannot inspect `{reference}`: {message}"), &[]);
-            return ExitStatus::Environment;
-        }
-    };
+    let image = describe_registry(&client, &reference).map_err(|message| {
+        CliError::environment(format!("cannot inspect `{reference}`: {message}"))
+    })?;
     if json_format {
         let value = json!({ "reference": reference.to_string(), "tags": [reference.tag], "images": [image] });
         println!(
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
         );
-        return ExitStatus::Success;
+        return Ok(ExitStatus::Success);
     }
     let tags: Vec<String> = reference.tag.iter().cloned().collect();
     print!("{}", safe(&text(&reference.to_string(), &tags, &[image])));
-    ExitStatus::Success
+    Ok(ExitStatus::Success)
 }
 
 pub(crate) fn inspect(
     target: &str,
     json_format: bool,
     insecure_registries: &[String],
-) -> ExitStatus {
+) -> Result<ExitStatus, CliError> {
     // PATH or PATH:TAG (a tag never contains '/').
     let (path, tag) = match target.rsplit_once(':') {
         Some((path, tag)) if !tag.contains('/') && Path::new(path).is_dir() => (path, Some(tag)),
@@ -214,37 +208,18 @@ pub(crate) fn inspect(
     if !Path::new(path).exists() {
         return inspect_registry(target, json_format, insecure_registries);
     }
-    let layout = match OciLayout::open(Path::new(path)) {
-        Ok(layout) => layout,
-        Err(error) => {
-            {
-                render::diagnostic(&error);
-            }
-            return ExitStatus::InvalidInput;
-        }
-    };
+    let invalid = |error| CliError::report(ExitStatus::InvalidInput, error);
+    let layout = OciLayout::open(Path::new(path)).map_err(invalid)?;
     let tags: Vec<String> = match tag {
         Some(tag) => vec![tag.to_string()],
         None => layout.tags(),
     };
     let mut images = Vec::new();
     if tags.is_empty() {
-        match describe(&layout, None) {
-            Ok(value) => images.push(value),
-            Err(error) => {
-                render::diagnostic(&error);
-                return ExitStatus::InvalidInput;
-            }
-        }
+        images.push(describe(&layout, None).map_err(invalid)?);
     }
     for tag in &tags {
-        match describe(&layout, Some(tag)) {
-            Ok(value) => images.push(value),
-            Err(error) => {
-                render::diagnostic(&error);
-                return ExitStatus::InvalidInput;
-            }
-        }
+        images.push(describe(&layout, Some(tag)).map_err(invalid)?);
     }
     if json_format {
         let value = json!({ "layout": path, "tags": layout.tags(), "images": images });
@@ -252,10 +227,10 @@ pub(crate) fn inspect(
             "{}",
             serde_json::to_string_pretty(&value).unwrap_or_default()
         );
-        return ExitStatus::Success;
+        return Ok(ExitStatus::Success);
     }
     print!("{}", safe(&text(path, &layout.tags(), &images)));
-    ExitStatus::Success
+    Ok(ExitStatus::Success)
 }
 
 /// `gzip`, `zstd` or `uncompressed` from a layer media type.

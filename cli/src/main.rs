@@ -4,6 +4,7 @@
 
 mod commands;
 mod doctor;
+mod error;
 mod inspect;
 mod progress;
 mod render;
@@ -15,38 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// How graphbuild exits: the one place exit codes are defined (documented in docs/cli.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitStatus {
-    /// Everything asked for was done.
-    Success,
-    /// A step or an image failed, or `verify` found a difference.
-    BuildFailed,
-    /// The build file, a flag or an argument is wrong: nothing was attempted.
-    InvalidInput,
-    /// The machine or the network is not ready: root, qemu, a registry, the store.
-    Environment,
-    /// Stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
-    Interrupted,
-}
-
-impl ExitStatus {
-    pub fn code(self) -> u8 {
-        match self {
-            ExitStatus::Success => 0,
-            ExitStatus::BuildFailed => 1,
-            ExitStatus::InvalidInput => 2,
-            ExitStatus::Environment => 3,
-            ExitStatus::Interrupted => 130,
-        }
-    }
-}
-
-impl From<ExitStatus> for ExitCode {
-    fn from(status: ExitStatus) -> ExitCode {
-        ExitCode::from(status.code())
-    }
-}
+pub(crate) use error::{CliError, ExitStatus};
 
 #[derive(Parser)]
 #[command(
@@ -444,7 +414,7 @@ fn main() -> ExitCode {
                 ExitStatus::Success
             };
             let _ = error.print();
-            return ExitCode::from(code);
+            return code.into();
         }
     };
     // An ordinary user builds in a user namespace of its own (docs/security.md, Rootless).
@@ -452,9 +422,9 @@ fn main() -> ExitCode {
         && !nix::unistd::geteuid().is_root()
         && !graphbuild_engine::rootless::in_user_namespace()
     {
-        return commands::rootless_reexec();
+        return exit(commands::rootless_reexec());
     }
-    let code = match cli.command {
+    let result = match cli.command {
         Command::Run(args) => commands::run(*args),
         Command::Build(args) => commands::build(*args),
         Command::Convert(args) => commands::convert(args),
@@ -505,8 +475,20 @@ fn main() -> ExitCode {
                 "graphbuild",
                 &mut std::io::stdout(),
             );
-            ExitStatus::Success
+            Ok(ExitStatus::Success)
         }
     };
-    ExitCode::from(code)
+    exit(result)
+}
+
+/// The one place a command's end becomes the process's: its diagnostic rendered once, then
+/// its status.
+fn exit(result: Result<ExitStatus, CliError>) -> ExitCode {
+    match result {
+        Ok(status) => status.into(),
+        Err(error) => {
+            error.render();
+            error.exit.into()
+        }
+    }
 }

@@ -11,7 +11,7 @@ use graphbuild_engine::sandbox::overlay::{self, OverlayMode};
 use graphbuild_engine::store::Store;
 use graphbuild_lang::platform::Platform;
 
-use crate::{ExitStatus, render};
+use crate::{CliError, ExitStatus};
 
 #[derive(Args)]
 pub(crate) struct WorkerArgs {
@@ -43,68 +43,49 @@ pub(crate) struct WorkerArgs {
 /// The store and the overlay a worker's sandboxes use.
 fn sandbox_setup(
     cache_dir: Option<PathBuf>,
-) -> Result<(Store, PathBuf, overlay::Overlay), ExitStatus> {
+) -> Result<(Store, PathBuf, overlay::Overlay), CliError> {
     let root = cache_dir.unwrap_or_else(Store::default_root);
     // Absolute: sandboxes run elsewhere and get store paths as overlay layers.
     let root = std::path::absolute(&root).unwrap_or(root);
     let store = Store::open(&root).map_err(|error| {
-        render::error(
-            &format!("cannot open the store at {}: {error}", root.display()),
-            &["choose another directory with --cache-dir DIR"],
-        );
-        ExitStatus::Environment
+        CliError::environment(format!(
+            "cannot open the store at {}: {error}",
+            root.display()
+        ))
+        .hint("choose another directory with --cache-dir DIR")
     })?;
     let exe = std::env::current_exe().map_err(|error| {
-        render::error(&format!("cannot find the graphbuild binary: {error}"), &[]);
-        ExitStatus::Environment
+        CliError::environment(format!("cannot find the graphbuild binary: {error}"))
     })?;
     let mode = std::env::var("GRAPHBUILD_OVERLAY")
         .ok()
         .map(|value| OverlayMode::parse(&value))
         .transpose()
-        .map_err(|message| {
-            render::error(&message, &["GRAPHBUILD_OVERLAY is auto, native or fuse"]);
-            ExitStatus::InvalidInput
+        .map_err(|error| {
+            CliError::invalid_input(error.to_string())
+                .hint("GRAPHBUILD_OVERLAY is auto, native or fuse")
         })?
         .unwrap_or_default();
-    let scratch = store.temp_dir().map_err(|error| {
-        render::error(&format!("cannot use the store: {error}"), &[]);
-        ExitStatus::Environment
-    })?;
-    let selection = overlay::select(mode, &exe, scratch.path(), false).map_err(|unavailable| {
-        render::error(&unavailable.to_string(), &[]);
-        ExitStatus::Environment
-    })?;
+    let scratch = store
+        .temp_dir()
+        .map_err(|error| CliError::environment(format!("cannot use the store: {error}")))?;
+    let selection = overlay::select(mode, &exe, scratch.path(), false)
+        .map_err(|unavailable| CliError::environment(unavailable.to_string()))?;
     Ok((store, exe, selection.overlay))
 }
 
-pub(crate) fn worker(args: WorkerArgs) -> ExitStatus {
-    let platform = match Platform::parse(&args.platform) {
-        Ok(platform) => platform,
-        Err(error) => {
-            render::error(
-                &format!("--platform {}: {error}", args.platform),
-                &["write it as OS/ARCH[/VARIANT], e.g. linux/arm64"],
-            );
-            return ExitStatus::InvalidInput;
-        }
-    };
-    let keys = match PlatformKeys::parse(&args.platform_keys) {
-        Ok(keys) => keys,
-        Err(message) => {
-            render::error(&message, &[]);
-            return ExitStatus::InvalidInput;
-        }
-    };
+pub(crate) fn worker(args: WorkerArgs) -> Result<ExitStatus, CliError> {
+    let platform = Platform::parse(&args.platform).map_err(|error| {
+        CliError::invalid_input(format!("--platform {}: {error}", args.platform))
+            .hint("write it as OS/ARCH[/VARIANT], e.g. linux/arm64")
+    })?;
+    let keys = PlatformKeys::parse(&args.platform_keys)
+        .map_err(|error| CliError::invalid_input(error.to_string()))?;
     // A malformed URL is refused before the sandbox is probed.
     if let Err(error) = graphbuild_engine::reapi::ReapiCache::new(&args.executor, None) {
-        render::error(&format!("--executor: {error}"), &[]);
-        return ExitStatus::InvalidInput;
+        return Err(CliError::invalid_input(format!("--executor: {error}")));
     }
-    let (store, exe, overlay) = match sandbox_setup(args.cache_dir) {
-        Ok(setup) => setup,
-        Err(status) => return status,
-    };
+    let (store, exe, overlay) = sandbox_setup(args.cache_dir)?;
     let bot_id = args.name.unwrap_or_else(|| {
         let host = nix::unistd::gethostname()
             .ok()
@@ -131,48 +112,40 @@ pub(crate) fn worker(args: WorkerArgs) -> ExitStatus {
     };
     let log = |line: &str| eprintln!("{line}");
     match worker::serve(&options, &store, &stop, &log) {
-        Ok(()) => ExitStatus::Success,
+        Ok(()) => Ok(ExitStatus::Success),
         Err(error) => {
-            render::error(
-                &format!("--executor: {error}"),
-                &["check the --executor URL, and that the cluster serves the Bots service there"],
-            );
-            match error {
+            let exit = match error {
                 graphbuild_engine::remote::RemoteError::InvalidUrl { .. } => {
                     ExitStatus::InvalidInput
                 }
                 _ => ExitStatus::Environment,
-            }
+            };
+            Err(CliError::new(exit, format!("--executor: {error}")).hint(
+                "check the --executor URL, and that the cluster serves the Bots service there",
+            ))
         }
     }
 }
 
 /// `graphbuild worker-step step.json` in an action's input root (the working directory):
 /// exits with the step's exit code; 3 when the step could not run.
-pub(crate) fn worker_step(step_file: PathBuf, cache_dir: Option<PathBuf>) -> ExitStatus {
+pub(crate) fn worker_step(
+    step_file: PathBuf,
+    cache_dir: Option<PathBuf>,
+) -> Result<ExitStatus, CliError> {
     if step_file.as_os_str() != execution::STEP_FILE {
-        render::error(
-            &format!(
-                "worker-step reads {} in the input root",
-                execution::STEP_FILE
-            ),
-            &[],
-        );
-        return ExitStatus::InvalidInput;
+        return Err(CliError::invalid_input(format!(
+            "worker-step reads {} in the input root",
+            execution::STEP_FILE
+        )));
     }
-    let (store, exe, overlay) = match sandbox_setup(cache_dir) {
-        Ok(setup) => setup,
-        Err(status) => return status,
-    };
+    let (store, exe, overlay) = sandbox_setup(cache_dir)?;
     let root = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let mut print = |line: &str| println!("{line}");
     match execution::step::run_in_input_root(&root, &store, &exe, &overlay, &mut print) {
-        Ok(0) => ExitStatus::Success,
-        Ok(code) => std::process::exit(code),
-        Err(message) => {
-            render::error(&message, &[]);
-            ExitStatus::Environment
-        }
+        Ok(0) => Ok(ExitStatus::Success),
+        Ok(code) => Ok(ExitStatus::external(code)),
+        Err(error) => Err(CliError::environment(error.to_string())),
     }
 }
 
@@ -180,7 +153,7 @@ pub(crate) fn worker_step(step_file: PathBuf, cache_dir: Option<PathBuf>) -> Exi
 pub(crate) fn remote_executor(
     args: &crate::RemoteCacheArgs,
     cancel: &graphbuild_engine::scheduler::CancelToken,
-) -> Result<Option<Arc<execution::RemoteExecutor>>, ExitStatus> {
+) -> Result<Option<Arc<execution::RemoteExecutor>>, CliError> {
     let Some(url) = args
         .remote_executor
         .as_deref()
@@ -188,13 +161,10 @@ pub(crate) fn remote_executor(
     else {
         return Ok(None);
     };
-    let keys = PlatformKeys::parse(&args.remote_platform_keys).map_err(|message| {
-        render::error(&format!("--remote-platform-keys: {message}"), &[]);
-        ExitStatus::InvalidInput
-    })?;
-    let queue_timeout = execution::queue_timeout_from_env().map_err(|message| {
-        render::error(&message, &["give it in seconds, e.g. 30"]);
-        ExitStatus::InvalidInput
+    let keys = PlatformKeys::parse(&args.remote_platform_keys)
+        .map_err(|message| CliError::invalid_input(format!("--remote-platform-keys: {message}")))?;
+    let queue_timeout = execution::queue_timeout_from_env().map_err(|error| {
+        CliError::invalid_input(error.to_string()).hint("give it in seconds, e.g. 30")
     })?;
     execution::RemoteExecutor::new(
         url,
@@ -206,10 +176,8 @@ pub(crate) fn remote_executor(
     )
     .map(|executor| Some(Arc::new(executor)))
     .map_err(|error| {
-        render::error(
-            &format!("--remote-executor: {error}"),
-            &["write the executor URL as grpc://HOST:PORT[/INSTANCE] or grpcs://HOST[:PORT][/INSTANCE]"],
-        );
-        ExitStatus::InvalidInput
+        CliError::invalid_input(format!("--remote-executor: {error}")).hint(
+            "write the executor URL as grpc://HOST:PORT[/INSTANCE] or grpcs://HOST[:PORT][/INSTANCE]",
+        )
     })
 }

@@ -872,21 +872,38 @@ pub(crate) fn has_glob(path: &str) -> bool {
 /// Normalize a COPY source to a relative `/`-separated path (`""` is the root).
 pub(crate) fn clean_source(source: &str, strict: bool) -> Result<String, CopyError> {
     let relative = go_clean(source.trim_start_matches('/'));
-    if relative == ".." || relative.starts_with("../") {
-        if strict {
-            return Err(CopyError::OutsideContext {
-                name: source.to_string(),
-            });
-        }
-        return Ok(go_clean(&format!("/{source}"))
-            .trim_start_matches('/')
-            .to_string());
+    if strict && (relative == ".." || relative.starts_with("../")) {
+        return Err(CopyError::OutsideContext {
+            name: source.to_string(),
+        });
     }
-    Ok(if relative == "." {
+    Ok(clean_source_in_root(source))
+}
+
+/// [`clean_source`] where `..` stops at the root, as in a stage's filesystem: never an error.
+pub(crate) fn clean_source_in_root(source: &str) -> String {
+    let relative = go_clean(source.trim_start_matches('/'));
+    if relative == ".." || relative.starts_with("../") {
+        return go_clean(&format!("/{source}"))
+            .trim_start_matches('/')
+            .to_string();
+    }
+    if relative == "." {
         String::new()
     } else {
         relative
-    })
+    }
+}
+
+/// A copy's `exclude` pattern that does not compile. Patterns are checked when the build is
+/// planned, so this is met only by a plan changed under the build.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, miette::Diagnostic)]
+#[error("`exclude` pattern `{pattern}`: {reason}")]
+#[diagnostic(code(graphbuild::copy::select))]
+pub(crate) struct ExcludeError {
+    pub(crate) pattern: String,
+    /// What the pattern compiler says is wrong with it.
+    pub(crate) reason: String,
 }
 
 /// Every proper ancestor of a relative path: `a/b/c` → `a`, `a/b`.
@@ -957,12 +974,17 @@ pub(crate) fn items_digest(items: &[CopyItem]) -> [u8; 32] {
 pub(crate) fn exclude_patterns(
     items: Vec<CopyItem>,
     patterns: &[String],
-) -> Result<Vec<CopyItem>, String> {
+) -> Result<Vec<CopyItem>, ExcludeError> {
     if patterns.is_empty() {
         return Ok(items);
     }
-    let excluder = crate::dockerignore::DockerIgnore::parse(&patterns.join("\n"))
-        .map_err(|error| format!("`exclude` pattern `{}`: {}", error.pattern, error.reason))?;
+    let excluder =
+        crate::dockerignore::DockerIgnore::parse(&patterns.join("\n")).map_err(|error| {
+            ExcludeError {
+                pattern: error.pattern,
+                reason: error.reason,
+            }
+        })?;
     Ok(exclude(items, &excluder))
 }
 

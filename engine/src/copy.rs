@@ -68,6 +68,20 @@ pub(crate) enum CopyError {
         )
     )]
     InvalidChown { spec: String, reason: String },
+    #[error("`chown={spec}`: cannot {action} {path} in the image: {source}")]
+    #[diagnostic(
+        code(graphbuild::copy::chown),
+        help(
+            "write `user`, `user:group` or numeric `uid:gid`; names are looked up in the image's /etc/passwd and /etc/group"
+        )
+    )]
+    ChownDatabase {
+        spec: String,
+        action: &'static str,
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("{} changed in the build context while building", path.display())]
     #[diagnostic(
         code(graphbuild::copy::changed),
@@ -324,7 +338,7 @@ pub(crate) fn parse_chown(spec: &str, root: &Path) -> Result<(u32, u32), CopyErr
     let (uid, primary_gid) = match user.parse::<u32>() {
         Ok(uid) => (uid, uid),
         Err(_) => {
-            let passwd = read_database(root, "/etc/passwd").map_err(invalid)?;
+            let passwd = read_database(root, "/etc/passwd", spec)?;
             let fields = lookup(&passwd, user)
                 .ok_or_else(|| invalid(format!("no user `{user}` in the image's /etc/passwd")))?;
             let uid = fields.get(2).and_then(|field| field.parse().ok());
@@ -344,7 +358,7 @@ pub(crate) fn parse_chown(spec: &str, root: &Path) -> Result<(u32, u32), CopyErr
         Some(group) => match group.parse::<u32>() {
             Ok(gid) => gid,
             Err(_) => {
-                let groups = read_database(root, "/etc/group").map_err(invalid)?;
+                let groups = read_database(root, "/etc/group", spec)?;
                 let fields = lookup(&groups, group).ok_or_else(|| {
                     invalid(format!("no group `{group}` in the image's /etc/group"))
                 })?;
@@ -360,11 +374,18 @@ pub(crate) fn parse_chown(spec: &str, root: &Path) -> Result<(u32, u32), CopyErr
     Ok((uid, gid))
 }
 
-fn read_database(root: &Path, path: &str) -> Result<String, String> {
-    let host = fsutil::resolve_in_root(root, path, true)
-        .map_err(|error| format!("cannot resolve {path} in the image: {error}"))?;
-    std::fs::read_to_string(&host)
-        .map_err(|error| format!("cannot read {path} in the image: {error}"))
+/// The image's `/etc/passwd` or `/etc/group`, for `chown=spec`.
+fn read_database(root: &Path, path: &'static str, spec: &str) -> Result<String, CopyError> {
+    let fail = |action| {
+        move |source| CopyError::ChownDatabase {
+            spec: spec.to_string(),
+            action,
+            path,
+            source,
+        }
+    };
+    let host = fsutil::resolve_in_root(root, path, true).map_err(fail("resolve"))?;
+    std::fs::read_to_string(&host).map_err(fail("read"))
 }
 
 fn lookup<'a>(database: &'a str, name: &str) -> Option<Vec<&'a str>> {

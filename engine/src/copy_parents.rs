@@ -42,9 +42,7 @@ pub(crate) fn select_in_view_with_parents(
         let Some((selected, found)) = select_in_view(view, std::slice::from_ref(source))? else {
             return Ok(None);
         };
-        let pivot = pivot(source, false).map_err(|error| CopyFault::Select {
-            reason: error.to_string(),
-        })?;
+        let pivot = pivot_in_root(source);
         relocate(selected, pivot.as_deref(), &dir_mode, &mut items);
         hosts.extend(found);
     }
@@ -64,10 +62,17 @@ pub(crate) fn select_in_tree_with_parents(
     };
     for source in sources {
         let selected = select_in_tree(root, std::slice::from_ref(source))?;
-        let pivot = pivot(source, false)?;
+        let pivot = pivot_in_root(source);
         relocate(selected, pivot.as_deref(), &dir_mode, &mut items);
     }
     Ok(items.into_values().collect())
+}
+
+/// [`pivot`] in a stage's filesystem, where `..` stops at the root: never an error.
+fn pivot_in_root(source: &str) -> Option<String> {
+    source
+        .find("/./")
+        .map(|index| crate::context::clean_source_in_root(&source[..index]))
 }
 
 /// The part of a source before its `/./` pivot (cleaned, relative), if it has one.
@@ -179,5 +184,14 @@ mod tests {
                 ("x/y/b.txt".into(), "y/b.txt".into(), 0o644),
             ]
         );
+    }
+
+    #[test]
+    fn a_pivot_in_a_stage_stops_at_its_root_where_the_context_refuses() {
+        assert_eq!(pivot_in_root("../x/./y"), Some("x".to_string()));
+        assert_eq!(pivot_in_root("/x/../../y/./z"), Some("y".to_string()));
+        assert_eq!(pivot_in_root("x/y"), None);
+        assert!(pivot("../x/./y", true).is_err());
+        assert_eq!(pivot("x/z/../y/./b", true).unwrap().as_deref(), Some("x/y"));
     }
 }

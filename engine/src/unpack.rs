@@ -604,6 +604,61 @@ fn finish_check<R: Read>(
     Ok(stats)
 }
 
+/// A whiteout entry: the opaque marker on `parent_path`, or a 0/0 character device hiding
+/// `hidden` there. `trusted`: opaque markers are `trusted.overlay.*` (root outside a user
+/// namespace), else `user.overlay.*`.
+fn apply_whiteout(
+    name: &[u8],
+    hidden: &[u8],
+    parent_path: &Path,
+    entry_name: &[u8],
+    trusted: bool,
+    stats: &mut UnpackStats,
+) -> Result<(), UnpackError> {
+    if name == OPAQUE_MARKER.as_bytes() {
+        let attribute: &[u8] = if trusted {
+            b"trusted.overlay.opaque"
+        } else {
+            b"user.overlay.opaque"
+        };
+        set_xattr(parent_path, attribute, b"y").map_err(io_error(
+            entry_name,
+            "mark opaque",
+            parent_path,
+        ))?;
+        stats.opaque_directories += 1;
+        return Ok(());
+    }
+    if hidden.is_empty() || hidden == b"." || hidden == b".." {
+        return Err(unsafe_entry(
+            entry_name,
+            "is a whiteout without a valid name",
+        ));
+    }
+    let hidden_path = parent_path.join(OsStr::from_bytes(hidden));
+    clear(&hidden_path, entry_name, false)?;
+    match nix::sys::stat::mknod(
+        &hidden_path,
+        SFlag::S_IFCHR,
+        Mode::empty(),
+        nix::sys::stat::makedev(0, 0),
+    ) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EPERM) => {
+            return Err(UnpackError::NeedsRoot {
+                entry: lossy(entry_name),
+            });
+        }
+        Err(errno) => {
+            return Err(io_error(entry_name, "create whiteout", &hidden_path)(
+                errno.into(),
+            ));
+        }
+    }
+    stats.whiteouts += 1;
+    Ok(())
+}
+
 fn extract(stream: impl Read, dest: &Path, max_bytes: u64) -> Result<UnpackStats, UnpackError> {
     let root = is_root();
     // Root of a user namespace (a rootless build): owners can be set within the mapped ids,
@@ -640,49 +695,15 @@ fn extract(stream: impl Read, dest: &Path, max_bytes: u64) -> Result<UnpackStats
         let parent_path = walk_directories(dest, entry_name, parents, true)?;
         let full_path = parent_path.join(OsStr::from_bytes(name));
 
-        // Whiteouts.
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
-            if *name == OPAQUE_MARKER.as_bytes() {
-                let attribute: &[u8] = if root && !userns {
-                    b"trusted.overlay.opaque"
-                } else {
-                    b"user.overlay.opaque"
-                };
-                set_xattr(&parent_path, attribute, b"y").map_err(io_error(
-                    entry_name,
-                    "mark opaque",
-                    &parent_path,
-                ))?;
-                stats.opaque_directories += 1;
-                continue;
-            }
-            if hidden.is_empty() || hidden == b"." || hidden == b".." {
-                return Err(unsafe_entry(
-                    entry_name,
-                    "is a whiteout without a valid name",
-                ));
-            }
-            let hidden_path = parent_path.join(OsStr::from_bytes(hidden));
-            clear(&hidden_path, entry_name, false)?;
-            match nix::sys::stat::mknod(
-                &hidden_path,
-                SFlag::S_IFCHR,
-                Mode::empty(),
-                nix::sys::stat::makedev(0, 0),
-            ) {
-                Ok(()) => {}
-                Err(nix::errno::Errno::EPERM) => {
-                    return Err(UnpackError::NeedsRoot {
-                        entry: lossy(entry_name),
-                    });
-                }
-                Err(errno) => {
-                    return Err(io_error(entry_name, "create whiteout", &hidden_path)(
-                        errno.into(),
-                    ));
-                }
-            }
-            stats.whiteouts += 1;
+            apply_whiteout(
+                name,
+                hidden,
+                &parent_path,
+                entry_name,
+                root && !userns,
+                &mut stats,
+            )?;
             continue;
         }
 
@@ -833,8 +854,19 @@ fn extract(stream: impl Read, dest: &Path, max_bytes: u64) -> Result<UnpackStats
         }
     }
 
-    // Directories last: creating their children changed their times. Deepest first, and
-    // re-checked: a later entry may have replaced a directory or one of its parents.
+    apply_directory_metadata(dest, directories, root)?;
+    Ok(stats)
+}
+
+/// The directories' owners, modes and times, applied last: creating their children changed
+/// their times. Deepest first, and re-checked: a later entry may have replaced a directory or
+/// one of its parents.
+fn apply_directory_metadata(
+    dest: &Path,
+    directories: Vec<(Vec<u8>, EntryMetadata)>,
+    root: bool,
+) -> Result<(), UnpackError> {
+    let mut directories = directories;
     directories.sort_by_key(|(path, _)| {
         std::cmp::Reverse(path.iter().filter(|byte| **byte == b'/').count())
     });
@@ -855,7 +887,7 @@ fn extract(stream: impl Read, dest: &Path, max_bytes: u64) -> Result<UnpackStats
         ))?;
         set_times(&path, &metadata.mtime).map_err(io_error(&joined, "set the times of", &path))?;
     }
-    Ok(stats)
+    Ok(())
 }
 
 /// A failed `lchown`: in a user namespace, EINVAL means the owner is not mapped.

@@ -8,7 +8,8 @@ use graphbuild_lang::dockerfile;
 
 use crate::render;
 use crate::{
-    BuildInputArgs, CompressionArg, ExitStatus, FormatArg, ProgressMode, RunArgs, SelectArgs,
+    BuildInputArgs, CliError, CompressionArg, ExitStatus, FormatArg, ProgressMode, RunArgs,
+    SelectArgs,
 };
 
 use super::run::build_loaded;
@@ -275,44 +276,33 @@ pub(super) fn image_name(tags: &[String]) -> String {
     }
 }
 
-pub(crate) fn build(args: BuildArgs) -> ExitStatus {
+pub(crate) fn build(args: BuildArgs) -> Result<ExitStatus, CliError> {
     if let Some((flag, why)) = unsupported(&args) {
-        render::error(
-            &format!("graphbuild build does not support `{flag}`"),
-            &[why],
+        return Err(
+            CliError::invalid_input(format!("graphbuild build does not support `{flag}`"))
+                .hint(why),
         );
-        return ExitStatus::InvalidInput;
     }
-    let request = match outputs(&args.output) {
-        Ok(request) => request,
-        Err(message) => {
-            render::error(&message, &[]);
-            return ExitStatus::InvalidInput;
-        }
-    };
+    let request = outputs(&args.output).map_err(CliError::invalid_input)?;
     for spec in [&args.cache.cache_from, &args.cache.cache_to]
         .into_iter()
         .flatten()
     {
         if spec.starts_with("type=") {
-            render::error(
-                &format!("`{spec}`: graphbuild's --cache-from/--cache-to take a team cache URL"),
-                &[
-                    "write http://HOST:PORT[/INSTANCE] of a `graphbuild cache serve` (docs/cache-server.md) or grpc://HOST:PORT[/INSTANCE] of an REAPI cache (docs/remote.md); graphbuild has no registry or gha cache",
-                ],
-            );
-            return ExitStatus::InvalidInput;
+            return Err(CliError::invalid_input(format!(
+                "`{spec}`: graphbuild's --cache-from/--cache-to take a team cache URL"
+            ))
+            .hint(
+                "write http://HOST:PORT[/INSTANCE] of a `graphbuild cache serve` (docs/cache-server.md) or grpc://HOST:PORT[/INSTANCE] of an REAPI cache (docs/remote.md); graphbuild has no registry or gha cache",
+            ));
         }
     }
     if !args.context.is_dir() {
-        render::error(
-            &format!(
-                "the build context `{}` is not a directory",
-                args.context.display()
-            ),
-            &["pass a directory, usually `.`; URLs and `-` are not supported"],
-        );
-        return ExitStatus::InvalidInput;
+        return Err(CliError::invalid_input(format!(
+            "the build context `{}` is not a directory",
+            args.context.display()
+        ))
+        .hint("pass a directory, usually `.`; URLs and `-` are not supported"));
     }
     let push = args.push || request.push;
     let file = args
@@ -328,11 +318,10 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
         .map(str::to_string)
         .collect();
     if args.file.as_deref() == Some(std::path::Path::new("-")) {
-        render::error(
+        return Err(CliError::invalid_input(
             "`-f -` (a Dockerfile on standard input) is not supported",
-            &["write it to a file and pass -f PATH"],
-        );
-        return ExitStatus::InvalidInput;
+        )
+        .hint("write it to a file and pass -f PATH"));
     }
     // `--build-arg NAME` takes NAME's value from the environment, or is left out, as buildx.
     let build_args: Vec<String> = args
@@ -371,11 +360,10 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
                     parsed.push((key.to_string(), value.to_string()));
                 }
                 _ => {
-                    render::error(
-                        &format!("`{flag} {item}` is not KEY=VALUE"),
-                        &["write KEY=VALUE (annotations: [TYPE:]KEY=VALUE, as buildx)"],
-                    );
-                    return ExitStatus::InvalidInput;
+                    return Err(CliError::invalid_input(format!(
+                        "`{flag} {item}` is not KEY=VALUE"
+                    ))
+                    .hint("write KEY=VALUE (annotations: [TYPE:]KEY=VALUE, as buildx)"));
                 }
             }
         }
@@ -399,13 +387,8 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
                 .to_string()
         }),
     };
-    let project = match dockerfile::load(&file, &args.context, &options) {
-        Ok(project) => project,
-        Err(diagnostics) => {
-            render::diagnostic(&diagnostics);
-            return ExitStatus::InvalidInput;
-        }
-    };
+    let project = dockerfile::load(&file, &args.context, &options)
+        .map_err(|diagnostics| CliError::report(ExitStatus::InvalidInput, diagnostics))?;
     // Docker warns about build args no ARG declares; so does graphbuild.
     for arg in &args.build_args {
         let name = arg.split('=').next().unwrap_or(arg);
@@ -421,27 +404,13 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
             ));
         }
     }
-    let store = match open_store(select.cache_dir.clone()) {
-        Ok(store) => store,
-        Err(code) => return code,
-    };
-    let resolver = match resolver(&select, false, manifest_store(&select, true)) {
-        Ok(resolver) => resolver,
-        Err(code) => return code,
-    };
-    let loaded = match expand(project, &select, Some(&store), &resolver) {
-        Ok(loaded) => loaded,
-        Err(code) => return code,
-    };
-    if let Err(code) = refuse_unresolved(&loaded.plan, &select) {
-        return code;
-    }
+    let store = open_store(select.cache_dir.clone())?;
+    let resolver = resolver(&select, false, manifest_store(&select, true))?;
+    let loaded = expand(project, &select, Some(&store), &resolver)?;
+    refuse_unresolved(&loaded.plan, &select)?;
     if push && args.tags.is_empty() {
-        render::error(
-            "--push needs a name to push to",
-            &["give one with -t REGISTRY/REPO:TAG"],
-        );
-        return ExitStatus::InvalidInput;
+        return Err(CliError::invalid_input("--push needs a name to push to")
+            .hint("give one with -t REGISTRY/REPO:TAG"));
     }
     let (progress, quiet) = match args.progress {
         BuildProgress::Auto => (None, args.quiet),
@@ -451,16 +420,9 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
         BuildProgress::Quiet => (None, true),
     };
     // `--iidfile` reads the digest from the metadata `run` writes.
-    let scratch = match tempfile::tempdir() {
-        Ok(dir) => dir,
-        Err(error) => {
-            render::error(
-                &format!("cannot create a temporary directory: {error}"),
-                &[],
-            );
-            return ExitStatus::Environment;
-        }
-    };
+    let scratch = tempfile::tempdir().map_err(|error| {
+        CliError::environment(format!("cannot create a temporary directory: {error}"))
+    })?;
     let metadata_file = args.metadata_file.clone().or_else(|| {
         args.iidfile
             .as_ref()
@@ -492,9 +454,9 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
         cache: args.cache.clone(),
         push,
     };
-    let code = build_loaded(&run_args, &store, &resolver, &loaded);
+    let code = build_loaded(&run_args, &store, &resolver, &loaded)?;
     if code != ExitStatus::Success {
-        return code;
+        return Ok(code);
     }
     if let (Some(iidfile), Some(metadata)) = (&args.iidfile, &metadata_file) {
         let digest = std::fs::read_to_string(metadata)
@@ -503,9 +465,11 @@ pub(crate) fn build(args: BuildArgs) -> ExitStatus {
             .and_then(|json| json["containerimage.digest"].as_str().map(str::to_string));
         let written = digest.map(|digest| std::fs::write(iidfile, digest));
         if !matches!(written, Some(Ok(()))) {
-            render::error(&format!("cannot write {}", iidfile.display()), &[]);
-            return ExitStatus::Environment;
+            return Err(CliError::environment(format!(
+                "cannot write {}",
+                iidfile.display()
+            )));
         }
     }
-    ExitStatus::Success
+    Ok(ExitStatus::Success)
 }

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use graphbuild_engine::store::Store;
 
-use crate::ExitStatus;
 use crate::render;
+use crate::{CliError, ExitStatus};
 
 use super::*;
 
-pub(crate) fn cache_du(cache_dir: Option<PathBuf>) -> ExitStatus {
+pub(crate) fn cache_du(cache_dir: Option<PathBuf>) -> Result<ExitStatus, CliError> {
     // Measuring creates nothing: a missing store is reported, not made.
     let root = cache_dir.clone().unwrap_or_else(Store::default_root);
     let root = std::path::absolute(&root).unwrap_or(root);
@@ -17,12 +17,9 @@ pub(crate) fn cache_du(cache_dir: Option<PathBuf>) -> ExitStatus {
         println!("{}", root.display());
         println!("  no store here yet (nothing cached)");
         println!("  total          {:>10}", render::bytes(0));
-        return ExitStatus::Success;
+        return Ok(ExitStatus::Success);
     }
-    let store = match open_store(cache_dir) {
-        Ok(store) => store,
-        Err(code) => return code,
-    };
+    let store = open_store(cache_dir)?;
     match store.usage() {
         Ok(usage) => {
             println!("{}", store.root().display());
@@ -47,33 +44,28 @@ pub(crate) fn cache_du(cache_dir: Option<PathBuf>) -> ExitStatus {
                 usage.cache_mounts.count
             );
             println!("  total          {:>10}", render::bytes(usage.total));
-            ExitStatus::Success
+            Ok(ExitStatus::Success)
         }
-        Err(error) => {
-            render::error(&format!("cannot measure the store: {error}"), &[]);
-            ExitStatus::Environment
-        }
+        Err(error) => Err(CliError::environment(format!(
+            "cannot measure the store: {error}"
+        ))),
     }
 }
 
-pub(crate) fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> ExitStatus {
+pub(crate) fn cache_verify(
+    cache_dir: Option<PathBuf>,
+    repair: bool,
+) -> Result<ExitStatus, CliError> {
     let root = cache_dir.clone().unwrap_or_else(Store::default_root);
     let root = std::path::absolute(&root).unwrap_or(root);
     if !root.exists() {
         println!("{}: no store here yet, nothing to verify", root.display());
-        return ExitStatus::Success;
+        return Ok(ExitStatus::Success);
     }
-    let store = match open_store(cache_dir) {
-        Ok(store) => store,
-        Err(code) => return code,
-    };
-    let report = match store.verify(repair) {
-        Ok(report) => report,
-        Err(error) => {
-            render::error(&format!("cannot verify the store: {error}"), &[]);
-            return ExitStatus::Environment;
-        }
-    };
+    let store = open_store(cache_dir)?;
+    let report = store
+        .verify(repair)
+        .map_err(|error| CliError::environment(format!("cannot verify the store: {error}")))?;
     for problem in &report.problems {
         println!(
             "{}: {}{}",
@@ -99,28 +91,28 @@ pub(crate) fn cache_verify(cache_dir: Option<PathBuf>, repair: bool) -> ExitStat
             String::new()
         }
     );
+    // Problems found are the command's answer, printed above: no error to add.
     if unrepaired == 0 {
-        ExitStatus::Success
+        Ok(ExitStatus::Success)
     } else {
         if !repair {
             eprintln!("run `graphbuild cache verify --repair` to remove them");
         }
-        ExitStatus::BuildFailed
+        Ok(ExitStatus::BuildFailed)
     }
 }
 
-pub(crate) fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> ExitStatus {
+pub(crate) fn cache_prune(
+    cache_dir: Option<PathBuf>,
+    keep_bytes: &str,
+) -> Result<ExitStatus, CliError> {
     let Some(keep) = graphbuild_engine::unpack::parse_size(keep_bytes) else {
-        render::error(
-            &format!("`--keep-bytes {keep_bytes}` is not a size"),
-            &["write a number of bytes, or with K, M, G: 10G"],
+        return Err(
+            CliError::invalid_input(format!("`--keep-bytes {keep_bytes}` is not a size"))
+                .hint("write a number of bytes, or with K, M, G: 10G"),
         );
-        return ExitStatus::InvalidInput;
     };
-    let store = match open_store(cache_dir) {
-        Ok(store) => store,
-        Err(code) => return code,
-    };
+    let store = open_store(cache_dir)?;
     match store.prune(keep) {
         Ok(report) => {
             println!(
@@ -129,12 +121,11 @@ pub(crate) fn cache_prune(cache_dir: Option<PathBuf>, keep_bytes: &str) -> ExitS
                 render::bytes(report.removed_bytes),
                 render::bytes(report.remaining_bytes)
             );
-            ExitStatus::Success
+            Ok(ExitStatus::Success)
         }
-        Err(error) => {
-            render::error(&format!("cannot prune the store: {error}"), &[]);
-            ExitStatus::Environment
-        }
+        Err(error) => Err(CliError::environment(format!(
+            "cannot prune the store: {error}"
+        ))),
     }
 }
 
@@ -144,21 +135,17 @@ pub(crate) fn cache_serve(
     max_size: Option<&str>,
     tokens: Option<PathBuf>,
     allow_anonymous_read: bool,
-) -> ExitStatus {
+) -> Result<ExitStatus, CliError> {
     let Ok(listen) = listen.parse() else {
-        render::error(
-            &format!("`--listen {listen}` is not an address"),
-            &["write HOST:PORT, for example 127.0.0.1:7070"],
+        return Err(
+            CliError::invalid_input(format!("`--listen {listen}` is not an address"))
+                .hint("write HOST:PORT, for example 127.0.0.1:7070"),
         );
-        return ExitStatus::InvalidInput;
     };
     let max_size = match max_size.map(graphbuild_engine::unpack::parse_size) {
         Some(None) => {
-            render::error(
-                "`--max-size` is not a size",
-                &["write a number of bytes, or with K, M, G: 50G"],
-            );
-            return ExitStatus::InvalidInput;
+            return Err(CliError::invalid_input("`--max-size` is not a size")
+                .hint("write a number of bytes, or with K, M, G: 50G"));
         }
         Some(Some(size)) => Some(size),
         None => None,
@@ -171,13 +158,9 @@ pub(crate) fn cache_serve(
         allow_anonymous_read,
         timeouts: graphbuild_cache_server::Timeouts::default(),
     };
-    let runtime = match tokio_runtime() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            render::error(&format!("cannot start the server runtime: {error}"), &[]);
-            return ExitStatus::Environment;
-        }
-    };
+    let runtime = tokio_runtime().map_err(|error| {
+        CliError::environment(format!("cannot start the server runtime: {error}"))
+    })?;
     let result = runtime.block_on(async {
         let server = graphbuild_cache_server::bind(config).await?;
         // The address goes to stdout first thing, so scripts can start the server on port 0.
@@ -187,14 +170,13 @@ pub(crate) fn cache_serve(
         server.run(shutdown_signal()).await
     });
     match result {
-        Ok(()) => ExitStatus::Success,
+        Ok(()) => Ok(ExitStatus::Success),
         Err(error) => {
             let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
-            render::error(
-                &format!("the cache server stopped: {error}"),
-                &help.as_deref().into_iter().collect::<Vec<_>>(),
-            );
-            ExitStatus::Environment
+            Err(help.into_iter().fold(
+                CliError::environment(format!("the cache server stopped: {error}")),
+                CliError::hint,
+            ))
         }
     }
 }

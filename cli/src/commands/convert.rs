@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use graphbuild_lang::dockerfile::{self, convert};
 
-use crate::ExitStatus;
 use crate::render;
+use crate::{CliError, ExitStatus};
 
 #[derive(Args)]
 pub(crate) struct ConvertArgs {
@@ -76,26 +76,23 @@ fn image_name(path: &Path, tags: &[String]) -> String {
     if name.is_empty() { "app".into() } else { name }
 }
 
-pub(crate) fn convert(args: ConvertArgs) -> ExitStatus {
+pub(crate) fn convert(args: ConvertArgs) -> Result<ExitStatus, CliError> {
     if let Some(bake) = &args.bake {
         let header = format!(
             "Converted from {} by `graphbuild convert --bake`.\nBuild it with `graphbuild run FILE`; paths are relative to this file's directory.",
             bake.display()
         );
-        return match super::convert_bake::convert(bake, &header) {
-            Ok(converted) => finish(&args, &converted.kdl, &converted.losses, bake),
-            Err(message) => {
-                render::error(&message, &["pass a docker-bake.hcl file"]);
-                ExitStatus::InvalidInput
-            }
-        };
+        let converted = super::convert_bake::convert(bake, &header).map_err(|message| {
+            CliError::invalid_input(message).hint("pass a docker-bake.hcl file")
+        })?;
+        return finish(&args, &converted.kdl, &converted.losses, bake);
     }
     if args.dockerfiles.len() > 1 && (!args.tags.is_empty() || args.target.is_some()) {
-        render::error(
-            "-t and --target apply to one Dockerfile",
-            &["convert the Dockerfiles one at a time to tag each, or add tags to the KDL file"],
+        return Err(
+            CliError::invalid_input("-t and --target apply to one Dockerfile").hint(
+                "convert the Dockerfiles one at a time to tag each, or add tags to the KDL file",
+            ),
         );
-        return ExitStatus::InvalidInput;
     }
     let platforms: Vec<String> = args
         .platforms
@@ -107,11 +104,10 @@ pub(crate) fn convert(args: ConvertArgs) -> ExitStatus {
         .collect();
     for platform in &platforms {
         if let Err(error) = graphbuild_lang::platform::Platform::parse(platform) {
-            render::error(
-                &format!("--platform {platform}: {error}"),
-                &["write OS/ARCH[/VARIANT], for example linux/arm64"],
+            return Err(
+                CliError::invalid_input(format!("--platform {platform}: {error}"))
+                    .hint("write OS/ARCH[/VARIANT], for example linux/arm64"),
             );
-            return ExitStatus::InvalidInput;
         }
     }
     let mut projects = Vec::new();
@@ -135,13 +131,9 @@ pub(crate) fn convert(args: ConvertArgs) -> ExitStatus {
             target: args.target.clone(),
             ..dockerfile::Options::default()
         };
-        match dockerfile::load(path, context, &options) {
-            Ok(project) => projects.push(project),
-            Err(diagnostics) => {
-                render::diagnostic(&diagnostics);
-                return ExitStatus::InvalidInput;
-            }
-        }
+        let project = dockerfile::load(path, context, &options)
+            .map_err(|diagnostics| CliError::report(ExitStatus::InvalidInput, diagnostics))?;
+        projects.push(project);
     }
     let inputs: Vec<convert::Input> = projects
         .iter()
@@ -171,7 +163,7 @@ fn finish(
     kdl: &str,
     losses: &[graphbuild_lang::Diagnostic],
     source: &Path,
-) -> ExitStatus {
+) -> Result<ExitStatus, CliError> {
     // The KDL's paths are relative to its own directory, the source's to the source's.
     let dir_of = |path: &Path| {
         let parent = path.parent().filter(|dir| !dir.as_os_str().is_empty());
@@ -190,30 +182,34 @@ fn finish(
         render::diagnostic(loss);
     }
     if !losses.is_empty() && !args.allow_loss {
-        render::error(
-            &format!(
-                "{} construct(s) cannot be written exactly in KDL; nothing was written",
-                losses.len()
-            ),
-            &["change them as each warning says, or pass --allow-loss to write the KDL anyway"],
-        );
-        return ExitStatus::InvalidInput;
+        return Err(CliError::invalid_input(format!(
+            "{} construct(s) cannot be written exactly in KDL; nothing was written",
+            losses.len()
+        ))
+        .hint("change them as each warning says, or pass --allow-loss to write the KDL anyway"));
     }
     match &args.output {
         None => {
             let mut stdout = std::io::stdout().lock();
-            if stdout.write_all(kdl.as_bytes()).is_err() || stdout.flush().is_err() {
-                return ExitStatus::Environment;
+            if let Err(error) = stdout
+                .write_all(kdl.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                return Err(CliError::environment(format!(
+                    "cannot write to standard output: {error}"
+                )));
             }
         }
         Some(file) => {
             if let Err(error) = write_atomically(file, kdl) {
-                render::error(&format!("cannot write {}: {error}", file.display()), &[]);
-                return ExitStatus::Environment;
+                return Err(CliError::environment(format!(
+                    "cannot write {}: {error}",
+                    file.display()
+                )));
             }
         }
     }
-    ExitStatus::Success
+    Ok(ExitStatus::Success)
 }
 
 /// Writes `text` to `path` through a temporary file in the same directory and a rename: a

@@ -25,9 +25,9 @@ use graphbuild_engine::store::Store;
 use graphbuild_lang::ir::Project;
 use graphbuild_lang::platform::Platform;
 
-use crate::ExitStatus;
 use crate::SelectArgs;
 use crate::render;
+use crate::{CliError, ExitStatus};
 
 /// A loaded and expanded build file.
 pub(super) struct Loaded {
@@ -39,14 +39,9 @@ pub(super) fn load(
     select: &SelectArgs,
     store: Option<&Store>,
     resolver: &DefaultResolver,
-) -> Result<Loaded, ExitStatus> {
-    let project = match graphbuild_lang::load(&select.file) {
-        Ok(project) => project,
-        Err(diagnostics) => {
-            render::diagnostic(&diagnostics);
-            return Err(ExitStatus::InvalidInput);
-        }
-    };
+) -> Result<Loaded, CliError> {
+    let project = graphbuild_lang::load(&select.file)
+        .map_err(|diagnostics| CliError::report(ExitStatus::InvalidInput, diagnostics))?;
     expand(project, select, store, resolver)
 }
 
@@ -56,7 +51,7 @@ pub(super) fn expand(
     select: &SelectArgs,
     store: Option<&Store>,
     resolver: &DefaultResolver,
-) -> Result<Loaded, ExitStatus> {
+) -> Result<Loaded, CliError> {
     for warning in &project.warnings {
         render::diagnostic(warning);
     }
@@ -80,11 +75,10 @@ pub(super) fn expand(
                 }
             }
             _ => {
-                render::error(
-                    &format!("`--arg {arg}` is not NAME=VALUE or NAME"),
-                    &["write --arg NAME=value, or --arg NAME to take NAME from the environment"],
-                );
-                return Err(ExitStatus::InvalidInput);
+                return Err(CliError::invalid_input(format!(
+                    "`--arg {arg}` is not NAME=VALUE or NAME"
+                ))
+                .hint("write --arg NAME=value, or --arg NAME to take NAME from the environment"));
             }
         }
     }
@@ -110,13 +104,12 @@ pub(super) fn expand(
         match Platform::parse(platform) {
             Ok(platform) => platforms.push(platform),
             Err(error) => {
-                render::error(
-                    &format!("`--platform {platform}` is not a valid platform: {error}"),
-                    &[
-                        "write a platform as OS/ARCH[/VARIANT], for example linux/arm64 or linux/arm/v7",
-                    ],
-                );
-                return Err(ExitStatus::InvalidInput);
+                return Err(CliError::invalid_input(format!(
+                    "`--platform {platform}` is not a valid platform: {error}"
+                ))
+                .hint(
+                    "write a platform as OS/ARCH[/VARIANT], for example linux/arm64 or linux/arm/v7",
+                ));
             }
         }
     }
@@ -132,17 +125,17 @@ pub(super) fn expand(
     match plan::expand(&project, &options) {
         Ok(plan) => Ok(Loaded { project, plan }),
         Err(diagnostics) => {
-            render::diagnostic(&diagnostics);
             // A registry that cannot be reached or refuses us is the environment, not the file.
             let environment = diagnostics
                 .0
                 .iter()
                 .any(|diagnostic| diagnostic.code.is_environment());
-            Err(if environment {
+            let exit = if environment {
                 ExitStatus::Environment
             } else {
                 ExitStatus::InvalidInput
-            })
+            };
+            Err(CliError::report(exit, diagnostics))
         }
     }
 }
@@ -175,7 +168,7 @@ pub(super) fn resolver(
     select: &SelectArgs,
     refresh: bool,
     store: Option<Store>,
-) -> Result<DefaultResolver, ExitStatus> {
+) -> Result<DefaultResolver, CliError> {
     let resolver = base_resolver(select, refresh)?.offline(select.offline);
     Ok(match store {
         Some(store) => resolver.with_store(store),
@@ -186,27 +179,20 @@ pub(super) fn resolver(
 pub(super) fn base_resolver(
     select: &SelectArgs,
     refresh: bool,
-) -> Result<DefaultResolver, ExitStatus> {
+) -> Result<DefaultResolver, CliError> {
     let mode = if refresh || select.pull {
         LockMode::Refresh
     } else {
         match LockFile::read(&lock_path(select)) {
             Ok(lock) => LockMode::UseLock(lock.unwrap_or_default()),
             Err(error) => {
-                render::error(
-                    &error.to_string(),
-                    &["delete it and run `graphbuild lock FILE` to write a new one"],
-                );
-                return Err(ExitStatus::InvalidInput);
+                return Err(CliError::invalid_input(error.to_string())
+                    .hint("delete it and run `graphbuild lock FILE` to write a new one"));
             }
         }
     };
     DefaultResolver::new(&project_dir(select), registry_client(select), mode).map_err(|error| {
-        render::error(
-            &format!("cannot create a temporary directory: {error}"),
-            &[],
-        );
-        ExitStatus::Environment
+        CliError::environment(format!("cannot create a temporary directory: {error}"))
     })
 }
 
@@ -215,7 +201,7 @@ pub(super) fn base_resolver(
 pub(super) fn write_lock(
     select: &SelectArgs,
     resolver: &DefaultResolver,
-) -> Result<PathBuf, ExitStatus> {
+) -> Result<PathBuf, CliError> {
     let path = lock_path(select);
     let fresh = resolver.lock_file();
     let mut merged = LockFile::read(&path).ok().flatten().unwrap_or_default();
@@ -226,10 +212,10 @@ pub(super) fn write_lock(
             .any(|new| new.reference == old.reference && new.platform == old.platform)
     });
     merged.bases.extend(fresh.bases);
-    merged.write(&path).map(|()| path.clone()).map_err(|error| {
-        render::error(&format!("cannot write {}: {error}", path.display()), &[]);
-        ExitStatus::Environment
-    })
+    merged
+        .write(&path)
+        .map(|()| path.clone())
+        .map_err(|error| CliError::environment(format!("cannot write {}: {error}", path.display())))
 }
 
 /// The unresolved bases, one line per reference: its platforms and why.
@@ -288,25 +274,25 @@ fn unresolved_what(plan: &Plan, n: usize) -> String {
 }
 
 /// `run`, `verify` and `lock` need every base: unresolved ones stop them with exit code 3.
-pub(super) fn refuse_unresolved(plan: &Plan, select: &SelectArgs) -> Result<(), ExitStatus> {
+pub(super) fn refuse_unresolved(plan: &Plan, select: &SelectArgs) -> Result<(), CliError> {
     let (lines, helps) = unresolved_lines(plan);
     if lines.is_empty() {
         return Ok(());
     }
-    eprintln!(
-        "error: cannot build: {} unresolved",
+    let mut message = format!(
+        "cannot build: {} unresolved",
         unresolved_what(plan, lines.len())
     );
     for line in &lines {
-        eprintln!("{line}");
+        message.push('\n');
+        message.push_str(line);
     }
-    for help in helps {
-        eprintln!(
-            "hint: {}",
-            help.replace("FILE", &select.file.display().to_string())
-        );
-    }
-    Err(ExitStatus::Environment)
+    let file = select.file.display().to_string();
+    Err(helps
+        .into_iter()
+        .fold(CliError::environment(message), |error, help| {
+            error.hint(help.replace("FILE", &file))
+        }))
 }
 
 /// `plan` shows unresolved bases and pending keys, with one warning.
@@ -333,34 +319,21 @@ pub(super) fn warn_unresolved(plan: &Plan, select: &SelectArgs) {
     }
 }
 
-pub(crate) fn lock(select: SelectArgs) -> ExitStatus {
+pub(crate) fn lock(select: SelectArgs) -> Result<ExitStatus, CliError> {
     if select.offline {
-        render::error(
+        return Err(CliError::invalid_input(
             "`graphbuild lock` asks the registries for digests: it cannot run --offline",
-            &["run it where the registries are reachable, and commit graphbuild.lock"],
-        );
-        return ExitStatus::InvalidInput;
+        )
+        .hint("run it where the registries are reachable, and commit graphbuild.lock"));
     }
-    let resolver = match resolver(&select, true, manifest_store(&select, true)) {
-        Ok(resolver) => resolver,
-        Err(code) => return code,
-    };
-    let loaded = match load(&select, None, &resolver) {
-        Ok(loaded) => loaded,
-        Err(code) => return code,
-    };
-    if let Err(code) = refuse_unresolved(&loaded.plan, &select) {
-        return code;
-    }
+    let resolver = resolver(&select, true, manifest_store(&select, true))?;
+    let loaded = load(&select, None, &resolver)?;
+    refuse_unresolved(&loaded.plan, &select)?;
     drop(loaded);
-    match write_lock(&select, &resolver) {
-        Ok(path) => {
-            let lock = LockFile::read(&path).ok().flatten().unwrap_or_default();
-            println!("wrote {} ({} bases)", path.display(), lock.bases.len());
-            ExitStatus::Success
-        }
-        Err(code) => code,
-    }
+    let path = write_lock(&select, &resolver)?;
+    let lock = LockFile::read(&path).ok().flatten().unwrap_or_default();
+    println!("wrote {} ({} bases)", path.display(), lock.bases.len());
+    Ok(ExitStatus::Success)
 }
 
 pub(super) fn project_dir(select: &SelectArgs) -> PathBuf {
@@ -372,15 +345,15 @@ pub(super) fn project_dir(select: &SelectArgs) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-pub(super) fn open_store(cache_dir: Option<PathBuf>) -> Result<Store, ExitStatus> {
+pub(super) fn open_store(cache_dir: Option<PathBuf>) -> Result<Store, CliError> {
     let root = cache_dir.unwrap_or_else(Store::default_root);
     // Absolute: sandboxes run elsewhere and get store paths as overlay layers.
     let root = std::path::absolute(&root).unwrap_or(root);
     Store::open(&root).map_err(|error| {
-        render::error(
-            &format!("cannot open the store at {}: {error}", root.display()),
-            &["choose another directory with --cache-dir DIR"],
-        );
-        ExitStatus::Environment
+        CliError::environment(format!(
+            "cannot open the store at {}: {error}",
+            root.display()
+        ))
+        .hint("choose another directory with --cache-dir DIR")
     })
 }

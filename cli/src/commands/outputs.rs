@@ -11,8 +11,8 @@ use graphbuild_engine::oci::{OciLayout, OciPlatform};
 use graphbuild_engine::plan::{ImagePlan, Plan};
 use graphbuild_lang::platform::Platform;
 
-use crate::ExitStatus;
 use crate::render;
+use crate::{CliError, ExitStatus};
 
 /// One `--output` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,22 +95,24 @@ pub(super) struct Outputs {
     pub exports: Vec<OutputSpec>,
 }
 
-pub(super) fn parse_outputs(values: &[String]) -> Result<Outputs, ExitStatus> {
+pub(super) fn parse_outputs(values: &[String]) -> Result<Outputs, CliError> {
     let mut layouts = None;
     let mut exports = Vec::new();
     for value in values {
         match parse_output(value) {
             Ok(OutputSpec::Layouts(dir)) => {
                 if layouts.is_some() {
-                    render::error("--output: two directories for the OCI layouts", &[]);
-                    return Err(ExitStatus::InvalidInput);
+                    return Err(CliError::invalid_input(
+                        "--output: two directories for the OCI layouts",
+                    ));
                 }
                 layouts = Some(dir);
             }
             Ok(spec) => exports.push(spec),
             Err(message) => {
-                render::error(&message, &[&format!("TYPE is one of {TYPES}")]);
-                return Err(ExitStatus::InvalidInput);
+                return Err(
+                    CliError::invalid_input(message).hint(format!("TYPE is one of {TYPES}"))
+                );
             }
         }
     }
@@ -126,7 +128,7 @@ pub(super) fn exports_per_image(
     plan: &Plan,
     root_dir: &Path,
     exports: &[OutputSpec],
-) -> Result<Vec<Vec<OutputSpec>>, ExitStatus> {
+) -> Result<Vec<Vec<OutputSpec>>, CliError> {
     let several = plan.images.len() > 1;
     let mut per_image = Vec::new();
     for image in &plan.images {
@@ -135,15 +137,12 @@ pub(super) fn exports_per_image(
             specs.push(match spec {
                 OutputSpec::Local(dir) if several => OutputSpec::Local(dir.join(&image.name)),
                 OutputSpec::Tar(file) | OutputSpec::OciArchive(file) if several => {
-                    render::error(
-                        &format!(
-                            "--output: {} is one file, and {} images are selected",
-                            file.display(),
-                            plan.images.len()
-                        ),
-                        &["select one image: `graphbuild run FILE IMAGE`, or use type=local"],
-                    );
-                    return Err(ExitStatus::InvalidInput);
+                    return Err(CliError::invalid_input(format!(
+                        "--output: {} is one file, and {} images are selected",
+                        file.display(),
+                        plan.images.len()
+                    ))
+                    .hint("select one image: `graphbuild run FILE IMAGE`, or use type=local"));
                 }
                 other => other.clone(),
             });
@@ -159,15 +158,11 @@ pub(super) fn exports_per_image(
                     specs.push(OutputSpec::OciArchive(root_dir.join(file)))
                 }
                 Err(message) => {
-                    render::error(
-                        &format!(
-                            "image `{}`: {}",
-                            image.name,
-                            message.replacen("--output", "output", 1)
-                        ),
-                        &[],
-                    );
-                    return Err(ExitStatus::InvalidInput);
+                    return Err(CliError::invalid_input(format!(
+                        "image `{}`: {}",
+                        image.name,
+                        message.replacen("--output", "output", 1)
+                    )));
                 }
             }
         }
@@ -183,7 +178,7 @@ pub(super) fn exports_per_image(
 
 /// `type=local` replaces its `dest`: refuse a directory that holds the current directory, the
 /// build file or the home directory (`dest=.`, `dest=..`, `dest=/`).
-fn refuse_replacing(dest: &Path, root_dir: &Path) -> Result<(), ExitStatus> {
+fn refuse_replacing(dest: &Path, root_dir: &Path) -> Result<(), CliError> {
     let Ok(dest_canonical) = dest.canonicalize() else {
         return Ok(());
     };
@@ -194,15 +189,12 @@ fn refuse_replacing(dest: &Path, root_dir: &Path) -> Result<(), ExitStatus> {
         if let Ok(path) = path.canonicalize()
             && path.starts_with(&dest_canonical)
         {
-            render::error(
-                &format!(
-                    "--output type=local,dest={}: the destination is replaced, and it holds {}",
-                    dest.display(),
-                    path.display()
-                ),
-                &["give a directory of its own, e.g. dest=rootfs"],
-            );
-            return Err(ExitStatus::InvalidInput);
+            return Err(CliError::invalid_input(format!(
+                "--output type=local,dest={}: the destination is replaced, and it holds {}",
+                dest.display(),
+                path.display()
+            ))
+            .hint("give a directory of its own, e.g. dest=rootfs"));
         }
     }
     Ok(())
@@ -214,7 +206,7 @@ pub(super) fn export(
     summaries: &[ImageSummary],
     per_image: &[Vec<OutputSpec>],
     quiet: bool,
-) -> Result<(), ExitStatus> {
+) -> Result<(), CliError> {
     for ((image, summary), specs) in plan.images.iter().zip(summaries).zip(per_image) {
         let layout = open_layout(summary)?;
         for spec in specs {
@@ -233,15 +225,11 @@ pub(super) fn export(
                 | OutputSpec::OciArchive(path) => path,
             };
             if let Err(message) = written {
-                render::error(
-                    &format!(
-                        "cannot export `{}` to {}: {message}",
-                        image.name,
-                        dest.display()
-                    ),
-                    &[],
-                );
-                return Err(ExitStatus::Environment);
+                return Err(CliError::environment(format!(
+                    "cannot export `{}` to {}: {message}",
+                    image.name,
+                    dest.display()
+                )));
             }
             if !quiet {
                 eprintln!("exported {} to {}", image.name, dest.display());
@@ -276,11 +264,9 @@ fn copy_layout(layout: &OciLayout, dest: &Path) -> Result<(), exporter::Exporter
     Ok(())
 }
 
-fn open_layout(summary: &ImageSummary) -> Result<OciLayout, ExitStatus> {
-    OciLayout::open(Path::new(&summary.output)).map_err(|error| {
-        render::error(&format!("cannot read the image layout: {error}"), &[]);
-        ExitStatus::Environment
-    })
+fn open_layout(summary: &ImageSummary) -> Result<OciLayout, CliError> {
+    OciLayout::open(Path::new(&summary.output))
+        .map_err(|error| CliError::environment(format!("cannot read the image layout: {error}")))
 }
 
 /// The architecture check: every ELF file the build added to each platform's image, against
@@ -291,31 +277,26 @@ pub(super) fn check_architectures(
     summaries: &[ImageSummary],
     strict: bool,
     store: &graphbuild_engine::store::Store,
-) -> Result<(), ExitStatus> {
+) -> Result<(), CliError> {
     let mut failed = false;
     let mut index = exporter::ElfIndex::new(Some(store));
     for (image, summary) in plan.images.iter().zip(summaries) {
         let layout = open_layout(summary)?;
-        let platforms = exporter::platform_images(&layout).map_err(|error| {
-            render::error(&error.to_string(), &[]);
-            ExitStatus::Environment
-        })?;
+        let platforms = exporter::platform_images(&layout)
+            .map_err(|error| CliError::environment(error.to_string()))?;
         let strict = strict || image.strict_arch;
         for (platform_image, (_, node)) in platforms.iter().zip(&image.platforms) {
             let skip = exporter::base_layer_count(plan, *node);
             let mismatches =
-                exporter::check_architecture(&layout, platform_image, skip, &mut index).map_err(
-                    |error| {
-                        render::error(&error.to_string(), &[]);
-                        ExitStatus::Environment
-                    },
-                )?;
+                exporter::check_architecture(&layout, platform_image, skip, &mut index)
+                    .map_err(|error| CliError::environment(error.to_string()))?;
             for mismatch in mismatches {
                 let message = format!(
                     "image `{}` for {}: {} is an ELF file for {}, expected {}",
                     image.name, mismatch.platform, mismatch.path, mismatch.found, mismatch.expected
                 );
                 if strict {
+                    // Each mismatch as it is found; the check's verdict is the error below.
                     render::error(&message, &[]);
                     failed = true;
                 } else {
@@ -325,36 +306,27 @@ pub(super) fn check_architectures(
         }
     }
     if failed {
-        render::error(
-            "the architecture check failed",
-            &[
+        return Err(
+            CliError::new(ExitStatus::BuildFailed, "the architecture check failed").hint(
                 "build the file for the image's platform (TARGETARCH), or drop --strict / strict-arch=#true",
-            ],
+            ),
         );
-        return Err(ExitStatus::BuildFailed);
     }
     Ok(())
 }
 
 /// The platform `--load` loads: the one `--platform` names, else the host's.
-pub(super) fn load_platform(requested: &[String]) -> Result<Platform, ExitStatus> {
+pub(super) fn load_platform(requested: &[String]) -> Result<Platform, CliError> {
     match requested {
         [] => Ok(Platform::host()),
-        [one] => Platform::parse(one).map_err(|error| {
-            render::error(&format!("--platform {one}: {error}"), &[]);
-            ExitStatus::InvalidInput
-        }),
-        several => {
-            render::error(
-                &format!(
-                    "--load loads one platform, and {} are selected ({})",
-                    several.len(),
-                    several.join(", ")
-                ),
-                &["choose one with a single --platform, or use --output type=oci,dest=FILE.tar"],
-            );
-            Err(ExitStatus::InvalidInput)
-        }
+        [one] => Platform::parse(one)
+            .map_err(|error| CliError::invalid_input(format!("--platform {one}: {error}"))),
+        several => Err(CliError::invalid_input(format!(
+            "--load loads one platform, and {} are selected ({})",
+            several.len(),
+            several.join(", ")
+        ))
+        .hint("choose one with a single --platform, or use --output type=oci,dest=FILE.tar")),
     }
 }
 
@@ -365,7 +337,7 @@ pub(super) fn load(
     summaries: &[ImageSummary],
     platform: &Platform,
     quiet: bool,
-) -> Result<(), ExitStatus> {
+) -> Result<(), CliError> {
     let wanted = OciPlatform::from(platform);
     let tool = if command_exists("podman") {
         "podman"
@@ -376,11 +348,10 @@ pub(super) fn load(
     {
         "docker"
     } else {
-        render::error(
-            "--load needs Podman, or Docker with a running daemon",
-            &["install podman, or write the image with --output type=oci,dest=FILE.tar"],
+        return Err(
+            CliError::environment("--load needs Podman, or Docker with a running daemon")
+                .hint("install podman, or write the image with --output type=oci,dest=FILE.tar"),
         );
-        return Err(ExitStatus::Environment);
     };
     for (image, summary) in plan.images.iter().zip(summaries) {
         load_one(tool, image, summary, &wanted, quiet)?;
@@ -394,11 +365,9 @@ fn load_one(
     summary: &ImageSummary,
     wanted: &OciPlatform,
     quiet: bool,
-) -> Result<(), ExitStatus> {
-    let environment = |message: String| {
-        render::error(&format!("--load: `{}`: {message}", image.name), &[]);
-        ExitStatus::Environment
-    };
+) -> Result<(), CliError> {
+    let environment =
+        |message: String| CliError::environment(format!("--load: `{}`: {message}", image.name));
     let layout = open_layout(summary)?;
     let platforms =
         exporter::platform_images(&layout).map_err(|error| environment(error.to_string()))?;
@@ -407,15 +376,12 @@ fn load_one(
         .find(|candidate| candidate.platform == *wanted)
     else {
         let built: Vec<String> = platforms.iter().map(|p| p.platform.to_string()).collect();
-        render::error(
-            &format!(
-                "--load: `{}` has no {wanted} image (built: {})",
-                image.name,
-                built.join(", ")
-            ),
-            &["choose the platform to load with --platform"],
-        );
-        return Err(ExitStatus::InvalidInput);
+        return Err(CliError::invalid_input(format!(
+            "--load: `{}` has no {wanted} image (built: {})",
+            image.name,
+            built.join(", ")
+        ))
+        .hint("choose the platform to load with --platform"));
     };
     let tags: Vec<String> = if image.tags.is_empty() {
         vec![format!("{}:latest", image.name)]
@@ -485,14 +451,12 @@ pub(super) fn write_metadata(
     file: &Path,
     plan: &Plan,
     summaries: &[ImageSummary],
-) -> Result<(), ExitStatus> {
+) -> Result<(), CliError> {
     let mut entries = serde_json::Map::new();
     for (image, summary) in plan.images.iter().zip(summaries) {
         let layout = open_layout(summary)?;
-        let (top, _) = exporter::layout_index(&layout).map_err(|error| {
-            render::error(&error.to_string(), &[]);
-            ExitStatus::Environment
-        })?;
+        let (top, _) = exporter::layout_index(&layout)
+            .map_err(|error| CliError::environment(error.to_string()))?;
         let mut descriptor = top.clone();
         descriptor.annotations.clear();
         let value = serde_json::json!({
@@ -513,10 +477,8 @@ pub(super) fn write_metadata(
     };
     let mut bytes = serde_json::to_vec_pretty(&json).unwrap_or_default();
     bytes.push(b'\n');
-    std::fs::write(file, bytes).map_err(|error| {
-        render::error(&format!("cannot write {}: {error}", file.display()), &[]);
-        ExitStatus::Environment
-    })
+    std::fs::write(file, bytes)
+        .map_err(|error| CliError::environment(format!("cannot write {}: {error}", file.display())))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use graphbuild_engine::store::Store;
 use graphbuild_lang::ir::Project;
 use serde_json::json;
 
-use crate::ExitStatus;
+use crate::{CliError, ExitStatus};
 use crate::{PlanArgs, PlanFormat};
 
 use super::*;
@@ -29,11 +29,8 @@ pub(super) fn node_cached(plan: &Plan, node: usize, store: Option<&Store>) -> Op
     })
 }
 
-pub(crate) fn plan(args: PlanArgs) -> ExitStatus {
-    let resolver = match resolver(&args.select, false, manifest_store(&args.select, false)) {
-        Ok(resolver) => resolver,
-        Err(code) => return code,
-    };
+pub(crate) fn plan(args: PlanArgs) -> Result<ExitStatus, CliError> {
+    let resolver = resolver(&args.select, false, manifest_store(&args.select, false))?;
     let root = args
         .select
         .cache_dir
@@ -44,10 +41,7 @@ pub(crate) fn plan(args: PlanArgs) -> ExitStatus {
     } else {
         None
     };
-    let loaded = match load(&args.select, store.as_ref(), &resolver) {
-        Ok(loaded) => loaded,
-        Err(code) => return code,
-    };
+    let loaded = load(&args.select, store.as_ref(), &resolver)?;
     let plan = &loaded.plan;
     warn_unresolved(plan, &args.select);
     if args.explain {
@@ -90,7 +84,7 @@ pub(crate) fn plan(args: PlanArgs) -> ExitStatus {
             print!("{}", explain_text(plan, &explanations));
             print!("{}", explain_tests_text(plan, &test_explanations));
         }
-        return ExitStatus::Success;
+        return Ok(ExitStatus::Success);
     }
     match args.format {
         PlanFormat::Json => {
@@ -103,7 +97,7 @@ pub(crate) fn plan(args: PlanArgs) -> ExitStatus {
         PlanFormat::Dot => print!("{}", plan_dot(plan)),
         PlanFormat::Text => print!("{}", plan_text(plan, store.as_ref())),
     }
-    ExitStatus::Success
+    Ok(ExitStatus::Success)
 }
 
 pub(super) fn node_id(id: usize) -> String {

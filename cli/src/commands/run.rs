@@ -16,10 +16,10 @@ use graphbuild_engine::store::Store;
 use graphbuild_lang::ir::Sources;
 use graphbuild_lang::platform::Platform;
 
-use crate::ExitStatus;
 use crate::progress::Progress;
 use crate::render;
 use crate::{BuildInputArgs, CompressionArg, ProgressMode, RunArgs, SelectArgs};
+use crate::{CliError, ExitStatus};
 
 use super::*;
 
@@ -60,7 +60,7 @@ pub(super) fn parse_secrets(specs: &[String]) -> Result<HashMap<String, SecretVa
 /// qemu-user handler. A fully cached build needs neither. The message is printed as is.
 /// Re-run this command in a user namespace where the invoking (non-root) user is root; the
 /// exit code is the namespaced run's own.
-pub(crate) fn rootless_reexec() -> std::process::ExitCode {
+pub(crate) fn rootless_reexec() -> Result<ExitStatus, CliError> {
     let plan = graphbuild_engine::rootless::Plan::for_current_user();
     if !plan.maps_subordinate_ids() {
         let missing = if plan.subuid.is_none() || plan.subgid.is_none() {
@@ -76,13 +76,11 @@ pub(crate) fn rootless_reexec() -> std::process::ExitCode {
              all belong to root build; others fail naming the file"
         );
     }
-    match graphbuild_engine::rootless::reexec(&plan) {
-        Ok(code) => std::process::ExitCode::from(code),
-        Err(message) => {
-            render::error(&format!("cannot start a rootless build: {message}"), &[]);
-            ExitStatus::Environment.into()
-        }
-    }
+    graphbuild_engine::rootless::reexec(&plan)
+        .map(ExitStatus::External)
+        .map_err(|message| {
+            CliError::environment(format!("cannot start a rootless build: {message}"))
+        })
 }
 
 pub(super) fn preflight(
@@ -244,38 +242,43 @@ pub(super) fn execute(
 pub(super) fn refuse_unavailable_layers(
     resolver: &DefaultResolver,
     select: &SelectArgs,
-) -> Result<(), ExitStatus> {
+) -> Result<(), CliError> {
     let unavailable = resolver.unavailable();
     if unavailable.is_empty() {
         return Ok(());
     }
+    let mut lines = String::new();
     for message in &unavailable {
-        eprintln!("error: cannot get the layers of {message}");
+        lines.push_str(&format!("error: cannot get the layers of {message}\n"));
     }
     let file = select.file.display();
     if resolver.is_offline() {
-        eprintln!(
+        lines.push_str(&format!(
             "hint: run `graphbuild run {file}` once with network access to download them into the local store, or drop --offline"
-        );
+        ));
     } else {
-        eprintln!(
+        lines.push_str(&format!(
             "hint: check the network and that the registry is running; once the layers are in the local store, `graphbuild run {file} --offline` needs no network"
-        );
+        ));
     }
-    Err(ExitStatus::Environment)
+    Err(CliError::lines(ExitStatus::Environment, lines))
 }
 
 /// Every failure as a diagnostic pointing at its step in the build file, followed by the
-/// step's last output lines; then how many nodes failed.
-pub(super) fn report_failures(report: &build::BuildReport, sources: &Sources) -> ExitStatus {
+/// step's last output lines; then how many nodes failed, as the error.
+pub(super) fn report_failures(
+    report: &build::BuildReport,
+    sources: &Sources,
+) -> Result<(), CliError> {
     if let Some(message) = &report.environment_error {
-        eprintln!("{message}");
-        return ExitStatus::Environment;
+        return Err(CliError::lines(ExitStatus::Environment, message.clone()));
     }
     if report.cancelled {
         // Steps stopped by the cancel are not failures worth listing.
-        render::error("the build was cancelled", &[]);
-        return ExitStatus::Interrupted;
+        return Err(CliError::new(
+            ExitStatus::Interrupted,
+            "the build was cancelled",
+        ));
     }
     if !report.failures.is_empty() {
         for failure in &report.failures {
@@ -292,35 +295,34 @@ pub(super) fn report_failures(report: &build::BuildReport, sources: &Sources) ->
                 eprintln!();
             }
         }
-        eprintln!(
-            "error: {} of the build failed",
-            if report.failures.len() == 1 {
-                "1 node".to_string()
-            } else {
-                format!("{} nodes", report.failures.len())
-            }
-        );
-        return ExitStatus::BuildFailed;
+        return Err(CliError::new(
+            ExitStatus::BuildFailed,
+            format!(
+                "{} of the build failed",
+                if report.failures.len() == 1 {
+                    "1 node".to_string()
+                } else {
+                    format!("{} nodes", report.failures.len())
+                }
+            ),
+        ));
     }
-    ExitStatus::Success
+    Ok(())
 }
 
 /// The team caches of `args`; Ctrl-C/SIGTERM (`cancel`) also stops transfers waiting on them.
 pub(super) fn remote_options(
     args: &crate::RemoteCacheArgs,
     cancel: &CancelToken,
-) -> Result<build::RemoteOptions, ExitStatus> {
+) -> Result<build::RemoteOptions, CliError> {
     let open = |url: &str| {
         build::open_cache(url, args.cache_token.clone(), Some(cancel.flag().clone())).map_err(
             |error| {
                 let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
-                render::error(
-                    &error.to_string(),
-                    &[help.as_deref().unwrap_or(
-                        "write the cache URL as http://HOST:PORT[/INSTANCE] or grpc://HOST:PORT[/INSTANCE]",
-                    )],
-                );
-                ExitStatus::InvalidInput
+                CliError::invalid_input(error.to_string()).hint(help.unwrap_or_else(|| {
+                    "write the cache URL as http://HOST:PORT[/INSTANCE] or grpc://HOST:PORT[/INSTANCE]"
+                        .to_string()
+                }))
             },
         )
     };
@@ -348,29 +350,13 @@ pub(super) fn build_settings(
     output: PathBuf,
     no_cache: bool,
     remote: build::RemoteOptions,
-) -> Result<BuildSettings, ExitStatus> {
-    let secrets = match parse_secrets(&inputs.secrets) {
-        Ok(secrets) => secrets,
-        Err(message) => {
-            render::error(&message, &[]);
-            return Err(ExitStatus::InvalidInput);
-        }
-    };
+) -> Result<BuildSettings, CliError> {
+    let secrets = parse_secrets(&inputs.secrets).map_err(CliError::invalid_input)?;
     let ssh = super::ssh::agents(&inputs.ssh, loaded)?;
-    let overlay = match OverlayMode::from_env() {
-        Ok(overlay) => overlay,
-        Err(message) => {
-            render::error(&message, &[]);
-            return Err(ExitStatus::InvalidInput);
-        }
-    };
-    let attest = match attest_options(inputs, &secrets) {
-        Ok(attest) => attest,
-        Err(message) => {
-            render::error(&message, &[]);
-            return Err(ExitStatus::InvalidInput);
-        }
-    };
+    let overlay =
+        OverlayMode::from_env().map_err(|error| CliError::invalid_input(error.to_string()))?;
+    let attest = attest_options(inputs, &secrets)
+        .map_err(|error| CliError::invalid_input(error.to_string()))?;
     Ok(BuildSettings {
         attest,
         format: match inputs.format {
@@ -400,7 +386,7 @@ pub(super) fn build_settings(
 fn attest_options(
     inputs: &BuildInputArgs,
     secrets: &HashMap<String, SecretValue>,
-) -> Result<graphbuild_engine::attest::AttestOptions, String> {
+) -> Result<graphbuild_engine::attest::AttestOptions, graphbuild_engine::attest::AttestFlagError> {
     use graphbuild_engine::attest;
     let provenance = match &inputs.provenance {
         Some(value) => attest::parse_provenance(value)?,
@@ -430,20 +416,11 @@ fn attest_options(
     })
 }
 
-pub(crate) fn run(args: RunArgs) -> ExitStatus {
+pub(crate) fn run(args: RunArgs) -> Result<ExitStatus, CliError> {
     let select = &args.inputs.select;
-    let store = match open_store(select.cache_dir.clone()) {
-        Ok(store) => store,
-        Err(code) => return code,
-    };
-    let resolver = match resolver(select, false, manifest_store(select, true)) {
-        Ok(resolver) => resolver,
-        Err(code) => return code,
-    };
-    let loaded = match load(select, Some(&store), &resolver) {
-        Ok(loaded) => loaded,
-        Err(code) => return code,
-    };
+    let store = open_store(select.cache_dir.clone())?;
+    let resolver = resolver(select, false, manifest_store(select, true))?;
+    let loaded = load(select, Some(&store), &resolver)?;
     build_loaded(&args, &store, &resolver, &loaded)
 }
 
@@ -454,11 +431,9 @@ pub(super) fn build_loaded(
     store: &Store,
     resolver: &DefaultResolver,
     loaded: &Loaded,
-) -> ExitStatus {
+) -> Result<ExitStatus, CliError> {
     let select = &args.inputs.select;
-    if let Err(code) = refuse_unresolved(&loaded.plan, select) {
-        return code;
-    }
+    refuse_unresolved(&loaded.plan, select)?;
     let cancel = cancel_on_signals();
     let mode = args.progress.unwrap_or_else(|| {
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -467,34 +442,19 @@ pub(super) fn build_loaded(
             ProgressMode::Plain
         }
     });
-    let mut remote = match remote_options(&args.cache, &cancel) {
-        Ok(remote) => remote,
-        Err(code) => return code,
-    };
+    let mut remote = remote_options(&args.cache, &cancel)?;
     if select.offline && (remote.from.is_some() || remote.to.is_some()) {
         render::warning("--offline: the team cache is not used");
         remote = build::RemoteOptions::default();
     }
-    let outputs = match outputs::parse_outputs(&args.output) {
-        Ok(outputs) => outputs,
-        Err(code) => return code,
-    };
+    let outputs = outputs::parse_outputs(&args.output)?;
     let load_platform = if args.load {
-        match outputs::load_platform(&select.platforms) {
-            Ok(platform) => Some(platform),
-            Err(code) => return code,
-        }
+        Some(outputs::load_platform(&select.platforms)?)
     } else {
         None
     };
-    let exports = match outputs::exports_per_image(
-        &loaded.plan,
-        &loaded.project.root_dir,
-        &outputs.exports,
-    ) {
-        Ok(exports) => exports,
-        Err(code) => return code,
-    };
+    let exports =
+        outputs::exports_per_image(&loaded.plan, &loaded.project.root_dir, &outputs.exports)?;
     // Without a layouts directory, the layouts are written to a scratch directory the
     // exporters read from.
     let scratch = match &outputs.layouts {
@@ -505,11 +465,9 @@ pub(super) fn build_loaded(
         {
             Ok(dir) => Some(dir),
             Err(error) => {
-                render::error(
-                    &format!("cannot create a temporary directory: {error}"),
-                    &[],
-                );
-                return ExitStatus::Environment;
+                return Err(CliError::environment(format!(
+                    "cannot create a temporary directory: {error}"
+                )));
             }
         },
     };
@@ -518,38 +476,19 @@ pub(super) fn build_loaded(
         (None, Some(scratch)) => scratch.path().to_path_buf(),
         (None, None) => PathBuf::from("graphbuild-out"),
     };
-    let mut settings =
-        match build_settings(loaded, &args.inputs, layouts_dir, args.no_cache, remote) {
-            Ok(settings) => settings,
-            Err(code) => return code,
-        };
+    let mut settings = build_settings(loaded, &args.inputs, layouts_dir, args.no_cache, remote)?;
     settings.skip_tests = args.skip_tests;
     let progress = Progress::new(mode, args.quiet);
     let report = execute(loaded, store, resolver, settings, &cancel, &progress);
-    if let Err(code) = refuse_unavailable_layers(resolver, select) {
-        return code;
+    refuse_unavailable_layers(resolver, select)?;
+    report_failures(&report, &loaded.project.sources)?;
+    if select.pull {
+        write_lock(select, resolver)?;
     }
-    let code = report_failures(&report, &loaded.project.sources);
-    if code != ExitStatus::Success {
-        return code;
-    }
-    if select.pull
-        && let Err(code) = write_lock(select, resolver)
-    {
-        return code;
-    }
-    if let Err(code) =
-        outputs::check_architectures(&loaded.plan, &report.images, args.strict, store)
-    {
-        return code;
-    }
-    if let Err(code) = outputs::export(&loaded.plan, &report.images, &exports, args.quiet) {
-        return code;
-    }
-    if let Some(platform) = &load_platform
-        && let Err(code) = outputs::load(&loaded.plan, &report.images, platform, args.quiet)
-    {
-        return code;
+    outputs::check_architectures(&loaded.plan, &report.images, args.strict, store)?;
+    outputs::export(&loaded.plan, &report.images, &exports, args.quiet)?;
+    if let Some(platform) = &load_platform {
+        outputs::load(&loaded.plan, &report.images, platform, args.quiet)?;
     }
     // Push the images that ask for it, or all with --push.
     for (plan, summary) in loaded.plan.images.iter().zip(&report.images) {
@@ -561,11 +500,11 @@ pub(super) fn build_loaded(
             continue;
         }
         if plan.tags.is_empty() {
-            render::error(
-                &format!("cannot push `{}`: it has no tags", plan.name),
-                &["give the image `tags \"registry.example.com/NAME:TAG\"`"],
-            );
-            return ExitStatus::InvalidInput;
+            return Err(CliError::invalid_input(format!(
+                "cannot push `{}`: it has no tags",
+                plan.name
+            ))
+            .hint("give the image `tags \"registry.example.com/NAME:TAG\"`"));
         }
         match graphbuild_engine::push::push_layout(
             resolver.registry(),
@@ -577,77 +516,53 @@ pub(super) fn build_loaded(
                     eprintln!("pushed {tag} ({})", summary.index_digest);
                 }
             }
-            Err(message) => {
-                render::error(&format!("pushing `{}` failed: {message}", plan.name), &[]);
-                return ExitStatus::Environment;
+            Err(error) => {
+                // The registry's help (credentials, TLS) as the hint.
+                let help = miette::Diagnostic::help(&error).map(|help| help.to_string());
+                return Err(help.into_iter().fold(
+                    CliError::environment(format!("pushing `{}` failed: {error}", plan.name)),
+                    CliError::hint,
+                ));
             }
         }
     }
-    if let Some(file) = &args.metadata_file
-        && let Err(code) = outputs::write_metadata(file, &loaded.plan, &report.images)
-    {
-        return code;
+    if let Some(file) = &args.metadata_file {
+        outputs::write_metadata(file, &loaded.plan, &report.images)?;
     }
-    ExitStatus::Success
+    Ok(ExitStatus::Success)
 }
 
 /// `graphbuild verify`: two clean builds, compared.
-pub(crate) fn verify(inputs: BuildInputArgs) -> ExitStatus {
+pub(crate) fn verify(inputs: BuildInputArgs) -> Result<ExitStatus, CliError> {
     let select = &inputs.select;
-    let scratch = match tempfile::Builder::new()
+    let scratch = tempfile::Builder::new()
         .prefix("graphbuild-verify-")
         .tempdir()
-    {
-        Ok(dir) => dir,
-        Err(error) => {
-            render::error(
-                &format!("cannot create a temporary directory: {error}"),
-                &[],
-            );
-            return ExitStatus::Environment;
-        }
-    };
+        .map_err(|error| {
+            CliError::environment(format!("cannot create a temporary directory: {error}"))
+        })?;
     let cancel = cancel_on_signals();
     let mut outputs = Vec::new();
     for round in ["first", "second"] {
-        let store = match open_store(Some(scratch.path().join(format!("store-{round}")))) {
-            Ok(store) => store,
-            Err(code) => return code,
-        };
-        let resolver = match resolver(select, false, manifest_store(select, false)) {
-            Ok(resolver) => resolver,
-            Err(code) => return code,
-        };
-        let loaded = match load(select, Some(&store), &resolver) {
-            Ok(loaded) => loaded,
-            Err(code) => return code,
-        };
-        if let Err(code) = refuse_unresolved(&loaded.plan, select) {
-            return code;
-        }
+        let store = open_store(Some(scratch.path().join(format!("store-{round}"))))?;
+        let resolver = resolver(select, false, manifest_store(select, false))?;
+        let loaded = load(select, Some(&store), &resolver)?;
+        refuse_unresolved(&loaded.plan, select)?;
         eprintln!("verify: {round} build from scratch…");
         let output = scratch.path().join(format!("out-{round}"));
-        let mut settings = match build_settings(
+        let mut settings = build_settings(
             &loaded,
             &inputs,
             output,
             true,
             build::RemoteOptions::default(),
-        ) {
-            Ok(settings) => settings,
-            Err(code) => return code,
-        };
+        )?;
         // `verify` compares what two builds write; the images' tests do not change it.
         settings.skip_tests = true;
         let progress = Progress::silent();
         let report = execute(&loaded, &store, &resolver, settings, &cancel, &progress);
-        if let Err(code) = refuse_unavailable_layers(&resolver, select) {
-            return code;
-        }
-        let code = report_failures(&report, &loaded.project.sources);
-        if code != ExitStatus::Success {
-            return code;
-        }
+        refuse_unavailable_layers(&resolver, select)?;
+        report_failures(&report, &loaded.project.sources)?;
         outputs.push(report.images);
         // Different wall-clock times for the two builds.
         std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -678,9 +593,10 @@ pub(crate) fn verify(inputs: BuildInputArgs) -> ExitStatus {
             Err(error) => println!("  cannot compare the layouts: {error}"),
         }
     }
-    if reproducible {
+    // A difference is the command's answer, printed above: no error to add.
+    Ok(if reproducible {
         ExitStatus::Success
     } else {
         ExitStatus::BuildFailed
-    }
+    })
 }

@@ -5,14 +5,13 @@ use std::collections::HashSet;
 
 use graphbuild_engine::ssh::{self, Agents};
 
-use crate::ExitStatus;
-use crate::render;
+use crate::{CliError, ExitStatus};
 
 use super::Loaded;
 
 /// The agents `specs` name (started for key files), once every ssh id a step requires is
 /// among them; otherwise each missing one as a diagnostic at its step, exit 2.
-pub(super) fn agents(specs: &[String], loaded: &Loaded) -> Result<Agents, ExitStatus> {
+pub(super) fn agents(specs: &[String], loaded: &Loaded) -> Result<Agents, CliError> {
     let auth_sock = std::env::var_os("SSH_AUTH_SOCK").map(std::path::PathBuf::from);
     let mut sources = Vec::new();
     let mut ids = HashSet::new();
@@ -20,28 +19,20 @@ pub(super) fn agents(specs: &[String], loaded: &Loaded) -> Result<Agents, ExitSt
         match ssh::parse_spec(spec, auth_sock.as_deref()) {
             Ok((id, source)) => {
                 if !ids.insert(id.clone()) {
-                    render::error(&format!("--ssh {id} is given twice"), &[]);
-                    return Err(ExitStatus::InvalidInput);
+                    return Err(CliError::invalid_input(format!(
+                        "--ssh {id} is given twice"
+                    )));
                 }
                 sources.push((id, source));
             }
-            Err(message) => {
-                render::error(&message, &[]);
-                return Err(ExitStatus::InvalidInput);
-            }
+            Err(message) => return Err(CliError::invalid_input(message)),
         }
     }
     let missing = ssh::missing_required(&loaded.plan, &loaded.project.sources, &|id| {
         ids.contains(id)
     });
     if !missing.is_empty() {
-        for diagnostic in &missing {
-            render::diagnostic(diagnostic);
-        }
-        return Err(ExitStatus::InvalidInput);
+        return Err(CliError::reports(ExitStatus::InvalidInput, missing));
     }
-    Agents::start(sources).map_err(|message| {
-        render::error(&message, &[]);
-        ExitStatus::InvalidInput
-    })
+    Agents::start(sources).map_err(CliError::invalid_input)
 }

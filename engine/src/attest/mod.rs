@@ -80,9 +80,27 @@ pub struct BuildRequest {
     pub secrets: Vec<String>,
 }
 
+/// A `--provenance` or `--sbom` value graphbuild cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, miette::Diagnostic)]
+pub enum AttestFlagError {
+    #[error(
+        "--provenance: version `{version}` is not supported; graphbuild writes SLSA provenance v1 (version=v1)"
+    )]
+    #[diagnostic(code(graphbuild::attest::flag))]
+    ProvenanceVersion { version: String },
+
+    #[error("--provenance: cannot read `{part}`; write true, false, mode=min or mode=max")]
+    #[diagnostic(code(graphbuild::attest::flag))]
+    Provenance { part: String },
+
+    #[error("--sbom: cannot read `{value}`; write true or false")]
+    #[diagnostic(code(graphbuild::attest::flag))]
+    Sbom { value: String },
+}
+
 /// Parse buildx's `--provenance` spellings: a boolean (`true`, `false`, `1`, `0`), or
 /// `key=value` pairs: `mode=min|max`, `disabled=true|false`, `version=v1`.
-pub fn parse_provenance(value: &str) -> Result<Option<ProvenanceMode>, String> {
+pub fn parse_provenance(value: &str) -> Result<Option<ProvenanceMode>, AttestFlagError> {
     if let Some(enabled) = parse_bool(value) {
         return Ok(enabled.then_some(ProvenanceMode::Min));
     }
@@ -97,14 +115,14 @@ pub fn parse_provenance(value: &str) -> Result<Option<ProvenanceMode>, String> {
             }
             Some(("version", "v1")) => {}
             Some(("version", other)) => {
-                return Err(format!(
-                    "--provenance: version `{other}` is not supported; graphbuild writes SLSA provenance v1 (version=v1)"
-                ));
+                return Err(AttestFlagError::ProvenanceVersion {
+                    version: other.to_string(),
+                });
             }
             _ => {
-                return Err(format!(
-                    "--provenance: cannot read `{part}`; write true, false, mode=min or mode=max"
-                ));
+                return Err(AttestFlagError::Provenance {
+                    part: part.to_string(),
+                });
             }
         }
     }
@@ -112,8 +130,10 @@ pub fn parse_provenance(value: &str) -> Result<Option<ProvenanceMode>, String> {
 }
 
 /// Parse `--sbom`'s value: a boolean (`true`, `false`, `1`, `0`).
-pub fn parse_sbom(value: &str) -> Result<bool, String> {
-    parse_bool(value).ok_or_else(|| format!("--sbom: cannot read `{value}`; write true or false"))
+pub fn parse_sbom(value: &str) -> Result<bool, AttestFlagError> {
+    parse_bool(value).ok_or_else(|| AttestFlagError::Sbom {
+        value: value.to_string(),
+    })
 }
 
 fn parse_bool(value: &str) -> Option<bool> {
@@ -207,8 +227,22 @@ mod tests {
             Ok(Some(ProvenanceMode::Max))
         );
         assert_eq!(parse_provenance("mode=max,disabled=true"), Ok(None));
-        assert!(parse_provenance("mode=huge").is_err());
-        assert!(parse_provenance("version=v0.2").is_err());
+        assert_eq!(
+            parse_provenance("mode=huge"),
+            Err(AttestFlagError::Provenance {
+                part: "mode=huge".into()
+            })
+        );
+        assert_eq!(
+            parse_provenance("version=v0.2"),
+            Err(AttestFlagError::ProvenanceVersion {
+                version: "v0.2".into()
+            })
+        );
+        assert_eq!(
+            parse_sbom("maybe").unwrap_err().to_string(),
+            "--sbom: cannot read `maybe`; write true or false"
+        );
     }
 
     #[test]

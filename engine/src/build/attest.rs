@@ -237,9 +237,16 @@ impl Executor<'_> {
                 return Ok((document, "team cache"));
             }
         }
-        let scan = sbom::scan_layers(self.store, layers).map_err(|reason| AttestError::Scan {
-            platform: platform.to_string(),
-            reason,
+        let scan = sbom::scan_layers(self.store, layers).map_err(|error| match error {
+            sbom::ScanError::Store(source) => AttestError::ScanStore {
+                platform: platform.to_string(),
+                source,
+            },
+            sbom::ScanError::Layer { digest, source } => AttestError::ScanLayer {
+                platform: platform.to_string(),
+                digest,
+                source,
+            },
         })?;
         let created = epoch_rfc3339(self.options.layer.source_date_epoch);
         let document = sbom::spdx_document(&scan, &platform.to_string(), &key.hex(), &created);

@@ -911,7 +911,7 @@ impl Executor<'_> {
                     return Ok(None);
                 };
                 let items = crate::context::exclude_patterns(items, &copy.exclude)
-                    .map_err(|reason| fail(CopyFault::Select { reason }))?;
+                    .map_err(|error| fail(CopyFault::from(error)))?;
                 let sources = Sources::Hosts(&hosts);
                 let planned = plan_copy(&view, &items, &sources, copy, epoch, now).map_err(fail)?;
                 let diff_ids = output.layers.iter().map(|layer| layer.diff_id).collect();

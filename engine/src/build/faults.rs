@@ -178,14 +178,24 @@ pub enum CopyFault {
     #[diagnostic(code(graphbuild::copy::internal))]
     AddWithoutFiles,
 
-    /// An `exclude` pattern or a `parents` source that cannot be applied.
-    #[error("{reason}")]
+    /// An `exclude` pattern that does not compile (checked when planned: met only by a plan
+    /// changed under the build); `reason` is the pattern compiler's.
+    #[error("`exclude` pattern `{pattern}`: {reason}")]
     #[diagnostic(code(graphbuild::copy::select))]
-    Select { reason: String },
+    Exclude { pattern: String, reason: String },
 
     #[error(transparent)]
     #[diagnostic(transparent)]
     Layer(Box<LayerFault>),
+}
+
+impl From<crate::context::ExcludeError> for CopyFault {
+    fn from(error: crate::context::ExcludeError) -> CopyFault {
+        CopyFault::Exclude {
+            pattern: error.pattern,
+            reason: error.reason,
+        }
+    }
 }
 
 impl From<LayerFault> for CopyFault {
@@ -305,9 +315,22 @@ pub enum AttestError {
     },
 
     /// The layer scanner (`crate::attest::sbom`) reports its problems as text.
-    #[error("cannot scan the filesystem of {platform} for packages: {reason}")]
+    #[error("cannot scan the filesystem of {platform} for packages")]
     #[diagnostic(code(graphbuild::attest::scan))]
-    Scan { platform: String, reason: String },
+    ScanStore {
+        platform: String,
+        #[source]
+        source: StoreError,
+    },
+
+    #[error("cannot scan the filesystem of {platform} for packages: layer {digest}")]
+    #[diagnostic(code(graphbuild::attest::scan))]
+    ScanLayer {
+        platform: String,
+        digest: Digest,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("the SBOM for {platform} would be {size} bytes, more than {max}")]
     #[diagnostic(code(graphbuild::attest::sbom_size))]

@@ -38,7 +38,7 @@ pub mod client;
 pub mod step;
 pub mod worker;
 
-use graphbuild_lang::platform::Platform;
+use graphbuild_lang::platform::{Platform, PlatformError};
 use serde::{Deserialize, Serialize};
 
 use crate::layer::{Compression, LayerOptions};
@@ -46,6 +46,42 @@ use crate::sandbox::{ExitStatusKind, RunTask};
 use crate::state::LayerDesc;
 
 pub use client::{RemoteExecutor, RemoteRun};
+
+/// A remote step a worker refuses to run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, miette::Diagnostic)]
+pub enum StepCheckError {
+    #[error("the step's format is `{found}`, not `{STEP_FORMAT}`")]
+    #[diagnostic(code(graphbuild::remote::step))]
+    Format { found: String },
+    #[error("a remote step may not mount host paths")]
+    #[diagnostic(code(graphbuild::remote::step))]
+    HostPaths,
+    #[error("a remote step may not run insecure")]
+    #[diagnostic(code(graphbuild::remote::step))]
+    Insecure,
+    #[error("unknown layer compression `{compression}`")]
+    #[diagnostic(code(graphbuild::remote::step))]
+    Compression { compression: String },
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Platform(#[from] PlatformError),
+}
+
+/// A `--platform-keys` / `--remote-platform-keys` value that is not `OS_KEY,ARCH_KEY`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, miette::Diagnostic)]
+#[error("`{text}` is not OS_KEY,ARCH_KEY: two different property names, such as OSFamily,ISA")]
+#[diagnostic(code(graphbuild::remote::platform_keys))]
+pub struct PlatformKeysError {
+    pub text: String,
+}
+
+/// A [`QUEUE_TIMEOUT_ENV`] that is not a number of seconds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, miette::Diagnostic)]
+#[error("{QUEUE_TIMEOUT_ENV}=`{text}` is not a number of seconds")]
+#[diagnostic(code(graphbuild::remote::queue_timeout))]
+pub struct QueueTimeoutError {
+    pub text: String,
+}
 
 /// The `format` of a [`RemoteStep`]; a worker refuses any other.
 pub const STEP_FORMAT: &str = "graphbuild remote step v1";
@@ -103,12 +139,16 @@ impl RemoteStep {
     }
 
     /// The layer options the step was defined with.
-    pub fn layer_options(&self) -> Result<LayerOptions, String> {
+    pub fn layer_options(&self) -> Result<LayerOptions, StepCheckError> {
         let compression = match self.compression.as_str() {
             "gzip" => Compression::Gzip,
             "zstd" => Compression::Zstd,
             "none" => Compression::None,
-            other => return Err(format!("unknown layer compression `{other}`")),
+            other => {
+                return Err(StepCheckError::Compression {
+                    compression: other.to_string(),
+                });
+            }
         };
         Ok(LayerOptions {
             source_date_epoch: self.source_date_epoch,
@@ -119,12 +159,11 @@ impl RemoteStep {
     /// Refuse what a worker must never do for a client: read its host's files (cache mounts,
     /// bind mounts, secret files, ssh sockets and the layers of stage binds name host paths),
     /// or run without the sandbox's confinement.
-    pub fn check(&self) -> Result<Platform, String> {
+    pub fn check(&self) -> Result<Platform, StepCheckError> {
         if self.format != STEP_FORMAT {
-            return Err(format!(
-                "the step's format is `{}`, not `{STEP_FORMAT}`",
-                self.format
-            ));
+            return Err(StepCheckError::Format {
+                found: self.format.clone(),
+            });
         }
         let task = &self.task;
         if !task.cache_mounts.is_empty()
@@ -133,13 +172,13 @@ impl RemoteStep {
             || !task.ssh_sockets.is_empty()
             || !task.stage_binds.is_empty()
         {
-            return Err("a remote step may not mount host paths".into());
+            return Err(StepCheckError::HostPaths);
         }
         if task.insecure {
-            return Err("a remote step may not run insecure".into());
+            return Err(StepCheckError::Insecure);
         }
         self.layer_options()?;
-        Platform::parse(&self.platform).map_err(|error| error.to_string())
+        Ok(Platform::parse(&self.platform)?)
     }
 }
 
@@ -171,7 +210,7 @@ impl Default for PlatformKeys {
 
 impl PlatformKeys {
     /// `OS_KEY,ARCH_KEY`, e.g. `OSFamily,ISA` or `os,cpu`.
-    pub fn parse(text: &str) -> Result<PlatformKeys, String> {
+    pub fn parse(text: &str) -> Result<PlatformKeys, PlatformKeysError> {
         let valid = |key: &str| {
             !key.is_empty()
                 && key
@@ -185,9 +224,9 @@ impl PlatformKeys {
                     arch: arch.trim().into(),
                 })
             }
-            _ => Err(format!(
-                "`{text}` is not OS_KEY,ARCH_KEY: two different property names, such as OSFamily,ISA"
-            )),
+            _ => Err(PlatformKeysError {
+                text: text.to_string(),
+            }),
         }
     }
 
@@ -207,7 +246,7 @@ impl PlatformKeys {
 }
 
 /// Seconds an action may wait in the queue for a worker ([`QUEUE_TIMEOUT_ENV`]).
-pub fn queue_timeout_from_env() -> Result<std::time::Duration, String> {
+pub fn queue_timeout_from_env() -> Result<std::time::Duration, QueueTimeoutError> {
     match std::env::var(QUEUE_TIMEOUT_ENV) {
         Err(_) => Ok(std::time::Duration::from_secs(60)),
         Ok(text) => text
@@ -216,7 +255,7 @@ pub fn queue_timeout_from_env() -> Result<std::time::Duration, String> {
             .ok()
             .filter(|seconds| seconds.is_finite() && *seconds > 0.0 && *seconds < 1e9)
             .map(std::time::Duration::from_secs_f64)
-            .ok_or_else(|| format!("{QUEUE_TIMEOUT_ENV}=`{text}` is not a number of seconds")),
+            .ok_or_else(|| QueueTimeoutError { text: text.clone() }),
     }
 }
 

@@ -3,15 +3,91 @@
 //! local step on an overlay of them, and the upper directory written as the layer, with the
 //! same layer writer and options as the client's: the same bytes a local build makes.
 
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
 
-use super::{LAYER_PATH, LAYERS_DIR, OUTCOME_PATH, RemoteStep, STEP_FILE, StepOutcome};
-use crate::layer;
+use super::{
+    LAYER_PATH, LAYERS_DIR, OUTCOME_PATH, RemoteStep, STEP_FILE, StepCheckError, StepOutcome,
+};
+use crate::digest::Digest;
+use crate::layer::{self, LayerError};
 use crate::sandbox::overlay::Overlay;
-use crate::sandbox::{self, SandboxSpec, Task};
+use crate::sandbox::{self, SandboxError, SandboxSpec, Task};
 use crate::state::LayerDesc;
-use crate::store::Store;
-use crate::unpack;
+use crate::store::{Store, StoreError};
+use crate::unpack::{self, UnpackError};
+
+/// Why a remote step could not run on this worker: a worker problem, not the step's command
+/// failing (that is an [`Executed`] with its status). Workers report it as the action's status
+/// message, `worker-step` as its error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerStepError {
+    #[error(transparent)]
+    Check(#[from] StepCheckError),
+    #[error("cannot create a temporary directory: {0}")]
+    TempDir(#[source] io::Error),
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is not a graphbuild step: {source}", path.display())]
+    NotAStep {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    StoreBlob {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error("cannot open layer {digest}: {source}")]
+    OpenLayer {
+        digest: Digest,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {digest}: {source}")]
+    Layer {
+        digest: Digest,
+        #[source]
+        source: UnpackError,
+    },
+    #[error(transparent)]
+    Snapshot(StoreError),
+    /// The sandbox's error with its causes, as one line.
+    #[error("{}", with_causes(.0))]
+    Sandbox(#[source] SandboxError),
+    #[error("cannot write the step's layer: {0}")]
+    WriteLayer(#[source] LayerError),
+    #[error("cannot store the step's layer: {0}")]
+    StoreLayer(#[source] StoreError),
+    #[error("cannot write {OUTCOME_PATH}: {0}")]
+    Outcome(#[source] io::Error),
+}
+
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> WorkerStepError {
+    let path = path.to_path_buf();
+    move |source| WorkerStepError::Io {
+        action,
+        path,
+        source,
+    }
+}
 
 /// What a remote step did: how it ended, the last lines of its output, and the layer blob
 /// (in `store`) it made.
@@ -29,21 +105,18 @@ pub fn execute(
     exe: &Path,
     overlay: &Overlay,
     on_line: &mut dyn FnMut(&str),
-) -> Result<Executed, String> {
+) -> Result<Executed, WorkerStepError> {
     step.check()?;
     let options = step.layer_options()?;
     let mut lowerdirs = Vec::with_capacity(step.layers.len());
     for layer in step.layers.iter().rev() {
         lowerdirs.push(snapshot(store, layer)?);
     }
-    let temp = store
-        .temp_dir()
-        .map_err(|error| format!("cannot create a temporary directory: {error}"))?;
+    let temp = store.temp_dir().map_err(WorkerStepError::TempDir)?;
     let upperdir = temp.path().join("upper");
     let overlay_workdir = temp.path().join("work");
     for dir in [&upperdir, &overlay_workdir] {
-        std::fs::create_dir_all(dir)
-            .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io_error("create", dir))?;
     }
     let spec = SandboxSpec {
         lowerdirs,
@@ -52,15 +125,7 @@ pub fn execute(
         overlay: overlay.clone(),
         task: Task::Run(step.task.clone()),
     };
-    let result = sandbox::run_sandbox(exe, &spec, on_line).map_err(|error| {
-        let mut message = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            message.push_str(&format!(": {cause}"));
-            source = cause.source();
-        }
-        message
-    })?;
+    let result = sandbox::run_sandbox(exe, &spec, on_line).map_err(WorkerStepError::Sandbox)?;
     if result.status != sandbox::ExitStatusKind::Exited(0) {
         return Ok(Executed {
             outcome: StepOutcome {
@@ -71,13 +136,13 @@ pub fn execute(
         });
     }
     let blob = layer::write_layer_from_upper(&upperdir, temp.path(), &options)
-        .map_err(|error| format!("cannot write the step's layer: {error}"))?;
+        .map_err(WorkerStepError::WriteLayer)?;
     let layer = match blob {
         None => None,
         Some(blob) => {
             store
                 .put_blob_file(&blob.path, Some(blob.digest))
-                .map_err(|error| format!("cannot store the step's layer: {error}"))?;
+                .map_err(WorkerStepError::StoreLayer)?;
             Some(LayerDesc {
                 digest: blob.digest,
                 diff_id: blob.diff_id,
@@ -96,7 +161,7 @@ pub fn execute(
 }
 
 /// The snapshot of a layer whose blob is in the store, unpacked (and verified) when missing.
-fn snapshot(store: &Store, layer: &LayerDesc) -> Result<std::path::PathBuf, String> {
+fn snapshot(store: &Store, layer: &LayerDesc) -> Result<PathBuf, WorkerStepError> {
     if let Some(dir) = store.snapshot_path(&layer.diff_id)
         && store.verified_diff_id(&layer.digest) == Some(layer.diff_id)
     {
@@ -104,22 +169,22 @@ fn snapshot(store: &Store, layer: &LayerDesc) -> Result<std::path::PathBuf, Stri
     }
     let blob = store.blob_path(&layer.digest);
     let check = unpack::LayerCheck::layer(layer.digest, layer.diff_id, layer.size);
+    let digest = layer.digest;
+    let open = |source| WorkerStepError::OpenLayer { digest, source };
+    let invalid = |source| WorkerStepError::Layer { digest, source };
     if store.snapshot_path(&layer.diff_id).is_some() {
         // A snapshot of this diff_id exists: is this blob that layer?
-        let file = std::fs::File::open(&blob)
-            .map_err(|error| format!("cannot open layer {}: {error}", layer.digest))?;
-        unpack::verify_layer(std::io::BufReader::new(file), &check)
-            .map_err(|error| format!("layer {}: {error}", layer.digest))?;
+        let file = std::fs::File::open(&blob).map_err(open)?;
+        unpack::verify_layer(std::io::BufReader::new(file), &check).map_err(invalid)?;
     }
     let dir = store
         .ensure_snapshot(&layer.diff_id, |dir: &Path| {
-            let file = std::fs::File::open(&blob)
-                .map_err(|error| format!("cannot open layer {}: {error}", layer.digest))?;
+            let file = std::fs::File::open(&blob).map_err(open)?;
             unpack::unpack_layer_checked(std::io::BufReader::new(file), dir, &check)
                 .map(|_| ())
-                .map_err(|error| format!("layer {}: {error}", layer.digest))
+                .map_err(invalid)
         })
-        .map_err(|error| error.to_string())?;
+        .map_err(WorkerStepError::Snapshot)?;
     let _ = store.record_verified_layer(layer);
     Ok(dir)
 }
@@ -134,12 +199,14 @@ pub fn run_in_input_root(
     exe: &Path,
     overlay: &Overlay,
     on_line: &mut dyn FnMut(&str),
-) -> Result<i32, String> {
+) -> Result<i32, WorkerStepError> {
     let path = root.join(STEP_FILE);
-    let bytes =
-        std::fs::read(&path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-    let step: RemoteStep = serde_json::from_slice(&bytes)
-        .map_err(|error| format!("{} is not a graphbuild step: {error}", path.display()))?;
+    let bytes = std::fs::read(&path).map_err(io_error("read", &path))?;
+    let step: RemoteStep =
+        serde_json::from_slice(&bytes).map_err(|source| WorkerStepError::NotAStep {
+            path: path.clone(),
+            source,
+        })?;
     step.check()?;
     for (index, layer) in step.layers.iter().enumerate() {
         if store.has_blob(&layer.digest) {
@@ -148,28 +215,25 @@ pub fn run_in_input_root(
         let source = root
             .join(LAYERS_DIR)
             .join(super::action::layer_file_name(index));
-        let temp = store
-            .temp_dir()
-            .map_err(|error| format!("cannot create a temporary directory: {error}"))?;
+        let temp = store.temp_dir().map_err(WorkerStepError::TempDir)?;
         let copy = temp.path().join("blob");
-        std::fs::copy(&source, &copy)
-            .map_err(|error| format!("cannot read {}: {error}", source.display()))?;
+        std::fs::copy(&source, &copy).map_err(io_error("read", &source))?;
         store
             .put_blob_file(&copy, Some(layer.digest))
-            .map_err(|error| format!("{}: {error}", source.display()))?;
+            .map_err(|error| WorkerStepError::StoreBlob {
+                path: source.clone(),
+                source: error,
+            })?;
     }
     let executed = execute(&step, store, exe, overlay, on_line)?;
     let outputs = root.join("graphbuild");
-    std::fs::create_dir_all(outputs.join("layers"))
-        .map_err(|error| format!("cannot create {}: {error}", outputs.display()))?;
+    std::fs::create_dir_all(outputs.join("layers")).map_err(io_error("create", &outputs))?;
     if let Some(layer) = &executed.outcome.layer {
         let dest = root.join(LAYER_PATH);
-        std::fs::copy(store.blob_path(&layer.digest), &dest)
-            .map_err(|error| format!("cannot write {}: {error}", dest.display()))?;
+        std::fs::copy(store.blob_path(&layer.digest), &dest).map_err(io_error("write", &dest))?;
     }
     let outcome = serde_json::to_vec(&executed.outcome).unwrap_or_default();
-    std::fs::write(root.join(OUTCOME_PATH), outcome)
-        .map_err(|error| format!("cannot write {OUTCOME_PATH}: {error}"))?;
+    std::fs::write(root.join(OUTCOME_PATH), outcome).map_err(WorkerStepError::Outcome)?;
     Ok(executed.outcome.status.exit_code())
 }
 

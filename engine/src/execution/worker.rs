@@ -249,7 +249,7 @@ fn execute_lease(
                 None,
             );
         }
-        Err(message) => return (status(INVALID_ARGUMENT, message), None),
+        Err(error) => return (status(INVALID_ARGUMENT, error.to_string()), None),
     }
     // The worker's own limit on processes holds whatever the client asked for.
     let mut step = step;
@@ -264,7 +264,7 @@ fn execute_lease(
     }
     let executed = match step::execute(&step, store, &options.exe, &options.overlay, &mut |_| {}) {
         Ok(executed) => executed,
-        Err(message) => return (status(INTERNAL, message), None),
+        Err(error) => return (status(INTERNAL, error.to_string()), None),
     };
     match upload_result(cache, store, options, &executed) {
         Ok(result) => {

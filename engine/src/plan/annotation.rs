@@ -3,7 +3,28 @@
 //! types separated by commas). An untyped key goes on the index and every manifest, as
 //! graphbuild has always done.
 
-use graphbuild_lang::platform::Platform;
+use graphbuild_lang::platform::{Platform, PlatformError};
+
+/// A typed annotation key that cannot be placed. Reported at the annotation as a
+/// `graphbuild::annotation` diagnostic of the build file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnnotationKeyError {
+    #[error("`{key}` has a type but no key")]
+    NoKey { key: String },
+    #[error("`{kind}`: write `{base}[OS/ARCH]`")]
+    UnclosedPlatform { kind: String, base: String },
+    #[error("`{kind}`: `{platform}` is not a platform: {source}")]
+    Platform {
+        kind: String,
+        platform: String,
+        #[source]
+        source: Box<PlatformError>,
+    },
+    #[error("`{kind}`: an {base} annotation has no platform")]
+    PlatformNotAllowed { kind: String, base: String },
+    #[error("`{kind}` is not an annotation type")]
+    UnknownType { kind: String },
+}
 
 /// One place an annotation is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +53,7 @@ impl Level {
 
 /// Splits a key into its levels and the annotation's own key. A prefix that is not a list
 /// of known types is part of the key (`com.example:tag=…` has no type).
-pub fn parse_key(key: &str) -> Result<(Vec<Level>, &str), String> {
+pub fn parse_key(key: &str) -> Result<(Vec<Level>, &str), AnnotationKeyError> {
     let untyped = || (vec![Level::Index, Level::Manifest(None)], key);
     let Some((prefix, name)) = key.split_once(':') else {
         return Ok(untyped());
@@ -50,7 +71,9 @@ pub fn parse_key(key: &str) -> Result<(Vec<Level>, &str), String> {
         return Ok(untyped());
     }
     if name.is_empty() {
-        return Err(format!("`{key}` has a type but no key"));
+        return Err(AnnotationKeyError::NoKey {
+            key: key.to_string(),
+        });
     }
     let mut levels = Vec::new();
     for kind in kinds {
@@ -58,11 +81,17 @@ pub fn parse_key(key: &str) -> Result<(Vec<Level>, &str), String> {
         let (base, platform) = match kind.split_once('[') {
             Some((base, rest)) => {
                 let Some(platform) = rest.strip_suffix(']') else {
-                    return Err(format!("`{kind}`: write `{base}[OS/ARCH]`"));
+                    return Err(AnnotationKeyError::UnclosedPlatform {
+                        kind: kind.to_string(),
+                        base: base.to_string(),
+                    });
                 };
-                let platform = Platform::parse(platform).map_err(|error| {
-                    format!("`{kind}`: `{platform}` is not a platform: {error}")
-                })?;
+                let platform =
+                    Platform::parse(platform).map_err(|source| AnnotationKeyError::Platform {
+                        kind: kind.to_string(),
+                        platform: platform.to_string(),
+                        source: Box::new(source),
+                    })?;
                 (base, Some(platform))
             }
             None => (kind, None),
@@ -73,9 +102,16 @@ pub fn parse_key(key: &str) -> Result<(Vec<Level>, &str), String> {
             ("manifest", platform) => Level::Manifest(platform),
             ("manifest-descriptor", platform) => Level::ManifestDescriptor(platform),
             (base, Some(_)) => {
-                return Err(format!("`{kind}`: an {base} annotation has no platform"));
+                return Err(AnnotationKeyError::PlatformNotAllowed {
+                    kind: kind.to_string(),
+                    base: base.to_string(),
+                });
             }
-            (other, None) => return Err(format!("`{other}` is not an annotation type")),
+            (other, None) => {
+                return Err(AnnotationKeyError::UnknownType {
+                    kind: other.to_string(),
+                });
+            }
         });
     }
     Ok((levels, name))
@@ -104,8 +140,24 @@ mod tests {
             parse_key("com.example:tag").expect("key").1,
             "com.example:tag"
         );
-        assert!(parse_key("index[linux/amd64]:k").is_err());
-        assert!(parse_key("manifest[linux/nope/x/y]:k").is_err());
-        assert!(parse_key("index:").is_err());
+        assert_eq!(
+            parse_key("index[linux/amd64]:k").unwrap_err().to_string(),
+            "`index[linux/amd64]`: an index annotation has no platform"
+        );
+        assert!(matches!(
+            parse_key("manifest[linux/nope/x/y]:k"),
+            Err(AnnotationKeyError::Platform { .. })
+        ));
+        assert_eq!(
+            parse_key("manifest[linux/amd64:k"),
+            Err(AnnotationKeyError::UnclosedPlatform {
+                kind: "manifest[linux/amd64".into(),
+                base: "manifest".into()
+            })
+        );
+        assert_eq!(
+            parse_key("index:").unwrap_err().to_string(),
+            "`index:` has a type but no key"
+        );
     }
 }

@@ -182,10 +182,44 @@ impl Abi {
         }
     }
 
-    fn required(self, name: &str) -> Result<i64, String> {
-        self.number(name)
-            .ok_or_else(|| format!("the {} system call table has no `{name}`", self.name()))
+    fn required(self, name: &'static str) -> Result<i64, ConfineError> {
+        self.number(name).ok_or(ConfineError::MissingSyscall {
+            abi: self.name(),
+            name,
+        })
     }
+}
+
+/// Why the step's confinement could not be prepared or applied. The sandbox child reports it
+/// as the message of the setup step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfineError {
+    #[error("the {abi} system call table has no `{name}`")]
+    MissingSyscall {
+        abi: &'static str,
+        name: &'static str,
+    },
+    #[error("compile the seccomp filter: {0}")]
+    Compile(#[from] seccompiler::BackendError),
+    #[error(
+        "compile the seccomp filter: seccompiler's program does not begin with the \
+         architecture check this sandbox replaces"
+    )]
+    UnexpectedProgram,
+    #[error("the sandbox's seccomp filter is only written for x86_64 hosts")]
+    UnsupportedHost,
+    #[error("drop {capability} from the bounding set: {source}")]
+    BoundingSet {
+        capability: Capability,
+        #[source]
+        source: caps::errors::CapsError,
+    },
+    #[error("set the {set}: {source}")]
+    Capabilities {
+        set: &'static str,
+        #[source]
+        source: caps::errors::CapsError,
+    },
 }
 
 /// The step's filters, ready to install: for each ABI, one refusing calls with `EPERM` and
@@ -203,13 +237,12 @@ pub struct Filters {
 /// one ABI let the other ABI's calls through to that ABI's filters (the kernel runs every
 /// installed filter and keeps the strictest answer), and an unknown ABI is killed as before.
 #[cfg(target_arch = "x86_64")]
-pub fn compile() -> Result<Filters, String> {
+pub fn compile() -> Result<Filters, ConfineError> {
     let mut programs = Vec::new();
     for abi in Abi::ALL {
         let (eperm, enosys) = compile_rules(abi)?;
         for filter in [enosys, eperm] {
-            let program = BpfProgram::try_from(filter)
-                .map_err(|error| format!("compile the seccomp filter: {error}"))?;
+            let program = BpfProgram::try_from(filter)?;
             programs.push(retarget(program, abi)?);
         }
     }
@@ -217,14 +250,14 @@ pub fn compile() -> Result<Filters, String> {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub fn compile() -> Result<Filters, String> {
-    Err("the sandbox's seccomp filter is only written for x86_64 hosts".to_string())
+pub fn compile() -> Result<Filters, ConfineError> {
+    Err(ConfineError::UnsupportedHost)
 }
 
 /// The `EPERM` and `ENOSYS` rules of one ABI, as seccompiler filters.
-fn compile_rules(abi: Abi) -> Result<(SeccompFilter, SeccompFilter), String> {
-    let error = |error: seccompiler::BackendError| format!("compile the seccomp filter: {error}");
-    let namespace_rules = |extra: &[u64]| -> Result<Vec<SeccompRule>, String> {
+fn compile_rules(abi: Abi) -> Result<(SeccompFilter, SeccompFilter), ConfineError> {
+    let error = ConfineError::Compile;
+    let namespace_rules = |extra: &[u64]| -> Result<Vec<SeccompRule>, ConfineError> {
         NAMESPACE_FLAGS
             .iter()
             .chain(extra)
@@ -313,7 +346,7 @@ fn arch_dispatch(abi: Abi) -> Vec<sock_filter> {
 /// Replaces seccompiler's architecture check at the start of `program` (checked to be exactly
 /// what seccompiler 0.5 writes, so a change of its output fails here, not in a step) by
 /// [`arch_dispatch`]. The rules that follow only jump forward within themselves.
-fn retarget(program: BpfProgram, abi: Abi) -> Result<BpfProgram, String> {
+fn retarget(program: BpfProgram, abi: Abi) -> Result<BpfProgram, ConfineError> {
     let seccompiler_check = [
         LOAD_ARCH,
         jump(
@@ -332,11 +365,7 @@ fn retarget(program: BpfProgram, abi: Abi) -> Result<BpfProgram, String> {
             .zip(&seccompiler_check)
             .all(|(a, b)| same(a, b));
     if !starts_with_check {
-        return Err(
-            "compile the seccomp filter: seccompiler's program does not begin with the \
-             architecture check this sandbox replaces"
-                .to_string(),
-        );
+        return Err(ConfineError::UnexpectedProgram);
     }
     let mut retargeted = arch_dispatch(abi);
     retargeted.extend_from_slice(&program[seccompiler_check.len()..]);
@@ -376,7 +405,7 @@ fn kept() -> CapsHashSet {
 
 /// Drops every capability but [`KEPT_CAPABILITIES`] from the bounding set: neither the step
 /// nor a setuid program it runs can ever regain them. Needs `CAP_SETPCAP`.
-pub fn limit_bounding_set() -> Result<(), String> {
+pub fn limit_bounding_set() -> Result<(), ConfineError> {
     let kept = kept();
     for capability in caps::all() {
         if kept.contains(&capability) {
@@ -385,7 +414,7 @@ pub fn limit_bounding_set() -> Result<(), String> {
         // Capabilities newer than the running kernel are not in its bounding set.
         if caps::has_cap(None, CapSet::Bounding, capability).unwrap_or(false) {
             caps::drop(None, CapSet::Bounding, capability)
-                .map_err(|error| format!("drop {capability} from the bounding set: {error}"))?;
+                .map_err(|source| ConfineError::BoundingSet { capability, source })?;
         }
     }
     Ok(())
@@ -393,9 +422,12 @@ pub fn limit_bounding_set() -> Result<(), String> {
 
 /// After the change of user: root keeps [`KEPT_CAPABILITIES`] effective and permitted,
 /// another user nothing; the inheritable and ambient sets are emptied.
-pub fn set_process_capabilities(root: bool) -> Result<(), String> {
+pub fn set_process_capabilities(root: bool) -> Result<(), ConfineError> {
     let sets = if root { kept() } else { CapsHashSet::new() };
-    let fail = |what: &str, error: caps::errors::CapsError| format!("set the {what}: {error}");
+    let fail = |set: &'static str, source: caps::errors::CapsError| ConfineError::Capabilities {
+        set,
+        source,
+    };
     // Effective first: it must stay a subset of permitted.
     caps::set(None, CapSet::Effective, &sets)
         .map_err(|error| fail("effective capabilities", error))?;

@@ -46,8 +46,8 @@ pub(crate) enum CopyTaskError {
     #[error(transparent)]
     Copy(#[from] CopyError),
 
-    #[error("{0}")]
-    Exclude(String),
+    #[error(transparent)]
+    Exclude(#[from] crate::context::ExcludeError),
 
     #[error("the sandbox root has no parent")]
     NoParent,
@@ -107,8 +107,7 @@ pub(crate) fn copy_in_sandbox(root: &Path, task: &CopyTask) -> Result<(), CopyTa
             } else {
                 crate::context::select_in_tree(&source_root, &task.sources)?
             };
-            let items = crate::context::exclude_patterns(items, &task.exclude)
-                .map_err(CopyTaskError::Exclude)?;
+            let items = crate::context::exclude_patterns(items, &task.exclude)?;
             perform(&items, &source_root)?
         }
     }

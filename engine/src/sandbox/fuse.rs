@@ -57,6 +57,58 @@ const DAEMON_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a daemon may take to exit once unmounted before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(3);
 
+/// Why fuse-overlayfs could not serve a step, or its upper directory could not be converted.
+/// The sandbox child reports it as the message of the setup step that failed; `log` is the
+/// daemon's own stderr.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FuseError {
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fuse-overlayfs exited ({status}) before mounting: {log}")]
+    ExitedBeforeMount {
+        status: std::process::ExitStatus,
+        log: String,
+    },
+    #[error("fuse-overlayfs did not mount within {}s: {log}", DAEMON_TIMEOUT.as_secs())]
+    MountTimeout { log: String },
+    #[error("fuse-overlayfs ended while the step ran ({status}): {log}")]
+    DiedDuringStep {
+        status: std::process::ExitStatus,
+        log: String,
+    },
+    #[error("fuse-overlayfs failed ({status}): {log}")]
+    Failed {
+        status: std::process::ExitStatus,
+        log: String,
+    },
+    #[error(
+        "fuse-overlayfs did not exit after its {} (killed): {log}",
+        if *.detached { "lazy unmount" } else { "unmount" }
+    )]
+    DidNotExit { detached: bool, log: String },
+    #[error("look up /{path} in the lower layers: {source}")]
+    Lookup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "create the whiteout {} (a 0/0 character device; a user namespace needs Linux ≥ 5.8 \
+         for it): {source}",
+        path.display()
+    )]
+    Whiteout {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
 /// A running fuse-overlayfs and its mount point.
 pub(super) struct FuseMount {
     child: Option<Child>,
@@ -74,12 +126,11 @@ impl FuseMount {
         mountpoint: &Path,
         cwd: &Path,
         log: PathBuf,
-    ) -> Result<FuseMount, String> {
+    ) -> Result<FuseMount, FuseError> {
         let parent_device = fs::metadata(mountpoint.parent().unwrap_or(Path::new("/")))
-            .map_err(|error| format!("inspect {}: {error}", mountpoint.display()))?
+            .map_err(at("inspect", mountpoint))?
             .dev();
-        let log_file =
-            fs::File::create(&log).map_err(|error| format!("create {}: {error}", log.display()))?;
+        let log_file = fs::File::create(&log).map_err(at("create", &log))?;
         let mut command = Command::new(program);
         command
             .arg("-f")
@@ -109,9 +160,7 @@ impl FuseMount {
                 Ok(())
             });
         }
-        let child = command
-            .spawn()
-            .map_err(|error| format!("start {}: {error}", program.display()))?;
+        let child = command.spawn().map_err(at("start", program))?;
         let mut mount = FuseMount {
             child: Some(child),
             mountpoint: mountpoint.to_path_buf(),
@@ -123,21 +172,19 @@ impl FuseMount {
                 && let Ok(Some(status)) = child.try_wait()
             {
                 mount.child = None;
-                return Err(format!(
-                    "fuse-overlayfs exited ({status}) before mounting: {}",
-                    mount.log_text()
-                ));
+                return Err(FuseError::ExitedBeforeMount {
+                    status,
+                    log: mount.log_text(),
+                });
             }
             // The mount point's device changes once the FUSE file system is mounted on it.
             if fs::metadata(mountpoint).is_ok_and(|metadata| metadata.dev() != parent_device) {
                 return Ok(mount);
             }
             if started.elapsed() > DAEMON_TIMEOUT {
-                return Err(format!(
-                    "fuse-overlayfs did not mount within {}s: {}",
-                    DAEMON_TIMEOUT.as_secs(),
-                    mount.log_text()
-                ));
+                return Err(FuseError::MountTimeout {
+                    log: mount.log_text(),
+                });
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -163,11 +210,11 @@ impl FuseMount {
 
     /// Unmounts and waits for the daemon; an error when the daemon had died under the step or
     /// does not end cleanly.
-    pub(super) fn unmount(mut self) -> Result<(), String> {
+    pub(super) fn unmount(mut self) -> Result<(), FuseError> {
         self.finish()
     }
 
-    fn finish(&mut self) -> Result<(), String> {
+    fn finish(&mut self) -> Result<(), FuseError> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
@@ -180,10 +227,10 @@ impl FuseMount {
             let _ = umount2(&self.mountpoint, MntFlags::MNT_DETACH);
         }
         if let Some(status) = died_early {
-            return Err(format!(
-                "fuse-overlayfs ended while the step ran ({status}): {}",
-                self.log_text()
-            ));
+            return Err(FuseError::DiedDuringStep {
+                status,
+                log: self.log_text(),
+            });
         }
         // Unmounted, the daemon exits at once. A mount only detached can stay alive while the
         // kernel still holds files of the step's (a cancelled step): the daemon is then killed,
@@ -193,10 +240,10 @@ impl FuseMount {
             match child.try_wait() {
                 Ok(Some(status)) if status.success() => return Ok(()),
                 Ok(Some(status)) => {
-                    return Err(format!(
-                        "fuse-overlayfs failed ({status}): {}",
-                        self.log_text()
-                    ));
+                    return Err(FuseError::Failed {
+                        status,
+                        log: self.log_text(),
+                    });
                 }
                 Ok(None) if started.elapsed() < EXIT_GRACE => {
                     std::thread::sleep(Duration::from_millis(2));
@@ -204,11 +251,10 @@ impl FuseMount {
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(format!(
-                        "fuse-overlayfs did not exit after its {} (killed): {}",
-                        if detached { "lazy unmount" } else { "unmount" },
-                        self.log_text()
-                    ));
+                    return Err(FuseError::DidNotExit {
+                        detached,
+                        log: self.log_text(),
+                    });
                 }
             }
         }
@@ -239,7 +285,7 @@ pub(crate) fn convert_upper(
     upper: &Path,
     lowers: &[PathBuf],
     opaque_xattr: &[u8],
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, FuseError> {
     let view = MergedView::new(lowers.to_vec());
     // (directory, its path from the root, whether an opaque directory above hides the lowers)
     let mut directories = vec![(upper.to_path_buf(), Vec::new(), false)];
@@ -259,24 +305,32 @@ pub(crate) fn convert_upper(
     Ok(unlike_kernel)
 }
 
-fn at(action: &str, path: &Path) -> impl FnOnce(std::io::Error) -> String {
-    let message = format!("{action} {}", path.display());
-    move |error| format!("{message}: {error}")
+fn at(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FuseError {
+    let path = path.to_path_buf();
+    move |source| FuseError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+fn lookup_error(relative: &[OsString]) -> impl FnOnce(std::io::Error) -> FuseError {
+    let path = display(relative);
+    move |source| FuseError::Lookup { path, source }
 }
 
 /// Whether the lower layers show an entry at `relative` (not under `hidden`).
-fn lower_positive(view: &MergedView, relative: &[OsString], hidden: bool) -> Result<bool, String> {
+fn lower_positive(
+    view: &MergedView,
+    relative: &[OsString],
+    hidden: bool,
+) -> Result<bool, FuseError> {
     if hidden {
         return Ok(false);
     }
     view.lookup(relative)
         .map(|found| found.is_some())
-        .map_err(|error| {
-            format!(
-                "look up /{} in the lower layers: {error}",
-                display(relative)
-            )
-        })
+        .map_err(lookup_error(relative))
 }
 
 fn display(relative: &[OsString]) -> String {
@@ -291,7 +345,7 @@ fn convert_directory(
     opaque_xattr: &[u8],
     subdirectories: &mut Vec<(PathBuf, Vec<OsString>, bool)>,
     unlike_kernel: &mut Vec<String>,
-) -> Result<(), String> {
+) -> Result<(), FuseError> {
     let metadata = fs::symlink_metadata(directory).map_err(at("inspect", directory))?;
     let mut marked_opaque = strip_fuse_xattrs(directory)?.opaque;
     let attributes = list_xattrs(directory).map_err(at("read the attributes of", directory))?;
@@ -405,15 +459,9 @@ fn restore_dropped_mode_bits(
     relative: &[OsString],
     metadata: &fs::Metadata,
     view: &MergedView,
-) -> Result<(), String> {
+) -> Result<(), FuseError> {
     const DROPPED: u32 = 0o6000;
-    let Some((_, lower)) = view.lookup(relative).map_err(|error| {
-        format!(
-            "look up /{} in the lower layers: {error}",
-            display(relative)
-        )
-    })?
-    else {
+    let Some((_, lower)) = view.lookup(relative).map_err(lookup_error(relative))? else {
         return Ok(());
     };
     let (upper_mode, lower_mode) = (metadata.mode() & 0o7777, lower.mode() & 0o7777);
@@ -438,18 +486,16 @@ struct FuseMarks {
 }
 
 /// Removes fuse-overlayfs's attributes from `path`; what they said.
-fn strip_fuse_xattrs(path: &Path) -> Result<FuseMarks, String> {
+fn strip_fuse_xattrs(path: &Path) -> Result<FuseMarks, FuseError> {
     let mut marks = FuseMarks::default();
-    let attributes = list_xattrs(path)
-        .map_err(|error| format!("read the attributes of {}: {error}", path.display()))?;
+    let attributes = list_xattrs(path).map_err(at("read the attributes of", path))?;
     for (name, value) in attributes {
         if !name.starts_with(FUSE_XATTR_PREFIX) {
             continue;
         }
         marks.opaque |= name.as_slice() == b"user.fuseoverlayfs.opaque" && value == b"y";
         marks.copied_up |= name.as_slice() == b"user.fuseoverlayfs.origin";
-        remove_xattr(path, &name)
-            .map_err(|error| format!("remove an attribute of {}: {error}", path.display()))?;
+        remove_xattr(path, &name).map_err(at("remove an attribute of", path))?;
     }
     Ok(marks)
 }
@@ -465,19 +511,16 @@ fn remove_xattr(path: &Path, name: &[u8]) -> std::io::Result<()> {
     }
 }
 
-fn make_whiteout(path: &Path) -> Result<(), String> {
+fn make_whiteout(path: &Path) -> Result<(), FuseError> {
     nix::sys::stat::mknod(
         path,
         nix::sys::stat::SFlag::S_IFCHR,
         nix::sys::stat::Mode::empty(),
         0,
     )
-    .map_err(|error| {
-        format!(
-            "create the whiteout {} (a 0/0 character device; a user namespace needs Linux ≥ \
-             5.8 for it): {error}",
-            path.display()
-        )
+    .map_err(|source| FuseError::Whiteout {
+        path: path.to_path_buf(),
+        source,
     })
 }
 

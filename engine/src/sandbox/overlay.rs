@@ -40,27 +40,38 @@ pub enum OverlayMode {
     Fuse,
 }
 
+/// A value of [`OVERLAY_ENV`] that names no [`OverlayMode`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, miette::Diagnostic)]
+pub enum OverlayModeError {
+    #[error(
+        "{OVERLAY_ENV}=`{value}` is not an overlay: use `auto` (the default), `native` or `fuse`"
+    )]
+    #[diagnostic(code(graphbuild::sandbox::overlay_mode))]
+    Unknown { value: String },
+
+    #[error("{OVERLAY_ENV} is not UTF-8: use `auto` (the default), `native` or `fuse`")]
+    #[diagnostic(code(graphbuild::sandbox::overlay_mode))]
+    NotUnicode,
+}
+
 impl OverlayMode {
-    pub fn parse(value: &str) -> Result<OverlayMode, String> {
+    pub fn parse(value: &str) -> Result<OverlayMode, OverlayModeError> {
         match value.trim() {
             "" | "auto" => Ok(OverlayMode::Auto),
             "native" => Ok(OverlayMode::Native),
             "fuse" => Ok(OverlayMode::Fuse),
-            other => Err(format!(
-                "{OVERLAY_ENV}=`{other}` is not an overlay: use `auto` (the default), `native` \
-                 or `fuse`"
-            )),
+            other => Err(OverlayModeError::Unknown {
+                value: other.to_string(),
+            }),
         }
     }
 
     /// From [`OVERLAY_ENV`]; unset is [`OverlayMode::Auto`].
-    pub fn from_env() -> Result<OverlayMode, String> {
+    pub fn from_env() -> Result<OverlayMode, OverlayModeError> {
         match std::env::var(OVERLAY_ENV) {
             Ok(value) => OverlayMode::parse(&value),
             Err(std::env::VarError::NotPresent) => Ok(OverlayMode::Auto),
-            Err(std::env::VarError::NotUnicode(_)) => Err(format!(
-                "{OVERLAY_ENV} is not UTF-8: use `auto` (the default), `native` or `fuse`"
-            )),
+            Err(std::env::VarError::NotUnicode(_)) => Err(OverlayModeError::NotUnicode),
         }
     }
 }
@@ -347,7 +358,9 @@ mod tests {
         assert_eq!(OverlayMode::parse("auto").unwrap(), OverlayMode::Auto);
         assert_eq!(OverlayMode::parse("native").unwrap(), OverlayMode::Native);
         assert_eq!(OverlayMode::parse("fuse").unwrap(), OverlayMode::Fuse);
-        let error = OverlayMode::parse("fuse-overlayfs").unwrap_err();
+        let error = OverlayMode::parse("fuse-overlayfs")
+            .unwrap_err()
+            .to_string();
         assert!(
             error.contains("`fuse-overlayfs`") && error.contains("`native`"),
             "{error}"

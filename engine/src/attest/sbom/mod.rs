@@ -143,17 +143,30 @@ pub(crate) struct Scan {
     pub(crate) skipped: usize,
 }
 
+/// Why a platform's layers could not be scanned.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ScanError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("layer {digest}: {source}")]
+    Layer {
+        digest: crate::digest::Digest,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Scan a platform's layers (bottom first) for packages.
-pub(crate) fn scan_layers(store: &Store, layers: &[LayerDesc]) -> Result<Scan, String> {
+pub(crate) fn scan_layers(store: &Store, layers: &[LayerDesc]) -> Result<Scan, ScanError> {
     let mut found: BTreeMap<String, Found> = BTreeMap::new();
     let mut skipped = 0;
     for layer in layers {
-        let blob = store
-            .open_blob(&layer.digest)
-            .map_err(|error| error.to_string())?;
-        let reader = crate::decompress::decompressed(blob)
-            .map_err(|error| format!("layer {}: {error}", layer.digest))?;
-        let layer_error = |error: std::io::Error| format!("layer {}: {error}", layer.digest);
+        let blob = store.open_blob(&layer.digest)?;
+        let layer_error = |source: std::io::Error| ScanError::Layer {
+            digest: layer.digest,
+            source,
+        };
+        let reader = crate::decompress::decompressed(blob).map_err(layer_error)?;
         let mut archive = tar::Archive::new(reader);
         // This layer's entries apply after its whiteouts remove lower layers' paths.
         let mut touched: Vec<String> = Vec::new();
@@ -494,6 +507,32 @@ mod tests {
             .map(|p| (p.name.as_str(), p.location.as_str()))
             .collect();
         assert_eq!(found, [("new", "/var/lib/dpkg/status")]);
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_layer_is_a_typed_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut missing = layer(&store, &[("etc/os-release", b"ID=x\n")]);
+        missing.digest = crate::digest::Digest([7; 32]);
+        assert!(matches!(
+            scan_layers(&store, &[missing]),
+            Err(ScanError::Store(_))
+        ));
+        // A "gzip" layer cut short after its magic: not a tar stream.
+        let digest = store.put_blob_bytes(&[0x1f, 0x8b, 8, 0, 0]).unwrap();
+        let broken = LayerDesc {
+            digest,
+            diff_id: digest,
+            size: 5,
+            media_type: crate::oci::media::OCI_LAYER_TAR.into(),
+        };
+        match scan_layers(&store, &[broken]) {
+            Err(error @ ScanError::Layer { .. }) => {
+                assert!(error.to_string().starts_with(&format!("layer {digest}: ")))
+            }
+            other => panic!("expected a layer error, got {other:?}"),
+        }
     }
 
     #[test]
