@@ -3,7 +3,7 @@
 
 use kdl::KdlNode;
 
-use crate::ir::{BindMount, CopyFrom, FileId, Text};
+use crate::ir::{BindMount, FileId, Text};
 
 use super::*;
 
@@ -35,28 +35,7 @@ impl Loader {
         )?;
         let from = match from {
             None => None,
-            Some(text) => {
-                let raw = text.raw.as_str();
-                if raw == "scratch" {
-                    self.error(
-                        Code::RunBind,
-                        "cannot bind from `scratch`: it is empty",
-                        text.at,
-                        "empty filesystem",
-                        Some("name a stage or an image to bind from".into()),
-                    );
-                    return None;
-                } else if raw.contains('$') || raw.starts_with("oci:") {
-                    Some(CopyFrom::Image(text))
-                } else if let Some(stage) = self.resolve_stage(raw, resolver) {
-                    Some(CopyFrom::Stage(stage, text.at))
-                } else if is_image_reference(raw) {
-                    Some(CopyFrom::Image(text))
-                } else {
-                    self.unknown_stage(raw, text.at, resolver, true);
-                    return None;
-                }
-            }
+            Some(text) => Some(self.source_filesystem(text, resolver, (Code::RunBind, "bind"))?),
         };
         if failed {
             return None;

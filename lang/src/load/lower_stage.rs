@@ -642,6 +642,37 @@ impl Loader {
         })
     }
 
+    /// `from="…"` of a copy or a bind mount: a stage of this file (or an imported one), or
+    /// an image (`oci:…`, a registry reference, or anything with a variable, resolved once
+    /// substituted). `scratch` is empty and unknown names are reported; `None` after a report.
+    pub(super) fn source_filesystem(
+        &mut self,
+        text: Text,
+        resolver: &Resolver<'_>,
+        (scratch_code, verb): (Code, &str),
+    ) -> Option<CopyFrom> {
+        let raw = text.raw.as_str();
+        if raw == "scratch" {
+            self.error(
+                scratch_code,
+                format!("cannot {verb} from `scratch`: it is empty"),
+                text.at,
+                "empty filesystem",
+                Some(format!("name a stage or an image to {verb} from")),
+            );
+            None
+        } else if raw.contains('$') || raw.starts_with("oci:") {
+            Some(CopyFrom::Image(text))
+        } else if let Some(stage) = self.resolve_stage(raw, resolver) {
+            Some(CopyFrom::Stage(stage, text.at))
+        } else if is_image_reference(raw) {
+            Some(CopyFrom::Image(text))
+        } else {
+            self.unknown_stage(raw, text.at, resolver, true);
+            None
+        }
+    }
+
     pub(super) fn lower_copy(
         &mut self,
         node: &KdlNode,
@@ -690,26 +721,7 @@ impl Loader {
         let from = match from {
             None => None,
             Some(text) => {
-                let raw = text.raw.as_str();
-                if raw == "scratch" {
-                    self.error(
-                        Code::CopyFromScratch,
-                        "cannot copy from `scratch`: it is empty",
-                        text.at,
-                        "empty filesystem",
-                        Some("name a stage or an image to copy from".into()),
-                    );
-                    return None;
-                } else if raw.contains('$') || raw.starts_with("oci:") {
-                    Some(CopyFrom::Image(text))
-                } else if let Some(stage) = self.resolve_stage(raw, resolver) {
-                    Some(CopyFrom::Stage(stage, text.at))
-                } else if is_image_reference(raw) {
-                    Some(CopyFrom::Image(text))
-                } else {
-                    self.unknown_stage(raw, text.at, resolver, true);
-                    return None;
-                }
+                Some(self.source_filesystem(text, resolver, (Code::CopyFromScratch, "copy"))?)
             }
         };
         if failed || paths.is_empty() {
