@@ -33,12 +33,23 @@ fn both_ways(
     build_extra: &[&str],
     run_extra: &[&str],
 ) -> (String, String, String) {
+    both_ways_for(sandbox, dir, PLATFORMS, build_extra, run_extra)
+}
+
+/// [`both_ways`] for other platforms than linux/amd64 and linux/arm64.
+fn both_ways_for(
+    sandbox: &Sandbox,
+    dir: &str,
+    platforms: &str,
+    build_extra: &[&str],
+    run_extra: &[&str],
+) -> (String, String, String) {
     let kdl_path = format!("{dir}/converted.kdl");
     let converted = sandbox.graphbuild(&[
         "convert",
         &format!("{dir}/Dockerfile"),
         "--platform",
-        PLATFORMS,
+        platforms,
         "-t",
         "localhost/converted:1.0",
         "-o",
@@ -49,7 +60,7 @@ fn both_ways(
     let mut build = vec![
         "build",
         "--platform",
-        PLATFORMS,
+        platforms,
         "-t",
         "localhost/converted:1.0",
         "--provenance=false",
@@ -202,9 +213,11 @@ fn the_feature_corpus_converts_and_builds_the_files_and_config_docker_would() {
     server.serve("/features/notes.txt", b"release notes\n");
     let url = format!("URL={}", server.url("/features/notes.txt"));
     let repo = format!("GIT=git://127.0.0.1:{}/repo.git", git.port);
-    let (built, ran, kdl) = both_ways(
+    // The busybox fixture has linux/arm/v7 too.
+    let (built, ran, kdl) = both_ways_for(
         &sandbox,
         "tests/dockerfiles/features",
+        "linux/amd64,linux/arm64,linux/arm/v7",
         &["--build-arg", &url, "--build-arg", &repo],
         &["--arg", &url, "--arg", &repo],
     );
@@ -231,7 +244,7 @@ fn the_feature_corpus_converts_and_builds_the_files_and_config_docker_would() {
     }
 
     let layout = sandbox.path().join("out-kdl/converted");
-    for platform in ["linux/amd64", "linux/arm64"] {
+    for platform in ["linux/amd64", "linux/arm64", "linux/arm/v7"] {
         let rootfs = unpack_platform(
             &layout,
             "1.0",
@@ -313,9 +326,10 @@ fn the_feature_corpus_converts_and_builds_the_files_and_config_docker_would() {
         for (field, value) in expected.as_object().expect("object") {
             assert_eq!(&config["config"][field], value, "{field} for {platform}");
         }
-        let (os, arch) = platform.split_once('/').expect("os/arch");
-        assert_eq!(config["os"], os);
-        assert_eq!(config["architecture"], arch);
+        let parts: Vec<&str> = platform.split('/').collect();
+        assert_eq!(config["os"], parts[0]);
+        assert_eq!(config["architecture"], parts[1]);
+        assert_eq!(config["variant"].as_str(), parts.get(2).copied());
     }
 }
 
@@ -499,6 +513,45 @@ fn what_kdl_cannot_express_fails_the_conversion_unless_accepted() {
         "{}",
         stderr(&bad)
     );
+}
+
+/// `ONBUILD` is refused by name at its line, the same way by `build`, `convert` and the
+/// `dockerfile` node: exit 2, nothing written.
+#[test]
+fn onbuild_is_refused_at_its_line_by_build_convert_and_import() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "ob/Dockerfile",
+        "FROM scratch\nCOPY a /a\nONBUILD RUN echo hi\n",
+    );
+    sandbox.write("ob/a", "a\n");
+    sandbox.write(
+        "ob/images.kdl",
+        "dockerfile ob\nimage ob { stage \"ob.0\"; }\n",
+    );
+    for args in [
+        &["build", "--platform", "linux/amd64", "ob"][..],
+        &["convert", "ob/Dockerfile", "-o", "ob/converted.kdl"],
+        &["plan", "ob/images.kdl"],
+    ] {
+        let output = sandbox.graphbuild(args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        let err = stderr(&output);
+        for expected in [
+            "graphbuild::dockerfile::unsupported",
+            "`ONBUILD` is not supported",
+            "ob/Dockerfile:3:1]",
+        ] {
+            assert!(err.contains(expected), "{args:?}: {expected:?} in\n{err}");
+        }
+    }
+    assert!(!sandbox.path().join("ob/converted.kdl").exists());
+    assert!(!sandbox.path().join("graphbuild-out").exists());
 }
 
 /// The corpus again, each Dockerfile imported with a `dockerfile` node instead of converted.

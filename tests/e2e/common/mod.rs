@@ -419,12 +419,18 @@ pub(crate) fn config(layout: &Path, platform: &str) -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json"))
             .expect("JSON");
     let index = blob(top["manifests"][0]["digest"].as_str().expect("digest"));
-    let (os, arch) = platform.split_once('/').expect("os/arch");
+    let mut parts = platform.split('/');
+    let (os, arch) = (parts.next().expect("os"), parts.next().expect("arch"));
+    let variant = parts.next();
     let manifest = index["manifests"]
         .as_array()
         .expect("manifests")
         .iter()
-        .find(|m| m["platform"]["os"] == os && m["platform"]["architecture"] == arch)
+        .find(|m| {
+            m["platform"]["os"] == os
+                && m["platform"]["architecture"] == arch
+                && m["platform"]["variant"].as_str() == variant
+        })
         .expect("the platform's manifest");
     let manifest = blob(manifest["digest"].as_str().expect("digest"));
     blob(
