@@ -1,0 +1,200 @@
+//! `graphbuild build` flags that other tests exercise only through `run`, checked on the
+//! Dockerfile command line as buildx users type them: `--target` (a stage that is not the
+//! last), `-o type=tar`, `--cache-to`/`--cache-from` with a team cache between two stores,
+//! `--no-cache`, and `--load` into podman. The rest are proved elsewhere (see the report of
+//! issue 14): `--push` and `-o type=registry` in dockerfile.rs, `--ssh` in ssh.rs, `--secret`,
+//! `--build-arg`, `--metadata-file`, `--iidfile` and `-o type=oci` in dockerfile.rs.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+const DOCKERFILE: &str = "FROM oci:../fixtures/busybox:1.35.0 AS tool\nARG TARGETARCH\nRUN echo \"tool $TARGETARCH\" > /tool.txt\n\nFROM oci:../fixtures/busybox:1.35.0\nCOPY --from=tool /tool.txt /\nRUN echo final > /final.txt\n";
+
+fn busybox_sandbox() -> Option<Sandbox> {
+    if !root_and_qemu() {
+        return None;
+    }
+    let sandbox = Sandbox::new();
+    sandbox.busybox("fixtures/busybox");
+    sandbox.write("app/Dockerfile", DOCKERFILE);
+    Some(sandbox)
+}
+
+/// `graphbuild build … app` in `store` for two platforms, `--progress json`: the output.
+fn build_in(sandbox: &Sandbox, store: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-t",
+        "localhost/app:1.0",
+        "--provenance=false",
+        "--progress",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    args.push("app");
+    let output = sandbox.graphbuild_with_store(&sandbox.path().join(store), &args);
+    assert_success(&output);
+    output
+}
+
+fn counts(output: &std::process::Output) -> (u64, u64, String) {
+    let summary = summary(output);
+    (
+        summary["executed"].as_u64().expect("executed"),
+        summary["cached"].as_u64().expect("cached"),
+        summary["images"][0]["index_digest"]
+            .as_str()
+            .expect("index digest")
+            .to_string(),
+    )
+}
+
+#[test]
+fn target_builds_a_stage_that_is_not_the_last() {
+    let Some(sandbox) = busybox_sandbox() else {
+        return;
+    };
+    let output = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/arm64",
+        "--target",
+        "tool",
+        "-o",
+        "type=local,dest=rootfs-tool",
+        "app",
+    ]);
+    assert_success(&output);
+    let rootfs = sandbox.path().join("rootfs-tool");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("tool.txt")).expect("tool.txt"),
+        "tool arm64\n"
+    );
+    assert!(rootfs.join("bin/busybox").exists());
+    assert!(!rootfs.join("final.txt").exists(), "the last stage's file");
+}
+
+#[test]
+fn output_type_tar_writes_the_filesystem_as_a_tar() {
+    let Some(sandbox) = busybox_sandbox() else {
+        return;
+    };
+    let output = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/arm64",
+        "-o",
+        "type=tar,dest=fs.tar",
+        "app",
+    ]);
+    assert_success(&output);
+    for (path, expected) in [("tool.txt", "tool arm64\n"), ("final.txt", "final\n")] {
+        let content = Command::new("tar")
+            .arg("-xOf")
+            .arg(sandbox.path().join("fs.tar"))
+            .arg(path)
+            .output()
+            .expect("tar");
+        assert!(content.status.success(), "{path}: {}", stderr(&content));
+        assert_eq!(stdout(&content), expected, "{path}");
+    }
+    // Only the tar: no layout directory left behind.
+    assert!(!sandbox.path().join("graphbuild-out").exists());
+}
+
+/// `--cache-to` from one store fills a team cache; `--cache-from` in an empty store builds the
+/// same image from it without running a step; `--no-cache` runs every step again and, the
+/// build being reproducible, gives the same image.
+#[test]
+fn cache_to_cache_from_and_no_cache_work_on_the_dockerfile_command_line() {
+    let Some(sandbox) = busybox_sandbox() else {
+        return;
+    };
+    let server = CacheServer::start(&sandbox.path().join("team-cache"), &[]);
+    let (executed, cached, digest) =
+        counts(&build_in(&sandbox, "store-a", &["--cache-to", &server.url]));
+    // Two RUNs and a COPY per platform, the tool stage once per platform.
+    assert!(executed >= 6, "executed {executed}");
+    assert_eq!(cached, 0);
+    let (executed_b, cached_b, digest_b) = counts(&build_in(
+        &sandbox,
+        "store-b",
+        &["--cache-from", &server.url],
+    ));
+    assert_eq!(executed_b, 0, "every step from the team cache");
+    // Steps whose results are not needed (the tool stage's, its file already in the final
+    // stage's layer) are not fetched: fewer cache hits than steps run.
+    assert!(cached_b > 0 && cached_b <= executed, "cached {cached_b}");
+    assert_eq!(digest_b, digest);
+    let (executed_c, cached_c, digest_c) = counts(&build_in(&sandbox, "store-b", &["--no-cache"]));
+    assert_eq!(
+        (executed_c, cached_c),
+        (executed, 0),
+        "--no-cache runs every step"
+    );
+    assert_eq!(digest_c, digest);
+    let (executed_d, _, digest_d) = counts(&build_in(&sandbox, "store-b", &[]));
+    assert_eq!(executed_d, 0);
+    assert_eq!(digest_d, digest);
+}
+
+/// `--load` puts the one platform built into podman (a store of the test's own).
+#[test]
+fn load_puts_the_built_dockerfile_into_podman() {
+    let Some(sandbox) = busybox_sandbox() else {
+        return;
+    };
+    require_tool("podman");
+    let storage = sandbox.path().join("podman");
+    let conf = sandbox.write(
+        "storage.conf",
+        &format!(
+            "[storage]\ndriver = \"overlay\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+            storage.join("root").display(),
+            storage.join("run").display()
+        ),
+    );
+    let output = Command::new(bin())
+        .args([
+            "build",
+            "--platform",
+            "linux/arm64",
+            "-t",
+            "example.com/build-load:1.0",
+            "--load",
+            "app",
+        ])
+        .current_dir(sandbox.path())
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.store())
+        .env("CONTAINERS_STORAGE_CONF", &conf)
+        .output()
+        .expect("graphbuild runs");
+    assert_success(&output);
+    let inspected = Command::new("podman")
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{.Architecture}}",
+            "example.com/build-load:1.0",
+        ])
+        .env("CONTAINERS_STORAGE_CONF", &conf)
+        .output()
+        .expect("podman runs");
+    assert!(inspected.status.success(), "{}", stderr(&inspected));
+    assert_eq!(stdout(&inspected).trim(), "arm64");
+    // Several platforms cannot be loaded as one image: refused before building.
+    let several = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "--load",
+        "app",
+    ]);
+    assert_eq!(several.status.code(), Some(2), "{}", stderr(&several));
+}
