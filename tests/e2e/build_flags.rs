@@ -1,9 +1,10 @@
 //! `graphbuild build` flags that other tests exercise only through `run`, checked on the
 //! Dockerfile command line as buildx users type them: `--target` (a stage that is not the
 //! last), `-o type=tar`, `--cache-to`/`--cache-from` with a team cache between two stores,
-//! `--no-cache`, and `--load` into podman. The rest are proved elsewhere (see the report of
-//! issue 14): `--push` and `-o type=registry` in dockerfile.rs, `--ssh` in ssh.rs, `--secret`,
-//! `--build-arg`, `--metadata-file`, `--iidfile` and `-o type=oci` in dockerfile.rs.
+//! `--no-cache`, `--load` into podman, and `--pull` with graphbuild.lock against a real local
+//! registry. The rest are proved elsewhere: `--push` and `-o type=registry` (the canonical
+//! buildx command), `--secret`, `--build-arg`, `--metadata-file`, `--iidfile`, `-o type=oci`
+//! and the refused flags in dockerfile.rs; `--ssh` in ssh.rs.
 
 mod common;
 
@@ -197,4 +198,74 @@ fn load_puts_the_built_dockerfile_into_podman() {
         "app",
     ]);
     assert_eq!(several.status.code(), Some(2), "{}", stderr(&several));
+}
+
+/// Base tags against a real local registry: `build` resolves them afresh while no
+/// graphbuild.lock is beside the Dockerfile; `--pull` resolves them and writes the lock; a
+/// later `build` keeps to the lock when the tag moves, and `--pull` follows the move.
+#[test]
+fn pull_resolves_base_tags_afresh_and_writes_the_lock() {
+    if !root_and_qemu() {
+        return;
+    }
+    let registry = Registry::start();
+    let sandbox = Sandbox::new();
+    let original = format!(
+        "oci:{}:1.35.0",
+        sandbox.path().join("tests/fixtures/busybox").display()
+    );
+    registry.push_layout(&original, "busybox:1.35.0");
+    let base = format!("{}/busybox:1.35.0", registry.address);
+    sandbox.write(
+        "app/Dockerfile",
+        &format!(
+            "FROM {base}\nRUN if [ -e /moved.txt ]; then echo moved; else echo original; fi > /seen.txt\n"
+        ),
+    );
+    sandbox.write(
+        "moved/Dockerfile",
+        "FROM oci:../tests/fixtures/busybox:1.35.0\nRUN echo moved > /moved.txt\n",
+    );
+    let seen = |extra: &[&str], dest: &str| -> String {
+        let output_spec = format!("type=local,dest={dest}");
+        let mut args = vec!["build", "--platform", "linux/arm64", "-o", &output_spec];
+        args.extend_from_slice(extra);
+        args.push("app");
+        let output = sandbox.graphbuild(&args);
+        assert_success(&output);
+        std::fs::read_to_string(sandbox.path().join(dest).join("seen.txt")).expect("seen.txt")
+    };
+    let move_tag = || {
+        let output = sandbox.graphbuild(&[
+            "build",
+            "--platform",
+            "linux/arm64",
+            "-t",
+            &base,
+            "--push",
+            "--provenance=false",
+            "moved",
+        ]);
+        assert_success(&output);
+    };
+    let lock = sandbox.path().join("app/graphbuild.lock");
+
+    assert_eq!(seen(&[], "r1"), "original\n");
+    assert!(!lock.exists(), "a build without --pull writes no lock");
+    // No lock: the moved tag is followed.
+    move_tag();
+    assert_eq!(seen(&[], "r2"), "moved\n");
+    // --pull writes the lock; the tag moves back; the lock keeps the build where it was.
+    assert_eq!(seen(&["--pull"], "r3"), "moved\n");
+    let locked = std::fs::read_to_string(&lock).expect("--pull writes graphbuild.lock");
+    assert!(locked.contains(&base), "{locked}");
+    registry.push_layout(&original, "busybox:1.35.0");
+    assert_eq!(seen(&[], "r4"), "moved\n", "the lock pins the base");
+    assert_eq!(std::fs::read_to_string(&lock).expect("lock"), locked);
+    assert_eq!(
+        seen(&["--pull"], "r5"),
+        "original\n",
+        "--pull follows the tag"
+    );
+    assert_ne!(std::fs::read_to_string(&lock).expect("lock"), locked);
 }

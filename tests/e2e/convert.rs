@@ -201,7 +201,6 @@ fn the_feature_corpus_converts_and_builds_the_files_and_config_docker_would() {
     let Some(sandbox) = busybox_sandbox() else {
         return;
     };
-    sandbox.busybox("tests/fixtures/busybox");
     copy_tree(
         &repo_root().join("tests/dockerfiles/features"),
         &sandbox.path().join("tests/dockerfiles/features"),
