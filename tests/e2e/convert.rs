@@ -223,6 +223,24 @@ fn the_feature_corpus_converts_and_builds_the_files_and_config_docker_would() {
     assert_eq!(built, ran, "features:\n{kdl}");
     // Keyed by its checksum, the download is not asked for again by the converted file.
     assert_eq!(server.requests("/features/notes.txt"), 1);
+    // Imported with a `dockerfile` node (two platforms, as `imported_digest` writes): the
+    // image `build` makes, nothing run again.
+    let built_two = build_digest(
+        &sandbox,
+        "tests/dockerfiles/features",
+        &["--build-arg", &url, "--build-arg", &repo],
+    );
+    let args = format!(
+        "    arg URL=\"{}\"\n    arg GIT=\"git://127.0.0.1:{}/repo.git\"\n",
+        server.url("/features/notes.txt"),
+        git.port
+    );
+    assert_eq!(
+        imported_digest(&sandbox, "tests/dockerfiles/features", "1", &args, &[]),
+        (built_two, 0),
+        "features imported"
+    );
+    assert_eq!(server.requests("/features/notes.txt"), 1);
     for expected in [
         "    add \"${URL}\" \"/opt/notes.txt\" checksum=\"sha256:48b1a29e44eeff814abc6250e43395bf8ac81827f5791261378cb13b6699e37f\"\n",
         "    add \"${GIT}#v1\" \"/git/\"\n",
