@@ -269,3 +269,66 @@ fn pull_resolves_base_tags_afresh_and_writes_the_lock() {
     );
     assert_ne!(std::fs::read_to_string(&lock).expect("lock"), locked);
 }
+
+/// The canonical command exactly as typed, `.` the directory it runs in (its Dockerfile the
+/// default), against a real local registry: both platforms pushed under the tag.
+#[test]
+fn the_canonical_command_builds_dot_and_pushes_both_platforms() {
+    if !root_and_qemu() {
+        return;
+    }
+    let registry = Registry::start();
+    let sandbox = Sandbox::new();
+    registry.push_layout(
+        &format!(
+            "oci:{}:1.35.0",
+            sandbox.path().join("tests/fixtures/busybox").display()
+        ),
+        "busybox:1.35.0",
+    );
+    sandbox.write(
+        "app/Dockerfile",
+        &format!(
+            "FROM {}/busybox:1.35.0\nARG TARGETARCH\nRUN echo $TARGETARCH > /arch.txt\n",
+            registry.address
+        ),
+    );
+    let tag = format!("{}/user/app:1.0", registry.address);
+    let output = Command::new(bin())
+        .args([
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-t",
+            &tag,
+            "--push",
+            ".",
+        ])
+        .current_dir(sandbox.path().join("app"))
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.store())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("graphbuild runs");
+    assert_success(&output);
+    assert!(
+        stderr(&output).contains(&format!("pushed {tag}")),
+        "{}",
+        stderr(&output)
+    );
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{tag}"))
+        .output()
+        .expect("skopeo runs");
+    assert!(raw.status.success(), "{}", stderr(&raw));
+    let index: serde_json::Value = serde_json::from_slice(&raw.stdout).expect("JSON");
+    let mut architectures: Vec<&str> = index["manifests"]
+        .as_array()
+        .expect("an index")
+        .iter()
+        .filter_map(|m| m["platform"]["architecture"].as_str())
+        .filter(|arch| *arch != "unknown")
+        .collect();
+    architectures.sort_unstable();
+    assert_eq!(architectures, ["amd64", "arm64"]);
+}
