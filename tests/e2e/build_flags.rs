@@ -4,7 +4,8 @@
 //! `--no-cache`, `--load` into podman, and `--pull` with graphbuild.lock against a real local
 //! registry. The rest are proved elsewhere: `--push` and `-o type=registry` (the canonical
 //! buildx command), `--secret`, `--build-arg`, `--metadata-file`, `--iidfile`, `-o type=oci`
-//! and the refused flags in dockerfile.rs; `--ssh` in ssh.rs.
+//! and the refused flags in dockerfile.rs; `--ssh` in ssh.rs. And `SHELL` in the image config
+//! (Docker's `Shell`), inherited by images built on it.
 
 mod common;
 
@@ -331,4 +332,73 @@ fn the_canonical_command_builds_dot_and_pushes_both_platforms() {
         .collect();
     architectures.sort_unstable();
     assert_eq!(architectures, ["amd64", "arm64"]);
+}
+
+/// `SHELL` is written to the image config as Docker writes it (`Shell`), and an image built
+/// on that one runs its shell-form RUNs with it and keeps it, as Docker does.
+#[test]
+fn shell_is_in_the_config_and_inherited_by_images_built_on_it() {
+    let Some(sandbox) = busybox_sandbox() else {
+        return;
+    };
+    sandbox.write(
+        "base/Dockerfile",
+        "FROM oci:../fixtures/busybox:1.35.0\nSHELL [\"/bin/sh\", \"-e\", \"-c\"]\n",
+    );
+    sandbox.write(
+        "child/Dockerfile",
+        "FROM oci:../layout:1.0\nRUN case $- in *e*) echo errexit ;; *) echo none ;; esac > /shell.txt\n",
+    );
+    for (dir, tag, dest) in [
+        ("base", "localhost/base:1.0", "layout"),
+        ("child", "localhost/child:1.0", "child-layout"),
+    ] {
+        let output = sandbox.graphbuild(&[
+            "build",
+            "--platform",
+            "linux/arm64",
+            "-t",
+            tag,
+            "--provenance=false",
+            "-o",
+            &format!("type=oci,dest={dest}"),
+            dir,
+        ]);
+        assert_success(&output);
+        let config = config(&sandbox.path().join(dest), "linux/arm64");
+        assert_eq!(
+            config["config"]["Shell"],
+            serde_json::json!(["/bin/sh", "-e", "-c"]),
+            "{dir}: {config}"
+        );
+    }
+    let output = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/arm64",
+        "-o",
+        "type=local,dest=child-rootfs",
+        "child",
+    ]);
+    assert_success(&output);
+    assert_eq!(
+        std::fs::read_to_string(sandbox.path().join("child-rootfs/shell.txt")).expect("shell.txt"),
+        "errexit\n",
+        "the RUN ran with the base's shell"
+    );
+    // Without SHELL, no `Shell`: the default is not written.
+    let output = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/arm64",
+        "-t",
+        "localhost/app:1.0",
+        "--provenance=false",
+        "-o",
+        "type=oci,dest=app-layout",
+        "app",
+    ]);
+    assert_success(&output);
+    let config = config(&sandbox.path().join("app-layout"), "linux/arm64");
+    assert!(config["config"].get("Shell").is_none(), "{config}");
 }

@@ -338,7 +338,8 @@ fn the_feature_corpus_converts_and_builds_the_files_and_config_docker_would() {
                 "StartPeriod": 1_000_000_000u64,
                 "Retries": 4
             },
-            "StopSignal": "SIGTERM"
+            "StopSignal": "SIGTERM",
+            "Shell": ["/bin/sh", "-e", "-c"]
         });
         for (field, value) in expected.as_object().expect("object") {
             assert_eq!(&config["config"][field], value, "{field} for {platform}");
