@@ -370,6 +370,10 @@ pub struct ContainerConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub healthcheck: Option<Healthcheck>,
+    /// Docker's `Shell` (set by `SHELL`, inherited by images built on this one): the shell of
+    /// shell-form RUN, CMD and ENTRYPOINT; absent means `["/bin/sh", "-c"]`.
+    #[serde(rename = "Shell", default, skip_serializing_if = "Vec::is_empty")]
+    pub shell: Vec<String>,
 }
 
 impl ContainerConfig {

@@ -823,7 +823,7 @@ pub fn settings_from_config(config: &oci::ContainerConfig) -> ImageSettings {
         entrypoint: (!config.entrypoint.is_empty()).then(|| config.entrypoint.clone()),
         cmd: (!config.cmd.is_empty()).then(|| config.cmd.clone()),
         volumes: config.volumes.clone(),
-        shell: Vec::new(),
+        shell: config.shell.clone(),
         stop_signal: config.stop_signal.clone(),
         healthcheck: config
             .healthcheck

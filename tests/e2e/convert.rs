@@ -33,12 +33,23 @@ fn both_ways(
     build_extra: &[&str],
     run_extra: &[&str],
 ) -> (String, String, String) {
+    both_ways_for(sandbox, dir, PLATFORMS, build_extra, run_extra)
+}
+
+/// [`both_ways`] for other platforms than linux/amd64 and linux/arm64.
+fn both_ways_for(
+    sandbox: &Sandbox,
+    dir: &str,
+    platforms: &str,
+    build_extra: &[&str],
+    run_extra: &[&str],
+) -> (String, String, String) {
     let kdl_path = format!("{dir}/converted.kdl");
     let converted = sandbox.graphbuild(&[
         "convert",
         &format!("{dir}/Dockerfile"),
         "--platform",
-        PLATFORMS,
+        platforms,
         "-t",
         "localhost/converted:1.0",
         "-o",
@@ -49,7 +60,7 @@ fn both_ways(
     let mut build = vec![
         "build",
         "--platform",
-        PLATFORMS,
+        platforms,
         "-t",
         "localhost/converted:1.0",
         "--provenance=false",
@@ -175,6 +186,169 @@ fn the_dockerfile_corpus_converts_to_kdl_with_the_same_index_digest() {
     assert!(kdl.contains("stage build rules=\"dockerfile\" {"), "{kdl}");
     let (built, ran, kdl) = both_ways(&sandbox, "tests/dockerfiles/same", &[], &[]);
     assert_eq!(built, ran, "same:\n{kdl}");
+}
+
+/// The features the language gained for Dockerfiles (`tests/dockerfiles/features`): ADD of a
+/// local archive, of a URL with a checksum (a loopback HTTP server) and of a git repository
+/// (`git daemon` on loopback); bind mounts from a stage (read-only, and `rw`), tmpfs, an
+/// optional ssh mount, cache mounts with sharing/uid/gid/mode, an optional secret, COPY
+/// --parents, symbolic --chmod, --exclude with --from, `--from=0` naming a named stage, COPY
+/// and RUN heredocs (a `#!` line), SHELL, HEALTHCHECK. Converted, the KDL builds the image
+/// `graphbuild build` makes (the same index digest, nothing run again, no new download); the
+/// files and the config are the ones Docker writes.
+#[test]
+fn the_feature_corpus_converts_and_builds_the_files_and_config_docker_would() {
+    let Some(sandbox) = busybox_sandbox() else {
+        return;
+    };
+    copy_tree(
+        &repo_root().join("tests/dockerfiles/features"),
+        &sandbox.path().join("tests/dockerfiles/features"),
+    );
+    let Some(git) = git_server(&sandbox.path().join("git")) else {
+        return;
+    };
+    let server = http();
+    server.serve("/features/notes.txt", b"release notes\n");
+    let url = format!("URL={}", server.url("/features/notes.txt"));
+    let repo = format!("GIT=git://127.0.0.1:{}/repo.git", git.port);
+    // The busybox fixture has linux/arm/v7 too.
+    let (built, ran, kdl) = both_ways_for(
+        &sandbox,
+        "tests/dockerfiles/features",
+        "linux/amd64,linux/arm64,linux/arm/v7",
+        &["--build-arg", &url, "--build-arg", &repo],
+        &["--arg", &url, "--arg", &repo],
+    );
+    assert_eq!(built, ran, "features:\n{kdl}");
+    // Keyed by its checksum, the download is not asked for again by the converted file.
+    assert_eq!(server.requests("/features/notes.txt"), 1);
+    // Imported with a `dockerfile` node (two platforms, as `imported_digest` writes): the
+    // image `build` makes, nothing run again.
+    let built_two = build_digest(
+        &sandbox,
+        "tests/dockerfiles/features",
+        &["--build-arg", &url, "--build-arg", &repo],
+    );
+    let args = format!(
+        "    arg URL=\"{}\"\n    arg GIT=\"git://127.0.0.1:{}/repo.git\"\n",
+        server.url("/features/notes.txt"),
+        git.port
+    );
+    assert_eq!(
+        imported_digest(&sandbox, "tests/dockerfiles/features", "1", &args, &[]),
+        (built_two, 0),
+        "features imported"
+    );
+    assert_eq!(server.requests("/features/notes.txt"), 1);
+    for expected in [
+        "    add \"${URL}\" \"/opt/notes.txt\" checksum=\"sha256:48b1a29e44eeff814abc6250e43395bf8ac81827f5791261378cb13b6699e37f\"\n",
+        "    add \"${GIT}#v1\" \"/git/\"\n",
+        "    copy \"/assets/keep/a.txt\" \"/by-index.txt\" from=assets\n",
+        "    copy \"/assets/\" \"/from-assets/\" from=assets exclude=\"keep/*.md\" exclude=\"skip\"\n",
+        "    copy \"src/./a/\" \"/parents/\" parents=#true\n",
+        "    copy \"run.sh\" \"/usr/local/bin/run.sh\" chmod=\"u+x,go-w\"\n",
+        "        bind \"/mnt\" source=\"/assets/keep\" from=assets\n",
+        "        bind \"/b\" from=assets rw=#true\n",
+        "        tmpfs \"/scratch\"\n",
+        "        ssh \"deploy\" required=#false\n",
+        "        cache-mount \"/var/cache/app\" id=\"app\" sharing=\"locked\" uid=\"1000\" gid=\"1000\" mode=\"0750\"\n",
+        "        secret \"token\" env=\"TOKEN\" required=#false\n",
+        "    shell \"/bin/sh\" \"-e\" \"-c\"\n",
+        "    healthcheck \"/usr/local/bin/run.sh\" \"--health\" interval=\"10s\" timeout=\"2s\" start-period=\"1s\" retries=4\n",
+    ] {
+        assert!(kdl.contains(expected), "{expected:?} in\n{kdl}");
+    }
+
+    let layout = sandbox.path().join("out-kdl/converted");
+    for platform in ["linux/amd64", "linux/arm64", "linux/arm/v7"] {
+        let rootfs = unpack_platform(
+            &layout,
+            "1.0",
+            platform,
+            &sandbox
+                .path()
+                .join(format!("rootfs-{}", platform.replace('/', "-"))),
+        );
+        let read = |path: &str| {
+            std::fs::read_to_string(rootfs.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        for (path, expected) in [
+            ("opt/archive/lib/one.txt", "lib one\n"),
+            ("opt/notes.txt", "release notes\n"),
+            ("git/README", "version 1\n"),
+            ("by-index.txt", "kept\n"),
+            ("from-assets/keep/a.txt", "kept\n"),
+            ("parents/a/b.txt", "b\n"),
+            ("parents/a/deep/c.txt", "deep\n"),
+            ("etc/motd", "hello from a heredoc\n"),
+            // The `#!/bin/sh -e` line ran the script, not `sh -c`.
+            ("shebang.txt", "errexit\n"),
+            ("bound.txt", "kept\nread-only\n"),
+            // A writable bind: the RUN saw its write; the stage and the layer did not keep it.
+            ("rw.txt", "keep\nscribble\nskip\n"),
+            ("tmpfs.txt", "gone\n"),
+            ("ssh.txt", "/run/buildkit/ssh_agent.0\n"),
+            ("cache.txt", "1000 1000 750\n"),
+            ("secret-size.txt", "0\n"),
+        ] {
+            assert_eq!(read(path), expected, "{path} for {platform}");
+        }
+        for absent in [
+            "from-assets/keep/readme.md",
+            "from-assets/skip",
+            "parents/top.txt",
+            "parents/src",
+            "git/.git",
+            "mnt/a.txt",
+            "b",
+            "scratch/t",
+            "run/secrets/token",
+        ] {
+            assert!(
+                std::fs::symlink_metadata(rootfs.join(absent)).is_err(),
+                "{absent} in the {platform} image"
+            );
+        }
+        let mode = std::fs::metadata(rootfs.join("usr/local/bin/run.sh"))
+            .expect("run.sh")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o7777,
+            0o744,
+            "u+x,go-w on 0644"
+        );
+
+        // The config Docker writes for this Dockerfile, field by field: PATH replaced where
+        // the base set it, the base's label kept, durations in nanoseconds.
+        let config = config(&layout, platform);
+        let expected = serde_json::json!({
+            "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "APP=/app"],
+            "Cmd": ["serve"],
+            "Entrypoint": ["/usr/local/bin/run.sh"],
+            "WorkingDir": "/app",
+            "User": "1000:1000",
+            "Labels": {"io.buildah.version": "1.28.2", "org.example.corpus": "features"},
+            "ExposedPorts": {"53/udp": {}, "8080/tcp": {}},
+            "Volumes": {"/cache": {}, "/data": {}},
+            "Healthcheck": {
+                "Test": ["CMD", "/usr/local/bin/run.sh", "--health"],
+                "Interval": 10_000_000_000u64,
+                "Timeout": 2_000_000_000u64,
+                "StartPeriod": 1_000_000_000u64,
+                "Retries": 4
+            },
+            "StopSignal": "SIGTERM",
+            "Shell": ["/bin/sh", "-e", "-c"]
+        });
+        for (field, value) in expected.as_object().expect("object") {
+            assert_eq!(&config["config"][field], value, "{field} for {platform}");
+        }
+        let parts: Vec<&str> = platform.split('/').collect();
+        assert_eq!(config["os"], parts[0]);
+        assert_eq!(config["architecture"], parts[1]);
+        assert_eq!(config["variant"].as_str(), parts.get(2).copied());
+    }
 }
 
 /// A directory's name, its Dockerfile, and the context files beside it.
@@ -357,6 +531,45 @@ fn what_kdl_cannot_express_fails_the_conversion_unless_accepted() {
         "{}",
         stderr(&bad)
     );
+}
+
+/// `ONBUILD` is refused by name at its line, the same way by `build`, `convert` and the
+/// `dockerfile` node: exit 2, nothing written.
+#[test]
+fn onbuild_is_refused_at_its_line_by_build_convert_and_import() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "ob/Dockerfile",
+        "FROM scratch\nCOPY a /a\nONBUILD RUN echo hi\n",
+    );
+    sandbox.write("ob/a", "a\n");
+    sandbox.write(
+        "ob/images.kdl",
+        "dockerfile ob\nimage ob { stage \"ob.0\"; }\n",
+    );
+    for args in [
+        &["build", "--platform", "linux/amd64", "ob"][..],
+        &["convert", "ob/Dockerfile", "-o", "ob/converted.kdl"],
+        &["plan", "ob/images.kdl"],
+    ] {
+        let output = sandbox.graphbuild(args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        let err = stderr(&output);
+        for expected in [
+            "graphbuild::dockerfile::unsupported",
+            "`ONBUILD` is not supported",
+            "ob/Dockerfile:3:1]",
+        ] {
+            assert!(err.contains(expected), "{args:?}: {expected:?} in\n{err}");
+        }
+    }
+    assert!(!sandbox.path().join("ob/converted.kdl").exists());
+    assert!(!sandbox.path().join("graphbuild-out").exists());
 }
 
 /// The corpus again, each Dockerfile imported with a `dockerfile` node instead of converted.

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 
@@ -69,34 +69,6 @@ fn index_digest(output: &std::process::Output) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no index digest\n{}", stderr(output)))
         .to_string()
-}
-
-/// The image config of one platform of an OCI layout, read from its blobs as written (skopeo
-/// drops Docker's Healthcheck, which the OCI spec lacks).
-fn config(layout: &Path, platform: &str) -> serde_json::Value {
-    let blob = |digest: &str| -> serde_json::Value {
-        let path = layout
-            .join("blobs/sha256")
-            .join(digest.trim_start_matches("sha256:"));
-        serde_json::from_slice(&std::fs::read(&path).expect("blob")).expect("JSON blob")
-    };
-    let top: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json"))
-            .expect("JSON");
-    let index = blob(top["manifests"][0]["digest"].as_str().expect("digest"));
-    let (os, arch) = platform.split_once('/').expect("os/arch");
-    let manifest = index["manifests"]
-        .as_array()
-        .expect("manifests")
-        .iter()
-        .find(|m| m["platform"]["os"] == os && m["platform"]["architecture"] == arch)
-        .expect("the platform's manifest");
-    let manifest = blob(manifest["digest"].as_str().expect("digest"));
-    blob(
-        manifest["config"]["digest"]
-            .as_str()
-            .expect("config digest"),
-    )
 }
 
 #[test]

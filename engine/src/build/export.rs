@@ -381,6 +381,7 @@ pub(super) fn config_file(
                 start_period: check.start_period_ns.unwrap_or(0),
                 retries: u64::from(check.retries.unwrap_or(0)),
             }),
+            shell: settings.shell.clone(),
         },
         rootfs: oci::RootFs {
             kind: "layers".into(),

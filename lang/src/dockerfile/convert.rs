@@ -120,6 +120,13 @@ fn prefix_stages(project: &mut Project) {
             {
                 rename(name);
             }
+            if let StepKind::Run(run) = &mut step.kind {
+                for mount in &mut run.bind_mounts {
+                    if let Some(CopyFrom::Stage(name, _)) = &mut mount.from {
+                        rename(name);
+                    }
+                }
+            }
         }
     }
     for image in &mut project.images {

@@ -47,6 +47,10 @@ fn the_corpus_dockerfiles_convert_without_loss() {
             "same",
             include_str!("../../../tests/dockerfiles/same/Dockerfile"),
         ),
+        (
+            "features",
+            include_str!("../../../tests/dockerfiles/features/Dockerfile"),
+        ),
     ] {
         let converted = convert(text);
         let messages: Vec<&str> = converted
@@ -150,6 +154,30 @@ fn stages_without_variables_or_runs_keep_kdl_rules() {
         converted.kdl
     );
     assert!(converted.kdl.contains("    from a\n"), "{}", converted.kdl);
+}
+
+/// A bind mount from a stage of one of several Dockerfiles names its prefixed stage.
+#[test]
+fn several_dockerfiles_prefix_the_stages_their_bind_mounts_name() {
+    let api = dockerfile(
+        "api.Dockerfile",
+        "FROM busybox AS assets\nFROM busybox\nRUN --mount=type=bind,from=assets,target=/a --mount=type=bind,from=0,target=/b,rw true\n",
+    );
+    let mut worker = dockerfile("worker.Dockerfile", "FROM alpine AS assets\n");
+    worker.images[0].name.raw = "worker".into();
+    let converted = to_kdl(
+        &[Input { project: &api }, Input { project: &worker }],
+        &[],
+        "two",
+    );
+    assert!(
+        converted
+            .kdl
+            .contains("        bind \"/a\" from=\"app.assets\"\n        bind \"/b\" from=\"app.assets\" rw=#true\n"),
+        "{}",
+        converted.kdl
+    );
+    assert!(converted.losses.is_empty(), "{:?}", converted.losses);
 }
 
 #[test]

@@ -1152,13 +1152,17 @@ impl Lowerer {
             };
             match name.as_str() {
                 "from" => {
+                    // A stage by name, or by its index even when it is named, as BuildKit.
                     let lower = text.raw.to_ascii_lowercase();
-                    copy.from = Some(
-                        match self.stages.iter().find(|(stage, _)| stage.name == lower) {
-                            Some((stage, _)) => CopyFrom::Stage(stage.name.clone(), text.at),
-                            None => CopyFrom::Image(text),
-                        },
-                    );
+                    let stage = self
+                        .stages
+                        .iter()
+                        .find(|(stage, _)| stage.name == lower)
+                        .or_else(|| self.stages.get(text.raw.parse::<usize>().ok()?));
+                    copy.from = Some(match stage {
+                        Some((stage, _)) => CopyFrom::Stage(stage.name.clone(), text.at),
+                        None => CopyFrom::Image(text),
+                    });
                 }
                 "chown" => copy.chown = Some(text),
                 "exclude" => copy.exclude.push(text),

@@ -244,6 +244,24 @@ fn ssh_mounts_take_docker_options_and_default_to_an_optional_default_id() {
     );
 }
 
+/// `COPY --from=N` names the Nth stage even when that stage has a name, as in Docker; a
+/// number past the stages is an image.
+#[test]
+fn copy_from_an_index_names_the_stage_even_when_it_is_named() {
+    let project = load(
+        "FROM alpine AS build\nFROM alpine\nCOPY --from=0 /a /a\nCOPY --from=build /b /b\nFROM alpine\nCOPY --from=1 /d /d\nCOPY --from=7 /e /e\n",
+    )
+    .expect("loads");
+    let from = |stage: usize, step: usize| match &project.stages[stage].steps[step].kind {
+        StepKind::Copy(copy) => copy.from.clone(),
+        other => panic!("copy: {other:?}"),
+    };
+    assert!(matches!(from(1, 0), Some(CopyFrom::Stage(name, _)) if name == "build"));
+    assert!(matches!(from(1, 1), Some(CopyFrom::Stage(name, _)) if name == "build"));
+    assert!(matches!(from(2, 0), Some(CopyFrom::Stage(name, _)) if name == "1"));
+    assert!(matches!(from(2, 1), Some(CopyFrom::Image(text)) if text.raw == "7"));
+}
+
 #[test]
 fn bind_mounts_from_stages_images_and_writable() {
     let project = load(

@@ -221,6 +221,14 @@ impl Loader {
                 {
                     *from = format!("{prefix}{from}");
                 }
+                // A bind mount from a stage names an imported stage too.
+                if let StepKind::Run(run) = &mut step.kind {
+                    for mount in &mut run.bind_mounts {
+                        if let Some(CopyFrom::Stage(from, _)) = &mut mount.from {
+                            *from = format!("{prefix}{from}");
+                        }
+                    }
+                }
             }
             stage.scope = Some(scope);
             if let Some(first) = self.stage_names.get(&stage.name) {

@@ -113,3 +113,28 @@ fn a_missing_dockerfile_another_context_and_unknown_args_are_reported() {
         error.0
     );
 }
+
+/// A bind mount from a stage (by name or by index) names the imported stage, as a copy does.
+#[test]
+fn bind_mounts_from_stages_of_an_imported_dockerfile_name_the_imported_stages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM oci:base:1 AS assets\nFROM oci:base:1\nRUN --mount=type=bind,from=assets,target=/a --mount=type=bind,from=0,target=/b,rw true\n",
+    )
+    .expect("write");
+    let project = load(dir.path(), "dockerfile df\nimage df { stage \"df.1\"; }\n")
+        .unwrap_or_else(|error| panic!("{:?}", error.0));
+    let StepKind::Run(run) = &project.stages[1].steps[0].kind else {
+        panic!("run")
+    };
+    let froms: Vec<&str> = run
+        .bind_mounts
+        .iter()
+        .map(|mount| match &mount.from {
+            Some(crate::ir::CopyFrom::Stage(name, _)) => name.as_str(),
+            other => panic!("a stage: {other:?}"),
+        })
+        .collect();
+    assert_eq!(froms, ["df.assets", "df.assets"]);
+}

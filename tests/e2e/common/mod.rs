@@ -3,6 +3,11 @@
 
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
+mod serve;
+
+#[allow(unused_imports, reason = "each test file uses a different subset")]
+pub(crate) use serve::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -399,4 +404,38 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The image config of one platform of an OCI layout, read from its blobs as written (skopeo
+/// drops Docker's Healthcheck, which the OCI spec lacks).
+pub(crate) fn config(layout: &Path, platform: &str) -> serde_json::Value {
+    let blob = |digest: &str| -> serde_json::Value {
+        let path = layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        serde_json::from_slice(&std::fs::read(&path).expect("blob")).expect("JSON blob")
+    };
+    let top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index.json"))
+            .expect("JSON");
+    let index = blob(top["manifests"][0]["digest"].as_str().expect("digest"));
+    let mut parts = platform.split('/');
+    let (os, arch) = (parts.next().expect("os"), parts.next().expect("arch"));
+    let variant = parts.next();
+    let manifest = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .find(|m| {
+            m["platform"]["os"] == os
+                && m["platform"]["architecture"] == arch
+                && m["platform"]["variant"].as_str() == variant
+        })
+        .expect("the platform's manifest");
+    let manifest = blob(manifest["digest"].as_str().expect("digest"));
+    blob(
+        manifest["config"]["digest"]
+            .as_str()
+            .expect("config digest"),
+    )
 }
