@@ -907,3 +907,56 @@ fn cache_mount_owner_and_mode_apply_to_a_new_directory() {
         stderr(&bad)
     );
 }
+
+/// A Dockerfile where a build file is expected (`plan Dockerfile`, `run Dockerfile`): read by
+/// the Dockerfile front end with its directory as the context, the same graph `build` runs —
+/// a `run` after `build` executes nothing — and a KDL file named otherwise is still KDL.
+#[test]
+fn plan_and_run_read_a_dockerfile_given_as_the_build_file() {
+    if !root_or_skip() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    corpus(&sandbox, "same");
+    let plan = sandbox.graphbuild(&[
+        "plan",
+        "tests/dockerfiles/same/Dockerfile",
+        "--platform",
+        "linux/amd64",
+        "--platform",
+        "linux/arm64",
+    ]);
+    assert_success(&plan);
+    let shown = String::from_utf8_lossy(&plan.stdout).to_string();
+    assert!(
+        shown.contains("runtime · linux/arm64") && shown.contains("COPY message.txt /app/"),
+        "{shown}"
+    );
+    let built = sandbox.graphbuild(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-o",
+        "type=oci,dest=out-build",
+        "tests/dockerfiles/same",
+    ]);
+    assert_success(&built);
+    let run = sandbox.graphbuild(&[
+        "run",
+        "tests/dockerfiles/same/Dockerfile",
+        "--platform",
+        "linux/amd64",
+        "--platform",
+        "linux/arm64",
+        "--output",
+        "out-run",
+        "--progress",
+        "json",
+    ]);
+    assert_success(&run);
+    assert_eq!(summary(&run)["executed"], 0, "{}", stdout(&run));
+    corpus(&sandbox, "broken");
+    let bad = sandbox.graphbuild(&["plan", "tests/dockerfiles/broken/Dockerfile"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("graphbuild::dockerfile::"), "{}", stderr(&bad));
+}

@@ -40,9 +40,38 @@ pub(super) fn load(
     store: Option<&Store>,
     resolver: &DefaultResolver,
 ) -> Result<Loaded, CliError> {
-    let project = graphbuild_lang::load(&select.file)
-        .map_err(|diagnostics| CliError::report(ExitStatus::InvalidInput, diagnostics))?;
+    let project = if is_dockerfile(&select.file) {
+        // `plan Dockerfile`, `lock Dockerfile`: the Dockerfile front end, its directory the
+        // build context, as `graphbuild build DIR` reads it.
+        let context = select
+            .file
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let options = graphbuild_lang::dockerfile::Options {
+            image: "image".into(),
+            ..graphbuild_lang::dockerfile::Options::default()
+        };
+        graphbuild_lang::dockerfile::load(&select.file, context, &options)
+    } else {
+        graphbuild_lang::load(&select.file)
+    }
+    .map_err(|diagnostics| CliError::report(ExitStatus::InvalidInput, diagnostics))?;
     expand(project, select, store, resolver)
+}
+
+/// Whether a build file is a Dockerfile by its name, as Docker names them: `Dockerfile`,
+/// `Dockerfile.NAME`, `NAME.Dockerfile`, `Containerfile`.
+fn is_dockerfile(path: &std::path::Path) -> bool {
+    let name = path
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    name == "dockerfile"
+        || name == "containerfile"
+        || name.starts_with("dockerfile.")
+        || name.ends_with(".dockerfile")
 }
 
 /// Expands a loaded project (KDL or Dockerfile) with the selection's args and platforms.
