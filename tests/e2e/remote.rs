@@ -156,6 +156,17 @@ fn start_cluster() -> Option<Cluster> {
 
 /// Start a worker of `platform` named `name` on `instance`, and wait until it has a session.
 fn start_worker(cluster: &Cluster, instance: &str, platform: &str, name: &str) -> Worker {
+    start_worker_with(cluster, instance, platform, name, &[])
+}
+
+/// [`start_worker`] with more `graphbuild worker` flags.
+fn start_worker_with(
+    cluster: &Cluster,
+    instance: &str,
+    platform: &str,
+    name: &str,
+    flags: &[&str],
+) -> Worker {
     let dir = cluster.data.join(format!("worker-{name}"));
     std::fs::create_dir_all(&dir).expect("worker dir");
     let log = dir.join("worker.log");
@@ -181,6 +192,7 @@ exit 0"#,
         .arg(bin())
         .args(["worker", "--executor", &cluster.url(instance)])
         .args(["--platform", platform, "--name", name])
+        .args(flags)
         .arg("--cache-dir")
         .arg(dir.join("store"))
         .env("NO_COLOR", "1")
@@ -534,6 +546,86 @@ fn a_step_that_must_run_here_without_an_emulator_fails_naming_it() {
         !stderr(&output).contains("t0ken")
             && !String::from_utf8_lossy(&output.stdout).contains("t0ken")
     );
+}
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(marker) {
+                found.push(format!(
+                    "{}: {cmdline}",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_worker_kills_a_step_that_runs_past_its_time_limit() {
+    let Some((cluster, _workers)) = cluster() else {
+        return;
+    };
+    // A worker of its own instance, so no other test's step meets its short limit.
+    let worker = start_worker_with(
+        cluster,
+        "limits",
+        "linux/amd64",
+        "limited-worker",
+        &["--step-timeout", "3s"],
+    );
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    let url = cluster.url("limits");
+    // Without a timeout of its own, and with a longer one: both killed after the worker's 3s.
+    for (marker, timeout) in [
+        ("limit-marker-none", ""),
+        ("limit-marker-own", " timeout=\"10m\""),
+    ] {
+        sandbox.write(
+            "images.kdl",
+            &format!(
+                "platforms \"linux/amd64\"\nstage s {{\n    from \"oci:base:1.35.0\"\n    run \"sleep 40; echo {marker}\"{timeout}\n}}\nimage s {{ stage s; }}\n"
+            ),
+        );
+        let started = Instant::now();
+        let output = run(
+            &sandbox,
+            "images.kdl",
+            "store",
+            "out",
+            &["--remote-executor", &url, "--remote-required"],
+        );
+        let took = started.elapsed();
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        assert!(took < Duration::from_secs(30), "the step ran {took:?}");
+        let failure = events(&output)
+            .into_iter()
+            .find(|event| event["event"] == "failure")
+            .expect("a failure event");
+        assert!(
+            failure["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("ran past its timeout of 3s"),
+            "{failure}"
+        );
+        let failed = events(&output)
+            .into_iter()
+            .find(|event| event["event"] == "step" && event["status"] == "failed")
+            .expect("a failed step");
+        assert_eq!(failed["ran_on"], "limited-worker", "{failed}");
+        assert!(
+            processes_with(marker).is_empty(),
+            "{:?}",
+            processes_with(marker)
+        );
+    }
+    assert!(worker.log().contains("step ended"), "{}", worker.log());
 }
 
 #[test]

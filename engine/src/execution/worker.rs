@@ -17,7 +17,9 @@
 //! Only remote steps: a `Command` whose arguments are `graphbuild worker-step step.json`, and
 //! a [`RemoteStep`](super::RemoteStep) whose platform is the bot's and that passes
 //! [`RemoteStep::check`](super::RemoteStep::check) (no host paths, never `insecure`). Any other
-//! action is refused: the bot is not a general-purpose remote shell.
+//! action is refused: the bot is not a general-purpose remote shell. A step runs at most
+//! [`WorkerOptions::step_time_limit`] (`--step-timeout`, default [`DEFAULT_STEP_TIME_LIMIT`]),
+//! whatever timeout it asks for, and is then killed and reported as timed out.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,6 +53,8 @@ const MAX_MESSAGE: u64 = 16 * 1024 * 1024;
 const INVALID_ARGUMENT: i32 = 3;
 const FAILED_PRECONDITION: i32 = 9;
 const INTERNAL: i32 = 13;
+/// The longest a bot lets a step run by default (`graphbuild worker --step-timeout`).
+pub const DEFAULT_STEP_TIME_LIMIT: Duration = Duration::from_secs(60 * 60);
 
 /// `graphbuild worker`'s settings.
 #[derive(Clone, Debug)]
@@ -67,6 +71,9 @@ pub struct WorkerOptions {
     pub exe: PathBuf,
     /// The overlay sandboxes mount.
     pub overlay: Overlay,
+    /// The longest a step may run here: the timeout of a step that sets none, and the ceiling
+    /// of one that sets a longer one, so no action holds the bot forever.
+    pub step_time_limit: Duration,
 }
 
 /// Serve leases until `stop` is set; `log` receives one line per event worth showing.
@@ -251,7 +258,7 @@ fn execute_lease(
         }
         Err(message) => return (status(INVALID_ARGUMENT, message), None),
     }
-    // The worker's own limit on processes holds whatever the client asked for.
+    // The worker's own limits on processes and time hold whatever the client asked for.
     let mut step = step;
     step.task.max_processes = Some(
         step.task
@@ -259,6 +266,8 @@ fn execute_lease(
             .unwrap_or(crate::sandbox::DEFAULT_MAX_PROCESSES)
             .min(crate::sandbox::DEFAULT_MAX_PROCESSES),
     );
+    let time_limit = u64::try_from(options.step_time_limit.as_millis()).unwrap_or(u64::MAX);
+    step.task.timeout_ms = Some(step.task.timeout_ms.unwrap_or(time_limit).min(time_limit));
     if let Err(message) = fetch_layers(cache, store, &step) {
         return (status(INTERNAL, message), None);
     }
