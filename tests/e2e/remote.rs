@@ -629,6 +629,84 @@ fn a_worker_kills_a_step_that_runs_past_its_time_limit() {
 }
 
 #[test]
+fn sigterm_to_the_client_cancels_its_remote_step_on_the_worker() {
+    let Some((cluster, workers)) = cluster() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    let marker = "cancel-marker-on-the-worker";
+    sandbox.write(
+        "images.kdl",
+        &format!(
+            "platforms \"linux/amd64\"\nstage s {{\n    from \"oci:base:1.35.0\"\n    run \"sleep 120; echo {marker}\"\n}}\nimage s {{ stage s; }}\n"
+        ),
+    );
+    let mut client = Command::new(bin())
+        .args(["run", "images.kdl", "--output", "out", "--progress", "json"])
+        .args(["--remote-executor", &cluster.url(""), "--remote-required"])
+        .current_dir(sandbox.path())
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join("store"))
+        .env("GRAPHBUILD_REMOTE_QUEUE_TIMEOUT", QUEUE_TIMEOUT)
+        .env("NO_COLOR", "1")
+        .env_remove("SOURCE_DATE_EPOCH")
+        .env_remove("GRAPHBUILD_CACHE")
+        .env_remove("GRAPHBUILD_REMOTE_EXECUTOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("graphbuild starts");
+    // The step's command runs in the worker's sandbox (on this machine, in these tests).
+    let started = Instant::now();
+    while processes_with(marker).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the step never started on the worker"
+        );
+        assert!(
+            client.try_wait().expect("wait").is_none(),
+            "the client exited before its step ran"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(client.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("signal the client");
+    let signalled = Instant::now();
+    let exit = loop {
+        if let Some(status) = client.try_wait().expect("wait") {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(10) {
+            let _ = client.kill();
+            let _ = client.wait();
+            panic!("the client ignored SIGTERM for 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // As a cancelled local build exits.
+    assert_eq!(exit.code(), Some(130), "{exit}");
+    // The cluster tells the worker at its next keepalive (every 2 s), which stops the step.
+    while !processes_with(marker).is_empty() {
+        assert!(
+            signalled.elapsed() < Duration::from_secs(15),
+            "the step still runs on the worker: {:?}\n{}",
+            processes_with(marker),
+            workers[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    workers[0].wait_for("cancelled by the server", 10);
+    assert!(
+        !sandbox.path().join("out/s").exists(),
+        "an image was written"
+    );
+}
+
+#[test]
 fn a_failing_remote_step_fails_the_build_with_its_output() {
     let Some((cluster, _workers)) = cluster() else {
         return;

@@ -10,7 +10,9 @@
 //! [`KEEPALIVE`] while it executes it, and then `COMPLETED` with an `ActionResult` (or with
 //! an error status: `INTERNAL` for a worker problem, which the server may retry elsewhere,
 //! `INVALID_ARGUMENT` for an action it will not run). A session the server has closed (the
-//! bot was silent too long) is opened again.
+//! bot was silent too long) is opened again. A lease missing from the answer to a keepalive
+//! was cancelled (the client's build was: BuildGrid drops the lease): its step is stopped and
+//! the lease is not reported.
 //!
 //! # What it runs
 //!
@@ -151,8 +153,10 @@ pub fn serve(
         }) else {
             continue;
         };
-        let finished = run_lease(&cache, options, store, &name, lease, &session, log);
-        held = vec![finished];
+        // A lease the server cancelled is not reported: it dropped it.
+        held = run_lease(&cache, options, store, &name, lease, &session, log)
+            .into_iter()
+            .collect();
     }
     // Say goodbye so the server requeues nothing of ours; it may be gone already.
     if !name.is_empty() {
@@ -167,7 +171,9 @@ pub fn serve(
 }
 
 /// Execute one lease in a thread while telling the server every [`KEEPALIVE`] that it is
-/// active; the lease, completed.
+/// active; the lease, completed, or `None` when the server cancelled it (the client's build
+/// was cancelled: the server drops the lease from the session's answer) and its step was
+/// stopped.
 fn run_lease(
     cache: &ReapiCache,
     options: &WorkerOptions,
@@ -176,25 +182,41 @@ fn run_lease(
     mut lease: Lease,
     session: &dyn Fn(Vec<Lease>, &str, BotStatus) -> BotSession,
     log: &(dyn Fn(&str) + Sync),
-) -> Lease {
+) -> Option<Lease> {
     lease.state = LeaseState::Active as i32;
     log(&format!("lease {}: executing", lease.id));
+    let mut cancelled = false;
     let (status, result) = std::thread::scope(|scope| {
         let payload = lease.payload.clone();
         let running = scope.spawn(move || execute_lease(cache, options, store, payload, log));
         let mut keepalive = std::time::Instant::now();
         while !running.is_finished() {
             std::thread::sleep(Duration::from_millis(50));
-            if keepalive.elapsed() >= KEEPALIVE {
+            if !cancelled && keepalive.elapsed() >= KEEPALIVE {
                 keepalive = std::time::Instant::now();
                 let mut active = lease.clone();
                 active.payload = None;
-                let _ = update_session(
+                let answer = update_session(
                     cache,
                     name,
                     session(vec![active], name, BotStatus::Ok),
                     Duration::from_secs(5),
                 );
+                // The server keeps a lease it still wants in its answer (`CANCELLED` is the
+                // other way to say it does not); a failed call says nothing.
+                if let Ok(answer) = answer
+                    && !answer.leases.iter().any(|held| {
+                        held.id == lease.id && held.state != LeaseState::Cancelled as i32
+                    })
+                {
+                    cancelled = true;
+                    log(&format!(
+                        "lease {}: cancelled by the server; stopping its step",
+                        lease.id
+                    ));
+                    // This bot runs one sandbox at a time: the lease's.
+                    crate::sandbox::terminate_all();
+                }
             }
         }
         running.join().unwrap_or_else(|_| {
@@ -217,11 +239,14 @@ fn run_lease(
             format!("failed: {}", status.message)
         }
     ));
+    if cancelled {
+        return None;
+    }
     lease.payload = None;
     lease.state = LeaseState::Completed as i32;
     lease.status = Some(status);
     lease.result = result;
-    lease
+    Some(lease)
 }
 
 /// Fetch, check, execute and report one lease's action: the lease's status, and its
