@@ -601,6 +601,7 @@ fn a_worker_kills_a_step_that_runs_past_its_time_limit() {
             &["--remote-executor", &url, "--remote-required"],
         );
         let took = started.elapsed();
+        eprintln!("{marker}: the build failed after {took:?}");
         assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
         assert!(took < Duration::from_secs(30), "the step ran {took:?}");
         let failure = events(&output)
@@ -699,6 +700,10 @@ fn sigterm_to_the_client_cancels_its_remote_step_on_the_worker() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    eprintln!(
+        "the worker's step stopped {:?} after SIGTERM to the client",
+        signalled.elapsed()
+    );
     workers[0].wait_for("cancelled by the server", 10);
     assert!(
         !sandbox.path().join("out/s").exists(),
