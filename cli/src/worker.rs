@@ -38,6 +38,21 @@ pub(crate) struct WorkerArgs {
     /// The worker's store: layers it unpacked, kept between steps
     #[arg(long, value_name = "DIR", env = "GRAPHBUILD_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Kill and fail a step after this long (e.g. 30m): the timeout of a step that sets none,
+    /// and the most a step's own `timeout` gets here
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_time_limit)]
+    step_timeout: std::time::Duration,
+}
+
+/// `--step-timeout`: a Go-style duration of at least a second.
+fn parse_time_limit(text: &str) -> Result<std::time::Duration, String> {
+    match graphbuild_engine::plan::parse_duration(text) {
+        Some(ns) if ns >= 1_000_000_000 => Ok(std::time::Duration::from_nanos(ns)),
+        Some(_) => Err("give at least 1s".into()),
+        None => Err(format!(
+            "`{text}` is not a duration; write e.g. 90s, 30m or 2h"
+        )),
+    }
 }
 
 /// The store and the overlay a worker's sandboxes use.
@@ -109,6 +124,7 @@ pub(crate) fn worker(args: WorkerArgs) -> Result<ExitStatus, CliError> {
         bot_id,
         exe,
         overlay,
+        step_time_limit: args.step_timeout,
     };
     let log = |line: &str| eprintln!("{line}");
     match worker::serve(&options, &store, &stop, &log) {

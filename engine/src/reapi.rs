@@ -349,6 +349,17 @@ impl ReapiCache {
         })
     }
 
+    /// [`run`](Self::run) whatever the cancel flag says: for what must still be said once a
+    /// build is cancelled (cancelling its remote operations), within `deadline`.
+    pub(crate) fn run_despite_cancel<T>(
+        &self,
+        deadline: Duration,
+        work: impl Future<Output = T>,
+    ) -> Option<T> {
+        self.runtime
+            .block_on(async { tokio::time::timeout(deadline, work).await.ok() })
+    }
+
     /// A failed call as an error: the cache is unreachable, refuses us, or answered otherwise.
     pub(crate) fn status_error(&self, method: &'static str, status: &tonic::Status) -> RemoteError {
         let mut message: String = status.message().chars().take(512).collect();

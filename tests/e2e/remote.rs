@@ -156,6 +156,17 @@ fn start_cluster() -> Option<Cluster> {
 
 /// Start a worker of `platform` named `name` on `instance`, and wait until it has a session.
 fn start_worker(cluster: &Cluster, instance: &str, platform: &str, name: &str) -> Worker {
+    start_worker_with(cluster, instance, platform, name, &[])
+}
+
+/// [`start_worker`] with more `graphbuild worker` flags.
+fn start_worker_with(
+    cluster: &Cluster,
+    instance: &str,
+    platform: &str,
+    name: &str,
+    flags: &[&str],
+) -> Worker {
     let dir = cluster.data.join(format!("worker-{name}"));
     std::fs::create_dir_all(&dir).expect("worker dir");
     let log = dir.join("worker.log");
@@ -181,6 +192,7 @@ exit 0"#,
         .arg(bin())
         .args(["worker", "--executor", &cluster.url(instance)])
         .args(["--platform", platform, "--name", name])
+        .args(flags)
         .arg("--cache-dir")
         .arg(dir.join("store"))
         .env("NO_COLOR", "1")
@@ -213,6 +225,18 @@ fn cluster() -> Option<&'static (Cluster, Vec<Worker>)> {
 }
 
 fn run(sandbox: &Sandbox, file: &str, store: &str, output: &str, extra: &[&str]) -> Output {
+    run_with_env(sandbox, file, store, output, extra, &[])
+}
+
+/// [`run`] with more environment variables (set after the defaults, so they override them).
+fn run_with_env(
+    sandbox: &Sandbox,
+    file: &str,
+    store: &str,
+    output: &str,
+    extra: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Output {
     let mut args = vec!["run", file, "--output", output, "--progress", "json"];
     args.extend_from_slice(extra);
     let mut command = Command::new(bin());
@@ -224,8 +248,20 @@ fn run(sandbox: &Sandbox, file: &str, store: &str, output: &str, extra: &[&str])
         .env("NO_COLOR", "1")
         .env_remove("SOURCE_DATE_EPOCH")
         .env_remove("GRAPHBUILD_CACHE")
-        .env_remove("GRAPHBUILD_REMOTE_EXECUTOR");
+        .env_remove("GRAPHBUILD_REMOTE_EXECUTOR")
+        .env_remove("GRAPHBUILD_BINFMT_DIR");
+    command.envs(env.iter().copied());
     command.output().expect("graphbuild runs")
+}
+
+/// A binfmt_misc directory as the kernel shows it with no emulator registered: `status`
+/// enabled, no handlers. `GRAPHBUILD_BINFMT_DIR` pointing here makes graphbuild believe this
+/// machine cannot run foreign binaries (the kernel's real handlers are untouched).
+fn no_emulators(sandbox: &Sandbox) -> PathBuf {
+    let dir = sandbox.path().join("binfmt-without-emulators");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("status"), "enabled\n").expect("status");
+    dir
 }
 
 fn warnings(output: &Output) -> Vec<String> {
@@ -349,6 +385,330 @@ fn three_platforms_run_on_the_workers_of_their_cpus_and_match_a_local_build() {
     assert_eq!(summary(&again)["executed"], 0, "{}", summary(&again));
     assert!(executed_steps(&again).is_empty());
     assert_eq!(index_digest(&again), index_digest(&local));
+}
+
+#[test]
+fn a_client_without_emulators_builds_foreign_platforms_on_the_workers() {
+    let Some((cluster, _workers)) = cluster() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    sandbox.example("basic");
+    let file = "examples/basic/images.kdl";
+    let platforms = ["--platform", "linux/amd64", "--platform", "linux/arm64"];
+    let no_binfmt = no_emulators(&sandbox);
+    let env = [("GRAPHBUILD_BINFMT_DIR", no_binfmt.as_os_str())];
+
+    // Without an executor, the preflight stops the build up front, naming the emulator.
+    let refused = run_with_env(
+        &sandbox,
+        file,
+        "store-refused",
+        "out-refused",
+        &platforms,
+        &env,
+    );
+    assert_eq!(refused.status.code(), Some(3), "{}", stderr(&refused));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("cannot run steps for linux/arm64")
+            && message.contains("no emulator is registered for platform linux/arm64"),
+        "{message}"
+    );
+    assert!(executed_steps(&refused).is_empty());
+
+    // With one, the arm64 steps run on the arm64 worker and the build succeeds.
+    let local = run(&sandbox, file, "store-local", "out-local", &platforms);
+    assert_success(&local);
+    let mut extra = platforms.to_vec();
+    let url = cluster.url("");
+    extra.extend(["--remote-executor", &url]);
+    let remote = run_with_env(&sandbox, file, "store-remote", "out-remote", &extra, &env);
+    assert_success(&remote);
+    assert!(warnings(&remote).is_empty(), "{:?}", warnings(&remote));
+    let steps = executed_steps(&remote);
+    let runs: Vec<_> = steps
+        .iter()
+        .filter(|(_, _, step, _)| step.starts_with("RUN"))
+        .collect();
+    assert_eq!(runs.len(), 6, "{steps:?}");
+    for (stage, platform, step, ran_on) in &runs {
+        let expected = match platform.as_str() {
+            "linux/amd64" => "amd64-worker",
+            _ => "arm64-worker",
+        };
+        assert_eq!(ran_on, expected, "{stage} {platform} {step}");
+    }
+    assert_eq!(index_digest(&remote), index_digest(&local));
+    let root = unpack_platform(
+        &sandbox.path().join("out-remote/basic"),
+        "1.0",
+        "linux/arm64",
+        &sandbox.path().join("unpacked-arm64"),
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("app/arch.txt")).unwrap(),
+        "aarch64\n"
+    );
+}
+
+/// The failure event and the rendered diagnostic of a build whose `step` had to run here
+/// for `platform`, which this machine cannot emulate.
+fn assert_fails_naming_the_emulator(output: &Output, platform: &str, step: &str) {
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(output));
+    let failure = events(output)
+        .into_iter()
+        .find(|event| event["event"] == "failure")
+        .expect("a failure event");
+    let text = failure.to_string();
+    for needle in [
+        format!("cannot run this {platform} step on this machine"),
+        format!("no emulator is registered for platform {platform}"),
+        step.to_string(),
+    ] {
+        assert!(text.contains(&needle), "no `{needle}` in {text}");
+    }
+    let failed = events(output)
+        .into_iter()
+        .find(|event| event["event"] == "step" && event["status"] == "failed")
+        .expect("a failed step");
+    assert_eq!(failed["platform"], platform, "{failed}");
+    assert!(
+        failed["step"].as_str().unwrap_or_default().contains(step),
+        "{failed}"
+    );
+    assert_eq!(failed["ran_on"], "local", "{failed}");
+    let rendered = stderr(output);
+    assert!(
+        rendered.contains(&format!("cannot run this {platform} step on this machine"))
+            && rendered
+                .contains("help: install the emulators with `apt-get install qemu-user-static")
+            && rendered.contains(step),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn a_step_that_must_run_here_without_an_emulator_fails_naming_it() {
+    let Some((cluster, _workers)) = cluster() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    let no_binfmt = no_emulators(&sandbox);
+    let url = cluster.url("");
+
+    // No worker serves linux/arm/v7: after the queue timeout the step must run here.
+    sandbox.write(
+        "nobody.kdl",
+        "platforms \"linux/arm/v7\"\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"echo nobody-serves-me > /out\"\n}\nimage s { stage s; }\n",
+    );
+    let output = run_with_env(
+        &sandbox,
+        "nobody.kdl",
+        "store",
+        "out",
+        &["--remote-executor", &url],
+        &[
+            ("GRAPHBUILD_BINFMT_DIR", no_binfmt.as_os_str()),
+            ("GRAPHBUILD_REMOTE_QUEUE_TIMEOUT", "5".as_ref()),
+        ],
+    );
+    assert_fails_naming_the_emulator(&output, "linux/arm/v7", "nobody-serves-me");
+    assert!(
+        warnings(&output)
+            .iter()
+            .any(|warning| warning.contains("no worker") && warning.contains("linux/arm/v7")),
+        "{:?}",
+        warnings(&output)
+    );
+    assert!(
+        !sandbox.path().join("out/s").exists(),
+        "an image was written"
+    );
+
+    // A step with a secret never leaves the machine, even with an arm64 worker.
+    sandbox.write("token", "t0ken");
+    sandbox.write(
+        "secret.kdl",
+        "platforms \"linux/arm64\"\nstage s {\n    from \"oci:base:1.35.0\"\n    run \"wc -c /run/secrets/token > /secret-size\" {\n        secret \"token\"\n    }\n}\nimage s { stage s; }\n",
+    );
+    let output = run_with_env(
+        &sandbox,
+        "secret.kdl",
+        "store",
+        "out",
+        &["--remote-executor", &url, "--secret", "id=token,src=token"],
+        &[("GRAPHBUILD_BINFMT_DIR", no_binfmt.as_os_str())],
+    );
+    assert_fails_naming_the_emulator(&output, "linux/arm64", "/secret-size");
+    assert!(
+        !stderr(&output).contains("t0ken")
+            && !String::from_utf8_lossy(&output.stdout).contains("t0ken")
+    );
+}
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(marker) {
+                found.push(format!(
+                    "{}: {cmdline}",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_worker_kills_a_step_that_runs_past_its_time_limit() {
+    let Some((cluster, _workers)) = cluster() else {
+        return;
+    };
+    // A worker of its own instance, so no other test's step meets its short limit.
+    let worker = start_worker_with(
+        cluster,
+        "limits",
+        "linux/amd64",
+        "limited-worker",
+        &["--step-timeout", "3s"],
+    );
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    let url = cluster.url("limits");
+    // Without a timeout of its own, and with a longer one: both killed after the worker's 3s.
+    for (marker, timeout) in [
+        ("limit-marker-none", ""),
+        ("limit-marker-own", " timeout=\"10m\""),
+    ] {
+        sandbox.write(
+            "images.kdl",
+            &format!(
+                "platforms \"linux/amd64\"\nstage s {{\n    from \"oci:base:1.35.0\"\n    run \"sleep 40; echo {marker}\"{timeout}\n}}\nimage s {{ stage s; }}\n"
+            ),
+        );
+        let started = Instant::now();
+        let output = run(
+            &sandbox,
+            "images.kdl",
+            "store",
+            "out",
+            &["--remote-executor", &url, "--remote-required"],
+        );
+        let took = started.elapsed();
+        eprintln!("{marker}: the build failed after {took:?}");
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        assert!(took < Duration::from_secs(30), "the step ran {took:?}");
+        let failure = events(&output)
+            .into_iter()
+            .find(|event| event["event"] == "failure")
+            .expect("a failure event");
+        assert!(
+            failure["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("ran past its timeout of 3s"),
+            "{failure}"
+        );
+        let failed = events(&output)
+            .into_iter()
+            .find(|event| event["event"] == "step" && event["status"] == "failed")
+            .expect("a failed step");
+        assert_eq!(failed["ran_on"], "limited-worker", "{failed}");
+        assert!(
+            processes_with(marker).is_empty(),
+            "{:?}",
+            processes_with(marker)
+        );
+    }
+    assert!(worker.log().contains("step ended"), "{}", worker.log());
+}
+
+#[test]
+fn sigterm_to_the_client_cancels_its_remote_step_on_the_worker() {
+    let Some((cluster, workers)) = cluster() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    sandbox.busybox("base");
+    let marker = "cancel-marker-on-the-worker";
+    sandbox.write(
+        "images.kdl",
+        &format!(
+            "platforms \"linux/amd64\"\nstage s {{\n    from \"oci:base:1.35.0\"\n    run \"sleep 120; echo {marker}\"\n}}\nimage s {{ stage s; }}\n"
+        ),
+    );
+    let mut client = Command::new(bin())
+        .args(["run", "images.kdl", "--output", "out", "--progress", "json"])
+        .args(["--remote-executor", &cluster.url(""), "--remote-required"])
+        .current_dir(sandbox.path())
+        .env("GRAPHBUILD_CACHE_DIR", sandbox.path().join("store"))
+        .env("GRAPHBUILD_REMOTE_QUEUE_TIMEOUT", QUEUE_TIMEOUT)
+        .env("NO_COLOR", "1")
+        .env_remove("SOURCE_DATE_EPOCH")
+        .env_remove("GRAPHBUILD_CACHE")
+        .env_remove("GRAPHBUILD_REMOTE_EXECUTOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("graphbuild starts");
+    // The step's command runs in the worker's sandbox (on this machine, in these tests).
+    let started = Instant::now();
+    while processes_with(marker).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the step never started on the worker"
+        );
+        assert!(
+            client.try_wait().expect("wait").is_none(),
+            "the client exited before its step ran"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(client.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("signal the client");
+    let signalled = Instant::now();
+    let exit = loop {
+        if let Some(status) = client.try_wait().expect("wait") {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(10) {
+            let _ = client.kill();
+            let _ = client.wait();
+            panic!("the client ignored SIGTERM for 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // As a cancelled local build exits.
+    assert_eq!(exit.code(), Some(130), "{exit}");
+    // The cluster tells the worker at its next keepalive (every 2 s), which stops the step.
+    while !processes_with(marker).is_empty() {
+        assert!(
+            signalled.elapsed() < Duration::from_secs(15),
+            "the step still runs on the worker: {:?}\n{}",
+            processes_with(marker),
+            workers[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "the worker's step stopped {:?} after SIGTERM to the client",
+        signalled.elapsed()
+    );
+    workers[0].wait_for("cancelled by the server", 10);
+    assert!(
+        !sandbox.path().join("out/s").exists(),
+        "an image was written"
+    );
 }
 
 #[test]

@@ -83,9 +83,12 @@ pub(crate) fn rootless_reexec() -> Result<ExitStatus, CliError> {
         })
 }
 
+/// With a remote executor (`remote`), a platform with no emulator here is no error up front:
+/// its steps go to workers, and one that must run here fails then, naming the emulator.
 pub(super) fn preflight(
     nodes: &[&graphbuild_engine::plan::Node],
     test_platforms: &[Platform],
+    remote: bool,
 ) -> Result<(), String> {
     let host = Platform::host();
     let executes = !nodes.is_empty() || !test_platforms.is_empty();
@@ -100,6 +103,7 @@ pub(super) fn preflight(
     for node in nodes {
         let runs = node.steps.iter().any(|step| matches!(step.op, Op::Run(_)));
         if runs
+            && !remote
             && !missing
                 .iter()
                 .any(|(platform, _)| *platform == node.platform)
@@ -188,6 +192,7 @@ pub(super) fn execute(
     progress: &Progress,
 ) -> build::BuildReport {
     let ssh_agents = settings.ssh;
+    let remote = settings.remote.executor.is_some();
     let options = BuildOptions {
         jobs: settings
             .jobs
@@ -204,7 +209,9 @@ pub(super) fn execute(
         cancel: cancel.clone(),
         remote: settings.remote,
         format: settings.format,
-        preflight: Some(Box::new(preflight)),
+        preflight: Some(Box::new(move |nodes, tests| {
+            preflight(nodes, tests, remote)
+        })),
         step_timeout_ms: settings.step_timeout_ms,
         step_max_processes: settings.step_max_processes,
         attest: graphbuild_engine::attest::AttestOptions {
@@ -340,6 +347,7 @@ pub(super) fn remote_options(
         to,
         required: args.cache_required,
         executor,
+        binfmt_dir: Some(crate::doctor::binfmt_dir()),
     })
 }
 

@@ -75,6 +75,27 @@ pub enum StepError {
         source: Box<crate::remote::RemoteError>,
     },
 
+    /// A step of a platform this machine cannot emulate had to run here (no worker of the
+    /// remote executor took it, or it may not leave the machine); the preflight lets such
+    /// platforms through only when a remote executor may run their steps.
+    #[error(
+        "cannot run this {platform} step on this machine, and it did not run on a worker of the remote executor"
+    )]
+    #[diagnostic(
+        code(graphbuild::step::no_emulator),
+        help(
+            "install the emulators with `apt-get install qemu-user-static binfmt-support` and \
+             `update-binfmts --enable` (or `graphbuild doctor --fix`), start a worker of \
+             {platform} on the cluster, or build only native platforms with --platform {host}"
+        )
+    )]
+    NoEmulator {
+        platform: String,
+        host: String,
+        #[source]
+        source: Box<crate::binfmt::EmulationError>,
+    },
+
     #[error("cannot read secret `{id}`")]
     #[diagnostic(code(graphbuild::step::secret_read))]
     SecretRead {

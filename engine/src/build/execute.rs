@@ -158,7 +158,8 @@ impl Executor<'_> {
             let (result, ran_on) = match self.execute_remotely(node, step, &layers) {
                 Some((result, worker)) => (result, Some(worker)),
                 None => (
-                    self.execute_step(node, step, &layers, inputs),
+                    self.can_run_here(node, step)
+                        .and_then(|()| self.execute_step(node, step, &layers, inputs)),
                     self.options
                         .remote
                         .executor

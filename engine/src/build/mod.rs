@@ -132,6 +132,11 @@ pub struct RemoteOptions {
     pub required: bool,
     /// `--remote-executor`: a cluster that executes `run` steps (docs/remote.md).
     pub executor: Option<Arc<crate::execution::RemoteExecutor>>,
+    /// Where to read the binfmt_misc handlers (`None`: [`crate::binfmt::BINFMT_MISC_DIR`]).
+    /// With an executor, a foreign platform this machine cannot emulate is no error up front:
+    /// its `run` steps go to workers, and one that must run here fails naming the missing
+    /// emulator ([`StepError::NoEmulator`]).
+    pub binfmt_dir: Option<std::path::PathBuf>,
 }
 
 /// Open the team cache at `url` (its scheme picks the client), with an optional token, giving

@@ -14,6 +14,40 @@ use super::{Executor, NodeFailure, StepError};
 type Ran = (Result<Option<LayerDesc>, Box<NodeFailure>>, String);
 
 impl Executor<'_> {
+    /// With a remote executor, the preflight lets through foreign platforms this machine
+    /// cannot emulate; a `run` step of one that must execute here (no worker took it, or it
+    /// may not leave the machine) fails here, before anything runs, naming the missing
+    /// emulator as the preflight would.
+    pub(super) fn can_run_here(
+        &self,
+        node: &Node,
+        step: &StepPlan,
+    ) -> Result<(), Box<NodeFailure>> {
+        if self.options.remote.executor.is_none() || !matches!(step.op, Op::Run(_)) {
+            return Ok(());
+        }
+        let dir = self
+            .options
+            .remote
+            .binfmt_dir
+            .clone()
+            .unwrap_or_else(|| crate::binfmt::BINFMT_MISC_DIR.into());
+        let host = graphbuild_lang::platform::Platform::host();
+        match crate::binfmt::check_emulation(&dir, &node.platform, &host) {
+            Ok(_) => Ok(()),
+            Err(source) => Err(self.failure(
+                node,
+                Some(step),
+                StepError::NoEmulator {
+                    platform: node.platform.to_string(),
+                    host: host.to_string(),
+                    source: Box::new(source),
+                },
+                Vec::new(),
+            )),
+        }
+    }
+
     /// Execute `step` on the remote executor when there is one and the step may leave the
     /// machine: a `run` without secrets, cache mounts, bind mounts, ssh agents or `insecure`
     /// (those read this machine's files or need its trust). `None`: execute it here (no executor, a step

@@ -196,7 +196,9 @@ impl RemoteExecutor {
         let stall = cache.timeout() * 2;
         let queue_timeout = self.queue_timeout;
         let action_digest = proto_digest(&encoded.action_digest, encoded.action.len() as u64);
-        cache.run(method, MAX_STEP_TIME, async {
+        // The operation's name, kept outside the call so a cancelled build can cancel it.
+        let named = std::sync::Mutex::new(String::new());
+        let result = cache.run(method, MAX_STEP_TIME, async {
             let mut client = re::execution_client::ExecutionClient::new(cache.channel())
                 .max_decoding_message_size(MAX_STREAM_MESSAGE);
             let mut name = String::new();
@@ -261,6 +263,9 @@ impl RemoteExecutor {
                     };
                     messages += 1;
                     name.clone_from(&operation.name);
+                    if let Ok(mut named) = named.lock() {
+                        named.clone_from(&name);
+                    }
                     if operation.done {
                         return operation_response(cache, operation).map(Some);
                     }
@@ -294,7 +299,22 @@ impl RemoteExecutor {
                     });
                 }
             }
-        })
+        });
+        // Ctrl-C/SIGTERM: the build stops, and so does its action on the cluster (a worker
+        // executing it is told to stop); an unknown operation has nothing to cancel.
+        if let Err(RemoteError::Cancelled) = &result {
+            let name = named.lock().map(|name| name.clone()).unwrap_or_default();
+            if !name.is_empty() {
+                let request =
+                    cache.request(lro::CancelOperationRequest { name }, cache.small_deadline());
+                let _ = cache.run_despite_cancel(cache.small_deadline(), async {
+                    lro::operations_client::OperationsClient::new(cache.channel())
+                        .cancel_operation(request)
+                        .await
+                });
+            }
+        }
+        result
     }
 
     /// The step's outcome and layer from a finished action.

@@ -30,7 +30,8 @@
 //! its digests, exactly as a local execution would: the image is bit-identical. An executor
 //! that cannot be reached is reported once and the build goes on locally (unless remote
 //! execution is required); a platform that no worker takes within the queue timeout
-//! ([`QUEUE_TIMEOUT_ENV`]) runs here (emulated) for the rest of the build.
+//! ([`QUEUE_TIMEOUT_ENV`]) runs here (emulated) for the rest of the build. A cancelled build
+//! (Ctrl-C, SIGTERM) cancels its operation on the cluster (`CancelOperation`).
 
 pub mod action;
 pub mod bots;

@@ -10,14 +10,18 @@
 //! [`KEEPALIVE`] while it executes it, and then `COMPLETED` with an `ActionResult` (or with
 //! an error status: `INTERNAL` for a worker problem, which the server may retry elsewhere,
 //! `INVALID_ARGUMENT` for an action it will not run). A session the server has closed (the
-//! bot was silent too long) is opened again.
+//! bot was silent too long) is opened again. A lease missing from the answer to a keepalive
+//! was cancelled (the client's build was: BuildGrid drops the lease): its step is stopped and
+//! the lease is not reported.
 //!
 //! # What it runs
 //!
 //! Only remote steps: a `Command` whose arguments are `graphbuild worker-step step.json`, and
 //! a [`RemoteStep`](super::RemoteStep) whose platform is the bot's and that passes
 //! [`RemoteStep::check`](super::RemoteStep::check) (no host paths, never `insecure`). Any other
-//! action is refused: the bot is not a general-purpose remote shell.
+//! action is refused: the bot is not a general-purpose remote shell. A step runs at most
+//! [`WorkerOptions::step_time_limit`] (`--step-timeout`, default [`DEFAULT_STEP_TIME_LIMIT`]),
+//! whatever timeout it asks for, and is then killed and reported as timed out.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,6 +55,8 @@ const MAX_MESSAGE: u64 = 16 * 1024 * 1024;
 const INVALID_ARGUMENT: i32 = 3;
 const FAILED_PRECONDITION: i32 = 9;
 const INTERNAL: i32 = 13;
+/// The longest a bot lets a step run by default (`graphbuild worker --step-timeout`).
+pub const DEFAULT_STEP_TIME_LIMIT: Duration = Duration::from_secs(60 * 60);
 
 /// `graphbuild worker`'s settings.
 #[derive(Clone, Debug)]
@@ -67,6 +73,9 @@ pub struct WorkerOptions {
     pub exe: PathBuf,
     /// The overlay sandboxes mount.
     pub overlay: Overlay,
+    /// The longest a step may run here: the timeout of a step that sets none, and the ceiling
+    /// of one that sets a longer one, so no action holds the bot forever.
+    pub step_time_limit: Duration,
 }
 
 /// Serve leases until `stop` is set; `log` receives one line per event worth showing.
@@ -144,8 +153,10 @@ pub fn serve(
         }) else {
             continue;
         };
-        let finished = run_lease(&cache, options, store, &name, lease, &session, log);
-        held = vec![finished];
+        // A lease the server cancelled is not reported: it dropped it.
+        held = run_lease(&cache, options, store, &name, lease, &session, log)
+            .into_iter()
+            .collect();
     }
     // Say goodbye so the server requeues nothing of ours; it may be gone already.
     if !name.is_empty() {
@@ -160,7 +171,9 @@ pub fn serve(
 }
 
 /// Execute one lease in a thread while telling the server every [`KEEPALIVE`] that it is
-/// active; the lease, completed.
+/// active; the lease, completed, or `None` when the server cancelled it (the client's build
+/// was cancelled: the server drops the lease from the session's answer) and its step was
+/// stopped.
 fn run_lease(
     cache: &ReapiCache,
     options: &WorkerOptions,
@@ -169,25 +182,41 @@ fn run_lease(
     mut lease: Lease,
     session: &dyn Fn(Vec<Lease>, &str, BotStatus) -> BotSession,
     log: &(dyn Fn(&str) + Sync),
-) -> Lease {
+) -> Option<Lease> {
     lease.state = LeaseState::Active as i32;
     log(&format!("lease {}: executing", lease.id));
+    let mut cancelled = false;
     let (status, result) = std::thread::scope(|scope| {
         let payload = lease.payload.clone();
         let running = scope.spawn(move || execute_lease(cache, options, store, payload, log));
         let mut keepalive = std::time::Instant::now();
         while !running.is_finished() {
             std::thread::sleep(Duration::from_millis(50));
-            if keepalive.elapsed() >= KEEPALIVE {
+            if !cancelled && keepalive.elapsed() >= KEEPALIVE {
                 keepalive = std::time::Instant::now();
                 let mut active = lease.clone();
                 active.payload = None;
-                let _ = update_session(
+                let answer = update_session(
                     cache,
                     name,
                     session(vec![active], name, BotStatus::Ok),
                     Duration::from_secs(5),
                 );
+                // The server keeps a lease it still wants in its answer (`CANCELLED` is the
+                // other way to say it does not); a failed call says nothing.
+                if let Ok(answer) = answer
+                    && !answer.leases.iter().any(|held| {
+                        held.id == lease.id && held.state != LeaseState::Cancelled as i32
+                    })
+                {
+                    cancelled = true;
+                    log(&format!(
+                        "lease {}: cancelled by the server; stopping its step",
+                        lease.id
+                    ));
+                    // This bot runs one sandbox at a time: the lease's.
+                    crate::sandbox::terminate_all();
+                }
             }
         }
         running.join().unwrap_or_else(|_| {
@@ -210,11 +239,14 @@ fn run_lease(
             format!("failed: {}", status.message)
         }
     ));
+    if cancelled {
+        return None;
+    }
     lease.payload = None;
     lease.state = LeaseState::Completed as i32;
     lease.status = Some(status);
     lease.result = result;
-    lease
+    Some(lease)
 }
 
 /// Fetch, check, execute and report one lease's action: the lease's status, and its
@@ -251,7 +283,7 @@ fn execute_lease(
         }
         Err(error) => return (status(INVALID_ARGUMENT, error.to_string()), None),
     }
-    // The worker's own limit on processes holds whatever the client asked for.
+    // The worker's own limits on processes and time hold whatever the client asked for.
     let mut step = step;
     step.task.max_processes = Some(
         step.task
@@ -259,6 +291,8 @@ fn execute_lease(
             .unwrap_or(crate::sandbox::DEFAULT_MAX_PROCESSES)
             .min(crate::sandbox::DEFAULT_MAX_PROCESSES),
     );
+    let time_limit = u64::try_from(options.step_time_limit.as_millis()).unwrap_or(u64::MAX);
+    step.task.timeout_ms = Some(step.task.timeout_ms.unwrap_or(time_limit).min(time_limit));
     if let Err(message) = fetch_layers(cache, store, &step) {
         return (status(INTERNAL, message), None);
     }
