@@ -958,5 +958,9 @@ fn plan_and_run_read_a_dockerfile_given_as_the_build_file() {
     corpus(&sandbox, "broken");
     let bad = sandbox.graphbuild(&["plan", "tests/dockerfiles/broken/Dockerfile"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
-    assert!(stderr(&bad).contains("graphbuild::dockerfile::"), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("graphbuild::dockerfile::"),
+        "{}",
+        stderr(&bad)
+    );
 }
