@@ -1,6 +1,7 @@
 //! The build context: one walk, one hash per file, and Docker's COPY source selection.
 //!
-//! About 890 lines of code; the rest are tests of Docker's source-selection rules.
+//! About 1,000 lines of code (the walk itself is in `context/walk.rs`); the rest are tests of
+//! Docker's source-selection rules.
 //!
 //! # Scanning
 //!

@@ -1,7 +1,7 @@
 //! The local content-addressed store: blobs, the action cache, unpacked layer snapshots and
 //! persistent cache-mount directories, shared safely by concurrent runs.
 //!
-//! This file is long on purpose (about 1,350 lines of code, the rest tests): every operation on
+//! This file is long on purpose (about 1,450 lines of code, the rest tests): every operation on
 //! the store's directories — atomic writes, locking, healing, verify, prune — lives beside the
 //! layout it maintains, so the invariants below are checked in one place.
 //!
