@@ -131,27 +131,14 @@ fn start_cluster() -> Option<Cluster> {
         .stderr(log)
         .spawn()
         .expect("scripts/buildgrid serve-execution starts");
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(180) {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some(Cluster {
-                port,
-                _script: child,
-                data,
-            });
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let log = std::fs::read_to_string(data.join("server.log")).unwrap_or_default();
-            return unavailable(format!("BuildGrid exited with {status}:\n{log}"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    match common::wait_until_listening(&mut child, &[port], &data.join("server.log")) {
+        Ok(()) => Some(Cluster {
+            port,
+            _script: child,
+            data,
+        }),
+        Err(message) => unavailable(message),
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    let log = std::fs::read_to_string(data.join("server.log")).unwrap_or_default();
-    unavailable(format!(
-        "BuildGrid did not listen on 127.0.0.1:{port} within 180 s:\n{log}"
-    ))
 }
 
 /// Start a worker of `platform` named `name` on `instance`, and wait until it has a session.

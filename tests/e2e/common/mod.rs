@@ -439,3 +439,34 @@ pub(crate) fn config(layout: &Path, platform: &str) -> serde_json::Value {
             .expect("config digest"),
     )
 }
+
+/// Waits up to 180 s until a server started in the background (`child`) listens on every one
+/// of `ports` on loopback. When it exits first, or never listens, it is stopped and the error
+/// carries `log`, its output.
+pub(crate) fn wait_until_listening(
+    child: &mut std::process::Child,
+    ports: &[u16],
+    log: &Path,
+) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(180) {
+        if ports
+            .iter()
+            .all(|port| std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok())
+        {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            return Err(format!("BuildGrid exited with {status}:\n{log}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    Err(format!(
+        "BuildGrid did not listen on 127.0.0.1:{} within 180 s:\n{log}",
+        ports[0]
+    ))
+}
